@@ -1,0 +1,104 @@
+"""The optimizer protocol: two pure functions, optax style.
+
+``init(params) -> state`` and ``update(updates, state, params) -> (updates,
+state)``. ``update`` turns gradients into the *deltas* added to the params by
+``apply_updates``. An optimizer may also offer ``update_params``: the same
+maths fused with the apply (one pass over memory, used for the Triton AdamW
+kernel); it may reuse the buffers it is given (inputs are donated).
+
+Usage::
+
+    tx = chain(clip_by_global_norm(1.0), adamw(lr=3e-4))
+    state = tx.init(params)
+    params, state = apply_gradients(tx, grads, state, params)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from fscale import tree
+
+Params = Any
+Updates = Any
+OptState = Any
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer: ``init`` and ``update``, plus an optional fused ``update_params``.
+
+    ``update_params(grads, state, params) -> (new_params, new_state)`` must equal
+    ``update`` followed by ``apply_updates``; it may write into ``params``,
+    ``grads`` and ``state`` in place.
+    """
+
+    init: Callable[[Params], OptState]
+    update: Callable[..., tuple[Updates, OptState]]
+    update_params: Callable[..., tuple[Params, OptState]] | None = None
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``params + updates`` leaf-wise (``None`` updates leave the param as is)."""
+    return tree.map(lambda p, u: p if u is None else p + u.to(p.dtype), params, updates)
+
+
+def apply_gradients(
+    tx: GradientTransformation, grads: Updates, state: OptState, params: Params
+) -> tuple[Params, OptState]:
+    """One optimizer step: the fused path where the optimizer has one."""
+    if tx.update_params is not None:
+        return tx.update_params(grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return apply_updates(params, updates), state
+
+
+def identity() -> GradientTransformation:
+    """Passes updates through unchanged (stateless)."""
+    return GradientTransformation(lambda params: (), lambda u, s, p=None: (u, s))
+
+
+def chain(*txs: GradientTransformation) -> GradientTransformation:
+    """Apply ``txs`` in sequence; the state is a tuple with one entry per transformation.
+
+    The chain is fused when its last link is: earlier links run their
+    ``update``, the last its ``update_params``.
+    """
+    if not txs:
+        raise ValueError("chain() needs at least one GradientTransformation, e.g. chain(sgd(0.1)).")
+    for i, tx in enumerate(txs):
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(
+                f"chain() argument {i} is {type(tx).__name__}, not a GradientTransformation; "
+                "build optimizers with fscale.optim (e.g. fs.optim.adamw(lr=1e-3))."
+            )
+
+    def init(params):
+        return tuple(tx.init(params) for tx in txs)
+
+    def update(updates, state, params=None):
+        new_state = []
+        for tx, s in zip(txs, state, strict=True):
+            updates, s = tx.update(updates, s, params)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    update_params = None
+    if txs[-1].update_params is not None:
+
+        def update_params(grads, state, params):
+            new_state = []
+            for tx, s in zip(txs[:-1], state[:-1], strict=True):
+                grads, s = tx.update(grads, s, params)
+                new_state.append(s)
+            params, s = txs[-1].update_params(grads, state[-1], params)
+            return params, (*new_state, s)
+
+    return GradientTransformation(init, update, update_params)
+
+
+def zeros_like_tree(params: Params) -> Any:
+    """Zero buffers shaped like ``params`` (``None`` leaves stay ``None``)."""
+    return tree.map(lambda p: None if p is None else torch.zeros_like(p), params)
