@@ -18,7 +18,7 @@ def as_device(device: torch.device | str | torch.Tensor) -> torch.device:
     return torch.device(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 

@@ -70,7 +70,9 @@ def register(
 ) -> Lowering:
     """Add a lowering of ``op``; ``device="any"`` marks the torch reference."""
     if device != ANY and device not in ("cuda", "cpu", "xpu", "mps"):
-        raise ValueError(f"register({op!r}): unknown device {device!r}; use 'cuda', 'cpu' or 'any'.")
+        raise ValueError(
+            f"register({op!r}): unknown device {device!r}; use 'cuda', 'cpu' or 'any'."
+        )
     lowering = Lowering(
         op=op,
         impl=impl,
@@ -120,6 +122,11 @@ def resolve(
 def lowerings(op: str) -> list[Lowering]:
     """All registered lowerings of ``op`` (for tests and explain)."""
     return list(_TABLE.get(op, []))
+
+
+def known_ops() -> list[str]:
+    """Every op with at least one lowering."""
+    return sorted(_TABLE)
 
 
 def resolved() -> dict[str, str]:

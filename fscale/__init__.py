@@ -1,0 +1,33 @@
+"""fscale: DeepSpeed's techniques as pure, composable transforms over a train step.
+
+Usage::
+
+    import fscale as fs
+    params, apply = fs.functional(model)
+    step = fs.train_step(loss_fn, fs.optim.adamw(lr=3e-4))
+    params, state = step.init(params)
+    params, state, metrics = step(params, state, batch)
+"""
+
+from fscale import optim, tree
+from fscale.explain import explain, plan
+from fscale.functional import functional, load_params
+from fscale.step import Stages, Step, StepContext, Transform, train_step
+
+# Importing the kernels registers their lowerings in the dispatch table.
+from fscale.kernels import adamw as _adamw_kernels  # noqa: F401  isort: skip
+
+__all__ = [
+    "Stages",
+    "Step",
+    "StepContext",
+    "Transform",
+    "explain",
+    "functional",
+    "load_params",
+    "optim",
+    "plan",
+    "train_step",
+    "tree",
+]
+__version__ = "0.1.0"

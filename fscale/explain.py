@@ -1,0 +1,129 @@
+"""``fs.explain(step, params)``: the lowered plan of a step, as text.
+
+The plan is an analytic estimate built without running the step: the transform
+stack, which function implements each stage, the collectives one step issues
+(with bytes per rank), the kernel each registered op resolves to for the params'
+device and dtype, and the memory per rank for params, grads and optimizer state.
+Each transform adjusts it through its ``Transform.plan`` hook (ZeRO divides the
+optimizer state by the world size, offload moves it to another tier, ...).
+
+Usage::
+
+    print(fs.explain(step, params))
+    plan = fs.plan(step, params); plan.memory["optimizer"]   # bytes per rank
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from fscale import tree
+from fscale.hw import comm, dispatch
+
+
+@dataclass
+class Collective:
+    op: str
+    bytes: int  # payload handed to the collective by one rank, per step
+    stage: str
+    calls: int = 1
+
+
+@dataclass
+class Plan:
+    world: int
+    transforms: list[str]
+    stages: dict[str, str]
+    collectives: list[Collective] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per rank, by tier/kind
+    kernels: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    param_count: int = 0
+    param_bytes: int = 0  # full (unsharded) params
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _optimizer_state_bytes(step, params) -> int:
+    """Run the optimizer's init on meta tensors: exact state size, no memory used."""
+    meta = tree.map(lambda t: None if t is None else torch.empty_like(t, device="meta"), params)
+    state = step.optimizer.init(meta)
+    return sum(_nbytes(t) for t in tree.leaves(state) if isinstance(t, torch.Tensor))
+
+
+def plan(step, params) -> Plan:
+    """The ``Plan`` of ``step`` for ``params`` (the full params given to ``step.init``)."""
+    world = comm.world_size(step.group)
+    leaves = [t for t in tree.leaves(params) if t is not None]
+    p_bytes = sum(_nbytes(t) for t in leaves)
+    result = Plan(
+        world=world,
+        transforms=[str(t) for t in step.transforms],
+        stages={
+            f.name: _qualname(getattr(step.stages, f.name)) for f in dataclasses.fields(step.stages)
+        },
+        param_count=sum(t.numel() for t in leaves),
+        param_bytes=p_bytes,
+    )
+    result.memory = {
+        "params": p_bytes,
+        "grads": p_bytes,
+        "optimizer": _optimizer_state_bytes(step, params),
+    }
+    if world > 1:
+        result.collectives.append(Collective("all_reduce", p_bytes, "reduce_grads"))
+    if leaves:
+        for op in sorted(dispatch.known_ops()):
+            try:
+                result.kernels[op] = dispatch.resolve(op, leaves[0]).name
+            except LookupError:
+                result.kernels[op] = "(none for this device)"
+    for record in step.transforms:
+        if record.plan is not None:
+            record.plan(result)
+    return result
+
+
+def _qualname(fn) -> str:
+    module = getattr(fn, "__module__", "") or ""
+    return f"{module.removeprefix('fscale.')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def explain(step, params) -> str:
+    """A printable report of ``plan(step, params)``."""
+    p = plan(step, params)
+    lines = [
+        f"fscale step: world={p.world}, {p.param_count:,} params ({_gib(p.param_bytes)})",
+        "stack: " + (" -> ".join(["train_step", *p.transforms])),
+        f"accumulate={step.accumulate}, clip_norm={step.clip_norm}",
+        "stages:",
+        *(f"  {name:<14} {impl}" for name, impl in p.stages.items()),
+        "collectives per step (bytes per rank; bus bytes as nccl-tests count them):",
+    ]
+    if not p.collectives:
+        lines.append("  none (world of one)")
+    for c in p.collectives:
+        bus = comm.bus_bytes(c.op, c.bytes, p.world)
+        lines.append(
+            f"  {c.stage:<14} {c.op:<15} x{c.calls:<3} {_gib(c.bytes):>11}  bus {_gib(int(bus))}"
+        )
+    lines.append("kernels:")
+    lines.extend(f"  {op:<14} {name}" for op, name in p.kernels.items())
+    lines.append("memory per rank (estimate):")
+    lines.extend(f"  {kind:<14} {_gib(n):>11}" for kind, n in p.memory.items())
+    lines.append(f"  {'total':<14} {_gib(sum(p.memory.values())):>11}")
+    lines.extend(f"note: {n}" for n in p.notes)
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""``nn.Module`` -> ``(params, apply)``: a pure view of any module.
+
+``params`` is a flat dict ``{qualified name: tensor}`` of the module's trainable
+parameters. Tied weights (one ``Parameter`` reachable under several names, as in a
+GPT whose output head shares the token embedding) appear once, under their first
+name, and stay tied: ``apply`` feeds the one tensor to every place that uses it.
+Buffers and frozen parameters are not in ``params``; ``apply`` reads them from the
+module, so they follow the module's device.
+
+The returned tensors alias the module's parameters (no copy: a 1.4B model is not
+held twice). Steps donate their inputs, so after training starts the module's own
+weights are stale or updated in place: train through ``apply``, and use
+``fs.load_params(module, params)`` to write results back into a module.
+
+Usage::
+
+    params, apply = fs.functional(model)
+    logits = apply(params, tokens)          # same as model(tokens), differentiable in params
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Apply:
+    """The pure forward of a module: ``apply(params, *args, **kwargs)``."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...], aliases: dict[str, list[str]]):
+        self.module = module
+        self.names = names
+        # name kept in params -> every other name the same Parameter is reachable under
+        self.aliases = aliases
+
+    def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(params, dict):
+            raise TypeError(
+                f"apply expects the params dict from fs.functional, got {type(params).__name__}."
+            )
+        # tie_weights=True: a tied Parameter given under one name feeds all its names.
+        return torch.func.functional_call(
+            self.module, params, args, kwargs, tie_weights=True, strict=False
+        )
+
+    def __repr__(self) -> str:
+        return f"Apply({type(self.module).__name__}, {len(self.names)} params)"
+
+
+def functional(module: nn.Module) -> tuple[dict[str, torch.Tensor], Callable[..., Any]]:
+    """Split ``module`` into a params dict and a pure ``apply``.
+
+    Args:
+      module: any ``nn.Module`` (Hugging Face transformers models included).
+
+    Returns:
+      ``(params, apply)``: trainable tensors by qualified name (tied weights once),
+      and ``apply(params, *args, **kwargs)`` that runs ``module.forward`` with them.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fs.functional expects an nn.Module, got {type(module).__name__}.")
+    first_name: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    params: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        key = id(p)
+        if key in first_name:
+            aliases[first_name[key]].append(name)
+            continue
+        first_name[key] = name
+        aliases[name] = []
+        params[name] = p.detach()
+    return params, Apply(module, tuple(params), aliases)
+
+
+@torch.no_grad()
+def load_params(module: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy a (full, unsharded) params dict back into ``module``'s parameters."""
+    own = dict(module.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(params) - set(own))
+    if unknown:
+        raise KeyError(f"params not in {type(module).__name__}: {unknown[:5]}")
+    for name, value in params.items():
+        if own[name].shape != value.shape:
+            raise ValueError(
+                f"param {name!r} has shape {tuple(value.shape)}, the module expects "
+                f"{tuple(own[name].shape)}; pass full params (fs.gather_params) not shards."
+            )
+        if own[name].data_ptr() != value.data_ptr():
+            own[name].copy_(value)
+    return module

@@ -1,0 +1,435 @@
+"""The train step: a frozen record of named stages that transforms rewrite.
+
+A ``Step`` maps ``(params, state, batch) -> (params, state, metrics)``. It is built
+from a loss function and a pure optimizer, then transformed: every capability of
+fscale (ZeRO, offload, compressed communication, mixed precision) is a function
+``Step -> Step`` that replaces the stages it owns. The stages and their defaults:
+
+=================  ==================================================================
+``init``           lay params out, build the state dict (``optimizer``, ``count``, ...)
+``materialize``    the params the loss sees (identity; ZeRO-3 gathers, quantize
+                   dequantizes) -- runs *inside* differentiation
+``loss_and_grad``  ``torch.autograd.grad`` of the loss w.r.t. the laid-out params
+``reduce_grads``   data-parallel mean all-reduce (no-op in a world of one)
+``grad_norm``      global 2-norm of the reduced grads (sharded grads sum partial norms)
+``update``         the optimizer step, returning new params
+=================  ==================================================================
+
+State is a dict keyed by owner (optax ``named_chain`` style): ``"optimizer"``,
+``"count"`` and one slot per transform that needs one.
+
+Usage::
+
+    step = fs.train_step(loss_fn, fs.optim.adamw(lr=3e-4), accumulate=4, clip_norm=1.0)
+    params, state = step.init(params)
+    params, state, metrics = step(params, state, batch)   # always rebind: inputs are donated
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fscale import tree
+from fscale.hw import comm
+from fscale.optim.base import GradientTransformation, apply_gradients
+
+Params = Any
+Batch = Any
+State = dict
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What one applied transform declares about itself.
+
+    ``requires`` names transforms that must already be applied (inside this one);
+    ``conflicts`` maps the name of a transform that must *not* already be applied to
+    the fix to suggest. Both are checked when the transform is applied, so an
+    illegal stack fails before any tensor moves.
+    """
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    conflicts: Mapping[str, str] = field(default_factory=dict)
+    unique: bool = True
+    plan: Callable[[Any], None] | None = None  # plan(Plan): adjusts fs.explain's estimate
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{self.name}({opts})"
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Structure, shapes and dtypes of params as ``init`` laid them out.
+
+    Kept in the state so a call with params that did not come from ``step.init``
+    (or from the previous call) fails with a readable error instead of a wrong step.
+    """
+
+    spec: Any
+    shapes: tuple[tuple[int, ...] | None, ...]
+    dtypes: tuple[torch.dtype | None, ...]
+
+    @classmethod
+    def of(cls, params: Params) -> ParamLayout:
+        leaves, spec = tree.flatten(params)
+        return cls(
+            spec,
+            tuple(None if t is None else tuple(t.shape) for t in leaves),
+            tuple(None if t is None else t.dtype for t in leaves),
+        )
+
+    def check(self, params: Params) -> None:
+        leaves, spec = tree.flatten(params)
+        if spec != self.spec:
+            raise ValueError(
+                "params do not have the structure step.init produced "
+                f"({spec.num_leaves} leaves vs {self.spec.num_leaves} expected). Call "
+                "`params, state = step.init(params)` and pass the params it returns."
+            )
+        for path, leaf, shape, dtype in zip(
+            tree.paths(params), leaves, self.shapes, self.dtypes, strict=True
+        ):
+            got = None if leaf is None else tuple(leaf.shape)
+            if got != shape or (leaf is not None and leaf.dtype != dtype):
+                raise ValueError(
+                    f"param {path!r} has shape {got} and dtype "
+                    f"{None if leaf is None else leaf.dtype}; step.init laid it out as {shape} "
+                    f"{dtype}. Pass the params returned by step.init / the previous step "
+                    "call, not the original ones."
+                )
+
+
+class StepContext:
+    """Per-call scratch the stages share: the state being built and the metrics."""
+
+    def __init__(self, step: Step, state: State):
+        self.step = step
+        self.state = dict(state)
+        self.metrics: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The named stages of a step; transforms replace some of them."""
+
+    init: Callable[[Step, Params], tuple[Params, State]]
+    materialize: Callable[[StepContext, Params], Params]
+    loss_and_grad: Callable[[StepContext, Params, Batch], tuple[torch.Tensor, Params]]
+    reduce_grads: Callable[[StepContext, Params], Params]
+    grad_norm: Callable[[StepContext, Params], torch.Tensor]
+    update: Callable[[StepContext, Params, Params], Params]
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def default_init(step: Step, params: Params) -> tuple[Params, State]:
+    return params, {"count": 0, "optimizer": step.optimizer.init(params)}
+
+
+def default_materialize(ctx: StepContext, params: Params) -> Params:
+    return params
+
+
+def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
+    """Loss and grads w.r.t. the laid-out params; ``materialize`` runs inside.
+
+    Uses ``torch.autograd.grad`` rather than ``torch.func.grad``: saved-tensor hooks
+    (activation checkpointing, offload) are disabled under torch.func transforms.
+    """
+    step = ctx.step
+    leaves, spec = tree.flatten(params)
+    inputs = [None if t is None else t.detach().requires_grad_(True) for t in leaves]
+    with torch.enable_grad():
+        source = step.stages.materialize(ctx, tree.unflatten(spec, inputs))
+        out = step.loss_fn(source, batch)
+        loss, aux = out if step.has_aux else (out, None)
+        _check_loss(loss)
+        wrt = [t for t in inputs if t is not None]
+        # materialize_grads: a param the loss does not use gets zeros, so every rank
+        # reduces the same set of tensors (DeepSpeed's unused-param hangs).
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
+    it = iter(grads)
+    grad_leaves = [None if t is None else next(it) for t in inputs]
+    if aux is not None:
+        ctx.metrics.update(aux)
+    return loss.detach(), tree.unflatten(spec, grad_leaves)
+
+
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got {shape}. Reduce it (e.g. .mean()), "
+            "or pass has_aux=True and return (loss, metrics_dict)."
+        )
+    if not loss.dtype.is_floating_point:
+        raise ValueError(f"loss_fn returned a {loss.dtype} tensor; the loss must be floating.")
+
+
+_BUCKET_BYTES = 25 * 2**20
+
+
+def default_reduce_grads(ctx: StepContext, grads: Params) -> Params:
+    """DDP semantics: mean over the data-parallel group, in ~25 MiB flat buckets."""
+    group = ctx.step.group
+    if comm.world_size(group) == 1:
+        return grads
+    leaves, spec = tree.flatten(grads)
+    for bucket in _buckets([g for g in leaves if g is not None], _BUCKET_BYTES):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        comm.all_reduce(flat, op="avg", group=group)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return tree.unflatten(spec, leaves)
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of same-dtype/device tensors of at most ``limit`` bytes each."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if (
+            not out
+            or size + nbytes > limit
+            or (out[-1][0].dtype, out[-1][0].device) != (t.dtype, t.device)
+        ):
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += nbytes
+    return out
+
+
+def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(g.float()) for g in tree.leaves(grads) if g is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def default_update(ctx: StepContext, grads: Params, params: Params) -> Params:
+    params, ctx.state["optimizer"] = apply_gradients(
+        ctx.step.optimizer, grads, ctx.state["optimizer"], params
+    )
+    return params
+
+
+DEFAULT_STAGES = Stages(
+    init=default_init,
+    materialize=default_materialize,
+    loss_and_grad=default_loss_and_grad,
+    reduce_grads=default_reduce_grads,
+    grad_norm=default_grad_norm,
+    update=default_update,
+)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclass(frozen=True)
+class Step:
+    """A train step of named stages; build with ``train_step``, change with transforms."""
+
+    loss_fn: Callable[..., Any]
+    optimizer: GradientTransformation
+    accumulate: int = 1
+    clip_norm: float | None = None
+    has_aux: bool = False
+    group: Any = None
+    stages: Stages = DEFAULT_STAGES
+    transforms: tuple[Transform, ...] = ()
+
+    # -- building -------------------------------------------------------------------
+
+    def applied(self, name: str) -> Transform | None:
+        """The record of transform ``name`` if it is in the stack."""
+        return next((t for t in self.transforms if t.name == name), None)
+
+    def with_transform(self, record: Transform, **stages: Callable) -> Step:
+        """A new step with ``record`` appended and ``stages`` replaced (checked first)."""
+        _check_stack(self, record)
+        unknown = sorted(set(stages) - {f.name for f in dataclasses.fields(Stages)})
+        if unknown:
+            raise ValueError(
+                f"{record.name} rewrites unknown stages {unknown}; the stages are "
+                f"{[f.name for f in dataclasses.fields(Stages)]}."
+            )
+        return dataclasses.replace(
+            self,
+            stages=dataclasses.replace(self.stages, **stages),
+            transforms=(*self.transforms, record),
+        )
+
+    # -- running --------------------------------------------------------------------
+
+    def init(self, params: Params) -> tuple[Params, State]:
+        """Lay ``params`` out as the stack says and build the state."""
+        _check_params(params)
+        params, state = self.stages.init(self, params)
+        state["layout"] = ParamLayout.of(params)
+        return params, state
+
+    def __call__(self, params: Params, state: State, batch: Batch):
+        if not isinstance(state, dict) or "layout" not in state:
+            raise ValueError(
+                "state was not produced by step.init; call `params, state = step.init(params)` "
+                "first and pass the state each step call returns."
+            )
+        state["layout"].check(params)
+        ctx = StepContext(self, state)
+        with comm.counting() as traffic:
+            loss, grads = self._accumulated_loss_and_grad(ctx, params, batch)
+            grads = self.stages.reduce_grads(ctx, grads)
+            if self.clip_norm is not None:
+                norm = self.stages.grad_norm(ctx, grads)
+                _clip_(grads, norm, self.clip_norm)
+                ctx.metrics["grad_norm"] = norm
+            params = self.stages.update(ctx, grads, params)
+        ctx.state["count"] = state["count"] + 1
+        ctx.metrics["loss"] = loss
+        ctx.metrics["comm_bytes"] = {op: s.bytes for op, s in traffic.ops.items()}
+        return params, ctx.state, ctx.metrics
+
+    def _accumulated_loss_and_grad(self, ctx: StepContext, params: Params, batch: Batch):
+        if self.accumulate == 1:
+            return self.stages.loss_and_grad(ctx, params, batch)
+        total_loss, total = None, None
+        for micro in _split_batch(batch, self.accumulate):
+            loss, grads = self.stages.loss_and_grad(ctx, params, micro)
+            if total is None:
+                total_loss, total = loss, grads
+                continue
+            total_loss = total_loss + loss
+            total = tree.map(lambda a, b: a if a is None else a.add_(b), total, grads)
+        scale = 1.0 / self.accumulate
+        total = tree.map(lambda g: g if g is None else g.mul_(scale), total)
+        return total_loss * scale, total
+
+
+def _clip_(grads: Params, norm: torch.Tensor, max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` semantics, without a host sync."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in tree.leaves(grads):
+        if g is not None:
+            g.mul_(coef.to(g.device, g.dtype))
+
+
+def _split_batch(batch: Batch, k: int) -> list[Batch]:
+    leaves, spec = tree.flatten(batch)
+    for path, leaf in zip(tree.paths(batch), leaves, strict=True):
+        if isinstance(leaf, torch.Tensor) and (leaf.ndim == 0 or leaf.shape[0] % k):
+            raise ValueError(
+                f"accumulate={k} splits the batch along dim 0, but batch leaf {path!r} has "
+                f"shape {tuple(leaf.shape)}; use a batch size divisible by {k}."
+            )
+    chunks = [leaf.chunk(k) if isinstance(leaf, torch.Tensor) else [leaf] * k for leaf in leaves]
+    return [tree.unflatten(spec, [c[i] for c in chunks]) for i in range(k)]
+
+
+def _check_params(params: Params) -> None:
+    if isinstance(params, torch.nn.Module):
+        raise TypeError(
+            "step.init got an nn.Module; pass its params: `params, apply = fs.functional(model)`."
+        )
+    leaves = tree.leaves(params)
+    if not any(isinstance(t, torch.Tensor) for t in leaves):
+        raise ValueError("step.init got no tensors; pass the params dict from fs.functional.")
+    for path, leaf in zip(tree.paths(params), leaves, strict=True):
+        if leaf is None:
+            continue
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"param {path!r} is a {type(leaf).__name__}; params must be tensors (or None)."
+            )
+        if not leaf.dtype.is_floating_point:
+            raise TypeError(
+                f"param {path!r} has dtype {leaf.dtype}; only floating tensors can be trained. "
+                "Keep integer tensors as module buffers or freeze them (requires_grad=False)."
+            )
+
+
+def _check_stack(step: Step, record: Transform) -> None:
+    inner = [t.name for t in step.transforms]
+    if record.unique and record.name in inner:
+        raise ValueError(
+            f"{record.name} is applied twice; apply it once (use its options to change "
+            "what it does)."
+        )
+    for name in inner:
+        if name in record.conflicts:
+            raise ValueError(
+                f"{record.name} cannot be applied over {name}: {record.conflicts[name]}"
+            )
+    for earlier in step.transforms:
+        if record.name in earlier.conflicts:
+            raise ValueError(
+                f"{record.name} cannot be applied over {earlier.name}: "
+                f"{earlier.conflicts[record.name]}"
+            )
+    for needed in record.requires:
+        if needed not in inner:
+            raise ValueError(
+                f"{record.name} requires {needed} to be applied first (inside it), e.g. "
+                f"{record.name}({needed}(step, ...), ...)."
+            )
+
+
+def train_step(
+    loss_fn: Callable[..., Any],
+    optimizer: GradientTransformation,
+    *,
+    accumulate: int = 1,
+    clip_norm: float | None = None,
+    has_aux: bool = False,
+    group: Any = None,
+) -> Step:
+    """Build the plain step: grads of ``loss_fn``, data-parallel mean, ``optimizer``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, dict)`` with ``has_aux``).
+      optimizer: a ``GradientTransformation`` from ``fs.optim``.
+      accumulate: split each batch into this many micro-batches along dim 0 and
+        average their grads (equals one batch that many times larger).
+      clip_norm: clip the reduced grads to this global 2-norm (``clip_grad_norm_``).
+      has_aux: ``loss_fn`` returns ``(loss, metrics)``; the metrics are returned too.
+      group: the data-parallel process group (default: the whole world).
+
+    Returns:
+      A ``Step``; ``params, state = step.init(params)``, then
+      ``params, state, metrics = step(params, state, batch)``.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(
+            f"optimizer must be a GradientTransformation (e.g. fs.optim.adamw(lr=3e-4)), got "
+            f"{type(optimizer).__name__}; torch.optim optimizers are stateful and cannot be used."
+        )
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive int, got {accumulate!r}.")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0 (or None to disable), got {clip_norm!r}.")
+    return Step(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        accumulate=accumulate,
+        clip_norm=clip_norm,
+        has_aux=has_aux,
+        group=group,
+    )

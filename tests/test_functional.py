@@ -1,0 +1,52 @@
+"""fs.functional: params dict + pure apply, for any nn.Module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fscale as fs
+from tests.helpers import TiedLM
+
+
+def test_apply_equals_forward_and_ties_weights():
+    torch.manual_seed(0)
+    model = TiedLM()
+    params, apply = fs.functional(model)
+    x = torch.randint(0, 11, (2, 5))
+    torch.testing.assert_close(apply(params, x), model(x), rtol=0, atol=0)
+    assert "head.weight" not in params and "emb.weight" in params
+    # Changing the one tied tensor changes both of its uses.
+    bumped = dict(params, **{"emb.weight": params["emb.weight"] + 1.0})
+    logits = apply(bumped, x)
+    with torch.no_grad():
+        model.emb.weight.add_(1.0)
+    torch.testing.assert_close(logits, model(x))
+
+
+def test_buffers_and_frozen_params_come_from_the_module():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model[0].bias.requires_grad_(False)
+    params, apply = fs.functional(model.eval())
+    assert set(params) == {"0.weight", "1.weight", "1.bias"}
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(apply(params, x), model(x))
+
+
+def test_apply_is_differentiable_in_params():
+    model = nn.Linear(3, 2)
+    params, apply = fs.functional(model)
+    w = params["weight"].detach().requires_grad_(True)
+    out = apply({**params, "weight": w}, torch.ones(1, 3)).sum()
+    (g,) = torch.autograd.grad(out, [w])
+    torch.testing.assert_close(g, torch.ones(2, 3))
+
+
+def test_huggingface_model_if_installed():
+    transformers = __import__("pytest").importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=17, n_positions=8)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    params, apply = fs.functional(model)
+    assert "lm_head.weight" not in params  # tied to wte
+    x = torch.randint(0, 17, (1, 5))
+    torch.testing.assert_close(apply(params, x).logits, model(x).logits)
