@@ -50,16 +50,20 @@ State = dict
 class Transform:
     """What one applied transform declares about itself.
 
-    ``requires`` names transforms that must already be applied (inside this one);
-    ``conflicts`` maps the name of a transform that must *not* already be applied to
-    the fix to suggest. Both are checked when the transform is applied, so an
-    illegal stack fails before any tensor moves.
+    ``requires`` names transforms that must already be applied (inside this one).
+    The other three map a transform's name to the fix the error message suggests:
+    ``conflicts`` may not share a stack with this one in either order,
+    ``refuses_inner`` may not be applied inside it, ``refuses_outer`` may not be
+    applied over it. All are checked when a transform is applied, so an illegal
+    stack fails before any tensor moves.
     """
 
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     conflicts: Mapping[str, str] = field(default_factory=dict)
+    refuses_inner: Mapping[str, str] = field(default_factory=dict)
+    refuses_outer: Mapping[str, str] = field(default_factory=dict)
     unique: bool = True
     plan: Callable[[Any], None] | None = None  # plan(Plan): adjusts fs.explain's estimate
 
@@ -371,17 +375,15 @@ def _check_stack(step: Step, record: Transform) -> None:
             f"{record.name} is applied twice; apply it once (use its options to change "
             "what it does)."
         )
-    for name in inner:
-        if name in record.conflicts:
-            raise ValueError(
-                f"{record.name} cannot be applied over {name}: {record.conflicts[name]}"
-            )
     for earlier in step.transforms:
-        if record.name in earlier.conflicts:
-            raise ValueError(
-                f"{record.name} cannot be applied over {earlier.name}: "
-                f"{earlier.conflicts[record.name]}"
-            )
+        fix = (
+            record.conflicts.get(earlier.name)
+            or record.refuses_inner.get(earlier.name)
+            or earlier.conflicts.get(record.name)
+            or earlier.refuses_outer.get(record.name)
+        )
+        if fix:
+            raise ValueError(f"{record.name} cannot be applied over {earlier.name}: {fix}")
     for needed in record.requires:
         if needed not in inner:
             raise ValueError(

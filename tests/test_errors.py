@@ -112,7 +112,7 @@ def test_illegal_stack_names_both_transforms_and_the_fix(setup):
     inner = _toy("shard_zero")
     outer = _toy(
         "mixed_precision",
-        conflicts={"shard_zero": "apply it first: shard_zero(mixed_precision(step))."},
+        refuses_inner={"shard_zero": "apply it first: shard_zero(mixed_precision(step))."},
     )
     with pytest.raises(
         ValueError, match=r"mixed_precision cannot be applied over shard_zero: apply it first"
@@ -124,9 +124,18 @@ def test_illegal_stack_names_both_transforms_and_the_fix(setup):
 
 def test_conflict_declared_by_the_inner_transform(setup):
     step, _, _ = setup
-    inner = _toy("offload", conflicts={"shard_zero": "apply shard_zero inside offload."})
+    inner = _toy("offload", refuses_outer={"shard_zero": "apply shard_zero inside offload."})
     with pytest.raises(ValueError, match="shard_zero cannot be applied over offload"):
         _toy("shard_zero")(inner(step))
+
+
+def test_symmetric_conflict(setup):
+    step, _, _ = setup
+    a = _toy("expert_parallel", conflicts={"compress_comm": "not supported together yet."})
+    with pytest.raises(ValueError, match="expert_parallel cannot be applied over compress_comm"):
+        a(_toy("compress_comm")(step))
+    with pytest.raises(ValueError, match="compress_comm cannot be applied over expert_parallel"):
+        _toy("compress_comm")(a(step))
 
 
 def test_missing_required_transform(setup):
