@@ -40,6 +40,7 @@ class GradientTransformation(NamedTuple):
     update_params: Callable[..., tuple[Params, OptState]] | None = None
 
 
+@torch.no_grad()
 def apply_updates(params: Params, updates: Updates) -> Params:
     """``params + updates`` leaf-wise (``None`` updates leave the param as is)."""
     return tree.map(lambda p, u: p if u is None else p + u.to(p.dtype), params, updates)

@@ -1,0 +1,166 @@
+"""How ZeRO lays a param out across ranks: padded dim-0 row shards, grouped in units.
+
+[Note: shard layout]
+Each param keeps its ndim and is split along dim 0 into ``world`` equal chunks of
+``rows = ceil(dim0 / world)`` rows, the last ones zero-padded (FSDP2's ``Shard(0)``).
+Keeping ndim keeps optimizer masks that look at ``p.ndim`` (no decay for biases)
+and name-keyed masks working on shards. Padding rows carry zero grads, so AdamW,
+SGD and Lion leave them at zero. A 0-d param is treated as shape ``(1,)``.
+
+A *unit* is the group of params gathered by one collective (a transformer block).
+Its rank-major flat buffer holds, for each rank in order, that rank's shards of the
+unit's params back to back; one all-gather of the per-rank piece yields it, and a
+"copy-out" rebuilds each full param contiguously. Gradients take the reverse path:
+"copy-in" to rank-major order, then one reduce-scatter.
+
+Usage::
+
+    spec = ShardSpec.of("blocks.0.w", w, world=4)
+    shard = spec.shard(w, rank=1)          # (ceil(d0/4), *w.shape[1:]) rows of rank 1
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    name: str
+    shape: tuple[int, ...]  # full shape
+    world: int
+
+    @classmethod
+    def of(cls, name: str, t: torch.Tensor, world: int) -> ShardSpec:
+        return cls(name, tuple(t.shape), world)
+
+    @property
+    def rows(self) -> int:
+        dim0 = self.shape[0] if self.shape else 1
+        return math.ceil(dim0 / self.world)
+
+    @property
+    def shard_shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.shape[1:])
+
+    @property
+    def shard_numel(self) -> int:
+        return math.prod(self.shard_shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """This rank's padded rows of ``full`` (a new tensor; the master copy)."""
+        full = full.reshape(-1) if not self.shape else full
+        rows = full[rank * self.rows : (rank + 1) * self.rows]
+        out = full.new_zeros(self.shard_shape)
+        out[: rows.shape[0]].copy_(rows)
+        return out
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """``(world * rows, ...)`` rows back to the full shape (drops padding rows)."""
+        dim0 = self.shape[0] if self.shape else 1
+        return padded[:dim0].reshape(self.shape)
+
+
+def default_unit(name: str) -> str:
+    """The unit of a param: its path up to the first integer (a ModuleList child).
+
+    ``"blocks.3.attn.qkv.weight" -> "blocks.3"``; params outside any ModuleList
+    (embeddings, final norm, a tied head) share the unit ``""`` (the root).
+    """
+    m = re.match(r"^(.*?\.\d+)(\.|$)", name)
+    return m.group(1) if m else ""
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str
+    specs: tuple[ShardSpec, ...]
+
+    @property
+    def shard_numel(self) -> int:
+        return sum(s.shard_numel for s in self.specs)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
+
+
+def build_units(
+    params: dict[str, torch.Tensor], world: int, policy: Callable[[str], str] | None
+) -> list[Unit]:
+    """Group params into units by ``policy(name)``, in first-appearance order."""
+    policy = policy or default_unit
+    groups: dict[str, list[ShardSpec]] = {}
+    for name, t in params.items():
+        if t is None:
+            continue
+        key = policy(name)
+        if not isinstance(key, str):
+            raise TypeError(f"unit policy returned {key!r} for {name!r}; it must return a str.")
+        groups.setdefault(key, []).append(ShardSpec.of(name, t, world))
+    return [Unit(k, tuple(v)) for k, v in groups.items()]
+
+
+def _row_blocks(s: ShardSpec) -> tuple[int, int]:
+    """(ranks whose rows are all real, real rows of the next rank)."""
+    dim0 = s.shape[0] if s.shape else 1
+    return divmod(dim0, s.rows)
+
+
+def copy_in(grads: list[torch.Tensor], specs: tuple[ShardSpec, ...], world: int, dtype):
+    """Full grads -> one rank-major flat buffer ``(world * unit_shard_numel,)``, zero-padded."""
+    per_rank = sum(s.shard_numel for s in specs)
+    flat = grads[0].new_empty((world, per_rank), dtype=dtype)
+    offset = 0
+    for g, s in zip(grads, specs, strict=True):
+        # (world, rows, rest): rank r's padded rows, a view into the flat buffer.
+        dst = flat[:, offset : offset + s.shard_numel].view(world, s.rows, -1)
+        src = g.reshape(-1, dst.shape[-1])
+        full, rem = _row_blocks(s)
+        dst[:full].copy_(src[: full * s.rows].view(full, s.rows, -1))
+        if full < world:
+            dst[full, :rem].copy_(src[full * s.rows :])
+            dst[full, rem:].zero_()
+            dst[full + 1 :].zero_()
+        offset += s.shard_numel
+    return flat.view(-1)
+
+
+def copy_out(flat: torch.Tensor, specs: tuple[ShardSpec, ...], world: int) -> list[torch.Tensor]:
+    """Rank-major gathered buffer -> full params, each contiguous in one new buffer."""
+    by_rank = flat.view(world, -1)
+    out = flat.new_empty(sum(s.numel for s in specs))
+    views = []
+    src, dst = 0, 0
+    for s in specs:
+        block = by_rank[:, src : src + s.shard_numel].view(world, s.rows, -1)
+        full_param = out[dst : dst + s.numel]
+        rows = full_param.view(-1, block.shape[-1])
+        full, rem = _row_blocks(s)
+        rows[: full * s.rows].view(full, s.rows, -1).copy_(block[:full])
+        if full < world and rem:
+            rows[full * s.rows :].copy_(block[full, :rem])
+        views.append(full_param.view(s.shape))
+        src += s.shard_numel
+        dst += s.numel
+    return views
+
+
+def flat_shards(shards: list[torch.Tensor], dtype=None) -> torch.Tensor:
+    """This rank's shards concatenated (the all-gather input)."""
+    return torch.cat([s.reshape(-1).to(dtype or s.dtype) for s in shards])
+
+
+def split_shards(flat: torch.Tensor, specs: tuple[ShardSpec, ...]) -> list[torch.Tensor]:
+    """This rank's flat piece back into shard-shaped views."""
+    pieces = torch.split(flat, [s.shard_numel for s in specs])
+    return [p.view(s.shard_shape) for p, s in zip(pieces, specs, strict=True)]

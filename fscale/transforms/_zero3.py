@@ -1,0 +1,294 @@
+"""ZeRO-3 inside a functional forward: lazy params, per-unit gather, freed after use.
+
+[Note: ZeRO-3 lifetime]
+``materialize`` hands the loss a dict of ``LazyParam`` wrappers (full shape, no
+storage). The first torch op that touches one gathers its whole unit through
+``GatherUnit`` -- an autograd Function whose backward is the reduce-scatter (the
+transpose of all-gather) -- and the unit before it is dropped. Autograd would
+normally keep every gathered weight alive until backward (``F.linear`` saves its
+weight); a saved-tensor pack hook replaces any tensor living in a gathered unit
+buffer by a small token, and the unpack hook re-gathers the unit in backward. So
+at any point of forward and backward at most the current unit is materialized,
+plus ``prefetch`` units whose all-gather is in flight: per-rank param memory is
+``full/N + (1 + prefetch) units``. No activation recompute is needed.
+
+The order units are touched in is recorded; the next forward prefetches in that
+order and backward in its reverse (async all-gathers; on CUDA NCCL runs them on
+its own stream, overlapping the current unit's compute).
+
+With ``mixed_precision`` inside, shards are cast to the compute dtype *before* the
+all-gather (half the bytes) and grads are reduce-scattered in ``reduce_dtype``,
+returned in the master dtype.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from fscale.hw import comm
+from fscale.transforms._sharding import Unit, copy_in, copy_out, flat_shards, split_shards
+
+NAME = "shard_zero"
+
+
+class _Tracker:
+    """Live bytes of gathered unit buffers (materialized and in flight), with the peak."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t.untyped_storage(), self._release, n)
+        return t
+
+    def _release(self, n: int) -> None:
+        self.live -= n
+
+
+class UnitGatherer:
+    """Gathers units on demand for one call of the step (forward and backward)."""
+
+    def __init__(self, cfg, units: list[Unit], shards: dict, dtype, reduce_dtype, order):
+        self.cfg = cfg
+        self.units = {u.key: u for u in units}
+        self.shards = shards  # leaf shards (requires grad) by name
+        self.dtype = dtype  # gather dtype (compute dtype) or None for the shard's own
+        self.reduce_dtype = reduce_dtype
+        self.world = comm.world_size(cfg.group)
+        self.tracker = _Tracker()
+        self.plan = list(order)  # unit order of the previous call, for forward prefetch
+        self.order: list[str] = []  # unit order of this forward
+        self.current: tuple[str, list[torch.Tensor]] | None = None  # forward: key, views
+        self.buffers: dict[int, str] = {}  # storage ptr of live full buffers -> unit key
+        self.backward_unit: tuple[str, torch.Tensor] | None = None
+        self.inflight: dict[str, comm.Handle] = {}
+        self.backward_plan: list[str] = []
+        self.backward_pos = 0
+
+    # -- gathering -------------------------------------------------------------------
+
+    def _launch(self, key: str) -> None:
+        if key in self.inflight or key not in self.units:
+            return
+        unit = self.units[key]
+        with torch.no_grad():
+            flat = flat_shards([self.shards[s.name] for s in unit.specs], self.dtype)
+            self.inflight[key] = comm.all_gather(flat, group=self.cfg.group, async_op=True)
+
+    def _full_buffer(self, key: str) -> list[torch.Tensor]:
+        """Full params of ``key`` (views of one new buffer), from a prefetch if there is one."""
+        self._launch(key)
+        gathered = self.tracker.track(self.inflight.pop(key).wait())
+        views = copy_out(gathered, self.units[key].specs, self.world)
+        del gathered
+        base = views[0]
+        self.tracker.track(base)
+        self.buffers[base.untyped_storage().data_ptr()] = key
+        return views
+
+    def _prefetch_after(self, plan: list[str], pos: int) -> None:
+        for key in plan[pos + 1 : pos + 1 + self.cfg.prefetch]:
+            self._launch(key)
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward_views(self, key: str) -> list[torch.Tensor]:
+        """Called on first use of a unit's param in forward: gather it, drop the last."""
+        if self.current is not None and self.current[0] == key:
+            return self.current[1]
+        self.current = None  # the previous unit is done: let its buffer go
+        pos = len(self.order)
+        self.order.append(key)
+        shards = [self.shards[s.name] for s in self.units[key].specs]
+        views = list(GatherUnit.apply(self, key, *shards))
+        if pos < len(self.plan) and self.plan[pos] == key:
+            self._prefetch_after(self.plan, pos)
+        self.current = (key, views)
+        return views
+
+    def end_forward(self) -> None:
+        self.current = None
+        self.backward_plan = list(reversed(self.order))
+
+    # -- saved-tensor hooks --------------------------------------------------------------
+
+    def pack(self, t: torch.Tensor):
+        key = self.buffers.get(t.untyped_storage().data_ptr())
+        if key is None:
+            return t
+        return (_TOKEN, key, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+    def unpack(self, packed):
+        if not (isinstance(packed, tuple) and packed and packed[0] is _TOKEN):
+            return packed
+        _, key, offset, shape, stride = packed
+        if self.backward_unit is None or self.backward_unit[0] != key:
+            self.backward_unit = None  # the unit after it (in forward order) is done
+            views = self._full_buffer(key)
+            base = views[0]
+            flat = torch.as_strided(
+                base, (base.untyped_storage().nbytes() // base.element_size(),), (1,), 0
+            )
+            self.backward_unit = (key, flat)
+            self._advance_backward(key)
+        flat = self.backward_unit[1]
+        return torch.as_strided(flat, shape, stride, offset)
+
+    def _advance_backward(self, key: str) -> None:
+        plan, pos = self.backward_plan, self.backward_pos
+        while pos < len(plan) and plan[pos] != key:
+            pos += 1
+        if pos < len(plan):
+            self.backward_pos = pos
+            self._prefetch_after(plan, pos)
+
+    def finish(self) -> None:
+        self.current = None
+        self.backward_unit = None
+        for handle in self.inflight.values():
+            handle.wait()  # a stray prefetch must complete before its buffer is reused
+        self.inflight.clear()
+
+
+_TOKEN = object()
+
+
+class GatherUnit(torch.autograd.Function):
+    """Shards of one unit -> its full params; backward: reduce-scatter (mean over ranks)."""
+
+    @staticmethod
+    def forward(gatherer: UnitGatherer, key: str, *shards: torch.Tensor):
+        return tuple(gatherer._full_buffer(key))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gatherer, key, *shards = inputs
+        ctx.gatherer = gatherer
+        ctx.key = key
+        ctx.shard_dtypes = [s.dtype for s in shards]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = ctx.gatherer
+        unit = g.units[ctx.key]
+        grads = [
+            torch.zeros(s.shape, dtype=g.reduce_dtype or dt, device=_device(grads))
+            if gr is None
+            else gr
+            for gr, s, dt in zip(grads, unit.specs, ctx.shard_dtypes, strict=True)
+        ]
+        flat = copy_in(grads, unit.specs, g.world, g.reduce_dtype or grads[0].dtype)
+        del grads
+        mine = comm.reduce_scatter(flat, op="avg", group=g.cfg.group)
+        pieces = split_shards(mine, unit.specs)
+        return (None, None, *(p.to(dt) for p, dt in zip(pieces, ctx.shard_dtypes, strict=True)))
+
+
+def _device(grads) -> torch.device:
+    return next((gr.device for gr in grads if gr is not None), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- lazy params
+
+
+_METADATA = {
+    "shape",
+    "dtype",
+    "device",
+    "ndim",
+    "requires_grad",
+    "is_cuda",
+    "layout",
+    "is_leaf",
+    "grad_fn",
+    "names",
+}
+_METADATA_METHODS = {"size", "dim", "numel", "is_floating_point", "element_size", "nelement"}
+
+
+class LazyParam(torch.Tensor):
+    """A full-shaped stand-in for a sharded param; gathers its unit on first real use."""
+
+    @staticmethod
+    def __new__(cls, gatherer: UnitGatherer, key: str, index: int, shape, dtype, device):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device)
+        t._gatherer, t._key, t._index = gatherer, key, index
+        return t
+
+    def materialized(self) -> torch.Tensor:
+        return self._gatherer.forward_views(self._key)[self._index]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        owner = getattr(getattr(func, "__self__", None), "__name__", "")
+        if (name == "__get__" and owner in _METADATA) or name in _METADATA_METHODS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        args = torch.utils._pytree.tree_map_only(LazyParam, LazyParam.materialized, args)
+        kwargs = torch.utils._pytree.tree_map_only(LazyParam, LazyParam.materialized, kwargs)
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(
+            f"{func} reached a ZeRO-3 LazyParam below autograd; this op bypasses "
+            "__torch_function__. Use the param through torch ops (F.linear, matmul, ...)."
+        )
+
+    def __repr__(self) -> str:
+        return f"LazyParam(unit={self._key!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _precision(ctx):
+    mp = ctx.step.applied("mixed_precision")
+    if mp is None:
+        return None, None
+    return mp.options["param_dtype"], mp.options["reduce_dtype"]
+
+
+def materialize(cfg, inner, ctx, shards: dict):
+    gatherer = getattr(ctx, "_zero3", None)
+    if gatherer is None:
+        raise RuntimeError("shard_zero(3): materialize ran outside its loss_and_grad stage.")
+    gatherer.shards = shards
+    dtype, _ = _precision(ctx)
+    lazies = {}
+    for unit in gatherer.units.values():
+        for i, spec in enumerate(unit.specs):
+            t = shards[spec.name]
+            lazies[spec.name] = LazyParam(
+                gatherer, unit.key, i, spec.shape, dtype or t.dtype, t.device
+            )
+    out = {n: lazies.get(n) for n in shards}
+    # mixed_precision's cast already happens before the gather; other inner stages see lazies.
+    return out if dtype is not None else inner.materialize(ctx, out)
+
+
+def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
+    state = ctx.state[NAME]
+    dtype, reduce_dtype = _precision(ctx)
+    gatherer = UnitGatherer(
+        cfg, state["units"], shards, dtype, reduce_dtype, state.get("order", ())
+    )
+    ctx._zero3 = gatherer
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(gatherer.pack, gatherer.unpack):
+            loss, grads = inner.loss_and_grad(ctx, shards, batch)
+    finally:
+        gatherer.finish()
+        ctx._zero3 = None
+    ctx.state[NAME] = {**state, "order": tuple(gatherer.order)}
+    peak = ctx.metrics.get("zero3_peak_unsharded_bytes", 0)
+    ctx.metrics["zero3_peak_unsharded_bytes"] = max(peak, gatherer.tracker.peak)
+    return loss, grads

@@ -1,0 +1,322 @@
+"""``shard_zero(step, stage)``: ZeRO stages 1, 2 and 3 as one transform.
+
+Memory per rank falls as 1/N while the maths stays that of data parallelism:
+
+- stage 1 partitions the optimizer state: grads are all-reduced as in DDP, each
+  rank updates its shard (an fp32 master copy of its rows) and the updated shards
+  are all-gathered back into the full params;
+- stage 2 also partitions gradients: they are reduce-scattered (in buckets), so a
+  rank only ever keeps the reduced grads of its own shard;
+- stage 3 also partitions the params: ``step.init`` returns shards, and each unit
+  (a transformer block) is gathered just before use and freed after it (see
+  ``_zero3.py``); backward re-gathers and reduce-scatters.
+
+The shard layout is in ``_sharding.py`` ([Note: shard layout]).
+
+Usage::
+
+    step = shard_zero(fs.train_step(loss_fn, fs.optim.adamw(3e-4)), stage=3)
+    params, state = step.init(params)        # stage 3: params are this rank's shards
+    params, state, metrics = step(params, state, batch)
+    full = fs.gather_params(params)          # unsharded, for export and tests
+
+References: Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models", SC 2020.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from fscale import tree
+from fscale.hw import comm
+from fscale.step import Step, StepContext, Transform
+from fscale.transforms import _zero3
+from fscale.transforms._sharding import (
+    ShardSpec,
+    build_units,
+    copy_in,
+    copy_out,
+    flat_shards,
+    split_shards,
+)
+
+NAME = "shard_zero"
+_DEFAULT_BUCKET_MB = 25
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroConfig:
+    stage: int
+    group: object
+    unit: Callable[[str], str] | None
+    prefetch: int
+    bucket_bytes: int
+
+
+def shard_zero(
+    step: Step,
+    stage: int,
+    *,
+    group=None,
+    unit: Callable[[str], str] | None = None,
+    prefetch: int = 1,
+    bucket_mb: float | None = None,
+    world_size: int | None = None,
+) -> Step:
+    """Partition optimizer state (1), gradients (2) and params (3) over the data-parallel group.
+
+    Args:
+      step: the step to transform.
+      stage: 1, 2 or 3.
+      group: the data-parallel process group (default: the step's, i.e. the world).
+      unit: stage 3: ``unit(param_name) -> key``; params with one key are gathered
+        together. Default: each child of the first ModuleList (``"blocks.3"``), the
+        rest in one root unit. Tied params must share a unit.
+      prefetch: stage 3: how many units ahead to start gathering.
+      bucket_mb: stages 1/2: size of the gradient reduce-scatter / param all-gather buckets.
+      world_size: if given, the group must have this many ranks (a guard for launch scripts).
+    """
+    if stage not in (1, 2, 3):
+        raise ValueError(f"shard_zero stage must be 1, 2 or 3, got {stage!r}.")
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}.")
+    if unit is not None and not callable(unit):
+        raise TypeError(f"unit must be a callable param_name -> key, got {type(unit).__name__}.")
+    if group is not None and step.group is not None and group is not step.group:
+        raise ValueError(
+            "shard_zero's group differs from the step's data-parallel group; pass the same "
+            "group to train_step(group=...) and shard_zero(group=...), or only one of them."
+        )
+    group = group if group is not None else step.group
+    actual = comm.world_size(group)
+    if world_size is not None and world_size != actual:
+        raise ValueError(
+            f"shard_zero(world_size={world_size}) but the process group has {actual} ranks; "
+            "launch with that many processes (torchrun --nproc-per-node) or fix world_size."
+        )
+    if bucket_mb is not None and not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}.")
+    cfg = ZeroConfig(stage, group, unit, prefetch, int((bucket_mb or _DEFAULT_BUCKET_MB) * 2**20))
+    record = Transform(
+        NAME,
+        options={"stage": stage, "prefetch": prefetch, "world": actual},
+        plan=lambda plan: _plan(cfg, plan),
+    )
+    inner = step.stages
+    stages = {
+        "init": lambda s, params: _init(cfg, inner, s, params),
+        "grad_norm": lambda ctx, grads: _sharded_grad_norm(cfg, grads),
+        "update": lambda ctx, grads, params: _update(cfg, inner, ctx, grads, params),
+    }
+    if stage == 1:
+        stages["reduce_grads"] = lambda ctx, grads: _reduce_then_slice(cfg, inner, ctx, grads)
+    elif stage == 2:
+        stages["reduce_grads"] = lambda ctx, grads: _reduce_scatter(cfg, ctx, grads)
+    else:
+        stages["materialize"] = lambda ctx, shards: _zero3.materialize(cfg, inner, ctx, shards)
+        stages["loss_and_grad"] = lambda ctx, shards, batch: _zero3.loss_and_grad(
+            cfg, inner, ctx, shards, batch
+        )
+        # The gather's backward already reduce-scattered: the grads are reduced shards.
+        stages["reduce_grads"] = lambda ctx, grads: grads
+    return step.with_transform(record, **stages)
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _init(cfg: ZeroConfig, inner, step: Step, params):
+    if not isinstance(params, dict):
+        raise TypeError(
+            f"shard_zero needs the params dict from fs.functional, got {type(params).__name__}."
+        )
+    world, rank = comm.world_size(cfg.group), comm.rank(cfg.group)
+    units = build_units(params, world, cfg.unit)
+    _check_tied(params, units)
+    specs = {s.name: s for u in units for s in u.specs}
+    shards = {
+        n: (None if t is None else specs[n].shard(t.detach(), rank)) for n, t in params.items()
+    }
+    shards, state = inner.init(step, shards)
+    for n, s in shards.items():
+        if s is not None:
+            _tag(s, specs[n])
+    state[NAME] = {"units": units, "specs": specs}
+    if cfg.stage == 3:
+        return shards, state
+    # Stages 1/2 keep full params for compute and a master copy of this rank's rows.
+    state[NAME]["master"] = shards
+    return params, state
+
+
+def _check_tied(params: dict, units) -> None:
+    unit_of = {s.name: u.key for u in units for s in u.specs}
+    seen: dict[int, str] = {}
+    for name, t in params.items():
+        if t is None:
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key in seen and unit_of[seen[key]] != unit_of[name]:
+            raise ValueError(
+                f"params {seen[key]!r} and {name!r} share storage (tied weights) but the unit "
+                f"policy puts them in units {unit_of[seen[key]]!r} and {unit_of[name]!r}; tied "
+                "params must share a unit: change the unit policy (or list the tie once)."
+            )
+        seen.setdefault(key, name)
+
+
+def _tag(shard: torch.Tensor, spec: ShardSpec) -> None:
+    # fs.gather_params reads this to rebuild full params from shards.
+    shard._fscale_shard = spec
+
+
+# ----------------------------------------------------------------------------- grads
+
+
+def _bucketed(specs: list[ShardSpec], grads: dict, limit: int) -> list[list[ShardSpec]]:
+    buckets: list[list[ShardSpec]] = []
+    size = 0
+    for s in specs:
+        g = grads[s.name]
+        nbytes = s.numel * g.element_size()
+        if not buckets or size + nbytes > limit or grads[buckets[-1][0].name].dtype != g.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(s)
+        size += nbytes
+    return buckets
+
+
+def _reduce_then_slice(cfg: ZeroConfig, inner, ctx: StepContext, grads):
+    """Stage 1: the DDP all-reduce, then keep this rank's rows."""
+    grads = inner.reduce_grads(ctx, grads)
+    specs = ctx.state[NAME]["specs"]
+    rank = comm.rank(cfg.group)
+    return {n: None if g is None else specs[n].shard(g, rank) for n, g in grads.items()}
+
+
+def _reduce_scatter(cfg: ZeroConfig, ctx: StepContext, grads):
+    """Stage 2: bucketed reduce-scatter; the full grads of a bucket die after its collective."""
+    specs = ctx.state[NAME]["specs"]
+    world = comm.world_size(cfg.group)
+    live = [specs[n] for n, g in grads.items() if g is not None]
+    out = {n: None for n in grads}
+    for bucket in _bucketed(live, grads, cfg.bucket_bytes):
+        full = [grads[s.name] for s in bucket]
+        flat = copy_in(full, tuple(bucket), world, full[0].dtype)
+        for s in bucket:
+            grads[s.name] = None
+        del full
+        mine = comm.reduce_scatter(flat, op="avg", group=cfg.group)
+        for s, piece in zip(bucket, split_shards(mine, tuple(bucket)), strict=True):
+            out[s.name] = piece
+    return out
+
+
+def _sharded_grad_norm(cfg: ZeroConfig, grads) -> torch.Tensor:
+    """Global 2-norm of sharded grads: sum of squares across ranks (padding rows are 0)."""
+    leaves = [g for g in tree.leaves(grads) if g is not None]
+    if not leaves:
+        return torch.zeros(())
+    sq = torch.stack([g.float().pow(2).sum() for g in leaves]).sum()
+    comm.all_reduce(sq, op="sum", group=cfg.group)
+    return sq.sqrt()
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
+    specs = ctx.state[NAME]["specs"]
+    if cfg.stage == 3:
+        new = inner.update(ctx, grads, params)
+        for n, s in new.items():
+            if s is not None:
+                _tag(s, specs[n])
+        return new
+    master = inner.update(ctx, grads, ctx.state[NAME]["master"])
+    for n, s in master.items():
+        if s is not None:
+            _tag(s, specs[n])
+    ctx.state[NAME] = {**ctx.state[NAME], "master": master}
+    _all_gather_into(cfg, master, params, specs)
+    return params
+
+
+@torch.no_grad()
+def _all_gather_into(cfg: ZeroConfig, master: dict, params: dict, specs: dict) -> None:
+    """Stages 1/2: every rank's updated rows into the full params, bucket by bucket."""
+    world = comm.world_size(cfg.group)
+    live = [specs[n] for n, p in params.items() if p is not None]
+    for bucket in _bucketed(live, params, cfg.bucket_bytes):
+        dtype = params[bucket[0].name].dtype
+        flat = flat_shards([master[s.name] for s in bucket], dtype)
+        gathered = comm.all_gather(flat, group=cfg.group)
+        for s, full in zip(bucket, copy_out(gathered, tuple(bucket), world), strict=True):
+            params[s.name].copy_(full)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@torch.no_grad()
+def gather_params(params: dict, group=None) -> dict:
+    """Full, unsharded params from ZeRO shards (full params are returned as they are).
+
+    Collective under stage 3: every rank of ``group`` must call it.
+
+    Usage::
+
+        full = fs.gather_params(params)
+    """
+    out = {}
+    for name, t in params.items():
+        spec = getattr(t, "_fscale_shard", None) if t is not None else None
+        if spec is None or tuple(t.shape) != spec.shard_shape:
+            out[name] = t
+            continue
+        gathered = comm.all_gather(t.detach().contiguous(), group=group)
+        out[name] = spec.unpad(gathered).clone()
+    return out
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _plan(cfg: ZeroConfig, plan) -> None:
+    n = plan.world
+    full = plan.param_bytes
+    plan.memory["optimizer"] = plan.memory["optimizer"] // n
+    plan.collectives = [c for c in plan.collectives if c.stage != "reduce_grads"]
+    if n == 1:
+        plan.notes.append("shard_zero in a world of one: no collectives, nothing saved.")
+        return
+    if cfg.stage == 1:
+        plan.collectives.append(_coll("all_reduce", full, "reduce_grads"))
+        plan.memory["master"] = full // n
+    if cfg.stage >= 2:
+        plan.memory["grads"] = full // n
+    if cfg.stage == 2:
+        plan.collectives.append(_coll("reduce_scatter", full, "reduce_grads"))
+        plan.memory["master"] = full // n
+    if cfg.stage < 3:
+        plan.collectives.append(_coll("all_gather", full // n, "update"))
+    else:
+        plan.memory["params"] = full // n
+        plan.collectives.append(_coll("all_gather", 2 * full // n, "materialize", calls=2))
+        plan.collectives.append(_coll("reduce_scatter", full, "loss_and_grad"))
+        plan.notes.append(
+            f"stage 3 also holds at most {1 + cfg.prefetch} gathered units "
+            "(current + prefetched) at any point of forward and backward."
+        )
+    plan.collectives.append(_coll("all_reduce", 4, "grad_norm"))
+
+
+def _coll(op, nbytes, stage, calls=1):
+    from fscale.explain import Collective
+
+    return Collective(op, int(nbytes), stage, calls)
