@@ -13,6 +13,7 @@ from fscale import optim, tree
 from fscale.explain import explain, plan
 from fscale.functional import functional, load_params
 from fscale.step import Stages, Step, StepContext, Transform, train_step
+from fscale.transforms import gather_params, shard_zero
 
 # Importing the kernels registers their lowerings in the dispatch table.
 from fscale.kernels import adamw as _adamw_kernels  # noqa: F401  isort: skip
@@ -24,9 +25,11 @@ __all__ = [
     "Transform",
     "explain",
     "functional",
+    "gather_params",
     "load_params",
     "optim",
     "plan",
+    "shard_zero",
     "train_step",
     "tree",
 ]

@@ -11,6 +11,8 @@ fscale (ZeRO, offload, compressed communication, mixed precision) is a function
                    dequantizes) -- runs *inside* differentiation
 ``loss_and_grad``  ``torch.autograd.grad`` of the loss w.r.t. the laid-out params
 ``reduce_grads``   data-parallel mean all-reduce (no-op in a world of one)
+``finish_grads``   last touch before clipping and the update (identity; mixed
+                   precision unscales fp16 grads and checks them for overflow)
 ``grad_norm``      global 2-norm of the reduced grads (sharded grads sum partial norms)
 ``update``         the optimizer step, returning new params
 =================  ==================================================================
@@ -121,6 +123,8 @@ class StepContext:
         self.step = step
         self.state = dict(state)
         self.metrics: dict[str, Any] = {}
+        # Multiplies the loss before differentiation (fp16 loss scaling sets it).
+        self.loss_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class Stages:
     materialize: Callable[[StepContext, Params], Params]
     loss_and_grad: Callable[[StepContext, Params, Batch], tuple[torch.Tensor, Params]]
     reduce_grads: Callable[[StepContext, Params], Params]
+    finish_grads: Callable[[StepContext, Params], Params]
     grad_norm: Callable[[StepContext, Params], torch.Tensor]
     update: Callable[[StepContext, Params, Params], Params]
 
@@ -160,10 +165,11 @@ def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
         out = step.loss_fn(source, batch)
         loss, aux = out if step.has_aux else (out, None)
         _check_loss(loss)
+        target = loss if ctx.loss_scale is None else loss * ctx.loss_scale
         wrt = [t for t in inputs if t is not None]
         # materialize_grads: a param the loss does not use gets zeros, so every rank
         # reduces the same set of tensors (DeepSpeed's unused-param hangs).
-        grads = torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
     it = iter(grads)
     grad_leaves = [None if t is None else next(it) for t in inputs]
     if aux is not None:
@@ -219,6 +225,10 @@ def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]
     return out
 
 
+def default_finish_grads(ctx: StepContext, grads: Params) -> Params:
+    return grads
+
+
 def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
     norms = [torch.linalg.vector_norm(g.float()) for g in tree.leaves(grads) if g is not None]
     if not norms:
@@ -238,6 +248,7 @@ DEFAULT_STAGES = Stages(
     materialize=default_materialize,
     loss_and_grad=default_loss_and_grad,
     reduce_grads=default_reduce_grads,
+    finish_grads=default_finish_grads,
     grad_norm=default_grad_norm,
     update=default_update,
 )
@@ -300,6 +311,7 @@ class Step:
         with comm.counting() as traffic:
             loss, grads = self._accumulated_loss_and_grad(ctx, params, batch)
             grads = self.stages.reduce_grads(ctx, grads)
+            grads = self.stages.finish_grads(ctx, grads)
             if self.clip_norm is not None:
                 norm = self.stages.grad_norm(ctx, grads)
                 _clip_(grads, norm, self.clip_norm)

@@ -1,0 +1,11 @@
+"""Transforms ``Step -> Step``: one file per capability.
+
+Usage::
+
+    from fscale.transforms import shard_zero
+    step = shard_zero(fs.train_step(loss_fn, fs.optim.adamw(3e-4)), stage=3)
+"""
+
+from fscale.transforms.zero import gather_params, shard_zero
+
+__all__ = ["gather_params", "shard_zero"]
