@@ -6,6 +6,7 @@ Usage::
     step = shard_zero(fs.train_step(loss_fn, fs.optim.adamw(3e-4)), stage=3)
 """
 
+from fscale.transforms.precision import mixed_precision
 from fscale.transforms.zero import gather_params, shard_zero
 
-__all__ = ["gather_params", "shard_zero"]
+__all__ = ["gather_params", "mixed_precision", "shard_zero"]

@@ -10,7 +10,10 @@ weight); a saved-tensor pack hook replaces any tensor living in a gathered unit
 buffer by a small token, and the unpack hook re-gathers the unit in backward. So
 at any point of forward and backward at most the current unit is materialized,
 plus ``prefetch`` units whose all-gather is in flight: per-rank param memory is
-``full/N + (1 + prefetch) units``. No activation recompute is needed.
+``full/N + (1 + prefetch) units``, and one more unit-sized all-gather buffer
+exists transiently while a unit is copied out of it (FSDP2 has the same). No
+activation recompute is needed. Both are measured (``_Tracker``) and reported in
+the metrics (``zero3_peak_gathered_params_bytes`` / ``..._total_bytes``).
 
 The order units are touched in is recorded; the next forward prefetches in that
 order and backward in its reverse (async all-gathers; on CUDA NCCL runs them on
@@ -34,21 +37,27 @@ NAME = "shard_zero"
 
 
 class _Tracker:
-    """Live bytes of gathered unit buffers (materialized and in flight), with the peak."""
+    """Live bytes of gathered unit buffers, with peaks.
+
+    ``params``: materialized full params (the copy-out buffers). ``total`` adds the
+    all-gather output buffers, in flight (prefetch) or being copied out.
+    """
 
     def __init__(self):
-        self.live = 0
-        self.peak = 0
+        self.live = {"params": 0, "total": 0}
+        self.peak = {"params": 0, "total": 0}
 
-    def track(self, t: torch.Tensor) -> torch.Tensor:
-        n = t.numel() * t.element_size()
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(t.untyped_storage(), self._release, n)
-        return t
+    def track(self, t: torch.Tensor, *, is_params: bool) -> None:
+        n = t.untyped_storage().nbytes()
+        kinds = ("params", "total") if is_params else ("total",)
+        for k in kinds:
+            self.live[k] += n
+            self.peak[k] = max(self.peak[k], self.live[k])
+        weakref.finalize(t.untyped_storage(), self._release, kinds, n)
 
-    def _release(self, n: int) -> None:
-        self.live -= n
+    def _release(self, kinds, n: int) -> None:
+        for k in kinds:
+            self.live[k] -= n
 
 
 class UnitGatherer:
@@ -70,6 +79,7 @@ class UnitGatherer:
         self.inflight: dict[str, comm.Handle] = {}
         self.backward_plan: list[str] = []
         self.backward_pos = 0
+        self.in_backward = False
 
     # -- gathering -------------------------------------------------------------------
 
@@ -79,17 +89,23 @@ class UnitGatherer:
         unit = self.units[key]
         with torch.no_grad():
             flat = flat_shards([self.shards[s.name] for s in unit.specs], self.dtype)
-            self.inflight[key] = comm.all_gather(flat, group=self.cfg.group, async_op=True)
+            handle = comm.all_gather(flat, group=self.cfg.group, async_op=True)
+        # Count the output buffer from the moment it is allocated, not when waited on.
+        self.tracker.track(handle._result, is_params=False)
+        self.inflight[key] = handle
 
     def _full_buffer(self, key: str) -> list[torch.Tensor]:
         """Full params of ``key`` (views of one new buffer), from a prefetch if there is one."""
         self._launch(key)
-        gathered = self.tracker.track(self.inflight.pop(key).wait())
+        gathered = self.inflight.pop(key).wait()
         views = copy_out(gathered, self.units[key].specs, self.world)
-        del gathered
         base = views[0]
-        self.tracker.track(base)
-        self.buffers[base.untyped_storage().data_ptr()] = key
+        self.tracker.track(base, is_params=True)  # while the all-gather buffer still lives
+        del gathered
+        ptr = base.untyped_storage().data_ptr()
+        self.buffers[ptr] = key
+        # A freed buffer's address is soon reused by an activation: forget it at free.
+        weakref.finalize(base.untyped_storage(), self.buffers.pop, ptr, None)
         return views
 
     def _prefetch_after(self, plan: list[str], pos: int) -> None:
@@ -112,8 +128,10 @@ class UnitGatherer:
         self.current = (key, views)
         return views
 
-    def end_forward(self) -> None:
-        self.current = None
+    def _start_backward(self) -> None:
+        # The last unit of forward stays gathered: backward usually starts with it
+        # (the output head), so the first unpack reuses it instead of re-gathering.
+        self.in_backward = True
         self.backward_plan = list(reversed(self.order))
 
     # -- saved-tensor hooks --------------------------------------------------------------
@@ -128,9 +146,14 @@ class UnitGatherer:
         if not (isinstance(packed, tuple) and packed and packed[0] is _TOKEN):
             return packed
         _, key, offset, shape, stride = packed
+        if not self.in_backward:
+            self._start_backward()
         if self.backward_unit is None or self.backward_unit[0] != key:
-            self.backward_unit = None  # the unit after it (in forward order) is done
-            views = self._full_buffer(key)
+            reuse = self.current is not None and self.current[0] == key
+            # The unit after it (in forward order) is done: let its buffer go.
+            self.backward_unit = None
+            views = self.current[1] if reuse else self._full_buffer(key)
+            self.current = None
             base = views[0]
             flat = torch.as_strided(
                 base, (base.untyped_storage().nbytes() // base.element_size(),), (1,), 0
@@ -289,6 +312,7 @@ def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
         gatherer.finish()
         ctx._zero3 = None
     ctx.state[NAME] = {**state, "order": tuple(gatherer.order)}
-    peak = ctx.metrics.get("zero3_peak_unsharded_bytes", 0)
-    ctx.metrics["zero3_peak_unsharded_bytes"] = max(peak, gatherer.tracker.peak)
+    for kind, peak in gatherer.tracker.peak.items():
+        key = f"zero3_peak_gathered_{kind}_bytes"
+        ctx.metrics[key] = max(peak, ctx.metrics.get(key, 0))
     return loss, grads

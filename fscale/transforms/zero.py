@@ -205,15 +205,18 @@ def _reduce_scatter(cfg: ZeroConfig, ctx: StepContext, grads):
     world = comm.world_size(cfg.group)
     live = [specs[n] for n, g in grads.items() if g is not None]
     out = {n: None for n in grads}
+    mp = ctx.step.applied("mixed_precision")
     for bucket in _bucketed(live, grads, cfg.bucket_bytes):
         full = [grads[s.name] for s in bucket]
-        flat = copy_in(full, tuple(bucket), world, full[0].dtype)
+        dtype = mp.options["reduce_dtype"] if mp is not None else full[0].dtype
+        dtypes = [g.dtype for g in full]
+        flat = copy_in(full, tuple(bucket), world, dtype)
         for s in bucket:
             grads[s.name] = None
         del full
         mine = comm.reduce_scatter(flat, op="avg", group=cfg.group)
-        for s, piece in zip(bucket, split_shards(mine, tuple(bucket)), strict=True):
-            out[s.name] = piece
+        for s, piece, dt in zip(bucket, split_shards(mine, tuple(bucket)), dtypes, strict=True):
+            out[s.name] = piece.to(dt)
     return out
 
 
