@@ -147,6 +147,19 @@ class Handle:
             self._done, self._work, self._finish = True, None, None
         return self._result
 
+    @property
+    def pending_result(self) -> torch.Tensor | None:
+        """The tensor ``wait()`` will return, if the lowering fills it in place.
+
+        Lets a caller hand the buffer on before the collective completes (and
+        ``wait()`` later, before anyone reads it). None where the result is only
+        made at ``wait()`` (e.g. a slice of an all-reduce).
+        """
+        if self._done:
+            return self._result
+        in_place = self._finish is None or getattr(self._finish, "in_place", False)
+        return self._result if in_place else None
+
     def is_completed(self) -> bool:
         return self._done or self._work is None or self._work.is_completed()
 
@@ -450,6 +463,7 @@ def _reduce_scatter_native(t, *, op, group, async_op, native_avg=True, widen_fp8
             _divide_(out, n)
         return out.to(t.dtype) if wide else out
 
+    finish.in_place = not wide  # wait() finishes `out` itself: see Handle.pending_result
     return _complete(out, work, async_op, finish)
 
 

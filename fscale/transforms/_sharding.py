@@ -110,28 +110,43 @@ def build_units(
     return [Unit(k, tuple(v)) for k, v in groups.items()]
 
 
-def _row_blocks(s: ShardSpec) -> tuple[int, int]:
-    """(ranks whose rows are all real, real rows of the next rank)."""
-    dim0 = s.shape[0] if s.shape else 1
-    return divmod(dim0, s.rows)
+def _rank_slices(s: ShardSpec, world: int):
+    """For each rank: (start, stop) of its real elements in the flattened full param.
+
+    Rank r owns rows [r*rows, (r+1)*rows), i.e. elements [r*k, (r+1)*k) with
+    k = shard_numel; the last ranks' ranges are cut short (or empty) by padding.
+    """
+    k = s.shard_numel
+    return [(min(r * k, s.numel), min((r + 1) * k, s.numel)) for r in range(world)]
+
+
+# [Note: copy-in / copy-out]
+# Both directions move whole contiguous ranges (rank r's rows of a param are one
+# range of the flat param and one range of the rank-major buffer), batched into one
+# multi-tensor copy: strided 3-D copies ran on torch's generic elementwise kernel at
+# a fraction of bandwidth (H200 profile, 1.4B GPT: 22 ms of a 310 ms step).
 
 
 def copy_in(grads: list[torch.Tensor], specs: tuple[ShardSpec, ...], world: int, dtype):
     """Full grads -> one rank-major flat buffer ``(world * unit_shard_numel,)``, zero-padded."""
     per_rank = sum(s.shard_numel for s in specs)
     flat = grads[0].new_empty((world, per_rank), dtype=dtype)
+    dsts, srcs, pads = [], [], []
     offset = 0
     for g, s in zip(grads, specs, strict=True):
-        # (world, rows, rest): rank r's padded rows, a view into the flat buffer.
-        dst = flat[:, offset : offset + s.shard_numel].view(world, s.rows, -1)
-        src = g.reshape(-1, dst.shape[-1])
-        full, rem = _row_blocks(s)
-        dst[:full].copy_(src[: full * s.rows].view(full, s.rows, -1))
-        if full < world:
-            dst[full, :rem].copy_(src[full * s.rows :])
-            dst[full, rem:].zero_()
-            dst[full + 1 :].zero_()
+        src = g.reshape(-1)
+        for r, (lo, hi) in enumerate(_rank_slices(s, world)):
+            n = hi - lo
+            if n:
+                dsts.append(flat[r, offset : offset + n])
+                srcs.append(src[lo:hi])
+            if n < s.shard_numel:
+                pads.append(flat[r, offset + n : offset + s.shard_numel])
         offset += s.shard_numel
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+    if pads:
+        torch._foreach_zero_(pads)
     return flat.view(-1)
 
 
@@ -139,19 +154,19 @@ def copy_out(flat: torch.Tensor, specs: tuple[ShardSpec, ...], world: int) -> li
     """Rank-major gathered buffer -> full params, each contiguous in one new buffer."""
     by_rank = flat.view(world, -1)
     out = flat.new_empty(sum(s.numel for s in specs))
-    views = []
+    views, dsts, srcs = [], [], []
     src, dst = 0, 0
     for s in specs:
-        block = by_rank[:, src : src + s.shard_numel].view(world, s.rows, -1)
         full_param = out[dst : dst + s.numel]
-        rows = full_param.view(-1, block.shape[-1])
-        full, rem = _row_blocks(s)
-        rows[: full * s.rows].view(full, s.rows, -1).copy_(block[:full])
-        if full < world and rem:
-            rows[full * s.rows :].copy_(block[full, :rem])
+        for r, (lo, hi) in enumerate(_rank_slices(s, world)):
+            if hi > lo:
+                dsts.append(full_param[lo:hi])
+                srcs.append(by_rank[r, src : src + hi - lo])
         views.append(full_param.view(s.shape))
         src += s.shard_numel
         dst += s.numel
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
     return views
 
 

@@ -31,7 +31,7 @@ import weakref
 import torch
 
 from fscale.hw import comm
-from fscale.transforms._sharding import Unit, copy_in, copy_out, flat_shards, split_shards
+from fscale.transforms._sharding import Unit, copy_in, copy_out, split_shards
 
 NAME = "shard_zero"
 
@@ -63,10 +63,12 @@ class _Tracker:
 class UnitGatherer:
     """Gathers units on demand for one call of the step (forward and backward)."""
 
-    def __init__(self, cfg, units: list[Unit], shards: dict, dtype, reduce_dtype, order):
+    def __init__(self, cfg, units: list[Unit], flats: dict, dtype, reduce_dtype, order):
         self.cfg = cfg
         self.units = {u.key: u for u in units}
-        self.shards = shards  # leaf shards (requires grad) by name
+        self.flats = flats  # unit key -> this rank's flat master shards (see keep_in_flats)
+        self.shards: dict = {}  # leaf shards (requires grad), set by materialize
+        self.pending: list[comm.Handle] = []  # reduce-scatters waited on after backward
         self.dtype = dtype  # gather dtype (compute dtype) or None for the shard's own
         self.reduce_dtype = reduce_dtype
         self.world = comm.world_size(cfg.group)
@@ -86,9 +88,10 @@ class UnitGatherer:
     def _launch(self, key: str) -> None:
         if key in self.inflight or key not in self.units:
             return
-        unit = self.units[key]
+        flat = self.flats[key]
         with torch.no_grad():
-            flat = flat_shards([self.shards[s.name] for s in unit.specs], self.dtype)
+            if self.dtype is not None and flat.dtype != self.dtype:
+                flat = flat.to(self.dtype)
             handle = comm.all_gather(flat, group=self.cfg.group, async_op=True)
         # Count the output buffer from the moment it is allocated, not when waited on.
         self.tracker.track(handle._result, is_params=False)
@@ -174,6 +177,9 @@ class UnitGatherer:
     def finish(self) -> None:
         self.current = None
         self.backward_unit = None
+        for handle in self.pending:
+            handle.wait()  # the shard grads autograd returned are only valid from here
+        self.pending.clear()
         for handle in self.inflight.values():
             handle.wait()  # a stray prefetch must complete before its buffer is reused
         self.inflight.clear()
@@ -208,7 +214,18 @@ class GatherUnit(torch.autograd.Function):
         ]
         flat = copy_in(grads, unit.specs, g.world, g.reduce_dtype or grads[0].dtype)
         del grads
-        mine = comm.reduce_scatter(flat, op="avg", group=g.cfg.group)
+        handle = comm.reduce_scatter(flat, op="avg", group=g.cfg.group, async_op=True)
+        mine = handle.pending_result
+        # [Note: deferred reduce-scatter] A synchronous collective would run on the
+        # compute stream and stall backward. The shard grads are handed to autograd
+        # unread and waited on after backward -- safe only when nothing reads them
+        # before that: no dtype cast, and a unit gathered once (a unit used twice,
+        # like a tied embedding, has its two grads summed by autograd right away).
+        needs_cast = any(dt != flat.dtype for dt in ctx.shard_dtypes)
+        if mine is None or needs_cast or g.order.count(ctx.key) > 1:
+            mine = handle.wait()
+        else:
+            g.pending.append(handle)
         pieces = split_shards(mine, unit.specs)
         return (None, None, *(p.to(dt) for p, dt in zip(pieces, ctx.shard_dtypes, strict=True)))
 
@@ -280,11 +297,31 @@ def _precision(ctx):
     return mp.options["param_dtype"], mp.options["reduce_dtype"]
 
 
+@torch.no_grad()
+def keep_in_flats(state: dict, shards: dict) -> dict:
+    """Shards as views of their unit's flat buffer (copying in any that are not).
+
+    In-place optimizers (the fused AdamW) keep the views; an optimizer that returns
+    new tensors, or params loaded from elsewhere, are copied back so the all-gather,
+    which reads the flat buffer, always sees the current values.
+    """
+    out = dict(shards)
+    for unit in state["units"]:
+        views = split_shards(state["flats"][unit.key], unit.specs)
+        for spec, view in zip(unit.specs, views, strict=True):
+            t = shards[spec.name]
+            if t is None or t.data_ptr() == view.data_ptr():
+                continue
+            view.copy_(t)
+            out[spec.name] = view
+    return out
+
+
 def materialize(cfg, inner, ctx, shards: dict):
     gatherer = getattr(ctx, "_zero3", None)
     if gatherer is None:
         raise RuntimeError("shard_zero(3): materialize ran outside its loss_and_grad stage.")
-    gatherer.shards = shards
+    gatherer.shards = shards  # the leaves autograd differentiates (views of the flats)
     dtype, _ = _precision(ctx)
     lazies = {}
     for unit in gatherer.units.values():
@@ -301,8 +338,9 @@ def materialize(cfg, inner, ctx, shards: dict):
 def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
     state = ctx.state[NAME]
     dtype, reduce_dtype = _precision(ctx)
+    keep_in_flats(state, shards)
     gatherer = UnitGatherer(
-        cfg, state["units"], shards, dtype, reduce_dtype, state.get("order", ())
+        cfg, state["units"], state["flats"], dtype, reduce_dtype, state.get("order", ())
     )
     ctx._zero3 = gatherer
     try:

@@ -138,14 +138,25 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
     units = build_units(params, world, cfg.unit)
     _check_tied(params, units)
     specs = {s.name: s for u in units for s in u.specs}
-    shards = {
-        n: (None if t is None else specs[n].shard(t.detach(), rank)) for n, t in params.items()
-    }
+    flats = {}
+    if cfg.stage == 3:
+        # [Note: flat master shards] each unit's shards are views of one flat buffer:
+        # the all-gather reads it directly (one cast kernel under mixed precision).
+        shards = {n: None for n in params}
+        for u in units:
+            flats[u.key] = params[u.specs[0].name].new_empty(u.shard_numel)
+            for spec, view in zip(u.specs, split_shards(flats[u.key], u.specs), strict=True):
+                view.copy_(spec.shard(params[spec.name].detach(), rank))
+                shards[spec.name] = view
+    else:
+        shards = {
+            n: (None if t is None else specs[n].shard(t.detach(), rank)) for n, t in params.items()
+        }
     shards, state = inner.init(step, shards)
     for n, s in shards.items():
         if s is not None:
             _tag(s, specs[n])
-    state[NAME] = {"units": units, "specs": specs}
+    state[NAME] = {"units": units, "specs": specs, "flats": flats}
     if cfg.stage == 3:
         return shards, state
     # Stages 1/2 keep full params for compute and a master copy of this rank's rows.
@@ -237,6 +248,7 @@ def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
     specs = ctx.state[NAME]["specs"]
     if cfg.stage == 3:
         new = inner.update(ctx, grads, params)
+        new = _zero3.keep_in_flats(ctx.state[NAME], new)
         for n, s in new.items():
             if s is not None:
                 _tag(s, specs[n])
