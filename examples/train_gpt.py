@@ -1,0 +1,323 @@
+"""Train a small GPT on the Python standard library's own source code, with fscale.
+
+The data ships with every Python install: the stdlib's ``.py`` files, read in
+sorted order, as raw bytes (vocabulary 256). The last 10% of the bytes (other
+modules than the training ones) are held out for validation.
+
+Run it as a world of one::
+
+    python examples/train_gpt.py                       # ~1-2 min on 2 CPU cores
+
+or data-parallel, unchanged, under torchrun (gloo on CPU, nccl on CUDA)::
+
+    torchrun --nproc-per-node 2 examples/train_gpt.py
+
+Every rank builds the same model from the same seed and draws the same global
+batch; rank ``r`` trains on its slice ``[r * B, (r + 1) * B)``. The step's default
+``reduce_grads`` averages the gradients, so a world of N with per-rank batch B
+takes the same steps as a world of one with batch N * B. Only rank 0 prints,
+plots and writes files.
+
+Outputs: ``--out`` (default ``out/train_gpt_loss.png``) and a JSON of the
+metrics beside it (same stem, ``.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sysconfig
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import fscale as fs
+from fscale.hw import comm
+from fscale.models import GPT, GPTConfig
+
+DATA_BYTES = 4 * 2**20  # how much of the stdlib to read (it holds ~30 MB of .py)
+VAL_FRACTION = 0.1
+EVAL_BATCHES = 4  # global batches per validation pass
+WARMUP_FRACTION = 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step, per rank")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (preset's)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup-cosine)")
+    p.add_argument(
+        "--accumulate", type=int, default=1, help="micro-batches per step (divides batch-size)"
+    )
+    p.add_argument("--preset", choices=("small", "tiny"), default="small", help="GPTConfig preset")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default="out/train_gpt_loss.png", help="loss-curve PNG path")
+    p.add_argument("--seed", type=int, default=0)
+    # --- Flags added by later issues (--zero, --precision, --offload) go here, each
+    # --- mapped to a transform in build_step() below.
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "accumulate"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % args.accumulate:
+        p.error(
+            f"--batch-size {args.batch_size} is not divisible by --accumulate {args.accumulate}; "
+            "each step splits the per-rank batch into that many micro-batches."
+        )
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_stdlib_bytes(limit: int = DATA_BYTES) -> torch.Tensor:
+    """The first ``limit`` bytes of the stdlib's ``.py`` files in sorted path order (uint8).
+
+    Test suites and site-packages are skipped: the former are large and repetitive,
+    the latter differ between installs (the corpus must be the same on every rank).
+    """
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    files = sorted(
+        (f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts)),
+        key=lambda f: f.relative_to(root).as_posix(),
+    )
+    buf = bytearray()
+    for f in files:
+        buf += f.read_bytes()
+        if len(buf) >= limit:
+            break
+    if len(buf) < 1 << 16:
+        raise RuntimeError(f"found only {len(buf)} bytes of Python source under {root}.")
+    return torch.frombuffer(buf[:limit], dtype=torch.uint8).clone()
+
+
+def get_batch(
+    data: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    global_batch: int,
+    seq_len: int,
+    rank: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """This rank's slice of one global batch of random windows: ``{"x", "y"}`` (B, T) longs.
+
+    Every rank draws the whole global batch from the same generator state, so the
+    ranks agree on it without communicating; each keeps its own rows.
+    """
+    starts = torch.randint(0, len(data) - seq_len - 1, (global_batch,), generator=gen)
+    mine = starts[rank * batch_size : (rank + 1) * batch_size]
+    windows = torch.stack([data[s : s + seq_len + 1] for s in mine.tolist()]).long()
+    windows = windows.to(device, non_blocking=True)
+    return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def setup(device: str) -> tuple[int, int, torch.device]:
+    """``(rank, world, device)``; joins the torchrun world when launched by torchrun."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but torch.cuda.is_available() is False.")
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if not launched:
+        return 0, 1, torch.device(device)
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a no-op in a world of one); every rank must call it."""
+    values = values.detach().float().clone()
+    comm.all_reduce(values, op="avg")
+    return values
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_step(args: argparse.Namespace, loss_fn):
+    """The train step; later issues wrap it in transforms chosen by flags."""
+    schedule = fs.optim.warmup_cosine(
+        peak=args.lr,
+        warmup_steps=max(1, int(WARMUP_FRACTION * args.steps)),
+        decay_steps=args.steps,
+        end=0.1 * args.lr,
+    )
+    # b2=0.95 (GPT-3's): the second moment adapts fast enough for this short, high-lr run.
+    optimizer = fs.optim.adamw(
+        lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
+    )
+    step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0)
+    # --- transforms from later flags (shard_zero, mixed_precision, offload) go here.
+    return step
+
+
+@torch.no_grad()
+def evaluate(apply, params, val: torch.Tensor, batch_kw: dict, seed: int) -> float:
+    """Mean loss over ``EVAL_BATCHES`` fixed global batches of the held-out bytes.
+
+    Every rank evaluates its slice and the means are averaged, so all ranks run
+    the same collectives (ranks taking different paths is how sharded runs hang).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(EVAL_BATCHES):
+        batch = get_batch(val, gen, **batch_kw)
+        logits = apply(params, batch["x"])
+        losses.append(F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten()))
+    return global_mean(torch.stack(losses).mean()).item()
+
+
+def plot(path: pathlib.Path, history: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    train = torch.tensor(history["train_loss"])
+    # The loss of step i is measured before its update: after i - 1 updates, like val's x.
+    ax.plot(range(len(train)), train, lw=0.8, alpha=0.45, label="train (per step)")
+    k = max(1, len(train) // 30)
+    if k > 1:
+        smooth = train.unfold(0, k, 1).mean(1)
+        ax.plot(range(k - 1, len(train)), smooth, lw=1.6, label=f"train ({k}-step mean)")
+    ax.plot(history["val_step"], history["val_loss"], "o-", lw=1.6, ms=4, label="validation")
+    ax.axhline(math.log(256), color="grey", ls=":", lw=0.8, label="uniform over bytes")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rank, world, device = setup(args.device)
+    main_rank = rank == 0
+    log = print if main_rank else (lambda *a, **k: None)
+
+    cfg = getattr(GPTConfig, args.preset)()
+    if args.seq_len is not None:
+        cfg = cfg.replace(seq_len=args.seq_len)
+    torch.manual_seed(args.seed)  # same init on every rank: no broadcast needed
+    model = GPT(cfg).to(device)
+
+    data = load_stdlib_bytes()
+    n_train = int(len(data) * (1 - VAL_FRACTION))
+    train, val = data[:n_train], data[n_train:]
+    batch_kw = dict(
+        global_batch=args.batch_size * world,
+        seq_len=cfg.seq_len,
+        rank=rank,
+        batch_size=args.batch_size,
+        device=device,
+    )
+    tokens_per_step = args.batch_size * world * cfg.seq_len
+
+    params, apply = fs.functional(model)
+
+    def loss_fn(params, batch):
+        logits = apply(params, batch["x"])
+        return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten())
+
+    step = build_step(args, loss_fn)
+    params, state = step.init(params)
+
+    log(
+        f"GPT {args.preset}: {model.num_params() / 1e6:.2f}M params, {cfg.n_layer} layers x "
+        f"d={cfg.d_model}, seq {cfg.seq_len} | data: {len(train) / 1e6:.1f} MB train, "
+        f"{len(val) / 1e6:.2f} MB val (stdlib .py bytes) | world {world} on {device} | "
+        f"global batch {args.batch_size * world} x {cfg.seq_len} = {tokens_per_step} tokens/step"
+    )
+    eval_every = max(1, args.steps // 10)
+    eval_seed = args.seed + 1
+    gen = torch.Generator().manual_seed(args.seed)
+    history = {"train_loss": [], "val_step": [0], "val_loss": []}
+    history["val_loss"].append(evaluate(apply, params, val, batch_kw, eval_seed))
+
+    losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
+    bar = tqdm(range(1, args.steps + 1), disable=not main_rank, unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    eval_time = 0.0  # subtracted: tokens/s is training throughput
+    for it in bar:
+        batch = get_batch(train, gen, **batch_kw)
+        params, state, metrics = step(params, state, batch)  # inputs donated: always rebind
+        losses.append(torch.as_tensor(metrics["loss"]).detach().reshape(()))
+        if it % 10 == 0 or it == args.steps:
+            loss = losses[-1].item()  # syncs the device, so the clock below is honest
+            train_time = time.perf_counter() - start - eval_time
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{it * tokens_per_step / train_time:,.0f}")
+        if it % eval_every == 0 or it == args.steps:
+            t0 = time.perf_counter()
+            history["val_step"].append(it)
+            history["val_loss"].append(evaluate(apply, params, val, batch_kw, eval_seed))
+            eval_time += time.perf_counter() - t0
+            if main_rank:
+                bar.write(f"step {it:5d}  val loss {history['val_loss'][-1]:.3f}")
+    bar.close()
+    wall = time.perf_counter() - start
+    train_time = wall - eval_time
+
+    # One collective for the whole curve: each entry becomes the global-batch mean loss,
+    # the number a world of one with the same global batch would have reported.
+    history["train_loss"] = global_mean(torch.stack(losses)).tolist()
+    tail = history["train_loss"][-max(1, args.steps // 20) :]
+    summary = {
+        "preset": args.preset,
+        "params": model.num_params(),
+        "world": world,
+        "device": str(device),
+        "steps": args.steps,
+        "global_batch": args.batch_size * world,
+        "seq_len": cfg.seq_len,
+        "accumulate": args.accumulate,
+        "lr": args.lr,
+        "seed": args.seed,
+        "tokens": args.steps * tokens_per_step,
+        "first_train_loss": history["train_loss"][0],
+        "final_train_loss": sum(tail) / len(tail),
+        "final_val_loss": history["val_loss"][-1],
+        "tokens_per_s": args.steps * tokens_per_step / train_time,
+        "train_time_s": train_time,
+        "wall_time_s": wall,
+        "flops_per_token": model.flops_per_token(),
+    }
+    summary["achieved_gflops"] = summary["tokens_per_s"] * summary["flops_per_token"] / 1e9
+    if main_rank:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        title = f"GPT {args.preset} on stdlib bytes, world {world}"
+        plot(out, history, title)
+        out.with_suffix(".json").write_text(json.dumps({**summary, **history}, indent=1) + "\n")
+        print(fs.explain(step, params))
+        print(
+            f"done in {wall:.1f}s: train loss {summary['first_train_loss']:.3f} -> "
+            f"{summary['final_train_loss']:.3f} (mean of last {len(tail)} steps), val loss "
+            f"{history['val_loss'][0]:.3f} -> {summary['final_val_loss']:.3f} | "
+            f"{summary['tokens_per_s']:,.0f} tokens/s ({summary['achieved_gflops']:.1f} GFLOP/s) "
+            f"| wrote {out} and {out.with_suffix('.json')}"
+        )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
