@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     # --- Flags added by later issues (--zero, --precision, --offload) go here, each
     # --- mapped to a transform in build_step() below.
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="compute dtype: bf16/fp16 keep fp32 master weights (fs.mixed_precision)",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "accumulate"):
         if getattr(args, name) < 1:
@@ -164,6 +170,8 @@ def build_step(args: argparse.Namespace, loss_fn):
     )
     step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0)
     # --- transforms from later flags (shard_zero, mixed_precision, offload) go here.
+    if args.precision != "fp32":  # innermost: shard_zero and offload go over it
+        step = fs.mixed_precision(step, args.precision)
     return step
 
 

@@ -13,7 +13,7 @@ from fscale import optim, tree
 from fscale.explain import explain, plan
 from fscale.functional import functional, load_params
 from fscale.step import Stages, Step, StepContext, Transform, train_step
-from fscale.transforms import gather_params, shard_zero
+from fscale.transforms import gather_params, mixed_precision, shard_zero
 
 # Importing the kernels registers their lowerings in the dispatch table.
 from fscale.kernels import adamw as _adamw_kernels  # noqa: F401  isort: skip
@@ -27,6 +27,7 @@ __all__ = [
     "functional",
     "gather_params",
     "load_params",
+    "mixed_precision",
     "optim",
     "plan",
     "shard_zero",

@@ -124,7 +124,9 @@ def mixed_precision(
     reduce_dtype = _reduce_dtype(reduce_dtype)
     _check_scaling(init_scale, growth_interval, hysteresis, min_scale)
     if not isinstance(cast_inputs, bool):
-        raise TypeError(f"cast_inputs must be a bool, got {type(cast_inputs).__name__}.")
+        raise TypeError(
+            f"mixed_precision: cast_inputs must be a bool, got {type(cast_inputs).__name__}."
+        )
     cfg = _Config(
         param_dtype,
         reduce_dtype,
@@ -255,6 +257,8 @@ def _init(cfg: _Config, inner, step: Step, params):
 
 def _materialize(cfg: _Config, inner, ctx: StepContext, params):
     # Runs under autograd: the backward of .to() returns fp32 grads to the fp32 masters.
+    # Under shard_zero(3) this stage does not run: ZeRO-3 reads options["param_dtype"]
+    # and casts the shards before its all-gather (half the bytes), not after.
     return tree.map(lambda t: _cast(t, cfg.param_dtype), inner.materialize(ctx, params))
 
 
@@ -349,9 +353,9 @@ def _plan(cfg: _Config, plan) -> None:
     name = _short(cfg.param_dtype)
     size = torch.empty((), dtype=cfg.param_dtype).element_size()
     plan.notes.append(
-        f"mixed_precision: fp32 master weights, compute in {name} (materialize casts a "
-        f"{name} copy of the params, {plan.param_count * size:,} bytes, live through "
-        f"forward and backward); grads reduced in {_short(cfg.reduce_dtype)}."
+        f"mixed_precision: fp32 master weights, compute in {name} (materialize's {name} "
+        f"copy of the params, {plan.param_count * size:,} bytes, lives through forward and "
+        f"backward); grads reduced in {_short(cfg.reduce_dtype)}."
     )
     master = plan.param_bytes // max(plan.param_count, 1)
     reduce_size = torch.empty((), dtype=cfg.reduce_dtype).element_size()
