@@ -186,6 +186,7 @@ class UnitGatherer:
 
 
 _TOKEN = object()
+_MAX_PENDING_REDUCE_SCATTERS = 2
 
 
 class GatherUnit(torch.autograd.Function):
@@ -226,6 +227,11 @@ class GatherUnit(torch.autograd.Function):
             mine = handle.wait()
         else:
             g.pending.append(handle)
+            # NCCL keeps each collective's input (a full-precision unit of grads)
+            # until it is waited on: bound how many are in flight, or backward's
+            # peak grows by one unit of grads per block (seen on the 8.5B GPT).
+            while len(g.pending) > _MAX_PENDING_REDUCE_SCATTERS:
+                g.pending.pop(0).wait()
         pieces = split_shards(mine, unit.specs)
         return (None, None, *(p.to(dt) for p, dt in zip(pieces, ctx.shard_dtypes, strict=True)))
 
