@@ -207,6 +207,8 @@ def plot(path: pathlib.Path, history: dict, title: str) -> None:
         ax.plot(range(k - 1, len(train)), smooth, lw=1.6, label=f"train ({k}-step mean)")
     ax.plot(history["val_step"], history["val_loss"], "o-", lw=1.6, ms=4, label="validation")
     ax.axhline(math.log(256), color="grey", ls=":", lw=0.8, label="uniform over bytes")
+    top = max(math.log(256), *history["val_loss"], train.max().item())
+    ax.set_ylim(top=top + 0.15)  # keep the uniform-bytes line in view
     ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
