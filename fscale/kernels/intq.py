@@ -1,0 +1,501 @@
+"""ZeroQuant-style integer and FP8 linear layers: group-wise INT8/INT4 weights, W8A8, FP8.
+
+Three families, each a ``pack`` function (float weight ``[N, K]`` -> a packed
+dataclass with ``.nbytes``, ``.shape``, ``.fmt``), an exact ``unpack`` back to
+float32, and a linear ``y = x @ W^T + b`` registered in the kernel table:
+
+- ``pack_int(w, bits=8|4, group_size=32|64|128, symmetric=True)``: every row is cut
+  into groups of ``group_size`` consecutive input features, each with its own fp32
+  scale (and, asymmetric, its own fp32 minimum). Symmetric: ``q = round(w / s)``,
+  ``s = absmax / (2**(bits-1) - 1)``, ``w ~ q * s``. Asymmetric:
+  ``q = round((w - lo) / s)``, ``s = (hi - lo) / (2**bits - 1)``, ``w ~ q * s + lo``.
+  Either way each element is within half a step (``s / 2``) of its group's grid.
+  INT4 codes are stored two per byte (element ``2j`` in the low nibble of byte
+  ``j``, ``2j + 1`` in the high one), biased to be unsigned. Op ``"int_linear"``:
+  the reference dequantizes and calls ``F.linear``; on CUDA a Triton kernel reads
+  the packed codes and dequantizes in registers (weight-only: activations stay in
+  their dtype).
+- ``pack_w8a8(w)``: int8 weights, one scale per output channel; the linear
+  quantizes the activations per token (row of ``x``) on the fly, multiplies int8 x
+  int8 -> int32 (``torch._int_mm`` on CPU and CUDA, op ``"w8a8_linear"``) and
+  rescales by ``s_x[m] * s_w[n]``. The reference does the same integer product in
+  float64 (exact).
+- ``pack_fp8(w)``: e4m3 weights with one scale per output channel, activations
+  quantized per token to e4m3 as well; op ``"fp8_linear"`` runs
+  ``torch._scaled_mm`` on CUDA capability >= (8, 9) and the same maths
+  (dequantize both, fp32 matmul) elsewhere.
+
+Usage::
+
+    p = pack_int(w, bits=4, group_size=128)        # w: [N, K], K % 128 == 0
+    y = int_linear(x, p, bias)                      # ~ F.linear(x, w, bias)
+
+References:
+    Yao et al., "ZeroQuant: Efficient and Affordable Post-Training Quantization for
+    Large-Scale Transformers", NeurIPS 2022 (group-wise weights, token-wise activations).
+    Micikevicius et al., "FP8 Formats for Deep Learning", 2022 (e4m3).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fscale.hw import dispatch
+from fscale.hw.device import capability
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is a dependency on Linux x86_64 only
+    triton = tl = None
+
+INT_OP = "int_linear"
+W8A8_OP = "w8a8_linear"
+FP8_OP = "fp8_linear"
+GROUP_SIZES = (32, 64, 128)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _check_weight(w: torch.Tensor, what: str) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"{what}: expected a 2-D weight [N, K], got {shape}.")
+    if not w.is_floating_point():
+        raise ValueError(f"{what}: expected a floating-point weight, got {w.dtype}.")
+    if torch.isnan(w).any():
+        raise ValueError(f"{what}: the weight holds NaN; quantizing it would hide the NaN.")
+
+
+# ----------------------------------------------------------------------------- INT8 / INT4
+
+
+@dataclass(frozen=True)
+class PackedInt:
+    """Group-wise quantized weight ``[N, K]``.
+
+    ``codes``: int8 ``[N, K]`` (bits=8) or uint8 ``[N, K // 2]`` (bits=4, two per byte).
+    ``scale``: fp32 ``[N, K // group_size]``; ``lo``: fp32 like ``scale`` (asymmetric) or None.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    lo: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.lo is None
+
+    @property
+    def fmt(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.codes, self.scale] + ([self.lo] if self.lo is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device) -> PackedInt:
+        lo = None if self.lo is None else self.lo.to(device)
+        return PackedInt(
+            self.codes.to(device), self.scale.to(device), lo, self.bits, self.group_size, self.shape
+        )
+
+
+def pack_int(
+    w: torch.Tensor, *, bits: int = 8, group_size: int = 128, symmetric: bool = True
+) -> PackedInt:
+    """Quantize ``w [N, K]`` group-wise to ``bits`` (8 or 4); see the module doc."""
+    _check_weight(w, f"pack_int(bits={bits})")
+    if bits not in (4, 8):
+        raise ValueError(f"pack_int: bits must be 8 or 4, got {bits!r}.")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"pack_int: group_size must be one of {GROUP_SIZES}, got {group_size!r}.")
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(
+            f"pack_int: K={K} (input features of a [{N}, {K}] weight) is not a multiple of "
+            f"group_size={group_size}; pick a group size dividing K "
+            f"({[g for g in GROUP_SIZES if K % g == 0] or 'none of ' + str(GROUP_SIZES)}) "
+            "or leave this weight out with select=."
+        )
+    g = w.detach().float().reshape(N, K // group_size, group_size)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (g.abs().amax(-1) / qmax).clamp_min(tiny)
+        q = torch.round(g / scale[..., None]).clamp_(-qmax - 1, qmax)
+        lo = None
+    else:
+        qmax = 2**bits - 1
+        lo = g.amin(-1)
+        scale = ((g.amax(-1) - lo) / qmax).clamp_min(tiny)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, qmax)
+    q = q.reshape(N, K)
+    if bits == 8:
+        codes = (q if symmetric else q - 128).to(torch.int8)
+    else:
+        u = (q + 8 if symmetric else q).to(torch.uint8)
+        codes = u[:, 0::2] | (u[:, 1::2] << 4)
+    return PackedInt(codes.contiguous(), scale.contiguous(), lo, bits, group_size, (N, K))
+
+
+def int_codes(p: PackedInt) -> torch.Tensor:
+    """The integer grid values ``q`` as float32 ``[N, K]`` (symmetric: signed; else 0..2**b-1)."""
+    if p.bits == 8:
+        q = p.codes.float()
+        return q if p.symmetric else q + 128
+    lo, hi = p.codes & 0xF, p.codes >> 4
+    q = torch.stack((lo, hi), -1).reshape(p.shape).float()
+    return q - 8 if p.symmetric else q
+
+
+def unpack_int(p: PackedInt) -> torch.Tensor:
+    """Dequantized float32 ``[N, K]`` (exactly what every lowering of ``int_linear`` uses)."""
+    N, K = p.shape
+    q = int_codes(p).reshape(N, K // p.group_size, p.group_size)
+    w = q * p.scale[..., None]
+    if p.lo is not None:
+        w = w + p.lo[..., None]
+    return w.reshape(N, K)
+
+
+def int_linear_reference(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None):
+    """Dequantize, then ``F.linear`` in ``x``'s dtype."""
+    w = unpack_int(p).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+dispatch.register(INT_OP, int_linear_reference, name="int_linear_reference")
+
+
+def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ unpack_int(p)^T + bias`` through the best lowering of ``"int_linear"``."""
+    return dispatch.resolve(INT_OP, x).impl(x, p, bias)
+
+
+# [Note: the weight-only int kernel]
+# Small-batch linear layers are bound by reading the weight: an int4 g128 weight
+# is 4.25 bits per element against fp16's 16, so a kernel that loads the packed
+# codes and dequantizes in registers moves ~3.8x fewer bytes. Each program owns a
+# BLOCK_M x BLOCK_N tile of y and walks K in BLOCK_K steps; BLOCK_K divides the
+# group size, so one step needs one scale (and one minimum) per output column.
+# Int4 bytes are split into their two nibbles and re-interleaved with tl.join
+# (element 2j low, 2j + 1 high: the order pack_int writes). The dot runs in x's
+# dtype (fp16/bf16 tensor cores on GPU), accumulating in fp32; under the CPU
+# interpreter use fp32 x (bf16 tl.dot is wrong there, see DESIGN section 7).
+
+
+def _int_linear_kernel(
+    x_ptr, q_ptr, s_ptr, lo_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_ym,
+    GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=m_ok[:, None],
+            other=0.0,
+        )
+        if BITS == 8:
+            q = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=n_ok[:, None], other=0)
+            q = q.to(tl.float32)
+            if not SYMMETRIC:
+                q = q + 128.0
+        else:
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(q_ptr + rn[:, None] * stride_qn + rb[None, :], mask=n_ok[:, None], other=0)
+            b = b.to(tl.int32)
+            q = tl.join(b & 0xF, b >> 4).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+            if SYMMETRIC:
+                q = q - 8.0
+        grp = k0 // GROUP
+        s = tl.load(s_ptr + rn * stride_sn + grp, mask=n_ok, other=0.0)
+        w = q * s[:, None]
+        if not SYMMETRIC:
+            lo = tl.load(lo_ptr + rn * stride_sn + grp, mask=n_ok, other=0.0)
+            w = w + lo[:, None]
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+_JITTED: dict[bool, object] = {}
+
+
+def _kernel():
+    # Wrapped lazily, once per mode: triton.jit reads TRITON_INTERPRET when it wraps.
+    interpret = _interpreting()
+    if interpret not in _JITTED:
+        _JITTED[interpret] = triton.jit(_int_linear_kernel)
+    return _JITTED[interpret], interpret
+
+
+def int_linear_triton(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None):
+    """Fused dequantize + matmul (see [Note: the weight-only int kernel]); any M, N."""
+    if triton is None:
+        raise RuntimeError("int_linear_triton needs triton; use int_linear_reference.")
+    kernel, interpret = _kernel()
+    if x.device.type == "cpu" and not interpret:
+        raise RuntimeError(
+            "int_linear_triton got CPU tensors but Triton is not interpreting; set "
+            "TRITON_INTERPRET=1 or use int_linear_reference."
+        )
+    N, K = p.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"int_linear: x has {x.shape[-1]} features, the weight [N, K]={p.shape}.")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    block_n = 64
+    block_k = min(p.group_size, 64)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    lo = p.lo if p.lo is not None else p.scale
+    b = bias if bias is not None else y
+    kernel[grid](
+        x2, p.codes, p.scale, lo, b, y, M, N, K,
+        x2.stride(0), x2.stride(1), p.codes.stride(0), p.scale.stride(0), y.stride(0),
+        GROUP=p.group_size, BITS=p.bits, SYMMETRIC=p.symmetric, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return y.reshape(*lead, N)
+
+
+if triton is not None:
+    dispatch.register(
+        INT_OP,
+        int_linear_triton,
+        device="cuda",
+        min_capability=(8, 0),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        priority=10,
+        name="int_linear_triton",
+    )
+
+
+# ----------------------------------------------------------------------------- W8A8
+
+
+@dataclass(frozen=True)
+class PackedW8A8:
+    """int8 weight ``[N, K]`` with one fp32 scale per output channel (``scale [N]``)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, int]
+    fmt: str = "w8a8"
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scale.numel() * 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device) -> PackedW8A8:
+        return PackedW8A8(self.codes.to(device), self.scale.to(device), self.shape)
+
+
+def _rowwise_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t = t.float()
+    scale = (t.abs().amax(-1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(t / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def pack_w8a8(w: torch.Tensor) -> PackedW8A8:
+    """Symmetric per-output-channel int8 weights for ``w8a8_linear``."""
+    _check_weight(w, "pack_w8a8")
+    q, scale = _rowwise_int8(w.detach())
+    return PackedW8A8(q.contiguous(), scale, tuple(w.shape))
+
+
+def unpack_w8a8(p: PackedW8A8) -> torch.Tensor:
+    return p.codes.float() * p.scale[:, None]
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (per-row) symmetric int8: ``x ~ q * scale[:, None]``."""
+    return _rowwise_int8(x)
+
+
+def w8a8_linear_reference(x: torch.Tensor, p: PackedW8A8, bias: torch.Tensor | None = None):
+    """Token-wise int8 activations x per-channel int8 weights, integer product in float64."""
+    N, K = p.shape
+    x2 = x.reshape(-1, K)
+    xq, xs = quantize_tokens(x2)
+    acc = xq.double() @ p.codes.double().t()  # exact: |sum| < 2**53
+    y = (acc * xs.double()[:, None] * p.scale.double()[None, :]).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def w8a8_linear_int_mm(x: torch.Tensor, p: PackedW8A8, bias: torch.Tensor | None = None):
+    """The same maths through ``torch._int_mm`` (int8 x int8 -> int32)."""
+    N, K = p.shape
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    xq, xs = quantize_tokens(x2)
+    if x.device.type == "cuda":
+        # cuBLASLt's int8 GEMM wants M > 16 and K, N multiples of 8.
+        if K % 8 or N % 8:
+            return w8a8_linear_reference(x, p, bias)
+        if M <= 16:
+            xq = F.pad(xq, (0, 0, 0, 17 - M))
+    acc = torch._int_mm(xq, p.codes.t())[:M]
+    y = acc.float() * xs[:, None] * p.scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+dispatch.register(W8A8_OP, w8a8_linear_reference, name="w8a8_linear_reference")
+if hasattr(torch, "_int_mm"):
+    for _dev in ("cpu", "cuda"):
+        dispatch.register(
+            W8A8_OP,
+            w8a8_linear_int_mm,
+            device=_dev,
+            priority=10,
+            name=f"w8a8_linear_int_mm_{_dev}",
+        )
+
+
+def w8a8_linear(x: torch.Tensor, p: PackedW8A8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` with int8 weights and dynamic per-token int8 activations."""
+    return dispatch.resolve(W8A8_OP, x).impl(x, p, bias)
+
+
+# ----------------------------------------------------------------------------- FP8 e4m3
+
+
+@dataclass(frozen=True)
+class PackedFP8:
+    """float8_e4m3fn weight ``[N, K]`` with one fp32 scale per output channel."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, int]
+    fmt: str = "fp8"
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scale.numel() * 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device) -> PackedFP8:
+        return PackedFP8(self.codes.to(device), self.scale.to(device), self.shape)
+
+
+def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t = t.float()
+    scale = (t.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (t / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def pack_fp8(w: torch.Tensor) -> PackedFP8:
+    """Per-output-channel scaled e4m3 weights (absmax maps to 448)."""
+    _check_weight(w, "pack_fp8")
+    q, scale = _rowwise_fp8(w.detach())
+    return PackedFP8(q.contiguous(), scale, tuple(w.shape))
+
+
+def unpack_fp8(p: PackedFP8) -> torch.Tensor:
+    return p.codes.float() * p.scale[:, None]
+
+
+def fp8_linear_reference(x: torch.Tensor, p: PackedFP8, bias: torch.Tensor | None = None):
+    """Per-token e4m3 activations x per-channel e4m3 weights, product in fp32."""
+    N, K = p.shape
+    x2 = x.reshape(-1, K)
+    xq, xs = _rowwise_fp8(x2)
+    y = (xq.float() @ p.codes.float().t()) * xs[:, None] * p.scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, p: PackedFP8, bias: torch.Tensor | None = None):
+    """``torch._scaled_mm`` with row-wise scales (needs K, N multiples of 16)."""
+    N, K = p.shape
+    if K % 16 or N % 16:
+        return fp8_linear_reference(x, p, bias)
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    xq, xs = _rowwise_fp8(x2)
+    y = torch._scaled_mm(
+        xq,
+        p.codes.t(),  # column-major B, as cuBLASLt wants
+        scale_a=xs[:, None].contiguous(),
+        scale_b=p.scale[None, :].contiguous(),
+        out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype,
+    )
+    y = y[:M].to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], N)
+
+
+dispatch.register(FP8_OP, fp8_linear_reference, name="fp8_linear_reference")
+if hasattr(torch, "_scaled_mm"):
+    dispatch.register(
+        FP8_OP,
+        fp8_linear_scaled_mm,
+        device="cuda",
+        min_capability=(8, 9),  # tuples: sm_89 (Ada) has fp8 tensor cores, sm_86 does not
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        priority=10,
+        name="fp8_linear_scaled_mm",
+    )
+
+
+def fp8_linear(x: torch.Tensor, p: PackedFP8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` with e4m3 weights and per-token e4m3 activations."""
+    return dispatch.resolve(FP8_OP, x).impl(x, p, bias)
+
+
+def fp8_capable(device: torch.device | str) -> bool:
+    cap = capability(device)
+    return cap is not None and tuple(cap) >= (8, 9)
