@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --- Flags added by later issues (--zero, --precision, --offload) go here, each
     # --- mapped to a transform in build_step() below.
     p.add_argument(
+        "--zero",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=0,
+        help="ZeRO stage (fs.shard_zero): 1 optimizer state, 2 +grads, 3 +params; 0 = off",
+    )
+    p.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         default="fp32",
@@ -172,6 +179,8 @@ def build_step(args: argparse.Namespace, loss_fn):
     # --- transforms from later flags (shard_zero, mixed_precision, offload) go here.
     if args.precision != "fp32":  # innermost: shard_zero and offload go over it
         step = fs.mixed_precision(step, args.precision)
+    if args.zero:
+        step = fs.shard_zero(step, args.zero)
     return step
 
 
@@ -248,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten())
 
     step = build_step(args, loss_fn)
+    plan_text = fs.explain(step, params)  # from the full params, before init shards them
     params, state = step.init(params)
 
     log(
@@ -260,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_seed = args.seed + 1
     gen = torch.Generator().manual_seed(args.seed)
     history = {"train_loss": [], "val_step": [0], "val_loss": []}
-    history["val_loss"].append(evaluate(apply, params, val, batch_kw, eval_seed))
+    full = fs.gather_params(params)  # stage 3 params are shards; a collective
+    history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
 
     losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
     bar = tqdm(range(1, args.steps + 1), disable=not main_rank, unit="step", dynamic_ncols=True)
@@ -277,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         if it % eval_every == 0 or it == args.steps:
             t0 = time.perf_counter()
             history["val_step"].append(it)
-            history["val_loss"].append(evaluate(apply, params, val, batch_kw, eval_seed))
+            full = fs.gather_params(params)  # stage 3 params are shards; a collective
+            history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
             eval_time += time.perf_counter() - t0
             if main_rank:
                 bar.write(f"step {it:5d}  val loss {history['val_loss'][-1]:.3f}")
@@ -316,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         title = f"GPT {args.preset} on stdlib bytes, world {world}"
         plot(out, history, title)
         out.with_suffix(".json").write_text(json.dumps({**summary, **history}, indent=1) + "\n")
-        print(fs.explain(step, params))
+        print(plan_text)
         print(
             f"done in {wall:.1f}s: train loss {summary['first_train_loss']:.3f} -> "
             f"{summary['final_train_loss']:.3f} (mean of last {len(tail)} steps), val loss "

@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,8 @@ def plan(step, params) -> Plan:
 
 
 def _qualname(fn) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     module = getattr(fn, "__module__", "") or ""
     return f"{module.removeprefix('fscale.')}.{getattr(fn, '__qualname__', repr(fn))}"
 

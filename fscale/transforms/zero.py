@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -101,29 +102,34 @@ def shard_zero(
     if bucket_mb is not None and not bucket_mb > 0:
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}.")
     cfg = ZeroConfig(stage, group, unit, prefetch, int((bucket_mb or _DEFAULT_BUCKET_MB) * 2**20))
+    mp = step.applied("mixed_precision")
     record = Transform(
         NAME,
         options={"stage": stage, "prefetch": prefetch, "world": actual},
-        plan=lambda plan: _plan(cfg, plan),
+        plan=lambda plan: _plan(cfg, mp, step.clip_norm is not None, plan),
     )
     inner = step.stages
     stages = {
-        "init": lambda s, params: _init(cfg, inner, s, params),
-        "grad_norm": lambda ctx, grads: _sharded_grad_norm(cfg, grads),
-        "update": lambda ctx, grads, params: _update(cfg, inner, ctx, grads, params),
+        "init": partial(_init, cfg, inner),
+        "grad_norm": partial(_sharded_grad_norm, cfg),
+        "update": partial(_update, cfg, inner),
     }
     if stage == 1:
-        stages["reduce_grads"] = lambda ctx, grads: _reduce_then_slice(cfg, inner, ctx, grads)
+        stages["reduce_grads"] = partial(_reduce_then_slice, cfg, inner)
     elif stage == 2:
-        stages["reduce_grads"] = lambda ctx, grads: _reduce_scatter(cfg, ctx, grads)
+        stages["reduce_grads"] = partial(_reduce_scatter, cfg)
     else:
-        stages["materialize"] = lambda ctx, shards: _zero3.materialize(cfg, inner, ctx, shards)
-        stages["loss_and_grad"] = lambda ctx, shards, batch: _zero3.loss_and_grad(
-            cfg, inner, ctx, shards, batch
-        )
-        # The gather's backward already reduce-scattered: the grads are reduced shards.
-        stages["reduce_grads"] = lambda ctx, grads: grads
+        stages["materialize"] = partial(_zero3.materialize, cfg, inner)
+        stages["loss_and_grad"] = partial(_zero3.loss_and_grad, cfg, inner)
+        stages["reduce_grads"] = _already_reduced
+    # Every stage (mixed precision's overflow vote included) uses the same group.
+    step = dataclasses.replace(step, group=group)
     return step.with_transform(record, **stages)
+
+
+def _already_reduced(ctx: StepContext, grads):
+    """Stage 3: the gather's backward already reduce-scattered; grads are reduced shards."""
+    return grads
 
 
 # ----------------------------------------------------------------------------- init
@@ -210,7 +216,7 @@ def _reduce_then_slice(cfg: ZeroConfig, inner, ctx: StepContext, grads):
     return {n: None if g is None else specs[n].shard(g, rank) for n, g in grads.items()}
 
 
-def _reduce_scatter(cfg: ZeroConfig, ctx: StepContext, grads):
+def _reduce_scatter(cfg: ZeroConfig, ctx: StepContext, grads):  # noqa: D401
     """Stage 2: bucketed reduce-scatter; the full grads of a bucket die after its collective."""
     specs = ctx.state[NAME]["specs"]
     world = comm.world_size(cfg.group)
@@ -231,7 +237,7 @@ def _reduce_scatter(cfg: ZeroConfig, ctx: StepContext, grads):
     return out
 
 
-def _sharded_grad_norm(cfg: ZeroConfig, grads) -> torch.Tensor:
+def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor:
     """Global 2-norm of sharded grads: sum of squares across ranks (padding rows are 0)."""
     leaves = [g for g in tree.leaves(grads) if g is not None]
     if not leaves:
@@ -302,33 +308,43 @@ def gather_params(params: dict, group=None) -> dict:
 # ----------------------------------------------------------------------------- plan
 
 
-def _plan(cfg: ZeroConfig, plan) -> None:
+def _plan(cfg: ZeroConfig, mp, clips: bool, plan) -> None:
     n = plan.world
-    full = plan.param_bytes
+    full = plan.param_bytes  # fp32 master bytes
+    # Under mixed_precision, params travel in the compute dtype, grads in reduce_dtype.
+    gather = full * (mp.options["param_dtype"].itemsize / 4 if mp else 1)
+    reduce = full * (mp.options["reduce_dtype"].itemsize / 4 if mp else 1)
     plan.memory["optimizer"] = plan.memory["optimizer"] // n
     plan.collectives = [c for c in plan.collectives if c.stage != "reduce_grads"]
     if n == 1:
         plan.notes.append("shard_zero in a world of one: no collectives, nothing saved.")
         return
     if cfg.stage == 1:
-        plan.collectives.append(_coll("all_reduce", full, "reduce_grads"))
+        plan.collectives.append(_coll("all_reduce", reduce, "reduce_grads"))
         plan.memory["master"] = full // n
     if cfg.stage >= 2:
         plan.memory["grads"] = full // n
     if cfg.stage == 2:
-        plan.collectives.append(_coll("reduce_scatter", full, "reduce_grads"))
+        plan.collectives.append(_coll("reduce_scatter", reduce, "reduce_grads"))
         plan.memory["master"] = full // n
     if cfg.stage < 3:
         plan.collectives.append(_coll("all_gather", full // n, "update"))
     else:
         plan.memory["params"] = full // n
-        plan.collectives.append(_coll("all_gather", 2 * full // n, "materialize", calls=2))
-        plan.collectives.append(_coll("reduce_scatter", full, "loss_and_grad"))
+        plan.notes[:] = [x for x in plan.notes if not x.startswith("mixed_precision")]
+        if mp:
+            plan.notes.append(
+                f"mixed_precision under stage 3: shards are cast to {mp.options['param_dtype']} "
+                "before the all-gather; no whole-model compute copy exists."
+            )
+        plan.collectives.append(_coll("all_gather", 2 * gather // n, "materialize", calls=2))
+        plan.collectives.append(_coll("reduce_scatter", reduce, "loss_and_grad"))
         plan.notes.append(
-            f"stage 3 also holds at most {1 + cfg.prefetch} gathered units "
-            "(current + prefetched) at any point of forward and backward."
+            f"stage 3 materializes one unit at a time, with {cfg.prefetch} more in flight "
+            f"(prefetch={cfg.prefetch}), in forward and in backward."
         )
-    plan.collectives.append(_coll("all_reduce", 4, "grad_norm"))
+    if clips:
+        plan.collectives.append(_coll("all_reduce", 4, "grad_norm"))
 
 
 def _coll(op, nbytes, stage, calls=1):
