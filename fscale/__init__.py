@@ -14,6 +14,7 @@ from fscale.explain import explain, plan
 from fscale.functional import functional, load_params
 from fscale.step import Stages, Step, StepContext, Transform, train_step
 from fscale.transforms import gather_params, mixed_precision, shard_zero
+from fscale.transforms.quantize import quantize, quantize_report
 
 # Importing the kernels registers their lowerings in the dispatch table.
 from fscale.kernels import adamw as _adamw_kernels  # noqa: F401  isort: skip
@@ -30,6 +31,8 @@ __all__ = [
     "mixed_precision",
     "optim",
     "plan",
+    "quantize",
+    "quantize_report",
     "shard_zero",
     "train_step",
     "tree",

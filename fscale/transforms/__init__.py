@@ -7,6 +7,14 @@ Usage::
 """
 
 from fscale.transforms.precision import mixed_precision
+from fscale.transforms.quantize import dequantize, quantize, quantize_report
 from fscale.transforms.zero import gather_params, shard_zero
 
-__all__ = ["gather_params", "mixed_precision", "shard_zero"]
+__all__ = [
+    "dequantize",
+    "gather_params",
+    "mixed_precision",
+    "quantize",
+    "quantize_report",
+    "shard_zero",
+]
