@@ -209,7 +209,9 @@ def _int_linear_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # tl.full, not tl.zeros: zeros is a @jit helper, which fails under an interpreter
+    # switched on after triton was imported (tests set TRITON_INTERPRET late).
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
