@@ -125,6 +125,8 @@ class StepContext:
         self.metrics: dict[str, Any] = {}
         # Multiplies the loss before differentiation (fp16 loss scaling sets it).
         self.loss_scale: torch.Tensor | None = None
+        # Takes each grad as backward produces it (ZeRO-2's bucketed reduce-scatter).
+        self.grad_sink = None
 
 
 @dataclass(frozen=True)
@@ -167,14 +169,40 @@ def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
         _check_loss(loss)
         target = loss if ctx.loss_scale is None else loss * ctx.loss_scale
         wrt = [t for t in inputs if t is not None]
-        # materialize_grads: a param the loss does not use gets zeros, so every rank
-        # reduces the same set of tensors (DeepSpeed's unused-param hangs).
-        grads = torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
+        if ctx.grad_sink is None:
+            # materialize_grads: a param the loss does not use gets zeros, so every rank
+            # reduces the same set of tensors (DeepSpeed's unused-param hangs).
+            grads = torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
+        else:
+            grads = _backward_into_sink(ctx.grad_sink, target, wrt)
     it = iter(grads)
     grad_leaves = [None if t is None else next(it) for t in inputs]
     if aux is not None:
         ctx.metrics.update(aux)
     return loss.detach(), tree.unflatten(spec, grad_leaves)
+
+
+def _backward_into_sink(sink, target: torch.Tensor, wrt: list[torch.Tensor]) -> list:
+    """Backward that hands each grad to ``sink.add(index, grad)`` the moment it is ready.
+
+    The leaf's own ``.grad`` is dropped right away, so a sink that reduces and
+    frees grads as they arrive (ZeRO-2) never holds the whole model's grads.
+    ``sink.finish(n)`` returns the n results, aligned with ``wrt``.
+    """
+    handles = []
+    for index, leaf in enumerate(wrt):
+
+        def hook(t: torch.Tensor, index=index) -> None:
+            grad, t.grad = t.grad, None
+            sink.add(index, grad)
+
+        handles.append(leaf.register_post_accumulate_grad_hook(hook))
+    try:
+        target.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return sink.finish(len(wrt))
 
 
 def _check_loss(loss: Any) -> None:

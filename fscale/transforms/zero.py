@@ -5,8 +5,8 @@ Memory per rank falls as 1/N while the maths stays that of data parallelism:
 - stage 1 partitions the optimizer state: grads are all-reduced as in DDP, each
   rank updates its shard (an fp32 master copy of its rows) and the updated shards
   are all-gathered back into the full params;
-- stage 2 also partitions gradients: they are reduce-scattered (in buckets), so a
-  rank only ever keeps the reduced grads of its own shard;
+- stage 2 also partitions gradients: they are reduce-scattered in buckets while
+  backward runs (``_zero2.py``), so a rank never holds the whole model's grads;
 - stage 3 also partitions the params: ``step.init`` returns shards, and each unit
   (a transformer block) is gathered just before use and freed after it (see
   ``_zero3.py``); backward re-gathers and reduce-scatters.
@@ -39,11 +39,11 @@ from fscale.transforms import _zero3
 from fscale.transforms._sharding import (
     ShardSpec,
     build_units,
-    copy_in,
     copy_out,
     flat_shards,
     split_shards,
 )
+from fscale.transforms._zero2 import GradBuckets
 
 NAME = "shard_zero"
 _DEFAULT_BUCKET_MB = 25
@@ -117,7 +117,8 @@ def shard_zero(
     if stage == 1:
         stages["reduce_grads"] = partial(_reduce_then_slice, cfg, inner)
     elif stage == 2:
-        stages["reduce_grads"] = partial(_reduce_scatter, cfg)
+        stages["loss_and_grad"] = partial(_overlapped_loss_and_grad, cfg, inner)
+        stages["reduce_grads"] = _already_reduced
     else:
         stages["materialize"] = partial(_zero3.materialize, cfg, inner)
         stages["loss_and_grad"] = partial(_zero3.loss_and_grad, cfg, inner)
@@ -128,8 +129,27 @@ def shard_zero(
 
 
 def _already_reduced(ctx: StepContext, grads):
-    """Stage 3: the gather's backward already reduce-scattered; grads are reduced shards."""
+    """Stages 2/3 reduce-scatter during backward: the grads are already reduced shards."""
     return grads
+
+
+def _overlapped_loss_and_grad(cfg: ZeroConfig, inner, ctx: StepContext, params, batch):
+    """Stage 2: the inner loss_and_grad with a sink that reduce-scatters buckets in backward."""
+    specs = ctx.state[NAME]["specs"]
+    names = [
+        n for n, t in zip(tree.paths(params), tree.leaves(params), strict=True) if t is not None
+    ]
+    mp = ctx.step.applied("mixed_precision")
+    ctx.grad_sink = GradBuckets(
+        [specs[n] for n in names],
+        cfg.group,
+        cfg.bucket_bytes,
+        mp.options["reduce_dtype"] if mp is not None else None,
+    )
+    try:
+        return inner.loss_and_grad(ctx, params, batch)
+    finally:
+        ctx.grad_sink = None
 
 
 # ----------------------------------------------------------------------------- init
@@ -214,27 +234,6 @@ def _reduce_then_slice(cfg: ZeroConfig, inner, ctx: StepContext, grads):
     specs = ctx.state[NAME]["specs"]
     rank = comm.rank(cfg.group)
     return {n: None if g is None else specs[n].shard(g, rank) for n, g in grads.items()}
-
-
-def _reduce_scatter(cfg: ZeroConfig, ctx: StepContext, grads):  # noqa: D401
-    """Stage 2: bucketed reduce-scatter; the full grads of a bucket die after its collective."""
-    specs = ctx.state[NAME]["specs"]
-    world = comm.world_size(cfg.group)
-    live = [specs[n] for n, g in grads.items() if g is not None]
-    out = {n: None for n in grads}
-    mp = ctx.step.applied("mixed_precision")
-    for bucket in _bucketed(live, grads, cfg.bucket_bytes):
-        full = [grads[s.name] for s in bucket]
-        dtype = mp.options["reduce_dtype"] if mp is not None else full[0].dtype
-        dtypes = [g.dtype for g in full]
-        flat = copy_in(full, tuple(bucket), world, dtype)
-        for s in bucket:
-            grads[s.name] = None
-        del full
-        mine = comm.reduce_scatter(flat, op="avg", group=cfg.group)
-        for s, piece, dt in zip(bucket, split_shards(mine, tuple(bucket)), dtypes, strict=True):
-            out[s.name] = piece.to(dt)
-    return out
 
 
 def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor:

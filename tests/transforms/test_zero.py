@@ -77,7 +77,7 @@ def test_gpt_with_tied_embeddings_all_stages_equal_world_of_one(world):
     expected, _ = _train("gpt", 0, 1, 0)
     results = run_world(_world_fn, world, ["gpt"], [1, 2, 3])
     for rank, by_case in enumerate(results):
-        for (kind, stage), params in by_case.items():
+        for (_kind, stage), params in by_case.items():
             err = max_rel_error(params, expected)
             assert err <= 1e-5, f"rank {rank} stage {stage}: {err:.2e}"
 
@@ -244,6 +244,42 @@ def test_memory_per_rank_is_bounded(prefetch):
         # plus one all-gather buffer while a unit is copied out of it.
         assert m["peak_params"] <= unit, m
         assert m["peak_total"] <= (2 + prefetch) * unit * 1.05, m  # 1.05: row padding
+
+
+def _stage2_grad_memory_fn(rank, world, bucket_mb):
+    import weakref
+
+    from fscale.transforms import _zero2
+
+    live = {"now": 0, "peak": 0}
+    add = _zero2.GradBuckets.add
+
+    def counting_add(self, index, grad):
+        n = grad.numel() * grad.element_size()
+        live["now"] += n
+        live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(grad.untyped_storage(), lambda: live.__setitem__("now", live["now"] - n))
+        return add(self, index, grad)
+
+    _zero2.GradBuckets.add = counting_add
+    model, cfg = _gpt4()
+    params, apply = fs.functional(model)
+    full = _bytes(params)
+    step = fs.shard_zero(fs.train_step(lm_loss(apply), fs.optim.sgd(0.1)), 2, bucket_mb=bucket_mb)
+    params, state = step.init(params)
+    batch = lm_batches(1, world, 8, vocab=cfg.vocab_size)[0]
+    step(params, state, {k: v[rank : rank + 1] for k, v in batch.items()})
+    return {"full": full, "peak": live["peak"], "largest": max(_bytes(t) for t in params.values())}
+
+
+def test_stage2_never_holds_all_grads():
+    bucket_mb = 0.02
+    (m, *_) = run_world(_stage2_grad_memory_fn, 2, bucket_mb)
+    bucket = bucket_mb * 2**20
+    # [Note: ZeRO-2 buckets]: the filling bucket plus up to two in flight, each at most
+    # one grad over the bucket size.
+    assert m["peak"] <= 3 * (bucket + m["largest"]), m
+    assert m["peak"] < m["full"] / 2, m
 
 
 def test_memory_bound_would_catch_a_gather_of_everything():
