@@ -84,6 +84,7 @@ class Codec:
     pack: Callable[[torch.Tensor], Any]
     unpack: Callable[[Any], torch.Tensor]  # packed -> float32 [N, K]
     linear: Callable[..., torch.Tensor]  # (x, packed, bias) -> y
+    multiples: tuple[int, int] = (1, 1)  # (N, K) must be multiples of these (pad=True pads)
 
     def kernel(self, device: torch.device, dtype: torch.dtype) -> str:
         try:
@@ -116,6 +117,7 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
             lambda w: fpx.pack(w, fmt),
             fpx.unpack,
             fpx.fpx_linear,
+            (fpx.layout(fmt)["n_multiple"], fpx.layout(fmt)["k_chunk"]),
         )
     if fmt in ("int8", "int4"):
         if group_size not in intq.GROUP_SIZES:
@@ -130,6 +132,7 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
             lambda w: intq.pack_int(w, bits=bits, group_size=group_size, symmetric=symmetric),
             intq.unpack_int,
             intq.int_linear,
+            (1, group_size),
         )
     if fmt == "w8a8":
         return Codec(fmt, intq.W8A8_OP, intq.pack_w8a8, intq.unpack_w8a8, intq.w8a8_linear)
@@ -188,13 +191,15 @@ class QuantizedWeight(torch.Tensor):
         lorc: LoRC | None = None,
         transposed: bool = False,
         name: str = "",
+        shape: tuple[int, int] | None = None,
     ):
-        N, K = packed.shape
-        shape = (K, N) if transposed else (N, K)
+        # shape: the logical [out, in] weight; packed.shape may be larger (pad=True).
+        N, K = shape if shape is not None else packed.shape
+        logical = (K, N) if transposed else (N, K)
         device = _packed_device(packed)
-        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device)
+        t = torch.Tensor._make_wrapper_subclass(cls, logical, dtype=dtype, device=device)
         t._packed, t._codec, t._lorc = packed, codec, lorc
-        t._transposed, t._name = transposed, name
+        t._transposed, t._name, t._nk = transposed, name, (N, K)
         return t
 
     # -- what it holds ------------------------------------------------------------------
@@ -214,7 +219,8 @@ class QuantizedWeight(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """The weight the layer computes with, as a plain tensor of this shape and dtype."""
-        w = self._codec.unpack(self._packed)
+        N, K = self._nk
+        w = self._codec.unpack(self._packed)[:N, :K]
         if self._lorc is not None:
             w = w + self._lorc.error()
         w = w.to(self.dtype)
@@ -222,7 +228,13 @@ class QuantizedWeight(torch.Tensor):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T + bias`` through the kernel, ``W`` the logical ``[out, in]`` weight."""
-        y = self._codec.linear(x, self._packed, bias)
+        (N, K), (Np, Kp) = self._nk, self._packed.shape
+        x_in = F.pad(x, (0, Kp - K)) if Kp != K else x  # zero columns add nothing
+        y = self._codec.linear(x_in, self._packed, bias if Np == N else None)
+        if Np != N:
+            y = y[..., :N]
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         if self._lorc is not None:
             y = y + lorc_linear(x, self._lorc)
         return y
@@ -235,6 +247,7 @@ class QuantizedWeight(torch.Tensor):
             lorc=self._lorc,
             transposed=not self._transposed,
             name=self._name,
+            shape=self._nk,
         )
 
     # -- interception ---------------------------------------------------------------------
@@ -415,6 +428,7 @@ def quantize(
     symmetric: bool = True,
     lorc_rank: int = 0,
     module: nn.Module | Any | None = None,
+    pad: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Quantize the linear weights of a params dict (see the module doc).
 
@@ -429,6 +443,10 @@ def quantize(
       lorc_rank: ``r > 0`` adds LoRC, rank-r fp16 factors of the quantization error.
       module: optional model (or ``apply``) to select exactly its ``nn.Linear`` /
         ``Conv1D`` weights and pack ``Conv1D``'s ``[in, out]`` weights correctly.
+      pad: pad a weight whose shape the format's layout cannot take (fp5 packs K
+        in chunks of 256, int4 g128 needs K % 128 == 0, ...) with zero rows and
+        columns, and the activations with zero columns at run time, instead of
+        raising. Costs the padding's bytes and a copy of ``x`` per call.
 
     Returns:
       A new dict with the same keys; selected weights are :class:`QuantizedWeight`.
@@ -451,7 +469,7 @@ def quantize(
         if not chosen[name]:
             out[name] = t
             continue
-        out[name] = _quantize_one(name, t, c, lorc_rank, transposed=name in conv1d)
+        out[name] = _quantize_one(name, t, c, lorc_rank, transposed=name in conv1d, pad=pad)
     if not any(chosen.values()):
         warnings.warn(
             f"quantize({c.fmt!r}): no param was selected; pass select= or module=.", stacklevel=2
@@ -460,7 +478,9 @@ def quantize(
 
 
 @torch.no_grad()
-def _quantize_one(name: str, t: torch.Tensor, c: Codec, lorc_rank: int, *, transposed: bool):
+def _quantize_one(
+    name: str, t: torch.Tensor, c: Codec, lorc_rank: int, *, transposed: bool, pad: bool
+):
     where = f"quantize({c.fmt!r}): param {name!r} of shape {tuple(t.shape)}"
     if t.dim() != 2 or not t.is_floating_point():
         raise ValueError(
@@ -470,15 +490,23 @@ def _quantize_one(name: str, t: torch.Tensor, c: Codec, lorc_rank: int, *, trans
     if torch.isnan(t).any():
         raise ValueError(f"{where} holds NaN weights; fix the checkpoint or leave it out.")
     w = t.detach().t() if transposed else t.detach()  # the [out, in] weight
+    N, K = w.shape
+    padded = w
+    if pad:
+        (mn, mk) = c.multiples
+        padded = F.pad(w, (0, -K % mk, 0, -N % mn))
     try:
-        packed = c.pack(w.contiguous())
+        packed = c.pack(padded.contiguous())
     except (ValueError, RuntimeError) as e:
-        raise ValueError(f"{where} cannot be packed: {e}") from e
+        raise ValueError(f"{where} cannot be packed ({e}); or pass pad=True.") from e
     lorc = None
     if lorc_rank:
         lorc_dtype = torch.bfloat16 if t.dtype == torch.bfloat16 else torch.float16
-        lorc = lorc_factors(w, c.unpack(packed), lorc_rank, dtype=lorc_dtype)
-    return QuantizedWeight(packed, c, dtype=t.dtype, lorc=lorc, transposed=transposed, name=name)
+        w_hat = c.unpack(packed)[:N, :K]
+        lorc = lorc_factors(w, w_hat, lorc_rank, dtype=lorc_dtype)
+    return QuantizedWeight(
+        packed, c, dtype=t.dtype, lorc=lorc, transposed=transposed, name=name, shape=(N, K)
+    )
 
 
 def dequantize(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
