@@ -1,0 +1,244 @@
+"""The ``quantize`` transform: the unchanged ``apply`` runs the quantized kernels.
+
+Models: the tiny GPT of ``fscale.models`` and a Hugging Face GPT-2 built from a
+config (its ``Conv1D`` layers store weights ``[in, out]`` and call ``addmm``).
+Tolerances are on the relative max error of the logits against the float model,
+per format (random-init models, whose logits are small and so a hard case).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fscale as fs
+from fscale.hw import dispatch
+from fscale.kernels import intq
+from fscale.models import GPT, GPTConfig
+from fscale.transforms.quantize import (
+    FORMATS,
+    QuantizedWeight,
+    codec,
+    dequantize,
+    quantize,
+    quantize_report,
+)
+
+try:
+    from fscale.kernels import fpx  # noqa: F401
+
+    HAS_FPX = True
+except ImportError:  # written beside this transform; the int paths do not need it
+    HAS_FPX = False
+
+# Relative max logit error vs the float model (tiny GPT, random init).
+TOL = {
+    "e3m2": 0.05,
+    "e2m3": 0.05,
+    "e2m2": 0.06,
+    "e3m1": 0.08,
+    "e2m1": 0.10,
+    "int8": 0.01,
+    "int4": 0.10,
+    "w8a8": 0.02,
+    "fp8": 0.05,
+}
+INT_FORMATS = ("int8", "int4", "w8a8", "fp8")
+ALL = [
+    f if f in INT_FORMATS or HAS_FPX else pytest.param(f, marks=pytest.mark.skip) for f in FORMATS
+]
+LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny())
+    params, apply = fs.functional(model)
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = apply(params, x)
+    return params, apply, x, ref
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def spy():
+    """Register a CPU lowering that records its calls and runs the reference."""
+    saved = {}
+    calls: dict[str, int] = {}
+
+    def install(op):
+        saved[op] = list(dispatch._TABLE[op])
+        ref = next(r for r in saved[op] if r.is_reference)
+
+        def impl(*args, **kwargs):
+            calls[op] = calls.get(op, 0) + 1
+            return ref.impl(*args, **kwargs)
+
+        dispatch.register(op, impl, device="cpu", priority=1000, name=f"spy_{op}")
+        return calls
+
+    yield install
+    dispatch._TABLE.update(saved)
+
+
+@pytest.mark.parametrize("fmt", ALL)
+def test_tiny_gpt_through_unchanged_apply(tiny, spy, fmt):
+    params, apply, x, ref = tiny
+    c = codec(fmt)
+    calls = spy(c.op)
+    q = quantize(params, fmt, group_size=32, pad=True)
+    assert set(q) == set(params)
+    quantized = sorted(k for k, v in q.items() if isinstance(v, QuantizedWeight))
+    assert quantized == sorted(f"blocks.{i}.{n}.weight" for i in range(2) for n in LINEARS)
+    assert q["tok_emb.weight"] is params["tok_emb.weight"]  # embedding (and tied head) kept
+    with torch.no_grad():
+        y = apply(q, x)
+    assert calls[c.op] == len(quantized)  # every linear went through the kernel table
+    assert _rel(y, ref) < TOL[fmt], fmt
+    # the dequantize fallback computes the same function
+    with torch.no_grad():
+        y_deq = apply(dequantize(q), x)
+    tol = 1e-5 if fmt not in ("w8a8", "fp8") else TOL[fmt]  # those quantize activations too
+    assert _rel(y_deq, y) < tol
+
+
+def test_int_kernel_resolved_per_call(tiny, spy):
+    params, apply, x, _ = tiny
+    calls = spy(intq.INT_OP)
+    q = quantize(params, "int4", group_size=32, symmetric=False)
+    apply(q, x)
+    apply(q, x)
+    assert calls[intq.INT_OP] == 16
+    assert "spy_int_linear" in quantize_report(q)
+
+
+def test_hf_gpt2(spy):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    params, apply = fs.functional(model)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = apply(params, x).logits
+    calls = spy(intq.INT_OP)
+    # module=: Conv1D [in, out] weights are packed along in_features and hit the kernel
+    q = quantize(params, "int8", group_size=64, module=apply)
+    names = [k for k, v in q.items() if isinstance(v, QuantizedWeight)]
+    assert len(names) == 8 and all(".h." in n for n in names)
+    assert q["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # logical shape kept
+    with torch.no_grad():
+        y = apply(q, x).logits
+    assert calls[intq.INT_OP] == 8
+    assert _rel(y, ref) < 0.01
+    # Without module= the name heuristic still selects them; addmm then runs on the
+    # dequantized weight (correct, not fused).
+    q2 = quantize(params, "int4", group_size=64)
+    assert sorted(k for k, v in q2.items() if isinstance(v, QuantizedWeight)) == sorted(names)
+    with torch.no_grad():
+        y2 = apply(q2, x).logits
+    assert _rel(y2, ref) < 0.1
+
+
+def test_matmul_forms_and_fallback():
+    w = torch.randn(48, 64)
+    x = torch.randn(5, 64)
+    qw = quantize({"lin.weight": w}, "int8", group_size=64)["lin.weight"]
+    ref = F.linear(x, qw.dequantize())
+    torch.testing.assert_close(x @ qw.t(), ref)
+    torch.testing.assert_close(torch.matmul(x, qw.T), ref)
+    torch.testing.assert_close(torch.addmm(torch.zeros(48), x, qw.t()), ref)
+    assert isinstance(qw.t(), QuantizedWeight) and qw.t().shape == (64, 48)
+    torch.testing.assert_close(qw + 1, qw.dequantize() + 1)  # any other op: dequantized
+    torch.testing.assert_close(qw.sum(), qw.dequantize().sum())
+    assert qw.shape == (48, 64) and qw.dtype == torch.float32 and qw.dim() == 2
+    # activations stay differentiable (the weight is a constant)
+    xg = x.clone().requires_grad_()
+    F.linear(xg, qw).sum().backward()
+    torch.testing.assert_close(xg.grad, qw.dequantize().sum(0).expand(5, 64))
+
+
+def test_lorc_reduces_output_error(tiny):
+    params, apply, x, ref = tiny
+    errs = []
+    for rank in (0, 4, 16):
+        q = quantize(params, "int4", group_size=32, lorc_rank=rank)
+        with torch.no_grad():
+            errs.append(_rel(apply(q, x), ref))
+    assert errs[0] > errs[1] > errs[2]
+    assert "int4+lorc16" in quantize_report(q)
+
+
+def test_select_and_tied_head():
+    params = {
+        "emb.weight": torch.randn(10, 8),
+        "out.weight": None,  # non-tensors pass through
+        "blocks.0.fc.weight": torch.randn(16, 32),
+        "blocks.0.fc.bias": torch.randn(16),
+        "lm_head.weight": torch.randn(10, 32),
+        "decoder.weight": torch.randn(10, 32),
+    }
+    params["proj.weight"] = params["emb.weight"][:, :8]  # shares the embedding's storage
+    q = quantize(params, "int8", group_size=32)
+    chosen = sorted(k for k, v in q.items() if isinstance(v, QuantizedWeight))
+    assert chosen == ["blocks.0.fc.weight", "decoder.weight"]
+    q = quantize(params, "int8", group_size=32, select=lambda n, t: n == "lm_head.weight")
+    assert [k for k, v in q.items() if isinstance(v, QuantizedWeight)] == ["lm_head.weight"]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        quantize(params, "int8", select=lambda n, t: False)
+    assert "no param was selected" in str(w[0].message)
+
+
+def test_report(tiny):
+    params, *_ = tiny
+    q = quantize(params, "w8a8")
+    text = quantize_report(q)
+    assert "blocks.0.mlp.fc.weight" in text and "w8a8_linear_int_mm_cpu" in text
+    # 4 matrices per block: int8 codes + an fp32 scale per row
+    n = sum(v.numel() for v in q.values() if isinstance(v, QuantizedWeight))
+    rows = sum(v.shape[0] for v in q.values() if isinstance(v, QuantizedWeight))
+    assert (
+        sum(v.packed_nbytes for v in q.values() if isinstance(v, QuantizedWeight)) == n + 4 * rows
+    )
+    assert "all params:" in text
+
+
+def test_errors(tiny):
+    params, *_ = tiny
+    with pytest.raises(ValueError, match=r"unknown format 'int3'.*'e3m2'.*'int4'.*'fp8'"):
+        quantize(params, "int3")
+    bad = dict(params)
+    bad["blocks.1.mlp.fc.weight"] = params["blocks.1.mlp.fc.weight"].clone()
+    bad["blocks.1.mlp.fc.weight"][3, 4] = float("nan")
+    with pytest.raises(ValueError, match="'blocks.1.mlp.fc.weight'.*NaN"):
+        quantize(bad, "int8", group_size=32)
+    # int4 g128 on K=32: the kernel's own message, naming the param
+    with pytest.raises(ValueError, match=r"'blocks.0.attn.qkv.weight'.*K=32.*group_size=128"):
+        quantize(params, "int4", group_size=128)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize(params, "int4", group_size=100)
+    with pytest.raises(ValueError, match="lorc_rank"):
+        quantize(params, "int8", lorc_rank=-1)
+    with pytest.raises(ValueError, match="only 2-D"):
+        quantize(params, "int8", select=lambda n, t: n.endswith("bias"))
+    with pytest.raises(TypeError, match="params dict"):
+        quantize([1], "int8")
+
+
+@pytest.mark.skipif(not HAS_FPX, reason="fscale.kernels.fpx not available")
+def test_fpx_shape_error_names_param(tiny):
+    params, *_ = tiny
+    with pytest.raises(ValueError, match=r"'blocks.0.attn.qkv.weight'.*K=32.*pad=True"):
+        quantize(params, "fp6")
