@@ -1,0 +1,675 @@
+"""``offload(step, tier)``: ZeRO-Offload (host memory) and ZeRO-Infinity (NVMe) as one transform.
+
+The optimizer's working set -- fp32 master weights plus its state (Adam's two
+moments): 12 bytes per parameter, 6x a bf16 model -- moves off the accelerator:
+
+- ``tier="cpu"`` (ZeRO-Offload): master weights and optimizer state live in host
+  memory (pinned on CUDA). Each step the reduced grads are copied device->host
+  group by group, the inner optimizer runs on the CPU on the host copies, and the
+  updated masters are copied back into the params on their device, in their dtype.
+  ``delayed_update=True`` is the paper's one-step delayed parameter update (DPU):
+  the CPU update of step t runs in a background thread while step t+1 computes,
+  and its result reaches the params at step t+1's update.
+- ``tier="nvme"`` (ZeRO-Infinity): the same state lives in swap files under
+  ``path`` and passes through host memory in sub-groups ([Note: swap pipeline]);
+  only a pool of ``buffer_mb`` buffers is resident.
+
+Apply it over ``shard_zero`` (each rank offloads its own shard; file names carry the
+rank) and over ``mixed_precision``::
+
+    step = fs.train_step(loss_fn, fs.optim.adamw(3e-4))
+    step = offload(shard_zero(mixed_precision(step, "bf16"), 3), tier="nvme", path="/mnt/nvme")
+    params, state = step.init(params)           # checks the path and its free space, writes files
+    params, state, metrics = step(params, state, batch)
+    state["offload"].close()                     # swap files removed (also at exit)
+
+[Note: where offload hooks in]
+``shard_zero`` calls the inner ``update`` stage on its shards, so an ``update`` stage
+applied over it would see the full params. What every stack does call, on exactly
+the tensors that must be updated (full params, stage-1/2 master shards or stage-3
+flat shards), is ``step.optimizer``: offload replaces the step's optimizer by one
+whose state is an ``OffloadState`` (host buffers or swap files) and whose
+``update_params`` moves grads out, runs the real optimizer there and copies the
+result back in place. The inner optimizer runs once per sub-group on a params
+tree whose other leaves are ``None`` (fscale's optimizers pass ``None`` leaves
+through), so masks and schedules behave as without offload; an optimizer that
+couples leaves (``clip_by_global_norm`` inside the chain) would see one sub-group
+at a time -- use ``train_step(clip_norm=...)``, which runs before the update.
+
+[Note: swap pipeline]
+A sub-group is a run of leaves of at most ``subgroup_mb`` of fp32 master weights
+(default ``buffer_mb / 4``: master + two moments + grads fit one buffer). Its
+master, state and grads are laid out in one 4096-aligned host buffer; the master
+and state part is one swap file. The pool has three buffers (``overlap=True``):
+
+    read group i+1  |  update group i  |  write group i-1
+
+Before reading into a buffer the engine waits for the write that last used it
+(group i-2), so at most three groups are in host memory. The optimizer works on
+views of the buffer (no copies), and the grads of a group are copied into the
+buffer's tail after its read, so the D2H copy of the grads overlaps the disk too.
+Every step ends with all writes done. ``overlap=False`` uses one buffer: read,
+update, write, in turn.
+
+References: Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model
+Training", USENIX ATC 2021; Rajbhandari et al., "ZeRO-Infinity: Breaking the GPU
+Memory Wall for Extreme Scale Deep Learning", SC 2021.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fscale import tree
+from fscale.hw import comm
+from fscale.io import swap
+from fscale.optim.base import GradientTransformation, apply_gradients
+from fscale.step import Step, Transform
+
+NAME = "offload"
+TIERS = ("cpu", "nvme")
+_WHAT = ("optimizer", "params")
+# Rates fs.explain uses for transfer times: PCIe Gen5 x16 host<->device as measured
+# with pinned memory on H100/H200 hosts, and one local NVMe drive with O_DIRECT.
+H2D_BYTES_PER_S = 55e9
+DISK_BYTES_PER_S = 1.5e9
+_SEGMENT_ALIGN = 64  # tensors inside a buffer start 64-byte aligned (vector loads)
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+    tier: str
+    what: tuple[str, ...]
+    path: str | None
+    buffer_bytes: int
+    subgroup_bytes: int
+    overlap: bool
+    delayed_update: bool
+    direct: bool | None
+
+
+def offload(
+    step: Step,
+    tier: str = "cpu",
+    *,
+    what=("optimizer",),
+    path=None,
+    buffer_mb: float = 64,
+    overlap: bool = True,
+    subgroup_mb: float | None = None,
+    delayed_update: bool = False,
+    direct: bool | None = None,
+) -> Step:
+    """Keep fp32 master weights and optimizer state in host memory or on NVMe.
+
+    Args:
+      step: the step to transform; apply offload last (over ``shard_zero`` and
+        ``mixed_precision``).
+      tier: ``"cpu"`` (ZeRO-Offload) or ``"nvme"`` (ZeRO-Infinity).
+      what: ``("optimizer",)``: master weights and optimizer state. ``("optimizer",
+        "params")`` (stage-3 param shards too) is not implemented yet.
+      path: ``tier="nvme"``: an existing writable directory on the NVMe drive.
+        Checked now, and at ``init`` again with the bytes the files will take.
+      buffer_mb: ``tier="nvme"``: size of each host buffer of the swap pool (three
+        with ``overlap``); a sub-group larger than this gets a buffer its size.
+      overlap: pipeline reads, updates and writes of sub-groups (and device<->host
+        copies on CUDA); False runs them one after the other.
+      subgroup_mb: fp32 master bytes per sub-group (default ``buffer_mb / 4``).
+      delayed_update: ``tier="cpu"``: one-step delayed parameter update (DPU).
+        The step's returned params lag one update behind the grads.
+      direct: ``tier="nvme"``: O_DIRECT on/off; None probes the filesystem.
+
+    Returns:
+      A ``Step`` whose state holds ``state["offload"]``, an ``OffloadState``
+      (``.close()`` removes swap files; ``.events`` logs the last step's pipeline).
+    """
+    if tier not in TIERS:
+        raise ValueError(f"offload: unknown tier {tier!r}; use one of {TIERS}.")
+    what = (what,) if isinstance(what, str) else tuple(what)
+    if not what or any(w not in _WHAT for w in what) or "optimizer" not in what:
+        raise ValueError(f"offload: what={what!r}; use ('optimizer',) or ('optimizer', 'params').")
+    zero = step.applied("shard_zero")
+    if "params" in what:
+        if zero is None or zero.options.get("stage") != 3:
+            raise ValueError(
+                "offload(what=('optimizer', 'params')) offloads ZeRO-3's param shards: apply "
+                "it over shard_zero(step, 3), or offload only ('optimizer',)."
+            )
+        raise NotImplementedError(
+            "offload(what=('optimizer', 'params')) with shard_zero(3) is not implemented yet: "
+            "the fp32 param shards stay on the device. Use what=('optimizer',), which moves "
+            "master weights and optimizer state (12 of the 16 bytes per parameter under Adam)."
+        )
+    for name, value in (("buffer_mb", buffer_mb), ("subgroup_mb", subgroup_mb)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"offload: {name} must be a number > 0, got {value!r}.")
+    if tier == "nvme":
+        path = swap.check_path(path)
+    elif path is not None:
+        raise ValueError(
+            f"offload(tier='cpu') got path={path!r}; a path is for tier='nvme' (swap files)."
+        )
+    if delayed_update and tier != "cpu":
+        raise ValueError(
+            "offload: delayed_update=True (ZeRO-Offload's DPU) is for tier='cpu'; NVMe swaps "
+            "state through a small buffer pool that cannot also hold a whole pending update."
+        )
+    buffer_bytes = int(buffer_mb * 2**20)
+    subgroup = int(subgroup_mb * 2**20) if subgroup_mb is not None else max(buffer_bytes // 4, 1)
+    cfg = OffloadConfig(
+        tier,
+        what,
+        path,
+        buffer_bytes,
+        subgroup,
+        bool(overlap),
+        bool(delayed_update),
+        direct,
+    )
+    fix = "apply offload last, e.g. offload(shard_zero(mixed_precision(step, 'bf16'), 3), ...)."
+    record = Transform(
+        NAME,
+        options={"tier": tier, "what": what, "path": path, "delayed_update": cfg.delayed_update},
+        refuses_outer={"shard_zero": fix, "mixed_precision": fix},
+        plan=lambda plan: _plan(cfg, zero is not None, plan),
+    )
+    inner_init = step.stages.init
+
+    def init(s, params):
+        params, state = inner_init(s, params)
+        handle = state.get("optimizer")
+        if isinstance(handle, OffloadState):
+            state[NAME] = handle
+        return params, state
+
+    new = step.with_transform(record, init=init)
+    return dataclasses.replace(new, optimizer=_offloaded(cfg, step.optimizer, step.group))
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Where one tensor lives in a sub-group's buffer."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * _itemsize(self.dtype)
+
+    def view(self, buf: torch.Tensor) -> torch.Tensor:
+        raw = buf[self.offset : self.offset + self.nbytes]
+        return raw.view(self.dtype).view(self.shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class _Layout:
+    def __init__(self):
+        self.size = 0
+
+    def add(self, shape, dtype) -> _Slot:
+        slot = _Slot(self.size, tuple(shape), dtype)
+        self.size = swap.align_up(self.size + slot.nbytes, _SEGMENT_ALIGN)
+        return slot
+
+
+@dataclasses.dataclass
+class _Group:
+    key: str
+    leaves: list[int]  # positions in the flattened params
+    master: list[_Slot]
+    grads: list[_Slot]
+    state_spec: Any = None
+    state_leaves: list = dataclasses.field(default_factory=list)  # _Slot or a Python value
+    persisted: int = 0  # bytes of master + state, 4096-aligned: the swap file
+    total: int = 0  # + grads: the host buffer
+
+
+def _groups(leaves: list, limit: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    size = 0
+    for i, t in enumerate(leaves):
+        if t is None:
+            continue
+        nbytes = t.numel() * 4
+        if not out or size + nbytes > limit:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += nbytes
+    return out
+
+
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp32 masters; fp64 stays fp64
+
+
+def _sub(spec, leaves: list, idx: list[int]):
+    keep = set(idx)
+    return tree.unflatten(spec, [x if i in keep else None for i, x in enumerate(leaves)])
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class OffloadState:
+    """The optimizer state of an offloaded step: host buffers or swap files, per sub-group.
+
+    ``events`` holds the last step's pipeline log ``(seq, time, event, group)``;
+    ``close()`` waits for pending work and removes the swap files.
+    """
+
+    def __init__(self, cfg: OffloadConfig, inner: GradientTransformation, spec, device):
+        self.cfg = cfg
+        self.inner = inner
+        self.spec = spec
+        self.device = device
+        self.groups: list[_Group] = []
+        self.buffers: list[torch.Tensor] = []  # cpu: one per group; nvme: the pool
+        self.engine: swap.SwapEngine | None = None
+        self._events: list = []
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._pending: Future | None = None  # delayed update in flight
+        self._bg: ThreadPoolExecutor | None = None
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    # -- log ---------------------------------------------------------------------------
+
+    def event(self, kind: str, key: str) -> None:
+        if self.engine is not None:
+            self.engine.event(kind, key)
+            return
+        with self._lock:
+            self._events.append((self._seq, time.perf_counter(), kind, key))
+            self._seq += 1
+
+    @property
+    def events(self) -> list:
+        return list(self.engine.events if self.engine is not None else self._events)
+
+    def _reset_events(self) -> None:
+        if self.engine is not None:
+            with self.engine._lock:
+                self.engine.events.clear()
+        else:
+            self._events.clear()
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    def files(self) -> list[str]:
+        return self.engine.files() if self.engine is not None else []
+
+    def close(self) -> None:
+        """Finish pending work and remove the swap files (idempotent)."""
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            finally:
+                self._pending = None
+        if self._bg is not None:
+            self._bg.shutdown(wait=True)
+        if self.engine is not None:
+            self.engine.close()
+
+    # -- views -------------------------------------------------------------------------
+
+    def views(self, g: _Group, buf: torch.Tensor):
+        master = [s.view(buf) for s in g.master]
+        grads = [s.view(buf) for s in g.grads]
+        state_leaves = [x.view(buf) if isinstance(x, _Slot) else x for x in g.state_leaves]
+        return master, grads, tree.unflatten(g.state_spec, state_leaves)
+
+    # -- device <-> host ---------------------------------------------------------------
+
+    def to_host(self, g: _Group, grads_views: list, grads: list) -> Any:
+        """Copy group ``g``'s grads into its host views; returns an event to wait on (CUDA)."""
+        if self._copy_stream is None:
+            for dst, i in zip(grads_views, g.leaves, strict=True):
+                dst.copy_(grads[i])
+            return None
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_stream(current)
+            for dst, i in zip(grads_views, g.leaves, strict=True):
+                dst.copy_(grads[i], non_blocking=True)
+                grads[i].record_stream(self._copy_stream)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return done
+
+    def to_device(self, g: _Group, master_views: list, params: list) -> None:
+        if self._copy_stream is None:
+            for src, i in zip(master_views, g.leaves, strict=True):
+                params[i].copy_(src)
+            return
+        with torch.cuda.stream(self._copy_stream):
+            for src, i in zip(master_views, g.leaves, strict=True):
+                params[i].copy_(src, non_blocking=True)
+
+    def sync_device(self) -> None:
+        """Host buffers may be reused and params read by the next compute: join the copies."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    # -- the update of one group ---------------------------------------------------------
+
+    @torch.no_grad()
+    def update_group(self, g: _Group, buf: torch.Tensor) -> None:
+        master, grads, state = self.views(g, buf)
+        n = self.spec.num_leaves
+        sub_grads = _sub(self.spec, _scatter(n, g.leaves, grads), g.leaves)
+        sub_master = _sub(self.spec, _scatter(n, g.leaves, master), g.leaves)
+        self.event("update_start", g.key)
+        new_params, new_state = apply_gradients(self.inner, sub_grads, state, sub_master)
+        new_leaves = tree.leaves(new_params)
+        for view, i in zip(master, g.leaves, strict=True):
+            if new_leaves[i].data_ptr() != view.data_ptr():
+                view.copy_(new_leaves[i])
+        self._store_state(g, buf, new_state)
+        self.event("update_end", g.key)
+
+    def _store_state(self, g: _Group, buf: torch.Tensor, new_state) -> None:
+        leaves, spec = tree.flatten(new_state)
+        if spec != g.state_spec:
+            raise RuntimeError(
+                "offload: the inner optimizer returned a state of another structure than its "
+                "init built; offload needs a fixed state layout (all fscale.optim optimizers "
+                "have one)."
+            )
+        for k, (slot, new) in enumerate(zip(g.state_leaves, leaves, strict=True)):
+            if isinstance(slot, _Slot):
+                if not isinstance(new, torch.Tensor) or tuple(new.shape) != slot.shape:
+                    raise RuntimeError(
+                        f"offload: optimizer state leaf {k} changed from a {slot.shape} tensor "
+                        f"to {getattr(new, 'shape', type(new).__name__)}; offload needs a "
+                        "fixed state layout."
+                    )
+                view = slot.view(buf)
+                if new.data_ptr() != view.data_ptr():
+                    view.copy_(new)
+            else:
+                g.state_leaves[k] = new  # counts and other Python values
+
+
+def _scatter(n: int, idx: list[int], values: list) -> list:
+    out: list = [None] * n
+    for i, v in zip(idx, values, strict=True):
+        out[i] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _offloaded(cfg: OffloadConfig, inner: GradientTransformation, group) -> GradientTransformation:
+    """``inner`` with its state offloaded ([Note: where offload hooks in])."""
+
+    def init(params):
+        leaves = tree.leaves(params)
+        if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
+            return inner.init(params)  # fs.explain sizing the state: no offload on meta
+        return _init(cfg, inner, group, params)
+
+    def update_params(grads, state, params):
+        if not isinstance(state, OffloadState):
+            raise TypeError(
+                "offload: the optimizer state is not an OffloadState; build the state with "
+                "step.init of the offloaded step."
+            )
+        return _update(state, grads, params), state
+
+    @torch.no_grad()
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("offload's optimizer needs the params: update(grads, state, params).")
+        new = tree.map(lambda p: None if p is None else p.clone(), params)
+        new, state = update_params(grads, state, new)
+        return tree.map(lambda n, p: None if p is None else n - p, new, params), state
+
+    return GradientTransformation(init, update, update_params)
+
+
+@torch.no_grad()
+def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
+    leaves, spec = tree.flatten(params)
+    live = [t for t in leaves if t is not None]
+    device = live[0].device if live else torch.device("cpu")
+    handle = OffloadState(cfg, inner, spec, device)
+    limit = cfg.subgroup_bytes
+    # Layouts first (optimizer init on meta tensors): the NVMe space check must
+    # happen before a byte is written.
+    for k, idx in enumerate(_groups(leaves, limit)):
+        lay = _Layout()
+        g = _Group(f"g{k:05d}", idx, [], [])
+        g.master = [lay.add(leaves[i].shape, _master_dtype(leaves[i].dtype)) for i in idx]
+        metas = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in g.master]
+        meta_state = inner.init(_sub(spec, _scatter(len(leaves), idx, metas), idx))
+        s_leaves, g.state_spec = tree.flatten(meta_state)
+        g.state_leaves = [
+            lay.add(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in s_leaves
+        ]
+        g.persisted = swap.align_up(lay.size)
+        lay.size = g.persisted
+        g.grads = [lay.add(leaves[i].shape, leaves[i].dtype) for i in idx]
+        g.total = swap.align_up(lay.size)
+        handle.groups.append(g)
+    if cfg.tier == "nvme":
+        _open_swap(cfg, handle, group)
+    for g in handle.groups:
+        if cfg.tier == "cpu":
+            buf = swap.alloc(g.total)
+            handle.buffers.append(buf)
+        else:
+            buf = handle.buffers[0]
+        master, _, _ = handle.views(g, buf)
+        for view, i in zip(master, g.leaves, strict=True):
+            view.copy_(leaves[i].detach())
+        # The real init runs on the host masters; its tensors are copied into the slots.
+        state = inner.init(_sub(spec, _scatter(len(leaves), g.leaves, master), g.leaves))
+        handle._store_state(g, buf, state)
+        if cfg.tier == "nvme":
+            handle.engine.write(g.key, buf, g.persisted).result()
+    handle._reset_events()
+    if cfg.tier == "cpu" and cfg.delayed_update:
+        handle._bg = ThreadPoolExecutor(1, thread_name_prefix="fscale-offload-dpu")
+    return handle
+
+
+def _open_swap(cfg: OffloadConfig, handle: OffloadState, group) -> None:
+    """Check the path (on every rank, agreeing on failure), open the engine, allocate the pool."""
+    rank = comm.rank()
+    persisted = [g.persisted for g in handle.groups]
+    # Every file, plus the temporary of the one being rewritten (atomic replace), for
+    # each rank on this host sharing the drive.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = (sum(persisted) + max(persisted, default=0)) * local
+    error = None
+    try:
+        swap.check_path(cfg.path, needed)
+    except OSError as e:
+        error = e
+    if comm.world_size(group) > 1:
+        # A rank that raised alone would leave the others blocked in the next collective.
+        flag = torch.tensor(0.0 if error is None else 1.0, device=handle.device)
+        comm.all_reduce(flag, op="max", group=group)
+        if error is None and flag.item() > 0:
+            raise RuntimeError(
+                f"offload(tier='nvme'): another rank's swap path check failed (see its error); "
+                f"rank {rank} stops too."
+            )
+    if error is not None:
+        raise error
+    handle.engine = swap.SwapEngine(cfg.path, rank=rank, direct=cfg.direct, record=True)
+    size = max([g.total for g in handle.groups] + [min(cfg.buffer_bytes, 1)])
+    size = swap.align_up(size)
+    handle.buffers = [swap.alloc(size) for _ in range(3 if cfg.overlap else 1)]
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def _update(handle: OffloadState, grads, params):
+    g_leaves, p_leaves = tree.leaves(grads), tree.leaves(params)
+    handle._reset_events()
+    if handle.cfg.tier == "nvme":
+        _update_nvme(handle, g_leaves, p_leaves)
+    elif handle.cfg.delayed_update:
+        _update_delayed(handle, g_leaves, p_leaves)
+    else:
+        _update_cpu(handle, g_leaves, p_leaves)
+    return params
+
+
+def _update_cpu(handle: OffloadState, grads: list, params: list) -> None:
+    groups, bufs = handle.groups, handle.buffers
+    ahead = handle.cfg.overlap
+    copied: dict[int, Any] = {}
+
+    def fetch(k):
+        handle.event("d2h_submit", groups[k].key)
+        _, gviews, _ = handle.views(groups[k], bufs[k])
+        copied[k] = handle.to_host(groups[k], gviews, grads)
+
+    if groups:
+        fetch(0)
+    for k, g in enumerate(groups):
+        if ahead and k + 1 < len(groups):
+            fetch(k + 1)  # the next group's D2H runs while this one updates
+        if copied.get(k) is not None:
+            copied[k].synchronize()
+        handle.update_group(g, bufs[k])
+        master, _, _ = handle.views(g, bufs[k])
+        handle.to_device(g, master, params)
+        if not ahead and k + 1 < len(groups):
+            fetch(k + 1)
+    handle.sync_device()
+
+
+def _update_delayed(handle: OffloadState, grads: list, params: list) -> None:
+    """DPU: apply the update launched last step, then launch this step's in the background."""
+    groups, bufs = handle.groups, handle.buffers
+    if handle._pending is not None:
+        handle._pending.result()
+        handle._pending = None
+        for g, buf in zip(groups, bufs, strict=True):
+            master, _, _ = handle.views(g, buf)
+            handle.to_device(g, master, params)
+    events = []
+    for g, buf in zip(groups, bufs, strict=True):
+        _, gviews, _ = handle.views(g, buf)
+        events.append(handle.to_host(g, gviews, grads))
+    handle.sync_device()
+    for e in events:
+        if e is not None:
+            e.synchronize()
+
+    def run():
+        for g, buf in zip(groups, bufs, strict=True):
+            handle.update_group(g, buf)
+
+    handle._pending = handle._bg.submit(run)
+
+
+def _update_nvme(handle: OffloadState, grads: list, params: list) -> None:
+    engine, groups, pool = handle.engine, handle.groups, handle.buffers
+    n = len(pool)
+    reads: dict[int, Future] = {}
+    writes: dict[int, Future] = {}
+    if not groups:
+        return
+    reads[0] = engine.read(groups[0].key, pool[0])
+    try:
+        for k, g in enumerate(groups):
+            buf = pool[k % n]
+            reads.pop(k).result()  # raises SwapCorruptError on a short or corrupt file
+            if k + 1 < len(groups) and n > 1:
+                # The next group's buffer was last written out by group k + 1 - n.
+                prev = writes.get(k + 1 - n)
+                if prev is not None:
+                    prev.result()
+                reads[k + 1] = engine.read(groups[k + 1].key, pool[(k + 1) % n])
+            _, gviews, _ = handle.views(g, buf)
+            event = handle.to_host(g, gviews, grads)
+            if event is not None:
+                event.synchronize()
+            handle.update_group(g, buf)
+            master, _, _ = handle.views(g, buf)
+            handle.to_device(g, master, params)
+            handle.sync_device()  # the buffer is reused by a later read
+            writes[k] = engine.write(g.key, buf, g.persisted)
+            if n == 1:
+                writes[k].result()
+                if k + 1 < len(groups):
+                    reads[k + 1] = engine.read(groups[k + 1].key, pool[0])
+    finally:
+        # Never leave a thread writing into a buffer after an error.
+        for fut in [*reads.values(), *writes.values()]:
+            try:
+                fut.result()
+            except Exception:
+                pass
+    engine.flush()
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _plan(cfg: OffloadConfig, sharded: bool, plan) -> None:
+    n = plan.world if sharded else 1
+    tier = cfg.tier
+    optimizer = plan.memory.pop("optimizer", 0)
+    master = plan.param_count * 4 // n
+    grads = plan.param_bytes // n
+    plan.memory[f"optimizer ({tier})"] = optimizer
+    plan.memory[f"master ({tier})"] = master
+    plan.notes.append(
+        f"offload({tier}): the optimizer runs on the host, in sub-groups of <= "
+        f"{cfg.subgroup_bytes:,} master bytes, inside the update stage above."
+    )
+    pcie = grads + plan.param_bytes // n  # grads out, updated params back
+    plan.notes.append(
+        f"offload({tier}): per step {pcie:,} bytes device<->host (grads out, params back), "
+        f"~{pcie / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s."
+    )
+    if tier == "cpu":
+        plan.memory["grads (cpu)"] = grads
+        if cfg.delayed_update:
+            plan.notes.append(
+                "offload(cpu, delayed_update): the CPU update of step t overlaps step t+1's "
+                "compute; params lag one update behind the grads."
+            )
+        return
+    # Buffers are sized to the largest sub-group: at most buffer_mb, or all of it.
+    pool = (3 if cfg.overlap else 1) * min(cfg.buffer_bytes, optimizer + master + grads)
+    plan.memory["swap buffers (cpu)"] = pool
+    disk = 2 * (optimizer + master)  # read and written once per step
+    plan.notes.append(
+        f"offload(nvme): {optimizer + master:,} bytes of swap files per rank under {cfg.path}; "
+        f"per step {disk:,} bytes of disk I/O, ~{disk / DISK_BYTES_PER_S:.2f} s at "
+        f"{DISK_BYTES_PER_S / 1e9:.1f} GB/s."
+    )

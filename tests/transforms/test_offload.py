@@ -1,0 +1,274 @@
+"""offload(cpu|nvme) equals the same stack without it; path errors; swap integrity; pipeline."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+
+import fscale as fs
+from fscale.io import SwapCorruptError
+from fscale.transforms.offload import OffloadState
+from tests.dist import run_world
+from tests.helpers import max_rel_error, mlp, regression_batches, regression_loss
+
+STEPS = 4
+GLOBAL_BATCH = 8
+WIDTHS = [7, 9, 5, 3]  # 140 params; uneven over 2 ranks
+SMALL = 1e-4  # subgroup_mb: ~26 fp32 params per sub-group, so every leaf is a group
+
+
+def _optimizer(kind="adamw"):
+    if kind == "sgd":
+        return fs.optim.sgd(0.05, momentum=0.9)
+    if kind == "lion":
+        return fs.optim.lion(1e-3, weight_decay=0.1)
+    return fs.optim.adamw(1e-2, weight_decay=0.1, mask=fs.optim.decay_mask_default)
+
+
+def _train(wrap, rank=0, world=1, *, optimizer="adamw", steps=STEPS, keep_state=False):
+    model = mlp(WIDTHS, seed=3)
+    params, apply = fs.functional(copy.deepcopy(model))
+    step = fs.train_step(regression_loss(apply), _optimizer(optimizer), clip_norm=0.5)
+    step = wrap(step)
+    params, state = step.init(params)
+    per = GLOBAL_BATCH // world
+    for batch in regression_batches(steps, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1]):
+        local = {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
+        params, state, _ = step(params, state, local)
+    full = {k: v.detach().clone() for k, v in fs.gather_params(params).items()}
+    if keep_state:
+        return full, state
+    if isinstance(state.get("offload"), OffloadState):
+        state["offload"].close()
+    return full
+
+
+def _stack(stage, precision=None):
+    def wrap(step):
+        if precision:
+            step = fs.mixed_precision(step, precision)
+        return fs.shard_zero(step, stage) if stage else step
+
+    return wrap
+
+
+def _offloaded(stage, tier, path, precision=None, **kw):
+    def wrap(step):
+        kw.setdefault("subgroup_mb", SMALL)
+        if tier == "nvme":
+            kw["path"] = path
+        return fs.offload(_stack(stage, precision)(step), tier, **kw)
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lion"])
+def test_world_of_one_cpu_and_nvme_equal_no_offload(tmp_path, optimizer):
+    expected = _train(_stack(0), optimizer=optimizer)
+    cases = {
+        "cpu": _offloaded(0, "cpu", None),
+        "cpu one group": _offloaded(0, "cpu", None, subgroup_mb=64),
+        "nvme": _offloaded(0, "nvme", tmp_path),
+        "nvme buffered, no overlap": _offloaded(0, "nvme", tmp_path, overlap=False, direct=False),
+    }
+    for name, wrap in cases.items():
+        got = _train(wrap, optimizer=optimizer)
+        assert max_rel_error(got, expected) == 0.0, name
+    assert os.listdir(tmp_path) == []  # every swap file removed at close
+
+
+def _world_fn(rank, world, path):
+    out = {}
+    for stage in (1, 2, 3):
+        base = _train(_stack(stage), rank, world)
+        for tier in ("cpu", "nvme"):
+            out[(stage, tier)] = (base, _train(_offloaded(stage, tier, path), rank, world))
+    base = _train(_stack(2, "bf16"), rank, world)
+    out[(2, "cpu bf16")] = (base, _train(_offloaded(2, "cpu", path, "bf16"), rank, world))
+    out[(3, "nvme bf16")] = (base, _train(_offloaded(3, "nvme", path, "bf16"), rank, world))
+    # This rank's files (the other rank may still be writing its own into the same dir).
+    out["files left"] = [f for f in os.listdir(path) if f"-r{rank}-" in f]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_offload_over_shard_zero_equals_shard_zero(world):
+    plain = _train(_stack(0))
+    with tempfile.TemporaryDirectory() as path:
+        results = run_world(_world_fn, world, path) if world > 1 else [_world_fn(0, 1, path)]
+        for rank, by_case in enumerate(results):
+            assert by_case.pop("files left") == []
+            for case, (base, got) in by_case.items():
+                # The same stack without offload: exact. The plain step: shard_zero's tolerance.
+                assert max_rel_error(got, base) <= 1e-6, (rank, case)
+                if "bf16" not in case[1]:
+                    assert max_rel_error(got, plain) <= 1e-5, (rank, case)
+
+
+# ----------------------------------------------------------------------------- DPU
+
+
+def test_delayed_update_applies_each_update_one_step_late():
+    """DPU: call t returns the params after updates 1..t-1, update k using the grads of call k,
+    which were taken at the params after updates 1..k-2 (the ZeRO-Offload paper's schedule)."""
+    model = mlp(WIDTHS, seed=3)
+    batches = regression_batches(STEPS, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1])
+    params, apply = fs.functional(copy.deepcopy(model))
+    loss_fn = regression_loss(apply)
+    opt = _optimizer()
+    # By hand: the grads of call t are taken at the params call t received.
+    ref = {k: v.detach().clone() for k, v in params.items()}
+    opt_state = opt.init(ref)
+    pending = None
+    for batch in batches:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in ref.items()}
+        grads = torch.autograd.grad(loss_fn(leaves, batch), list(leaves.values()))
+        if pending is not None:  # the update launched by the previous call lands now
+            ref, opt_state = fs.optim.apply_gradients(opt, pending, opt_state, ref)
+        pending = dict(zip(leaves, grads, strict=True))
+    step = fs.offload(fs.train_step(loss_fn, opt), "cpu", delayed_update=True, subgroup_mb=SMALL)
+    got, state = step.init(params)
+    first = {k: v.clone() for k, v in got.items()}
+    for batch in batches:
+        got, state, _ = step(got, state, batch)
+    state["offload"].close()
+    assert max_rel_error(got, ref) == 0.0
+    assert max_rel_error(first, {k: v.detach() for k, v in model.named_parameters()}) == 0.0
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _events(state):
+    return [(kind, key) for _, _, kind, key in state["offload"].events]
+
+
+def test_nvme_reads_next_group_before_current_update_ends(tmp_path):
+    _, state = _train(_offloaded(0, "nvme", tmp_path), keep_state=True)
+    events = _events(state)
+    keys = [g.key for g in state["offload"].groups]
+    assert len(keys) >= 3
+    at = {e: i for i, e in enumerate(events)}
+    for cur, nxt in zip(keys, keys[1:], strict=False):
+        # Issued before the update of the current group even starts, and so before it ends.
+        assert at[("read_submit", nxt)] < at[("update_start", cur)] < at[("update_end", cur)]
+        # ... and the current group's write is issued before the next one's update.
+        assert at[("write_submit", cur)] < at[("update_start", nxt)]
+    state["offload"].close()
+    # Without overlap the same engine runs strictly in turn.
+    _, state = _train(_offloaded(0, "nvme", tmp_path, overlap=False), keep_state=True)
+    at = {e: i for i, e in enumerate(_events(state))}
+    for cur, nxt in zip(keys, keys[1:], strict=False):
+        assert at[("write_end", cur)] < at[("read_submit", nxt)]
+    state["offload"].close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_cpu_copies_next_group_grads_before_current_update():
+    _, state = _train(_offloaded(0, "cpu", None), keep_state=True)
+    at = {e: i for i, e in enumerate(_events(state))}
+    keys = [g.key for g in state["offload"].groups]
+    for cur, nxt in zip(keys, keys[1:], strict=False):
+        assert at[("d2h_submit", nxt)] < at[("update_start", cur)]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _step():
+    params, apply = fs.functional(mlp(WIDTHS, seed=3))
+    return fs.train_step(regression_loss(apply), _optimizer()), params
+
+
+def test_stack_order_and_argument_errors(tmp_path):
+    step, _ = _step()
+    with pytest.raises(ValueError, match="shard_zero cannot be applied over offload.*last"):
+        fs.shard_zero(fs.offload(step, "cpu"), 2)
+    with pytest.raises(ValueError, match="mixed_precision cannot be applied over offload"):
+        fs.mixed_precision(fs.offload(step, "cpu"), "bf16")
+    with pytest.raises(ValueError, match="unknown tier 'gpu'"):
+        fs.offload(step, "gpu")
+    with pytest.raises(ValueError, match="path is for tier='nvme'"):
+        fs.offload(step, "cpu", path=tmp_path)
+    with pytest.raises(ValueError, match="needs path"):
+        fs.offload(step, "nvme")
+    with pytest.raises(ValueError, match="delayed_update"):
+        fs.offload(step, "nvme", path=tmp_path, delayed_update=True)
+    with pytest.raises(ValueError, match="over shard_zero\\(step, 3\\)"):
+        fs.offload(step, "cpu", what=("optimizer", "params"))
+    with pytest.raises(NotImplementedError, match="not implemented yet"):
+        fs.offload(fs.shard_zero(step, 3), "cpu", what=("optimizer", "params"))
+    with pytest.raises(ValueError, match="buffer_mb"):
+        fs.offload(step, "cpu", buffer_mb=0)
+
+
+def test_nvme_path_errors_before_any_file_is_written(tmp_path, monkeypatch):
+    step, params = _step()
+    with pytest.raises(FileNotFoundError, match="missing.*does not exist"):
+        fs.offload(step, "nvme", path=tmp_path / "missing")
+    regular = tmp_path / "file"
+    regular.write_text("")
+    with pytest.raises(FileNotFoundError):  # unwritable for root too: under a regular file
+        fs.offload(step, "nvme", path=regular / "swap")
+    swap_dir = tmp_path / "swap"
+    swap_dir.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if str(p) == str(swap_dir) else real_access(p, m)
+    )
+    with pytest.raises(PermissionError, match="swap.*not writable"):
+        fs.offload(step, "nvme", path=swap_dir)
+    monkeypatch.setattr(os, "access", real_access)
+    # Free space is checked at init, when the bytes are known, before writing.
+    built = fs.offload(step, "nvme", path=swap_dir, subgroup_mb=SMALL)
+
+    class _Tiny:
+        f_bavail, f_frsize = 1, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda p: _Tiny())
+    with pytest.raises(OSError, match=r"4,096 bytes\) free but the swap files need"):
+        built.init(params)
+    assert os.listdir(swap_dir) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_damaged_swap_file_stops_the_step(tmp_path, damage):
+    step, params = _step()
+    step = fs.offload(step, "nvme", path=tmp_path, subgroup_mb=SMALL)
+    params, state = step.init(params)
+    batch = regression_batches(1, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1])[0]
+    params, state, _ = step(params, state, batch)
+    victim = state["offload"].files()[1]
+    if damage == "truncate":
+        os.truncate(victim, 0)
+    else:
+        with open(victim, "r+b") as f:
+            f.write(b"\x7f")
+    match = "truncated" if damage == "truncate" else "corrupt"
+    with pytest.raises(SwapCorruptError, match=match):
+        step(params, state, batch)
+    state["offload"].close()
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+def test_explain_shows_bytes_per_tier(tmp_path):
+    step, params = _step()
+    plain = fs.plan(fs.shard_zero(step, 3), params)
+    plan = fs.plan(fs.offload(fs.shard_zero(step, 3), "nvme", path=tmp_path), params)
+    assert "optimizer" not in plan.memory
+    assert plan.memory["optimizer (nvme)"] == plain.memory["optimizer"]
+    assert plan.memory["master (nvme)"] == plan.param_count * 4 // plan.world
+    assert any("GB/s" in n and "disk" in n for n in plan.notes)
+    cpu = fs.plan(fs.offload(step, "cpu"), params)
+    assert cpu.memory["optimizer (cpu)"] == 2 * cpu.param_bytes  # Adam's two fp32 moments
+    assert "optimizer (cpu)" in fs.explain(fs.offload(step, "cpu"), params)
