@@ -75,7 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fp32",
         help="compute dtype: bf16/fp16 keep fp32 master weights (fs.mixed_precision)",
     )
+    p.add_argument(
+        "--offload",
+        choices=("none", "cpu", "nvme"),
+        default="none",
+        help="fs.offload: fp32 masters + optimizer state in host memory (cpu) or files (nvme)",
+    )
+    p.add_argument("--nvme-path", default=None, help="--offload nvme: directory for swap files")
     args = p.parse_args(argv)
+    if (args.offload == "nvme") != (args.nvme_path is not None):
+        p.error("--offload nvme needs --nvme-path DIR (and --nvme-path is only for it)")
     for name in ("steps", "batch_size", "accumulate"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -181,6 +190,8 @@ def build_step(args: argparse.Namespace, loss_fn):
         step = fs.mixed_precision(step, args.precision)
     if args.zero:
         step = fs.shard_zero(step, args.zero)
+    if args.offload != "none":  # outermost: each rank offloads its own shard
+        step = fs.offload(step, args.offload, path=args.nvme_path)
     return step
 
 
