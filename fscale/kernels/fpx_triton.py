@@ -1,0 +1,304 @@
+"""The Triton lowering of ``fpx_linear``: read FPx bit planes, rebuild fp16 in registers, dot.
+
+Registered as op ``"fpx_linear"`` for CUDA (sm_80+) with fp16/bf16 activations; on CPU
+it runs only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first
+launch), where every ``tl.dot`` is done in fp32 (the interpreter's bf16 dot is wrong).
+
+Small M is a memory-bound problem: a 28672 x 8192 fp16 weight is 470 MB, the same
+weight in fp6 176 MB, so the ideal speed-up over cuBLAS fp16 is 16/6 = 2.67x. The
+kernel therefore reads each plane word once per output tile, splits K across
+programs (``split``: partial sums added atomically into an fp32 buffer) so that a
+handful of output tiles still fills the GPU, and spends ~3.5 integer ops per weight on
+the rebuild (see [Note: the FPx bit-plane layout] in fpx.py). Large M is compute-bound
+and there the weight is dequantized once to x's dtype and handed to cuBLAS
+(``dequant_min_m``; the same kernel in ``DEQUANT`` mode writes the dense weight).
+
+[Note: rebuilding an fp16 from an FPx code]
+With the code at the top of a byte (s e..e m..m 0..0) moved to the high byte of a
+16-bit half, keeping the sign bit and shifting exponent|mantissa right by 5 - E puts
+the FPx exponent into the low E bits of the fp16 exponent field and the mantissa at
+the top of the fp16 mantissa. That fp16 is the FPx value times 2**(bias - 15) for
+normals *and* subnormals (FPx exponent 0 lands on fp16 exponent 0, whose scaling is
+the same 2**(1 - 15)); so there is no branch and no rebias add, and the factor
+2**(15 - bias) is folded with the per-channel scale into the epilogue. bf16
+activations take the fp16 weight converted to bf16 (exact: at most 3 mantissa bits,
+and bf16 has fp32's exponent range).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fscale.hw import dispatch
+from fscale.kernels import fpx as _fpx
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is a dependency on Linux x86_64 only
+    triton = tl = None
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fpx_kernel(
+    x_ptr,
+    hi_ptr,
+    lo_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    chunks_per_prog,
+    exp_scale,
+    E: tl.constexpr,
+    LB: tl.constexpr,
+    NQ: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DEQUANT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    KC: tl.constexpr = 32 * NQ
+    C: tl.constexpr = BN // 2
+    NW = N // 2
+    offs_r = tl.arange(0, 16)
+    offs_c = pid_n * C + tl.arange(0, C)
+    mask_c = (offs_c < NW)[None, :]
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    chunk0 = pid_k * chunks_per_prog
+    chunk1 = chunk0 + chunks_per_prog
+    chunk1 = tl.where(chunk1 < K // KC, chunk1, K // KC)
+    if DEQUANT:
+        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0) * exp_scale
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    for b in range(chunk0, chunk1):
+        if LB > 0:
+            lo_rows = b * 16 + offs_r
+            lo = tl.load(lo_ptr + lo_rows[:, None] * NW + offs_c[None, :], mask=mask_c, other=0)
+            lo = lo.to(tl.uint32, bitcast=True)
+        for qh in tl.static_range(NQ // 2):
+            hi_rows = (b * (NQ // 2) + qh) * 16 + offs_r
+            hi = tl.load(hi_ptr + hi_rows[:, None] * NW + offs_c[None, :], mask=mask_c, other=0)
+            hi = hi.to(tl.uint32, bitcast=True)
+            for ql in tl.static_range(2):
+                q = 2 * qh + ql
+                # Four codes at the tops of the four bytes: byte j holds (k-row r,
+                # sub-tile 2q + v, channel 2c + h) with j = v + 2h.
+                if ql == 0:
+                    word = (hi << 4) & 0xF0F0F0F0
+                else:
+                    word = hi & 0xF0F0F0F0
+                if LB > 0:
+                    LO_MASK: tl.constexpr = ((1 << LB) - 1) << (4 - LB)
+                    SH: tl.constexpr = 4 - LB - LB * q
+                    if SH > 0:
+                        lo_part = lo << SH
+                    elif SH < 0:
+                        lo_part = lo >> (-SH)
+                    else:
+                        lo_part = lo
+                    word = word | (lo_part & (LO_MASK * 0x01010101))
+                for v in tl.static_range(2):
+                    if v == 0:
+                        pair = word << 8  # bytes 0, 2 -> high bytes of the two halves
+                    else:
+                        pair = word  # bytes 1, 3
+                    pair = (pair & 0x80008000) | ((pair & 0x7F007F00) >> (5 - E))
+                    w0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+                    w1 = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+                    # [16, BN]: channels 2c, 2c + 1 (tl.interleave, spelled with builtins:
+                    # the interpreter cannot call triton.language's own jit helpers such
+                    # as tl.interleave, tl.zeros, tl.minimum when TRITON_INTERPRET is set
+                    # after triton was imported).
+                    w = tl.reshape(tl.join(w0, w1), (16, BN))
+                    kk = b * KC + (2 * q + v) * 16 + offs_r
+                    if DEQUANT:
+                        wd = w.to(tl.float32) * scale[None, :]
+                        ptrs = y_ptr + offs_n[None, :] * K + kk[:, None]
+                        tl.store(ptrs, wd.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
+                    else:
+                        xs = tl.load(
+                            x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                            mask=mask_m[:, None],
+                            other=0.0,
+                        )
+                        if DOT_FP32:
+                            acc = tl.dot(
+                                xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee"
+                            )
+                        else:
+                            acc = tl.dot(xs, w.to(xs.dtype), acc)
+    if not DEQUANT:
+        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0) * exp_scale
+        out = acc * scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+        ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, out, mask=mask)
+        else:
+            tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+# triton.jit reads TRITON_INTERPRET when it wraps the function: wrap lazily, per mode.
+_JITTED: dict[bool, object] = {}
+
+
+def _kernel():
+    interpret = _interpreting()
+    if interpret not in _JITTED:
+        _JITTED[interpret] = triton.jit(_fpx_kernel)
+    return _JITTED[interpret], interpret
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+#: M at and above which the weight is dequantized to x's dtype and cuBLAS does the
+#: product (compute-bound there: the dequantized weight's extra traffic is amortized).
+DEQUANT_MIN_M = 256
+
+
+def default_config(m: int, n: int, k: int, fmt: str, device: torch.device) -> dict:
+    """Launch parameters for an [m, k] x [k, n] product (bench/fpx_linear.py sweeps these)."""
+    kc = _fpx.layout(fmt)["k_chunk"]
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 128 if m <= 64 else 64
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    target = 4 * _sm_count(device)
+    split = max(1, min(k // kc, -(-target // tiles)))
+    return {"bm": bm, "bn": bn, "split": split, "num_warps": 4, "num_stages": 2}
+
+
+def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=False):
+    kernel, interpret = _kernel()
+    n, k = p.shape
+    lay = _fpx.layout(p.fmt)
+    e_bits, _ = _fpx.FORMATS[p.fmt]
+    chunks = k // lay["k_chunk"]
+    per = triton.cdiv(chunks, split)
+    m = x2.shape[0] if x2 is not None else 1
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm) if not dequant else 1, triton.cdiv(chunks, per))
+    x_arg = x2 if x2 is not None else y
+    dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
+    kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
+    kernel[grid](
+        x_arg, p.hi, p.lo if p.lo is not None else p.hi, p.scales,
+        bias if bias is not None else p.scales, y,
+        m, n, k, x2.stride(0) if x2 is not None else 0, y.stride(0), per,
+        float(2.0 ** (15 - _fpx.bias(p.fmt))),
+        E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=bn, ATOMIC=grid[2] > 1,
+        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant, **kwargs,
+    )  # fmt: skip
+
+
+def _check(x: torch.Tensor, p) -> None:
+    if triton is None:
+        raise RuntimeError("fpx_linear_triton needs triton; use fpx_linear_reference.")
+    if x.device != p.device:
+        raise ValueError(
+            f"fpx_linear_triton: x is on {x.device}, the packed weight on {p.device}; "
+            "move them to one device (PackedFPx.to)."
+        )
+    if x.device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "fpx_linear_triton got CPU tensors but Triton is not interpreting; set "
+            "TRITON_INTERPRET=1 to run it on the CPU, or use fpx_linear_reference."
+        )
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"fpx_linear_triton: x has dtype {x.dtype}; use fp16, bf16 or fp32.")
+    _fpx.check_shape(p.shape, p.fmt)
+
+
+def dequantize_triton(p, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype`` (``unpack(p).to(dtype)``), by the kernel."""
+    _check(torch.empty(0, dtype=dtype, device=p.device), p)
+    n, k = p.shape
+    y = torch.empty(n, k, dtype=dtype, device=p.device)
+    chunks = k // _fpx.layout(p.fmt)["k_chunk"]
+    _launch(None, p, None, y, bm=16, bn=64, split=chunks, num_warps=4, num_stages=1, dequant=True)
+    return y
+
+
+def fpx_linear_triton(
+    x: torch.Tensor, p, bias: torch.Tensor | None = None, *, config: dict | None = None
+) -> torch.Tensor:
+    """``x @ unpack(p).t() (+ bias)`` in x's dtype, by the fused kernel (see the module doc).
+
+    ``config`` overrides the launch parameters of ``default_config`` (keys bm, bn,
+    split, num_warps, num_stages) or, with ``{"dequant": True}``, takes the
+    dequantize + cuBLAS path.
+    """
+    _check(x, p)
+    _fpx._check_linear(x, p, bias)
+    n, k = p.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    cfg = dict(config) if config is not None else None
+    use_dequant = cfg.pop("dequant", False) if cfg is not None else m >= DEQUANT_MIN_M
+    if use_dequant and not _interpreting():
+        w = dequantize_triton(p, x.dtype)
+        y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        return y.reshape(*lead, n)
+    cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
+    bias_c = bias.contiguous() if bias is not None else None
+    chunks = k // _fpx.layout(p.fmt)["k_chunk"]
+    split = triton.cdiv(chunks, triton.cdiv(chunks, cfg["split"]))
+    if split > 1:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        _launch(x2, p, bias_c, y, **cfg)
+        y = y.to(x.dtype)
+    else:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        _launch(x2, p, bias_c, y, **cfg)
+    return y.reshape(*lead, n)
+
+
+if triton is not None:
+    dispatch.register(
+        _fpx.OP,
+        fpx_linear_triton,
+        device="cuda",
+        min_capability=(8, 0),
+        dtypes=DTYPES,
+        priority=10,
+        name="fpx_linear_triton",
+    )

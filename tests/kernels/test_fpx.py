@@ -1,0 +1,288 @@
+"""FPx formats, bit-plane packing and the fused Triton ``fpx_linear`` against references.
+
+encode/decode are checked on every code of every format and, for random float32
+inputs, against a brute-force nearest search over the format's value table. The Triton
+kernel runs under Triton's interpreter on CPU (the ``interpret`` fixture sets
+``TRITON_INTERPRET=1``; ``fpx_triton`` jits the kernel at its first launch per mode).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fscale.hw import dispatch
+from fscale.kernels import fpx, fpx_triton
+
+FMTS = list(fpx.FORMATS)
+needs_triton = pytest.mark.skipif(fpx_triton.triton is None, reason="triton is not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# ---------------------------------------------------------------- encode / decode
+
+
+def _value_table(fmt: str) -> list[float]:
+    """Every code's value from the definition, written independently of fpx.py."""
+    e_bits, m_bits = fpx.FORMATS[fmt]
+    b = 2 ** (e_bits - 1) - 1
+    out = []
+    for code in range(2 ** (1 + e_bits + m_bits)):
+        s = -1.0 if code >> (e_bits + m_bits) else 1.0
+        e = (code >> m_bits) & (2**e_bits - 1)
+        m = code & (2**m_bits - 1)
+        mag = (m / 2**m_bits) * 2.0 ** (1 - b) if e == 0 else (1 + m / 2**m_bits) * 2.0 ** (e - b)
+        out.append(math.copysign(mag, s))
+    return out
+
+
+def _nearest_code(x: float, fmt: str) -> int:
+    """Brute force: the code of the nearest value, ties to the even code, sign kept."""
+    e_bits, m_bits = fpx.FORMATS[fmt]
+    table = _value_table(fmt)
+    n_mag = 2 ** (e_bits + m_bits)
+    a = min(abs(x), table[n_mag - 1])
+    best = min(range(n_mag), key=lambda c: (abs(table[c] - a), c % 2))
+    return best | ((n_mag) if math.copysign(1.0, x) < 0 else 0)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_decode_matches_definition_on_every_code(fmt):
+    n = fpx.nbits(fmt)
+    codes = torch.arange(2**n, dtype=torch.uint8)
+    got = fpx.decode(codes, fmt)
+    assert got.dtype == torch.float32
+    assert got.tolist() == _value_table(fmt)
+    assert fpx.max_finite(fmt) == max(_value_table(fmt))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_inverts_decode_on_every_code(fmt):
+    """Exact, -0 included: the sign of a zero is kept (code 0 and 2**(E+M) both survive)."""
+    codes = torch.arange(2 ** fpx.nbits(fmt), dtype=torch.uint8)
+    assert torch.equal(fpx.encode(fpx.decode(codes, fmt), fmt), codes)
+
+
+def test_known_maxima_and_e3m2_values():
+    assert fpx.max_finite("e3m2") == 28.0
+    assert fpx.max_finite("e2m3") == 7.5
+    assert fpx.max_finite("e2m2") == 7.0
+    assert fpx.max_finite("e3m1") == 24.0
+    assert fpx.max_finite("e2m1") == 6.0
+    # e3m2: smallest subnormal 2**-2 * 2**(1-3) = 1/16; 1.0 is exponent 3, mantissa 0.
+    codes = torch.tensor([1, 0b001100, 0b101100], dtype=torch.uint8)
+    assert fpx.decode(codes, "e3m2").tolist() == [0.0625, 1.0, -1.0]
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_ties_go_to_even(fmt):
+    table = _value_table(fmt)
+    n_mag = 2 ** (sum(fpx.FORMATS[fmt]))
+    mids = torch.tensor([(table[c] + table[c + 1]) / 2 for c in range(n_mag - 1)])
+    got = fpx.encode(mids, fmt)
+    want = torch.tensor([c if c % 2 == 0 else c + 1 for c in range(n_mag - 1)], dtype=torch.uint8)
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fmt=st.sampled_from(FMTS),
+    xs=st.lists(st.floats(allow_nan=False, allow_infinity=True, width=32), min_size=1, max_size=40),
+    scale=st.sampled_from([1.0, 0.01, 4.0, 100.0]),
+)
+def test_encode_is_nearest_ties_even_saturating(fmt, xs, scale):
+    x = (torch.tensor(xs, dtype=torch.float32) * scale).nan_to_num(nan=0.0)
+    got = fpx.encode(x, fmt).tolist()
+    want = [_nearest_code(v, fmt) for v in x.tolist()]
+    assert got == want
+    dec = fpx.decode(torch.tensor(got, dtype=torch.uint8), fmt)
+    assert dec.abs().max().item() <= fpx.max_finite(fmt)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_saturates(fmt):
+    top = fpx.max_finite(fmt)
+    x = torch.tensor([top * 1.01, top * 3, 1e30, float("inf"), -1e30, float("-inf")])
+    assert fpx.decode(fpx.encode(x, fmt), fmt).tolist() == [top] * 4 + [-top] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_encode_other_float_dtypes(dtype):
+    x = torch.linspace(-30, 30, 257, dtype=torch.float64).to(dtype)
+    want = torch.tensor([_nearest_code(v, "e3m2") for v in x.double().tolist()], dtype=torch.uint8)
+    assert torch.equal(fpx.encode(x, "e3m2"), want)
+
+
+def test_nan_is_an_error():
+    with pytest.raises(ValueError, match="NaN"):
+        fpx.encode(torch.tensor([1.0, float("nan")]), "e3m2")
+    with pytest.raises(ValueError, match="NaN"):
+        fpx.pack(torch.full((2, 128), float("nan")), "e3m2")
+
+
+def test_unknown_format_lists_known_ones():
+    with pytest.raises(ValueError, match="e3m2.*e2m1|known formats"):
+        fpx.encode(torch.ones(3), "e4m3")
+    with pytest.raises(ValueError, match="known formats"):
+        fpx.pack(torch.ones(2, 128), "fp6")
+    with pytest.raises(ValueError, match="known formats"):
+        fpx.decode(torch.zeros(3, dtype=torch.uint8), "int4")
+
+
+# ---------------------------------------------------------------- pack / unpack
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    fmt=st.sampled_from(FMTS),
+    n_pairs=st.integers(1, 9),
+    k_chunks=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_pack_codes_round_trip(fmt, n_pairs, k_chunks, seed):
+    n, k = 2 * n_pairs, k_chunks * fpx.layout(fmt)["k_chunk"]
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** fpx.nbits(fmt), (n, k), generator=gen).to(torch.uint8)
+    p = fpx.pack_codes(codes, fmt, torch.ones(n))
+    assert torch.equal(fpx.unpack_codes(p), codes)
+    lo_bits = fpx.nbits(fmt) - 4
+    assert p.hi.dtype == torch.int32 and p.hi.shape == (k // 4, n // 2)
+    if lo_bits:
+        assert p.lo.shape == (k * lo_bits // 16, n // 2)
+    else:
+        assert p.lo is None
+    # bits: nbits per weight in planes, 4 bytes per fp32 scale.
+    assert p.nbytes == n * k * fpx.nbits(fmt) // 8 + 4 * n
+
+
+@settings(max_examples=15, deadline=None)
+@given(fmt=st.sampled_from(FMTS), n_pairs=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_pack_unpack_is_encode_times_scale(fmt, n_pairs, seed):
+    n, k = 2 * n_pairs, 2 * fpx.layout(fmt)["k_chunk"]
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 10
+    w[0] = 0.0  # an all-zero row: scale 1, codes 0
+    p = fpx.pack(w, fmt)
+    scales = w.abs().amax(1) / fpx.max_finite(fmt)
+    scales[0] = 1.0
+    assert torch.equal(p.scales, scales)
+    codes = fpx.encode(w / scales[:, None], fmt)
+    assert torch.equal(fpx.unpack_codes(p), codes)
+    assert torch.equal(fpx.unpack(p), fpx.decode(codes, fmt) * scales[:, None])
+    # Each row's absmax is exactly representable: it maps to +-max_finite.
+    assert torch.allclose(fpx.unpack(p).abs().amax(1)[1:], w.abs().amax(1)[1:])
+    # The pack is idempotent on its own output.
+    p2 = fpx.pack(fpx.unpack(p), fmt)
+    assert torch.equal(fpx.unpack_codes(p2), fpx.unpack_codes(p))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_pack_rejects_shapes_the_layout_cannot_take(fmt):
+    kc = fpx.layout(fmt)["k_chunk"]
+    with pytest.raises(ValueError, match=f"multiple of {kc}"):
+        fpx.pack(torch.randn(4, kc + 16), fmt)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        fpx.pack(torch.randn(3, kc), fmt)
+    with pytest.raises(ValueError, match="2-D"):
+        fpx.pack(torch.randn(4, kc, 2), fmt)
+
+
+# ---------------------------------------------------------------- fpx_linear
+
+
+def test_reference_linear_is_dequantized_matmul():
+    torch.manual_seed(0)
+    w, x, b = torch.randn(6, 256), torch.randn(2, 3, 256), torch.randn(6)
+    p = fpx.pack(w, "e3m2")
+    y = fpx.fpx_linear(x, p, b)  # CPU: the reference
+    assert y.shape == (2, 3, 6)
+    torch.testing.assert_close(y, x @ fpx.unpack(p).t() + b)
+    with pytest.raises(ValueError, match="in_features K=256"):
+        fpx.fpx_linear(torch.randn(2, 128), p)
+
+
+def test_dispatch_registration():
+    rules = {r.name: r for r in dispatch.lowerings("fpx_linear")}
+    assert rules["fpx_linear_reference"].is_reference
+    if fpx_triton.triton is not None:
+        tri = rules["fpx_linear_triton"]
+        assert tri.device == "cuda" and tri.min_capability == (8, 0)
+        assert tri.dtypes == frozenset({torch.float16, torch.bfloat16})
+    assert dispatch.resolve("fpx_linear", torch.empty(1)).name == "fpx_linear_reference"
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# (fmt, M, N, K, x dtype, config): each launch mode at least once, every format.
+CASES = [
+    ("e3m2", 1, 64, 256, torch.float32, None),
+    ("e3m2", 5, 130, 384, torch.float16, None),  # N not a multiple of BN, odd M
+    ("e3m2", 33, 32, 128, torch.float32, dict(bm=16, bn=32, split=1)),  # several M tiles
+    ("e2m3", 3, 64, 256, torch.bfloat16, dict(bm=16, bn=64, split=2)),
+    ("e2m2", 2, 64, 512, torch.float32, dict(bm=16, bn=64, split=2)),
+    ("e3m1", 4, 96, 256, torch.float16, dict(bm=16, bn=32, split=1)),
+    ("e2m1", 7, 66, 192, torch.float32, dict(bm=16, bn=64, split=3)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt,m,n,k,dtype,config", CASES)
+def test_triton_matches_reference(interpret, fmt, m, n, k, dtype, config):
+    """Fresh random weights, activations and bias per case; the kernel's dot runs in
+    fp32 under the interpreter, so the only differences are summation order and the
+    output's rounding to x's dtype."""
+    gen = torch.Generator().manual_seed(hash((fmt, m, n, k)) % 2**31)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    p = fpx.pack(w, fmt)
+    got = fpx_triton.fpx_linear_triton(x, p, bias, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    want = x.double() @ fpx.unpack(p).double().t() + bias.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(got, want) <= tol
+    # And against the reference in x's dtype (what dispatch would run elsewhere).
+    ref = fpx.fpx_linear_reference(x.float(), p, bias.float())
+    assert _rel(got, ref) <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FMTS)
+def test_triton_dequantize_is_exact(interpret, fmt):
+    w = torch.randn(6, fpx.layout(fmt)["k_chunk"] * 2)
+    p = fpx.pack(w, fmt)
+    assert torch.equal(fpx_triton.dequantize_triton(p, torch.float32), fpx.unpack(p))
+
+
+@needs_triton
+def test_triton_leading_dims_and_errors(interpret):
+    p = fpx.pack(torch.randn(8, 128), "e3m2")
+    x = torch.randn(2, 3, 128)
+    got = fpx_triton.fpx_linear_triton(x, p)
+    assert got.shape == (2, 3, 8)
+    assert _rel(got, x @ fpx.unpack(p).t()) <= 1e-6
+    with pytest.raises(ValueError, match="in_features K=128"):
+        fpx_triton.fpx_linear_triton(torch.randn(2, 64), p)
+    with pytest.raises(ValueError, match="dtype"):
+        fpx_triton.fpx_linear_triton(torch.ones(2, 128, dtype=torch.int32), p)
+
+
+@needs_triton
+def test_triton_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    knobs = getattr(fpx_triton.triton, "knobs", None)
+    if knobs is not None:
+        monkeypatch.setattr(knobs.runtime, "interpret", False)
+    p = fpx.pack(torch.randn(8, 128), "e3m2")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fpx_triton.fpx_linear_triton(torch.randn(2, 128), p)
