@@ -70,6 +70,7 @@ import torch
 from fscale import tree
 from fscale.hw import comm
 from fscale.io import swap
+from fscale.kernels import cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
 from fscale.step import Step, Transform
 
@@ -385,7 +386,8 @@ class OffloadState:
         sub_grads = _sub(self.spec, _scatter(n, g.leaves, grads), g.leaves)
         sub_master = _sub(self.spec, _scatter(n, g.leaves, master), g.leaves)
         self.event("update_start", g.key)
-        new_params, new_state = apply_gradients(self.inner, sub_grads, state, sub_master)
+        with cpu_adam.host_kernels():  # the fused multi-threaded AdamW on host tensors
+            new_params, new_state = apply_gradients(self.inner, sub_grads, state, sub_master)
         new_leaves = tree.leaves(new_params)
         for view, i in zip(master, g.leaves, strict=True):
             if new_leaves[i].data_ptr() != view.data_ptr():
@@ -649,7 +651,8 @@ def _plan(cfg: OffloadConfig, sharded: bool, plan) -> None:
     plan.memory[f"master ({tier})"] = master
     plan.notes.append(
         f"offload({tier}): the optimizer runs on the host, in sub-groups of <= "
-        f"{cfg.subgroup_bytes:,} master bytes, inside the update stage above."
+        f"{cfg.subgroup_bytes:,} master bytes, inside the update stage above; AdamW there "
+        f"resolves to {cpu_adam.NAME} (torch._fused_adamw_, one pass, all host cores)."
     )
     pcie = grads + plan.param_bytes // n  # grads out, updated params back
     plan.notes.append(

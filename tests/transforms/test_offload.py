@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import fscale as fs
+from fscale.hw import dispatch
 from fscale.io import SwapCorruptError
+from fscale.kernels import cpu_adam
+from fscale.kernels.adamw import adamw_update_reference_
+from fscale.kernels.cpu_adam import adamw_update_cpu_fused_, host_kernels
 from fscale.transforms.offload import OffloadState
 from tests.dist import run_world
 from tests.helpers import max_rel_error, mlp, regression_batches, regression_loss
@@ -69,8 +73,14 @@ def _offloaded(stage, tier, path, precision=None, **kw):
 # ----------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lion"])
-def test_world_of_one_cpu_and_nvme_equal_no_offload(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw reference", "sgd", "lion"])
+def test_world_of_one_cpu_and_nvme_equal_no_offload(tmp_path, monkeypatch, optimizer):
+    # The host AdamW is torch's fused CPU kernel (params within an ulp of the reference
+    # per step); with the reference forced, offload changes nothing at all.
+    tol = 1e-6 if optimizer == "adamw" else 0.0
+    if optimizer == "adamw reference":
+        monkeypatch.setenv("FSCALE_KERNELS", "reference")
+        optimizer = "adamw"
     expected = _train(_stack(0), optimizer=optimizer)
     cases = {
         "cpu": _offloaded(0, "cpu", None),
@@ -80,7 +90,7 @@ def test_world_of_one_cpu_and_nvme_equal_no_offload(tmp_path, optimizer):
     }
     for name, wrap in cases.items():
         got = _train(wrap, optimizer=optimizer)
-        assert max_rel_error(got, expected) == 0.0, name
+        assert max_rel_error(got, expected) <= tol, name
     assert os.listdir(tmp_path) == []  # every swap file removed at close
 
 
@@ -90,9 +100,10 @@ def _world_fn(rank, world, path):
         base = _train(_stack(stage), rank, world)
         for tier in ("cpu", "nvme"):
             out[(stage, tier)] = (base, _train(_offloaded(stage, tier, path), rank, world))
-    base = _train(_stack(2, "bf16"), rank, world)
-    out[(2, "cpu bf16")] = (base, _train(_offloaded(2, "cpu", path, "bf16"), rank, world))
-    out[(3, "nvme bf16")] = (base, _train(_offloaded(3, "nvme", path, "bf16"), rank, world))
+    for stage, tier in ((2, "cpu"), (3, "nvme")):
+        base = _train(_stack(stage, "bf16"), rank, world)
+        got = _train(_offloaded(stage, tier, path, "bf16"), rank, world)
+        out[(stage, f"{tier} bf16")] = (base, got)
     # This rank's files (the other rank may still be writing its own into the same dir).
     out["files left"] = [f for f in os.listdir(path) if f"-r{rank}-" in f]
     return out
@@ -110,6 +121,36 @@ def test_offload_over_shard_zero_equals_shard_zero(world):
                 assert max_rel_error(got, base) <= 1e-6, (rank, case)
                 if "bf16" not in case[1]:
                     assert max_rel_error(got, plain) <= 1e-5, (rank, case)
+
+
+# ----------------------------------------------------------------------------- host kernel
+
+
+def test_host_adamw_kernel_matches_reference_and_is_scoped():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(33,), (7, 5), (1,)]
+
+    def tensors():
+        return [
+            [torch.randn(s, generator=g) for s in shapes],
+            [torch.randn(s, generator=g) for s in shapes],
+            [torch.randn(s, generator=g) * 0.1 for s in shapes],
+            [torch.rand(s, generator=g) * 0.01 for s in shapes],
+        ]
+
+    a = tensors()
+    b = [[t.clone() for t in lst] for lst in a]
+    b[1][1] = b[1][1].double()  # a dtype mix: falls back to the reference for that tensor
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=3)
+    adamw_update_reference_(*a, **kw)
+    adamw_update_cpu_fused_(*b, **kw)
+    for x, y in zip(a, b, strict=True):
+        for u, v in zip(x, y, strict=True):
+            torch.testing.assert_close(v.float(), u, rtol=1e-6, atol=1e-7)
+    assert dispatch.resolve("adamw_update", torch.zeros(1)).name == "adamw_update_reference"
+    with host_kernels():
+        assert dispatch.resolve("adamw_update", torch.zeros(1)).name == cpu_adam.NAME
+    assert dispatch.resolve("adamw_update", torch.zeros(1)).name == "adamw_update_reference"
 
 
 # ----------------------------------------------------------------------------- DPU
