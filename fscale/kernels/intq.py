@@ -188,23 +188,28 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # Small-batch linear layers are bound by reading the weight: an int4 g128 weight
 # is 4.25 bits per element against fp16's 16, so a kernel that loads the packed
 # codes and dequantizes in registers moves ~3.8x fewer bytes. Each program owns a
-# BLOCK_M x BLOCK_N tile of y and walks K in BLOCK_K steps; BLOCK_K divides the
-# group size, so one step needs one scale (and one minimum) per output column.
-# Int4 bytes are split into their two nibbles and re-interleaved with tl.join
-# (element 2j low, 2j + 1 high: the order pack_int writes). The dot runs in x's
-# dtype (fp16/bf16 tensor cores on GPU), accumulating in fp32; under the CPU
-# interpreter use fp32 x (bf16 tl.dot is wrong there, see DESIGN section 7).
+# BLOCK_M x BLOCK_N tile of y and a contiguous range of K chunks (split-K: with
+# M = 1 an 8192-wide layer has only 128 column tiles, too few programs to keep
+# an H200's 132 SMs streaming, so K is split until there are ~4 programs per SM
+# and the partial sums meet in an fp32 buffer through atomic adds). BLOCK_K
+# divides the group size, so one chunk needs one scale (and one minimum) per
+# output column. Int4 bytes are split into their two nibbles and re-interleaved
+# with tl.join (element 2j low, 2j + 1 high: the order pack_int writes). The dot
+# runs in x's dtype (fp16/bf16 tensor cores on GPU), accumulating in fp32; under
+# the CPU interpreter use fp32 x (bf16 tl.dot is wrong there, DESIGN section 7).
+# From M > _FUSED_MAX_M the layer is compute-bound and dequantize + cuBLAS wins.
 
 
 def _int_linear_kernel(
     x_ptr, q_ptr, s_ptr, lo_ptr, b_ptr, y_ptr,
-    M, N, K,
+    M, N, K, chunks_per_prog,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
@@ -212,7 +217,10 @@ def _int_linear_kernel(
     # tl.full, not tl.zeros: zeros is a @jit helper, which fails under an interpreter
     # switched on after triton was imported (tests set TRITON_INTERPRET late).
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    c0 = pid_k * chunks_per_prog
+    c1 = tl.minimum(c0 + chunks_per_prog, K // BLOCK_K)
+    for c in range(c0, c1):
+        k0 = c * BLOCK_K
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
@@ -239,12 +247,14 @@ def _int_linear_kernel(
             w = w + lo[:, None]
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + rm[:, None] * stride_ym + rn[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask)
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:
@@ -255,6 +265,7 @@ def _interpreting() -> bool:
 
 
 _JITTED: dict[bool, object] = {}
+_FUSED_MAX_M = 64
 
 
 def _kernel():
@@ -265,8 +276,25 @@ def _kernel():
     return _JITTED[interpret], interpret
 
 
-def int_linear_triton(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None):
-    """Fused dequantize + matmul (see [Note: the weight-only int kernel]); any M, N."""
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def int_linear_triton(
+    x: torch.Tensor,
+    p: PackedInt,
+    bias: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
+    fused_max_m: int = _FUSED_MAX_M,
+):
+    """Fused dequantize + matmul (see [Note: the weight-only int kernel]); any M, N.
+
+    ``split_k``: K partitions (default: enough for ~4 programs per SM);
+    ``fused_max_m``: above this many rows, dequantize and call ``F.linear``.
+    """
     if triton is None:
         raise RuntimeError("int_linear_triton needs triton; use int_linear_reference.")
     kernel, interpret = _kernel()
@@ -280,23 +308,32 @@ def int_linear_triton(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None =
         raise ValueError(f"int_linear: x has {x.shape[-1]} features, the weight [N, K]={p.shape}.")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M > fused_max_m:
+        return int_linear_reference(x, p, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     block_n = 64
-    block_k = min(p.group_size, 64)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    block_k = min(p.group_size, 128)
+    chunks = K // block_k
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    if split_k is None:
+        split_k = max(1, min(chunks, -(-4 * _num_sms(x.device) // tiles)))
+    per = -(-chunks // split_k)
+    split_k = -(-chunks // per)  # no empty programs
+    atomic = split_k > 1
+    y = torch.zeros if atomic else torch.empty
+    y = y((M, N), dtype=torch.float32 if atomic else x.dtype, device=x.device)
     lo = p.lo if p.lo is not None else p.scale
     b = bias if bias is not None else y
-    kernel[grid](
-        x2, p.codes, p.scale, lo, b, y, M, N, K,
+    kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)](
+        x2, p.codes, p.scale, lo, b, y, M, N, K, per,
         x2.stride(0), x2.stride(1), p.codes.stride(0), p.scale.stride(0), y.stride(0),
         GROUP=p.group_size, BITS=p.bits, SYMMETRIC=p.symmetric, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
-    return y.reshape(*lead, N)
+    return y.to(x.dtype).reshape(*lead, N)
 
 
 if triton is not None:

@@ -80,25 +80,38 @@ def test_int_linear_reference_is_dequantized_linear(bits, symmetric):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "bits,group_size,symmetric,m,n,k,bias",
+    "bits,group_size,symmetric,m,n,k,bias,split_k",
     [
-        (8, 32, True, 1, 40, 64, True),
-        (8, 128, False, 17, 64, 256, False),
-        (4, 64, True, 5, 70, 128, True),
-        (4, 32, False, 33, 24, 96, True),
-        (4, 128, True, 2, 130, 128, False),
+        (8, 32, True, 1, 40, 64, True, None),
+        (8, 128, False, 17, 64, 256, False, 1),
+        (4, 64, True, 5, 70, 128, True, 2),
+        (4, 32, False, 33, 24, 96, True, None),
+        (4, 128, True, 2, 130, 256, False, None),
+        (8, 64, False, 64, 16, 128, True, 1),
     ],
 )
 def test_int_linear_triton_matches_reference(
-    monkeypatch, bits, group_size, symmetric, m, n, k, bias
+    monkeypatch, bits, group_size, symmetric, m, n, k, bias, split_k
 ):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     w, x = _rand(n, k, seed=m), _rand(m, k, seed=n)
     b = _rand(n, seed=k) if bias else None
     p = intq.pack_int(w, bits=bits, group_size=group_size, symmetric=symmetric)
     torch.testing.assert_close(
-        intq.int_linear_triton(x, p, b), intq.int_linear_reference(x, p, b), rtol=1e-4, atol=1e-4
+        intq.int_linear_triton(x, p, b, split_k=split_k),
+        intq.int_linear_reference(x, p, b),
+        rtol=1e-4,
+        atol=1e-4,
     )
+
+
+@needs_triton
+def test_int_linear_triton_large_m_falls_back(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = intq.pack_int(_rand(8, 32), bits=4, group_size=32)
+    x = _rand(3, 7, 32)
+    y = intq.int_linear_triton(x, p, fused_max_m=4)  # 21 rows: dequantize + F.linear
+    torch.testing.assert_close(y, intq.int_linear_reference(x, p))
 
 
 def test_w8a8_int_mm_matches_reference_and_float():
