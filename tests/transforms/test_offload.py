@@ -313,3 +313,35 @@ def test_explain_shows_bytes_per_tier(tmp_path):
     cpu = fs.plan(fs.offload(step, "cpu"), params)
     assert cpu.memory["optimizer (cpu)"] == 2 * cpu.param_bytes  # Adam's two fp32 moments
     assert "optimizer (cpu)" in fs.explain(fs.offload(step, "cpu"), params)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _cuda_train(wrap, optimizer="adamw"):
+    model = mlp([64, 256, 256, 10], seed=3).cuda()
+    params, apply = fs.functional(model)
+    step = wrap(fs.train_step(regression_loss(apply), _optimizer(optimizer), clip_norm=0.5))
+    params, state = step.init(params)
+    for batch in regression_batches(STEPS, GLOBAL_BATCH, 64, 10):
+        params, state, _ = step(params, state, {k: v.cuda() for k, v in batch.items()})
+    handle = state.get("offload")
+    pinned = handle is not None and all(b.is_pinned() for b in handle.buffers)
+    if handle is not None:
+        handle.close()
+    return {k: v.detach().cpu() for k, v in params.items()}, pinned
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_params_with_host_and_nvme_state_equal_no_offload(tmp_path):
+    for optimizer, tol in (("adamw", 1e-5), ("sgd", 0.0)):  # device Triton vs host fused AdamW
+        expected, _ = _cuda_train(lambda s: s, optimizer)
+        for name, wrap in {
+            "cpu": lambda s: fs.offload(s, "cpu", subgroup_mb=0.05),
+            "nvme": lambda s: fs.offload(s, "nvme", path=tmp_path, subgroup_mb=0.05),
+            "nvme serial": lambda s: fs.offload(s, "nvme", path=tmp_path, overlap=False),
+        }.items():
+            got, pinned = _cuda_train(wrap, optimizer)
+            assert pinned, name
+            assert max_rel_error(got, expected) <= tol, (optimizer, name)
+    assert os.listdir(tmp_path) == []
