@@ -208,8 +208,12 @@ class FscaleRun:
             self.info["kernels"] = dict(plan.kernels)
         except Exception as e:  # the estimate is a nicety; never let it sink the variant
             self.info["plan_error"] = f"{type(e).__name__}: {e}"
+        before = {n: p.data_ptr() for n, p in params.items()}
         params, state = step.init(params)
-        if stage == 3:
+        # Stage 3 returns shards; stages 1/2 under mixed precision return bf16 compute
+        # copies (the fp32 master is sharded): either way the module's own fp32
+        # weights are dead weight now.
+        if any(p.data_ptr() != before[n] for n, p in params.items()):
             release_module_weights(model)
             self.info["module_numel_after_release"] = sum(p.numel() for p in model.parameters())
         self.info["transforms"] = [str(t) for t in step.transforms]

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_seed = args.seed + 1
     gen = torch.Generator().manual_seed(args.seed)
     history = {"train_loss": [], "val_step": [0], "val_loss": []}
-    full = fs.gather_params(params)  # stage 3 params are shards; a collective
+    full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
     history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
 
     losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         if it % eval_every == 0 or it == args.steps:
             t0 = time.perf_counter()
             history["val_step"].append(it)
-            full = fs.gather_params(params)  # stage 3 params are shards; a collective
+            full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
             history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
             eval_time += time.perf_counter() - t0
             if main_rank:

@@ -27,8 +27,11 @@ _MAX_IN_FLIGHT = 2
 class GradBuckets:
     """A grad sink for ``StepContext.grad_sink``: grads in, reduced shards out."""
 
-    def __init__(self, specs: list[ShardSpec], group, bucket_bytes: int, reduce_dtype=None):
+    def __init__(
+        self, specs: list[ShardSpec], group, bucket_bytes: int, reduce_dtype=None, out_dtypes=None
+    ):
         self.specs = specs  # aligned with the step's differentiated leaves
+        self.out_dtypes = out_dtypes  # per leaf: the master shard's dtype
         self.group = group
         self.world = comm.world_size(group)
         self.bucket_bytes = bucket_bytes
@@ -53,7 +56,9 @@ class GradBuckets:
         grads = [g for _, g in self.bucket]
         specs = tuple(self.specs[i] for i in indices)
         flat = copy_in(grads, specs, self.world, self.reduce_dtype or grads[0].dtype)
-        dtypes = [g.dtype for g in grads]
+        # Reduced shards come out in the master shards' dtype (fp32 under mixed
+        # precision), so clipping and the update never run in 16 bits.
+        dtypes = [self.out_dtypes[i] if self.out_dtypes else g.dtype for i, g in self.bucket]
         self.bucket, self.size = [], 0
         del grads
         handle = comm.reduce_scatter(flat, op="avg", group=self.group, async_op=True)
@@ -78,7 +83,7 @@ class GradBuckets:
             for i in missing:
                 self.out[i] = torch.zeros(
                     self.specs[i].shard_shape,
-                    dtype=like.dtype if like is not None else torch.float32,
+                    dtype=self.out_dtypes[i] if self.out_dtypes else torch.float32,
                     device=like.device if like is not None else None,
                 )
         return [self.out[i] for i in range(n)]

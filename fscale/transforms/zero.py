@@ -140,11 +140,13 @@ def _overlapped_loss_and_grad(cfg: ZeroConfig, inner, ctx: StepContext, params, 
         n for n, t in zip(tree.paths(params), tree.leaves(params), strict=True) if t is not None
     ]
     mp = ctx.step.applied("mixed_precision")
+    master = ctx.state[NAME]["master"]
     ctx.grad_sink = GradBuckets(
         [specs[n] for n in names],
         cfg.group,
         cfg.bucket_bytes,
         mp.options["reduce_dtype"] if mp is not None else None,
+        out_dtypes=[master[n].dtype for n in names],
     )
     try:
         return inner.loss_and_grad(ctx, params, batch)
@@ -179,6 +181,7 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
             n: (None if t is None else specs[n].shard(t.detach(), rank)) for n, t in params.items()
         }
     shards, state = inner.init(step, shards)
+    mp = step.applied("mixed_precision")
     for n, s in shards.items():
         if s is not None:
             _tag(s, specs[n])
@@ -186,7 +189,12 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
     if cfg.stage == 3:
         return shards, state
     # Stages 1/2 keep full params for compute and a master copy of this rank's rows.
+    # Under mixed_precision the full params are kept in the compute dtype only (the
+    # fp32 master is the shards): DeepSpeed's layout, 2 bytes/param instead of 4 + 2.
     state[NAME]["master"] = shards
+    if mp is not None:
+        dtype = mp.options["param_dtype"]
+        params = {n: None if t is None else t.detach().to(dtype) for n, t in params.items()}
     return params, state
 
 
@@ -229,11 +237,19 @@ def _bucketed(specs: list[ShardSpec], grads: dict, limit: int) -> list[list[Shar
 
 
 def _reduce_then_slice(cfg: ZeroConfig, inner, ctx: StepContext, grads):
-    """Stage 1: the DDP all-reduce, then keep this rank's rows."""
+    """Stage 1: the DDP all-reduce (in the reduce dtype), then keep this rank's rows."""
+    mp = ctx.step.applied("mixed_precision")
+    if mp is not None:  # compute-dtype grads: reduce, and keep the shard, in reduce_dtype
+        dtype = mp.options["reduce_dtype"]
+        grads = {n: None if g is None else g.to(dtype) for n, g in grads.items()}
     grads = inner.reduce_grads(ctx, grads)
-    specs = ctx.state[NAME]["specs"]
+    specs, master = ctx.state[NAME]["specs"], ctx.state[NAME]["master"]
     rank = comm.rank(cfg.group)
-    return {n: None if g is None else specs[n].shard(g, rank) for n, g in grads.items()}
+    # Shard grads in the master dtype: clipping and the update then run in fp32.
+    return {
+        n: None if g is None else specs[n].shard(g, rank).to(master[n].dtype)
+        for n, g in grads.items()
+    }
 
 
 def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor:
@@ -284,15 +300,21 @@ def _all_gather_into(cfg: ZeroConfig, master: dict, params: dict, specs: dict) -
 
 
 @torch.no_grad()
-def gather_params(params: dict, group=None) -> dict:
-    """Full, unsharded params from ZeRO shards (full params are returned as they are).
+def gather_params(params: dict, state: dict | None = None, group=None) -> dict:
+    """Full, unsharded params in their master precision (for export and tests).
 
-    Collective under stage 3: every rank of ``group`` must call it.
+    Stage 3 params are shards: they are all-gathered. Stages 1/2 under mixed precision
+    keep full params in the compute dtype; pass ``state`` to get the fp32 masters
+    (all-gathered from the shards) instead. Anything else is returned as it is.
+    Collective whenever it gathers: every rank of the group must call it.
 
     Usage::
 
-        full = fs.gather_params(params)
+        full = fs.gather_params(params, state)
     """
+    master = (state or {}).get(NAME, {}).get("master")
+    if master is not None:
+        params = master  # stages 1/2: this rank's fp32 rows, tagged like stage-3 shards
     out = {}
     for name, t in params.items():
         spec = getattr(t, "_fscale_shard", None) if t is not None else None

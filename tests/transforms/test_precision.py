@@ -70,7 +70,7 @@ def _train(kind, dtype, *, optimizer=None, steps=STEPS, clip_norm=1.0, rank=0, w
         local = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
         params, state, metrics = step(params, state, local)
         losses.append(metrics["loss"])
-    return fs.gather_params(params), torch.stack(losses), metrics, state
+    return fs.gather_params(params, state), torch.stack(losses), metrics, state
 
 
 # ----------------------------------------------------------------------------- vs fp32
@@ -273,7 +273,8 @@ def _overflow_rank_fn(rank, world, stage):
         if bad and rank == 1:
             x[3] = 1e4  # its grad, 1e4 * scale 8, is inf in fp16 (max 65504)
         params, state, metrics = step(params, state, {"x": x})
-        full = {k: v.clone() for k, v in fs.gather_params(params).items()}  # donated next step
+        # With state: the fp32 masters (stages 1/2 keep fp16 compute copies as params).
+        full = {k: v.clone() for k, v in fs.gather_params(params, state).items()}
         out.append((full, metrics["overflow"], metrics["skipped_steps"]))
     return out
 
