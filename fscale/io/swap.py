@@ -15,9 +15,13 @@ moves bytes between a buffer and a named file.
   without O_DIRECT (tmpfs, some overlays) refuse the flag with EINVAL; a probe at
   start-up detects that and the engine falls back to buffered I/O (``direct``).
 - Threads. ``os.preadv`` / ``os.pwritev`` and ``zlib.crc32`` (on buffers over a
-  few KiB) release the GIL, so one reader and one writer thread move bytes while
-  the main thread runs the optimizer. Each is a single-thread executor: reads stay
-  in submission order, and a write never queues behind a read.
+  few KiB) release the GIL, so threads move bytes while the main thread runs the
+  optimizer. One reader and one writer thread take whole files, in submission
+  order (a write never queues behind a read); each splits its file into
+  ``chunk_bytes`` pieces run by ``io_threads`` chunk threads, so the drive has
+  several requests in flight and checksums overlap I/O. With one thread doing
+  I/O and CRC in turn, a 2 GiB file moved at 57% (write) and 66% (read) of ``dd
+  oflag=direct`` on an H200 host's drive.
 - Integrity. Every ``chunk_bytes`` block gets a CRC-32 as it is written, kept in
   memory; a read recomputes them and raises ``SwapCorruptError`` on the first
   mismatch, and on a file shorter than what was written. A corrupt file is never
@@ -152,6 +156,31 @@ def _probe_direct(path: str) -> bool:
             pass
 
 
+def _write_chunk(fd: int, data, start: int, end: int) -> int:
+    """Write ``data[start:end]`` at ``start``; returns its CRC-32 (computed first)."""
+    block = data[start:end]
+    crc = zlib.crc32(block)
+    done = 0
+    while done < len(block):
+        n = os.pwritev(fd, [block[done:]], start + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwritev wrote {n} bytes at {start + done}")
+        done += n
+    return crc
+
+
+def _read_chunk(fd: int, data, start: int, end: int) -> int | None:
+    """Read ``data[start:end]`` from ``start``; its CRC-32, or None on a short read."""
+    block = data[start:end]
+    done = 0
+    while done < len(block):
+        n = os.preadv(fd, [block[done:]], start + done)
+        if n <= 0:
+            return None
+        done += n
+    return zlib.crc32(block)
+
+
 def _remove(paths) -> None:
     for p in list(paths):
         for name in (p, p + ".tmp"):
@@ -172,6 +201,7 @@ class SwapEngine:
       direct: True forces O_DIRECT (error if the filesystem refuses it), False
         forces buffered I/O, None (default) probes.
       chunk_bytes: I/O and checksum granularity (rounded up to 4096).
+      io_threads: chunks in flight at once (the queue depth the drive sees).
       record: keep a log of ``(seq, time, event, key)`` in ``events`` (tests use it
         to check the pipeline's order).
     """
@@ -183,6 +213,7 @@ class SwapEngine:
         rank: int = 0,
         direct: bool | None = None,
         chunk_bytes: int = _DEFAULT_CHUNK,
+        io_threads: int = 4,
         record: bool = False,
     ):
         self.path = check_path(path)
@@ -201,12 +232,17 @@ class SwapEngine:
         self._pending: dict[str, Future] = {}  # key -> the last write submitted for it
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fscale-swap-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fscale-swap-write")
+        # Chunks of one file go to several threads: the drive sees io_threads requests
+        # at once (NVMe needs a queue depth > 1) and CRCs overlap other chunks' I/O.
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="fscale-swap-io")
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self.events: list[tuple[int, float, str, str]] | None = [] if record else None
         self.bytes_read = 0
         self.bytes_written = 0
-        self._finalizer = weakref.finalize(self, _shutdown, self._paths, self._reader, self._writer)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._paths, (self._reader, self._writer, self._io)
+        )
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -264,21 +300,18 @@ class SwapEngine:
         self.event("write_start", key)
         tmp = final + ".tmp"
         data = buf.numpy()
-        crcs = []
         fd = os.open(tmp, self._flags(os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 0o600)
+        step = self.chunk_bytes
+        chunks = []
         try:
-            for start in range(0, nbytes, self.chunk_bytes):
-                block = data[start : min(start + self.chunk_bytes, nbytes)]
-                crcs.append(zlib.crc32(block))
-                done = 0
-                while done < len(block):
-                    n = os.pwritev(fd, [block[done:]], start + done)
-                    if n <= 0:
-                        raise SwapError(f"pwritev wrote {n} bytes to {tmp!r} at {start + done}.")
-                    done += n
+            for a in range(0, nbytes, step):
+                chunks.append(self._io.submit(_write_chunk, fd, data, a, min(a + step, nbytes)))
+            crcs = [c.result() for c in chunks]
         except OSError as e:
             raise SwapError(f"writing swap file {tmp!r} failed: {e}") from e
         finally:
+            for c in chunks:
+                c.exception()  # never close the fd under a chunk still writing
             os.close(fd)
         os.replace(tmp, final)
         self._files[key] = _Record(final, nbytes, crcs)
@@ -311,6 +344,7 @@ class SwapEngine:
                 f"swap file {rec.path!r} has disappeared (was it deleted while training ran?)."
             ) from e
         data = buf.numpy()
+        chunks = []
         try:
             size = os.fstat(fd).st_size
             if size < rec.nbytes:
@@ -318,26 +352,28 @@ class SwapEngine:
                     f"swap file {rec.path!r} is {size:,} bytes but {rec.nbytes:,} were written: "
                     "it was truncated (disk full, or modified outside fscale); refusing to use it."
                 )
-            for i, start in enumerate(range(0, rec.nbytes, self.chunk_bytes)):
-                end = min(start + self.chunk_bytes, rec.nbytes)
-                block = data[start:end]
-                done = 0
-                while done < len(block):
-                    n = os.preadv(fd, [block[done:]], start + done)
-                    if n <= 0:
-                        raise SwapCorruptError(
-                            f"swap file {rec.path!r}: short read at byte {start + done:,} of "
-                            f"{rec.nbytes:,} (truncated while in use?); refusing to use it."
-                        )
-                    done += n
-                got = zlib.crc32(block)
-                if got != rec.crcs[i]:
+            starts = range(0, rec.nbytes, self.chunk_bytes)
+            chunks = [
+                self._io.submit(_read_chunk, fd, data, a, min(a + self.chunk_bytes, rec.nbytes))
+                for a in starts
+            ]
+            for start, chunk, want in zip(starts, chunks, rec.crcs, strict=True):
+                got = chunk.result()
+                if got is None:
+                    raise SwapCorruptError(
+                        f"swap file {rec.path!r}: short read at byte {start:,} of "
+                        f"{rec.nbytes:,} (truncated while in use?); refusing to use it."
+                    )
+                if got != want:
+                    end = min(start + self.chunk_bytes, rec.nbytes)
                     raise SwapCorruptError(
                         f"swap file {rec.path!r} is corrupt: bytes {start:,}..{end:,} have "
-                        f"CRC-32 {got:#010x}, {rec.crcs[i]:#010x} was written; refusing to use "
+                        f"CRC-32 {got:#010x}, {want:#010x} was written; refusing to use "
                         "it (modified outside fscale, or a failing disk)."
                     )
         finally:
+            for c in chunks:
+                c.exception()  # never close the fd under a chunk still reading
             os.close(fd)
         self.bytes_read += rec.nbytes
         self.event("read_end", key)
@@ -358,7 +394,7 @@ class SwapEngine:
         return not self._finalizer.alive
 
 
-def _shutdown(paths: set, reader: ThreadPoolExecutor, writer: ThreadPoolExecutor) -> None:
-    for pool in (reader, writer):
+def _shutdown(paths: set, pools: tuple) -> None:
+    for pool in pools:  # the job threads first: they wait on the chunk threads
         pool.shutdown(wait=True, cancel_futures=True)
     _remove(paths)
