@@ -11,7 +11,7 @@ programs (``split``: partial sums added atomically into an fp32 buffer) so that 
 handful of output tiles still fills the GPU, and spends ~3.5 integer ops per weight on
 the rebuild (see [Note: the FPx bit-plane layout] in fpx.py). Large M is compute-bound
 and there the weight is dequantized once to x's dtype and handed to cuBLAS
-(``dequant_min_m``; the same kernel in ``DEQUANT`` mode writes the dense weight).
+(``DEQUANT_MIN_M``; the same kernel in ``DEQUANT`` mode writes the dense weight).
 
 [Note: rebuilding an fp16 from an FPx code]
 With the code at the top of a byte (s e..e m..m 0..0) moved to the high byte of a
@@ -128,8 +128,9 @@ def _fpx_kernel(
                     w = tl.reshape(tl.join(w0, w1), (16, BN))
                     kk = b * KC + (2 * q + v) * 16 + offs_r
                     if DEQUANT:
+                        # W^T [K, N]: rows along n, so the stores coalesce like the loads.
                         wd = w.to(tl.float32) * scale[None, :]
-                        ptrs = y_ptr + offs_n[None, :] * K + kk[:, None]
+                        ptrs = y_ptr + kk[:, None] * N + offs_n[None, :]
                         tl.store(ptrs, wd.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
                     else:
                         xs = tl.load(
@@ -193,14 +194,25 @@ DEQUANT_MIN_M = 256
 
 
 def default_config(m: int, n: int, k: int, fmt: str, device: torch.device) -> dict:
-    """Launch parameters for an [m, k] x [k, n] product (bench/fpx_linear.py sweeps these)."""
-    kc = _fpx.layout(fmt)["k_chunk"]
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    """Launch parameters for an [m, k] x [k, n] product (bench/fpx_linear.py sweeps these).
+
+    bm covers all of a small M (each weight is rebuilt once per M tile); ``waves`` asks
+    for about that many programs per SM, reached by splitting K.
+    """
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     bn = 128 if m <= 64 else 64
-    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-    target = 4 * _sm_count(device)
-    split = max(1, min(k // kc, -(-target // tiles)))
-    return {"bm": bm, "bn": bn, "split": split, "num_warps": 4, "num_stages": 2}
+    return {"bm": bm, "bn": bn, "waves": 4, "num_warps": 4, "num_stages": 2}
+
+
+def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) -> int:
+    chunks = k // _fpx.layout(fmt)["k_chunk"]
+    if "split" in cfg:
+        split = cfg["split"]
+    else:
+        tiles = triton.cdiv(n, cfg["bn"]) * triton.cdiv(m, cfg["bm"])
+        split = -(-int(cfg.get("waves", 4) * _sm_count(device)) // tiles)
+    split = max(1, min(chunks, split))
+    return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
 
 
 def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=False):
@@ -244,13 +256,17 @@ def _check(x: torch.Tensor, p) -> None:
 
 
 def dequantize_triton(p, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """The dense weight [N, K] in ``dtype`` (``unpack(p).to(dtype)``), by the kernel."""
+    """The dense weight [N, K] in ``dtype`` (``unpack(p).to(dtype)``), by the kernel.
+
+    Returned as the transposed view of a contiguous [K, N] tensor (the kernel writes
+    W^T so that its stores coalesce; ``x @ w.t()`` then reads it as cuBLAS likes).
+    """
     _check(torch.empty(0, dtype=dtype, device=p.device), p)
     n, k = p.shape
-    y = torch.empty(n, k, dtype=dtype, device=p.device)
+    wt = torch.empty(k, n, dtype=dtype, device=p.device)
     chunks = k // _fpx.layout(p.fmt)["k_chunk"]
-    _launch(None, p, None, y, bm=16, bn=64, split=chunks, num_warps=4, num_stages=1, dequant=True)
-    return y
+    _launch(None, p, None, wt, bm=16, bn=128, split=chunks, num_warps=4, num_stages=1, dequant=True)
+    return wt.t()
 
 
 def fpx_linear_triton(
@@ -259,8 +275,8 @@ def fpx_linear_triton(
     """``x @ unpack(p).t() (+ bias)`` in x's dtype, by the fused kernel (see the module doc).
 
     ``config`` overrides the launch parameters of ``default_config`` (keys bm, bn,
-    split, num_warps, num_stages) or, with ``{"dequant": True}``, takes the
-    dequantize + cuBLAS path.
+    waves or split, num_warps, num_stages) or, with ``{"dequant": True}``, takes the
+    dequantize + cuBLAS path (``DEQUANT_MIN_M`` chooses it by M otherwise).
     """
     _check(x, p)
     _fpx._check_linear(x, p, bias)
@@ -274,14 +290,15 @@ def fpx_linear_triton(
         return x.new_empty(*lead, n)
     cfg = dict(config) if config is not None else None
     use_dequant = cfg.pop("dequant", False) if cfg is not None else m >= DEQUANT_MIN_M
-    if use_dequant and not _interpreting():
+    if use_dequant:
         w = dequantize_triton(p, x.dtype)
         y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         return y.reshape(*lead, n)
     cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
+    split = _split(cfg, m, n, k, p.fmt, x.device)
+    cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages")}
+    cfg["split"] = split
     bias_c = bias.contiguous() if bias is not None else None
-    chunks = k // _fpx.layout(p.fmt)["k_chunk"]
-    split = triton.cdiv(chunks, triton.cdiv(chunks, cfg["split"]))
     if split > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
         _launch(x2, p, bias_c, y, **cfg)
