@@ -295,6 +295,7 @@ class OffloadState:
         self._pending: Future | None = None  # delayed update in flight
         self._bg: ThreadPoolExecutor | None = None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.closed = False
 
     # -- log ---------------------------------------------------------------------------
 
@@ -326,6 +327,7 @@ class OffloadState:
 
     def close(self) -> None:
         """Finish pending work and remove the swap files (idempotent)."""
+        self.closed = True
         if self._pending is not None:
             try:
                 self._pending.result()
@@ -536,6 +538,11 @@ def _open_swap(cfg: OffloadConfig, handle: OffloadState, group) -> None:
 
 
 def _update(handle: OffloadState, grads, params):
+    if handle.closed:
+        raise RuntimeError(
+            f"offload({handle.cfg.tier}): this state was closed (its swap files are gone); "
+            "build a new one with step.init to keep training."
+        )
     g_leaves, p_leaves = tree.leaves(grads), tree.leaves(params)
     handle._reset_events()
     if handle.cfg.tier == "nvme":

@@ -299,6 +299,24 @@ def test_damaged_swap_file_stops_the_step(tmp_path, damage):
     assert os.listdir(tmp_path) == []
 
 
+def test_closed_state_is_refused_and_dropped_state_removes_its_files(tmp_path):
+    import gc
+
+    step, params = _step()
+    step = fs.offload(step, "nvme", path=tmp_path, subgroup_mb=SMALL)
+    batch = regression_batches(1, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1])[0]
+    p, state = step.init(params)
+    state["offload"].close()
+    with pytest.raises(RuntimeError, match="state was closed"):
+        step(p, state, batch)
+    p, state = step.init(params)
+    p, state, _ = step(p, state, batch)
+    assert os.listdir(tmp_path)
+    del state
+    gc.collect()
+    assert os.listdir(tmp_path) == []  # weakref.finalize; the same runs at interpreter exit
+
+
 # ----------------------------------------------------------------------------- explain
 
 
