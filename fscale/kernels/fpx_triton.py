@@ -71,6 +71,7 @@ def _fpx_kernel(
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     KC: tl.constexpr = 32 * NQ
+    LO_MASK: tl.constexpr = (((1 << LB) - 1) << (4 - LB)) * 0x01010101
     C: tl.constexpr = BN // 2
     NW = N // 2
     offs_r = tl.arange(0, 16)
@@ -104,15 +105,14 @@ def _fpx_kernel(
                 else:
                     word = hi & 0xF0F0F0F0
                 if LB > 0:
-                    LO_MASK: tl.constexpr = ((1 << LB) - 1) << (4 - LB)
-                    SH: tl.constexpr = 4 - LB - LB * q
-                    if SH > 0:
-                        lo_part = lo << SH
-                    elif SH < 0:
-                        lo_part = lo >> (-SH)
+                    sh = 4 - LB - LB * q  # lo field (j, q) -> bits of byte j below hi
+                    if sh > 0:
+                        lo_part = lo << sh
+                    elif sh < 0:
+                        lo_part = lo >> (-sh)
                     else:
                         lo_part = lo
-                    word = word | (lo_part & (LO_MASK * 0x01010101))
+                    word = word | (lo_part & LO_MASK)
                 for v in tl.static_range(2):
                     if v == 0:
                         pair = word << 8  # bytes 0, 2 -> high bytes of the two halves
