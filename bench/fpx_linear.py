@@ -204,7 +204,14 @@ def main() -> None:
         packs = w16 = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        write(args, device, name, ok, worst, correctness, rows, t0, extra)  # partial, each shape
 
+    write(args, device, name, ok, worst, correctness, rows, t0, extra)
+    print_table(args, name, rows)
+    print(f"correctness ok={ok} worst rel err {worst:.2e}; wall {time.time() - t0:.0f} s")
+
+
+def write(args, device, name, ok, worst, correctness, rows, t0, extra) -> None:
     result = {
         "bench": "fpx_linear",
         "device": name,
@@ -232,6 +239,8 @@ def main() -> None:
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         (REPO / "bench" / "results" / f"fpx_linear-{slug}.json").write_text(text)
 
+
+def print_table(args, name, rows) -> None:
     print(f"\n{name}  speedup = cuBLAS fp16 ms / fpx ms (dispatch default)")
     hdr = f"{'N':>6} {'K':>6} {'M':>5} {'cublas ms':>10}"
     for nm in FMTS:
@@ -246,7 +255,6 @@ def main() -> None:
             if args.sweep:
                 line += f" {r[nm + '_best_speedup']:>6.2f}x"
         print(line)
-    print(f"correctness ok={ok} worst rel err {worst:.2e}; wall {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
