@@ -52,6 +52,7 @@ def _fpx_kernel(
     y_ptr,
     M,
     N,
+    NW,
     K,
     stride_xm,
     stride_ym,
@@ -73,7 +74,8 @@ def _fpx_kernel(
     KC: tl.constexpr = 32 * NQ
     LO_MASK: tl.constexpr = (((1 << LB) - 1) << (4 - LB)) * 0x01010101
     C: tl.constexpr = BN // 2
-    NW = N // 2
+    # NW = N // 2 words per plane row comes from the host, so that Triton specialises
+    # it (divisible by 16) and the plane loads become 16-byte vectors.
     offs_r = tl.arange(0, 16)
     offs_c = pid_n * C + tl.arange(0, C)
     mask_c = (offs_c < NW)[None, :]
@@ -230,7 +232,7 @@ def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=Fal
     kernel[grid](
         x_arg, p.hi, p.lo if p.lo is not None else p.hi, p.scales,
         bias if bias is not None else p.scales, y,
-        m, n, k, x2.stride(0) if x2 is not None else 0, y.stride(0), per,
+        m, n, n // 2, k, x2.stride(0) if x2 is not None else 0, y.stride(0), per,
         float(2.0 ** (15 - _fpx.bias(p.fmt))),
         E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=bn, ATOMIC=grid[2] > 1,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant, **kwargs,
