@@ -197,7 +197,11 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # with tl.join (element 2j low, 2j + 1 high: the order pack_int writes). The dot
 # runs in x's dtype (fp16/bf16 tensor cores on GPU), accumulating in fp32; under
 # the CPU interpreter use fp32 x (bf16 tl.dot is wrong there, DESIGN section 7).
-# From M > _FUSED_MAX_M the layer is compute-bound and dequantize + cuBLAS wins.
+# Measured on an H200 (fp16 x, g128, vs cuBLAS x @ w.t()): int4 1.15-1.36x and int8
+# 0.5-1.3x at M <= 8 over (8192|28672) x (8192|28672); below 1x from M ~ 32 on. A
+# dequantize-then-cuBLAS fallback through the torch reference was far worse
+# (0.05-0.19x at M >= 128: it materializes fp32 weights), so every M stays fused,
+# with larger tiles from M > 64.
 
 
 def _int_linear_kernel(
@@ -265,7 +269,7 @@ def _interpreting() -> bool:
 
 
 _JITTED: dict[bool, object] = {}
-_FUSED_MAX_M = 64
+_FUSED_MAX_M = None  # no limit: see the measurements in the Note
 
 
 def _kernel():
@@ -288,12 +292,12 @@ def int_linear_triton(
     bias: torch.Tensor | None = None,
     *,
     split_k: int | None = None,
-    fused_max_m: int = _FUSED_MAX_M,
+    fused_max_m: int | None = _FUSED_MAX_M,
 ):
     """Fused dequantize + matmul (see [Note: the weight-only int kernel]); any M, N.
 
-    ``split_k``: K partitions (default: enough for ~4 programs per SM);
-    ``fused_max_m``: above this many rows, dequantize and call ``F.linear``.
+    ``split_k``: K partitions (default: the power of two giving ~4 programs per SM);
+    ``fused_max_m``: above this many rows, dequantize and call ``F.linear`` (None: never).
     """
     if triton is None:
         raise RuntimeError("int_linear_triton needs triton; use int_linear_reference.")
@@ -309,17 +313,20 @@ def int_linear_triton(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if M > fused_max_m:
+    if fused_max_m is not None and M > fused_max_m:
         return int_linear_reference(x, p, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_n = 64
-    block_k = min(p.group_size, 128)
+    block_n = 64 if M <= 64 else 128
+    block_k = min(p.group_size, 128 if M <= 64 else 64)
+    num_warps = 4 if M <= 64 else 8
     chunks = K // block_k
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if split_k is None:
-        split_k = max(1, min(chunks, -(-4 * _num_sms(x.device) // tiles)))
+        split_k = 1
+        while split_k * 2 <= chunks and tiles * split_k * 2 <= 4 * _num_sms(x.device):
+            split_k *= 2
     per = -(-chunks // split_k)
     split_k = -(-chunks // per)  # no empty programs
     atomic = split_k > 1
@@ -331,7 +338,7 @@ def int_linear_triton(
         x2, p.codes, p.scale, lo, b, y, M, N, K, per,
         x2.stride(0), x2.stride(1), p.codes.stride(0), p.scale.stride(0), y.stride(0),
         GROUP=p.group_size, BITS=p.bits, SYMMETRIC=p.symmetric, HAS_BIAS=bias is not None,
-        ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return y.to(x.dtype).reshape(*lead, N)
 
