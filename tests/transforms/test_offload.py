@@ -269,14 +269,34 @@ def test_nvme_path_errors_before_any_file_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", real_access)
     # Free space is checked at init, when the bytes are known, before writing.
     built = fs.offload(step, "nvme", path=swap_dir, subgroup_mb=SMALL)
-
-    class _Tiny:
-        f_bavail, f_frsize = 1, 4096
-
     monkeypatch.setattr(os, "statvfs", lambda p: _Tiny())
     with pytest.raises(OSError, match=r"4,096 bytes\) free but the swap files need"):
         built.init(params)
     assert os.listdir(swap_dir) == []
+
+
+class _Tiny:
+    f_bavail, f_frsize = 1, 4096
+
+
+def _one_rank_lacks_space(rank, world, path):
+    step, params = _step()
+    step = fs.offload(fs.shard_zero(step, 2), "nvme", path=path)
+    if rank == 1:
+        os.statvfs = lambda p: _Tiny()  # this rank's process only
+    try:
+        step.init(params)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_a_failed_space_check_on_one_rank_stops_every_rank(tmp_path):
+    """Raising on rank 1 alone would leave rank 0 blocked in its next collective."""
+    first, second = run_world(_one_rank_lacks_space, 2, str(tmp_path))
+    assert first[0] == "RuntimeError" and "another rank's swap path check failed" in first[1]
+    assert second[0] == "OSError" and "free but the swap files need" in second[1]
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt"])
@@ -297,6 +317,25 @@ def test_damaged_swap_file_stops_the_step(tmp_path, damage):
         step(params, state, batch)
     state["offload"].close()
     assert os.listdir(tmp_path) == []
+
+
+def test_host_memory_and_disk_bytes_are_bounded(tmp_path):
+    """nvme: three group buffers in host memory, whatever the model; cpu: 16 bytes/param (Adam)."""
+    n_params = sum(w * v + v for w, v in zip(WIDTHS, WIDTHS[1:], strict=False))
+    slack = 2 * 4096 + 5 * 64  # per group: two 4096 paddings, 64-byte aligned tensors
+    _, state = _train(_offloaded(0, "nvme", tmp_path), keep_state=True, steps=1)
+    h = state["offload"]
+    largest = max(g.total for g in h.groups)
+    assert len(h.groups) > 3 and h.host_bytes == 3 * largest
+    assert sum(os.path.getsize(f) for f in h.files()) == sum(g.persisted for g in h.groups)
+    # master + two moments on disk, nothing else beyond alignment
+    on_disk = sum(g.persisted for g in h.groups)
+    assert 12 * n_params <= on_disk <= 12 * n_params + slack * len(h.groups)
+    h.close()
+    _, state = _train(_offloaded(0, "cpu", None), keep_state=True, steps=1)
+    h = state["offload"]
+    assert 16 * n_params <= h.host_bytes <= 16 * n_params + slack * len(h.groups)
+    h.close()
 
 
 def test_closed_state_is_refused_and_dropped_state_removes_its_files(tmp_path):
