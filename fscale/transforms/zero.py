@@ -2,9 +2,11 @@
 
 Memory per rank falls as 1/N while the maths stays that of data parallelism:
 
-- stage 1 partitions the optimizer state: grads are all-reduced as in DDP, each
-  rank updates its shard (an fp32 master copy of its rows) and the updated shards
-  are all-gathered back into the full params;
+- stage 1 partitions the optimizer state: each rank updates its shard (an fp32
+  master copy of its rows) and the updated shards are all-gathered back into the
+  full params; with gradient accumulation, full local grads are kept across
+  micro-batches and all-reduced once a step (with one micro-batch the grads take
+  stage 2's overlapped path: same bytes, no reason to wait for backward's end);
 - stage 2 also partitions gradients: they are reduce-scattered in buckets while
   backward runs (``_zero2.py``), so a rank never holds the whole model's grads;
 - stage 3 also partitions the params: ``step.init`` returns shards, and each unit
@@ -106,7 +108,7 @@ def shard_zero(
     record = Transform(
         NAME,
         options={"stage": stage, "prefetch": prefetch, "world": actual},
-        plan=lambda plan: _plan(cfg, mp, step.clip_norm is not None, plan),
+        plan=lambda plan: _plan(cfg, mp, step.clip_norm is not None, step.accumulate, plan),
     )
     inner = step.stages
     stages = {
@@ -114,9 +116,12 @@ def shard_zero(
         "grad_norm": partial(_sharded_grad_norm, cfg),
         "update": partial(_update, cfg, inner),
     }
-    if stage == 1:
+    if stage == 1 and step.accumulate > 1:
+        # Stage 1 keeps full local grads across micro-batches and reduces once a step.
         stages["reduce_grads"] = partial(_reduce_then_slice, cfg, inner)
-    elif stage == 2:
+    elif stage in (1, 2):
+        # Stage 2, and stage 1 with a single micro-batch (where keeping full grads
+        # buys nothing): reduce-scatter buckets during backward, overlapped.
         stages["loss_and_grad"] = partial(_overlapped_loss_and_grad, cfg, inner)
         stages["reduce_grads"] = _already_reduced
     else:
@@ -329,7 +334,7 @@ def gather_params(params: dict, state: dict | None = None, group=None) -> dict:
 # ----------------------------------------------------------------------------- plan
 
 
-def _plan(cfg: ZeroConfig, mp, clips: bool, plan) -> None:
+def _plan(cfg: ZeroConfig, mp, clips: bool, accumulate: int, plan) -> None:
     n = plan.world
     full = plan.param_bytes  # fp32 master bytes
     # Under mixed_precision, params travel in the compute dtype, grads in reduce_dtype.
@@ -340,14 +345,15 @@ def _plan(cfg: ZeroConfig, mp, clips: bool, plan) -> None:
     if n == 1:
         plan.notes.append("shard_zero in a world of one: no collectives, nothing saved.")
         return
-    if cfg.stage == 1:
+    if cfg.stage == 1 and accumulate > 1:
         plan.collectives.append(_coll("all_reduce", reduce, "reduce_grads"))
-        plan.memory["master"] = full // n
-    if cfg.stage >= 2:
+    elif cfg.stage < 3:
+        plan.collectives.append(_coll("reduce_scatter", reduce, "loss_and_grad"))
         plan.memory["grads"] = full // n
-    if cfg.stage == 2:
-        plan.collectives.append(_coll("reduce_scatter", reduce, "reduce_grads"))
+    if cfg.stage < 3:
         plan.memory["master"] = full // n
+    else:
+        plan.memory["grads"] = full // n
     if cfg.stage < 3:
         plan.collectives.append(_coll("all_gather", full // n, "update"))
     else:

@@ -373,10 +373,9 @@ def test_reduce_dtype_halves_the_gradient_bytes_in_every_stage(world2):
     by_case = world2[0]
     grad_bytes = sum(p.numel() * 4 for p in by_case[("mlp", "bf16", 1, 1, ())][0].values())
     bf16 = tuple(_BF16_REDUCE.items())
-    # Stage 1: the DDP all-reduce (+ 4 bytes of grad norm); 2/3: padded shards' reduce-scatter.
-    assert by_case[("mlp", "bf16", 1, 1, ())][1]["all_reduce"] == grad_bytes + 4
-    assert by_case[("mlp", "bf16", 1, 1, bf16)][1]["all_reduce"] == grad_bytes // 2 + 4
-    for stage in (2, 3):
+    # One micro-batch: every stage reduce-scatters the padded shards in backward.
+    assert grad_bytes > 0
+    for stage in (1, 2, 3):
         fp32_bytes = by_case[("mlp", "bf16", stage, 1, ())][1]["reduce_scatter"]
         assert by_case[("mlp", "bf16", stage, 1, bf16)][1]["reduce_scatter"] == fp32_bytes // 2
 
