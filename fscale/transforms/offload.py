@@ -118,8 +118,9 @@ def offload(
         "params")`` (stage-3 param shards too) is not implemented yet.
       path: ``tier="nvme"``: an existing writable directory on the NVMe drive.
         Checked now, and at ``init`` again with the bytes the files will take.
-      buffer_mb: ``tier="nvme"``: size of each host buffer of the swap pool (three
-        with ``overlap``); a sub-group larger than this gets a buffer its size.
+      buffer_mb: ``tier="nvme"``: host memory per buffer of the swap pool (three with
+        ``overlap``): sub-groups are cut so that master, state and grads fit one, and
+        each buffer is the size of the largest (a single larger leaf makes it larger).
       overlap: pipeline reads, updates and writes of sub-groups (and device<->host
         copies on CUDA); False runs them one after the other.
       subgroup_mb: fp32 master bytes per sub-group (default ``buffer_mb / 4``).
@@ -484,12 +485,16 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
         handle.groups.append(g)
     if cfg.tier == "nvme":
         _open_swap(cfg, handle, group)
-    for g in handle.groups:
+    writes: list[Future] = []
+    for k, g in enumerate(handle.groups):
         if cfg.tier == "cpu":
             buf = swap.alloc(g.total)
             handle.buffers.append(buf)
-        else:
-            buf = handle.buffers[0]
+        else:  # the pool in turn: group k's write overlaps group k+1's init
+            n = len(handle.buffers)
+            buf = handle.buffers[k % n]
+            if k >= n:
+                writes[k - n].result()
         master, _, _ = handle.views(g, buf)
         for view, i in zip(master, g.leaves, strict=True):
             view.copy_(leaves[i].detach())
@@ -497,7 +502,9 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
         state = inner.init(_sub(spec, _scatter(len(leaves), g.leaves, master), g.leaves))
         handle._store_state(g, buf, state)
         if cfg.tier == "nvme":
-            handle.engine.write(g.key, buf, g.persisted).result()
+            writes.append(handle.engine.write(g.key, buf, g.persisted))
+    for w in writes:
+        w.result()
     handle._reset_events()
     if cfg.tier == "cpu" and cfg.delayed_update:
         handle._bg = ThreadPoolExecutor(1, thread_name_prefix="fscale-offload-dpu")
@@ -529,8 +536,7 @@ def _open_swap(cfg: OffloadConfig, handle: OffloadState, group) -> None:
     if error is not None:
         raise error
     handle.engine = swap.SwapEngine(cfg.path, rank=rank, direct=cfg.direct, record=True)
-    size = max([g.total for g in handle.groups] + [min(cfg.buffer_bytes, 1)])
-    size = swap.align_up(size)
+    size = swap.align_up(max((g.total for g in handle.groups), default=1))
     handle.buffers = [swap.alloc(size) for _ in range(3 if cfg.overlap else 1)]
 
 
