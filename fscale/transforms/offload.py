@@ -51,6 +51,11 @@ buffer's tail after its read, so the D2H copy of the grads overlaps the disk too
 Every step ends with all writes done. ``overlap=False`` uses one buffer: read,
 update, write, in turn.
 
+Not yet: ``what=("optimizer", "params")`` (stage-3 param shards on host/NVMe; raises
+NotImplementedError), and streaming grads to the host *during* backward (they are
+copied group by group after it, the next group's copy overlapping the current
+group's update on a side stream).
+
 References: Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model
 Training", USENIX ATC 2021; Rajbhandari et al., "ZeRO-Infinity: Breaking the GPU
 Memory Wall for Extreme Scale Deep Learning", SC 2021.
