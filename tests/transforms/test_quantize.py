@@ -242,3 +242,26 @@ def test_fpx_shape_error_names_param(tiny):
     params, *_ = tiny
     with pytest.raises(ValueError, match=r"'blocks.0.attn.qkv.weight'.*K=32.*pad=True"):
         quantize(params, "fp6")
+
+
+def test_quantize_gpt_example_smoke(tmp_path):
+    pytest.importorskip("tqdm")  # train_gpt's progress bar
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "quantize_gpt.py"
+    spec = importlib.util.spec_from_file_location("quantize_gpt", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    fmts = "int4 g128,w8a8" + (",fp6 e3m2" if HAS_FPX else "")
+    out = tmp_path / "q.json"
+    argv = ["--preset", "tiny", "--steps", "2", "--seq-len", "32", "--eval-batches", "1"]
+    argv += ["--formats", fmts, "--save", str(tmp_path / "p.pt"), "--out", str(out)]
+    rows = example.main(argv)
+    assert [r["label"] for r in rows[:2]] == ["fp32", "fp16"]
+    assert len(rows) == 2 + len(fmts.split(","))
+    assert all(r["ppl"] > 1 and abs(r["ppl_rel_fp16"]) < 0.05 for r in rows)
+    assert out.is_file()
+    # and from the checkpoint it wrote
+    again = example.main([*argv[:-2], "--out", str(out), "--checkpoint", str(tmp_path / "p.pt")])
+    assert again[2]["ppl"] == pytest.approx(rows[2]["ppl"])
