@@ -378,7 +378,7 @@ def test_explain_shows_per_rank_memory_and_collectives_per_stage():
         assert memory["optimizer"] == full_params  # adam: 2 moments / 2 ranks
         assert memory["grads"] == full_params // 2  # one micro-batch: reduce-scattered
         assert memory["params"] == (full_params // 2 if stage == 3 else full_params)
-    assert ("reduce_scatter", "reduce_grads") in out[2][1]
+    assert ("reduce_scatter", "loss_and_grad") in out[2][1]  # overlapped with backward
     assert ("all_gather", "materialize") in out[3][1]
     assert "shard_zero(stage=3" in out["text"] and "memory per rank" in out["text"]
     assert math.isfinite(full_params)
