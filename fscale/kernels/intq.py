@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -197,11 +198,17 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # with tl.join (element 2j low, 2j + 1 high: the order pack_int writes). The dot
 # runs in x's dtype (fp16/bf16 tensor cores on GPU), accumulating in fp32; under
 # the CPU interpreter use fp32 x (bf16 tl.dot is wrong there, DESIGN section 7).
-# Measured on an H200 (fp16 x, g128, vs cuBLAS x @ w.t()): int4 1.15-1.36x and int8
-# 0.5-1.3x at M <= 8 over (8192|28672) x (8192|28672); below 1x from M ~ 32 on. A
-# dequantize-then-cuBLAS fallback through the torch reference was far worse
-# (0.05-0.19x at M >= 128: it materializes fp32 weights), so every M stays fused,
-# with larger tiles from M > 64.
+# Measured on an H200 (fp16 x, g128, kernel time in CUDA graphs, vs cuBLAS x @ w.t()
+# likewise): 8192 x 8192 at M = 1-8, int4 29 us vs 37 us (1.28x), int8 31-32 us;
+# 28672 x 8192 at M = 1-8, int4 87-99 us vs 109 us (1.1-1.25x); parity at M = 32;
+# 0.35-0.47x at M >= 128 with the larger tiles. That is ~1.3 TB/s of packed weight,
+# far from the 3.8x that int4's bytes allow: the nibble unpack (join/reshape) and
+# the 16-row MMA tile for M = 1 are the next things to fix (a GEMV path without
+# tl.dot for M <= 4). Called eagerly, each call also costs ~80-100 us of host time
+# on that machine (Triton's launcher, the fp32 split-K buffer and its cast),
+# which hides the gain for layers under ~0.1 ms: capture decoding in a CUDA graph.
+# A dequantize-then-cuBLAS fallback through the torch reference was far worse
+# (0.05-0.19x at M >= 128: it materializes fp32 weights), so every M stays fused.
 
 
 def _int_linear_kernel(
@@ -280,6 +287,7 @@ def _kernel():
     return _JITTED[interpret], interpret
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
