@@ -7,8 +7,9 @@ One run does everything, in this order:
      fp64, for every format at each (N, K), fp16 and bf16 activations, with bias;
   2. timings (``triton.testing.do_bench`` median; it flushes L2 between repeats) for
      (N, K) in (8192, 8192), (28672, 8192), (8192, 28672) and M in 1, 8, 32, 128, 512,
-     2048: cuBLAS fp16, then per format the dispatch default and, with ``--sweep``, a
-     set of launch configurations (the best is reported beside the default).
+     2048: cuBLAS fp16, then per format ``fpx_linear`` as dispatch runs it (its first
+     call per shape and M bucket tunes the launch among ``candidate_configs``: the
+     choice is recorded) and, with ``--sweep``, more launch configurations.
 Weight bytes: fp16 2 B, fpx (1+E+M)/8 B per weight + 4 B per output channel.
 
 Usage (on a CUDA machine)::
@@ -89,7 +90,7 @@ def sweep_configs(m: int) -> list[dict]:
         bm = 16 if m <= 16 else 32
         return [
             dict(bm=bm, bn=bn, waves=wv, num_warps=nw, num_stages=ns)
-            for bn, wv, nw, ns in ((64, 4, 4, 2), (128, 4, 4, 2), (128, 8, 4, 3), (256, 4, 8, 2))
+            for bn, wv, nw, ns in ((64, 8, 4, 3), (128, 8, 4, 5), (128, 16, 4, 3), (256, 8, 8, 4))
         ]
     if m <= 128:
         return [
@@ -174,7 +175,11 @@ def main() -> None:
             row = dict(N=n, K=k, M=m, cublas_ms=t_cublas)
             row["cublas_weight_GBps"] = 2 * n * k / t_cublas / 1e6
             for nm, p in packs.items():
+                fpx.fpx_linear(x, p)  # the first call tunes the launch (see fpx_triton._tune)
                 t_def = bench(lambda: fpx.fpx_linear(x, p))  # noqa: B023
+                key = (p.fmt, n, k, fpx_triton._bucket(m), str(x.device))
+                row[f"{nm}_config"] = fpx_triton.tuned().get(key)
+                row[f"{nm}_candidates_ms"] = fpx_triton._TUNE_LOG.get(key)
                 row[f"{nm}_ms"] = t_def
                 row[f"{nm}_speedup"] = t_cublas / t_def
                 row[f"{nm}_weight_GBps"] = p.nbytes / t_def / 1e6

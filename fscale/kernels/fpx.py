@@ -143,7 +143,7 @@ def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
 # whose rows run along K and whose columns are pairs of output channels (n = 2c, 2c+1),
 # so a tile of rows is a coalesced, 16-byte-vectorisable load along N for the kernel.
 # K is cut into chunks of KC = 32 * NQ (NQ = 32 / (4 L) "byte words" per lo word:
-# fp6 4 -> KC 128, fp5 8 -> KC 256; fp4 2 -> KC 64). Inside chunk b,
+# fp6 4 -> KC 128, fp5 8 -> KC 256; fp4, with no lo plane, 4 -> KC 128). Inside chunk b,
 #   k = b*KC + 16*(2q + v) + r,  q < NQ, v < 2, r < 16;  n = 2c + h,  h < 2,
 # and with j = v + 2h (a byte of a 32-bit word),
 #   hi plane [K/4, N/2]:   row (b*NQ/2 + q//2)*16 + r, column c, nibble 2j + q%2,
@@ -160,7 +160,9 @@ def layout(fmt: str) -> dict:
     """Constants of the plane layout of ``fmt`` (see [Note: the FPx bit-plane layout])."""
     n = nbits(fmt)
     lo_bits = n - 4
-    nq = 2 if lo_bits == 0 else 8 // lo_bits
+    # fp4 has no lo plane; 4 byte words per chunk (two hi tiles) keep its loads as
+    # large as fp6's per loop iteration.
+    nq = 4 if lo_bits == 0 else 8 // lo_bits
     return {"lo_bits": lo_bits, "nq": nq, "k_chunk": 32 * nq, "n_multiple": 2}
 
 

@@ -72,40 +72,44 @@ def _fpx_kernel(
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     KC: tl.constexpr = 32 * NQ
-    LO_MASK: tl.constexpr = (((1 << LB) - 1) << (4 - LB)) * 0x01010101
     C: tl.constexpr = BN // 2
+    # Exponent|mantissa bits of a code at the top of the high byte of each 16-bit half.
+    EM_MASK: tl.constexpr = (((1 << (3 + LB)) - 1) << (12 - LB)) * 0x00010001
     # NW = N // 2 words per plane row comes from the host, so that Triton specialises
     # it (divisible by 16) and the plane loads become 16-byte vectors.
     offs_r = tl.arange(0, 16)
     offs_c = pid_n * C + tl.arange(0, C)
-    mask_c = (offs_c < NW)[None, :]
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
+    mask_c = offs_c < NW
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
     chunk0 = pid_k * chunks_per_prog
     chunk1 = chunk0 + chunks_per_prog
     chunk1 = tl.where(chunk1 < K // KC, chunk1, K // KC)
-    if DEQUANT:
-        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0) * exp_scale
-    acc = tl.full((BM, BN), 0.0, tl.float32)
+    # Output channels 2c (even) and 2c + 1 (odd) come from the two halves of a word;
+    # each half feeds its own dot and accumulator, so no interleave is needed until
+    # the (strided) epilogue stores.
+    scale_e = tl.load(s_ptr + 2 * offs_c, mask=mask_c, other=0.0) * exp_scale
+    scale_o = tl.load(s_ptr + 2 * offs_c + 1, mask=mask_c, other=0.0) * exp_scale
+    acc_e = tl.full((BM, C), 0.0, tl.float32)
+    acc_o = tl.full((BM, C), 0.0, tl.float32)
     for b in range(chunk0, chunk1):
         if LB > 0:
             lo_rows = b * 16 + offs_r
-            lo = tl.load(lo_ptr + lo_rows[:, None] * NW + offs_c[None, :], mask=mask_c, other=0)
+            lo = tl.load(lo_ptr + lo_rows[:, None] * NW + offs_c[None, :], mask=mask_c[None, :])
             lo = lo.to(tl.uint32, bitcast=True)
         for qh in tl.static_range(NQ // 2):
             hi_rows = (b * (NQ // 2) + qh) * 16 + offs_r
-            hi = tl.load(hi_ptr + hi_rows[:, None] * NW + offs_c[None, :], mask=mask_c, other=0)
+            hi = tl.load(hi_ptr + hi_rows[:, None] * NW + offs_c[None, :], mask=mask_c[None, :])
             hi = hi.to(tl.uint32, bitcast=True)
             for ql in tl.static_range(2):
                 q = 2 * qh + ql
                 # Four codes at the tops of the four bytes: byte j holds (k-row r,
-                # sub-tile 2q + v, channel 2c + h) with j = v + 2h.
+                # sub-tile 2q + v, channel 2c + h) with j = v + 2h. Bits below a code
+                # may hold other codes' bits: EM_MASK drops them below.
                 if ql == 0:
-                    word = (hi << 4) & 0xF0F0F0F0
+                    word = hi << 4
                 else:
-                    word = hi & 0xF0F0F0F0
+                    word = hi
                 if LB > 0:
                     sh = 4 - LB - LB * q  # lo field (j, q) -> bits of byte j below hi
                     if sh > 0:
@@ -114,50 +118,60 @@ def _fpx_kernel(
                         lo_part = lo >> (-sh)
                     else:
                         lo_part = lo
-                    word = word | (lo_part & LO_MASK)
+                    word = (word & 0xF0F0F0F0) | (lo_part & 0x0F0F0F0F)  # one LOP3
                 for v in tl.static_range(2):
                     if v == 0:
                         pair = word << 8  # bytes 0, 2 -> high bytes of the two halves
                     else:
                         pair = word  # bytes 1, 3
-                    pair = (pair & 0x80008000) | ((pair & 0x7F007F00) >> (5 - E))
-                    w0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-                    w1 = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-                    # [16, BN]: channels 2c, 2c + 1 (tl.interleave, spelled with builtins:
-                    # the interpreter cannot call triton.language's own jit helpers such
-                    # as tl.interleave, tl.zeros, tl.minimum when TRITON_INTERPRET is set
-                    # after triton was imported).
-                    w = tl.reshape(tl.join(w0, w1), (16, BN))
+                    pair = (pair & 0x80008000) | ((pair & EM_MASK) >> (5 - E))
                     kk = b * KC + (2 * q + v) * 16 + offs_r
-                    if DEQUANT:
-                        # W^T [K, N]: rows along n, so the stores coalesce like the loads.
-                        wd = w.to(tl.float32) * scale[None, :]
-                        ptrs = y_ptr + kk[:, None] * N + offs_n[None, :]
-                        tl.store(ptrs, wd.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
-                    else:
+                    if not DEQUANT:
                         xs = tl.load(
                             x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                             mask=mask_m[:, None],
                             other=0.0,
                         )
-                        if DOT_FP32:
-                            acc = tl.dot(
-                                xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee"
-                            )
+                    for h in tl.static_range(2):
+                        if h == 0:
+                            w = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
                         else:
-                            acc = tl.dot(xs, w.to(xs.dtype), acc)
+                            w = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+                        if DEQUANT:
+                            # W^T [K, N]: rows along n, so the stores coalesce like the loads.
+                            if h == 0:
+                                wd = w.to(tl.float32) * scale_e[None, :]
+                            else:
+                                wd = w.to(tl.float32) * scale_o[None, :]
+                            ptrs = y_ptr + kk[:, None] * N + (2 * offs_c + h)[None, :]
+                            tl.store(ptrs, wd.to(y_ptr.dtype.element_ty), mask=mask_c[None, :])
+                        else:
+                            if DOT_FP32:
+                                a = xs.to(tl.float32)
+                                w = w.to(tl.float32)
+                            else:
+                                a = xs
+                                w = w.to(xs.dtype)
+                            if h == 0:
+                                acc_e = tl.dot(a, w, acc_e, input_precision="ieee")
+                            else:
+                                acc_o = tl.dot(a, w, acc_o, input_precision="ieee")
     if not DEQUANT:
-        scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0) * exp_scale
-        out = acc * scale[None, :]
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-        ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptrs, out, mask=mask)
-        else:
-            tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        mask = mask_m[:, None] & mask_c[None, :]
+        for h in tl.static_range(2):
+            if h == 0:
+                out = acc_e * scale_e[None, :]
+            else:
+                out = acc_o * scale_o[None, :]
+            offs_n = 2 * offs_c + h
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)
+                out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+            ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+            if ATOMIC:
+                tl.atomic_add(ptrs, out, mask=mask)
+            else:
+                tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:
@@ -190,20 +204,71 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
-#: M at and above which the weight is dequantized to x's dtype and cuBLAS does the
-#: product (compute-bound there: the dequantized weight's extra traffic is amortized).
+#: M at and above which, without tuning, the weight is dequantized to x's dtype and
+#: cuBLAS does the product (compute-bound there: the extra traffic is amortized).
 DEQUANT_MIN_M = 256
 
 
 def default_config(m: int, n: int, k: int, fmt: str, device: torch.device) -> dict:
-    """Launch parameters for an [m, k] x [k, n] product (bench/fpx_linear.py sweeps these).
+    """Launch parameters for an [m, k] x [k, n] product when nothing was tuned.
 
     bm covers all of a small M (each weight is rebuilt once per M tile); ``waves`` asks
     for about that many programs per SM, reached by splitting K.
     """
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     bn = 128 if m <= 64 else 64
-    return {"bm": bm, "bn": bn, "waves": 4, "num_warps": 4, "num_stages": 2}
+    return {"bm": bm, "bn": bn, "waves": 8, "num_warps": 4, "num_stages": 3}
+
+
+def candidate_configs(m: int) -> list[dict]:
+    """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners)."""
+    if m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        return [
+            dict(bm=bm, bn=bn, waves=wv, num_warps=nw, num_stages=ns)
+            for bn, wv, nw, ns in ((128, 8, 4, 3), (128, 4, 4, 4), (64, 8, 4, 4), (256, 4, 8, 3))
+        ]
+    if m <= 128:
+        return [
+            dict(bm=64, bn=128, waves=4, num_warps=4, num_stages=3),
+            dict(bm=128, bn=128, waves=2, num_warps=8, num_stages=3),
+            dict(dequant=True),
+        ]
+    return [dict(bm=128, bn=128, waves=1, num_warps=8, num_stages=3), dict(dequant=True)]
+
+
+# (fmt, N, K, M bucket, device) -> the fastest candidate, measured on first use;
+# _TUNE_LOG keeps every candidate's time for the benchmark's record.
+_TUNED: dict[tuple, dict] = {}
+_TUNE_LOG: dict[tuple, list] = {}
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def tuned() -> dict:
+    """{(fmt, N, K, M bucket, device): config} chosen so far (for bench and explain)."""
+    return dict(_TUNED)
+
+
+def _tune(x2, p, bias) -> dict:
+    """Time each candidate on these tensors (do_bench median) and keep the fastest."""
+    n, k = p.shape
+    key = (p.fmt, n, k, _bucket(x2.shape[0]), str(x2.device))
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        times = []
+        for cfg in candidate_configs(x2.shape[0]):
+            fn = lambda cfg=cfg: fpx_linear_triton(x2, p, bias, config=cfg)  # noqa: E731
+            try:
+                times.append((do_bench(fn, warmup=5, rep=25, return_mode="median"), cfg))
+            except Exception:  # a candidate this GPU cannot compile or launch
+                continue
+        _TUNED[key] = min(times, key=lambda t: t[0])[1]
+        _TUNE_LOG[key] = times
+    return _TUNED[key]
 
 
 def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) -> int:
@@ -276,9 +341,12 @@ def fpx_linear_triton(
 ) -> torch.Tensor:
     """``x @ unpack(p).t() (+ bias)`` in x's dtype, by the fused kernel (see the module doc).
 
-    ``config`` overrides the launch parameters of ``default_config`` (keys bm, bn,
-    waves or split, num_warps, num_stages) or, with ``{"dequant": True}``, takes the
-    dequantize + cuBLAS path (``DEQUANT_MIN_M`` chooses it by M otherwise).
+    ``config`` overrides the launch parameters (keys bm, bn, waves or split,
+    num_warps, num_stages) or, with ``{"dequant": True}``, takes the dequantize +
+    cuBLAS path. Without it, on a GPU the first call for a (format, N, K, M rounded
+    up to a power of two) times ``candidate_configs(M)``, the dequantize path among
+    them for M > 64, and keeps the fastest (as ``triton.autotune`` would); under the
+    interpreter ``default_config`` and ``DEQUANT_MIN_M`` decide.
     """
     _check(x, p)
     _fpx._check_linear(x, p, bias)
@@ -290,6 +358,8 @@ def fpx_linear_triton(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
+    if config is None and x.device.type == "cuda" and not _interpreting():
+        config = _tune(x2, p, bias)
     cfg = dict(config) if config is not None else None
     use_dequant = cfg.pop("dequant", False) if cfg is not None else m >= DEQUANT_MIN_M
     if use_dequant:

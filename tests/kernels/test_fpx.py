@@ -231,7 +231,7 @@ CASES = [
     ("e2m3", 3, 64, 256, torch.bfloat16, dict(bm=16, bn=64, split=2)),
     ("e2m2", 2, 64, 512, torch.float32, dict(bm=16, bn=64, split=2)),
     ("e3m1", 4, 96, 256, torch.float16, dict(bm=16, bn=32, split=1)),
-    ("e2m1", 7, 66, 192, torch.float32, dict(bm=16, bn=64, split=3)),
+    ("e2m1", 7, 66, 384, torch.float32, dict(bm=16, bn=64, split=3)),
     ("e3m2", 3, 64, 256, torch.float32, dict(dequant=True)),  # dequantize + matmul
 ]
 
