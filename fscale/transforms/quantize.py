@@ -239,6 +239,19 @@ class QuantizedWeight(torch.Tensor):
             y = y + lorc_linear(x, self._lorc)
         return y
 
+    def to_device(self, device: torch.device | str) -> QuantizedWeight:
+        """The same packed weight on ``device`` (what ``.to(device)``/``.cuda()`` do)."""
+        device = torch.device(device)
+        return QuantizedWeight(
+            self._packed.to(device),
+            self._codec,
+            dtype=self.dtype,
+            lorc=None if self._lorc is None else self._lorc.to(device),
+            transposed=self._transposed,
+            name=self._name,
+            shape=self._nk,
+        )
+
     def _flipped(self) -> QuantizedWeight:
         return QuantizedWeight(
             self._packed,
@@ -311,7 +324,8 @@ def _plain(t) -> bool:
 def _fast_path(func, name, owner, args, kwargs):
     """A thunk running the kernel when ``func(*args)`` is a linear on a QuantizedWeight."""
     if func is F.linear:
-        x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+        x = args[0] if args else kwargs.get("input")
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         if isinstance(w, QuantizedWeight) and not w._transposed and _plain(x):
             if b is None or _plain(b):
@@ -324,6 +338,26 @@ def _fast_path(func, name, owner, args, kwargs):
         if isinstance(w, QuantizedWeight) and (name in ("t", "__get__") or len(args) == 3):
             return w._flipped
         return None
+    if name in ("to", "cuda", "cpu") and isinstance(args[0], QuantizedWeight):
+        # A move keeps the packing; a dtype change (or anything else) dequantizes.
+        w = args[0]
+        if name == "to":
+            try:
+                device, dtype, _, memory_format = torch._C._nn._parse_to(*args[1:], **kwargs)
+            except (TypeError, RuntimeError):
+                return None
+            if (dtype is not None and dtype != w.dtype) or memory_format is not None:
+                return None
+        elif name == "cuda":
+            index = args[1] if len(args) > 1 else kwargs.get("device")
+            device = torch.device("cuda") if index is None else torch.device("cuda", index)
+            if isinstance(index, (str, torch.device)):
+                device = torch.device(index)
+        else:
+            device = torch.device("cpu")
+        if device is None:
+            return lambda: w
+        return lambda: w.to_device(device)
     if name in _MATMULS and len(args) == 2 and not kwargs:
         x, w = args
         if isinstance(w, QuantizedWeight) and w._transposed and _plain(x) and x.dim() >= 1:

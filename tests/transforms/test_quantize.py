@@ -161,6 +161,11 @@ def test_matmul_forms_and_fallback():
     torch.testing.assert_close(torch.addmm(torch.zeros(48), x, qw.t()), ref)
     assert isinstance(qw.t(), QuantizedWeight) and qw.t().shape == (64, 48)
     torch.testing.assert_close(qw + 1, qw.dequantize() + 1)  # any other op: dequantized
+    moved = qw.to("cpu")  # a move keeps the packing; a dtype change dequantizes
+    assert isinstance(moved, QuantizedWeight) and isinstance(qw.cpu(), QuantizedWeight)
+    torch.testing.assert_close(moved.dequantize(), qw.dequantize())
+    half = qw.to(torch.float16)
+    assert not isinstance(half, QuantizedWeight) and half.dtype == torch.float16
     torch.testing.assert_close(qw.sum(), qw.dequantize().sum())
     assert qw.shape == (48, 64) and qw.dtype == torch.float32 and qw.dim() == 2
     # activations stay differentiable (the weight is a constant)
