@@ -127,6 +127,12 @@ def explain(step, params) -> str:
     lines.extend(f"  {op:<14} {name}" for op, name in p.kernels.items())
     lines.append("memory per rank (estimate):")
     lines.extend(f"  {kind:<14} {_gib(n):>11}" for kind, n in p.memory.items())
-    lines.append(f"  {'total':<14} {_gib(sum(p.memory.values())):>11}")
+    # Entries named "kind (tier)" live off the device (offload): total each tier apart.
+    tiers: dict[str, int] = {}
+    for kind, n in p.memory.items():
+        tier = kind[kind.index("(") + 1 : -1] if kind.endswith(")") and "(" in kind else "device"
+        tiers[tier] = tiers.get(tier, 0) + n
+    for tier, n in tiers.items():
+        lines.append(f"  {'total (' + tier + ')':<14} {_gib(n):>11}")
     lines.extend(f"note: {n}" for n in p.notes)
     return "\n".join(lines)
