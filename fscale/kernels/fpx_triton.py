@@ -266,6 +266,12 @@ def _tune(x2, p, bias) -> dict:
                 times.append((do_bench(fn, warmup=5, rep=25, return_mode="median"), cfg))
             except Exception:  # a candidate this GPU cannot compile or launch
                 continue
+        if not times:
+            raise RuntimeError(
+                f"fpx_linear_triton: no launch configuration of {candidate_configs(x2.shape[0])} "
+                f"ran for {p.fmt} N={n} K={k} M={x2.shape[0]} on {x2.device}; pass config= "
+                "explicitly, or set FSCALE_KERNELS=reference."
+            )
         _TUNED[key] = min(times, key=lambda t: t[0])[1]
         _TUNE_LOG[key] = times
     return _TUNED[key]
@@ -359,7 +365,7 @@ def fpx_linear_triton(
     if m == 0:
         return x.new_empty(*lead, n)
     if config is None and x.device.type == "cuda" and not _interpreting():
-        config = _tune(x2, p, bias)
+        config = _tune(x2, p, bias)  # once per (fmt, N, K, M bucket, device)
     cfg = dict(config) if config is not None else None
     use_dequant = cfg.pop("dequant", False) if cfg is not None else m >= DEQUANT_MIN_M
     if use_dequant:
