@@ -121,11 +121,11 @@ def test_w8a8_int_mm_matches_reference_and_float():
     torch.testing.assert_close(intq.w8a8_linear_int_mm(x, p, b), ref, rtol=1e-5, atol=1e-5)
     # per-token int8 x per-channel int8: < 2% relative error on Gaussian data
     assert _rel(ref - b, F.linear(x, w)) < 0.02
-    assert dispatch.resolve(intq.W8A8_OP, x).name == "w8a8_linear_int_mm_cpu"
+    assert dispatch.resolve(intq.W8A8_OP, x).name == "w8a8_linear_reference"  # CPU
 
 
 def test_w8a8_reference_is_the_integer_product():
-    w, x = _rand(8, 32, seed=7), _rand(4, 32, seed=8)
+    w, x = _rand(8, 2500, seed=7), _rand(4, 2500, seed=8)  # K > 1024: chunked fp32 sums
     p = intq.pack_w8a8(w)
     xq, xs = intq.quantize_tokens(x)
     exact = (xq.long() @ p.codes.long().t()).double() * xs.double()[:, None] * p.scale.double()
