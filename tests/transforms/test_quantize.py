@@ -47,9 +47,8 @@ TOL = {
     "fp8": 0.05,
 }
 INT_FORMATS = ("int8", "int4", "w8a8", "fp8")
-ALL = [
-    f if f in INT_FORMATS or HAS_FPX else pytest.param(f, marks=pytest.mark.skip) for f in FORMATS
-]
+_NO_FPX = pytest.mark.skip(reason="fscale.kernels.fpx not available")
+ALL = [f if f in INT_FORMATS or HAS_FPX else pytest.param(f, marks=_NO_FPX) for f in FORMATS]
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
@@ -174,15 +173,30 @@ def test_matmul_forms_and_fallback():
     torch.testing.assert_close(xg.grad, qw.dequantize().sum(0).expand(5, 64))
 
 
-def test_lorc_reduces_output_error(tiny):
+@pytest.mark.parametrize("fmt", [f for f in ALL if f in ("int4", "e2m1") or "e2m1" in f.values])
+def test_lorc_reduces_output_error(tiny, fmt):
     params, apply, x, ref = tiny
     errs = []
     for rank in (0, 4, 16):
-        q = quantize(params, "int4", group_size=32, lorc_rank=rank)
+        q = quantize(params, fmt, group_size=32, lorc_rank=rank, pad=True)
         with torch.no_grad():
             errs.append(_rel(apply(q, x), ref))
     assert errs[0] > errs[1] > errs[2]
-    assert "int4+lorc16" in quantize_report(q)
+    assert f"{fmt}+lorc16" in quantize_report(q)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "w8a8", "fp8"])
+def test_bf16_model(fmt):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny()).to(torch.bfloat16)
+    params, apply = fs.functional(model)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    q = quantize(params, fmt, group_size=32)
+    assert q["blocks.0.mlp.fc.weight"].dtype == torch.bfloat16
+    with torch.no_grad():
+        y, ref = apply(q, x), apply(params, x)
+    assert y.dtype == torch.bfloat16
+    assert _rel(y.float(), ref.float()) < TOL[fmt] + 0.02  # + bf16's own rounding
 
 
 def test_select_and_tied_head():
