@@ -54,6 +54,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ class Codec:
     unpack: Callable[[Any], torch.Tensor]  # packed -> float32 [N, K]
     linear: Callable[..., torch.Tensor]  # (x, packed, bias) -> y
     multiples: tuple[int, int] = (1, 1)  # (N, K) must be multiples of these (pad=True pads)
+    options: tuple = ()  # (name, value) pairs given to codec(), to rebuild it (pickling)
+
+    def __reduce__(self):
+        return (_codec_from, (self.fmt, self.options))
 
     def kernel(self, device: torch.device, dtype: torch.dtype) -> str:
         try:
@@ -133,10 +138,15 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
             intq.unpack_int,
             intq.int_linear,
             (1, group_size),
+            (("group_size", group_size), ("symmetric", symmetric)),
         )
     if fmt == "w8a8":
         return Codec(fmt, intq.W8A8_OP, intq.pack_w8a8, intq.unpack_w8a8, intq.w8a8_linear)
     return Codec(fmt, intq.FP8_OP, intq.pack_fp8, intq.unpack_fp8, intq.fp8_linear)
+
+
+def _codec_from(fmt: str, options: tuple) -> Codec:
+    return codec(fmt, **dict(options))
 
 
 # ----------------------------------------------------------------------------- the tensor
@@ -252,6 +262,18 @@ class QuantizedWeight(torch.Tensor):
             shape=self._nk,
         )
 
+    # torch.save / pickle / deepcopy keep the packed form (load with weights_only=False).
+    def __reduce_ex__(self, protocol):
+        return (_rebuild, (self._packed, self._codec, self.dtype, self._lorc, self._transposed,
+                           self._name, self._nk))  # fmt: skip
+
+    def __deepcopy__(self, memo):
+        packed = copy.deepcopy(self._packed, memo)
+        lorc = copy.deepcopy(self._lorc, memo)
+        return _rebuild(
+            packed, self._codec, self.dtype, lorc, self._transposed, self._name, self._nk
+        )
+
     def _flipped(self) -> QuantizedWeight:
         return QuantizedWeight(
             self._packed,
@@ -293,6 +315,12 @@ class QuantizedWeight(torch.Tensor):
             f"QuantizedWeight({self.fmt}, shape={tuple(self.shape)}, dtype={self.dtype}"
             f"{t}{lorc}, {self.packed_nbytes} bytes)"
         )
+
+
+def _rebuild(packed, codec, dtype, lorc, transposed, name, shape) -> QuantizedWeight:
+    return QuantizedWeight(
+        packed, codec, dtype=dtype, lorc=lorc, transposed=transposed, name=name, shape=shape
+    )
 
 
 def _packed_device(packed: Any) -> torch.device:

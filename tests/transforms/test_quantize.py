@@ -202,6 +202,24 @@ def test_bf16_model(fmt):
     assert _rel(y.float(), ref.float()) < TOL[fmt] + 0.02  # + bf16's own rounding
 
 
+@pytest.mark.parametrize("fmt", ["int4", "e3m2" if HAS_FPX else "fp8"])
+def test_save_load_and_deepcopy(tiny, tmp_path, fmt):
+    import copy
+
+    params, apply, x, _ = tiny
+    q = quantize(params, fmt, group_size=32, symmetric=False, lorc_rank=2, pad=True)
+    torch.save(q, tmp_path / "q.pt")
+    loaded = torch.load(tmp_path / "q.pt", weights_only=False)
+    for other in (loaded, copy.deepcopy(q)):
+        w = other["blocks.0.mlp.fc.weight"]
+        assert (
+            isinstance(w, QuantizedWeight)
+            and w.packed_nbytes == q["blocks.0.mlp.fc.weight"].packed_nbytes
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(apply(other, x), apply(q, x))
+
+
 def test_select_and_tied_head():
     params = {
         "emb.weight": torch.randn(10, 8),
