@@ -44,7 +44,9 @@ and to pack ``Conv1D``'s ``[in, out]`` weights along the right axis; or pass
 ``select(name, tensor) -> bool`` to choose yourself.
 
 Quantized weights are for inference: the fallback path is differentiable with
-respect to the activations, the weights themselves are constants.
+respect to the activations, the weights themselves are constants. ``.to(device)``
+moves the packed data; ``torch.save``/``copy.deepcopy`` keep it packed (load with
+``torch.load(..., weights_only=False)``); ``dequantize(params)`` gives plain tensors.
 
 References:
     Xia et al., "FP6-LLM: Efficiently Serving Large Language Models Through
