@@ -32,6 +32,7 @@ import torch
 
 from fscale.hw import comm
 from fscale.transforms._sharding import Unit, copy_in, copy_out, split_shards
+from fscale.transforms._wrapper import is_metadata_query
 
 NAME = "shard_zero"
 
@@ -243,21 +244,6 @@ def _device(grads) -> torch.device:
 # ----------------------------------------------------------------------------- lazy params
 
 
-_METADATA = {
-    "shape",
-    "dtype",
-    "device",
-    "ndim",
-    "requires_grad",
-    "is_cuda",
-    "layout",
-    "is_leaf",
-    "grad_fn",
-    "names",
-}
-_METADATA_METHODS = {"size", "dim", "numel", "is_floating_point", "element_size", "nelement"}
-
-
 class LazyParam(torch.Tensor):
     """A full-shaped stand-in for a sharded param; gathers its unit on first real use."""
 
@@ -273,9 +259,7 @@ class LazyParam(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        owner = getattr(getattr(func, "__self__", None), "__name__", "")
-        if (name == "__get__" and owner in _METADATA) or name in _METADATA_METHODS:
+        if is_metadata_query(func):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         args = torch.utils._pytree.tree_map_only(LazyParam, LazyParam.materialized, args)

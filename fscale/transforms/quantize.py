@@ -69,6 +69,7 @@ from torch import nn
 from fscale.hw import dispatch
 from fscale.kernels import intq
 from fscale.kernels.lorc import LoRC, lorc_factors, lorc_linear
+from fscale.transforms._wrapper import is_metadata_query
 
 FP_FORMATS = ("e3m2", "e2m3", "e2m2", "e3m1", "e2m1")
 FORMATS = (*FP_FORMATS, "int8", "int4", "w8a8", "fp8")
@@ -154,33 +155,6 @@ def _codec_from(fmt: str, options: tuple) -> Codec:
 # ----------------------------------------------------------------------------- the tensor
 
 
-_METADATA = {
-    "shape",
-    "dtype",
-    "device",
-    "ndim",
-    "requires_grad",
-    "is_cuda",
-    "layout",
-    "is_leaf",
-    "grad_fn",
-    "names",
-    "is_sparse",
-    "is_quantized",
-    "is_meta",
-    "is_nested",
-}
-_METADATA_METHODS = {
-    "size",
-    "dim",
-    "numel",
-    "is_floating_point",
-    "element_size",
-    "nelement",
-    "stride",
-    "is_contiguous",
-    "__len__",
-}
 _MATMULS = {"matmul", "__matmul__", "mm"}
 
 
@@ -294,7 +268,7 @@ class QuantizedWeight(torch.Tensor):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         owner = getattr(getattr(func, "__self__", None), "__name__", "")
-        if (name == "__get__" and owner in _METADATA) or name in _METADATA_METHODS:
+        if is_metadata_query(func):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         fast = _fast_path(func, name, owner, args, kwargs)
