@@ -26,11 +26,10 @@ the tests check it against the reference::
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fscale.hw import dispatch
+from fscale.kernels._triton import LazyJit
 
 try:
     import triton
@@ -175,25 +174,7 @@ def _adamw_kernel(
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
-
-
-# triton.jit decides between compiling and interpreting when it wraps the
-# function (triton 3.x reads TRITON_INTERPRET there, not at launch), so wrap it
-# lazily, once per mode: a test can then set the variable after this module
-# was imported by someone else.
-_JITTED: dict[bool, object] = {}
-
-
-def _kernel():
-    interpret = _interpreting()
-    if interpret not in _JITTED:
-        _JITTED[interpret] = triton.jit(_adamw_kernel)
-    return _JITTED[interpret], interpret
+_kernel = LazyJit(_adamw_kernel)
 
 
 _NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs")

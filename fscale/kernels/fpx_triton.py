@@ -49,12 +49,11 @@ efficiency.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fscale.hw import dispatch
 from fscale.kernels import fpx as _fpx
+from fscale.kernels._triton import LazyJit, interpreting, sm_count
 
 try:
     import triton
@@ -196,34 +195,7 @@ def _fpx_kernel(
                 tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
-
-
-# triton.jit reads TRITON_INTERPRET when it wraps the function: wrap lazily, per mode.
-_JITTED: dict[bool, object] = {}
-
-
-def _kernel():
-    interpret = _interpreting()
-    if interpret not in _JITTED:
-        _JITTED[interpret] = triton.jit(_fpx_kernel)
-    return _JITTED[interpret], interpret
-
-
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
+_kernel = LazyJit(_fpx_kernel)
 
 
 #: M at and above which, without tuning, the weight is dequantized to x's dtype and
@@ -305,7 +277,7 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
         split = cfg["split"]
     else:
         tiles = triton.cdiv(n, cfg["bn"]) * triton.cdiv(m, cfg["bm"])
-        split = -(-int(cfg.get("waves", 4) * _sm_count(device)) // tiles)
+        split = -(-int(cfg.get("waves", 4) * sm_count(device)) // tiles)
     split = max(1, min(chunks, split))
     return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
 
@@ -340,7 +312,7 @@ def _check(x: torch.Tensor, p) -> None:
             f"fpx_linear_triton: x is on {x.device}, the packed weight on {p.device}; "
             "move them to one device (PackedFPx.to)."
         )
-    if x.device.type == "cpu" and not _interpreting():
+    if x.device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "fpx_linear_triton got CPU tensors but Triton is not interpreting; set "
             "TRITON_INTERPRET=1 to run it on the CPU, or use fpx_linear_reference."
@@ -386,7 +358,7 @@ def fpx_linear_triton(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
-    if config is None and x.device.type == "cuda" and not _interpreting():
+    if config is None and x.device.type == "cuda" and not interpreting():
         config = _tune(x2, p, bias)  # once per (fmt, N, K, M bucket, device)
     cfg = dict(config) if config is not None else None
     use_dequant = cfg.pop("dequant", False) if cfg is not None else m >= DEQUANT_MIN_M

@@ -38,8 +38,6 @@ References:
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +45,7 @@ import torch.nn.functional as F
 
 from fscale.hw import dispatch
 from fscale.hw.device import capability
+from fscale.kernels._triton import LazyJit, sm_count
 
 try:
     import triton
@@ -268,30 +267,10 @@ def _int_linear_kernel(
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
-
-
-_JITTED: dict[bool, object] = {}
 _FUSED_MAX_M = None  # no limit: see the measurements in the Note
 
 
-def _kernel():
-    # Wrapped lazily, once per mode: triton.jit reads TRITON_INTERPRET when it wraps.
-    interpret = _interpreting()
-    if interpret not in _JITTED:
-        _JITTED[interpret] = triton.jit(_int_linear_kernel)
-    return _JITTED[interpret], interpret
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+_kernel = LazyJit(_int_linear_kernel)
 
 
 def int_linear_triton(
@@ -333,7 +312,7 @@ def int_linear_triton(
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     if split_k is None:
         split_k = 1
-        while split_k * 2 <= chunks and tiles * split_k * 2 <= 4 * _num_sms(x.device):
+        while split_k * 2 <= chunks and tiles * split_k * 2 <= 4 * sm_count(x.device):
             split_k *= 2
     per = -(-chunks // split_k)
     split_k = -(-chunks // per)  # no empty programs

@@ -282,7 +282,7 @@ def test_triton_leading_dims_and_errors(interpret):
 def test_triton_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
     # (Not by pinning triton.knobs.runtime.interpret: restoring it would pin it for
     # every later test instead of leaving it to TRITON_INTERPRET.)
-    monkeypatch.setattr(fpx_triton, "_interpreting", lambda: False)
+    monkeypatch.setattr(fpx_triton, "interpreting", lambda: False)
     p = fpx.pack(torch.randn(8, 128), "e3m2")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fpx_triton.fpx_linear_triton(torch.randn(2, 128), p)
@@ -320,7 +320,14 @@ def _compile_for_sm90(**const):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = fpx_triton.triton.jit(fpx_triton._fpx_kernel)
+    # A compiled (not interpreted) JITFunction, even when the suite runs under
+    # TRITON_INTERPRET=1 (the README's test command): jit reads the mode as it wraps.
+    knobs = fpx_triton.triton.knobs.runtime
+    saved, knobs.interpret = knobs.interpret, False
+    try:
+        fn = fpx_triton.triton.jit(fpx_triton._fpx_kernel)
+    finally:
+        knobs.interpret = saved
     dt = const.pop("dtype")
     sig = {
         "x_ptr": f"*{dt}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
