@@ -81,14 +81,14 @@ def sgd(
         buf = zeros_moments(params) if momentum != 0.0 else None
         return SGDState(count=0, momentum_buffer=buf)
 
-    @torch.no_grad()
-    def update(updates, state, params=None):
+    def direction(updates, state, params):
+        """The step direction (before ``-lr``), the new state and where the leaves go."""
         count = state.count
-        lr_t, wd_t = value_at(lr, count), value_at(weight_decay, count)
+        wd_t = value_at(weight_decay, count)
         new_state = SGDState(count + 1, state.momentum_buffer)
         leaves, spec, idx = split(updates)
         if not idx:
-            return updates, new_state
+            return None, new_state, (spec, leaves, idx)
         ds = subset(leaves, idx)
         if wd_t != 0.0:
             if params is None:
@@ -114,9 +114,24 @@ def sgd(
                 ds = as_dtypes(ds, bufs)
                 torch._foreach_add_(ds, bufs, alpha=momentum)
             else:
-                ds = torch._foreach_mul(bufs, -lr_t)
-                return scatter(spec, leaves, idx, ds), new_state
-        torch._foreach_mul_(ds, -lr_t)
+                ds = bufs
+        return ds, new_state, (spec, leaves, idx)
+
+    @torch.no_grad()
+    def update(updates, state, params=None):
+        ds, new_state, (spec, leaves, idx) = direction(updates, state, params)
+        if ds is None:
+            return updates, new_state
+        ds = torch._foreach_mul(ds, -value_at(lr, state.count))
         return scatter(spec, leaves, idx, ds), new_state
 
-    return GradientTransformation(init, update)
+    @torch.no_grad()
+    def update_params(grads, state, params):
+        # torch.optim.SGD's single rounding: p.add_(d, alpha=-lr), in place.
+        ds, new_state, (_, _, idx) = direction(grads, state, params)
+        if ds is not None:
+            ps = gather(params, grads, idx, what=f"{owner}: the params")
+            torch._foreach_add_(ps, as_dtypes(ds, ps), alpha=-value_at(lr, state.count))
+        return params, new_state
+
+    return GradientTransformation(init, update, update_params)

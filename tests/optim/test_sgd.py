@@ -35,9 +35,14 @@ def test_sgd_equals_torch(shape_list, seed, h):
     params = make_params(shape_list, seed)
     grads = make_grads(params, seed)
     want = run_torch(lambda p: torch.optim.SGD(p.values(), **h), params, grads)
-    got, state = run_fscale(sgd(**h), params, grads)
+    # The fused path rounds once per step, like torch (p.add_(d, alpha=-lr)).
+    got, state = run_fscale(sgd(**h), params, grads, fused=True)
     assert rel_err(got, want, params) <= TOL
     assert state.count == len(grads)
+    # update + apply_updates rounds twice (-lr * d, then p + u): up to ~2 fp32 ulps a
+    # step more over the 10 steps (measured 1.1e-6 at worst).
+    got, _ = run_fscale(sgd(**h), params, grads)
+    assert rel_err(got, want, params) <= 3 * TOL
 
 
 def test_state_layout():
