@@ -52,7 +52,11 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 def _optimizer_state_bytes(step, params) -> int:
     """Run the optimizer's init on meta tensors: exact state size, no memory used."""
-    meta = tree.map(lambda t: None if t is None else torch.empty_like(t, device="meta"), params)
+    # torch.empty from metadata only: stand-in tensors (quantized, lazy) are not touched.
+    meta = tree.map(
+        lambda t: None if t is None else torch.empty(t.shape, dtype=t.dtype, device="meta"),
+        params,
+    )
     state = step.optimizer.init(meta)
     return sum(_nbytes(t) for t in tree.leaves(state) if isinstance(t, torch.Tensor))
 
@@ -105,8 +109,15 @@ def _gib(n: int) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
-def explain(step, params) -> str:
-    """A printable report of ``plan(step, params)``."""
+def explain(step, params=None) -> str:
+    """A printable report of ``plan(step, params)``.
+
+    ``fs.explain(qparams)`` (params alone) reports quantized weights: bytes before and
+    after and the kernel each layer resolves to; with a step, that report is appended
+    when the params hold quantized weights.
+    """
+    if params is None and isinstance(step, dict):
+        return _quantize_report(step) or "no quantized weights in these params."
     p = plan(step, params)
     lines = [
         f"fscale step: world={p.world}, {p.param_count:,} params ({_gib(p.param_bytes)})",
@@ -135,4 +146,15 @@ def explain(step, params) -> str:
     for tier, n in tiers.items():
         lines.append(f"  {'total (' + tier + ')':<14} {_gib(n):>11}")
     lines.extend(f"note: {n}" for n in p.notes)
+    report = _quantize_report(params) if isinstance(params, dict) else None
+    if report:
+        lines.append(report)
     return "\n".join(lines)
+
+
+def _quantize_report(params: dict) -> str | None:
+    from fscale.transforms.quantize import QuantizedWeight, quantize_report
+
+    if not any(isinstance(t, QuantizedWeight) for t in params.values()):
+        return None
+    return quantize_report(params)

@@ -255,6 +255,17 @@ def test_report(tiny):
     assert "all params:" in text
 
 
+def test_explain_reports_quantized_layers(tiny):
+    params, apply, x, _ = tiny
+    q = quantize(params, "int8", group_size=32)
+    alone = fs.explain(q)  # params only: the per-layer report
+    assert "blocks.0.mlp.fc.weight" in alone and "int_linear" in alone
+    step = fs.train_step(lambda p, b: apply(p, b).float().mean(), fs.optim.sgd(0.1))
+    text = fs.explain(step, q)  # with a step: the plan, then the same report
+    assert text.startswith("fscale step") and alone in text
+    assert "quantized" not in fs.explain(step, params).split("memory per rank")[1]
+
+
 def test_errors(tiny):
     params, *_ = tiny
     with pytest.raises(ValueError, match=r"unknown format 'int3'.*'e3m2'.*'int4'.*'fp8'"):
