@@ -168,6 +168,16 @@ def _check_async(r: int, n: int) -> None:
     _same(got["fp8_all_reduce"], _reduce_ref([x.to(FP8[0]) for x in xs], "sum"))
     h = comm.all_reduce(torch.ones(1), async_op=True)
     assert h.wait() is h.wait()  # waiting twice is harmless
+    # pending_result: the buffer wait() fills in place (handed on before completion by
+    # ZeRO-3's deferred reduce-scatter), or None where the result is made at wait().
+    h = comm.reduce_scatter(a, op="avg", async_op=True)
+    early = h.pending_result
+    assert early is not None and h.wait() is early
+    _same(early, _reduce_ref(xs, "avg")[2 * r : 2 * r + 2])
+    with comm.override("reduce_scatter", comm.reduce_scatter_via_all_reduce):
+        h = comm.reduce_scatter(a, op="avg", async_op=True)
+        assert h.pending_result is None
+        _same(h.wait(), _reduce_ref(xs, "avg")[2 * r : 2 * r + 2])
 
 
 def _check_subgroup(r: int, n: int) -> None:
