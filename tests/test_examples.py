@@ -64,11 +64,13 @@ def test_train_gpt_world_of_one(world_of_one):
     assert world_of_one["val_loss"][-1] < world_of_one["val_loss"][0]
 
 
-def test_train_gpt_under_torchrun_matches_world_of_one(world_of_one, tmp_path):
+@pytest.mark.parametrize("zero", [[], ["--zero", "3"]], ids=["ddp", "zero3"])
+def test_train_gpt_under_torchrun_matches_world_of_one(world_of_one, tmp_path, zero):
     png = tmp_path / "loss.png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     # Per-rank batch 2 x 2 ranks: the same global batch of 4 as the world of one.
-    _run([*cmd, str(TRAIN_GPT), *TINY, "--batch-size", "2", "--out", str(png)], timeout=180)
+    args = [str(TRAIN_GPT), *TINY, "--batch-size", "2", "--out", str(png), *zero]
+    _run([*cmd, *args], timeout=180)
     metrics = _results(png)
     assert metrics["world"] == 2
     assert metrics["global_batch"] == world_of_one["global_batch"] == 4
