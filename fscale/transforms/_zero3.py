@@ -27,6 +27,7 @@ returned in the master dtype.
 from __future__ import annotations
 
 import weakref
+import zlib
 
 import torch
 
@@ -90,6 +91,8 @@ class UnitGatherer:
         if key in self.inflight or key not in self.units:
             return
         flat = self.flats[key]
+        if self.cfg.check_order:
+            self._check_same_unit_everywhere(key, flat.device)
         with torch.no_grad():
             if self.dtype is not None and flat.dtype != self.dtype:
                 flat = flat.to(self.dtype)
@@ -97,6 +100,20 @@ class UnitGatherer:
         # Count the output buffer from the moment it is allocated, not when waited on.
         self.tracker.track(handle._result, is_params=False)
         self.inflight[key] = handle
+
+    def _check_same_unit_everywhere(self, key: str, device: torch.device) -> None:
+        """Raise on every rank, instead of hanging, if ranks are about to gather different units."""
+        code = {k: zlib.crc32(k.encode()) & 0x7FFFFFFF for k in self.units}
+        mine = torch.tensor([code[key]], dtype=torch.int64, device=device)
+        everyone = comm.all_gather(mine, group=self.cfg.group).tolist()
+        if len(set(everyone)) > 1:
+            names = {c: k for k, c in code.items()}
+            per_rank = ", ".join(f"rank {r}: {names.get(c, '?')!r}" for r, c in enumerate(everyone))
+            raise RuntimeError(
+                f"shard_zero(3): ranks disagree on the next unit to gather ({per_rank}). Every "
+                "rank must run the same modules in the same order: look for a rank-dependent "
+                "branch or data-dependent control flow in the forward."
+            )
 
     def _full_buffer(self, key: str) -> list[torch.Tensor]:
         """Full params of ``key`` (views of one new buffer), from a prefetch if there is one."""

@@ -58,6 +58,7 @@ class ZeroConfig:
     unit: Callable[[str], str] | None
     prefetch: int
     bucket_bytes: int
+    check_order: bool = False
 
 
 def shard_zero(
@@ -69,6 +70,7 @@ def shard_zero(
     prefetch: int = 1,
     bucket_mb: float | None = None,
     world_size: int | None = None,
+    check_order: bool = False,
 ) -> Step:
     """Partition optimizer state (1), gradients (2) and params (3) over the data-parallel group.
 
@@ -82,6 +84,10 @@ def shard_zero(
       prefetch: stage 3: how many units ahead to start gathering.
       bucket_mb: stages 1/2: size of the gradient reduce-scatter / param all-gather buckets.
       world_size: if given, the group must have this many ranks (a guard for launch scripts).
+      check_order: stage 3: before every gather, check that all ranks gather the same
+        unit (one small blocking all-gather each). Ranks that take different code paths
+        (a rank-dependent branch, data-dependent control flow) then fail with an error
+        naming each rank's unit instead of hanging. For debugging: it syncs the host.
     """
     if stage not in (1, 2, 3):
         raise ValueError(f"shard_zero stage must be 1, 2 or 3, got {stage!r}.")
@@ -103,7 +109,8 @@ def shard_zero(
         )
     if bucket_mb is not None and not bucket_mb > 0:
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}.")
-    cfg = ZeroConfig(stage, group, unit, prefetch, int((bucket_mb or _DEFAULT_BUCKET_MB) * 2**20))
+    bucket_bytes = int((bucket_mb or _DEFAULT_BUCKET_MB) * 2**20)
+    cfg = ZeroConfig(stage, group, unit, prefetch, bucket_bytes, check_order)
     mp = step.applied("mixed_precision")
     record = Transform(
         NAME,

@@ -155,6 +155,38 @@ def test_hugging_face_gpt2_stage3_equals_world_of_one():
         assert max_rel_error(got, {k: expected[k] for k in keep}) <= 1e-5
 
 
+class _Branchy(torch.nn.Module):
+    """Skips its first block when told to: a rank-dependent code path."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x, skip_first=False):
+        for i, block in enumerate(self.blocks):
+            if not (skip_first and i == 0):
+                x = torch.tanh(block(x))
+        return x
+
+
+def _diverging_ranks_fn(rank, world):
+    torch.manual_seed(0)
+    params, apply = fs.functional(_Branchy())
+
+    def loss_fn(p, batch):
+        return apply(p, batch, skip_first=rank == 1).pow(2).mean()
+
+    step = fs.shard_zero(fs.train_step(loss_fn, fs.optim.sgd(0.1)), 3, check_order=True)
+    params, state = step.init(params)
+    step(params, state, torch.ones(2, 4))
+
+
+def test_ranks_taking_different_paths_fail_clearly_instead_of_hanging():
+    # DeepSpeed's ZeRO-3 hangs here; with check_order every rank names the units.
+    with pytest.raises(Exception, match=r"ranks disagree.*rank 0: 'blocks.0', rank 1: 'blocks.1'"):
+        run_world(_diverging_ranks_fn, 2, timeout=60)
+
+
 # ----------------------------------------------------------------------------- layout
 
 
