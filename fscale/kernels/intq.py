@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -346,13 +347,13 @@ if triton is not None:
 
 
 @dataclass(frozen=True)
-class PackedW8A8:
-    """int8 weight ``[N, K]`` with one fp32 scale per output channel (``scale [N]``)."""
+class PackedRowScaled:
+    """8-bit weight codes ``[N, K]`` with one fp32 scale per output channel (``scale [N]``)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     shape: tuple[int, int]
-    fmt: str = "w8a8"
+    fmt: str
 
     @property
     def nbytes(self) -> int:
@@ -362,8 +363,15 @@ class PackedW8A8:
     def device(self) -> torch.device:
         return self.codes.device
 
-    def to(self, device) -> PackedW8A8:
-        return PackedW8A8(self.codes.to(device), self.scale.to(device), self.shape)
+    def to(self, device) -> PackedRowScaled:
+        return dataclasses.replace(self, codes=self.codes.to(device), scale=self.scale.to(device))
+
+
+@dataclass(frozen=True)
+class PackedW8A8(PackedRowScaled):
+    """int8 weight codes, for W8A8 (activations quantized per token at run time)."""
+
+    fmt: str = "w8a8"
 
 
 def _rowwise_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,24 +460,10 @@ def w8a8_linear(x: torch.Tensor, p: PackedW8A8, bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
-class PackedFP8:
-    """float8_e4m3fn weight ``[N, K]`` with one fp32 scale per output channel."""
+class PackedFP8(PackedRowScaled):
+    """float8_e4m3fn weight codes, for FP8 weights and activations."""
 
-    codes: torch.Tensor
-    scale: torch.Tensor
-    shape: tuple[int, int]
     fmt: str = "fp8"
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.numel() + self.scale.numel() * 4
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def to(self, device) -> PackedFP8:
-        return PackedFP8(self.codes.to(device), self.scale.to(device), self.shape)
 
 
 def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
