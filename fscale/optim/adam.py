@@ -38,7 +38,7 @@ from fscale.kernels import adamw as _adamw_kernel  # registers the "adamw_update
 from fscale.optim import _checks
 from fscale.optim._leaves import as_dtypes, gather, scatter, split, subset, zeros_moments
 from fscale.optim.base import GradientTransformation
-from fscale.optim.masks import mask_leaves
+from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 
 
@@ -93,13 +93,7 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
         if params is not None:
             ps = gather(params, updates, idx, what=f"{owner}: the params")
         if wd_t != 0.0 and idx:
-            if ps is None:
-                raise ValueError(
-                    f"{owner}(weight_decay={wd_t}) needs the params: "
-                    "call update(grads, state, params)."
-                )
-            keep = mask_leaves(mask, params, owner=owner)
-            decayed = [j for j, i in enumerate(idx) if keep is None or keep[i]]
+            decayed = decayed_positions(mask, params, idx, owner=owner, wd=wd_t)
             if not decoupled and decayed:
                 # torch.optim.Adam's L2: grad += wd * param, before the moments.
                 torch._foreach_add_(subset(gs, decayed), subset(ps, decayed), alpha=wd_t)

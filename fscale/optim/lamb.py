@@ -25,7 +25,7 @@ from fscale.optim import _checks
 from fscale.optim._leaves import as_dtypes, gather, norms, scatter, split, subset, zeros_moments
 from fscale.optim.adam import AdamState, bias_corrected_denom, update_moments_
 from fscale.optim.base import GradientTransformation
-from fscale.optim.masks import mask_leaves
+from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 
 
@@ -99,8 +99,7 @@ def lamb(
         rs = torch._foreach_div(ms, denom)
         torch._foreach_div_(rs, 1.0 - b1**step)
         if wd_t != 0.0:
-            keep = mask_leaves(mask, params, owner=owner)
-            decayed = [j for j, i in enumerate(idx) if keep is None or keep[i]]
+            decayed = decayed_positions(mask, params, idx, owner=owner, wd=wd_t)
             if decayed:
                 torch._foreach_add_(subset(rs, decayed), subset(ps, decayed), alpha=wd_t)
         # Trust ratios for all leaves at once on the first device: no host sync.

@@ -66,3 +66,13 @@ def mask_leaves(mask: Mask | Callable | None, like: Any, *, owner: str) -> list[
             "build one with tree.map(lambda p: ..., params) or use decay_mask_default."
         )
     return [bool(leaf) for leaf in leaves]
+
+
+def decayed_positions(mask, params: Any, idx: list[int], *, owner: str, wd: float) -> list[int]:
+    """Positions ``j`` into ``idx`` (the leaves with grads) whose leaf gets weight decay."""
+    if params is None:
+        raise ValueError(
+            f"{owner}(weight_decay={wd}) needs the params: call update(grads, state, params)."
+        )
+    keep = mask_leaves(mask, params, owner=owner)
+    return [j for j, i in enumerate(idx) if keep is None or keep[i]]

@@ -20,7 +20,7 @@ import torch
 from fscale.optim import _checks
 from fscale.optim._leaves import as_dtypes, gather, scatter, split, subset, zeros_moments
 from fscale.optim.base import GradientTransformation
-from fscale.optim.masks import mask_leaves
+from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 
 
@@ -91,13 +91,7 @@ def sgd(
             return None, new_state, (spec, leaves, idx)
         ds = subset(leaves, idx)
         if wd_t != 0.0:
-            if params is None:
-                raise ValueError(
-                    f"{owner}(weight_decay={wd_t}) needs the params: "
-                    "call update(grads, state, params)."
-                )
-            keep = mask_leaves(mask, params, owner=owner)
-            decayed = [j for j, i in enumerate(idx) if keep is None or keep[i]]
+            decayed = decayed_positions(mask, params, idx, owner=owner, wd=wd_t)
             if decayed:
                 ps = gather(params, updates, idx, what=f"{owner}: the params")
                 torch._foreach_add_(subset(ds, decayed), subset(ps, decayed), alpha=wd_t)
