@@ -28,7 +28,6 @@ Writes ``bench/results/adamw_kernel-<device>.json`` and, when ``$OUT`` is set,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ import types
 from pathlib import Path
 
 import torch
+from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 BYTES_PER_PARAM = 28
@@ -265,13 +265,7 @@ def main() -> None:
 
     result = {
         "bench": "adamw_kernel",
-        "device": name,
-        "capability": list(torch.cuda.get_device_capability()) if device.type == "cuda" else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": getattr(triton, "__version__", None),
-        "python": platform.python_version(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **provenance(device),
         "bytes_per_param": BYTES_PER_PARAM,
         "defaults": {
             "block": adamw._BLOCK,

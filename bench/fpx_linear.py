@@ -24,7 +24,6 @@ Writes ``bench/results/fpx_linear-<device>.json`` and, when ``$OUT`` is set,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ import types
 from pathlib import Path
 
 import torch
+from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,13 +219,7 @@ def main() -> None:
 def write(args, device, name, ok, worst, correctness, rows, t0, extra) -> None:
     result = {
         "bench": "fpx_linear",
-        "device": name,
-        "capability": list(torch.cuda.get_device_capability()) if device.type == "cuda" else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": getattr(triton, "__version__", None),
-        "python": platform.python_version(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **provenance(device),
         "formats": FMTS,
         "timer": "triton.testing.do_bench median (L2 flushed), warmup 10 ms, rep 50 ms",
         "dequant_min_m": fpx_triton.DEQUANT_MIN_M,

@@ -81,6 +81,8 @@ try:
 except ModuleNotFoundError:
     sys.exit(OPTREE_MISSING)
 
+from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
+
 import fscale as fs  # noqa: E402
 from fscale.models.gpt import GPT, GPTConfig  # noqa: E402
 
@@ -734,16 +736,11 @@ def main(argv=None) -> None:
     )
     result = {
         "bench": "zero_vs_fsdp2",
-        "device": dev_name,
-        "capability": list(torch.cuda.get_device_capability(env.device)) if env.cuda else None,
+        **provenance(env.device, command=command_line()),
         "world_size": env.world,
         "backend": dist.get_backend(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if env.cuda else None,
-        "python": platform.python_version(),
         "fscale": getattr(fs, "__version__", None),
-        "command": command_line(),
         "model": args.model,
         "config": dataclasses.asdict(cfg),
         "params": n_params,
