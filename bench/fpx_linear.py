@@ -1,4 +1,4 @@
-"""FPx weight-only linear (fp6/fp5/fp4, Triton) against cuBLAS fp16 ``x @ w.t()``.
+"""Weight-only linear (fp6/fp5/fp4 FPx, int8/int4 g128; Triton) against cuBLAS fp16 ``x @ w.t()``.
 
 One run does everything, in this order:
   1. correctness: ``fpx_linear`` (the dispatch choice, and each path forced: fused
@@ -7,10 +7,14 @@ One run does everything, in this order:
      fp64, for every format at each (N, K), fp16 and bf16 activations, with bias;
   2. timings (``triton.testing.do_bench`` median; it flushes L2 between repeats) for
      (N, K) in (8192, 8192), (28672, 8192), (8192, 28672) and M in 1, 8, 32, 128, 512,
-     2048: cuBLAS fp16, then per format ``fpx_linear`` as dispatch runs it (its first
-     call per shape and M bucket tunes the launch among ``candidate_configs``: the
-     choice is recorded) and, with ``--sweep``, more launch configurations.
-Weight bytes: fp16 2 B, fpx (1+E+M)/8 B per weight + 4 B per output channel.
+     2048: cuBLAS fp16, then per format ``fpx_linear`` / ``int_linear`` as dispatch
+     runs it (the fpx first call per shape and M bucket tunes the launch among
+     ``candidate_configs``: the choice is recorded) and, with ``--sweep``, more
+     launch configurations. Each is timed eagerly (``do_bench``: host launch time
+     shows where it exceeds the kernels') and replayed from a CUDA graph
+     (``do_bench_cudagraph``: the kernels alone, as a serving engine runs them).
+Weight bytes: fp16 2 B, fpx (1+E+M)/8 B per weight + 4 B per output channel, int8/int4
+1/0.5 B per weight + 4 B per 128-weight group.
 
 Usage (on a CUDA machine)::
 
@@ -48,23 +52,26 @@ def _import_kernel_modules():
         pkg = types.ModuleType("fscale")
         pkg.__path__ = [str(REPO / "fscale")]
         sys.modules["fscale"] = pkg
-    from fscale.kernels import fpx, fpx_triton
+    from fscale.kernels import fpx, fpx_triton, intq
 
-    return fpx, fpx_triton
+    return fpx, fpx_triton, intq
 
 
-fpx, fpx_triton = _import_kernel_modules()
+fpx, fpx_triton, intq = _import_kernel_modules()
 triton = fpx_triton.triton
 
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672)]
 MS = [1, 8, 32, 128, 512, 2048]
 FMTS = {"fp6": "e3m2", "fp5": "e2m2", "fp4": "e2m1"}
+INTS = {"int8": 8, "int4": 4}  # group-wise, group 128, symmetric
 
 
-def timer(device):
+def timer(device, graph: bool = False):
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
+        if graph:
+            return lambda fn: do_bench_cudagraph(fn, rep=50, return_mode="median")
         return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")
 
     def cpu(fn):
@@ -117,7 +124,7 @@ def check(device, shapes, fmts, ms) -> list[dict]:
                     bias = torch.randn(n, device=device, generator=gen).to(dtype)
                     want = x.float() @ dense.t() + bias.float()
                     ref = fpx.fpx_linear_reference(x, p, bias)
-                    for path in ("dispatch", "fused", "dequant"):
+                    for path in ("dispatch", "fused", "dequant", "dequant4"):
                         if path == "dispatch":
                             got = fpx.fpx_linear(x, p, bias)
                         elif path == "fused":
@@ -125,7 +132,9 @@ def check(device, shapes, fmts, ms) -> list[dict]:
                                 x, p, bias, config=fpx_triton.default_config(m, n, k, fmt, device)
                             )
                         else:
-                            got = fpx_triton.fpx_linear_triton(x, p, bias, config={"dequant": True})
+                            pieces = 4 if path == "dequant4" else 1
+                            cfg = {"dequant": True, "pieces": pieces}
+                            got = fpx_triton.fpx_linear_triton(x, p, bias, config=cfg)
                         rows.append(
                             dict(
                                 fmt=name, N=n, K=k, M=m, dtype=str(dtype).split(".")[-1],
@@ -138,6 +147,21 @@ def check(device, shapes, fmts, ms) -> list[dict]:
             exact = bool(torch.equal(deq.float(), dense.half().float()))
             rows.append(dict(fmt=name, N=n, K=k, path="dequantize", exact=exact))
             del p, dense, w, deq
+        for name, bits in INTS.items():
+            w = torch.randn(n, k, device=device, generator=gen)
+            p = intq.pack_int(w, bits=bits, group_size=128)
+            dense = intq.unpack_int(p)
+            for m in ms:
+                x = torch.randn(m, k, device=device, generator=gen).half()
+                got = intq.int_linear(x, p)
+                rows.append(
+                    dict(
+                        fmt=name, N=n, K=k, M=m, dtype="float16", path="dispatch",
+                        rel_err_fp32=rel_err(got, x.float() @ dense.t()),
+                        finite=bool(torch.isfinite(got).all()),
+                    )
+                )  # fmt: skip
+            del p, dense, w
     return rows
 
 
@@ -165,24 +189,35 @@ def main() -> None:
     extra = {"check_s": time.time() - t0}
 
     rows = []
+    graph_bench = timer(device, graph=True) if device.type == "cuda" else bench
     gen = torch.Generator(device=device).manual_seed(7)
+    names = [*FMTS, *INTS]
     for n, k in shapes:
         w16 = (torch.randn(n, k, device=device, generator=gen) * 0.02).half()
         packs = {nm: fpx.pack(w16.float(), fmt) for nm, fmt in FMTS.items()}
+        packs.update(
+            {nm: intq.pack_int(w16.float(), bits=b, group_size=128) for nm, b in INTS.items()}
+        )
         for m in ms:
             x = torch.randn(m, k, device=device, generator=gen).half()
             t_cublas = bench(lambda: x @ w16.t())  # noqa: B023
-            row = dict(N=n, K=k, M=m, cublas_ms=t_cublas)
+            g_cublas = graph_bench(lambda: x @ w16.t())  # noqa: B023
+            row = dict(N=n, K=k, M=m, cublas_ms=t_cublas, cublas_graph_ms=g_cublas)
             row["cublas_weight_GBps"] = 2 * n * k / t_cublas / 1e6
             for nm, p in packs.items():
-                fpx.fpx_linear(x, p)  # the first call tunes the launch (see fpx_triton._tune)
-                t_def = bench(lambda: fpx.fpx_linear(x, p))  # noqa: B023
+                linear = intq.int_linear if nm in INTS else fpx.fpx_linear
+                linear(x, p)  # the first fpx call tunes the launch (see fpx_triton._tune)
+                t_def = bench(lambda: linear(x, p))  # noqa: B023
+                row[f"{nm}_ms"] = t_def
+                row[f"{nm}_speedup"] = t_cublas / t_def
+                row[f"{nm}_graph_ms"] = graph_bench(lambda: linear(x, p))  # noqa: B023
+                row[f"{nm}_graph_speedup"] = g_cublas / row[f"{nm}_graph_ms"]
+                row[f"{nm}_weight_GBps"] = p.nbytes / row[f"{nm}_graph_ms"] / 1e6
+                if nm in INTS:
+                    continue
                 key = (p.fmt, n, k, fpx_triton._bucket(m), str(x.device))
                 row[f"{nm}_config"] = fpx_triton.tuned().get(key)
                 row[f"{nm}_candidates_ms"] = fpx_triton._TUNE_LOG.get(key)
-                row[f"{nm}_ms"] = t_def
-                row[f"{nm}_speedup"] = t_cublas / t_def
-                row[f"{nm}_weight_GBps"] = p.nbytes / t_def / 1e6
                 if args.sweep:
                     trials = []
                     for cfg in sweep_configs(m):
@@ -200,11 +235,8 @@ def main() -> None:
                     row[f"{nm}_trials"] = trials
             rows.append(row)
             line = f"N={n} K={k} M={m}: cublas {t_cublas:.4f} ms"
-            for nm in FMTS:
-                line += f"  {nm} {row[nm + '_ms']:.4f} ({row[nm + '_speedup']:.2f}x"
-                if args.sweep:
-                    line += f", best {row[nm + '_best_speedup']:.2f}x {row[nm + '_best_config']}"
-                line += ")"
+            for nm in names:
+                line += f"  {nm} {row[nm + '_speedup']:.2f}x/{row[nm + '_graph_speedup']:.2f}x"
             print(line, flush=True)
         packs = w16 = None
         if device.type == "cuda":
@@ -220,8 +252,9 @@ def write(args, device, name, ok, worst, correctness, rows, t0, extra) -> None:
     result = {
         "bench": "fpx_linear",
         **provenance(device),
-        "formats": FMTS,
-        "timer": "triton.testing.do_bench median (L2 flushed), warmup 10 ms, rep 50 ms",
+        "formats": {**FMTS, **{k: f"int{b} g128 symmetric" for k, b in INTS.items()}},
+        "timer": "triton.testing.do_bench median (L2 flushed), warmup 10 ms, rep 50 ms; "
+        "*_graph_ms: do_bench_cudagraph median",
         "dequant_min_m": fpx_triton.DEQUANT_MIN_M,
         "correctness_ok": ok,
         "correctness_worst_rel_err": worst,
@@ -240,19 +273,18 @@ def write(args, device, name, ok, worst, correctness, rows, t0, extra) -> None:
 
 
 def print_table(args, name, rows) -> None:
-    print(f"\n{name}  speedup = cuBLAS fp16 ms / fpx ms (dispatch default)")
+    print(f"\n{name}  speedup = cuBLAS fp16 / format (dispatch default), CUDA graph replay")
+    names = [*FMTS, *INTS]
     hdr = f"{'N':>6} {'K':>6} {'M':>5} {'cublas ms':>10}"
-    for nm in FMTS:
-        hdr += f" {nm + ' ms':>9} {nm + ' x':>7}"
-        if args.sweep:
-            hdr += f" {'best x':>7}"
+    for nm in names:
+        hdr += f" {nm + ' x':>8}"
+    hdr += "   (eager: " + ", ".join(names) + ")"
     print(hdr)
     for r in rows:
-        line = f"{r['N']:>6} {r['K']:>6} {r['M']:>5} {r['cublas_ms']:>10.4f}"
-        for nm in FMTS:
-            line += f" {r[nm + '_ms']:>9.4f} {r[nm + '_speedup']:>6.2f}x"
-            if args.sweep:
-                line += f" {r[nm + '_best_speedup']:>6.2f}x"
+        line = f"{r['N']:>6} {r['K']:>6} {r['M']:>5} {r['cublas_graph_ms']:>10.4f}"
+        for nm in names:
+            line += f" {r[nm + '_graph_speedup']:>7.2f}x"
+        line += "   (" + " ".join(f"{r[nm + '_speedup']:.2f}" for nm in names) + ")"
         print(line)
 
 

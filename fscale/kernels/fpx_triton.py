@@ -79,6 +79,8 @@ def _fpx_kernel(
     stride_ym,
     chunks_per_prog,
     exp_scale,
+    c_begin,
+    c_end,
     E: tl.constexpr,
     LB: tl.constexpr,
     NQ: tl.constexpr,
@@ -88,6 +90,7 @@ def _fpx_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DEQUANT: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -99,8 +102,9 @@ def _fpx_kernel(
     # NW = N // 2 words per plane row comes from the host, so that Triton specialises
     # it (divisible by 16) and the plane loads become 16-byte vectors.
     offs_r = tl.arange(0, 16)
-    offs_c = pid_n * C + tl.arange(0, C)
-    mask_c = offs_c < NW
+    # Plane columns [c_begin, c_end): all of them, except when DEQUANT writes one piece.
+    offs_c = c_begin + pid_n * C + tl.arange(0, C)
+    mask_c = offs_c < c_end
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
     chunk0 = pid_k * chunks_per_prog
@@ -153,20 +157,35 @@ def _fpx_kernel(
                             mask=mask_m[:, None],
                             other=0.0,
                         )
-                    for h in tl.static_range(2):
-                        if h == 0:
-                            w = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+                    if DEQUANT:
+                        # W^T [K, N] in x's dtype, written as int32 words holding the two
+                        # 16-bit weights of channels 2c, 2c + 1: the order a pair already
+                        # has, so the stores are whole coalesced words (y is an int32
+                        # view with stride_ym words per row, its column 0 = c_begin).
+                        w_e = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+                        w_o = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+                        w_e = w_e.to(tl.float32) * scale_e[None, :]
+                        w_o = w_o.to(tl.float32) * scale_o[None, :]
+                        if OUT_BF16:
+                            # Round to nearest even by hand: the same bits on the GPU and
+                            # under the interpreter (whose fp32 -> bf16 cast truncates).
+                            # No NaN or inf can occur (finite codes, finite scales).
+                            u_e = w_e.to(tl.uint32, bitcast=True)
+                            u_o = w_o.to(tl.uint32, bitcast=True)
+                            w_e = ((u_e + 0x7FFF + ((u_e >> 16) & 1)) >> 16).to(tl.uint16)
+                            w_o = ((u_o + 0x7FFF + ((u_o >> 16) & 1)) >> 16).to(tl.uint16)
                         else:
-                            w = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-                        if DEQUANT:
-                            # W^T [K, N]: rows along n, so the stores coalesce like the loads.
+                            w_e = w_e.to(tl.float16).to(tl.uint16, bitcast=True)
+                            w_o = w_o.to(tl.float16).to(tl.uint16, bitcast=True)
+                        out_word = w_e.to(tl.uint32) | (w_o.to(tl.uint32) << 16)
+                        ptrs = y_ptr + kk[:, None] * stride_ym + (offs_c - c_begin)[None, :]
+                        tl.store(ptrs, out_word.to(tl.int32, bitcast=True), mask=mask_c[None, :])
+                    else:
+                        for h in tl.static_range(2):
                             if h == 0:
-                                wd = w.to(tl.float32) * scale_e[None, :]
+                                w = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
                             else:
-                                wd = w.to(tl.float32) * scale_o[None, :]
-                            ptrs = y_ptr + kk[:, None] * N + (2 * offs_c + h)[None, :]
-                            tl.store(ptrs, wd.to(y_ptr.dtype.element_ty), mask=mask_c[None, :])
-                        else:
+                                w = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
                             if DOT_FP32:
                                 a = xs.to(tl.float32)
                                 w = w.to(tl.float32)
@@ -201,6 +220,9 @@ _kernel = LazyJit(_fpx_kernel)
 #: M at and above which, without tuning, the weight is dequantized to x's dtype and
 #: cuBLAS does the product (compute-bound there: the extra traffic is amortized).
 DEQUANT_MIN_M = 256
+#: Slices the dequantize + cuBLAS path pipelines by default ([Note: pipelined
+#: dequantize + cuBLAS]).
+DEQUANT_PIECES = 4
 
 
 def default_config(m: int, n: int, k: int, fmt: str, device: torch.device) -> dict:
@@ -226,9 +248,13 @@ def candidate_configs(m: int) -> list[dict]:
         return [
             dict(bm=64, bn=128, waves=4, num_warps=4, num_stages=3),
             dict(bm=128, bn=128, waves=2, num_warps=8, num_stages=3),
-            dict(dequant=True),
+            dict(dequant=True, pieces=1),
+            dict(dequant=True, pieces=4),
         ]
-    return [dict(bm=128, bn=128, waves=1, num_warps=8, num_stages=3), dict(dequant=True)]
+    return [
+        dict(bm=128, bn=128, waves=1, num_warps=8, num_stages=3),
+        *(dict(dequant=True, pieces=n) for n in (1, 2, 4, 8)),
+    ]
 
 
 # (fmt, N, K, M bucket, device) -> the fastest candidate, measured on first use;
@@ -282,7 +308,8 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
     return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
 
 
-def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=False):
+def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None):
+    """One launch; ``dequant`` (a 16-bit dtype) writes W^T plane columns ``cols`` into ``y``."""
     kernel, interpret = _kernel()
     n, k = p.shape
     lay = _fpx.layout(p.fmt)
@@ -290,7 +317,12 @@ def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=Fal
     chunks = k // lay["k_chunk"]
     per = triton.cdiv(chunks, split)
     m = x2.shape[0] if x2 is not None else 1
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm) if not dequant else 1, triton.cdiv(chunks, per))
+    c_begin, c_end = cols if cols is not None else (0, n // 2)
+    grid = (
+        triton.cdiv(c_end - c_begin, bn // 2),
+        triton.cdiv(m, bm) if dequant is None else 1,
+        triton.cdiv(chunks, per),
+    )
     x_arg = x2 if x2 is not None else y
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
     kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
@@ -298,9 +330,11 @@ def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=Fal
         x_arg, p.hi, p.lo if p.lo is not None else p.hi, p.scales,
         bias if bias is not None else p.scales, y,
         m, n, n // 2, k, x2.stride(0) if x2 is not None else 0, y.stride(0), per,
-        float(2.0 ** (15 - _fpx.bias(p.fmt))),
+        float(2.0 ** (15 - _fpx.bias(p.fmt))), c_begin, c_end,
         E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=bn, ATOMIC=grid[2] > 1,
-        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant, **kwargs,
+        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
+        OUT_BF16=dequant == torch.bfloat16,
+        **kwargs,
     )  # fmt: skip
 
 
@@ -322,18 +356,94 @@ def _check(x: torch.Tensor, p) -> None:
     _fpx.check_shape(p.shape, p.fmt)
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _dequantize_into(p, wt: torch.Tensor, cols: tuple[int, int], dtype: torch.dtype) -> None:
+    """Write W^T[:, 2*c_begin : 2*c_end] (plane columns ``cols``) into ``wt`` ([K, >= width])."""
+    chunks = p.shape[1] // _fpx.layout(p.fmt)["k_chunk"]
+    words = wt.view(torch.int32)  # [K, width/2]: two 16-bit weights per word
+    _launch(
+        None, p, None, words, bm=16, bn=128, split=chunks, num_warps=4, num_stages=1,
+        dequant=dtype, cols=cols,
+    )  # fmt: skip
+
+
+def _check_dense_dtype(dtype: torch.dtype) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"dequantize_triton: dtype {dtype} is not fp16 or bf16; dequantize with "
+            "fpx.unpack(p).to(dtype) for other dtypes."
+        )
+
+
 def dequantize_triton(p, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The dense weight [N, K] in ``dtype`` (``unpack(p).to(dtype)``), by the kernel.
 
     Returned as the transposed view of a contiguous [K, N] tensor (the kernel writes
     W^T so that its stores coalesce; ``x @ w.t()`` then reads it as cuBLAS likes).
     """
+    _check_dense_dtype(dtype)
     _check(torch.empty(0, dtype=dtype, device=p.device), p)
     n, k = p.shape
     wt = torch.empty(k, n, dtype=dtype, device=p.device)
-    chunks = k // _fpx.layout(p.fmt)["k_chunk"]
-    _launch(None, p, None, wt, bm=16, bn=128, split=chunks, num_warps=4, num_stages=1, dequant=True)
+    _dequantize_into(p, wt, (0, n // 2), dtype)
     return wt.t()
+
+
+def dequantize_matmul(x2: torch.Tensor, p, bias=None, *, pieces: int = 1) -> torch.Tensor:
+    """``x2 @ W.t() (+ bias)`` by dequantizing W and calling cuBLAS, in ``pieces`` along N.
+
+    [Note: pipelined dequantize + cuBLAS]
+    At large M the product is compute-bound and cuBLAS is the fastest tensor-core
+    code there is; dequantizing the whole weight first adds its memory time (read the
+    planes, write 2 bytes per weight: ~0.17 ms for 28672 x 8192) in series. With
+    ``pieces`` > 1 on CUDA the weight is dequantized a slice of output channels at a
+    time on a side stream into two rotating [K, N/pieces] buffers, while the current
+    stream multiplies the previous slice into its columns of y (cuBLAS writes a
+    column slice of y in place through its leading dimension); the memory-bound
+    dequantize then overlaps the compute-bound GEMM, and only two slices of dense
+    weight exist at once instead of all of it. Ordering: the side stream starts
+    after everything queued on the current stream (x, p ready), a buffer is
+    rewritten only after the GEMM that read it (event), and every GEMM waits for its
+    slice (event); the buffers are allocated and freed on the current stream, whose
+    last use of them follows the side stream's last write, so no record_stream is
+    needed.
+    """
+    n, k = p.shape
+    dtype = x2.dtype
+    _check_dense_dtype(dtype)
+    words = n // 2
+    if pieces <= 1 or x2.device.type != "cuda":
+        w = dequantize_triton(p, dtype)
+        return torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+    # Slices of whole 64-word (128-channel) tiles, so each launch covers whole tiles.
+    width = -(-words // pieces)
+    width = -(-width // 64) * 64
+    y = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
+    bufs = [torch.empty(k, 2 * width, dtype=dtype, device=x2.device) for _ in range(2)]
+    main = torch.cuda.current_stream(x2.device)
+    side = _SIDE_STREAMS.setdefault(x2.device, torch.cuda.Stream(x2.device))
+    side.wait_stream(main)
+    consumed: list = [None, None]
+    for j, c0 in enumerate(range(0, words, width)):
+        c1 = min(c0 + width, words)
+        buf = bufs[j % 2]
+        with torch.cuda.stream(side):
+            if consumed[j % 2] is not None:
+                side.wait_event(consumed[j % 2])
+            _dequantize_into(p, buf, (c0, c1), dtype)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        main.wait_event(ready)
+        w_slice, out = buf[:, : 2 * (c1 - c0)], y[:, 2 * c0 : 2 * c1]
+        if bias is not None:
+            torch.addmm(bias[2 * c0 : 2 * c1].to(dtype), x2, w_slice, out=out)
+        else:
+            torch.mm(x2, w_slice, out=out)
+        consumed[j % 2] = torch.cuda.Event()
+        consumed[j % 2].record(main)
+    return y
 
 
 def fpx_linear_triton(
@@ -361,10 +471,13 @@ def fpx_linear_triton(
     if config is None and x.device.type == "cuda" and not interpreting():
         config = _tune(x2, p, bias)  # once per (fmt, N, K, M bucket, device)
     cfg = dict(config) if config is not None else None
-    use_dequant = cfg.pop("dequant", False) if cfg is not None else m >= DEQUANT_MIN_M
+    if cfg is not None:
+        use_dequant = cfg.pop("dequant", False)
+    else:
+        use_dequant = m >= DEQUANT_MIN_M
+    use_dequant = use_dequant and x2.dtype in DTYPES  # fp32 x: the fused kernel's fp32 dot
     if use_dequant:
-        w = dequantize_triton(p, x.dtype)
-        y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        y = dequantize_matmul(x2, p, bias, pieces=(cfg or {}).get("pieces", DEQUANT_PIECES))
         return y.reshape(*lead, n)
     cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
     split = _split(cfg, m, n, k, p.fmt, x.device)

@@ -232,7 +232,9 @@ CASES = [
     ("e2m2", 2, 64, 512, torch.float32, dict(bm=16, bn=64, split=2)),
     ("e3m1", 4, 96, 256, torch.float16, dict(bm=16, bn=32, split=1)),
     ("e2m1", 7, 66, 384, torch.float32, dict(bm=16, bn=64, split=3)),
-    ("e3m2", 3, 64, 256, torch.float32, dict(dequant=True)),  # dequantize + matmul
+    ("e3m2", 3, 64, 256, torch.float16, dict(dequant=True)),  # dequantize + matmul
+    ("e2m1", 2, 192, 256, torch.bfloat16, dict(dequant=True, pieces=3)),
+    ("e3m2", 2, 64, 128, torch.float32, dict(dequant=True)),  # fp32 x: fused kernel instead
 ]
 
 
@@ -262,7 +264,24 @@ def test_triton_matches_reference(interpret, fmt, m, n, k, dtype, config):
 def test_triton_dequantize_is_exact(interpret, fmt):
     w = torch.randn(6, fpx.layout(fmt)["k_chunk"] * 2)
     p = fpx.pack(w, fmt)
-    assert torch.equal(fpx_triton.dequantize_triton(p, torch.float32), fpx.unpack(p))
+    for dtype in (torch.float16, torch.bfloat16):
+        got = fpx_triton.dequantize_triton(p, dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got, fpx.unpack(p).to(dtype))
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        fpx_triton.dequantize_triton(p, torch.float32)
+
+
+@needs_triton
+def test_triton_dequantize_writes_only_its_column_window(interpret):
+    """A piece of W^T (plane columns [c0, c1)) lands at column 0 of its buffer; the rest
+    of the buffer is untouched (the pipelined dequantize + cuBLAS path relies on both)."""
+    p = fpx.pack(torch.randn(256, 128), "e3m2")
+    buf = torch.full((128, 160), 7.0, dtype=torch.float16)
+    fpx_triton._dequantize_into(p, buf, (32, 96), torch.float16)
+    want = fpx.unpack(p).to(torch.float16).t()[:, 64:192]
+    assert torch.equal(buf[:, :128], want)
+    assert bool((buf[:, 128:] == 7.0).all())
 
 
 @needs_triton
@@ -334,10 +353,14 @@ def _compile_for_sm90(**const):
         "b_ptr": f"*{dt}", "y_ptr": "*fp32" if const["ATOMIC"] else f"*{dt}",
         "M": "i32", "N": "i32", "NW": "i32", "K": "i32", "stride_xm": "i32",
         "stride_ym": "i32", "chunks_per_prog": "i32", "exp_scale": "fp32",
+        "c_begin": "i32", "c_end": "i32",
     }  # fmt: skip
+    if const["DEQUANT"]:
+        sig["y_ptr"] = "*i32"  # W^T written as words of two 16-bit weights
     sig.update({name: "constexpr" for name in const})
     names = list(sig)
     div16 = ["x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "NW", "K", "stride_xm"]
+    div16 += ["c_begin", "c_end"]  # as Triton specialises them when launched (0, N / 2)
     src = ASTSource(
         fn,
         sig,
@@ -365,6 +388,7 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, atomic, dequant):
     kernel = _compile_for_sm90(
         dtype=dtype, E=fpx.FORMATS[fmt][0], LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=128,
         ATOMIC=atomic, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
+        OUT_BF16=dtype == "bf16",
     )  # fmt: skip
     ptx = kernel.asm["ptx"]
     if not dequant:
