@@ -36,6 +36,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -218,6 +219,7 @@ def train_one(layers: int, args, device) -> dict:
         model = GPT(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     out["params"] = n_params
+    flops_per_token = model.flops_per_token(args.seq)  # before the weights are released
     out["host_bytes_expected"] = n_params * 16  # fp32 master + 2 moments + fp32 grads
     step, params = build_step(model, args.accumulate, args.delayed)
     params, state = step.init(params)
@@ -250,7 +252,7 @@ def train_one(layers: int, args, device) -> dict:
     timed = times[args.warmup :]
     step_s = sorted(timed)[len(timed) // 2]
     tokens_per_step = args.accumulate * args.micro * args.seq
-    flops = model.flops_per_token(args.seq) * tokens_per_step
+    flops = flops_per_token * tokens_per_step
     out.update(
         step_s=step_s,
         step_times_s=times,
@@ -276,6 +278,24 @@ def _event_summary(handle) -> dict:
     return {"host_update_s": max(ends) - min(starts), "groups": len(starts)}
 
 
+def train_in_child(layers: int) -> dict:
+    """Run ``train_one`` in a fresh process: a model too large for host memory gets that
+    process killed (the kernel's OOM killer), not this one, and pinned memory cached by
+    torch's host allocator for one model is returned to the OS before the next."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row_out = Path(tmp, "row.json")
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--_child", str(layers)]
+        cmd += ["--_row-out", str(row_out)]
+        proc = subprocess.run(cmd)
+        if row_out.exists():
+            return json.loads(row_out.read_text())
+        return {
+            "n_layer": layers,
+            "error": f"the process exited with {proc.returncode} (-9: "
+            "killed, e.g. host memory exhausted) before it wrote its result",
+        }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -295,9 +315,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU is fine")
+    parser.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_row-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
         args.adam_m, args.swap_gib, args.layers, args.seq, args.accumulate = 8, 0.25, "2", 32, 2
+    if args._child is not None:  # one model in this process (see train_in_child)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            row = train_one(args._child, args, device)
+        except Exception as e:  # device OOM, a pinned allocation refused: record it
+            row = {"n_layer": args._child, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            traceback.print_exc()
+        Path(args._row_out).write_text(json.dumps(row))
+        return
     parts = args.parts.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -338,17 +369,9 @@ def main() -> None:
             peak_tflops=args.peak_tflops,
         )  # fmt: skip
         for layers in [int(x) for x in args.layers.split(",")]:
-            try:
-                row = train_one(layers, args, device)
-            except Exception as e:  # OOM (device or pinned host memory): record, go on
-                row = {"n_layer": layers, "error": f"{type(e).__name__}: {str(e)[:400]}"}
-                traceback.print_exc()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            row = train_in_child(layers)
             result["train"].append(row)
             write()
-
     print(f"\n{name}")
     if "adam" in result:
         a = result["adam"]
