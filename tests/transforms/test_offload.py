@@ -578,3 +578,39 @@ def test_cuda_params_with_host_and_nvme_state_equal_no_offload(tmp_path):
             assert pinned, name
             assert max_rel_error(got, expected) <= tol, (optimizer, name)
     assert os.listdir(tmp_path) == []
+
+
+def _cuda_zero3(wrap):
+    """A world-of-one stage-3 run on CUDA: full params, device bytes step.init kept, metrics."""
+    model = mlp([64, 256, 256, 10], seed=3).cuda()
+    params, apply = fs.functional(model)
+    step = wrap(fs.train_step(regression_loss(apply), _optimizer(), clip_norm=0.5))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    params, state = step.init(params)
+    kept = torch.cuda.memory_allocated() - before
+    for batch in regression_batches(STEPS, GLOBAL_BATCH, 64, 10):
+        params, state, metrics = step(params, state, {k: v.cuda() for k, v in batch.items()})
+    full = {k: v.detach().cpu() for k, v in fs.gather_params(params).items()}
+    handle = state.get("offload")
+    if handle is not None:
+        handle.close()
+    return full, kept, metrics, state
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_cuda_param_offload_keeps_no_shard_on_the_device(precision):
+    expected, _, _, _ = _cuda_zero3(_zero3(precision))
+    _, kept_optimizer_only, _, _ = _cuda_zero3(_zero3(precision, "cpu", what=("optimizer",)))
+    got, kept, metrics, state = _cuda_zero3(_zero3(precision, "cpu"))
+    assert max_rel_error(got, expected) <= 1e-5  # device Triton AdamW vs host fused AdamW
+    shard_bytes = sum(f.numel() * f.element_size() for f in state["shard_zero"]["flats"].values())
+    # Without param offload init keeps the fp32 shards on the device; with it, only
+    # scalars (the loss scale, the stand-ins' zeros are per call).
+    assert kept_optimizer_only >= shard_bytes
+    assert kept < 4096, kept
+    host = state["offload"].param_buffer
+    assert host.device.type == "cpu" and host.is_pinned()
+    assert metrics["zero3_device_shard_bytes"] == 0
+    assert 0 < metrics["zero3_peak_h2d_staging_bytes"]
