@@ -82,7 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fs.offload: fp32 masters + optimizer state in host memory (cpu) or files (nvme)",
     )
     p.add_argument("--nvme-path", default=None, help="--offload nvme: directory for swap files")
+    p.add_argument(
+        "--offload-params",
+        action="store_true",
+        help="--zero 3 --offload cpu|nvme: ZeRO-3's param shards in host memory too",
+    )
     args = p.parse_args(argv)
+    if args.offload_params and (args.zero != 3 or args.offload == "none"):
+        p.error("--offload-params offloads ZeRO-3's param shards: use it with --zero 3 --offload")
     if (args.offload == "nvme") != (args.nvme_path is not None):
         p.error("--offload nvme needs --nvme-path DIR (and --nvme-path is only for it)")
     for name in ("steps", "batch_size", "accumulate"):
@@ -191,7 +198,8 @@ def build_step(args: argparse.Namespace, loss_fn):
     if args.zero:
         step = fs.shard_zero(step, args.zero)
     if args.offload != "none":  # outermost: each rank offloads its own shard
-        step = fs.offload(step, args.offload, path=args.nvme_path)
+        what = ("optimizer", "params") if args.offload_params else ("optimizer",)
+        step = fs.offload(step, args.offload, what=what, path=args.nvme_path)
     return step
 
 

@@ -22,6 +22,9 @@ its own stream, overlapping the current unit's compute).
 With ``mixed_precision`` inside, shards are cast to the compute dtype *before* the
 all-gather (half the bytes) and grads are reduce-scattered in ``reduce_dtype``,
 returned in the master dtype.
+
+With ``offload(..., what=("optimizer", "params"))`` over it, the flat shards live in
+host memory and each gather starts with a host->device copy ([Note: param offload]).
 """
 
 from __future__ import annotations
@@ -42,16 +45,19 @@ class _Tracker:
     """Live bytes of gathered unit buffers, with peaks.
 
     ``params``: materialized full params (the copy-out buffers). ``total`` adds the
-    all-gather output buffers, in flight (prefetch) or being copied out.
+    all-gather output buffers, in flight (prefetch) or being copied out, and the
+    device copies of host shards (``staging``, params offloaded only).
     """
 
     def __init__(self):
-        self.live = {"params": 0, "total": 0}
-        self.peak = {"params": 0, "total": 0}
+        self.live = {"params": 0, "total": 0, "staging": 0}
+        self.peak = {"params": 0, "total": 0, "staging": 0}
 
-    def track(self, t: torch.Tensor, *, is_params: bool) -> None:
+    def track(self, t: torch.Tensor, *, is_params: bool = False, staging: bool = False) -> None:
         n = t.untyped_storage().nbytes()
         kinds = ("params", "total") if is_params else ("total",)
+        if staging:
+            kinds = ("staging", "total")
         for k in kinds:
             self.live[k] += n
             self.peak[k] = max(self.peak[k], self.live[k])
@@ -65,10 +71,19 @@ class _Tracker:
 class UnitGatherer:
     """Gathers units on demand for one call of the step (forward and backward)."""
 
-    def __init__(self, cfg, units: list[Unit], flats: dict, dtype, reduce_dtype, order):
+    def __init__(self, cfg, units: list[Unit], flats: dict, dtype, reduce_dtype, order, host=None):
         self.cfg = cfg
         self.units = {u.key: u for u in units}
         self.flats = flats  # unit key -> this rank's flat master shards (see keep_in_flats)
+        # Params offloaded ([Note: param offload]): flats are host buffers, ``host`` says
+        # where compute runs and holds the compute-dtype host copies gathers read.
+        self.host = host
+        first = next(iter(flats.values()), None)
+        self.device = host["device"] if host else first.device if first is not None else None
+        cuda = host is not None and self.device.type == "cuda"
+        self.h2d_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.staging: dict[str, tuple] = {}  # key -> (device copy, event) until gathered
+        self.h2d_bytes = 0  # host->device bytes of this call
         self.shards: dict = {}  # leaf shards (requires grad), set by materialize
         self.pending: list[comm.Handle] = []  # reduce-scatters waited on after backward
         self.dtype = dtype  # gather dtype (compute dtype) or None for the shard's own
@@ -92,14 +107,55 @@ class UnitGatherer:
             return
         flat = self.flats[key]
         if self.cfg.check_order:
-            self._check_same_unit_everywhere(key, flat.device)
+            self._check_same_unit_everywhere(key, self.device)
         with torch.no_grad():
-            if self.dtype is not None and flat.dtype != self.dtype:
-                flat = flat.to(self.dtype)
-            handle = comm.all_gather(flat, group=self.cfg.group, async_op=True)
+            if self.host is not None:
+                handle = self._stage_and_gather(key)
+            else:
+                if self.dtype is not None and flat.dtype != self.dtype:
+                    flat = flat.to(self.dtype)
+                handle = comm.all_gather(flat, group=self.cfg.group, async_op=True)
         # Count the output buffer from the moment it is allocated, not when waited on.
-        self.tracker.track(handle._result, is_params=False)
+        self.tracker.track(handle._result)
         self.inflight[key] = handle
+
+    def _stage_and_gather(self, key: str) -> comm.Handle:
+        """Host shard -> device copy -> async all-gather ([Note: param offload])."""
+        src = (self.host["gather"] or self.flats)[key]
+        self.h2d_bytes += src.numel() * src.element_size()
+        if self.h2d_stream is None:
+            # One memory for host and device (CPU tests): a plain copy, so the staging
+            # buffer and its accounting are those of a real accelerator.
+            staged = src.to(self.dtype or src.dtype, copy=True)
+            self.tracker.track(staged, staging=True)
+            self.staging[key] = (staged, None)
+            return comm.all_gather(staged, group=self.cfg.group, async_op=True)
+        with torch.cuda.stream(self.h2d_stream):
+            staged = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+            self.tracker.track(staged, staging=True)
+            staged.copy_(src, non_blocking=True)  # pinned source: an async DMA
+            if self.dtype is not None and staged.dtype != self.dtype:
+                staged = staged.to(self.dtype)
+                self.tracker.track(staged, staging=True)
+            # Launched from the side stream, NCCL waits for the copy, not for compute.
+            handle = comm.all_gather(staged, group=self.cfg.group, async_op=True)
+            done = torch.cuda.Event()
+            done.record(self.h2d_stream)
+        self.staging[key] = (staged, done)
+        return handle
+
+    def _release_staging(self, key: str, gathered: torch.Tensor | None) -> None:
+        """The unit's all-gather was waited on: its staging copy may go."""
+        staged, done = self.staging.pop(key, (None, None))
+        if done is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)  # the world-of-one "gather" is a copy on the side stream
+        # Both were allocated on the side stream and are read on the current one (or by
+        # NCCL, which the current stream waited for): no reuse before that work is done.
+        staged.record_stream(current)
+        if gathered is not None:
+            gathered.record_stream(current)
 
     def _check_same_unit_everywhere(self, key: str, device: torch.device) -> None:
         """Raise on every rank, instead of hanging, if ranks are about to gather different units."""
@@ -119,6 +175,7 @@ class UnitGatherer:
         """Full params of ``key`` (views of one new buffer), from a prefetch if there is one."""
         self._launch(key)
         gathered = self.inflight.pop(key).wait()
+        self._release_staging(key, gathered)
         views = copy_out(gathered, self.units[key].specs, self.world)
         base = views[0]
         self.tracker.track(base, is_params=True)  # while the all-gather buffer still lives
@@ -198,9 +255,13 @@ class UnitGatherer:
         for handle in self.pending:
             handle.wait()  # the shard grads autograd returned are only valid from here
         self.pending.clear()
-        for handle in self.inflight.values():
-            handle.wait()  # a stray prefetch must complete before its buffer is reused
+        for key, handle in self.inflight.items():
+            # A stray prefetch must complete before its buffer is reused.
+            self._release_staging(key, handle.wait())
         self.inflight.clear()
+        if self.h2d_stream is not None:
+            # The update writes the host shards next: no copy may still read them.
+            self.h2d_stream.synchronize()
 
 
 _TOKEN = object()
@@ -305,12 +366,14 @@ def _precision(ctx):
 
 
 @torch.no_grad()
-def keep_in_flats(state: dict, shards: dict) -> dict:
+def keep_in_flats(state: dict, shards: dict, *, updated: bool = False) -> dict:
     """Shards as views of their unit's flat buffer (copying in any that are not).
 
     In-place optimizers (the fused AdamW) keep the views; an optimizer that returns
     new tensors, or params loaded from elsewhere, are copied back so the all-gather,
-    which reads the flat buffer, always sees the current values.
+    which reads the flat buffer, always sees the current values. With params
+    offloaded, the compute-dtype host copies are refreshed from the flats when
+    anything changed (``updated``: the optimizer wrote into the views).
     """
     out = dict(shards)
     for unit in state["units"]:
@@ -321,6 +384,101 @@ def keep_in_flats(state: dict, shards: dict) -> dict:
                 continue
             view.copy_(t)
             out[spec.name] = view
+            updated = True
+    gather = (state.get("host") or {}).get("gather")
+    if gather and updated:
+        for key, copy in gather.items():
+            copy.copy_(state["flats"][key])
+    return out
+
+
+# [Note: param offload]
+# ``offload(shard_zero(step, 3), tier, what=("optimizer", "params"))`` (ZeRO-Infinity's
+# param offload, DeepSpeed's ``offload_param``) moves every unit's flat shard into one
+# host buffer (pinned on CUDA) and drops the device copy: the step's params are views
+# of that buffer, and the device holds no persistent param bytes. A gather copies the
+# unit's host shard into a device staging buffer on a side stream and launches the
+# all-gather from that stream, so NCCL waits for the copy and compute does not; a
+# prefetch issues both for the next unit, so the copy overlaps the current unit's
+# compute too. Device param memory is then the gathered units in flight plus one
+# staging shard per unit being fetched (``zero3_peak_h2d_staging_bytes``). Staging
+# and all-gather buffers are allocated on the side stream and read on the compute
+# stream: ``record_stream`` keeps the allocator from reusing them early, and
+# ``finish`` syncs the side stream before the host update writes the shards.
+#
+# The host keeps the flats in the master dtype (the params ``step.init`` returns and
+# ``fs.gather_params`` reads) and, under ``mixed_precision``, a second copy in the
+# compute dtype, refreshed after each update: 2 more host bytes per param / N, so the
+# H2D moves half the bytes and no cast runs per gather (each unit is gathered twice a
+# step). DeepSpeed keeps only the 16-bit copy beside its optimizer's fp32 partition;
+# fscale's step contract (params are the fp32 shards) costs the extra 4 bytes here
+# (host memory, the cheap tier). The optimizer (offload's) updates its own host
+# masters and copies them into these views: a host->host copy, never to the device.
+#
+# Autograd needs leaves on the device the grads are made on (the reduce-scatter's
+# output), so the loss is differentiated w.r.t. stand-ins: a broadcast 0-d device
+# tensor per param, of the shard's shape and dtype, no storage of its own. Their
+# values are never read (gathers read the flats); their grads are the device grad
+# shards, which the offloaded optimizer copies to the host as it does without this.
+
+
+@torch.no_grad()
+def move_flats_to_host(state: dict, device: torch.device, gather_dtype, alloc):
+    """Every unit's flat shard into one host buffer from ``alloc(nbytes)`` ([Note: param offload]).
+
+    Returns the new shards (views of it, by name) and the new ``shard_zero`` state
+    slot, whose ``"host"`` entry holds the buffer, the compute device and the
+    compute-dtype copies (None without a cast).
+    """
+    flats = state["flats"]
+    offsets, size = {}, 0
+    for key, f in flats.items():
+        copy_dtype = gather_dtype if gather_dtype not in (None, f.dtype) else None
+        for part, dtype in (("flat", f.dtype), ("gather", copy_dtype)):
+            if dtype is None:
+                continue
+            offsets[key, part] = (size, dtype)
+            size += _align(f.numel() * dtype.itemsize)
+    buffer = alloc(size)
+
+    def view(key, part):
+        offset, dtype = offsets[key, part]
+        n = flats[key].numel()
+        return buffer[offset : offset + n * dtype.itemsize].view(dtype)
+
+    host_flats, gather, shards = {}, {}, {}
+    for unit in state["units"]:
+        host_flats[unit.key] = view(unit.key, "flat").copy_(flats[unit.key])
+        if (unit.key, "gather") in offsets:
+            gather[unit.key] = view(unit.key, "gather").copy_(host_flats[unit.key])
+        shards.update(zip(unit.names, split_shards(host_flats[unit.key], unit.specs), strict=True))
+    host = {"device": device, "buffer": buffer, "gather": gather or None}
+    return shards, {**state, "flats": host_flats, "host": host}
+
+
+def _align(n: int, to: int = 64) -> int:
+    return (n + to - 1) // to * to
+
+
+def host_resident(t: torch.Tensor, state: dict) -> bool:
+    """Whether ``t`` lives in the host buffer of offloaded params (``state``: the slot)."""
+    host = state.get("host")
+    if host is None:
+        return False
+    return t.untyped_storage().data_ptr() == host["buffer"].untyped_storage().data_ptr()
+
+
+def _device_leaves(shards: dict, device: torch.device) -> dict:
+    """Storage-free stand-ins on ``device`` for host shards ([Note: param offload])."""
+    zeros: dict = {}
+    out = {}
+    for name, t in shards.items():
+        if t is None:
+            out[name] = None
+            continue
+        if t.dtype not in zeros:
+            zeros[t.dtype] = torch.zeros((), dtype=t.dtype, device=device)
+        out[name] = zeros[t.dtype].expand(t.shape)
     return out
 
 
@@ -346,9 +504,12 @@ def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
     state = ctx.state[NAME]
     dtype, reduce_dtype = _precision(ctx)
     keep_in_flats(state, shards)
+    host = state.get("host")
     gatherer = UnitGatherer(
-        cfg, state["units"], state["flats"], dtype, reduce_dtype, state.get("order", ())
+        cfg, state["units"], state["flats"], dtype, reduce_dtype, state.get("order", ()), host
     )
+    if host is not None:
+        shards = _device_leaves(shards, host["device"])
     ctx._zero3 = gatherer
     try:
         with torch.autograd.graph.saved_tensors_hooks(gatherer.pack, gatherer.unpack):
@@ -357,7 +518,21 @@ def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
         gatherer.finish()
         ctx._zero3 = None
     ctx.state[NAME] = {**state, "order": tuple(gatherer.order)}
-    for kind, peak in gatherer.tracker.peak.items():
+    peaks = dict(gatherer.tracker.peak)
+    staging = peaks.pop("staging")
+    for kind, peak in peaks.items():
         key = f"zero3_peak_gathered_{kind}_bytes"
         ctx.metrics[key] = max(peak, ctx.metrics.get(key, 0))
+    # Where the persistent shards live: a device copy kept anywhere in the slot shows here.
+    nbytes = {k: f.numel() * f.element_size() for k, f in state["flats"].items()}
+    resident = {k: host_resident(f, state) for k, f in state["flats"].items()}
+    ctx.metrics["zero3_device_shard_bytes"] = sum(n for k, n in nbytes.items() if not resident[k])
+    if host is not None:
+        copies = (host["gather"] or {}).values()
+        ctx.metrics["zero3_host_shard_bytes"] = sum(
+            n for k, n in nbytes.items() if resident[k]
+        ) + sum(c.numel() * c.element_size() for c in copies if host_resident(c, state))
+        key = "zero3_peak_h2d_staging_bytes"
+        ctx.metrics[key] = max(staging, ctx.metrics.get(key, 0))
+        ctx.metrics["zero3_h2d_bytes"] = ctx.metrics.get("zero3_h2d_bytes", 0) + gatherer.h2d_bytes
     return loss, grads

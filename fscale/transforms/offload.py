@@ -51,10 +51,19 @@ buffer's tail after its read, so the D2H copy of the grads overlaps the disk too
 Every step ends with all writes done. ``overlap=False`` uses one buffer: read,
 update, write, in turn.
 
-Not yet: ``what=("optimizer", "params")`` (stage-3 param shards on host/NVMe; raises
-NotImplementedError), and streaming grads to the host *during* backward (they are
-copied group by group after it, the next group's copy overlapping the current
-group's update on a side stream).
+``what=("optimizer", "params")`` over ``shard_zero(step, 3)`` is ZeRO-Infinity's
+param offload: the stage-3 param shards live in host memory too (pinned on CUDA;
+for ``tier="nvme"`` as well, as DeepSpeed's ``offload_param=cpu``), each gather
+copies a unit's shard host->device before its all-gather (prefetched with it), and
+the update writes the host shards; the device keeps no param shard
+([Note: param offload] in ``_zero3.py``)::
+
+    step = shard_zero(mixed_precision(step, "bf16"), 3)
+    step = offload(step, "cpu", what=("optimizer", "params"))
+
+Not yet: param shards swapped to NVMe (they stay in host memory), and streaming
+grads to the host *during* backward (they are copied group by group after it, the
+next group's copy overlapping the current group's update on a side stream).
 
 References: Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model
 Training", USENIX ATC 2021; Rajbhandari et al., "ZeRO-Infinity: Breaking the GPU
@@ -78,6 +87,7 @@ from fscale.io import swap
 from fscale.kernels import cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
 from fscale.step import Step, Transform
+from fscale.transforms import _zero3, zero
 
 NAME = "offload"
 TIERS = ("cpu", "nvme")
@@ -120,7 +130,8 @@ def offload(
         ``mixed_precision``).
       tier: ``"cpu"`` (ZeRO-Offload) or ``"nvme"`` (ZeRO-Infinity).
       what: ``("optimizer",)``: master weights and optimizer state. ``("optimizer",
-        "params")`` (stage-3 param shards too) is not implemented yet.
+        "params")``: ZeRO-3's param shards too, in host memory for either tier (needs
+        ``shard_zero(step, 3)`` inside); the device then holds only gathered units.
       path: ``tier="nvme"``: an existing writable directory on the NVMe drive.
         Checked now, and at ``init`` again with the bytes the files will take.
       buffer_mb: ``tier="nvme"``: host memory per buffer of the swap pool (three with
@@ -149,11 +160,6 @@ def offload(
                 "offload(what=('optimizer', 'params')) offloads ZeRO-3's param shards: apply "
                 "it over shard_zero(step, 3), or offload only ('optimizer',)."
             )
-        raise NotImplementedError(
-            "offload(what=('optimizer', 'params')) with shard_zero(3) is not implemented yet: "
-            "the fp32 param shards stay on the device. Use what=('optimizer',), which moves "
-            "master weights and optimizer state (12 of the 16 bytes per parameter under Adam)."
-        )
     for name, value in (("buffer_mb", buffer_mb), ("subgroup_mb", subgroup_mb)):
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"offload: {name} must be a number > 0, got {value!r}.")
@@ -180,12 +186,13 @@ def offload(
         bool(delayed_update),
         direct,
     )
+    mp = step.applied("mixed_precision")
     fix = "apply offload last, e.g. offload(shard_zero(mixed_precision(step, 'bf16'), 3), ...)."
     record = Transform(
         NAME,
         options={"tier": tier, "what": what, "path": path, "delayed_update": cfg.delayed_update},
         refuses_outer={"shard_zero": fix, "mixed_precision": fix},
-        plan=lambda plan: _plan(cfg, zero is not None, plan),
+        plan=lambda plan: _plan(cfg, zero is not None, mp, plan),
     )
     inner_init = step.stages.init
 
@@ -194,6 +201,8 @@ def offload(
         handle = state.get("optimizer")
         if isinstance(handle, OffloadState):
             state[NAME] = handle
+            if "params" in cfg.what:
+                params = _params_to_host(handle, params, state, mp)
         return params, state
 
     new = step.with_transform(record, init=init)
@@ -301,6 +310,7 @@ class OffloadState:
         self._pending: Future | None = None  # delayed update in flight
         self._bg: ThreadPoolExecutor | None = None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.param_buffer: torch.Tensor | None = None  # what=params: ZeRO-3's host shards
         self.closed = False
 
     # -- log ---------------------------------------------------------------------------
@@ -371,7 +381,8 @@ class OffloadState:
         return done
 
     def to_device(self, g: _Group, master_views: list, params: list) -> None:
-        if self._copy_stream is None:
+        """Updated masters into the params: on the device, or host shards (params offloaded)."""
+        if self._copy_stream is None or params[g.leaves[0]].device.type == "cpu":
             for src, i in zip(master_views, g.leaves, strict=True):
                 params[i].copy_(src)
             return
@@ -545,6 +556,23 @@ def _open_swap(cfg: OffloadConfig, handle: OffloadState, group) -> None:
     handle.buffers = [swap.alloc(size) for _ in range(3 if cfg.overlap else 1)]
 
 
+def _params_to_host(handle: OffloadState, params: dict, state: dict, mp) -> dict:
+    """ZeRO-3's flat shards into (pinned) host memory, the device copies dropped.
+
+    See [Note: param offload] in ``_zero3.py``.
+    """
+    slot = state[zero.NAME]
+    if slot.get("host") is not None or not slot["flats"]:
+        return params
+    gather_dtype = mp.options["param_dtype"] if mp is not None else None
+    shards, slot = _zero3.move_flats_to_host(slot, handle.device, gather_dtype, swap.alloc)
+    for name, shard in shards.items():
+        zero._tag(shard, slot["specs"][name])
+    state[zero.NAME] = slot
+    handle.param_buffer = slot["host"]["buffer"]
+    return {n: shards.get(n) if t is not None else None for n, t in params.items()}
+
+
 # ----------------------------------------------------------------------------- update
 
 
@@ -659,7 +687,7 @@ def _update_nvme(handle: OffloadState, grads: list, params: list) -> None:
 # ----------------------------------------------------------------------------- plan
 
 
-def _plan(cfg: OffloadConfig, sharded: bool, plan) -> None:
+def _plan(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
     n = plan.world if sharded else 1
     tier = cfg.tier
     optimizer = plan.memory.pop("optimizer", 0)
@@ -672,9 +700,14 @@ def _plan(cfg: OffloadConfig, sharded: bool, plan) -> None:
         f"{cfg.subgroup_bytes:,} master bytes, inside the update stage above; AdamW there "
         f"resolves to {cpu_adam.NAME} (torch._fused_adamw_, one pass, all host cores)."
     )
-    pcie = grads + plan.param_bytes // n  # grads out, updated params back
+    if "params" in cfg.what:
+        pcie = grads + _plan_params(cfg, n, mp, plan)
+        what = "grads out, param shards in at each gather; the update stays on the host"
+    else:
+        pcie = grads + plan.param_bytes // n
+        what = "grads out, params back"
     plan.notes.append(
-        f"offload({tier}): per step {pcie:,} bytes device<->host (grads out, params back), "
+        f"offload({tier}): per step {pcie:,} bytes device<->host ({what}), "
         f"~{pcie / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s."
     )
     if tier == "cpu":
@@ -694,3 +727,22 @@ def _plan(cfg: OffloadConfig, sharded: bool, plan) -> None:
         f"per step {disk:,} bytes of disk I/O, ~{disk / DISK_BYTES_PER_S:.2f} s at "
         f"{DISK_BYTES_PER_S / 1e9:.1f} GB/s."
     )
+
+
+def _plan_params(cfg: OffloadConfig, n: int, mp, plan) -> int:
+    """Stage-3 param shards moved to host memory; returns the H2D bytes per step."""
+    shards = plan.memory.pop("params", plan.param_bytes // n)
+    plan.memory["params (cpu)"] = shards
+    gather_size = plan.param_bytes / max(plan.param_count, 1)
+    if mp is not None and mp.options["param_dtype"].itemsize != gather_size:
+        gather_size = mp.options["param_dtype"].itemsize
+        plan.memory["params compute copy (cpu)"] = plan.param_count * gather_size // n
+    h2d = int(2 * plan.param_count * gather_size) // n  # forward gather + backward re-gather
+    plan.notes.append(
+        f"offload({cfg.tier}, params): ZeRO-3's param shards live in host memory, "
+        f"{shards:,} bytes per rank moved off the device; each gather first copies the "
+        f"unit's shard host->device (prefetched with its all-gather): {h2d:,} bytes H2D per "
+        f"step, ~{h2d / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s. "
+        "Device params: only the units in flight and their staging copies."
+    )
+    return h2d

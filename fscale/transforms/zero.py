@@ -281,7 +281,7 @@ def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
     specs = ctx.state[NAME]["specs"]
     if cfg.stage == 3:
         new = inner.update(ctx, grads, params)
-        new = _zero3.keep_in_flats(ctx.state[NAME], new)
+        new = _zero3.keep_in_flats(ctx.state[NAME], new, updated=True)
         for n, s in new.items():
             if s is not None:
                 _tag(s, specs[n])
@@ -333,8 +333,12 @@ def gather_params(params: dict, state: dict | None = None, group=None) -> dict:
         if spec is None or tuple(t.shape) != spec.shard_shape:
             out[name] = t
             continue
-        gathered = comm.all_gather(t.detach().contiguous(), group=group)
-        out[name] = spec.unpad(gathered).clone()
+        shard = t.detach().contiguous()
+        if shard.device.type == "cpu" and comm.backend(group) == "nccl":
+            # Params offloaded to the host: NCCL moves device tensors only.
+            shard = shard.to(torch.device("cuda", torch.cuda.current_device()))
+        gathered = comm.all_gather(shard, group=group)
+        out[name] = spec.unpad(gathered).to(t.device, copy=True)
     return out
 
 

@@ -244,8 +244,10 @@ def test_stack_order_and_argument_errors(tmp_path):
         fs.offload(step, "nvme", path=tmp_path, delayed_update=True)
     with pytest.raises(ValueError, match="over shard_zero\\(step, 3\\)"):
         fs.offload(step, "cpu", what=("optimizer", "params"))
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        fs.offload(fs.shard_zero(step, 3), "cpu", what=("optimizer", "params"))
+    with pytest.raises(ValueError, match="over shard_zero\\(step, 3\\)"):
+        fs.offload(fs.shard_zero(step, 2), "cpu", what=("optimizer", "params"))
+    with pytest.raises(ValueError, match="use \\('optimizer',\\) or"):
+        fs.offload(fs.shard_zero(step, 3), "cpu", what=("params",))
     with pytest.raises(ValueError, match="buffer_mb"):
         fs.offload(step, "cpu", buffer_mb=0)
 
@@ -356,6 +358,162 @@ def test_closed_state_is_refused_and_dropped_state_removes_its_files(tmp_path):
     assert os.listdir(tmp_path) == []  # weakref.finalize; the same runs at interpreter exit
 
 
+# ----------------------------------------------------------------------------- params
+
+
+def _per_layer(name):
+    return name.split(".")[0]  # one unit per Linear: three units, so prefetch has work
+
+
+def _zero3(precision=None, tier=None, path=None, what=("optimizer", "params"), **zero_kw):
+    def wrap(step):
+        if precision:
+            step = fs.mixed_precision(step, precision)
+        step = fs.shard_zero(step, 3, unit=_per_layer, **zero_kw)
+        if tier is None:
+            return step
+        kw = {"path": path} if tier == "nvme" else {}
+        return fs.offload(step, tier, what=what, subgroup_mb=SMALL, **kw)
+
+    return wrap
+
+
+def _param_offload_world_fn(rank, world, path):
+    out = {}
+    for precision in (None, "bf16"):
+        base = _train(_zero3(precision), rank, world)
+        only_optimizer = _train(_zero3(precision, "cpu", what=("optimizer",)), rank, world)
+        for tier in ("cpu", "nvme"):
+            got = _train(_zero3(precision, tier, path), rank, world)
+            out[(precision, tier)] = (base, only_optimizer, got)
+    got = _train(_zero3(None, "cpu", prefetch=2, check_order=True), rank, world)
+    out[(None, "cpu prefetch=2 check_order")] = (out[(None, "cpu")][0], None, got)
+    out["files left"] = [f for f in os.listdir(path) if f"-r{rank}-" in f]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_param_offload_equals_shard_zero_3(world):
+    """offload(shard_zero(step, 3), tier, what=("optimizer", "params")) changes no param."""
+    with tempfile.TemporaryDirectory() as path:
+        fn = _param_offload_world_fn
+        results = run_world(fn, world, path) if world > 1 else [fn(0, 1, path)]
+    for rank, by_case in enumerate(results):
+        assert by_case.pop("files left") == []
+        for case, (base, only_optimizer, got) in by_case.items():
+            # As the existing offload parity: the host AdamW is within an ulp per step.
+            assert max_rel_error(got, base) <= 1e-6, (rank, case)
+            if only_optimizer is not None:
+                # Same host optimizer on the same masters: where the shards live changes nothing.
+                assert max_rel_error(got, only_optimizer) == 0.0, (rank, case)
+
+
+def _walk_tensors(obj, seen=None):
+    """Every tensor reachable from params/state (dicts, sequences, the offload state)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk_tensors(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _walk_tensors(v, seen)
+    elif isinstance(obj, OffloadState):
+        yield from _walk_tensors([obj.buffers, obj.param_buffer, obj.groups], seen)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("fscale"):
+        yield from _walk_tensors(vars(obj), seen)
+
+
+def _run_zero3(wrap, steps=3):
+    """Train ``steps`` steps in a world of one; spies on every gather's host->device copy."""
+    from fscale.transforms import _zero3
+
+    log = []
+    stage, full_buffer = _zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer
+
+    def spy_stage(self, key):
+        src = (self.host["gather"] or self.flats)[key]
+        log.append(("stage", key, src))
+        return stage(self, key)
+
+    def spy_use(self, key):
+        log.append(("use", key, None))
+        return full_buffer(self, key)
+
+    model = mlp(WIDTHS, seed=3)
+    params, apply = fs.functional(copy.deepcopy(model))
+    step = wrap(fs.train_step(regression_loss(apply), _optimizer(), clip_norm=0.5))
+    params, state = step.init(params)
+    old = (_zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer)
+    _zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer = spy_stage, spy_use
+    try:
+        for batch in regression_batches(steps, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1]):
+            log.clear()  # keep the last step's
+            params, state, metrics = step(params, state, batch)
+    finally:
+        _zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer = old
+    return params, state, metrics, log
+
+
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_param_shards_live_only_in_host_memory(precision):
+    """The gatherer reads the offload state's host buffer, and no other shard copy exists."""
+    from fscale.transforms._zero3 import host_resident
+
+    base_params, base_state, base, _ = _run_zero3(_zero3(precision))
+    params, state, metrics, log = _run_zero3(_zero3(precision, "cpu"))
+    slot, handle = state["shard_zero"], state["offload"]
+    host = handle.param_buffer
+    assert host is slot["host"]["buffer"]
+    units = [u.key for u in slot["units"]]
+    assert len(units) == 3
+    # The step's params and the flats every gather reads are views of that buffer...
+    shard_bytes = 0
+    for key, flat in slot["flats"].items():
+        assert host_resident(flat, slot), key
+        assert flat.dtype == torch.float32  # the fp32 shards: gather_params reads them
+        shard_bytes += flat.numel() * flat.element_size()
+    assert all(host_resident(t, slot) for t in params.values())
+    # ... and every host->device copy came from it: under bf16 from its compute copy.
+    staged = [src for kind, _, src in log if kind == "stage"]
+    assert {k for kind, k, _ in log if kind == "stage"} == set(units)
+    for src in staged:
+        assert host_resident(src, slot)
+        assert src.dtype == (torch.bfloat16 if precision else torch.float32)
+    # No other shard-sized tensor anywhere in params or state: only the host buffer and
+    # the optimizer's host buffers (a kept device copy of the flats would show here).
+    allowed = {t.untyped_storage().data_ptr() for t in [host, *handle.buffers]}
+    for t in _walk_tensors([params, state]):
+        if t.numel() > 1:
+            assert t.untyped_storage().data_ptr() in allowed, tuple(t.shape)
+    # The same accounting without offload sees the device shards: the check can fail.
+    assert metrics["zero3_device_shard_bytes"] == 0
+    assert base["zero3_device_shard_bytes"] == shard_bytes
+    copy_bytes = shard_bytes // 2 if precision else 0
+    assert metrics["zero3_host_shard_bytes"] == shard_bytes + copy_bytes
+    # H2D: the bytes of every copy this step (forward and backward's re-gathers).
+    assert metrics["zero3_h2d_bytes"] == sum(s.numel() * s.element_size() for s in staged)
+    largest = max(s.numel() * s.element_size() for s in staged)
+    assert 0 < metrics["zero3_peak_h2d_staging_bytes"] <= 2 * largest  # prefetch=1
+    # Device param memory: the gathered units in flight plus their staging copies.
+    peak = metrics["zero3_peak_gathered_total_bytes"]
+    assert peak <= base["zero3_peak_gathered_total_bytes"] + metrics["zero3_peak_h2d_staging_bytes"]
+    # Prefetch covers the copy: after the first unit, each unit's copy is issued before
+    # its use (an on-demand copy would follow the "use" entry).
+    forward = []
+    for kind, key, _ in log:
+        if kind == "use" and key not in forward:
+            forward.append(key)
+    at = {(kind, key): i for i, (kind, key, _) in reversed(list(enumerate(log)))}
+    for key in forward[1:]:
+        assert at[("stage", key)] < at[("use", key)], (key, [x[:2] for x in log])
+    handle.close()
+
+
 # ----------------------------------------------------------------------------- explain
 
 
@@ -370,6 +528,24 @@ def test_explain_shows_bytes_per_tier(tmp_path):
     cpu = fs.plan(fs.offload(step, "cpu"), params)
     assert cpu.memory["optimizer (cpu)"] == 2 * cpu.param_bytes  # Adam's two fp32 moments
     assert "optimizer (cpu)" in fs.explain(fs.offload(step, "cpu"), params)
+
+
+def test_explain_shows_param_shards_on_the_host_and_h2d_traffic(tmp_path):
+    step, params = _step()
+    both = ("optimizer", "params")
+    for precision, size in ((None, 4), ("bf16", 2)):
+        inner = fs.shard_zero(fs.mixed_precision(step, precision) if precision else step, 3)
+        plain = fs.plan(inner, params)
+        for tier, kw in (("cpu", {}), ("nvme", {"path": tmp_path})):
+            plan = fs.plan(fs.offload(inner, tier, what=both, **kw), params)
+            assert "params" not in plan.memory  # nothing of the params stays on the device
+            assert plan.memory["params (cpu)"] == plain.memory["params"]
+            copy = plan.memory.get("params compute copy (cpu)")
+            assert copy == (plan.param_count * 2 // plan.world if precision else None)
+            h2d = 2 * plan.param_count * size // plan.world  # forward + backward gathers
+            assert any(f"{h2d:,} bytes H2D per step" in n for n in plan.notes), plan.notes
+    text = fs.explain(fs.offload(fs.shard_zero(step, 3), "cpu", what=both), params)
+    assert "params (cpu)" in text and "H2D" in text
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -402,3 +578,39 @@ def test_cuda_params_with_host_and_nvme_state_equal_no_offload(tmp_path):
             assert pinned, name
             assert max_rel_error(got, expected) <= tol, (optimizer, name)
     assert os.listdir(tmp_path) == []
+
+
+def _cuda_zero3(wrap):
+    """A world-of-one stage-3 run on CUDA: full params, device bytes step.init kept, metrics."""
+    model = mlp([64, 256, 256, 10], seed=3).cuda()
+    params, apply = fs.functional(model)
+    step = wrap(fs.train_step(regression_loss(apply), _optimizer(), clip_norm=0.5))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    params, state = step.init(params)
+    kept = torch.cuda.memory_allocated() - before
+    for batch in regression_batches(STEPS, GLOBAL_BATCH, 64, 10):
+        params, state, metrics = step(params, state, {k: v.cuda() for k, v in batch.items()})
+    full = {k: v.detach().cpu() for k, v in fs.gather_params(params).items()}
+    handle = state.get("offload")
+    if handle is not None:
+        handle.close()
+    return full, kept, metrics, state
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_cuda_param_offload_keeps_no_shard_on_the_device(precision):
+    expected, _, _, _ = _cuda_zero3(_zero3(precision))
+    _, kept_optimizer_only, _, _ = _cuda_zero3(_zero3(precision, "cpu", what=("optimizer",)))
+    got, kept, metrics, state = _cuda_zero3(_zero3(precision, "cpu"))
+    assert max_rel_error(got, expected) <= 1e-5  # device Triton AdamW vs host fused AdamW
+    shard_bytes = sum(f.numel() * f.element_size() for f in state["shard_zero"]["flats"].values())
+    # Without param offload init keeps the fp32 shards on the device; with it, only
+    # scalars (the loss scale, the stand-ins' zeros are per call).
+    assert kept_optimizer_only >= shard_bytes
+    assert kept < 4096, kept
+    host = state["offload"].param_buffer
+    assert host.device.type == "cpu" and host.is_pinned()
+    assert metrics["zero3_device_shard_bytes"] == 0
+    assert 0 < metrics["zero3_peak_h2d_staging_bytes"]
