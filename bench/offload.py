@@ -189,7 +189,7 @@ def bench_swap(path: str, total_gib: float, file_mib: int = 256) -> dict:
 # ----------------------------------------------------------------------------- train
 
 
-def build_step(model: GPT, accumulate: int, delayed: bool, lr: float = 1e-4):
+def build_step(model: GPT, accumulate: int, delayed: bool, what: str, lr: float = 1e-4):
     params, apply = fs.functional(model)
 
     def loss_fn(p, batch):
@@ -198,7 +198,8 @@ def build_step(model: GPT, accumulate: int, delayed: bool, lr: float = 1e-4):
 
     step = fs.train_step(loss_fn, fs.optim.adamw(lr=lr, weight_decay=0.1), accumulate=accumulate)
     step = fs.shard_zero(fs.mixed_precision(step, "bf16"), stage=3)
-    step = fs.offload(step, "cpu", delayed_update=delayed)
+    what = ("optimizer", "params") if what == "params" else ("optimizer",)
+    step = fs.offload(step, "cpu", what=what, delayed_update=delayed)
     return step, params
 
 
@@ -207,12 +208,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def train_one(layers: int, args, device) -> dict:
+def train_one(layers: int, what: str, args, device) -> dict:
     if args.smoke:
         cfg = GPTConfig.tiny(n_layer=layers, bias=False, seq_len=args.seq)
     else:
         cfg = GPTConfig.gpt_8b5(n_layer=layers, bias=False)
-    out: dict = {"n_layer": layers, "d_model": cfg.d_model, "seq": args.seq}
+    out: dict = {"n_layer": layers, "d_model": cfg.d_model, "seq": args.seq, "offload": what}
     t0 = time.time()
     torch.manual_seed(0)
     with device:
@@ -221,7 +222,7 @@ def train_one(layers: int, args, device) -> dict:
     out["params"] = n_params
     flops_per_token = model.flops_per_token(args.seq)  # before the weights are released
     out["host_bytes_expected"] = n_params * 16  # fp32 master + 2 moments + fp32 grads
-    step, params = build_step(model, args.accumulate, args.delayed)
+    step, params = build_step(model, args.accumulate, args.delayed, what)
     params, state = step.init(params)
     for p in model.parameters():  # the module's fp32 weights: the shards own them now
         p.data = torch.empty(0, device=device)
@@ -231,6 +232,9 @@ def train_one(layers: int, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     out["init_s"] = time.time() - t0
     out["host_bytes"] = state["offload"].host_bytes
+    param_buffer = getattr(state["offload"], "param_buffer", None)
+    if param_buffer is not None:
+        out["host_bytes"] += param_buffer.numel() * param_buffer.element_size()
     gen = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(
         0,
@@ -278,14 +282,14 @@ def _event_summary(handle) -> dict:
     return {"host_update_s": max(ends) - min(starts), "groups": len(starts)}
 
 
-def train_in_child(layers: int) -> dict:
+def train_in_child(layers: int, what: str) -> dict:
     """Run ``train_one`` in a fresh process: a model too large for host memory gets that
     process killed (the kernel's OOM killer), not this one, and pinned memory cached by
     torch's host allocator for one model is returned to the OS before the next."""
     with tempfile.TemporaryDirectory() as tmp:
         row_out = Path(tmp, "row.json")
         cmd = [sys.executable, __file__, *sys.argv[1:], "--_child", str(layers)]
-        cmd += ["--_row-out", str(row_out)]
+        cmd += ["--_row-out", str(row_out), "--_what", what]
         proc = subprocess.run(cmd)
         if row_out.exists():
             return json.loads(row_out.read_text())
@@ -307,6 +311,9 @@ def main() -> None:
     parser.add_argument("--swap-dir", default="/tmp/fscale-swap-bench")
     parser.add_argument("--swap-gib", type=float, default=8.0)
     parser.add_argument("--layers", default="24,30", help="GPT depths (width 4096) to train")
+    parser.add_argument(
+        "--params-layers", default="12", help="depths to train with what=('optimizer', 'params')"
+    )
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro", type=int, default=1, help="sequences per micro-batch")
     parser.add_argument("--accumulate", type=int, default=16)
@@ -317,15 +324,18 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU is fine")
     parser.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_row-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_what", default="optimizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
         args.adam_m, args.swap_gib, args.layers, args.seq, args.accumulate = 8, 0.25, "2", 32, 2
+        args.params_layers = "2"
     if args._child is not None:  # one model in this process (see train_in_child)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            row = train_one(args._child, args, device)
+            row = train_one(args._child, args._what, args, device)
         except Exception as e:  # device OOM, a pinned allocation refused: record it
-            row = {"n_layer": args._child, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            row = {"n_layer": args._child, "offload": args._what}
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             traceback.print_exc()
         Path(args._row_out).write_text(json.dumps(row))
         return
@@ -368,8 +378,10 @@ def main() -> None:
             seq=args.seq, micro=args.micro, accumulate=args.accumulate, delayed_update=args.delayed,
             peak_tflops=args.peak_tflops,
         )  # fmt: skip
-        for layers in [int(x) for x in args.layers.split(",")]:
-            row = train_in_child(layers)
+        runs = [(int(x), "optimizer") for x in args.layers.split(",") if x]
+        runs += [(int(x), "params") for x in args.params_layers.split(",") if x]
+        for layers, what in runs:
+            row = train_in_child(layers, what)
             result["train"].append(row)
             write()
     print(f"\n{name}")
@@ -390,10 +402,10 @@ def main() -> None:
         )
     for r in result.get("train", []):
         if "error" in r:
-            print(f"train n_layer={r['n_layer']}: {r['error'][:160]}")
+            print(f"train n_layer={r['n_layer']} ({r['offload']}): {r['error'][:160]}")
         else:
             print(
-                f"train {r['params'] / 1e9:.2f}B ({r['n_layer']}x{r['d_model']}): "
+                f"train {r['params'] / 1e9:.2f}B ({r['n_layer']}x{r['d_model']}, {r['offload']}): "
                 f"{r['tokens_per_s']:.0f} tok/s, {r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.1%}, "
                 f"step {r['step_s']:.2f} s, device peak {r['device_peak_gib'] or 0:.1f} GiB, "
                 f"host {r['host_bytes'] / GiB:.0f} GiB"
