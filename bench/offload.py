@@ -295,6 +295,7 @@ def train_in_child(layers: int, what: str) -> dict:
             return json.loads(row_out.read_text())
         return {
             "n_layer": layers,
+            "offload": what,
             "error": f"the process exited with {proc.returncode} (-9: "
             "killed, e.g. host memory exhausted) before it wrote its result",
         }

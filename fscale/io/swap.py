@@ -126,6 +126,33 @@ def alloc(nbytes: int, *, pin: bool | None = None) -> torch.Tensor:
     return raw[off : off + n]  # the view keeps ``raw``'s storage alive
 
 
+#: Pinned arenas ``alloc_many`` carves buffers from: a power of two, see its note.
+ARENA_BYTES = 2**30
+
+
+def alloc_many(sizes: list[int], *, pin: bool | None = None) -> list[torch.Tensor]:
+    """4096-aligned uint8 host buffers of ``align_up(size)`` bytes each, from few allocations.
+
+    [Note: pinned arenas] torch's pinned-memory allocator rounds every request up to
+    a power of two (for reuse), so one ``alloc`` per 64 MiB + 4 KiB sub-group buffer
+    would pin 128 MiB: offload(cpu) on a 5B-param model then asks for ~2x its 80 GB of
+    host state and is killed. Buffers are therefore cut, in order, out of arenas of
+    exactly ``ARENA_BYTES``; a buffer larger than an arena gets its own allocation.
+    """
+    out: list[torch.Tensor] = []
+    arena, used = None, 0
+    for size in sizes:
+        n = align_up(max(size, 1))
+        if n > ARENA_BYTES - ALIGN:
+            out.append(alloc(n, pin=pin))
+            continue
+        if arena is None or used + n > arena.numel():
+            arena, used = alloc(ARENA_BYTES - ALIGN, pin=pin), 0  # + ALIGN inside: 2**30
+        out.append(arena[used : used + n])
+        used += n
+    return out
+
+
 @dataclass
 class _Record:
     path: str

@@ -502,10 +502,11 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
     if cfg.tier == "nvme":
         _open_swap(cfg, handle, group)
     writes: list[Future] = []
+    if cfg.tier == "cpu":  # one buffer per group, carved out of pinned arenas
+        handle.buffers = swap.alloc_many([g.total for g in handle.groups])
     for k, g in enumerate(handle.groups):
         if cfg.tier == "cpu":
-            buf = swap.alloc(g.total)
-            handle.buffers.append(buf)
+            buf = handle.buffers[k]
         else:  # the pool in turn: group k's write overlaps group k+1's init
             n = len(handle.buffers)
             buf = handle.buffers[k % n]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from fscale.io import ALIGN, SwapCorruptError, SwapEngine, SwapError, alloc, check_path
+from fscale.io import ALIGN, SwapCorruptError, SwapEngine, SwapError, alloc, check_path, swap
 
 
 def _filled(engine, nbytes, seed=0):
@@ -130,3 +130,22 @@ def test_check_path_errors(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"40,960 bytes\) free.*1,000,000 bytes") as info:
         check_path(tmp_path, 1_000_000)
     assert info.value.errno == errno.ENOSPC and str(tmp_path) in str(info.value)
+
+
+def test_alloc_many_carves_aligned_disjoint_buffers_from_power_of_two_arenas(monkeypatch):
+    """[Note: pinned arenas]: buffers come out of arenas of exactly ARENA_BYTES (the
+    pinned allocator rounds requests up to a power of two), aligned and disjoint."""
+    monkeypatch.setattr(swap, "ARENA_BYTES", 64 * 1024)
+    sizes = [5000, 4096, 20000, 30000, 70000, 1]
+    bufs = swap.alloc_many(sizes)
+    assert [b.numel() for b in bufs] == [swap.align_up(s) for s in sizes]
+    assert all(b.data_ptr() % swap.ALIGN == 0 for b in bufs)
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel()) for b in bufs)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
+    storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in bufs}
+    # 8 + 4 + 20 + 32 KiB: one arena and the start of a second; 70000 B: its own.
+    arenas = [n for n in storages.values() if n == 64 * 1024]
+    assert len(arenas) == 2 and len(storages) == 3
+    for i, b in enumerate(bufs):  # writable, independent
+        b.fill_(i)
+    assert all(int(b[0]) == i and int(b[-1]) == i for i, b in enumerate(bufs))
