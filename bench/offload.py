@@ -62,16 +62,6 @@ ADAM_BYTES_PER_PARAM = 28  # fp32 p, g, m, v read; p, m, v written
 # ----------------------------------------------------------------------------- adam
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, thread pool)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def bench_adam(m_params: int, repeats: int) -> dict:
     chunk = 4 * 2**20
     n = m_params * 10**6
@@ -82,14 +72,14 @@ def bench_adam(m_params: int, repeats: int) -> dict:
     out = {"params": n, "threads": torch.get_num_threads(), "tensors": len(sizes)}
     hyper = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
+    # The three run in turn, repeat after repeat (host timings drift with clocks and
+    # other load; interleaving gives each the same conditions), medians kept.
+    runners = {}
     for name, kwargs in (("torch_fused", {"fused": True}), ("torch_foreach", {"foreach": True})):
         ps = [p.clone().requires_grad_() for p in params]
         for p, g in zip(ps, grads, strict=True):
             p.grad = g
-        opt = torch.optim.AdamW(ps, **hyper, **kwargs)
-        out[f"{name}_s"] = _median_time(opt.step, repeats)
-        del opt, ps
-        gc.collect()
+        runners[name] = torch.optim.AdamW(ps, **hyper, **kwargs).step
 
     tree_p = {f"p{i}": p.clone() for i, p in enumerate(params)}
     tree_g = {f"p{i}": g for i, g in enumerate(grads)}
@@ -100,7 +90,18 @@ def bench_adam(m_params: int, repeats: int) -> dict:
         with cpu_adam.host_kernels():
             _, state[0] = apply_gradients(opt, tree_g, state[0], tree_p)
 
-    out["fscale_s"] = _median_time(fscale_step, repeats)
+    runners["fscale"] = fscale_step
+    times: dict = {name: [] for name in runners}
+    for fn in runners.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        out[f"{name}_s"] = sorted(ts)[len(ts) // 2]
+        out[f"{name}_all_s"] = ts
     for key in ("torch_fused", "torch_foreach", "fscale"):
         s = out[f"{key}_s"]
         out[f"{key}_Mparams_per_s"] = n / s / 1e6
@@ -113,6 +114,10 @@ def bench_adam(m_params: int, repeats: int) -> dict:
 # ----------------------------------------------------------------------------- swap
 
 
+class _SkipDD(Exception):
+    pass
+
+
 def _dd(args: list[str]) -> float:
     """Bytes/s that dd reports (its last stderr line: '... bytes ... copied, T s, R')."""
     proc = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
@@ -123,28 +128,50 @@ def _dd(args: list[str]) -> float:
 
 
 def bench_swap(path: str, total_gib: float, file_mib: int = 256) -> dict:
+    """dd, then the engine at its defaults and with more I/O threads / larger chunks."""
+    out = bench_swap_once(path, total_gib, file_mib, dd=True)
+    out["variants"] = []
+    for threads, chunk_mib in ((8, 8), (8, 32), (16, 32)):
+        v = bench_swap_once(
+            path, total_gib, file_mib, dd=False, threads=threads, chunk_mib=chunk_mib
+        )
+        out["variants"].append({k: v[k] for k in ("io_threads", "chunk_mib", *_RATES) if k in v})
+    return out
+
+
+_RATES = ("fscale_write_GBps", "fscale_read_GBps")
+
+
+def bench_swap_once(
+    path: str, total_gib: float, file_mib: int, *, dd: bool, threads: int = 4, chunk_mib: int = 8
+) -> dict:
     os.makedirs(path, exist_ok=True)
     nfiles = max(1, int(total_gib * 1024 // file_mib))
     nbytes = file_mib * 2**20
     out = {"path": path, "files": nfiles, "file_bytes": nbytes, "total_bytes": nfiles * nbytes}
+    out.update(io_threads=threads, chunk_mib=chunk_mib)
     df = os.statvfs(path)
     out["free_bytes_before"] = df.f_bavail * df.f_frsize
 
     dd_file = os.path.join(path, "dd-probe.bin")
     count = nfiles * file_mib // 64
     try:
+        if not dd:
+            raise _SkipDD
         write_bps = _dd(
             ["if=/dev/zero", f"of={dd_file}", "bs=64M", f"count={count}", "oflag=direct"]
         )
         read_bps = _dd([f"if={dd_file}", "of=/dev/null", "bs=64M", "iflag=direct"])
         out.update(dd_write_GBps=write_bps / 1e9, dd_read_GBps=read_bps / 1e9)
+    except _SkipDD:
+        pass
     except (subprocess.CalledProcessError, OSError) as e:  # no O_DIRECT here: say so
         out["dd_error"] = repr(e)[:300]
     finally:
         if os.path.exists(dd_file):
             os.remove(dd_file)
 
-    engine = swap.SwapEngine(path, rank=0)
+    engine = swap.SwapEngine(path, rank=0, io_threads=threads, chunk_bytes=chunk_mib * 2**20)
     out["direct"] = engine.direct
     bufs = [engine.alloc(nbytes) for _ in range(3)]
     for i, b in enumerate(bufs):
@@ -231,6 +258,8 @@ def train_one(layers: int, what: str, args, device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     out["init_s"] = time.time() - t0
+    out["host_memory_after_init"] = _host_memory()
+    print(f"  layers={layers} after init: {out['host_memory_after_init']}", flush=True)
     out["host_bytes"] = state["offload"].host_bytes
     param_buffer = getattr(state["offload"], "param_buffer", None)
     if param_buffer is not None:
@@ -272,6 +301,26 @@ def train_one(layers: int, what: str, args, device) -> dict:
     return out
 
 
+def _host_memory() -> dict:
+    """This process's resident bytes, and the container's use and limit (cgroup v2)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS", "RssShmem", "RssAnon")):
+                    key, value = line.split(":")
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    for name in ("memory.current", "memory.max"):
+        try:
+            with open(f"/sys/fs/cgroup/{name}") as f:
+                out[name] = f.read().strip()
+        except OSError:
+            pass
+    return out
+
+
 def _event_summary(handle) -> dict:
     """Seconds between the first and last update event of the last step (host optimizer)."""
     ev = handle.events
@@ -308,7 +357,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="adam,swap,train")
     parser.add_argument("--adam-m", type=int, default=200, help="million params for part adam")
-    parser.add_argument("--adam-repeats", type=int, default=5)
+    parser.add_argument("--adam-repeats", type=int, default=11)
     parser.add_argument("--swap-dir", default="/tmp/fscale-swap-bench")
     parser.add_argument("--swap-gib", type=float, default=8.0)
     parser.add_argument("--layers", default="24,30", help="GPT depths (width 4096) to train")
