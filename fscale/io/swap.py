@@ -121,9 +121,37 @@ def alloc(nbytes: int, *, pin: bool | None = None) -> torch.Tensor:
     if pin is None:
         pin = torch.cuda.is_available()
     n = align_up(max(nbytes, 1))
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    raw = _pinned_exact(n + ALIGN) if pin and n >= _REGISTER_MIN else None
+    if raw is None:
+        raw = torch.empty(n + ALIGN, dtype=torch.uint8, pin_memory=pin)
     off = (-raw.data_ptr()) % ALIGN
-    return raw[off : off + n]  # the view keeps ``raw``'s storage alive
+    return raw[off : off + n]  # the view keeps ``raw`` (its ``_base``) alive
+
+
+# [Note: pinned memory of an exact size]
+# torch's pinned-memory allocator rounds every request up to a power of two (for
+# reuse) and keeps freed blocks cached: a 1.07 GB sub-group buffer (one 4096 x 16384
+# fp32 master with its Adam state and grads) pins 2 GiB, and offload(cpu) on a 3.4B
+# model pinned 107 GB for 55 GB of state. Large buffers are therefore ordinary host
+# memory of the exact size, page-locked in place with cudaHostRegister and unlocked
+# when the tensor goes (a finalizer on the base tensor, which every view returned
+# keeps alive through ``_base``).
+_REGISTER_MIN = 16 * 2**20
+
+
+def _pinned_exact(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of host memory page-locked in place, or None where that is unavailable."""
+    try:
+        cudart = torch.cuda.cudart()
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        ptr = raw.data_ptr()
+        ok = int(cudart.cudaHostRegister(ptr, nbytes, 0)) == 0  # cudaSuccess
+    except Exception:  # no CUDA runtime (CPU build), or a runtime without the call
+        return None
+    if not ok:
+        return None
+    weakref.finalize(raw, cudart.cudaHostUnregister, ptr)
+    return raw
 
 
 #: Pinned arenas ``alloc_many`` carves buffers from: a power of two, see its note.
@@ -133,11 +161,9 @@ ARENA_BYTES = 2**30
 def alloc_many(sizes: list[int], *, pin: bool | None = None) -> list[torch.Tensor]:
     """4096-aligned uint8 host buffers of ``align_up(size)`` bytes each, from few allocations.
 
-    [Note: pinned arenas] torch's pinned-memory allocator rounds every request up to
-    a power of two (for reuse), so one ``alloc`` per 64 MiB + 4 KiB sub-group buffer
-    would pin 128 MiB: offload(cpu) on a 5B-param model then asks for ~2x its 80 GB of
-    host state and is killed. Buffers are therefore cut, in order, out of arenas of
-    exactly ``ARENA_BYTES``; a buffer larger than an arena gets its own allocation.
+    Thousands of sub-group buffers become a few dozen page-locked allocations of
+    ``ARENA_BYTES`` (each an exact size, see [Note: pinned memory of an exact size]);
+    buffers are cut from them in order, and one larger than an arena gets its own.
     """
     out: list[torch.Tensor] = []
     arena, used = None, 0

@@ -132,9 +132,8 @@ def test_check_path_errors(tmp_path, monkeypatch):
     assert info.value.errno == errno.ENOSPC and str(tmp_path) in str(info.value)
 
 
-def test_alloc_many_carves_aligned_disjoint_buffers_from_power_of_two_arenas(monkeypatch):
-    """[Note: pinned arenas]: buffers come out of arenas of exactly ARENA_BYTES (the
-    pinned allocator rounds requests up to a power of two), aligned and disjoint."""
+def test_alloc_many_carves_aligned_disjoint_buffers_from_arenas(monkeypatch):
+    """Buffers come out of arenas of exactly ARENA_BYTES, aligned and disjoint."""
     monkeypatch.setattr(swap, "ARENA_BYTES", 64 * 1024)
     sizes = [5000, 4096, 20000, 30000, 70000, 1]
     bufs = swap.alloc_many(sizes)
