@@ -322,6 +322,7 @@ def test_first_gpu_call_tunes_once_and_keeps_the_fastest(interpret, monkeypatch)
         return 1.0 if cfg.get("bn") == 64 else 2.0
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_bench)
     monkeypatch.setattr(fpx_triton, "_TUNED", {})
     p = fpx.pack(torch.randn(64, 256), "e3m2")
     x = torch.randn(3, 256)
