@@ -280,7 +280,7 @@ def _kernel_time(testing, fn) -> float:
     serving runs decoding from graphs, where only the kernels count.
     """
     fn()  # compile outside any capture
-    if torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("fpx_linear: the first call per shape tunes; make it before capture.")
     try:
         return testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
