@@ -25,25 +25,23 @@ activations take the fp16 weight converted to bf16 (exact: at most 3 mantissa bi
 and bf16 has fp32's exponent range).
 
 [Note: FPx linear performance, what was measured and what bounds it]
-H200 (bench/results/fpx_linear-nvidia-h200.json, kernel of commit 59b84df, which
-interleaved the two halves with join/reshape into one [BM, BN] accumulator): cuBLAS
-fp16 took 0.120 ms for 28672 x 8192 at M=1 (3.9 TB/s of weights); fp6 took 0.098 ms
-at best (1.22x; 8192 x 28672 1.27x; 8192 x 8192 0.88x, where zeros + kernel + cast
-are three launches against cuBLAS's 0.048 ms). M=128 fused <= 0.5x; M >= 512 through
-dequantize + cuBLAS 0.71x (512) to 0.99x (2048).
+H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
+kernel time): fp6 1.19x cuBLAS fp16 at M=1 on 8192 x 8192, 1.47x / 1.55x on 28672 x
+8192 / 8192 x 28672 (1.36-1.49x at M=8), 0.74-0.84x at M=32, 0.45x at M=128; through
+the pipelined dequantize + cuBLAS path 0.72x at M=512 and 0.93-0.95x at M=2048 (it was
+0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2: 1.8 ms for
+28672 x 8192, now whole words).
 Floors for 28672 x 8192 fp6, M=1: 176 MB of planes = 0.041 ms at the 4.3 TB/s copy
-ceiling; the rebuild, per the sm_90 SASS of the current loop (bm=16, bn=128: per 128
-weights a thread ~200 LOP3, 90 IMAD.SHL, 64 PRMT, 48 SHF), ~3.4 integer instructions
-per weight = ~0.036 ms for 235M weights at ~100 thread-instructions/clk/SM. 2.4x
-(0.050 ms) needs both overlapped near their limits. Since that run the halves feed two
-accumulators (no interleave: the SASS lost its STS/LDSM round trip of the decoded
-tile; weights go LDGSTS -> LDS -> HMMA), fp4 loads two hi tiles per iteration, and the
-launch is tuned on first use; 94 registers, ~40 KB shared at 3 stages: 5 programs per
-SM. Not yet measured on a GPU.
-M=128 is 60 GFLOP: 0.075 ms at the ~800 TFLOP/s dense rate measured on these H200s,
-so 2x of cuBLAS's 0.132 ms (0.066 ms) is below the tensor-core floor. M >= 512 through
-dequantize: writing the 470 MB fp16 weight and reading the planes takes ~0.15 ms, so
-M=2048 (cuBLAS 1.25 ms) tops out near 0.89x; 0.95x needs a fused GEMM at cuBLAS's
+ceiling; the rebuild, per the sm_90 SASS of the loop (bm=16, bn=128: per 128 weights a
+thread ~200 LOP3, 90 IMAD.SHL, 64 PRMT, 48 SHF), ~3.4 integer instructions per weight
+= ~0.036 ms for 235M weights at ~100 thread-instructions/clk/SM. 2.4x (0.050 ms)
+needs both overlapped near their limits; we are at 0.076 ms. Small layers (4096 wide,
+a 7B model's) lose more to the split-K launch's zeroing and cast kernels.
+M=32..128: every M tile re-reads x from L2 in 16-column slices, one per 16-row dot;
+the time grows with M long before the tensor cores are busy. M=128 is 60 GFLOP:
+0.075 ms at the ~800 TFLOP/s dense rate, so 2x of cuBLAS's 0.132 ms (0.066 ms) is
+below the tensor-core floor anyway. M >= 512: the dequantize (~0.17 ms) overlaps the
+GEMM only partly (both want the SMs); 0.95x there needs a fused GEMM at cuBLAS's
 efficiency.
 """
 
