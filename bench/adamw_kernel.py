@@ -35,30 +35,17 @@ import re
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
+from _source import import_kernels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BYTES_PER_PARAM = 28
 
 
-def _import_kernel_module():
-    # Only fscale.kernels.adamw and fscale.hw.* are needed. fscale/__init__.py imports
-    # the whole library (and optree, which the GPU image lacks), so register a bare
-    # package object and let the submodules import from the source tree.
-    if "fscale" not in sys.modules:
-        pkg = types.ModuleType("fscale")
-        pkg.__path__ = [str(REPO / "fscale")]
-        sys.modules["fscale"] = pkg
-    from fscale.kernels import adamw
-
-    return adamw
-
-
-adamw = _import_kernel_module()
+(adamw,) = import_kernels("adamw")
 triton = adamw.triton
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)

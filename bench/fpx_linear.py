@@ -35,29 +35,16 @@ import re
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
+from _source import import_kernels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _import_kernel_modules():
-    # Only fscale.kernels.fpx(_triton) and fscale.hw.* are needed; fscale/__init__.py
-    # imports the whole library (and optree, which the GPU image lacks), so register a
-    # bare package object and let the submodules import from the source tree.
-    if "fscale" not in sys.modules:
-        pkg = types.ModuleType("fscale")
-        pkg.__path__ = [str(REPO / "fscale")]
-        sys.modules["fscale"] = pkg
-    from fscale.kernels import fpx, fpx_triton, intq
-
-    return fpx, fpx_triton, intq
-
-
-fpx, fpx_triton, intq = _import_kernel_modules()
+fpx, fpx_triton, intq = import_kernels("fpx", "fpx_triton", "intq")
 triton = fpx_triton.triton
 
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672)]

@@ -29,29 +29,17 @@ import os
 import re
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
+from _source import import_kernels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _import_kernel_modules():
-    # fscale/__init__.py imports optree, which the GPU image may lack: import the
-    # kernel modules from the source tree under a bare package object.
-    if "fscale" not in sys.modules:
-        pkg = types.ModuleType("fscale")
-        pkg.__path__ = [str(REPO / "fscale")]
-        sys.modules["fscale"] = pkg
-    from fscale.kernels import fpx, fpx_triton, intq  # noqa: F401  (registers lowerings)
-
-    return fpx, intq
-
-
-fpx, intq = _import_kernel_modules()
+fpx, _, intq = import_kernels("fpx", "fpx_triton", "intq")  # fpx_triton: lowerings
 
 D, HEADS, FFN = 4096, 32, 11008
 FORMATS = ["fp16", "fp6", "fp5", "fp4", "int8", "int4"]
