@@ -182,27 +182,20 @@ def bench_swap_once(
         )
     first = bufs[0].clone()
     try:
-        # Writes: three buffers in rotation, a buffer reused once its write is done.
-        t0 = time.perf_counter()
-        pending = []
-        for i in range(nfiles):
-            if len(pending) == len(bufs):
-                pending.pop(0).result()
-            pending.append(engine.write(f"g{i:05d}", bufs[i % len(bufs)]))
-        for f in pending:
-            f.result()
-        engine.flush()
-        out["fscale_write_GBps"] = nfiles * nbytes / (time.perf_counter() - t0) / 1e9
-        # Reads: the same rotation (verifies every chunk's CRC-32).
-        t0 = time.perf_counter()
-        pending = []
-        for i in range(nfiles):
-            if len(pending) == len(bufs):
-                pending.pop(0).result()
-            pending.append(engine.read(f"g{i:05d}", bufs[i % len(bufs)]))
-        for f in pending:
-            f.result()
-        out["fscale_read_GBps"] = nfiles * nbytes / (time.perf_counter() - t0) / 1e9
+        # Writes, then reads (which verify every chunk's CRC-32), each through the three
+        # buffers in rotation: a buffer is reused once its last transfer is done.
+        for kind, submit in (("write", engine.write), ("read", engine.read)):
+            t0 = time.perf_counter()
+            pending = []
+            for i in range(nfiles):
+                if len(pending) == len(bufs):
+                    pending.pop(0).result()
+                pending.append(submit(f"g{i:05d}", bufs[i % len(bufs)]))
+            for f in pending:
+                f.result()
+            if kind == "write":
+                engine.flush()
+            out[f"fscale_{kind}_GBps"] = nfiles * nbytes / (time.perf_counter() - t0) / 1e9
         engine.read("g00000", bufs[0]).result()
         out["data_equal"] = bool(torch.equal(bufs[0], first))
     finally:
