@@ -309,7 +309,15 @@ class OffloadState:
         self._seq = 0
         self._pending: Future | None = None  # delayed update in flight
         self._bg: ThreadPoolExecutor | None = None
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # [Note: offload copy streams] Grads out and params in each get a stream: PCIe
+        # is full duplex, so a group's D2H and another's H2D (and, with DPU, all grads
+        # out and all masters in) run at the same time instead of in turn. Both streams
+        # first wait for everything queued on the compute stream: backward may still
+        # be reading the params (stage 3 re-gathers from its flat shards) when the
+        # update is called, and writing them under it would be a race.
+        cuda = device.type == "cuda"
+        self._d2h_stream = torch.cuda.Stream(device) if cuda else None
+        self._h2d_stream = torch.cuda.Stream(device) if cuda else None
         self.param_buffer: torch.Tensor | None = None  # what=params: ZeRO-3's host shards
         self.closed = False
 
@@ -364,37 +372,44 @@ class OffloadState:
 
     # -- device <-> host ---------------------------------------------------------------
 
+    def begin_copies(self) -> None:
+        """Order both copy streams after the compute queued so far (once per update)."""
+        if self._d2h_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            self._d2h_stream.wait_stream(current)
+            self._h2d_stream.wait_stream(current)
+
     def to_host(self, g: _Group, grads_views: list, grads: list) -> Any:
         """Copy group ``g``'s grads into its host views; returns an event to wait on (CUDA)."""
-        if self._copy_stream is None:
+        if self._d2h_stream is None:
             for dst, i in zip(grads_views, g.leaves, strict=True):
                 dst.copy_(grads[i])
             return None
-        current = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_stream(current)
+        with torch.cuda.stream(self._d2h_stream):
             for dst, i in zip(grads_views, g.leaves, strict=True):
                 dst.copy_(grads[i], non_blocking=True)
-                grads[i].record_stream(self._copy_stream)
+                grads[i].record_stream(self._d2h_stream)
             done = torch.cuda.Event()
-            done.record(self._copy_stream)
+            done.record(self._d2h_stream)
         return done
 
     def to_device(self, g: _Group, master_views: list, params: list) -> None:
         """Updated masters into the params: on the device, or host shards (params offloaded)."""
-        if self._copy_stream is None or params[g.leaves[0]].device.type == "cpu":
+        if self._h2d_stream is None or params[g.leaves[0]].device.type == "cpu":
             for src, i in zip(master_views, g.leaves, strict=True):
                 params[i].copy_(src)
             return
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(self._h2d_stream):
             for src, i in zip(master_views, g.leaves, strict=True):
                 params[i].copy_(src, non_blocking=True)
 
     def sync_device(self) -> None:
         """Host buffers may be reused and params read by the next compute: join the copies."""
-        if self._copy_stream is not None:
-            self._copy_stream.synchronize()
-            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        if self._d2h_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            for stream in (self._d2h_stream, self._h2d_stream):
+                stream.synchronize()
+                current.wait_stream(stream)
 
     # -- the update of one group ---------------------------------------------------------
 
@@ -585,6 +600,7 @@ def _update(handle: OffloadState, grads, params):
         )
     g_leaves, p_leaves = tree.leaves(grads), tree.leaves(params)
     handle._reset_events()
+    handle.begin_copies()
     if handle.cfg.tier == "nvme":
         _update_nvme(handle, g_leaves, p_leaves)
     elif handle.cfg.delayed_update:
