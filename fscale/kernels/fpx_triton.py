@@ -69,8 +69,6 @@ def _fpx_kernel(
     s_ptr,
     b_ptr,
     y_ptr,
-    ws_ptr,
-    cnt_ptr,
     M,
     N,
     NW,
@@ -87,7 +85,6 @@ def _fpx_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     ATOMIC: tl.constexpr,
-    LAST: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DEQUANT: tl.constexpr,
@@ -205,37 +202,14 @@ def _fpx_kernel(
             else:
                 out = acc_o * scale_o[None, :]
             offs_n = 2 * offs_c + h
-            if HAS_BIAS and not (ATOMIC and LAST):
+            if HAS_BIAS:
                 bias = tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)
                 out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
             ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-            if ATOMIC and LAST:
-                tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
-            elif ATOMIC:
+            if ATOMIC:
                 tl.atomic_add(ptrs, out, mask=mask)
             else:
                 tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-        if ATOMIC and LAST:
-            # [Note: split-K in one launch] The last of a tile's K programs to arrive
-            # (a counter per tile) reads the fp32 sums back from L2, writes y in its
-            # dtype and zeroes the workspace and the counter for the next call: no
-            # zero-fill or cast kernels around the launch.
-            tl.debug_barrier()  # every thread's partial sums issued before the release
-            tile = pid_m * tl.num_programs(0) + pid_n
-            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            if arrived == tl.num_programs(2) - 1:
-                for h in tl.static_range(2):
-                    offs_n = 2 * offs_c + h
-                    ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-                    total = tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")
-                    if HAS_BIAS:
-                        total += tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)[
-                            None, :
-                        ]
-                    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-                    tl.store(ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-                    tl.store(ws, tl.full((BM, C), 0.0, tl.float32), mask=mask)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 _kernel = LazyJit(_fpx_kernel)
@@ -348,10 +322,7 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
     return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
 
 
-def _launch(
-    x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None,
-    workspace=None,
-):  # fmt: skip
+def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None):
     """One launch; ``dequant`` (a 16-bit dtype) writes W^T plane columns ``cols`` into ``y``."""
     kernel, interpret = _kernel()
     n, k = p.shape
@@ -369,14 +340,12 @@ def _launch(
     x_arg = x2 if x2 is not None else y
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
     kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
-    ws, cnt = workspace if workspace is not None else (y, y)
     kernel[grid](
         x_arg, p.hi, p.lo if p.lo is not None else p.hi, p.scales,
-        bias if bias is not None else p.scales, y, ws, cnt,
+        bias if bias is not None else p.scales, y,
         m, n, n // 2, k, x2.stride(0) if x2 is not None else 0, y.stride(0), per,
         float(2.0 ** (15 - _fpx.bias(p.fmt))), c_begin, c_end,
         E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=bn, ATOMIC=grid[2] > 1,
-        LAST=workspace is not None,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
         OUT_BF16=dequant == torch.bfloat16,
         **kwargs,
@@ -402,21 +371,6 @@ def _check(x: torch.Tensor, p) -> None:
 
 
 _SIDE_STREAMS: dict = {}
-# (device, M, N, tiles) -> (fp32 [M, N] sums, int32 [tiles] counters), both all zero
-# between launches ([Note: split-K in one launch]): the kernel leaves them so. One set
-# per shape, so two launches of one shape must not run at once on different streams
-# (fscale runs one compute stream; the dequantize side stream never uses them).
-_WORKSPACES: dict = {}
-
-
-def _workspace(device: torch.device, m: int, n: int, tiles: int):
-    key = (str(device), m, n, tiles)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = (
-            torch.zeros(m, n, dtype=torch.float32, device=device),
-            torch.zeros(tiles, dtype=torch.int32, device=device),
-        )
-    return _WORKSPACES[key]
 
 
 def _dequantize_into(p, wt: torch.Tensor, cols: tuple[int, int], dtype: torch.dtype) -> None:
@@ -541,15 +495,10 @@ def fpx_linear_triton(
         return y.reshape(*lead, n)
     cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
     split = _split(cfg, m, n, k, p.fmt, x.device)
-    cfg_last = cfg.get("last", True)
     cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages")}
     cfg["split"] = split
     bias_c = bias.contiguous() if bias is not None else None
-    if split > 1 and cfg_last:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        tiles = triton.cdiv(n, cfg["bn"]) * triton.cdiv(m, cfg["bm"])
-        _launch(x2, p, bias_c, y, **cfg, workspace=_workspace(x.device, m, n, tiles))
-    elif split > 1:
+    if split > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
         _launch(x2, p, bias_c, y, **cfg)
         y = y.to(x.dtype)

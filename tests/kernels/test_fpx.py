@@ -285,25 +285,6 @@ def test_triton_dequantize_writes_only_its_column_window(interpret):
 
 
 @needs_triton
-def test_split_k_in_one_launch_leaves_its_workspace_zero(interpret):
-    """[Note: split-K in one launch]: the last program of each tile writes y and zeroes
-    the shared fp32 sums and the arrival counter, so the next call of the shape (here
-    with other x and bias) starts clean; the legacy three-kernel path agrees."""
-    p = fpx.pack(torch.randn(96, 512), "e3m2")
-    cfg = dict(bm=16, bn=32, split=4)
-    for seed in (0, 1):
-        gen = torch.Generator().manual_seed(seed)
-        x, bias = torch.randn(3, 512, generator=gen), torch.randn(96, generator=gen)
-        got = fpx_triton.fpx_linear_triton(x, p, bias, config=cfg)
-        want = x.double() @ fpx.unpack(p).double().t() + bias.double()
-        assert _rel(got, want) <= 1e-6
-        legacy = fpx_triton.fpx_linear_triton(x, p, bias, config={**cfg, "last": False})
-        assert _rel(got, legacy) <= 1e-6
-        ws, counters = fpx_triton._WORKSPACES[("cpu", 3, 96, 3)]
-        assert not ws.any() and not counters.any()
-
-
-@needs_triton
 def test_triton_leading_dims_and_errors(interpret):
     p = fpx.pack(torch.randn(8, 128), "e3m2")
     x = torch.randn(2, 3, 128)
@@ -370,9 +351,7 @@ def _compile_for_sm90(**const):
     dt = const.pop("dtype")
     sig = {
         "x_ptr": f"*{dt}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
-        "b_ptr": f"*{dt}",
-        "y_ptr": "*fp32" if const["ATOMIC"] and not const["LAST"] else f"*{dt}",
-        "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+        "b_ptr": f"*{dt}", "y_ptr": "*fp32" if const["ATOMIC"] else f"*{dt}",
         "M": "i32", "N": "i32", "NW": "i32", "K": "i32", "stride_xm": "i32",
         "stride_ym": "i32", "chunks_per_prog": "i32", "exp_scale": "fp32",
         "c_begin": "i32", "c_end": "i32",
@@ -382,12 +361,7 @@ def _compile_for_sm90(**const):
     sig.update({name: "constexpr" for name in const})
     names = list(sig)
     div16 = ["x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "NW", "K", "stride_xm"]
-    div16 += [
-        "c_begin",
-        "c_end",
-        "ws_ptr",
-        "cnt_ptr",
-    ]  # as Triton specialises them when launched (0, N / 2)
+    div16 += ["c_begin", "c_end"]  # as Triton specialises them when launched (0, N / 2)
     src = ASTSource(
         fn,
         sig,
@@ -414,7 +388,7 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, atomic, dequant):
     lay = fpx.layout(fmt)
     kernel = _compile_for_sm90(
         dtype=dtype, E=fpx.FORMATS[fmt][0], LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=128,
-        ATOMIC=atomic, LAST=atomic, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
+        ATOMIC=atomic, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
         OUT_BF16=dtype == "bf16",
     )  # fmt: skip
     ptx = kernel.asm["ptx"]
