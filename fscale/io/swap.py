@@ -154,28 +154,36 @@ def _pinned_exact(nbytes: int) -> torch.Tensor | None:
     return raw
 
 
-#: Pinned arenas ``alloc_many`` carves buffers from: a power of two, see its note.
+#: At most this many bytes of buffers share one ``alloc_many`` allocation.
 ARENA_BYTES = 2**30
 
 
 def alloc_many(sizes: list[int], *, pin: bool | None = None) -> list[torch.Tensor]:
     """4096-aligned uint8 host buffers of ``align_up(size)`` bytes each, from few allocations.
 
-    Thousands of sub-group buffers become a few dozen page-locked allocations of
-    ``ARENA_BYTES`` (each an exact size, see [Note: pinned memory of an exact size]);
-    buffers are cut from them in order, and one larger than an arena gets its own.
+    Thousands of sub-group buffers become a few dozen page-locked allocations: the
+    buffers are cut, in order, into runs of at most ``ARENA_BYTES`` (a larger buffer
+    is a run of its own), and each run is one allocation of exactly its size (see
+    [Note: pinned memory of an exact size]). Fixed-size arenas would waste their
+    tails: a GPT block's sub-groups (805 MB, 268 MB, 1.07 GB, ...) left 26 GB of a
+    5B model's 81 GB of arenas empty.
     """
-    out: list[torch.Tensor] = []
-    arena, used = None, 0
-    for size in sizes:
-        n = align_up(max(size, 1))
-        if n > ARENA_BYTES - ALIGN:
-            out.append(alloc(n, pin=pin))
-            continue
-        if arena is None or used + n > arena.numel():
-            arena, used = alloc(ARENA_BYTES - ALIGN, pin=pin), 0  # + ALIGN inside: 2**30
-        out.append(arena[used : used + n])
-        used += n
+    padded = [align_up(max(size, 1)) for size in sizes]
+    runs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(padded):
+        if not runs or total + n > ARENA_BYTES:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += n
+    out: list[torch.Tensor | None] = [None] * len(sizes)
+    for run in runs:
+        arena = alloc(sum(padded[i] for i in run), pin=pin)
+        used = 0
+        for i in run:
+            out[i] = arena[used : used + padded[i]]
+            used += padded[i]
     return out
 
 
