@@ -355,15 +355,44 @@ class Step:
             return self.stages.loss_and_grad(ctx, params, batch)
         total_loss, total = None, None
         for micro in _split_batch(batch, self.accumulate):
-            loss, grads = self.stages.loss_and_grad(ctx, params, micro)
+            sink = None
+            if total is not None and ctx.grad_sink is None:
+                # [Note: accumulating in backward] Later micro-batches add each grad
+                # into the running total as backward makes it, so the device never
+                # holds a second whole set of grads (2x grad bytes at the peak).
+                sink = _AccumulateInto([g for g in tree.leaves(total) if g is not None])
+                ctx.grad_sink = sink
+            try:
+                loss, grads = self.stages.loss_and_grad(ctx, params, micro)
+            finally:
+                if sink is not None:
+                    ctx.grad_sink = None
             if total is None:
                 total_loss, total = loss, grads
                 continue
             total_loss = total_loss + loss
-            total = tree.map(lambda a, b: a if a is None else a.add_(b), total, grads)
+            if sink is None or not sink.used:  # a stage set its own sink (ZeRO-2)
+                total = tree.map(lambda a, b: a if a is None else a.add_(b), total, grads)
         scale = 1.0 / self.accumulate
         total = tree.map(lambda g: g if g is None else g.mul_(scale), total)
         return total_loss * scale, total
+
+
+class _AccumulateInto:
+    """A grad sink (see ``_backward_into_sink``) that adds each grad into ``totals``."""
+
+    def __init__(self, totals: list[torch.Tensor]):
+        self.totals = totals
+        self.used = False
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        self.used = True
+        self.totals[index].add_(grad)
+
+    def finish(self, n: int) -> list[torch.Tensor]:
+        # A leaf whose hook never ran got no grad this micro-batch: its total stands.
+        self.used = True
+        return self.totals[:n]
 
 
 def _clip_(grads: Params, norm: torch.Tensor, max_norm: float) -> None:

@@ -135,3 +135,43 @@ def test_load_params_writes_back_into_a_module():
     fs.load_params(model, params)
     for k, v in model.named_parameters():
         assert torch.equal(v, params[k])
+
+
+def test_accumulate_adds_later_micro_batches_in_backward(monkeypatch):
+    """Micro-batches after the first add each grad into the total as backward makes it
+    (no second whole set of grads), and the total is bit-identical to summing after."""
+    from fscale import step as step_module
+
+    model = mlp([4, 9, 2])
+    (batch,) = regression_batches(1, 12, 4, 2)
+    params, apply = fs.functional(copy.deepcopy(model))
+    loss = regression_loss(apply)
+    seen = []
+
+    def record(grads, state, params=None):
+        seen.append({k: v.clone() for k, v in grads.items()})
+        return grads, state
+
+    opt = fs.optim.GradientTransformation(lambda p: (), record)
+    adds = []
+    real_add = step_module._AccumulateInto.add
+
+    def spy(self, index, grad):
+        adds.append(index)
+        real_add(self, index, grad)
+
+    monkeypatch.setattr(step_module._AccumulateInto, "add", spy)
+    step = fs.train_step(loss, opt, accumulate=3)
+    p, state = step.init(params)
+    step(p, state, batch)
+    assert sorted(adds) == sorted(list(range(len(params))) * 2)  # micro-batches 2 and 3
+    expected = None
+    for micro in step_module._split_batch(batch, 3):
+        leaves = [t.detach().requires_grad_(True) for t in params.values()]
+        g = torch.autograd.grad(loss(dict(zip(params, leaves, strict=True)), micro), leaves)
+        if expected is None:
+            expected = list(g)
+        else:
+            expected = [a.add_(b) for a, b in zip(expected, g, strict=True)]
+    for (name, got), want in zip(seen[0].items(), expected, strict=True):
+        assert torch.equal(got, want.mul_(1.0 / 3)), name

@@ -86,6 +86,7 @@ class UnitGatherer:
         self.h2d_bytes = 0  # host->device bytes of this call
         self.shards: dict = {}  # leaf shards (requires grad), set by materialize
         self.pending: list[comm.Handle] = []  # reduce-scatters waited on after backward
+        self.sink_reads_grads = False  # a grad sink reads each grad in backward: wait at once
         self.dtype = dtype  # gather dtype (compute dtype) or None for the shard's own
         self.reduce_dtype = reduce_dtype
         self.world = comm.world_size(cfg.group)
@@ -300,9 +301,10 @@ class GatherUnit(torch.autograd.Function):
         # compute stream and stall backward. The shard grads are handed to autograd
         # unread and waited on after backward -- safe only when nothing reads them
         # before that: no dtype cast, and a unit gathered once (a unit used twice,
-        # like a tied embedding, has its two grads summed by autograd right away).
+        # like a tied embedding, has its two grads summed by autograd right away), and
+        # no grad sink reading each grad as it comes (accumulation into the total).
         needs_cast = any(dt != flat.dtype for dt in ctx.shard_dtypes)
-        if mine is None or needs_cast or g.order.count(ctx.key) > 1:
+        if mine is None or needs_cast or g.order.count(ctx.key) > 1 or g.sink_reads_grads:
             mine = handle.wait()
         else:
             g.pending.append(handle)
@@ -510,6 +512,7 @@ def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
     )
     if host is not None:
         shards = _device_leaves(shards, host["device"])
+    gatherer.sink_reads_grads = ctx.grad_sink is not None
     ctx._zero3 = gatherer
     try:
         with torch.autograd.graph.saved_tensors_hooks(gatherer.pack, gatherer.unpack):
