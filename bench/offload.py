@@ -241,7 +241,7 @@ def train_one(layers: int, what: str, args, device) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     out["params"] = n_params
     flops_per_token = model.flops_per_token(args.seq)  # before the weights are released
-    out["host_bytes_expected"] = n_params * 16  # fp32 master + 2 moments + fp32 grads
+    out["host_bytes_expected"] = n_params * 12  # fp32 master + 2 moments (+ grad staging)
     step, params = build_step(model, args.accumulate, args.delayed, what)
     params, state = step.init(params)
     for p in model.parameters():  # the module's fp32 weights: the shards own them now

@@ -44,6 +44,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     param_count: int = 0
     param_bytes: int = 0  # full (unsharded) params
+    largest_param_bytes: int = 0  # the largest single leaf, full
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -74,6 +75,7 @@ def plan(step, params) -> Plan:
         },
         param_count=sum(t.numel() for t in leaves),
         param_bytes=p_bytes,
+        largest_param_bytes=max((_nbytes(t) for t in leaves), default=0),
     )
     result.memory = {
         "params": p_bytes,

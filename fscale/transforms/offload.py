@@ -4,12 +4,13 @@ The optimizer's working set -- fp32 master weights plus its state (Adam's two
 moments): 12 bytes per parameter, 6x a bf16 model -- moves off the accelerator:
 
 - ``tier="cpu"`` (ZeRO-Offload): master weights and optimizer state live in host
-  memory (pinned on CUDA). Each step the reduced grads are copied device->host
-  group by group, the inner optimizer runs on the CPU on the host copies, and the
-  updated masters are copied back into the params on their device, in their dtype.
-  ``delayed_update=True`` is the paper's one-step delayed parameter update (DPU):
-  the CPU update of step t runs in a background thread while step t+1 computes,
-  and its result reaches the params at step t+1's update.
+  memory (pinned on CUDA), 12 bytes per parameter for AdamW. Each step the reduced
+  grads are copied device->host group by group through two staging buffers
+  ([Note: grad staging]), the inner optimizer runs on the CPU on the host copies,
+  and the updated masters are copied back into the params on their device, in
+  their dtype. ``delayed_update=True`` is the paper's one-step delayed parameter
+  update (DPU): the grad copies and CPU update of step t run in a background thread
+  while step t+1 computes, and the result reaches the params at step t+1's update.
 - ``tier="nvme"`` (ZeRO-Infinity): the same state lives in swap files under
   ``path`` and passes through host memory in sub-groups ([Note: swap pipeline]);
   only a pool of ``buffer_mb`` buffers is resident.
@@ -255,11 +256,16 @@ class _Group:
     key: str
     leaves: list[int]  # positions in the flattened params
     master: list[_Slot]
-    grads: list[_Slot]
+    grads: list[_Slot]  # offsets in the group's grad region (see OffloadState.grad_region)
     state_spec: Any = None
     state_leaves: list = dataclasses.field(default_factory=list)  # _Slot or a Python value
     persisted: int = 0  # bytes of master + state, 4096-aligned: the swap file
-    total: int = 0  # + grads: the host buffer
+    grad_bytes: int = 0  # the grads, 4096-aligned
+
+    @property
+    def total(self) -> int:
+        """An NVMe pool buffer: master + state, then the grads."""
+        return self.persisted + self.grad_bytes
 
 
 def _groups(leaves: list, limit: int) -> list[list[int]]:
@@ -303,6 +309,7 @@ class OffloadState:
         self.device = device
         self.groups: list[_Group] = []
         self.buffers: list[torch.Tensor] = []  # cpu: one per group; nvme: the pool
+        self.staging: list[torch.Tensor] = []  # cpu: rotating grad buffers ([Note: grad staging])
         self.engine: swap.SwapEngine | None = None
         self._events: list = []
         self._lock = threading.Lock()
@@ -344,7 +351,7 @@ class OffloadState:
 
     @property
     def host_bytes(self) -> int:
-        return sum(b.numel() for b in self.buffers)
+        return sum(b.numel() for b in (*self.buffers, *self.staging))
 
     def files(self) -> list[str]:
         return self.engine.files() if self.engine is not None else []
@@ -365,10 +372,23 @@ class OffloadState:
     # -- views -------------------------------------------------------------------------
 
     def views(self, g: _Group, buf: torch.Tensor):
+        """Group ``g``'s master and optimizer state, views into its buffer."""
         master = [s.view(buf) for s in g.master]
-        grads = [s.view(buf) for s in g.grads]
         state_leaves = [x.view(buf) if isinstance(x, _Slot) else x for x in g.state_leaves]
-        return master, grads, tree.unflatten(g.state_spec, state_leaves)
+        return master, tree.unflatten(g.state_spec, state_leaves)
+
+    def grad_region(self, k: int) -> torch.Tensor:
+        """Where group ``k``'s grads land: the tail of its NVMe pool buffer, or a staging
+        buffer in turn (cpu)."""
+        if self.cfg.tier == "nvme":
+            g = self.groups[k]
+            buf = self.buffers[k % len(self.buffers)]
+            return buf[g.persisted : g.total]
+        return self.staging[k % len(self.staging)]
+
+    def grad_views(self, k: int) -> list[torch.Tensor]:
+        region = self.grad_region(k)
+        return [s.view(region) for s in self.groups[k].grads]
 
     # -- device <-> host ---------------------------------------------------------------
 
@@ -379,14 +399,17 @@ class OffloadState:
             self._d2h_stream.wait_stream(current)
             self._h2d_stream.wait_stream(current)
 
-    def to_host(self, g: _Group, grads_views: list, grads: list) -> Any:
-        """Copy group ``g``'s grads into its host views; returns an event to wait on (CUDA)."""
+    def to_host(self, k: int, grads: list) -> Any:
+        """Copy group ``k``'s grads into its grad views; returns an event to wait on (CUDA)."""
+        g = self.groups[k]
+        self.event("d2h_submit", g.key)
+        views = self.grad_views(k)
         if self._d2h_stream is None:
-            for dst, i in zip(grads_views, g.leaves, strict=True):
+            for dst, i in zip(views, g.leaves, strict=True):
                 dst.copy_(grads[i])
             return None
         with torch.cuda.stream(self._d2h_stream):
-            for dst, i in zip(grads_views, g.leaves, strict=True):
+            for dst, i in zip(views, g.leaves, strict=True):
                 dst.copy_(grads[i], non_blocking=True)
                 grads[i].record_stream(self._d2h_stream)
             done = torch.cuda.Event()
@@ -411,11 +434,23 @@ class OffloadState:
                 stream.synchronize()
                 current.wait_stream(stream)
 
+    def params_in_flight(self) -> Any:
+        """The next compute waits (on the device, not the host) for the params copied in;
+        returns an event marking the end of those copies (None off CUDA)."""
+        if self._h2d_stream is None:
+            return None
+        torch.cuda.current_stream(self.device).wait_stream(self._h2d_stream)
+        done = torch.cuda.Event()
+        done.record(self._h2d_stream)
+        return done
+
     # -- the update of one group ---------------------------------------------------------
 
     @torch.no_grad()
-    def update_group(self, g: _Group, buf: torch.Tensor) -> None:
-        master, grads, state = self.views(g, buf)
+    def update_group(self, k: int, buf: torch.Tensor) -> None:
+        g = self.groups[k]
+        master, state = self.views(g, buf)
+        grads = self.grad_views(k)
         n = self.spec.num_leaves
         sub_grads = _sub(self.spec, _scatter(n, g.leaves, grads), g.leaves)
         sub_master = _sub(self.spec, _scatter(n, g.leaves, master), g.leaves)
@@ -510,15 +545,19 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
             lay.add(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in s_leaves
         ]
         g.persisted = swap.align_up(lay.size)
-        lay.size = g.persisted
-        g.grads = [lay.add(leaves[i].shape, leaves[i].dtype) for i in idx]
-        g.total = swap.align_up(lay.size)
+        grads = _Layout()
+        g.grads = [grads.add(leaves[i].shape, leaves[i].dtype) for i in idx]
+        g.grad_bytes = swap.align_up(grads.size)
         handle.groups.append(g)
     if cfg.tier == "nvme":
         _open_swap(cfg, handle, group)
     writes: list[Future] = []
-    if cfg.tier == "cpu":  # one buffer per group, carved out of pinned arenas
-        handle.buffers = swap.alloc_many([g.total for g in handle.groups])
+    if cfg.tier == "cpu":
+        # Master and state: one buffer per group, carved out of a few pinned
+        # allocations. Grads: a small rotating pool ([Note: grad staging]).
+        handle.buffers = swap.alloc_many([g.persisted for g in handle.groups])
+        largest = max((g.grad_bytes for g in handle.groups), default=1)
+        handle.staging = swap.alloc_many([largest] * (2 if cfg.overlap else 1))
     for k, g in enumerate(handle.groups):
         if cfg.tier == "cpu":
             buf = handle.buffers[k]
@@ -527,7 +566,7 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
             buf = handle.buffers[k % n]
             if k >= n:
                 writes[k - n].result()
-        master, _, _ = handle.views(g, buf)
+        master, _ = handle.views(g, buf)
         for view, i in zip(master, g.leaves, strict=True):
             view.copy_(leaves[i].detach())
         # The real init runs on the host masters; its tensors are copied into the slots.
@@ -599,63 +638,77 @@ def _update(handle: OffloadState, grads, params):
             "build a new one with step.init to keep training."
         )
     g_leaves, p_leaves = tree.leaves(grads), tree.leaves(params)
+    if handle.cfg.delayed_update:
+        _update_delayed(handle, g_leaves, p_leaves)
+        return params
     handle._reset_events()
     handle.begin_copies()
     if handle.cfg.tier == "nvme":
         _update_nvme(handle, g_leaves, p_leaves)
-    elif handle.cfg.delayed_update:
-        _update_delayed(handle, g_leaves, p_leaves)
     else:
         _update_cpu(handle, g_leaves, p_leaves)
+        handle.sync_device()
     return params
 
 
-def _update_cpu(handle: OffloadState, grads: list, params: list) -> None:
+# [Note: grad staging]
+# tier="cpu" keeps master and optimizer state per group (12 bytes per parameter
+# for AdamW) but no grads: a group's grads are copied device->host into one of two
+# staging buffers (each the size of the largest group's grads) just before its
+# update, the next group's copy running while this one updates. A grad slot per
+# group would add 4 bytes per parameter (8B params: 133 GB of host memory instead
+# of 100 GB). With delayed_update the whole loop runs in the background thread,
+# reading the step's device grads, which it holds until each group's copy is done.
+
+
+def _update_cpu(handle: OffloadState, grads: list, params: list | None) -> None:
+    """Each group in turn: grads in (one group ahead), update, masters out to ``params``
+    (None: the caller copies them later, the delayed update)."""
     groups, bufs = handle.groups, handle.buffers
     ahead = handle.cfg.overlap
     copied: dict[int, Any] = {}
-
-    def fetch(k):
-        handle.event("d2h_submit", groups[k].key)
-        _, gviews, _ = handle.views(groups[k], bufs[k])
-        copied[k] = handle.to_host(groups[k], gviews, grads)
-
     if groups:
-        fetch(0)
-    for k, g in enumerate(groups):
+        copied[0] = handle.to_host(0, grads)
+    for k in range(len(groups)):
         if ahead and k + 1 < len(groups):
-            fetch(k + 1)  # the next group's D2H runs while this one updates
-        if copied.get(k) is not None:
-            copied[k].synchronize()
-        handle.update_group(g, bufs[k])
-        master, _, _ = handle.views(g, bufs[k])
-        handle.to_device(g, master, params)
+            copied[k + 1] = handle.to_host(k + 1, grads)  # overlaps this group's update
+        done = copied.pop(k)
+        if done is not None:
+            done.synchronize()
+        if params is None:
+            for i in groups[k].leaves:  # copied out: the device grads can go
+                grads[i] = None
+        handle.update_group(k, bufs[k])
+        if params is not None:
+            master, _ = handle.views(groups[k], bufs[k])
+            handle.to_device(groups[k], master, params)
         if not ahead and k + 1 < len(groups):
-            fetch(k + 1)
-    handle.sync_device()
+            copied[k + 1] = handle.to_host(k + 1, grads)
 
 
 def _update_delayed(handle: OffloadState, grads: list, params: list) -> None:
-    """DPU: apply the update launched last step, then launch this step's in the background."""
-    groups, bufs = handle.groups, handle.buffers
+    """DPU: apply the update launched last step, then launch this step's in the background.
+
+    The host does not wait for any copy here: the updated masters go to the device on
+    the H2D stream (the next compute waits for them there), and this step's grads are
+    copied out by the background thread, group by group, as it updates.
+    """
+    written = None
     if handle._pending is not None:
         handle._pending.result()
         handle._pending = None
-        for g, buf in zip(groups, bufs, strict=True):
-            master, _, _ = handle.views(g, buf)
+        handle.begin_copies()  # the params may still be read by this step's backward
+        for g, buf in zip(handle.groups, handle.buffers, strict=True):
+            master, _ = handle.views(g, buf)
             handle.to_device(g, master, params)
-    events = []
-    for g, buf in zip(groups, bufs, strict=True):
-        _, gviews, _ = handle.views(g, buf)
-        events.append(handle.to_host(g, gviews, grads))
-    handle.sync_device()
-    for e in events:
-        if e is not None:
-            e.synchronize()
+        written = handle.params_in_flight()
+    handle._reset_events()
+    handle.begin_copies()  # the grads are complete once the compute queued so far is done
 
     def run():
-        for g, buf in zip(groups, bufs, strict=True):
-            handle.update_group(g, buf)
+        if written is not None:
+            written.synchronize()  # the masters are read by the H2D copies until then
+        _update_cpu(handle, grads, None)
 
     handle._pending = handle._bg.submit(run)
 
@@ -678,12 +731,11 @@ def _update_nvme(handle: OffloadState, grads: list, params: list) -> None:
                 if prev is not None:
                     prev.result()
                 reads[k + 1] = engine.read(groups[k + 1].key, pool[(k + 1) % n])
-            _, gviews, _ = handle.views(g, buf)
-            event = handle.to_host(g, gviews, grads)
+            event = handle.to_host(k, grads)
             if event is not None:
                 event.synchronize()
-            handle.update_group(g, buf)
-            master, _, _ = handle.views(g, buf)
+            handle.update_group(k, buf)
+            master, _ = handle.views(g, buf)
             handle.to_device(g, master, params)
             handle.sync_device()  # the buffer is reused by a later read
             writes[k] = engine.write(g.key, buf, g.persisted)
@@ -728,7 +780,10 @@ def _plan(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
         f"~{pcie / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s."
     )
     if tier == "cpu":
-        plan.memory["grads (cpu)"] = grads
+        # [Note: grad staging]: rotating buffers of the largest sub-group's grads (at
+        # least one leaf, whose grads are in the param dtype: <= 4 bytes per fp32 byte).
+        largest = max(cfg.subgroup_bytes, plan.largest_param_bytes // n)
+        plan.memory["grads staging (cpu)"] = min(grads, (2 if cfg.overlap else 1) * largest)
         if cfg.delayed_update:
             plan.notes.append(
                 "offload(cpu, delayed_update): the CPU update of step t overlaps step t+1's "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 
@@ -11,7 +12,7 @@ import torch
 
 import fscale as fs
 from fscale.hw import dispatch
-from fscale.io import SwapCorruptError
+from fscale.io import SwapCorruptError, swap
 from fscale.kernels import cpu_adam
 from fscale.kernels.adamw import adamw_update_reference_
 from fscale.kernels.cpu_adam import adamw_update_cpu_fused_, host_kernels
@@ -322,7 +323,8 @@ def test_damaged_swap_file_stops_the_step(tmp_path, damage):
 
 
 def test_host_memory_and_disk_bytes_are_bounded(tmp_path):
-    """nvme: three group buffers in host memory, whatever the model; cpu: 16 bytes/param (Adam)."""
+    """nvme: three group buffers in host memory, whatever the model; cpu: 12 bytes/param
+    (Adam) plus two groups' grads."""
     n_params = sum(w * v + v for w, v in zip(WIDTHS, WIDTHS[1:], strict=False))
     slack = 2 * 4096 + 5 * 64  # per group: two 4096 paddings, 64-byte aligned tensors
     _, state = _train(_offloaded(0, "nvme", tmp_path), keep_state=True, steps=1)
@@ -336,7 +338,12 @@ def test_host_memory_and_disk_bytes_are_bounded(tmp_path):
     h.close()
     _, state = _train(_offloaded(0, "cpu", None), keep_state=True, steps=1)
     h = state["offload"]
-    assert 16 * n_params <= h.host_bytes <= 16 * n_params + slack * len(h.groups)
+    # cpu: master + two moments per group, grads only in two rotating staging buffers.
+    persisted = sum(g.persisted for g in h.groups)
+    assert 12 * n_params <= persisted <= 12 * n_params + slack * len(h.groups)
+    largest_grads = max(g.grad_bytes for g in h.groups)
+    assert largest_grads == swap.align_up(max(sum(s.nbytes for s in g.grads) for g in h.groups))
+    assert h.host_bytes == persisted + 2 * largest_grads
     h.close()
 
 
@@ -528,6 +535,13 @@ def test_explain_shows_bytes_per_tier(tmp_path):
     cpu = fs.plan(fs.offload(step, "cpu"), params)
     assert cpu.memory["optimizer (cpu)"] == 2 * cpu.param_bytes  # Adam's two fp32 moments
     assert "optimizer (cpu)" in fs.explain(fs.offload(step, "cpu"), params)
+    # Grads: two rotating staging buffers of the largest sub-group (here one leaf), or
+    # the whole model's grads if that is less.
+    small = fs.plan(fs.offload(step, "cpu", subgroup_mb=SMALL), params)
+    largest = max(t.numel() * 4 for t in params.values())
+    assert int(SMALL * 2**20) < largest and 2 * largest < small.param_bytes
+    assert small.memory["grads staging (cpu)"] == 2 * largest
+    assert cpu.memory["grads staging (cpu)"] == cpu.param_bytes
 
 
 def test_explain_shows_param_shards_on_the_host_and_h2d_traffic(tmp_path):
@@ -551,13 +565,13 @@ def test_explain_shows_param_shards_on_the_host_and_h2d_traffic(tmp_path):
 # ----------------------------------------------------------------------------- CUDA
 
 
-def _cuda_train(wrap, optimizer="adamw"):
-    model = mlp([64, 256, 256, 10], seed=3).cuda()
+def _cuda_train(wrap, optimizer="adamw", device="cuda"):
+    model = mlp([64, 256, 256, 10], seed=3).to(device)
     params, apply = fs.functional(model)
     step = wrap(fs.train_step(regression_loss(apply), _optimizer(optimizer), clip_norm=0.5))
     params, state = step.init(params)
     for batch in regression_batches(STEPS, GLOBAL_BATCH, 64, 10):
-        params, state, _ = step(params, state, {k: v.cuda() for k, v in batch.items()})
+        params, state, _ = step(params, state, {k: v.to(device) for k, v in batch.items()})
     handle = state.get("offload")
     pinned = handle is not None and all(b.is_pinned() for b in handle.buffers)
     if handle is not None:
@@ -578,6 +592,20 @@ def test_cuda_params_with_host_and_nvme_state_equal_no_offload(tmp_path):
             assert pinned, name
             assert max_rel_error(got, expected) <= tol, (optimizer, name)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_delayed_update_equals_the_same_schedule_on_the_host():
+    """DPU on CUDA (grads copied out and updated by the background thread, masters copied
+    in without a host wait) follows the schedule the CPU test checks by hand."""
+    for accumulate in (1, 4):
+        wrap = lambda s, a=accumulate: fs.offload(
+            dataclasses.replace(s, accumulate=a), "cpu", subgroup_mb=0.05, delayed_update=True
+        )
+        expected, _ = _cuda_train(wrap, "sgd", device="cpu")
+        got, pinned = _cuda_train(wrap, "sgd")
+        assert pinned
+        assert max_rel_error(got, expected) <= 1e-5, accumulate
 
 
 def _cuda_zero3(wrap):
