@@ -234,6 +234,7 @@ def train_one(layers: int, what: str, args, device) -> dict:
     else:
         cfg = GPTConfig.gpt_8b5(n_layer=layers, bias=False)
     out: dict = {"n_layer": layers, "d_model": cfg.d_model, "seq": args.seq, "offload": what}
+    out["host_threads"] = torch.get_num_threads()
     t0 = time.time()
     torch.manual_seed(0)
     with device:
@@ -365,6 +366,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU is fine")
+    parser.add_argument(
+        "--host-threads", type=int, default=None, help="torch.set_num_threads for part train"
+    )
     parser.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_row-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_what", default="optimizer", help=argparse.SUPPRESS)
@@ -374,6 +378,8 @@ def main() -> None:
         args.params_layers = "2"
     if args._child is not None:  # one model in this process (see train_in_child)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.host_threads:
+            torch.set_num_threads(args.host_threads)
         try:
             row = train_one(args._child, args._what, args, device)
         except Exception as e:  # device OOM, a pinned allocation refused: record it

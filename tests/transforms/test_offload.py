@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import os
 import tempfile
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import fscale as fs
+from fscale import tree
 from fscale.hw import dispatch
 from fscale.io import SwapCorruptError, swap
 from fscale.kernels import cpu_adam
@@ -183,6 +185,55 @@ def test_delayed_update_applies_each_update_one_step_late():
     state["offload"].close()
     assert max_rel_error(got, ref) == 0.0
     assert max_rel_error(first, {k: v.detach() for k, v in model.named_parameters()}) == 0.0
+
+
+def _masters(handle) -> dict:
+    """The host fp32 masters by leaf index."""
+    out = {}
+    for g, buf in zip(handle.groups, handle.buffers, strict=True):
+        master, _ = handle.views(g, buf)
+        out.update({i: m.clone() for i, m in zip(g.leaves, master, strict=True)})
+    return out
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+@pytest.mark.parametrize("stage", [0, 3])
+def test_delayed_update_under_bf16_stages_masters_in_the_compute_dtype(monkeypatch, stage, device):
+    """[Note: DPU staging]: the same training bit for bit as copying the fp32 masters in;
+    the params the step returns are the masters rounded to bf16."""
+    # (the package attribute of that name is the transform function, not the module)
+    offload_module = importlib.import_module("fscale.transforms.offload")
+
+    def run(staged: bool):
+        if not staged:
+            monkeypatch.setattr(offload_module, "_device_staging", lambda leaves, dtype: [])
+        model = mlp(WIDTHS, seed=3).to(device)
+        params, apply = fs.functional(model)
+        step = fs.train_step(regression_loss(apply), _optimizer(), clip_norm=0.5)
+        step = _offloaded(stage, "cpu", None, "bf16", delayed_update=True)(step)
+        params, state = step.init(params)
+        assert bool(state["offload"].device_staging) == staged
+        losses = []
+        for batch in regression_batches(STEPS, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1]):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            params, state, metrics = step(params, state, batch)
+            losses.append(metrics["loss"].item())
+        handle = state["offload"]
+        handle.close()  # waits for the last update (never applied to the params)
+        monkeypatch.undo()
+        return losses, tree.leaves(params), _masters(handle)
+
+    losses, params, masters = run(True)
+    ref_losses, ref_params, ref_masters = run(False)
+    assert losses == ref_losses and len(set(losses)) == STEPS  # trained, identically
+    assert all(torch.equal(masters[i], ref_masters[i]) for i in masters)
+    for got, ref in zip(params, ref_params, strict=True):
+        assert got.dtype == torch.float32 and not torch.equal(got, ref)
+        assert torch.equal(got, ref.to(torch.bfloat16).float())  # the rounded masters
+        assert got.device.type == device
 
 
 # ----------------------------------------------------------------------------- pipeline
