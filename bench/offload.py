@@ -289,9 +289,9 @@ def train_one(layers: int, what: str, args, device) -> dict:
         tflops=flops / step_s / 1e12,
         mfu=flops / step_s / (args.peak_tflops * 1e12),
         device_peak_gib=torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else None,
-        events=_event_summary(state["offload"]),
     )
-    state["offload"].close()
+    state["offload"].close()  # waits for a delayed update still running: its events too
+    out["events"] = _event_summary(state["offload"])
     return out
 
 
