@@ -883,6 +883,9 @@ def _plan(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
                 "offload(cpu, delayed_update): the CPU update of step t overlaps step t+1's "
                 "compute; params lag one update behind the grads."
             )
+            if cfg.compute_dtype is not None and "params" not in cfg.what:
+                staging = plan.param_count * _itemsize(cfg.compute_dtype) // n
+                plan.memory["DPU staging (device)"] = staging
         return
     # Buffers are sized to the largest sub-group: at most buffer_mb, or all of it.
     pool = (3 if cfg.overlap else 1) * min(cfg.buffer_bytes, optimizer + master + grads)

@@ -593,6 +593,10 @@ def test_explain_shows_bytes_per_tier(tmp_path):
     assert int(SMALL * 2**20) < largest and 2 * largest < small.param_bytes
     assert small.memory["grads staging (cpu)"] == 2 * largest
     assert cpu.memory["grads staging (cpu)"] == cpu.param_bytes
+    # DPU under bf16: the masters' bf16 staging on the device ([Note: DPU staging]).
+    dpu = fs.plan(fs.offload(fs.mixed_precision(step, "bf16"), "cpu", delayed_update=True), params)
+    assert dpu.memory["DPU staging (device)"] == 2 * dpu.param_count
+    assert "DPU staging (device)" not in cpu.memory
 
 
 def test_explain_shows_param_shards_on_the_host_and_h2d_traffic(tmp_path):
