@@ -89,7 +89,6 @@ def _fpx_kernel(
     DOT_FP32: tl.constexpr,
     DEQUANT: tl.constexpr,
     OUT_BF16: tl.constexpr,
-    SWAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -114,17 +113,8 @@ def _fpx_kernel(
     # the (strided) epilogue stores.
     scale_e = tl.load(s_ptr + 2 * offs_c, mask=mask_c, other=0.0) * exp_scale
     scale_o = tl.load(s_ptr + 2 * offs_c + 1, mask=mask_c, other=0.0) * exp_scale
-    # [Note: swapped operands] SWAP computes y^T = W x^T: the rebuilt weights are the
-    # dot's row operand (C channels, the MMA's large M side) and x^T its column
-    # operand (BM rows of x, down to the MMA's narrow N of 8 or 16), which suits a
-    # small M better than padding x to a 16-row tile and converting every rebuilt
-    # weight tile into the column operand's layout.
-    if SWAP:
-        acc_e = tl.full((C, BM), 0.0, tl.float32)
-        acc_o = tl.full((C, BM), 0.0, tl.float32)
-    else:
-        acc_e = tl.full((BM, C), 0.0, tl.float32)
-        acc_o = tl.full((BM, C), 0.0, tl.float32)
+    acc_e = tl.full((BM, C), 0.0, tl.float32)
+    acc_o = tl.full((BM, C), 0.0, tl.float32)
     for b in range(chunk0, chunk1):
         if LB > 0:
             lo_rows = b * 16 + offs_r
@@ -200,23 +190,11 @@ def _fpx_kernel(
                             else:
                                 a = xs
                                 w = w.to(xs.dtype)
-                            if SWAP:
-                                if h == 0:
-                                    acc_e = tl.dot(
-                                        tl.trans(w), tl.trans(a), acc_e, input_precision="ieee"
-                                    )
-                                else:
-                                    acc_o = tl.dot(
-                                        tl.trans(w), tl.trans(a), acc_o, input_precision="ieee"
-                                    )
-                            elif h == 0:
+                            if h == 0:
                                 acc_e = tl.dot(a, w, acc_e, input_precision="ieee")
                             else:
                                 acc_o = tl.dot(a, w, acc_o, input_precision="ieee")
     if not DEQUANT:
-        if SWAP:  # back to [BM, C]: the epilogue is shared
-            acc_e = tl.trans(acc_e)
-            acc_o = tl.trans(acc_o)
         mask = mask_m[:, None] & mask_c[None, :]
         for h in tl.static_range(2):
             if h == 0:
@@ -258,31 +236,16 @@ def default_config(m: int, n: int, k: int, fmt: str, device: torch.device) -> di
 
 def candidate_configs(m: int) -> list[dict]:
     """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners)."""
-    # [Note: swapped operands]: x^T as the narrow side, 8 rows where M allows.
-    narrow = 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    swapped = [
-        dict(bm=narrow, bn=bn, waves=wv, num_warps=nw, num_stages=ns, swap=True)
-        for bn, wv, nw, ns in ((128, 4, 4, 4), (256, 4, 8, 3), (256, 2, 8, 4))
-    ]
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         return [
-            *(
-                dict(bm=bm, bn=bn, waves=wv, num_warps=nw, num_stages=ns)
-                for bn, wv, nw, ns in (
-                    (128, 8, 4, 3),
-                    (128, 4, 4, 4),
-                    (64, 8, 4, 4),
-                    (256, 4, 8, 3),
-                )
-            ),
-            *swapped,
+            dict(bm=bm, bn=bn, waves=wv, num_warps=nw, num_stages=ns)
+            for bn, wv, nw, ns in ((128, 8, 4, 3), (128, 4, 4, 4), (64, 8, 4, 4), (256, 4, 8, 3))
         ]
     if m <= 128:
         return [
             dict(bm=64, bn=128, waves=4, num_warps=4, num_stages=3),
             dict(bm=128, bn=128, waves=2, num_warps=8, num_stages=3),
-            *swapped,
             dict(dequant=True, pieces=1),
             dict(dequant=True, pieces=4),
         ]
@@ -359,9 +322,7 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
     return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
 
 
-def _launch(
-    x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None, swap=False
-):
+def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None):
     """One launch; ``dequant`` (a 16-bit dtype) writes W^T plane columns ``cols`` into ``y``."""
     kernel, interpret = _kernel()
     n, k = p.shape
@@ -386,7 +347,7 @@ def _launch(
         float(2.0 ** (15 - _fpx.bias(p.fmt))), c_begin, c_end,
         E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=bn, ATOMIC=grid[2] > 1,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
-        OUT_BF16=dequant == torch.bfloat16, SWAP=bool(swap),
+        OUT_BF16=dequant == torch.bfloat16,
         **kwargs,
     )  # fmt: skip
 
@@ -534,7 +495,7 @@ def fpx_linear_triton(
         return y.reshape(*lead, n)
     cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
     split = _split(cfg, m, n, k, p.fmt, x.device)
-    cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages", "swap") if key in cfg}
+    cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages")}
     cfg["split"] = split
     bias_c = bias.contiguous() if bias is not None else None
     if split > 1:
