@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -185,6 +186,38 @@ def alloc_many(sizes: list[int], *, pin: bool | None = None) -> list[torch.Tenso
             out[i] = arena[used : used + padded[i]]
             used += padded[i]
     return out
+
+
+def map_file(path: str, nbytes: int, *, owner: str = "offload(tier='nvme')") -> torch.Tensor:
+    """A uint8 tensor of ``align_up(nbytes)`` bytes backed by a file under ``path``.
+
+    [Note: memory-mapped param shards]
+    The pages live in the page cache while host memory allows and are written back
+    to the drive and dropped under memory pressure (a container's memory limit
+    included), as a swap file's would be. The blocks are reserved up front
+    (``posix_fallocate``): a full drive fails here, with the bytes needed, instead of
+    killing the process with SIGBUS at a later write. The file is unlinked as soon
+    as it is mapped, so nothing is left under ``path`` however the process ends; the
+    space returns when the tensor (and its mapping) goes.
+    """
+    n = align_up(max(nbytes, 1))
+    check_path(path, n, owner=owner)
+    name = os.path.join(path, f"fscale-params-{os.getpid()}-{uuid.uuid4().hex}.swap")
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, n)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"{owner}: could not reserve {_gib(n)} for param shards under {path!r} "
+                f"({os.strerror(e.errno)}); free space there or pass a larger drive.",
+            ) from e
+        mapping = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping alive
 
 
 @dataclass

@@ -55,18 +55,20 @@ Every step ends with all writes done. ``overlap=False`` uses one buffer: read,
 update, write, in turn.
 
 ``what=("optimizer", "params")`` over ``shard_zero(step, 3)`` is ZeRO-Infinity's
-param offload: the stage-3 param shards live in host memory too (pinned on CUDA;
-for ``tier="nvme"`` as well, as DeepSpeed's ``offload_param=cpu``), each gather
-copies a unit's shard host->device before its all-gather (prefetched with it), and
-the update writes the host shards; the device keeps no param shard
-([Note: param offload] in ``_zero3.py``)::
+param offload: the stage-3 param shards leave the device too -- into pinned host
+memory for ``tier="cpu"``, into a memory-mapped file under ``path`` for
+``tier="nvme"`` (paged to the drive under memory pressure, [Note: memory-mapped
+param shards] in ``fscale/io/swap.py``) -- each gather copies a unit's shard
+host->device before its all-gather (prefetched with it), and the update writes the
+shards; the device keeps no param shard ([Note: param offload] in ``_zero3.py``)::
 
     step = shard_zero(mixed_precision(step, "bf16"), 3)
     step = offload(step, "cpu", what=("optimizer", "params"))
 
-Not yet: param shards swapped to NVMe (they stay in host memory), and streaming
-grads to the host *during* backward (they are copied group by group after it, the
-next group's copy overlapping the current group's update on a side stream).
+Not yet: param shards read from NVMe through an explicit pinned pool (as
+DeepSpeed's ``offload_param=nvme``; here the kernel pages the mapping), and
+streaming grads to the host *during* backward (they are copied group by group after
+it, or with ``delayed_update`` during the next step).
 
 References: Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model
 Training", USENIX ATC 2021; Rajbhandari et al., "ZeRO-Infinity: Breaking the GPU
@@ -208,7 +210,11 @@ def offload(
         if isinstance(handle, OffloadState):
             state[NAME] = handle
             if "params" in cfg.what:
-                params = _params_to_host(handle, params, state, mp)
+                try:
+                    params = _params_to_host(handle, params, state, mp)
+                except BaseException:
+                    handle.close()  # no swap file outlives a failed init
+                    raise
         return params, state
 
     new = step.with_transform(record, init=init)
@@ -667,7 +673,11 @@ def _params_to_host(handle: OffloadState, params: dict, state: dict, mp) -> dict
     if slot.get("host") is not None or not slot["flats"]:
         return params
     gather_dtype = mp.options["param_dtype"] if mp is not None else None
-    shards, slot = _zero3.move_flats_to_host(slot, handle.device, gather_dtype, swap.alloc)
+    if handle.cfg.tier == "nvme":  # [Note: memory-mapped param shards] in swap.py
+        alloc = lambda nbytes: swap.map_file(handle.cfg.path, nbytes)  # noqa: E731
+    else:
+        alloc = swap.alloc
+    shards, slot = _zero3.move_flats_to_host(slot, handle.device, gather_dtype, alloc)
     for name, shard in shards.items():
         zero._tag(shard, slot["specs"][name])
     state[zero.NAME] = slot
@@ -899,16 +909,18 @@ def _plan(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
 
 
 def _plan_params(cfg: OffloadConfig, n: int, mp, plan) -> int:
-    """Stage-3 param shards moved to host memory; returns the H2D bytes per step."""
+    """Stage-3 param shards moved to host memory (or a mapped file); returns H2D bytes/step."""
+    tier = cfg.tier
     shards = plan.memory.pop("params", plan.param_bytes // n)
-    plan.memory["params (cpu)"] = shards
+    plan.memory[f"params ({tier})"] = shards
     gather_size = plan.param_bytes / max(plan.param_count, 1)
     if mp is not None and mp.options["param_dtype"].itemsize != gather_size:
         gather_size = mp.options["param_dtype"].itemsize
-        plan.memory["params compute copy (cpu)"] = plan.param_count * gather_size // n
+        plan.memory[f"params compute copy ({tier})"] = plan.param_count * gather_size // n
     h2d = int(2 * plan.param_count * gather_size) // n  # forward gather + backward re-gather
+    where = "host memory" if tier == "cpu" else f"a memory-mapped file under {cfg.path}"
     plan.notes.append(
-        f"offload({cfg.tier}, params): ZeRO-3's param shards live in host memory, "
+        f"offload({tier}, params): ZeRO-3's param shards live in {where}, "
         f"{shards:,} bytes per rank moved off the device; each gather first copies the "
         f"unit's shard host->device (prefetched with its all-gather): {h2d:,} bytes H2D per "
         f"step, ~{h2d / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s. "

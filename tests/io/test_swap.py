@@ -151,3 +151,18 @@ def test_alloc_many_cuts_exact_size_runs_of_at_most_arena_bytes(monkeypatch):
     for i, b in enumerate(bufs):  # writable, independent
         b.fill_(i)
     assert all(int(b[0]) == i and int(b[-1]) == i for i, b in enumerate(bufs))
+
+
+def test_map_file_is_an_unlinked_reserved_shared_mapping(tmp_path):
+    """[Note: memory-mapped param shards]: aligned, writable, nothing left under the path,
+    and the bytes are the file's (a second mapping of the same file would see them)."""
+    t = swap.map_file(tmp_path, 10_000)
+    assert t.numel() == swap.align_up(10_000) and t.data_ptr() % swap.ALIGN == 0
+    assert os.listdir(tmp_path) == []
+    t.copy_(torch.arange(t.numel()) % 251)
+    with open("/proc/self/maps") as f:
+        line = next(x for x in f if str(tmp_path) in x)
+    assert "rw-s" in line and line.rstrip().endswith("(deleted)")  # shared: written back
+    assert torch.equal(t, torch.arange(t.numel()) % 251)
+    with pytest.raises(FileNotFoundError):
+        swap.map_file(tmp_path / "missing", 10)

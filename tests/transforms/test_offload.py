@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import importlib
 import os
 import tempfile
@@ -599,6 +600,49 @@ def test_explain_shows_bytes_per_tier(tmp_path):
     assert "DPU staging (device)" not in cpu.memory
 
 
+def _mapped_files(t: torch.Tensor) -> list[str]:
+    """The files mapped at ``t``'s address (from /proc/self/maps)."""
+    ptr = t.data_ptr()
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            if lo <= ptr < hi and len(fields) == 6:
+                out.append(fields[5].strip())
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_nvme_param_shards_are_a_mapped_file_under_path(tmp_path, monkeypatch):
+    """[Note: memory-mapped param shards]: the shards every gather reads are a shared
+    mapping of an unlinked file under ``path``; a drive without room fails at init."""
+    params, state, _, log = _run_zero3(_zero3("bf16", "nvme", tmp_path))
+    handle = state["offload"]
+    mapped = _mapped_files(handle.param_buffer)
+    assert len(mapped) == 1 and mapped[0].startswith(str(tmp_path)), mapped
+    assert mapped[0].endswith("(deleted)")  # unlinked at once: nothing left behind
+    assert all(_mapped_files(src) == mapped for kind, _, src in log if kind == "stage")
+    assert all(_mapped_files(t) == mapped for t in params.values())
+    on_disk = set(os.listdir(tmp_path))
+    assert on_disk == {os.path.basename(f) for f in handle.files()}  # optimizer files only
+    handle.close()
+    assert os.listdir(tmp_path) == []
+    # The cpu tier's shards are anonymous host memory, mapped from no file.
+    _, state, _, _ = _run_zero3(_zero3("bf16", "cpu"))
+    assert not any(str(tmp_path) in f for f in _mapped_files(state["offload"].param_buffer))
+    state["offload"].close()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"could not reserve .* for param shards") as info:
+        _run_zero3(_zero3("bf16", "nvme", tmp_path))
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []  # the optimizer's files of the failed init went too
+
+
 def test_explain_shows_param_shards_on_the_host_and_h2d_traffic(tmp_path):
     step, params = _step()
     both = ("optimizer", "params")
@@ -608,8 +652,8 @@ def test_explain_shows_param_shards_on_the_host_and_h2d_traffic(tmp_path):
         for tier, kw in (("cpu", {}), ("nvme", {"path": tmp_path})):
             plan = fs.plan(fs.offload(inner, tier, what=both, **kw), params)
             assert "params" not in plan.memory  # nothing of the params stays on the device
-            assert plan.memory["params (cpu)"] == plain.memory["params"]
-            copy = plan.memory.get("params compute copy (cpu)")
+            assert plan.memory[f"params ({tier})"] == plain.memory["params"]
+            copy = plan.memory.get(f"params compute copy ({tier})")
             assert copy == (plan.param_count * 2 // plan.world if precision else None)
             h2d = 2 * plan.param_count * size // plan.world  # forward + backward gathers
             assert any(f"{h2d:,} bytes H2D per step" in n for n in plan.notes), plan.notes
