@@ -54,6 +54,7 @@ from fscale.io import swap  # noqa: E402
 from fscale.kernels import cpu_adam  # noqa: E402
 from fscale.models.gpt import GPT, GPTConfig  # noqa: E402
 from fscale.optim.base import apply_gradients  # noqa: E402
+from fscale.step import FINAL_GRADS  # noqa: E402
 
 GiB = 2**30
 ADAM_BYTES_PER_PARAM = 28  # fp32 p, g, m, v read; p, m, v written
@@ -209,7 +210,9 @@ def bench_swap_once(
 # ----------------------------------------------------------------------------- train
 
 
-def build_step(model: GPT, accumulate: int, delayed: bool, what: str, lr: float = 1e-4):
+def build_step(
+    model: GPT, accumulate: int, delayed: bool, what: str, overlap: bool = True, lr: float = 1e-4
+):
     params, apply = fs.functional(model)
 
     def loss_fn(p, batch):
@@ -219,7 +222,7 @@ def build_step(model: GPT, accumulate: int, delayed: bool, what: str, lr: float 
     step = fs.train_step(loss_fn, fs.optim.adamw(lr=lr, weight_decay=0.1), accumulate=accumulate)
     step = fs.shard_zero(fs.mixed_precision(step, "bf16"), stage=3)
     what = ("optimizer", "params") if what == "params" else ("optimizer",)
-    step = fs.offload(step, "cpu", what=what, delayed_update=delayed)
+    step = fs.offload(step, "cpu", what=what, delayed_update=delayed, overlap=overlap)
     return step, params
 
 
@@ -243,7 +246,8 @@ def train_one(layers: int, what: str, args, device) -> dict:
     out["params"] = n_params
     flops_per_token = model.flops_per_token(args.seq)  # before the weights are released
     out["host_bytes_expected"] = n_params * 12  # fp32 master + 2 moments (+ grad staging)
-    step, params = build_step(model, args.accumulate, args.delayed, what)
+    step, params = build_step(model, args.accumulate, args.delayed, what, args.overlap)
+    out["streams_grads_in_backward"] = step.applied("offload").options[FINAL_GRADS]
     params, state = step.init(params)
     for p in model.parameters():  # the module's fp32 weights: the shards own them now
         p.data = torch.empty(0, device=device)
@@ -362,6 +366,10 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=1, help="sequences per micro-batch")
     parser.add_argument("--accumulate", type=int, default=16)
     parser.add_argument("--delayed", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--overlap", action=argparse.BooleanOptionalAction, default=True,
+        help="offload(overlap=...): off also turns off streaming grads in backward",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
@@ -425,6 +433,7 @@ def main() -> None:
         result["train_config"] = dict(
             stack=f'offload(shard_zero(mixed_precision({stack}, "bf16"), 3), "cpu")',
             seq=args.seq, micro=args.micro, accumulate=args.accumulate, delayed_update=args.delayed,
+            overlap=args.overlap,
             peak_tflops=args.peak_tflops,
         )  # fmt: skip
         runs = [(int(x), "optimizer") for x in args.layers.split(",") if x]

@@ -127,6 +127,8 @@ class StepContext:
         self.loss_scale: torch.Tensor | None = None
         # Takes each grad as backward produces it (ZeRO-2's bucketed reduce-scatter).
         self.grad_sink = None
+        # Called with each final grad in backward ([Note: final grads in backward]).
+        self.grad_ready = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ def _backward_into_sink(sink, target: torch.Tensor, wrt: list[torch.Tensor]) -> 
             sink.add(index, grad)
 
         handles.append(leaf.register_post_accumulate_grad_hook(hook))
+    if hasattr(sink, "start"):
+        sink.start(wrt)
     try:
         target.backward()
     finally:
@@ -351,47 +355,103 @@ class Step:
         return params, ctx.state, ctx.metrics
 
     def _accumulated_loss_and_grad(self, ctx: StepContext, params: Params, batch: Batch):
-        if self.accumulate == 1:
+        # A transform that consumes grads as they become final (offload) asks for them
+        # with the option FINAL_GRADS ([Note: final grads in backward]).
+        final = any(t.options.get(FINAL_GRADS) for t in self.transforms)
+        if self.accumulate == 1 and not final:
             return self.stages.loss_and_grad(ctx, params, batch)
-        total_loss, total = None, None
-        for micro in _split_batch(batch, self.accumulate):
+        micros = _split_batch(batch, self.accumulate) if self.accumulate > 1 else [batch]
+        scale = 1.0 / self.accumulate
+        total_loss, total, scaled = None, None, False
+        for i, micro in enumerate(micros):
+            last = i == len(micros) - 1
             sink = None
-            if total is not None and ctx.grad_sink is None:
+            if ctx.grad_sink is None and (total is not None or (last and final)):
                 # [Note: accumulating in backward] Later micro-batches add each grad
                 # into the running total as backward makes it, so the device never
                 # holds a second whole set of grads (2x grad bytes at the peak).
-                sink = _AccumulateInto([g for g in tree.leaves(total) if g is not None])
+                totals = None if total is None else [g for g in tree.leaves(total) if g is not None]
+                sink = _AccumulateInto(
+                    totals,
+                    scale=scale if last and self.accumulate > 1 else None,
+                    ctx=ctx if last and final else None,
+                )
                 ctx.grad_sink = sink
             try:
                 loss, grads = self.stages.loss_and_grad(ctx, params, micro)
             finally:
                 if sink is not None:
                     ctx.grad_sink = None
+            used = sink is not None and sink.used  # else a stage set its own sink (ZeRO-2)
+            scaled = used and sink.scale is not None
             if total is None:
                 total_loss, total = loss, grads
                 continue
             total_loss = total_loss + loss
-            if sink is None or not sink.used:  # a stage set its own sink (ZeRO-2)
+            if not used:
                 total = tree.map(lambda a, b: a if a is None else a.add_(b), total, grads)
-        scale = 1.0 / self.accumulate
-        total = tree.map(lambda g: g if g is None else g.mul_(scale), total)
+        if self.accumulate == 1:
+            return total_loss, total
+        if not scaled:
+            total = tree.map(lambda g: g if g is None else g.mul_(scale), total)
         return total_loss * scale, total
 
 
-class _AccumulateInto:
-    """A grad sink (see ``_backward_into_sink``) that adds each grad into ``totals``."""
+#: Transform option asking the step for ``StepContext.grad_ready`` calls.
+FINAL_GRADS = "final_grads_in_backward"
 
-    def __init__(self, totals: list[torch.Tensor]):
+# [Note: final grads in backward]
+# In the last micro-batch each leaf's total is complete the moment backward hands
+# over its grad: the sink adds it, scales the sum by 1 / accumulate right there (the
+# same two roundings, per element, as scaling after the loop) and calls
+# ``ctx.grad_ready(index, grad, leaf)`` (index among the non-None leaves; ``leaf``
+# aliases the param). Leaves backward never reached get theirs in ``finish``. Only a
+# transform that knows nothing after backward changes the grads (no clipping, no
+# loss scaling, no reduction left) may act on them early: offload copies them to
+# the host and updates there while backward goes on.
+
+
+class _AccumulateInto:
+    """A grad sink (see ``_backward_into_sink``): each grad added into ``totals`` (or kept,
+    when ``totals`` is None: the first micro-batch), optionally scaled and announced."""
+
+    def __init__(self, totals: list | None, *, scale: float | None = None, ctx=None):
         self.totals = totals
+        self.scale = scale
+        self.ctx = ctx
         self.used = False
+        self.wrt: list[torch.Tensor] = []
+        self.done: set[int] = set()
+
+    def start(self, wrt: list[torch.Tensor]) -> None:
+        self.wrt = wrt
+        if self.totals is None:
+            self.totals = [None] * len(wrt)
 
     def add(self, index: int, grad: torch.Tensor) -> None:
         self.used = True
-        self.totals[index].add_(grad)
+        if self.totals[index] is None:
+            self.totals[index] = grad
+        else:
+            self.totals[index].add_(grad)
+        self._final(index)
+
+    def _final(self, index: int) -> None:
+        self.done.add(index)
+        if self.scale is not None:
+            self.totals[index].mul_(self.scale)
+        if self.ctx is not None and self.ctx.grad_ready is not None:
+            self.ctx.grad_ready(index, self.totals[index], self.wrt[index])
 
     def finish(self, n: int) -> list[torch.Tensor]:
-        # A leaf whose hook never ran got no grad this micro-batch: its total stands.
+        # A leaf whose hook never ran got no grad this micro-batch: its total stands
+        # (zeros in a first micro-batch, as autograd.grad's materialize_grads).
         self.used = True
+        for i in range(n):
+            if i not in self.done:
+                if self.totals[i] is None:
+                    self.totals[i] = torch.zeros_like(self.wrt[i])
+                self._final(i)
         return self.totals[:n]
 
 

@@ -65,10 +65,14 @@ shards; the device keeps no param shard ([Note: param offload] in ``_zero3.py``)
     step = shard_zero(mixed_precision(step, "bf16"), 3)
     step = offload(step, "cpu", what=("optimizer", "params"))
 
-Not yet: param shards read from NVMe through an explicit pinned pool (as
-DeepSpeed's ``offload_param=nvme``; here the kernel pages the mapping), and
-streaming grads to the host *during* backward (they are copied group by group after
-it, or with ``delayed_update`` during the next step).
+Where nothing between backward and the update changes the grads (no ``clip_norm``,
+no fp16 loss scaling, ZeRO-3 or a world of one), ``tier="cpu"`` streams them: each
+sub-group is copied out, updated on the host and copied back while backward still
+runs ([Note: streaming grads in backward] in ``_offload_stream.py``). Otherwise the
+copies follow backward group by group (with ``delayed_update``: during the next step).
+
+Not yet: param shards read from NVMe through an explicit pinned pool (as DeepSpeed's
+``offload_param=nvme``; here the kernel pages the mapping).
 
 References: Ren et al., "ZeRO-Offload: Democratizing Billion-Scale Model
 Training", USENIX ATC 2021; Rajbhandari et al., "ZeRO-Infinity: Breaking the GPU
@@ -91,8 +95,9 @@ from fscale.hw import comm
 from fscale.io import swap
 from fscale.kernels import cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
-from fscale.step import Step, Transform
+from fscale.step import FINAL_GRADS, Step, Transform
 from fscale.transforms import _zero3, zero
+from fscale.transforms._offload_stream import GradStream
 
 NAME = "offload"
 TIERS = ("cpu", "nvme")
@@ -115,6 +120,8 @@ class OffloadConfig:
     delayed_update: bool
     direct: bool | None
     compute_dtype: torch.dtype | None = None  # mixed_precision's param dtype
+    stream: bool = False  # grads streamed in backward where the stack allows it
+    sharded: bool = False  # over shard_zero (else the world must be one to stream)
 
 
 def offload(
@@ -144,7 +151,8 @@ def offload(
         ``overlap``): sub-groups are cut so that master, state and grads fit one, and
         each buffer is the size of the largest (a single larger leaf makes it larger).
       overlap: pipeline reads, updates and writes of sub-groups (and device<->host
-        copies on CUDA); False runs them one after the other.
+        copies on CUDA), and stream grads in backward where the stack allows it;
+        False runs them one after the other, after backward.
       subgroup_mb: fp32 master bytes per sub-group (default ``buffer_mb / 4``).
       delayed_update: ``tier="cpu"``: one-step delayed parameter update (DPU).
         The step's returned params lag one update behind the grads.
@@ -195,14 +203,29 @@ def offload(
     mp = step.applied("mixed_precision")
     if mp is not None:
         cfg = dataclasses.replace(cfg, compute_dtype=mp.options["param_dtype"])
+    cfg = dataclasses.replace(cfg, stream=_can_stream(cfg, step), sharded=zero is not None)
     fix = "apply offload last, e.g. offload(shard_zero(mixed_precision(step, 'bf16'), 3), ...)."
     record = Transform(
         NAME,
-        options={"tier": tier, "what": what, "path": path, "delayed_update": cfg.delayed_update},
+        options={
+            "tier": tier, "what": what, "path": path, "delayed_update": cfg.delayed_update,
+            FINAL_GRADS: cfg.stream,
+        },
         refuses_outer={"shard_zero": fix, "mixed_precision": fix},
         plan=lambda plan: _plan(cfg, zero is not None, mp, plan),
-    )
+    )  # fmt: skip
     inner_init = step.stages.init
+    inner_loss_and_grad = step.stages.loss_and_grad
+
+    def loss_and_grad(ctx, params, batch):
+        handle = ctx.state.get(NAME)
+        if isinstance(handle, OffloadState) and handle.stream is not None:
+            handle.stream.begin(ctx)
+            ctx.grad_ready = handle.stream.grad_ready
+            out = inner_loss_and_grad(ctx, params, batch)
+            handle.event("loss_and_grad_end", "")  # instrumentation: what ran in backward
+            return out
+        return inner_loss_and_grad(ctx, params, batch)
 
     def init(s, params):
         params, state = inner_init(s, params)
@@ -217,8 +240,26 @@ def offload(
                     raise
         return params, state
 
-    new = step.with_transform(record, init=init)
+    new = step.with_transform(record, init=init, loss_and_grad=loss_and_grad)
     return dataclasses.replace(new, optimizer=_offloaded(cfg, step.optimizer, step.group))
+
+
+def _can_stream(cfg: OffloadConfig, step: Step) -> bool:
+    """Whether nothing between backward and the update changes the grads, so that they
+    can go to the host as backward makes them ([Note: streaming grads in backward])."""
+    if cfg.tier != "cpu" or cfg.delayed_update or "params" in cfg.what or not cfg.overlap:
+        return False  # DPU streams during the next step; param shards live on the host
+    if step.clip_norm is not None:
+        return False  # the clip coefficient needs every grad first
+    if any(t.name not in ("shard_zero", "mixed_precision") for t in step.transforms):
+        return False
+    mp = step.applied("mixed_precision")
+    if mp is not None and (
+        "init_scale" in mp.options or mp.options["reduce_dtype"] != torch.float32
+    ):
+        return False  # fp16 unscaling, or a reduce-dtype round trip after backward
+    zero = step.applied("shard_zero")
+    return zero is None or zero.options.get("stage") == 3  # else reduced after backward
 
 
 # ----------------------------------------------------------------------------- layout
@@ -341,6 +382,7 @@ class OffloadState:
         # device ([Note: DPU staging]); one view per leaf (None: copied in as before).
         self.device_staging: list[torch.Tensor | None] = []
         self._staged: Any = None  # event: the last run's staging copies are done
+        self.stream: GradStream | None = None  # [Note: streaming grads in backward]
         self.closed = False
 
     # -- log ---------------------------------------------------------------------------
@@ -381,6 +423,8 @@ class OffloadState:
                 self._pending = None
         if self._bg is not None:
             self._bg.shutdown(wait=True)
+        if self.stream is not None:
+            self.stream.close()
         if self.engine is not None:
             self.engine.close()
 
@@ -416,14 +460,21 @@ class OffloadState:
 
     def to_host(self, k: int, grads: list) -> Any:
         """Copy group ``k``'s grads into its grad views; returns an event to wait on (CUDA)."""
+        return self.copy_grads_out(k, grads, self.grad_region(k))
+
+    def copy_grads_out(self, k: int, grads, region: torch.Tensor, *, after=None) -> Any:
+        """Group ``k``'s grads (``grads[i]`` for its leaf positions i) into ``region``, on
+        the D2H stream after event ``after``; returns an event to wait on (CUDA)."""
         g = self.groups[k]
         self.event("d2h_submit", g.key)
-        views = self.grad_views(k)
+        views = [s.view(region) for s in g.grads]
         if self._d2h_stream is None:
             for dst, i in zip(views, g.leaves, strict=True):
                 dst.copy_(grads[i])
             return None
         with torch.cuda.stream(self._d2h_stream):
+            if after is not None:
+                self._d2h_stream.wait_event(after)
             for dst, i in zip(views, g.leaves, strict=True):
                 dst.copy_(grads[i], non_blocking=True)
                 grads[i].record_stream(self._d2h_stream)
@@ -480,10 +531,11 @@ class OffloadState:
     # -- the update of one group ---------------------------------------------------------
 
     @torch.no_grad()
-    def update_group(self, k: int, buf: torch.Tensor) -> None:
+    def update_group(self, k: int, buf: torch.Tensor, grad_region=None) -> None:
         g = self.groups[k]
         master, state = self.views(g, buf)
-        grads = self.grad_views(k)
+        region = self.grad_region(k) if grad_region is None else grad_region
+        grads = [s.view(region) for s in g.grads]
         n = self.spec.num_leaves
         sub_grads = _sub(self.spec, _scatter(n, g.leaves, grads), g.leaves)
         sub_master = _sub(self.spec, _scatter(n, g.leaves, master), g.leaves)
@@ -614,6 +666,8 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
         handle._bg = ThreadPoolExecutor(1, thread_name_prefix="fscale-offload-dpu")
         if cfg.compute_dtype is not None and "params" not in cfg.what:
             handle.device_staging = _device_staging(leaves, cfg.compute_dtype)
+    if cfg.stream and (cfg.sharded or comm.world_size(group) == 1):
+        handle.stream = GradStream(handle, leaves)
     return handle
 
 
@@ -695,6 +749,9 @@ def _update(handle: OffloadState, grads, params):
             "build a new one with step.init to keep training."
         )
     g_leaves, p_leaves = tree.leaves(grads), tree.leaves(params)
+    if handle.stream is not None and handle.stream.started:
+        handle.stream.finish(g_leaves)  # streamed and updated during backward
+        return params
     if handle.cfg.delayed_update:
         _update_delayed(handle, g_leaves, p_leaves)
         return params

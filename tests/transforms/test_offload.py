@@ -273,6 +273,83 @@ def test_cpu_copies_next_group_grads_before_current_update():
         assert at[("d2h_submit", nxt)] < at[("update_start", cur)]
 
 
+# ----------------------------------------------------------------------------- streaming
+
+
+def _streamed(stage, precision, accumulate, stream=True):
+    """offload(cpu) over a stack without clipping (streaming needs one), streaming on or off."""
+
+    def wrap(step):
+        step = dataclasses.replace(step, clip_norm=None, accumulate=accumulate)
+        # overlap=False: the same stack, grads copied after backward, group after group.
+        step = _offloaded(stage, "cpu", None, precision, overlap=stream)(step)
+        assert step.applied("offload").options["final_grads_in_backward"] == stream
+        return step
+
+    return wrap
+
+
+def _no_clip(wrap, accumulate):
+    return lambda s: wrap(dataclasses.replace(s, clip_norm=None, accumulate=accumulate))
+
+
+def _stream_world_fn(rank, world):
+    out = {}
+    for stage, precision, accumulate in ((3, None, 1), (3, "bf16", 2), (0, "bf16", 1)):
+        if stage == 0 and world > 1:
+            continue
+        case = (stage, precision, accumulate)
+        base = _train(_no_clip(_stack(stage, precision), accumulate), rank, world, steps=3)
+        got = {}
+        for stream in (True, False):
+            params, state = _train(
+                _streamed(stage, precision, accumulate, stream), rank, world, steps=3,
+                keep_state=True,
+            )  # fmt: skip
+            handle = state["offload"]
+            kinds = [kind for _, _, kind, _ in handle.events]
+            got[stream] = params, kinds, handle.stream is not None
+            handle.close()
+        out[case] = base, got
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_grads_streamed_in_backward_give_the_same_update(world):
+    """[Note: streaming grads in backward]: bit for bit the update made after backward,
+    within an ulp per step of no offload; and the copies really start in backward."""
+    results = run_world(_stream_world_fn, world) if world > 1 else [_stream_world_fn(0, 1)]
+    for rank, cases in enumerate(results):
+        assert len(cases) == (3 if world == 1 else 2)
+        for case, (base, got) in cases.items():
+            (streamed, kinds, on), (after, after_kinds, off) = got[True], got[False]
+            assert on and not off
+            assert max_rel_error(streamed, after) == 0.0, (rank, case)
+            # The accumulate > 1 cases scale in the sink: compare with no offload too.
+            assert max_rel_error(streamed, base) <= 1e-6, (rank, case)
+            # Copies and updates of the last step began before its last backward ended.
+            end = len(kinds) - 1 - kinds[::-1].index("loss_and_grad_end")
+            assert "d2h_submit" in kinds[:end] and kinds.count("d2h_submit") > 1
+            assert "loss_and_grad_end" not in after_kinds
+
+
+def test_streaming_only_where_nothing_changes_grads_after_backward(tmp_path):
+    step, _ = _step()
+    flag = lambda s: s.applied("offload").options["final_grads_in_backward"]  # noqa: E731
+    plain = dataclasses.replace(step, clip_norm=None)
+    assert flag(fs.offload(plain, "cpu"))
+    assert flag(fs.offload(fs.shard_zero(fs.mixed_precision(plain, "bf16"), 3), "cpu"))
+    clipped = dataclasses.replace(step, clip_norm=0.5)
+    assert not flag(fs.offload(clipped, "cpu"))  # the clip coefficient needs every grad
+    assert not flag(fs.offload(plain, "cpu", delayed_update=True))
+    assert not flag(fs.offload(plain, "cpu", overlap=False))
+    assert not flag(fs.offload(plain, "nvme", path=tmp_path))
+    assert not flag(fs.offload(fs.mixed_precision(plain, "fp16"), "cpu"))  # unscale
+    assert not flag(fs.offload(fs.mixed_precision(plain, "bf16", reduce_dtype="bf16"), "cpu"))
+    assert not flag(fs.offload(fs.shard_zero(plain, 2), "cpu"))  # reduced after backward
+    assert not flag(fs.offload(fs.shard_zero(plain, 3), "cpu", what=("optimizer", "params")))
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -705,6 +782,22 @@ def test_cuda_delayed_update_equals_the_same_schedule_on_the_host():
         got, pinned = _cuda_train(wrap, "sgd")
         assert pinned
         assert max_rel_error(got, expected) <= 1e-5, accumulate
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_grads_streamed_in_backward_equal_grads_copied_after():
+    """[Note: streaming grads in backward] on CUDA: events order the copies after the
+    grads' kernels and the param writes after them; same bits as copying after backward."""
+    for precision, accumulate in ((None, 1), ("bf16", 2)):
+
+        def wrap(s, overlap, precision=precision, accumulate=accumulate):
+            s = dataclasses.replace(s, clip_norm=None, accumulate=accumulate)
+            s = fs.shard_zero(fs.mixed_precision(s, precision) if precision else s, 3)
+            return fs.offload(s, "cpu", subgroup_mb=0.05, overlap=overlap)
+
+        streamed, _ = _cuda_train(lambda s: wrap(s, True))
+        after, _ = _cuda_train(lambda s: wrap(s, False))
+        assert max_rel_error(streamed, after) == 0.0, (precision, accumulate)
 
 
 def _cuda_zero3(wrap):
