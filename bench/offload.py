@@ -211,7 +211,13 @@ def bench_swap_once(
 
 
 def build_step(
-    model: GPT, accumulate: int, delayed: bool, what: str, overlap: bool = True, lr: float = 1e-4
+    model: GPT,
+    accumulate: int,
+    delayed: bool,
+    what: str,
+    overlap: bool = True,
+    lr: float = 1e-4,
+    nvme_path: str | None = None,
 ):
     params, apply = fs.functional(model)
 
@@ -222,6 +228,9 @@ def build_step(
     step = fs.train_step(loss_fn, fs.optim.adamw(lr=lr, weight_decay=0.1), accumulate=accumulate)
     step = fs.shard_zero(fs.mixed_precision(step, "bf16"), stage=3)
     what = ("optimizer", "params") if what == "params" else ("optimizer",)
+    if nvme_path is not None:  # ZeRO-Infinity: optimizer state in swap files (no DPU there)
+        os.makedirs(nvme_path, exist_ok=True)
+        return fs.offload(step, "nvme", what=what, path=nvme_path, overlap=overlap), params
     step = fs.offload(step, "cpu", what=what, delayed_update=delayed, overlap=overlap)
     return step, params
 
@@ -246,7 +255,11 @@ def train_one(layers: int, what: str, args, device) -> dict:
     out["params"] = n_params
     flops_per_token = model.flops_per_token(args.seq)  # before the weights are released
     out["host_bytes_expected"] = n_params * 12  # fp32 master + 2 moments (+ grad staging)
-    step, params = build_step(model, args.accumulate, args.delayed, what, args.overlap)
+    nvme = args.swap_dir if args.tier == "nvme" else None
+    out["tier"] = args.tier
+    step, params = build_step(
+        model, args.accumulate, args.delayed, what, args.overlap, nvme_path=nvme
+    )
     out["streams_grads_in_backward"] = step.applied("offload").options[FINAL_GRADS]
     params, state = step.init(params)
     for p in model.parameters():  # the module's fp32 weights: the shards own them now
@@ -366,6 +379,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=1, help="sequences per micro-batch")
     parser.add_argument("--accumulate", type=int, default=16)
     parser.add_argument("--delayed", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tier", choices=("cpu", "nvme"), default="cpu", help="part train")
     parser.add_argument(
         "--overlap", action=argparse.BooleanOptionalAction, default=True,
         help="offload(overlap=...): off also turns off streaming grads in backward",
@@ -431,7 +445,7 @@ def main() -> None:
         result["train"] = []
         stack = "train_step(loss, adamw, accumulate)"
         result["train_config"] = dict(
-            stack=f'offload(shard_zero(mixed_precision({stack}, "bf16"), 3), "cpu")',
+            stack=f'offload(shard_zero(mixed_precision({stack}, "bf16"), 3), "{args.tier}")',
             seq=args.seq, micro=args.micro, accumulate=args.accumulate, delayed_update=args.delayed,
             overlap=args.overlap,
             peak_tflops=args.peak_tflops,
