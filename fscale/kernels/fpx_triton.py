@@ -43,6 +43,15 @@ the time grows with M long before the tensor cores are busy. M=128 is 60 GFLOP:
 below the tensor-core floor anyway. M >= 512: the dequantize (~0.17 ms) overlaps the
 GEMM only partly (both want the SMs); 0.95x there needs a fused GEMM at cuBLAS's
 efficiency.
+Tried and dropped (2026-11-23, H200, graph replay): swapping the operands (y^T = W x^T,
+the rebuilt weights as wgmma's register operand, x^T the narrow side, BM down to 8).
+Triton emits wgmma for it, but ptxas serializes the wgmmas (the two accumulators are
+rewritten by other instructions inside the pipeline stage) and the plane loads lose
+their 16-byte cp.async: 40.9 vs 32.9 us at M=1 and 56.9 vs 38.3 us at M=16 on
+8192 x 8192, no better at M=32 (85.6 vs 84.2 us), 4-10% better only at M=64 (where
+both are far below cuBLAS). The time at bm=32 (84 us) is over twice bm=16's (38 us)
+although each weight is rebuilt once in both: what grows with BM is the dot side
+(x tiles and the register operand's layout conversion), not the rebuild.
 """
 
 from __future__ import annotations
