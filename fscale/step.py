@@ -189,7 +189,8 @@ def _backward_into_sink(sink, target: torch.Tensor, wrt: list[torch.Tensor]) -> 
 
     The leaf's own ``.grad`` is dropped right away, so a sink that reduces and
     frees grads as they arrive (ZeRO-2) never holds the whole model's grads.
-    ``sink.finish(n)`` returns the n results, aligned with ``wrt``.
+    ``sink.start(wrt)`` (if the sink has it) runs first; ``sink.finish(n)`` returns
+    the n results, aligned with ``wrt``.
     """
     handles = []
     for index, leaf in enumerate(wrt):

@@ -381,7 +381,7 @@ class OffloadState:
         # DPU under mixed precision: the updated masters, in the compute dtype, on the
         # device ([Note: DPU staging]); one view per leaf (None: copied in as before).
         self.device_staging: list[torch.Tensor | None] = []
-        self._staged: Any = None  # event: the last run's staging copies are done
+        self._staged: Any = None  # event: the masters' last H2D copies (DPU) are done
         self.stream: GradStream | None = None  # [Note: streaming grads in backward]
         self.closed = False
 
@@ -444,10 +444,6 @@ class OffloadState:
             buf = self.buffers[k % len(self.buffers)]
             return buf[g.persisted : g.total]
         return self.staging[k % len(self.staging)]
-
-    def grad_views(self, k: int) -> list[torch.Tensor]:
-        region = self.grad_region(k)
-        return [s.view(region) for s in self.groups[k].grads]
 
     # -- device <-> host ---------------------------------------------------------------
 
@@ -928,19 +924,6 @@ def _plan(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
         f"~{pcie / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s."
     )
     if tier == "cpu":
-        # [Note: DPU staging]
-        # Under mixed precision the device copy of a param is only ever read through its
-        # cast to the compute dtype (the gather, or mixed_precision's materialize), so with
-        # delayed_update the background thread sends each group's updated masters to the
-        # device as soon as they are computed, mid-step, and casts them there into a staging
-        # buffer of the compute dtype (2 bytes per param for bf16). At the next update the
-        # params take them with a device-side copy: the masters never cross PCIe on the
-        # critical path (8.3B fp32 masters: 33 GB, ~0.65 s a step at 50 GB/s, was a stall).
-        # The training is bit-identical; the params the step returns are the masters
-        # rounded to the compute dtype (as DeepSpeed's GPU copy is), the masters stay in
-        # host memory. The staging is written only after the compute queued at the update
-        # has read it (begin_copies), and the masters only after the copies reading them.
-
         # [Note: grad staging]: rotating buffers of the largest sub-group's grads (at
         # least one leaf, whose grads are in the param dtype: <= 4 bytes per fp32 byte).
         largest = max(cfg.subgroup_bytes, plan.largest_param_bytes // n)
