@@ -87,7 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="--zero 3 --offload cpu|nvme: ZeRO-3's param shards in host memory too",
     )
+    p.add_argument(
+        "--delayed-update",
+        action="store_true",
+        help="--offload cpu: one-step delayed parameter update (ZeRO-Offload's DPU): the host "
+        "update of step t runs during step t+1",
+    )
     args = p.parse_args(argv)
+    if args.delayed_update and args.offload != "cpu":
+        p.error("--delayed-update is for --offload cpu")
     if args.offload_params and (args.zero != 3 or args.offload == "none"):
         p.error("--offload-params offloads ZeRO-3's param shards: use it with --zero 3 --offload")
     if (args.offload == "nvme") != (args.nvme_path is not None):
@@ -199,7 +207,9 @@ def build_step(args: argparse.Namespace, loss_fn):
         step = fs.shard_zero(step, args.zero)
     if args.offload != "none":  # outermost: each rank offloads its own shard
         what = ("optimizer", "params") if args.offload_params else ("optimizer",)
-        step = fs.offload(step, args.offload, what=what, path=args.nvme_path)
+        step = fs.offload(
+            step, args.offload, what=what, path=args.nvme_path, delayed_update=args.delayed_update
+        )
     return step
 
 

@@ -78,3 +78,15 @@ def test_train_gpt_under_torchrun_matches_world_of_one(world_of_one, tmp_path, z
     # up to the summation order of the all-reduce.
     assert metrics["train_loss"] == pytest.approx(world_of_one["train_loss"], rel=1e-4)
     assert metrics["val_loss"] == pytest.approx(world_of_one["val_loss"], rel=1e-4)
+
+
+def test_train_gpt_with_delayed_offload_update(world_of_one, tmp_path):
+    """--offload cpu --delayed-update: the first loss is the plain run's (same params),
+    and training still lowers the loss with each update landing a step late."""
+    png = tmp_path / "loss.png"
+    cmd = [sys.executable, str(TRAIN_GPT), *TINY, "--batch-size", "4", "--out", str(png)]
+    _run([*cmd, "--offload", "cpu", "--delayed-update"], timeout=180)
+    metrics = _results(png)
+    assert metrics["train_loss"][0] == pytest.approx(world_of_one["train_loss"][0], rel=1e-6)
+    assert metrics["train_loss"][1:] != pytest.approx(world_of_one["train_loss"][1:], rel=1e-6)
+    assert metrics["val_loss"][-1] < metrics["val_loss"][0]
