@@ -26,11 +26,16 @@ and bf16 has fp32's exponent range).
 
 [Note: FPx linear performance, what was measured and what bounds it]
 H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
-kernel time): fp6 1.19x cuBLAS fp16 at M=1 on 8192 x 8192, 1.47x / 1.55x on 28672 x
-8192 / 8192 x 28672 (1.36-1.49x at M=8), 0.74-0.84x at M=32, 0.45x at M=128; through
-the pipelined dequantize + cuBLAS path 0.72x at M=512 and 0.93-0.95x at M=2048 (it was
-0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2: 1.8 ms for
-28672 x 8192, now whole words).
+kernel time): fp6 1.30x cuBLAS fp16 at M=1 on 8192 x 8192, 1.54x / 1.55x on 28672 x
+8192 / 8192 x 28672 (1.28-1.50x at M=8), 0.49-0.83x at M=32, 0.46-0.49x at M=128;
+through the pipelined dequantize + cuBLAS path 0.72-0.75x at M=512 and 0.92-0.96x at
+M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2:
+1.8 ms for 28672 x 8192, now whole words). On a 7B model's 4096-wide layers a sweep
+found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves of
+4-warp programs (4096 x 4096/11008) 1.2-1.5x faster than the earlier candidates (e.g.
+12288 x 4096, M=16: 24.5 vs 36.7 us; cuBLAS 27.6); those are candidates now. The zero
+and cast kernels of split-K cost 2-3 us there (19.4 us in all vs 17.4 us for the main
+kernel on 4096 x 4096).
 Floors for 28672 x 8192 fp6, M=1: 176 MB of planes = 0.041 ms at the 4.3 TB/s copy
 ceiling; the rebuild, per the sm_90 SASS of the loop (bm=16, bn=128: per 128 weights a
 thread ~200 LOP3, 90 IMAD.SHL, 64 PRMT, 48 SHF), ~3.4 integer instructions per weight
