@@ -252,16 +252,22 @@ def candidate_configs(m: int) -> list[dict]:
     """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners)."""
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        return [
-            dict(bm=bm, bn=bn, waves=wv, num_warps=nw, num_stages=ns)
+        rows = [
+            (bm, 128, 8, 4, 3), (bm, 128, 4, 4, 4), (bm, 64, 8, 4, 4),
             # The bn=64 rows with fewer waves or warps win on a 7B model's 4096-wide
             # layers (a sweep on H200: 21-25 us instead of 26-37 us at M=1..16 for
             # 12288 x 4096 and 11008 x 4096); bn=256 never won and was dropped.
-            for bn, wv, nw, ns in (
-                (128, 8, 4, 3), (128, 4, 4, 4), (64, 8, 4, 4), (64, 4, 4, 2), (64, 2, 4, 3),
-                (64, 1, 2, 3),
-            )
+            (bm, 64, 4, 4, 2), (bm, 64, 2, 4, 3), (bm, 64, 1, 2, 3),
         ]  # fmt: skip
+        if m > 16:
+            # Above 16 rows a sweep (H200, M=32) found one or two waves best, and on
+            # 8192- and 4096-wide layers 16-row tiles (each weight rebuilt per M tile)
+            # beat one 32-row tile: 28672 x 8192 104 us (was 158; cuBLAS 116),
+            # 8192 x 8192 50 us (was 70), 12288 x 4096 37 us (was 48).
+            rows += [(bm, 128, 1, 4, 3), (bm, 128, 2, 4, 3), (16, 64, 1, 2, 3), (16, 64, 2, 4, 3)]
+        return [
+            dict(bm=b, bn=bn, waves=wv, num_warps=nw, num_stages=ns) for b, bn, wv, nw, ns in rows
+        ]
     if m <= 128:
         return [
             dict(bm=64, bn=128, waves=4, num_warps=4, num_stages=3),
