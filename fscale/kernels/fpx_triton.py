@@ -35,7 +35,9 @@ found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves o
 4-warp programs (4096 x 4096/11008) 1.2-1.5x faster than the earlier candidates (e.g.
 12288 x 4096, M=16: 24.5 vs 36.7 us; cuBLAS 27.6); those are candidates now. The zero
 and cast kernels of split-K cost 2-3 us there (19.4 us in all vs 17.4 us for the main
-kernel on 4096 x 4096).
+kernel on 4096 x 4096), yet forcing split=1 (one kernel, plain stores) was no faster
+than the tuned launches (4096 x 4096 M=1: 15.5 vs 14.4 us; 4096 x 11008: 38.6 vs 22.5
+us): the waves=1 candidates already resolve to split 1 where that pays.
 Floors for 28672 x 8192 fp6, M=1: 176 MB of planes = 0.041 ms at the 4.3 TB/s copy
 ceiling; the rebuild, per the sm_90 SASS of the loop (bm=16, bn=128: per 128 weights a
 thread ~200 LOP3, 90 IMAD.SHL, 64 PRMT, 48 SHF), ~3.4 integer instructions per weight
