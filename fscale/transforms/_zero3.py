@@ -413,8 +413,9 @@ def keep_in_flats(state: dict, shards: dict, *, updated: bool = False) -> dict:
 # compute dtype, refreshed after each update: 2 more host bytes per param / N, so the
 # H2D moves half the bytes and no cast runs per gather (each unit is gathered twice a
 # step). DeepSpeed keeps only the 16-bit copy beside its optimizer's fp32 partition;
-# fscale's step contract (params are the fp32 shards) costs the extra 4 bytes here
-# (host memory, the cheap tier). The optimizer (offload's) updates its own host
+# here the fp32 shards (fscale's step contract: the params) are the optimizer's
+# masters too on tier="cpu" -- it updates them in place ([Note: shared masters] in
+# offload.py) -- while on NVMe (and with delayed_update) the optimizer keeps its own
 # masters and copies them into these views: a host->host copy, never to the device.
 #
 # Autograd needs leaves on the device the grads are made on (the reduce-scatter's

@@ -235,6 +235,8 @@ def offload(
             if "params" in cfg.what:
                 try:
                     params = _params_to_host(handle, params, state, mp)
+                    if any(g.shared_master for g in handle.groups):
+                        _share_masters(handle, params)
                 except BaseException:
                     handle.close()  # no swap file outlives a failed init
                     raise
@@ -313,6 +315,7 @@ class _Group:
     state_leaves: list = dataclasses.field(default_factory=list)  # _Slot or a Python value
     persisted: int = 0  # bytes of master + state, 4096-aligned: the swap file
     grad_bytes: int = 0  # the grads, 4096-aligned
+    shared_master: bool = False  # the masters are the params' host shards ([Note: shared masters])
 
     @property
     def total(self) -> int:
@@ -383,6 +386,7 @@ class OffloadState:
         self.device_staging: list[torch.Tensor | None] = []
         self._staged: Any = None  # event: the masters' last H2D copies (DPU) are done
         self.stream: GradStream | None = None  # [Note: streaming grads in backward]
+        self.shared_masters: list | None = None  # by leaf position ([Note: shared masters])
         self.closed = False
 
     # -- log ---------------------------------------------------------------------------
@@ -432,7 +436,10 @@ class OffloadState:
 
     def views(self, g: _Group, buf: torch.Tensor):
         """Group ``g``'s master and optimizer state, views into its buffer."""
-        master = [s.view(buf) for s in g.master]
+        if g.shared_master:
+            master = [self.shared_masters[i] for i in g.leaves]
+        else:
+            master = [s.view(buf) for s in g.master]
         state_leaves = [x.view(buf) if isinstance(x, _Slot) else x for x in g.state_leaves]
         return master, tree.unflatten(g.state_spec, state_leaves)
 
@@ -482,7 +489,8 @@ class OffloadState:
         """Updated masters into the params: on the device, or host shards (params offloaded)."""
         if self._h2d_stream is None or params[g.leaves[0]].device.type == "cpu":
             for src, i in zip(master_views, g.leaves, strict=True):
-                params[i].copy_(src)
+                if params[i].data_ptr() != src.data_ptr():  # shared masters: done
+                    params[i].copy_(src)
             return
         with torch.cuda.stream(self._h2d_stream):
             for src, i in zip(master_views, g.leaves, strict=True):
@@ -613,12 +621,14 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
     device = live[0].device if live else torch.device("cpu")
     handle = OffloadState(cfg, inner, spec, device)
     limit = cfg.subgroup_bytes
+    shared = _shares_masters(cfg)
     # Layouts first (optimizer init on meta tensors): the NVMe space check must
     # happen before a byte is written.
     for k, idx in enumerate(_groups(leaves, limit)):
         lay = _Layout()
-        g = _Group(f"g{k:05d}", idx, [], [])
-        g.master = [lay.add(leaves[i].shape, _master_dtype(leaves[i].dtype)) for i in idx]
+        g = _Group(f"g{k:05d}", idx, [], [], shared_master=shared)
+        masters = _Layout() if shared else lay  # shared: shapes only, no bytes here
+        g.master = [masters.add(leaves[i].shape, _master_dtype(leaves[i].dtype)) for i in idx]
         metas = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in g.master]
         meta_state = inner.init(_sub(spec, _scatter(len(leaves), idx, metas), idx))
         s_leaves, g.state_spec = tree.flatten(meta_state)
@@ -647,9 +657,12 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
             buf = handle.buffers[k % n]
             if k >= n:
                 writes[k - n].result()
-        master, _ = handle.views(g, buf)
-        for view, i in zip(master, g.leaves, strict=True):
-            view.copy_(leaves[i].detach())
+        if shared:  # the params' host shards, set by share_masters once they exist
+            master = [leaves[i].detach() for i in g.leaves]
+        else:
+            master, _ = handle.views(g, buf)
+            for view, i in zip(master, g.leaves, strict=True):
+                view.copy_(leaves[i].detach())
         # The real init runs on the host masters; its tensors are copied into the slots.
         state = inner.init(_sub(spec, _scatter(len(leaves), g.leaves, master), g.leaves))
         handle._store_state(g, buf, state)
@@ -665,6 +678,35 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
     if cfg.stream and (cfg.sharded or comm.world_size(group) == 1):
         handle.stream = GradStream(handle, leaves)
     return handle
+
+
+# [Note: shared masters]
+# With what=("optimizer", "params") on tier="cpu" (no DPU), ZeRO-3's fp32 host shards
+# -- the params the step returns -- are exactly the optimizer's fp32 masters, so the
+# optimizer updates them in place instead of keeping a copy: 8 host bytes per param
+# for AdamW's moments instead of 12, and no host->host copy after the update. Not
+# with delayed_update (the next step computes on the params while the background
+# update writes the masters) nor on NVMe (the masters are part of the swap files).
+
+
+def _shares_masters(cfg: OffloadConfig) -> bool:
+    return cfg.tier == "cpu" and "params" in cfg.what and not cfg.delayed_update
+
+
+def _share_masters(handle: OffloadState, params: dict) -> None:
+    """Point the groups' masters at the params' host shards ([Note: shared masters])."""
+    leaves = tree.leaves(params)
+    for g in handle.groups:
+        for slot, i in zip(g.master, g.leaves, strict=True):
+            t = leaves[i]
+            bad = t is None or tuple(t.shape) != slot.shape or t.dtype != slot.dtype
+            if bad or t.device.type != "cpu":
+                raise RuntimeError(
+                    f"offload: param leaf {i} is "
+                    f"{None if t is None else (tuple(t.shape), t.dtype, t.device.type)}, its "
+                    f"optimizer master {(slot.shape, slot.dtype)} on the host; cannot share them."
+                )
+    handle.shared_masters = leaves
 
 
 def _device_staging(leaves: list, dtype: torch.dtype) -> list:
@@ -908,6 +950,12 @@ def _plan(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
     grads = plan.param_bytes // n
     plan.memory[f"optimizer ({tier})"] = optimizer
     plan.memory[f"master ({tier})"] = master
+    if _shares_masters(cfg):
+        plan.memory[f"master ({tier})"] = 0
+        plan.notes.append(
+            f"offload({tier}, params): the fp32 masters are the params' host shards "
+            "([Note: shared masters]): the optimizer keeps only its state."
+        )
     plan.notes.append(
         f"offload({tier}): the optimizer runs on the host, in sub-groups of <= "
         f"{cfg.subgroup_bytes:,} master bytes, inside the update stage above; AdamW there "

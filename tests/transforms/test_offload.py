@@ -626,6 +626,16 @@ def test_param_shards_live_only_in_host_memory(precision):
     for t in _walk_tensors([params, state]):
         if t.numel() > 1:
             assert t.untyped_storage().data_ptr() in allowed, tuple(t.shape)
+    # [Note: shared masters]: the optimizer updates those shards in place; its own
+    # buffers hold only AdamW's two moments (8 bytes per param, not 12).
+    n_params = shard_bytes // 4
+    for g, buf in zip(handle.groups, handle.buffers, strict=True):
+        assert g.shared_master
+        master, _ = handle.views(g, buf)
+        assert all(host_resident(m, slot) and m.dtype == torch.float32 for m in master)
+    slack = 4096 + 3 * 64
+    assert 8 * n_params <= handle.host_bytes - sum(b.numel() for b in handle.staging)
+    assert sum(g.persisted for g in handle.groups) <= 8 * n_params + slack * len(handle.groups)
     # The same accounting without offload sees the device shards: the check can fail.
     assert metrics["zero3_device_shard_bytes"] == 0
     assert base["zero3_device_shard_bytes"] == shard_bytes
@@ -730,6 +740,9 @@ def test_explain_shows_param_shards_on_the_host_and_h2d_traffic(tmp_path):
             plan = fs.plan(fs.offload(inner, tier, what=both, **kw), params)
             assert "params" not in plan.memory  # nothing of the params stays on the device
             assert plan.memory[f"params ({tier})"] == plain.memory["params"]
+            # cpu: the masters are those shards ([Note: shared masters]); nvme: swapped.
+            masters = plan.memory[f"master ({tier})"]
+            assert masters == (0 if tier == "cpu" else plan.param_count * 4 // plan.world)
             copy = plan.memory.get(f"params compute copy ({tier})")
             assert copy == (plan.param_count * 2 // plan.world if precision else None)
             h2d = 2 * plan.param_count * size // plan.world  # forward + backward gathers
