@@ -97,31 +97,20 @@ from fscale.kernels import cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
 from fscale.step import FINAL_GRADS, Step, Transform
 from fscale.transforms import _zero3, zero
+from fscale.transforms._offload_config import (  # noqa: F401  (the rates: public names)
+    DISK_BYTES_PER_S,
+    H2D_BYTES_PER_S,
+    OffloadConfig,
+    can_stream,
+    shares_masters,
+)
+from fscale.transforms._offload_plan import plan_offload
 from fscale.transforms._offload_stream import GradStream
 
 NAME = "offload"
 TIERS = ("cpu", "nvme")
 _WHAT = ("optimizer", "params")
-# Rates fs.explain uses for transfer times: PCIe Gen5 x16 host<->device as measured
-# with pinned memory on H100/H200 hosts, and one local NVMe drive with O_DIRECT.
-H2D_BYTES_PER_S = 55e9
-DISK_BYTES_PER_S = 1.5e9
 _SEGMENT_ALIGN = 64  # tensors inside a buffer start 64-byte aligned (vector loads)
-
-
-@dataclasses.dataclass(frozen=True)
-class OffloadConfig:
-    tier: str
-    what: tuple[str, ...]
-    path: str | None
-    buffer_bytes: int
-    subgroup_bytes: int
-    overlap: bool
-    delayed_update: bool
-    direct: bool | None
-    compute_dtype: torch.dtype | None = None  # mixed_precision's param dtype
-    stream: bool = False  # grads streamed in backward where the stack allows it
-    sharded: bool = False  # over shard_zero (else the world must be one to stream)
 
 
 def offload(
@@ -203,7 +192,7 @@ def offload(
     mp = step.applied("mixed_precision")
     if mp is not None:
         cfg = dataclasses.replace(cfg, compute_dtype=mp.options["param_dtype"])
-    cfg = dataclasses.replace(cfg, stream=_can_stream(cfg, step), sharded=zero is not None)
+    cfg = dataclasses.replace(cfg, stream=can_stream(cfg, step), sharded=zero is not None)
     fix = "apply offload last, e.g. offload(shard_zero(mixed_precision(step, 'bf16'), 3), ...)."
     record = Transform(
         NAME,
@@ -212,7 +201,7 @@ def offload(
             FINAL_GRADS: cfg.stream,
         },
         refuses_outer={"shard_zero": fix, "mixed_precision": fix},
-        plan=lambda plan: _plan(cfg, zero is not None, mp, plan),
+        plan=lambda plan: plan_offload(cfg, zero is not None, mp, plan),
     )  # fmt: skip
     inner_init = step.stages.init
     inner_loss_and_grad = step.stages.loss_and_grad
@@ -244,24 +233,6 @@ def offload(
 
     new = step.with_transform(record, init=init, loss_and_grad=loss_and_grad)
     return dataclasses.replace(new, optimizer=_offloaded(cfg, step.optimizer, step.group))
-
-
-def _can_stream(cfg: OffloadConfig, step: Step) -> bool:
-    """Whether nothing between backward and the update changes the grads, so that they
-    can go to the host as backward makes them ([Note: streaming grads in backward])."""
-    if cfg.tier != "cpu" or cfg.delayed_update or "params" in cfg.what or not cfg.overlap:
-        return False  # DPU streams during the next step; param shards live on the host
-    if step.clip_norm is not None:
-        return False  # the clip coefficient needs every grad first
-    if any(t.name not in ("shard_zero", "mixed_precision") for t in step.transforms):
-        return False
-    mp = step.applied("mixed_precision")
-    if mp is not None and (
-        "init_scale" in mp.options or mp.options["reduce_dtype"] != torch.float32
-    ):
-        return False  # fp16 unscaling, or a reduce-dtype round trip after backward
-    zero = step.applied("shard_zero")
-    return zero is None or zero.options.get("stage") == 3  # else reduced after backward
 
 
 # ----------------------------------------------------------------------------- layout
@@ -621,7 +592,7 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
     device = live[0].device if live else torch.device("cpu")
     handle = OffloadState(cfg, inner, spec, device)
     limit = cfg.subgroup_bytes
-    shared = _shares_masters(cfg)
+    shared = shares_masters(cfg)
     # Layouts first (optimizer init on meta tensors): the NVMe space check must
     # happen before a byte is written.
     for k, idx in enumerate(_groups(leaves, limit)):
@@ -687,10 +658,6 @@ def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
 # for AdamW's moments instead of 12, and no host->host copy after the update. Not
 # with delayed_update (the next step computes on the params while the background
 # update writes the masters) nor on NVMe (the masters are part of the swap files).
-
-
-def _shares_masters(cfg: OffloadConfig) -> bool:
-    return cfg.tier == "cpu" and "params" in cfg.what and not cfg.delayed_update
 
 
 def _share_masters(handle: OffloadState, params: dict) -> None:
@@ -937,81 +904,3 @@ def _update_nvme(handle: OffloadState, grads: list, params: list) -> None:
             except Exception:
                 pass
     engine.flush()
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-def _plan(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
-    n = plan.world if sharded else 1
-    tier = cfg.tier
-    optimizer = plan.memory.pop("optimizer", 0)
-    master = plan.param_count * 4 // n
-    grads = plan.param_bytes // n
-    plan.memory[f"optimizer ({tier})"] = optimizer
-    plan.memory[f"master ({tier})"] = master
-    if _shares_masters(cfg):
-        plan.memory[f"master ({tier})"] = 0
-        plan.notes.append(
-            f"offload({tier}, params): the fp32 masters are the params' host shards "
-            "([Note: shared masters]): the optimizer keeps only its state."
-        )
-    plan.notes.append(
-        f"offload({tier}): the optimizer runs on the host, in sub-groups of <= "
-        f"{cfg.subgroup_bytes:,} master bytes, inside the update stage above; AdamW there "
-        f"resolves to {cpu_adam.NAME} (torch._fused_adamw_, one pass, all host cores)."
-    )
-    if "params" in cfg.what:
-        pcie = grads + _plan_params(cfg, n, mp, plan)
-        what = "grads out, param shards in at each gather; the update stays on the host"
-    else:
-        pcie = grads + plan.param_bytes // n
-        what = "grads out, params back"
-    plan.notes.append(
-        f"offload({tier}): per step {pcie:,} bytes device<->host ({what}), "
-        f"~{pcie / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s."
-    )
-    if tier == "cpu":
-        # [Note: grad staging]: rotating buffers of the largest sub-group's grads (at
-        # least one leaf, whose grads are in the param dtype: <= 4 bytes per fp32 byte).
-        largest = max(cfg.subgroup_bytes, plan.largest_param_bytes // n)
-        plan.memory["grads staging (cpu)"] = min(grads, (2 if cfg.overlap else 1) * largest)
-        if cfg.delayed_update:
-            plan.notes.append(
-                "offload(cpu, delayed_update): the CPU update of step t overlaps step t+1's "
-                "compute; params lag one update behind the grads."
-            )
-            if cfg.compute_dtype is not None and "params" not in cfg.what:
-                staging = plan.param_count * _itemsize(cfg.compute_dtype) // n
-                plan.memory["DPU staging (device)"] = staging
-        return
-    # Buffers are sized to the largest sub-group: at most buffer_mb, or all of it.
-    pool = (3 if cfg.overlap else 1) * min(cfg.buffer_bytes, optimizer + master + grads)
-    plan.memory["swap buffers (cpu)"] = pool
-    disk = 2 * (optimizer + master)  # read and written once per step
-    plan.notes.append(
-        f"offload(nvme): {optimizer + master:,} bytes of swap files per rank under {cfg.path}; "
-        f"per step {disk:,} bytes of disk I/O, ~{disk / DISK_BYTES_PER_S:.2f} s at "
-        f"{DISK_BYTES_PER_S / 1e9:.1f} GB/s."
-    )
-
-
-def _plan_params(cfg: OffloadConfig, n: int, mp, plan) -> int:
-    """Stage-3 param shards moved to host memory (or a mapped file); returns H2D bytes/step."""
-    tier = cfg.tier
-    shards = plan.memory.pop("params", plan.param_bytes // n)
-    plan.memory[f"params ({tier})"] = shards
-    gather_size = plan.param_bytes / max(plan.param_count, 1)
-    if mp is not None and mp.options["param_dtype"].itemsize != gather_size:
-        gather_size = mp.options["param_dtype"].itemsize
-        plan.memory[f"params compute copy ({tier})"] = plan.param_count * gather_size // n
-    h2d = int(2 * plan.param_count * gather_size) // n  # forward gather + backward re-gather
-    where = "host memory" if tier == "cpu" else f"a memory-mapped file under {cfg.path}"
-    plan.notes.append(
-        f"offload({tier}, params): ZeRO-3's param shards live in {where}, "
-        f"{shards:,} bytes per rank moved off the device; each gather first copies the "
-        f"unit's shard host->device (prefetched with its all-gather): {h2d:,} bytes H2D per "
-        f"step, ~{h2d / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s. "
-        "Device params: only the units in flight and their staging copies."
-    )
-    return h2d
