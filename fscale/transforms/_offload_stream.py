@@ -21,7 +21,9 @@ grads are final, and nothing in backward reads a param after its grad is final
 (autograd runs a leaf's accumulation once, after every use).
 
 Same numbers as the update after backward: the same grads reach the same host
-optimizer group by group (tests compare the two bit for bit).
+optimizer group by group (tests compare the two bit for bit). One difference: an
+exception in the last micro-batch's backward (a device OOM) leaves the groups that
+were already streamed updated, as an exception inside the update stage would.
 """
 
 from __future__ import annotations

@@ -333,6 +333,39 @@ def test_grads_streamed_in_backward_give_the_same_update(world):
             assert "loss_and_grad_end" not in after_kinds
 
 
+class _WithUnused(torch.nn.Module):
+    """An MLP plus a layer the forward never calls: its grads are zeros, announced in
+    the sink's finish instead of by a backward hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = mlp(WIDTHS, seed=3)
+        self.unused = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_streaming_with_an_unused_param_equals_copying_after(accumulate):
+    got = {}
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        params, apply = fs.functional(_WithUnused())
+        before = params["unused.weight"].detach().clone()
+        step = fs.train_step(regression_loss(apply), _optimizer(), accumulate=accumulate)
+        step = fs.offload(step, "cpu", subgroup_mb=SMALL, overlap=overlap)
+        params, state = step.init(params)
+        for batch in regression_batches(STEPS, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1]):
+            params, state, _ = step(params, state, batch)
+        assert (state["offload"].stream is not None) == overlap
+        state["offload"].close()
+        got[overlap] = {k: v.detach().clone() for k, v in params.items()}
+    assert max_rel_error(got[True], got[False]) == 0.0
+    # AdamW's weight decay still moved the unused weight (zero grads, as without offload).
+    assert not torch.equal(got[True]["unused.weight"], before)
+
+
 def test_streaming_only_where_nothing_changes_grads_after_backward(tmp_path):
     step, _ = _step()
     flag = lambda s: s.applied("offload").options["final_grads_in_backward"]  # noqa: E731
