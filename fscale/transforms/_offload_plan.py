@@ -45,6 +45,18 @@ def plan_offload(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
         # least one leaf, whose grads are in the param dtype: <= 4 bytes per fp32 byte).
         largest = max(cfg.subgroup_bytes, plan.largest_param_bytes // n)
         plan.memory["grads staging (cpu)"] = min(grads, (2 if cfg.overlap else 1) * largest)
+        if cfg.stream and (sharded or plan.world == 1):
+            plan.notes.append(
+                "offload(cpu): grads stream to the host during backward: each sub-group is "
+                "copied out, updated and copied back as soon as its grads are final "
+                "([Note: streaming grads in backward])."
+            )
+        elif not cfg.delayed_update:
+            plan.notes.append(
+                "offload(cpu): grads go to the host after backward, group by group: streaming "
+                "them in backward needs overlap=True and nothing after backward that changes "
+                "them (no clip_norm, no fp16 loss scaling, fp32 reduce, ZeRO-3 or one rank)."
+            )
         if cfg.delayed_update:
             plan.notes.append(
                 "offload(cpu, delayed_update): the CPU update of step t overlaps step t+1's "

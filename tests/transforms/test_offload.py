@@ -381,6 +381,10 @@ def test_streaming_only_where_nothing_changes_grads_after_backward(tmp_path):
     assert not flag(fs.offload(fs.mixed_precision(plain, "bf16", reduce_dtype="bf16"), "cpu"))
     assert not flag(fs.offload(fs.shard_zero(plain, 2), "cpu"))  # reduced after backward
     assert not flag(fs.offload(fs.shard_zero(plain, 3), "cpu", what=("optimizer", "params")))
+    # fs.explain says which, and why not.
+    params = _step()[1]
+    assert "stream to the host during backward" in fs.explain(fs.offload(plain, "cpu"), params)
+    assert "after backward" in fs.explain(fs.offload(clipped, "cpu"), params)
 
 
 # ----------------------------------------------------------------------------- errors
