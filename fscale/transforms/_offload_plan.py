@@ -18,9 +18,8 @@ def plan_offload(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
     master = plan.param_count * 4 // n
     grads = plan.param_bytes // n
     plan.memory[f"optimizer ({tier})"] = optimizer
-    plan.memory[f"master ({tier})"] = master
+    plan.memory[f"master ({tier})"] = 0 if shares_masters(cfg) else master
     if shares_masters(cfg):
-        plan.memory[f"master ({tier})"] = 0
         plan.notes.append(
             f"offload({tier}, params): the fp32 masters are the params' host shards "
             "([Note: shared masters]): the optimizer keeps only its state."

@@ -35,6 +35,7 @@ import zlib
 import torch
 
 from fscale.hw import comm
+from fscale.io import swap
 from fscale.transforms._sharding import Unit, copy_in, copy_out, split_shards
 from fscale.transforms._wrapper import is_metadata_query
 
@@ -441,7 +442,7 @@ def move_flats_to_host(state: dict, device: torch.device, gather_dtype, alloc):
             if dtype is None:
                 continue
             offsets[key, part] = (size, dtype)
-            size += _align(f.numel() * dtype.itemsize)
+            size += swap.align_up(f.numel() * dtype.itemsize, 64)  # vector loads
     buffer = alloc(size)
 
     def view(key, part):
@@ -457,10 +458,6 @@ def move_flats_to_host(state: dict, device: torch.device, gather_dtype, alloc):
         shards.update(zip(unit.names, split_shards(host_flats[unit.key], unit.specs), strict=True))
     host = {"device": device, "buffer": buffer, "gather": gather or None}
     return shards, {**state, "flats": host_flats, "host": host}
-
-
-def _align(n: int, to: int = 64) -> int:
-    return (n + to - 1) // to * to
 
 
 def host_resident(t: torch.Tensor, state: dict) -> bool:

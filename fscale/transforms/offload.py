@@ -82,6 +82,7 @@ Memory Wall for Extreme Scale Deep Learning", SC 2021.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -248,22 +249,11 @@ class _Slot:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def view(self, buf: torch.Tensor) -> torch.Tensor:
         raw = buf[self.offset : self.offset + self.nbytes]
         return raw.view(self.dtype).view(self.shape)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _itemsize(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class _Layout:
@@ -679,7 +669,7 @@ def _share_masters(handle: OffloadState, params: dict) -> None:
 def _device_staging(leaves: list, dtype: torch.dtype) -> list:
     """One buffer of ``dtype`` beside the params, a view per floating leaf wider than it."""
     wide = [
-        t is not None and t.is_floating_point() and t.element_size() > _itemsize(dtype)
+        t is not None and t.is_floating_point() and t.element_size() > dtype.itemsize
         for t in leaves
     ]
     sizes = [t.numel() if w else 0 for t, w in zip(leaves, wide, strict=True)]
