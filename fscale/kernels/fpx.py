@@ -24,8 +24,9 @@ References:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, reduce
 
 import torch
 
@@ -138,22 +139,34 @@ def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
 
 # [Note: the FPx bit-plane layout]
 #
-# A code of 4 + L bits (L = 2 for fp6, 1 for fp5, 0 for fp4) is split into its high 4
-# bits ("hi plane") and its low L bits ("lo plane"); each plane is an int32 array
-# whose rows run along K and whose columns are pairs of output channels (n = 2c, 2c+1),
-# so a tile of rows is a coalesced, 16-byte-vectorisable load along N for the kernel.
-# K is cut into chunks of KC = 32 * NQ (NQ = 32 / (4 L) "byte words" per lo word:
-# fp6 4 -> KC 128, fp5 8 -> KC 256; fp4, with no lo plane, 4 -> KC 128). Inside chunk b,
+# A code of 4 + L bits (L = 2 for fp6, 1 for fp5, 0 for fp4) is stored as 4 bits in a
+# "hi plane" and L bits in a "lo plane"; each plane is an int32 array whose rows run
+# along K and whose columns are pairs of output channels (n = 2c, 2c+1), so a tile of
+# rows is a coalesced, 16-byte-vectorisable load along N for the kernel. K is cut into
+# chunks of KC = 32 * NQ (NQ = 8 / L fields per lo-plane byte: fp6 4 -> KC 128, fp5
+# 8 -> KC 256; fp4, with no lo plane, 4 -> KC 128). Inside chunk b,
 #   k = b*KC + 16*(2q + v) + r,  q < NQ, v < 2, r < 16;  n = 2c + h,  h < 2,
-# and with j = v + 2h (a byte of a 32-bit word),
-#   hi plane [K/4, N/2]:   row (b*NQ/2 + q//2)*16 + r, column c, nibble 2j + q%2,
-#   lo plane [K/(2*NQ), N/2] = [16 rows per chunk]: row b*16 + r, column c, field NQ*j + q.
-# This is the order in which the kernel needs the bits: one shift and mask of a hi
-# word and of a lo word puts four codes at the tops of the four bytes of a register
-# ("byte word"); bytes (0, 2) and (1, 3) become two fp16 pairs with one shift and
-# two masks (sign stays, exponent|mantissa move down 5 - E bits), i.e. adjacent
-# output channels n = 2c, 2c+1 of one k. So the rebuild costs ~3.5 integer ops per
-# weight, with no per-element shifts by variable amounts. See fpx_triton.py.
+# and j = v + 2h names a byte of a 32-bit word. The kernel wants, for each (b, q, r, c),
+# a "byte word": a register whose byte j is the code's *image* t (below). It gets it
+# with one rotate and mask per plane:
+#   byte word = rotl(hi word, hi_rot[q % 2]) & HI_MASK | rotl(lo word, lo_rot[q]) & LO_MASK
+# where the hi word is row (b*NQ/2 + q//2)*16 + r of the hi plane and the lo word row
+# b*16 + r of the lo plane, both at column c. Packing stores each code's masked image
+# rotated the other way, so a hi word holds the codes of q = 2*(q//2) and 2*(q//2) + 1
+# and a lo word all NQ of them, with no bit shared (``planes`` checks this).
+#
+# Two images, by format (``planes(fmt)["byte"]``):
+# - "byte" (e3m2, e2m2, e3m1: at most 2 mantissa bits): t is the high byte of an fp16
+#   equal to the FPx value times 2**(bias - 15): sign at bit 7, exponent at bits
+#   2 .. 1+E, mantissa from bit 1 down. Bytes (0, 2) and (1, 3) of the byte word then
+#   become the two fp16 halves of a word (channels 2c, 2c+1 of one k) with one shift
+#   and one mask, or one mask: ~1.6 integer ops per weight.
+# - "shift" (e2m3, e2m1): t is the code at the top of the byte; the rebuild moves
+#   exponent|mantissa down 5 - E bits and keeps the sign (two masks and a shift per
+#   pair of halves, ~2.7 ops per weight). e2m3's third mantissa bit falls below the
+#   fp16's high byte, and e2m1's four image bits leave no room for a second code at
+#   a rotation of 4 in the hi word, so neither can take the byte image.
+# See [Note: rebuilding an fp16 from an FPx code] in fpx_triton.py.
 
 
 def layout(fmt: str) -> dict:
@@ -164,6 +177,66 @@ def layout(fmt: str) -> dict:
     # large as fp6's per loop iteration.
     nq = 4 if lo_bits == 0 else 8 // lo_bits
     return {"lo_bits": lo_bits, "nq": nq, "k_chunk": 32 * nq, "n_multiple": 2}
+
+
+@cache
+def planes(fmt: str) -> dict:
+    """How codes become byte words (see [Note: the FPx bit-plane layout]).
+
+    Keys: ``byte`` (the image is an fp16 high byte), ``hi_mask`` / ``lo_mask`` (image
+    bits from each plane, per byte), ``hi_rot`` (left rotation of a hi word, by q % 2)
+    and ``lo_rot`` (of a lo word, by q), in bits.
+    """
+    e_bits, m_bits = _bits(fmt)
+    lay = layout(fmt)
+    lb, nq = lay["lo_bits"], lay["nq"]
+    if lb and m_bits <= 2:
+        em = ((1 << (e_bits + m_bits)) - 1) << (2 - m_bits)  # exponent|mantissa bits of t
+        hi_mask = 0x0F << (e_bits - 2)  # the top 4 of them
+        out = {
+            "byte": True,
+            "hi_mask": hi_mask,
+            "lo_mask": 0x80 | (em & ~hi_mask & 0xFF),  # the sign and what is left
+            "hi_rot": (0, 28),  # the second code sits 4 bits up, wrapping
+            "lo_rot": tuple(lb * q for q in range(nq)),
+        }
+    else:
+        out = {
+            "byte": False,
+            "hi_mask": 0xF0,
+            "lo_mask": ((1 << lb) - 1) << (4 - lb),
+            "hi_rot": (4, 0),  # nibbles 2j (q even) and 2j + 1 (q odd)
+            "lo_rot": tuple((4 - lb - lb * q) % 32 for q in range(nq)),
+        }
+    for mask, rots in ((out["hi_mask"], out["hi_rot"]), (out["lo_mask"], out["lo_rot"])):
+        held = [_rotl(mask * 0x01010101, -r) for r in rots]
+        # Each code's bits of a word are where no other code's are.
+        assert sum(map(int.bit_count, held)) == reduce(operator.or_, held, 0).bit_count(), fmt
+    return out
+
+
+def _rotl(x, r: int):
+    """Rotate 32-bit words left by ``r`` (mod 32): ints or int64 tensors."""
+    r %= 32
+    return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF if r else x & 0xFFFFFFFF
+
+
+def image(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The byte image t of each code (int64), as the kernel's byte words hold it."""
+    e_bits, m_bits = _bits(fmt)
+    c = codes.to(torch.int64)
+    if not planes(fmt)["byte"]:
+        return c << (8 - nbits(fmt))
+    em = e_bits + m_bits
+    return ((c >> em) << 7) | ((c & ((1 << em) - 1)) << (2 - m_bits))
+
+
+def from_image(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Inverse of ``image``."""
+    e_bits, m_bits = _bits(fmt)
+    if not planes(fmt)["byte"]:
+        return t >> (8 - nbits(fmt))
+    return ((t >> 7) << (e_bits + m_bits)) | ((t & 0x7F) >> (2 - m_bits))
 
 
 @dataclass
@@ -226,24 +299,30 @@ def _split_k(t: torch.Tensor, n: int, k: int, nq: int) -> torch.Tensor:
     return t.t().reshape(k // (32 * nq), nq, 2, 16, n // 2, 2)
 
 
+def _byte_shifts(device) -> torch.Tensor:
+    # 8 * j for (v, h), j = v + 2h: where each code's image sits in a word.
+    return 8 * (torch.arange(2, device=device)[:, None] + 2 * torch.arange(2, device=device))
+
+
 def pack_codes(codes: torch.Tensor, fmt: str, scales: torch.Tensor) -> PackedFPx:
     """Lay out uint8 codes [N, K] as planes (no rounding); ``pack`` = scales + encode + this."""
     check_shape(codes.shape, fmt)
     n, k = codes.shape
-    lay = layout(fmt)
-    lb, nq = lay["lo_bits"], lay["nq"]
-    c = codes.to(torch.int64)
-    # hi: [B, NQ/2 (qh), 2 (ql), 2 (v), 16 (r), C, 2 (h)] -> [B, qh, r, c, (h, v, ql)].
-    hi = _split_k(c >> lb, n, k, nq).reshape(k // (32 * nq), nq // 2, 2, 2, 16, n // 2, 2)
-    hi = hi.permute(0, 1, 4, 5, 6, 3, 2).reshape(-1, n // 2, 8)
-    hi = (hi << (4 * torch.arange(8, device=c.device))).sum(-1)
+    lay, pl = layout(fmt), planes(fmt)
+    nb, nq = k // lay["k_chunk"], lay["nq"]
+    t = image(codes, fmt)
+    at = _byte_shifts(t.device)
+    # hi: [B, qh, ql, v, r, C, h] -> [B, qh, r, C, ql, v, h], rotated right by hi_rot[ql].
+    hi = _split_k(t & pl["hi_mask"], n, k, nq).reshape(nb, nq // 2, 2, 2, 16, n // 2, 2)
+    hi = hi.permute(0, 1, 4, 5, 2, 3, 6) << at
+    hi = sum(_rotl(hi[..., ql, :, :], -pl["hi_rot"][ql]).sum((-1, -2)) for ql in range(2))
     lo = None
-    if lb:
-        lo = _split_k(c & ((1 << lb) - 1), n, k, nq)  # [B, q, v, r, C, h]
-        lo = lo.permute(0, 3, 4, 5, 2, 1).reshape(-1, n // 2, 4 * nq)  # field (h, v, q)
-        lo = (lo << (lb * torch.arange(4 * nq, device=c.device))).sum(-1)
-        lo = _to_int32(lo)
-    return PackedFPx(fmt, (n, k), scales, _to_int32(hi), lo)
+    if lay["lo_bits"]:
+        # lo: [B, q, v, r, C, h] -> [B, r, C, q, v, h], rotated right by lo_rot[q].
+        lo = _split_k(t & pl["lo_mask"], n, k, nq).permute(0, 3, 4, 1, 2, 5) << at
+        lo = sum(_rotl(lo[..., q, :, :], -pl["lo_rot"][q]).sum((-1, -2)) for q in range(nq))
+        lo = _to_int32(lo.reshape(-1, n // 2))
+    return PackedFPx(fmt, (n, k), scales, _to_int32(hi.reshape(-1, n // 2)), lo)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -254,19 +333,19 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 def unpack_codes(p: PackedFPx) -> torch.Tensor:
     """The uint8 codes [N, K] held by ``p`` (inverse of ``pack_codes``)."""
     n, k = p.shape
-    lay = layout(p.fmt)
-    lb, nq = lay["lo_bits"], lay["nq"]
-    nb = k // (32 * nq)
-    hi = p.hi.to(torch.int64) & 0xFFFFFFFF
-    hi = (hi[..., None] >> (4 * torch.arange(8, device=hi.device))) & 0xF
-    hi = hi.reshape(nb, nq // 2, 16, n // 2, 2, 2, 2).permute(0, 1, 6, 5, 2, 3, 4)
-    codes = hi.reshape(nb, nq, 2, 16, n // 2, 2) << lb
-    if lb:
-        lo = p.lo.to(torch.int64) & 0xFFFFFFFF
-        lo = (lo[..., None] >> (lb * torch.arange(4 * nq, device=lo.device))) & ((1 << lb) - 1)
-        lo = lo.reshape(nb, 16, n // 2, 2, 2, nq).permute(0, 5, 4, 1, 2, 3)
-        codes = codes | lo
-    return codes.reshape(k, n).t().to(torch.uint8).contiguous()
+    lay, pl = layout(p.fmt), planes(p.fmt)
+    nb, nq = k // lay["k_chunk"], lay["nq"]
+    at = _byte_shifts(p.device)
+    hi = (p.hi.to(torch.int64) & 0xFFFFFFFF).reshape(nb, nq // 2, 1, 16, n // 2, 1, 1)
+    # [B, qh, ql, r, C, v, h] -> [B, q, v, r, C, h]
+    t = torch.cat([(_rotl(hi, pl["hi_rot"][ql]) >> at) & pl["hi_mask"] for ql in range(2)], 2)
+    t = t.reshape(nb, nq, 16, n // 2, 2, 2).permute(0, 1, 4, 2, 3, 5)
+    if lay["lo_bits"]:
+        lo = (p.lo.to(torch.int64) & 0xFFFFFFFF).reshape(nb, 16, n // 2, 1, 1)
+        # [B, q, r, C, v, h] -> [B, q, v, r, C, h]
+        lo = torch.stack([(_rotl(lo, r) >> at) & pl["lo_mask"] for r in pl["lo_rot"]], 1)
+        t = t | lo.permute(0, 1, 4, 2, 3, 5)
+    return from_image(t, p.fmt).reshape(k, n).t().to(torch.uint8).contiguous()
 
 
 def pack(w: torch.Tensor, fmt: str) -> PackedFPx:

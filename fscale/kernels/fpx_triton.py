@@ -8,21 +8,24 @@ Small M is a memory-bound problem: a 28672 x 8192 fp16 weight is 470 MB, the sam
 weight in fp6 176 MB, so the ideal speed-up over cuBLAS fp16 is 16/6 = 2.67x. The
 kernel therefore reads each plane word once per output tile, splits K across
 programs (``split``: partial sums added atomically into an fp32 buffer) so that a
-handful of output tiles still fills the GPU, and spends ~3.5 integer ops per weight on
-the rebuild (see [Note: the FPx bit-plane layout] in fpx.py). Large M is compute-bound
+handful of output tiles still fills the GPU, and spends ~2.6 integer ops per weight
+on the rebuild for fp6 e3m2 and fp5 (~3.3 for e2m3 and fp4; see [Note: the FPx
+bit-plane layout] in fpx.py). Large M is compute-bound
 and there the weight is dequantized once to x's dtype and handed to cuBLAS
 (``DEQUANT_MIN_M``; the same kernel in ``DEQUANT`` mode writes the dense weight).
 
 [Note: rebuilding an fp16 from an FPx code]
-With the code at the top of a byte (s e..e m..m 0..0) moved to the high byte of a
-16-bit half, keeping the sign bit and shifting exponent|mantissa right by 5 - E puts
-the FPx exponent into the low E bits of the fp16 exponent field and the mantissa at
-the top of the fp16 mantissa. That fp16 is the FPx value times 2**(bias - 15) for
+An fp16 whose exponent field holds the FPx exponent in its low E bits and whose
+mantissa starts with the FPx mantissa is the FPx value times 2**(bias - 15), for
 normals *and* subnormals (FPx exponent 0 lands on fp16 exponent 0, whose scaling is
 the same 2**(1 - 15)); so there is no branch and no rebias add, and the factor
-2**(15 - bias) is folded with the per-channel scale into the epilogue. bf16
-activations take the fp16 weight converted to bf16 (exact: at most 3 mantissa bits,
-and bf16 has fp32's exponent range).
+2**(15 - bias) is folded with the per-channel scale into the epilogue. With at most
+2 mantissa bits that fp16 is zero below its high byte, and the planes hold exactly
+that byte (the "byte" image): the rebuild is a rotate and a mask per plane and a
+mask per pair of halves. Otherwise (e2m3, fp4) the byte word holds each code at the
+top of its byte, and keeping the sign bit while shifting exponent|mantissa right by
+5 - E makes the same fp16. bf16 activations take the fp16 weight converted to bf16
+(exact: at most 3 mantissa bits, and bf16 has fp32's exponent range).
 
 [Note: FPx linear performance, what was measured and what bounds it]
 H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
@@ -38,12 +41,22 @@ and cast kernels of split-K cost 2-3 us there (19.4 us in all vs 17.4 us for the
 kernel on 4096 x 4096), yet forcing split=1 (one kernel, plain stores) was no faster
 than the tuned launches (4096 x 4096 M=1: 15.5 vs 14.4 us; 4096 x 11008: 38.6 vs 22.5
 us): the waves=1 candidates already resolve to split 1 where that pays.
-Floors for 28672 x 8192 fp6, M=1: 176 MB of planes = 0.041 ms at the 4.3 TB/s copy
-ceiling; the rebuild, per the sm_90 SASS of the loop (bm=16, bn=128: per 128 weights a
-thread ~200 LOP3, 90 IMAD.SHL, 64 PRMT, 48 SHF), ~3.4 integer instructions per weight
-= ~0.036 ms for 235M weights at ~100 thread-instructions/clk/SM. 2.4x (0.050 ms)
-needs both overlapped near their limits; we are at 0.076 ms. Small layers (4096 wide,
-a 7B model's) lose more to the split-K launch's zeroing and cast kernels.
+What bounds M <= 16 (28672 x 8192 fp6, M=1, H200; probes of 2026-11-23, graph
+replay, and Nsight Compute): the planes are 176 MB. Reading them alone, in this
+kernel's tiles, takes 42-43 us (4.1-4.2 TB/s) with TMA at any warp count, or with
+plain loads at 8 warps per program; cuBLAS fp16 takes 106 us. The kernel takes 64 us
+(bn=128, 2 warps, 224 programs): Nsight Compute shows one warp per scheduler, an
+issue every 2.1 cycles, the integer ALU pipe 53% busy (so ~34 us of pure ALU at the
+1.79 GHz the SMs ran), 2.75 TB/s. The rebuild is ~2.6 integer instructions per weight
+(sm_90 SASS of the loop, bm=16 bn=64: 130 LOP3, 72 SHF, 64 PRMT, 49 IMAD per 128
+weights a thread; it was ~3.3 before the byte image: 194 LOP3, 104 IMAD, 64 PRMT,
+48 SHF), and it does not overlap the loads well with so few warps; more warps per
+program add per-weight overhead (x fragments and smaller n per warp: 4.0 instructions
+per weight at 4 warps, bn=64) and more programs per tile (split-K) add the zero and
+cast kernels, so both were no faster. The byte image took 71.3 -> 66 us at M=1,
+79.9 -> 74.5 us at M=16 (1.49x -> 1.60x cuBLAS, 1.41x -> 1.52x).
+Small layers (4096 wide, a 7B model's) lose more to the split-K launch's zeroing and
+cast kernels.
 M=32..128: every M tile re-reads x from L2 in 16-column slices, one per 16-row dot;
 the time grows with M long before the tensor cores are busy. M=128 is 60 GFLOP:
 0.075 ms at the ~800 TFLOP/s dense rate, so 2x of cuBLAS's 0.132 ms (0.066 ms) is
@@ -59,6 +72,11 @@ their 16-byte cp.async: 40.9 vs 32.9 us at M=1 and 56.9 vs 38.3 us at M=16 on
 both are far below cuBLAS). The time at bm=32 (84 us) is over twice bm=16's (38 us)
 although each weight is rebuilt once in both: what grows with BM is the dot side
 (x tiles and the register operand's layout conversion), not the rebuild.
+Also tried and dropped (2026-11-23): plane loads through TMA tensor descriptors (no
+faster: 66.2 vs 66.1 us at M=1, 71.4 vs 74.7 at M=16, slower on 4096-wide layers:
+the loads were not the limit); a CUDA-core product for M <= 8 (fp32 FMAs on [BM, 16,
+C] partial sums, no tensor cores): 96 vs 71 us at M=1 (the fp16 -> fp32 conversion
+is one more instruction per weight) and 2-3x slower at M=4..8.
 """
 
 from __future__ import annotations
@@ -98,6 +116,9 @@ def _fpx_kernel(
     E: tl.constexpr,
     LB: tl.constexpr,
     NQ: tl.constexpr,
+    BYTE: tl.constexpr,
+    HI_MASK: tl.constexpr,
+    LO_MASK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     ATOMIC: tl.constexpr,
@@ -142,28 +163,56 @@ def _fpx_kernel(
             hi = hi.to(tl.uint32, bitcast=True)
             for ql in tl.static_range(2):
                 q = 2 * qh + ql
-                # Four codes at the tops of the four bytes: byte j holds (k-row r,
-                # sub-tile 2q + v, channel 2c + h) with j = v + 2h. Bits below a code
-                # may hold other codes' bits: EM_MASK drops them below.
-                if ql == 0:
-                    word = hi << 4
-                else:
-                    word = hi
-                if LB > 0:
-                    sh = 4 - LB - LB * q  # lo field (j, q) -> bits of byte j below hi
-                    if sh > 0:
-                        lo_part = lo << sh
-                    elif sh < 0:
-                        lo_part = lo >> (-sh)
+                # The byte word: byte j = v + 2h holds the image of the code at (k-row r,
+                # sub-tile 2q + v, channel 2c + h); see [Note: the FPx bit-plane layout].
+                if BYTE:
+                    # Rotations (hi: 0 or 28, lo: LB * q) bring each code's bits home;
+                    # the masks below keep them.
+                    if ql == 0:
+                        hi_part = hi
+                    else:
+                        hi_part = (hi << 28) | (hi >> 4)
+                    if q > 0:
+                        lo_part = (lo << (LB * q)) | (lo >> (32 - LB * q))
                     else:
                         lo_part = lo
-                    word = (word & 0xF0F0F0F0) | (lo_part & 0x0F0F0F0F)  # one LOP3
-                for v in tl.static_range(2):
-                    if v == 0:
-                        pair = word << 8  # bytes 0, 2 -> high bytes of the two halves
+                else:
+                    # The code at the top of each byte; bits below it may hold other
+                    # codes' bits: EM_MASK drops them below.
+                    if ql == 0:
+                        word = hi << 4
                     else:
-                        pair = word  # bytes 1, 3
-                    pair = (pair & 0x80008000) | ((pair & EM_MASK) >> (5 - E))
+                        word = hi
+                    if LB > 0:
+                        sh = 4 - LB - LB * q  # lo field (j, q) -> bits of byte j below hi
+                        if sh > 0:
+                            lo_part = lo << sh
+                        elif sh < 0:
+                            lo_part = lo >> (-sh)
+                        else:
+                            lo_part = lo
+                        word = (word & 0xF0F0F0F0) | (lo_part & 0x0F0F0F0F)  # one LOP3
+                for v in tl.static_range(2):
+                    # Bytes (0, 2) for v = 0, (1, 3) for v = 1 become the high bytes of
+                    # the two fp16 halves: channels 2c and 2c + 1.
+                    if BYTE:
+                        # The image is the fp16's high byte: keep bytes (0, 2) or (1, 3)
+                        # only (the low bytes stay 0), then move (0, 2) up.
+                        if v == 0:
+                            pair = (hi_part & (HI_MASK & 0x00FF00FF)) | (
+                                lo_part & (LO_MASK & 0x00FF00FF)
+                            )
+                            pair = pair << 8
+                        else:
+                            pair = (hi_part & (HI_MASK & 0xFF00FF00)) | (
+                                lo_part & (LO_MASK & 0xFF00FF00)
+                            )
+                    else:
+                        if v == 0:
+                            pair = word << 8
+                        else:
+                            pair = word
+                        pair = (pair & 0x80008000) | ((pair & EM_MASK) >> (5 - E))
                     kk = b * KC + (2 * q + v) * 16 + offs_r
                     if not DEQUANT:
                         xs = tl.load(
@@ -260,6 +309,9 @@ def candidate_configs(m: int) -> list[dict]:
             # layers (a sweep on H200: 21-25 us instead of 26-37 us at M=1..16 for
             # 12288 x 4096 and 11008 x 4096); bn=256 never won and was dropped.
             (bm, 64, 4, 4, 2), (bm, 64, 2, 4, 3), (bm, 64, 1, 2, 3),
+            # One wave of 2-warp programs over 128 channels: the fewest instructions
+            # per weight; best on 28672 x 8192 at M=1..16 (a sweep, 2026-11-23).
+            (bm, 128, 1, 2, 4),
         ]  # fmt: skip
         if m > 16:
             # Above 16 rows a sweep (H200, M=32) found one or two waves best, and on
@@ -351,10 +403,11 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
 
 
 def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None):
-    """One launch; ``dequant`` (a 16-bit dtype) writes W^T plane columns ``cols`` into ``y``."""
+    """One launch (returns Triton's compiled kernel, for inspection); ``dequant`` (a 16-bit
+    dtype) writes W^T plane columns ``cols`` into ``y``."""
     kernel, interpret = _kernel()
     n, k = p.shape
-    lay = _fpx.layout(p.fmt)
+    lay, pl = _fpx.layout(p.fmt), _fpx.planes(p.fmt)
     e_bits, _ = _fpx.FORMATS[p.fmt]
     chunks = k // lay["k_chunk"]
     per = triton.cdiv(chunks, split)
@@ -368,12 +421,14 @@ def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=Non
     x_arg = x2 if x2 is not None else y
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
     kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
-    kernel[grid](
+    return kernel[grid](
         x_arg, p.hi, p.lo if p.lo is not None else p.hi, p.scales,
         bias if bias is not None else p.scales, y,
         m, n, n // 2, k, x2.stride(0) if x2 is not None else 0, y.stride(0), per,
         float(2.0 ** (15 - _fpx.bias(p.fmt))), c_begin, c_end,
-        E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=bn, ATOMIC=grid[2] > 1,
+        E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BYTE=pl["byte"],
+        HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101, BM=bm,
+        BN=bn, ATOMIC=grid[2] > 1,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
         OUT_BF16=dequant == torch.bfloat16,
         **kwargs,

@@ -184,6 +184,54 @@ def test_pack_unpack_is_encode_times_scale(fmt, n_pairs, seed):
     assert torch.equal(fpx.unpack_codes(p2), fpx.unpack_codes(p))
 
 
+def _rotl32(x: torch.Tensor, r: int) -> torch.Tensor:
+    r %= 32
+    return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF if r else x
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_byte_words_from_planes_hold_each_codes_image(fmt):
+    """The kernel's rebuild contract, done in torch: one rotate and mask per plane gives,
+    for every (b, q, r, c), a word whose byte j = v + 2h is the image of code (k, n)."""
+    lay, pl = fpx.layout(fmt), fpx.planes(fmt)
+    nq, kc = lay["nq"], lay["k_chunk"]
+    n, k = 6, 2 * kc
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 2 ** fpx.nbits(fmt), (n, k), generator=gen)
+    p = fpx.pack_codes(codes.to(torch.uint8), fmt, torch.ones(n))
+    hi = p.hi.to(torch.int64) & 0xFFFFFFFF
+    lo = (p.lo.to(torch.int64) & 0xFFFFFFFF) if p.lo is not None else torch.zeros_like(hi)
+    image = fpx.image(codes, fmt)
+    for b in range(k // kc):
+        for q in range(nq):
+            for r in range(16):
+                h_word = hi[(b * nq // 2 + q // 2) * 16 + r]
+                l_word = lo[b * 16 + r] if p.lo is not None else 0
+                word = (_rotl32(h_word, pl["hi_rot"][q % 2]) & pl["hi_mask"] * 0x01010101) | (
+                    _rotl32(l_word, pl["lo_rot"][q]) & pl["lo_mask"] * 0x01010101
+                )
+                for v in range(2):
+                    kk = b * kc + 16 * (2 * q + v) + r
+                    for h in range(2):
+                        got = (word >> (8 * (v + 2 * h))) & 0xFF
+                        assert torch.equal(got, image[h::2, kk]), (b, q, r, v, h)
+    assert torch.equal(fpx.from_image(image, fmt), codes)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_byte_image_is_the_high_byte_of_the_scaled_fp16(fmt):
+    """Byte formats: fp16 bits (image << 8) = value * 2**(bias - 15), subnormals included."""
+    codes = torch.arange(2 ** fpx.nbits(fmt))
+    t = fpx.image(codes, fmt)
+    assert int(t.max()) < 256
+    if not fpx.planes(fmt)["byte"]:
+        assert torch.equal(t, codes << (8 - fpx.nbits(fmt)))  # the code at the byte's top
+        return
+    half = (t << 8).to(torch.int16).view(torch.float16).float()
+    want = fpx.decode(codes.to(torch.uint8), fmt) * 2.0 ** (fpx.bias(fmt) - 15)
+    assert torch.equal(half, want)
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 def test_pack_rejects_shapes_the_layout_cannot_take(fmt):
     kc = fpx.layout(fmt)["k_chunk"]
@@ -385,9 +433,11 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, atomic, dequant):
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip("this triton cannot compile ahead of time")
-    lay = fpx.layout(fmt)
+    lay, pl = fpx.layout(fmt), fpx.planes(fmt)
     kernel = _compile_for_sm90(
-        dtype=dtype, E=fpx.FORMATS[fmt][0], LB=lay["lo_bits"], NQ=lay["nq"], BM=bm, BN=128,
+        dtype=dtype, E=fpx.FORMATS[fmt][0], LB=lay["lo_bits"], NQ=lay["nq"],
+        BYTE=pl["byte"], HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
+        BM=bm, BN=128,
         ATOMIC=atomic, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
         OUT_BF16=dtype == "bf16",
     )  # fmt: skip
