@@ -29,9 +29,9 @@ top of its byte, and keeping the sign bit while shifting exponent|mantissa right
 
 [Note: FPx linear performance, what was measured and what bounds it]
 H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
-kernel time): fp6 1.31x cuBLAS fp16 at M=1 on 8192 x 8192, 1.72x / 1.55x on 28672 x
-8192 / 8192 x 28672 (1.27-1.62x at M=8), 0.71-1.14x at M=32, 0.46-0.47x at M=128;
-through the pipelined dequantize + cuBLAS path 0.69-0.73x at M=512 and 0.94x at
+kernel time): fp6 1.38x cuBLAS fp16 at M=1 on 8192 x 8192, 1.91x / 1.67x on 28672 x
+8192 / 8192 x 28672 (1.34-1.70x at M=8), 0.77-1.19x at M=32, 0.46-0.48x at M=128;
+through the pipelined dequantize + cuBLAS path 0.71-0.74x at M=512 and 0.92-0.97x at
 M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2:
 1.8 ms for 28672 x 8192, now whole words). On a 7B model's 4096-wide layers a sweep
 found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves of
