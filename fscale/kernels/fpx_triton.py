@@ -7,7 +7,7 @@ launch), where every ``tl.dot`` is done in fp32 (the interpreter's bf16 dot is w
 Small M is a memory-bound problem: a 28672 x 8192 fp16 weight is 470 MB, the same
 weight in fp6 176 MB, so the ideal speed-up over cuBLAS fp16 is 16/6 = 2.67x. The
 kernel therefore reads each plane word once per output tile, splits K across
-programs (``split``: partial sums added atomically into an fp32 buffer) so that a
+programs (``split``; ``split_mode`` says how the partials combine) so that a
 handful of output tiles still fills the GPU, and spends ~2.6 integer ops per weight
 on the rebuild for fp6 e3m2 and fp5 (~3.3 for e2m3 and fp4; see [Note: the FPx
 bit-plane layout] in fpx.py). Large M is compute-bound
@@ -29,9 +29,9 @@ top of its byte, and keeping the sign bit while shifting exponent|mantissa right
 
 [Note: FPx linear performance, what was measured and what bounds it]
 H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
-kernel time): fp6 1.38x cuBLAS fp16 at M=1 on 8192 x 8192, 1.91x / 1.67x on 28672 x
-8192 / 8192 x 28672 (1.34-1.70x at M=8), 0.77-1.19x at M=32, 0.46-0.48x at M=128;
-through the pipelined dequantize + cuBLAS path 0.71-0.74x at M=512 and 0.92-0.97x at
+kernel time): fp6 1.63x cuBLAS fp16 at M=1 on 8192 x 8192, 1.78x / 1.84x on 28672 x
+8192 / 8192 x 28672 (1.44-1.68x at M=8), 0.78-1.21x at M=32, 0.45-0.48x at M=128;
+through the pipelined dequantize + cuBLAS path 0.68-0.73x at M=512 and 0.94-0.96x at
 M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2:
 1.8 ms for 28672 x 8192, now whole words). On a 7B model's 4096-wide layers a sweep
 found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves of
@@ -53,10 +53,9 @@ weights a thread; it was ~3.3 before the byte image: 194 LOP3, 104 IMAD, 64 PRMT
 48 SHF), and it does not overlap the loads well with so few warps; more warps per
 program add per-weight overhead (x fragments and smaller n per warp: 4.0 instructions
 per weight at 4 warps, bn=64) and more programs per tile (split-K) add the zero and
-cast kernels, so both were no faster. The byte image took 71.3 -> 66 us at M=1,
-79.9 -> 74.5 us at M=16 (1.49x -> 1.60x cuBLAS, 1.41x -> 1.52x).
-Small layers (4096 wide, a 7B model's) lose more to the split-K launch's zeroing and
-cast kernels.
+cast kernels, so both were no faster then. The byte image took 71.3 -> 66 us at M=1,
+79.9 -> 74.5 us at M=16 (1.49x -> 1.60x cuBLAS, 1.41x -> 1.52x); one-kernel split-K
+(``split_mode``) then made 8 waves of 4-warp programs pay: 61 us at M=1.
 M=32..128: every M tile re-reads x from L2 in 16-column slices, one per 16-row dot;
 the time grows with M long before the tensor cores are busy. M=128 is 60 GFLOP:
 0.075 ms at the ~800 TFLOP/s dense rate, so 2x of cuBLAS's 0.132 ms (0.066 ms) is
@@ -103,6 +102,8 @@ def _fpx_kernel(
     s_ptr,
     b_ptr,
     y_ptr,
+    ws_ptr,
+    cnt_ptr,
     M,
     N,
     NW,
@@ -121,7 +122,7 @@ def _fpx_kernel(
     LO_MASK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DEQUANT: tl.constexpr,
@@ -261,20 +262,51 @@ def _fpx_kernel(
                                 acc_o = tl.dot(a, w, acc_o, input_precision="ieee")
     if not DEQUANT:
         mask = mask_m[:, None] & mask_c[None, :]
-        for h in tl.static_range(2):
-            if h == 0:
-                out = acc_e * scale_e[None, :]
-            else:
-                out = acc_o * scale_o[None, :]
-            offs_n = 2 * offs_c + h
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)
-                out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-            ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-            if ATOMIC:
-                tl.atomic_add(ptrs, out, mask=mask)
-            else:
-                tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if SPLIT == 2:
+            # [Note: split-K without extra kernels] Each program stores its partial
+            # tile in the workspace; the last of a tile's programs to arrive sums them.
+            for h in tl.static_range(2):
+                if h == 0:
+                    out = acc_e * scale_e[None, :]
+                else:
+                    out = acc_o * scale_o[None, :]
+                offs_n = 2 * offs_c + h
+                ws = ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+                tl.store(ws, out, mask=mask)
+            tile = pid_m * tl.num_programs(0) + pid_n
+            # acq_rel: the stores above are visible before the count rises, and the
+            # last program's loads below see every other program's.
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == tl.num_programs(2) - 1:
+                for h in tl.static_range(2):
+                    offs_n = 2 * offs_c + h
+                    total = tl.full((BM, C), 0.0, tl.float32)
+                    # Unrolled so that several partials' loads are in flight at once:
+                    # this sum is the launch's tail.
+                    for part in tl.range(0, tl.num_programs(2), loop_unroll_factor=4):
+                        ws = ws_ptr + (part * M + offs_m[:, None]) * N + offs_n[None, :]
+                        total += tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")
+                    if HAS_BIAS:
+                        bias = tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)
+                        total = total + bias[None, :]
+                    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+                    tl.store(ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+        else:
+            for h in tl.static_range(2):
+                if h == 0:
+                    out = acc_e * scale_e[None, :]
+                else:
+                    out = acc_o * scale_o[None, :]
+                offs_n = 2 * offs_c + h
+                if HAS_BIAS:
+                    bias = tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)
+                    out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+                ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+                if SPLIT == 1:
+                    tl.atomic_add(ptrs, out, mask=mask)  # into a zeroed fp32 y
+                else:
+                    tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _kernel = LazyJit(_fpx_kernel)
@@ -402,9 +434,60 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
     return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
 
 
+def _programs_along_k(k: int, fmt: str, split: int) -> int:
+    chunks = k // _fpx.layout(fmt)["k_chunk"]
+    return triton.cdiv(chunks, triton.cdiv(chunks, split))
+
+
+def split_mode(bm: int, programs_along_k: int) -> int:
+    """How a launch's programs along K combine: 0 none (one per tile), 1 fp32 atomic
+    adds into a zeroed y then a cast, 2 the last program of a tile sums the partials.
+
+    Mode 2 saves the zero and cast kernels ([Note: split-K without extra kernels]) and
+    won at M <= 16 on H200 (7B decode, fp6, batch 1: 263 -> 288 tok/s; 8192 x 8192,
+    M=1: 27.8 -> 23.2 us; 28672 x 8192, M=1: 63.0 -> 61.0 us, now with 8 waves of
+    split-K); with 32-row tiles its tail (one program per tile reading every partial)
+    lost (8192 x 28672, M=32: 114 -> 128 us), so those keep mode 1 (115 us).
+    """
+    if programs_along_k <= 1:
+        return 0
+    return 2 if bm <= 16 else 1
+
+
+# (device, stream) -> int32 arrival counters, left zeroed by every launch.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed counters for ``tiles`` output tiles ([Note: split-K without extra kernels]).
+
+    Every launch that counts on them sets them back to 0, so they are allocated (and
+    zeroed) only when a launch needs more; one buffer per stream keeps launches on
+    different streams apart.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None):
     """One launch (returns Triton's compiled kernel, for inspection); ``dequant`` (a 16-bit
-    dtype) writes W^T plane columns ``cols`` into ``y``."""
+    dtype) writes W^T plane columns ``cols`` into ``y``.
+
+    [Note: split-K without extra kernels]
+    With ``split`` > 1 programs along K, each stores its fp32 partial tile in a workspace
+    [split, M, N] and adds 1 to its tile's arrival counter (acq_rel, so the partial is
+    visible first); the program that arrives last sums the partials in order 0..split-1
+    (plus the bias), writes y in x's dtype and sets the counter back to 0. A split-K
+    launch is then one kernel, where it used to be three (zero an fp32 y, the kernel
+    with atomic adds, a cast: 2-3 us of a ~20 us 4096-wide layer on H200), and the
+    sum is deterministic. The counters are one buffer per stream (launches on one
+    stream are ordered); a CUDA graph keeps the buffer of the stream it was captured
+    on, so graphs captured on one stream must not be replayed concurrently.
+    """
     kernel, interpret = _kernel()
     n, k = p.shape
     lay, pl = _fpx.layout(p.fmt), _fpx.planes(p.fmt)
@@ -419,16 +502,22 @@ def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=Non
         triton.cdiv(chunks, per),
     )
     x_arg = x2 if x2 is not None else y
+    mode = split_mode(bm, grid[2]) if dequant is None else 0
+    if mode == 2:
+        ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=y.device)
+        counters = _arrival_counters(y.device, grid[0] * grid[1])
+    else:
+        ws, counters = y, y  # not read
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
     kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
     return kernel[grid](
         x_arg, p.hi, p.lo if p.lo is not None else p.hi, p.scales,
-        bias if bias is not None else p.scales, y,
+        bias if bias is not None else p.scales, y, ws, counters,
         m, n, n // 2, k, x2.stride(0) if x2 is not None else 0, y.stride(0), per,
         float(2.0 ** (15 - _fpx.bias(p.fmt))), c_begin, c_end,
         E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BYTE=pl["byte"],
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101, BM=bm,
-        BN=bn, ATOMIC=grid[2] > 1,
+        BN=bn, SPLIT=mode,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
         OUT_BF16=dequant == torch.bfloat16,
         **kwargs,
@@ -581,7 +670,7 @@ def fpx_linear_triton(
     cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages")}
     cfg["split"] = split
     bias_c = bias.contiguous() if bias is not None else None
-    if split > 1:
+    if split_mode(cfg["bm"], _programs_along_k(k, p.fmt, split)) == 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
         _launch(x2, p, bias_c, y, **cfg)
         y = y.to(x.dtype)

@@ -278,6 +278,7 @@ CASES = [
     ("e3m2", 33, 32, 128, torch.float32, dict(bm=16, bn=32, split=1)),  # several M tiles
     ("e2m3", 3, 64, 256, torch.bfloat16, dict(bm=16, bn=64, split=2)),
     ("e2m2", 2, 64, 512, torch.float32, dict(bm=16, bn=64, split=2)),
+    ("e3m2", 20, 64, 512, torch.float16, dict(bm=32, bn=64, split=2)),  # atomic split-K
     ("e3m1", 4, 96, 256, torch.float16, dict(bm=16, bn=32, split=1)),
     ("e2m1", 7, 66, 384, torch.float32, dict(bm=16, bn=64, split=3)),
     ("e3m2", 3, 64, 256, torch.float16, dict(dequant=True)),  # dequantize + matmul
@@ -305,6 +306,25 @@ def test_triton_matches_reference(interpret, fmt, m, n, k, dtype, config):
     # And against the reference in x's dtype (what dispatch would run elsewhere).
     ref = fpx.fpx_linear_reference(x.float(), p, bias.float())
     assert _rel(got, ref) <= tol
+
+
+@needs_triton
+def test_split_k_sums_partials_in_one_kernel_and_leaves_counters_zeroed(interpret):
+    """[Note: split-K without extra kernels]: the last program of each tile sums the
+    partials in a fixed order, so repeated launches agree bit for bit, the sum equals
+    the split=1 result to fp32 rounding, and the arrival counters end at 0."""
+    gen = torch.Generator().manual_seed(11)
+    p = fpx.pack(torch.randn(96, 4 * 128, generator=gen), "e3m2")
+    x = torch.randn(3, 4 * 128, generator=gen)
+    bias = torch.randn(96, generator=gen)
+    cfg = dict(bm=16, bn=32, split=4, num_warps=4, num_stages=1)
+    first = fpx_triton.fpx_linear_triton(x, p, bias, config=cfg)
+    again = fpx_triton.fpx_linear_triton(x, p, bias, config=cfg)
+    assert torch.equal(first, again)
+    one = fpx_triton.fpx_linear_triton(x, p, bias, config=dict(cfg, split=1))
+    assert _rel(first, one) <= 1e-6 and not torch.equal(first, torch.zeros_like(first))
+    counters = fpx_triton._arrival_counters(x.device, 3)  # the buffer the launches used
+    assert counters.numel() >= 3 and not counters.any()
 
 
 @needs_triton
@@ -399,7 +419,8 @@ def _compile_for_sm90(**const):
     dt = const.pop("dtype")
     sig = {
         "x_ptr": f"*{dt}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
-        "b_ptr": f"*{dt}", "y_ptr": "*fp32" if const["ATOMIC"] else f"*{dt}",
+        "b_ptr": f"*{dt}", "y_ptr": "*fp32" if const["SPLIT"] == 1 else f"*{dt}",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32",
         "M": "i32", "N": "i32", "NW": "i32", "K": "i32", "stride_xm": "i32",
         "stride_ym": "i32", "chunks_per_prog": "i32", "exp_scale": "fp32",
         "c_begin": "i32", "c_end": "i32",
@@ -423,11 +444,11 @@ def _compile_for_sm90(**const):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "fmt,dtype,bm,atomic,dequant",
-    [("e3m2", "fp16", 16, True, False), ("e2m2", "bf16", 64, False, False),
-     ("e2m1", "fp16", 16, False, True)],
+    "fmt,dtype,bm,split,dequant",
+    [("e3m2", "fp16", 16, 2, False), ("e2m2", "bf16", 64, 1, False),
+     ("e2m1", "fp16", 16, 0, True)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(fmt, dtype, bm, atomic, dequant):
+def test_kernel_compiles_for_sm90(fmt, dtype, bm, split, dequant):
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -438,10 +459,38 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, atomic, dequant):
         dtype=dtype, E=fpx.FORMATS[fmt][0], LB=lay["lo_bits"], NQ=lay["nq"],
         BYTE=pl["byte"], HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         BM=bm, BN=128,
-        ATOMIC=atomic, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
+        SPLIT=split, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
         OUT_BF16=dtype == "bf16",
     )  # fmt: skip
     ptx = kernel.asm["ptx"]
     if not dequant:
         assert "mma" in ptx  # tensor cores
         assert "cp.async.cg.shared.global" in ptx  # 16-byte, pipelined plane loads
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_triton
+@pytest.mark.parametrize("fmt", ["e3m2", "e2m3", "e2m2", "e2m1"])
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_cuda_kernel_matches_reference_with_and_without_split_k(fmt, split):
+    """Compiled kernel (byte and shift images), fp16 and bf16, one tile row and several;
+    split-K results are deterministic and leave the counters of this stream zeroed."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k = 8 * fpx.layout(fmt)["k_chunk"]
+    p = fpx.pack(torch.randn(384, k, generator=gen, device="cuda"), fmt)
+    for dtype, m in ((torch.float16, 1), (torch.bfloat16, 20)):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        bias = torch.randn(384, generator=gen, device="cuda").to(dtype)
+        cfg = dict(bm=16 if m <= 16 else 32, bn=64, split=split, num_warps=4, num_stages=3)
+        got = fpx_triton.fpx_linear_triton(x, p, bias, config=cfg)
+        want = x.double() @ fpx.unpack(p).double().t() + bias.double()
+        assert _rel(got, want) <= 1e-2
+        assert torch.equal(got, fpx_triton.fpx_linear_triton(x, p, bias, config=cfg))
+    torch.cuda.synchronize()
+    key = (str(x.device), torch.cuda.current_stream().cuda_stream)
+    assert key in fpx_triton._COUNTERS or split == 1
+    assert not fpx_triton._arrival_counters(x.device, 1).any()
