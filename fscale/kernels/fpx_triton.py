@@ -262,17 +262,27 @@ def _fpx_kernel(
                                 acc_o = tl.dot(a, w, acc_o, input_precision="ieee")
     if not DEQUANT:
         mask = mask_m[:, None] & mask_c[None, :]
-        if SPLIT == 2:
-            # [Note: split-K without extra kernels] Each program stores its partial
-            # tile in the workspace; the last of a tile's programs to arrive sums them.
-            for h in tl.static_range(2):
-                if h == 0:
-                    out = acc_e * scale_e[None, :]
-                else:
-                    out = acc_o * scale_o[None, :]
-                offs_n = 2 * offs_c + h
+        for h in tl.static_range(2):
+            if h == 0:
+                out = acc_e * scale_e[None, :]
+            else:
+                out = acc_o * scale_o[None, :]
+            offs_n = 2 * offs_c + h
+            if SPLIT == 2:
+                # [Note: split-K without extra kernels] The partial goes to the
+                # workspace; the last of a tile's programs to arrive sums them below.
                 ws = ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
                 tl.store(ws, out, mask=mask)
+            else:
+                if HAS_BIAS:
+                    bias = tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)
+                    out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+                ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+                if SPLIT == 1:
+                    tl.atomic_add(ptrs, out, mask=mask)  # into a zeroed fp32 y
+                else:
+                    tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if SPLIT == 2:
             tile = pid_m * tl.num_programs(0) + pid_n
             # acq_rel: the stores above are visible before the count rises, and the
             # last program's loads below see every other program's.
@@ -292,21 +302,6 @@ def _fpx_kernel(
                     ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
                     tl.store(ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
-        else:
-            for h in tl.static_range(2):
-                if h == 0:
-                    out = acc_e * scale_e[None, :]
-                else:
-                    out = acc_o * scale_o[None, :]
-                offs_n = 2 * offs_c + h
-                if HAS_BIAS:
-                    bias = tl.load(b_ptr + offs_n, mask=mask_c, other=0.0).to(tl.float32)
-                    out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-                ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-                if SPLIT == 1:
-                    tl.atomic_add(ptrs, out, mask=mask)  # into a zeroed fp32 y
-                else:
-                    tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _kernel = LazyJit(_fpx_kernel)
