@@ -429,11 +429,6 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
     return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
 
 
-def _programs_along_k(k: int, fmt: str, split: int) -> int:
-    chunks = k // _fpx.layout(fmt)["k_chunk"]
-    return triton.cdiv(chunks, triton.cdiv(chunks, split))
-
-
 def split_mode(bm: int, programs_along_k: int) -> int:
     """How a launch's programs along K combine: 0 none (one per tile), 1 fp32 atomic
     adds into a zeroed y then a cast, 2 the last program of a tile sums the partials.
@@ -665,7 +660,7 @@ def fpx_linear_triton(
     cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages")}
     cfg["split"] = split
     bias_c = bias.contiguous() if bias is not None else None
-    if split_mode(cfg["bm"], _programs_along_k(k, p.fmt, split)) == 1:
+    if split_mode(cfg["bm"], split) == 1:  # ``_split`` made split the program count
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
         _launch(x2, p, bias_c, y, **cfg)
         y = y.to(x.dtype)
