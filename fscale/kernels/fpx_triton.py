@@ -463,9 +463,12 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
-def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=None, cols=None):
-    """One launch (returns Triton's compiled kernel, for inspection); ``dequant`` (a 16-bit
-    dtype) writes W^T plane columns ``cols`` into ``y``.
+def _launch(
+    x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, mode=0, dequant=None, cols=None
+):
+    """One launch (returns Triton's compiled kernel, for inspection); ``mode`` is the
+    caller's ``split_mode`` (y is a zeroed fp32 buffer for mode 1); ``dequant`` (a
+    16-bit dtype) writes W^T plane columns ``cols`` into ``y``.
 
     [Note: split-K without extra kernels]
     With ``split`` > 1 programs along K, each stores its fp32 partial tile in a workspace
@@ -492,7 +495,6 @@ def _launch(x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, dequant=Non
         triton.cdiv(chunks, per),
     )
     x_arg = x2 if x2 is not None else y
-    mode = split_mode(bm, grid[2]) if dequant is None else 0
     if mode == 2:
         ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=y.device)
         counters = _arrival_counters(y.device, grid[0] * grid[1])
@@ -660,13 +662,14 @@ def fpx_linear_triton(
     cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages")}
     cfg["split"] = split
     bias_c = bias.contiguous() if bias is not None else None
-    if split_mode(cfg["bm"], split) == 1:  # ``_split`` made split the program count
+    mode = split_mode(cfg["bm"], split)  # ``_split`` made split the program count
+    if mode == 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-        _launch(x2, p, bias_c, y, **cfg)
+        _launch(x2, p, bias_c, y, mode=mode, **cfg)
         y = y.to(x.dtype)
     else:
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        _launch(x2, p, bias_c, y, **cfg)
+        _launch(x2, p, bias_c, y, mode=mode, **cfg)
     return y.reshape(*lead, n)
 
 
