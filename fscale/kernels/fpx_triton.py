@@ -122,6 +122,7 @@ def _fpx_kernel(
     LO_MASK: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    T: tl.constexpr,
     SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -153,7 +154,12 @@ def _fpx_kernel(
     scale_o = tl.load(s_ptr + 2 * offs_c + 1, mask=mask_c, other=0.0) * exp_scale
     acc_e = tl.full((BM, C), 0.0, tl.float32)
     acc_o = tl.full((BM, C), 0.0, tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)  # T > 1: channels in order
     for b in range(chunk0, chunk1):
+        # Sub-tiles waiting to be stacked ([Note: K per dot]).
+        part0 = None
+        part1 = None
+        part2 = None
         if LB > 0:
             lo_rows = b * 16 + offs_r
             lo = tl.load(lo_ptr + lo_rows[:, None] * NW + offs_c[None, :], mask=mask_c[None, :])
@@ -215,12 +221,6 @@ def _fpx_kernel(
                             pair = word
                         pair = (pair & 0x80008000) | ((pair & EM_MASK) >> (5 - E))
                     kk = b * KC + (2 * q + v) * 16 + offs_r
-                    if not DEQUANT:
-                        xs = tl.load(
-                            x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                            mask=mask_m[:, None],
-                            other=0.0,
-                        )
                     if DEQUANT:
                         # W^T [K, N] in x's dtype, written as int32 words holding the two
                         # 16-bit weights of channels 2c, 2c + 1: the order a pair already
@@ -245,22 +245,51 @@ def _fpx_kernel(
                         ptrs = y_ptr + kk[:, None] * stride_ym + (offs_c - c_begin)[None, :]
                         tl.store(ptrs, out_word.to(tl.int32, bitcast=True), mask=mask_c[None, :])
                     else:
-                        for h in tl.static_range(2):
-                            if h == 0:
-                                w = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+                        # [Note: K per dot] Sub-tile s = 2q + v joins the stack; level
+                        # l merges when the low l bits of s are all 1. (Conditions on
+                        # the static loop indices only: they stay compile-time.)
+                        tile = pair
+                        if T >= 2 and v == 1:
+                            tile = tl.reshape(tl.permute(tl.join(part0, tile), (2, 0, 1)), (32, C))
+                        if T >= 4 and v == 1 and ql == 1:
+                            tile = tl.reshape(tl.permute(tl.join(part1, tile), (2, 0, 1)), (64, C))
+                        if T >= 8 and v == 1 and ql == 1 and qh % 2 == 1:
+                            tile = tl.reshape(tl.permute(tl.join(part2, tile), (2, 0, 1)), (128, C))
+                        if not (
+                            T == 1
+                            or (T == 2 and v == 1)
+                            or (T == 4 and v == 1 and ql == 1)
+                            or (T == 8 and v == 1 and ql == 1 and qh % 2 == 1)
+                        ):
+                            if v == 1 and ql == 1:
+                                part2 = tile
+                            elif v == 1:
+                                part1 = tile
                             else:
-                                w = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-                            if DOT_FP32:
-                                a = xs.to(tl.float32)
-                                w = w.to(tl.float32)
+                                part0 = tile
+                        else:
+                            kx = b * KC + (2 * q + v + 1 - T) * 16 + tl.arange(0, 16 * T)
+                            xs = tl.load(
+                                x_ptr + offs_m[:, None] * stride_xm + kx[None, :],
+                                mask=mask_m[:, None],
+                                other=0.0,
+                            )
+                            a = xs.to(tl.float32) if DOT_FP32 else xs
+                            w_e = (tile & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+                            w_o = (tile >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+                            if T == 1:
+                                # Each half its own dot: the B operand stays in registers.
+                                acc_e = tl.dot(a, w_e.to(a.dtype), acc_e, input_precision="ieee")
+                                acc_o = tl.dot(a, w_o.to(a.dtype), acc_o, input_precision="ieee")
                             else:
-                                a = xs
-                                w = w.to(xs.dtype)
-                            if h == 0:
-                                acc_e = tl.dot(a, w, acc_e, input_precision="ieee")
-                            else:
-                                acc_o = tl.dot(a, w, acc_o, input_precision="ieee")
+                                # One dot over both halves: side by side they are
+                                # channels 2c, 2c + 1 in order, so the tile goes to
+                                # shared memory (wgmma's B) as whole words.
+                                w = tl.reshape(tl.join(w_e, w_o), (16 * T, BN)).to(a.dtype)
+                                acc = tl.dot(a, w, acc, input_precision="ieee")
     if not DEQUANT:
+        if T > 1:
+            acc_e, acc_o = tl.split(tl.reshape(acc, (BM, C, 2)))
         mask = mask_m[:, None] & mask_c[None, :]
         for h in tl.static_range(2):
             if h == 0:
@@ -326,6 +355,33 @@ def default_config(m: int, n: int, k: int, fmt: str, device: torch.device) -> di
     return {"bm": bm, "bn": bn, "waves": 8, "num_warps": 4, "num_stages": 3}
 
 
+# [Note: K per dot]
+# Within a chunk the rebuild yields [16, C] sub-tiles of pairs, one per 16 rows of K
+# (s = 2q + v). With tiles of fewer than 64 rows the dot is mma.sync and its B operand
+# stays in registers, so each sub-tile is dotted at once (T = 1, one dot per half).
+# From 64 rows Triton takes Hopper's warpgroup MMA, whose B operand must sit in shared
+# memory: a dot per sub-tile meant, per chunk of 128 rows, 16 stores of 16-bit values,
+# 16 barriers and 16 MMA waits (33 BAR in the loop's SASS). So the kernel stacks T
+# sub-tiles, consecutive in k, into one [16 T, C] tile (join + permute + reshape,
+# merged the way a binary counter carries) and makes one dot of both halves side by
+# side (channels 2c, 2c + 1 in y's order): one 16-byte store per 8 weights, 3 BAR,
+# 8 MMAs and one wait per 128 rows. H200, graph replay, fp6 (2026-11-23): 28672 x
+# 8192 M=32 98.5 us (was 104; cuBLAS 112-117), M=64 114-117 us (cuBLAS 114-118),
+# M=128 218-230 us (was ~300); 8192 x 8192 M=128 72 us (was ~89, through dequantize
+# + cuBLAS; cuBLAS 37-39); 8192 x 28672 M=128 207 us (was ~280; cuBLAS 135-144).
+# What still bounds it: Triton waits for each warpgroup MMA right after issuing it
+# (the B buffer is rewritten next chunk), so the rebuild and the MMA of a program
+# take turns; two programs per SM overlap them only partly. More programs (split-K
+# with fp32 atomics, waves 2) were ~2x slower, more warps or smaller tiles no faster.
+# T = 2 or 4 (kdot 32, 64) compile and are tested but never won.
+
+
+def kdot_for(bm: int) -> int:
+    """Rows of K per dot ([Note: K per dot]) unless a config says: 128 for tiles of 64
+    rows or more (warpgroup MMAs, whose B operand goes through shared memory), else 16."""
+    return 128 if bm >= 64 else 16
+
+
 def candidate_configs(m: int) -> list[dict]:
     """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners)."""
     if m <= 64:
@@ -346,13 +402,16 @@ def candidate_configs(m: int) -> list[dict]:
             # beat one 32-row tile: 28672 x 8192 104 us (was 158; cuBLAS 116),
             # 8192 x 8192 50 us (was 70), 12288 x 4096 37 us (was 48).
             rows += [(bm, 128, 1, 4, 3), (bm, 128, 2, 4, 3), (16, 64, 1, 2, 3), (16, 64, 2, 4, 3)]
+            # 64-row tiles, one wave ([Note: K per dot]).
+            rows += [(64, 128, 1, 4, 3), (64, 64, 1, 4, 3)]
         return [
             dict(bm=b, bn=bn, waves=wv, num_warps=nw, num_stages=ns) for b, bn, wv, nw, ns in rows
         ]
     if m <= 128:
         return [
-            dict(bm=64, bn=128, waves=4, num_warps=4, num_stages=3),
-            dict(bm=128, bn=128, waves=2, num_warps=8, num_stages=3),
+            dict(bm=64, bn=128, waves=1, num_warps=4, num_stages=3),
+            dict(bm=64, bn=64, waves=1, num_warps=4, num_stages=3),
+            dict(bm=128, bn=128, waves=1, num_warps=8, num_stages=3),
             dict(dequant=True, pieces=1),
             dict(dequant=True, pieces=4),
         ]
@@ -464,8 +523,9 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _launch(
-    x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, mode=0, dequant=None, cols=None
-):
+    x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, kdot=16, mode=0, dequant=None,
+    cols=None,
+):  # fmt: skip
     """One launch (returns Triton's compiled kernel, for inspection); ``mode`` is the
     caller's ``split_mode`` (y is a zeroed fp32 buffer for mode 1); ``dequant`` (a
     16-bit dtype) writes W^T plane columns ``cols`` into ``y``.
@@ -481,6 +541,8 @@ def _launch(
     stream are ordered); a CUDA graph keeps the buffer of the stream it was captured
     on, so graphs captured on one stream must not be replayed concurrently.
     """
+    if kdot not in (16, 32, 64, 128):
+        raise ValueError(f"fpx_linear_triton: kdot={kdot}; use 16, 32, 64 or 128 rows per dot.")
     kernel, interpret = _kernel()
     n, k = p.shape
     lay, pl = _fpx.layout(p.fmt), _fpx.planes(p.fmt)
@@ -509,7 +571,7 @@ def _launch(
         float(2.0 ** (15 - _fpx.bias(p.fmt))), c_begin, c_end,
         E=e_bits, LB=lay["lo_bits"], NQ=lay["nq"], BYTE=pl["byte"],
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101, BM=bm,
-        BN=bn, SPLIT=mode,
+        BN=bn, T=kdot // 16, SPLIT=mode,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
         OUT_BF16=dequant == torch.bfloat16,
         **kwargs,
@@ -658,8 +720,9 @@ def fpx_linear_triton(
         y = dequantize_matmul(x2, p, bias, pieces=(cfg or {}).get("pieces", DEQUANT_PIECES))
         return y.reshape(*lead, n)
     cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
+    cfg.setdefault("kdot", kdot_for(cfg["bm"]))
     split = _split(cfg, m, n, k, p.fmt, x.device)
-    cfg = {key: cfg[key] for key in ("bm", "bn", "num_warps", "num_stages")}
+    cfg = {key: cfg[key] for key in ("bm", "bn", "kdot", "num_warps", "num_stages")}
     cfg["split"] = split
     bias_c = bias.contiguous() if bias is not None else None
     mode = split_mode(cfg["bm"], split)  # ``_split`` made split the program count

@@ -281,6 +281,11 @@ CASES = [
     ("e3m2", 20, 64, 512, torch.float16, dict(bm=32, bn=64, split=2)),  # atomic split-K
     ("e3m1", 4, 96, 256, torch.float16, dict(bm=16, bn=32, split=1)),
     ("e2m1", 7, 66, 384, torch.float32, dict(bm=16, bn=64, split=3)),
+    # K per dot ([Note: K per dot]): 128 rows (fp5: two dots per chunk), 64, 32.
+    ("e3m2", 37, 130, 384, torch.float16, dict(bm=64, bn=64, kdot=128, split=1)),
+    ("e3m1", 3, 64, 512, torch.bfloat16, dict(bm=16, bn=64, kdot=128, split=2)),
+    ("e2m3", 2, 64, 256, torch.float32, dict(bm=16, bn=32, kdot=64, split=1)),
+    ("e2m1", 9, 64, 384, torch.float16, dict(bm=32, bn=64, kdot=32, split=3)),
     ("e3m2", 3, 64, 256, torch.float16, dict(dequant=True)),  # dequantize + matmul
     ("e2m1", 2, 192, 256, torch.bfloat16, dict(dequant=True, pieces=3)),
     ("e3m2", 2, 64, 128, torch.float32, dict(dequant=True)),  # fp32 x: fused kernel instead
@@ -444,11 +449,11 @@ def _compile_for_sm90(**const):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "fmt,dtype,bm,split,dequant",
-    [("e3m2", "fp16", 16, 2, False), ("e2m2", "bf16", 64, 1, False),
-     ("e2m1", "fp16", 16, 0, True)],
+    "fmt,dtype,bm,kdot,split,dequant",
+    [("e3m2", "fp16", 16, 16, 2, False), ("e2m2", "bf16", 64, 16, 1, False),
+     ("e3m2", "fp16", 64, 128, 0, False), ("e2m1", "fp16", 16, 16, 0, True)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(fmt, dtype, bm, split, dequant):
+def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant):
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -458,7 +463,7 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, split, dequant):
     kernel = _compile_for_sm90(
         dtype=dtype, E=fpx.FORMATS[fmt][0], LB=lay["lo_bits"], NQ=lay["nq"],
         BYTE=pl["byte"], HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
-        BM=bm, BN=128,
+        BM=bm, BN=128, T=kdot // 16,
         SPLIT=split, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
         OUT_BF16=dtype == "bf16",
     )  # fmt: skip
@@ -466,6 +471,9 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, split, dequant):
     if not dequant:
         assert "mma" in ptx  # tensor cores
         assert "cp.async.cg.shared.global" in ptx  # 16-byte, pipelined plane loads
+    if kdot > 16 and bm >= 64:
+        # One warpgroup MMA chain per 128 rows of K, not one per 16-row sub-tile.
+        assert ptx.count("wgmma.mma_async") == 8 * (128 // kdot)
 
 
 # ---------------------------------------------------------------- GPU
@@ -477,19 +485,23 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, split, dequant):
 @pytest.mark.parametrize("fmt", ["e3m2", "e2m3", "e2m2", "e2m1"])
 @pytest.mark.parametrize("split", [1, 3, 8])
 def test_cuda_kernel_matches_reference_with_and_without_split_k(fmt, split):
-    """Compiled kernel (byte and shift images), fp16 and bf16, one tile row and several;
-    split-K results are deterministic and leave the counters of this stream zeroed."""
+    """Compiled kernel (byte and shift images), fp16 and bf16, one tile row and several,
+    16 or 128 rows of K per dot; split-K results without atomics are deterministic and
+    leave the counters of this stream zeroed."""
     gen = torch.Generator(device="cuda").manual_seed(5)
     k = 8 * fpx.layout(fmt)["k_chunk"]
     p = fpx.pack(torch.randn(384, k, generator=gen, device="cuda"), fmt)
-    for dtype, m in ((torch.float16, 1), (torch.bfloat16, 20)):
+    for dtype, m in ((torch.float16, 1), (torch.bfloat16, 20), (torch.float16, 130)):
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
         bias = torch.randn(384, generator=gen, device="cuda").to(dtype)
-        cfg = dict(bm=16 if m <= 16 else 32, bn=64, split=split, num_warps=4, num_stages=3)
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        kdot = 128 if bm == 64 else 16  # bm 64: wgmma, K per dot 128
+        cfg = dict(bm=bm, bn=64, kdot=kdot, split=split, num_warps=4, num_stages=3)
         got = fpx_triton.fpx_linear_triton(x, p, bias, config=cfg)
         want = x.double() @ fpx.unpack(p).double().t() + bias.double()
         assert _rel(got, want) <= 1e-2
-        assert torch.equal(got, fpx_triton.fpx_linear_triton(x, p, bias, config=cfg))
+        if fpx_triton.split_mode(bm, split) != 1:  # fp32 atomics add in any order
+            assert torch.equal(got, fpx_triton.fpx_linear_triton(x, p, bias, config=cfg))
     torch.cuda.synchronize()
     key = (str(x.device), torch.cuda.current_stream().cuda_stream)
     assert key in fpx_triton._COUNTERS or split == 1
