@@ -1,4 +1,5 @@
-"""What every Triton kernel module here shares: interpreter detection, lazy jit, SM count.
+"""What every Triton kernel module here shares: interpreter detection, lazy jit, SM
+count, launch tuning by kernel time, and the arrival counters of one-kernel split-K.
 
 ``triton.jit`` decides between compiling and interpreting when it *wraps* a
 function (triton 3.x reads ``TRITON_INTERPRET`` there, not at launch), so kernels
@@ -53,3 +54,75 @@ def sm_count(device: torch.device) -> int:
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# (device, stream) -> int32 arrival counters, left zeroed by every launch.
+COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed counters for ``tiles`` output tiles of a one-kernel split-K launch (see
+    [Note: split-K without extra kernels] in fpx_triton.py).
+
+    Every launch that counts on them sets them back to 0, so they are allocated (and
+    zeroed) only when a launch needs more, and kernels launched one after another on
+    a stream can share them; one buffer per stream keeps launches on different
+    streams apart.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def bucket(m: int) -> int:
+    """M rounded up to a power of two: the row counts that share a tuned launch."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def kernel_time(fn) -> float:
+    """Median ms of ``fn``'s kernels, replayed from a CUDA graph where it can be captured.
+
+    Eager timing adds the host's launch time, which at small M exceeds the kernels'
+    and would pick configurations by host cost; serving runs decoding from graphs,
+    where only the kernels count.
+    """
+    from triton import testing
+
+    fn()  # compile outside any capture
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the first call per shape tunes its launch; make it before capture.")
+    try:
+        return testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
+    except Exception:  # not capturable here: time it eagerly
+        return testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def tune(table: dict, log: dict, key, candidates: list[dict], run, what: str) -> dict:
+    """The fastest of ``candidates`` for ``key``, timed once (``run(cfg)`` launches one)
+    and kept in ``table`` (every candidate's time in ``log``), as ``triton.autotune``
+    would; a candidate that fails to compile or launch is skipped.
+
+    Usage::
+
+        cfg = tune(_TUNED, _TUNE_LOG, (fmt, n, k, bucket(m), dev), candidates,
+                   lambda cfg: my_linear(x, p, config=cfg), "my_linear N=.. K=..")
+    """
+    if key not in table:
+        times = []
+        for cfg in candidates:
+            fn = lambda cfg=cfg: run(cfg)  # noqa: E731 (the default names the candidate)
+            try:
+                times.append((kernel_time(fn), cfg))
+            except Exception:  # a candidate this GPU cannot compile or launch
+                continue
+        if not times:
+            raise RuntimeError(
+                f"{what}: no launch configuration of {candidates} ran; pass config= "
+                "explicitly, or set FSCALE_KERNELS=reference."
+            )
+        table[key] = min(times, key=lambda t: t[0])[1]
+        log[key] = times
+    return table[key]

@@ -84,7 +84,14 @@ import torch
 
 from fscale.hw import dispatch
 from fscale.kernels import fpx as _fpx
-from fscale.kernels._triton import LazyJit, interpreting, sm_count
+from fscale.kernels._triton import (
+    LazyJit,
+    arrival_counters,
+    bucket,
+    interpreting,
+    sm_count,
+    tune,
+)
 
 try:
     import triton
@@ -427,54 +434,20 @@ _TUNED: dict[tuple, dict] = {}
 _TUNE_LOG: dict[tuple, list] = {}
 
 
-def _bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
-
-
 def tuned() -> dict:
     """{(fmt, N, K, M bucket, device): config} chosen so far (for bench and explain)."""
     return dict(_TUNED)
 
 
-def _kernel_time(testing, fn) -> float:
-    """Median ms of ``fn``'s kernels, replayed from a CUDA graph where it can be captured.
-
-    Eager timing adds the host's launch time, which at small M exceeds the kernels'
-    (a split-K launch is three of them) and would pick configurations by host cost;
-    serving runs decoding from graphs, where only the kernels count.
-    """
-    fn()  # compile outside any capture
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("fpx_linear: the first call per shape tunes; make it before capture.")
-    try:
-        return testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
-    except Exception:  # not capturable here: time it eagerly
-        return testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-
-
 def _tune(x2, p, bias) -> dict:
-    """Time each candidate on these tensors (do_bench median) and keep the fastest."""
+    """The fastest of ``candidate_configs`` on these tensors, once per key."""
     n, k = p.shape
-    key = (p.fmt, n, k, _bucket(x2.shape[0]), str(x2.device))
-    if key not in _TUNED:
-        from triton import testing
-
-        times = []
-        for cfg in candidate_configs(x2.shape[0]):
-            fn = lambda cfg=cfg: fpx_linear_triton(x2, p, bias, config=cfg)  # noqa: E731
-            try:
-                times.append((_kernel_time(testing, fn), cfg))
-            except Exception:  # a candidate this GPU cannot compile or launch
-                continue
-        if not times:
-            raise RuntimeError(
-                f"fpx_linear_triton: no launch configuration of {candidate_configs(x2.shape[0])} "
-                f"ran for {p.fmt} N={n} K={k} M={x2.shape[0]} on {x2.device}; pass config= "
-                "explicitly, or set FSCALE_KERNELS=reference."
-            )
-        _TUNED[key] = min(times, key=lambda t: t[0])[1]
-        _TUNE_LOG[key] = times
-    return _TUNED[key]
+    m = x2.shape[0]
+    return tune(
+        _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)), candidate_configs(m),
+        lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
+        f"fpx_linear_triton ({p.fmt} N={n} K={k} M={m} on {x2.device})",
+    )  # fmt: skip
 
 
 def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) -> int:
@@ -501,25 +474,6 @@ def split_mode(bm: int, programs_along_k: int) -> int:
     if programs_along_k <= 1:
         return 0
     return 2 if bm <= 16 else 1
-
-
-# (device, stream) -> int32 arrival counters, left zeroed by every launch.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed counters for ``tiles`` output tiles ([Note: split-K without extra kernels]).
-
-    Every launch that counts on them sets them back to 0, so they are allocated (and
-    zeroed) only when a launch needs more; one buffer per stream keeps launches on
-    different streams apart.
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        buf = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def _launch(
@@ -559,7 +513,7 @@ def _launch(
     x_arg = x2 if x2 is not None else y
     if mode == 2:
         ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=y.device)
-        counters = _arrival_counters(y.device, grid[0] * grid[1])
+        counters = arrival_counters(y.device, grid[0] * grid[1])
     else:
         ws, counters = y, y  # not read
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)

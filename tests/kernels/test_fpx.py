@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fscale.hw import dispatch
 from fscale.kernels import fpx, fpx_triton
+from fscale.kernels._triton import COUNTERS, arrival_counters
 
 FMTS = list(fpx.FORMATS)
 needs_triton = pytest.mark.skipif(fpx_triton.triton is None, reason="triton is not installed")
@@ -328,7 +329,7 @@ def test_split_k_sums_partials_in_one_kernel_and_leaves_counters_zeroed(interpre
     assert torch.equal(first, again)
     one = fpx_triton.fpx_linear_triton(x, p, bias, config=dict(cfg, split=1))
     assert _rel(first, one) <= 1e-6 and not torch.equal(first, torch.zeros_like(first))
-    counters = fpx_triton._arrival_counters(x.device, 3)  # the buffer the launches used
+    counters = arrival_counters(x.device, 3)  # the buffer the launches used
     assert counters.numel() >= 3 and not counters.any()
 
 
@@ -504,5 +505,5 @@ def test_cuda_kernel_matches_reference_with_and_without_split_k(fmt, split):
             assert torch.equal(got, fpx_triton.fpx_linear_triton(x, p, bias, config=cfg))
     torch.cuda.synchronize()
     key = (str(x.device), torch.cuda.current_stream().cuda_stream)
-    assert key in fpx_triton._COUNTERS or split == 1
-    assert not fpx_triton._arrival_counters(x.device, 1).any()
+    assert key in COUNTERS or split == 1
+    assert not arrival_counters(x.device, 1).any()
