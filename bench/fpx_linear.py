@@ -8,8 +8,9 @@ One run does everything, in this order:
   2. timings (``triton.testing.do_bench`` median; it flushes L2 between repeats) for
      (N, K) in (8192, 8192), (28672, 8192), (8192, 28672) and M in 1, 8, 32, 128, 512,
      2048: cuBLAS fp16, then per format ``fpx_linear`` / ``int_linear`` as dispatch
-     runs it (the fpx first call per shape and M bucket tunes the launch among
-     ``candidate_configs``: the choice is recorded) and, with ``--sweep``, more
+     runs it (the first call per shape and M bucket tunes the launch among the
+     module's ``candidate_configs``, for int only up to ``intq.TUNE_MAX_M``: the
+     choice is recorded) and, with ``--sweep``, more
      launch configurations. Each is timed eagerly (``do_bench``: host launch time
      shows where it exceeds the kernels') and replayed from a CUDA graph
      (``do_bench_cudagraph``: the kernels alone, as a serving engine runs them).
@@ -44,7 +45,7 @@ from _source import import_kernels  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-fpx, fpx_triton, intq = import_kernels("fpx", "fpx_triton", "intq")
+fpx, fpx_triton, intq, kernel_tools = import_kernels("fpx", "fpx_triton", "intq", "_triton")
 triton = fpx_triton.triton
 
 SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672)]
@@ -193,16 +194,20 @@ def main() -> None:
             row["cublas_weight_GBps"] = 2 * n * k / t_cublas / 1e6
             for nm, p in packs.items():
                 linear = intq.int_linear if nm in INTS else fpx.fpx_linear
-                linear(x, p)  # the first fpx call tunes the launch (see fpx_triton._tune)
+                linear(x, p)  # the first call per shape and M bucket tunes the launch
                 t_def = bench(lambda: linear(x, p))  # noqa: B023
                 row[f"{nm}_ms"] = t_def
                 row[f"{nm}_speedup"] = t_cublas / t_def
                 row[f"{nm}_graph_ms"] = graph_bench(lambda: linear(x, p))  # noqa: B023
                 row[f"{nm}_graph_speedup"] = g_cublas / row[f"{nm}_graph_ms"]
                 row[f"{nm}_weight_GBps"] = p.nbytes / row[f"{nm}_graph_ms"] / 1e6
+                m_bucket = kernel_tools.bucket(m)
                 if nm in INTS:
+                    key = (p.fmt, p.group_size, p.symmetric, n, k, m_bucket, str(x.device))
+                    row[f"{nm}_config"] = intq._TUNED.get(key)
+                    row[f"{nm}_candidates_ms"] = intq._TUNE_LOG.get(key)
                     continue
-                key = (p.fmt, n, k, fpx_triton._bucket(m), str(x.device))
+                key = (p.fmt, n, k, m_bucket, str(x.device))
                 row[f"{nm}_config"] = fpx_triton.tuned().get(key)
                 row[f"{nm}_candidates_ms"] = fpx_triton._TUNE_LOG.get(key)
                 if args.sweep:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from fscale.hw import dispatch
 from fscale.hw.device import capability
-from fscale.kernels._triton import LazyJit, sm_count
+from fscale.kernels._triton import LazyJit, arrival_counters, bucket, sm_count, tune
 
 try:
     import triton
@@ -212,11 +212,11 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 
 
 def _int_linear_kernel(
-    x_ptr, q_ptr, s_ptr, lo_ptr, b_ptr, y_ptr,
+    x_ptr, q_ptr, s_ptr, lo_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, chunks_per_prog,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -228,6 +228,7 @@ def _int_linear_kernel(
     # tl.full, not tl.zeros: zeros is a @jit helper, which fails under an interpreter
     # switched on after triton was imported (tests set TRITON_INTERPRET late).
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    OFFSET: tl.constexpr = (8 if BITS == 4 else 128) if SYMMETRIC else 0
     c0 = pid_k * chunks_per_prog
     c1 = tl.minimum(c0 + chunks_per_prog, K // BLOCK_K)
     for c in range(c0, c1):
@@ -238,37 +239,98 @@ def _int_linear_kernel(
             mask=m_ok[:, None],
             other=0.0,
         )
+        # The codes as W^T [BLOCK_K, BLOCK_N], K fastest: the order of the MMA's B
+        # registers (pairs along K), so no transpose through shared memory. u is the
+        # unsigned code (int8: the stored byte + 128) and the weight is u - OFFSET.
         if BITS == 8:
-            q = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=n_ok[:, None], other=0)
-            q = q.to(tl.float32)
-            if not SYMMETRIC:
-                q = q + 128.0
+            u = tl.load(q_ptr + rn[None, :] * stride_qn + rk[:, None], mask=n_ok[None, :], other=0)
+            u = u.to(tl.int32) + 128
         else:
             rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(q_ptr + rn[:, None] * stride_qn + rb[None, :], mask=n_ok[:, None], other=0)
+            b = tl.load(q_ptr + rn[None, :] * stride_qn + rb[:, None], mask=n_ok[None, :], other=0)
             b = b.to(tl.int32)
-            q = tl.join(b & 0xF, b >> 4).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
-            if SYMMETRIC:
-                q = q - 8.0
+            # Element 2j is byte j's low nibble, 2j + 1 its high one.
+            u = tl.reshape(tl.permute(tl.join(b & 0xF, b >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        # Exact in fp16/bf16 (|u - OFFSET| <= 255). u ORed into the mantissa of 1024
+        # (fp16) or 128 (bf16, 4-bit codes) is the float 1024 + u (128 + u): one logic
+        # op and one subtraction instead of an int -> float conversion.
+        if x_ptr.dtype.element_ty == tl.float16:
+            w = (u | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+        elif x_ptr.dtype.element_ty == tl.bfloat16 and BITS == 4:
+            w = (u | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True) - (128.0 + OFFSET)
+        else:
+            w = (u - OFFSET).to(x.dtype)
         grp = k0 // GROUP
         s = tl.load(s_ptr + rn * stride_sn + grp, mask=n_ok, other=0.0)
-        w = q * s[:, None]
         if not SYMMETRIC:
             lo = tl.load(lo_ptr + rn * stride_sn + grp, mask=n_ok, other=0.0)
-            w = w + lo[:, None]
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        if BLOCK_M <= 16:
+            # The group's scale and minimum apply to the product (BLOCK_K divides
+            # the group): fp32, one multiply per output instead of one per weight.
+            acc += tl.dot(x, w) * s[None, :]
+            if not SYMMETRIC:
+                acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * lo[None, :]
+        else:
+            # Larger tiles scale each weight, so that the MMAs accumulate in place
+            # (a product per chunk made 128 rows 1.6x slower on H200).
+            w = w.to(tl.float32) * s[None, :]
+            if not SYMMETRIC:
+                w = w + lo[None, :]
+            acc = tl.dot(x, w.to(x.dtype), acc)
     mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
+    if SPLIT == 2:
+        # [Note: split-K without extra kernels] in fpx_triton.py: the partial goes to
+        # the workspace; the tile's last program sums them in order and writes y.
+        tl.store(ws_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == tl.num_programs(2) - 1:
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            for part_k in tl.range(0, tl.num_programs(2), loop_unroll_factor=4):
+                ws = ws_ptr + (part_k * M + rm[:, None]) * N + rn[None, :]
+                acc += tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
     else:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        if SPLIT == 1:
+            tl.atomic_add(out, acc, mask=mask)
+        else:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _FUSED_MAX_M = None  # no limit: see the measurements in the Note
+
+#: M up to which the first CUDA call per (format, N, K, M bucket) times
+#: ``candidate_configs`` and keeps the fastest; above it the fixed defaults run.
+TUNE_MAX_M = 32
+_TUNED: dict[tuple, dict] = {}
+_TUNE_LOG: dict[tuple, list] = {}
+
+
+def candidate_configs(m: int) -> list[dict]:
+    """Launches ``int_linear_triton`` times for small M (``waves``: programs per SM,
+    reached by splitting K). A sweep on H200 (int4 g128, M=1..16, 2026-11-23) found
+    2-warp programs over 64 columns best on 8192-wide layers (28672 x 8192: 75.5 us
+    with 4-way split-K vs 92 us for the default) and 4-warp programs over 128 on
+    4096-wide ones (12288 x 4096: 19.1 vs 20.8 us)."""
+    rows = [
+        (64, 4, 3, None),
+        (64, 2, 3, 8),
+        (64, 2, 3, 16),
+        (64, 2, 4, 4),
+        (128, 4, 3, 4),
+        (128, 4, 3, 8),
+    ]
+    return [
+        dict(block_n=bn, num_warps=nw, num_stages=ns, **({} if wv is None else {"waves": wv}))
+        for bn, nw, ns, wv in rows
+    ]
 
 
 _kernel = LazyJit(_int_linear_kernel)
@@ -281,11 +343,13 @@ def int_linear_triton(
     *,
     split_k: int | None = None,
     fused_max_m: int | None = _FUSED_MAX_M,
+    config: dict | None = None,
 ):
     """Fused dequantize + matmul (see [Note: the weight-only int kernel]); any M, N.
 
     ``split_k``: K partitions (default: the power of two giving ~4 programs per SM);
-    ``fused_max_m``: above this many rows, dequantize and call ``F.linear`` (None: never).
+    ``fused_max_m``: above this many rows, dequantize and call ``F.linear`` (None: never);
+    ``config``: launch overrides (keys block_m, block_n, block_k, num_warps, num_stages).
     """
     if triton is None:
         raise RuntimeError("int_linear_triton needs triton; use int_linear_reference.")
@@ -305,28 +369,57 @@ def int_linear_triton(
         return int_linear_reference(x, p, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_n = 64 if M <= 64 else 128
-    block_k = min(p.group_size, 128 if M <= 64 else 64)
-    num_warps = 4 if M <= 64 else 8
+    if config is None and split_k is None and x.device.type == "cuda" and M <= TUNE_MAX_M:
+        config = tune(
+            _TUNED, _TUNE_LOG, (p.fmt, p.group_size, p.symmetric, N, K, bucket(M), str(x.device)),
+            candidate_configs(M),
+            lambda cfg: int_linear_triton(x2, p, bias, config=cfg),
+            f"int_linear_triton ({p.fmt} N={N} K={K} M={M} on {x.device})",
+        )  # fmt: skip
+    cfg = {
+        "block_m": 16 if M <= 16 else (32 if M <= 32 else 64),
+        "block_n": 64 if M <= 64 else 128,
+        "block_k": min(p.group_size, 128 if M <= 64 else 64),
+        "num_warps": 4 if M <= 64 else 8,
+        "num_stages": 3,
+        **(config or {}),
+    }
+    block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    if p.group_size % block_k:
+        raise ValueError(
+            f"int_linear_triton: block_k={block_k} must divide the group {p.group_size}."
+        )
     chunks = K // block_k
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    if split_k is None and "waves" in cfg:
+        split_k = max(1, min(chunks, -(-int(cfg["waves"] * sm_count(x.device)) // tiles)))
     if split_k is None:
         split_k = 1
         while split_k * 2 <= chunks and tiles * split_k * 2 <= 4 * sm_count(x.device):
             split_k *= 2
     per = -(-chunks // split_k)
     split_k = -(-chunks // per)  # no empty programs
-    atomic = split_k > 1
-    y = torch.zeros if atomic else torch.empty
-    y = y((M, N), dtype=torch.float32 if atomic else x.dtype, device=x.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    # Split-K partials meet in one kernel (the last program of a tile sums them) for
+    # 16-row tiles, as fpx_linear does; larger tiles add them with fp32 atomics.
+    mode = 0 if split_k == 1 else 2 if block_m <= 16 else 1
+    if mode == 1:
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if mode == 2:
+        ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, grid[0] * grid[1])
+    else:
+        ws, counters = y, y  # not read
     lo = p.lo if p.lo is not None else p.scale
     b = bias if bias is not None else y
-    kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)](
-        x2, p.codes, p.scale, lo, b, y, M, N, K, per,
+    kernel[grid](
+        x2, p.codes, p.scale, lo, b, y, ws, counters, M, N, K, per,
         x2.stride(0), x2.stride(1), p.codes.stride(0), p.scale.stride(0), y.stride(0),
         GROUP=p.group_size, BITS=p.bits, SYMMETRIC=p.symmetric, HAS_BIAS=bias is not None,
-        ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        SPLIT=mode, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        **({} if interpret else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}),
     )  # fmt: skip
     return y.to(x.dtype).reshape(*lead, N)
 

@@ -106,6 +106,37 @@ def test_int_linear_triton_matches_reference(
 
 
 @needs_triton
+@pytest.mark.parametrize(
+    "bits,symmetric,split_k", [(4, True, 4), (4, False, 1), (8, True, 2), (8, False, 4)]
+)
+def test_int_linear_triton_fp16_codes_via_the_mantissa(monkeypatch, bits, symmetric, split_k):
+    """fp16 activations take the kernel's OR-into-the-mantissa conversion of the codes
+    (exact), and split-K sums the partials in one kernel (16-row tiles): the result is
+    the reference's to fp16 rounding, and the same bits on a second launch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w, x = _rand(48, 512, seed=bits), _rand(3, 512, seed=7).half()
+    b = _rand(48, seed=8).half()
+    p = intq.pack_int(w, bits=bits, group_size=64, symmetric=symmetric)
+    got = intq.int_linear_triton(x, p, b, split_k=split_k)
+    want = intq.int_linear_reference(x.float(), p, b.float())
+    assert got.dtype == torch.float16
+    assert _rel(got.float(), want) < 2e-3
+    assert torch.equal(got, intq.int_linear_triton(x, p, b, split_k=split_k))
+
+
+@needs_triton
+def test_every_tuning_candidate_matches_reference(monkeypatch):
+    """What the first CUDA call times (``candidate_configs``) all compute the product."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = intq.pack_int(_rand(80, 512, seed=1), bits=4, group_size=128)
+    x, b = _rand(2, 512, seed=2), _rand(80, seed=3)
+    want = intq.int_linear_reference(x, p, b)
+    for cfg in intq.candidate_configs(2):
+        got = intq.int_linear_triton(x, p, b, config=cfg)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
 def test_int_linear_triton_large_m_falls_back(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     p = intq.pack_int(_rand(8, 32), bits=4, group_size=32)
@@ -182,3 +213,29 @@ def test_lorc_reduces_error():
     assert base > errs[0] > errs[1] > errs[2]
     with pytest.raises(ValueError, match="rank must be a positive int"):
         lorc_factors(w, w_hat, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_triton
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
+def test_cuda_int_kernel_matches_reference(bits, symmetric):
+    """Compiled kernel, fp16 and bf16 x (the mantissa conversion, and bf16 int8's plain
+    one), 16-row tiles with one-kernel split-K (bit-identical repeats, counters left at
+    zero) and 32/64-row tiles with atomic split-K."""
+    from fscale.kernels._triton import arrival_counters
+
+    gen = torch.Generator(device="cuda").manual_seed(bits)
+    w = torch.randn(384, 1024, generator=gen, device="cuda")
+    p = intq.pack_int(w, bits=bits, group_size=128, symmetric=symmetric)
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in (1, 20, 100):
+            x = torch.randn(m, 1024, generator=gen, device="cuda").to(dtype)
+            b = torch.randn(384, generator=gen, device="cuda").to(dtype)
+            got = intq.int_linear_triton(x, p, b, split_k=4)
+            want = intq.int_linear_reference(x.double(), p, b.double())
+            assert got.dtype == dtype and _rel(got.double(), want) < 1e-2
+            if m <= 16:
+                assert torch.equal(got, intq.int_linear_triton(x, p, b, split_k=4))
+    torch.cuda.synchronize()
+    assert not arrival_counters(x.device, 1).any()
