@@ -319,18 +319,15 @@ def candidate_configs(m: int) -> list[dict]:
     2-warp programs over 64 columns best on 8192-wide layers (28672 x 8192: 75.5 us
     with 4-way split-K vs 92 us for the default) and 4-warp programs over 128 on
     4096-wide ones (12288 x 4096: 19.1 vs 20.8 us)."""
-    rows = [
-        (64, 4, 3, None),
-        (64, 2, 3, 8),
-        (64, 2, 3, 16),
-        (64, 2, 4, 4),
-        (128, 4, 3, 4),
-        (128, 4, 3, 8),
-    ]
-    return [
+    rows = [(64, 4, 3, None), (64, 2, 3, 8), (64, 2, 3, 16), (64, 2, 4, 4), (128, 4, 3, 4),
+            (128, 4, 3, 8)]  # fmt: skip
+    cfgs = [
         dict(block_n=bn, num_warps=nw, num_stages=ns, **({} if wv is None else {"waves": wv}))
         for bn, nw, ns, wv in rows
     ]
+    if m > 16:  # 16-row tiles too (fpx_linear's win at M=32): scaled after the dot
+        cfgs += [dict(c, block_m=16) for c in cfgs[1:] if c["num_stages"] == 3]
+    return cfgs
 
 
 _kernel = LazyJit(_int_linear_kernel)
