@@ -190,25 +190,36 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # is 4.25 bits per element against fp16's 16, so a kernel that loads the packed
 # codes and dequantizes in registers moves ~3.8x fewer bytes. Each program owns a
 # BLOCK_M x BLOCK_N tile of y and a contiguous range of K chunks (split-K: with
-# M = 1 an 8192-wide layer has only 128 column tiles, too few programs to keep
-# an H200's 132 SMs streaming, so K is split until there are ~4 programs per SM
-# and the partial sums meet in an fp32 buffer through atomic adds). BLOCK_K
-# divides the group size, so one chunk needs one scale (and one minimum) per
-# output column. Int4 bytes are split into their two nibbles and re-interleaved
-# with tl.join (element 2j low, 2j + 1 high: the order pack_int writes). The dot
-# runs in x's dtype (fp16/bf16 tensor cores on GPU), accumulating in fp32; under
-# the CPU interpreter use fp32 x (bf16 tl.dot is wrong there, DESIGN section 7).
-# Measured on an H200 (fp16 x, g128, kernel time in CUDA graphs, vs cuBLAS x @ w.t()
-# likewise): 8192 x 8192 at M = 1-8, int4 29 us vs 37 us (1.28x), int8 31-32 us;
-# 28672 x 8192 at M = 1-8, int4 87-99 us vs 109 us (1.1-1.25x); parity at M = 32;
-# 0.35-0.47x at M >= 128 with the larger tiles. That is ~1.3 TB/s of packed weight,
-# far from the 3.8x that int4's bytes allow: the nibble unpack (join/reshape) and
-# the 16-row MMA tile for M = 1 are the next things to fix (a GEMV path without
-# tl.dot for M <= 4). Called eagerly, each call also costs ~80-100 us of host time
-# on that machine (Triton's launcher, the fp32 split-K buffer and its cast),
-# which hides the gain for layers under ~0.1 ms: capture decoding in a CUDA graph.
-# A dequantize-then-cuBLAS fallback through the torch reference was far worse
-# (0.05-0.19x at M >= 128: it materializes fp32 weights), so every M stays fused.
+# M = 1 an 8192-wide layer has only 128 column tiles, too few programs to keep an
+# H200's 132 SMs streaming). BLOCK_K divides the group size, so one chunk needs one
+# scale (and one minimum) per output column. What keeps the per-weight work small:
+# - The codes are loaded as W^T [BLOCK_K, BLOCK_N] with K fastest, the order of the
+#   MMA's B registers (pairs along K); int4 bytes are split into their nibbles and
+#   interleaved with tl.join (element 2j low, 2j + 1 high: the order pack_int writes).
+#   The earlier [BLOCK_N, BLOCK_K] tile went through shared memory for tl.trans.
+# - An unsigned code u ORed into the mantissa of 1024.0 (fp16) is the float 1024 + u,
+#   so code -> fp16 is one logic op and a paired subtraction (HADD2), not an int ->
+#   float conversion (bf16 int4 uses 128.0; bf16 int8 needs 8 mantissa bits and
+#   converts plainly).
+# - With 16-row tiles the integer-valued weights go into the dot as they are and the
+#   group's scale (and minimum times the row sums of x) multiplies the fp32 product:
+#   a multiply per output, not per weight. Larger tiles scale each weight instead
+#   (Triton's warpgroup MMA cannot accumulate a scaled product in place: 1.6x slower
+#   at M=128).
+# - Split-K partials meet in one kernel for 16-row tiles ([Note: split-K without
+#   extra kernels] in fpx_triton.py), and launches up to TUNE_MAX_M rows are tuned
+#   per shape by CUDA-graph kernel time, as fpx_linear's are.
+# The sm_90 SASS of the loop (16 x 64 x 128 tile, 4 warps, triton 3.9): int4 477 -> 392
+# instructions (7.5 -> 6.1 per weight); int8 stays at ~390, but its 64 I2F (a
+# quarter-rate pipe) and 64 FMUL became logic ops and HADD2. Measured on H200 (fp16
+# x, g128, graph replay, vs cuBLAS x @ w.t(); bench/results/fpx_linear-nvidia-h200.json):
+# int4 1.41-1.62x at M=1 (was 1.09-1.34x), int8 1.37-1.54x (was 1.11-1.19x); 0.8-1.0x
+# at M=32; 0.42-0.51x at M=128 and ~0.35-0.38x at M >= 512, where there is no
+# dequantize + cuBLAS path yet (fpx has one); a fallback through the torch reference
+# was far worse (0.05-0.19x at M >= 128: it materializes fp32 weights). Called
+# eagerly, each call costs tens of us of host time (Triton's launcher): capture
+# decoding in a CUDA graph. Under the CPU interpreter use fp16 or fp32 x (bf16
+# tl.dot is wrong there, DESIGN section 7).
 
 
 def _int_linear_kernel(
