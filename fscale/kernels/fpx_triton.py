@@ -29,10 +29,10 @@ top of its byte, and keeping the sign bit while shifting exponent|mantissa right
 
 [Note: FPx linear performance, what was measured and what bounds it]
 H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
-kernel time): fp6 1.63x cuBLAS fp16 at M=1 on 8192 x 8192, 1.78x / 1.84x on 28672 x
-8192 / 8192 x 28672 (1.44-1.68x at M=8), 0.78-1.21x at M=32, 0.45-0.48x at M=128;
-through the pipelined dequantize + cuBLAS path 0.68-0.73x at M=512 and 0.94-0.96x at
-M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2:
+kernel time; 2026-11-23): fp6 1.71x cuBLAS fp16 at M=1 on 8192 x 8192, 1.81x / 1.88x
+on 28672 x 8192 / 8192 x 28672 (1.53-1.68x at M=8), 0.78-1.21x at M=32, 0.58-0.72x at
+M=128; through the pipelined dequantize + cuBLAS path 0.69-0.77x at M=512 and
+0.93-0.96x at M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2:
 1.8 ms for 28672 x 8192, now whole words). On a 7B model's 4096-wide layers a sweep
 found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves of
 4-warp programs (4096 x 4096/11008) 1.2-1.5x faster than the earlier candidates (e.g.
@@ -56,10 +56,11 @@ per weight at 4 warps, bn=64) and more programs per tile (split-K) add the zero 
 cast kernels, so both were no faster then. The byte image took 71.3 -> 66 us at M=1,
 79.9 -> 74.5 us at M=16 (1.49x -> 1.60x cuBLAS, 1.41x -> 1.52x); one-kernel split-K
 (``split_mode``) then made 8 waves of 4-warp programs pay: 61 us at M=1.
-M=32..128: every M tile re-reads x from L2 in 16-column slices, one per 16-row dot;
-the time grows with M long before the tensor cores are busy. M=128 is 60 GFLOP:
-0.075 ms at the ~800 TFLOP/s dense rate, so 2x of cuBLAS's 0.132 ms (0.066 ms) is
-below the tensor-core floor anyway. M >= 512: the dequantize (~0.17 ms) overlaps the
+M=32..128: 16- and 32-row tiles run mma.sync with the rebuilt weights in registers;
+from 64 rows the warpgroup MMA takes 128 rows of K per dot ([Note: K per dot]), and
+the rebuild and the MMA of a program take turns. M=128 is 60 GFLOP: 0.075 ms at the
+~800 TFLOP/s dense rate, so 2x of cuBLAS's 0.132 ms (0.066 ms) is below the
+tensor-core floor anyway. M >= 512: the dequantize (~0.17 ms) overlaps the
 GEMM only partly (both want the SMs); 0.95x there needs a fused GEMM at cuBLAS's
 efficiency.
 Tried and dropped (2026-11-23, H200, graph replay): swapping the operands (y^T = W x^T,
@@ -71,7 +72,11 @@ their 16-byte cp.async: 40.9 vs 32.9 us at M=1 and 56.9 vs 38.3 us at M=16 on
 both are far below cuBLAS). The time at bm=32 (84 us) is over twice bm=16's (38 us)
 although each weight is rebuilt once in both: what grows with BM is the dot side
 (x tiles and the register operand's layout conversion), not the rebuild.
-Also tried and dropped (2026-11-23): plane loads through TMA tensor descriptors (no
+Also tried and dropped (2026-11-23): a byte-permute rebuild (the masked byte words of
+k rows 2i and 2i + 1 split apart with reshape/split, then one PRMT per mma B register,
+so the pair needs no shift): 336 -> 270 loop instructions compiled by triton 3.9, but
+triton 3.6 (the GPU machines') gave the dot other layouts (x without ldmatrix, more
+moves: 343), and it ran 0-15% slower at M=1..32. Plane loads through TMA tensor descriptors (no
 faster: 66.2 vs 66.1 us at M=1, 71.4 vs 74.7 at M=16, slower on 4096-wide layers:
 the loads were not the limit); a CUDA-core product for M <= 8 (fp32 FMAs on [BM, 16,
 C] partial sums, no tensor cores): 96 vs 71 us at M=1 (the fp16 -> fp32 conversion
