@@ -9,9 +9,8 @@ One run does everything, in this order:
      (N, K) in (8192, 8192), (28672, 8192), (8192, 28672) and M in 1, 8, 32, 128, 512,
      2048: cuBLAS fp16, then per format ``fpx_linear`` / ``int_linear`` as dispatch
      runs it (the first call per shape and M bucket tunes the launch among the
-     module's ``candidate_configs``, for int only up to ``intq.TUNE_MAX_M``: the
-     choice is recorded) and, with ``--sweep``, more
-     launch configurations. Each is timed eagerly (``do_bench``: host launch time
+     module's ``candidate_configs``: the choice is recorded) and, with ``--sweep``,
+     more launch configurations. Each is timed eagerly (``do_bench``: host launch time
      shows where it exceeds the kernels') and replayed from a CUDA graph
      (``do_bench_cudagraph``: the kernels alone, as a serving engine runs them).
 Weight bytes: fp16 2 B, fpx (1+E+M)/8 B per weight + 4 B per output channel, int8/int4

@@ -8,7 +8,7 @@ linear layer runs through fscale's kernel table exactly as ``fs.quantize`` route
 (all 32 layers) is captured in a CUDA graph per format and batch -- the way a serving
 engine runs decoding, and the only fair way to compare: eager launches of ~230
 kernels cost more host time than a 4 ms step has. The first eager call per shape
-tunes the kernel launch (fpx, and int up to intq.TUNE_MAX_M rows), before capture.
+tunes the kernel launch (fpx and int kernels), before capture.
 
 Before timing, each quantized stack's logits are checked against the same stack run
 with the dequantized weights in fp16 (relative error of the last hidden state).

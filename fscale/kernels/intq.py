@@ -207,8 +207,9 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 #   (Triton's warpgroup MMA cannot accumulate a scaled product in place: 1.6x slower
 #   at M=128).
 # - Split-K partials meet in one kernel for 16-row tiles ([Note: split-K without
-#   extra kernels] in fpx_triton.py), and launches up to TUNE_MAX_M rows are tuned
-#   per shape by CUDA-graph kernel time, as fpx_linear's are.
+#   extra kernels] in fpx_triton.py), and launches are tuned per shape and M bucket by
+#   CUDA-graph kernel time, as fpx_linear's are; above 32 rows the choice is the
+#   fused kernel or dequantize (``dequantize_int_triton``) + cuBLAS.
 # The sm_90 SASS of the loop (16 x 64 x 128 tile, 4 warps, triton 3.9): int4 477 -> 392
 # instructions (7.5 -> 6.1 per weight); int8 stays at ~390, but its 64 I2F (a
 # quarter-rate pipe) and 64 FMUL became logic ops and HADD2. Measured on H200 (fp16
@@ -315,11 +316,60 @@ def _int_linear_kernel(
             tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_FUSED_MAX_M = None  # no limit: see the measurements in the Note
+def _int_dequant_kernel(
+    q_ptr, s_ptr, lo_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
+    GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """W [N, K] in w's dtype, as ``unpack_int`` computes it (q * scale (+ lo) in fp32)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    if BITS == 8:
+        q = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=n_ok[:, None], other=0)
+        q = q.to(tl.float32) + (0.0 if SYMMETRIC else 128.0)
+    else:
+        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(q_ptr + rn[:, None] * stride_qn + rb[None, :], mask=n_ok[:, None], other=0)
+        b = b.to(tl.int32)
+        q = tl.reshape(tl.join(b & 0xF, b >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        q = q - (8.0 if SYMMETRIC else 0.0)
+    s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
+    w = q * s[:, None]
+    if not SYMMETRIC:
+        w = w + tl.load(lo_ptr + rn * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+    out = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+    tl.store(out, w.to(w_ptr.dtype.element_ty), mask=n_ok[:, None])
 
-#: M up to which the first CUDA call per (format, N, K, M bucket) times
-#: ``candidate_configs`` and keeps the fastest; above it the fixed defaults run.
-TUNE_MAX_M = 32
+
+_dequant_kernel = LazyJit(_int_dequant_kernel)
+
+
+def dequantize_int_triton(p: PackedInt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype`` (``unpack_int(p).to(dtype)``) by a kernel.
+
+    Under the interpreter bf16 comes out truncated rather than rounded (its fp32 ->
+    bf16 cast), so compare bf16 on a GPU.
+    """
+    kernel, interpret = _dequant_kernel()
+    N, K = p.shape
+    w = torch.empty(N, K, dtype=dtype, device=p.device)
+    block_k = min(p.group_size, 128)
+    lo = p.lo if p.lo is not None else p.scale
+    kernel[(triton.cdiv(N, 32), K // block_k)](
+        p.codes, p.scale, lo, w, N, K, p.codes.stride(0), p.scale.stride(0), w.stride(0),
+        GROUP=p.group_size, BITS=p.bits, SYMMETRIC=p.symmetric, BLOCK_N=32, BLOCK_K=block_k,
+        **({} if interpret else {"num_warps": 4}),
+    )  # fmt: skip
+    return w
+
+
+_FUSED_MAX_M = None  # tuned: see the Note
+
+#: Untuned (the interpreter), from this many rows the weight is dequantized by a
+#: kernel and cuBLAS multiplies; on CUDA the first call per shape and M bucket tunes.
+DEQUANT_MIN_M = 256
 _TUNED: dict[tuple, dict] = {}
 _TUNE_LOG: dict[tuple, list] = {}
 
@@ -336,6 +386,8 @@ def candidate_configs(m: int) -> list[dict]:
         dict(block_n=bn, num_warps=nw, num_stages=ns, **({} if wv is None else {"waves": wv}))
         for bn, nw, ns, wv in rows
     ]
+    if m > 32:  # the default tile, or dequantize + cuBLAS
+        return [{}, {"dequant": True}]
     if m > 16:  # 16-row tiles too (fpx_linear's win at M=32): scaled after the dot
         cfgs += [dict(c, block_m=16) for c in cfgs[1:] if c["num_stages"] == 3]
     return cfgs
@@ -356,8 +408,10 @@ def int_linear_triton(
     """Fused dequantize + matmul (see [Note: the weight-only int kernel]); any M, N.
 
     ``split_k``: K partitions (default: the power of two giving ~4 programs per SM);
-    ``fused_max_m``: above this many rows, dequantize and call ``F.linear`` (None: never);
-    ``config``: launch overrides (keys block_m, block_n, block_k, num_warps, num_stages).
+    ``fused_max_m``: above this many rows dequantize (``dequantize_int_triton``) and
+    call ``F.linear`` (None: tune on CUDA, else ``DEQUANT_MIN_M`` decides);
+    ``config``: launch overrides (keys block_m, block_n, block_k, num_warps, num_stages,
+    waves) or ``{"dequant": True}``.
     """
     if triton is None:
         raise RuntimeError("int_linear_triton needs triton; use int_linear_reference.")
@@ -373,24 +427,29 @@ def int_linear_triton(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if fused_max_m is not None and M > fused_max_m:
-        return int_linear_reference(x, p, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if config is None and split_k is None and x.device.type == "cuda" and M <= TUNE_MAX_M:
+    if config is None and split_k is None and x.device.type == "cuda" and fused_max_m is None:
         config = tune(
             _TUNED, _TUNE_LOG, (p.fmt, p.group_size, p.symmetric, N, K, bucket(M), str(x.device)),
             candidate_configs(M),
             lambda cfg: int_linear_triton(x2, p, bias, config=cfg),
             f"int_linear_triton ({p.fmt} N={N} K={K} M={M} on {x.device})",
         )  # fmt: skip
+    config = dict(config or {})
+    dequant = config.pop("dequant", M >= DEQUANT_MIN_M if fused_max_m is None else M > fused_max_m)
+    if dequant and x2.dtype in (torch.float16, torch.bfloat16):
+        # Large M is compute-bound: dequantize once (a memory-bound kernel), then cuBLAS.
+        w = dequantize_int_triton(p, x2.dtype)
+        b = None if bias is None else bias.to(x2.dtype)
+        return F.linear(x2, w, b).reshape(*lead, N)
     cfg = {
         "block_m": 16 if M <= 16 else (32 if M <= 32 else 64),
         "block_n": 64 if M <= 64 else 128,
         "block_k": min(p.group_size, 128 if M <= 64 else 64),
         "num_warps": 4 if M <= 64 else 8,
         "num_stages": 3,
-        **(config or {}),
+        **config,
     }
     block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     if p.group_size % block_k:

@@ -137,12 +137,29 @@ def test_every_tuning_candidate_matches_reference(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
+def test_dequantize_kernel_is_unpack(monkeypatch, bits, symmetric):
+    """``dequantize_int_triton`` writes ``unpack_int(p)`` in fp16 (an fp32 multiply-add
+    fused or not: at most one fp16 step apart, almost always equal)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = intq.pack_int(_rand(40, 256, seed=bits), bits=bits, group_size=64, symmetric=symmetric)
+    got = intq.dequantize_int_triton(p, torch.float16)
+    want = intq.unpack_int(p).half()
+    assert got.shape == want.shape and got.dtype == torch.float16
+    steps = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-3) * 1024
+    assert steps.max() <= 1.0 and (got == want).float().mean() > 0.99
+
+
+@needs_triton
 def test_int_linear_triton_large_m_falls_back(monkeypatch):
+    """Above ``fused_max_m`` rows (or, untuned, from DEQUANT_MIN_M) fp16/bf16 x takes
+    the dequantize kernel and F.linear."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     p = intq.pack_int(_rand(8, 32), bits=4, group_size=32)
-    x = _rand(3, 7, 32)
+    x = _rand(3, 7, 32).half()
     y = intq.int_linear_triton(x, p, fused_max_m=4)  # 21 rows: dequantize + F.linear
-    torch.testing.assert_close(y, intq.int_linear_reference(x, p))
+    torch.testing.assert_close(y, F.linear(x, intq.dequantize_int_triton(p, torch.float16)))
+    assert _rel(y.float(), intq.int_linear_reference(x.float(), p)) < 2e-3
 
 
 def test_w8a8_int_mm_matches_reference_and_float():
@@ -222,14 +239,15 @@ def test_lorc_reduces_error():
 def test_cuda_int_kernel_matches_reference(bits, symmetric):
     """Compiled kernel, fp16 and bf16 x (the mantissa conversion, and bf16 int8's plain
     one), 16-row tiles with one-kernel split-K (bit-identical repeats, counters left at
-    zero) and 32/64-row tiles with atomic split-K."""
+    zero), 32/64-row tiles with atomic split-K, and from DEQUANT_MIN_M rows the
+    dequantize kernel (bf16 rounded to nearest) and cuBLAS."""
     from fscale.kernels._triton import arrival_counters
 
     gen = torch.Generator(device="cuda").manual_seed(bits)
     w = torch.randn(384, 1024, generator=gen, device="cuda")
     p = intq.pack_int(w, bits=bits, group_size=128, symmetric=symmetric)
     for dtype in (torch.float16, torch.bfloat16):
-        for m in (1, 20, 100):
+        for m in (1, 20, 100, 300):  # 300 rows: dequantize kernel + cuBLAS
             x = torch.randn(m, 1024, generator=gen, device="cuda").to(dtype)
             b = torch.randn(384, generator=gen, device="cuda").to(dtype)
             got = intq.int_linear_triton(x, p, b, split_k=4)
