@@ -215,9 +215,10 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # quarter-rate pipe) and 64 FMUL became logic ops and HADD2. Measured on H200 (fp16
 # x, g128, graph replay, vs cuBLAS x @ w.t(); bench/results/fpx_linear-nvidia-h200.json):
 # int4 1.41-1.62x at M=1 (was 1.09-1.34x), int8 1.37-1.54x (was 1.11-1.19x); 0.8-1.0x
-# at M=32; 0.42-0.51x at M=128 and ~0.35-0.38x at M >= 512, where there is no
-# dequantize + cuBLAS path yet (fpx has one); a fallback through the torch reference
-# was far worse (0.05-0.19x at M >= 128: it materializes fp32 weights). Called
+# at M=32; 0.43-0.50x at M=128. From M=512 the dequantize kernel + cuBLAS wins:
+# 0.65-0.74x at 512 and 0.89-0.94x at 2048 (the fused kernel: 0.34-0.38x); the
+# earlier fallback through the torch reference was far worse (0.05-0.19x at M >= 128:
+# it materializes fp32 weights). Called
 # eagerly, each call costs tens of us of host time (Triton's launcher): capture
 # decoding in a CUDA graph. Under the CPU interpreter use fp16 or fp32 x (bf16
 # tl.dot is wrong there, DESIGN section 7).
@@ -387,7 +388,7 @@ def candidate_configs(m: int) -> list[dict]:
         for bn, nw, ns, wv in rows
     ]
     if m > 32:  # the default tile, or dequantize + cuBLAS
-        return [{}, {"dequant": True}]
+        return [{"dequant": False}, {"dequant": True}]
     if m > 16:  # 16-row tiles too (fpx_linear's win at M=32): scaled after the dot
         cfgs += [dict(c, block_m=16) for c in cfgs[1:] if c["num_stages"] == 3]
     return cfgs
