@@ -29,12 +29,12 @@ top of its byte, and keeping the sign bit while shifting exponent|mantissa right
 
 [Note: FPx linear performance, what was measured and what bounds it]
 H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
-kernel time; 2026-11-23): fp6 1.71x cuBLAS fp16 at M=1 on 8192 x 8192, 1.81x / 1.88x
-on 28672 x 8192 / 8192 x 28672 (1.53-1.68x at M=8), 0.78-1.21x at M=32, 0.58-0.72x at
-M=128; through the pipelined dequantize + cuBLAS path 0.69-0.77x at M=512 and
-0.93-0.96x at M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at stride 2:
-1.8 ms for 28672 x 8192, now whole words). On a 7B model's 4096-wide layers a sweep
-found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves of
+kernel time; 2026-11-23): fp6 1.70x cuBLAS fp16 at M=1 on 8192 x 8192, 1.81-1.96x /
+1.88x on 28672 x 8192 / 8192 x 28672 (1.51-1.84x at M=8), 0.78-1.21x at M=32, 0.58-0.72x
+at M=128; through the pipelined dequantize + cuBLAS path 0.69-0.77x at M=512 and
+0.92-0.96x at M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at
+stride 2: 1.8 ms for 28672 x 8192, now whole words). On a 7B model's 4096-wide layers a
+sweep found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves of
 4-warp programs (4096 x 4096/11008) 1.2-1.5x faster than the earlier candidates (e.g.
 12288 x 4096, M=16: 24.5 vs 36.7 us; cuBLAS 27.6); those are candidates now. The zero
 and cast kernels of split-K cost 2-3 us there (19.4 us in all vs 17.4 us for the main
@@ -76,8 +76,8 @@ Also tried and dropped (2026-11-23): a byte-permute rebuild (the masked byte wor
 k rows 2i and 2i + 1 split apart with reshape/split, then one PRMT per mma B register,
 so the pair needs no shift): 336 -> 270 loop instructions compiled by triton 3.9, but
 triton 3.6 (the GPU machines') gave the dot other layouts (x without ldmatrix, more
-moves: 343), and it ran 0-15% slower at M=1..32. Plane loads through TMA tensor descriptors (no
-faster: 66.2 vs 66.1 us at M=1, 71.4 vs 74.7 at M=16, slower on 4096-wide layers:
+moves: 343), and it ran 0-15% slower at M=1..32. Plane loads through TMA tensor
+descriptors (no faster: 66.2 vs 66.1 us at M=1, 71.4 vs 74.7 at M=16, slower on 4096-wide layers:
 the loads were not the limit); a CUDA-core product for M <= 8 (fp32 FMAs on [BM, 16,
 C] partial sums, no tensor cores): 96 vs 71 us at M=1 (the fp16 -> fp32 conversion
 is one more instruction per weight) and 2-3x slower at M=4..8.

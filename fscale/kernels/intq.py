@@ -218,10 +218,9 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # at M=32; 0.43-0.50x at M=128. From M=512 the dequantize kernel + cuBLAS wins:
 # 0.65-0.74x at 512 and 0.89-0.94x at 2048 (the fused kernel: 0.34-0.38x); the
 # earlier fallback through the torch reference was far worse (0.05-0.19x at M >= 128:
-# it materializes fp32 weights). Called
-# eagerly, each call costs tens of us of host time (Triton's launcher): capture
-# decoding in a CUDA graph. Under the CPU interpreter use fp16 or fp32 x (bf16
-# tl.dot is wrong there, DESIGN section 7).
+# it materializes fp32 weights). Called eagerly, each call costs tens of us of host
+# time (Triton's launcher): capture decoding in a CUDA graph. Under the CPU
+# interpreter use fp16 or fp32 x (bf16 tl.dot is wrong there, DESIGN section 7).
 
 
 def _int_linear_kernel(
