@@ -201,11 +201,11 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 #   so code -> fp16 is one logic op and a paired subtraction (HADD2), not an int ->
 #   float conversion (bf16 int4 uses 128.0; bf16 int8 needs 8 mantissa bits and
 #   converts plainly).
-# - With 16-row tiles the integer-valued weights go into the dot as they are and the
-#   group's scale (and minimum times the row sums of x) multiplies the fp32 product:
-#   a multiply per output, not per weight. Larger tiles scale each weight instead
-#   (Triton's warpgroup MMA cannot accumulate a scaled product in place: 1.6x slower
-#   at M=128).
+# - With 16- and 32-row tiles (mma.sync) the integer-valued weights go into the dot
+#   as they are and the group's scale (and minimum times the row sums of x)
+#   multiplies the fp32 product: a multiply per output, not per weight. 64-row tiles
+#   scale each weight instead (Triton's warpgroup MMA cannot accumulate a scaled
+#   product in place: 1.6x slower at M=128).
 # - Split-K partials meet in one kernel for 16-row tiles ([Note: split-K without
 #   extra kernels] in fpx_triton.py), and launches are tuned per shape and M bucket by
 #   CUDA-graph kernel time, as fpx_linear's are; above 32 rows the choice is the
@@ -276,15 +276,15 @@ def _int_linear_kernel(
         s = tl.load(s_ptr + rn * stride_sn + grp, mask=n_ok, other=0.0)
         if not SYMMETRIC:
             lo = tl.load(lo_ptr + rn * stride_sn + grp, mask=n_ok, other=0.0)
-        if BLOCK_M <= 16:
+        if BLOCK_M < 64:
             # The group's scale and minimum apply to the product (BLOCK_K divides
             # the group): fp32, one multiply per output instead of one per weight.
             acc += tl.dot(x, w) * s[None, :]
             if not SYMMETRIC:
                 acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * lo[None, :]
         else:
-            # Larger tiles scale each weight, so that the MMAs accumulate in place
-            # (a product per chunk made 128 rows 1.6x slower on H200).
+            # 64-row tiles (warpgroup MMAs) scale each weight, so that the MMAs
+            # accumulate in place (a product per chunk made M=128 1.6x slower).
             w = w.to(tl.float32) * s[None, :]
             if not SYMMETRIC:
                 w = w + lo[None, :]
@@ -388,7 +388,7 @@ def candidate_configs(m: int) -> list[dict]:
     ]
     if m > 32:  # the default tile, or dequantize + cuBLAS
         return [{"dequant": False}, {"dequant": True}]
-    if m > 16:  # 16-row tiles too (fpx_linear's win at M=32): scaled after the dot
+    if m > 16:  # 16-row tiles too (fpx_linear's win at M=32)
         cfgs += [dict(c, block_m=16) for c in cfgs[1:] if c["num_stages"] == 3]
     return cfgs
 
