@@ -214,9 +214,10 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # instructions (7.5 -> 6.1 per weight); int8 stays at ~390, but its 64 I2F (a
 # quarter-rate pipe) and 64 FMUL became logic ops and HADD2. Measured on H200 (fp16
 # x, g128, graph replay, vs cuBLAS x @ w.t(); bench/results/fpx_linear-nvidia-h200.json):
-# int4 1.41-1.62x at M=1 (was 1.09-1.34x), int8 1.37-1.54x (was 1.11-1.19x); 0.8-1.0x
-# at M=32; 0.43-0.50x at M=128. From M=512 the dequantize kernel + cuBLAS wins:
-# 0.65-0.74x at 512 and 0.89-0.94x at 2048 (the fused kernel: 0.34-0.38x); the
+# int4 1.41-1.62x at M=1 (was 1.09-1.34x), int8 1.37-1.54x (was 1.11-1.19x); at M=32
+# int4 1.01-1.16x, int8 0.81-1.04x (scaling each weight there: 0.85-0.98x, 0.80-0.89x);
+# 0.42-0.50x at M=128. From M=512 the dequantize kernel + cuBLAS wins: 0.65-0.78x at
+# 512 and 0.89-0.94x at 2048 (the fused kernel: 0.34-0.38x); the
 # earlier fallback through the torch reference was far worse (0.05-0.19x at M >= 128:
 # it materializes fp32 weights). Called eagerly, each call costs tens of us of host
 # time (Triton's launcher): capture decoding in a CUDA graph. Under the CPU
