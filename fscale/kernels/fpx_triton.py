@@ -409,6 +409,10 @@ def candidate_configs(m: int) -> list[dict]:
             # One wave of 2-warp programs over 128 channels: the fewest instructions
             # per weight; best on 28672 x 8192 at M=1..16 (a sweep, 2026-11-23).
             (bm, 128, 1, 2, 4),
+            # 2-warp, 2-stage programs in 4-8 waves: best at M=1 on 12288/11008 x 4096
+            # (17.8 / 16.5 vs 19.4 / 17.7 us; a sweep of bn 32/64, 1-4 warps, 2-3
+            # stages, 1-8 waves, 2026-11-23; bn=32 never won).
+            (bm, 64, 8, 2, 2), (bm, 64, 4, 2, 2),
         ]  # fmt: skip
         if m > 16:
             # Above 16 rows a sweep (H200, M=32) found one or two waves best, and on
