@@ -107,14 +107,16 @@ def test_int_linear_triton_matches_reference(
 
 @needs_triton
 @pytest.mark.parametrize(
-    "bits,symmetric,split_k", [(4, True, 4), (4, False, 1), (8, True, 2), (8, False, 4)]
+    "bits,symmetric,split_k,m",
+    [(4, True, 4, 3), (4, False, 1, 20), (8, True, 2, 1), (8, False, 4, 3)],
 )
-def test_int_linear_triton_fp16_codes_via_the_mantissa(monkeypatch, bits, symmetric, split_k):
+def test_int_linear_triton_fp16_codes_via_the_mantissa(monkeypatch, bits, symmetric, split_k, m):
     """fp16 activations take the kernel's OR-into-the-mantissa conversion of the codes
-    (exact), and split-K sums the partials in one kernel (16-row tiles): the result is
-    the reference's to fp16 rounding, and the same bits on a second launch."""
+    (exact) and the scale applied to the product (16- and 32-row tiles); split-K sums
+    the partials in one kernel for 16-row tiles: the result is the reference's to fp16
+    rounding, and the same bits on a second launch."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    w, x = _rand(48, 512, seed=bits), _rand(3, 512, seed=7).half()
+    w, x = _rand(48, 512, seed=bits), _rand(m, 512, seed=7).half()
     b = _rand(48, seed=8).half()
     p = intq.pack_int(w, bits=bits, group_size=64, symmetric=symmetric)
     got = intq.int_linear_triton(x, p, b, split_k=split_k)
