@@ -91,9 +91,7 @@ def kernel_time(fn) -> float:
     """
     from triton import testing
 
-    fn()  # compile outside any capture
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("the first call per shape tunes its launch; make it before capture.")
+    fn()  # compile
     try:
         return testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
     except Exception:  # not capturable here: time it eagerly
@@ -111,6 +109,12 @@ def tune(table: dict, log: dict, key, candidates: list[dict], run, what: str) ->
                    lambda cfg: my_linear(x, p, config=cfg), "my_linear N=.. K=..")
     """
     if key not in table:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Timing launches inside a capture would record them into the graph.
+            raise RuntimeError(
+                f"{what}: the first call per shape and M bucket tunes its launch, which "
+                "cannot happen during CUDA graph capture; make one eager call first."
+            )
         times = []
         for cfg in candidates:
             fn = lambda cfg=cfg: run(cfg)  # noqa: E731 (the default names the candidate)

@@ -408,6 +408,20 @@ def test_first_gpu_call_tunes_once_and_keeps_the_fastest(interpret, monkeypatch)
     assert [c.get("dequant") for c in fpx_triton.candidate_configs(512)][-1] is True
 
 
+@needs_triton
+def test_tuning_during_graph_capture_is_a_clear_error(interpret, monkeypatch):
+    """The first call per shape times launches; inside a CUDA graph capture it would
+    record them into the graph, so it says to make an eager call first (and keeps no
+    choice)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(fpx_triton, "_TUNED", {})
+    p = fpx.pack(torch.randn(64, 256), "e3m2")
+    with pytest.raises(RuntimeError, match="eager call first"):
+        fpx_triton._tune(torch.randn(3, 256), p, None)
+    assert fpx_triton._TUNED == {}
+
+
 def _compile_for_sm90(**const):
     """Compile the kernel for sm_90 without a GPU (catches what the interpreter cannot:
     Triton's typing and constexpr rules, shared-memory limits)."""
