@@ -98,17 +98,21 @@ def kernel_time(fn) -> float:
         return testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def tune(table: dict, log: dict, key, candidates: list[dict], run, what: str) -> dict:
-    """The fastest of ``candidates`` for ``key``, timed once (``run(cfg)`` launches one)
+def tune(table: dict, log: dict, key: tuple, candidates, run, what: str) -> dict:
+    """The fastest of ``candidates()`` for ``key``, timed once (``run(cfg)`` launches one)
     and kept in ``table`` (every candidate's time in ``log``), as ``triton.autotune``
-    would; a candidate that fails to compile or launch is skipped.
+    would; a candidate that fails to compile or launch is skipped. ``what`` names the
+    op and the fields of ``key`` for errors. After the first call per key this is one
+    dict lookup (it sits on every launch's path).
 
     Usage::
 
-        cfg = tune(_TUNED, _TUNE_LOG, (fmt, n, k, bucket(m), dev), candidates,
-                   lambda cfg: my_linear(x, p, config=cfg), "my_linear N=.. K=..")
+        cfg = tune(_TUNED, _TUNE_LOG, (fmt, n, k, bucket(m), dev), lambda: candidates(m),
+                   lambda cfg: my_linear(x, p, config=cfg), "my_linear (fmt, N, K, M, device)")
     """
     if key not in table:
+        what = f"{what} = {key}"
+        candidates = candidates()
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             # Timing launches inside a capture would record them into the graph.
             raise RuntimeError(
@@ -130,3 +134,18 @@ def tune(table: dict, log: dict, key, candidates: list[dict], run, what: str) ->
         table[key] = min(times, key=lambda t: t[0])[1]
         log[key] = times
     return table[key]
+
+
+def split_mode(bm: int, programs_along_k: int) -> int:
+    """How a launch's programs along K combine: 0 none (one per tile), 1 fp32 atomic
+    adds into a zeroed y then a cast, 2 the last program of a tile sums the partials.
+
+    Mode 2 saves the zero and cast kernels ([Note: split-K without extra kernels]) and
+    won at M <= 16 on H200 (7B decode, fp6, batch 1: 263 -> 288 tok/s; 8192 x 8192,
+    M=1: 27.8 -> 23.2 us; 28672 x 8192, M=1: 63.0 -> 61.0 us, now with 8 waves of
+    split-K); with 32-row tiles its tail (one program per tile reading every partial)
+    lost (8192 x 28672, M=32: 114 -> 128 us), so those keep mode 1 (115 us).
+    """
+    if programs_along_k <= 1:
+        return 0
+    return 2 if bm <= 16 else 1

@@ -95,6 +95,7 @@ from fscale.kernels._triton import (
     bucket,
     interpreting,
     sm_count,
+    split_mode,
     tune,
 )
 
@@ -455,9 +456,9 @@ def _tune(x2, p, bias) -> dict:
     n, k = p.shape
     m = x2.shape[0]
     return tune(
-        _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)), candidate_configs(m),
-        lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
-        f"fpx_linear_triton ({p.fmt} N={n} K={k} M={m} on {x2.device})",
+        _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)),
+        lambda: candidate_configs(m), lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
+        "fpx_linear_triton (fmt, N, K, M bucket, device)",
     )  # fmt: skip
 
 
@@ -470,21 +471,6 @@ def _split(cfg: dict, m: int, n: int, k: int, fmt: str, device: torch.device) ->
         split = -(-int(cfg.get("waves", 4) * sm_count(device)) // tiles)
     split = max(1, min(chunks, split))
     return triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty programs
-
-
-def split_mode(bm: int, programs_along_k: int) -> int:
-    """How a launch's programs along K combine: 0 none (one per tile), 1 fp32 atomic
-    adds into a zeroed y then a cast, 2 the last program of a tile sums the partials.
-
-    Mode 2 saves the zero and cast kernels ([Note: split-K without extra kernels]) and
-    won at M <= 16 on H200 (7B decode, fp6, batch 1: 263 -> 288 tok/s; 8192 x 8192,
-    M=1: 27.8 -> 23.2 us; 28672 x 8192, M=1: 63.0 -> 61.0 us, now with 8 waves of
-    split-K); with 32-row tiles its tail (one program per tile reading every partial)
-    lost (8192 x 28672, M=32: 114 -> 128 us), so those keep mode 1 (115 us).
-    """
-    if programs_along_k <= 1:
-        return 0
-    return 2 if bm <= 16 else 1
 
 
 def _launch(

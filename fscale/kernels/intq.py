@@ -46,7 +46,14 @@ import torch.nn.functional as F
 
 from fscale.hw import dispatch
 from fscale.hw.device import capability
-from fscale.kernels._triton import LazyJit, arrival_counters, bucket, sm_count, tune
+from fscale.kernels._triton import (
+    LazyJit,
+    arrival_counters,
+    bucket,
+    sm_count,
+    split_mode,
+    tune,
+)
 
 try:
     import triton
@@ -433,9 +440,8 @@ def int_linear_triton(
     if config is None and split_k is None and x.device.type == "cuda" and fused_max_m is None:
         config = tune(
             _TUNED, _TUNE_LOG, (p.fmt, p.group_size, p.symmetric, N, K, bucket(M), str(x.device)),
-            candidate_configs(M),
-            lambda cfg: int_linear_triton(x2, p, bias, config=cfg),
-            f"int_linear_triton ({p.fmt} N={N} K={K} M={M} on {x.device})",
+            lambda: candidate_configs(M), lambda cfg: int_linear_triton(x2, p, bias, config=cfg),
+            "int_linear_triton (fmt, group, symmetric, N, K, M bucket, device)",
         )  # fmt: skip
     config = dict(config or {})
     dequant = config.pop("dequant", M >= DEQUANT_MIN_M if fused_max_m is None else M > fused_max_m)
@@ -468,9 +474,7 @@ def int_linear_triton(
     per = -(-chunks // split_k)
     split_k = -(-chunks // per)  # no empty programs
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
-    # Split-K partials meet in one kernel (the last program of a tile sums them) for
-    # 16-row tiles, as fpx_linear does; larger tiles add them with fp32 atomics.
-    mode = 0 if split_k == 1 else 2 if block_m <= 16 else 1
+    mode = split_mode(block_m, split_k)  # as fpx_linear: one kernel for 16-row tiles
     if mode == 1:
         y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     else:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fscale.hw import dispatch
 from fscale.kernels import fpx, fpx_triton
-from fscale.kernels._triton import COUNTERS, arrival_counters
+from fscale.kernels._triton import COUNTERS, arrival_counters, split_mode
 
 FMTS = list(fpx.FORMATS)
 needs_triton = pytest.mark.skipif(fpx_triton.triton is None, reason="triton is not installed")
@@ -515,7 +515,7 @@ def test_cuda_kernel_matches_reference_with_and_without_split_k(fmt, split):
         got = fpx_triton.fpx_linear_triton(x, p, bias, config=cfg)
         want = x.double() @ fpx.unpack(p).double().t() + bias.double()
         assert _rel(got, want) <= 1e-2
-        if fpx_triton.split_mode(bm, split) != 1:  # fp32 atomics add in any order
+        if split_mode(bm, split) != 1:  # fp32 atomics add in any order
             assert torch.equal(got, fpx_triton.fpx_linear_triton(x, p, bias, config=cfg))
     torch.cuda.synchronize()
     key = (str(x.device), torch.cuda.current_stream().cuda_stream)
