@@ -1,0 +1,254 @@
+"""fp6 (e3m2) linear for Hopper in Gluon: the rebuilt weights are wgmma's register operand.
+
+y^T = W x^T: a program's 64 output channels are the warpgroup MMA's M side, taken
+from registers, and x^T (the tokens, 8..256 of them) its N side, from shared memory.
+So no weight goes through shared memory, the MMA is asynchronous (the rebuild of the
+next chunk overlaps it), and a few tokens cost a narrow MMA instead of a 16- or
+64-row tile. GPU only (Gluon has no interpreter); ``fpx_triton`` is the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fscale.kernels import fpx as _fpx
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+except ImportError:  # no triton, or one without Gluon's Hopper module
+    gluon = gl = None
+
+FORMATS = ("e3m2",)
+if gl is not None:
+    CHANNELS = gl.constexpr(64)  # per program: the warpgroup MMA's M
+    KC = gl.constexpr(128)  # rows of K per chunk (e3m2: 2 hi tiles, 1 lo tile of 16 rows)
+
+
+def _prmt(a, b, selector: gl.constexpr):
+    return gl.inline_asm_elementwise(
+        f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r", [a, b], dtype=gl.uint32,
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+_prmt = gluon.jit(_prmt) if gluon is not None else None
+
+
+def _sub_tile(hp, lp, V: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr):
+    """[16 rows r, 32 columns] byte words of one sub-tile -> [8 (k pair), 32, 2 (half)]
+    A-operand words: half h holds channel 2c + h at rows (2p', 2p' + 1) of the pair."""
+    if V == 0:
+        w = (hp & (HI_MASK & 0x00FF00FF)) | (lp & (LO_MASK & 0x00FF00FF))
+    else:
+        w = (hp & (HI_MASK & 0xFF00FF00)) | (lp & (LO_MASK & 0xFF00FF00))
+    # rows r = 2 p' + e: the two rows of a k pair are in one thread.
+    e0, e1 = gl.split(gl.permute(gl.reshape(w, [8, 2, 32]), [0, 2, 1]))
+    if V == 0:  # images in bytes 0, 2: move them to the high bytes
+        h0 = _prmt(e0, e1, 0x4501)
+        h1 = _prmt(e0, e1, 0x6723)
+    else:  # images in bytes 1, 3 already
+        h0 = _prmt(e0, e1, 0x5410)
+        h1 = _prmt(e0, e1, 0x7632)
+    return gl.join(h0, h1)
+
+
+_sub_tile = gluon.jit(_sub_tile) if gluon is not None else None
+
+
+def _quarter(h, lo, Q: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr):
+    """Sub-tiles 2Q and 2Q + 1 from a hi tile (codes of q = 2 qh + ql) and the lo tile."""
+    hq = h
+    if Q % 2 == 1:
+        hq = (h << 28) | (h >> 4)
+    lq = lo
+    if Q > 0:
+        lq = (lo << (2 * Q)) | (lo >> (32 - 2 * Q))
+    return gl.join(_sub_tile(hq, lq, 0, HI_MASK, LO_MASK), _sub_tile(hq, lq, 1, HI_MASK, LO_MASK))
+
+
+_quarter = gluon.jit(_quarter) if gluon is not None else None
+
+
+def _kernel(
+    x_ptr, hi_ptr, lo_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, NW, K, stride_xm, stride_ym, chunks_per_prog, exp_scale,
+    BNT: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+    HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr,
+):  # fmt: skip
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    c0 = pid_n * 32
+    m0 = pid_m * BNT
+    chunk0 = pid_k * chunks_per_prog
+    n_chunks = gl.minimum(chunks_per_prog, K // KC - chunk0)
+
+    # Plane words: thread (warp w, lane 4g + t) holds rows 2t + e + 8i (+ 16 qh) of
+    # column 8w + g: the rows of its A-operand k pairs.
+    plane_regs: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [8, 0], [16, 0]],
+        lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 8], [0, 16]], block_bases=[], shape=[32, 32],
+    )  # fmt: skip
+    lo_regs: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [8, 0]],
+        lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 8], [0, 16]], block_bases=[], shape=[16, 32],
+    )  # fmt: skip
+    # Banks: row r's 8-word groups are XOR-swizzled by (r / 2) % 4, so the 4 rows a
+    # warp reads at once (t = 0..3) hit 4 different groups of 8 banks.
+    plane_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 2, 4, order=[1, 0])
+    copy_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    x_dtype: gl.constexpr = gl.bfloat16 if X_BF16 else gl.float16
+    x_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BNT, KC], x_dtype)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BNT, 16]
+    )
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+
+    hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, 32, 32], plane_smem)
+    lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, 16, 32], plane_smem)
+    x_s = gl.allocate_shared_memory(x_dtype, [STAGES, BNT, KC], x_smem)
+
+    rows32 = gl.arange(0, 32, layout=gl.SliceLayout(1, copy_layout))
+    rows16 = gl.arange(0, 16, layout=gl.SliceLayout(1, copy_layout))
+    cols = gl.arange(0, 32, layout=gl.SliceLayout(0, copy_layout))
+    col_ok = (c0 + cols) < NW
+    xm = gl.arange(0, BNT, layout=gl.SliceLayout(1, x_copy))
+    xk = gl.arange(0, KC, layout=gl.SliceLayout(0, x_copy))
+    x_ok = (m0 + xm) < M
+
+    # Prologue: chunks 0 .. STAGES - 2 in flight (empty groups past the end).
+    for st in gl.static_range(STAGES - 1):
+        b = chunk0 + st
+        live = st < n_chunks
+        hp = hi_ptr + (b * 32 + rows32)[:, None] * NW + (c0 + cols)[None, :]
+        async_copy.async_copy_global_to_shared(hi_s.index(st), hp, mask=col_ok[None, :] & live)
+        lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
+        async_copy.async_copy_global_to_shared(lo_s.index(st), lp, mask=col_ok[None, :] & live)
+        xp = x_ptr + (m0 + xm)[:, None] * stride_xm + (b * KC + xk)[None, :]
+        async_copy.async_copy_global_to_shared(x_s.index(st), xp, mask=x_ok[:, None] & live)
+        async_copy.commit_group()
+
+    acc = gl.zeros([CHANNELS, BNT], gl.float32, layout=mma)
+    a_prev = gl.zeros([CHANNELS, KC], x_dtype, layout=a_layout)
+    for it in range(n_chunks):
+        slot = it % STAGES
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()  # every thread's copies of chunk `it` have landed
+        hi = hi_s.index(slot).load(plane_regs).to(gl.uint32, bitcast=True)
+        lo = lo_s.index(slot).load(lo_regs).to(gl.uint32, bitcast=True)
+        h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 32]), [1, 2, 0]))
+        h0 = gl.convert_layout(h0, lo_regs, assert_trivial=True)
+        h1 = gl.convert_layout(h1, lo_regs, assert_trivial=True)
+        # Sub-tile s = 2q + v; stacked along K as [8 p, 32 c, 2 h, s0 = v, s1, s2].
+        q01 = gl.join(_quarter(h0, lo, 0, HI_MASK, LO_MASK), _quarter(h0, lo, 1, HI_MASK, LO_MASK))
+        q23 = gl.join(_quarter(h1, lo, 2, HI_MASK, LO_MASK), _quarter(h1, lo, 3, HI_MASK, LO_MASK))
+        words = gl.join(q01, q23)
+        words = gl.reshape(words, [8, 4, 8, 2, 2, 2, 2])  # p, w, g, h, s0, s1, s2
+        words = gl.permute(words, [1, 3, 2, 6, 5, 4, 0])  # w, h, g, s2, s1, s0, p
+        words = gl.reshape(words, [CHANNELS, KC // 2])
+        lo16 = (words & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True)
+        hi16 = (words >> 16).to(gl.uint16).to(gl.float16, bitcast=True)
+        a = gl.reshape(gl.join(lo16, hi16), [CHANNELS, KC])
+        a = gl.convert_layout(a, a_layout, assert_trivial=True)
+        if X_BF16:
+            a = a.to(gl.bfloat16)
+        fence_async_shared()  # x arrived through cp.async; wgmma reads it via the async proxy
+        acc = warpgroup_mma(a, x_s.index(slot).permute((1, 0)), acc, is_async=True)
+        # The previous chunk's MMA is done after this: its slot and registers are free.
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+        a_prev = a
+        nxt = it + STAGES - 1
+        b = chunk0 + nxt
+        live = nxt < n_chunks
+        fill = nxt % STAGES
+        hp = hi_ptr + (b * 32 + rows32)[:, None] * NW + (c0 + cols)[None, :]
+        async_copy.async_copy_global_to_shared(hi_s.index(fill), hp, mask=col_ok[None, :] & live)
+        lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
+        async_copy.async_copy_global_to_shared(lo_s.index(fill), lp, mask=col_ok[None, :] & live)
+        xp = x_ptr + (m0 + xm)[:, None] * stride_xm + (b * KC + xk)[None, :]
+        async_copy.async_copy_global_to_shared(x_s.index(fill), xp, mask=x_ok[:, None] & live)
+        async_copy.commit_group()
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+
+    # Row rho = 16 w + 8 h + g is channel 2 (c0 + 8 w + g) + h.
+    rho = gl.arange(0, CHANNELS, layout=gl.SliceLayout(1, mma))
+    ch = 2 * (c0 + 8 * (rho // 16) + rho % 8) + (rho // 8) % 2
+    ch_ok = ch < N
+    tok = m0 + gl.arange(0, BNT, layout=gl.SliceLayout(0, mma))
+    scale = gl.load(s_ptr + ch, mask=ch_ok, other=0.0) * exp_scale
+    out = acc * scale[:, None]
+    if HAS_BIAS:
+        bias = gl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(gl.float32)
+        out = out + gl.where(pid_k == 0, 1.0, 0.0) * bias[:, None]
+    ptrs = y_ptr + tok[None, :] * stride_ym + ch[:, None]
+    mask = ch_ok[:, None] & (tok < M)[None, :]
+    if SPLIT == 1:
+        gl.atomic_add(ptrs, out, mask=mask)
+    else:
+        gl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_kernel = gluon.jit(_kernel) if gluon is not None else None
+
+
+def available(x: torch.Tensor, fmt: str) -> bool:
+    """Whether this kernel can run x @ W^T for a ``fmt`` weight (Hopper, fp16/bf16)."""
+    return (
+        gluon is not None
+        and fmt in FORMATS
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(x.device)[0] == 9
+    )
+
+
+def tokens_per_program(m: int) -> int:
+    """The MMA's N: the tokens a program covers (a multiple of 8, at most 256)."""
+    return min(256, max(8, 1 << (m - 1).bit_length()))
+
+
+def fpx_linear_gluon(x, p, bias=None, *, split: int = 1, stages: int = 4, bnt: int | None = None):
+    """y = x @ W^T (+ bias) for a packed e3m2 weight ``p`` on Hopper.
+
+    Usage: ``y = fpx_linear_gluon(x, fpx.pack(w, "e3m2"), split=4)``; ``split`` programs
+    along K add fp32 partials atomically (then one cast).
+    """
+    n, k = p.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    bnt = bnt or tokens_per_program(m)
+    # Shared memory per stage: x's [bnt, 128] tile and 6 KB of planes; keep under ~200 KB.
+    stages = max(2, min(stages, 200 * 1024 // (bnt * 256 + 6144)))
+    chunks = k // 128
+    per = -(-chunks // max(1, min(split, chunks)))
+    grid = (-(-(n // 2) // 32), -(-m // bnt), -(-chunks // per))
+    mode = 1 if grid[2] > 1 else 0
+    if mode:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    pl = _fpx.planes(p.fmt)
+    _kernel[grid](
+        x2, p.hi, p.lo, p.scales, bias if bias is not None else p.scales, y,
+        m, n, n // 2, k, x2.stride(0), y.stride(0), per,
+        float(2.0 ** (15 - _fpx.bias(p.fmt))),
+        BNT=bnt, STAGES=stages, SPLIT=mode, HAS_BIAS=bias is not None,
+        HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
+        X_BF16=x.dtype == torch.bfloat16, num_warps=4,
+    )  # fmt: skip
+    if mode:
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
