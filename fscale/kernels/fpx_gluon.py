@@ -22,6 +22,10 @@ try:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+
+    # cp.async into shared memory: renamed after triton 3.6 (the GPU machines' version).
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # bar.sync of the CTA
 except ImportError:  # no triton, or one without Gluon's Hopper module
     gluon = gl = None
 
@@ -131,11 +135,11 @@ def _kernel(
         b = chunk0 + st
         live = st < n_chunks
         hp = hi_ptr + (b * 32 + rows32)[:, None] * NW + (c0 + cols)[None, :]
-        async_copy.async_copy_global_to_shared(hi_s.index(st), hp, mask=col_ok[None, :] & live)
+        _async_load(hi_s.index(st), hp, mask=col_ok[None, :] & live)
         lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
-        async_copy.async_copy_global_to_shared(lo_s.index(st), lp, mask=col_ok[None, :] & live)
+        _async_load(lo_s.index(st), lp, mask=col_ok[None, :] & live)
         xp = x_ptr + (m0 + xm)[:, None] * stride_xm + (b * KC + xk)[None, :]
-        async_copy.async_copy_global_to_shared(x_s.index(st), xp, mask=x_ok[:, None] & live)
+        _async_load(x_s.index(st), xp, mask=x_ok[:, None] & live)
         async_copy.commit_group()
 
     acc = gl.zeros([CHANNELS, BNT], gl.float32, layout=mma)
@@ -143,7 +147,7 @@ def _kernel(
     for it in range(n_chunks):
         slot = it % STAGES
         async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()  # every thread's copies of chunk `it` have landed
+        _barrier()  # every thread's copies of chunk `it` have landed
         hi = hi_s.index(slot).load(plane_regs).to(gl.uint32, bitcast=True)
         lo = lo_s.index(slot).load(lo_regs).to(gl.uint32, bitcast=True)
         h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 32]), [1, 2, 0]))
@@ -172,11 +176,11 @@ def _kernel(
         live = nxt < n_chunks
         fill = nxt % STAGES
         hp = hi_ptr + (b * 32 + rows32)[:, None] * NW + (c0 + cols)[None, :]
-        async_copy.async_copy_global_to_shared(hi_s.index(fill), hp, mask=col_ok[None, :] & live)
+        _async_load(hi_s.index(fill), hp, mask=col_ok[None, :] & live)
         lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
-        async_copy.async_copy_global_to_shared(lo_s.index(fill), lp, mask=col_ok[None, :] & live)
+        _async_load(lo_s.index(fill), lp, mask=col_ok[None, :] & live)
         xp = x_ptr + (m0 + xm)[:, None] * stride_xm + (b * KC + xk)[None, :]
-        async_copy.async_copy_global_to_shared(x_s.index(fill), xp, mask=x_ok[:, None] & live)
+        _async_load(x_s.index(fill), xp, mask=x_ok[:, None] & live)
         async_copy.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)

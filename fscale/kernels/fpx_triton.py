@@ -89,6 +89,7 @@ import torch
 
 from fscale.hw import dispatch
 from fscale.kernels import fpx as _fpx
+from fscale.kernels import fpx_gluon
 from fscale.kernels._triton import (
     LazyJit,
     arrival_counters,
@@ -397,8 +398,26 @@ def kdot_for(bm: int) -> int:
     return 128 if bm >= 64 else 16
 
 
-def candidate_configs(m: int) -> list[dict]:
-    """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners)."""
+def candidate_configs(m: int, gluon: bool = False) -> list[dict]:
+    """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners);
+    ``gluon`` adds launches of the Hopper kernel in ``fpx_gluon`` (e3m2 on sm_90)."""
+    extra = gluon_configs(m) if gluon else []
+    return extra + _triton_configs(m)
+
+
+def gluon_configs(m: int) -> list[dict]:
+    """Launches of ``fpx_gluon`` worth timing: split-K pays only while the token tiles
+    leave SMs idle (M=1: split 4 on 28672 x 8192, 8 on 4096 x 4096; from M=16 split 1
+    won everywhere in the H200 probe of 2026-11-23)."""
+    if m > 1024:
+        return []
+    splits = (1, 2, 4, 8) if m <= 16 else (1, 2)
+    return [dict(gluon=True, split=s, stages=4) for s in splits] + [
+        dict(gluon=True, split=1, stages=6)
+    ]
+
+
+def _triton_configs(m: int) -> list[dict]:
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         rows = [
@@ -455,9 +474,10 @@ def _tune(x2, p, bias) -> dict:
     """The fastest of ``candidate_configs`` on these tensors, once per key."""
     n, k = p.shape
     m = x2.shape[0]
+    gluon = fpx_gluon.available(x2, p.fmt)
     return tune(
         _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)),
-        lambda: candidate_configs(m), lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
+        lambda: candidate_configs(m, gluon), lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
         "fpx_linear_triton (fmt, N, K, M bucket, device)",
     )  # fmt: skip
 
@@ -644,7 +664,8 @@ def fpx_linear_triton(
 
     ``config`` overrides the launch parameters (keys bm, bn, waves or split,
     num_warps, num_stages) or, with ``{"dequant": True}``, takes the dequantize +
-    cuBLAS path. Without it, on a GPU the first call for a (format, N, K, M rounded
+    cuBLAS path, or with ``{"gluon": True}`` (keys split, stages) runs ``fpx_gluon``'s
+    Hopper kernel. Without it, on a GPU the first call for a (format, N, K, M rounded
     up to a power of two) times ``candidate_configs(M)``, the dequantize path among
     them for M > 64, and keeps the fastest (as ``triton.autotune`` would); under the
     interpreter ``default_config`` and ``DEQUANT_MIN_M`` decide.
@@ -670,6 +691,13 @@ def fpx_linear_triton(
     if use_dequant:
         y = dequantize_matmul(x2, p, bias, pieces=(cfg or {}).get("pieces", DEQUANT_PIECES))
         return y.reshape(*lead, n)
+    if cfg is not None and cfg.pop("gluon", False):
+        if not fpx_gluon.available(x2, p.fmt):
+            raise ValueError(
+                f"fpx_linear_triton: config {config} asks for the Gluon kernel, which runs "
+                f"{fpx_gluon.FORMATS} weights with fp16/bf16 x on sm_90; drop 'gluon'."
+            )
+        return fpx_gluon.fpx_linear_gluon(x2, p, bias, **cfg).reshape(*lead, n)
     cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
     cfg.setdefault("kdot", kdot_for(cfg["bm"]))
     split = _split(cfg, m, n, k, p.fmt, x.device)

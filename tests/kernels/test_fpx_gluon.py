@@ -1,0 +1,116 @@
+"""The Hopper e3m2 kernel in Gluon (``fpx_gluon``).
+
+Gluon has no interpreter, so on CPU the kernel is compiled for sm_90 ahead of time and
+its PTX checked for the structure the design rests on (weights as wgmma's register
+operand, never in shared memory); on a Hopper GPU it is checked against the fp64
+reference, directly and through ``fpx_linear_triton``'s tuning.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fscale.kernels import fpx, fpx_gluon, fpx_triton
+
+needs_gluon = pytest.mark.skipif(fpx_gluon.gluon is None, reason="triton without Gluon")
+
+
+def _compile_for_sm90(bnt: int, dtype: str, split: int):
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    pl = fpx.planes("e3m2")
+    const = dict(
+        BNT=bnt, STAGES=4, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
+        LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16",
+    )  # fmt: skip
+    sig = {
+        "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
+        "b_ptr": f"*{dtype}", "y_ptr": "*fp32" if split == 1 else f"*{dtype}",
+        "M": "i32", "N": "i32", "NW": "i32", "K": "i32", "stride_xm": "i32",
+        "stride_ym": "i32", "chunks_per_prog": "i32", "exp_scale": "fp32",
+    }  # fmt: skip
+    sig.update({name: "constexpr" for name in const})
+    names = list(sig)
+    div16 = ["x_ptr", "hi_ptr", "lo_ptr", "s_ptr", "b_ptr", "y_ptr", "N", "NW", "K", "stride_xm"]
+    src = GluonASTSource(
+        fpx_gluon._kernel,
+        sig,
+        constexprs={(names.index(k),): v for k, v in const.items()},
+        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in div16},
+    )
+    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+@needs_gluon
+@pytest.mark.parametrize("bnt,dtype,split", [(8, "fp16", 0), (16, "bf16", 1), (128, "fp16", 0)])
+def test_kernel_compiles_for_sm90_with_the_weights_in_registers(bnt, dtype, split):
+    """Per 128 rows of K: 8 warpgroup MMAs m64 x bnt x 16 whose A operand is 4 registers,
+    each register one PRMT of two rebuilt byte words; the weights never go to shared
+    memory (no st.shared anywhere), the planes and x arrive by 16-byte cp.async."""
+    ptx = _compile_for_sm90(bnt, dtype, split).asm["ptx"]
+    ab = "bf16.bf16" if dtype == "bf16" else "f16.f16"
+    mma = f"wgmma.mma_async.sync.aligned.m64n{bnt}k16.f32.{ab} {{"
+    lines = [line for line in ptx.splitlines() if mma in line]
+    assert len(lines) == 8
+    assert all("}, {%r" in line for line in lines)  # A from registers, not a descriptor
+    assert ptx.count("prmt.b32") == 32  # 64 channels x 128 k / 128 threads / 2 per register
+    assert "st.shared" not in ptx
+    assert "cp.async.cg.shared.global" in ptx and ", 0x10," in ptx
+
+
+def test_tokens_per_program_is_a_legal_mma_n():
+    assert [fpx_gluon.tokens_per_program(m) for m in (1, 8, 9, 16, 33, 200, 256, 300)] == [
+        8, 8, 16, 16, 64, 256, 256, 256
+    ]  # fmt: skip
+
+
+def test_not_available_on_cpu_or_other_formats():
+    x = torch.randn(2, 256, dtype=torch.float16)
+    assert not fpx_gluon.available(x, "e3m2")
+    assert "gluon" not in str(fpx_triton.candidate_configs(4))
+    assert all(c.get("gluon") for c in fpx_triton.candidate_configs(4, gluon=True)[:5])
+    assert fpx_triton.gluon_configs(2048) == []
+
+
+def test_asking_for_gluon_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = fpx.pack(torch.randn(64, 256), "e3m2")
+    x = torch.randn(2, 256)
+    with pytest.raises(ValueError, match="drop 'gluon'"):
+        fpx_triton.fpx_linear_triton(x, p, config={"gluon": True, "split": 1})
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs a Hopper GPU",
+)
+@needs_gluon
+@pytest.mark.parametrize(
+    "n,k,m,dtype,split",
+    [(128, 256, 1, torch.float16, 1), (200, 512, 20, torch.bfloat16, 2),
+     (1000, 1024, 70, torch.float16, 4), (384, 1024, 130, torch.bfloat16, 1),
+     (256, 512, 300, torch.float16, 3)],
+)  # fmt: skip
+def test_cuda_kernel_matches_reference(n, k, m, dtype, split):
+    """Partial column tiles (200, 1000 channels), partial token tiles, split-K with
+    fp32 atomics, bias, fp16 and bf16; and the tuned path picks it or another kernel
+    with the same result."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    p = fpx.pack(torch.randn(n, k, generator=gen, device="cuda"), "e3m2")
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
+    want = x.double() @ fpx.unpack(p).double().t() + bias.double()
+    got = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert _rel(got, want) <= 1e-2
+    cfg = {"gluon": True, "split": split, "stages": 6}
+    assert _rel(fpx_triton.fpx_linear_triton(x, p, bias, config=cfg), want) <= 1e-2
+    assert _rel(fpx_triton.fpx_linear_triton(x, p, bias), want) <= 1e-2
