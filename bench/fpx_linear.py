@@ -156,6 +156,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; CPU interpreter ok")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--shapes", help="NxK[,NxK...]: only these weight shapes")
+    parser.add_argument(
+        "--append", action="store_true", help="keep the results file's rows of other shapes"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,6 +169,9 @@ def main() -> None:
         if device.type != "cuda":
             sys.exit("fpx_linear.py needs a CUDA device (or --smoke under TRITON_INTERPRET=1).")
         shapes, ms, check_shapes, check_ms = SHAPES, MS, SHAPES, [1, 32, 512]
+        if args.shapes:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+            check_shapes = shapes
     bench = timer(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     t0 = time.time()
@@ -175,7 +182,11 @@ def main() -> None:
     print(f"correctness: {len(correctness)} cases, worst rel err {worst:.2e}, ok={ok}", flush=True)
     extra = {"check_s": time.time() - t0}
 
-    rows = []
+    rows = kept_rows(name, shapes) if args.append else []
+    if rows:  # where the kept rows came from
+        old = json.loads(results_path(name).read_text())
+        keys = ("date", "command", "correctness_ok", "correctness_worst_rel_err")
+        extra["appended_to"] = {key: old.get(key) for key in keys}
     graph_bench = timer(device, graph=True) if device.type == "cuda" else bench
     gen = torch.Generator(device=device).manual_seed(7)
     names = [*FMTS, *INTS]
@@ -239,6 +250,19 @@ def main() -> None:
     print(f"correctness ok={ok} worst rel err {worst:.2e}; wall {time.time() - t0:.0f} s")
 
 
+def results_path(name: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return REPO / "bench" / "results" / f"fpx_linear-{slug}.json"
+
+
+def kept_rows(name: str, shapes) -> list[dict]:
+    """The results file's rows for weight shapes this run does not measure."""
+    path = results_path(name)
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["results"] if (r["N"], r["K"]) not in shapes]
+
+
 def write(args, device, name, ok, worst, correctness, rows, t0, extra) -> None:
     result = {
         "bench": "fpx_linear",
@@ -259,8 +283,7 @@ def write(args, device, name, ok, worst, correctness, rows, t0, extra) -> None:
     if out_dir:
         Path(out_dir, "fpx_linear.json").write_text(text)
     if not args.smoke:
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        (REPO / "bench" / "results" / f"fpx_linear-{slug}.json").write_text(text)
+        results_path(name).write_text(text)
 
 
 def print_table(args, name, rows) -> None:
