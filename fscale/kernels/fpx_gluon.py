@@ -1,10 +1,44 @@
 """fp6 (e3m2) linear for Hopper in Gluon: the rebuilt weights are wgmma's register operand.
 
-y^T = W x^T: a program's 64 output channels are the warpgroup MMA's M side, taken
-from registers, and x^T (the tokens, 8..256 of them) its N side, from shared memory.
-So no weight goes through shared memory, the MMA is asynchronous (the rebuild of the
-next chunk overlaps it), and a few tokens cost a narrow MMA instead of a 16- or
-64-row tile. GPU only (Gluon has no interpreter); ``fpx_triton`` is the reference.
+Usage: ``y = fpx_linear_gluon(x, fpx.pack(w, "e3m2"))`` on sm_90 with fp16/bf16 x; the
+dispatch reaches it through ``fpx_linear_triton``'s tuning (a ``{"gluon": True}``
+candidate) wherever ``available`` says it can run. GPU only (Gluon has no
+interpreter): CPU tests compile it for sm_90 and read the PTX; ``fpx_triton`` stays
+the reference kernel and the one for every other format.
+
+[Note: weights as the register operand]
+y^T = W x^T: a program's 64 output channels are the warpgroup MMA's M side, taken from
+registers, and x^T (BNT = 8..256 tokens) its N side, from shared memory. The weights
+never touch shared memory, there is no store/barrier/wait per chunk, and the MMA is
+asynchronous: the wait for chunk i's MMA sits after chunk i+1's is issued, so the
+rebuild of the next chunk overlaps it. A few tokens cost a 64 x 8 MMA, not a 16- or
+64-row tile of padding.
+Layout: thread (warp w, lane 4g + t) must hold A[row, k] for rows 16w + g (+8) and k
+pairs (2t, 2t+1), (2t+8, 2t+9) of each 16-row sub-tile. Row 16w + 8h + g is channel
+2(c0 + 8w + g) + h, so the two halves of a plane word (channels 2c, 2c+1) are the
+thread's two rows; the thread reads plane rows 2t + e + 8i of word column 8w + g
+(``plane_regs``), rebuilds a masked byte word per (row, sub-tile) as the Triton kernel
+does, and one PRMT per A register takes the image bytes of rows 2t and 2t+1 for one
+channel (selectors 0x4501 / 0x6723 when the images sit in bytes 0 and 2, 0x5410 /
+0x7632 in bytes 1 and 3: that also replaces the shift the Triton kernel needed). The
+8 sub-tiles of a 128-row chunk are joined along K into one [64, 128] operand whose
+layout *is* the MMA's (``convert_layout(..., assert_trivial=True)`` proves it at
+compile time). Planes and x come by 16-byte cp.async into a STAGES-deep ring; plane
+rows are XOR-swizzled so the 4 rows a warp reads at once hit different banks.
+sm_90 SASS of the loop (triton 3.6): 64 LOP3, 32 PRMT, 20 SHF for 64 weights a thread
+(1.8 per weight; the Triton kernel's rebuild is ~2.5) plus ~90 instructions of
+addresses, cp.async, barriers and the 8 HGMMAs.
+H200, graph replay, tuned (bench/results/fpx_linear-nvidia-h200.json, 2026-11-23):
+28672 x 8192 M=1 51 us (Triton kernel 60, cuBLAS 106: 2.05x), M=8 55 us (65), M=32 71
+us (99), M=128 174 us (219); 8192 x 8192 M=1 19.4 us (22.8), M=32 23.9 us (44.2),
+M=128 43 us (72). 7B decode fp6: 331 / 3,659 tok/s at batch 1 / 16 (Triton kernel
+290 / 3,010; fp16 217 / 2,803).
+What is left: split-K still adds a zero and a cast kernel (fp32 atomics; the Triton
+kernel's one-kernel split-K would save ~2-3 us on small layers); per 64-weight chunk a
+thread spends ~90 instructions outside the rebuild (128-channel programs or two chunks
+per iteration would halve that); from M=128 the tokens are the MMA's N up to 256, so
+the weights are rebuilt once per 256 tokens, and M=512 still goes to dequantize +
+cuBLAS; other formats (fp5, fp4, e2m3) need their plane walk in this form.
 """
 
 from __future__ import annotations
