@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 
 from fscale.kernels import fpx as _fpx
+from fscale.kernels._triton import arrival_counters
 
 try:
     from triton.experimental import gluon
@@ -65,7 +66,6 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
 
 FORMATS = ("e3m2",)
 if gl is not None:
-    CHANNELS = gl.constexpr(64)  # per program: the warpgroup MMA's M
     KC = gl.constexpr(128)  # rows of K per chunk (e3m2: 2 hi tiles, 1 lo tile of 16 rows)
 
 
@@ -87,7 +87,7 @@ def _sub_tile(hp, lp, V: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.conste
     else:
         w = (hp & (HI_MASK & 0xFF00FF00)) | (lp & (LO_MASK & 0xFF00FF00))
     # rows r = 2 p' + e: the two rows of a k pair are in one thread.
-    e0, e1 = gl.split(gl.permute(gl.reshape(w, [8, 2, 32]), [0, 2, 1]))
+    e0, e1 = gl.split(gl.permute(gl.reshape(w, [8, 2, w.shape[1]]), [0, 2, 1]))
     if V == 0:  # images in bytes 0, 2: move them to the high bytes
         h0 = _prmt(e0, e1, 0x4501)
         h1 = _prmt(e0, e1, 0x6723)
@@ -114,51 +114,64 @@ def _quarter(h, lo, Q: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexp
 _quarter = gluon.jit(_quarter) if gluon is not None else None
 
 
+def _plane_layout(rows, W):
+    """Plane words [rows, 8 W]: thread (warp w, lane 4g + t) holds rows 2t + e + 8i
+    (+ 16 qh) of column 8w + g, the rows of its A-operand k pairs."""
+    regs = [[1, 0], [8, 0]] + ([[16, 0]] if rows == 32 else [])
+    return gl.DistributedLinearLayout(
+        reg_bases=regs, lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 8 << i] for i in range(W.bit_length() - 1)], block_bases=[],
+        shape=[rows, 8 * W],
+    )  # fmt: skip
+
+
+def _copy_layout(width, elems, W):
+    """Coalesced cp.async of a [rows, width] tile, ``elems`` per thread and copy."""
+    cols = width // elems
+    return gl.BlockedLayout([1, elems], [32 // cols, cols], [W, 1], [1, 0])
+
+
+if gluon is not None:
+    _plane_layout = gluon.constexpr_function(_plane_layout)
+    _copy_layout = gluon.constexpr_function(_copy_layout)
+
+
 def _kernel(
-    x_ptr, hi_ptr, lo_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, hi_ptr, lo_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, NW, K, stride_xm, stride_ym, chunks_per_prog, exp_scale,
     BNT: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-    HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr,
+    HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr, W: gl.constexpr,
 ):  # fmt: skip
+    CH: gl.constexpr = 16 * W  # channels: 64 per warpgroup, one x tile for all of them
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
-    c0 = pid_n * 32
+    c0 = pid_n * (8 * W)
     m0 = pid_m * BNT
     chunk0 = pid_k * chunks_per_prog
     n_chunks = gl.minimum(chunks_per_prog, K // KC - chunk0)
 
-    # Plane words: thread (warp w, lane 4g + t) holds rows 2t + e + 8i (+ 16 qh) of
-    # column 8w + g: the rows of its A-operand k pairs.
-    plane_regs: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[1, 0], [8, 0], [16, 0]],
-        lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 8], [0, 16]], block_bases=[], shape=[32, 32],
-    )  # fmt: skip
-    lo_regs: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[1, 0], [8, 0]],
-        lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 8], [0, 16]], block_bases=[], shape=[16, 32],
-    )  # fmt: skip
+    plane_regs: gl.constexpr = _plane_layout(32, W)
+    lo_regs: gl.constexpr = _plane_layout(16, W)
     # Banks: row r's 8-word groups are XOR-swizzled by (r / 2) % 4, so the 4 rows a
     # warp reads at once (t = 0..3) hit 4 different groups of 8 banks.
     plane_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 2, 4, order=[1, 0])
-    copy_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
-    x_copy: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    copy_layout: gl.constexpr = _copy_layout(8 * W, 4, W)
+    x_copy: gl.constexpr = _copy_layout(KC, min(8, BNT * KC // (32 * W)), W)
     x_dtype: gl.constexpr = gl.bfloat16 if X_BF16 else gl.float16
     x_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BNT, KC], x_dtype)
     mma: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BNT, 16]
+        version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BNT, 16]
     )
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
 
-    hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, 32, 32], plane_smem)
-    lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, 16, 32], plane_smem)
+    hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, 32, 8 * W], plane_smem)
+    lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, 16, 8 * W], plane_smem)
     x_s = gl.allocate_shared_memory(x_dtype, [STAGES, BNT, KC], x_smem)
 
     rows32 = gl.arange(0, 32, layout=gl.SliceLayout(1, copy_layout))
     rows16 = gl.arange(0, 16, layout=gl.SliceLayout(1, copy_layout))
-    cols = gl.arange(0, 32, layout=gl.SliceLayout(0, copy_layout))
+    cols = gl.arange(0, 8 * W, layout=gl.SliceLayout(0, copy_layout))
     col_ok = (c0 + cols) < NW
     xm = gl.arange(0, BNT, layout=gl.SliceLayout(1, x_copy))
     xk = gl.arange(0, KC, layout=gl.SliceLayout(0, x_copy))
@@ -176,27 +189,27 @@ def _kernel(
         _async_load(x_s.index(st), xp, mask=x_ok[:, None] & live)
         async_copy.commit_group()
 
-    acc = gl.zeros([CHANNELS, BNT], gl.float32, layout=mma)
-    a_prev = gl.zeros([CHANNELS, KC], x_dtype, layout=a_layout)
+    acc = gl.zeros([CH, BNT], gl.float32, layout=mma)
+    a_prev = gl.zeros([CH, KC], x_dtype, layout=a_layout)
     for it in range(n_chunks):
         slot = it % STAGES
         async_copy.wait_group(STAGES - 2)
         _barrier()  # every thread's copies of chunk `it` have landed
         hi = hi_s.index(slot).load(plane_regs).to(gl.uint32, bitcast=True)
         lo = lo_s.index(slot).load(lo_regs).to(gl.uint32, bitcast=True)
-        h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 32]), [1, 2, 0]))
+        h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 8 * W]), [1, 2, 0]))
         h0 = gl.convert_layout(h0, lo_regs, assert_trivial=True)
         h1 = gl.convert_layout(h1, lo_regs, assert_trivial=True)
         # Sub-tile s = 2q + v; stacked along K as [8 p, 32 c, 2 h, s0 = v, s1, s2].
         q01 = gl.join(_quarter(h0, lo, 0, HI_MASK, LO_MASK), _quarter(h0, lo, 1, HI_MASK, LO_MASK))
         q23 = gl.join(_quarter(h1, lo, 2, HI_MASK, LO_MASK), _quarter(h1, lo, 3, HI_MASK, LO_MASK))
         words = gl.join(q01, q23)
-        words = gl.reshape(words, [8, 4, 8, 2, 2, 2, 2])  # p, w, g, h, s0, s1, s2
+        words = gl.reshape(words, [8, W, 8, 2, 2, 2, 2])  # p, w, g, h, s0, s1, s2
         words = gl.permute(words, [1, 3, 2, 6, 5, 4, 0])  # w, h, g, s2, s1, s0, p
-        words = gl.reshape(words, [CHANNELS, KC // 2])
+        words = gl.reshape(words, [CH, KC // 2])
         lo16 = (words & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True)
         hi16 = (words >> 16).to(gl.uint16).to(gl.float16, bitcast=True)
-        a = gl.reshape(gl.join(lo16, hi16), [CHANNELS, KC])
+        a = gl.reshape(gl.join(lo16, hi16), [CH, KC])
         a = gl.convert_layout(a, a_layout, assert_trivial=True)
         if X_BF16:
             a = a.to(gl.bfloat16)
@@ -219,22 +232,40 @@ def _kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    # Row rho = 16 w + 8 h + g is channel 2 (c0 + 8 w + g) + h.
-    rho = gl.arange(0, CHANNELS, layout=gl.SliceLayout(1, mma))
+    # Row rho = 16 w + 8 h + g is channel 2 (c0 + 8 w + g) + h (w: warp 0 .. W - 1).
+    rho = gl.arange(0, CH, layout=gl.SliceLayout(1, mma))
     ch = 2 * (c0 + 8 * (rho // 16) + rho % 8) + (rho // 8) % 2
     ch_ok = ch < N
     tok = m0 + gl.arange(0, BNT, layout=gl.SliceLayout(0, mma))
     scale = gl.load(s_ptr + ch, mask=ch_ok, other=0.0) * exp_scale
     out = acc * scale[:, None]
-    if HAS_BIAS:
-        bias = gl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(gl.float32)
-        out = out + gl.where(pid_k == 0, 1.0, 0.0) * bias[:, None]
-    ptrs = y_ptr + tok[None, :] * stride_ym + ch[:, None]
     mask = ch_ok[:, None] & (tok < M)[None, :]
-    if SPLIT == 1:
-        gl.atomic_add(ptrs, out, mask=mask)
+    if SPLIT == 2:
+        # [Note: split-K without extra kernels] (fpx_triton.py): the partial goes to
+        # the workspace; the last of the tile's programs to arrive sums them in order.
+        gl.store(ws_ptr + (pid_k * M + tok[None, :]) * N + ch[:, None], out, mask=mask)
+        _barrier()  # every thread's partial is stored before the release below
+        tile = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == gl.num_programs(2) - 1:
+            total = gl.zeros([CH, BNT], gl.float32, layout=mma)
+            for part in range(gl.num_programs(2)):
+                ws = ws_ptr + (part * M + tok[None, :]) * N + ch[:, None]
+                total += gl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += gl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(gl.float32)[:, None]
+            ptrs = y_ptr + tok[None, :] * stride_ym + ch[:, None]
+            gl.store(ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            gl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
     else:
-        gl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            bias = gl.load(b_ptr + ch, mask=ch_ok, other=0.0).to(gl.float32)
+            out = out + gl.where(pid_k == 0, 1.0, 0.0) * bias[:, None]
+        ptrs = y_ptr + tok[None, :] * stride_ym + ch[:, None]
+        if SPLIT == 1:
+            gl.atomic_add(ptrs, out, mask=mask)  # into a zeroed fp32 y
+        else:
+            gl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _kernel = gluon.jit(_kernel) if gluon is not None else None
@@ -256,37 +287,50 @@ def tokens_per_program(m: int) -> int:
     return min(256, max(8, 1 << (m - 1).bit_length()))
 
 
-def fpx_linear_gluon(x, p, bias=None, *, split: int = 1, stages: int = 4, bnt: int | None = None):
+def fpx_linear_gluon(
+    x, p, bias=None, *, split: int = 1, stages: int = 4, bnt: int | None = None,
+    atomic: bool = False, warps: int = 4,
+):  # fmt: skip
     """y = x @ W^T (+ bias) for a packed e3m2 weight ``p`` on Hopper.
 
     Usage: ``y = fpx_linear_gluon(x, fpx.pack(w, "e3m2"), split=4)``; ``split`` programs
-    along K add fp32 partials atomically (then one cast).
+    along K sum their partials in one kernel (the last to arrive adds them in order),
+    or with ``atomic`` add them into a zeroed fp32 y (then a cast). A program covers
+    16 ``warps`` channels (4 or 8 warps: one or two warpgroups sharing one x tile).
     """
+    if warps not in (4, 8):
+        raise ValueError(f"fpx_linear_gluon: warps={warps}; use 4 or 8 (whole warpgroups).")
     n, k = p.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     bnt = bnt or tokens_per_program(m)
-    # Shared memory per stage: x's [bnt, 128] tile and 6 KB of planes; keep under ~200 KB.
-    stages = max(2, min(stages, 200 * 1024 // (bnt * 256 + 6144)))
+    # Shared memory per stage: x's [bnt, 128] tile and 6 KB of planes per warpgroup;
+    # keep under ~200 KB.
+    stages = max(2, min(stages, 200 * 1024 // (bnt * 256 + 1536 * warps)))
     chunks = k // 128
     per = -(-chunks // max(1, min(split, chunks)))
-    grid = (-(-(n // 2) // 32), -(-m // bnt), -(-chunks // per))
-    mode = 1 if grid[2] > 1 else 0
-    if mode:
+    grid = (-(-(n // 2) // (8 * warps)), -(-m // bnt), -(-chunks // per))
+    mode = 0 if grid[2] == 1 else 1 if atomic else 2
+    if mode == 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if mode == 2:
+        ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, grid[0] * grid[1])
+    else:
+        ws, counters = y, y  # not read
     pl = _fpx.planes(p.fmt)
     _kernel[grid](
-        x2, p.hi, p.lo, p.scales, bias if bias is not None else p.scales, y,
+        x2, p.hi, p.lo, p.scales, bias if bias is not None else p.scales, y, ws, counters,
         m, n, n // 2, k, x2.stride(0), y.stride(0), per,
         float(2.0 ** (15 - _fpx.bias(p.fmt))),
         BNT=bnt, STAGES=stages, SPLIT=mode, HAS_BIAS=bias is not None,
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
-        X_BF16=x.dtype == torch.bfloat16, num_warps=4,
+        X_BF16=x.dtype == torch.bfloat16, W=warps, num_warps=warps,
     )  # fmt: skip
-    if mode:
+    if mode == 1:
         y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)

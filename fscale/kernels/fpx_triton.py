@@ -412,13 +412,15 @@ def candidate_configs(m: int, gluon: bool = False) -> list[dict]:
 def gluon_configs(m: int) -> list[dict]:
     """Launches of ``fpx_gluon`` worth timing: split-K pays only while the token tiles
     leave SMs idle (M=1: split 4 on 28672 x 8192, 8 on 4096 x 4096; from M=16 split 1
-    won everywhere in the H200 probe of 2026-11-23)."""
+    won everywhere in an H200 probe of 2026-11-23); two warpgroups per program (warps
+    8) read each x tile once for 128 channels instead of 64."""
     if m > 1024:
         return []
-    splits = (1, 2, 4, 8) if m <= 16 else (1, 2)
-    return [dict(gluon=True, split=s, stages=4) for s in splits] + [
-        dict(gluon=True, split=1, stages=6)
-    ]
+    if m <= 16:
+        rows = [(s, 4, w) for s in (1, 2, 4, 8) for w in (4, 8)]
+    else:
+        rows = [(1, 4, 4), (1, 4, 8), (2, 4, 8), (1, 6, 4), (1, 6, 8)]
+    return [dict(gluon=True, split=s, stages=st, warps=w) for s, st, w in rows]
 
 
 def _triton_configs(m: int) -> list[dict]:

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from fscale.kernels import fpx, fpx_gluon, fpx_triton
+from fscale.kernels._triton import COUNTERS
 
 needs_gluon = pytest.mark.skipif(fpx_gluon.gluon is None, reason="triton without Gluon")
 
 
-def _compile_for_sm90(bnt: int, dtype: str, split: int):
+def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -24,13 +25,13 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int):
     pl = fpx.planes("e3m2")
     const = dict(
         BNT=bnt, STAGES=4, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
-        LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16",
+        LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16", W=warps,
     )  # fmt: skip
     sig = {
         "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
         "b_ptr": f"*{dtype}", "y_ptr": "*fp32" if split == 1 else f"*{dtype}",
-        "M": "i32", "N": "i32", "NW": "i32", "K": "i32", "stride_xm": "i32",
-        "stride_ym": "i32", "chunks_per_prog": "i32", "exp_scale": "fp32",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "NW": "i32",
+        "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "chunks_per_prog": "i32", "exp_scale": "fp32",
     }  # fmt: skip
     sig.update({name: "constexpr" for name in const})
     names = list(sig)
@@ -41,23 +42,29 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int):
         constexprs={(names.index(k),): v for k, v in const.items()},
         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in div16},
     )
-    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 @needs_gluon
-@pytest.mark.parametrize("bnt,dtype,split", [(8, "fp16", 0), (16, "bf16", 1), (128, "fp16", 0)])
-def test_kernel_compiles_for_sm90_with_the_weights_in_registers(bnt, dtype, split):
-    """Per 128 rows of K: 8 warpgroup MMAs m64 x bnt x 16 whose A operand is 4 registers,
-    each register one PRMT of two rebuilt byte words; the weights never go to shared
-    memory (no st.shared anywhere), the planes and x arrive by 16-byte cp.async."""
-    ptx = _compile_for_sm90(bnt, dtype, split).asm["ptx"]
+@pytest.mark.parametrize(
+    "bnt,dtype,split,warps",
+    [(8, "fp16", 0, 4), (16, "bf16", 1, 4), (128, "fp16", 0, 8), (8, "fp16", 2, 8)],
+)
+def test_kernel_compiles_for_sm90_with_the_weights_in_registers(bnt, dtype, split, warps):
+    """Per 128 rows of K each warpgroup issues 8 MMAs m64 x bnt x 16 whose A operand is 4
+    registers, each register one PRMT of two rebuilt byte words; the weights never go
+    to shared memory (no st.shared anywhere), the planes and x arrive by 16-byte
+    cp.async."""
+    ptx = _compile_for_sm90(bnt, dtype, split, warps).asm["ptx"]
     ab = "bf16.bf16" if dtype == "bf16" else "f16.f16"
     mma = f"wgmma.mma_async.sync.aligned.m64n{bnt}k16.f32.{ab} {{"
     lines = [line for line in ptx.splitlines() if mma in line]
     assert len(lines) == 8
     assert all("}, {%r" in line for line in lines)  # A from registers, not a descriptor
     assert ptx.count("prmt.b32") == 32  # 64 channels x 128 k / 128 threads / 2 per register
-    assert "st.shared" not in ptx
+    # (Split-K's arrival count is broadcast through shared memory after the atomic.)
+    end = ptx.index("atom.global.gpu.acq_rel.add") if split == 2 else len(ptx)
+    assert "st.shared" not in ptx[:end]
     assert "cp.async.cg.shared.global" in ptx and ", 0x10," in ptx
 
 
@@ -99,18 +106,24 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
      (1000, 1024, 70, torch.float16, 4), (384, 1024, 130, torch.bfloat16, 1),
      (256, 512, 300, torch.float16, 3)],
 )  # fmt: skip
-def test_cuda_kernel_matches_reference(n, k, m, dtype, split):
-    """Partial column tiles (200, 1000 channels), partial token tiles, split-K with
-    fp32 atomics, bias, fp16 and bf16; and the tuned path picks it or another kernel
-    with the same result."""
+@pytest.mark.parametrize("warps", [4, 8])
+def test_cuda_kernel_matches_reference(n, k, m, dtype, split, warps):
+    """Partial column tiles (200, 1000 channels), partial token tiles, split-K in one
+    kernel (deterministic, counters left at 0) and with fp32 atomics, bias, fp16 and
+    bf16, one or two warpgroups; and the tuned path gives the same product."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     p = fpx.pack(torch.randn(n, k, generator=gen, device="cuda"), "e3m2")
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
     want = x.double() @ fpx.unpack(p).double().t() + bias.double()
-    got = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split)
+    got = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps)
     assert got.dtype == dtype and got.shape == (m, n)
     assert _rel(got, want) <= 1e-2
-    cfg = {"gluon": True, "split": split, "stages": 6}
+    assert torch.equal(got, fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps))
+    atomic = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps, atomic=True)
+    assert _rel(atomic, want) <= 1e-2
+    torch.cuda.synchronize()
+    assert not COUNTERS[(str(x.device), torch.cuda.current_stream().cuda_stream)].any()
+    cfg = {"gluon": True, "split": split, "stages": 6, "warps": warps}
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias, config=cfg), want) <= 1e-2
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias), want) <= 1e-2
