@@ -31,7 +31,8 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int):
         "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
         "b_ptr": f"*{dtype}", "y_ptr": "*fp32" if split == 1 else f"*{dtype}",
         "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "NW": "i32",
-        "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "chunks_per_prog": "i32", "exp_scale": "fp32",
+        "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "chunks_per_prog": "i32",
+        "exp_scale": "fp32",
     }  # fmt: skip
     sig.update({name: "constexpr" for name in const})
     names = list(sig)
