@@ -410,16 +410,17 @@ def candidate_configs(m: int, gluon: bool = False) -> list[dict]:
 
 
 def gluon_configs(m: int) -> list[dict]:
-    """Launches of ``fpx_gluon`` worth timing: split-K pays only while the token tiles
-    leave SMs idle (M=1: split 4 on 28672 x 8192, 8 on 4096 x 4096; from M=16 split 1
-    won everywhere in an H200 probe of 2026-11-23); two warpgroups per program (warps
-    8) read each x tile once for 128 channels instead of 64."""
-    if m > 1024:
+    """Launches of ``fpx_gluon`` worth timing (an H200 sweep of 2026-11-23 over split
+    1-8, one or two warpgroups, fp32 atomics or one-kernel split-K, 4 or 6 stages):
+    split-K in one kernel pays up to M=16 (split 4 at M=1, 2-4 at M=16; fp32 atomics
+    never won), two warpgroups sharing an x tile only from M=32 on large layers
+    (28672 x 8192, M=128: 145 vs 168 us). Above 256 rows dequantize + cuBLAS won."""
+    if m > 256:
         return []
     if m <= 16:
-        rows = [(s, 4, w) for s in (1, 2, 4, 8) for w in (4, 8)]
+        rows = [(s, 4, 4) for s in (1, 2, 4, 8)]
     else:
-        rows = [(1, 4, 4), (1, 4, 8), (2, 4, 8), (1, 6, 4), (1, 6, 8)]
+        rows = [(1, 4, 4), (2, 4, 4), (2, 6, 4), (1, 4, 8), (2, 4, 8)]
     return [dict(gluon=True, split=s, stages=st, warps=w) for s, st, w in rows]
 
 

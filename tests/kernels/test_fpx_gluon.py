@@ -80,7 +80,7 @@ def test_not_available_on_cpu_or_other_formats():
     assert not fpx_gluon.available(x, "e3m2")
     assert "gluon" not in str(fpx_triton.candidate_configs(4))
     assert all(c.get("gluon") for c in fpx_triton.candidate_configs(4, gluon=True)[:5])
-    assert fpx_triton.gluon_configs(2048) == []
+    assert fpx_triton.gluon_configs(512) == []
 
 
 def test_asking_for_gluon_where_it_cannot_run_is_a_clear_error(monkeypatch):
@@ -124,7 +124,8 @@ def test_cuda_kernel_matches_reference(n, k, m, dtype, split, warps):
     atomic = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps, atomic=True)
     assert _rel(atomic, want) <= 1e-2
     torch.cuda.synchronize()
-    assert not COUNTERS[(str(x.device), torch.cuda.current_stream().cuda_stream)].any()
+    counters = COUNTERS.get((str(x.device), torch.cuda.current_stream().cuda_stream))
+    assert counters is None or not counters.any()
     cfg = {"gluon": True, "split": split, "stages": 6, "warps": warps}
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias, config=cfg), want) <= 1e-2
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias), want) <= 1e-2
