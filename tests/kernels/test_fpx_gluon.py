@@ -79,7 +79,10 @@ def test_not_available_on_cpu_or_other_formats():
     x = torch.randn(2, 256, dtype=torch.float16)
     assert not fpx_gluon.available(x, "e3m2")
     assert "gluon" not in str(fpx_triton.candidate_configs(4))
-    assert all(c.get("gluon") for c in fpx_triton.candidate_configs(4, gluon=True)[:5])
+    with_gluon = fpx_triton.candidate_configs(4, gluon=True)
+    assert with_gluon[:4] == fpx_triton.gluon_configs(4) and with_gluon[4:] == (
+        fpx_triton.candidate_configs(4)
+    )
     assert fpx_triton.gluon_configs(512) == []
 
 
