@@ -25,20 +25,27 @@ channel (selectors 0x4501 / 0x6723 when the images sit in bytes 0 and 2, 0x5410 
 layout *is* the MMA's (``convert_layout(..., assert_trivial=True)`` proves it at
 compile time). Planes and x come by 16-byte cp.async into a STAGES-deep ring; plane
 rows are XOR-swizzled so the 4 rows a warp reads at once hit different banks.
+A program of two warpgroups (``warps=8``) covers 128 channels with one x tile: x is
+re-read from L2 once per channel tile, M/24 times the plane bytes at 64 channels (at
+M=128, 5x), which is what bounds M >= 32. Split-K sums partials in one kernel, as the
+Triton kernel does ([Note: split-K without extra kernels] in fpx_triton.py).
 sm_90 SASS of the loop (triton 3.6): 64 LOP3, 32 PRMT, 20 SHF for 64 weights a thread
 (1.8 per weight; the Triton kernel's rebuild is ~2.5) plus ~90 instructions of
-addresses, cp.async, barriers and the 8 HGMMAs.
-H200, graph replay, tuned (bench/results/fpx_linear-nvidia-h200.json, 2026-11-23):
-28672 x 8192 M=1 51 us (Triton kernel 60, cuBLAS 106: 2.05x), M=8 55 us (65), M=32 71
-us (99), M=128 174 us (219); 8192 x 8192 M=1 19.4 us (22.8), M=32 23.9 us (44.2),
-M=128 43 us (72). 7B decode fp6: 331 / 3,659 tok/s at batch 1 / 16 (Triton kernel
-290 / 3,010; fp16 217 / 2,803).
-What is left: split-K still adds a zero and a cast kernel (fp32 atomics; the Triton
-kernel's one-kernel split-K would save ~2-3 us on small layers); per 64-weight chunk a
-thread spends ~90 instructions outside the rebuild (128-channel programs or two chunks
-per iteration would halve that); from M=128 the tokens are the MMA's N up to 256, so
-the weights are rebuilt once per 256 tokens, and M=512 still goes to dequantize +
-cuBLAS; other formats (fp5, fp4, e2m3) need their plane walk in this form.
+addresses, cp.async, barriers and the 8 HGMMAs; 72 registers at 8 tokens.
+H200, graph replay, tuned (bench/results/fpx_linear-nvidia-h200.json, 2026-11-23),
+this kernel (the Triton kernel; cuBLAS fp16): 28672 x 8192 M=1 51 us (60; 108), M=8
+55 us (65), M=32 70 us (99), M=128 148 us (219; 143); 8192 x 8192 M=1 17.4 us (22.8),
+M=32 20.5 us (44.2), M=128 44 us (72); 4096 x 4096 M=1 7.0 us (9.3), M=16 8.3 us
+(14.1; cuBLAS 9.5). Fp32 atomics for split-K were slower in every case of the sweep
+(4096 x 4096 M=16: 13.3 vs 8.3 us), two warpgroups only won from M=32 on the large
+layers. 7B decode fp6: 353 / 3,957 tok/s at batch 1 / 16 (Triton kernel 290 / 3,010;
+fp16 218 / 2,802).
+What is left: ~90 instructions per 64-weight chunk outside the rebuild (two chunks per
+iteration would halve that, at 32 more registers); at M=128 the x tiles still cost
+more L2 traffic than the planes (clusters with TMA multicast of x would share them
+across programs); M=512 goes to dequantize + cuBLAS (this kernel at 256 tokens per
+program: 631 vs 534 us on 28672 x 8192); the other formats (fp5, fp4, e2m3) need
+their plane walk written in this form.
 """
 
 from __future__ import annotations
