@@ -86,21 +86,33 @@ def _prmt(a, b, selector: gl.constexpr):
 _prmt = gluon.jit(_prmt) if gluon is not None else None
 
 
-def _sub_tile(hp, lp, V: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr):
-    """[16 rows r, 32 columns] byte words of one sub-tile -> [8 (k pair), 32, 2 (half)]
-    A-operand words: half h holds channel 2c + h at rows (2p', 2p' + 1) of the pair."""
-    if V == 0:
-        w = (hp & (HI_MASK & 0x00FF00FF)) | (lp & (LO_MASK & 0x00FF00FF))
-    else:
-        w = (hp & (HI_MASK & 0xFF00FF00)) | (lp & (LO_MASK & 0xFF00FF00))
+def _bitselect(a, b, mask: gl.constexpr):
+    """(a & mask) | (b & ~mask) in one LOP3 (the compiler makes two of the plain form)."""
+    return gl.inline_asm_elementwise(
+        f"lop3.b32 $0, $1, $2, {mask}, 0xE4;", "=r,r,r", [a, b], dtype=gl.uint32,
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+_bitselect = gluon.jit(_bitselect) if gluon is not None else None
+
+
+def _sub_tile(both, V: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr):
+    """[16 rows r, 8 W columns] byte words -> [8 (k pair), 8 W, 2 (half)] A-operand words
+    of sub-tile 2q + V: half h holds channel 2c + h at rows (2p', 2p' + 1) of the pair.
+    ``both`` has each byte's hi-plane bits and lo-plane bits elsewhere; the PRMT moves
+    the image bytes of sub-tile V to the fp16 high bytes and one AND keeps their image
+    bits (zeroing the low bytes): after the PRMT, so the compiler cannot split it into
+    two masks again."""
+    keep: gl.constexpr = ((HI_MASK | LO_MASK) & 0xFF) * 0x01000100
     # rows r = 2 p' + e: the two rows of a k pair are in one thread.
-    e0, e1 = gl.split(gl.permute(gl.reshape(w, [8, 2, w.shape[1]]), [0, 2, 1]))
+    e0, e1 = gl.split(gl.permute(gl.reshape(both, [8, 2, both.shape[1]]), [0, 2, 1]))
     if V == 0:  # images in bytes 0, 2: move them to the high bytes
-        h0 = _prmt(e0, e1, 0x4501)
-        h1 = _prmt(e0, e1, 0x6723)
-    else:  # images in bytes 1, 3 already
-        h0 = _prmt(e0, e1, 0x5410)
-        h1 = _prmt(e0, e1, 0x7632)
+        h0 = _prmt(e0, e1, 0x4501) & keep
+        h1 = _prmt(e0, e1, 0x6723) & keep
+    else:  # images in bytes 1, 3
+        h0 = _prmt(e0, e1, 0x5410) & keep
+        h1 = _prmt(e0, e1, 0x7632) & keep
     return gl.join(h0, h1)
 
 
@@ -115,7 +127,10 @@ def _quarter(h, lo, Q: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexp
     lq = lo
     if Q > 0:
         lq = (lo << (2 * Q)) | (lo >> (32 - 2 * Q))
-    return gl.join(_sub_tile(hq, lq, 0, HI_MASK, LO_MASK), _sub_tile(hq, lq, 1, HI_MASK, LO_MASK))
+    # One bit-select (a LOP3) serves both sub-tiles: (hq & HI) | (lq & LO) per byte is
+    # (hq & HI | lq & ~HI) & (HI | LO), and the & comes after the PRMT (``_sub_tile``).
+    both = _bitselect(hq, lq, HI_MASK)
+    return gl.join(_sub_tile(both, 0, HI_MASK, LO_MASK), _sub_tile(both, 1, HI_MASK, LO_MASK))
 
 
 _quarter = gluon.jit(_quarter) if gluon is not None else None
