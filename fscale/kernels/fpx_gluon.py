@@ -71,7 +71,7 @@ try:
 except ImportError:  # no triton, or one without Gluon's Hopper module
     gluon = gl = None
 
-FORMATS = ("e3m2",)
+FORMATS = ("e3m2", "e2m2", "e3m1")  # the "byte"-image formats: fp6 and both fp5
 if gl is not None:
     KC = gl.constexpr(128)  # rows of K per chunk (e3m2: 2 hi tiles, 1 lo tile of 16 rows)
 
@@ -119,14 +119,14 @@ def _sub_tile(both, V: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexp
 _sub_tile = gluon.jit(_sub_tile) if gluon is not None else None
 
 
-def _quarter(h, lo, Q: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr):
+def _quarter(h, lo, Q: gl.constexpr, LB: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr):
     """Sub-tiles 2Q and 2Q + 1 from a hi tile (codes of q = 2 qh + ql) and the lo tile."""
     hq = h
     if Q % 2 == 1:
         hq = (h << 28) | (h >> 4)
     lq = lo
     if Q > 0:
-        lq = (lo << (2 * Q)) | (lo >> (32 - 2 * Q))
+        lq = (lo << (LB * Q)) | (lo >> (32 - LB * Q))
     # One bit-select (a LOP3) serves both sub-tiles: (hq & HI) | (lq & LO) per byte is
     # (hq & HI | lq & ~HI) & (HI | LO), and the & comes after the PRMT (``_sub_tile``).
     both = _bitselect(hq, lq, HI_MASK)
@@ -158,20 +158,42 @@ if gluon is not None:
     _copy_layout = gluon.constexpr_function(_copy_layout)
 
 
+def _fill(
+    hi_s, lo_s, x_s, hi_ptr, lo_ptr, x_ptr, b, slot, live, rows32, rows16, cols, col_ok,
+    xm, xk, x_ok, m0, c0, NW, stride_xm, HALVES: gl.constexpr,
+):  # fmt: skip
+    """cp.async chunk b's plane tiles and x tiles into ring slot ``slot`` (one group)."""
+    for hf in gl.static_range(HALVES):
+        hp = hi_ptr + (b * (32 * HALVES) + 32 * hf + rows32)[:, None] * NW + (c0 + cols)[None, :]
+        _async_load(hi_s.index(slot * HALVES + hf), hp, mask=col_ok[None, :] & live)
+        xk_b = b * (128 * HALVES) + 128 * hf + xk
+        xp = x_ptr + (m0 + xm)[:, None] * stride_xm + xk_b[None, :]
+        _async_load(x_s.index(slot * HALVES + hf), xp, mask=x_ok[:, None] & live)
+    lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
+    _async_load(lo_s.index(slot), lp, mask=col_ok[None, :] & live)
+    async_copy.commit_group()
+
+
+_fill = gluon.jit(_fill) if gluon is not None else None
+
+
 def _kernel(
     x_ptr, hi_ptr, lo_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, NW, K, stride_xm, stride_ym, chunks_per_prog, exp_scale,
     BNT: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
     HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr, W: gl.constexpr,
+    LB: gl.constexpr, NQ: gl.constexpr,
 ):  # fmt: skip
     CH: gl.constexpr = 16 * W  # channels: 64 per warpgroup, one x tile for all of them
+    # A chunk is NQ / 4 halves of 128 rows of K (fp6: 1, fp5: 2), one MMA each.
+    HALVES: gl.constexpr = NQ // 4
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
     c0 = pid_n * (8 * W)
     m0 = pid_m * BNT
     chunk0 = pid_k * chunks_per_prog
-    n_chunks = gl.minimum(chunks_per_prog, K // KC - chunk0)
+    n_chunks = gl.minimum(chunks_per_prog, K // (KC * HALVES) - chunk0)
 
     plane_regs: gl.constexpr = _plane_layout(32, W)
     lo_regs: gl.constexpr = _plane_layout(16, W)
@@ -187,9 +209,9 @@ def _kernel(
     )
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
 
-    hi_s = gl.allocate_shared_memory(gl.int32, [STAGES, 32, 8 * W], plane_smem)
+    hi_s = gl.allocate_shared_memory(gl.int32, [STAGES * HALVES, 32, 8 * W], plane_smem)
     lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, 16, 8 * W], plane_smem)
-    x_s = gl.allocate_shared_memory(x_dtype, [STAGES, BNT, KC], x_smem)
+    x_s = gl.allocate_shared_memory(x_dtype, [STAGES * HALVES, BNT, KC], x_smem)
 
     rows32 = gl.arange(0, 32, layout=gl.SliceLayout(1, copy_layout))
     rows16 = gl.arange(0, 16, layout=gl.SliceLayout(1, copy_layout))
@@ -201,15 +223,10 @@ def _kernel(
 
     # Prologue: chunks 0 .. STAGES - 2 in flight (empty groups past the end).
     for st in gl.static_range(STAGES - 1):
-        b = chunk0 + st
-        live = st < n_chunks
-        hp = hi_ptr + (b * 32 + rows32)[:, None] * NW + (c0 + cols)[None, :]
-        _async_load(hi_s.index(st), hp, mask=col_ok[None, :] & live)
-        lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
-        _async_load(lo_s.index(st), lp, mask=col_ok[None, :] & live)
-        xp = x_ptr + (m0 + xm)[:, None] * stride_xm + (b * KC + xk)[None, :]
-        _async_load(x_s.index(st), xp, mask=x_ok[:, None] & live)
-        async_copy.commit_group()
+        _fill(
+            hi_s, lo_s, x_s, hi_ptr, lo_ptr, x_ptr, chunk0 + st, st, st < n_chunks, rows32,
+            rows16, cols, col_ok, xm, xk, x_ok, m0, c0, NW, stride_xm, HALVES,
+        )  # fmt: skip
 
     acc = gl.zeros([CH, BNT], gl.float32, layout=mma)
     a_prev = gl.zeros([CH, KC], x_dtype, layout=a_layout)
@@ -217,40 +234,44 @@ def _kernel(
         slot = it % STAGES
         async_copy.wait_group(STAGES - 2)
         _barrier()  # every thread's copies of chunk `it` have landed
-        hi = hi_s.index(slot).load(plane_regs).to(gl.uint32, bitcast=True)
         lo = lo_s.index(slot).load(lo_regs).to(gl.uint32, bitcast=True)
-        h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 8 * W]), [1, 2, 0]))
-        h0 = gl.convert_layout(h0, lo_regs, assert_trivial=True)
-        h1 = gl.convert_layout(h1, lo_regs, assert_trivial=True)
-        # Sub-tile s = 2q + v; stacked along K as [8 p, 32 c, 2 h, s0 = v, s1, s2].
-        q01 = gl.join(_quarter(h0, lo, 0, HI_MASK, LO_MASK), _quarter(h0, lo, 1, HI_MASK, LO_MASK))
-        q23 = gl.join(_quarter(h1, lo, 2, HI_MASK, LO_MASK), _quarter(h1, lo, 3, HI_MASK, LO_MASK))
-        words = gl.join(q01, q23)
-        words = gl.reshape(words, [8, W, 8, 2, 2, 2, 2])  # p, w, g, h, s0, s1, s2
-        words = gl.permute(words, [1, 3, 2, 6, 5, 4, 0])  # w, h, g, s2, s1, s0, p
-        words = gl.reshape(words, [CH, KC // 2])
-        lo16 = (words & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True)
-        hi16 = (words >> 16).to(gl.uint16).to(gl.float16, bitcast=True)
-        a = gl.reshape(gl.join(lo16, hi16), [CH, KC])
-        a = gl.convert_layout(a, a_layout, assert_trivial=True)
-        if X_BF16:
-            a = a.to(gl.bfloat16)
         fence_async_shared()  # x arrived through cp.async; wgmma reads it via the async proxy
-        acc = warpgroup_mma(a, x_s.index(slot).permute((1, 0)), acc, is_async=True)
-        # The previous chunk's MMA is done after this: its slot and registers are free.
-        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-        a_prev = a
+        for hf in gl.static_range(HALVES):
+            hi = hi_s.index(slot * HALVES + hf).load(plane_regs).to(gl.uint32, bitcast=True)
+            h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 8 * W]), [1, 2, 0]))
+            h0 = gl.convert_layout(h0, lo_regs, assert_trivial=True)
+            h1 = gl.convert_layout(h1, lo_regs, assert_trivial=True)
+            # Sub-tile s = 2q + v (q = 4 hf + 2 qh + ql) stacked along K as
+            # [8 p, 8 W c, 2 h, s0 = v, s1 = ql, s2 = qh].
+            q01 = gl.join(
+                _quarter(h0, lo, 4 * hf, LB, HI_MASK, LO_MASK),
+                _quarter(h0, lo, 4 * hf + 1, LB, HI_MASK, LO_MASK),
+            )
+            q23 = gl.join(
+                _quarter(h1, lo, 4 * hf + 2, LB, HI_MASK, LO_MASK),
+                _quarter(h1, lo, 4 * hf + 3, LB, HI_MASK, LO_MASK),
+            )
+            words = gl.join(q01, q23)
+            words = gl.reshape(words, [8, W, 8, 2, 2, 2, 2])  # p, w, g, h, s0, s1, s2
+            words = gl.permute(words, [1, 3, 2, 6, 5, 4, 0])  # w, h, g, s2, s1, s0, p
+            words = gl.reshape(words, [CH, KC // 2])
+            lo16 = (words & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True)
+            hi16 = (words >> 16).to(gl.uint16).to(gl.float16, bitcast=True)
+            a = gl.reshape(gl.join(lo16, hi16), [CH, KC])
+            a = gl.convert_layout(a, a_layout, assert_trivial=True)
+            if X_BF16:
+                a = a.to(gl.bfloat16)
+            xt = x_s.index(slot * HALVES + hf).permute((1, 0))
+            acc = warpgroup_mma(a, xt, acc, is_async=True)
+            # The previous MMA is done after this: its registers (and, after the last
+            # half, the previous chunk's slot) are free.
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+            a_prev = a
         nxt = it + STAGES - 1
-        b = chunk0 + nxt
-        live = nxt < n_chunks
-        fill = nxt % STAGES
-        hp = hi_ptr + (b * 32 + rows32)[:, None] * NW + (c0 + cols)[None, :]
-        _async_load(hi_s.index(fill), hp, mask=col_ok[None, :] & live)
-        lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
-        _async_load(lo_s.index(fill), lp, mask=col_ok[None, :] & live)
-        xp = x_ptr + (m0 + xm)[:, None] * stride_xm + (b * KC + xk)[None, :]
-        _async_load(x_s.index(fill), xp, mask=x_ok[:, None] & live)
-        async_copy.commit_group()
+        _fill(
+            hi_s, lo_s, x_s, hi_ptr, lo_ptr, x_ptr, chunk0 + nxt, nxt % STAGES, nxt < n_chunks,
+            rows32, rows16, cols, col_ok, xm, xk, x_ok, m0, c0, NW, stride_xm, HALVES,
+        )  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
@@ -330,8 +351,11 @@ def fpx_linear_gluon(
     bnt = bnt or tokens_per_program(m)
     # Shared memory per stage: x's [bnt, 128] tile and 6 KB of planes per warpgroup;
     # keep under ~200 KB.
-    stages = max(2, min(stages, 200 * 1024 // (bnt * 256 + 1536 * warps)))
-    chunks = k // 128
+    stage_bytes = halves * (bnt * 256 + 1024 * warps) + 512 * warps
+    stages = max(2, min(stages, 200 * 1024 // stage_bytes))
+    lay = _fpx.layout(p.fmt)
+    halves = lay["nq"] // 4
+    chunks = k // lay["k_chunk"]
     per = -(-chunks // max(1, min(split, chunks)))
     grid = (-(-(n // 2) // (8 * warps)), -(-m // bnt), -(-chunks // per))
     mode = 0 if grid[2] == 1 else 1 if atomic else 2
@@ -351,7 +375,8 @@ def fpx_linear_gluon(
         float(2.0 ** (15 - _fpx.bias(p.fmt))),
         BNT=bnt, STAGES=stages, SPLIT=mode, HAS_BIAS=bias is not None,
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
-        X_BF16=x.dtype == torch.bfloat16, W=warps, num_warps=warps,
+        X_BF16=x.dtype == torch.bfloat16, W=warps, LB=lay["lo_bits"], NQ=lay["nq"],
+        num_warps=warps,
     )  # fmt: skip
     if mode == 1:
         y = y.to(x.dtype)
