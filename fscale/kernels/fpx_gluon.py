@@ -1,6 +1,7 @@
-"""fp6 (e3m2) linear for Hopper in Gluon: the rebuilt weights are wgmma's register operand.
+"""fp6/fp5 linear for Hopper in Gluon: the rebuilt weights are wgmma's register operand.
 
-Usage: ``y = fpx_linear_gluon(x, fpx.pack(w, "e3m2"))`` on sm_90 with fp16/bf16 x; the
+Usage: ``y = fpx_linear_gluon(x, fpx.pack(w, "e3m2"))`` on sm_90 with fp16/bf16 x and a
+"byte"-image format (e3m2, e2m2, e3m1: ``FORMATS``); the
 dispatch reaches it through ``fpx_linear_triton``'s tuning (a ``{"gluon": True}``
 candidate) wherever ``available`` says it can run. GPU only (Gluon has no
 interpreter): CPU tests compile it for sm_90 and read the PTX; ``fpx_triton`` stays
@@ -76,14 +77,16 @@ if gl is not None:
     KC = gl.constexpr(128)  # rows of K per chunk (e3m2: 2 hi tiles, 1 lo tile of 16 rows)
 
 
-def _prmt(a, b, selector: gl.constexpr):
+def _prmt_and(a, b, selector: gl.constexpr, keep: gl.constexpr):
+    """prmt(a, b, selector) & keep, in one asm block: written as two operations the
+    compiler narrows the AND to 16-bit halves and repacks them (3 more per word)."""
     return gl.inline_asm_elementwise(
-        f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r", [a, b], dtype=gl.uint32,
-        is_pure=True, pack=1,
+        f"{{ prmt.b32 $0, $1, $2, {selector}; and.b32 $0, $0, {keep}; }}", "=r,r,r", [a, b],
+        dtype=gl.uint32, is_pure=True, pack=1,
     )  # fmt: skip
 
 
-_prmt = gluon.jit(_prmt) if gluon is not None else None
+_prmt_and = gluon.jit(_prmt_and) if gluon is not None else None
 
 
 def _bitselect(a, b, mask: gl.constexpr):
@@ -108,19 +111,22 @@ def _sub_tile(both, V: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexp
     # rows r = 2 p' + e: the two rows of a k pair are in one thread.
     e0, e1 = gl.split(gl.permute(gl.reshape(both, [8, 2, both.shape[1]]), [0, 2, 1]))
     if V == 0:  # images in bytes 0, 2: move them to the high bytes
-        h0 = _prmt(e0, e1, 0x4501) & keep
-        h1 = _prmt(e0, e1, 0x6723) & keep
+        h0 = _prmt_and(e0, e1, 0x4501, keep)
+        h1 = _prmt_and(e0, e1, 0x6723, keep)
     else:  # images in bytes 1, 3
-        h0 = _prmt(e0, e1, 0x5410) & keep
-        h1 = _prmt(e0, e1, 0x7632) & keep
+        h0 = _prmt_and(e0, e1, 0x5410, keep)
+        h1 = _prmt_and(e0, e1, 0x7632, keep)
     return gl.join(h0, h1)
 
 
 _sub_tile = gluon.jit(_sub_tile) if gluon is not None else None
 
 
-def _quarter(h, lo, Q: gl.constexpr, LB: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr):
-    """Sub-tiles 2Q and 2Q + 1 from a hi tile (codes of q = 2 qh + ql) and the lo tile."""
+def _quarter(
+    h, lo, Q: gl.constexpr, LB: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr
+):  # noqa: E501
+    """Sub-tiles 2Q and 2Q + 1 from a hi tile (codes of q = 2 qh + ql) and the lo tile
+    (``LB`` bits per code)."""
     hq = h
     if Q % 2 == 1:
         hq = (h << 28) | (h >> 4)
@@ -334,7 +340,7 @@ def fpx_linear_gluon(
     x, p, bias=None, *, split: int = 1, stages: int = 4, bnt: int | None = None,
     atomic: bool = False, warps: int = 4,
 ):  # fmt: skip
-    """y = x @ W^T (+ bias) for a packed e3m2 weight ``p`` on Hopper.
+    """y = x @ W^T (+ bias) for a packed ``FORMATS`` weight ``p`` on Hopper.
 
     Usage: ``y = fpx_linear_gluon(x, fpx.pack(w, "e3m2"), split=4)``; ``split`` programs
     along K sum their partials in one kernel (the last to arrive adds them in order),
@@ -349,12 +355,12 @@ def fpx_linear_gluon(
         x2 = x2.contiguous()
     m = x2.shape[0]
     bnt = bnt or tokens_per_program(m)
-    # Shared memory per stage: x's [bnt, 128] tile and 6 KB of planes per warpgroup;
-    # keep under ~200 KB.
-    stage_bytes = halves * (bnt * 256 + 1024 * warps) + 512 * warps
-    stages = max(2, min(stages, 200 * 1024 // stage_bytes))
     lay = _fpx.layout(p.fmt)
     halves = lay["nq"] // 4
+    # Shared memory per stage: per 128 rows of K x's [bnt, 128] tile and 1 KB of hi
+    # plane per warp, and 512 B of lo plane per warp; keep under ~200 KB.
+    stage_bytes = halves * (bnt * 256 + 1024 * warps) + 512 * warps
+    stages = max(2, min(stages, 200 * 1024 // stage_bytes))
     chunks = k // lay["k_chunk"]
     per = -(-chunks // max(1, min(split, chunks)))
     grid = (-(-(n // 2) // (8 * warps)), -(-m // bnt), -(-chunks // per))

@@ -1,4 +1,4 @@
-"""The Hopper e3m2 kernel in Gluon (``fpx_gluon``).
+"""The Hopper fp6/fp5 kernel in Gluon (``fpx_gluon``).
 
 Gluon has no interpreter, so on CPU the kernel is compiled for sm_90 ahead of time and
 its PTX checked for the structure the design rests on (weights as wgmma's register
@@ -17,15 +17,16 @@ from fscale.kernels._triton import COUNTERS
 needs_gluon = pytest.mark.skipif(fpx_gluon.gluon is None, reason="triton without Gluon")
 
 
-def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int):
+def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    pl = fpx.planes("e3m2")
+    pl, lay = fpx.planes(fmt), fpx.layout(fmt)
     const = dict(
         BNT=bnt, STAGES=4, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
         LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16", W=warps,
+        LB=lay["lo_bits"], NQ=lay["nq"],
     )  # fmt: skip
     sig = {
         "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
@@ -48,21 +49,24 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int):
 
 @needs_gluon
 @pytest.mark.parametrize(
-    "bnt,dtype,split,warps",
-    [(8, "fp16", 0, 4), (16, "bf16", 1, 4), (128, "fp16", 0, 8), (8, "fp16", 2, 8)],
-)
-def test_kernel_compiles_for_sm90_with_the_weights_in_registers(bnt, dtype, split, warps):
+    "fmt,bnt,dtype,split,warps",
+    [("e3m2", 8, "fp16", 0, 4), ("e3m2", 16, "bf16", 1, 4), ("e3m2", 128, "fp16", 0, 8),
+     ("e3m2", 8, "fp16", 2, 8), ("e2m2", 8, "fp16", 2, 4), ("e3m1", 32, "bf16", 0, 8)],
+)  # fmt: skip
+def test_kernel_compiles_for_sm90_with_the_weights_in_registers(fmt, bnt, dtype, split, warps):
     """Per 128 rows of K each warpgroup issues 8 MMAs m64 x bnt x 16 whose A operand is 4
     registers, each register one PRMT of two rebuilt byte words; the weights never go
     to shared memory (no st.shared anywhere), the planes and x arrive by 16-byte
     cp.async."""
-    ptx = _compile_for_sm90(bnt, dtype, split, warps).asm["ptx"]
+    ptx = _compile_for_sm90(bnt, dtype, split, warps, fmt).asm["ptx"]
+    halves = fpx.layout(fmt)["k_chunk"] // 128
     ab = "bf16.bf16" if dtype == "bf16" else "f16.f16"
     mma = f"wgmma.mma_async.sync.aligned.m64n{bnt}k16.f32.{ab} {{"
     lines = [line for line in ptx.splitlines() if mma in line]
-    assert len(lines) == 8
+    assert len(lines) == 8 * halves
     assert all("}, {%r" in line for line in lines)  # A from registers, not a descriptor
-    assert ptx.count("prmt.b32") == 32  # 64 channels x 128 k / 128 threads / 2 per register
+    # 64 channels x 128 k / 128 threads / 2 per register, per half
+    assert ptx.count("prmt.b32") == 32 * halves
     # (Split-K's arrival count is broadcast through shared memory after the atomic.)
     end = ptx.index("atom.global.gpu.acq_rel.add") if split == 2 else len(ptx)
     assert "st.shared" not in ptx[:end]
@@ -75,9 +79,15 @@ def test_tokens_per_program_is_a_legal_mma_n():
     ]  # fmt: skip
 
 
-def test_not_available_on_cpu_or_other_formats():
+def test_not_available_on_cpu_or_other_formats(monkeypatch):
     x = torch.randn(2, 256, dtype=torch.float16)
     assert not fpx_gluon.available(x, "e3m2")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fpx_gluon.available(x, "e3m1") == (fpx_gluon.gluon is not None)
+    assert not fpx_gluon.available(x, "e2m1") and not fpx_gluon.available(x, "e2m3")
+    assert not fpx_gluon.available(x.float(), "e3m2")
+    monkeypatch.undo()
     assert "gluon" not in str(fpx_triton.candidate_configs(4))
     with_gluon = fpx_triton.candidate_configs(4, gluon=True)
     assert with_gluon[:4] == fpx_triton.gluon_configs(4) and with_gluon[4:] == (
@@ -105,18 +115,19 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 )
 @needs_gluon
 @pytest.mark.parametrize(
-    "n,k,m,dtype,split",
-    [(128, 256, 1, torch.float16, 1), (200, 512, 20, torch.bfloat16, 2),
-     (1000, 1024, 70, torch.float16, 4), (384, 1024, 130, torch.bfloat16, 1),
-     (256, 512, 300, torch.float16, 3)],
+    "fmt,n,k,m,dtype,split",
+    [("e3m2", 128, 256, 1, torch.float16, 1), ("e3m2", 200, 512, 20, torch.bfloat16, 2),
+     ("e3m2", 1000, 1024, 70, torch.float16, 4), ("e3m2", 384, 1024, 130, torch.bfloat16, 1),
+     ("e3m2", 256, 512, 300, torch.float16, 3), ("e2m2", 200, 1024, 5, torch.float16, 2),
+     ("e3m1", 1000, 768, 40, torch.bfloat16, 3)],
 )  # fmt: skip
 @pytest.mark.parametrize("warps", [4, 8])
-def test_cuda_kernel_matches_reference(n, k, m, dtype, split, warps):
+def test_cuda_kernel_matches_reference(fmt, n, k, m, dtype, split, warps):
     """Partial column tiles (200, 1000 channels), partial token tiles, split-K in one
     kernel (deterministic, counters left at 0) and with fp32 atomics, bias, fp16 and
     bf16, one or two warpgroups; and the tuned path gives the same product."""
     gen = torch.Generator(device="cuda").manual_seed(3)
-    p = fpx.pack(torch.randn(n, k, generator=gen, device="cuda"), "e3m2")
+    p = fpx.pack(torch.randn(n, k, generator=gen, device="cuda"), fmt)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
     want = x.double() @ fpx.unpack(p).double().t() + bias.double()
