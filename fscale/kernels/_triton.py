@@ -149,3 +149,20 @@ def split_mode(bm: int, programs_along_k: int) -> int:
     if programs_along_k <= 1:
         return 0
     return 2 if bm <= 16 else 1
+
+
+def tuned_launches(table: dict, prefix: tuple) -> dict[int, dict]:
+    """{M bucket: launch} chosen so far for the keys of ``table`` (a ``tune`` table)
+    that start with ``prefix`` (a weight's fields, before the M bucket and device)."""
+    n = len(prefix)
+    return {key[n]: cfg for key, cfg in table.items() if key[:n] == prefix}
+
+
+def describe_launch(cfg: dict) -> str:
+    """A short name for a tuned launch: which kernel, and its main parameters."""
+    if cfg.get("dequant"):
+        return f"dequantize+cuBLAS/{cfg.get('pieces', 1)}"
+    if cfg.get("gluon"):
+        return f"gluon split{cfg.get('split', 1)} w{cfg.get('warps', 4)}"
+    tile = "x".join(str(cfg[k]) for k in ("bm", "bn") if k in cfg) or "default"
+    return f"triton {tile}" + (f" w{cfg['num_warps']}" if "num_warps" in cfg else "")

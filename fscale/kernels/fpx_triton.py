@@ -74,7 +74,8 @@ although each weight is rebuilt once in both: what grows with BM is the dot side
 (x tiles and the register operand's layout conversion), not the rebuild.
 The same idea written in Gluon, where the layouts, the async MMA wait and the cp.async
 ring are explicit, pays: ``fpx_gluon`` ([Note: weights as the register operand]) now
-runs e3m2 on Hopper from M=1 to 128 (28672 x 8192: 51 us at M=1, 70 us at M=32), and
+runs e3m2 and fp5 on Hopper from M=1 to 128 (fp6 28672 x 8192: 51 us at M=1, 70 us at
+M=32), and
 the numbers above are this kernel's, which still serves the other formats and GPUs.
 Also tried and dropped (2026-11-23): a byte-permute rebuild (the masked byte words of
 k rows 2i and 2i + 1 split apart with reshape/split, then one PRMT per mma B register,
@@ -102,6 +103,7 @@ from fscale.kernels._triton import (
     sm_count,
     split_mode,
     tune,
+    tuned_launches,
 )
 
 try:
@@ -475,6 +477,11 @@ _TUNE_LOG: dict[tuple, list] = {}
 def tuned() -> dict:
     """{(fmt, N, K, M bucket, device): config} chosen so far (for bench and explain)."""
     return dict(_TUNED)
+
+
+def launches(p) -> dict[int, dict]:
+    """{M bucket: launch} tuned so far for packed weight ``p`` (``quantize_report``)."""
+    return tuned_launches(_TUNED, (p.fmt, *p.shape))
 
 
 def _tune(x2, p, bias) -> dict:

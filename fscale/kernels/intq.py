@@ -53,6 +53,7 @@ from fscale.kernels._triton import (
     sm_count,
     split_mode,
     tune,
+    tuned_launches,
 )
 
 try:
@@ -380,6 +381,11 @@ _FUSED_MAX_M = None  # tuned: see the Note
 DEQUANT_MIN_M = 256
 _TUNED: dict[tuple, dict] = {}
 _TUNE_LOG: dict[tuple, list] = {}
+
+
+def launches(p) -> dict[int, dict]:
+    """{M bucket: launch} tuned so far for packed weight ``p`` (``quantize_report``)."""
+    return tuned_launches(_TUNED, (p.fmt, p.group_size, p.symmetric, *p.shape))
 
 
 def candidate_configs(m: int) -> list[dict]:

@@ -57,6 +57,7 @@ References:
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -562,6 +563,24 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _launches_text(packed) -> str:
+    """`` [M<=1: gluon split4 w4; ...]``: the launches tuned so far for this weight."""
+    from fscale.kernels import _triton
+
+    module = _TUNED_BY.get(type(packed).__name__)
+    if module is None:
+        return ""
+    found = importlib.import_module(module).launches(packed)
+    if not found:
+        return ""
+    parts = [f"M<={m}: {_triton.describe_launch(cfg)}" for m, cfg in sorted(found.items())]
+    return "  [" + "; ".join(parts) + "]"
+
+
+# Packed weight types whose kernels tune launches per M bucket, and where.
+_TUNED_BY = {"PackedFPx": "fscale.kernels.fpx_triton", "PackedInt": "fscale.kernels.intq"}
+
+
 def quantize_report(
     params: dict[str, torch.Tensor], *, activation_dtype: torch.dtype | None = None
 ) -> str:
@@ -579,6 +598,7 @@ def quantize_report(
         before += orig
         if isinstance(t, QuantizedWeight):
             kernel = t._codec.kernel(t.device, activation_dtype or t.dtype)
+            kernel += _launches_text(t.packed)
             now = t.packed_nbytes
             bits = 8 * now / t.numel()
             extra = f"+lorc{t._lorc.rank}" if t._lorc is not None else ""

@@ -255,6 +255,25 @@ def test_report(tiny):
     assert "all params:" in text
 
 
+def test_report_names_the_launches_tuned_for_each_layer(tiny, monkeypatch):
+    """On a GPU the first call per M bucket picks a launch (Gluon, Triton or dequantize +
+    cuBLAS); the report shows those chosen so far for each layer's packed shape."""
+    from fscale.kernels import fpx_triton
+
+    params, *_ = tiny
+    q = quantize(params, "e3m2", pad=True)
+    name, w = next((n, v) for n, v in q.items() if isinstance(v, QuantizedWeight))
+    key = (w.packed.fmt, *w.packed.shape)
+    monkeypatch.setattr(
+        fpx_triton, "_TUNED",
+        {(*key, 1, "cuda:0"): {"gluon": True, "split": 4, "warps": 4},
+         (*key, 512, "cuda:0"): {"dequant": True, "pieces": 2},
+         ("e2m1", *w.packed.shape, 1, "cuda:0"): {"bm": 16, "bn": 64, "num_warps": 2}},
+    )  # fmt: skip
+    line = next(row for row in quantize_report(q).splitlines() if row.startswith(name))
+    assert line.endswith("[M<=1: gluon split4 w4; M<=512: dequantize+cuBLAS/2]")
+
+
 def test_explain_reports_quantized_layers(tiny):
     params, apply, x, _ = tiny
     q = quantize(params, "int8", group_size=32)
