@@ -82,7 +82,7 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
 
 FORMATS = ("e3m2", "e2m2", "e3m1")  # the "byte"-image formats: fp6 and both fp5
 if gl is not None:
-    KC = gl.constexpr(128)  # rows of K per chunk (e3m2: 2 hi tiles, 1 lo tile of 16 rows)
+    KC = gl.constexpr(128)  # rows of K per MMA: an fp6 chunk, half an fp5 chunk
 
 
 def _prmt_and(a, b, selector: gl.constexpr, keep: gl.constexpr):
@@ -132,7 +132,7 @@ _sub_tile = gluon.jit(_sub_tile) if gluon is not None else None
 
 def _quarter(
     h, lo, Q: gl.constexpr, LB: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexpr
-):  # noqa: E501
+):
     """Sub-tiles 2Q and 2Q + 1 from a hi tile (codes of q = 2 qh + ql) and the lo tile
     (``LB`` bits per code)."""
     hq = h
@@ -357,10 +357,17 @@ def fpx_linear_gluon(
     """
     if warps not in (4, 8):
         raise ValueError(f"fpx_linear_gluon: warps={warps}; use 4 or 8 (whole warpgroups).")
+    if p.fmt not in FORMATS:
+        raise ValueError(
+            f"fpx_linear_gluon: format {p.fmt!r} is not one of {FORMATS}; use "
+            "fpx_linear_triton (it serves every format)."
+        )
     n, k = p.shape
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
+    if x2.stride(-1) != 1 or x2.stride(0) % 8:  # rows of 16-byte cp.async copies
         x2 = x2.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     m = x2.shape[0]
     bnt = bnt or tokens_per_program(m)
     lay = _fpx.layout(p.fmt)

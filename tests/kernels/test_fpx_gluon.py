@@ -96,6 +96,12 @@ def test_not_available_on_cpu_or_other_formats(monkeypatch):
     assert fpx_triton.gluon_configs(512) == []
 
 
+def test_formats_the_kernel_cannot_take_are_a_clear_error():
+    p = fpx.pack(torch.randn(64, 256), "e2m1")
+    with pytest.raises(ValueError, match="fpx_linear_triton"):
+        fpx_gluon.fpx_linear_gluon(torch.randn(2, 256, dtype=torch.float16), p)
+
+
 def test_asking_for_gluon_where_it_cannot_run_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     p = fpx.pack(torch.randn(64, 256), "e3m2")
