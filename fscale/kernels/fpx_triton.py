@@ -74,9 +74,9 @@ although each weight is rebuilt once in both: what grows with BM is the dot side
 (x tiles and the register operand's layout conversion), not the rebuild.
 The same idea written in Gluon, where the layouts, the async MMA wait and the cp.async
 ring are explicit, pays: ``fpx_gluon`` ([Note: weights as the register operand]) now
-runs e3m2 and fp5 on Hopper from M=1 to 128 (fp6 28672 x 8192: 51 us at M=1, 70 us at
-M=32), and
-the numbers above are this kernel's, which still serves the other formats and GPUs.
+runs fp6 (e3m2) and fp5 on Hopper from M=1 to 128 (fp6 28672 x 8192: 51 us at M=1,
+70 us at M=32); the numbers above are this kernel's, which still serves the other
+formats and GPUs.
 Also tried and dropped (2026-11-23): a byte-permute rebuild (the masked byte words of
 k rows 2i and 2i + 1 split apart with reshape/split, then one PRMT per mma B register,
 so the pair needs no shift): 336 -> 270 loop instructions compiled by triton 3.9, but
@@ -406,7 +406,7 @@ def kdot_for(bm: int) -> int:
 
 def candidate_configs(m: int, gluon: bool = False) -> list[dict]:
     """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners);
-    ``gluon`` adds launches of the Hopper kernel in ``fpx_gluon`` (e3m2 on sm_90)."""
+    ``gluon`` adds launches of the Hopper kernel in ``fpx_gluon`` (fp6/fp5 on sm_90)."""
     extra = gluon_configs(m) if gluon else []
     return extra + _triton_configs(m)
 
@@ -488,10 +488,10 @@ def _tune(x2, p, bias) -> dict:
     """The fastest of ``candidate_configs`` on these tensors, once per key."""
     n, k = p.shape
     m = x2.shape[0]
-    gluon = fpx_gluon.available(x2, p.fmt)
     return tune(
         _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)),
-        lambda: candidate_configs(m, gluon), lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
+        lambda: candidate_configs(m, fpx_gluon.available(x2, p.fmt)),
+        lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
         "fpx_linear_triton (fmt, N, K, M bucket, device)",
     )  # fmt: skip
 
@@ -678,7 +678,7 @@ def fpx_linear_triton(
 
     ``config`` overrides the launch parameters (keys bm, bn, waves or split,
     num_warps, num_stages) or, with ``{"dequant": True}``, takes the dequantize +
-    cuBLAS path, or with ``{"gluon": True}`` (keys split, stages) runs ``fpx_gluon``'s
+    cuBLAS path, or with ``{"gluon": True}`` (keys split, stages, warps) runs ``fpx_gluon``'s
     Hopper kernel. Without it, on a GPU the first call for a (format, N, K, M rounded
     up to a power of two) times ``candidate_configs(M)``, the dequantize path among
     them for M > 64, and keeps the fastest (as ``triton.autotune`` would); under the
