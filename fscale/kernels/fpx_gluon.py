@@ -81,8 +81,13 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
     gluon = gl = None
 
 FORMATS = ("e3m2", "e2m2", "e3m1")  # the "byte"-image formats: fp6 and both fp5
+#: PRMT selectors [v][h]: the image bytes of sub-tile 2q + v, channel 2c + h, of k rows
+#: 2p' and 2p' + 1 into the high bytes of an A register's two fp16 halves (bytes 0, 2
+#: hold v = 0, bytes 1, 3 hold v = 1; selector nibble i names the source byte of byte i).
+SELECTORS = ((0x4501, 0x6723), (0x5410, 0x7632))
 if gl is not None:
     KC = gl.constexpr(128)  # rows of K per MMA: an fp6 chunk, half an fp5 chunk
+    _SEL = gl.constexpr(SELECTORS)
 
 
 def _prmt_and(a, b, selector: gl.constexpr, keep: gl.constexpr):
@@ -118,12 +123,8 @@ def _sub_tile(both, V: gl.constexpr, HI_MASK: gl.constexpr, LO_MASK: gl.constexp
     keep: gl.constexpr = ((HI_MASK | LO_MASK) & 0xFF) * 0x01000100
     # rows r = 2 p' + e: the two rows of a k pair are in one thread.
     e0, e1 = gl.split(gl.permute(gl.reshape(both, [8, 2, both.shape[1]]), [0, 2, 1]))
-    if V == 0:  # images in bytes 0, 2: move them to the high bytes
-        h0 = _prmt_and(e0, e1, 0x4501, keep)
-        h1 = _prmt_and(e0, e1, 0x6723, keep)
-    else:  # images in bytes 1, 3
-        h0 = _prmt_and(e0, e1, 0x5410, keep)
-        h1 = _prmt_and(e0, e1, 0x7632, keep)
+    h0 = _prmt_and(e0, e1, _SEL[V][0], keep)
+    h1 = _prmt_and(e0, e1, _SEL[V][1], keep)
     return gl.join(h0, h1)
 
 

@@ -73,6 +73,47 @@ def test_kernel_compiles_for_sm90_with_the_weights_in_registers(fmt, bnt, dtype,
     assert "cp.async.cg.shared.global" in ptx and ", 0x10," in ptx
 
 
+def _rotl(w: torch.Tensor, n: int) -> torch.Tensor:
+    return ((w << n) | (w >> (32 - n))) & 0xFFFFFFFF if n else w
+
+
+def _prmt(a: torch.Tensor, b: torch.Tensor, selector: int) -> torch.Tensor:
+    """PTX prmt.b32: byte i of the result is byte (selector >> 4 i) & 7 of b:a."""
+    src = [(a >> (8 * j)) & 0xFF for j in range(4)] + [(b >> (8 * j)) & 0xFF for j in range(4)]
+    return sum(src[(selector >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+@pytest.mark.parametrize("fmt", fpx_gluon.FORMATS)
+def test_rebuild_gives_each_weights_fp16_image(fmt):
+    """The kernel's integer path in torch, with its constants (plane masks, rotations,
+    ``SELECTORS``, the image mask): every A-register half is the fp16 whose value times
+    2**(15 - bias) is the decoded code at (channel, k), every weight exactly once."""
+    lay, pl = fpx.layout(fmt), fpx.planes(fmt)
+    lb, nq, kc = lay["lo_bits"], lay["nq"], lay["k_chunk"]
+    n = 32
+    p = fpx.pack(torch.randn(n, kc, generator=torch.Generator().manual_seed(1)), fmt)
+    # unpack(p) = decode(codes) * scale, and the kernel applies scale * 2**(15 - bias).
+    want = fpx.decode(fpx.unpack_codes(p), fmt) * 2.0 ** (fpx.bias(fmt) - 15)
+    hi, lo = p.hi.long() & 0xFFFFFFFF, p.lo.long() & 0xFFFFFFFF  # chunk 0
+    hi_mask = pl["hi_mask"] * 0x01010101
+    keep = ((pl["hi_mask"] | pl["lo_mask"]) & 0xFF) * 0x01000100
+    seen = 0
+    for q in range(nq):
+        hq = _rotl(hi[(q // 2) * 16 : (q // 2 + 1) * 16], 28 * (q % 2))
+        lq = _rotl(lo[:16], lb * q)
+        both = (hq & hi_mask) | (lq & (hi_mask ^ 0xFFFFFFFF))
+        for v in range(2):
+            for h in range(2):
+                words = _prmt(both[0::2], both[1::2], fpx_gluon.SELECTORS[v][h]) & keep
+                for e in range(2):  # low half: k row 2p', high half: 2p' + 1
+                    bits = ((words >> (16 * e)) & 0xFFFF).to(torch.int16)
+                    got = bits.view(torch.float16).float()  # [8 p', n / 2 c]
+                    k = 16 * (2 * q + v) + 2 * torch.arange(8) + e
+                    assert torch.equal(got, want[h::2, k].t()), (q, v, h, e)
+                    seen += got.numel()
+    assert seen == n * kc
+
+
 def test_tokens_per_program_is_a_legal_mma_n():
     assert [fpx_gluon.tokens_per_program(m) for m in (1, 8, 9, 16, 33, 200, 256, 300)] == [
         8, 8, 16, 16, 64, 256, 256, 256
