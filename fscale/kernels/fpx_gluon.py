@@ -370,6 +370,8 @@ def fpx_linear_gluon(
     if bias is not None:
         bias = bias.contiguous()
     m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
     bnt = bnt or tokens_per_program(m)
     lay = _fpx.layout(p.fmt)
     halves = lay["nq"] // 4

@@ -180,6 +180,7 @@ def test_cuda_kernel_matches_reference(fmt, n, k, m, dtype, split, warps):
     want = x.double() @ fpx.unpack(p).double().t() + bias.double()
     got = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps)
     assert got.dtype == dtype and got.shape == (m, n)
+    assert fpx_gluon.fpx_linear_gluon(x[:0], p, bias).shape == (0, n)
     assert _rel(got, want) <= 1e-2
     assert torch.equal(got, fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps))
     atomic = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps, atomic=True)
