@@ -2,8 +2,9 @@
 
 Gluon has no interpreter, so on CPU the kernel is compiled for sm_90 ahead of time and
 its PTX checked for the structure the design rests on (weights as wgmma's register
-operand, never in shared memory); on a Hopper GPU it is checked against the fp64
-reference, directly and through ``fpx_linear_triton``'s tuning.
+operand, never in shared memory), and its integer rebuild is run in torch with the
+kernel's constants; on a Hopper GPU it is checked against the fp64 reference, directly
+and through ``fpx_linear_triton``'s tuning.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str):
 def test_kernel_compiles_for_sm90_with_the_weights_in_registers(fmt, bnt, dtype, split, warps):
     """Per 128 rows of K each warpgroup issues 8 MMAs m64 x bnt x 16 whose A operand is 4
     registers, each register one PRMT of two rebuilt byte words; the weights never go
-    to shared memory (no st.shared anywhere), the planes and x arrive by 16-byte
-    cp.async."""
+    to shared memory (no st.shared before the split-K epilogue), the planes and x
+    arrive by 16-byte cp.async."""
     ptx = _compile_for_sm90(bnt, dtype, split, warps, fmt).asm["ptx"]
     halves = fpx.layout(fmt)["k_chunk"] // 128
     ab = "bf16.bf16" if dtype == "bf16" else "f16.f16"
