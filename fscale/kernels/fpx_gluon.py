@@ -62,7 +62,7 @@ from __future__ import annotations
 import torch
 
 from fscale.kernels import fpx as _fpx
-from fscale.kernels._triton import arrival_counters
+from fscale.kernels._triton import split_workspace
 
 try:
     from triton.experimental import gluon
@@ -387,11 +387,7 @@ def fpx_linear_gluon(
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if mode == 2:
-        ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, grid[0] * grid[1])
-    else:
-        ws, counters = y, y  # not read
+    ws, counters = split_workspace(mode, y, grid)
     pl = _fpx.planes(p.fmt)
     _kernel[grid](
         x2, p.hi, p.lo, p.scales, bias if bias is not None else p.scales, y, ws, counters,

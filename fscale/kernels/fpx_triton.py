@@ -97,11 +97,11 @@ from fscale.kernels import fpx as _fpx
 from fscale.kernels import fpx_gluon
 from fscale.kernels._triton import (
     LazyJit,
-    arrival_counters,
     bucket,
     interpreting,
     sm_count,
     split_mode,
+    split_workspace,
     tune,
     tuned_launches,
 )
@@ -542,11 +542,7 @@ def _launch(
         triton.cdiv(chunks, per),
     )
     x_arg = x2 if x2 is not None else y
-    if mode == 2:
-        ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=y.device)
-        counters = arrival_counters(y.device, grid[0] * grid[1])
-    else:
-        ws, counters = y, y  # not read
+    ws, counters = split_workspace(mode, y, grid)
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
     kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
     return kernel[grid](

@@ -48,10 +48,10 @@ from fscale.hw import dispatch
 from fscale.hw.device import capability
 from fscale.kernels._triton import (
     LazyJit,
-    arrival_counters,
     bucket,
     sm_count,
     split_mode,
+    split_workspace,
     tune,
     tuned_launches,
 )
@@ -485,11 +485,7 @@ def int_linear_triton(
         y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     else:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if mode == 2:
-        ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, grid[0] * grid[1])
-    else:
-        ws, counters = y, y  # not read
+    ws, counters = split_workspace(mode, y, grid)
     lo = p.lo if p.lo is not None else p.scale
     b = bias if bias is not None else y
     kernel[grid](
