@@ -54,7 +54,7 @@ from fscale.io import swap  # noqa: E402
 from fscale.kernels import cpu_adam  # noqa: E402
 from fscale.models.gpt import GPT, GPTConfig  # noqa: E402
 from fscale.optim.base import apply_gradients  # noqa: E402
-from fscale.step import FINAL_GRADS  # noqa: E402
+from fscale.policies import WANTS_FINAL_GRADS  # noqa: E402
 
 GiB = 2**30
 ADAM_BYTES_PER_PARAM = 28  # fp32 p, g, m, v read; p, m, v written
@@ -260,7 +260,7 @@ def train_one(layers: int, what: str, args, device) -> dict:
     step, params = build_step(
         model, args.accumulate, args.delayed, what, args.overlap, nvme_path=nvme
     )
-    out["streams_grads_in_backward"] = step.applied("offload").options[FINAL_GRADS]
+    out["streams_grads_in_backward"] = step.has(WANTS_FINAL_GRADS)
     params, state = step.init(params)
     for p in model.parameters():  # the module's fp32 weights: the shards own them now
         p.data = torch.empty(0, device=device)

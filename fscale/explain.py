@@ -17,34 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
 
 import torch
 
 from fscale import tree
 from fscale.hw import comm, dispatch
-
-
-@dataclass
-class Collective:
-    op: str
-    bytes: int  # payload handed to the collective by one rank, per step
-    stage: str
-    calls: int = 1
-
-
-@dataclass
-class Plan:
-    world: int
-    transforms: list[str]
-    stages: dict[str, str]
-    collectives: list[Collective] = field(default_factory=list)
-    memory: dict[str, int] = field(default_factory=dict)  # bytes per rank, by tier/kind
-    kernels: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    param_count: int = 0
-    param_bytes: int = 0  # full (unsharded) params
-    largest_param_bytes: int = 0  # the largest single leaf, full
+from fscale.plan import Collective, Plan  # noqa: F401  (Collective: public name)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -64,7 +42,7 @@ def _optimizer_state_bytes(step, params) -> int:
 
 def plan(step, params) -> Plan:
     """The ``Plan`` of ``step`` for ``params`` (the full params given to ``step.init``)."""
-    world = comm.world_size(step.group)
+    world = step.mesh.size()
     leaves = [t for t in tree.leaves(params) if t is not None]
     p_bytes = sum(_nbytes(t) for t in leaves)
     result = Plan(
@@ -83,7 +61,7 @@ def plan(step, params) -> Plan:
         "optimizer": _optimizer_state_bytes(step, params),
     }
     if world > 1:
-        result.collectives.append(Collective("all_reduce", p_bytes, "reduce_grads"))
+        result.collectives.append(Collective("all_reduce", p_bytes, "reduce_grads", tag="dp.grads"))
     if leaves:
         for op in sorted(dispatch.known_ops()):
             try:
@@ -133,8 +111,10 @@ def explain(step, params=None) -> str:
         lines.append("  none (world of one)")
     for c in p.collectives:
         bus = comm.bus_bytes(c.op, c.bytes, p.world)
+        tag = f"  [{c.tag}]" if c.tag else ""
         lines.append(
             f"  {c.stage:<14} {c.op:<15} x{c.calls:<3} {_gib(c.bytes):>11}  bus {_gib(int(bus))}"
+            f"{tag}"
         )
     lines.append("kernels:")
     lines.extend(f"  {op:<14} {name}" for op, name in p.kernels.items())

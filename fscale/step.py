@@ -14,11 +14,22 @@ fscale (ZeRO, offload, compressed communication, mixed precision) is a function
 ``finish_grads``   last touch before clipping and the update (identity; mixed
                    precision unscales fp16 grads and checks them for overflow)
 ``grad_norm``      global 2-norm of the reduced grads (sharded grads sum partial norms)
-``update``         the optimizer step, returning new params
+``update``         the optimizer step on what this rank owns (the params, or shards)
+``apply``          lay the updated params out for the next call (identity; ZeRO-1/2
+                   all-gather the updated shards, tag ``"zero.params"``)
 =================  ==================================================================
 
 State is a dict keyed by owner (optax ``named_chain`` style): ``"optimizer"``,
-``"count"`` and one slot per transform that needs one.
+``"count"``, ``"layout"`` and one slot per transform that needs one; every slot
+describes itself for a checkpoint (``fscale.state.describe``).
+
+What transforms share goes through the step, never through each other's modules:
+typed policies (``step.policy(PrecisionPolicy)``), capability flags
+(``step.has(CHANGES_GRADS_AFTER_BACKWARD)``, see ``fscale/policies.py``), tagged
+collectives (``ctx.comm.reduce_scatter("zero.grads", ...)``; a transform replaces
+one tag's lowering for its own step, ``fscale/hw/tagged.py``), declared per-call
+scratch (``ctx.scratch(owner)``), unit hooks that wrap each unit's forward
+(``fscale/units.py``) and the mesh (``step.mesh``, ``fscale/hw/mesh.py``).
 
 Usage::
 
@@ -29,6 +40,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +50,12 @@ import torch
 
 from fscale import tree
 from fscale.hw import comm
+from fscale.hw import mesh as meshes
+from fscale.hw.tagged import Collectives, TaggedLowering
 from fscale.optim.base import GradientTransformation, apply_gradients
+from fscale.placement import Placement, placement_of, replicated
+from fscale.policies import CAPABILITIES, WANTS_FINAL_GRADS, PrecisionPolicy
+from fscale.units import UnitHook, Units, find_units
 
 Params = Any
 Batch = Any
@@ -52,12 +69,15 @@ State = dict
 class Transform:
     """What one applied transform declares about itself.
 
-    ``requires`` names transforms that must already be applied (inside this one).
-    The other three map a transform's name to the fix the error message suggests:
-    ``conflicts`` may not share a stack with this one in either order,
-    ``refuses_inner`` may not be applied inside it, ``refuses_outer`` may not be
-    applied over it. All are checked when a transform is applied, so an illegal
-    stack fails before any tensor moves.
+    ``options`` are for display (``fs.explain``) only: other transforms read a typed
+    policy (``step.policy(T)``), never these. ``capabilities`` are flags from
+    ``fscale.policies`` others plan around. ``scratch``: the transform keeps per-call
+    scratch in ``ctx.scratch(name)``. ``requires`` names transforms that must already
+    be applied (inside this one). The other three map a transform's name to the fix
+    the error message suggests: ``conflicts`` may not share a stack with this one in
+    either order, ``refuses_inner`` may not be applied inside it, ``refuses_outer``
+    may not be applied over it. All are checked when a transform is applied, so an
+    illegal stack fails before any tensor moves.
     """
 
     name: str
@@ -68,6 +88,16 @@ class Transform:
     refuses_outer: Mapping[str, str] = field(default_factory=dict)
     unique: bool = True
     plan: Callable[[Any], None] | None = None  # plan(Plan): adjusts fs.explain's estimate
+    capabilities: frozenset[str] = frozenset()
+    scratch: bool = False
+
+    def __post_init__(self):
+        unknown = sorted(set(self.capabilities) - CAPABILITIES)
+        if unknown:
+            raise ValueError(
+                f"transform {self.name!r} declares unknown capabilities {unknown}; the "
+                f"known ones are {sorted(CAPABILITIES)} (fscale/policies.py)."
+            )
 
     def __str__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -85,15 +115,30 @@ class ParamLayout:
     spec: Any
     shapes: tuple[tuple[int, ...] | None, ...]
     dtypes: tuple[torch.dtype | None, ...]
+    placements: tuple[Placement | None, ...] = ()
+    paths: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, params: Params) -> ParamLayout:
+    def of(cls, params: Params, dp_dims: tuple[str, ...] = ()) -> ParamLayout:
         leaves, spec = tree.flatten(params)
         return cls(
             spec,
             tuple(None if t is None else tuple(t.shape) for t in leaves),
             tuple(None if t is None else t.dtype for t in leaves),
+            tuple(None if t is None else placement_of(t) or replicated(t, dp_dims) for t in leaves),
+            tuple(tree.paths(params)),
         )
+
+    def describe_state(self) -> dict:
+        """The state protocol: each param's shape, dtype and placement, by path."""
+        return {
+            path: None
+            if shape is None
+            else {"shape": list(shape), "dtype": dtype, "placement": p.describe()}
+            for path, shape, dtype, p in zip(
+                self.paths, self.shapes, self.dtypes, self.placements, strict=True
+            )
+        }
 
     def check(self, params: Params) -> None:
         leaves, spec = tree.flatten(params)
@@ -117,18 +162,32 @@ class ParamLayout:
 
 
 class StepContext:
-    """Per-call scratch the stages share: the state being built and the metrics."""
+    """What the stages of one call share: the state being built, the metrics, the
+    tagged collectives (``comm``), declared per-transform scratch, and three hooks of
+    the grad protocol any transform may set for the stages inside it."""
 
     def __init__(self, step: Step, state: State):
         self.step = step
         self.state = dict(state)
         self.metrics: dict[str, Any] = {}
-        # Multiplies the loss before differentiation (fp16 loss scaling sets it).
+        self.comm = Collectives(step.lowerings, self)
+        self._scratch = {t.name: {} for t in step.transforms if t.scratch}
+        # Multiplies the loss before differentiation (loss scaling sets it); the
+        # returned loss is unscaled.
         self.loss_scale: torch.Tensor | None = None
-        # Takes each grad as backward produces it (ZeRO-2's bucketed reduce-scatter).
+        # Takes each grad as backward produces it (see _backward_into_sink).
         self.grad_sink = None
         # Called with each final grad in backward ([Note: final grads in backward]).
         self.grad_ready = None
+
+    def scratch(self, owner: str) -> dict:
+        """The per-call scratch dict of transform ``owner`` (declared ``scratch=True``)."""
+        if owner not in self._scratch:
+            raise RuntimeError(
+                f"{owner} uses per-call scratch but did not declare it; build its record "
+                "with Transform(..., scratch=True)."
+            )
+        return self._scratch[owner]
 
 
 @dataclass(frozen=True)
@@ -142,6 +201,7 @@ class Stages:
     finish_grads: Callable[[StepContext, Params], Params]
     grad_norm: Callable[[StepContext, Params], torch.Tensor]
     update: Callable[[StepContext, Params, Params], Params]
+    apply: Callable[[StepContext, Params], Params]
 
 
 # ----------------------------------------------------------------------------- defaults
@@ -166,7 +226,8 @@ def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
     inputs = [None if t is None else t.detach().requires_grad_(True) for t in leaves]
     with torch.enable_grad():
         source = step.stages.materialize(ctx, tree.unflatten(spec, inputs))
-        out = step.loss_fn(source, batch)
+        with step.hooked_units():
+            out = step.loss_fn(source, batch)
         loss, aux = out if step.has_aux else (out, None)
         _check_loss(loss)
         target = loss if ctx.loss_scale is None else loss * ctx.loss_scale
@@ -225,14 +286,16 @@ _BUCKET_BYTES = 25 * 2**20
 
 
 def default_reduce_grads(ctx: StepContext, grads: Params) -> Params:
-    """DDP semantics: mean over the data-parallel group, in ~25 MiB flat buckets."""
-    group = ctx.step.group
-    if comm.world_size(group) == 1:
+    """DDP semantics: mean over every dim of the step's mesh, in ~25 MiB flat buckets."""
+    mesh = ctx.step.mesh
+    dims = [d for d in mesh.dims if mesh.size(d) > 1]
+    if not dims:
         return grads
     leaves, spec = tree.flatten(grads)
     for bucket in _buckets([g for g in leaves if g is not None], _BUCKET_BYTES):
         flat = torch.cat([g.reshape(-1) for g in bucket])
-        comm.all_reduce(flat, op="avg", group=group)
+        for dim in dims:  # the mean over a product of dims is the mean of means
+            ctx.comm.all_reduce("dp.grads", flat, op="avg", group=mesh.group(dim))
         offset = 0
         for g in bucket:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -276,6 +339,10 @@ def default_update(ctx: StepContext, grads: Params, params: Params) -> Params:
     return params
 
 
+def default_apply(ctx: StepContext, params: Params) -> Params:
+    return params
+
+
 DEFAULT_STAGES = Stages(
     init=default_init,
     materialize=default_materialize,
@@ -284,6 +351,7 @@ DEFAULT_STAGES = Stages(
     finish_grads=default_finish_grads,
     grad_norm=default_grad_norm,
     update=default_update,
+    apply=default_apply,
 )
 
 
@@ -299,18 +367,54 @@ class Step:
     accumulate: int = 1
     clip_norm: float | None = None
     has_aux: bool = False
-    group: Any = None
+    mesh: meshes.Mesh = field(default_factory=meshes.resolve)
+    units: Units | None = None
     stages: Stages = DEFAULT_STAGES
     transforms: tuple[Transform, ...] = ()
+    policies: tuple[Any, ...] = ()
+    lowerings: tuple[TaggedLowering, ...] = ()
+    unit_hooks: tuple[tuple[str, UnitHook], ...] = ()
 
     # -- building -------------------------------------------------------------------
 
     def applied(self, name: str) -> Transform | None:
-        """The record of transform ``name`` if it is in the stack."""
+        """The record of transform ``name`` if it is in the stack (for display and tests;
+        transforms read each other through ``policy`` and ``has``)."""
         return next((t for t in self.transforms if t.name == name), None)
 
-    def with_transform(self, record: Transform, **stages: Callable) -> Step:
-        """A new step with ``record`` appended and ``stages`` replaced (checked first)."""
+    def policy(self, kind: type):
+        """The policy of type ``kind`` a transform in the stack published, or None."""
+        return next((p for p in reversed(self.policies) if isinstance(p, kind)), None)
+
+    def has(self, capability: str) -> bool:
+        """Whether a transform in the stack declares ``capability`` (fscale.policies)."""
+        if capability not in CAPABILITIES:
+            raise ValueError(
+                f"unknown capability {capability!r}; the known ones are {sorted(CAPABILITIES)}."
+            )
+        return any(capability in t.capabilities for t in self.transforms)
+
+    def with_transform(
+        self,
+        record: Transform,
+        *,
+        policy: Any = None,
+        lowerings: Mapping[str, Callable] | None = None,
+        unit_hook: UnitHook | None = None,
+        **stages: Callable,
+    ) -> Step:
+        """A new step with ``record`` appended and ``stages`` replaced (checked first).
+
+        Args:
+          record: the transform's ``Transform`` record.
+          policy: a frozen dataclass others read with ``step.policy(type(policy))``.
+          lowerings: ``{tag: fn}``: replace the lowering of these tagged collectives for
+            this step ([Note] in ``fscale/hw/tagged.py``); ``fn`` keeps state in the
+            ``record.name`` slot.
+          unit_hook: ``hook(unit_name, forward) -> forward`` wrapping every unit's
+            forward (needs ``train_step(..., model=...)``).
+          **stages: replaced stages, by name.
+        """
         _check_stack(self, record)
         unknown = sorted(set(stages) - {f.name for f in dataclasses.fields(Stages)})
         if unknown:
@@ -318,11 +422,47 @@ class Step:
                 f"{record.name} rewrites unknown stages {unknown}; the stages are "
                 f"{[f.name for f in dataclasses.fields(Stages)]}."
             )
+        new_lowerings = tuple(self.lowerings)
+        for tag, fn in (lowerings or {}).items():
+            taken = next((e for e in self.lowerings if e.tag == tag), None)
+            if taken is not None:
+                raise ValueError(
+                    f"{record.name} replaces the lowering of {tag!r}, which {taken.owner} "
+                    f"already replaced; {record.name} and {taken.owner} cannot share a stack "
+                    "(apply only one of them)."
+                )
+            if not callable(fn):
+                raise TypeError(f"{record.name}: the lowering of {tag!r} must be callable.")
+            new_lowerings += (TaggedLowering(tag, record.name, fn),)
+        hooks = self.unit_hooks
+        if unit_hook is not None:
+            if self.units is None:
+                raise ValueError(
+                    f"{record.name} wraps the model's units, but the step does not know the "
+                    "model: build it with fs.train_step(loss_fn, opt, model=model) (or "
+                    "model=apply from fs.functional)."
+                )
+            if not self.units.names:
+                raise ValueError(
+                    f"{record.name} wraps the model's units, but "
+                    f"{type(self.units.module).__name__} has none (no ModuleList); pass "
+                    "train_step(..., units=...) naming its blocks."
+                )
+            hooks = (*hooks, (record.name, unit_hook))
         return dataclasses.replace(
             self,
             stages=dataclasses.replace(self.stages, **stages),
             transforms=(*self.transforms, record),
+            policies=self.policies if policy is None else (*self.policies, policy),
+            lowerings=new_lowerings,
+            unit_hooks=hooks,
         )
+
+    def hooked_units(self):
+        """A context in which every unit's forward runs through the stack's unit hooks."""
+        if self.units is None or not self.unit_hooks:
+            return contextlib.nullcontext()
+        return self.units.hooked([hook for _, hook in self.unit_hooks])
 
     # -- running --------------------------------------------------------------------
 
@@ -330,7 +470,7 @@ class Step:
         """Lay ``params`` out as the stack says and build the state."""
         _check_params(params)
         params, state = self.stages.init(self, params)
-        state["layout"] = ParamLayout.of(params)
+        state["layout"] = ParamLayout.of(params, self.mesh.dims)
         return params, state
 
     def __call__(self, params: Params, state: State, batch: Batch):
@@ -350,15 +490,18 @@ class Step:
                 _clip_(grads, norm, self.clip_norm)
                 ctx.metrics["grad_norm"] = norm
             params = self.stages.update(ctx, grads, params)
+            params = self.stages.apply(ctx, params)
         ctx.state["count"] = state["count"] + 1
         ctx.metrics["loss"] = loss
         ctx.metrics["comm_bytes"] = {op: s.bytes for op, s in traffic.ops.items()}
+        ctx.metrics["comm_bytes_by_tag"] = {tag: s.bytes for tag, s in traffic.tags.items()}
         return params, ctx.state, ctx.metrics
 
     def _accumulated_loss_and_grad(self, ctx: StepContext, params: Params, batch: Batch):
         # A transform that consumes grads as they become final (offload) asks for them
-        # with the option FINAL_GRADS ([Note: final grads in backward]).
-        final = any(t.options.get(FINAL_GRADS) for t in self.transforms)
+        # with the capability WANTS_FINAL_GRADS ([Note: final grads in backward]).
+        final = self.has(WANTS_FINAL_GRADS)
+        wide = _accumulation_dtype(self)
         if self.accumulate == 1 and not final:
             return self.stages.loss_and_grad(ctx, params, batch)
         micros = _split_batch(batch, self.accumulate) if self.accumulate > 1 else [batch]
@@ -386,7 +529,7 @@ class Step:
             used = sink is not None and sink.used  # else a stage set its own sink (ZeRO-2)
             scaled = used and sink.scale is not None
             if total is None:
-                total_loss, total = loss, grads
+                total_loss, total = loss, _widened(grads, wide) if self.accumulate > 1 else grads
                 continue
             total_loss = total_loss + loss
             if not used:
@@ -398,8 +541,25 @@ class Step:
         return total_loss * scale, total
 
 
-#: Transform option asking the step for ``StepContext.grad_ready`` calls.
-FINAL_GRADS = "final_grads_in_backward"
+# [Note: accumulation dtype]
+# Under mixed_precision, ZeRO-1/2 keep the full params in the compute dtype, so their
+# micro-batch grads arrive in bf16/fp16. Summing them there loses bits every micro-
+# batch (the world of one sums the fp32 grads of its fp32 masters). The first micro-
+# batch's grads are widened to fp32 and later ones are added into that total, as
+# DeepSpeed's bf16 optimizer accumulates in fp32: every stack then sums in fp32.
+
+
+def _accumulation_dtype(step: Step) -> torch.dtype | None:
+    return torch.float32 if step.policy(PrecisionPolicy) is not None else None
+
+
+def _widened(grads: Params, dtype: torch.dtype | None) -> Params:
+    if dtype is None:
+        return grads
+    return tree.map(
+        lambda g: g.to(dtype) if g is not None and g.element_size() < dtype.itemsize else g, grads
+    )
+
 
 # [Note: final grads in backward]
 # In the last micro-batch each leaf's total is complete the moment backward hands
@@ -529,7 +689,9 @@ def train_step(
     accumulate: int = 1,
     clip_norm: float | None = None,
     has_aux: bool = False,
-    group: Any = None,
+    mesh: Any = None,
+    model: Any = None,
+    units: Any = None,
 ) -> Step:
     """Build the plain step: grads of ``loss_fn``, data-parallel mean, ``optimizer``.
 
@@ -540,7 +702,12 @@ def train_step(
         average their grads (equals one batch that many times larger).
       clip_norm: clip the reduced grads to this global 2-norm (``clip_grad_norm_``).
       has_aux: ``loss_fn`` returns ``(loss, metrics)``; the metrics are returned too.
-      group: the data-parallel process group (default: the whole world).
+      mesh: the data-parallel mesh (a ``DeviceMesh`` or sub-mesh; default: the whole
+        world as one dim). Grads are averaged over every dim of it.
+      model: the ``nn.Module`` (or ``fs.functional``'s apply) the loss runs, so the
+        step knows its units and transforms can wrap them (checkpoint_activations).
+      units: which modules are units (``fscale.units.find_units``'s policy): default
+        the children of the first ``ModuleList``. Needs ``model``.
 
     Returns:
       A ``Step``; ``params, state = step.init(params)``, then
@@ -557,11 +724,17 @@ def train_step(
         raise ValueError(f"accumulate must be a positive int, got {accumulate!r}.")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0 (or None to disable), got {clip_norm!r}.")
+    if units is not None and model is None:
+        raise ValueError(
+            "train_step(units=...) names modules of the model, but no model was given; pass "
+            "model=model (or model=apply from fs.functional) too."
+        )
     return Step(
         loss_fn=loss_fn,
         optimizer=optimizer,
         accumulate=accumulate,
         clip_norm=clip_norm,
         has_aux=has_aux,
-        group=group,
+        mesh=meshes.resolve(mesh),
+        units=None if model is None else find_units(model, units),
     )

@@ -4,8 +4,10 @@ Nothing else in fscale calls ``torch.distributed``. Each collective is a named o
 a lowering per backend, modelled on JAX's per-platform lowering rules: ``"nccl"``,
 ``"gloo"`` and ``"single"`` (a world of one with no process group at all: the
 embedded default, so every op works without ``init_process_group``). A transform
-such as ``compress_comm`` swaps a table entry (``register_lowering`` / ``override``)
-and every caller, ZeRO-3's reduce-scatter inside backward included, picks it up.
+never swaps an entry here: it replaces the lowering of one *tagged* collective for its
+own step only (``Step.with_transform(..., lowerings={tag: fn})``, see
+``fscale/hw/tagged.py``); stages reach collectives through ``ctx.comm`` with a tag,
+and the bytes are counted per op and per tag.
 
 Usage::
 
@@ -160,6 +162,17 @@ class Handle:
         in_place = self._finish is None or getattr(self._finish, "in_place", False)
         return self._result if in_place else None
 
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """The output buffer the collective writes (allocated at issue; read it only after
+        ``wait()``). For memory accounting of in-flight collectives."""
+        return self._result
+
+    def then(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Handle:
+        """A handle whose ``wait()`` returns ``fn(self.wait())`` (a lowering that post-
+        processes an async result, e.g. casts it back)."""
+        return Handle(None, self, lambda: fn(self.wait()))
+
     def is_completed(self) -> bool:
         return self._done or self._work is None or self._work.is_completed()
 
@@ -188,10 +201,17 @@ class Counts:
 
     ops: dict[str, CommStats] = field(default_factory=dict)
     wire: dict[str, CommStats] = field(default_factory=dict)
+    # Per tag ("dp.grads", "zero.params", ...): the calls a stage made with that tag,
+    # counted once at the outermost call (a compressed lowering's inner ops are not).
+    tags: dict[str, CommStats] = field(default_factory=dict)
 
-    def _add(self, op: str, nbytes: int, leaf: bool) -> None:
+    def _add(self, op: str, nbytes: int, leaf: bool, tag: str | None = None) -> None:
         for table in (self.ops, self.wire) if leaf else (self.ops,):
             s = table.setdefault(op, CommStats())
+            s.calls += 1
+            s.bytes += nbytes
+        if tag is not None:
+            s = self.tags.setdefault(tag, CommStats())
             s.calls += 1
             s.bytes += nbytes
 
@@ -214,6 +234,7 @@ def reset_stats() -> None:
     with _LOCK:
         _TOTAL.ops.clear()
         _TOTAL.wire.clear()
+        _TOTAL.tags.clear()
 
 
 @contextlib.contextmanager
@@ -302,11 +323,12 @@ def override(op: str, fn: Callable, backend: str | None = None) -> Iterator[None
         _TABLE[op].update(saved)
 
 
-def _call(name: str, t: torch.Tensor | None, group, **kwargs):
+def _call(name: str, t: torch.Tensor | None, group, tag: str | None = None, **kwargs):
     fn = lowering(name, _backend(group, t))
     frames = _FRAMES.__dict__.setdefault("stack", [])
     if frames:
         frames[-1] = True  # the lowering running below us is not a leaf
+        tag = None  # counted under its tag once, at the outermost call
     frames.append(False)
     try:
         result = fn(t, group=group, **kwargs) if t is not None else fn(group=group, **kwargs)
@@ -314,7 +336,7 @@ def _call(name: str, t: torch.Tensor | None, group, **kwargs):
         nested = frames.pop()
     with _LOCK:
         for counts in (_TOTAL, *_ACTIVE):
-            counts._add(name, _nbytes(t), leaf=not nested)
+            counts._add(name, _nbytes(t), leaf=not nested, tag=tag)
     return result
 
 
@@ -356,13 +378,15 @@ def _dist_fn(new: str, old: str):
 # --------------------------------------------------------------------------- all_reduce
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = False):
+def all_reduce(
+    t: torch.Tensor, op: str = "sum", group=None, async_op: bool = False, tag: str | None = None
+):
     """Reduce ``t`` over the group, in place; returns ``t`` (or a Handle if async_op).
 
     Usage: ``comm.all_reduce(grad, op="avg")``. op: "sum", "avg", "max", "min".
     """
     _check_reduce(op, t)
-    return _call("all_reduce", t, group, op=op, async_op=async_op)
+    return _call("all_reduce", t, group, tag, op=op, async_op=async_op)
 
 
 def _all_reduce_native(t, *, op, group, async_op, native_avg=True, widen_fp8=False):
@@ -397,13 +421,13 @@ register_lowering("all_reduce", "single", _all_reduce_single)
 # --------------------------------------------------------------------------- all_gather
 
 
-def all_gather(t: torch.Tensor, group=None, async_op: bool = False):
+def all_gather(t: torch.Tensor, group=None, async_op: bool = False, tag: str | None = None):
     """Every rank's ``t`` concatenated along dim 0, in rank order, in a new tensor.
 
     All ranks pass the same shape; a 0-d ``t`` gathers into shape ``(n,)``.
     Usage: ``full = comm.all_gather(shard)``.
     """
-    return _call("all_gather", t, group, async_op=async_op)
+    return _call("all_gather", t, group, tag, async_op=async_op)
 
 
 def _gathered(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -432,7 +456,9 @@ register_lowering("all_gather", "single", _all_gather_single)
 # --------------------------------------------------------------------------- reduce_scatter
 
 
-def reduce_scatter(t: torch.Tensor, op: str = "sum", group=None, async_op: bool = False):
+def reduce_scatter(
+    t: torch.Tensor, op: str = "sum", group=None, async_op: bool = False, tag: str | None = None
+):
     """Reduce ``t`` over the group and return this rank's chunk of dim 0 (a new tensor).
 
     ``t.shape[0]`` must be divisible by the group size; rank r gets rows
@@ -446,7 +472,7 @@ def reduce_scatter(t: torch.Tensor, op: str = "sum", group=None, async_op: bool 
             f"reduce_scatter: dim 0 of shape {tuple(t.shape)} is not divisible by the world "
             f"size {n}; pad dim 0 to a multiple of {n} (and drop the padding after)."
         )
-    return _call("reduce_scatter", t, group, op=op, async_op=async_op)
+    return _call("reduce_scatter", t, group, tag, op=op, async_op=async_op)
 
 
 def _reduce_scatter_native(t, *, op, group, async_op, native_avg=True, widen_fp8=False):
@@ -505,6 +531,7 @@ def all_to_all(
     input_split_sizes: list[int] | None = None,
     group=None,
     async_op: bool = False,
+    tag: str | None = None,
 ):
     """Scatter dim-0 slices of ``t`` to every rank and gather theirs (all_to_all_single).
 
@@ -535,6 +562,7 @@ def all_to_all(
         "all_to_all",
         t,
         group,
+        tag,
         output_split_sizes=None if output_split_sizes is None else list(output_split_sizes),
         input_split_sizes=None if input_split_sizes is None else list(input_split_sizes),
         async_op=async_op,
@@ -572,13 +600,15 @@ register_lowering("all_to_all", "single", _all_to_all_single)
 # --------------------------------------------------------------------------- broadcast
 
 
-def broadcast(t: torch.Tensor, src: int = 0, group=None, async_op: bool = False):
+def broadcast(
+    t: torch.Tensor, src: int = 0, group=None, async_op: bool = False, tag: str | None = None
+):
     """Copy rank ``src``'s ``t`` (a rank within ``group``) into every rank's ``t``.
 
     In place; returns ``t`` (or a Handle). Usage: ``comm.broadcast(params_flat, src=0)``.
     """
     _global_rank(group, src)  # validate before any rank enters the collective
-    return _call("broadcast", t, group, src=src, async_op=async_op)
+    return _call("broadcast", t, group, tag, src=src, async_op=async_op)
 
 
 def _broadcast_native(t, *, src, group, async_op):

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from fscale.policies import CHANGES_GRADS_AFTER_BACKWARD
 from fscale.step import Step
 
 # Rates fs.explain uses for transfer times: PCIe Gen5 x16 host<->device as measured
@@ -36,15 +37,8 @@ def can_stream(cfg: OffloadConfig, step: Step) -> bool:
         return False  # DPU streams during the next step; param shards live on the host
     if step.clip_norm is not None:
         return False  # the clip coefficient needs every grad first
-    if any(t.name not in ("shard_zero", "mixed_precision") for t in step.transforms):
-        return False
-    mp = step.applied("mixed_precision")
-    if mp is not None and (
-        "init_scale" in mp.options or mp.options["reduce_dtype"] != torch.float32
-    ):
-        return False  # fp16 unscaling, or a reduce-dtype round trip after backward
-    zero = step.applied("shard_zero")
-    return zero is None or zero.options.get("stage") == 3  # else reduced after backward
+    # fp16 unscaling, a reduce-dtype round trip, ZeRO-1/2's reduction after backward...
+    return not step.has(CHANGES_GRADS_AFTER_BACKWARD)
 
 
 def shares_masters(cfg: OffloadConfig) -> bool:

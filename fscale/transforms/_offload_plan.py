@@ -82,8 +82,8 @@ def plan_params(cfg: OffloadConfig, n: int, mp, plan) -> int:
     shards = plan.memory.pop("params", plan.param_bytes // n)
     plan.memory[f"params ({tier})"] = shards
     gather_size = plan.param_bytes / max(plan.param_count, 1)
-    if mp is not None and mp.options["param_dtype"].itemsize != gather_size:
-        gather_size = mp.options["param_dtype"].itemsize
+    if mp is not None and mp.param_dtype.itemsize != gather_size:
+        gather_size = mp.param_dtype.itemsize
         plan.memory[f"params compute copy ({tier})"] = plan.param_count * gather_size // n
     h2d = int(2 * plan.param_count * gather_size) // n  # forward gather + backward re-gather
     where = "host memory" if tier == "cpu" else f"a memory-mapped file under {cfg.path}"

@@ -96,8 +96,16 @@ from fscale.hw import comm
 from fscale.io import swap
 from fscale.kernels import cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
-from fscale.step import FINAL_GRADS, Step, Transform
-from fscale.transforms import _zero3, zero
+from fscale.policies import (
+    MOVES_OPTIMIZER,
+    WANTS_FINAL_GRADS,
+    OffloadPolicy,
+    ParamSourcePolicy,
+    PrecisionPolicy,
+    ZeroPolicy,
+)
+from fscale.step import Step, Transform
+from fscale.transforms._offload.param_source import HostParamSource
 from fscale.transforms._offload_config import (  # noqa: F401  (the rates: public names)
     DISK_BYTES_PER_S,
     H2D_BYTES_PER_S,
@@ -157,9 +165,9 @@ def offload(
     what = (what,) if isinstance(what, str) else tuple(what)
     if not what or any(w not in _WHAT for w in what) or "optimizer" not in what:
         raise ValueError(f"offload: what={what!r}; use ('optimizer',) or ('optimizer', 'params').")
-    zero = step.applied("shard_zero")
+    zero = step.policy(ZeroPolicy)
     if "params" in what:
-        if zero is None or zero.options.get("stage") != 3:
+        if zero is None or zero.stage != 3:
             raise ValueError(
                 "offload(what=('optimizer', 'params')) offloads ZeRO-3's param shards: apply "
                 "it over shard_zero(step, 3), or offload only ('optimizer',)."
@@ -190,19 +198,20 @@ def offload(
         bool(delayed_update),
         direct,
     )
-    mp = step.applied("mixed_precision")
+    mp = step.policy(PrecisionPolicy)
     if mp is not None:
-        cfg = dataclasses.replace(cfg, compute_dtype=mp.options["param_dtype"])
+        cfg = dataclasses.replace(cfg, compute_dtype=mp.param_dtype)
     cfg = dataclasses.replace(cfg, stream=can_stream(cfg, step), sharded=zero is not None)
     fix = "apply offload last, e.g. offload(shard_zero(mixed_precision(step, 'bf16'), 3), ...)."
     record = Transform(
         NAME,
         options={
             "tier": tier, "what": what, "path": path, "delayed_update": cfg.delayed_update,
-            FINAL_GRADS: cfg.stream,
+            "streams_grads": cfg.stream,
         },
         refuses_outer={"shard_zero": fix, "mixed_precision": fix},
         plan=lambda plan: plan_offload(cfg, zero is not None, mp, plan),
+        capabilities=frozenset({MOVES_OPTIMIZER, *((WANTS_FINAL_GRADS,) if cfg.stream else ())}),
     )  # fmt: skip
     inner_init = step.stages.init
     inner_loss_and_grad = step.stages.loss_and_grad
@@ -218,22 +227,32 @@ def offload(
         return inner_loss_and_grad(ctx, params, batch)
 
     def init(s, params):
+        # The compute device, for an optimizer that may only see host shards.
+        live = [t for t in tree.leaves(params) if t is not None]
+        hint["device"] = live[0].device if live else torch.device("cpu")
         params, state = inner_init(s, params)
         handle = state.get("optimizer")
         if isinstance(handle, OffloadState):
             state[NAME] = handle
-            if "params" in cfg.what:
+            if any(g.shared_master for g in handle.groups):
                 try:
-                    params = _params_to_host(handle, params, state, mp)
-                    if any(g.shared_master for g in handle.groups):
-                        _share_masters(handle, params)
+                    _share_masters(handle, params)
                 except BaseException:
                     handle.close()  # no swap file outlives a failed init
                     raise
         return params, state
 
-    new = step.with_transform(record, init=init, loss_and_grad=loss_and_grad)
-    return dataclasses.replace(new, optimizer=_offloaded(cfg, step.optimizer, step.group))
+    hint: dict = {}
+    new = step.with_transform(
+        record,
+        policy=OffloadPolicy(tier, what, cfg.delayed_update),
+        init=init,
+        loss_and_grad=loss_and_grad,
+    )
+    if "params" in what:
+        source = ParamSourcePolicy(HostParamSource, (("tier", tier), ("path", path)))
+        new = dataclasses.replace(new, policies=(*new.policies, source))
+    return dataclasses.replace(new, optimizer=_offloaded(cfg, step.optimizer, None, hint))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -547,14 +566,16 @@ def _scatter(n: int, idx: list[int], values: list) -> list:
 # ----------------------------------------------------------------------------- init
 
 
-def _offloaded(cfg: OffloadConfig, inner: GradientTransformation, group) -> GradientTransformation:
+def _offloaded(
+    cfg: OffloadConfig, inner: GradientTransformation, group, hint: dict
+) -> GradientTransformation:
     """``inner`` with its state offloaded ([Note: where offload hooks in])."""
 
     def init(params):
         leaves = tree.leaves(params)
         if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
             return inner.init(params)  # fs.explain sizing the state: no offload on meta
-        return _init(cfg, inner, group, params)
+        return _init(cfg, inner, group, params, hint.get("device"))
 
     def update_params(grads, state, params):
         if not isinstance(state, OffloadState):
@@ -576,10 +597,11 @@ def _offloaded(cfg: OffloadConfig, inner: GradientTransformation, group) -> Grad
 
 
 @torch.no_grad()
-def _init(cfg: OffloadConfig, inner, group, params) -> OffloadState:
+def _init(cfg: OffloadConfig, inner, group, params, device=None) -> OffloadState:
     leaves, spec = tree.flatten(params)
     live = [t for t in leaves if t is not None]
-    device = live[0].device if live else torch.device("cpu")
+    if device is None:
+        device = live[0].device if live else torch.device("cpu")
     handle = OffloadState(cfg, inner, spec, device)
     limit = cfg.subgroup_bytes
     shared = shares_masters(cfg)
@@ -711,27 +733,6 @@ def _open_swap(cfg: OffloadConfig, handle: OffloadState, group) -> None:
     handle.engine = swap.SwapEngine(cfg.path, rank=rank, direct=cfg.direct, record=True)
     size = swap.align_up(max((g.total for g in handle.groups), default=1))
     handle.buffers = [swap.alloc(size) for _ in range(3 if cfg.overlap else 1)]
-
-
-def _params_to_host(handle: OffloadState, params: dict, state: dict, mp) -> dict:
-    """ZeRO-3's flat shards into (pinned) host memory, the device copies dropped.
-
-    See [Note: param offload] in ``_zero3.py``.
-    """
-    slot = state[zero.NAME]
-    if slot.get("host") is not None or not slot["flats"]:
-        return params
-    gather_dtype = mp.options["param_dtype"] if mp is not None else None
-    if handle.cfg.tier == "nvme":  # [Note: memory-mapped param shards] in swap.py
-        alloc = lambda nbytes: swap.map_file(handle.cfg.path, nbytes)  # noqa: E731
-    else:
-        alloc = swap.alloc
-    shards, slot = _zero3.move_flats_to_host(slot, handle.device, gather_dtype, alloc)
-    for name, shard in shards.items():
-        zero._tag(shard, slot["specs"][name])
-    state[zero.NAME] = slot
-    handle.param_buffer = slot["host"]["buffer"]
-    return {n: shards.get(n) if t is not None else None for n, t in params.items()}
 
 
 # ----------------------------------------------------------------------------- update

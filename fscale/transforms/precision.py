@@ -57,6 +57,7 @@ import torch
 
 from fscale import tree
 from fscale.hw import comm
+from fscale.policies import CHANGES_GRADS_AFTER_BACKWARD, PrecisionPolicy
 from fscale.step import Step, StepContext, Transform
 
 NAME = "mixed_precision"
@@ -145,6 +146,9 @@ def mixed_precision(
             hysteresis=hysteresis,
             min_scale=cfg.min_scale,
         )
+    # Grads change after backward when they are unscaled (fp16) or round-trip through
+    # a narrower reduce dtype: a transform acting on grads in backward must know.
+    changes = cfg.scaling or reduce_dtype != torch.float32
     record = Transform(
         NAME,
         options=options,
@@ -152,7 +156,10 @@ def mixed_precision(
             "shard_zero": "apply mixed_precision first: shard_zero(mixed_precision(step), stage)."
         },
         plan=lambda plan: _plan(cfg, plan),
+        capabilities=frozenset({CHANGES_GRADS_AFTER_BACKWARD} if changes else ()),
+        scratch=True,
     )
+    policy = PrecisionPolicy(param_dtype, reduce_dtype, cfg.scaling)
     inner = step.stages
 
     # Named (not lambdas) so fs.explain's stage table says what runs.
@@ -179,7 +186,7 @@ def mixed_precision(
     )
     if cfg.scaling:
         stages.update(finish_grads=finish_grads, update=update)
-    return step.with_transform(record, **stages)
+    return step.with_transform(record, policy=policy, **stages)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -257,7 +264,7 @@ def _init(cfg: _Config, inner, step: Step, params):
 
 def _materialize(cfg: _Config, inner, ctx: StepContext, params):
     # Runs under autograd: the backward of .to() returns fp32 grads to the fp32 masters.
-    # Under shard_zero(3) this stage does not run: ZeRO-3 reads options["param_dtype"]
+    # Under shard_zero(3) this stage does not run: ZeRO-3 reads the PrecisionPolicy
     # and casts the shards before its all-gather (half the bytes), not after.
     return tree.map(lambda t: _cast(t, cfg.param_dtype), inner.materialize(ctx, params))
 
@@ -304,23 +311,22 @@ def _unscale_and_check(cfg: _Config, inner, ctx: StepContext, grads):
     for g in live:
         g.mul_(inv.to(g.device))
         found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.device, found.dtype))
-    group = ctx.step.group
-    if comm.world_size(group) > 1:
-        # Sharded grads (shard_zero) differ per rank: one rank may see the inf alone.
-        comm.all_reduce(found, op="max", group=group)
-    ctx._mixed_precision_found_inf = found
+    # Sharded grads (shard_zero) differ per rank: one rank may see the inf alone, so
+    # every rank of the world votes (a world of one's all_reduce is free).
+    if comm.world_size() > 1:
+        ctx.comm.all_reduce("mp.overflow", found, op="max")
+    ctx.scratch(NAME)["found_inf"] = found
     return inner.finish_grads(ctx, grads)
 
 
 def _update_or_skip(cfg: _Config, inner, ctx: StepContext, grads, params):
-    found = getattr(ctx, "_mixed_precision_found_inf", None)
+    found = ctx.scratch(NAME).pop("found_inf", None)
     if found is None:
         raise RuntimeError(
             "mixed_precision(fp16): update ran without its finish_grads stage, so the grads "
             "were neither unscaled nor checked; a transform applied over mixed_precision must "
             "call the finish_grads stage it replaces."
         )
-    ctx._mixed_precision_found_inf = None
     slot = dict(ctx.state[NAME])
     ctx.metrics["loss_scale"] = slot["scale"]
     overflow = bool(found.item())  # the one host sync per step, see [Note: loss scaling]

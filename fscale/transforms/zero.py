@@ -1,29 +1,39 @@
-"""``shard_zero(step, stage)``: ZeRO stages 1, 2 and 3 as one transform.
+"""``shard_zero(step, stage)``: ZeRO stages 1, 2 and 3 as one transform, on a 1-D or 2-D mesh.
 
 Memory per rank falls as 1/N while the maths stays that of data parallelism:
 
 - stage 1 partitions the optimizer state: each rank updates its shard (an fp32
-  master copy of its rows) and the updated shards are all-gathered back into the
-  full params; with gradient accumulation, full local grads are kept across
-  micro-batches and all-reduced once a step (with one micro-batch the grads take
-  stage 2's overlapped path: same bytes, no reason to wait for backward's end);
+  master copy of its rows) and ``apply`` all-gathers the updated shards back into
+  the full params; with gradient accumulation, full local grads are kept (in fp32,
+  [Note: accumulation dtype] in ``fscale/step.py``) across micro-batches and
+  reduce-scattered once a step (with one micro-batch the grads take stage 2's
+  overlapped path: same bytes, no reason to wait for backward's end);
 - stage 2 also partitions gradients: they are reduce-scattered in buckets while
-  backward runs (``_zero2.py``), so a rank never holds the whole model's grads;
+  backward runs (``_zero/buckets.py``), so a rank never holds the whole model's grads;
 - stage 3 also partitions the params: ``step.init`` returns shards, and each unit
   (a transformer block) is gathered just before use and freed after it (see
-  ``_zero3.py``); backward re-gathers and reduce-scatters.
+  ``_zero/stage3.py``); backward re-gathers and reduce-scatters. Where the shards
+  live between gathers is the step's param source (``fscale/param_source.py``).
 
-The shard layout is in ``_sharding.py`` ([Note: shard layout]).
+On a 2-D mesh ``("replicate", "shard")`` it is HSDP (FSDP2's hybrid sharding):
+shards span the ``shard`` dim, every ``replicate`` group holds a full copy, and the
+grad reduction is a reduce-scatter inside the shard group followed by an all-reduce
+of the shard across replicas. Every laid-out leaf carries its ``Placement``.
+
+The shard layout is in ``_zero/sharding.py`` ([Note: shard layout]). Collectives are
+tagged ``"zero.grads"``, ``"zero.params"`` and ``"zero.norm"``.
 
 Usage::
 
     step = shard_zero(fs.train_step(loss_fn, fs.optim.adamw(3e-4)), stage=3)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    step = shard_zero(fs.train_step(loss_fn, fs.optim.adamw(3e-4)), 2, mesh=mesh)   # HSDP
     params, state = step.init(params)        # stage 3: params are this rank's shards
     params, state, metrics = step(params, state, batch)
-    full = fs.gather_params(params)          # unsharded, for export and tests
+    full = fs.gather_params(params, state)   # unsharded, for export and tests
 
 References: Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
-Trillion Parameter Models", SC 2020.
+Trillion Parameter Models", SC 2020; Zhao et al., "PyTorch FSDP", VLDB 2023.
 """
 
 from __future__ import annotations
@@ -36,16 +46,27 @@ import torch
 
 from fscale import tree
 from fscale.hw import comm
+from fscale.hw import mesh as meshes
+from fscale.param_source import ParamSource
+from fscale.placement import Placement, place
+from fscale.plan import Collective
+from fscale.policies import (
+    CHANGES_GRADS_AFTER_BACKWARD,
+    SHARDS_PARAMS,
+    ParamSourcePolicy,
+    PrecisionPolicy,
+    ZeroPolicy,
+)
 from fscale.step import Step, StepContext, Transform
-from fscale.transforms import _zero3
-from fscale.transforms._sharding import (
+from fscale.transforms._zero import stage3
+from fscale.transforms._zero.buckets import GradBuckets
+from fscale.transforms._zero.sharding import (
     ShardSpec,
     build_units,
     copy_out,
     flat_shards,
     split_shards,
 )
-from fscale.transforms._zero2 import GradBuckets
 
 NAME = "shard_zero"
 _DEFAULT_BUCKET_MB = 25
@@ -54,36 +75,77 @@ _DEFAULT_BUCKET_MB = 25
 @dataclasses.dataclass(frozen=True)
 class ZeroConfig:
     stage: int
-    group: object
+    mesh: meshes.Mesh
+    shard_dim: str
+    replicate_dims: tuple[str, ...]
     unit: Callable[[str], str] | None
     prefetch: int
     bucket_bytes: int
     check_order: bool = False
+
+    @property
+    def world(self) -> int:
+        """Ranks a leaf is sharded over (the shard dim's size)."""
+        return self.mesh.size(self.shard_dim)
+
+    @property
+    def shard_group(self):
+        return self.mesh.group(self.shard_dim)
+
+    def placement(self, spec: ShardSpec) -> Placement:
+        return Placement(spec.shape, (self.shard_dim,), self.replicate_dims)
+
+    def reduce_grads(self, collectives, flat: torch.Tensor) -> comm.Handle:
+        """One rank-major bucket of grads -> this rank's averaged piece (async).
+
+        A reduce-scatter inside the shard group; under HSDP the piece is then
+        averaged over the replicas (the mean over a product of dims is the mean of
+        the per-dim means).
+        """
+        handle = collectives.reduce_scatter(
+            "zero.grads", flat, op="avg", group=self.shard_group, async_op=True
+        )
+        replicas = [d for d in self.replicate_dims if self.mesh.size(d) > 1]
+        if not replicas:
+            return handle
+
+        def across_replicas(mine: torch.Tensor) -> torch.Tensor:
+            for dim in replicas:
+                collectives.all_reduce("zero.grads", mine, op="avg", group=self.mesh.group(dim))
+            return mine
+
+        return handle.then(across_replicas)
 
 
 def shard_zero(
     step: Step,
     stage: int,
     *,
-    group=None,
+    mesh=None,
+    shard_dim: str | None = None,
     unit: Callable[[str], str] | None = None,
     prefetch: int = 1,
     bucket_mb: float | None = None,
     world_size: int | None = None,
     check_order: bool = False,
 ) -> Step:
-    """Partition optimizer state (1), gradients (2) and params (3) over the data-parallel group.
+    """Partition optimizer state (1), gradients (2) and params (3) over a mesh dim.
 
     Args:
       step: the step to transform.
       stage: 1, 2 or 3.
-      group: the data-parallel process group (default: the step's, i.e. the world).
+      mesh: a ``DeviceMesh`` (default: the step's, i.e. the whole world). On a 2-D mesh
+        the leaves are sharded over ``shard_dim`` and replicated over the other dims
+        (HSDP).
+      shard_dim: the mesh dim to shard over (default: the mesh's last dim).
       unit: stage 3: ``unit(param_name) -> key``; params with one key are gathered
-        together. Default: each child of the first ModuleList (``"blocks.3"``), the
-        rest in one root unit. Tied params must share a unit.
+        together. Default: the step's units (``train_step(model=...)``), else each
+        child of the first ModuleList by name (``"blocks.3"``), the rest in one root
+        unit. Tied params must share a unit.
       prefetch: stage 3: how many units ahead to start gathering.
       bucket_mb: stages 1/2: size of the gradient reduce-scatter / param all-gather buckets.
-      world_size: if given, the group must have this many ranks (a guard for launch scripts).
+      world_size: if given, the shard dim must have this many ranks (a guard for launch
+        scripts).
       check_order: stage 3: before every gather, check that all ranks gather the same
         unit (one small blocking all-gather each). Ranks that take different code paths
         (a rank-dependent branch, data-dependent control flow) then fail with an error
@@ -95,27 +157,38 @@ def shard_zero(
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}.")
     if unit is not None and not callable(unit):
         raise TypeError(f"unit must be a callable param_name -> key, got {type(unit).__name__}.")
-    if group is not None and step.group is not None and group is not step.group:
+    resolved = step.mesh if mesh is None else meshes.resolve(mesh)
+    default_mesh = step.mesh.device_mesh is None and step.mesh.dims == (meshes.WORLD_DIM,)
+    if mesh is not None and not default_mesh and resolved.device_mesh is not step.mesh.device_mesh:
         raise ValueError(
-            "shard_zero's group differs from the step's data-parallel group; pass the same "
-            "group to train_step(group=...) and shard_zero(group=...), or only one of them."
+            "shard_zero's mesh differs from the step's mesh; pass the same mesh to "
+            "train_step(mesh=...) and shard_zero(mesh=...), or only one of them."
         )
-    group = group if group is not None else step.group
-    actual = comm.world_size(group)
+    dim = meshes.pick(resolved, shard_dim, "shard_zero(shard_dim=...)")
+    actual = resolved.size(dim)
     if world_size is not None and world_size != actual:
         raise ValueError(
-            f"shard_zero(world_size={world_size}) but the process group has {actual} ranks; "
-            "launch with that many processes (torchrun --nproc-per-node) or fix world_size."
+            f"shard_zero(world_size={world_size}) but the mesh dim {dim!r} has {actual} "
+            "ranks; launch with that many processes (torchrun --nproc-per-node) or fix "
+            "world_size."
         )
     if bucket_mb is not None and not bucket_mb > 0:
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}.")
     bucket_bytes = int((bucket_mb or _DEFAULT_BUCKET_MB) * 2**20)
-    cfg = ZeroConfig(stage, group, unit, prefetch, bucket_bytes, check_order)
-    mp = step.applied("mixed_precision")
+    replicate = tuple(d for d in resolved.dims if d != dim)
+    cfg = ZeroConfig(stage, resolved, dim, replicate, unit, prefetch, bucket_bytes, check_order)
+    mp = step.policy(PrecisionPolicy)
+    options = {"stage": stage, "prefetch": prefetch, "shard": f"{dim}={actual}"}
+    if replicate:
+        options["replicate"] = ",".join(f"{d}={resolved.size(d)}" for d in replicate)
     record = Transform(
         NAME,
-        options={"stage": stage, "prefetch": prefetch, "world": actual},
+        options=options,
         plan=lambda plan: _plan(cfg, mp, step.clip_norm is not None, step.accumulate, plan),
+        # Stages 1/2 finish the reduction after backward; stage 3 reduce-scatters each
+        # unit in backward, so its grads are final when backward makes them.
+        capabilities=frozenset({SHARDS_PARAMS} if stage == 3 else {CHANGES_GRADS_AFTER_BACKWARD}),
+        scratch=True,
     )
     inner = step.stages
     stages = {
@@ -125,19 +198,21 @@ def shard_zero(
     }
     if stage == 1 and step.accumulate > 1:
         # Stage 1 keeps full local grads across micro-batches and reduces once a step.
-        stages["reduce_grads"] = partial(_reduce_then_slice, cfg, inner)
+        stages["reduce_grads"] = partial(_reduce_then_shard, cfg)
     elif stage in (1, 2):
         # Stage 2, and stage 1 with a single micro-batch (where keeping full grads
         # buys nothing): reduce-scatter buckets during backward, overlapped.
         stages["loss_and_grad"] = partial(_overlapped_loss_and_grad, cfg, inner)
         stages["reduce_grads"] = _already_reduced
     else:
-        stages["materialize"] = partial(_zero3.materialize, cfg, inner)
-        stages["loss_and_grad"] = partial(_zero3.loss_and_grad, cfg, inner)
+        stages["materialize"] = partial(stage3.materialize, cfg, inner)
+        stages["loss_and_grad"] = partial(stage3.loss_and_grad, cfg, inner)
         stages["reduce_grads"] = _already_reduced
-    # Every stage (mixed precision's overflow vote included) uses the same group.
-    step = dataclasses.replace(step, group=group)
-    return step.with_transform(record, **stages)
+    if stage in (1, 2):
+        stages["apply"] = partial(_all_gather_updated, cfg, inner)
+    step = dataclasses.replace(step, mesh=resolved)
+    policy = ZeroPolicy(stage, dim, replicate)
+    return step.with_transform(record, policy=policy, **stages)
 
 
 def _already_reduced(ctx: StepContext, grads):
@@ -145,21 +220,26 @@ def _already_reduced(ctx: StepContext, grads):
     return grads
 
 
+def _grad_buckets(cfg: ZeroConfig, ctx: StepContext, names: list[str]) -> GradBuckets:
+    specs = ctx.state[NAME]["specs"]
+    master = ctx.state[NAME]["master"]
+    mp = ctx.step.policy(PrecisionPolicy)
+    return GradBuckets(
+        [specs[n] for n in names],
+        cfg.world,
+        partial(cfg.reduce_grads, ctx.comm),
+        cfg.bucket_bytes,
+        mp.reduce_dtype if mp is not None else None,
+        out_dtypes=[master[n].dtype for n in names],
+    )
+
+
 def _overlapped_loss_and_grad(cfg: ZeroConfig, inner, ctx: StepContext, params, batch):
     """Stage 2: the inner loss_and_grad with a sink that reduce-scatters buckets in backward."""
-    specs = ctx.state[NAME]["specs"]
     names = [
         n for n, t in zip(tree.paths(params), tree.leaves(params), strict=True) if t is not None
     ]
-    mp = ctx.step.applied("mixed_precision")
-    master = ctx.state[NAME]["master"]
-    ctx.grad_sink = GradBuckets(
-        [specs[n] for n in names],
-        cfg.group,
-        cfg.bucket_bytes,
-        mp.options["reduce_dtype"] if mp is not None else None,
-        out_dtypes=[master[n].dtype for n in names],
-    )
+    ctx.grad_sink = _grad_buckets(cfg, ctx, names)
     try:
         return inner.loss_and_grad(ctx, params, batch)
     finally:
@@ -174,40 +254,59 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
         raise TypeError(
             f"shard_zero needs the params dict from fs.functional, got {type(params).__name__}."
         )
-    world, rank = comm.world_size(cfg.group), comm.rank(cfg.group)
-    units = build_units(params, world, cfg.unit)
+    world, rank = cfg.world, cfg.mesh.rank(cfg.shard_dim)
+    policy = cfg.unit or (step.units.key_of if step.units is not None else None)
+    units = build_units(params, world, policy)
     _check_tied(params, units)
     specs = {s.name: s for u in units for s in u.specs}
-    flats = {}
+    mp = step.policy(PrecisionPolicy)
+    slot = {"units": units, "specs": specs, "flats": {}}
     if cfg.stage == 3:
         # [Note: flat master shards] each unit's shards are views of one flat buffer:
         # the all-gather reads it directly (one cast kernel under mixed precision).
-        shards = {n: None for n in params}
+        flats = {}
         for u in units:
             flats[u.key] = params[u.specs[0].name].new_empty(u.shard_numel)
             for spec, view in zip(u.specs, split_shards(flats[u.key], u.specs), strict=True):
                 view.copy_(spec.shard(params[spec.name].detach(), rank))
-                shards[spec.name] = view
+        device = next((f.device for f in flats.values()), torch.device("cpu"))
+        source = _param_source(step, device, mp)
+        slot["flats"] = flats = source.place(flats)
+        slot["source"] = source
+        shards = {n: None for n in params}
+        for u in units:
+            shards.update(zip(u.names, split_shards(flats[u.key], u.specs), strict=True))
     else:
         shards = {
             n: (None if t is None else specs[n].shard(t.detach(), rank)) for n, t in params.items()
         }
     shards, state = inner.init(step, shards)
-    mp = step.applied("mixed_precision")
     for n, s in shards.items():
         if s is not None:
-            _tag(s, specs[n])
-    state[NAME] = {"units": units, "specs": specs, "flats": flats}
+            _tag(cfg, s, specs[n])
+    state[NAME] = slot
     if cfg.stage == 3:
         return shards, state
     # Stages 1/2 keep full params for compute and a master copy of this rank's rows.
     # Under mixed_precision the full params are kept in the compute dtype only (the
     # fp32 master is the shards): DeepSpeed's layout, 2 bytes/param instead of 4 + 2.
     state[NAME]["master"] = shards
-    if mp is not None:
-        dtype = mp.options["param_dtype"]
-        params = {n: None if t is None else t.detach().to(dtype) for n, t in params.items()}
-    return params, state
+    dtype = mp.param_dtype if mp is not None else None
+    every = (cfg.shard_dim, *cfg.replicate_dims)
+    full = {}
+    for n, t in params.items():
+        full[n] = None if t is None else t.detach().to(dtype or t.dtype)
+        if t is not None:
+            place(full[n], Placement(tuple(t.shape), (), every))
+    return full, state
+
+
+def _param_source(step: Step, device: torch.device, mp) -> ParamSource:
+    gather_dtype = mp.param_dtype if mp is not None else None
+    published = step.policy(ParamSourcePolicy)
+    if published is None:
+        return ParamSource(device=device, gather_dtype=gather_dtype)
+    return published.factory(device=device, gather_dtype=gather_dtype, **dict(published.options))
 
 
 def _check_tied(params: dict, units) -> None:
@@ -226,9 +325,11 @@ def _check_tied(params: dict, units) -> None:
         seen.setdefault(key, name)
 
 
-def _tag(shard: torch.Tensor, spec: ShardSpec) -> None:
-    # fs.gather_params reads this to rebuild full params from shards.
+def _tag(cfg: ZeroConfig, shard: torch.Tensor, spec: ShardSpec) -> None:
+    place(shard, cfg.placement(spec))
+    # fs.gather_params reads these to rebuild full params from shards.
     shard._fscale_shard = spec
+    shard._fscale_group = cfg.shard_group
 
 
 # ----------------------------------------------------------------------------- grads
@@ -248,29 +349,38 @@ def _bucketed(specs: list[ShardSpec], grads: dict, limit: int) -> list[list[Shar
     return buckets
 
 
-def _reduce_then_slice(cfg: ZeroConfig, inner, ctx: StepContext, grads):
-    """Stage 1: the DDP all-reduce (in the reduce dtype), then keep this rank's rows."""
-    mp = ctx.step.applied("mixed_precision")
-    if mp is not None:  # compute-dtype grads: reduce, and keep the shard, in reduce_dtype
-        dtype = mp.options["reduce_dtype"]
-        grads = {n: None if g is None else g.to(dtype) for n, g in grads.items()}
-    grads = inner.reduce_grads(ctx, grads)
+def _reduce_then_shard(cfg: ZeroConfig, ctx: StepContext, grads):
+    """Stage 1 with accumulation: DDP's all-reduce of the accumulated full grads (in the
+    reduce dtype) over every mesh dim, once a step, then this rank's rows."""
+    mp = ctx.step.policy(PrecisionPolicy)
     specs, master = ctx.state[NAME]["specs"], ctx.state[NAME]["master"]
-    rank = comm.rank(cfg.group)
+    live = [n for n, g in grads.items() if g is not None]
+    dtype = mp.reduce_dtype if mp is not None else None
+    full = {n: grads[n].to(dtype or grads[n].dtype) for n in live}
+    dims = [d for d in cfg.mesh.dims if cfg.mesh.size(d) > 1]
+    for bucket in _bucketed([specs[n] for n in live], full, cfg.bucket_bytes):
+        flat = torch.cat([full[s.name].reshape(-1) for s in bucket])
+        for dim in dims:  # the mean over a product of dims is the mean of means
+            ctx.comm.all_reduce("zero.grads", flat, op="avg", group=cfg.mesh.group(dim))
+        for s, piece in zip(bucket, flat.split([s.numel for s in bucket]), strict=True):
+            full[s.name] = piece.view(s.shape)
+    rank = cfg.mesh.rank(cfg.shard_dim)
     # Shard grads in the master dtype: clipping and the update then run in fp32.
     return {
-        n: None if g is None else specs[n].shard(g, rank).to(master[n].dtype)
+        n: None if g is None else specs[n].shard(full[n], rank).to(master[n].dtype)
         for n, g in grads.items()
     }
 
 
 def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor:
-    """Global 2-norm of sharded grads: sum of squares across ranks (padding rows are 0)."""
+    """Global 2-norm of sharded grads: sum of squares over the shard dim (padding rows are 0;
+    replicas hold the same shard, so they are not summed)."""
     leaves = [g for g in tree.leaves(grads) if g is not None]
     if not leaves:
         return torch.zeros(())
     sq = torch.stack([g.float().pow(2).sum() for g in leaves]).sum()
-    comm.all_reduce(sq, op="sum", group=cfg.group)
+    if cfg.world > 1:
+        ctx.comm.all_reduce("zero.norm", sq, op="sum", group=cfg.shard_group)
     return sq.sqrt()
 
 
@@ -281,44 +391,45 @@ def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
     specs = ctx.state[NAME]["specs"]
     if cfg.stage == 3:
         new = inner.update(ctx, grads, params)
-        new = _zero3.keep_in_flats(ctx.state[NAME], new, updated=True)
+        new = stage3.keep_in_flats(ctx.state[NAME], new, updated=True)
         for n, s in new.items():
             if s is not None:
-                _tag(s, specs[n])
+                _tag(cfg, s, specs[n])
         return new
     master = inner.update(ctx, grads, ctx.state[NAME]["master"])
     for n, s in master.items():
         if s is not None:
-            _tag(s, specs[n])
+            _tag(cfg, s, specs[n])
     ctx.state[NAME] = {**ctx.state[NAME], "master": master}
-    _all_gather_into(cfg, master, params, specs)
-    return params
+    return params  # the full params are refreshed by the apply stage
 
 
 @torch.no_grad()
-def _all_gather_into(cfg: ZeroConfig, master: dict, params: dict, specs: dict) -> None:
-    """Stages 1/2: every rank's updated rows into the full params, bucket by bucket."""
-    world = comm.world_size(cfg.group)
+def _all_gather_updated(cfg: ZeroConfig, inner, ctx: StepContext, params):
+    """Stages 1/2 ``apply``: every rank's updated rows into the full params, by bucket."""
+    params = inner.apply(ctx, params)
+    master, specs = ctx.state[NAME]["master"], ctx.state[NAME]["specs"]
     live = [specs[n] for n, p in params.items() if p is not None]
     for bucket in _bucketed(live, params, cfg.bucket_bytes):
         dtype = params[bucket[0].name].dtype
         flat = flat_shards([master[s.name] for s in bucket], dtype)
-        gathered = comm.all_gather(flat, group=cfg.group)
-        for s, full in zip(bucket, copy_out(gathered, tuple(bucket), world), strict=True):
+        gathered = ctx.comm.all_gather("zero.params", flat, group=cfg.shard_group)
+        for s, full in zip(bucket, copy_out(gathered, tuple(bucket), cfg.world), strict=True):
             params[s.name].copy_(full)
+    return params
 
 
 # ----------------------------------------------------------------------------- export
 
 
 @torch.no_grad()
-def gather_params(params: dict, state: dict | None = None, group=None) -> dict:
+def gather_params(params: dict, state: dict | None = None) -> dict:
     """Full, unsharded params in their master precision (for export and tests).
 
-    Stage 3 params are shards: they are all-gathered. Stages 1/2 under mixed precision
-    keep full params in the compute dtype; pass ``state`` to get the fp32 masters
-    (all-gathered from the shards) instead. Anything else is returned as it is.
-    Collective whenever it gathers: every rank of the group must call it.
+    Stage 3 params are shards: they are all-gathered over their shard dim. Stages 1/2
+    under mixed precision keep full params in the compute dtype; pass ``state`` to get
+    the fp32 masters (all-gathered from the shards) instead. Anything else is returned
+    as it is. Collective whenever it gathers: every rank of the shard group must call it.
 
     Usage::
 
@@ -333,6 +444,7 @@ def gather_params(params: dict, state: dict | None = None, group=None) -> dict:
         if spec is None or tuple(t.shape) != spec.shard_shape:
             out[name] = t
             continue
+        group = getattr(t, "_fscale_group", None)
         shard = t.detach().contiguous()
         if shard.device.type == "cpu" and comm.backend(group) == "nccl":
             # Params offloaded to the host: NCCL moves device tensors only.
@@ -346,46 +458,51 @@ def gather_params(params: dict, state: dict | None = None, group=None) -> dict:
 
 
 def _plan(cfg: ZeroConfig, mp, clips: bool, accumulate: int, plan) -> None:
-    n = plan.world
+    n = cfg.world
     full = plan.param_bytes  # fp32 master bytes
     # Under mixed_precision, params travel in the compute dtype, grads in reduce_dtype.
-    gather = full * (mp.options["param_dtype"].itemsize / 4 if mp else 1)
-    reduce = full * (mp.options["reduce_dtype"].itemsize / 4 if mp else 1)
+    gather = full * (mp.param_dtype.itemsize / 4 if mp else 1)
+    reduce = full * (mp.reduce_dtype.itemsize / 4 if mp else 1)
     plan.memory["optimizer"] = plan.memory["optimizer"] // n
     plan.collectives = [c for c in plan.collectives if c.stage != "reduce_grads"]
-    if n == 1:
+    replicas = plan.world // max(n, 1)
+    if n == 1 and replicas == 1:
         plan.notes.append("shard_zero in a world of one: no collectives, nothing saved.")
         return
-    if cfg.stage == 1 and accumulate > 1:
-        plan.collectives.append(_coll("all_reduce", reduce, "reduce_grads"))
-    elif cfg.stage < 3:
-        plan.collectives.append(_coll("reduce_scatter", reduce, "loss_and_grad"))
-        plan.memory["grads"] = full // n
+    grad_stage = "reduce_grads" if cfg.stage == 1 and accumulate > 1 else "loss_and_grad"
+    if grad_stage == "reduce_grads":  # DDP's all-reduce of the accumulated grads
+        plan.collectives.append(_coll("all_reduce", reduce, grad_stage, "zero.grads"))
+    elif n > 1:
+        plan.collectives.append(_coll("reduce_scatter", reduce, grad_stage, "zero.grads"))
+    if replicas > 1 and grad_stage != "reduce_grads":
+        plan.notes.append(
+            f"HSDP: shards span {cfg.shard_dim} ({n} ranks), replicated over "
+            f"{', '.join(cfg.replicate_dims)} ({replicas} copies)."
+        )
+        plan.collectives.append(_coll("all_reduce", reduce // n, grad_stage, "zero.grads"))
+    plan.memory["grads"] = full // n
     if cfg.stage < 3:
         plan.memory["master"] = full // n
-    else:
-        plan.memory["grads"] = full // n
-    if cfg.stage < 3:
-        plan.collectives.append(_coll("all_gather", full // n, "update"))
+        if n > 1:
+            plan.collectives.append(_coll("all_gather", gather // n, "apply", "zero.params"))
     else:
         plan.memory["params"] = full // n
         plan.notes[:] = [x for x in plan.notes if not x.startswith("mixed_precision")]
         if mp:
             plan.notes.append(
-                f"mixed_precision under stage 3: shards are cast to {mp.options['param_dtype']} "
+                f"mixed_precision under stage 3: shards are cast to {mp.param_dtype} "
                 "before the all-gather; no whole-model compute copy exists."
             )
-        plan.collectives.append(_coll("all_gather", 2 * gather // n, "materialize", calls=2))
-        plan.collectives.append(_coll("reduce_scatter", reduce, "loss_and_grad"))
+        plan.collectives.append(
+            _coll("all_gather", 2 * gather // n, "materialize", "zero.params", calls=2)
+        )
         plan.notes.append(
             f"stage 3 materializes one unit at a time, with {cfg.prefetch} more in flight "
             f"(prefetch={cfg.prefetch}), in forward and in backward."
         )
-    if clips:
-        plan.collectives.append(_coll("all_reduce", 4, "grad_norm"))
+    if clips and n > 1:
+        plan.collectives.append(_coll("all_reduce", 4, "grad_norm", "zero.norm"))
 
 
-def _coll(op, nbytes, stage, calls=1):
-    from fscale.explain import Collective
-
-    return Collective(op, int(nbytes), stage, calls)
+def _coll(op, nbytes, stage, tag, calls=1):
+    return Collective(op, int(nbytes), stage, calls, tag)

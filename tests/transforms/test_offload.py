@@ -19,6 +19,7 @@ from fscale.io import SwapCorruptError, swap
 from fscale.kernels import cpu_adam
 from fscale.kernels.adamw import adamw_update_reference_
 from fscale.kernels.cpu_adam import adamw_update_cpu_fused_, host_kernels
+from fscale.policies import WANTS_FINAL_GRADS
 from fscale.transforms.offload import OffloadState
 from tests.dist import run_world
 from tests.helpers import max_rel_error, mlp, regression_batches, regression_loss
@@ -283,7 +284,7 @@ def _streamed(stage, precision, accumulate, stream=True):
         step = dataclasses.replace(step, clip_norm=None, accumulate=accumulate)
         # overlap=False: the same stack, grads copied after backward, group after group.
         step = _offloaded(stage, "cpu", None, precision, overlap=stream)(step)
-        assert step.applied("offload").options["final_grads_in_backward"] == stream
+        assert step.has(WANTS_FINAL_GRADS) == stream
         return step
 
     return wrap
@@ -368,7 +369,7 @@ def test_streaming_with_an_unused_param_equals_copying_after(accumulate):
 
 def test_streaming_only_where_nothing_changes_grads_after_backward(tmp_path):
     step, _ = _step()
-    flag = lambda s: s.applied("offload").options["final_grads_in_backward"]  # noqa: E731
+    flag = lambda s: s.has(WANTS_FINAL_GRADS)  # noqa: E731
     plain = dataclasses.replace(step, clip_norm=None)
     assert flag(fs.offload(plain, "cpu"))
     assert flag(fs.offload(fs.shard_zero(fs.mixed_precision(plain, "bf16"), 3), "cpu"))
@@ -603,15 +604,15 @@ def _walk_tensors(obj, seen=None):
 
 def _run_zero3(wrap, steps=3):
     """Train ``steps`` steps in a world of one; spies on every gather's host->device copy."""
-    from fscale.transforms import _zero3
+    from fscale.transforms._offload.param_source import HostParamSource
+    from fscale.transforms._zero.stage3 import UnitGatherer
 
     log = []
-    stage, full_buffer = _zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer
+    stage, full_buffer = HostParamSource.fetch, UnitGatherer._full_buffer
 
-    def spy_stage(self, key):
-        src = (self.host["gather"] or self.flats)[key]
-        log.append(("stage", key, src))
-        return stage(self, key)
+    def spy_stage(self, key, flat):
+        log.append(("stage", key, self.gather_copies.get(key, flat)))
+        return stage(self, key, flat)
 
     def spy_use(self, key):
         log.append(("use", key, None))
@@ -621,27 +622,24 @@ def _run_zero3(wrap, steps=3):
     params, apply = fs.functional(copy.deepcopy(model))
     step = wrap(fs.train_step(regression_loss(apply), _optimizer(), clip_norm=0.5))
     params, state = step.init(params)
-    old = (_zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer)
-    _zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer = spy_stage, spy_use
+    HostParamSource.fetch, UnitGatherer._full_buffer = spy_stage, spy_use
     try:
         for batch in regression_batches(steps, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1]):
             log.clear()  # keep the last step's
             params, state, metrics = step(params, state, batch)
     finally:
-        _zero3.UnitGatherer._stage_and_gather, _zero3.UnitGatherer._full_buffer = old
+        HostParamSource.fetch, UnitGatherer._full_buffer = stage, full_buffer
     return params, state, metrics, log
 
 
 @pytest.mark.parametrize("precision", [None, "bf16"])
 def test_param_shards_live_only_in_host_memory(precision):
-    """The gatherer reads the offload state's host buffer, and no other shard copy exists."""
-    from fscale.transforms._zero3 import host_resident
-
+    """The gatherer reads the param source's host buffer, and no other shard copy exists."""
     base_params, base_state, base, _ = _run_zero3(_zero3(precision))
     params, state, metrics, log = _run_zero3(_zero3(precision, "cpu"))
     slot, handle = state["shard_zero"], state["offload"]
-    host = handle.param_buffer
-    assert host is slot["host"]["buffer"]
+    host = slot["source"].buffer
+    host_resident = lambda t, slot: slot["source"].resident(t)  # noqa: E731
     units = [u.key for u in slot["units"]]
     assert len(units) == 3
     # The step's params and the flats every gather reads are views of that buffer...
@@ -743,7 +741,7 @@ def test_nvme_param_shards_are_a_mapped_file_under_path(tmp_path, monkeypatch):
     mapping of an unlinked file under ``path``; a drive without room fails at init."""
     params, state, _, log = _run_zero3(_zero3("bf16", "nvme", tmp_path))
     handle = state["offload"]
-    mapped = _mapped_files(handle.param_buffer)
+    mapped = _mapped_files(state["shard_zero"]["source"].buffer)
     assert len(mapped) == 1 and mapped[0].startswith(str(tmp_path)), mapped
     assert mapped[0].endswith("(deleted)")  # unlinked at once: nothing left behind
     assert all(_mapped_files(src) == mapped for kind, _, src in log if kind == "stage")
@@ -754,7 +752,8 @@ def test_nvme_param_shards_are_a_mapped_file_under_path(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     # The cpu tier's shards are anonymous host memory, mapped from no file.
     _, state, _, _ = _run_zero3(_zero3("bf16", "cpu"))
-    assert not any(str(tmp_path) in f for f in _mapped_files(state["offload"].param_buffer))
+    buffer = state["shard_zero"]["source"].buffer
+    assert not any(str(tmp_path) in f for f in _mapped_files(buffer))
     state["offload"].close()
 
     def full(fd, offset, length):

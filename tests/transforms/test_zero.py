@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fscale as fs
 from fscale.models.gpt import GPT, GPTConfig
-from fscale.transforms._sharding import ShardSpec, copy_in, copy_out, default_unit
+from fscale.transforms._zero.sharding import ShardSpec, copy_in, copy_out, default_unit
 from tests.dist import run_world
 from tests.helpers import (
     lm_batches,
@@ -291,7 +291,7 @@ def test_memory_per_rank_is_bounded(prefetch):
 def _stage2_grad_memory_fn(rank, world, bucket_mb):
     import weakref
 
-    from fscale.transforms import _zero2
+    from fscale.transforms._zero import buckets as _zero2
 
     live = {"now": 0, "peak": 0}
     add = _zero2.GradBuckets.add
@@ -370,7 +370,7 @@ def test_applied_twice():
 
 def test_world_size_that_does_not_match_the_group():
     step, _ = _plain_step()
-    with pytest.raises(ValueError, match=r"world_size=2\) but the process group has 1 ranks"):
+    with pytest.raises(ValueError, match=r"world_size=2\) but the mesh dim 'dp' has 1 ranks"):
         fs.shard_zero(step, 3, world_size=2)
 
 

@@ -23,8 +23,13 @@ With ``mixed_precision`` inside, shards are cast to the compute dtype *before* t
 all-gather (half the bytes) and grads are reduce-scattered in ``reduce_dtype``,
 returned in the master dtype.
 
-With ``offload(..., what=("optimizer", "params"))`` over it, the flat shards live in
-host memory and each gather starts with a host->device copy ([Note: param offload]).
+Where the flat shards live between gathers is the step's ``ParamSource``
+(``fscale/param_source.py``): the device by default; ``offload(..., what=("optimizer",
+"params"))`` publishes one that keeps them in host memory or a mapped NVMe file and
+starts each gather with a host->device copy on a side stream.
+
+Collectives are tagged: ``"zero.params"`` (the all-gather), ``"zero.grads"`` (the
+reduce-scatter, and under HSDP the all-reduce of the shard over the replicas).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ import zlib
 import torch
 
 from fscale.hw import comm
-from fscale.io import swap
-from fscale.transforms._sharding import Unit, copy_in, copy_out, split_shards
+from fscale.param_source import ParamSource
+from fscale.policies import PrecisionPolicy
 from fscale.transforms._wrapper import is_metadata_query
+from fscale.transforms._zero.sharding import Unit, copy_in, copy_out, split_shards
 
 NAME = "shard_zero"
 
@@ -72,25 +78,22 @@ class _Tracker:
 class UnitGatherer:
     """Gathers units on demand for one call of the step (forward and backward)."""
 
-    def __init__(self, cfg, units: list[Unit], flats: dict, dtype, reduce_dtype, order, host=None):
+    def __init__(
+        self, cfg, ctx, units: list[Unit], flats: dict, source: ParamSource, reduce_dtype, order
+    ):
         self.cfg = cfg
+        self.comm = ctx.comm  # the step's tagged collectives
         self.units = {u.key: u for u in units}
         self.flats = flats  # unit key -> this rank's flat master shards (see keep_in_flats)
-        # Params offloaded ([Note: param offload]): flats are host buffers, ``host`` says
-        # where compute runs and holds the compute-dtype host copies gathers read.
-        self.host = host
-        first = next(iter(flats.values()), None)
-        self.device = host["device"] if host else first.device if first is not None else None
-        cuda = host is not None and self.device.type == "cuda"
-        self.h2d_stream = torch.cuda.Stream(self.device) if cuda else None
-        self.staging: dict[str, tuple] = {}  # key -> (device copy, event) until gathered
-        self.h2d_bytes = 0  # host->device bytes of this call
+        self.source = source  # where the flats live; gives a device tensor per gather
+        self.device = source.device
+        self.staged: set[str] = set()  # units whose source copy awaits release
         self.shards: dict = {}  # leaf shards (requires grad), set by materialize
         self.pending: list[comm.Handle] = []  # reduce-scatters waited on after backward
         self.sink_reads_grads = False  # a grad sink reads each grad in backward: wait at once
-        self.dtype = dtype  # gather dtype (compute dtype) or None for the shard's own
+        self.dtype = source.gather_dtype  # gather dtype (compute dtype) or None for the shard's
         self.reduce_dtype = reduce_dtype
-        self.world = comm.world_size(cfg.group)
+        self.world = cfg.world
         self.tracker = _Tracker()
         self.plan = list(order)  # unit order of the previous call, for forward prefetch
         self.order: list[str] = []  # unit order of this forward
@@ -107,63 +110,33 @@ class UnitGatherer:
     def _launch(self, key: str) -> None:
         if key in self.inflight or key not in self.units:
             return
-        flat = self.flats[key]
         if self.cfg.check_order:
             self._check_same_unit_everywhere(key, self.device)
         with torch.no_grad():
-            if self.host is not None:
-                handle = self._stage_and_gather(key)
-            else:
-                if self.dtype is not None and flat.dtype != self.dtype:
-                    flat = flat.to(self.dtype)
-                handle = comm.all_gather(flat, group=self.cfg.group, async_op=True)
+            local, launch = self.source.fetch(key, self.flats[key])
+            if self.source.kind != "device":  # a device copy of shards kept elsewhere
+                self.tracker.track(local, staging=True)
+            self.staged.add(key)
+            with ParamSource.launch_context(launch):
+                handle = self.comm.all_gather(
+                    "zero.params", local, group=self.cfg.shard_group, async_op=True
+                )
         # Count the output buffer from the moment it is allocated, not when waited on.
-        self.tracker.track(handle._result)
+        if handle.buffer is not None:
+            self.tracker.track(handle.buffer)
         self.inflight[key] = handle
 
-    def _stage_and_gather(self, key: str) -> comm.Handle:
-        """Host shard -> device copy -> async all-gather ([Note: param offload])."""
-        src = (self.host["gather"] or self.flats)[key]
-        self.h2d_bytes += src.numel() * src.element_size()
-        if self.h2d_stream is None:
-            # One memory for host and device (CPU tests): a plain copy, so the staging
-            # buffer and its accounting are those of a real accelerator.
-            staged = src.to(self.dtype or src.dtype, copy=True)
-            self.tracker.track(staged, staging=True)
-            self.staging[key] = (staged, None)
-            return comm.all_gather(staged, group=self.cfg.group, async_op=True)
-        with torch.cuda.stream(self.h2d_stream):
-            staged = torch.empty(src.shape, dtype=src.dtype, device=self.device)
-            self.tracker.track(staged, staging=True)
-            staged.copy_(src, non_blocking=True)  # pinned source: an async DMA
-            if self.dtype is not None and staged.dtype != self.dtype:
-                staged = staged.to(self.dtype)
-                self.tracker.track(staged, staging=True)
-            # Launched from the side stream, NCCL waits for the copy, not for compute.
-            handle = comm.all_gather(staged, group=self.cfg.group, async_op=True)
-            done = torch.cuda.Event()
-            done.record(self.h2d_stream)
-        self.staging[key] = (staged, done)
-        return handle
-
     def _release_staging(self, key: str, gathered: torch.Tensor | None) -> None:
-        """The unit's all-gather was waited on: its staging copy may go."""
-        staged, done = self.staging.pop(key, (None, None))
-        if done is None:
-            return
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(done)  # the world-of-one "gather" is a copy on the side stream
-        # Both were allocated on the side stream and are read on the current one (or by
-        # NCCL, which the current stream waited for): no reuse before that work is done.
-        staged.record_stream(current)
-        if gathered is not None:
-            gathered.record_stream(current)
+        """The unit's all-gather was waited on: the source's copy for it may go."""
+        if key in self.staged:
+            self.staged.discard(key)
+            self.source.release(key, gathered)
 
     def _check_same_unit_everywhere(self, key: str, device: torch.device) -> None:
         """Raise on every rank, instead of hanging, if ranks are about to gather different units."""
         code = {k: zlib.crc32(k.encode()) & 0x7FFFFFFF for k in self.units}
         mine = torch.tensor([code[key]], dtype=torch.int64, device=device)
-        everyone = comm.all_gather(mine, group=self.cfg.group).tolist()
+        everyone = self.comm.all_gather("zero.check", mine, group=self.cfg.shard_group).tolist()
         if len(set(everyone)) > 1:
             names = {c: k for k, c in code.items()}
             per_rank = ", ".join(f"rank {r}: {names.get(c, '?')!r}" for r, c in enumerate(everyone))
@@ -261,9 +234,8 @@ class UnitGatherer:
             # A stray prefetch must complete before its buffer is reused.
             self._release_staging(key, handle.wait())
         self.inflight.clear()
-        if self.h2d_stream is not None:
-            # The update writes the host shards next: no copy may still read them.
-            self.h2d_stream.synchronize()
+        # The update writes the shards next: no copy may still read them.
+        self.source.finish()
 
 
 _TOKEN = object()
@@ -296,7 +268,7 @@ class GatherUnit(torch.autograd.Function):
         ]
         flat = copy_in(grads, unit.specs, g.world, g.reduce_dtype or grads[0].dtype)
         del grads
-        handle = comm.reduce_scatter(flat, op="avg", group=g.cfg.group, async_op=True)
+        handle = g.cfg.reduce_grads(g.comm, flat)
         mine = handle.pending_result
         # [Note: deferred reduce-scatter] A synchronous collective would run on the
         # compute stream and stall backward. The shard grads are handed to autograd
@@ -362,10 +334,8 @@ class LazyParam(torch.Tensor):
 
 
 def _precision(ctx):
-    mp = ctx.step.applied("mixed_precision")
-    if mp is None:
-        return None, None
-    return mp.options["param_dtype"], mp.options["reduce_dtype"]
+    mp = ctx.step.policy(PrecisionPolicy)
+    return (None, None) if mp is None else (mp.param_dtype, mp.reduce_dtype)
 
 
 @torch.no_grad()
@@ -374,9 +344,9 @@ def keep_in_flats(state: dict, shards: dict, *, updated: bool = False) -> dict:
 
     In-place optimizers (the fused AdamW) keep the views; an optimizer that returns
     new tensors, or params loaded from elsewhere, are copied back so the all-gather,
-    which reads the flat buffer, always sees the current values. With params
-    offloaded, the compute-dtype host copies are refreshed from the flats when
-    anything changed (``updated``: the optimizer wrote into the views).
+    which reads the flat buffer, always sees the current values. The param source
+    then refreshes anything it derives from the flats (``updated``: the optimizer
+    wrote into the views).
     """
     out = dict(shards)
     for unit in state["units"]:
@@ -388,88 +358,21 @@ def keep_in_flats(state: dict, shards: dict, *, updated: bool = False) -> dict:
             view.copy_(t)
             out[spec.name] = view
             updated = True
-    gather = (state.get("host") or {}).get("gather")
-    if gather and updated:
-        for key, copy in gather.items():
-            copy.copy_(state["flats"][key])
+    state["source"].refresh(state["flats"], updated)
     return out
 
 
-# [Note: param offload]
-# ``offload(shard_zero(step, 3), tier, what=("optimizer", "params"))`` (ZeRO-Infinity's
-# param offload, DeepSpeed's ``offload_param``) moves every unit's flat shard into one
-# host buffer (pinned on CUDA) and drops the device copy: the step's params are views
-# of that buffer, and the device holds no persistent param bytes. A gather copies the
-# unit's host shard into a device staging buffer on a side stream and launches the
-# all-gather from that stream, so NCCL waits for the copy and compute does not; a
-# prefetch issues both for the next unit, so the copy overlaps the current unit's
-# compute too. Device param memory is then the gathered units in flight plus one
-# staging shard per unit being fetched (``zero3_peak_h2d_staging_bytes``). Staging
-# and all-gather buffers are allocated on the side stream and read on the compute
-# stream: ``record_stream`` keeps the allocator from reusing them early, and
-# ``finish`` syncs the side stream before the host update writes the shards.
-#
-# The host keeps the flats in the master dtype (the params ``step.init`` returns and
-# ``fs.gather_params`` reads) and, under ``mixed_precision``, a second copy in the
-# compute dtype, refreshed after each update: 2 more host bytes per param / N, so the
-# H2D moves half the bytes and no cast runs per gather (each unit is gathered twice a
-# step). DeepSpeed keeps only the 16-bit copy beside its optimizer's fp32 partition;
-# here the fp32 shards (fscale's step contract: the params) are the optimizer's
-# masters too on tier="cpu" -- it updates them in place ([Note: shared masters] in
-# offload.py) -- while on NVMe (and with delayed_update) the optimizer keeps its own
-# masters and copies them into these views: a host->host copy, never to the device.
-#
+# [Note: stand-in leaves]
 # Autograd needs leaves on the device the grads are made on (the reduce-scatter's
-# output), so the loss is differentiated w.r.t. stand-ins: a broadcast 0-d device
-# tensor per param, of the shard's shape and dtype, no storage of its own. Their
-# values are never read (gathers read the flats); their grads are the device grad
-# shards, which the offloaded optimizer copies to the host as it does without this.
-
-
-@torch.no_grad()
-def move_flats_to_host(state: dict, device: torch.device, gather_dtype, alloc):
-    """Every unit's flat shard into one host buffer from ``alloc(nbytes)`` ([Note: param offload]).
-
-    Returns the new shards (views of it, by name) and the new ``shard_zero`` state
-    slot, whose ``"host"`` entry holds the buffer, the compute device and the
-    compute-dtype copies (None without a cast).
-    """
-    flats = state["flats"]
-    offsets, size = {}, 0
-    for key, f in flats.items():
-        copy_dtype = gather_dtype if gather_dtype not in (None, f.dtype) else None
-        for part, dtype in (("flat", f.dtype), ("gather", copy_dtype)):
-            if dtype is None:
-                continue
-            offsets[key, part] = (size, dtype)
-            size += swap.align_up(f.numel() * dtype.itemsize, 64)  # vector loads
-    buffer = alloc(size)
-
-    def view(key, part):
-        offset, dtype = offsets[key, part]
-        n = flats[key].numel()
-        return buffer[offset : offset + n * dtype.itemsize].view(dtype)
-
-    host_flats, gather, shards = {}, {}, {}
-    for unit in state["units"]:
-        host_flats[unit.key] = view(unit.key, "flat").copy_(flats[unit.key])
-        if (unit.key, "gather") in offsets:
-            gather[unit.key] = view(unit.key, "gather").copy_(host_flats[unit.key])
-        shards.update(zip(unit.names, split_shards(host_flats[unit.key], unit.specs), strict=True))
-    host = {"device": device, "buffer": buffer, "gather": gather or None}
-    return shards, {**state, "flats": host_flats, "host": host}
-
-
-def host_resident(t: torch.Tensor, state: dict) -> bool:
-    """Whether ``t`` lives in the host buffer of offloaded params (``state``: the slot)."""
-    host = state.get("host")
-    if host is None:
-        return False
-    return t.untyped_storage().data_ptr() == host["buffer"].untyped_storage().data_ptr()
+# output). When a param source keeps the shards off the device (offload), the loss
+# is differentiated w.r.t. stand-ins: a broadcast 0-d device tensor per param, of
+# the shard's shape and dtype, no storage of its own. Their values are never read
+# (gathers read the flats through the source); their grads are the device grad
+# shards, which the optimizer (offloaded) copies out as it does without this.
 
 
 def _device_leaves(shards: dict, device: torch.device) -> dict:
-    """Storage-free stand-ins on ``device`` for host shards ([Note: param offload])."""
+    """Storage-free stand-ins on ``device`` for shards kept elsewhere ([Note: stand-in leaves])."""
     zeros: dict = {}
     out = {}
     for name, t in shards.items():
@@ -483,7 +386,7 @@ def _device_leaves(shards: dict, device: torch.device) -> dict:
 
 
 def materialize(cfg, inner, ctx, shards: dict):
-    gatherer = getattr(ctx, "_zero3", None)
+    gatherer = ctx.scratch(NAME).get("gatherer")
     if gatherer is None:
         raise RuntimeError("shard_zero(3): materialize ran outside its loss_and_grad stage.")
     gatherer.shards = shards  # the leaves autograd differentiates (views of the flats)
@@ -502,22 +405,24 @@ def materialize(cfg, inner, ctx, shards: dict):
 
 def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
     state = ctx.state[NAME]
-    dtype, reduce_dtype = _precision(ctx)
+    _, reduce_dtype = _precision(ctx)
     keep_in_flats(state, shards)
-    host = state.get("host")
+    source = state["source"]
     gatherer = UnitGatherer(
-        cfg, state["units"], state["flats"], dtype, reduce_dtype, state.get("order", ()), host
+        cfg, ctx, state["units"], state["flats"], source, reduce_dtype, state.get("order", ())
     )
-    if host is not None:
-        shards = _device_leaves(shards, host["device"])
+    flats = list(state["flats"].values())
+    if any(source.resident(f) for f in flats):
+        shards = _device_leaves(shards, source.device)
     gatherer.sink_reads_grads = ctx.grad_sink is not None
-    ctx._zero3 = gatherer
+    scratch = ctx.scratch(NAME)
+    scratch["gatherer"] = gatherer
     try:
         with torch.autograd.graph.saved_tensors_hooks(gatherer.pack, gatherer.unpack):
             loss, grads = inner.loss_and_grad(ctx, shards, batch)
     finally:
         gatherer.finish()
-        ctx._zero3 = None
+        scratch.pop("gatherer", None)
     ctx.state[NAME] = {**state, "order": tuple(gatherer.order)}
     peaks = dict(gatherer.tracker.peak)
     staging = peaks.pop("staging")
@@ -526,14 +431,13 @@ def loss_and_grad(cfg, inner, ctx, shards: dict, batch):
         ctx.metrics[key] = max(peak, ctx.metrics.get(key, 0))
     # Where the persistent shards live: a device copy kept anywhere in the slot shows here.
     nbytes = {k: f.numel() * f.element_size() for k, f in state["flats"].items()}
-    resident = {k: host_resident(f, state) for k, f in state["flats"].items()}
+    resident = {k: source.resident(f) for k, f in state["flats"].items()}
     ctx.metrics["zero3_device_shard_bytes"] = sum(n for k, n in nbytes.items() if not resident[k])
-    if host is not None:
-        copies = (host["gather"] or {}).values()
-        ctx.metrics["zero3_host_shard_bytes"] = sum(
-            n for k, n in nbytes.items() if resident[k]
-        ) + sum(c.numel() * c.element_size() for c in copies if host_resident(c, state))
+    if source.kind != "device":
         key = "zero3_peak_h2d_staging_bytes"
         ctx.metrics[key] = max(staging, ctx.metrics.get(key, 0))
-        ctx.metrics["zero3_h2d_bytes"] = ctx.metrics.get("zero3_h2d_bytes", 0) + gatherer.h2d_bytes
+        counters, levels = source.metrics()
+        for name, value in counters.items():  # summed over micro-batches
+            ctx.metrics[name] = ctx.metrics.get(name, 0) + value
+        ctx.metrics.update(levels)
     return loss, grads

@@ -16,24 +16,36 @@ this assumes every rank uses the same params).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fscale.hw import comm
-from fscale.transforms._sharding import ShardSpec, copy_in, split_shards
+from fscale.transforms._zero.sharding import ShardSpec, copy_in, split_shards
 
 _MAX_IN_FLIGHT = 2
 
 
 class GradBuckets:
-    """A grad sink for ``StepContext.grad_sink``: grads in, reduced shards out."""
+    """A grad sink for ``StepContext.grad_sink``: grads in, reduced shards out.
+
+    ``reduce(flat) -> comm.Handle`` issues the (tagged, async) reduction of one
+    rank-major bucket and yields this rank's averaged piece.
+    """
 
     def __init__(
-        self, specs: list[ShardSpec], group, bucket_bytes: int, reduce_dtype=None, out_dtypes=None
+        self,
+        specs: list[ShardSpec],
+        world: int,
+        reduce: Callable[[torch.Tensor], comm.Handle],
+        bucket_bytes: int,
+        reduce_dtype=None,
+        out_dtypes=None,
     ):
         self.specs = specs  # aligned with the step's differentiated leaves
         self.out_dtypes = out_dtypes  # per leaf: the master shard's dtype
-        self.group = group
-        self.world = comm.world_size(group)
+        self.reduce = reduce
+        self.world = world
         self.bucket_bytes = bucket_bytes
         self.reduce_dtype = reduce_dtype
         self.bucket: list[tuple[int, torch.Tensor]] = []
@@ -61,7 +73,7 @@ class GradBuckets:
         dtypes = [self.out_dtypes[i] if self.out_dtypes else g.dtype for i, g in self.bucket]
         self.bucket, self.size = [], 0
         del grads
-        handle = comm.reduce_scatter(flat, op="avg", group=self.group, async_op=True)
+        handle = self.reduce(flat)
         self.in_flight.append((indices, dtypes, handle))
         while len(self.in_flight) > _MAX_IN_FLIGHT:
             self._complete(self.in_flight.pop(0))

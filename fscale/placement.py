@@ -1,0 +1,85 @@
+"""Placements: how one laid-out leaf maps onto the mesh.
+
+A ``Placement`` says which mesh dims split a tensor (and along which tensor dim),
+which replicate it, and the full (logical) shape. Shards are padded row blocks
+([Note: shard layout] in ``fscale/transforms/_zero/sharding.py``): with ``n`` ranks
+along the shard dims each holds ``ceil(shape[dim] / n)`` rows, the last ones padded
+with zeros. ``step.init`` records every leaf's placement in ``state["layout"]`` and
+on the tensor itself (``placement_of``), so collectives, ``fs.gather_params`` and
+checkpoints read it instead of guessing from shapes.
+
+Usage::
+
+    p = Placement(shape=(10, 4), shard=("shard",), replicate=("replicate",))
+    p.local_shape(mesh)          # (5, 4) on a mesh with shard=2
+    place(t, p); placement_of(t) is p
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``shape``: the full shape. ``shard``: mesh dims splitting tensor dim ``dim``
+    (outer to inner: rank-major over them). ``replicate``: mesh dims holding copies.
+    A leaf with no ``shard`` is whole on every rank."""
+
+    shape: tuple[int, ...]
+    shard: tuple[str, ...] = ()
+    replicate: tuple[str, ...] = ()
+    dim: int = 0
+
+    def __post_init__(self):
+        if set(self.shard) & set(self.replicate):
+            raise ValueError(
+                f"placement shards and replicates over the same mesh dims "
+                f"{sorted(set(self.shard) & set(self.replicate))}; a dim does one or the other."
+            )
+        if self.shard and self.shape and not 0 <= self.dim < len(self.shape):
+            raise ValueError(f"placement dim {self.dim} is outside a tensor of shape {self.shape}.")
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shard)
+
+    def parts(self, mesh) -> int:
+        """Into how many shards the mesh splits the leaf."""
+        return math.prod(mesh.size(d) for d in self.shard)
+
+    def local_shape(self, mesh) -> tuple[int, ...]:
+        """The shape each rank holds (padded rows; a 0-d leaf counts as ``(1,)``)."""
+        if not self.shard:
+            return self.shape
+        shape = self.shape or (1,)
+        rows = math.ceil(shape[self.dim] / self.parts(mesh))
+        return (*shape[: self.dim], rows, *shape[self.dim + 1 :])
+
+    def describe(self) -> dict:
+        """Plain metadata (for checkpoints): no tensors, no groups."""
+        return {
+            "shape": list(self.shape),
+            "shard": list(self.shard),
+            "replicate": list(self.replicate),
+            "dim": self.dim,
+        }
+
+
+def replicated(t: torch.Tensor, dims: tuple[str, ...] = ()) -> Placement:
+    """The placement of a whole tensor, replicated over ``dims``."""
+    return Placement(tuple(t.shape), (), tuple(dims))
+
+
+def place(t: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """Record ``placement`` on ``t`` (returns ``t``)."""
+    t._fscale_placement = placement
+    return t
+
+
+def placement_of(t: torch.Tensor | None) -> Placement | None:
+    """The placement ``place`` recorded on ``t``, or None."""
+    return None if t is None else getattr(t, "_fscale_placement", None)

@@ -1,0 +1,39 @@
+"""The plan records ``fs.explain`` prints and transforms adjust.
+
+``Plan`` is an analytic estimate of one step for given params: the stack, which
+function implements each stage, the collectives one step issues (bytes per rank),
+the kernels, and memory per rank. Each transform adjusts it through its
+``Transform.plan`` hook; it lives below the step and the transforms so that neither
+``fscale/explain.py`` nor a transform reaches into the other.
+
+Usage::
+
+    plan.collectives.append(Collective("all_gather", nbytes, "apply", tag="zero.params"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Collective:
+    op: str
+    bytes: int  # payload handed to the collective by one rank, per step
+    stage: str
+    calls: int = 1
+    tag: str | None = None  # the tagged collective ("zero.params", ...), when known
+
+
+@dataclass
+class Plan:
+    world: int
+    transforms: list[str]
+    stages: dict[str, str]
+    collectives: list[Collective] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per rank, by tier/kind
+    kernels: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    param_count: int = 0
+    param_bytes: int = 0  # full (unsharded) params
+    largest_param_bytes: int = 0  # the largest single leaf, full

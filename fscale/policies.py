@@ -1,0 +1,88 @@
+"""Typed policies and capabilities: what one transform publishes for the others.
+
+A transform that others must know about publishes a frozen dataclass with
+``step.with_transform(record, policy=...)``; the others read it by type,
+``step.policy(PrecisionPolicy)`` (FSDP2's ``MixedPrecisionPolicy`` /
+``OffloadPolicy``), never by the transform's name or its option strings. What a
+transform *does* to the step that others must plan around is a capability flag on
+its record (``Transform(capabilities={CHANGES_GRADS_AFTER_BACKWARD})``), read with
+``step.has(capability)``, instead of lists of transform names.
+
+The policies live here, below every transform, so that no transform imports
+another's module to read them.
+
+Usage::
+
+    mp = step.policy(PrecisionPolicy)        # None without mixed_precision
+    dtype = mp.param_dtype if mp else None
+    if step.has(CHANGES_GRADS_AFTER_BACKWARD): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# ----------------------------------------------------------------------------- capabilities
+
+#: Something between backward and the update changes the grads (a reduction after
+#: backward, unscaling, a dtype round trip): grads are not final when backward makes them.
+CHANGES_GRADS_AFTER_BACKWARD = "changes_grads_after_backward"
+#: The transform wants ``ctx.grad_ready(index, grad, leaf)`` for each grad as it becomes
+#: final in backward ([Note: final grads in backward] in ``fscale/step.py``).
+WANTS_FINAL_GRADS = "wants_final_grads"
+#: The params ``step.init`` returns are shards (a gather runs inside ``materialize``).
+SHARDS_PARAMS = "shards_params"
+#: The step's optimizer runs somewhere other than on the params' device.
+MOVES_OPTIMIZER = "moves_optimizer"
+
+CAPABILITIES = frozenset(
+    {CHANGES_GRADS_AFTER_BACKWARD, WANTS_FINAL_GRADS, SHARDS_PARAMS, MOVES_OPTIMIZER}
+)
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Published by ``mixed_precision``: compute in ``param_dtype``, reduce grads in
+    ``reduce_dtype``; the params (masters) keep their own dtype. ``loss_scaling``:
+    fp16's dynamic loss scale multiplies the loss and is undone in ``finish_grads``."""
+
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+    loss_scaling: bool = False
+
+
+@dataclass(frozen=True)
+class ZeroPolicy:
+    """Published by ``shard_zero``: the stage, and the mesh dims it shards over and
+    replicates over (HSDP: a shard dim inside a replicate dim)."""
+
+    stage: int
+    shard_dim: str
+    replicate_dims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OffloadPolicy:
+    """Published by ``offload``: where the optimizer state (and maybe params) live."""
+
+    tier: str
+    what: tuple[str, ...]
+    delayed_update: bool = False
+
+
+@dataclass(frozen=True)
+class ParamSourcePolicy:
+    """Published by a transform that keeps ZeRO-3's param shards elsewhere (``offload``).
+
+    ``factory(device=..., gather_dtype=...)`` builds the ``ParamSource``
+    (``fscale.param_source``) that ``shard_zero(3)`` asks, at ``init``, to place each
+    unit's flat shard and, at every gather, for a device copy of it.
+    """
+
+    factory: type
+    options: tuple = ()

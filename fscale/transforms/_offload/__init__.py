@@ -1,0 +1,1 @@
+"""offload's private pieces: configuration, param source, grad streaming, plan."""

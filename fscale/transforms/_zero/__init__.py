@@ -1,0 +1,1 @@
+"""shard_zero's private pieces: shard layout, ZeRO-2 grad buckets, ZeRO-3 gathers."""
