@@ -9,8 +9,10 @@ Weights are quantized per output channel (scale = absmax / max_finite) and store
 planes: each code's high 4 bits in one plane, its low 2 (fp6) or 1 (fp5) bits in
 another, so every load of either plane is a whole aligned word (the "4+2" layout of
 FP6-LLM). ``fpx_linear`` runs ``x @ W.t()`` on the packed weight through the kernel
-table (op ``"fpx_linear"``): the torch reference dequantizes, the Triton lowering
-(``fscale.kernels.fpx_triton``) rebuilds fp16/bf16 weights in registers.
+table (op ``"fpx_linear"``): the torch reference here dequantizes; on CUDA the Triton
+lowering (``fpx_triton``) and on Hopper the Gluon one (``fpx_gluon``) rebuild fp16/bf16
+weights in registers. This module imports no kernel: ``fscale.kernels._lowerings``
+registers all three, and importing any ``fscale.kernels`` module runs it.
 
 Example::
 
@@ -399,18 +401,12 @@ def _check_linear(x: torch.Tensor, p: PackedFPx, bias: torch.Tensor | None) -> N
         raise ValueError(f"fpx_linear: bias has shape {tuple(bias.shape)}, expected ({n},).")
 
 
-dispatch.register(OP, fpx_linear_reference, name="fpx_linear_reference")
-
-
 def fpx_linear(x: torch.Tensor, p: PackedFPx, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.t() (+ bias)`` with W held packed in ``p``: [..., K] -> [..., N], x's dtype.
 
-    Resolves op ``"fpx_linear"`` for x's device and dtype (the Triton kernel on CUDA
-    sm_80+ for fp16/bf16, the torch reference otherwise) and calls it.
+    Resolves op ``"fpx_linear"`` for x's device and dtype (for fp16/bf16 x the Gluon
+    lowering on sm_90, the Triton one on other CUDA GPUs from sm_80; the torch
+    reference otherwise) and calls it.
     """
     _check_linear(x, p, bias)
     return dispatch.resolve(OP, x).impl(x, p, bias)
-
-
-# The Triton lowering registers itself beside the reference.
-from fscale.kernels import fpx_triton as _fpx_triton  # noqa: E402, F401

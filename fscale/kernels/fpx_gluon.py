@@ -1,11 +1,12 @@
 """fp6/fp5 linear for Hopper in Gluon: the rebuilt weights are wgmma's register operand.
 
 Usage: ``y = fpx_linear_gluon(x, fpx.pack(w, "e3m2"))`` on sm_90 with fp16/bf16 x and a
-"byte"-image format (e3m2, e2m2, e3m1: ``FORMATS``); the
-dispatch reaches it through ``fpx_linear_triton``'s tuning (a ``{"gluon": True}``
-candidate) wherever ``available`` says it can run. GPU only (Gluon has no
-interpreter): CPU tests compile it for sm_90 and read the PTX; ``fpx_triton`` stays
-the reference kernel and the one for every other format.
+"byte"-image format (e3m2, e2m2, e3m1: ``FORMATS``). In the kernel table it is the
+lowering ``"fpx_linear_gluon"`` (sm_90; ``fpx_triton.fpx_linear_hopper``), whose
+tuning times this kernel's launches (``{"gluon": True}`` candidates) beside the
+Triton kernel's wherever ``available`` says it can run. GPU only (Gluon has no
+interpreter): CPU tests compile it for sm_90 and read the PTX, and run its integer
+rebuild in torch; the Triton kernel serves every other format and GPU.
 
 [Note: weights as the register operand]
 y^T = W x^T: a program's 64 output channels are the warpgroup MMA's M side, taken from

@@ -1,8 +1,11 @@
 """The Triton lowering of ``fpx_linear``: read FPx bit planes, rebuild fp16 in registers, dot.
 
-Registered as op ``"fpx_linear"`` for CUDA (sm_80+) with fp16/bf16 activations; on CPU
-it runs only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first
-launch), where every ``tl.dot`` is done in fp32 (the interpreter's bf16 dot is wrong).
+Two lowerings of op ``"fpx_linear"`` (registered by ``_lowerings``) enter here:
+``fpx_linear_triton`` (CUDA sm_80+, fp16/bf16 activations) and ``fpx_linear_hopper``
+(the rule ``"fpx_linear_gluon"``, sm_90), whose tuning also times the Hopper kernel of
+``fpx_gluon``. On CPU the kernel runs only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before the first launch), where every ``tl.dot`` is done
+in fp32 (the interpreter's bf16 dot is wrong).
 
 Small M is a memory-bound problem: a 28672 x 8192 fp16 weight is 470 MB, the same
 weight in fp6 176 MB, so the ideal speed-up over cuBLAS fp16 is 16/6 = 2.67x. The
@@ -92,7 +95,6 @@ from __future__ import annotations
 
 import torch
 
-from fscale.hw import dispatch
 from fscale.kernels import fpx as _fpx
 from fscale.kernels import fpx_gluon
 from fscale.kernels._triton import (
@@ -484,14 +486,19 @@ def launches(p) -> dict[int, dict]:
     return tuned_launches(_TUNED, (p.fmt, *p.shape))
 
 
-def _tune(x2, p, bias) -> dict:
-    """The fastest of ``candidate_configs`` on these tensors, once per key."""
+def _tune(x2, p, bias, gluon: bool = False) -> dict:
+    """The fastest of ``candidate_configs`` on these tensors, once per key; ``gluon``
+    (the Hopper lowering) adds ``fpx_gluon``'s launches where that kernel can run.
+
+    Both lowerings keep their choices in one table, so a key is tuned by whichever
+    runs it first; on a given GPU the kernel table resolves one of them for every call.
+    """
     n, k = p.shape
     m = x2.shape[0]
     return tune(
         _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)),
-        lambda: candidate_configs(m, fpx_gluon.available(x2, p.fmt)),
-        lambda cfg: fpx_linear_triton(x2, p, bias, config=cfg),
+        lambda: candidate_configs(m, gluon and fpx_gluon.available(x2, p.fmt)),
+        lambda cfg: _linear(x2, p, bias, cfg),
         "fpx_linear_triton (fmt, N, K, M bucket, device)",
     )  # fmt: skip
 
@@ -680,6 +687,23 @@ def fpx_linear_triton(
     them for M > 64, and keeps the fastest (as ``triton.autotune`` would); under the
     interpreter ``default_config`` and ``DEQUANT_MIN_M`` decide.
     """
+    return _linear(x, p, bias, config)
+
+
+def fpx_linear_hopper(
+    x: torch.Tensor, p, bias: torch.Tensor | None = None, *, config: dict | None = None
+) -> torch.Tensor:
+    """``fpx_linear_triton`` whose tuning also times ``fpx_gluon``'s launches: the
+    lowering registered as ``"fpx_linear_gluon"`` for sm_90.
+
+    The Gluon kernel takes fp6 e3m2 and fp5 weights with fp16/bf16 x on Hopper
+    (``fpx_gluon.available``); for other formats, or a newer GPU without Hopper's
+    warpgroup MMA, tuning has only the Triton and dequantize candidates to time.
+    """
+    return _linear(x, p, bias, config, gluon=True)
+
+
+def _linear(x, p, bias, config, gluon: bool = False):
     _check(x, p)
     _fpx._check_linear(x, p, bias)
     n, k = p.shape
@@ -691,7 +715,7 @@ def fpx_linear_triton(
     if m == 0:
         return x.new_empty(*lead, n)
     if config is None and x.device.type == "cuda" and not interpreting():
-        config = _tune(x2, p, bias)  # once per (fmt, N, K, M bucket, device)
+        config = _tune(x2, p, bias, gluon)  # once per (fmt, N, K, M bucket, device)
     cfg = dict(config) if config is not None else None
     if cfg is not None:
         use_dequant = cfg.pop("dequant", False)
@@ -723,15 +747,3 @@ def fpx_linear_triton(
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         _launch(x2, p, bias_c, y, mode=mode, **cfg)
     return y.reshape(*lead, n)
-
-
-if triton is not None:
-    dispatch.register(
-        _fpx.OP,
-        fpx_linear_triton,
-        device="cuda",
-        min_capability=(8, 0),
-        dtypes=DTYPES,
-        priority=10,
-        name="fpx_linear_triton",
-    )

@@ -2,7 +2,8 @@
 
 Three families, each a ``pack`` function (float weight ``[N, K]`` -> a packed
 dataclass with ``.nbytes``, ``.shape``, ``.fmt``), an exact ``unpack`` back to
-float32, and a linear ``y = x @ W^T + b`` registered in the kernel table:
+float32, and a linear ``y = x @ W^T + b`` that runs the best lowering of its op in the
+kernel table (``fscale.kernels._lowerings`` registers them all):
 
 - ``pack_int(w, bits=8|4, group_size=32|64|128, symmetric=True)``: every row is cut
   into groups of ``group_size`` consecutive input features, each with its own fp32
@@ -183,9 +184,6 @@ def int_linear_reference(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | Non
     """Dequantize, then ``F.linear`` in ``x``'s dtype."""
     w = unpack_int(p).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
-dispatch.register(INT_OP, int_linear_reference, name="int_linear_reference")
 
 
 def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -498,18 +496,6 @@ def int_linear_triton(
     return y.to(x.dtype).reshape(*lead, N)
 
 
-if triton is not None:
-    dispatch.register(
-        INT_OP,
-        int_linear_triton,
-        device="cuda",
-        min_capability=(8, 0),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        priority=10,
-        name="int_linear_triton",
-    )
-
-
 # ----------------------------------------------------------------------------- W8A8
 
 
@@ -609,15 +595,6 @@ def w8a8_linear_int_mm(x: torch.Tensor, p: PackedW8A8, bias: torch.Tensor | None
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
-dispatch.register(W8A8_OP, w8a8_linear_reference, name="w8a8_linear_reference")
-if hasattr(torch, "_int_mm"):
-    # CUDA only: on a CPU torch._int_mm measured 2.5x slower than the reference's
-    # exact fp32 matmuls (2048 x 128 x 512, torch 2.13, 2 cores).
-    dispatch.register(
-        W8A8_OP, w8a8_linear_int_mm, device="cuda", priority=10, name="w8a8_linear_int_mm"
-    )
-
-
 def w8a8_linear(x: torch.Tensor, p: PackedW8A8, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` with int8 weights and dynamic per-token int8 activations."""
     return dispatch.resolve(W8A8_OP, x).impl(x, p, bias)
@@ -681,19 +658,6 @@ def fp8_linear_scaled_mm(x: torch.Tensor, p: PackedFP8, bias: torch.Tensor | Non
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], N)
-
-
-dispatch.register(FP8_OP, fp8_linear_reference, name="fp8_linear_reference")
-if hasattr(torch, "_scaled_mm"):
-    dispatch.register(
-        FP8_OP,
-        fp8_linear_scaled_mm,
-        device="cuda",
-        min_capability=(8, 9),  # tuples: sm_89 (Ada) has fp8 tensor cores, sm_86 does not
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        priority=10,
-        name="fp8_linear_scaled_mm",
-    )
 
 
 def fp8_linear(x: torch.Tensor, p: PackedFP8, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fscale.hw import dispatch
 from fscale.kernels import fpx, fpx_triton
 from fscale.kernels._triton import COUNTERS, arrival_counters, split_mode
 
@@ -256,16 +255,6 @@ def test_reference_linear_is_dequantized_matmul():
     torch.testing.assert_close(y, x @ fpx.unpack(p).t() + b)
     with pytest.raises(ValueError, match="in_features K=256"):
         fpx.fpx_linear(torch.randn(2, 128), p)
-
-
-def test_dispatch_registration():
-    rules = {r.name: r for r in dispatch.lowerings("fpx_linear")}
-    assert rules["fpx_linear_reference"].is_reference
-    if fpx_triton.triton is not None:
-        tri = rules["fpx_linear_triton"]
-        assert tri.device == "cuda" and tri.min_capability == (8, 0)
-        assert tri.dtypes == frozenset({torch.float16, torch.bfloat16})
-    assert dispatch.resolve("fpx_linear", torch.empty(1)).name == "fpx_linear_reference"
 
 
 def _rel(a, b):

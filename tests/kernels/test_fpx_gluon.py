@@ -4,7 +4,7 @@ Gluon has no interpreter, so on CPU the kernel is compiled for sm_90 ahead of ti
 its PTX checked for the structure the design rests on (weights as wgmma's register
 operand, never in shared memory), and its integer rebuild is run in torch with the
 kernel's constants; on a Hopper GPU it is checked against the fp64 reference, directly
-and through ``fpx_linear_triton``'s tuning.
+and through the tuning of its lowering (``fpx_triton.fpx_linear_hopper``).
 """
 
 from __future__ import annotations
@@ -191,4 +191,4 @@ def test_cuda_kernel_matches_reference(fmt, n, k, m, dtype, split, warps):
     assert counters is None or not counters.any()
     cfg = {"gluon": True, "split": split, "stages": 6, "warps": warps}
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias, config=cfg), want) <= 1e-2
-    assert _rel(fpx_triton.fpx_linear_triton(x, p, bias), want) <= 1e-2
+    assert _rel(fpx_triton.fpx_linear_hopper(x, p, bias), want) <= 1e-2

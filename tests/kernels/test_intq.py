@@ -193,16 +193,6 @@ def test_fp8_reference_accuracy_and_codes():
     assert dispatch.resolve(intq.FP8_OP, x).name == "fp8_linear_reference"
 
 
-def test_fp8_scaled_mm_needs_sm89():
-    (rule,) = [r for r in dispatch.lowerings(intq.FP8_OP) if not r.is_reference]
-    assert rule.min_capability == (8, 9)
-
-
-def test_forced_reference(monkeypatch):
-    monkeypatch.setenv("FSCALE_KERNELS", "reference")
-    assert dispatch.resolve(intq.W8A8_OP, torch.zeros(1)).name == "w8a8_linear_reference"
-
-
 def test_errors():
     w = _rand(4, 96)
     with pytest.raises(ValueError, match="K=96 .* not a multiple of group_size=128.*32"):
