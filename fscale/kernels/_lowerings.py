@@ -83,8 +83,8 @@ if intq.triton is not None:
 
 dispatch.register(intq.W8A8_OP, intq.w8a8_linear_reference, name="w8a8_linear_reference")
 if hasattr(torch, "_int_mm"):
-    # CUDA only: on a CPU torch._int_mm measured 2.5x slower than the reference's
-    # exact fp32 matmuls (2048 x 128 x 512, torch 2.13, 2 cores).
+    # CUDA only: on a CPU torch._int_mm is slower than the reference's exact fp32
+    # matmuls (README.md here).
     dispatch.register(
         intq.W8A8_OP, intq.w8a8_linear_int_mm, device="cuda", priority=10,
         name="w8a8_linear_int_mm",

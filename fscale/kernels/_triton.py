@@ -150,11 +150,10 @@ def split_mode(bm: int, programs_along_k: int) -> int:
     """How a launch's programs along K combine: 0 none (one per tile), 1 fp32 atomic
     adds into a zeroed y then a cast, 2 the last program of a tile sums the partials.
 
-    Mode 2 saves the zero and cast kernels ([Note: split-K without extra kernels]) and
-    won at M <= 16 on H200 (7B decode, fp6, batch 1: 263 -> 288 tok/s; 8192 x 8192,
-    M=1: 27.8 -> 23.2 us; 28672 x 8192, M=1: 63.0 -> 61.0 us, now with 8 waves of
-    split-K); with 32-row tiles its tail (one program per tile reading every partial)
-    lost (8192 x 28672, M=32: 114 -> 128 us), so those keep mode 1 (115 us).
+    Mode 2 saves the zero and cast kernels ([Note: split-K without extra kernels]), which
+    pays for 16-row tiles; with 32-row tiles its tail (one program per tile reading
+    every partial) costs more than it saves, so those keep mode 1 (measurements:
+    README.md, "Split-K in one kernel").
     """
     if programs_along_k <= 1:
         return 0

@@ -80,18 +80,14 @@ dispatch.register(OP, adamw_update_reference_, name="adamw_update_reference")
 #      listed in one int64 table [chunk, (p, g, m, v address, start, end)],
 #      and program i updates chunk i. A launch per tensor costs ~5-10 us of
 #      host time, more than the GPU needs for a tensor under ~1M params, and
-#      even for large tensors the launch boundaries cost: on an H200 the
-#      1.01B-param GPT set took 7.24 ms (92% of the copy ceiling) with a launch
-#      per large tensor and 6.91 ms (96%) through one table launch; torch's
-#      fused AdamW took 8.18 ms (bench/results/adamw_kernel-nvidia-h200.json).
+#      even for large tensors the launch boundaries cost (README.md, "AdamW").
 #      The table is 48 B per chunk (0.2% of the traffic at BLOCK=1024; 47 MB
 #      for 1B params), is expanded on the device from a per-tensor list, and
 #      is cached by the addresses and sizes it describes, so a steady-state
 #      step costs a dictionary lookup. Per-tensor launches remain
 #      (`direct_min_numel`) for comparison.
-#   BLOCK=1024 with 4 warps (8 elements, two 16-byte vectors per tensor per
-#   thread) beat 2048-4096 with 4-8 warps by ~5% in the same run; 512/4 and
-#   1024/8 tied with it.
+#   BLOCK=1024 with 4 warps: 8 elements, two 16-byte vectors per tensor per
+#   thread (the fastest of a sweep: README.md).
 # sqrt and the two divisions are the IEEE-rounded ones (sqrt_rn, div_rn): the
 # kernel has ~30x more arithmetic headroom than it uses, and it keeps the
 # result within an ulp or two of the reference.

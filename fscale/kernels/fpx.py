@@ -162,11 +162,10 @@ def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
 #   equal to the FPx value times 2**(bias - 15): sign at bit 7, exponent at bits
 #   2 .. 1+E, mantissa from bit 1 down. Bytes (0, 2) and (1, 3) of the byte word then
 #   become the two fp16 halves of a word (channels 2c, 2c+1 of one k) with one shift
-#   and one mask, or one mask: ~1.6 integer ops per weight (~2.6 in the sm_90 SASS,
-#   counting the repacking of halves into mma fragments).
+#   and one mask, or one mask: ~1.6 integer ops per weight.
 # - "shift" (e2m3, e2m1): t is the code at the top of the byte; the rebuild moves
 #   exponent|mantissa down 5 - E bits and keeps the sign (two masks and a shift per
-#   pair of halves, ~2.7 ops per weight; ~3.3 in the SASS). e2m3's third mantissa
+#   pair of halves, ~2.7 ops per weight). e2m3's third mantissa
 #   bit falls below the fp16's high byte, and e2m1's four image bits leave no room
 #   for a second code at a rotation of 4 in the hi word, so neither can take the
 #   byte image.

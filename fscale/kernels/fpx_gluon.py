@@ -33,29 +33,7 @@ M=128, 5x), which is what bounds M >= 32. Split-K sums partials in one kernel, a
 Triton kernel does ([Note: split-K without extra kernels] in fpx_triton.py).
 fp5 (e2m2, e3m1: 1 lo bit, 256-row chunks) runs the same walk over two 128-row halves
 of a chunk, one MMA each.
-sm_90 SASS of the loop (triton 3.6), per 64 weights a thread: 48 LOP3 (one bit-select
-of hi and lo plane per plane-word pair, then one AND per A register after its PRMT,
-both in inline asm because the compiler otherwise splits them), 32 PRMT, 20 SHF: 1.6
-per weight (the Triton kernel's rebuild is ~2.5), plus ~90 instructions of addresses,
-cp.async, barriers and the 8 HGMMAs; 64 registers at 8 tokens. Nsight Compute at
-M=1 on 28672 x 8192: the ALU pipe 64% busy, DRAM 72% (3.4 TB/s), 5 warps per
-scheduler. bf16 x costs 1.5 more instructions per weight (fp16 -> bf16 through fp32:
-HADD2 + F2FP), 5-15% of the time.
-H200, graph replay, tuned (bench/results/fpx_linear-nvidia-h200.json, 2026-11-23),
-fp6 with this kernel (the Triton kernel; cuBLAS fp16): 28672 x 8192 M=1 51 us (60;
-109), M=8 54 us (65), M=32 70 us (99), M=128 147 us (219; 141); 8192 x 8192 M=1 16.3
-us (22.8), M=32 20.4 us (44.2), M=128 44 us (72); 4096 x 4096 M=1 6.5 us (9.4), M=16
-8.2 us (14.1; cuBLAS 10.1). fp5 28672 x 8192 M=1 45.5 us (58). Fp32 atomics for
-split-K were slower in every case of a sweep (4096 x 4096 M=16: 13.3 vs 8.3 us), two
-warpgroups only won from M=32 on the large layers. 7B decode: fp6 362 / 3,990 tok/s,
-fp5 364 / 4,011 at batch 1 / 16 (Triton kernel 290 / 3,010 and 300 / 3,220; fp16
-218 / 2,806).
-What is left: ~90 instructions per 64-weight chunk outside the rebuild (two chunks per
-iteration would halve that, at 32 more registers); at M=128 the x tiles still cost
-more L2 traffic than the planes (clusters with TMA multicast of x would share them
-across programs); M=512 goes to dequantize + cuBLAS (this kernel at 256 tokens per
-program: 631 vs 534 us on 28672 x 8192); fp4 and e2m3 (the "shift" image) need their
-rebuild written in this form; bf16 x could skip the fp32 round trip.
+Instruction counts, measurements and what is left: README.md here.
 """
 
 from __future__ import annotations

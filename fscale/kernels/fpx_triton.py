@@ -30,65 +30,7 @@ top of its byte, and keeping the sign bit while shifting exponent|mantissa right
 5 - E makes the same fp16. bf16 activations take the fp16 weight converted to bf16
 (exact: at most 3 mantissa bits, and bf16 has fp32's exponent range).
 
-[Note: FPx linear performance, what was measured and what bounds it]
-H200, bench/results/fpx_linear-nvidia-h200.json (CUDA-graph replay; launches tuned by
-kernel time; 2026-11-23): fp6 1.70x cuBLAS fp16 at M=1 on 8192 x 8192, 1.81-1.96x /
-1.88x on 28672 x 8192 / 8192 x 28672 (1.51-1.84x at M=8), 0.78-1.21x at M=32, 0.58-0.72x
-at M=128; through the pipelined dequantize + cuBLAS path 0.69-0.77x at M=512 and
-0.92-0.96x at M=2048 (it was 0.18x / 0.42x while the dequantize wrote 16-bit halves at
-stride 2: 1.8 ms for 28672 x 8192, now whole words). On a 7B model's 4096-wide layers a
-sweep found bn=64 with one wave of 2-warp programs (12288/11008 x 4096) or 2-4 waves of
-4-warp programs (4096 x 4096/11008) 1.2-1.5x faster than the earlier candidates (e.g.
-12288 x 4096, M=16: 24.5 vs 36.7 us; cuBLAS 27.6); those are candidates now. The zero
-and cast kernels of split-K cost 2-3 us there (19.4 us in all vs 17.4 us for the main
-kernel on 4096 x 4096), yet forcing split=1 (one kernel, plain stores) was no faster
-than the tuned launches (4096 x 4096 M=1: 15.5 vs 14.4 us; 4096 x 11008: 38.6 vs 22.5
-us): the waves=1 candidates already resolve to split 1 where that pays.
-What bounds M <= 16 (28672 x 8192 fp6, M=1, H200; probes of 2026-11-23, graph
-replay, and Nsight Compute): the planes are 176 MB. Reading them alone, in this
-kernel's tiles, takes 42-43 us (4.1-4.2 TB/s) with TMA at any warp count, or with
-plain loads at 8 warps per program; cuBLAS fp16 takes 106 us. The kernel takes 64 us
-(bn=128, 2 warps, 224 programs): Nsight Compute shows one warp per scheduler, an
-issue every 2.1 cycles, the integer ALU pipe 53% busy (so ~34 us of pure ALU at the
-1.79 GHz the SMs ran), 2.75 TB/s. The rebuild is ~2.6 integer instructions per weight
-(sm_90 SASS of the loop, bm=16 bn=64: 130 LOP3, 72 SHF, 64 PRMT, 49 IMAD per 128
-weights a thread; it was ~3.3 before the byte image: 194 LOP3, 104 IMAD, 64 PRMT,
-48 SHF), and it does not overlap the loads well with so few warps; more warps per
-program add per-weight overhead (x fragments and smaller n per warp: 4.0 instructions
-per weight at 4 warps, bn=64) and more programs per tile (split-K) add the zero and
-cast kernels, so both were no faster then. The byte image took 71.3 -> 66 us at M=1,
-79.9 -> 74.5 us at M=16 (1.49x -> 1.60x cuBLAS, 1.41x -> 1.52x); one-kernel split-K
-(``split_mode``) then made 8 waves of 4-warp programs pay: 61 us at M=1.
-M=32..128: 16- and 32-row tiles run mma.sync with the rebuilt weights in registers;
-from 64 rows the warpgroup MMA takes 128 rows of K per dot ([Note: K per dot]), and
-the rebuild and the MMA of a program take turns. M=128 is 60 GFLOP: 0.075 ms at the
-~800 TFLOP/s dense rate, so 2x of cuBLAS's 0.132 ms (0.066 ms) is below the
-tensor-core floor anyway. M >= 512: the dequantize (~0.17 ms) overlaps the
-GEMM only partly (both want the SMs); 0.95x there needs a fused GEMM at cuBLAS's
-efficiency.
-Tried and dropped (2026-11-23, H200, graph replay): swapping the operands (y^T = W x^T,
-the rebuilt weights as wgmma's register operand, x^T the narrow side, BM down to 8).
-Triton emits wgmma for it, but ptxas serializes the wgmmas (the two accumulators are
-rewritten by other instructions inside the pipeline stage) and the plane loads lose
-their 16-byte cp.async: 40.9 vs 32.9 us at M=1 and 56.9 vs 38.3 us at M=16 on
-8192 x 8192, no better at M=32 (85.6 vs 84.2 us), 4-10% better only at M=64 (where
-both are far below cuBLAS). The time at bm=32 (84 us) is over twice bm=16's (38 us)
-although each weight is rebuilt once in both: what grows with BM is the dot side
-(x tiles and the register operand's layout conversion), not the rebuild.
-The same idea written in Gluon, where the layouts, the async MMA wait and the cp.async
-ring are explicit, pays: ``fpx_gluon`` ([Note: weights as the register operand]) now
-runs fp6 (e3m2) and fp5 on Hopper from M=1 to 128 (fp6 28672 x 8192: 51 us at M=1,
-70 us at M=32); the numbers above are this kernel's, which still serves the other
-formats and GPUs.
-Also tried and dropped (2026-11-23): a byte-permute rebuild (the masked byte words of
-k rows 2i and 2i + 1 split apart with reshape/split, then one PRMT per mma B register,
-so the pair needs no shift): 336 -> 270 loop instructions compiled by triton 3.9, but
-triton 3.6 (the GPU machines') gave the dot other layouts (x without ldmatrix, more
-moves: 343), and it ran 0-15% slower at M=1..32. Plane loads through TMA tensor
-descriptors (no faster: 66.2 vs 66.1 us at M=1, 71.4 vs 74.7 at M=16, slower on 4096-wide layers:
-the loads were not the limit); a CUDA-core product for M <= 8 (fp32 FMAs on [BM, 16,
-C] partial sums, no tensor cores): 96 vs 71 us at M=1 (the fp16 -> fp32 conversion
-is one more instruction per weight) and 2-3x slower at M=4..8.
+Measurements, launch sweeps and what was tried and dropped: README.md here.
 """
 
 from __future__ import annotations
@@ -385,18 +327,12 @@ def default_config(m: int, n: int, k: int, fmt: str, device: torch.device) -> di
 # stays in registers, so each sub-tile is dotted at once (T = 1, one dot per half).
 # From 64 rows Triton takes Hopper's warpgroup MMA, whose B operand must sit in shared
 # memory: a dot per sub-tile meant, per chunk of 128 rows, 16 stores of 16-bit values,
-# 16 barriers and 16 MMA waits (33 BAR in the loop's SASS). So the kernel stacks T
-# sub-tiles, consecutive in k, into one [16 T, C] tile (join + permute + reshape,
-# merged the way a binary counter carries) and makes one dot of both halves side by
-# side (channels 2c, 2c + 1 in y's order): one 16-byte store per 8 weights, 3 BAR,
-# 8 MMAs and one wait per 128 rows. H200, graph replay, fp6 (2026-11-23): 28672 x
-# 8192 M=32 98.5 us (was 104; cuBLAS 112-117), M=64 114-117 us (cuBLAS 114-118),
-# M=128 218-230 us (was ~300); 8192 x 8192 M=128 72 us (was ~89, through dequantize
-# + cuBLAS; cuBLAS 37-39); 8192 x 28672 M=128 207 us (was ~280; cuBLAS 135-144).
-# What still bounds it: Triton waits for each warpgroup MMA right after issuing it
-# (the B buffer is rewritten next chunk), so the rebuild and the MMA of a program
-# take turns; two programs per SM overlap them only partly. More programs (split-K
-# with fp32 atomics, waves 2) were ~2x slower, more warps or smaller tiles no faster.
+# 16 barriers and 16 MMA waits. So the kernel stacks T sub-tiles, consecutive in k,
+# into one [16 T, C] tile (join + permute + reshape, merged the way a binary counter
+# carries) and makes one dot of both halves side by side (channels 2c, 2c + 1 in y's
+# order): one 16-byte store per 8 weights, 3 barriers, 8 MMAs and one wait per 128
+# rows. Triton still waits for each warpgroup MMA right after issuing it (the B buffer
+# is rewritten next chunk), so the rebuild and the MMA of a program take turns.
 # T = 2 or 4 (kdot 32, 64) compile and are tested but never won.
 
 
@@ -407,18 +343,15 @@ def kdot_for(bm: int) -> int:
 
 
 def candidate_configs(m: int, gluon: bool = False) -> list[dict]:
-    """What ``tune`` times for an M (bench/results/fpx_linear-*.json shows the winners);
-    ``gluon`` adds launches of the Hopper kernel in ``fpx_gluon`` (fp6/fp5 on sm_90)."""
+    """What tuning times for an M; ``gluon`` adds launches of the Hopper kernel in
+    ``fpx_gluon`` (fp6/fp5 on sm_90), first."""
     extra = gluon_configs(m) if gluon else []
     return extra + _triton_configs(m)
 
 
 def gluon_configs(m: int) -> list[dict]:
-    """Launches of ``fpx_gluon`` worth timing (an H200 sweep of 2026-11-23 over split
-    1-8, one or two warpgroups, fp32 atomics or one-kernel split-K, 4 or 6 stages):
-    split-K in one kernel pays up to M=16 (split 4 at M=1, 2-4 at M=16; fp32 atomics
-    never won), two warpgroups sharing an x tile only from M=32 on large layers
-    (28672 x 8192, M=128: 145 vs 168 us). Above 256 rows dequantize + cuBLAS won."""
+    """Launches of ``fpx_gluon`` worth timing: split-K in one kernel up to M=16, two
+    warpgroups sharing an x tile from M=32; none above 256 rows (dequantize + cuBLAS)."""
     if m > 256:
         return []
     if m <= 16:
@@ -433,23 +366,17 @@ def _triton_configs(m: int) -> list[dict]:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         rows = [
             (bm, 128, 8, 4, 3), (bm, 128, 4, 4, 4), (bm, 64, 8, 4, 4),
-            # The bn=64 rows with fewer waves or warps win on a 7B model's 4096-wide
-            # layers (a sweep on H200: 21-25 us instead of 26-37 us at M=1..16 for
-            # 12288 x 4096 and 11008 x 4096); bn=256 never won and was dropped.
+            # bn=64 with fewer waves or warps: 4096-wide layers (a 7B model's).
             (bm, 64, 4, 4, 2), (bm, 64, 2, 4, 3), (bm, 64, 1, 2, 3),
             # One wave of 2-warp programs over 128 channels: the fewest instructions
-            # per weight; best on 28672 x 8192 at M=1..16 (a sweep, 2026-11-23).
+            # per weight (large layers, 28672 x 8192).
             (bm, 128, 1, 2, 4),
-            # 2-warp, 2-stage programs in 4-8 waves: best at M=1 on 12288/11008 x 4096
-            # (17.8 / 16.5 vs 19.4 / 17.7 us; a sweep of bn 32/64, 1-4 warps, 2-3
-            # stages, 1-8 waves, 2026-11-23; bn=32 never won).
+            # 2-warp, 2-stage programs in 4-8 waves: M=1 on 12288/11008 x 4096.
             (bm, 64, 8, 2, 2), (bm, 64, 4, 2, 2),
         ]  # fmt: skip
         if m > 16:
-            # Above 16 rows a sweep (H200, M=32) found one or two waves best, and on
-            # 8192- and 4096-wide layers 16-row tiles (each weight rebuilt per M tile)
-            # beat one 32-row tile: 28672 x 8192 104 us (was 158; cuBLAS 116),
-            # 8192 x 8192 50 us (was 70), 12288 x 4096 37 us (was 48).
+            # Above 16 rows one or two waves, and 16-row tiles (each weight rebuilt
+            # per M tile) beside one 32-row tile.
             rows += [(bm, 128, 1, 4, 3), (bm, 128, 2, 4, 3), (16, 64, 1, 2, 3), (16, 64, 2, 4, 3)]
             # 64-row tiles, one wave ([Note: K per dot]).
             rows += [(64, 128, 1, 4, 3), (64, 64, 1, 4, 3)]
@@ -528,10 +455,10 @@ def _launch(
     visible first); the program that arrives last sums the partials in order 0..split-1
     (plus the bias), writes y in x's dtype and sets the counter back to 0. A split-K
     launch is then one kernel, where it used to be three (zero an fp32 y, the kernel
-    with atomic adds, a cast: 2-3 us of a ~20 us 4096-wide layer on H200), and the
-    sum is deterministic. The counters are one buffer per stream (launches on one
-    stream are ordered); a CUDA graph keeps the buffer of the stream it was captured
-    on, so graphs captured on one stream must not be replayed concurrently.
+    with atomic adds, a cast), and the sum is deterministic. The counters are one
+    buffer per stream (launches on one stream are ordered); a CUDA graph keeps the
+    buffer of the stream it was captured on, so graphs captured on one stream must not
+    be replayed concurrently.
     """
     if kdot not in (16, 32, 64, 128):
         raise ValueError(f"fpx_linear_triton: kdot={kdot}; use 16, 32, 64 or 128 rows per dot.")
@@ -625,7 +552,7 @@ def dequantize_matmul(x2: torch.Tensor, p, bias=None, *, pieces: int = 1) -> tor
     [Note: pipelined dequantize + cuBLAS]
     At large M the product is compute-bound and cuBLAS is the fastest tensor-core
     code there is; dequantizing the whole weight first adds its memory time (read the
-    planes, write 2 bytes per weight: ~0.17 ms for 28672 x 8192) in series. With
+    planes, write 2 bytes per weight) in series. With
     ``pieces`` > 1 on CUDA the weight is dequantized a slice of output channels at a
     time on a side stream into two rotating [K, N/pieces] buffers, while the current
     stream multiplies the previous slice into its columns of y (cuBLAS writes a

@@ -200,9 +200,9 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 # H200's 132 SMs streaming). BLOCK_K divides the group size, so one chunk needs one
 # scale (and one minimum) per output column. What keeps the per-weight work small:
 # - The codes are loaded as W^T [BLOCK_K, BLOCK_N] with K fastest, the order of the
-#   MMA's B registers (pairs along K); int4 bytes are split into their nibbles and
-#   interleaved with tl.join (element 2j low, 2j + 1 high: the order pack_int writes).
-#   The earlier [BLOCK_N, BLOCK_K] tile went through shared memory for tl.trans.
+#   MMA's B registers (pairs along K), so no transpose goes through shared memory;
+#   int4 bytes are split into their nibbles and interleaved with tl.join (element 2j
+#   low, 2j + 1 high: the order pack_int writes).
 # - An unsigned code u ORed into the mantissa of 1024.0 (fp16) is the float 1024 + u,
 #   so code -> fp16 is one logic op and a paired subtraction (HADD2), not an int ->
 #   float conversion (bf16 int4 uses 128.0; bf16 int8 needs 8 mantissa bits and
@@ -211,23 +211,14 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 #   as they are and the group's scale (and minimum times the row sums of x)
 #   multiplies the fp32 product: a multiply per output, not per weight. 64-row tiles
 #   scale each weight instead (Triton's warpgroup MMA cannot accumulate a scaled
-#   product in place: 1.6x slower at M=128).
+#   product in place).
 # - Split-K partials meet in one kernel for 16-row tiles ([Note: split-K without
-#   extra kernels] in fpx_triton.py), and launches are tuned per shape and M bucket by
-#   CUDA-graph kernel time, as fpx_linear's are; above 32 rows the choice is the
-#   fused kernel or dequantize (``dequantize_int_triton``) + cuBLAS.
-# The sm_90 SASS of the loop (16 x 64 x 128 tile, 4 warps, triton 3.9): int4 477 -> 392
-# instructions (7.5 -> 6.1 per weight); int8 stays at ~390, but its 64 I2F (a
-# quarter-rate pipe) and 64 FMUL became logic ops and HADD2. Measured on H200 (fp16
-# x, g128, graph replay, vs cuBLAS x @ w.t(); bench/results/fpx_linear-nvidia-h200.json):
-# int4 1.41-1.62x at M=1 (was 1.09-1.34x), int8 1.37-1.54x (was 1.11-1.19x); at M=32
-# int4 1.01-1.16x, int8 0.81-1.04x (scaling each weight there: 0.85-0.98x, 0.80-0.89x);
-# 0.42-0.50x at M=128. From M=512 the dequantize kernel + cuBLAS wins: 0.65-0.78x at
-# 512 and 0.89-0.94x at 2048 (the fused kernel: 0.34-0.38x); the
-# earlier fallback through the torch reference was far worse (0.05-0.19x at M >= 128:
-# it materializes fp32 weights). Called eagerly, each call costs tens of us of host
-# time (Triton's launcher): capture decoding in a CUDA graph. Under the CPU
-# interpreter use fp16 or fp32 x (bf16 tl.dot is wrong there, DESIGN section 7).
+#   extra kernels] in fpx_triton.py), and launches are tuned per shape and M
+#   bucket by CUDA-graph kernel time; above 32 rows the choice is the fused kernel or
+#   dequantize (``dequantize_int_triton``) + cuBLAS (from M=512 the latter wins).
+# Called eagerly, each call costs tens of us of host time (Triton's launcher): capture
+# decoding in a CUDA graph. Under the CPU interpreter use fp16 or fp32 x (bf16 tl.dot
+# is wrong there, DESIGN section 7).
 
 
 def _int_linear_kernel(
@@ -291,7 +282,7 @@ def _int_linear_kernel(
                 acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * lo[None, :]
         else:
             # 64-row tiles (warpgroup MMAs) scale each weight, so that the MMAs
-            # accumulate in place (a product per chunk made M=128 1.6x slower).
+            # accumulate in place (a scaled product per chunk cannot).
             w = w.to(tl.float32) * s[None, :]
             if not SYMMETRIC:
                 w = w + lo[None, :]
@@ -388,10 +379,9 @@ def launches(p) -> dict[int, dict]:
 
 def candidate_configs(m: int) -> list[dict]:
     """Launches ``int_linear_triton`` times for small M (``waves``: programs per SM,
-    reached by splitting K). A sweep on H200 (int4 g128, M=1..16, 2026-11-23) found
-    2-warp programs over 64 columns best on 8192-wide layers (28672 x 8192: 75.5 us
-    with 4-way split-K vs 92 us for the default) and 4-warp programs over 128 on
-    4096-wide ones (12288 x 4096: 19.1 vs 20.8 us)."""
+    reached by splitting K): 2-warp programs over 64 columns (best on 8192-wide layers)
+    and 4-warp programs over 128 (4096-wide ones); the sweep behind them is in
+    README.md. Above 32 rows: the default tile, or dequantize + cuBLAS."""
     rows = [(64, 4, 3, None), (64, 2, 3, 8), (64, 2, 3, 16), (64, 2, 4, 4), (128, 4, 3, 4),
             (128, 4, 3, 8)]  # fmt: skip
     cfgs = [
