@@ -69,6 +69,10 @@ class ShardSpec:
         dim0 = self.shape[0] if self.shape else 1
         return padded[:dim0].reshape(self.shape)
 
+    def describe_state(self) -> dict:
+        """The state protocol (``fscale.state``): plain metadata."""
+        return {"name": self.name, "shape": list(self.shape), "world": self.world}
+
 
 def default_unit(name: str) -> str:
     """The unit of a param: its path up to the first integer (a ModuleList child).
@@ -92,6 +96,10 @@ class Unit:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.specs)
+
+    def describe_state(self) -> dict:
+        """The state protocol (``fscale.state``): plain metadata."""
+        return {"key": self.key, "specs": [s.describe_state() for s in self.specs]}
 
 
 def build_units(
