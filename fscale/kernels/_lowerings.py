@@ -7,7 +7,7 @@ name it. The modules that define the implementations import no registration code
 
     fpx.py            formats, packing, torch reference     (imports no kernel)
     fpx_gluon.py      Hopper kernel                         (imports fpx)
-    fpx_triton.py     Triton kernel, lowerings, tuning      (imports fpx, fpx_gluon)
+    fpx_triton.py     CUDA entry points, tuning             (imports fpx, fpx_gluon, _fpx_*)
     intq.py           int8/int4, W8A8, FP8: formats, references, kernels
     _lowerings.py     this file: imports them all and registers
 

@@ -62,7 +62,7 @@ COUNTERS: dict[tuple, torch.Tensor] = {}
 
 def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed counters for ``tiles`` output tiles of a one-kernel split-K launch (see
-    [Note: split-K without extra kernels] in fpx_triton.py).
+    [Note: split-K without extra kernels] in _fpx_triton_kernel.py).
 
     Every launch that counts on them sets them back to 0, so they are allocated (and
     zeroed) only when a launch needs more, and kernels launched one after another on

@@ -169,7 +169,7 @@ def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
 #   bit falls below the fp16's high byte, and e2m1's four image bits leave no room
 #   for a second code at a rotation of 4 in the hi word, so neither can take the
 #   byte image.
-# See [Note: rebuilding an fp16 from an FPx code] in fpx_triton.py.
+# See [Note: rebuilding an fp16 from an FPx code] in _fpx_triton_kernel.py.
 
 
 def layout(fmt: str) -> dict:

@@ -30,7 +30,7 @@ rows are XOR-swizzled so the 4 rows a warp reads at once hit different banks.
 A program of two warpgroups (``warps=8``) covers 128 channels with one x tile: x is
 re-read from L2 once per channel tile, M/24 times the plane bytes at 64 channels (at
 M=128, 5x), which is what bounds M >= 32. Split-K sums partials in one kernel, as the
-Triton kernel does ([Note: split-K without extra kernels] in fpx_triton.py).
+Triton kernel does ([Note: split-K without extra kernels] in _fpx_triton_kernel.py).
 fp5 (e2m2, e3m1: 1 lo bit, 256-row chunks) runs the same walk over two 128-row halves
 of a chunk, one MMA each.
 Instruction counts, measurements and what is left: README.md here.
@@ -278,7 +278,7 @@ def _kernel(
     out = acc * scale[:, None]
     mask = ch_ok[:, None] & (tok < M)[None, :]
     if SPLIT == 2:
-        # [Note: split-K without extra kernels] (fpx_triton.py): the partial goes to
+        # [Note: split-K without extra kernels] (_fpx_triton_kernel.py): the partial goes to
         # the workspace; the last of the tile's programs to arrive sums them in order.
         gl.store(ws_ptr + (pid_k * M + tok[None, :]) * N + ch[:, None], out, mask=mask)
         _barrier()  # every thread's partial is stored before the release below

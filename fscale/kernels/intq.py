@@ -213,7 +213,7 @@ def int_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) 
 #   scale each weight instead (Triton's warpgroup MMA cannot accumulate a scaled
 #   product in place).
 # - Split-K partials meet in one kernel for 16-row tiles ([Note: split-K without
-#   extra kernels] in fpx_triton.py), and launches are tuned per shape and M
+#   extra kernels] in _fpx_triton_kernel.py), and launches are tuned per shape and M
 #   bucket by CUDA-graph kernel time; above 32 rows the choice is the fused kernel or
 #   dequantize (``dequantize_int_triton``) + cuBLAS (from M=512 the latter wins).
 # Called eagerly, each call costs tens of us of host time (Triton's launcher): capture
@@ -289,7 +289,7 @@ def _int_linear_kernel(
             acc = tl.dot(x, w.to(x.dtype), acc)
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT == 2:
-        # [Note: split-K without extra kernels] in fpx_triton.py: the partial goes to
+        # [Note: split-K without extra kernels] (_fpx_triton_kernel.py): the partial goes to
         # the workspace; the tile's last program sums them in order and writes y.
         tl.store(ws_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)
         tile = pid_m * tl.num_programs(1) + pid_n
