@@ -8,7 +8,8 @@ name it. The modules that define the implementations import no registration code
     fpx.py            formats, packing, torch reference     (imports no kernel)
     fpx_gluon.py      Hopper kernel                         (imports fpx)
     fpx_triton.py     CUDA entry points, tuning             (imports fpx, fpx_gluon, _fpx_*)
-    intq.py           int8/int4, W8A8, FP8: formats, references, kernels
+    intq.py           int8/int4, W8A8, FP8 formats, refs    (imports intq_triton)
+    intq_triton.py    int8/int4 Triton lowering             (imports no fscale kernel module)
     _lowerings.py     this file: imports them all and registers
 
 ``fscale/kernels/__init__.py`` imports this module, so importing any
@@ -36,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from fscale.hw import dispatch
-from fscale.kernels import fpx, fpx_gluon, fpx_triton, intq
+from fscale.kernels import fpx, fpx_gluon, fpx_triton, intq, intq_triton
 
 # ----------------------------------------------------------------------------- FPx
 
@@ -68,13 +69,13 @@ if fpx_triton.triton is not None and fpx_gluon.gluon is not None:
 # ----------------------------------------------------------------------------- int8 / int4
 
 dispatch.register(intq.INT_OP, intq.int_linear_reference, name="int_linear_reference")
-if intq.triton is not None:
+if intq_triton.triton is not None:
     dispatch.register(
         intq.INT_OP,
-        intq.int_linear_triton,
+        intq_triton.int_linear_triton,
         device="cuda",
         min_capability=(8, 0),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        dtypes=intq_triton.DTYPES,
         priority=10,
         name="int_linear_triton",
     )

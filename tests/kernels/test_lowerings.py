@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fscale.hw import dispatch
-from fscale.kernels import fpx, fpx_gluon, fpx_triton, intq
+from fscale.kernels import fpx, fpx_gluon, fpx_triton, intq, intq_triton
 
 KERNELS = Path(fpx.__file__).parent
 REPO = KERNELS.parents[1]
@@ -51,7 +51,7 @@ def test_each_op_has_its_reference_and_gpu_rules():
     assert impls["int_linear_reference"] is intq.int_linear_reference
     if HAS_TRITON:
         assert impls["fpx_linear_triton"] is fpx_triton.fpx_linear_triton
-        assert impls["int_linear_triton"] is intq.int_linear_triton
+        assert impls["int_linear_triton"] is intq_triton.int_linear_triton
     if HAS_GLUON:
         assert impls["fpx_linear_gluon"] is fpx_triton.fpx_linear_hopper
 
