@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import fscale as fs
-from fscale.hw import dispatch
 from tests.helpers import mlp, regression_batches, regression_loss
 
 
@@ -148,17 +147,6 @@ def test_unknown_stage(setup):
     step, _, _ = setup
     with pytest.raises(ValueError, match="rewrites unknown stages"):
         step.with_transform(fs.Transform("x"), forward=lambda *a: None)
-
-
-def test_bad_kernel_mode(monkeypatch):
-    monkeypatch.setenv("FSCALE_KERNELS", "fastest")
-    with pytest.raises(ValueError, match="FSCALE_KERNELS='fastest' is not understood"):
-        dispatch.resolve("adamw_update", torch.zeros(2))
-
-
-def test_unknown_kernel_op():
-    with pytest.raises(KeyError, match="known ops"):
-        dispatch.resolve("no_such_op", torch.zeros(2))
 
 
 def test_functional_needs_a_module():
