@@ -272,7 +272,8 @@ def train_one(layers: int, what: str, args, device) -> dict:
     out["host_memory_after_init"] = _host_memory()
     print(f"  layers={layers} after init: {out['host_memory_after_init']}", flush=True)
     out["host_bytes"] = state["offload"].host_bytes
-    param_buffer = getattr(state["offload"], "param_buffer", None)
+    source = state.get("shard_zero", {}).get("source")  # offload's param source, if any
+    param_buffer = getattr(source, "buffer", None)
     if param_buffer is not None:
         out["host_bytes"] += param_buffer.numel() * param_buffer.element_size()
     gen = torch.Generator(device=device).manual_seed(1)

@@ -3,8 +3,8 @@
 ``offload(tier="nvme")`` keeps each sub-group of optimizer state in one file and
 streams it through a small pool of aligned (pinned on CUDA) buffers: read group
 i+1 while group i is updated while group i-1 is written ([Note: swap pipeline] in
-``fscale/transforms/offload.py``). This module knows nothing of optimizers: it
-moves bytes between a buffer and a named file.
+``fscale/transforms/_offload/update.py``). This module knows nothing of optimizers:
+it moves bytes between a buffer and a named file.
 
 [Note: swap files]
 - Direct I/O. O_DIRECT bypasses the page cache (NVMe at full speed, no host RAM

@@ -206,12 +206,11 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_delayed_update_under_bf16_stages_masters_in_the_compute_dtype(monkeypatch, stage, device):
     """[Note: DPU staging]: the same training bit for bit as copying the fp32 masters in;
     the params the step returns are the masters rounded to bf16."""
-    # (the package attribute of that name is the transform function, not the module)
-    offload_module = importlib.import_module("fscale.transforms.offload")
+    init_module = importlib.import_module("fscale.transforms._offload.init")
 
     def run(staged: bool):
         if not staged:
-            monkeypatch.setattr(offload_module, "_device_staging", lambda leaves, dtype: [])
+            monkeypatch.setattr(init_module, "device_staging", lambda leaves, dtype: [])
         model = mlp(WIDTHS, seed=3).to(device)
         params, apply = fs.functional(model)
         step = fs.train_step(regression_loss(apply), _optimizer(), clip_norm=0.5)
@@ -597,7 +596,7 @@ def _walk_tensors(obj, seen=None):
         for v in obj:
             yield from _walk_tensors(v, seen)
     elif isinstance(obj, OffloadState):
-        yield from _walk_tensors([obj.buffers, obj.param_buffer, obj.groups], seen)
+        yield from _walk_tensors([obj.buffers, obj.groups], seen)
     elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("fscale"):
         yield from _walk_tensors(vars(obj), seen)
 
@@ -879,7 +878,7 @@ def test_cuda_param_offload_keeps_no_shard_on_the_device(precision):
     # scalars (the loss scale, the stand-ins' zeros are per call).
     assert kept_optimizer_only >= shard_bytes
     assert kept < 4096, kept
-    host = state["offload"].param_buffer
+    host = state["shard_zero"]["source"].buffer  # the param source offload published
     assert host.device.type == "cpu" and host.is_pinned()
     assert metrics["zero3_device_shard_bytes"] == 0
     assert 0 < metrics["zero3_peak_h2d_staging_bytes"]

@@ -24,7 +24,7 @@ H2D moves half the bytes and no cast runs per gather (each unit is gathered twic
 step). DeepSpeed keeps only the 16-bit copy beside its optimizer's fp32 partition;
 here the fp32 shards (fscale's step contract: the params) are the optimizer's
 masters too on tier="cpu" -- it updates them in place ([Note: shared masters] in
-``offload.py``) -- while on NVMe (and with delayed_update) the optimizer keeps its
+``_offload/init.py``) -- while on NVMe (and with delayed_update) the optimizer keeps its
 own masters and copies them into these views: a host->host copy, never to the device.
 """
 

@@ -43,5 +43,5 @@ def can_stream(cfg: OffloadConfig, step: Step) -> bool:
 
 def shares_masters(cfg: OffloadConfig) -> bool:
     """Whether the params' host shards double as the fp32 masters ([Note: shared masters]
-    in offload.py)."""
+    in ``_offload/init.py``)."""
     return cfg.tier == "cpu" and "params" in cfg.what and not cfg.delayed_update

@@ -14,11 +14,11 @@ then moves the whole ZeRO-Offload pipeline into backward, per sub-group:
 
 so the copies and the host update of the groups whose grads are done overlap the
 backward of the rest, and the update stage only waits for the tail. Two staging
-buffers rotate ([Note: grad staging]): a group whose grads are final while both are
-in use waits in a queue (backward never blocks); the worker frees a buffer after
-each update and starts the next copy. A group's params are written only after its
-grads are final, and nothing in backward reads a param after its grad is final
-(autograd runs a leaf's accumulation once, after every use).
+buffers rotate ([Note: grad staging] in ``update.py``): a group whose grads are
+final while both are in use waits in a queue (backward never blocks); the worker
+frees a buffer after each update and starts the next copy. A group's params are
+written only after its grads are final, and nothing in backward reads a param
+after its grad is final (autograd runs a leaf's accumulation once, after every use).
 
 Same numbers as the update after backward: the same grads reach the same host
 optimizer group by group (tests compare the two bit for bit). One difference: an

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fscale.kernels import cpu_adam
-from fscale.transforms._offload_config import (
+from fscale.transforms._offload.config import (
     DISK_BYTES_PER_S,
     H2D_BYTES_PER_S,
     OffloadConfig,
@@ -40,7 +40,7 @@ def plan_offload(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
         f"~{pcie / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s."
     )
     if tier == "cpu":
-        # [Note: grad staging]: rotating buffers of the largest sub-group's grads (at
+        # [Note: grad staging] (update.py): rotating buffers of the largest sub-group's grads (at
         # least one leaf, whose grads are in the param dtype: <= 4 bytes per fp32 byte).
         largest = max(cfg.subgroup_bytes, plan.largest_param_bytes // n)
         plan.memory["grads staging (cpu)"] = min(grads, (2 if cfg.overlap else 1) * largest)

@@ -1,0 +1,307 @@
+"""``OffloadState``: an offloaded optimizer's host buffers or swap files, per sub-group.
+
+It owns the memory (the per-group host buffers or the NVMe pool and engine), the
+device<->host copies ([Note: offload copy streams]), the update of one sub-group
+and the pipeline's event log. The update paths that drive it are in ``update.py``,
+its construction in ``init.py``, its checkpoint description in ``describe.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fscale import tree
+from fscale.io import swap
+from fscale.kernels import cpu_adam
+from fscale.optim.base import GradientTransformation, apply_gradients
+from fscale.placement import Placement, placement_of
+from fscale.transforms._offload import describe
+from fscale.transforms._offload.config import OffloadConfig
+from fscale.transforms._offload.layout import Group, Slot, scatter, sub
+from fscale.transforms._offload.stream import GradStream
+
+
+class OffloadState:
+    """The optimizer state of an offloaded step: host buffers or swap files, per sub-group.
+
+    ``events`` holds the last step's pipeline log ``(seq, time, event, group)``;
+    ``close()`` waits for pending work and removes the swap files.
+    """
+
+    def __init__(self, cfg: OffloadConfig, inner: GradientTransformation, spec, device):
+        self.cfg = cfg
+        self.inner = inner
+        self.spec = spec
+        self.device = device
+        self.groups: list[Group] = []
+        self.buffers: list[torch.Tensor] = []  # cpu: one per group; nvme: the pool
+        self.staging: list[torch.Tensor] = []  # cpu: rotating grad buffers ([Note: grad staging])
+        self.engine: swap.SwapEngine | None = None
+        self._events: list = []
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._pending: Future | None = None  # delayed update in flight
+        self._bg: ThreadPoolExecutor | None = None
+        # [Note: offload copy streams] Grads out and params in each get a stream: PCIe
+        # is full duplex, so a group's D2H and another's H2D (and, with DPU, all grads
+        # out and all masters in) run at the same time instead of in turn. Both streams
+        # first wait for everything queued on the compute stream: backward may still
+        # be reading the params (stage 3 re-gathers from its flat shards) when the
+        # update is called, and writing them under it would be a race.
+        cuda = device.type == "cuda"
+        self._d2h_stream = torch.cuda.Stream(device) if cuda else None
+        self._h2d_stream = torch.cuda.Stream(device) if cuda else None
+        # DPU under mixed precision: the updated masters, in the compute dtype, on the
+        # device ([Note: DPU staging]); one view per leaf (None: copied in as before).
+        self.device_staging: list[torch.Tensor | None] = []
+        self._staged: Any = None  # event: the masters' last H2D copies (DPU) are done
+        self.stream: GradStream | None = None  # [Note: streaming grads in backward]
+        self.shared_masters: list | None = None  # by leaf position ([Note: shared masters])
+        # The state protocol (describe.py): each leaf's path, and the param tensors the
+        # optimizer last saw (weak: the step owns them), whose placements
+        # shard_zero records after init.
+        self.param_paths: list[str] = []
+        self.mesh_dims: tuple[str, ...] = ()
+        self._leaf_refs: list = []
+        self._placements: dict[int, Placement] = {}
+        self.closed = False
+
+    # -- log ---------------------------------------------------------------------------
+
+    def event(self, kind: str, key: str) -> None:
+        if self.engine is not None:
+            self.engine.event(kind, key)
+            return
+        with self._lock:
+            self._events.append((self._seq, time.perf_counter(), kind, key))
+            self._seq += 1
+
+    @property
+    def events(self) -> list:
+        return list(self.engine.events if self.engine is not None else self._events)
+
+    def _reset_events(self) -> None:
+        if self.engine is not None:
+            with self.engine._lock:
+                self.engine.events.clear()
+        else:
+            self._events.clear()
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(b.numel() for b in (*self.buffers, *self.staging))
+
+    def files(self) -> list[str]:
+        return self.engine.files() if self.engine is not None else []
+
+    def close(self) -> None:
+        """Finish pending work and remove the swap files (idempotent)."""
+        self.closed = True
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            finally:
+                self._pending = None
+        if self._bg is not None:
+            self._bg.shutdown(wait=True)
+        if self.stream is not None:
+            self.stream.close()
+        if self.engine is not None:
+            self.engine.close()
+
+    def wait(self) -> None:
+        """Until a delayed update in flight is done (it still reaches the params at the
+        next step's update)."""
+        if self._pending is not None:
+            self._pending.result()
+
+    # -- the state protocol --------------------------------------------------------------
+
+    def track(self, leaves: list) -> None:
+        """The param leaves the optimizer is given (at init and each update)."""
+        self._leaf_refs = [None if t is None else weakref.ref(t) for t in leaves]
+        for i, t in enumerate(leaves):
+            p = placement_of(t)
+            if p is not None:
+                self._placements[i] = p
+
+    def placement(self, i: int, shape: tuple[int, ...]) -> Placement:
+        """Where param leaf ``i`` (of local ``shape``) lives on the mesh: the placement
+        recorded on the param (``fscale.placement``), else whole and replicated over the
+        step's mesh."""
+        ref = self._leaf_refs[i] if i < len(self._leaf_refs) else None
+        p = placement_of(None if ref is None else ref())
+        if p is not None:
+            self._placements[i] = p
+            return p
+        return self._placements.get(i) or Placement(tuple(shape), (), self.mesh_dims)
+
+    def describe_state(self) -> dict:
+        """The state protocol: masters and metadata ([Note: describing offloaded state])."""
+        return describe.offload_slot(self)
+
+    # -- views -------------------------------------------------------------------------
+
+    def views(self, g: Group, buf: torch.Tensor):
+        """Group ``g``'s master and optimizer state, views into its buffer."""
+        if g.shared_master:
+            master = [self.shared_masters[i] for i in g.leaves]
+        else:
+            master = [s.view(buf) for s in g.master]
+        state_leaves = [x.view(buf) if isinstance(x, Slot) else x for x in g.state_leaves]
+        return master, tree.unflatten(g.state_spec, state_leaves)
+
+    def grad_region(self, k: int) -> torch.Tensor:
+        """Where group ``k``'s grads land: the tail of its NVMe pool buffer, or a staging
+        buffer in turn (cpu)."""
+        if self.cfg.tier == "nvme":
+            g = self.groups[k]
+            buf = self.buffers[k % len(self.buffers)]
+            return buf[g.persisted : g.total]
+        return self.staging[k % len(self.staging)]
+
+    # -- device <-> host ---------------------------------------------------------------
+
+    def begin_copies(self) -> None:
+        """Order both copy streams after the compute queued so far (once per update)."""
+        if self._d2h_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            self._d2h_stream.wait_stream(current)
+            self._h2d_stream.wait_stream(current)
+
+    def to_host(self, k: int, grads: list) -> Any:
+        """Copy group ``k``'s grads into its grad views; returns an event to wait on (CUDA)."""
+        return self.copy_grads_out(k, grads, self.grad_region(k))
+
+    def copy_grads_out(self, k: int, grads, region: torch.Tensor, *, after=None) -> Any:
+        """Group ``k``'s grads (``grads[i]`` for its leaf positions i) into ``region``, on
+        the D2H stream after event ``after``; returns an event to wait on (CUDA)."""
+        g = self.groups[k]
+        self.event("d2h_submit", g.key)
+        views = [s.view(region) for s in g.grads]
+        if self._d2h_stream is None:
+            for dst, i in zip(views, g.leaves, strict=True):
+                dst.copy_(grads[i])
+            return None
+        with torch.cuda.stream(self._d2h_stream):
+            if after is not None:
+                self._d2h_stream.wait_event(after)
+            for dst, i in zip(views, g.leaves, strict=True):
+                dst.copy_(grads[i], non_blocking=True)
+                grads[i].record_stream(self._d2h_stream)
+            done = torch.cuda.Event()
+            done.record(self._d2h_stream)
+        return done
+
+    def to_device(self, g: Group, master_views: list, params: list) -> None:
+        """Updated masters into the params: on the device, or host shards (params offloaded)."""
+        if self._h2d_stream is None or params[g.leaves[0]].device.type == "cpu":
+            for src, i in zip(master_views, g.leaves, strict=True):
+                if params[i].data_ptr() != src.data_ptr():  # shared masters: done
+                    params[i].copy_(src)
+            return
+        with torch.cuda.stream(self._h2d_stream):
+            for src, i in zip(master_views, g.leaves, strict=True):
+                params[i].copy_(src, non_blocking=True)
+
+    def stage_out(self, k: int, master_views: list) -> None:
+        """Group ``k``'s updated masters into their device staging, in the compute dtype."""
+        g = self.groups[k]
+        pairs = [
+            (src, self.device_staging[i])
+            for src, i in zip(master_views, g.leaves, strict=True)
+            if self.device_staging[i] is not None
+        ]
+        if self._h2d_stream is None:
+            for src, dst in pairs:
+                dst.copy_(src)
+            return
+        with torch.cuda.stream(self._h2d_stream):
+            for src, dst in pairs:
+                # In the masters' dtype over PCIe (a temporary of one leaf, on this
+                # stream), then cast on the device: the same rounding as the gather's.
+                dst.copy_(src.to(dst.device, non_blocking=True))
+
+    def sync_device(self) -> None:
+        """Host buffers may be reused and params read by the next compute: join the copies."""
+        if self._d2h_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            for stream in (self._d2h_stream, self._h2d_stream):
+                stream.synchronize()
+                current.wait_stream(stream)
+
+    def params_in_flight(self) -> Any:
+        """The next compute waits (on the device, not the host) for the params copied in;
+        returns an event marking the end of those copies (None off CUDA)."""
+        if self._h2d_stream is None:
+            return None
+        torch.cuda.current_stream(self.device).wait_stream(self._h2d_stream)
+        done = torch.cuda.Event()
+        done.record(self._h2d_stream)
+        return done
+
+    # -- the update of one group ---------------------------------------------------------
+
+    @torch.no_grad()
+    def update_group(self, k: int, buf: torch.Tensor, grad_region=None) -> None:
+        g = self.groups[k]
+        master, state = self.views(g, buf)
+        region = self.grad_region(k) if grad_region is None else grad_region
+        grads = [s.view(region) for s in g.grads]
+        n = self.spec.num_leaves
+        sub_grads = sub(self.spec, scatter(n, g.leaves, grads), g.leaves)
+        sub_master = sub(self.spec, scatter(n, g.leaves, master), g.leaves)
+        self.event("update_start", g.key)
+        with cpu_adam.host_kernels():  # the fused multi-threaded AdamW on host tensors
+            new_params, new_state = apply_gradients(self.inner, sub_grads, state, sub_master)
+        new_leaves = tree.leaves(new_params)
+        for view, i in zip(master, g.leaves, strict=True):
+            if new_leaves[i].data_ptr() != view.data_ptr():
+                view.copy_(new_leaves[i])
+        self._store_state(g, buf, new_state)
+        g.updates += 1
+        self.event("update_end", g.key)
+
+    def _store_state(self, g: Group, buf: torch.Tensor, new_state) -> None:
+        leaves, spec = tree.flatten(new_state)
+        if spec != g.state_spec:
+            raise RuntimeError(
+                "offload: the inner optimizer returned a state of another structure than its "
+                "init built; offload needs a fixed state layout (all fscale.optim optimizers "
+                "have one)."
+            )
+        for k, (slot, new) in enumerate(zip(g.state_leaves, leaves, strict=True)):
+            if isinstance(slot, Slot):
+                if not isinstance(new, torch.Tensor) or tuple(new.shape) != slot.shape:
+                    raise RuntimeError(
+                        f"offload: optimizer state leaf {k} changed from a {slot.shape} tensor "
+                        f"to {getattr(new, 'shape', type(new).__name__)}; offload needs a "
+                        "fixed state layout."
+                    )
+                view = slot.view(buf)
+                if new.data_ptr() != view.data_ptr():
+                    view.copy_(new)
+            else:
+                g.state_leaves[k] = new  # counts and other Python values
+
+
+class OptimizerSlot:
+    """``state["optimizer"]`` of an offloaded step: the inner optimizer's state, which
+    lives in an ``OffloadState`` (also ``state["offload"]``).
+
+    A separate object so that each slot describes itself once: this one the inner
+    optimizer's state tree, by the same paths as without offload
+    (``optimizer/exp_avg/<param>``), ``state["offload"]`` the masters and metadata.
+    """
+
+    def __init__(self, handle: OffloadState):
+        self.handle = handle
+
+    def describe_state(self) -> Any:
+        return describe.optimizer_slot(self.handle)
