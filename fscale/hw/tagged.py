@@ -12,7 +12,9 @@ same process, and every other tag, is unaffected. The replacement may keep state
 A lowering is ``fn(call, t, **kwargs)`` where ``kwargs`` are the op's own
 (``op=``, ``group=``, ``async_op=``, ...). It returns what the op returns: the
 result, or a ``comm.Handle`` when ``async_op``; returning a plain tensor for an
-async call is allowed (it is wrapped as a completed handle).
+async call is allowed (it is wrapped as a completed handle). ``all_reduce`` and
+``broadcast`` work in place (callers read ``t``): a lowering that returns another
+tensor for them, like the example's cast back, has it copied into ``t``.
 
 Usage::
 
@@ -36,6 +38,7 @@ import torch
 from fscale.hw import comm
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+_IN_PLACE = ("all_reduce", "broadcast")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,13 @@ class Call:
         self._ctx.state[self.owner] = value
 
 
+def _into(t: torch.Tensor, out):
+    """The in-place ops' contract: the result ends up in ``t`` (callers ignore ``out``)."""
+    if isinstance(out, comm.Handle):
+        return out.then(lambda r: r if r is t else t.copy_(r))
+    return out if out is t else t.copy_(out)
+
+
 class Collectives:
     """``ctx.comm``: the tagged collectives of one step call."""
 
@@ -92,6 +102,8 @@ class Collectives:
         if entry is None:
             return getattr(comm, name)(t, tag=tag, **kwargs)
         out = entry.fn(Call(tag, name, entry.owner, self._ctx), t, **kwargs)
+        if name in _IN_PLACE:
+            out = _into(t, out)
         if kwargs.get("async_op") and not isinstance(out, comm.Handle):
             out = comm.Handle(out)
         return out
