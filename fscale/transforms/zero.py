@@ -272,6 +272,12 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
         device = next((f.device for f in flats.values()), torch.device("cpu"))
         source = _param_source(step, device, mp)
         slot["flats"] = flats = source.place(flats)
+        for u in units:  # rank-major: rank r holds elements [r*k, (r+1)*k) of all flats
+            if isinstance(flats[u.key], torch.Tensor):
+                place(
+                    flats[u.key],
+                    Placement((cfg.world * u.shard_numel,), (cfg.shard_dim,), cfg.replicate_dims),
+                )
         slot["source"] = source
         shards = {n: None for n in params}
         for u in units:
@@ -284,6 +290,7 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
     for n, s in shards.items():
         if s is not None:
             _tag(cfg, s, specs[n])
+    _place_optimizer_state(cfg, state, specs)
     state[NAME] = slot
     if cfg.stage == 3:
         return shards, state
@@ -323,6 +330,26 @@ def _check_tied(params: dict, units) -> None:
                 "params must share a unit: change the unit policy (or list the tie once)."
             )
         seen.setdefault(key, name)
+
+
+def _place_optimizer_state(cfg: ZeroConfig, state: dict, specs: dict) -> None:
+    """Give the optimizer's per-param state (moments: shards like the params) the shards'
+    placement, so ``fscale.state.describe`` does not call it replicated."""
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                spec = specs.get(key) if isinstance(key, str) else None
+                is_shard = isinstance(value, torch.Tensor) and spec is not None
+                if is_shard and tuple(value.shape) == spec.shard_shape:
+                    place(value, cfg.placement(spec))
+                else:
+                    walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(state.get("optimizer"))
 
 
 def _tag(cfg: ZeroConfig, shard: torch.Tensor, spec: ShardSpec) -> None:
@@ -395,11 +422,13 @@ def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
         for n, s in new.items():
             if s is not None:
                 _tag(cfg, s, specs[n])
+        _place_optimizer_state(cfg, ctx.state, specs)
         return new
     master = inner.update(ctx, grads, ctx.state[NAME]["master"])
     for n, s in master.items():
         if s is not None:
             _tag(cfg, s, specs[n])
+    _place_optimizer_state(cfg, ctx.state, specs)
     ctx.state[NAME] = {**ctx.state[NAME], "master": master}
     return params  # the full params are refreshed by the apply stage
 
