@@ -73,10 +73,14 @@ def describe(state: dict) -> dict[str, Any]:
 
 
 def _walk(path: str, value: Any, out: dict) -> None:
-    if isinstance(value, (TensorEntry, StoredTensor)):
+    # detach(): the same data without the Python attributes fscale tags shards with
+    # (their process group among them), which a checkpoint writer could not pickle.
+    if isinstance(value, TensorEntry):
+        out[path] = TensorEntry(value.tensor.detach(), value.placement)
+    elif isinstance(value, StoredTensor):
         out[path] = value
     elif isinstance(value, torch.Tensor):
-        out[path] = TensorEntry(value, placement_of(value) or replicated(value))
+        out[path] = TensorEntry(value.detach(), placement_of(value) or replicated(value))
     elif isinstance(value, _PLAIN) or isinstance(value, enum.Enum):
         out[path] = value
     elif hasattr(value, "describe_state"):
