@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import importlib
 import os
+import pickle
 import tempfile
 
 import pytest
@@ -19,7 +20,9 @@ from fscale.io import SwapCorruptError, swap
 from fscale.kernels import cpu_adam
 from fscale.kernels.adamw import adamw_update_reference_
 from fscale.kernels.cpu_adam import adamw_update_cpu_fused_, host_kernels
-from fscale.policies import WANTS_FINAL_GRADS
+from fscale.placement import Placement
+from fscale.policies import WANTS_FINAL_GRADS, OffloadPolicy, ZeroPolicy
+from fscale.state import StoredTensor, TensorEntry, describe
 from fscale.transforms.offload import OffloadState
 from tests.dist import run_world
 from tests.helpers import max_rel_error, mlp, regression_batches, regression_loss
@@ -38,7 +41,8 @@ def _optimizer(kind="adamw"):
     return fs.optim.adamw(1e-2, weight_decay=0.1, mask=fs.optim.decay_mask_default)
 
 
-def _train(wrap, rank=0, world=1, *, optimizer="adamw", steps=STEPS, keep_state=False):
+def _run(wrap, rank=0, world=1, *, optimizer="adamw", steps=STEPS):
+    """``steps`` steps of the stack ``wrap`` builds, on this rank's part of each batch."""
     model = mlp(WIDTHS, seed=3)
     params, apply = fs.functional(copy.deepcopy(model))
     step = fs.train_step(regression_loss(apply), _optimizer(optimizer), clip_norm=0.5)
@@ -48,6 +52,11 @@ def _train(wrap, rank=0, world=1, *, optimizer="adamw", steps=STEPS, keep_state=
     for batch in regression_batches(steps, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1]):
         local = {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
         params, state, _ = step(params, state, local)
+    return step, params, state
+
+
+def _train(wrap, rank=0, world=1, *, optimizer="adamw", steps=STEPS, keep_state=False):
+    _, params, state = _run(wrap, rank, world, optimizer=optimizer, steps=steps)
     full = {k: v.detach().clone() for k, v in fs.gather_params(params).items()}
     if keep_state:
         return full, state
@@ -692,6 +701,202 @@ def test_param_shards_live_only_in_host_memory(precision):
     for key in forward[1:]:
         assert at[("stage", key)] < at[("use", key)], (key, [x[:2] for x in log])
     handle.close()
+
+
+# ----------------------------------------------------------------------------- state protocol
+
+_BOTH = ("optimizer", "params")
+# name: (zero stage, precision, tier, offload options). [Note: describing offloaded state]
+_DESCRIBED = {
+    "cpu": (0, None, "cpu", {}),
+    "nvme": (0, None, "nvme", {}),
+    "cpu bf16": (0, "bf16", "cpu", {}),
+    "nvme bf16 one group": (0, "bf16", "nvme", {"subgroup_mb": 64}),
+    "cpu delayed": (0, None, "cpu", {"delayed_update": True}),
+    "cpu bf16 delayed": (0, "bf16", "cpu", {"delayed_update": True}),
+    "zero1 cpu": (1, None, "cpu", {}),
+    "zero1 nvme": (1, None, "nvme", {}),
+    "zero2 cpu": (2, None, "cpu", {}),
+    "zero2 nvme": (2, None, "nvme", {}),
+    "zero3 cpu": (3, None, "cpu", {}),
+    "zero3 nvme": (3, None, "nvme", {}),
+    "zero2 cpu bf16": (2, "bf16", "cpu", {}),
+    "zero3 nvme bf16": (3, "bf16", "nvme", {}),
+    "zero3 cpu bf16 delayed": (3, "bf16", "cpu", {"delayed_update": True}),
+    "zero3 cpu params": (3, None, "cpu", {"what": _BOTH}),
+    "zero3 nvme bf16 params": (3, "bf16", "nvme", {"what": _BOTH}),
+}
+
+
+def _ours(state) -> dict:
+    """describe() of the slots offload fills: the optimizer's and its own."""
+    return describe({k: state[k] for k in ("optimizer", "offload")})
+
+
+def _value(entry) -> torch.Tensor:
+    assert isinstance(entry, (TensorEntry, StoredTensor)), type(entry)
+    return entry.read() if isinstance(entry, StoredTensor) else entry.tensor
+
+
+def _expected_placement(step, shape) -> Placement:
+    """A param's placement from first principles: shards over ZeRO's shard dim, else
+    whole and replicated over the step's mesh."""
+    zero = step.policy(ZeroPolicy)
+    if zero is None:
+        return Placement(shape, (), step.mesh.dims)
+    return Placement(shape, (zero.shard_dim,), zero.replicate_dims)
+
+
+def _describe_world_fn(rank, world, path, names):
+    shapes = {k: tuple(v.shape) for k, v in fs.functional(mlp(WIDTHS, seed=3))[0].items()}
+    checked = {}
+    for name in names:
+        stage, precision, tier, kw = _DESCRIBED[name]
+        # DPU: after one call both schedules have made the same single update.
+        steps = 1 if kw.get("delayed_update") else 3
+        _, base_params, base_state = _run(_stack(stage, precision), rank, world, steps=steps)
+        wrap = _offloaded(stage, tier, path, precision, **kw)
+        step, params, state = _run(wrap, rank, world, steps=steps)
+        handle = state["offload"]
+        entries = _ours(state)
+        # The optimizer slot: the paths, values and counts of the same stack without offload.
+        base = describe({"optimizer": base_state["optimizer"]})
+        got = {k: v for k, v in entries.items() if k.startswith("optimizer/")}
+        assert sorted(got) == sorted(base), (name, sorted(set(got) ^ set(base)))
+        for key, want in base.items():
+            if isinstance(want, TensorEntry):
+                assert torch.equal(_value(got[key]), want.tensor), (name, key)
+                param = key.rsplit("/", 1)[1]
+                assert got[key].placement == _expected_placement(step, shapes[param]), key
+            else:
+                assert got[key] == want, (name, key)
+        # The masters: the fp32 params (stage 1/2: shard_zero's fp32 master shards).
+        masters = base_state["shard_zero"]["master"] if stage in (1, 2) else base_params
+        for param, shape in shapes.items():
+            entry = entries[f"offload/master/{param}"]
+            value = _value(entry)
+            assert value.dtype == torch.float32 and torch.equal(value, masters[param]), param
+            assert entry.placement == _expected_placement(step, shape), (name, param)
+            if stage and world > 1:  # a row block of the leaf, padded
+                assert value.shape[0] == -(-shape[0] // world) < shape[0]
+        # Metadata: the tier and every group's params and updates.
+        assert entries["offload/tier"] == tier
+        keys = [g.key for g in handle.groups]
+        assert [entries[f"offload/groups/{key}/updates"] for key in keys] == [steps] * len(keys)
+        listed = [k for k in entries if k.startswith("offload/groups/") and "/params/" in k]
+        assert len(listed) == len(shapes) and all(entries[k] in shapes for k in listed)
+        tensors = [v for v in entries.values() if isinstance(v, (TensorEntry, StoredTensor))]
+        checked[name] = sorted({type(v).__name__ for v in tensors})
+        handle.close()
+    return checked
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_describe_gives_the_masters_and_moments_the_optimizer_holds(world, monkeypatch):
+    """describe() of offload's slots, on every tier and stack: the same paths and, with the
+    reference AdamW on both sides, the same values as the optimizer state of the stack
+    without offload; each tensor with its param's placement (sharded: over ZeRO's dim)."""
+    monkeypatch.setenv("FSCALE_KERNELS", "reference")  # reaches the ranks too
+    names = list(_DESCRIBED) if world == 1 else [n for n in _DESCRIBED if n.startswith("zero")]
+    with tempfile.TemporaryDirectory() as path:
+        fn = _describe_world_fn
+        results = run_world(fn, world, path, names) if world > 1 else [fn(0, 1, path, names)]
+        assert os.listdir(path) == []
+    for checked in results:
+        assert list(checked) == names
+        for name, types in checked.items():
+            tier = _DESCRIBED[name][2]
+            assert types == (["StoredTensor"] if tier == "nvme" else ["TensorEntry"]), name
+
+
+def test_describe_reads_nvme_state_exactly_where_the_swap_files_hold_it(tmp_path):
+    """A StoredTensor is bytes at an offset of a swap file (raw, no header): read() gives
+    exactly what the engine reads back, CRC-verified, into the optimizer's buffer."""
+    step, _, state = _run(_offloaded(0, "nvme", tmp_path), steps=3)
+    handle = state["offload"]
+    entries = _ours(state)
+    stored = {k: v for k, v in entries.items() if isinstance(v, StoredTensor)}
+    assert len(stored) == 3 * len(tree.leaves(fs.functional(mlp(WIDTHS))[0]))  # masters, moments
+    at = {(v.path, v.offset): v for v in stored.values()}
+    assert {path for path, _ in at} == set(handle.files())
+    buf = swap.alloc(max(g.total for g in handle.groups))
+    checked = 0
+    for g in handle.groups:
+        handle.engine.read(g.key, buf).result()  # what the next update reads, CRC-checked
+        master, opt_state = handle.views(g, buf)
+        held = [*master, *(t for t in tree.leaves(opt_state) if isinstance(t, torch.Tensor))]
+        for t in held:
+            entry = at[handle.engine.file_path(g.key), t.data_ptr() - buf.data_ptr()]
+            assert torch.equal(entry.read(), t) and entry.dtype == t.dtype
+            checked += 1
+        for i, t in zip(g.leaves, master, strict=True):
+            assert torch.equal(entries[f"offload/master/{handle.param_paths[i]}"].read(), t)
+    assert checked == len(stored)
+    handle.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        _ours(state)
+
+
+def test_describe_holds_no_threads_and_cpu_entries_view_the_host_buffers(tmp_path):
+    """The pools, engine and streams of the state stay out of the description (it pickles),
+    and a tier="cpu" entry is a view of the optimizer's own host buffer, not a copy."""
+    for kw in (
+        {"tier": "cpu"},  # streams grads in backward: a worker thread
+        {"tier": "cpu", "delayed_update": True},  # the DPU thread
+        {"tier": "nvme", "path": tmp_path, "what": _BOTH},  # the swap engine's threads
+    ):
+
+        def wrap(s, kw=kw):
+            s = fs.shard_zero(dataclasses.replace(s, clip_norm=None), 3)
+            return fs.offload(s, subgroup_mb=SMALL, **kw)
+
+        _, _, state = _run(wrap, steps=2)
+        handle = state["offload"]
+        assert handle.stream is not None or handle._bg is not None or handle.engine is not None
+        entries = _ours(state)
+        pickle.loads(pickle.dumps(entries))  # plain data: no closure, lock or thread
+        if handle.cfg.tier == "cpu":
+            pool = {b.untyped_storage().data_ptr() for b in handle.buffers}
+            for key, v in entries.items():
+                if isinstance(v, TensorEntry):
+                    assert v.tensor.untyped_storage().data_ptr() in pool, key
+        handle.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_describe_of_the_whole_state(tmp_path):
+    """fscale.state.describe(state) walks every slot of offloaded stacks (no TypeError), and
+    offload's entries are its two slots' only: no thread, engine or stream is walked."""
+    stacks = {
+        "cpu bf16": _offloaded(0, "cpu", None, "bf16"),
+        "nvme": _offloaded(0, "nvme", tmp_path),
+        "cpu fp16 delayed": _offloaded(0, "cpu", None, "fp16", delayed_update=True),
+        "zero1 cpu": _offloaded(1, "cpu", None),
+        "zero2 nvme bf16": _offloaded(2, "nvme", tmp_path, "bf16"),
+        "zero3 cpu": _offloaded(3, "cpu", None),
+        "zero3 cpu params": _offloaded(3, "cpu", None, what=_BOTH),
+        "zero3 nvme bf16 params": _offloaded(3, "nvme", tmp_path, "bf16", what=_BOTH),
+    }
+    for name, wrap in stacks.items():
+        step, _, state = _run(wrap, steps=2)
+        entries = describe(state)
+        assert entries["count"] == 2, name
+        ours = _ours(state)
+        assert set(ours) <= set(entries), name
+        for key, v in ours.items():  # the same entries: tensors by identity of their bytes
+            w = entries[key]
+            if isinstance(v, TensorEntry):
+                assert w.tensor.data_ptr() == v.tensor.data_ptr() and w.placement == v.placement
+            else:
+                assert w == v, (name, key)
+        assert not any(k.startswith("offload/") and k not in ours for k in entries), name
+        assert entries["offload/tier"] == step.policy(OffloadPolicy).tier
+        zero = step.policy(ZeroPolicy)
+        for key, v in ours.items():
+            if isinstance(v, (TensorEntry, StoredTensor)):
+                assert v.placement.shard == ((zero.shard_dim,) if zero else ()), (name, key)
+        state["offload"].close()
+    assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- explain
