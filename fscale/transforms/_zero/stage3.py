@@ -13,7 +13,9 @@ plus ``prefetch`` units whose all-gather is in flight: per-rank param memory is
 ``full/N + (1 + prefetch) units``, and one more unit-sized all-gather buffer
 exists transiently while a unit is copied out of it (FSDP2 has the same). No
 activation recompute is needed. Both are measured (``_Tracker``) and reported in
-the metrics (``zero3_peak_gathered_params_bytes`` / ``..._total_bytes``).
+the metrics (``zero3_peak_gathered_params_bytes`` / ``..._total_bytes``). A unit
+that activation checkpointing runs again in backward gathers on the backward path
+([Note: recompute]).
 
 The order units are touched in is recorded; the next forward prefetches in that
 order and backward in its reverse (async all-gathers; on CUDA NCCL runs them on
@@ -99,7 +101,7 @@ class UnitGatherer:
         self.order: list[str] = []  # unit order of this forward
         self.current: tuple[str, list[torch.Tensor]] | None = None  # forward: key, views
         self.buffers: dict[int, str] = {}  # storage ptr of live full buffers -> unit key
-        self.backward_unit: tuple[str, torch.Tensor] | None = None
+        self.backward_unit: list | None = None  # see _backward_unit
         self.inflight: dict[str, comm.Handle] = {}
         self.backward_plan: list[str] = []
         self.backward_pos = 0
@@ -169,15 +171,18 @@ class UnitGatherer:
 
     def forward_views(self, key: str) -> list[torch.Tensor]:
         """Called on first use of a unit's param in forward: gather it, drop the last."""
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
+            return self.recompute_views(key)
         if self.current is not None and self.current[0] == key:
             return self.current[1]
         self.current = None  # the previous unit is done: let its buffer go
         pos = len(self.order)
         self.order.append(key)
         shards = [self.shards[s.name] for s in self.units[key].specs]
-        views = list(GatherUnit.apply(self, key, *shards))
-        if pos < len(self.plan) and self.plan[pos] == key:
-            self._prefetch_after(self.plan, pos)
+        with _unseen_by_modes():
+            views = list(GatherUnit.apply(self, key, *shards))
+            if pos < len(self.plan) and self.plan[pos] == key:
+                self._prefetch_after(self.plan, pos)
         self.current = (key, views)
         return views
 
@@ -199,6 +204,12 @@ class UnitGatherer:
         if not (isinstance(packed, tuple) and packed and packed[0] is _TOKEN):
             return packed
         _, key, offset, shape, stride = packed
+        with _unseen_by_modes():
+            flat = self._backward_unit(key)[1]
+            return torch.as_strided(flat, shape, stride, offset)
+
+    def _backward_unit(self, key: str) -> list:
+        """``[key, flat buffer, views, leaf views or None]`` of the unit backward is in."""
         if not self.in_backward:
             self._start_backward()
         if self.backward_unit is None or self.backward_unit[0] != key:
@@ -211,10 +222,30 @@ class UnitGatherer:
             flat = torch.as_strided(
                 base, (base.untyped_storage().nbytes() // base.element_size(),), (1,), 0
             )
-            self.backward_unit = (key, flat)
+            self.backward_unit = [key, flat, views, None]
             self._advance_backward(key)
-        flat = self.backward_unit[1]
-        return torch.as_strided(flat, shape, stride, offset)
+        return self.backward_unit
+
+    def recompute_views(self, key: str) -> list[torch.Tensor]:
+        """A unit's params for its forward run again inside backward ([Note: recompute]).
+
+        [Note: recompute]
+        Activation checkpointing runs a unit's forward again in backward; its lazy
+        params then land here, not in ``forward_views``: the unit is the backward
+        unit (gathered on the backward path, prefetched in backward order, the unit
+        before it released), and the forward's unit order and prefetch plan are left
+        alone. The views are fresh leaves (no ``GatherUnit`` node: the recompute's
+        graph is thrown away, its saved tensors feed the forward's graph) that
+        require grad as the forward's did, so autograd saves the same tensors.
+        """
+        with _unseen_by_modes():
+            unit = self._backward_unit(key)
+            if unit[3] is None:
+                grad = torch.is_grad_enabled() and any(
+                    self.shards[s.name].requires_grad for s in self.units[key].specs
+                )
+                unit[3] = [v.detach().requires_grad_(grad) for v in unit[2]]
+        return unit[3]
 
     def _advance_backward(self, key: str) -> None:
         plan, pos = self.backward_plan, self.backward_pos
@@ -237,6 +268,14 @@ class UnitGatherer:
         # The update writes the shards next: no copy may still read them.
         self.source.finish()
 
+
+# [Note: gathers unseen by dispatch modes]
+# A gather is not part of the model's computation, and it takes different paths in
+# forward (GatherUnit, the forward prefetch) and in a recompute (the backward unit):
+# a TorchDispatchMode that must see the same ops twice -- selective activation
+# checkpointing caches ops by their order in the forward and replays them in the
+# recompute -- would see them differ. Gathers run with Python dispatch off.
+_unseen_by_modes = torch._C._DisableTorchDispatch
 
 _TOKEN = object()
 _MAX_PENDING_REDUCE_SCATTERS = 2
