@@ -13,7 +13,13 @@ from fscale import optim, tree
 from fscale.explain import explain, plan
 from fscale.functional import functional, load_params
 from fscale.step import Stages, Step, StepContext, Transform, train_step
-from fscale.transforms import gather_params, mixed_precision, offload, shard_zero
+from fscale.transforms import (
+    checkpoint_activations,
+    gather_params,
+    mixed_precision,
+    offload,
+    shard_zero,
+)
 from fscale.transforms.quantize import quantize, quantize_report
 
 # Importing the kernels registers their lowerings in the dispatch table.
@@ -24,6 +30,7 @@ __all__ = [
     "Step",
     "StepContext",
     "Transform",
+    "checkpoint_activations",
     "explain",
     "functional",
     "gather_params",
