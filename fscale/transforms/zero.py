@@ -159,7 +159,8 @@ def shard_zero(
         raise TypeError(f"unit must be a callable param_name -> key, got {type(unit).__name__}.")
     resolved = step.mesh if mesh is None else meshes.resolve(mesh)
     default_mesh = step.mesh.device_mesh is None and step.mesh.dims == (meshes.WORLD_DIM,)
-    if mesh is not None and not default_mesh and resolved.device_mesh is not step.mesh.device_mesh:
+    # DeviceMesh equality, not identity: mesh["shard"] builds a new object every time.
+    if mesh is not None and not default_mesh and resolved.device_mesh != step.mesh.device_mesh:
         raise ValueError(
             "shard_zero's mesh differs from the step's mesh; pass the same mesh to "
             "train_step(mesh=...) and shard_zero(mesh=...), or only one of them."
