@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import enum
 import io
+import os
 
 import pytest
 import torch
@@ -115,85 +116,106 @@ def _describe_fn(rank, world, path):
     return out
 
 
-@pytest.fixture(scope="module")
-def described(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("swap"))
-    return run_world(_describe_fn, WORLD, path)
+def test_every_stack_describes_itself(tmp_path):
+    # One world for every stack, in one test: tests sharing a module fixture may land on
+    # both pytest-xdist workers, which would then start the world twice.
+    results = run_world(_describe_fn, WORLD, str(tmp_path))
+    failures = []
+    for rank, by_stack in enumerate(results):
+        for name, case in by_stack.items():
+            for check in (_only_tensors_and_plain_metadata, _moments, _shards, _layout):
+                try:
+                    check(name, case)
+                except AssertionError as e:
+                    failures.append(f"rank {rank}, {name}, {check.__name__}: {e}")
+        _loss_scale_slot(by_stack["fp16"]["entries"])
+        _nvme_reads_back_the_host_tier(by_stack)
+    assert not failures, "\n\n".join(failures)
+    assert os.listdir(tmp_path) == []  # offload's swap files removed at close
 
 
-# ----------------------------------------------------------------------------- tests
+# ----------------------------------------------------------------------------- checks
 
 
-@pytest.mark.parametrize("name", list(STACKS))
-def test_describe_returns_only_tensors_and_plain_metadata(described, name):
-    for rank, by_stack in enumerate(described):
-        entries = by_stack[name]["entries"]
-        other = {p: e[1] for p, e in entries.items() if e[0] == "other"}
-        assert not other, f"rank {rank} {name}: not describable: {other}"
-        for path, e in entries.items():
-            if e[0] in ("tensor", "stored"):
-                _, shape, placement, local, tensor = e
-                # A placement describes the tensor beside it: this rank's rows of it.
-                assert shape == local == tuple(tensor.shape), (rank, name, path, placement)
-                assert isinstance(placement.describe(), dict)
-        # Tensors and plain data only: nothing that torch.save cannot write (a process
-        # group riding on a shard, a closure).
-        assert by_stack[name]["saved"] is None, (rank, name, by_stack[name]["saved"])
+def _only_tensors_and_plain_metadata(name, case):
+    entries = case["entries"]
+    other = {p: e[1] for p, e in entries.items() if e[0] == "other"}
+    assert not other, f"not describable: {other}"
+    for path, e in entries.items():
+        if e[0] in ("tensor", "stored"):
+            _, shape, placement, local, tensor = e
+            # A placement describes the tensor beside it: this rank's rows of it.
+            assert shape == local == tuple(tensor.shape), (path, placement)
+            assert isinstance(placement.describe(), dict)
+    # Tensors and plain data only: nothing torch.save cannot write (a process group
+    # riding on a shard, a closure).
+    assert case["saved"] is None, case["saved"]
 
 
-@pytest.mark.parametrize("name", list(STACKS))
-def test_every_param_has_its_optimizer_moments_with_the_param_placement(described, name):
+def _moments(name, case):
+    """Every param has its AdamW moments at the usual paths, placed like the param."""
     layers, _ = STACKS[name]
     tier = next((arg for kind, arg in layers if kind == "offload"), None)
-    for rank, by_stack in enumerate(described):
-        case = by_stack[name]
-        entries = case["entries"]
-        for param, full in case["full"].items():
-            for moment in _MOMENTS:
-                path = f"optimizer/{moment}/{param}"
-                assert path in entries, (rank, name, path, sorted(entries)[:8])
-                kind, _, placement, _, _ = entries[path]
-                assert kind == ("stored" if tier == "nvme" else "tensor"), (name, path, kind)
-                assert tuple(placement.shape) == full, (name, path, placement)
-                if _stage(layers):  # shards: the moments are split as the masters are
-                    assert list(placement.shard) == [case["dims"][-1]], (name, path, placement)
+    entries = case["entries"]
+    for param, full in case["full"].items():
+        for moment in _MOMENTS:
+            path = f"optimizer/{moment}/{param}"
+            assert path in entries, (path, sorted(entries)[:8])
+            kind, _, placement, _, _ = entries[path]
+            assert kind == ("stored" if tier == "nvme" else "tensor"), (path, kind)
+            assert tuple(placement.shape) == full, (path, placement)
+            if _stage(layers):  # shards: the moments are split as the masters are
+                assert list(placement.shard) == [case["dims"][-1]], (path, placement)
 
 
 def _stage(layers) -> int:
     return next((arg for kind, arg in layers if kind == "zero"), 0)
 
 
-@pytest.mark.parametrize("name", [n for n in STACKS if _stage(STACKS[n][0])])
-def test_shard_zero_shards_name_the_shard_dim(described, name):
+def _shards(name, case):
+    """shard_zero's shards (master rows, stage-3 flats) name the shard dim."""
     layers, mesh_kind = STACKS[name]
-    shard_dim, replicate = ("shard", ["replicate"]) if mesh_kind == "2d" else ("dp", [])
     stage = _stage(layers)
-    for by_stack in described:
-        case = by_stack[name]
-        entries = case["entries"]
-        # Stages 1/2 keep fp32 master rows; stage 3 one flat buffer of shards per unit.
-        prefix = "shard_zero/master/" if stage < 3 else "shard_zero/flats/"
-        shards = {p: e for p, e in entries.items() if p.startswith(prefix)}
-        assert shards, (name, sorted(entries)[:20])
-        for path, (kind, shape, placement, _, _) in shards.items():
-            assert kind == "tensor", (name, path)
-            assert list(placement.shard) == [shard_dim], (name, path, placement)
-            assert list(placement.replicate) == replicate, (name, path, placement)
-            if stage < 3:
-                param = path[len(prefix) :]
-                assert tuple(placement.shape) == case["full"][param], (name, path, placement)
-                assert shape != case["full"][param], (name, path, "not a shard")
-        # The layout: stage 3's params are shards; stages 1/2 keep whole params.
-        for param, info in case["layout"].items():
-            p = info["placement"]
-            if stage == 3:
-                assert p["shard"] == [shard_dim] and p["replicate"] == replicate, (param, p)
-            else:
-                assert p["shard"] == [] and set(p["replicate"]) == {shard_dim, *replicate}
+    if not stage:
+        return
+    shard_dim, replicate = ("shard", ["replicate"]) if mesh_kind == "2d" else ("dp", [])
+    entries = case["entries"]
+    # Stages 1/2 keep fp32 master rows; stage 3 one flat buffer of shards per unit.
+    prefix = "shard_zero/master/" if stage < 3 else "shard_zero/flats/"
+    shards = {p: e for p, e in entries.items() if p.startswith(prefix)}
+    assert shards, sorted(entries)[:20]
+    for path, (kind, shape, placement, _, _) in shards.items():
+        assert kind == "tensor", path
+        assert list(placement.shard) == [shard_dim], (path, placement)
+        assert list(placement.replicate) == replicate, (path, placement)
+        if stage < 3:
+            param = path[len(prefix) :]
+            assert tuple(placement.shape) == case["full"][param], (path, placement)
+            assert shape != case["full"][param], (path, "not a shard")
+    # The layout: stage 3's params are shards; stages 1/2 keep whole params.
+    for param, info in case["layout"].items():
+        p = info["placement"]
+        if stage == 3:
+            assert p["shard"] == [shard_dim] and p["replicate"] == replicate, (param, p)
+        else:
+            assert p["shard"] == [] and set(p["replicate"]) == {shard_dim, *replicate}
 
 
-def test_fp16_loss_scale_slot_is_a_tensor_and_counters(described):
-    entries = described[0]["fp16"]["entries"]
+def _layout(name, case):
+    """The layout slot names every param with its shape, dtype and placement."""
+    layout, entries = case["layout"], case["entries"]
+    assert set(layout) == set(case["full"])
+    for param, info in layout.items():
+        assert info["shape"] == list(case["local"][param]), (param, info)
+        assert info["dtype"] == torch.float32
+        placement = info["placement"]
+        assert set(placement) == {"shape", "shard", "replicate", "dim"}, placement
+        assert placement["shape"] == list(case["full"][param]), (param, placement)
+        # describe(state) walks it into plain entries under layout/<param>/.
+        assert entries[f"layout/{param}/dtype"] == ("plain", torch.float32)
+
+
+def _loss_scale_slot(entries):
     kind, shape, _, _, scale = entries["mixed_precision/scale"]
     assert kind == "tensor" and shape == () and scale.item() == 1024.0
     for key in ("clean_steps", "hysteresis", "skipped_steps"):
@@ -201,31 +223,14 @@ def test_fp16_loss_scale_slot_is_a_tensor_and_counters(described):
         assert isinstance(entries[f"mixed_precision/{key}"][1], int)
 
 
-def test_nvme_state_reads_back_what_the_host_tier_holds(described):
+def _nvme_reads_back_the_host_tier(by_stack):
     # The same training offloaded to the host and to NVMe: the moments read from the
     # swap files equal the host tier's.
-    for by_stack in described:
-        cpu, nvme = by_stack["offload cpu"]["entries"], by_stack["offload nvme"]["entries"]
-        moments = [p for p in cpu if p.startswith("optimizer/exp_avg")]
-        assert moments
-        for path in moments:
-            torch.testing.assert_close(nvme[path][4], cpu[path][4], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("name", list(STACKS))
-def test_layout_describes_every_param_with_shape_dtype_and_placement(described, name):
-    for rank, by_stack in enumerate(described):
-        case = by_stack[name]
-        layout, entries = case["layout"], case["entries"]
-        assert set(layout) == set(case["full"]), (rank, name)
-        for param, info in layout.items():
-            assert info["shape"] == list(case["local"][param]), (name, param, info)
-            assert info["dtype"] == torch.float32
-            placement = info["placement"]
-            assert set(placement) == {"shape", "shard", "replicate", "dim"}, placement
-            assert placement["shape"] == list(case["full"][param]), (name, param, placement)
-            # describe(state) walks it into plain entries under layout/<param>/.
-            assert entries[f"layout/{param}/dtype"] == ("plain", torch.float32)
+    cpu, nvme = by_stack["offload cpu"]["entries"], by_stack["offload nvme"]["entries"]
+    moments = [p for p in cpu if p.startswith("optimizer/exp_avg")]
+    assert moments
+    for path in moments:
+        torch.testing.assert_close(nvme[path][4], cpu[path][4], rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- refusals
