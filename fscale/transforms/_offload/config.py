@@ -32,7 +32,8 @@ class OffloadConfig:
 
 def can_stream(cfg: OffloadConfig, step: Step) -> bool:
     """Whether nothing between backward and the update changes the grads, so that they
-    can go to the host as backward makes them ([Note: streaming grads in backward])."""
+    can go to the host as backward makes them ([Note: streaming grads in backward] in
+    ``stream.py``)."""
     if cfg.tier != "cpu" or cfg.delayed_update or "params" in cfg.what or not cfg.overlap:
         return False  # DPU streams during the next step; param shards live on the host
     if step.clip_norm is not None:

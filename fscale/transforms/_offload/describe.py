@@ -16,7 +16,7 @@ An offloaded step has two slots, each described once (``fscale/state.py``):
   update count and (NVMe) its file.
 
 Tensors are ``TensorEntry`` for ``tier="cpu"`` -- views of the group's host buffer
-(or, with [Note: shared masters], the params' host shards themselves) -- and
+(or, with [Note: shared masters] in ``init.py``, the params' host shards) -- and
 ``StoredTensor`` for ``tier="nvme"``: a swap file is the group's buffer as it is,
 raw bytes with no header (the CRCs stay in memory, ``fscale/io/swap.py``), so a
 tensor is ``slot.nbytes`` bytes at its slot's offset. Each write replaces the

@@ -64,7 +64,8 @@ class Group:
     owners: list = dataclasses.field(default_factory=list)
     persisted: int = 0  # bytes of master + state, 4096-aligned: the swap file
     grad_bytes: int = 0  # the grads, 4096-aligned
-    shared_master: bool = False  # the masters are the params' host shards ([Note: shared masters])
+    # The masters are the params' host shards ([Note: shared masters] in init.py).
+    shared_master: bool = False
     updates: int = 0  # optimizer steps this group has taken
 
     @property

@@ -41,7 +41,7 @@ class OffloadState:
         self.device = device
         self.groups: list[Group] = []
         self.buffers: list[torch.Tensor] = []  # cpu: one per group; nvme: the pool
-        self.staging: list[torch.Tensor] = []  # cpu: rotating grad buffers ([Note: grad staging])
+        self.staging: list[torch.Tensor] = []  # cpu: [Note: grad staging] (update.py)
         self.engine: swap.SwapEngine | None = None
         self._events: list = []
         self._lock = threading.Lock()
@@ -58,11 +58,13 @@ class OffloadState:
         self._d2h_stream = torch.cuda.Stream(device) if cuda else None
         self._h2d_stream = torch.cuda.Stream(device) if cuda else None
         # DPU under mixed precision: the updated masters, in the compute dtype, on the
-        # device ([Note: DPU staging]); one view per leaf (None: copied in as before).
+        # device ([Note: DPU staging] in update.py); one view per leaf (None: copied in
+        # as before).
         self.device_staging: list[torch.Tensor | None] = []
         self._staged: Any = None  # event: the masters' last H2D copies (DPU) are done
         self.stream: GradStream | None = None  # [Note: streaming grads in backward]
-        self.shared_masters: list | None = None  # by leaf position ([Note: shared masters])
+        # By leaf position ([Note: shared masters] in init.py).
+        self.shared_masters: list | None = None
         # The state protocol (describe.py): each leaf's path, and the param tensors the
         # optimizer last saw (weak: the step owns them), whose placements
         # shard_zero records after init.
