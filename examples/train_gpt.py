@@ -7,6 +7,7 @@ modules than the training ones) are held out for validation.
 Run it as a world of one::
 
     python examples/train_gpt.py                       # ~1-2 min on 2 CPU cores
+    python examples/train_gpt.py --checkpoint-activations selective   # same numbers, less memory
 
 or data-parallel, unchanged, under torchrun (gloo on CPU, nccl on CUDA)::
 
@@ -92,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="--offload cpu: one-step delayed parameter update (ZeRO-Offload's DPU): the host "
         "update of step t runs during step t+1",
+    )
+    p.add_argument(
+        "--checkpoint-activations",
+        choices=("unit", "selective"),
+        default=None,
+        help="fs.checkpoint_activations: recompute each block in backward (unit), or only its "
+        "pointwise ops, keeping matmul/attention outputs (selective); default: keep everything",
     )
     args = p.parse_args(argv)
     if args.delayed_update and args.offload != "cpu":
@@ -187,8 +195,12 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 
-def build_step(args: argparse.Namespace, loss_fn):
-    """The train step; later issues wrap it in transforms chosen by flags."""
+def build_step(args: argparse.Namespace, loss_fn, model=None):
+    """The train step; later issues wrap it in transforms chosen by flags.
+
+    ``model`` (the module, or ``fs.functional``'s apply) tells the step the model's
+    units (the GPT's blocks), which ``--checkpoint-activations`` wraps.
+    """
     schedule = fs.optim.warmup_cosine(
         peak=args.lr,
         warmup_steps=max(1, int(WARMUP_FRACTION * args.steps)),
@@ -199,7 +211,9 @@ def build_step(args: argparse.Namespace, loss_fn):
     optimizer = fs.optim.adamw(
         lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
     )
-    step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0)
+    step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0, model=model)
+    if args.checkpoint_activations:  # any position in the stack: it wraps units, not stages
+        step = fs.checkpoint_activations(step, policy=args.checkpoint_activations)
     # --- transforms from later flags (shard_zero, mixed_precision, offload) go here.
     if args.precision != "fp32":  # innermost: shard_zero and offload go over it
         step = fs.mixed_precision(step, args.precision)
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         logits = apply(params, batch["x"])
         return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten())
 
-    step = build_step(args, loss_fn)
+    step = build_step(args, loss_fn, model=apply)
     plan_text = fs.explain(step, params)  # from the full params, before init shards them
     params, state = step.init(params)
 
@@ -339,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         "global_batch": args.batch_size * world,
         "seq_len": cfg.seq_len,
         "accumulate": args.accumulate,
+        "checkpoint_activations": args.checkpoint_activations,
         "lr": args.lr,
         "seed": args.seed,
         "tokens": args.steps * tokens_per_step,

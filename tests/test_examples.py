@@ -90,3 +90,14 @@ def test_train_gpt_with_delayed_offload_update(world_of_one, tmp_path):
     assert metrics["train_loss"][0] == pytest.approx(world_of_one["train_loss"][0], rel=1e-6)
     assert metrics["train_loss"][1:] != pytest.approx(world_of_one["train_loss"][1:], rel=1e-6)
     assert metrics["val_loss"][-1] < metrics["val_loss"][0]
+
+
+def test_train_gpt_with_checkpoint_activations(world_of_one, tmp_path):
+    """--checkpoint-activations selective: recomputing in backward changes no number."""
+    png = tmp_path / "loss.png"
+    cmd = [sys.executable, str(TRAIN_GPT), *TINY, "--batch-size", "4", "--out", str(png)]
+    proc = _run([*cmd, "--checkpoint-activations", "selective"], timeout=180)
+    assert "checkpoint_activations(policy='selective')" in proc.stdout
+    metrics = _results(png)
+    assert metrics["train_loss"] == world_of_one["train_loss"]
+    assert metrics["val_loss"] == world_of_one["val_loss"]
