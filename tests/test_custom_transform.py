@@ -220,13 +220,14 @@ def test_fp16_reduction_equals_the_same_rounding_by_hand(world2):
         for stage, accumulate in CASES:
             what = f"rank {rank} stage {stage} accumulate {accumulate}"
             got = out[("fp16", stage, accumulate)][0]
+            # Measured: 0 (bit for bit) for every case, and the same for fp32 by hand.
             err = max_rel_error(got, out[("hand", accumulate)])
             assert err <= 1e-6, f"{what} vs fp16 by hand: {err:.2e}"
-            # ...and the fp16 rounding is really there: the fp32 run is further away.
             plain = out[("plain", stage, accumulate)][0]
             assert max_rel_error(plain, out[("hand32", accumulate)]) <= 1e-6, what
+            # ...and the fp16 rounding is really there (measured 7.6e-5 from fp32).
             gap = max_rel_error(got, plain)
-            assert 1e-6 < gap < 1e-2, f"{what}: fp16 vs fp32 {gap:.2e}"
+            assert 1e-5 < gap < 1e-3, f"{what}: fp16 vs fp32 {gap:.2e}"
 
 
 def test_a_no_op_cast_changes_nothing(world2):
