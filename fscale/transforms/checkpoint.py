@@ -194,7 +194,9 @@ def _selective_contexts():
 def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     """Keep matmul/attention outputs, unless they drew random numbers ([Note: random
     ops under selective checkpointing]); recompute everything else."""
-    if func.overloadpacket in _KEEP and torch.Tag.out not in func.tags:
+    # An out= overload writes into a caller's buffer: nothing of its own to keep.
+    # (torch.Tag.out is newer than torch 2.11: read the overload name.)
+    if func.overloadpacket in _KEEP and func._overloadname != "out":
         if _dropout_p(func, args, kwargs) == 0.0:
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
