@@ -41,6 +41,7 @@ POLICIES = ("none", "selective", "unit")
 
 
 def build(cfg: GPTConfig, device, policy: str):
+    """The GPT and ``checkpoint_activations(mixed_precision(train_step(...)))`` for ``policy``."""
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg)
@@ -70,12 +71,18 @@ def free(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def trial(cfg, device, policy, micro, seq, steps, warmup):
-    """Run ``warmup + steps`` steps; returns (ms per step, peak GiB, losses) or None on OOM."""
+def trial(built, device, micro, seq, steps, warmup):
+    """Run ``warmup + steps`` steps; returns (ms per step, peak GiB, losses) or None on OOM.
+
+    ``built`` is ``build``'s model and step, made once per policy: the params alias the
+    module's weights, so trials train them further (the weights' values do not change
+    what fits or how fast a step runs).
+    """
+    cfg, model, step = built
     free(device)
-    model = params = state = step = None
+    params = state = None
     try:
-        model, params, step = build(cfg, device, policy)
+        params, _ = fs.functional(model)
         params, state = step.init(params)
         batch = batch_of(cfg, device, micro, seq)
         losses, times = [], []
@@ -94,26 +101,28 @@ def trial(cfg, device, policy, micro, seq, steps, warmup):
     except torch.OutOfMemoryError:
         return None
     finally:
-        del model, params, state, step
+        del params, state
         free(device)
 
 
-def largest(cfg, device, policy, seq, max_batch):
+def largest(built, device, seq, max_batch):
     """The largest micro-batch that fits (doubling, then bisecting), with its probe log."""
     log, fit, fail = [], 0, None
     micro = 1
     while micro <= max_batch:
-        ok = trial(cfg, device, policy, micro, seq, steps=1, warmup=0) is not None
+        ok = trial(built, device, micro, seq, steps=1, warmup=1) is not None
         log.append((micro, ok))
         if not ok:
             fail = micro
             break
         fit, micro = micro, micro * 2
+        if fit < max_batch < micro:
+            micro = max_batch  # the cap itself is the last probe
     if fail is not None:
         lo, hi = fit, fail
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            ok = trial(cfg, device, policy, mid, seq, steps=1, warmup=0) is not None
+            ok = trial(built, device, mid, seq, steps=1, warmup=1) is not None
             log.append((mid, ok))
             lo, hi = (mid, hi) if ok else (lo, mid)
         fit = lo
@@ -132,7 +141,7 @@ def main(argv=None) -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -141,17 +150,6 @@ def main(argv=None) -> None:
     with torch.device("meta"):
         flops_per_token = GPT(cfg).flops_per_token(seq)
     rows = []
-    for policy in args.policies.split(","):
-        fit, log = largest(cfg, device, policy, seq, args.max_batch)
-        row = {"policy": policy, "largest_micro_batch": fit, "probes": log}
-        if fit:
-            ms, peak, losses = trial(cfg, device, policy, fit, seq, args.steps, args.warmup)
-            tokens = fit * seq / (ms / 1e3)
-            row.update(step_ms=ms, tokens_per_s=tokens, peak_gib=peak, losses=losses)
-            if flops_per_token:
-                row["mfu"] = flops_per_token * tokens / (args.peak_tflops * 1e12)
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "probes"}), flush=True)
     result = {
         "bench": "activations",
         **provenance(device),
@@ -168,7 +166,27 @@ def main(argv=None) -> None:
         slug = result["device"].lower().replace(" ", "-")
         path = Path(__file__).parent / "results" / f"activations-{args.model}-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    for policy in args.policies.split(","):
+        model, _, step = build(cfg, device, policy)
+        built = (cfg, model, step)
+        fit, log = largest(built, device, seq, args.max_batch)
+        row = {"policy": policy, "largest_micro_batch": fit, "probes": log}
+        timed = None
+        while fit and timed is None:  # a longer run can still fail where two steps fit
+            timed = trial(built, device, fit, seq, args.steps, args.warmup)
+            fit -= timed is None
+        row["largest_micro_batch"] = fit
+        if fit:
+            ms, peak, losses = timed
+            tokens = fit * seq / (ms / 1e3)
+            row.update(step_ms=ms, tokens_per_s=tokens, peak_gib=peak, losses=losses)
+            if flops_per_token:
+                row["mfu"] = flops_per_token * tokens / (args.peak_tflops * 1e12)
+        rows.append(row)
+        del model, step, built
+        free(device)
+        print(json.dumps({k: v for k, v in row.items() if k != "probes"}), flush=True)
+        path.write_text(json.dumps(result, indent=1))  # each policy kept if a later one dies
     print(f"\n{'policy':<10} {'micro':>6} {'tok/s':>10} {'MFU':>6} {'peak GiB':>9}")
     for r in rows:
         if r["largest_micro_batch"]:
