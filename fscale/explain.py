@@ -97,7 +97,7 @@ def explain(step, params=None) -> str:
     when the params hold quantized weights.
     """
     if params is None and isinstance(step, dict):
-        return _quantize_report(step) or "no quantized weights in these params."
+        return "\n".join(_leaf_reports(step)) or "no quantized weights in these params."
     p = plan(step, params)
     lines = [
         f"fscale step: world={p.world}, {p.param_count:,} params ({_gib(p.param_bytes)})",
@@ -128,15 +128,15 @@ def explain(step, params=None) -> str:
     for tier, n in tiers.items():
         lines.append(f"  {'total (' + tier + ')':<14} {_gib(n):>11}")
     lines.extend(f"note: {n}" for n in p.notes)
-    report = _quantize_report(params) if isinstance(params, dict) else None
-    if report:
-        lines.append(report)
+    if isinstance(params, dict):
+        lines.extend(_leaf_reports(params))
     return "\n".join(lines)
 
 
-def _quantize_report(params: dict) -> str | None:
-    from fscale.transforms.quantize import QuantizedWeight, quantize_report
-
-    if not any(isinstance(t, QuantizedWeight) for t in params.values()):
-        return None
-    return quantize_report(params)
+def _leaf_reports(params: dict) -> list[str]:
+    """Sections from leaf types that report themselves (``fscale_report``: quantized weights)."""
+    kinds = []
+    for t in params.values():
+        if hasattr(type(t), "fscale_report") and type(t) not in kinds:
+            kinds.append(type(t))
+    return [kind.fscale_report(params) for kind in kinds]

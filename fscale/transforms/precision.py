@@ -56,7 +56,6 @@ import math
 import torch
 
 from fscale import tree
-from fscale.hw import comm
 from fscale.policies import CHANGES_GRADS_AFTER_BACKWARD, PrecisionPolicy
 from fscale.step import Step, StepContext, Transform
 
@@ -312,9 +311,12 @@ def _unscale_and_check(cfg: _Config, inner, ctx: StepContext, grads):
         g.mul_(inv.to(g.device))
         found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.device, found.dtype))
     # Sharded grads (shard_zero) differ per rank: one rank may see the inf alone, so
-    # every rank of the world votes (a world of one's all_reduce is free).
-    if comm.world_size() > 1:
-        ctx.comm.all_reduce("mp.overflow", found, op="max")
+    # every rank of the step's mesh votes (the max over a product of dims is the max
+    # of per-dim maxima); ranks outside the mesh are not involved.
+    mesh = ctx.step.mesh
+    for dim in mesh.dims:
+        if mesh.size(dim) > 1:
+            ctx.comm.all_reduce("mp.overflow", found, op="max", group=mesh.group(dim))
     ctx.scratch(NAME)["found_inf"] = found
     return inner.finish_grads(ctx, grads)
 
@@ -354,7 +356,7 @@ def _update_or_skip(cfg: _Config, inner, ctx: StepContext, grads, params):
 
 
 def _plan(cfg: _Config, plan) -> None:
-    from fscale.explain import Collective
+    from fscale.plan import Collective
 
     name = _short(cfg.param_dtype)
     size = torch.empty((), dtype=cfg.param_dtype).element_size()
@@ -375,7 +377,7 @@ def _plan(cfg: _Config, plan) -> None:
             "host sync per step reads the overflow flag."
         )
         if plan.world > 1:
-            plan.collectives.append(Collective("all_reduce", 4, "finish_grads"))
+            plan.collectives.append(Collective("all_reduce", 4, "finish_grads", tag="mp.overflow"))
 
 
 def _short(dtype: torch.dtype) -> str:

@@ -169,6 +169,12 @@ class QuantizedWeight(torch.Tensor):
     """
 
     @staticmethod
+    def fscale_report(params: dict) -> str:
+        """What ``fs.explain`` prints for params holding such leaves (any leaf type with
+        this hook gets a section, so explain never imports a transform)."""
+        return quantize_report(params)
+
+    @staticmethod
     def __new__(
         cls,
         packed: Any,
