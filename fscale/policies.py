@@ -30,7 +30,7 @@ import torch
 #: backward, unscaling, a dtype round trip): grads are not final when backward makes them.
 CHANGES_GRADS_AFTER_BACKWARD = "changes_grads_after_backward"
 #: The transform wants ``ctx.grad_ready(index, grad, leaf)`` for each grad as it becomes
-#: final in backward ([Note: final grads in backward] in ``fscale/step.py``).
+#: final in backward ([Note: final grads in backward] in ``fscale/_accumulate.py``).
 WANTS_FINAL_GRADS = "wants_final_grads"
 #: The params ``step.init`` returns are shards (a gather runs inside ``materialize``).
 SHARDS_PARAMS = "shards_params"

@@ -31,6 +31,9 @@ one tag's lowering for its own step, ``fscale/hw/tagged.py``), declared per-call
 scratch (``ctx.scratch(owner)``), unit hooks that wrap each unit's forward
 (``fscale/units.py``) and the mesh (``step.mesh``, ``fscale/hw/mesh.py``).
 
+The default stages live in ``fscale/stages.py``, micro-batch accumulation in
+``fscale/_accumulate.py``.
+
 Usage::
 
     step = fs.train_step(loss_fn, fs.optim.adamw(lr=3e-4), accumulate=4, clip_norm=1.0)
@@ -49,12 +52,14 @@ from typing import Any
 import torch
 
 from fscale import tree
+from fscale._accumulate import accumulated_loss_and_grad
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.hw.tagged import Collectives, TaggedLowering
-from fscale.optim.base import GradientTransformation, apply_gradients
+from fscale.optim.base import GradientTransformation
 from fscale.placement import Placement, placement_of, replicated
-from fscale.policies import CAPABILITIES, WANTS_FINAL_GRADS, PrecisionPolicy
+from fscale.policies import CAPABILITIES
+from fscale.stages import DEFAULT_STAGES, Stages, clip_
 from fscale.units import UnitHook, Units, find_units
 
 Params = Any
@@ -190,171 +195,6 @@ class StepContext:
         return self._scratch[owner]
 
 
-@dataclass(frozen=True)
-class Stages:
-    """The named stages of a step; transforms replace some of them."""
-
-    init: Callable[[Step, Params], tuple[Params, State]]
-    materialize: Callable[[StepContext, Params], Params]
-    loss_and_grad: Callable[[StepContext, Params, Batch], tuple[torch.Tensor, Params]]
-    reduce_grads: Callable[[StepContext, Params], Params]
-    finish_grads: Callable[[StepContext, Params], Params]
-    grad_norm: Callable[[StepContext, Params], torch.Tensor]
-    update: Callable[[StepContext, Params, Params], Params]
-    apply: Callable[[StepContext, Params], Params]
-
-
-# ----------------------------------------------------------------------------- defaults
-
-
-def default_init(step: Step, params: Params) -> tuple[Params, State]:
-    return params, {"count": 0, "optimizer": step.optimizer.init(params)}
-
-
-def default_materialize(ctx: StepContext, params: Params) -> Params:
-    return params
-
-
-def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
-    """Loss and grads w.r.t. the laid-out params; ``materialize`` runs inside.
-
-    Uses ``torch.autograd.grad`` rather than ``torch.func.grad``: saved-tensor hooks
-    (activation checkpointing, offload) are disabled under torch.func transforms.
-    """
-    step = ctx.step
-    leaves, spec = tree.flatten(params)
-    inputs = [None if t is None else t.detach().requires_grad_(True) for t in leaves]
-    with torch.enable_grad():
-        source = step.stages.materialize(ctx, tree.unflatten(spec, inputs))
-        with step.hooked_units():
-            out = step.loss_fn(source, batch)
-        loss, aux = out if step.has_aux else (out, None)
-        _check_loss(loss)
-        target = loss if ctx.loss_scale is None else loss * ctx.loss_scale
-        wrt = [t for t in inputs if t is not None]
-        if ctx.grad_sink is None:
-            # materialize_grads: a param the loss does not use gets zeros, so every rank
-            # reduces the same set of tensors (DeepSpeed's unused-param hangs).
-            grads = torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
-        else:
-            grads = _backward_into_sink(ctx.grad_sink, target, wrt)
-    it = iter(grads)
-    grad_leaves = [None if t is None else next(it) for t in inputs]
-    if aux is not None:
-        ctx.metrics.update(aux)
-    return loss.detach(), tree.unflatten(spec, grad_leaves)
-
-
-def _backward_into_sink(sink, target: torch.Tensor, wrt: list[torch.Tensor]) -> list:
-    """Backward that hands each grad to ``sink.add(index, grad)`` the moment it is ready.
-
-    The leaf's own ``.grad`` is dropped right away, so a sink that reduces and
-    frees grads as they arrive (ZeRO-2) never holds the whole model's grads.
-    ``sink.start(wrt)`` (if the sink has it) runs first; ``sink.finish(n)`` returns
-    the n results, aligned with ``wrt``.
-    """
-    handles = []
-    for index, leaf in enumerate(wrt):
-
-        def hook(t: torch.Tensor, index=index) -> None:
-            grad, t.grad = t.grad, None
-            sink.add(index, grad)
-
-        handles.append(leaf.register_post_accumulate_grad_hook(hook))
-    if hasattr(sink, "start"):
-        sink.start(wrt)
-    try:
-        target.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    return sink.finish(len(wrt))
-
-
-def _check_loss(loss: Any) -> None:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(
-            f"loss_fn must return a scalar tensor, got {shape}. Reduce it (e.g. .mean()), "
-            "or pass has_aux=True and return (loss, metrics_dict)."
-        )
-    if not loss.dtype.is_floating_point:
-        raise ValueError(f"loss_fn returned a {loss.dtype} tensor; the loss must be floating.")
-
-
-_BUCKET_BYTES = 25 * 2**20
-
-
-def default_reduce_grads(ctx: StepContext, grads: Params) -> Params:
-    """DDP semantics: mean over every dim of the step's mesh, in ~25 MiB flat buckets."""
-    mesh = ctx.step.mesh
-    dims = [d for d in mesh.dims if mesh.size(d) > 1]
-    if not dims:
-        return grads
-    leaves, spec = tree.flatten(grads)
-    for bucket in _buckets([g for g in leaves if g is not None], _BUCKET_BYTES):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        for dim in dims:  # the mean over a product of dims is the mean of means
-            ctx.comm.all_reduce("dp.grads", flat, op="avg", group=mesh.group(dim))
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-    return tree.unflatten(spec, leaves)
-
-
-def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
-    """Consecutive runs of same-dtype/device tensors of at most ``limit`` bytes each."""
-    out: list[list[torch.Tensor]] = []
-    size = 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if (
-            not out
-            or size + nbytes > limit
-            or (out[-1][0].dtype, out[-1][0].device) != (t.dtype, t.device)
-        ):
-            out.append([])
-            size = 0
-        out[-1].append(t)
-        size += nbytes
-    return out
-
-
-def default_finish_grads(ctx: StepContext, grads: Params) -> Params:
-    return grads
-
-
-def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
-    norms = [torch.linalg.vector_norm(g.float()) for g in tree.leaves(grads) if g is not None]
-    if not norms:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-
-def default_update(ctx: StepContext, grads: Params, params: Params) -> Params:
-    params, ctx.state["optimizer"] = apply_gradients(
-        ctx.step.optimizer, grads, ctx.state["optimizer"], params
-    )
-    return params
-
-
-def default_apply(ctx: StepContext, params: Params) -> Params:
-    return params
-
-
-DEFAULT_STAGES = Stages(
-    init=default_init,
-    materialize=default_materialize,
-    loss_and_grad=default_loss_and_grad,
-    reduce_grads=default_reduce_grads,
-    finish_grads=default_finish_grads,
-    grad_norm=default_grad_norm,
-    update=default_update,
-    apply=default_apply,
-)
-
-
 # ----------------------------------------------------------------------------- the step
 
 
@@ -482,12 +322,12 @@ class Step:
         state["layout"].check(params)
         ctx = StepContext(self, state)
         with comm.counting() as traffic:
-            loss, grads = self._accumulated_loss_and_grad(ctx, params, batch)
+            loss, grads = accumulated_loss_and_grad(self, ctx, params, batch)
             grads = self.stages.reduce_grads(ctx, grads)
             grads = self.stages.finish_grads(ctx, grads)
             if self.clip_norm is not None:
                 norm = self.stages.grad_norm(ctx, grads)
-                _clip_(grads, norm, self.clip_norm)
+                clip_(grads, norm, self.clip_norm)
                 ctx.metrics["grad_norm"] = norm
             params = self.stages.update(ctx, grads, params)
             params = self.stages.apply(ctx, params)
@@ -496,144 +336,6 @@ class Step:
         ctx.metrics["comm_bytes"] = {op: s.bytes for op, s in traffic.ops.items()}
         ctx.metrics["comm_bytes_by_tag"] = {tag: s.bytes for tag, s in traffic.tags.items()}
         return params, ctx.state, ctx.metrics
-
-    def _accumulated_loss_and_grad(self, ctx: StepContext, params: Params, batch: Batch):
-        # A transform that consumes grads as they become final (offload) asks for them
-        # with the capability WANTS_FINAL_GRADS ([Note: final grads in backward]).
-        final = self.has(WANTS_FINAL_GRADS)
-        wide = _accumulation_dtype(self)
-        if self.accumulate == 1 and not final:
-            return self.stages.loss_and_grad(ctx, params, batch)
-        micros = _split_batch(batch, self.accumulate) if self.accumulate > 1 else [batch]
-        scale = 1.0 / self.accumulate
-        total_loss, total, scaled = None, None, False
-        for i, micro in enumerate(micros):
-            last = i == len(micros) - 1
-            sink = None
-            if ctx.grad_sink is None and (total is not None or (last and final)):
-                # [Note: accumulating in backward] Later micro-batches add each grad
-                # into the running total as backward makes it, so the device never
-                # holds a second whole set of grads (2x grad bytes at the peak).
-                totals = None if total is None else [g for g in tree.leaves(total) if g is not None]
-                sink = _AccumulateInto(
-                    totals,
-                    scale=scale if last and self.accumulate > 1 else None,
-                    ctx=ctx if last and final else None,
-                )
-                ctx.grad_sink = sink
-            try:
-                loss, grads = self.stages.loss_and_grad(ctx, params, micro)
-            finally:
-                if sink is not None:
-                    ctx.grad_sink = None
-            used = sink is not None and sink.used  # else a stage set its own sink (ZeRO-2)
-            scaled = used and sink.scale is not None
-            if total is None:
-                total_loss, total = loss, _widened(grads, wide) if self.accumulate > 1 else grads
-                continue
-            total_loss = total_loss + loss
-            if not used:
-                total = tree.map(lambda a, b: a if a is None else a.add_(b), total, grads)
-        if self.accumulate == 1:
-            return total_loss, total
-        if not scaled:
-            total = tree.map(lambda g: g if g is None else g.mul_(scale), total)
-        return total_loss * scale, total
-
-
-# [Note: accumulation dtype]
-# Under mixed_precision, ZeRO-1/2 keep the full params in the compute dtype, so their
-# micro-batch grads arrive in bf16/fp16. Summing them there loses bits every micro-
-# batch (the world of one sums the fp32 grads of its fp32 masters). The first micro-
-# batch's grads are widened to fp32 and later ones are added into that total, as
-# DeepSpeed's bf16 optimizer accumulates in fp32: every stack then sums in fp32.
-
-
-def _accumulation_dtype(step: Step) -> torch.dtype | None:
-    return torch.float32 if step.policy(PrecisionPolicy) is not None else None
-
-
-def _widened(grads: Params, dtype: torch.dtype | None) -> Params:
-    if dtype is None:
-        return grads
-    return tree.map(
-        lambda g: g.to(dtype) if g is not None and g.element_size() < dtype.itemsize else g, grads
-    )
-
-
-# [Note: final grads in backward]
-# In the last micro-batch each leaf's total is complete the moment backward hands
-# over its grad: the sink adds it, scales the sum by 1 / accumulate right there (the
-# same two roundings, per element, as scaling after the loop) and calls
-# ``ctx.grad_ready(index, grad, leaf)`` (index among the non-None leaves; ``leaf``
-# aliases the param). Leaves backward never reached get theirs in ``finish``. Only a
-# transform that knows nothing after backward changes the grads (no clipping, no
-# loss scaling, no reduction left) may act on them early: offload copies them to
-# the host and updates there while backward goes on.
-
-
-class _AccumulateInto:
-    """A grad sink (see ``_backward_into_sink``): each grad added into ``totals`` (or kept,
-    when ``totals`` is None: the first micro-batch), optionally scaled and announced."""
-
-    def __init__(self, totals: list | None, *, scale: float | None = None, ctx=None):
-        self.totals = totals
-        self.scale = scale
-        self.ctx = ctx
-        self.used = False
-        self.wrt: list[torch.Tensor] = []
-        self.done: set[int] = set()
-
-    def start(self, wrt: list[torch.Tensor]) -> None:
-        self.wrt = wrt
-        if self.totals is None:
-            self.totals = [None] * len(wrt)
-
-    def add(self, index: int, grad: torch.Tensor) -> None:
-        self.used = True
-        if self.totals[index] is None:
-            self.totals[index] = grad
-        else:
-            self.totals[index].add_(grad)
-        self._final(index)
-
-    def _final(self, index: int) -> None:
-        self.done.add(index)
-        if self.scale is not None:
-            self.totals[index].mul_(self.scale)
-        if self.ctx is not None and self.ctx.grad_ready is not None:
-            self.ctx.grad_ready(index, self.totals[index], self.wrt[index])
-
-    def finish(self, n: int) -> list[torch.Tensor]:
-        # A leaf whose hook never ran got no grad this micro-batch: its total stands
-        # (zeros in a first micro-batch, as autograd.grad's materialize_grads).
-        self.used = True
-        for i in range(n):
-            if i not in self.done:
-                if self.totals[i] is None:
-                    self.totals[i] = torch.zeros_like(self.wrt[i])
-                self._final(i)
-        return self.totals[:n]
-
-
-def _clip_(grads: Params, norm: torch.Tensor, max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` semantics, without a host sync."""
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in tree.leaves(grads):
-        if g is not None:
-            g.mul_(coef.to(g.device, g.dtype))
-
-
-def _split_batch(batch: Batch, k: int) -> list[Batch]:
-    leaves, spec = tree.flatten(batch)
-    for path, leaf in zip(tree.paths(batch), leaves, strict=True):
-        if isinstance(leaf, torch.Tensor) and (leaf.ndim == 0 or leaf.shape[0] % k):
-            raise ValueError(
-                f"accumulate={k} splits the batch along dim 0, but batch leaf {path!r} has "
-                f"shape {tuple(leaf.shape)}; use a batch size divisible by {k}."
-            )
-    chunks = [leaf.chunk(k) if isinstance(leaf, torch.Tensor) else [leaf] * k for leaf in leaves]
-    return [tree.unflatten(spec, [c[i] for c in chunks]) for i in range(k)]
 
 
 def _check_params(params: Params) -> None:

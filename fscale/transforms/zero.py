@@ -5,7 +5,7 @@ Memory per rank falls as 1/N while the maths stays that of data parallelism:
 - stage 1 partitions the optimizer state: each rank updates its shard (an fp32
   master copy of its rows) and ``apply`` all-gathers the updated shards back into
   the full params; with gradient accumulation, full local grads are kept (in fp32,
-  [Note: accumulation dtype] in ``fscale/step.py``) across micro-batches and
+  [Note: accumulation dtype] in ``fscale/_accumulate.py``) across micro-batches and
   reduce-scattered once a step (with one micro-batch the grads take stage 2's
   overlapped path: same bytes, no reason to wait for backward's end);
 - stage 2 also partitions gradients: they are reduce-scattered in buckets while
@@ -49,7 +49,6 @@ from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.param_source import ParamSource
 from fscale.placement import Placement, place
-from fscale.plan import Collective
 from fscale.policies import (
     CHANGES_GRADS_AFTER_BACKWARD,
     SHARDS_PARAMS,
@@ -59,62 +58,20 @@ from fscale.policies import (
 )
 from fscale.step import Step, StepContext, Transform
 from fscale.transforms._zero import stage3
-from fscale.transforms._zero.buckets import GradBuckets
+from fscale.transforms._zero.config import NAME, ZeroConfig
+from fscale.transforms._zero.plan import plan_zero
 from fscale.transforms._zero.sharding import (
     ShardSpec,
     build_units,
-    copy_out,
-    flat_shards,
     split_shards,
 )
+from fscale.transforms._zero.stage12 import (
+    all_gather_updated,
+    overlapped_loss_and_grad,
+    reduce_then_shard,
+)
 
-NAME = "shard_zero"
 _DEFAULT_BUCKET_MB = 25
-
-
-@dataclasses.dataclass(frozen=True)
-class ZeroConfig:
-    stage: int
-    mesh: meshes.Mesh
-    shard_dim: str
-    replicate_dims: tuple[str, ...]
-    unit: Callable[[str], str] | None
-    prefetch: int
-    bucket_bytes: int
-    check_order: bool = False
-
-    @property
-    def world(self) -> int:
-        """Ranks a leaf is sharded over (the shard dim's size)."""
-        return self.mesh.size(self.shard_dim)
-
-    @property
-    def shard_group(self):
-        return self.mesh.group(self.shard_dim)
-
-    def placement(self, spec: ShardSpec) -> Placement:
-        return Placement(spec.shape, (self.shard_dim,), self.replicate_dims)
-
-    def reduce_grads(self, collectives, flat: torch.Tensor) -> comm.Handle:
-        """One rank-major bucket of grads -> this rank's averaged piece (async).
-
-        A reduce-scatter inside the shard group; under HSDP the piece is then
-        averaged over the replicas (the mean over a product of dims is the mean of
-        the per-dim means).
-        """
-        handle = collectives.reduce_scatter(
-            "zero.grads", flat, op="avg", group=self.shard_group, async_op=True
-        )
-        replicas = [d for d in self.replicate_dims if self.mesh.size(d) > 1]
-        if not replicas:
-            return handle
-
-        def across_replicas(mine: torch.Tensor) -> torch.Tensor:
-            for dim in replicas:
-                collectives.all_reduce("zero.grads", mine, op="avg", group=self.mesh.group(dim))
-            return mine
-
-        return handle.then(across_replicas)
 
 
 def shard_zero(
@@ -185,7 +142,7 @@ def shard_zero(
     record = Transform(
         NAME,
         options=options,
-        plan=lambda plan: _plan(cfg, mp, step.clip_norm is not None, step.accumulate, plan),
+        plan=lambda plan: plan_zero(cfg, mp, step.clip_norm is not None, step.accumulate, plan),
         # Stages 1/2 finish the reduction after backward; stage 3 reduce-scatters each
         # unit in backward, so its grads are final when backward makes them.
         capabilities=frozenset({SHARDS_PARAMS} if stage == 3 else {CHANGES_GRADS_AFTER_BACKWARD}),
@@ -199,18 +156,18 @@ def shard_zero(
     }
     if stage == 1 and step.accumulate > 1:
         # Stage 1 keeps full local grads across micro-batches and reduces once a step.
-        stages["reduce_grads"] = partial(_reduce_then_shard, cfg)
+        stages["reduce_grads"] = partial(reduce_then_shard, cfg)
     elif stage in (1, 2):
         # Stage 2, and stage 1 with a single micro-batch (where keeping full grads
         # buys nothing): reduce-scatter buckets during backward, overlapped.
-        stages["loss_and_grad"] = partial(_overlapped_loss_and_grad, cfg, inner)
+        stages["loss_and_grad"] = partial(overlapped_loss_and_grad, cfg, inner)
         stages["reduce_grads"] = _already_reduced
     else:
         stages["materialize"] = partial(stage3.materialize, cfg, inner)
         stages["loss_and_grad"] = partial(stage3.loss_and_grad, cfg, inner)
         stages["reduce_grads"] = _already_reduced
     if stage in (1, 2):
-        stages["apply"] = partial(_all_gather_updated, cfg, inner)
+        stages["apply"] = partial(all_gather_updated, cfg, inner)
     step = dataclasses.replace(step, mesh=resolved)
     policy = ZeroPolicy(stage, dim, replicate)
     return step.with_transform(record, policy=policy, **stages)
@@ -219,32 +176,6 @@ def shard_zero(
 def _already_reduced(ctx: StepContext, grads):
     """Stages 2/3 reduce-scatter during backward: the grads are already reduced shards."""
     return grads
-
-
-def _grad_buckets(cfg: ZeroConfig, ctx: StepContext, names: list[str]) -> GradBuckets:
-    specs = ctx.state[NAME]["specs"]
-    master = ctx.state[NAME]["master"]
-    mp = ctx.step.policy(PrecisionPolicy)
-    return GradBuckets(
-        [specs[n] for n in names],
-        cfg.world,
-        partial(cfg.reduce_grads, ctx.comm),
-        cfg.bucket_bytes,
-        mp.reduce_dtype if mp is not None else None,
-        out_dtypes=[master[n].dtype for n in names],
-    )
-
-
-def _overlapped_loss_and_grad(cfg: ZeroConfig, inner, ctx: StepContext, params, batch):
-    """Stage 2: the inner loss_and_grad with a sink that reduce-scatters buckets in backward."""
-    names = [
-        n for n, t in zip(tree.paths(params), tree.leaves(params), strict=True) if t is not None
-    ]
-    ctx.grad_sink = _grad_buckets(cfg, ctx, names)
-    try:
-        return inner.loss_and_grad(ctx, params, batch)
-    finally:
-        ctx.grad_sink = None
 
 
 # ----------------------------------------------------------------------------- init
@@ -363,43 +294,6 @@ def _tag(cfg: ZeroConfig, shard: torch.Tensor, spec: ShardSpec) -> None:
 # ----------------------------------------------------------------------------- grads
 
 
-def _bucketed(specs: list[ShardSpec], grads: dict, limit: int) -> list[list[ShardSpec]]:
-    buckets: list[list[ShardSpec]] = []
-    size = 0
-    for s in specs:
-        g = grads[s.name]
-        nbytes = s.numel * g.element_size()
-        if not buckets or size + nbytes > limit or grads[buckets[-1][0].name].dtype != g.dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(s)
-        size += nbytes
-    return buckets
-
-
-def _reduce_then_shard(cfg: ZeroConfig, ctx: StepContext, grads):
-    """Stage 1 with accumulation: DDP's all-reduce of the accumulated full grads (in the
-    reduce dtype) over every mesh dim, once a step, then this rank's rows."""
-    mp = ctx.step.policy(PrecisionPolicy)
-    specs, master = ctx.state[NAME]["specs"], ctx.state[NAME]["master"]
-    live = [n for n, g in grads.items() if g is not None]
-    dtype = mp.reduce_dtype if mp is not None else None
-    full = {n: grads[n].to(dtype or grads[n].dtype) for n in live}
-    dims = [d for d in cfg.mesh.dims if cfg.mesh.size(d) > 1]
-    for bucket in _bucketed([specs[n] for n in live], full, cfg.bucket_bytes):
-        flat = torch.cat([full[s.name].reshape(-1) for s in bucket])
-        for dim in dims:  # the mean over a product of dims is the mean of means
-            ctx.comm.all_reduce("zero.grads", flat, op="avg", group=cfg.mesh.group(dim))
-        for s, piece in zip(bucket, flat.split([s.numel for s in bucket]), strict=True):
-            full[s.name] = piece.view(s.shape)
-    rank = cfg.mesh.rank(cfg.shard_dim)
-    # Shard grads in the master dtype: clipping and the update then run in fp32.
-    return {
-        n: None if g is None else specs[n].shard(full[n], rank).to(master[n].dtype)
-        for n, g in grads.items()
-    }
-
-
 def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor:
     """Global 2-norm of sharded grads: sum of squares over the shard dim (padding rows are 0;
     replicas hold the same shard, so they are not summed)."""
@@ -432,21 +326,6 @@ def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
     _place_optimizer_state(cfg, ctx.state, specs)
     ctx.state[NAME] = {**ctx.state[NAME], "master": master}
     return params  # the full params are refreshed by the apply stage
-
-
-@torch.no_grad()
-def _all_gather_updated(cfg: ZeroConfig, inner, ctx: StepContext, params):
-    """Stages 1/2 ``apply``: every rank's updated rows into the full params, by bucket."""
-    params = inner.apply(ctx, params)
-    master, specs = ctx.state[NAME]["master"], ctx.state[NAME]["specs"]
-    live = [specs[n] for n, p in params.items() if p is not None]
-    for bucket in _bucketed(live, params, cfg.bucket_bytes):
-        dtype = params[bucket[0].name].dtype
-        flat = flat_shards([master[s.name] for s in bucket], dtype)
-        gathered = ctx.comm.all_gather("zero.params", flat, group=cfg.shard_group)
-        for s, full in zip(bucket, copy_out(gathered, tuple(bucket), cfg.world), strict=True):
-            params[s.name].copy_(full)
-    return params
 
 
 # ----------------------------------------------------------------------------- export
@@ -482,57 +361,3 @@ def gather_params(params: dict, state: dict | None = None) -> dict:
         gathered = comm.all_gather(shard, group=group)
         out[name] = spec.unpad(gathered).to(t.device, copy=True)
     return out
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-def _plan(cfg: ZeroConfig, mp, clips: bool, accumulate: int, plan) -> None:
-    n = cfg.world
-    full = plan.param_bytes  # fp32 master bytes
-    # Under mixed_precision, params travel in the compute dtype, grads in reduce_dtype.
-    gather = full * (mp.param_dtype.itemsize / 4 if mp else 1)
-    reduce = full * (mp.reduce_dtype.itemsize / 4 if mp else 1)
-    plan.memory["optimizer"] = plan.memory["optimizer"] // n
-    plan.collectives = [c for c in plan.collectives if c.stage != "reduce_grads"]
-    replicas = plan.world // max(n, 1)
-    if n == 1 and replicas == 1:
-        plan.notes.append("shard_zero in a world of one: no collectives, nothing saved.")
-        return
-    grad_stage = "reduce_grads" if cfg.stage == 1 and accumulate > 1 else "loss_and_grad"
-    if grad_stage == "reduce_grads":  # DDP's all-reduce of the accumulated grads
-        plan.collectives.append(_coll("all_reduce", reduce, grad_stage, "zero.grads"))
-    elif n > 1:
-        plan.collectives.append(_coll("reduce_scatter", reduce, grad_stage, "zero.grads"))
-    if replicas > 1 and grad_stage != "reduce_grads":
-        plan.notes.append(
-            f"HSDP: shards span {cfg.shard_dim} ({n} ranks), replicated over "
-            f"{', '.join(cfg.replicate_dims)} ({replicas} copies)."
-        )
-        plan.collectives.append(_coll("all_reduce", reduce // n, grad_stage, "zero.grads"))
-    plan.memory["grads"] = full // n
-    if cfg.stage < 3:
-        plan.memory["master"] = full // n
-        if n > 1:
-            plan.collectives.append(_coll("all_gather", gather // n, "apply", "zero.params"))
-    else:
-        plan.memory["params"] = full // n
-        plan.notes[:] = [x for x in plan.notes if not x.startswith("mixed_precision")]
-        if mp:
-            plan.notes.append(
-                f"mixed_precision under stage 3: shards are cast to {mp.param_dtype} "
-                "before the all-gather; no whole-model compute copy exists."
-            )
-        plan.collectives.append(
-            _coll("all_gather", 2 * gather // n, "materialize", "zero.params", calls=2)
-        )
-        plan.notes.append(
-            f"stage 3 materializes one unit at a time, with {cfg.prefetch} more in flight "
-            f"(prefetch={cfg.prefetch}), in forward and in backward."
-        )
-    if clips and n > 1:
-        plan.collectives.append(_coll("all_reduce", 4, "grad_norm", "zero.norm"))
-
-
-def _coll(op, nbytes, stage, tag, calls=1):
-    return Collective(op, int(nbytes), stage, calls, tag)

@@ -5,7 +5,7 @@ With ``offload(step, "cpu")`` and nothing between backward and the update that
 changes grads (no ``clip_norm``, no fp16 loss scaling, no reduction left after
 backward: ``shard_zero(step, 3)`` or a world of one, ``mixed_precision`` reducing
 in fp32), a leaf's grad is final the moment the last micro-batch's backward hands
-it over ([Note: final grads in backward] in ``fscale/step.py``). ``GradStream``
+it over ([Note: final grads in backward] in ``fscale/_accumulate.py``). ``GradStream``
 then moves the whole ZeRO-Offload pipeline into backward, per sub-group:
 
     backward makes group k's grads  ->  D2H into a free staging buffer (d2h stream,

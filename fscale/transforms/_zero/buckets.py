@@ -2,7 +2,7 @@
 
 [Note: ZeRO-2 buckets]
 Backward hands each grad to ``GradBuckets.add`` as soon as autograd has it (see
-``fscale.step._backward_into_sink``); the leaf's ``.grad`` is dropped at once. Grads
+``fscale.stages.backward_into_sink``); the leaf's ``.grad`` is dropped at once. Grads
 are packed in arrival order into buckets of ``bucket_bytes``; a full bucket is
 copied into rank-major order (``copy_in``) in the reduce dtype and its
 reduce-scatter is issued asynchronously, so communication overlaps the rest of

@@ -1,0 +1,204 @@
+"""The named stages of a step and their defaults (see ``fscale/step.py`` for the table).
+
+A transform replaces some of them (``step.with_transform(record, update=...)``); the
+defaults are the plain data-parallel step: ``autograd.grad`` of the loss with the
+stack's unit hooks installed, the mean all-reduce over the mesh (tag ``"dp.grads"``),
+the global grad norm, the optimizer, and an identity ``apply``.
+
+Usage::
+
+    inner = step.stages
+    def update(ctx, grads, params):      # a transform's stage, wrapping the inner one
+        return inner.update(ctx, grads, params)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fscale import tree
+from fscale.optim.base import apply_gradients
+
+if TYPE_CHECKING:
+    from fscale.step import Step, StepContext
+
+Params = Any
+Batch = Any
+State = dict
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The named stages of a step; transforms replace some of them."""
+
+    init: Callable[[Step, Params], tuple[Params, State]]
+    materialize: Callable[[StepContext, Params], Params]
+    loss_and_grad: Callable[[StepContext, Params, Batch], tuple[torch.Tensor, Params]]
+    reduce_grads: Callable[[StepContext, Params], Params]
+    finish_grads: Callable[[StepContext, Params], Params]
+    grad_norm: Callable[[StepContext, Params], torch.Tensor]
+    update: Callable[[StepContext, Params, Params], Params]
+    apply: Callable[[StepContext, Params], Params]
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def default_init(step: Step, params: Params) -> tuple[Params, State]:
+    return params, {"count": 0, "optimizer": step.optimizer.init(params)}
+
+
+def default_materialize(ctx: StepContext, params: Params) -> Params:
+    return params
+
+
+def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
+    """Loss and grads w.r.t. the laid-out params; ``materialize`` runs inside.
+
+    Uses ``torch.autograd.grad`` rather than ``torch.func.grad``: saved-tensor hooks
+    (activation checkpointing, offload) are disabled under torch.func transforms.
+    """
+    step = ctx.step
+    leaves, spec = tree.flatten(params)
+    inputs = [None if t is None else t.detach().requires_grad_(True) for t in leaves]
+    with torch.enable_grad():
+        source = step.stages.materialize(ctx, tree.unflatten(spec, inputs))
+        with step.hooked_units():
+            out = step.loss_fn(source, batch)
+        loss, aux = out if step.has_aux else (out, None)
+        _check_loss(loss)
+        target = loss if ctx.loss_scale is None else loss * ctx.loss_scale
+        wrt = [t for t in inputs if t is not None]
+        if ctx.grad_sink is None:
+            # materialize_grads: a param the loss does not use gets zeros, so every rank
+            # reduces the same set of tensors (DeepSpeed's unused-param hangs).
+            grads = torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
+        else:
+            grads = backward_into_sink(ctx.grad_sink, target, wrt)
+    it = iter(grads)
+    grad_leaves = [None if t is None else next(it) for t in inputs]
+    if aux is not None:
+        ctx.metrics.update(aux)
+    return loss.detach(), tree.unflatten(spec, grad_leaves)
+
+
+def backward_into_sink(sink, target: torch.Tensor, wrt: list[torch.Tensor]) -> list:
+    """Backward that hands each grad to ``sink.add(index, grad)`` the moment it is ready.
+
+    The leaf's own ``.grad`` is dropped right away, so a sink that reduces and
+    frees grads as they arrive (ZeRO-2) never holds the whole model's grads.
+    ``sink.start(wrt)`` (if the sink has it) runs first; ``sink.finish(n)`` returns
+    the n results, aligned with ``wrt``.
+    """
+    handles = []
+    for index, leaf in enumerate(wrt):
+
+        def hook(t: torch.Tensor, index=index) -> None:
+            grad, t.grad = t.grad, None
+            sink.add(index, grad)
+
+        handles.append(leaf.register_post_accumulate_grad_hook(hook))
+    if hasattr(sink, "start"):
+        sink.start(wrt)
+    try:
+        target.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return sink.finish(len(wrt))
+
+
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got {shape}. Reduce it (e.g. .mean()), "
+            "or pass has_aux=True and return (loss, metrics_dict)."
+        )
+    if not loss.dtype.is_floating_point:
+        raise ValueError(f"loss_fn returned a {loss.dtype} tensor; the loss must be floating.")
+
+
+_BUCKET_BYTES = 25 * 2**20
+
+
+def default_reduce_grads(ctx: StepContext, grads: Params) -> Params:
+    """DDP semantics: mean over every dim of the step's mesh, in ~25 MiB flat buckets."""
+    mesh = ctx.step.mesh
+    dims = [d for d in mesh.dims if mesh.size(d) > 1]
+    if not dims:
+        return grads
+    leaves, spec = tree.flatten(grads)
+    for bucket in _buckets([g for g in leaves if g is not None], _BUCKET_BYTES):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        for dim in dims:  # the mean over a product of dims is the mean of means
+            ctx.comm.all_reduce("dp.grads", flat, op="avg", group=mesh.group(dim))
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return tree.unflatten(spec, leaves)
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of same-dtype/device tensors of at most ``limit`` bytes each."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if (
+            not out
+            or size + nbytes > limit
+            or (out[-1][0].dtype, out[-1][0].device) != (t.dtype, t.device)
+        ):
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += nbytes
+    return out
+
+
+def default_finish_grads(ctx: StepContext, grads: Params) -> Params:
+    return grads
+
+
+def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(g.float()) for g in tree.leaves(grads) if g is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def default_update(ctx: StepContext, grads: Params, params: Params) -> Params:
+    params, ctx.state["optimizer"] = apply_gradients(
+        ctx.step.optimizer, grads, ctx.state["optimizer"], params
+    )
+    return params
+
+
+def default_apply(ctx: StepContext, params: Params) -> Params:
+    return params
+
+
+def clip_(grads: Params, norm: torch.Tensor, max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` semantics, without a host sync."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in tree.leaves(grads):
+        if g is not None:
+            g.mul_(coef.to(g.device, g.dtype))
+
+
+DEFAULT_STAGES = Stages(
+    init=default_init,
+    materialize=default_materialize,
+    loss_and_grad=default_loss_and_grad,
+    reduce_grads=default_reduce_grads,
+    finish_grads=default_finish_grads,
+    grad_norm=default_grad_norm,
+    update=default_update,
+    apply=default_apply,
+)
