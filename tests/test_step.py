@@ -140,7 +140,7 @@ def test_load_params_writes_back_into_a_module():
 def test_accumulate_adds_later_micro_batches_in_backward(monkeypatch):
     """Micro-batches after the first add each grad into the total as backward makes it
     (no second whole set of grads), and the total is bit-identical to summing after."""
-    from fscale import step as step_module
+    from fscale import _accumulate as step_module
 
     model = mlp([4, 9, 2])
     (batch,) = regression_batches(1, 12, 4, 2)
