@@ -10,7 +10,9 @@ Usage::
 """
 
 from fscale import optim, tree
+from fscale.checkpoint import latest, load, load_extra, save
 from fscale.explain import explain, plan
+from fscale.export import export, load_safetensors, load_state_dict
 from fscale.functional import functional, load_params
 from fscale.step import Stages, Step, StepContext, Transform, train_step
 from fscale.transforms import (
@@ -32,15 +34,22 @@ __all__ = [
     "Transform",
     "checkpoint_activations",
     "explain",
+    "export",
     "functional",
     "gather_params",
+    "latest",
+    "load",
+    "load_extra",
     "load_params",
+    "load_safetensors",
+    "load_state_dict",
     "mixed_precision",
     "offload",
     "optim",
     "plan",
     "quantize",
     "quantize_report",
+    "save",
     "shard_zero",
     "train_step",
     "tree",
