@@ -10,7 +10,6 @@ Usage::
 """
 
 from fscale import optim, tree
-from fscale.checkpoint import latest, load, load_extra, save
 from fscale.explain import explain, plan
 from fscale.export import export, load_safetensors, load_state_dict
 from fscale.functional import functional, load_params
@@ -37,9 +36,6 @@ __all__ = [
     "export",
     "functional",
     "gather_params",
-    "latest",
-    "load",
-    "load_extra",
     "load_params",
     "load_safetensors",
     "load_state_dict",
@@ -49,7 +45,6 @@ __all__ = [
     "plan",
     "quantize",
     "quantize_report",
-    "save",
     "shard_zero",
     "train_step",
     "tree",
