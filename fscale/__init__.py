@@ -13,6 +13,7 @@ from fscale import optim, tree
 from fscale.explain import explain, plan
 from fscale.export import export, load_safetensors, load_state_dict
 from fscale.functional import functional, load_params
+from fscale.metrics import MetricsLogger
 from fscale.step import Stages, Step, StepContext, Transform, train_step
 from fscale.transforms import (
     checkpoint_activations,
@@ -27,6 +28,7 @@ from fscale.transforms.quantize import quantize, quantize_report
 from fscale.kernels import adamw as _adamw_kernels  # noqa: F401  isort: skip
 
 __all__ = [
+    "MetricsLogger",
     "Stages",
     "Step",
     "StepContext",
