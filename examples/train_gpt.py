@@ -20,7 +20,11 @@ takes the same steps as a world of one with batch N * B. Only rank 0 prints,
 plots and writes files.
 
 Outputs: ``--out`` (default ``out/train_gpt_loss.png``) and a JSON of the
-metrics beside it (same stem, ``.json``).
+metrics beside it (same stem, ``.json``), written at the end. As it goes, every
+``--log-every`` steps, one line of ``<log-dir>/metrics.jsonl`` and TensorBoard
+scalars (``fs.MetricsLogger``: loss, lr, grad norm, tokens/s, validation loss at
+evaluations), flushed at once so a crash keeps them; ``--log-dir`` defaults to
+``<out stem>_logs`` beside ``--out``. Watch them with ``tensorboard --logdir DIR``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default="out/train_gpt_loss.png", help="loss-curve PNG path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--log-dir",
+        default=None,
+        help="metrics.jsonl + TensorBoard event files, written as training goes "
+        "(default: <out stem>_logs beside --out)",
+    )
+    p.add_argument("--log-every", type=int, default=10, help="steps between logged lines")
     # --- Flags added by later issues (--zero, --precision, --offload) go here, each
     # --- mapped to a transform in build_step() below.
     p.add_argument(
@@ -108,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--offload-params offloads ZeRO-3's param shards: use it with --zero 3 --offload")
     if (args.offload == "nvme") != (args.nvme_path is not None):
         p.error("--offload nvme needs --nvme-path DIR (and --nvme-path is only for it)")
-    for name in ("steps", "batch_size", "accumulate"):
+    for name in ("steps", "batch_size", "accumulate", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_size % args.accumulate:
@@ -195,18 +206,22 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 
+def lr_schedule(args: argparse.Namespace):
+    return fs.optim.warmup_cosine(
+        peak=args.lr,
+        warmup_steps=max(1, int(WARMUP_FRACTION * args.steps)),
+        decay_steps=args.steps,
+        end=0.1 * args.lr,
+    )
+
+
 def build_step(args: argparse.Namespace, loss_fn, model=None):
     """The train step; later issues wrap it in transforms chosen by flags.
 
     ``model`` (the module, or ``fs.functional``'s apply) tells the step the model's
     units (the GPT's blocks), which ``--checkpoint-activations`` wraps.
     """
-    schedule = fs.optim.warmup_cosine(
-        peak=args.lr,
-        warmup_steps=max(1, int(WARMUP_FRACTION * args.steps)),
-        decay_steps=args.steps,
-        end=0.1 * args.lr,
-    )
+    schedule = lr_schedule(args)
     # b2=0.95 (GPT-3's): the second moment adapts fast enough for this short, high-lr run.
     optimizer = fs.optim.adamw(
         lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
@@ -269,6 +284,23 @@ def plot(path: pathlib.Path, history: dict, title: str) -> None:
     plt.close(fig)
 
 
+def metrics_logger(args: argparse.Namespace, main_rank: bool) -> fs.MetricsLogger:
+    """``fs.MetricsLogger`` into ``--log-dir``; TensorBoard files when it is installed."""
+    log_dir = args.log_dir
+    if log_dir is None:
+        out = pathlib.Path(args.out)
+        log_dir = out.with_name(out.stem + "_logs")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        tensorboard = None
+        if main_rank:
+            print(
+                "tensorboard is not installed: logging metrics.jsonl only (pip install tensorboard)"
+            )
+    return fs.MetricsLogger(log_dir, tensorboard=tensorboard is not None)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rank, world, device = setup(args.device)
@@ -316,27 +348,46 @@ def main(argv: list[str] | None = None) -> dict:
     full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
     history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
 
+    schedule = lr_schedule(args)
+    logger = metrics_logger(args, main_rank)  # rank 0 writes; the others' log() is a no-op
+    logger.log(0, {"val_loss": history["val_loss"][0]})
+
     losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
     bar = tqdm(range(1, args.steps + 1), disable=not main_rank, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     eval_time = 0.0  # subtracted: tokens/s is training throughput
+    last_it, last_time = 0, 0.0  # the previous logged step, for the interval's tokens/s
     for it in bar:
         batch = get_batch(train, gen, **batch_kw)
         params, state, metrics = step(params, state, batch)  # inputs donated: always rebind
         losses.append(torch.as_tensor(metrics["loss"]).detach().reshape(()))
-        if it % 10 == 0 or it == args.steps:
-            loss = losses[-1].item()  # syncs the device, so the clock below is honest
+        record = None
+        if it % args.log_every == 0 or it == args.steps:
+            # The global-batch mean (every rank calls it); its .item() syncs the device,
+            # so the clock below is honest.
+            loss = global_mean(losses[-1]).item()
             train_time = time.perf_counter() - start - eval_time
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{it * tokens_per_step / train_time:,.0f}")
+            tok_s = (it - last_it) * tokens_per_step / (train_time - last_time)
+            last_it, last_time = it, train_time
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            # Every scalar the step reports (grad_norm, and lr, skipped_steps... where the
+            # step has them); tensors are read back in one copy by the logger.
+            record = {**metrics, "loss": loss, "tokens_per_s": tok_s}
+            if "lr" not in record:
+                record["lr"] = schedule(it - 1)  # the update of step it used count it - 1
         if it % eval_every == 0 or it == args.steps:
             t0 = time.perf_counter()
             history["val_step"].append(it)
             full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
             history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
             eval_time += time.perf_counter() - t0
+            record = {**(record or {}), "val_loss": history["val_loss"][-1]}
             if main_rank:
                 bar.write(f"step {it:5d}  val loss {history['val_loss'][-1]:.3f}")
+        if record is not None:
+            logger.log(it, record)
     bar.close()
+    logger.close()
     wall = time.perf_counter() - start
     train_time = wall - eval_time
 
@@ -378,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{summary['final_train_loss']:.3f} (mean of last {len(tail)} steps), val loss "
             f"{history['val_loss'][0]:.3f} -> {summary['final_val_loss']:.3f} | "
             f"{summary['tokens_per_s']:,.0f} tokens/s ({summary['achieved_gflops']:.1f} GFLOP/s) "
-            f"| wrote {out} and {out.with_suffix('.json')}"
+            f"| wrote {out}, {out.with_suffix('.json')} and {logger.log_dir}"
         )
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from fscale.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_GPT = ROOT / "examples" / "train_gpt.py"
 TINY = ["--preset", "tiny", "--steps", "5", "--seq-len", "32"]
 
 pytest.importorskip("matplotlib", reason="the examples plot: pip install -e '.[examples]'")
+pytest.importorskip(
+    "tensorboard", reason="train_gpt.py logs to TensorBoard: pip install -e '.[examples]'"
+)
 
 
 def _env() -> dict[str, str]:
@@ -45,6 +52,16 @@ def _results(png: Path) -> dict:
     assert len(metrics["train_loss"]) == 5
     for value in (*metrics["train_loss"], *metrics["val_loss"], metrics["tokens_per_s"]):
         assert math.isfinite(value)
+    # The log written as it went (default --log-dir: <stem>_logs): the logged step's loss
+    # is the global-batch mean the JSON reports, with lr, grad norm and tokens/s.
+    log_dir = png.with_name(png.stem + "_logs")
+    records = read_jsonl(log_dir)
+    (last,) = [r for r in records if "loss" in r]  # --log-every 10 > 5 steps: the last only
+    assert last["step"] == 5 and last["loss"] == metrics["train_loss"][-1]
+    assert last["lr"] > 0 and last["grad_norm"] > 0 and last["tokens_per_s"] > 0
+    assert [r["val_loss"] for r in records if "val_loss" in r] == metrics["val_loss"]
+    events = [p for p in log_dir.iterdir() if p.name.startswith("events.out.tfevents")]
+    assert len(events) == 1  # rank 0 only
     return metrics
 
 
@@ -101,3 +118,31 @@ def test_train_gpt_with_checkpoint_activations(world_of_one, tmp_path):
     metrics = _results(png)
     assert metrics["train_loss"] == world_of_one["train_loss"]
     assert metrics["val_loss"] == world_of_one["val_loss"]
+
+
+def test_train_gpt_log_survives_sigkill(tmp_path):
+    """--log-dir lines are on disk as they are logged: a killed run keeps them all."""
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, str(TRAIN_GPT), *TINY[:2], "--steps", "100000", "--seq-len", "32"]
+    cmd += ["--batch-size", "2", "--out", str(tmp_path / "loss.png"), "--log-dir", str(log_dir)]
+    # stderr to a file: tqdm's bar would fill a pipe nobody reads and stall the child.
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        child = subprocess.Popen([*cmd, "--log-every", "1"], cwd=ROOT, env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            path = log_dir / "metrics.jsonl"
+            if path.exists() and sum("loss" in r for r in read_jsonl(path)) >= 5:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no 5 logged steps in 120 s: {err.read_text()[-2000:]}")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    train = [r for r in read_jsonl(log_dir) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1))
+    assert all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in train)  # warmup from 0
+    assert not (tmp_path / "loss.json").exists()  # the end-of-run JSON never came
