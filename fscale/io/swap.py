@@ -30,9 +30,48 @@ it moves bytes between a buffer and a named file.
   when complete, so a crash mid-write leaves the previous version whole. The disk
   therefore needs room for every file plus one extra file per writer
   (``bytes_needed``).
+- Failed writes. A write that fails (ENOSPC, EIO) removes its temporary and leaves
+  the key's previous version in place; its error is raised by its Future and by the
+  next ``flush()`` -- once: a later write of the key that succeeds clears it (a
+  failure is never re-raised forever). Until then a read of the key raises
+  ``SwapError`` naming the failure instead of silently returning the old version.
+  Keeping every group's state consistent across a failure is the caller's job
+  ([Note: a failed NVMe step] in ``fscale/transforms/_offload/update.py``).
+- Temporaries are created with O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600: in a
+  shared directory a symlink (or any file) planted at ``<name>.tmp`` makes the write
+  fail with ``SwapError`` naming it; it is never followed or truncated.
 - Lifetime. ``close()`` removes every file the engine wrote (temporaries
   included); a ``weakref.finalize`` does the same if the engine is garbage
-  collected or the interpreter exits without ``close()``.
+  collected or the interpreter exits without ``close()``. SIGTERM and SIGINT
+  are covered by [Note: swap signals]; SIGKILL by the lock ([Note: swap lock]).
+
+[Note: swap lock]
+Each rank holds ``fscale-swap-rank{r}.lock`` in the swap directory: created with
+O_EXCL|O_NOFOLLOW (0600), holding JSON ``{pid, host, started, prefix}``, and
+``flock``-ed for the engine's life (the kernel drops an flock when its process
+dies, SIGKILL included, so liveness does not trust a pid that may be reused).
+Engines of one process share their rank's lock. At start-up:
+- our rank's lock held by a live process (flock taken; or, where the filesystem
+  has no flock, its pid alive on this host or another host named) is a refusal
+  (``SwapLockedError``) naming its pid, host and start time;
+- a lock nobody holds is a dead run's: it is taken over, and every swap file no
+  live lock covers -- this rank's of other runs, and any rank's whose lock is free
+  or gone -- is REMOVED with a ``RuntimeWarning`` naming the files. Removing, not
+  refusing: a dead run's swap files cannot be read by anyone (their checksums
+  lived in its memory), they only hold the disk (a killed 3.4B run: ~40 GB), and a
+  refusal would make every SIGKILL a manual clean-up.
+
+[Note: swap signals]
+SIGKILL cannot be caught; SIGTERM (the scheduler's or torchrun's kill) and SIGINT
+can. While an engine is open, fscale's handler is installed for both (from the
+main thread only; the previous handler is restored when the last engine closes)
+and chains: a Python handler that was there before (``KeyboardInterrupt``'s
+included) is called as it was -- it may save a checkpoint, which needs the swap
+files, and if it ends the process the exit-time finalizers remove them; with the
+default action the handler removes every live engine's files and lock, then
+re-raises the signal with the default action so the exit status stays "killed by
+SIGTERM". It only unlinks (no thread joins: a worker may be waiting for a lock
+the interrupted main thread holds); writers see ``closing`` and stop.
 
 Usage::
 
@@ -46,12 +85,18 @@ Usage::
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
+import json
 import mmap
 import os
+import re
+import signal
+import socket
 import threading
 import time
 import uuid
+import warnings
 import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,6 +114,10 @@ class SwapError(RuntimeError):
 
 class SwapCorruptError(SwapError):
     """A swap file is shorter than written or fails its checksum: it is not used."""
+
+
+class SwapLockedError(SwapError):
+    """Another live run holds this rank's lock on the swap directory ([Note: swap lock])."""
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -203,7 +252,7 @@ def map_file(path: str, nbytes: int, *, owner: str = "offload(tier='nvme')") -> 
     n = align_up(max(nbytes, 1))
     check_path(path, n, owner=owner)
     name = os.path.join(path, f"fscale-params-{os.getpid()}-{uuid.uuid4().hex}.swap")
-    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             os.posix_fallocate(fd, 0, n)
@@ -234,7 +283,8 @@ def _probe_direct(path: str) -> bool:
     probe = os.path.join(path, f".fscale-probe-{uuid.uuid4().hex}")
     buf = alloc(ALIGN, pin=False)
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT
+        fd = os.open(probe, flags, 0o600)
     except OSError:
         return False
     try:
@@ -275,22 +325,311 @@ def _read_chunk(fd: int, data, start: int, end: int) -> int | None:
     return zlib.crc32(block)
 
 
+def _unlink(name: str) -> bool:
+    try:
+        os.unlink(name)
+        return True
+    except OSError:
+        return False
+
+
 def _remove(paths) -> None:
     for p in list(paths):
-        for name in (p, p + ".tmp"):
+        _unlink(p)
+        _unlink(p + ".tmp")
+
+
+def _planted(tmp: str) -> str:
+    try:
+        what = f"a symlink to {os.readlink(tmp)!r}" if os.path.islink(tmp) else "a file"
+    except OSError:
+        what = "a file"
+    return (
+        f"swap temp file {tmp!r} already exists ({what}), but fscale creates it fresh for each "
+        "write and removes it after: someone else put it there. Refusing to write through it "
+        "(it is never followed). Remove it, and keep swap files in a directory only you can "
+        "write to (chmod 700)."
+    )
+
+
+# ----------------------------------------------------------------------------- lock and signals
+
+_HOST = socket.gethostname()
+_LOCK_RE = re.compile(r"^fscale-swap-rank(\d+)\.lock$")
+_FILE_RE = re.compile(r"^fscale-swap-r(\d+)-(\d+)-([0-9a-f]{8})-.+\.swp(\.tmp)?$")
+_OPEN_LOCK = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def lock_name(rank: int) -> str:
+    """The name of rank ``rank``'s lock file in a swap directory ([Note: swap lock])."""
+    return f"fscale-swap-rank{rank}.lock"
+
+
+@dataclass
+class _HeldLock:
+    path: str
+    fd: int
+    pid: int  # the process holding it (an inherited copy after fork is not held)
+    users: int = 1
+
+
+@dataclass
+class _Cleanup:
+    """What a signal or the finalizer removes for one engine; holds no engine reference."""
+
+    paths: set
+    lock: _HeldLock
+    pid: int
+    closing: bool = False
+
+
+_state = threading.RLock()  # re-entrant: a finalizer may run under it (gc)
+_held: dict[str, _HeldLock] = {}  # lock path -> this process's lock
+_live: dict[int, _Cleanup] = {}  # id -> each open engine's files
+_previous: dict[int, object] = {}  # signal -> the handler before ours
+
+
+def _read_info(fd: int) -> dict:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _alive_by_pid(info: dict) -> bool:
+    """Liveness where the filesystem has no flock: a pid alive on this host, or any other host."""
+    if info.get("host", _HOST) != _HOST:
+        return True  # cannot tell from here
+    return _pid_alive(info.get("pid")) and info.get("pid") != os.getpid()
+
+
+def _describe(path: str, info: dict) -> str:
+    started = info.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')!r} since {when} ({path})"
+
+
+def _acquire(directory: str, rank: int, prefix: str) -> tuple[_HeldLock, bool]:
+    """This rank's lock on ``directory``: (lock, newly taken) ([Note: swap lock])."""
+    path = os.path.join(directory, lock_name(rank))
+    with _state:
+        held = _held.get(path)
+        if held is not None and held.pid == os.getpid():
+            held.users += 1
+            return held, False
+    for _ in range(50):
+        created = True
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_LOCK, 0o600)
+        except FileExistsError:
+            created = False
             try:
-                os.unlink(name)
+                fd = os.open(path, os.O_RDWR | _OPEN_LOCK)
             except FileNotFoundError:
-                pass
+                continue  # released meanwhile: create it
+            except OSError as e:
+                raise SwapError(
+                    f"swap lock {path!r} cannot be opened ({e}); fscale did not make it (a "
+                    "symlink or another user's file). Remove it, and keep swap files in a "
+                    "directory only you can write to."
+                ) from e
+        try:
+            info = {} if created else _read_info(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if created:  # another start-up probing it: try again
+                    os.close(fd)
+                    time.sleep(0.01)
+                    continue
+                raise SwapLockedError(
+                    f"swap directory {directory!r} is in use by another run for rank {rank}: "
+                    f"{_describe(path, info)}. Use another directory (or rank), or stop that "
+                    "run; if it is dead but a child process of it still runs, end that child."
+                ) from None
+            except OSError:  # no flock on this filesystem: judge by the pid
+                if not created and _alive_by_pid(info):
+                    raise SwapLockedError(
+                        f"swap directory {directory!r} is in use by another run for rank "
+                        f"{rank}: {_describe(path, info)} (this filesystem has no flock, so "
+                        "a lock of another host, or of a live pid, counts as live). Use another "
+                        "directory, or remove the lock file if that run is gone."
+                    ) from None
+            try:
+                same = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                same = None
+            mine = os.fstat(fd)
+            if same is None or (same.st_dev, same.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)  # removed as stale between our open and flock: start again
+                continue
+            if not created:  # a dead run's lock, taken over
+                try:
+                    os.fchmod(fd, 0o600)
+                except OSError:
+                    pass
+            payload = {"pid": os.getpid(), "host": _HOST, "started": time.time(), "prefix": prefix}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(payload).encode(), 0)
+        except BaseException:
+            try:
+                os.close(fd)
             except OSError:
                 pass
+            raise
+        held = _HeldLock(path, fd, os.getpid())
+        with _state:
+            _held[path] = held
+        return held, True
+    raise SwapError(f"could not take the swap lock {path!r}: it kept changing; try again.")
+
+
+def _release(lock: _HeldLock) -> None:
+    if lock.pid != os.getpid():
+        return  # an inherited copy (fork): the parent's
+    with _state:
+        lock.users -= 1
+        if lock.users > 0:
+            return
+        if _held.get(lock.path) is lock:
+            del _held[lock.path]
+    _unlink(lock.path)  # while still flock-ed: no one takes it between
+    try:
+        os.close(lock.fd)
+    except OSError:
+        pass
+
+
+def _probe_lock(path: str) -> tuple[bool, dict]:
+    """(live, info) of another process's lock; a dead one is removed (under its flock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_LOCK)
+    except FileNotFoundError:
+        return False, {}
+    except OSError:
+        return True, {}  # not a file fscale made: leave it and what it might cover
+    try:
+        info = _read_info(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, info
+        except OSError:
+            return _alive_by_pid(info), info
+        _unlink(path)  # a starting owner re-checks the inode after its flock
+        return False, info
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(directory: str, rank: int) -> list[str]:
+    """Remove the swap files (and locks) of dead runs under ``directory`` ([Note: swap lock]).
+
+    Called with this rank's lock just taken: this rank's files of other engines are a
+    dead run's; another rank's are when no live lock of their pid covers them.
+    """
+    with _state:
+        own = {os.path.basename(p) for c in _live.values() for p in c.paths}
+        ours = {p for p, h in _held.items() if h.pid == os.getpid()}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    locks: dict[int, tuple[bool, object]] = {}
+    for name in names:
+        m = _LOCK_RE.match(name)
+        path = os.path.join(directory, name)
+        if m and int(m.group(1)) != rank and path not in ours:
+            live, info = _probe_lock(path)
+            locks[int(m.group(1))] = (live, info.get("pid"))  # a dead one is gone now
+    removed = []
+    for name in names:
+        m = _FILE_RE.match(name)
+        if m is None or name in own or name.removesuffix(".tmp") in own:
+            continue
+        r, pid = int(m.group(1)), int(m.group(2))
+        if r != rank:
+            live, owner = locks.get(r, (False, None))
+            if os.path.join(directory, lock_name(r)) in ours or (live and owner == pid):
+                continue
+        path = os.path.join(directory, name)
+        if _unlink(path):
+            removed.append(path)
+    return removed
+
+
+def _cleanup_all() -> None:
+    """Unlink every open engine's files and locks (a fatal signal; no joins, no locks)."""
+    for c in list(_live.values()):
+        if c.pid != os.getpid():
+            continue
+        c.closing = True
+        _remove(c.paths)
+        _unlink(c.lock.path)
+
+
+def _on_signal(signum, frame):
+    """[Note: swap signals]: chain to a Python handler; on the default action clean, then die."""
+    previous = _previous.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        return previous(signum, frame)
+    if previous == signal.SIG_IGN:
+        return None
+    _cleanup_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return None
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _install_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers are the main thread's; the lock covers the rest
+    for sig in _SIGNALS:
+        current = signal.getsignal(sig)
+        if current is _on_signal or current is None:
+            continue
+        try:
+            signal.signal(sig, _on_signal)
+        except (ValueError, OSError):
+            continue
+        _previous[sig] = current
+
+
+def _restore_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # ours stays installed; with no engine it only chains
+    for sig, previous in list(_previous.items()):
+        if signal.getsignal(sig) is _on_signal:
+            try:
+                signal.signal(sig, previous)
+            except (ValueError, OSError, TypeError):
+                continue
+            del _previous[sig]
+        # else: another handler went on top of ours and may chain to it: keep ours working
 
 
 class SwapEngine:
     """Reads and writes named swap files under ``path`` on two background threads.
 
     Args:
-      path: an existing writable directory (checked).
+      path: an existing writable directory (checked). This rank's lock is taken there,
+        and dead runs' swap files are removed with a warning ([Note: swap lock]).
       rank: included in every file name, so ranks sharing a disk never collide.
       direct: True forces O_DIRECT (error if the filesystem refuses it), False
         forces buffered I/O, None (default) probes.
@@ -298,6 +637,9 @@ class SwapEngine:
       io_threads: chunks in flight at once (the queue depth the drive sees).
       record: keep a log of ``(seq, time, event, key)`` in ``events`` (tests use it
         to check the pipeline's order).
+
+    Raises:
+      SwapLockedError: another live run holds this rank's lock on ``path``.
     """
 
     def __init__(
@@ -324,6 +666,24 @@ class SwapEngine:
         self._files: dict[str, _Record] = {}
         self._paths: set[str] = set()
         self._pending: dict[str, Future] = {}  # key -> the last write submitted for it
+        self._failed: dict[str, BaseException] = {}  # key -> why its last write failed
+        lock, taken = _acquire(self.path, rank, self.prefix)
+        self._cleanup = _Cleanup(self._paths, lock, os.getpid())
+        try:
+            stale = _remove_stale(self.path, rank) if taken else []
+        except BaseException:
+            _release(lock)
+            raise
+        if stale:
+            shown = ", ".join(os.path.basename(p) for p in stale[:8])
+            more = f" and {len(stale) - 8} more" if len(stale) > 8 else ""
+            warnings.warn(
+                f"fscale swap: removed {len(stale)} stale file(s) of dead run(s) under "
+                f"{self.path!r}: {shown}{more} (a run that was killed, e.g. by SIGKILL; "
+                "nothing can read them back).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fscale-swap-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fscale-swap-write")
         # Chunks of one file go to several threads: the drive sees io_threads requests
@@ -334,8 +694,11 @@ class SwapEngine:
         self.events: list[tuple[int, float, str, str]] | None = [] if record else None
         self.bytes_read = 0
         self.bytes_written = 0
+        with _state:
+            _live[id(self._cleanup)] = self._cleanup
+            _install_handlers()
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._paths, (self._reader, self._writer, self._io)
+            self, _shutdown, self._cleanup, (self._reader, self._writer, self._io)
         )
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -349,6 +712,11 @@ class SwapEngine:
     def file_path(self, key: str) -> str:
         return os.path.join(self.path, f"{self.prefix}-{key}.swp")
 
+    @property
+    def lock_path(self) -> str:
+        """This rank's lock file ([Note: swap lock])."""
+        return self._cleanup.lock.path
+
     def files(self) -> list[str]:
         """Paths of the swap files written so far (existing ones)."""
         return sorted(p for p in self._paths if os.path.exists(p))
@@ -358,7 +726,7 @@ class SwapEngine:
         return alloc(nbytes, pin=pin)
 
     def _flags(self, base: int) -> int:
-        return base | (os.O_DIRECT if self.direct else 0)
+        return base | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
 
     def _check_buffer(self, buf: torch.Tensor, nbytes: int) -> None:
         if buf.dtype != torch.uint8 or buf.device.type != "cpu" or not buf.is_contiguous():
@@ -379,8 +747,11 @@ class SwapEngine:
     def write(self, key: str, buf: torch.Tensor, nbytes: int | None = None) -> Future:
         """Write ``buf[:nbytes]`` to ``key``'s file (atomically); returns a Future.
 
-        The buffer must not change until the Future is done.
+        The buffer must not change until the Future is done. On failure the key keeps
+        its previous version, and reads of it raise until a write of it succeeds.
         """
+        if self.closed:
+            raise SwapError(f"this swap engine (under {self.path!r}) is closed.")
         nbytes = buf.numel() if nbytes is None else nbytes
         self._check_buffer(buf, nbytes)
         final = self.file_path(key)
@@ -393,21 +764,42 @@ class SwapEngine:
     def _write(self, key: str, final: str, buf: torch.Tensor, nbytes: int) -> None:
         self.event("write_start", key)
         tmp = final + ".tmp"
-        data = buf.numpy()
-        fd = os.open(tmp, self._flags(os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 0o600)
-        step = self.chunk_bytes
-        chunks = []
         try:
-            for a in range(0, nbytes, step):
-                chunks.append(self._io.submit(_write_chunk, fd, data, a, min(a + step, nbytes)))
-            crcs = [c.result() for c in chunks]
-        except OSError as e:
-            raise SwapError(f"writing swap file {tmp!r} failed: {e}") from e
-        finally:
-            for c in chunks:
-                c.exception()  # never close the fd under a chunk still writing
-            os.close(fd)
-        os.replace(tmp, final)
+            if self._cleanup.closing:
+                raise SwapError(f"swap engine under {self.path!r} is closing; {key!r} not written.")
+            # O_EXCL: never open what another user planted at this name ([Note: swap files]).
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            try:
+                fd = os.open(tmp, self._flags(flags), 0o600)
+            except FileExistsError as e:
+                raise SwapError(_planted(tmp)) from e
+            try:
+                data = buf.numpy()
+                step = self.chunk_bytes
+                chunks = []
+                try:
+                    for a in range(0, nbytes, step):
+                        end = min(a + step, nbytes)
+                        chunks.append(self._io.submit(_write_chunk, fd, data, a, end))
+                    crcs = [c.result() for c in chunks]
+                finally:
+                    for c in chunks:
+                        c.exception()  # never close the fd under a chunk still writing
+                    os.close(fd)
+                os.replace(tmp, final)
+            except BaseException:
+                _unlink(tmp)  # ours (O_EXCL): a failed write leaves no temporary
+                raise
+        except BaseException as e:
+            err = e
+            if isinstance(e, OSError):
+                err = SwapError(f"writing swap file {tmp!r} failed: {e}")
+                err.errno = e.errno
+            self._failed[key] = err
+            if err is e:
+                raise
+            raise err from e
+        self._failed.pop(key, None)
         self._files[key] = _Record(final, nbytes, crcs)
         self.bytes_written += nbytes
         self.event("write_end", key)
@@ -417,15 +809,24 @@ class SwapEngine:
     def read(self, key: str, buf: torch.Tensor) -> Future:
         """Read ``key``'s file into ``buf`` and verify it; returns a Future.
 
-        Waits for a write of the same key still in flight first.
+        Waits for a write of the same key still in flight first; raises ``SwapError``
+        if that write (the key's last) failed.
         """
+        if self.closed:
+            raise SwapError(f"this swap engine (under {self.path!r}) is closed.")
         self.event("read_submit", key)
         pending = self._pending.get(key)
         return self._reader.submit(self._read, key, buf, pending)
 
     def _read(self, key: str, buf: torch.Tensor, pending: Future | None) -> None:
         if pending is not None:
-            pending.result()
+            pending.exception()  # wait; its failure is in _failed
+        failed = self._failed.get(key)
+        if failed is not None:
+            raise SwapError(
+                f"the last write of swap file {key!r} failed ({failed}); its file holds the "
+                "version before it, which is not what was meant to be read. Write it again."
+            ) from failed
         self.event("read_start", key)
         rec = self._files.get(key)
         if rec is None:
@@ -436,6 +837,11 @@ class SwapEngine:
         except FileNotFoundError as e:
             raise SwapCorruptError(
                 f"swap file {rec.path!r} has disappeared (was it deleted while training ran?)."
+            ) from e
+        except OSError as e:  # ELOOP: replaced by a symlink
+            raise SwapCorruptError(
+                f"swap file {rec.path!r} cannot be opened ({e}); it is not the file fscale "
+                "wrote (replaced by a symlink?); refusing to use it."
             ) from e
         data = buf.numpy()
         chunks = []
@@ -475,12 +881,23 @@ class SwapEngine:
     # -- lifetime --------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Wait for every write submitted so far (raises the first failure)."""
-        for fut in list(self._pending.values()):
-            fut.result()
+        """Wait for every write submitted so far; raise the first failure among them.
+
+        A failure is reported here once: the writes waited for are forgotten, so a
+        later flush (after the space was freed, say) does not raise it again.
+        """
+        first = None
+        for key, fut in list(self._pending.items()):
+            exc = fut.exception()
+            if self._pending.get(key) is fut:
+                del self._pending[key]
+            if exc is not None and first is None:
+                first = exc
+        if first is not None:
+            raise first
 
     def close(self) -> None:
-        """Wait for the threads, then remove every swap file. Idempotent."""
+        """Wait for the threads, then remove every swap file and the lock. Idempotent."""
         self._finalizer()
 
     @property
@@ -488,7 +905,16 @@ class SwapEngine:
         return not self._finalizer.alive
 
 
-def _shutdown(paths: set, pools: tuple) -> None:
+def _shutdown(cleanup: _Cleanup, pools: tuple) -> None:
+    if cleanup.pid != os.getpid():
+        return  # a forked child's copy: the files are the parent's
+    cleanup.closing = True
     for pool in pools:  # the job threads first: they wait on the chunk threads
         pool.shutdown(wait=True, cancel_futures=True)
-    _remove(paths)
+    _remove(cleanup.paths)
+    with _state:
+        _live.pop(id(cleanup), None)
+        last = not _live
+    _release(cleanup.lock)
+    if last:
+        _restore_handlers()

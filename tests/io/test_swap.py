@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import errno
 import gc
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fscale.io import ALIGN, SwapCorruptError, SwapEngine, SwapError, alloc, check_path, swap
+from fscale.io import (
+    ALIGN,
+    SwapCorruptError,
+    SwapEngine,
+    SwapError,
+    SwapLockedError,
+    alloc,
+    check_path,
+    swap,
+)
 
 
 def _filled(engine, nbytes, seed=0):
@@ -52,7 +66,8 @@ def test_rewrite_replaces_and_read_waits_for_pending_write(tmp_path):
 def test_files_removed_when_engine_is_collected(tmp_path):
     engine = SwapEngine(tmp_path)
     engine.write("x", _filled(engine, ALIGN)).result()
-    assert len(os.listdir(tmp_path)) == 1
+    names = {os.path.basename(engine.file_path("x")), swap.lock_name(0)}
+    assert set(os.listdir(tmp_path)) == names  # the file and the rank's lock
     del engine
     gc.collect()
     assert os.listdir(tmp_path) == []
@@ -166,3 +181,182 @@ def test_map_file_is_an_unlinked_reserved_shared_mapping(tmp_path):
     assert torch.equal(t, torch.arange(t.numel()) % 251)
     with pytest.raises(FileNotFoundError):
         swap.map_file(tmp_path / "missing", 10)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def _enospc_for(monkeypatch, pattern):
+    """os.pwritev raises ENOSPC for files whose name contains ``pattern``."""
+    real = os.pwritev
+
+    def pwritev(fd, buffers, offset):
+        if pattern in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    return real
+
+
+def test_failed_write_keeps_the_previous_version_and_is_reported_once(tmp_path, monkeypatch):
+    engine = SwapEngine(tmp_path, chunk_bytes=ALIGN)
+    old, new = _filled(engine, 3 * ALIGN, 1), _filled(engine, 3 * ALIGN, 2)
+    engine.write("k", old).result()
+    real = _enospc_for(monkeypatch, "-k.swp")
+    fut = engine.write("k", new)
+    with pytest.raises(SwapError, match="No space left") as info:
+        fut.result()
+    assert info.value.errno == errno.ENOSPC
+    assert engine.files() == [engine.file_path("k")]  # no temporary left behind
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+    # A read does not silently hand out the version before the failed write.
+    with pytest.raises(SwapError, match="last write of swap file 'k' failed"):
+        engine.read("k", engine.alloc(3 * ALIGN)).result()
+    with pytest.raises(SwapError, match="No space left"):
+        engine.flush()
+    engine.flush()  # reported once: never the stale error again
+    monkeypatch.setattr(os, "pwritev", real)  # space freed
+    engine.write("k", new).result()
+    out = engine.alloc(3 * ALIGN)
+    engine.read("k", out).result()
+    assert torch.equal(out, new)
+    engine.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_planted_symlink_at_the_temp_name_is_never_followed(tmp_path):
+    """[Note: swap files]: O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600."""
+    swap_dir, outside = tmp_path / "swap", tmp_path / "victim"
+    swap_dir.mkdir()
+    outside.write_bytes(b"precious")
+    engine = SwapEngine(swap_dir, chunk_bytes=ALIGN)
+    a = _filled(engine, 2 * ALIGN, 1)
+    engine.write("k", a).result()
+    assert os.stat(engine.file_path("k")).st_mode & 0o777 == 0o600
+    tmp = engine.file_path("k") + ".tmp"
+    os.symlink(outside, tmp)
+    with pytest.raises(SwapError, match=r"already exists \(a symlink to .*victim.*never followed"):
+        engine.write("k", _filled(engine, 2 * ALIGN, 2)).result()
+    assert outside.read_bytes() == b"precious"
+    assert os.path.islink(tmp)  # not ours: left for its owner to see
+    os.symlink(outside, engine.file_path("fresh") + ".tmp")  # before a key's first write
+    with pytest.raises(SwapError, match="never followed"):
+        engine.write("fresh", a).result()
+    assert outside.read_bytes() == b"precious"
+    os.unlink(tmp)
+    engine.write("k", a).result()  # works again once it is gone
+    engine.close()
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_lock_names_its_owner_and_dead_runs_files_are_removed(tmp_path):
+    """[Note: swap lock]: a lock nobody holds is a dead run's; its files go, with a warning."""
+    dead = _dead_pid()
+    lock = tmp_path / swap.lock_name(0)
+    lock.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": 0}))
+    stale = [
+        f"fscale-swap-r0-{dead}-0badc0de-g00000.swp",
+        f"fscale-swap-r0-{dead}-0badc0de-g00001.swp.tmp",
+        f"fscale-swap-r5-{dead}-0badc0de-g00000.swp",  # another rank, no lock: dead too
+    ]
+    for name in [*stale, "unrelated.swp"]:
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.warns(RuntimeWarning, match=r"removed 3 stale file\(s\) of dead run") as record:
+        engine = SwapEngine(tmp_path)
+    assert all(name in str(record[0].message) for name in stale)
+    assert sorted(os.listdir(tmp_path)) == sorted([swap.lock_name(0), "unrelated.swp"])
+    info = json.loads(lock.read_text())
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    assert info["prefix"] == engine.prefix and os.stat(lock).st_mode & 0o777 == 0o600
+    second = SwapEngine(tmp_path)  # the same process shares its lock
+    second.write("a", _filled(second, ALIGN)).result()
+    engine.close()
+    assert lock.exists()  # still used by ``second``
+    second.close()
+    assert os.listdir(tmp_path) == ["unrelated.swp"]
+
+
+# ----------------------------------------------------------------------------- signals
+
+# swap.py alone (torch and the standard library): importing fscale takes seconds more.
+_CHILD = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("fscale_swap", sys.argv[2])
+swap = sys.modules["fscale_swap"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(swap)
+engine = swap.SwapEngine(sys.argv[1], rank=0)
+engine.write("a", engine.alloc(4096)).result()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _start_child(path):
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), swap.__file__], stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_sigterm_and_sigint_remove_the_files_and_sigkill_is_detected(tmp_path):
+    """[Note: swap signals] and [Note: swap lock], on three real processes."""
+    dirs = {sig: tmp_path / sig.name for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)}
+    for d in dirs.values():
+        d.mkdir()
+    children = {sig: _start_child(d) for sig, d in dirs.items()}  # in parallel: imports
+    try:
+        for proc in children.values():
+            assert proc.stdout.readline().strip() == "ready"
+        for d in dirs.values():
+            assert len(os.listdir(d)) == 2  # the file and the lock
+        proc = children[signal.SIGTERM]
+        with pytest.raises(SwapLockedError, match=rf"in use by another run.*pid {proc.pid}"):
+            SwapEngine(dirs[signal.SIGTERM])
+        for sig, proc in children.items():
+            proc.send_signal(sig)
+        codes = {sig: proc.wait(timeout=60) for sig, proc in children.items()}
+    finally:
+        for proc in children.values():
+            proc.kill()
+            proc.wait()
+    assert codes[signal.SIGTERM] == -signal.SIGTERM  # still "killed by SIGTERM"
+    assert os.listdir(dirs[signal.SIGTERM]) == []
+    assert os.listdir(dirs[signal.SIGINT]) == []  # KeyboardInterrupt, then the exit finalizer
+    assert codes[signal.SIGKILL] == -signal.SIGKILL
+    left = sorted(os.listdir(dirs[signal.SIGKILL]))
+    assert len(left) == 2 and swap.lock_name(0) in left  # SIGKILL cannot be caught...
+    with pytest.warns(RuntimeWarning, match="stale file"):
+        engine = SwapEngine(dirs[signal.SIGKILL])  # ...so the next run cleans up
+    assert os.listdir(dirs[signal.SIGKILL]) == [swap.lock_name(0)]
+    engine.close()
+    assert os.listdir(dirs[signal.SIGKILL]) == []
+
+
+def test_signal_handlers_chain_to_the_previous_one_and_are_restored(tmp_path):
+    seen = []
+
+    def mine(signum, frame):
+        seen.append(signum)
+
+    gc.collect()  # engines of earlier tests: the handler is restored when the last closes
+    assert not swap._live
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        engine = SwapEngine(tmp_path)
+        engine.write("a", _filled(engine, ALIGN)).result()
+        assert signal.getsignal(signal.SIGTERM) is swap._on_signal
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]  # the program's handler decides; files kept for it
+        assert engine.files()
+        engine.close()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -950,7 +950,7 @@ def test_nvme_param_shards_are_a_mapped_file_under_path(tmp_path, monkeypatch):
     assert mapped[0].endswith("(deleted)")  # unlinked at once: nothing left behind
     assert all(_mapped_files(src) == mapped for kind, _, src in log if kind == "stage")
     assert all(_mapped_files(t) == mapped for t in params.values())
-    on_disk = set(os.listdir(tmp_path))
+    on_disk = set(os.listdir(tmp_path)) - {swap.lock_name(0)}  # [Note: swap lock]
     assert on_disk == {os.path.basename(f) for f in handle.files()}  # optimizer files only
     handle.close()
     assert os.listdir(tmp_path) == []
