@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import fscale as fs
 from fscale.models import GPT, GPTConfig
 from tests.dist import run_world
-from tests.helpers import lm_batches
+from tests.helpers import TiedLM, lm_batches
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -325,3 +325,32 @@ def test_a_failed_write_raises_on_every_rank(tmp_path):
     assert results[0] is not None and results[0][0] in ("FileExistsError", "NotADirectoryError")
     assert results[1] == ("RuntimeError", results[1][1])
     assert "rank 0 failed to write" in results[1][1]
+
+
+def _tied_lm_export(tmp_path, name, offload=None):
+    torch.manual_seed(0)
+    params, apply = fs.functional(TiedLM(vocab=11, dim=8))
+    step = fs.train_step(_gpt_loss(apply), fs.optim.adamw(1e-2))
+    step = fs.shard_zero(fs.mixed_precision(step, "bf16"), 1)
+    if offload:
+        step = fs.offload(step, offload, path=str(tmp_path / "swap") if offload == "nvme" else None)
+    params, state = step.init(params)
+    for batch in lm_batches(3, 2, 4, vocab=11):
+        params, state, _ = step(params, state, batch)
+    path = fs.export(tmp_path / f"{name}.safetensors", params, state, model=apply)
+    return safetensors_torch.load_file(path), params
+
+
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_offloaded_masters_are_exported(tmp_path, offload):
+    """bf16 + stage 1 + offload: the file holds the fp32 masters from host memory or NVMe."""
+    (tmp_path / "swap").mkdir()
+    expected, _ = _tied_lm_export(tmp_path, "plain")
+    got, params = _tied_lm_export(tmp_path, offload, offload)
+    assert got.keys() == expected.keys() and "head.weight" in got  # tied: under both names
+    for name, value in expected.items():
+        # Offload's host update rounds like the device's up to an ulp or two.
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+    # Not the bf16 params upcast: those are ~1e-3 away.
+    assert params["emb.weight"].dtype == torch.bfloat16
+    assert not torch.equal(got["emb.weight"], params["emb.weight"].float())
