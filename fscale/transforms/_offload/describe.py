@@ -127,3 +127,62 @@ def _check_open(handle) -> None:
             f"offload({handle.cfg.tier}): this state was closed (its buffers and swap files "
             "are gone); describe the state of a live step."
         )
+
+
+# [Note: loading offloaded state]
+# ``fs.load`` fills the tensors of a fresh step in place (the host views and the
+# NVMe swap files); what it cannot reach are the Python values the groups keep in
+# their state leaves (the optimizer's ``count``) and the groups' update counts.
+# ``load_state`` takes them back by the paths ``describe_state`` gave them.
+
+
+def load_optimizer_slot(handle, values: dict) -> None:
+    """The plain leaves of the merged optimizer tree (``{path: value}``, paths relative
+    to the slot) back into every group's state leaves."""
+    from fscale.state import _walk
+
+    handle.wait()
+    groups = handle.groups
+    if not groups:
+        return
+    uniform = all(g.state_spec == groups[0].state_spec for g in groups)
+    for g in groups:
+        positions: dict = {}
+        n = len(g.state_leaves)
+        _walk("", tree.unflatten(g.state_spec, list(range(n))), positions)
+        for path, pos in positions.items():
+            rel = path[1:] if uniform else f"{g.key}{path}"
+            value = g.state_leaves[pos]
+            if value is None or isinstance(value, Slot):
+                continue
+            if f"{rel}/{g.key}" in values:  # groups that disagreed when saved
+                g.state_leaves[pos] = values[f"{rel}/{g.key}"]
+            elif rel in values:
+                g.state_leaves[pos] = values[rel]
+
+
+def load_offload_slot(handle, values: dict) -> None:
+    """The groups' update counts back (by group key); on NVMe, re-seal the swap files."""
+    handle.wait()
+    for g in handle.groups:
+        updates = values.get(f"groups/{g.key}/updates")
+        if isinstance(updates, int):
+            g.updates = updates
+    if handle.cfg.tier == "nvme":
+        _reseal(handle)
+
+
+def _reseal(handle) -> None:
+    """``fs.load`` wrote the checkpoint's bytes into the swap files in place (a chunk
+    at a time); the engine's CRCs ([Note] in ``fscale/io/swap.py``) still describe the
+    old bytes. Rewrite each group's file through the engine, one group at a time
+    (one pool buffer: never the whole state in memory)."""
+    for g in handle.groups:
+        buf = next(b for b in handle.buffers if b.numel() >= g.persisted)
+        with open(handle.engine.file_path(g.key), "rb") as f:
+            got = f.readinto(memoryview(buf[: g.persisted].numpy()))
+        if got != g.persisted:
+            raise OSError(
+                f"offload(nvme): swap file of group {g.key} has {got} bytes, want {g.persisted}."
+            )
+        handle.engine.write(g.key, buf, g.persisted).result()

@@ -148,6 +148,10 @@ class OffloadState:
         """The state protocol: masters and metadata ([Note: describing offloaded state])."""
         return describe.offload_slot(self)
 
+    def load_state(self, values: dict) -> None:
+        """Plain metadata back from a checkpoint ([Note: loading offloaded state])."""
+        describe.load_offload_slot(self, values)
+
     # -- views -------------------------------------------------------------------------
 
     def views(self, g: Group, buf: torch.Tensor):
@@ -307,3 +311,8 @@ class OptimizerSlot:
 
     def describe_state(self) -> Any:
         return describe.optimizer_slot(self.handle)
+
+    def load_state(self, values: dict) -> None:
+        """The optimizer's plain leaves (its count) back from a checkpoint
+        ([Note: loading offloaded state] in describe.py)."""
+        describe.load_optimizer_slot(self.handle, values)
