@@ -10,6 +10,7 @@ Usage::
 """
 
 from fscale import optim, tree
+from fscale.checkpoint import latest, load, load_extra, save
 from fscale.explain import explain, plan
 from fscale.export import export, load_safetensors, load_state_dict
 from fscale.functional import functional, load_params
@@ -38,6 +39,9 @@ __all__ = [
     "export",
     "functional",
     "gather_params",
+    "latest",
+    "load",
+    "load_extra",
     "load_params",
     "load_safetensors",
     "load_state_dict",
@@ -47,6 +51,7 @@ __all__ = [
     "plan",
     "quantize",
     "quantize_report",
+    "save",
     "shard_zero",
     "train_step",
     "tree",

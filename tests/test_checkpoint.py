@@ -1,0 +1,300 @@
+"""fs.save / fs.load: exact resume, resharding across worlds, meshes and stacks, bad input.
+
+- Exact resume: N steps + save + load into a fresh step + M steps equals N + M
+  uninterrupted steps bit for bit (params, every state tensor, every plain value) in
+  fp32 on worlds 1 and 2: plain, shard_zero 1/2/3, bf16, fp16 (loss scale and its
+  window), offload cpu and nvme. AdamW with a warmup schedule: a lost step count
+  changes the learning rate and shows.
+- Reshard: ZeRO-3 on world 4 -> ZeRO-1 on world 2 -> plain on world 1, and HSDP
+  (2, 2) -> plain: the loaded params equal the saved run's gathered params exactly,
+  and training on equals the saved run's continued training (to reduction order).
+- Run directories: ``at=``/``keep=`` rotation, the ``latest`` pointer, a killed
+  save's temp directory ignored.
+- Bad checkpoints and bad calls raise naming the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import fscale as fs
+from fscale.models.gpt import GPT, GPTConfig
+from fscale.state import StoredTensor, TensorEntry, describe
+from tests.dist import run_world
+from tests.helpers import lm_batches, lm_loss
+
+# Uneven: vocab 37 and d_model 10 are padded row blocks over 2 and 4 ranks.
+CFG = GPTConfig(vocab_size=37, n_layer=2, n_head=2, d_model=10, seq_len=6, bias=False)
+CFG = CFG.replace(tie_embeddings=False)
+GLOBAL_BATCH = 4
+N, M = 3, 3
+
+# name -> transforms, innermost first: ("mp", dtype), ("zero", stage), ("offload", tier)
+STACKS = {
+    "plain": (),
+    "zero1": (("zero", 1),),
+    "zero2": (("zero", 2),),
+    "zero3": (("zero", 3),),
+    "bf16": (("mp", "bf16"),),
+    "fp16": (("mp", "fp16"),),
+    "bf16 zero1": (("mp", "bf16"), ("zero", 1)),
+    "offload cpu": (("offload", "cpu"),),
+    "zero2 offload cpu": (("zero", 2), ("offload", "cpu")),
+    "offload nvme": (("offload", "nvme"),),
+}
+
+
+def _model(cfg=CFG):
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+def _build(layers, *, mesh=None, swap=None, cfg=CFG, optimizer=None):
+    params, apply = fs.functional(copy.deepcopy(_model(cfg)))
+    lr = fs.optim.linear_warmup(1e-2, 4)
+    opt = optimizer or fs.optim.adamw(lr, weight_decay=0.1)
+    step = fs.train_step(lm_loss(apply), opt, clip_norm=1.0, mesh=mesh)
+    for kind, arg in layers:
+        if kind == "mp":
+            # A small growth interval: the window counters move within the run.
+            step = fs.mixed_precision(step, arg, init_scale=2.0**15, growth_interval=2)
+        elif kind == "zero":
+            step = fs.shard_zero(step, arg, mesh=mesh)
+        else:
+            step = fs.offload(step, arg, subgroup_mb=2e-3, **({"path": swap} if swap else {}))
+    return step, params
+
+
+def _batches(rank, world, n, seed):
+    per = GLOBAL_BATCH // world
+    out = []
+    for b in lm_batches(n, GLOBAL_BATCH, CFG.seq_len, vocab=CFG.vocab_size, seed=seed):
+        out.append({k: v[rank * per : (rank + 1) * per] for k, v in b.items()})
+    return out
+
+
+def _train(step, params, state, batches):
+    for b in batches:
+        params, state, _ = step(params, state, b)
+    return params, state
+
+
+def _snapshot(params, state) -> dict:
+    """Everything a resume must reproduce: gathered params, every state entry."""
+    out = {f"params/{k}": v.clone() for k, v in fs.gather_params(params, state).items()}
+    for path, e in describe(state).items():
+        if isinstance(e, TensorEntry):
+            out[path] = e.tensor.clone()
+        elif isinstance(e, StoredTensor):
+            out[path] = e.read()
+        elif path.startswith("generation"):
+            continue  # the stale-state guard counts calls since step.init, not steps
+        elif not path.startswith(("layout/", "offload/groups/")) or path.endswith("updates"):
+            out[path] = e
+    return out
+
+
+def _close(state) -> None:
+    if hasattr(state.get("offload"), "close"):
+        state["offload"].close()
+
+
+def _resume_case(rank, world, name, tmp) -> list[str]:
+    """N + M steps straight vs N steps, save, load into a fresh step, M steps."""
+    layers = STACKS[name]
+    swap = os.path.join(tmp, f"swap-{rank}") if ("offload", "nvme") in layers else None
+    if swap:
+        os.makedirs(swap, exist_ok=True)
+    first, rest = _batches(rank, world, N, seed=1), _batches(rank, world, M, seed=2)
+    ckpt = os.path.join(tmp, name.replace(" ", "_"))
+    step, params = _build(layers, swap=swap)
+    params, state = step.init(params)
+    params, state = _train(step, params, state, first)
+    fs.save(ckpt, params, state, extra={"rank": rank, "rng": torch.get_rng_state()})
+    params, state = _train(step, params, state, rest)
+    want = _snapshot(params, state)
+    _close(state)
+
+    step, params = _build(layers, swap=swap)
+    params, state = fs.load(ckpt, step, params)
+    params, state = _train(step, params, state, rest)
+    got = _snapshot(params, state)
+    _close(state)
+    failures = []
+    if set(want) != set(got):
+        failures.append(f"{name}: entries differ {sorted(set(want) ^ set(got))[:6]}")
+    for path in sorted(set(want) & set(got)):
+        w, g = want[path], got[path]
+        same = torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g
+        if not same:
+            failures.append(f"{name}: {path} differs after resume")
+    extra = fs.load_extra(ckpt)
+    if extra["rank"] != rank:
+        failures.append(f"{name}: extra of rank {extra['rank']} read on rank {rank}")
+    return failures
+
+
+def _resume_world(rank, world, tmp) -> list[str]:
+    failures = []
+    for name in STACKS:
+        failures += _resume_case(rank, world, name, os.path.join(tmp, f"w{world}"))
+    return failures
+
+
+def test_exact_resume_world_2(tmp_path):
+    results = run_world(_resume_world, 2, str(tmp_path))
+    failures = [f"rank {r}: {f}" for r, fs_ in enumerate(results) for f in fs_]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_exact_resume_world_1(tmp_path, name):
+    failures = _resume_case(0, 1, name, str(tmp_path))
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- reshard
+
+
+def _save_world_4(rank, world, tmp):
+    """ZeRO-3 on a 1-D mesh and ZeRO-2 HSDP on (2, 2): N steps, save, M more."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    first, rest = _batches(rank, world, N, seed=1), _batches(rank, world, M, seed=2)
+    out = {}
+    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    for name, layers, mesh in (
+        ("zero3", (("zero", 3),), None),
+        ("hsdp", (("zero", 2),), mesh2d),
+    ):
+        step, params = _build(layers, mesh=mesh)
+        params, state = step.init(params)
+        params, state = _train(step, params, state, first)
+        fs.save(os.path.join(tmp, name), params, state, at=N, keep=2)
+        saved = fs.gather_params(params, state)
+        params, state = _train(step, params, state, rest)
+        out[name] = (saved, fs.gather_params(params, state))
+    return out
+
+
+def _reshard_world_2(rank, world, tmp):
+    """ZeRO-1 on world 2 loads the world-4 ZeRO-3 checkpoint; trains on; saves."""
+    step, params = _build((("zero", 1),))
+    params, state = fs.load(os.path.join(tmp, "zero3"), step, params)
+    loaded = fs.gather_params(params, state)
+    fs.save(os.path.join(tmp, "zero1"), params, state)
+    params, state = _train(step, params, state, _batches(rank, world, M, seed=2))
+    return loaded, fs.gather_params(params, state), state["count"]
+
+
+def test_reshard_zero3_world_4_to_zero1_world_2_to_plain_world_1_and_hsdp_to_plain(tmp_path):
+    tmp = str(tmp_path)
+    w4 = run_world(_save_world_4, 4, tmp)[0]
+    assert sorted(os.listdir(tmp_path / "zero3")) == ["latest", f"step-{N}"]
+    w2 = run_world(_reshard_world_2, 2, tmp)
+    saved, continued = w4["zero3"]
+    for loaded, trained, count in w2:
+        _equal(loaded, saved)
+        _close_to(trained, continued)
+        assert count == N + M
+    # World 1, plain: from the world-2 ZeRO-1 checkpoint, and from HSDP's.
+    rest = _batches(0, 1, M, seed=2)
+    for ckpt, (saved, continued) in (("zero1", w4["zero3"]), ("hsdp", w4["hsdp"])):
+        step, params = _build(())
+        params, state = fs.load(tmp_path / ckpt, step, params)
+        _equal(params, saved)
+        params, state = _train(step, params, state, rest)
+        _close_to(params, continued)
+        assert state["count"] == N + M and state["optimizer"].count == N + M
+
+
+def _equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def _close_to(got: dict, want: dict) -> None:
+    # Another world size reduces grads in another order: equal to rounding.
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _trained():
+    step, params = _build(())
+    params, state = step.init(params)
+    return step, *_train(step, params, state, _batches(0, 1, 1, seed=1))
+
+
+def test_run_directory_rotation_latest_and_a_killed_save(tmp_path):
+    step, params, state = _trained()
+    for at in range(1, 6):
+        assert fs.save(tmp_path, params, state, at=at, keep=3) == str(tmp_path / f"step-{at}")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-3", "step-4", "step-5"]
+    assert (tmp_path / "latest").read_text().strip() == "step-5"
+    assert fs.latest(tmp_path) == str(tmp_path / "step-5")
+    # A save killed mid-write leaves a temp directory (no .metadata): never read.
+    partial = tmp_path / "step-6.tmp-dead"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half")
+    fresh, full = _build(())
+    loaded, _ = fs.load(tmp_path, fresh, full)
+    _equal(loaded, params)
+    # Saving over an existing checkpoint replaces it whole.
+    fs.save(tmp_path / "step-5", params, state)
+    assert fs.latest(tmp_path / "step-5") == str(tmp_path / "step-5")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_checkpoints_raise_naming_the_fix(tmp_path):
+    step, params, state = _trained()
+    good = tmp_path / "good"
+    fs.save(good, params, state)
+    fresh = lambda: _build(())  # noqa: E731
+
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        fs.load(tmp_path / "nope", *fresh())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="save did not finish"):
+        fs.load(tmp_path / "empty", *fresh())
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="corrupt"):
+        fs.load(bad, *fresh())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("step-9\n")
+    with pytest.raises(FileNotFoundError, match="points at .*step-9.*no .metadata"):
+        fs.load(run, *fresh())
+
+    # Another model: a param's shape differs (named, both shapes) ...
+    wider = CFG.replace(d_model=12)
+    with pytest.raises(
+        ValueError, match=r"param '[\w.]+' has shape \(\d+, 10\) in the checkpoint but \(\d+, 12\)"
+    ):
+        fs.load(good, *_build((), cfg=wider))
+    # ... or its params are others.
+    deeper = CFG.replace(n_layer=3)
+    with pytest.raises(ValueError, match=r"another model: params missing from it \['blocks.2"):
+        fs.load(good, *_build((), cfg=deeper))
+    # Another optimizer: its state is not in the checkpoint.
+    with pytest.raises(ValueError, match="no entry 'optimizer/momentum_buffer/.*another optimizer"):
+        fs.load(good, *_build((), optimizer=fs.optim.sgd(0.1, momentum=0.9)))
+
+    with pytest.raises(ValueError, match="keep=2.*needs at="):
+        fs.save(tmp_path / "x", params, state, keep=2)
+    with pytest.raises(ValueError, match="not produced by step.init"):
+        fs.save(tmp_path / "x", params, {"count": 0})
+    with pytest.raises(KeyError, match=r"extra for ranks \[0\], not rank 3"):
+        fs.load_extra(good, rank=3)
+    assert fs.load_extra(good) is None
