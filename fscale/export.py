@@ -171,10 +171,11 @@ def load_state_dict(
     out = dict(params)
     seen: dict[str, str] = {}
     unexpected = []
+    into_module = []  # copied only once every key has been checked
     for key, value in state_dict.items():
         if key in extra:
             _check_shape(key, value, extra[key], "the module's")
-            extra[key].copy_(value)
+            into_module.append(key)
             continue
         name = owner.get(key)
         if name is None:
@@ -198,6 +199,8 @@ def load_state_dict(
             f"{_listing(unexpected)}. Pass model= (the module or apply) so tied names and "
             "buffers are known, or strict=False to load what matches."
         )
+    for key in into_module:
+        extra[key].copy_(state_dict[key])
     return out
 
 
@@ -258,6 +261,13 @@ def _tensors_to_write(full, module, aliases, dtype, tied) -> dict[str, torch.Ten
                 f"{type(module).__name__}.state_dict(); pass the module these params came from."
             )
         extras = _module_extras(module)
+        dropped = {a for others in aliases.values() for a in others} if tied == "first" else ()
+        absent = [k for k in expected if k not in names and k not in extras and k not in dropped]
+        if absent:
+            raise ValueError(
+                f"fs.export: the module's trainable params {_listing(absent)} are not in params; "
+                "pass the whole params dict (as fs.functional or the step returned it)."
+            )
         order = [k for k in expected if k in names or k in extras]
     else:
         extras, order = {}, list(names)

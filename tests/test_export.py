@@ -354,3 +354,45 @@ def test_offloaded_masters_are_exported(tmp_path, offload):
     # Not the bf16 params upcast: those are ~1e-3 away.
     assert params["emb.weight"].dtype == torch.bfloat16
     assert not torch.equal(got["emb.weight"], params["emb.weight"].float())
+
+
+class _WithBuffer(torch.nn.Module):
+    """Trainable, frozen and buffer entries in one state_dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.frozen = torch.nn.Parameter(torch.randn(2), requires_grad=False)
+        self.register_buffer("scale", torch.tensor([2.0, 3.0]))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale + self.frozen
+
+
+def test_buffers_and_frozen_params_travel_with_the_module(tmp_path):
+    torch.manual_seed(0)
+    module = _WithBuffer()
+    params, apply = fs.functional(module)
+    assert set(params) == {"lin.weight", "lin.bias"}
+    path = fs.export(tmp_path / "m.safetensors", params, model=apply)
+    assert safetensors_torch.load_file(path).keys() == module.state_dict().keys()
+
+    other = _WithBuffer()
+    fresh, fresh_apply = fs.functional(other)
+    loaded = fs.load_safetensors(path, fresh, model=fresh_apply)
+    assert torch.equal(other.scale, module.scale) and torch.equal(other.frozen, module.frozen)
+    x = torch.randn(4, 3)
+    assert torch.equal(fresh_apply(loaded, x), apply(params, x))
+
+    # A bad entry anywhere: nothing is copied into the module.
+    before = other.scale.clone()
+    sd = {**module.state_dict(), "scale": torch.zeros(2) + 7, "lin.bias": torch.zeros(5)}
+    with pytest.raises(ValueError, match=r"'lin.bias' has shape \(5,\)"):
+        fs.load_state_dict(sd, fresh, model=fresh_apply)
+    assert torch.equal(other.scale, before)
+
+
+def test_export_of_a_params_subset_names_what_is_missing(tmp_path):
+    params, apply = fs.functional(_WithBuffer())
+    with pytest.raises(ValueError, match=r"trainable params lin.bias are not in params"):
+        fs.export(tmp_path, {"lin.weight": params["lin.weight"]}, model=apply)
