@@ -16,7 +16,7 @@ import torch
 import fscale as fs
 from fscale import tree
 from fscale.hw import dispatch
-from fscale.io import SwapCorruptError, swap
+from fscale.io import SwapCorruptError, SwapError, swap
 from fscale.kernels import cpu_adam
 from fscale.kernels.adamw import adamw_update_reference_
 from fscale.kernels.cpu_adam import adamw_update_cpu_fused_, host_kernels
@@ -495,6 +495,65 @@ def test_damaged_swap_file_stops_the_step(tmp_path, damage):
         step(params, state, batch)
     state["offload"].close()
     assert os.listdir(tmp_path) == []
+
+
+def _fail_writes_of(monkeypatch, group_key):
+    """os.pwritev raises ENOSPC for group ``group_key``'s swap file; returns the real one."""
+    real = os.pwritev
+
+    def pwritev(fd, buffers, offset):
+        if f"-{group_key}.swp" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    return real
+
+
+@pytest.mark.parametrize("failure", ["enospc", "corrupt"])
+def test_a_step_failing_midway_leaves_the_state_unusable_not_half_applied(
+    tmp_path, monkeypatch, failure
+):
+    """[Note: a failed NVMe step]: group 2's write fails for a full disk (found at the
+    step's end, all 5 groups updated in memory), or group 3's file is corrupt (groups
+    0..2 updated): that step raises its error, and every later step -- after the
+    space is freed too -- says to load the last checkpoint, never the stale error."""
+    step, params = _step()
+    step = fs.offload(step, "nvme", path=tmp_path, subgroup_mb=SMALL)
+    params, state = step.init(params)
+    handle = state["offload"]
+    assert [g.key for g in handle.groups] == [f"g{k:05d}" for k in range(5)]
+    batch = regression_batches(1, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1])[0]
+    params, state, _ = step(params, state, batch)
+    if failure == "enospc":
+        real = _fail_writes_of(monkeypatch, "g00002")
+        first, cause, done = SwapError, "No space left", 5
+    else:
+        with open(handle.engine.file_path("g00003"), "r+b") as f:
+            f.seek(100)
+            f.write(b"\x7f")
+        first, cause, done = SwapCorruptError, "corrupt", 3
+    with pytest.raises(first, match=cause) as info:
+        step(params, state, batch)
+    assert any("state is now unusable" in n for n in info.value.__notes__)
+    if failure == "enospc":
+        monkeypatch.setattr(os, "pwritev", real)  # space freed
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=rf"unusable.*{cause}.*after {done} of 5.*last ch"):
+            step(params, state, batch)
+    with pytest.raises(RuntimeError, match="unusable"):  # no checkpoint of the mixed state
+        describe(state)
+    handle.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_init_leaves_no_swap_file_or_lock(tmp_path, monkeypatch):
+    step, params = _step()
+    step = fs.offload(step, "nvme", path=tmp_path, subgroup_mb=SMALL)
+    _fail_writes_of(monkeypatch, "g00002")
+    with pytest.raises(SwapError, match="No space left"):
+        step.init(params)
+    assert os.listdir(tmp_path) == []  # at once, not when the state is collected
 
 
 def test_host_memory_and_disk_bytes_are_bounded(tmp_path):

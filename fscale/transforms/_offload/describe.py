@@ -127,6 +127,8 @@ def _check_open(handle) -> None:
             f"offload({handle.cfg.tier}): this state was closed (its buffers and swap files "
             "are gone); describe the state of a live step."
         )
+    if handle.failure is not None:  # [Note: a failed NVMe step]: never checkpoint the mix
+        raise RuntimeError(handle.failure)
 
 
 # [Note: loading offloaded state]

@@ -33,66 +33,70 @@ def build_state(
     if device is None:
         device = live[0].device if live else torch.device("cpu")
     handle = OffloadState(cfg, inner, spec, device)
-    handle.param_paths, handle.mesh_dims = tree.paths(params), tuple(mesh_dims)
-    handle.track(leaves)
-    limit = cfg.subgroup_bytes
-    shared = shares_masters(cfg)
-    # Layouts first (optimizer init on meta tensors): the NVMe space check must
-    # happen before a byte is written.
-    for k, idx in enumerate(group_leaves(leaves, limit)):
-        lay = Layout()
-        g = Group(f"g{k:05d}", idx, [], [], shared_master=shared)
-        masters = Layout() if shared else lay  # shared: shapes only, no bytes here
-        g.master = [masters.add(leaves[i].shape, master_dtype(leaves[i].dtype)) for i in idx]
-        metas = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in g.master]
-        meta_state = inner.init(sub(spec, scatter(len(leaves), idx, metas), idx))
-        s_leaves, g.state_spec = tree.flatten(meta_state)
-        g.state_leaves = [
-            lay.add(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in s_leaves
-        ]
-        g.owners = state_owners(tree.paths(meta_state), s_leaves, handle.param_paths, g)
-        g.persisted = swap.align_up(lay.size)
-        grads = Layout()
-        g.grads = [grads.add(leaves[i].shape, leaves[i].dtype) for i in idx]
-        g.grad_bytes = swap.align_up(grads.size)
-        handle.groups.append(g)
-    if cfg.tier == "nvme":
-        _open_swap(cfg, handle, group)
-    writes: list[Future] = []
-    if cfg.tier == "cpu":
-        # Master and state: one buffer per group, carved out of a few pinned
-        # allocations. Grads: a small rotating pool ([Note: grad staging] in update.py).
-        handle.buffers = swap.alloc_many([g.persisted for g in handle.groups])
-        largest = max((g.grad_bytes for g in handle.groups), default=1)
-        handle.staging = swap.alloc_many([largest] * (2 if cfg.overlap else 1))
-    for k, g in enumerate(handle.groups):
-        if cfg.tier == "cpu":
-            buf = handle.buffers[k]
-        else:  # the pool in turn: group k's write overlaps group k+1's init
-            n = len(handle.buffers)
-            buf = handle.buffers[k % n]
-            if k >= n:
-                writes[k - n].result()
-        if shared:  # the params' host shards, set by share_masters once they exist
-            master = [leaves[i].detach() for i in g.leaves]
-        else:
-            master, _ = handle.views(g, buf)
-            for view, i in zip(master, g.leaves, strict=True):
-                view.copy_(leaves[i].detach())
-        # The real init runs on the host masters; its tensors are copied into the slots.
-        state = inner.init(sub(spec, scatter(len(leaves), g.leaves, master), g.leaves))
-        handle._store_state(g, buf, state)
+    try:
+        handle.param_paths, handle.mesh_dims = tree.paths(params), tuple(mesh_dims)
+        handle.track(leaves)
+        limit = cfg.subgroup_bytes
+        shared = shares_masters(cfg)
+        # Layouts first (optimizer init on meta tensors): the NVMe space check must
+        # happen before a byte is written.
+        for k, idx in enumerate(group_leaves(leaves, limit)):
+            lay = Layout()
+            g = Group(f"g{k:05d}", idx, [], [], shared_master=shared)
+            masters = Layout() if shared else lay  # shared: shapes only, no bytes here
+            g.master = [masters.add(leaves[i].shape, master_dtype(leaves[i].dtype)) for i in idx]
+            metas = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in g.master]
+            meta_state = inner.init(sub(spec, scatter(len(leaves), idx, metas), idx))
+            s_leaves, g.state_spec = tree.flatten(meta_state)
+            g.state_leaves = [
+                lay.add(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x for x in s_leaves
+            ]
+            g.owners = state_owners(tree.paths(meta_state), s_leaves, handle.param_paths, g)
+            g.persisted = swap.align_up(lay.size)
+            grads = Layout()
+            g.grads = [grads.add(leaves[i].shape, leaves[i].dtype) for i in idx]
+            g.grad_bytes = swap.align_up(grads.size)
+            handle.groups.append(g)
         if cfg.tier == "nvme":
-            writes.append(handle.engine.write(g.key, buf, g.persisted))
-    for w in writes:
-        w.result()
-    handle._reset_events()
-    if cfg.tier == "cpu" and cfg.delayed_update:
-        handle._bg = ThreadPoolExecutor(1, thread_name_prefix="fscale-offload-dpu")
-        if cfg.compute_dtype is not None and "params" not in cfg.what:
-            handle.device_staging = device_staging(leaves, cfg.compute_dtype)
-    if cfg.stream and (cfg.sharded or comm.world_size(group) == 1):
-        handle.stream = GradStream(handle, leaves)
+            _open_swap(cfg, handle, group)
+        writes: list[Future] = []
+        if cfg.tier == "cpu":
+            # Master and state: one buffer per group, carved out of a few pinned
+            # allocations. Grads: a small rotating pool ([Note: grad staging] in update.py).
+            handle.buffers = swap.alloc_many([g.persisted for g in handle.groups])
+            largest = max((g.grad_bytes for g in handle.groups), default=1)
+            handle.staging = swap.alloc_many([largest] * (2 if cfg.overlap else 1))
+        for k, g in enumerate(handle.groups):
+            if cfg.tier == "cpu":
+                buf = handle.buffers[k]
+            else:  # the pool in turn: group k's write overlaps group k+1's init
+                n = len(handle.buffers)
+                buf = handle.buffers[k % n]
+                if k >= n:
+                    writes[k - n].result()
+            if shared:  # the params' host shards, set by share_masters once they exist
+                master = [leaves[i].detach() for i in g.leaves]
+            else:
+                master, _ = handle.views(g, buf)
+                for view, i in zip(master, g.leaves, strict=True):
+                    view.copy_(leaves[i].detach())
+            # The real init runs on the host masters; its tensors are copied into the slots.
+            state = inner.init(sub(spec, scatter(len(leaves), g.leaves, master), g.leaves))
+            handle._store_state(g, buf, state)
+            if cfg.tier == "nvme":
+                writes.append(handle.engine.write(g.key, buf, g.persisted))
+        for w in writes:
+            w.result()
+        handle._reset_events()
+        if cfg.tier == "cpu" and cfg.delayed_update:
+            handle._bg = ThreadPoolExecutor(1, thread_name_prefix="fscale-offload-dpu")
+            if cfg.compute_dtype is not None and "params" not in cfg.what:
+                handle.device_staging = device_staging(leaves, cfg.compute_dtype)
+        if cfg.stream and (cfg.sharded or comm.world_size(group) == 1):
+            handle.stream = GradStream(handle, leaves)
+    except BaseException:
+        handle.close()  # no swap file or lock outlives a failed init (ENOSPC writing them)
+        raise
     return handle
 
 

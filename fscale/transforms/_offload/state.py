@@ -73,6 +73,8 @@ class OffloadState:
         self._leaf_refs: list = []
         self._placements: dict[int, Placement] = {}
         self.closed = False
+        # Why this state can no longer be used ([Note: a failed NVMe step] in update.py).
+        self.failure: str | None = None
 
     # -- log ---------------------------------------------------------------------------
 

@@ -20,6 +20,21 @@ views of the buffer (no copies), and the grads of a group are copied into the
 buffer's tail after its read, so the D2H copy of the grads overlaps the disk too.
 Every step ends with all writes done. ``overlap=False`` uses one buffer: read,
 update, write, in turn.
+
+[Note: a failed NVMe step]
+A step updates the sub-groups one after the other, each copied into the params and
+written back as it goes, so an error midway (ENOSPC or EIO writing a file, a
+corrupt file read, an interrupt) leaves the groups before it at step t+1 and the
+rest at step t, in the params and on the drive: each file is whole ([Note: swap
+files] in ``fscale/io/swap.py``), but the set mixes two steps. Rolling back would
+need the previous version of every file kept until all of the step's writes
+succeeded: room on the drive for two copies of the state instead of one file more
+(``_open_swap``), and that room is what decides the largest model a drive takes.
+So the state is marked unusable instead: the failing step raises its own error
+(with a note saying so), and every later step, and ``describe`` (no checkpoint of
+the mixed state), raise a ``RuntimeError`` that names the first error and says to
+load the last checkpoint -- never the stale error again, and never a silent
+half-applied step. ``close()`` still removes the files.
 """
 
 from __future__ import annotations
@@ -40,6 +55,8 @@ def run(handle: OffloadState, grads, params):
             f"offload({handle.cfg.tier}): this state was closed (its swap files are gone); "
             "build a new one with step.init to keep training."
         )
+    if handle.failure is not None:
+        raise RuntimeError(handle.failure)  # [Note: a failed NVMe step]
     g_leaves, p_leaves = tree.leaves(grads), tree.leaves(params)
     handle.track(p_leaves)
     if handle.stream is not None and handle.stream.started:
@@ -155,6 +172,28 @@ def _copy_unstaged(handle: OffloadState, params: list) -> None:
 
 
 def update_nvme(handle: OffloadState, grads: list, params: list) -> None:
+    """The swap pipeline; any error marks the state unusable ([Note: a failed NVMe step])."""
+    before = [g.updates for g in handle.groups]
+    try:
+        _swap_groups(handle, grads, params)
+        handle.engine.flush()
+    except BaseException as e:
+        done = sum(g.updates != n for g, n in zip(handle.groups, before, strict=True))
+        handle.failure = (
+            f"offload(tier='nvme'): this state is unusable: a step failed midway "
+            f"({type(e).__name__}: {e}) after {done} of {len(handle.groups)} sub-groups had "
+            "been updated, so the params and the swap files mix two steps. Load the last "
+            "checkpoint (fs.load) into a fresh state from step.init to continue; close() this "
+            "one to free its swap files."
+        )
+        e.add_note(
+            f"offload(tier='nvme'): {done} of {len(handle.groups)} sub-groups were updated "
+            "before this error; the state is now unusable: load the last checkpoint."
+        )
+        raise
+
+
+def _swap_groups(handle: OffloadState, grads: list, params: list) -> None:
     engine, groups, pool = handle.engine, handle.groups, handle.buffers
     n = len(pool)
     reads: dict[int, Future] = {}
@@ -191,4 +230,3 @@ def update_nvme(handle: OffloadState, grads: list, params: list) -> None:
                 fut.result()
             except Exception:
                 pass
-    engine.flush()
