@@ -84,7 +84,7 @@ def shard_zero(
     prefetch: int = 1,
     bucket_mb: float | None = None,
     world_size: int | None = None,
-    check_order: bool = False,
+    check_order: bool | str = "first",
 ) -> Step:
     """Partition optimizer state (1), gradients (2) and params (3) over a mesh dim.
 
@@ -106,12 +106,19 @@ def shard_zero(
       check_order: stage 3: before every gather, check that all ranks gather the same
         unit (one small blocking all-gather each). Ranks that take different code paths
         (a rank-dependent branch, data-dependent control flow) then fail with an error
-        naming each rank's unit instead of hanging. For debugging: it syncs the host.
+        naming each rank's unit instead of hanging, and ranks running equal-sized units
+        in different orders fail instead of silently mixing their weights. ``"first"``
+        (the default) checks the first step only (it syncs the host once per unit);
+        ``True`` every step (for debugging); ``False`` never.
     """
     if stage not in (1, 2, 3):
         raise ValueError(f"shard_zero stage must be 1, 2 or 3, got {stage!r}.")
     if not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}.")
+    if check_order not in (True, False, "first"):
+        raise ValueError(
+            f"shard_zero: check_order must be True, False or 'first', got {check_order!r}."
+        )
     if unit is not None and not callable(unit):
         raise TypeError(f"unit must be a callable param_name -> key, got {type(unit).__name__}.")
     resolved = step.mesh if mesh is None else meshes.resolve(mesh)

@@ -30,7 +30,7 @@ class ZeroConfig:
     unit: Callable[[str], str] | None
     prefetch: int
     bucket_bytes: int
-    check_order: bool = False
+    check_order: bool | str = "first"  # True, False or "first" (the first step only)
 
     @property
     def world(self) -> int:

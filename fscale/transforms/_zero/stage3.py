@@ -106,13 +106,17 @@ class UnitGatherer:
         self.backward_plan: list[str] = []
         self.backward_pos = 0
         self.in_backward = False
+        # check_order="first" (the default): only the first call of the step (count 0),
+        # where a rank-dependent unit order shows.
+        first = ctx.state.get("count", 0) == 0
+        self.check_order = cfg.check_order is True or (cfg.check_order == "first" and first)
 
     # -- gathering -------------------------------------------------------------------
 
     def _launch(self, key: str) -> None:
         if key in self.inflight or key not in self.units:
             return
-        if self.cfg.check_order:
+        if self.check_order:
             self._check_same_unit_everywhere(key, self.device)
         with torch.no_grad():
             local, launch = self.source.fetch(key, self.flats[key])
