@@ -62,6 +62,10 @@ def plan(step, params) -> Plan:
     }
     if world > 1:
         result.collectives.append(Collective("all_reduce", p_bytes, "reduce_grads", tag="dp.grads"))
+        # The step's non-finite vote, which also averages the loss (fscale/_guard.py).
+        result.collectives.append(
+            Collective("all_reduce", 4, "finish_grads", tag="guard.nonfinite")
+        )
     if leaves:
         for op in sorted(dispatch.known_ops()):
             try:

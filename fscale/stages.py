@@ -69,6 +69,11 @@ def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
         source = step.stages.materialize(ctx, tree.unflatten(spec, inputs))
         with step.hooked_units():
             out = step.loss_fn(source, batch)
+        if step.has_aux and not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(
+                f"train_step(has_aux=True): loss_fn must return (loss, metrics_dict), got a "
+                f"{type(out).__name__}; return the pair, or drop has_aux."
+            )
         loss, aux = out if step.has_aux else (out, None)
         _check_loss(loss)
         target = loss if ctx.loss_scale is None else loss * ctx.loss_scale

@@ -51,11 +51,12 @@ from typing import Any
 
 import torch
 
-from fscale import tree
+from fscale import _guard, tree
 from fscale._accumulate import accumulated_loss_and_grad
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.hw.tagged import Collectives, TaggedLowering
+from fscale.optim import schedules
 from fscale.optim.base import GradientTransformation
 from fscale.placement import Placement, placement_of, replicated
 from fscale.policies import CAPABILITIES
@@ -184,6 +185,17 @@ class StepContext:
         self.grad_sink = None
         # Called with each final grad in backward ([Note: final grads in backward]).
         self.grad_ready = None
+        # The non-finite guard ([Note: the non-finite guard] in fscale/_guard.py): a
+        # stage that already checked every grad for inf/nan (fp16's unscale) puts its
+        # local flag here (a 0-d tensor, > 0 when found) so the grads are not read
+        # again; ``on_verdict`` callbacks get the voted decision, ``fn(nonfinite)``,
+        # and return True when the skip is expected (fp16's scale can still drop).
+        self.nonfinite: torch.Tensor | None = None
+        self.on_verdict: list[Callable[[bool], bool]] = []
+
+    def flag_nonfinite(self, found: torch.Tensor) -> None:
+        """Add this rank's flag (0-d, > 0: a grad is inf/nan) to the step's one vote."""
+        self.nonfinite = found if self.nonfinite is None else torch.maximum(self.nonfinite, found)
 
     def scratch(self, owner: str) -> dict:
         """The per-call scratch dict of transform ``owner`` (declared ``scratch=True``)."""
@@ -209,6 +221,9 @@ class Step:
     has_aux: bool = False
     mesh: meshes.Mesh = field(default_factory=meshes.resolve)
     units: Units | None = None
+    nonfinite: str = "skip"
+    max_nonfinite_skips: int | None = 10
+    sync_init: str = "check"
     stages: Stages = DEFAULT_STAGES
     transforms: tuple[Transform, ...] = ()
     policies: tuple[Any, ...] = ()
@@ -307,10 +322,22 @@ class Step:
     # -- running --------------------------------------------------------------------
 
     def init(self, params: Params) -> tuple[Params, State]:
-        """Lay ``params`` out as the stack says and build the state."""
+        """Lay ``params`` out as the stack says and build the state.
+
+        With ``sync_init="check"`` (the default) it first checks that every rank of the
+        mesh holds the same params, ``"broadcast"`` copies rank 0's into the others
+        ([Note: same params on every rank] in ``fscale/_guard.py``).
+        """
         _check_params(params)
+        if self.sync_init == "check":
+            _guard.check_init(self.mesh, params)
+        elif self.sync_init == "broadcast":
+            _guard.broadcast_init(self.mesh, params)
         params, state = self.stages.init(self, params)
         state["layout"] = ParamLayout.of(params, self.mesh.dims)
+        state["guard"] = {"skipped_steps": 0, "consecutive": 0}
+        state["generation"] = _guard.Generation.start()
+        state["generation"].mark(params)
         return params, state
 
     def __call__(self, params: Params, state: State, batch: Batch):
@@ -320,19 +347,55 @@ class Step:
                 "first and pass the state each step call returns."
             )
         state["layout"].check(params)
+        generation = state.get("generation")
+        if generation is not None:  # [Note: stale state] in fscale/_guard.py
+            generation.check(params)
         ctx = StepContext(self, state)
+        old_params = params
         with comm.counting() as traffic:
             loss, grads = accumulated_loss_and_grad(self, ctx, params, batch)
             grads = self.stages.reduce_grads(ctx, grads)
             grads = self.stages.finish_grads(ctx, grads)
+            norm = None
             if self.clip_norm is not None:
                 norm = self.stages.grad_norm(ctx, grads)
-                clip_(grads, norm, self.clip_norm)
                 ctx.metrics["grad_norm"] = norm
-            params = self.stages.update(ctx, grads, params)
-            params = self.stages.apply(ctx, params)
-        ctx.state["count"] = state["count"] + 1
-        ctx.metrics["loss"] = loss
+            # One vote: the global mean loss and whether any rank saw inf/nan.
+            voted = _guard.vote(ctx, loss, grads, norm)
+            guarded = self.nonfinite == "skip"
+            # The one host read of the step; fp16 (on_verdict) skips overflows even with
+            # the guard off, as it always did.
+            skip = not bool(torch.isfinite(voted)) if guarded or ctx.on_verdict else False
+            expected = [fn(skip) for fn in ctx.on_verdict]
+            if not skip:
+                if norm is not None:
+                    clip_(grads, norm, self.clip_norm)
+                with schedules.reporting() as hparams:
+                    params = self.stages.update(ctx, grads, params)
+                params = self.stages.apply(ctx, params)
+                if "lr" in hparams:
+                    ctx.metrics["lr"] = hparams["lr"]
+        guard = dict(state.get("guard") or {"skipped_steps": 0, "consecutive": 0})
+        if skip:
+            # No update ran: params and the optimizer state (its count, its schedule)
+            # are those that came in; only the counters (and the fp16 loss scale) move.
+            params = old_params
+            guard["skipped_steps"] += 1
+            if not any(expected):
+                guard["consecutive"] += 1
+            limit = self.max_nonfinite_skips
+            if guarded and limit is not None and guard["consecutive"] >= limit:
+                raise _guard.too_many_skips(guard["consecutive"], limit, ctx.loss_scale is not None)
+        else:
+            guard["consecutive"] = 0
+        ctx.state["count"] = state["count"] + 1  # calls of the step, skipped ones included
+        ctx.state["guard"] = guard
+        if generation is not None:
+            ctx.state["generation"] = generation.advance(params)
+        ctx.metrics["loss"] = voted if self.mesh.size() > 1 else loss
+        ctx.metrics["local_loss"] = loss
+        ctx.metrics["nonfinite"] = skip if guarded or ctx.on_verdict else ~torch.isfinite(voted)
+        ctx.metrics["skipped_steps"] = guard["skipped_steps"]
         ctx.metrics["comm_bytes"] = {op: s.bytes for op, s in traffic.ops.items()}
         ctx.metrics["comm_bytes_by_tag"] = {tag: s.bytes for tag, s in traffic.tags.items()}
         return params, ctx.state, ctx.metrics
@@ -353,6 +416,7 @@ def _check_params(params: Params) -> None:
             raise TypeError(
                 f"param {path!r} is a {type(leaf).__name__}; params must be tensors (or None)."
             )
+        _guard.check_trainable(path, leaf)
         if not leaf.dtype.is_floating_point:
             raise TypeError(
                 f"param {path!r} has dtype {leaf.dtype}; only floating tensors can be trained. "
@@ -394,6 +458,9 @@ def train_step(
     mesh: Any = None,
     model: Any = None,
     units: Any = None,
+    nonfinite: str = "skip",
+    max_nonfinite_skips: int | None = 10,
+    sync_init: str = "check",
 ) -> Step:
     """Build the plain step: grads of ``loss_fn``, data-parallel mean, ``optimizer``.
 
@@ -410,6 +477,14 @@ def train_step(
         step knows its units and transforms can wrap them (checkpoint_activations).
       units: which modules are units (``fscale.units.find_units``'s policy): default
         the children of the first ``ModuleList``. Needs ``model``.
+      nonfinite: ``"skip"``: a step whose loss or grads are inf/nan on any rank changes
+        nothing on any rank (``metrics["nonfinite"]``, ``metrics["skipped_steps"]``);
+        one host read per step. ``"off"``: no skip and no host read
+        ([Note: the non-finite guard] in ``fscale/_guard.py``).
+      max_nonfinite_skips: raise ``FloatingPointError`` after this many skipped steps in
+        a row (None: never). fp16 overflows count only at the loss scale's floor.
+      sync_init: ``"check"``: ``step.init`` raises if ranks hold different params;
+        ``"broadcast"``: it copies rank 0's params to every rank (as DDP); ``"off"``.
 
     Returns:
       A ``Step``; ``params, state = step.init(params)``, then
@@ -426,6 +501,19 @@ def train_step(
         raise ValueError(f"accumulate must be a positive int, got {accumulate!r}.")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0 (or None to disable), got {clip_norm!r}.")
+    if nonfinite not in _guard.NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {_guard.NONFINITE_MODES}, got {nonfinite!r}.")
+    if max_nonfinite_skips is not None and (
+        isinstance(max_nonfinite_skips, bool)
+        or not isinstance(max_nonfinite_skips, int)
+        or max_nonfinite_skips < 1
+    ):
+        raise ValueError(
+            f"max_nonfinite_skips must be an int >= 1 (or None: never raise), got "
+            f"{max_nonfinite_skips!r}."
+        )
+    if sync_init not in _guard.SYNC_INIT_MODES:
+        raise ValueError(f"sync_init must be one of {_guard.SYNC_INIT_MODES}, got {sync_init!r}.")
     if units is not None and model is None:
         raise ValueError(
             "train_step(units=...) names modules of the model, but no model was given; pass "
@@ -439,4 +527,7 @@ def train_step(
         has_aux=has_aux,
         mesh=meshes.resolve(mesh),
         units=None if model is None else find_units(model, units),
+        nonfinite=nonfinite,
+        max_nonfinite_skips=max_nonfinite_skips,
+        sync_init=sync_init,
     )

@@ -83,7 +83,7 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
     def prepare(updates, state, params):
         """Shared front half: hyper-parameters, live leaves, and L2 decay folded into the grads."""
         count = state.count
-        lr_t, wd_t = value_at(lr, count), value_at(weight_decay, count)
+        lr_t, wd_t = value_at(lr, count, "lr"), value_at(weight_decay, count, "weight_decay")
         leaves, spec, idx = split(updates)
         what = f"{owner}: the gradients (vs the optimizer state)"
         ms = gather(state.exp_avg, updates, idx, what=what)

@@ -85,7 +85,7 @@ def lamb(
             )
         count = state.count
         step = count + 1
-        lr_t, wd_t = value_at(lr, count), value_at(weight_decay, count)
+        lr_t, wd_t = value_at(lr, count, "lr"), value_at(weight_decay, count, "weight_decay")
         new_state = AdamState(count + 1, state.exp_avg, state.exp_avg_sq)
         leaves, spec, idx = split(updates)
         if not idx:

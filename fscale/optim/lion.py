@@ -71,7 +71,7 @@ def lion(
     @torch.no_grad()
     def update(updates, state, params=None):
         count = state.count
-        lr_t, wd_t = value_at(lr, count), value_at(weight_decay, count)
+        lr_t, wd_t = value_at(lr, count, "lr"), value_at(weight_decay, count, "weight_decay")
         new_state = LionState(count + 1, state.exp_avg)
         leaves, spec, idx = split(updates)
         if not idx:

@@ -16,6 +16,8 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 from collections.abc import Callable
@@ -24,11 +26,46 @@ Schedule = Callable[[int], float]
 FloatOrSchedule = float | Schedule
 
 
-def value_at(hparam: FloatOrSchedule, count: int) -> float:
-    """The value of a float-or-schedule hyper-parameter for the update after ``count`` updates."""
+def value_at(hparam: FloatOrSchedule, count: int, name: str | None = None) -> float:
+    """The value of a float-or-schedule hyper-parameter for the update after ``count`` updates.
+
+    A schedule's value must be finite and >= 0 (every "float or schedule" hyper-parameter
+    is a learning rate or a decay): a negative or NaN learning rate used as is trained
+    backwards or poisoned every param. The check is free: the value is a host float
+    here (a schedule returning a tensor is read once by ``float()``, as before). Under
+    ``reporting()``, the value of ``name`` is recorded (``metrics["lr"]``).
+    """
     if callable(hparam):
-        return float(hparam(count))
-    return float(hparam)
+        value = float(hparam(count))
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"the schedule of {name or 'a hyper-parameter'} returned {value!r} at count "
+                f"{count} (updates done so far); it must be finite and >= 0. Fix the schedule "
+                "(e.g. clamp its decay at 0, check its warmup/decay steps)."
+            )
+    else:
+        value = float(hparam)
+    seen = _REPORT.get(None)
+    if seen is not None and name is not None:
+        seen[name] = value
+    return value
+
+
+_REPORT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fscale_hparams")
+
+
+@contextlib.contextmanager
+def reporting():
+    """Collect ``{name: value}`` of the named hyper-parameters ``value_at`` computes inside.
+
+    ``Step.__call__`` reports the learning rate of its update this way (``metrics["lr"]``).
+    """
+    seen: dict = {}
+    token = _REPORT.set(seen)
+    try:
+        yield seen
+    finally:
+        _REPORT.reset(token)
 
 
 def _check_finite(name: str, value: float) -> float:

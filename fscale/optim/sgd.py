@@ -84,7 +84,7 @@ def sgd(
     def direction(updates, state, params):
         """The step direction (before ``-lr``), the new state and where the leaves go."""
         count = state.count
-        wd_t = value_at(weight_decay, count)
+        wd_t = value_at(weight_decay, count, "weight_decay")
         new_state = SGDState(count + 1, state.momentum_buffer)
         leaves, spec, idx = split(updates)
         if not idx:
@@ -116,7 +116,7 @@ def sgd(
         ds, new_state, (spec, leaves, idx) = direction(updates, state, params)
         if ds is None:
             return updates, new_state
-        ds = torch._foreach_mul(ds, -value_at(lr, state.count))
+        ds = torch._foreach_mul(ds, -value_at(lr, state.count, "lr"))
         return scatter(spec, leaves, idx, ds), new_state
 
     @torch.no_grad()
@@ -125,7 +125,7 @@ def sgd(
         ds, new_state, (_, _, idx) = direction(grads, state, params)
         if ds is not None:
             ps = gather(params, grads, idx, what=f"{owner}: the params")
-            torch._foreach_add_(ps, as_dtypes(ds, ps), alpha=-value_at(lr, state.count))
+            torch._foreach_add_(ps, as_dtypes(ds, ps), alpha=-value_at(lr, state.count, "lr"))
         return params, new_state
 
     return GradientTransformation(init, update, update_params)

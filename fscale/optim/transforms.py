@@ -78,7 +78,7 @@ def scale_by_learning_rate(lr) -> GradientTransformation:
 
     @torch.no_grad()
     def update(updates, state, params=None):
-        step = -value_at(lr, state.count)
+        step = -value_at(lr, state.count, "lr")
         live = [x for x in tree.leaves(updates) if x is not None]
         if live:
             torch._foreach_mul_(live, step)
@@ -175,7 +175,7 @@ def add_decayed_weights(weight_decay, mask=None) -> GradientTransformation:
 
     @torch.no_grad()
     def update(updates, state, params=None):
-        wd = value_at(weight_decay, state.count)
+        wd = value_at(weight_decay, state.count, "weight_decay")
         new_state = ScheduleState(count=state.count + 1)
         if wd == 0.0:
             return updates, new_state

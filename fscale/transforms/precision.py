@@ -29,12 +29,17 @@ default ``loss_and_grad`` does it and returns the unscaled loss), so small fp16
 activation grads stay representable. ``finish_grads`` (after ``reduce_grads``,
 before clipping) multiplies the grads by ``1/scale`` -- exact, the scale is a power
 of two -- and checks them for inf/nan. Under ``shard_zero`` each rank holds only its
-shard of the grads, so an overflow may be visible on one rank alone: the flag is
-all-reduced (max) over the data-parallel group, and every rank then takes the same
-decision (a rank that updated while another skipped would desynchronise them for
-good). On overflow ``update`` skips the optimizer entirely: params and optimizer
-state are returned untouched (an LR schedule does not advance either, as in
-DeepSpeed). The scale follows DeepSpeed's ``DynamicLossScaler``:
+shard of the grads, so an overflow may be visible on one rank alone: the local flag
+goes into the step's one non-finite vote over the mesh (``ctx.flag_nonfinite``,
+[Note: the non-finite guard] in ``fscale/_guard.py``; it used to be a second
+all-reduce, ``"mp.overflow"``), and every rank then takes the same decision (a rank
+that updated while another skipped would desynchronise them for good). On overflow
+the step skips the optimizer entirely: params and optimizer state are returned
+untouched (an LR schedule does not advance either, as in DeepSpeed). The verdict
+comes back through ``ctx.on_verdict``, where the scale moves. Overflows above the
+floor are expected and do not count towards ``train_step(max_nonfinite_skips=...)``;
+at the floor (``min_scale``) lowering the scale cannot help, and they do. The scale
+follows DeepSpeed's ``DynamicLossScaler``:
 
 - an overflow with ``hysteresis`` units left spends one; at its last unit it halves
   the scale instead (never below ``min_scale``), and each later overflow halves it
@@ -42,10 +47,10 @@ DeepSpeed). The scale follows DeepSpeed's ``DynamicLossScaler``:
 - ``growth_interval`` consecutive clean steps double the scale and restore the
   hysteresis.
 
-Skipping is a Python branch, so it reads the overflow flag on the host: one
-``.item()`` (a device sync) per step, in ``update``. That keeps a skipped step free
-(no optimizer maths to throw away, no ``torch.where`` over every param and moment)
-and is what DeepSpeed and ``torch.amp.GradScaler.step`` do too. bf16 has no sync.
+Skipping is a Python branch, so the verdict is read on the host: one device sync
+per step, the step's only one (the guard's read, shared by every precision). That
+keeps a skipped step free (no optimizer maths to throw away, no ``torch.where`` over
+every param and moment) and is what DeepSpeed and ``torch.amp.GradScaler.step`` do.
 """
 
 from __future__ import annotations
@@ -178,7 +183,7 @@ def mixed_precision(
         return _unscale_and_check(cfg, inner, ctx, grads)
 
     def update(ctx, grads, params):
-        return _update_or_skip(cfg, inner, ctx, grads, params)
+        return _update(cfg, inner, ctx, grads, params)
 
     stages = dict(
         init=init, materialize=materialize, loss_and_grad=loss_and_grad, reduce_grads=reduce_grads
@@ -310,29 +315,33 @@ def _unscale_and_check(cfg: _Config, inner, ctx: StepContext, grads):
     for g in live:
         g.mul_(inv.to(g.device))
         found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.device, found.dtype))
-    # Sharded grads (shard_zero) differ per rank: one rank may see the inf alone, so
-    # every rank of the step's mesh votes (the max over a product of dims is the max
-    # of per-dim maxima); ranks outside the mesh are not involved.
-    mesh = ctx.step.mesh
-    for dim in mesh.dims:
-        if mesh.size(dim) > 1:
-            ctx.comm.all_reduce("mp.overflow", found, op="max", group=mesh.group(dim))
-    ctx.scratch(NAME)["found_inf"] = found
+    # Sharded grads (shard_zero) differ per rank: one rank may see the inf alone; the
+    # step's non-finite vote over its mesh decides for every rank ([Note: loss scaling]).
+    ctx.flag_nonfinite(found)
+    ctx.on_verdict.append(lambda overflow: _move_scale(cfg, ctx, overflow))
+    ctx.scratch(NAME)["checked"] = True
     return inner.finish_grads(ctx, grads)
 
 
-def _update_or_skip(cfg: _Config, inner, ctx: StepContext, grads, params):
-    found = ctx.scratch(NAME).pop("found_inf", None)
-    if found is None:
+def _update(cfg: _Config, inner, ctx: StepContext, grads, params):
+    if not ctx.scratch(NAME).pop("checked", False):
         raise RuntimeError(
             "mixed_precision(fp16): update ran without its finish_grads stage, so the grads "
             "were neither unscaled nor checked; a transform applied over mixed_precision must "
             "call the finish_grads stage it replaces."
         )
+    return inner.update(ctx, grads, params)
+
+
+def _move_scale(cfg: _Config, ctx: StepContext, overflow: bool) -> bool:
+    """The loss scale after the step's verdict; True when an overflow is expected (the
+    scale used was above its floor, so a lower one may pass)."""
     slot = dict(ctx.state[NAME])
     ctx.metrics["loss_scale"] = slot["scale"]
-    overflow = bool(found.item())  # the one host sync per step, see [Note: loss scaling]
+    expected = False
     if overflow:
+        # The host already waited for the verdict: reading the scale costs no sync.
+        expected = float(slot["scale"]) > cfg.min_scale
         slot["skipped_steps"] += 1
         slot["clean_steps"] = 0
         if slot["hysteresis"] > 1:
@@ -340,7 +349,6 @@ def _update_or_skip(cfg: _Config, inner, ctx: StepContext, grads, params):
         else:
             slot["scale"] = torch.clamp(slot["scale"] * 0.5, min=cfg.min_scale)
     else:
-        params = inner.update(ctx, grads, params)
         slot["clean_steps"] += 1
         if slot["clean_steps"] >= cfg.growth_interval:
             slot["scale"] = slot["scale"] * 2.0
@@ -348,15 +356,13 @@ def _update_or_skip(cfg: _Config, inner, ctx: StepContext, grads, params):
             slot["hysteresis"] = cfg.hysteresis
     ctx.state[NAME] = slot
     ctx.metrics["overflow"] = overflow
-    ctx.metrics["skipped_steps"] = slot["skipped_steps"]
-    return params
+    return expected
 
 
 # ----------------------------------------------------------------------------- plan
 
 
 def _plan(cfg: _Config, plan) -> None:
-    from fscale.plan import Collective
 
     name = _short(cfg.param_dtype)
     size = torch.empty((), dtype=cfg.param_dtype).element_size()
@@ -373,11 +379,9 @@ def _plan(cfg: _Config, plan) -> None:
                 c.bytes = c.bytes * reduce_size // master
     if cfg.scaling:
         plan.notes.append(
-            "mixed_precision(fp16): dynamic loss scaling; an overflow skips the step. One "
-            "host sync per step reads the overflow flag."
+            "mixed_precision(fp16): dynamic loss scaling; an overflow skips the step (the "
+            "step's non-finite vote, one host read per step)."
         )
-        if plan.world > 1:
-            plan.collectives.append(Collective("all_reduce", 4, "finish_grads", tag="mp.overflow"))
 
 
 def _short(dtype: torch.dtype) -> str:

@@ -399,10 +399,13 @@ def _plan_fn(rank, world):
 def test_plan_matches_the_traffic_and_names_the_compute_dtype():
     out = run_world(_plan_fn, 2)[0]
     plan, traffic, text = out["bf16"]
+    # The 4 bytes: the step's non-finite vote, which also averages the loss
+    # (fscale/_guard.py); fp16's overflow flag rides on it (one vote, not two).
     assert [(c.op, c.stage, c.bytes) for c in plan.collectives] == [
-        ("all_reduce", "reduce_grads", plan.param_bytes)
+        ("all_reduce", "reduce_grads", plan.param_bytes),
+        ("all_reduce", "finish_grads", 4),
     ]
-    assert traffic == {"all_reduce": plan.param_bytes}
+    assert traffic == {"all_reduce": plan.param_bytes + 4}
     assert "compute in bf16" in text and "mixed_precision(param_dtype=torch.bfloat16" in text
     plan, traffic, text = out["fp16"]
     assert [(c.op, c.stage, c.bytes) for c in plan.collectives] == [
