@@ -59,7 +59,7 @@ from fscale.hw.tagged import Collectives, TaggedLowering
 from fscale.optim import schedules
 from fscale.optim.base import GradientTransformation
 from fscale.placement import Placement, placement_of, replicated
-from fscale.policies import CAPABILITIES
+from fscale.policies import CAPABILITIES, WANTS_FINAL_GRADS
 from fscale.stages import DEFAULT_STAGES, Stages, clip_
 from fscale.units import UnitHook, Units, find_units
 
@@ -376,6 +376,16 @@ class Step:
                 if "lr" in hparams:
                     ctx.metrics["lr"] = hparams["lr"]
         guard = dict(state.get("guard") or {"skipped_steps": 0, "consecutive": 0})
+        if skip and self.has(WANTS_FINAL_GRADS) and ctx.grad_ready is not None:
+            # A transform updated from the grads during backward (offload streaming),
+            # before the vote: the step cannot be undone, so it must not pass silently.
+            raise FloatingPointError(
+                "a non-finite loss or grad on some rank, but the optimizer already ran on "
+                "the grads during backward (offload streams them to the host update), so the "
+                "state holds this step's non-finite values. Load the last checkpoint; to make "
+                "such steps skippable, keep the update after backward (train_step(clip_norm="
+                "...) or offload(..., overlap=False))."
+            )
         if skip:
             # No update ran: params and the optimizer state (its count, its schedule)
             # are those that came in; only the counters (and the fp16 loss scale) move.

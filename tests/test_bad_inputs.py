@@ -88,6 +88,11 @@ def _nan_zero3():
     _run(fs.shard_zero(step, 3), params, [_nan_batch()])
 
 
+def _nan_offload(**kw):
+    step, params, _ = _problem(max_nonfinite_skips=1)
+    _run(fs.offload(step, "cpu", **kw), params, [_batch(), _nan_batch()])
+
+
 def _stale_state():
     step, params, _ = _problem()
     params, state = step.init(params)
@@ -139,6 +144,10 @@ CASES = [
     ("inf loss, finite grads", _inf_loss_finite_grads, FloatingPointError,
      r"1 steps in a row had a non-finite loss"),
     ("NaN batch ZeRO-3", _nan_zero3, FloatingPointError, r"1 steps in a row"),
+    ("NaN batch offload", lambda: _nan_offload(overlap=False), FloatingPointError,
+     r"1 steps in a row"),
+    ("NaN batch offload streaming in backward", _nan_offload, FloatingPointError,
+     r"the optimizer already ran on the grads during backward .* Load the last checkpoint"),
     ("stale state", _stale_state, ValueError,
      r"stale state: this state is from step call 0 .* Rebind on every call"),
     ("stale params", _stale_params, ValueError,
