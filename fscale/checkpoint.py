@@ -57,11 +57,14 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import re
 import shutil
 import uuid
+import warnings
 from typing import Any
 
 import torch
@@ -81,7 +84,7 @@ from fscale.hw import mesh as meshes
 from fscale.placement import Placement, placement_of, replicated
 from fscale.state import StoredTensor, TensorEntry, describe
 
-__all__ = ["latest", "load", "load_extra", "save"]
+__all__ = ["SaveHandle", "latest", "load", "load_extra", "save", "wait_pending"]
 
 FORMAT = 1
 _META = "fscale/meta"
@@ -101,7 +104,8 @@ def save(
     at: int | None = None,
     keep: int | None = None,
     mesh: Any = None,
-) -> str:
+    async_save: bool = False,
+) -> str | SaveHandle:
     """Write ``params`` and ``state`` as a sharded DCP checkpoint; every rank calls it.
 
     Args:
@@ -114,9 +118,13 @@ def save(
       keep: with ``at``: keep only the newest ``keep`` checkpoints of the run directory.
       mesh: the step's mesh (``step.mesh`` or a ``DeviceMesh``); only needed when a
         sharded tensor does not carry its process group (shard_zero's do).
+      async_save: copy what this rank writes ([Note: async staging]) and write it in
+        a background thread while training goes on; returns a ``SaveHandle`` to
+        ``wait()`` on. At most one save is in flight: the next ``save`` (and ``load``)
+        waits for it first.
 
     Returns:
-      The checkpoint directory written.
+      The checkpoint directory written (a ``SaveHandle`` with ``async_save``).
     """
     if not isinstance(state, dict) or "layout" not in state:
         raise ValueError(
@@ -133,6 +141,7 @@ def save(
     root = os.fspath(path)
     final = os.path.join(root, f"step-{at}") if at is not None else root
     rank = comm.rank()
+    wait_pending()  # at most one save in flight
     resolved = None if mesh is None else meshes.resolve(mesh)
     state_dict = _save_state_dict(params, state, resolved)
     state_dict[f"extra/{rank}"] = extra
@@ -140,18 +149,120 @@ def save(
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     _barrier()
-    dcp.save(
-        state_dict,
-        storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
-        planner=_SavePlanner(),
-    )
-    if rank == 0:
+    if not async_save:
+        return _write(state_dict, tmp, final, root, at, keep, None)
+    global _PENDING
+    staged = _stage(state_dict)
+    group = _async_group()
+    future = _executor().submit(_write, staged, tmp, final, root, at, keep, group)
+    _PENDING = SaveHandle(final, future)
+    return _PENDING
+
+
+class SaveHandle:
+    """An asynchronous save in flight: ``wait()`` returns its directory once it is
+    published (renamed into place, ``latest`` updated) on every rank."""
+
+    def __init__(self, path: str, future):
+        self.path = path
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> str:
+        return self._future.result()
+
+
+_PENDING: SaveHandle | None = None
+_EXECUTOR = None
+_GROUP = None
+
+
+def wait_pending() -> None:
+    """Wait for the asynchronous save in flight, if any (raises its error)."""
+    global _PENDING
+    pending, _PENDING = _PENDING, None
+    if pending is not None:
+        pending.wait()
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="fscale-save")
+    return _EXECUTOR
+
+
+def _async_group():
+    """A process group of its own for saves in the background: their collectives
+    never interleave with the training's on the default group."""
+    global _GROUP
+    if comm.world_size() > 1 and _GROUP is None:
+        _GROUP = comm.new_group(list(range(comm.world_size())))
+    return _GROUP
+
+
+def _stage(state_dict: dict) -> dict:
+    """[Note: async staging] A copy of every tensor this rank writes, taken before
+    training goes on (steps update params and state in place). NVMe entries are not
+    copied: their files are opened now, and the swap engine replaces a file whole
+    (a new inode) when it writes, so the open descriptor keeps reading the bytes of
+    this step."""
+    out = {}
+    for key, v in state_dict.items():
+        if isinstance(v, torch.Tensor):
+            out[key] = v.detach().to("cpu", copy=True)
+        elif isinstance(v, _Rows):
+            if v.stored is not None:
+                stored = _Pinned(v.stored) if v.write else v.stored
+                out[key] = _Rows(v.shape, v.offsets, v.sizes, stored=stored, write=v.write)
+            else:
+                local = v.local.detach().to("cpu", copy=True)
+                out[key] = _Rows(v.shape, v.offsets, v.sizes, local=local, write=v.write)
+        else:
+            out[key] = copy.deepcopy(v)
+    return out
+
+
+class _Pinned:
+    """A stored tensor read through a descriptor opened at staging ([Note: async staging])."""
+
+    def __init__(self, stored: StoredTensor):
+        self.stored = stored
+        self.dtype = stored.dtype
+        self.fd = os.open(stored.path, os.O_RDONLY)
+
+    def read(self) -> torch.Tensor:
+        t = self.stored
+        nbytes = math.prod(t.shape) * t.dtype.itemsize
+        try:
+            raw = bytearray(os.pread(self.fd, nbytes, t.offset))
+        finally:
+            os.close(self.fd)
+        if len(raw) != nbytes:
+            raise OSError(f"{t.path}: {len(raw)} bytes at offset {t.offset}, want {nbytes}.")
+        return torch.frombuffer(raw, dtype=t.dtype).view(t.shape).clone()
+
+
+def _write(state_dict, tmp, final, root, at, keep, group) -> str:
+    with _quiet():
+        dcp.save(
+            state_dict,
+            storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+            planner=_SavePlanner(),
+            process_group=group,
+            no_dist=not comm.is_initialized(),
+        )
+    if comm.rank() == 0:
         _publish(tmp, final)
         if at is not None:
             _write_latest(root, os.path.basename(final))
             if keep is not None:
                 _rotate(root, keep)
-    _barrier()
+    _barrier(group)
     return final
 
 
@@ -354,6 +465,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
       ValueError: the checkpoint is of another model or optimizer (names the params
         or entries, and both shapes).
     """
+    wait_pending()
     where = _resolve(path)
     md = _read_metadata(where)
     saved = md.state_dict_metadata
@@ -406,7 +518,13 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
     state_dict: dict[str, Any] = {k: v[0] if len(v) == 1 else _Many(v) for k, v in reads.items()}
     state_dict[_META] = None
     planner = _LoadPlanner()
-    dcp.load(state_dict, storage_reader=dcp.FileSystemReader(where), planner=planner)
+    with _quiet():
+        dcp.load(
+            state_dict,
+            storage_reader=dcp.FileSystemReader(where),
+            planner=planner,
+            no_dist=not comm.is_initialized(),
+        )
     meta = planner.loaded.get(_META) or {}
     if meta.get("format") != FORMAT:
         raise ValueError(
@@ -597,7 +715,9 @@ def load_extra(path: str | os.PathLike, *, rank: int | None = None) -> Any:
             f"of {len(ranks)}); pass fs.load_extra(path, rank=...) to read another rank's."
         )
     planner = _LoadPlanner()
-    dcp.load({key: None}, storage_reader=dcp.FileSystemReader(where), planner=planner, no_dist=True)
+    with _quiet():
+        reader = dcp.FileSystemReader(where)
+        dcp.load({key: None}, storage_reader=reader, planner=planner, no_dist=True)
     return planner.loaded[key]
 
 
@@ -656,9 +776,18 @@ def _shared_id() -> str:
     return f"{int(t.item()):x}"
 
 
-def _barrier() -> None:
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that a world of one is "assuming the intent is to save in a single
+    process": it is the embedded default here, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(group=None) -> None:
     if comm.world_size() > 1:
-        comm.all_reduce(torch.zeros(1), op="sum")
+        comm.all_reduce(torch.zeros(1), op="sum", group=group)
 
 
 def _fsync_dir(path: str) -> None:
