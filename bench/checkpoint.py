@@ -1,0 +1,191 @@
+"""Checkpoint speed on one GPU: ``fs.save`` / ``fs.load`` against ``dd oflag=direct``.
+
+The 1.4B GPT under ``mixed_precision("bf16")`` with AdamW (fp32 params and two fp32
+moments: 12 bytes per param on the device) trains two steps, then:
+
+- ``fs.save`` (synchronous) of params and state, timed to its return (files fsynced
+  and renamed into place); GB/s over the bytes on disk;
+- ``dd if=/dev/zero of=<same disk> bs=64M oflag=direct`` of the same number of bytes,
+  the drive's sequential-write peer (goal: fs.save >= 80% of it);
+- ``fs.load`` into a fresh ``step.init``, timed, and checked equal (torch.equal) to
+  what was saved;
+- the training stall of an asynchronous save: step times while ``fs.save(...,
+  async_save=True)`` is in flight against plain step times (goal: <= 1 s extra).
+
+Usage::
+
+    python3 bench/checkpoint.py --model 1b4 --dir /root/ckpt-bench --out $OUT/checkpoint-1b4.json
+    python3 bench/checkpoint.py --model tiny --device cpu --dir /tmp/ckpt-bench   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _provenance import provenance  # noqa: E402
+
+import fscale as fs  # noqa: E402
+from fscale import tree  # noqa: E402
+from fscale.models.gpt import GPT, GPTConfig  # noqa: E402
+
+MODELS = {"tiny": GPTConfig.tiny, "1b4": GPTConfig.gpt_1b4}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _du(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _dd(target: str, nbytes: int) -> float:
+    """Seconds for ``dd`` to write ``nbytes`` with O_DIRECT (fsynced), the drive's peer."""
+    count = max(1, nbytes // (64 << 20))
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={count}", "oflag=direct",
+         "conv=fsync"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    os.remove(target)
+    m = re.search(r"copied, ([0-9.e+-]+) s", out.stderr)
+    return (float(m.group(1)) if m else seconds), count * (64 << 20)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="1b4")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--dir", default="/tmp/fscale-ckpt-bench")
+    p.add_argument("--steps", type=int, default=4, help="timed steps, with and without a save")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = MODELS[args.model]()
+    seq = args.seq or cfg.seq_len
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(cfg)
+
+    def build():
+        params, apply = fs.functional(model)
+
+        def loss_fn(p, batch):
+            logits = apply(p, batch["x"])
+            return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten())
+
+        step = fs.train_step(loss_fn, fs.optim.adamw(lr=3e-4, weight_decay=0.1))
+        return fs.mixed_precision(step, "bf16"), params
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=g).to(device)
+    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+    step, params = build()
+    params, state = step.init(params)
+    for _ in range(2):
+        params, state, _ = step(params, state, batch)
+    _sync(device)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    target = os.path.join(args.dir, "ckpt")
+
+    t0 = time.perf_counter()
+    fs.save(target, params, state)
+    save_s = time.perf_counter() - t0
+    nbytes = _du(target)
+    dd_s, dd_bytes = _dd(os.path.join(args.dir, "dd.bin"), nbytes)
+
+    fresh_step, fresh = build()
+    t0 = time.perf_counter()
+    loaded, loaded_state = fs.load(target, fresh_step, fresh)
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(tree.leaves(loaded), tree.leaves(params), strict=True)
+        if a is not None
+    )
+    moments = loaded_state["optimizer"], state["optimizer"]
+    same = same and all(
+        torch.equal(a, b)
+        for a, b in zip(tree.leaves(moments[0]), tree.leaves(moments[1]), strict=True)
+        if isinstance(a, torch.Tensor)
+    )
+    params, state = loaded, loaded_state
+    del fresh, moments
+
+    def timed_steps(n, during_save=False):
+        nonlocal params, state
+        times, handle = [], None
+        for i in range(n):
+            if during_save and i == 0:
+                handle = fs.save(os.path.join(args.dir, "async"), params, state, async_save=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            params, state, _ = step(params, state, batch)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return times, handle
+
+    plain, _ = timed_steps(args.steps)
+    t0 = time.perf_counter()
+    during, handle = timed_steps(args.steps, during_save=True)
+    handle.wait()
+    async_total_s = time.perf_counter() - t0
+    # The stall: the save's blocking part (staging copy) plus any slowdown of the steps.
+    stall_s = sum(during) - sum(plain)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    row = {
+        "params": sum(t.numel() for t in tree.leaves(params) if t is not None),
+        "checkpoint_bytes": nbytes,
+        "save_s": save_s,
+        "save_GBps": nbytes / save_s / 1e9,
+        "dd_s": dd_s,
+        "dd_GBps": dd_bytes / dd_s / 1e9,
+        "save_vs_dd": (nbytes / save_s) / (dd_bytes / dd_s),
+        "load_s": load_s,
+        "load_GBps": nbytes / load_s / 1e9,
+        "loaded_equal": same,
+        "step_s_plain": plain,
+        "step_s_during_async_save": during,
+        "async_stall_s": stall_s,
+        "async_steps_and_save_s": async_total_s,
+    }
+    result = {"bench": "checkpoint", **provenance(device), "model": args.model, **row}
+    out = args.out or os.environ.get("OUT")
+    path = Path(out) if out else Path(__file__).parent / "results" / f"checkpoint-{args.model}.json"
+    if path.suffix != ".json":
+        path = path / f"checkpoint-{args.model}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
+    print(
+        f"\nsave {save_s:.2f} s ({row['save_GBps']:.2f} GB/s, {row['save_vs_dd']:.2f}x dd "
+        f"{row['dd_GBps']:.2f} GB/s), load {load_s:.2f} s ({row['load_GBps']:.2f} GB/s), "
+        f"equal={same}, async stall {stall_s:.2f} s over {args.steps} steps\nwrote {path}"
+    )
+
+
+if __name__ == "__main__":
+    main()
