@@ -878,6 +878,31 @@ class SwapEngine:
         self.bytes_read += rec.nbytes
         self.event("read_end", key)
 
+    def rechecksum(self, key: str) -> None:
+        """Take ``key``'s file as it is now as written: recompute its checksums.
+
+        For a writer that changes a swap file in place on purpose (``fs.load`` filling
+        a fresh state's files from a checkpoint); anything else that changes it is
+        still refused at the next read. Waits for a write of the key in flight.
+        """
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.exception()
+        rec = self._files.get(key)
+        if rec is None or key in self._failed:
+            raise SwapError(f"no swap file was written for {key!r} (under {self.path!r}).")
+        crcs = []
+        with open(rec.path, "rb") as f:
+            for start in range(0, rec.nbytes, self.chunk_bytes):
+                block = f.read(min(self.chunk_bytes, rec.nbytes - start))
+                if len(block) != min(self.chunk_bytes, rec.nbytes - start):
+                    raise SwapCorruptError(
+                        f"swap file {rec.path!r} is shorter than the {rec.nbytes:,} bytes "
+                        "written; refusing to use it."
+                    )
+                crcs.append(zlib.crc32(block))
+        rec.crcs = crcs
+
     # -- lifetime --------------------------------------------------------------------------
 
     def flush(self) -> None:

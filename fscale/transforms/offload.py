@@ -58,6 +58,13 @@ sub-group is copied out, updated on the host and copied back while backward stil
 runs ([Note: streaming grads in backward] in ``_offload/stream.py``). Otherwise the
 copies follow backward group by group (with ``delayed_update``: during the next step).
 
+On NVMe each rank locks its swap directory (a second live run there is refused, a
+killed run's files are removed at the next start: [Note: swap lock] in
+``fscale/io/swap.py``), SIGTERM/SIGINT remove the files ([Note: swap signals]), and
+a step that fails midway -- a full disk, a corrupt file -- leaves the state unusable
+with an error saying to load the last checkpoint, never half-applied ([Note: a
+failed NVMe step] in ``_offload/update.py``).
+
 ``fscale.state.describe(state)`` gives the optimizer state under the paths it has
 without offload and the fp32 masters under ``offload/master/<param>``: host tensors
 for ``tier="cpu"``, ``StoredTensor`` (file, offset) for ``tier="nvme"``, each with

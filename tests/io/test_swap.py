@@ -87,6 +87,22 @@ def test_corrupted_file_is_refused(tmp_path):
     engine.close()
 
 
+def test_rechecksum_accepts_a_file_changed_in_place_on_purpose(tmp_path):
+    engine = SwapEngine(tmp_path, chunk_bytes=ALIGN)
+    engine.write("g", _filled(engine, 3 * ALIGN)).result()
+    [path] = engine.files()
+    with open(path, "r+b") as f:  # as fs.load fills a fresh state's files
+        f.seek(ALIGN + 1)
+        f.write(b"loaded")
+    out = engine.alloc(3 * ALIGN)
+    with pytest.raises(SwapCorruptError, match="corrupt"):
+        engine.read("g", out).result()
+    engine.rechecksum("g")
+    engine.read("g", out).result()
+    assert bytes(out[ALIGN + 1 : ALIGN + 7].tolist()) == b"loaded"
+    engine.close()
+
+
 def test_truncated_and_missing_files_are_refused(tmp_path):
     engine = SwapEngine(tmp_path)
     engine.write("g", _filled(engine, 3 * ALIGN)).result()

@@ -547,6 +547,24 @@ def test_a_step_failing_midway_leaves_the_state_unusable_not_half_applied(
     assert os.listdir(tmp_path) == []
 
 
+def test_swap_files_filled_in_place_on_purpose_are_accepted_after_rechecksum(tmp_path):
+    """What fs.load does to a fresh state's files: written in place, then rechecksum()."""
+    step, params = _step()
+    step = fs.offload(step, "nvme", path=tmp_path, subgroup_mb=SMALL)
+    params, state = step.init(params)
+    handle = state["offload"]
+    g = handle.groups[1]
+    master = describe(state)[f"offload/master/{handle.param_paths[g.leaves[0]]}"]
+    value = master.read() + 1
+    with open(master.path, "r+b") as f:
+        f.seek(master.offset)
+        f.write(value.numpy().tobytes())
+    handle.rechecksum()
+    batch = regression_batches(1, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1])[0]
+    step(params, state, batch)  # read back without a SwapCorruptError
+    handle.close()
+
+
 def test_a_failed_init_leaves_no_swap_file_or_lock(tmp_path, monkeypatch):
     step, params = _step()
     step = fs.offload(step, "nvme", path=tmp_path, subgroup_mb=SMALL)

@@ -119,6 +119,14 @@ class OffloadState:
         if self.engine is not None:
             self.engine.close()
 
+    def rechecksum(self) -> None:
+        """NVMe: the swap files were filled in place on purpose (``fs.load``): take their
+        bytes as written, so the next read's checksums accept them."""
+        self.wait()
+        if self.engine is not None:
+            for g in self.groups:
+                self.engine.rechecksum(g.key)
+
     def wait(self) -> None:
         """Until a delayed update in flight is done (it still reaches the params at the
         next step's update)."""
