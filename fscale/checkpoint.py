@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -468,6 +469,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
     wait_pending()
     where = _resolve(path)
     md = _read_metadata(where)
+    _check_files(where, md)
     saved = md.state_dict_metadata
     new_params, state = step.init(params)
     layout = state["layout"]
@@ -518,13 +520,16 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
     state_dict: dict[str, Any] = {k: v[0] if len(v) == 1 else _Many(v) for k, v in reads.items()}
     state_dict[_META] = None
     planner = _LoadPlanner()
-    with _quiet():
-        dcp.load(
-            state_dict,
-            storage_reader=dcp.FileSystemReader(where),
-            planner=planner,
-            no_dist=not comm.is_initialized(),
-        )
+    try:
+        with _quiet():
+            dcp.load(
+                state_dict,
+                storage_reader=dcp.FileSystemReader(where),
+                planner=planner,
+                no_dist=not comm.is_initialized(),
+            )
+    except CheckpointException as e:  # a BaseException: DCP's, with each rank's error
+        raise _unreadable(where, e) from e
     meta = planner.loaded.get(_META) or {}
     if meta.get("format") != FORMAT:
         raise ValueError(
@@ -756,6 +761,36 @@ def _resolve(path) -> str:
             "gone or incomplete. Load another step-<n> directory of the run."
         )
     return where
+
+
+def _unreadable(where: str, e: CheckpointException) -> ValueError:
+    first = next(iter(e.failures.values()), e)
+    first = first[0] if isinstance(first, tuple) else first
+    return ValueError(
+        f"checkpoint {where}: cannot read its data ({type(first).__name__}: {first}); the "
+        "checkpoint is incomplete or corrupt. Load an earlier one."
+    )
+
+
+def _check_files(where: str, md) -> None:
+    """Every data file the index names exists and holds the bytes it points at."""
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        end = info.offset + info.length
+        need[info.relative_path] = max(need.get(info.relative_path, 0), end)
+    for name, end in sorted(need.items()):
+        full = os.path.join(where, name)
+        if not os.path.isfile(full):
+            raise ValueError(
+                f"checkpoint {where}: its data file {name!r} is missing; the checkpoint is "
+                "incomplete. Load an earlier one."
+            )
+        size = os.path.getsize(full)
+        if size < end:
+            raise ValueError(
+                f"checkpoint {where}: its data file {name!r} has {size} bytes, the index "
+                f"needs {end}; the file is truncated. Load an earlier one."
+            )
 
 
 def _read_metadata(where: str):

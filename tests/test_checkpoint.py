@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -304,6 +305,20 @@ def test_bad_checkpoints_raise_naming_the_fix(tmp_path):
     (bad / ".metadata").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="corrupt"):
         fs.load(bad, *fresh())
+    # A data file gone or cut short: named.
+    for name, damage in (("gone", "remove"), ("cut", "truncate")):
+        broken = tmp_path / name
+        shutil.copytree(good, broken)
+        data = broken / "__0_0.distcp"
+        if damage == "remove":
+            data.unlink()
+        else:
+            with open(data, "r+b") as f:
+                f.truncate(100)
+    with pytest.raises(ValueError, match="data file '__0_0.distcp' is missing"):
+        fs.load(tmp_path / "gone", *fresh())
+    with pytest.raises(ValueError, match="'__0_0.distcp' has 100 bytes.*truncated"):
+        fs.load(tmp_path / "cut", *fresh())
     run = tmp_path / "run"
     run.mkdir()
     (run / "latest").write_text("step-9\n")
