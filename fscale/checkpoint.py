@@ -730,17 +730,39 @@ def load_extra(path: str | os.PathLike, *, rank: int | None = None) -> Any:
 
 
 def latest(path: str | os.PathLike) -> str | None:
-    """The checkpoint ``load`` reads from ``path``: itself, the run directory's
-    ``latest``, or None when there is none."""
+    """The checkpoint ``load`` reads from ``path``: itself if it is one, else the run
+    directory's ``latest``; when that pointer is missing or names a checkpoint that is
+    gone (a crash before the first pointer was written, a deleted directory), the
+    newest complete ``step-<n>`` (with a warning). None when there is none."""
     root = os.fspath(path)
-    if os.path.isfile(os.path.join(root, ".metadata")):
+    if _complete(root):
         return root
     pointer = os.path.join(root, _LATEST)
+    named = None
     if os.path.isfile(pointer):
         with open(pointer) as f:
-            name = f.read().strip()
-        return os.path.join(root, name)
-    return None
+            named = os.path.join(root, f.read().strip())
+        if _complete(named):
+            return named
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in (os.listdir(root) if os.path.isdir(root) else [])
+        if (m := _STEP_DIR.match(name)) and _complete(os.path.join(root, name))
+    )
+    if steps:
+        found = os.path.join(root, steps[-1][1])
+        if named is not None:
+            warnings.warn(
+                f"{pointer} names {named}, which is gone or incomplete; using {found}, the "
+                "newest complete checkpoint of the run.",
+                stacklevel=2,
+            )
+        return found
+    return named
+
+
+def _complete(where: str) -> bool:
+    return os.path.isfile(os.path.join(where, ".metadata"))
 
 
 def _resolve(path) -> str:

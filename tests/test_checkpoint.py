@@ -21,6 +21,7 @@ import shutil
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 import fscale as fs
 from fscale.models.gpt import GPT, GPTConfig
@@ -284,6 +285,55 @@ def test_run_directory_rotation_latest_and_a_killed_save(tmp_path):
     # Saving over an existing checkpoint replaces it whole.
     fs.save(tmp_path / "step-5", params, state)
     assert fs.latest(tmp_path / "step-5") == str(tmp_path / "step-5")
+
+
+class _Killed(BaseException):
+    """Raised at an injected crash point: like SIGKILL, no ``except Exception`` stops it."""
+
+
+def test_a_crash_at_any_file_operation_of_a_save_leaves_a_loadable_checkpoint(
+    tmp_path, monkeypatch
+):
+    # Every file operation of a save (each tensor written, each fsync, rename, replace,
+    # rmtree) is a crash point; after a crash at any of them, loading the run gives the
+    # old checkpoint or the new one, whole.
+    step, params, state = _trained()
+    old = {k: v.clone() for k, v in params.items()}
+    base = tmp_path / "base"
+    fs.save(base, params, state, at=1)
+    params, state = _train(step, params, state, _batches(0, 1, 1, seed=5))
+    new = {k: v.clone() for k, v in params.items()}
+    calls = {"n": 0, "at": None}
+
+    def crashing(fn):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["at"]:
+                raise _Killed(f"crash point {calls['n']}")
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for mod, name in ((os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree")):
+        monkeypatch.setattr(mod, name, crashing(getattr(mod, name)))
+    monkeypatch.setattr(torch, "save", crashing(torch.save))
+    fs.save(tmp_path / "count", params, state, at=2, keep=1)
+    points = calls["n"]
+    assert points >= 20, points
+    seen = set()
+    for k in range(1, points + 1):
+        run = tmp_path / f"run{k}"
+        shutil.copytree(base, run)
+        calls.update(n=0, at=k)
+        with pytest.raises((_Killed, CheckpointException)):  # DCP wraps what its steps raise
+            fs.save(run, params, state, at=2, keep=1)
+        calls.update(at=None)
+        fresh, full = _build(())
+        loaded, _ = fs.load(run, fresh, full)
+        which = "new" if torch.equal(loaded["head.weight"], new["head.weight"]) else "old"
+        _equal(loaded, new if which == "new" else old)
+        seen.add(which)
+    assert seen == {"old", "new"}
 
 
 # ----------------------------------------------------------------------------- errors
