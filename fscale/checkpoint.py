@@ -61,8 +61,6 @@ import contextlib
 import copy
 import math
 import os
-import re
-import shutil
 import uuid
 import warnings
 from typing import Any
@@ -70,16 +68,20 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from fscale import tree
+from fscale._checkpoint.chunks import _LoadPlanner, _Many, _mesh_coords, _Rows, _SavePlanner
+from fscale._checkpoint.files import (
+    _check_files,
+    _publish,
+    _read_metadata,
+    _resolve,
+    _rotate,
+    _unreadable,
+    _write_latest,
+    latest,
+)
+from fscale._checkpoint.restore import _check_model, _restore_plain, _source_key
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.placement import Placement, placement_of, replicated
@@ -89,8 +91,6 @@ __all__ = ["SaveHandle", "latest", "load", "load_extra", "save", "wait_pending"]
 
 FORMAT = 1
 _META = "fscale/meta"
-_LATEST = "latest"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # ----------------------------------------------------------------------------- save
@@ -353,96 +353,6 @@ def _shard_coords(path: str, placement: Placement, groups: dict, mesh) -> tuple[
     )
 
 
-def _mesh_coords(placement: Placement, mesh: meshes.Mesh) -> tuple[int, int]:
-    """This rank's shard index (rank-major over the shard dims) and the number of parts."""
-    index = 0
-    for d in placement.shard:
-        index = index * mesh.size(d) + mesh.rank(d)
-    return index, placement.parts(mesh)
-
-
-class _Rows:
-    """One rank's real rows of a logical tensor, at their global offset, for DCP.
-
-    It speaks DCP's checkpointable protocol (``__create_write_items__``,
-    ``__create_chunk_list__``, ``__get_tensor_shard__``, as DTensor does), so the
-    default planners plan it; ``stored`` is an NVMe ``StoredTensor`` read (save) or
-    written (load) one chunk at a time, never whole.
-    """
-
-    def __init__(self, shape, offsets, sizes, *, local=None, stored=None, write=True):
-        self.shape = tuple(shape)
-        self.offsets = tuple(offsets)
-        self.sizes = tuple(sizes)
-        self.local = local
-        self.stored = stored
-        self.write = write
-
-    @classmethod
-    def of(cls, placement: Placement, index: int, parts: int, *, local, write=True) -> _Rows:
-        shape = placement.shape
-        if not shape:  # a 0-d leaf is sharded as one row: index 0 holds it
-            view = None if isinstance(local, StoredTensor) else local.reshape(-1)[:1].view(())
-            return cls((), (), (), local=view, stored=_sub(local, 0, 1, ()), write=index == 0)
-        dim = placement.dim
-        rows = math.ceil(shape[dim] / parts)
-        start = min(index * rows, shape[dim])
-        real = min(rows, shape[dim] - start)
-        sizes = (*shape[:dim], real, *shape[dim + 1 :])
-        offsets = tuple(start if i == dim else 0 for i in range(len(shape)))
-        if isinstance(local, StoredTensor):
-            if dim != 0:
-                raise NotImplementedError("fs.save: stored tensors sharded along dim != 0.")
-            return cls(shape, offsets, sizes, stored=_sub(local, 0, real, sizes), write=write)
-        # An empty tensor is still written once, so that its key exists.
-        write = write and (real > 0 or index == 0)
-        return cls(shape, offsets, sizes, local=local.narrow(dim, 0, real), write=write)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.stored.dtype if self.stored is not None else self.local.dtype
-
-    def chunk(self) -> ChunkStorageMetadata:
-        return ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=torch.Size(self.sizes))
-
-    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
-        if not self.write:
-            return []
-        props = TensorProperties(dtype=self.dtype)
-        data = TensorWriteData(chunk=self.chunk(), properties=props, size=torch.Size(self.shape))
-        index = MetadataIndex(fqn, torch.Size(self.offsets))
-        return [WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data)]
-
-    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [self.chunk()]
-
-    def tensor(self) -> torch.Tensor:
-        """The rows (read from the file for a stored tensor)."""
-        if self.stored is not None:
-            return self.stored.read()
-        return self.local
-
-    def __get_tensor_shard__(self, index) -> torch.Tensor:
-        return self.tensor()
-
-
-def _sub(t, first: int, count: int, shape) -> StoredTensor | None:
-    """Rows ``[first, first + count)`` of a stored tensor, as a stored tensor."""
-    if not isinstance(t, StoredTensor):
-        return None
-    row = math.prod(t.shape[1:]) * t.dtype.itemsize if t.shape else t.dtype.itemsize
-    return StoredTensor(t.path, t.offset + first * row, tuple(shape), t.dtype, t.placement)
-
-
-class _SavePlanner(DefaultSavePlanner):
-    def __init__(self):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-    def lookup_object(self, index: MetadataIndex) -> Any:
-        obj = self.state_dict[index.fqn]
-        return obj.tensor() if isinstance(obj, _Rows) else super().lookup_object(index)
-
-
 # ----------------------------------------------------------------------------- load
 
 
@@ -540,164 +450,6 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
     return new_params, state
 
 
-class _Many(_Rows):
-    """Several targets read from one checkpoint entry (a param and its master)."""
-
-    def __init__(self, parts: list[_Rows]):
-        first = parts[0]
-        super().__init__(first.shape, first.offsets, first.sizes, local=first.local)
-        self.parts = parts
-
-    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [p.chunk() for p in self.parts]
-
-
-class _LoadPlanner(DefaultLoadPlanner):
-    def __init__(self):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.loaded: dict[str, Any] = {}
-        self._pending: dict[int, tuple[_Rows, torch.Tensor]] = {}
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
-        # DefaultLoadPlanner's would pass the dict through _init_state_dict, which
-        # replaces objects it does not know (our _Rows) with None.
-        self.original_state_dict = self.state_dict = state_dict
-        self.metadata = metadata
-        self.is_coordinator = is_coordinator
-
-    def _target(self, read_item) -> _Rows:
-        obj = self.state_dict[read_item.dest_index.fqn]
-        if isinstance(obj, _Many):
-            return obj.parts[read_item.dest_index.index]
-        return obj
-
-    def resolve_tensor(self, read_item):
-        rows = self._target(read_item)
-        if rows.stored is not None:  # read into a buffer of this chunk, written at commit
-            buf = torch.empty(rows.sizes, dtype=rows.stored.dtype)
-            self._pending[id(read_item)] = (rows, buf)
-            dest = buf
-        else:
-            dest = rows.local
-        return self.transform_tensor(read_item, dest)
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pending = self._pending.pop(id(read_item), None)
-        if pending is None:
-            return
-        rows, buf = pending
-        _write_stored(rows.stored, buf, read_item.dest_offsets, read_item.lengths)
-
-    def load_bytes(self, read_item, value) -> None:
-        self.loaded[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
-
-
-def _write_stored(stored: StoredTensor, buf: torch.Tensor, offsets, lengths) -> None:
-    """Write the region ``offsets/lengths`` of ``buf`` (the chunk) into the stored tensor."""
-    region = buf
-    for d, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
-        region = region.narrow(d, o, n)
-    if region.dim() == 0 or all(
-        o == 0 and n == s for o, n, s in zip(offsets[1:], lengths[1:], buf.shape[1:], strict=True)
-    ):
-        row = math.prod(buf.shape[1:]) * buf.dtype.itemsize if buf.dim() else buf.dtype.itemsize
-        start = stored.offset + (offsets[0] * row if buf.dim() else 0)
-        data = region.contiguous().view(torch.uint8).numpy().tobytes()
-        with open(stored.path, "r+b") as f:
-            f.seek(start)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return
-    raise NotImplementedError("fs.load: stored tensors are read back in whole rows only.")
-
-
-def _source_key(key: str, t, saved: dict, slots: set, where: str) -> str | None:
-    dtype = t.dtype
-    param = _param_of(key)
-    same = saved.get(key)
-    if isinstance(same, TensorStorageMetadata) and (
-        param is None or same.properties.dtype == dtype
-    ):
-        return key
-    if param is not None:
-        copies = [
-            k
-            for k, m in saved.items()
-            if isinstance(m, TensorStorageMetadata) and _param_of(k) == param
-        ]
-        if copies:
-            # The most precise copy; a master before the param itself.
-            return max(
-                copies, key=lambda k: (saved[k].properties.dtype.itemsize, k != f"params/{param}")
-            )
-    slot = key.split("/", 1)[0]
-    if slot not in slots:
-        return None
-    raise ValueError(
-        f"checkpoint {where} has no entry {key!r} although it has the slot {slot!r}; it was "
-        "saved by another optimizer or transform configuration: build the step as the run "
-        "that saved it did."
-    )
-
-
-def _param_of(key: str) -> str | None:
-    """The param a copy entry holds: ``params/<name>`` or ``<slot>/master/<name>``."""
-    if key.startswith("params/"):
-        return key[len("params/") :]
-    m = re.match(r"^[^/]+/master/(.+)$", key)
-    return m.group(1) if m else None
-
-
-def _check_model(where: str, saved: dict, layout) -> None:
-    saved_params = {
-        k[len("params/") :]: tuple(m.size) for k, m in saved.items() if k.startswith("params/")
-    }
-    mine = {p: tuple(pl.shape) for p, pl in zip(layout.paths, layout.placements, strict=True) if pl}
-    missing = sorted(set(mine) - set(saved_params))
-    unexpected = sorted(set(saved_params) - set(mine))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {where} is of another model: params missing from it "
-            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, params it has that the "
-            f"model lacks {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Load it "
-            "into the model that saved it."
-        )
-    for p, shape in mine.items():
-        if saved_params[p] != shape:
-            raise ValueError(
-                f"checkpoint {where}: param {p!r} has shape {saved_params[p]} in the "
-                f"checkpoint but {shape} in the model; build the model with the config "
-                "that saved it."
-            )
-
-
-def _restore_plain(state: dict, values: dict) -> dict:
-    return {k: _restore(str(k), v, values) for k, v in state.items()}
-
-
-def _restore(path: str, value: Any, values: dict) -> Any:
-    """``value`` with its plain metadata replaced by ``values[path]`` where saved."""
-    if isinstance(value, (torch.Tensor, TensorEntry, StoredTensor)):
-        return value
-    if hasattr(value, "describe_state"):
-        if hasattr(value, "load_state"):
-            prefix = path + "/"
-            value.load_state(
-                {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
-            )
-        return value  # else: metadata derived from the stack (layout, shard specs)
-    if isinstance(value, dict):
-        return {k: _restore(f"{path}/{k}", v, values) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(
-            *(_restore(f"{path}/{k}", getattr(value, k), values) for k in value._fields)
-        )
-    if isinstance(value, (list, tuple)):
-        return type(value)(_restore(f"{path}/{i}", v, values) for i, v in enumerate(value))
-    return values.get(path, value)
-
-
 # ----------------------------------------------------------------------------- extra
 
 
@@ -726,105 +478,6 @@ def load_extra(path: str | os.PathLike, *, rank: int | None = None) -> Any:
     return planner.loaded[key]
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def latest(path: str | os.PathLike) -> str | None:
-    """The checkpoint ``load`` reads from ``path``: itself if it is one, else the run
-    directory's ``latest``; when that pointer is missing or names a checkpoint that is
-    gone (a crash before the first pointer was written, a deleted directory), the
-    newest complete ``step-<n>`` (with a warning). None when there is none."""
-    root = os.fspath(path)
-    if _complete(root):
-        return root
-    pointer = os.path.join(root, _LATEST)
-    named = None
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            named = os.path.join(root, f.read().strip())
-        if _complete(named):
-            return named
-    steps = sorted(
-        (int(m.group(1)), name)
-        for name in (os.listdir(root) if os.path.isdir(root) else [])
-        if (m := _STEP_DIR.match(name)) and _complete(os.path.join(root, name))
-    )
-    if steps:
-        found = os.path.join(root, steps[-1][1])
-        if named is not None:
-            warnings.warn(
-                f"{pointer} names {named}, which is gone or incomplete; using {found}, the "
-                "newest complete checkpoint of the run.",
-                stacklevel=2,
-            )
-        return found
-    return named
-
-
-def _complete(where: str) -> bool:
-    return os.path.isfile(os.path.join(where, ".metadata"))
-
-
-def _resolve(path) -> str:
-    root = os.fspath(path)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"no checkpoint at {root!r} (no such directory); pass the directory fs.save wrote."
-        )
-    where = latest(root)
-    if where is None:
-        raise FileNotFoundError(
-            f"{root!r} holds no checkpoint: no .metadata (DCP's index, written last) and no "
-            "'latest' pointer; the save did not finish. Pass an earlier checkpoint."
-        )
-    if not os.path.isfile(os.path.join(where, ".metadata")):
-        raise FileNotFoundError(
-            f"{root!r}/latest points at {where!r}, which has no .metadata; the checkpoint is "
-            "gone or incomplete. Load another step-<n> directory of the run."
-        )
-    return where
-
-
-def _unreadable(where: str, e: CheckpointException) -> ValueError:
-    first = next(iter(e.failures.values()), e)
-    first = first[0] if isinstance(first, tuple) else first
-    return ValueError(
-        f"checkpoint {where}: cannot read its data ({type(first).__name__}: {first}); the "
-        "checkpoint is incomplete or corrupt. Load an earlier one."
-    )
-
-
-def _check_files(where: str, md) -> None:
-    """Every data file the index names exists and holds the bytes it points at."""
-    need: dict[str, int] = {}
-    for info in (md.storage_data or {}).values():
-        end = info.offset + info.length
-        need[info.relative_path] = max(need.get(info.relative_path, 0), end)
-    for name, end in sorted(need.items()):
-        full = os.path.join(where, name)
-        if not os.path.isfile(full):
-            raise ValueError(
-                f"checkpoint {where}: its data file {name!r} is missing; the checkpoint is "
-                "incomplete. Load an earlier one."
-            )
-        size = os.path.getsize(full)
-        if size < end:
-            raise ValueError(
-                f"checkpoint {where}: its data file {name!r} has {size} bytes, the index "
-                f"needs {end}; the file is truncated. Load an earlier one."
-            )
-
-
-def _read_metadata(where: str):
-    try:
-        return dcp.FileSystemReader(where).read_metadata()
-    except Exception as e:
-        raise ValueError(
-            f"checkpoint {where}: cannot read its .metadata ({type(e).__name__}: {e}); the file "
-            "is corrupt. Load an earlier checkpoint."
-        ) from e
-
-
 def _shared_id() -> str:
     """A random id every rank agrees on (rank 0's)."""
     t = torch.tensor([uuid.uuid4().int & (2**62 - 1) if comm.rank() == 0 else 0])
@@ -845,45 +498,3 @@ def _quiet():
 def _barrier(group=None) -> None:
     if comm.world_size() > 1:
         comm.all_reduce(torch.zeros(1), op="sum", group=group)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: str, final: str) -> None:
-    """Rename the finished temp directory to ``final`` (replacing an old one)."""
-    _fsync_dir(tmp)
-    parent = os.path.dirname(os.path.abspath(final))
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_latest(root: str, name: str) -> None:
-    tmp = os.path.join(root, f".{_LATEST}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, _LATEST))
-    _fsync_dir(root)
-
-
-def _rotate(root: str, keep: int) -> None:
-    steps = sorted(
-        (int(m.group(1)), name)
-        for name in os.listdir(root)
-        if (m := _STEP_DIR.match(name)) and os.path.isdir(os.path.join(root, name))
-    )
-    for _, name in steps[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The private parts of ``fs.save`` / ``fs.load`` (``fscale/checkpoint.py``)."""
