@@ -312,7 +312,9 @@ def test_grads_reduce_scatter_over_shard_and_all_reduce_over_replicate(hsdp):
                 assert grads == rs + ar, (what, grads, rs + ar)
                 assert got["comm_bytes"]["reduce_scatter"] == rs, what
                 assert by_op[("reduce_scatter", shard)] == rs, what
-                assert by_op[("all_reduce", replicate)] == ar, what
+                # + 4: the step's non-finite vote (one fp32 over each dim, fscale/_guard.py).
+                assert by_op[("all_reduce", replicate)] == ar + 4, what
+                assert got["by_tag"]["guard.nonfinite"] == 2 * 4, what
                 assert not any(op == "reduce_scatter" and r != shard for op, r, _ in log), what
             # Params are gathered inside the shard group only; the clip norm sums there.
             gathers = {r for op, r, _ in log if op == "all_gather"}
