@@ -25,6 +25,11 @@ metrics beside it (same stem, ``.json``), written at the end. As it goes, every
 scalars (``fs.MetricsLogger``: loss, lr, grad norm, tokens/s, validation loss at
 evaluations), flushed at once so a crash keeps them; ``--log-dir`` defaults to
 ``<out stem>_logs`` beside ``--out``. Watch them with ``tensorboard --logdir DIR``.
+
+Checkpoints: ``--save-dir DIR --save-every N`` writes ``fs.save`` checkpoints (params,
+optimizer state, the loader's position and RNG, the curve so far); ``--resume`` goes
+on from the latest good one, in any world size or ``--zero`` stage, and takes the
+same steps the uninterrupted run takes.
 """
 
 from __future__ import annotations
@@ -72,6 +77,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: <out stem>_logs beside --out)",
     )
     p.add_argument("--log-every", type=int, default=10, help="steps between logged lines")
+    p.add_argument(
+        "--save-dir",
+        default=None,
+        help="fs.save checkpoints here (step-<n>, a latest pointer, the newest 3 kept)",
+    )
+    p.add_argument(
+        "--save-every", type=int, default=0, help="--save-dir: steps between saves (0: end only)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="--save-dir: continue from its latest good checkpoint (a fresh start if none)",
+    )
     # --- Flags added by later issues (--zero, --precision, --offload) go here, each
     # --- mapped to a transform in build_step() below.
     p.add_argument(
@@ -117,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--delayed-update is for --offload cpu")
     if args.offload_params and (args.zero != 3 or args.offload == "none"):
         p.error("--offload-params offloads ZeRO-3's param shards: use it with --zero 3 --offload")
+    if (args.resume or args.save_every) and args.save_dir is None:
+        p.error("--resume and --save-every need --save-dir DIR")
+    if args.save_every < 0:
+        p.error(f"--save-every must be >= 0, got {args.save_every}")
     if (args.offload == "nvme") != (args.nvme_path is not None):
         p.error("--offload nvme needs --nvme-path DIR (and --nvme-path is only for it)")
     for name in ("steps", "batch_size", "accumulate", "log_every"):
@@ -333,7 +355,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     step = build_step(args, loss_fn, model=apply)
     plan_text = fs.explain(step, params)  # from the full params, before init shards them
-    params, state = step.init(params)
+    resume_from = fs.latest(args.save_dir) if args.resume else None
+    if resume_from is None:
+        params, state = step.init(params)
+    else:  # laid out by step.init, filled from the checkpoint (any world size or stack)
+        params, state = fs.load(resume_from, step, params)
+        log(f"resuming from {resume_from}")
 
     log(
         f"GPT {args.preset}: {model.num_params() / 1e6:.2f}M params, {cfg.n_layer} layers x "
@@ -345,18 +372,36 @@ def main(argv: list[str] | None = None) -> dict:
     eval_seed = args.seed + 1
     gen = torch.Generator().manual_seed(args.seed)
     history = {"train_loss": [], "val_step": [0], "val_loss": []}
-    full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
-    history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
-
     schedule = lr_schedule(args)
     logger = metrics_logger(args, main_rank)  # rank 0 writes; the others' log() is a no-op
-    logger.log(0, {"val_loss": history["val_loss"][0]})
-
     losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
-    bar = tqdm(range(1, args.steps + 1), disable=not main_rank, unit="step", dynamic_ncols=True)
+    first = 1
+    if resume_from is None:
+        full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
+        history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
+        logger.log(0, {"val_loss": history["val_loss"][0]})
+    else:
+        # The loader position, RNG and curve so far: the run goes on exactly as if it had
+        # never stopped. Every rank saved the same extra (the ranks draw the same global
+        # batches; the curve is the global mean), so rank 0's serves any world size.
+        extra = fs.load_extra(resume_from, rank=0)
+        first = extra["step"] + 1
+        gen.set_state(extra["loader_rng"])
+        torch.set_rng_state(extra["torch_rng"])
+        history = extra["history"]
+        losses = [torch.tensor(v) for v in extra["losses"]]
+
+    bar = tqdm(
+        range(first, args.steps + 1),
+        initial=first - 1,
+        total=args.steps,
+        disable=not main_rank,
+        unit="step",
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     eval_time = 0.0  # subtracted: tokens/s is training throughput
-    last_it, last_time = 0, 0.0  # the previous logged step, for the interval's tokens/s
+    last_it, last_time = first - 1, 0.0  # the previous logged step, for the interval's tokens/s
     for it in bar:
         batch = get_batch(train, gen, **batch_kw)
         params, state, metrics = step(params, state, batch)  # inputs donated: always rebind
@@ -386,6 +431,15 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.write(f"step {it:5d}  val loss {history['val_loss'][-1]:.3f}")
         if record is not None:
             logger.log(it, record)
+        if args.save_dir and ((args.save_every and it % args.save_every == 0) or it == args.steps):
+            extra = {
+                "step": it,
+                "loader_rng": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+                "losses": global_mean(torch.stack(losses)).tolist(),  # a collective
+            }
+            fs.save(args.save_dir, params, state, at=it, keep=3, extra=extra)
     bar.close()
     logger.close()
     wall = time.perf_counter() - start
@@ -411,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         "first_train_loss": history["train_loss"][0],
         "final_train_loss": sum(tail) / len(tail),
         "final_val_loss": history["val_loss"][-1],
-        "tokens_per_s": args.steps * tokens_per_step / train_time,
+        "tokens_per_s": (args.steps - first + 1) * tokens_per_step / train_time,
         "train_time_s": train_time,
         "wall_time_s": wall,
         "flops_per_token": model.flops_per_token(),

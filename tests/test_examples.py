@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return proc
 
 
-def _results(png: Path) -> dict:
+def _results(png: Path, resumed: bool = False) -> dict:
     assert png.is_file() and png.stat().st_size > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads(png.with_suffix(".json").read_text())
@@ -59,7 +60,10 @@ def _results(png: Path) -> dict:
     (last,) = [r for r in records if "loss" in r]  # --log-every 10 > 5 steps: the last only
     assert last["step"] == 5 and last["loss"] == metrics["train_loss"][-1]
     assert last["lr"] > 0 and last["grad_norm"] > 0 and last["tokens_per_s"] > 0
-    assert [r["val_loss"] for r in records if "val_loss" in r] == metrics["val_loss"]
+    logged_val = [r["val_loss"] for r in records if "val_loss" in r]
+    # A resumed run logs from its checkpoint on; its JSON holds the whole curve.
+    expected = metrics["val_loss"][-len(logged_val) :] if resumed else metrics["val_loss"]
+    assert logged_val == expected
     events = [p for p in log_dir.iterdir() if p.name.startswith("events.out.tfevents")]
     assert len(events) == 1  # rank 0 only
     return metrics
@@ -146,3 +150,31 @@ def test_train_gpt_log_survives_sigkill(tmp_path):
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in train)  # warmup from 0
     assert not (tmp_path / "loss.json").exists()  # the end-of-run JSON never came
+
+
+def test_train_gpt_resume_is_exact_and_reshards(world_of_one, tmp_path):
+    """Stop after step 3 (its checkpoint is the newest left), --resume: the same run as
+    the uninterrupted one, bit for bit; and resumed under torchrun with ZeRO-3 on 2 ranks
+    from the world of one's checkpoint, the same up to the all-reduce's summation order."""
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, str(TRAIN_GPT), *TINY, "--batch-size", "4", "--save-dir", str(ckpt)]
+    _run([*cmd, "--out", str(tmp_path / "a" / "loss.png"), "--save-every", "3"], timeout=180)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-3", "step-5"]
+    shutil.rmtree(ckpt / "step-5")  # as if killed after step 3: latest falls back to step-3
+    copy = tmp_path / "ckpt_copy"
+    shutil.copytree(ckpt, copy)
+
+    proc = _run([*cmd, "--out", str(tmp_path / "b" / "loss.png"), "--resume"], timeout=180)
+    assert "resuming from" in proc.stdout and "step-3" in proc.stdout
+    resumed = _results(tmp_path / "b" / "loss.png", resumed=True)
+    assert resumed["train_loss"] == world_of_one["train_loss"]
+    assert resumed["val_loss"] == world_of_one["val_loss"]
+
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = [str(TRAIN_GPT), *TINY, "--batch-size", "2", "--zero", "3", "--save-dir", str(copy)]
+    _run([*run, *args, "--out", str(tmp_path / "c" / "loss.png"), "--resume"], timeout=240)
+    sharded = _results(tmp_path / "c" / "loss.png", resumed=True)
+    assert sharded["world"] == 2
+    assert sharded["train_loss"][:3] == world_of_one["train_loss"][:3]  # from the checkpoint
+    assert sharded["train_loss"] == pytest.approx(world_of_one["train_loss"], rel=1e-4)
+    assert sharded["val_loss"] == pytest.approx(world_of_one["val_loss"], rel=1e-4)
