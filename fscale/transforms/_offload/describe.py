@@ -164,27 +164,13 @@ def load_optimizer_slot(handle, values: dict) -> None:
 
 
 def load_offload_slot(handle, values: dict) -> None:
-    """The groups' update counts back (by group key); on NVMe, re-seal the swap files."""
+    """The groups' update counts back (by group key); on NVMe, the swap files' checksums."""
     handle.wait()
     for g in handle.groups:
         updates = values.get(f"groups/{g.key}/updates")
         if isinstance(updates, int):
             g.updates = updates
     if handle.cfg.tier == "nvme":
-        _reseal(handle)
-
-
-def _reseal(handle) -> None:
-    """``fs.load`` wrote the checkpoint's bytes into the swap files in place (a chunk
-    at a time); the engine's CRCs ([Note] in ``fscale/io/swap.py``) still describe the
-    old bytes. Rewrite each group's file through the engine, one group at a time
-    (one pool buffer: never the whole state in memory)."""
-    for g in handle.groups:
-        buf = next(b for b in handle.buffers if b.numel() >= g.persisted)
-        with open(handle.engine.file_path(g.key), "rb") as f:
-            got = f.readinto(memoryview(buf[: g.persisted].numpy()))
-        if got != g.persisted:
-            raise OSError(
-                f"offload(nvme): swap file of group {g.key} has {got} bytes, want {g.persisted}."
-            )
-        handle.engine.write(g.key, buf, g.persisted).result()
+        # fs.load wrote the checkpoint's bytes into the swap files in place, a chunk at
+        # a time: the engine takes them as written (their CRCs recomputed).
+        handle.rechecksum()
