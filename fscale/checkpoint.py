@@ -14,12 +14,13 @@ fscale's shards are padded row blocks ([Note: shard layout] in
 ``ceil(d0 / n)`` rows, the last ones zero padding. A rank writes only its *real*
 rows, as one chunk at global row offset ``index * ceil(d0 / n)`` of the unpadded
 tensor (DCP's ``ChunkStorageMetadata``, through its ``__create_write_items__``
-protocol; ``_Rows`` below), so the saved tensor is the logical one, independent of
-the world size. Replicas (HSDP's replicate dim, whole tensors on every rank) write
-the same chunk and DCP keeps one of them. Loading asks DCP for the target rank's
-real rows at their offset, whatever chunks the checkpoint holds: that is the
-resharding (ZeRO-3 world 4 -> stage 1 world 2 -> plain world 1, HSDP -> plain). The
-padding rows of the target stay as ``step.init`` made them (zeros).
+protocol; ``_Rows`` in ``fscale/_checkpoint/chunks.py``), so the saved tensor is
+the logical one, independent of the world size. Replicas (HSDP's replicate dim,
+whole tensors on every rank) write the same chunk and DCP keeps one of them.
+Loading asks DCP for the target rank's real rows at their offset, whatever chunks
+the checkpoint holds: that is the resharding (ZeRO-3 world 4 -> stage 1 world 2 ->
+plain world 1, HSDP -> plain). The padding rows of the target stay as
+``step.init`` made them (zeros).
 
 [Note: what load fills]
 ``load`` builds the target with ``step.init(params)`` and fills it in place:
@@ -42,11 +43,18 @@ padding rows of the target stay as ``step.init`` made them (zeros).
 [Note: atomic save]
 Ranks write into ``<path>.tmp-<id>`` (DCP fsyncs every file and renames its
 ``.metadata`` into place last); rank 0 then fsyncs the directory, renames it to
-``path`` and fsyncs the parent. A kill at any moment leaves either the old
-checkpoint or the new one under ``path``, plus at most a ``.tmp-`` directory that
-``load`` never reads. In a run directory (``at=``) the checkpoint is
+``path`` and fsyncs the parent. In a run directory (``at=``) the checkpoint is
 ``<dir>/step-<at>``; the ``latest`` pointer is written (temp file, fsync, rename)
-after it, and only then are checkpoints beyond the newest ``keep`` removed.
+after it, and only then are checkpoints beyond the newest ``keep`` removed. A kill
+at any moment leaves the run loadable: ``latest`` names the old checkpoint or the
+new one, whole, plus at most a ``.tmp-`` directory that ``load`` never reads (tested
+by a crash injected at every file operation of a save). Saving again over an
+existing ``path`` renames the old one aside first: a kill between the two renames
+leaves it as ``<path>.old-<id>``, not under ``path``.
+
+``extra`` is kept per rank (``extra/<rank>``) and read back with ``fs.load_extra``
+(not collective); it is not an argument of ``load``, which returns only
+``(params, state)``.
 
 Usage::
 
