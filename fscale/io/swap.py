@@ -430,7 +430,8 @@ def _acquire(directory: str, rank: int, prefix: str) -> tuple[_HeldLock, bool]:
         if held is not None and held.pid == os.getpid():
             held.users += 1
             return held, False
-    for _ in range(50):
+    attempts = 50
+    for attempt in range(attempts):
         created = True
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_LOCK, 0o600)
@@ -451,9 +452,12 @@ def _acquire(directory: str, rank: int, prefix: str) -> tuple[_HeldLock, bool]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if created:  # another start-up probing it: try again
+                # Held. By a live run (refuse now), or for a moment by another rank's
+                # start-up probing it ([Note: swap lock]; the pid is then a dead run's, or
+                # none yet): try again, and refuse if it stays held.
+                if attempt + 1 < attempts and (created or not _alive_by_pid(info)):
                     os.close(fd)
-                    time.sleep(0.01)
+                    time.sleep(0.02)
                     continue
                 raise SwapLockedError(
                     f"swap directory {directory!r} is in use by another run for rank {rank}: "

@@ -301,6 +301,26 @@ def test_lock_names_its_owner_and_dead_runs_files_are_removed(tmp_path):
     assert os.listdir(tmp_path) == ["unrelated.swp"]
 
 
+@pytest.mark.filterwarnings("ignore:fscale swap. removed:RuntimeWarning")
+def test_ranks_restarting_together_after_a_kill_all_start(tmp_path):
+    """Each rank probes the others' locks while they take them over: a probe holds a
+    lock for a moment, which must not read as a live run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dead = _dead_pid()
+    for _ in range(5):
+        for r in range(4):
+            info = {"pid": dead, "host": socket.gethostname(), "started": 0}
+            (tmp_path / swap.lock_name(r)).write_text(json.dumps(info))
+            (tmp_path / f"fscale-swap-r{r}-{dead}-0badc0de-g00000.swp").write_bytes(b"x")
+        with ThreadPoolExecutor(4) as pool:
+            engines = list(pool.map(lambda r: SwapEngine(tmp_path, rank=r), range(4)))
+        assert sorted(os.listdir(tmp_path)) == sorted(swap.lock_name(r) for r in range(4))
+        for e in engines:
+            e.close()
+        assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- signals
 
 # swap.py alone (torch and the standard library): importing fscale takes seconds more.
