@@ -86,3 +86,13 @@ def max_rel_error(a: dict, b: dict) -> float:
         denom = b[k].abs().max().clamp_min(1e-12)
         worst = max(worst, ((a[k] - b[k]).abs().max() / denom).item())
     return worst
+
+
+def error_text(fn) -> str:
+    """``"Type: message"`` of what ``fn()`` raises, or ``"ok"``: ranks return it as plain
+    text (an exception may not pickle), and the test checks the message."""
+    try:
+        fn()
+    except Exception as e:  # the test reads the message
+        return f"{type(e).__name__}: {e}"
+    return "ok"

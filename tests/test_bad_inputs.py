@@ -17,7 +17,7 @@ from torch import nn
 
 import fscale as fs
 from tests.dist import run_world
-from tests.helpers import mlp, regression_batches, regression_loss
+from tests.helpers import error_text, mlp, regression_batches, regression_loss
 
 
 def _problem(opt=None, *, widths=(3, 4, 2), **kw):
@@ -251,14 +251,6 @@ def test_the_catalogue_is_long_enough():
 # ----------------------------------------------------------------------------- multi-rank
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # the test reads the message
-        return f"{type(e).__name__}: {e}"
-    return "ok"
-
-
 def _world_fn(rank, world):
     def drifted(**kw):
         params, apply = fs.functional(mlp([3, 4, 2], seed=rank))  # a seed per rank
@@ -284,10 +276,10 @@ def _world_fn(rank, world):
 
     out = {}
     step, params = drifted()
-    out["rank drift"] = _error(lambda: step.init(params))
+    out["rank drift"] = error_text(lambda: step.init(params))
     step, params = drifted()
-    out["rank drift ZeRO-3"] = _error(lambda: fs.shard_zero(step, 3).init(params))
-    out["ZeRO-3 unit order"] = _error(order)
+    out["rank drift ZeRO-3"] = error_text(lambda: fs.shard_zero(step, 3).init(params))
+    out["ZeRO-3 unit order"] = error_text(order)
     return out
 
 

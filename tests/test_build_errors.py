@@ -22,6 +22,7 @@ import fscale as fs
 from fscale.placement import Placement, placement_of
 from fscale.state import describe
 from tests.dist import run_world
+from tests.helpers import error_text
 
 WORLD = 3
 
@@ -32,14 +33,6 @@ def _loss(p, b):
 
 def _step(**kw):
     return fs.train_step(_loss, fs.optim.sgd(0.1), **kw)
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # the test reads the message
-        return f"{type(e).__name__}: {e}"
-    return "ok"
 
 
 # ----------------------------------------------------------------------------- odd leaves
@@ -108,23 +101,23 @@ def _world_fn(rank, world):
     lonely = DeviceMesh("cpu", [0])  # ranks 1 and 2 are not in it
     out = {
         # torch refuses these itself, before fscale sees them.
-        "too_big": _error(lambda: init_device_mesh("cpu", (2, 2))),
-        "no_such_rank": _error(lambda: DeviceMesh("cpu", [0, 7])),
-        "no_such_sub_mesh": _error(lambda: mesh["nope"]),
+        "too_big": error_text(lambda: init_device_mesh("cpu", (2, 2))),
+        "no_such_rank": error_text(lambda: DeviceMesh("cpu", [0, 7])),
+        "no_such_sub_mesh": error_text(lambda: mesh["nope"]),
         # fscale's own checks.
-        "not_member_step": _error(lambda: _step(mesh=lonely)),
-        "not_member_zero": _error(lambda: fs.shard_zero(_step(), 3, mesh=lonely)),
-        "unnamed_step": _error(lambda: _step(mesh=unnamed)),
-        "unnamed_zero": _error(lambda: fs.shard_zero(_step(), 2, mesh=unnamed)),
-        "shard_dim": _error(lambda: fs.shard_zero(_step(), 3, mesh=mesh, shard_dim="nope")),
-        "sub_mesh_dim": _error(
+        "not_member_step": error_text(lambda: _step(mesh=lonely)),
+        "not_member_zero": error_text(lambda: fs.shard_zero(_step(), 3, mesh=lonely)),
+        "unnamed_step": error_text(lambda: _step(mesh=unnamed)),
+        "unnamed_zero": error_text(lambda: fs.shard_zero(_step(), 2, mesh=unnamed)),
+        "shard_dim": error_text(lambda: fs.shard_zero(_step(), 3, mesh=mesh, shard_dim="nope")),
+        "sub_mesh_dim": error_text(
             lambda: fs.shard_zero(_step(), 3, mesh=mesh["shard"], shard_dim="replicate")
         ),
-        "differs": _error(lambda: fs.shard_zero(_step(mesh=mesh), 1, mesh=mesh["shard"])),
-        "world_size": _error(lambda: fs.shard_zero(_step(), 3, mesh=mesh, world_size=2)),
+        "differs": error_text(lambda: fs.shard_zero(_step(mesh=mesh), 1, mesh=mesh["shard"])),
+        "world_size": error_text(lambda: fs.shard_zero(_step(), 3, mesh=mesh, world_size=2)),
         # ...and what is fine.
-        "same_mesh": _error(lambda: fs.shard_zero(_step(mesh=mesh), 3, mesh=mesh)),
-        "shard_over_replicate": _error(
+        "same_mesh": error_text(lambda: fs.shard_zero(_step(mesh=mesh), 3, mesh=mesh)),
+        "shard_over_replicate": error_text(
             lambda: fs.shard_zero(_step(), 1, mesh=mesh, shard_dim="replicate")
         ),
     }

@@ -23,17 +23,9 @@ from torch import nn
 import fscale as fs
 from fscale.state import TensorEntry, describe
 from tests.dist import run_world
-from tests.helpers import mlp, regression_batches, regression_loss
+from tests.helpers import error_text, mlp, regression_batches, regression_loss
 
 WORLD = 2
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # the test reads the message
-        return f"{type(e).__name__}: {e}"
-    return "ok"
 
 
 def _snapshot(params, state) -> dict:
@@ -146,7 +138,7 @@ def _order_case(rank: int) -> str:
 
     step = fs.shard_zero(fs.train_step(loss_fn, fs.optim.sgd(0.1), model=model), 3)
     params, state = step.init(params)
-    return _error(lambda: step(params, state, torch.ones(2, 4)))
+    return error_text(lambda: step(params, state, torch.ones(2, 4)))
 
 
 def _init_cases(rank: int) -> dict:
@@ -156,17 +148,17 @@ def _init_cases(rank: int) -> dict:
 
     out = {}
     step, params = build(rank)  # a different seed per rank
-    out["check"] = _error(lambda: step.init(params))
+    out["check"] = error_text(lambda: step.init(params))
     step, params = build(rank, sync_init="broadcast")
     params, _ = step.init(params)
     out["broadcast"] = {k: v.clone() for k, v in params.items()}
     out["rank0"] = dict(fs.functional(mlp([3, 4, 2], seed=0))[0])
     step, params = build(rank)
-    out["zero"] = _error(lambda: fs.shard_zero(step, 1).init(params))
+    out["zero"] = error_text(lambda: fs.shard_zero(step, 1).init(params))
     step, params = build(rank, sync_init="off")
-    out["off"] = _error(lambda: step.init(params))
+    out["off"] = error_text(lambda: step.init(params))
     step, params = build(0)
-    out["same"] = _error(lambda: step.init(params))
+    out["same"] = error_text(lambda: step.init(params))
     return out
 
 

@@ -10,6 +10,7 @@ import fscale as fs
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from tests.dist import run_world
+from tests.helpers import error_text
 
 # ----------------------------------------------------------------------------- world of one
 
@@ -90,14 +91,6 @@ def _summary(m: meshes.Mesh) -> dict:
     }
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # the test compares the message
-        return f"{type(e).__name__}: {e}"
-    return "ok"
-
-
 def _world_fn(rank, world):
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -110,8 +103,8 @@ def _world_fn(rank, world):
         "1d_named": _summary(meshes.resolve(init_device_mesh("cpu", (4,), mesh_dim_names=("x",)))),
         "1d_unnamed": _summary(meshes.resolve(init_device_mesh("cpu", (4,)))),
         "none": _summary(meshes.resolve(None)),
-        "2d_unnamed": _error(lambda: meshes.resolve(init_device_mesh("cpu", (2, 2)))),
-        "not_member": _error(lambda: meshes.resolve(DeviceMesh("cpu", [0, 1]))),
+        "2d_unnamed": error_text(lambda: meshes.resolve(init_device_mesh("cpu", (2, 2)))),
+        "not_member": error_text(lambda: meshes.resolve(DeviceMesh("cpu", [0, 1]))),
     }
     # The step and shard_zero hold what they were given; a sub-mesh given to both is
     # the same mesh (mesh["shard"] is a new DeviceMesh object each time).
