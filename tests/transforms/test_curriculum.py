@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -162,6 +163,51 @@ def test_keys_and_dims_cut_only_what_they_name():
     batch = {"x": torch.ones(2, 8), "mask": torch.ones(2, 8, 8), "meta": torch.ones(2, 8)}
     step(params, state, batch)
     assert seen == [{"x": (2, 4), "mask": (2, 4, 4), "meta": (2, 8)}]
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+class _RopeLM(torch.nn.Module):
+    """One causal attention layer with rotary positions (cos/sin tables sliced to [:T])."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.emb = torch.nn.Embedding(VOCAB, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.head = torch.nn.Linear(dim, VOCAB, bias=False)
+        half = dim // heads // 2
+        angles = torch.outer(torch.arange(T).float(), 10000.0 ** (-torch.arange(half) / half))
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def _rotate(self, x):
+        n = x.shape[-2]
+        a, b = x[..., ::2], x[..., 1::2]
+        cos, sin = self.cos[:n], self.sin[:n]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+    def forward(self, idx):
+        (batch, n), x = idx.shape, self.emb(idx)
+        q, k, v = self.qkv(x).view(batch, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(self._rotate(q), self._rotate(k), v, is_causal=True)
+        return self.head(x + y.transpose(1, 2).reshape(batch, n, -1))
+
+
+@pytest.mark.parametrize("kind", ["learned", "rope"])
+def test_a_cut_sequence_keeps_every_tokens_position_and_context(kind):
+    # [Note: truncation keeps positions right]: the cut forward is the full forward's
+    # first L outputs, for a learned position table and for RoPE alike.
+    torch.manual_seed(0)
+    model = _model() if kind == "learned" else _RopeLM()
+    x = _batches(1)[0]["x"]
+    with torch.no_grad():
+        full = model(x)
+        for length in (1, 8, 16, 24):
+            torch.testing.assert_close(model(x[:, :length]), full[:, :length], rtol=0, atol=1e-6)
+        # A window from the middle moves tokens to other positions: not the same outputs.
+        assert not torch.allclose(model(x[:, 8:16]), full[:, 8:16], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- resume
