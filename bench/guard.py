@@ -1,8 +1,12 @@
 """The non-finite guard's cost on the 1.4B GPT step, one GPU (issue 15 (c), goal < 1%).
 
-``train_step(nonfinite="skip")`` (the default: one host read of the step's vote) against
-``nonfinite="off"`` (the vote is computed, never read: no sync), the same params and
-state, in alternating blocks of steps so that clock drift hits both alike; plus the
+Three steps on the same params and state, in alternating blocks of steps so that clock
+drift hits all alike: ``nonfinite="skip"`` as it is by default with AdamW (the verdict
+goes into the fused kernel as a device flag and the host reads it after the update is
+queued: "device"), the same with the verdict read on the host before the update (an
+optimizer that does not skip on the device: "host", the path before the device flag),
+and ``nonfinite="off"`` (the vote is computed, never read: no sync). Then a NaN batch
+through "device" must leave every param untouched. Plus the
 vote's grad pass alone (``torch._foreach_norm`` over fp32 grads of every param), the
 part both modes pay when neither ``clip_norm`` nor fp16 gives the flag for free.
 
@@ -51,22 +55,28 @@ def main() -> None:
 
     def loss_fn(p, batch):
         logits = apply(p, batch["x"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
+        return loss * batch["scale"] if "scale" in batch else loss
 
-    skip = fs.mixed_precision(fs.train_step(loss_fn, fs.optim.adamw(1e-4)), "bf16")
+    adamw = fs.optim.adamw(1e-4)
+    skip = fs.mixed_precision(fs.train_step(loss_fn, adamw), "bf16")
+    assert skip.skips_on_device()
+    host = dataclasses.replace(skip, optimizer=adamw._replace(skips_on_device=False))
+    assert not host.skips_on_device()
     off = dataclasses.replace(skip, nonfinite="off")
+    modes = {"device": skip, "host": host, "off": off}
     params, state = skip.init(params)
     n = sum(t.numel() for t in params.values())
     g = torch.Generator(device=device).manual_seed(1)
     shape = (args.batch, args.seq + 1)
     tokens = torch.randint(0, cfg.vocab_size, shape, device=device, generator=g)
     batch = {"x": tokens[:, :-1].contiguous(), "y": tokens[:, 1:].contiguous()}
-    for step in (skip, off, skip, off):  # warm up both
+    for step in [*modes.values()] * 2:  # warm up all
         params, state, _ = step(params, state, batch)
     torch.cuda.synchronize()
-    times = {"skip": [], "off": []}
+    times = {name: [] for name in modes}
     for _ in range(args.blocks):
-        for name, step in (("skip", skip), ("off", off)):
+        for name, step in modes.items():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -74,6 +84,11 @@ def main() -> None:
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t0) / args.steps)
     assert not bool(metrics["nonfinite"])
+    before = {k: v.clone() for k, v in params.items()}
+    poisoned = {**batch, "scale": torch.tensor(float("nan"), device=device)}  # NaN loss, grads
+    params, state, metrics = skip(params, state, poisoned)
+    assert metrics["nonfinite"] is True
+    untouched = all(torch.equal(params[k], v) for k, v in before.items())
     # The flag's grad pass alone, on fp32 grads shaped like the params.
     grads = [torch.randn_like(t, dtype=torch.float32) for t in params.values()]
     for _ in range(3):
@@ -96,7 +111,9 @@ def main() -> None:
         "seq": args.seq,
         "step_s": times,
         "median_step_s": med,
-        "skip_over_off": med["skip"] / med["off"],
+        "device_over_off": med["device"] / med["off"],
+        "host_over_off": med["host"] / med["off"],
+        "nan_step_left_params_untouched": untouched,
         "flag_pass_s": flag_s,
         "flag_pass_over_step": flag_s / med["off"],
         "command": " ".join(sys.argv),

@@ -48,8 +48,8 @@ TAG = "guard.nonfinite"
 # every sum; an inf loss was flagged, so it arrives as NaN). Every rank then takes the same
 # decision: under ``shard_zero`` a rank sees only its shard of the grads, and a rank
 # that updated while another skipped would desynchronise them for good. On a
-# non-finite step ``Step.__call__`` runs neither clipping, ``update`` nor ``apply``:
-# params and the whole state come back untouched (the optimizer's count and its LR
+# non-finite step ``Step.__call__`` runs neither clipping, ``update`` nor ``apply``
+# (or runs them masked on the device, below): params and the whole state come back untouched (the optimizer's count and its LR
 # schedule do not advance), only the guard's counters move. After
 # ``max_nonfinite_skips`` such steps in a row it raises ``FloatingPointError``.
 #
@@ -65,27 +65,26 @@ TAG = "guard.nonfinite"
 # norms are already summed over the shard dim), and from fp16's unscale pass;
 # otherwise it is one ``torch._foreach_norm`` over the grads (a read of the grad
 # bytes, ~1.3 ms for 1.4B fp32 grads at 4.3 TB/s). The all-reduce carries
-# 4 bytes (a latency, not bandwidth). Skipping is a Python branch, so ``nonfinite="skip"``
-# reads the verdict on the host: one ``.item()``-like read per step, the same one
-# fp16 already paid (``torch.amp.GradScaler.step`` and DeepSpeed do the same). It
-# stalls the host until backward and the reduction are done; the device then idles
-# only for the launch of the first optimizer kernel (tens of us against a step of
-# ~1 s at 1.4B), but the host can no longer queue the next forward while this
-# backward runs, which matters for small, launch-bound steps. The only sync-free
-# alternative is to run the update and select the old values with ``torch.where``
-# on a device flag: that needs a copy of params and optimizer state (3x the master
-# bytes for Adam) every step, far dearer than the sync. ``nonfinite="off"`` keeps the
-# vote (for the global loss and ``metrics["nonfinite"]``, a device tensor then) and
-# never reads it: no sync, no protection.
+# 4 bytes (a latency, not bandwidth).
 #
-# Measured (bench/guard.py, one H200, torch 2.11, 2026-12-02): the 1.3B GPT, bf16,
-# batch 8 x 2048, AdamW, no clip_norm: 0.2945 s per step with "skip" against 0.2887 s
-# with "off" (+2.0%, 6 blocks of 5 steps each, alternating, spread 1 ms): the host read
-# costs the host's run-ahead, so the GPU waits while the next forward is launched. The
-# flag's grad pass alone is 1.66 ms (0.57% of the step; free with clip_norm or fp16).
-# That misses issue 15's goal (< 1%). What would meet it: the fused AdamW kernel taking
-# lr, b1, b2 and the bias corrections as device scalars selected by the flag (lr 0,
-# b1 = b2 = 1, count not advanced) -- an exact no-op update without a sync or a copy.
+# Skipping needs the verdict on the host (a skipped step returns the old state, and
+# the count and schedule are host values), so ``nonfinite="skip"`` reads it once per
+# step, as fp16 always did (``torch.amp.GradScaler.step`` and DeepSpeed too). Where
+# the read goes matters. Read before the update, it stalls the host until backward
+# is done, and the update and the next forward are launched while the device idles:
+# +2.0% on the 1.3B GPT step (bench/guard.py, one H200, 2026-12-02). So when the
+# whole update can skip on the device ([Note: skipping on the device] in
+# ``fscale/optim/base.py``: the fused AdamW takes the verdict as a flag, and every
+# transform replacing ``update``/``apply`` declares SKIP_SAFE_UPDATE) the update is
+# queued first and the host reads the verdict after it, while the device works
+# through the update; a skip then hands back the slots of ``state`` that came in,
+# whose tensors the masked update left alone. Other stacks (SGD, Lion, LAMB, a chain
+# with stateful links, offload's host optimizer, fp16's loss scale, which must move
+# before the next step) keep the read before the update. A copy-and-select
+# (``torch.where``) alternative would copy params and optimizer state every step,
+# far dearer than either. ``nonfinite="off"`` keeps the vote (for the global loss and
+# ``metrics["nonfinite"]``, a device tensor then) and never reads it: no sync, no
+# protection. Measurements of both placements: bench/README.md.
 
 
 def local_flag(ctx: StepContext, loss: torch.Tensor, grads: Any, norm) -> torch.Tensor:

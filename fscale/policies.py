@@ -36,9 +36,22 @@ WANTS_FINAL_GRADS = "wants_final_grads"
 SHARDS_PARAMS = "shards_params"
 #: The step's optimizer runs somewhere other than on the params' device.
 MOVES_OPTIMIZER = "moves_optimizer"
+#: The ``update`` / ``apply`` stages the transform replaces change no state and no
+#: param when the step is skipped on the device: they reach the optimizer only
+#: through the inner stages (which run it inside ``optim.base.skipping``), and
+#: whatever else they write is recomputed from unchanged values. Without it, a
+#: transform replacing ``update`` or ``apply`` makes the non-finite guard read its
+#: verdict on the host before the update ([Note: skipping on the device]).
+SKIP_SAFE_UPDATE = "skip_safe_update"
 
 CAPABILITIES = frozenset(
-    {CHANGES_GRADS_AFTER_BACKWARD, WANTS_FINAL_GRADS, SHARDS_PARAMS, MOVES_OPTIMIZER}
+    {
+        CHANGES_GRADS_AFTER_BACKWARD,
+        WANTS_FINAL_GRADS,
+        SHARDS_PARAMS,
+        MOVES_OPTIMIZER,
+        SKIP_SAFE_UPDATE,
+    }
 )
 
 

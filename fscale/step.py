@@ -57,9 +57,9 @@ from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.hw.tagged import Collectives, TaggedLowering
 from fscale.optim import schedules
-from fscale.optim.base import GradientTransformation
+from fscale.optim.base import GradientTransformation, skipping
 from fscale.placement import Placement, placement_of, replicated
-from fscale.policies import CAPABILITIES, WANTS_FINAL_GRADS
+from fscale.policies import CAPABILITIES, SKIP_SAFE_UPDATE, WANTS_FINAL_GRADS
 from fscale.stages import DEFAULT_STAGES, Stages, clip_
 from fscale.units import UnitHook, Units, find_units
 
@@ -229,6 +229,8 @@ class Step:
     policies: tuple[Any, ...] = ()
     lowerings: tuple[TaggedLowering, ...] = ()
     unit_hooks: tuple[tuple[str, UnitHook], ...] = ()
+    # Transforms that replaced ``update`` or ``apply`` without declaring SKIP_SAFE_UPDATE.
+    unsafe_to_skip: tuple[str, ...] = ()
 
     # -- building -------------------------------------------------------------------
 
@@ -248,6 +250,13 @@ class Step:
                 f"unknown capability {capability!r}; the known ones are {sorted(CAPABILITIES)}."
             )
         return any(capability in t.capabilities for t in self.transforms)
+
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite step is skipped by a device flag, with no host read
+        before the update ([Note: skipping on the device] in fscale/optim/base.py)."""
+        return (
+            self.nonfinite == "skip" and self.optimizer.skips_on_device and not self.unsafe_to_skip
+        )
 
     def with_transform(
         self,
@@ -304,6 +313,9 @@ class Step:
                     "train_step(..., units=...) naming its blocks."
                 )
             hooks = (*hooks, (record.name, unit_hook))
+        unsafe = self.unsafe_to_skip
+        if {"update", "apply"} & set(stages) and SKIP_SAFE_UPDATE not in record.capabilities:
+            unsafe = (*unsafe, record.name)
         return dataclasses.replace(
             self,
             stages=dataclasses.replace(self.stages, **stages),
@@ -311,6 +323,7 @@ class Step:
             policies=self.policies if policy is None else (*self.policies, policy),
             lowerings=new_lowerings,
             unit_hooks=hooks,
+            unsafe_to_skip=unsafe,
         )
 
     def hooked_units(self):
@@ -363,18 +376,26 @@ class Step:
             # One vote: the global mean loss and whether any rank saw inf/nan.
             voted = _guard.vote(ctx, loss, grads, norm)
             guarded = self.nonfinite == "skip"
-            # The one host read of the step; fp16 (on_verdict) skips overflows even with
-            # the guard off, as it always did.
-            skip = not bool(torch.isfinite(voted)) if guarded or ctx.on_verdict else False
-            expected = [fn(skip) for fn in ctx.on_verdict]
-            if not skip:
-                if norm is not None:
-                    clip_(grads, norm, self.clip_norm)
-                with schedules.reporting() as hparams:
-                    params = self.stages.update(ctx, grads, params)
-                params = self.stages.apply(ctx, params)
-                if "lr" in hparams:
-                    ctx.metrics["lr"] = hparams["lr"]
+            if guarded and not ctx.on_verdict and self.skips_on_device():
+                # [Note: skipping on the device]: the update is queued with the verdict
+                # as a device flag, then the host reads it (the backward has had the
+                # whole update's launch to finish); a skip returns the old slots.
+                before = dict(ctx.state)
+                params, hparams = self._update_and_apply(ctx, grads, params, norm, voted)
+                skip = not bool(torch.isfinite(voted))
+                if skip:
+                    ctx.state = before
+                expected = []
+            else:
+                # The one host read of the step; fp16 (on_verdict) skips overflows even
+                # with the guard off, as it always did.
+                skip = not bool(torch.isfinite(voted)) if guarded or ctx.on_verdict else False
+                expected = [fn(skip) for fn in ctx.on_verdict]
+                hparams = {}
+                if not skip:
+                    params, hparams = self._update_and_apply(ctx, grads, params, norm, None)
+            if not skip and "lr" in hparams:
+                ctx.metrics["lr"] = hparams["lr"]
         guard = dict(state.get("guard") or {"skipped_steps": 0, "consecutive": 0})
         if skip and self.has(WANTS_FINAL_GRADS) and ctx.grad_ready is not None:
             # A transform updated from the grads during backward (offload streaming),
@@ -409,6 +430,17 @@ class Step:
         ctx.metrics["comm_bytes"] = {op: s.bytes for op, s in traffic.ops.items()}
         ctx.metrics["comm_bytes_by_tag"] = {tag: s.bytes for tag, s in traffic.tags.items()}
         return params, ctx.state, ctx.metrics
+
+    def _update_and_apply(self, ctx, grads, params, norm, voted):
+        """Clip, ``update`` and ``apply``; with ``voted`` given, the optimizer skips on
+        the device when it is non-finite. Returns the params and the reported hparams."""
+        if norm is not None:
+            clip_(grads, norm, self.clip_norm)
+        flag = None if voted is None else ~torch.isfinite(voted)
+        with schedules.reporting() as hparams, skipping(flag):
+            params = self.stages.update(ctx, grads, params)
+        params = self.stages.apply(ctx, params)
+        return params, hparams
 
 
 def _check_params(params: Params) -> None:

@@ -312,3 +312,52 @@ def test_lr_is_reported_for_every_optimizer():
         _, _, metrics = step(params, state, batches[0])
         assert metrics["lr"] in (0.5, 0.25, 0.125, 0.0625), opt
         assert metrics["loss"] is metrics["local_loss"]  # world of one
+
+
+def test_skips_on_device_when_the_whole_update_can():
+    """[Note: skipping on the device]: which stacks take the guard's verdict as a device
+    flag into the update (no host read before it) and which read it first."""
+    step, _, _ = _plain()
+    assert step.skips_on_device()  # fused AdamW
+    assert fs.shard_zero(step, 1).skips_on_device() and fs.shard_zero(step, 3).skips_on_device()
+    assert fs.mixed_precision(step, "bf16").skips_on_device()
+    assert not _plain(fs.optim.sgd(0.1))[0].skips_on_device()
+    assert not _plain(nonfinite="off")[0].skips_on_device()
+    assert not fs.offload(step, "cpu").skips_on_device()  # the host optimizer
+    chained = fs.optim.chain(fs.optim.clip_by_global_norm(1.0), fs.optim.adamw(1e-2))
+    assert not _plain(chained)[0].skips_on_device()  # an earlier link may keep state
+    assert fs.optim.chain(fs.optim.adamw(1e-2)).skips_on_device
+
+    def update(ctx, grads, params):
+        return step.stages.update(ctx, grads, params)
+
+    custom = step.with_transform(fs.Transform("mine"), update=update)
+    assert not custom.skips_on_device() and custom.unsafe_to_skip == ("mine",)
+    safe = fs.Transform("mine", capabilities=frozenset({fs.policies.SKIP_SAFE_UPDATE}))
+    assert step.with_transform(safe, update=update).skips_on_device()
+
+
+def test_the_device_skip_reaches_the_optimizer_and_restores_the_state():
+    """The optimizer runs inside ``skipping(flag)`` with the verdict as a tensor; on a
+    non-finite step the state objects that come back are the ones that went in."""
+    seen = []
+    inner = fs.optim.adamw(1e-2)
+
+    def update_params(grads, state, params):
+        seen.append(fs.optim.base.skip_flag())
+        return inner.update_params(grads, state, params)
+
+    spy = fs.optim.GradientTransformation(inner.init, inner.update, update_params, True)
+    step, params, batches = _plain(spy)
+    params, state = step.init(params)
+    params, state, _ = step(params, state, batches[0])
+    assert isinstance(seen[-1], torch.Tensor) and not bool(seen[-1])
+    bad = {**batches[1], "x": torch.full_like(batches[1]["x"], float("nan"))}
+    weights = params["0.weight"].clone()
+    opt_before = state["optimizer"]
+    params, state, metrics = step(params, state, bad)
+    assert bool(seen[-1]) and metrics["nonfinite"] is True and "lr" not in metrics
+    assert state["optimizer"] is opt_before and state["optimizer"].count == 1
+    assert torch.equal(params["0.weight"], weights)
+    params, state, metrics = step(params, state, batches[1])
+    assert state["optimizer"].count == 2 and metrics["lr"] == 1e-2

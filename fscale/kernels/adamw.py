@@ -6,11 +6,13 @@ runs everywhere, the Triton kernel on CUDA (sm_80 and newer).
 Signature of every lowering::
 
     impl(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps,
-         weight_decay, step) -> None
+         weight_decay, step, skip=None) -> None
 
 ``step`` is the 1-based step count used for bias correction. Each list holds
 tensors of equal shapes pairwise; params, exp_avgs and exp_avg_sqs are updated
-in place.
+in place. ``skip``, a 0-d tensor on the tensors' device, makes the call change
+nothing when it is nonzero, decided on the device: the non-finite guard's verdict
+without a host read ([Note: skipping on the device]).
 
 The Triton lowering takes contiguous tensors of float32, bfloat16 or float16 in
 any of the four lists (fp32 moments are what you want with bf16 params), loads
@@ -42,9 +44,14 @@ OP = "adamw_update"
 
 @torch.no_grad()
 def adamw_update_reference_(
-    params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step
+    params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, skip=None
 ) -> None:
-    """Pure torch, the maths of ``torch.optim.AdamW`` (decoupled decay, bias correction)."""
+    """Pure torch, the maths of ``torch.optim.AdamW`` (decoupled decay, bias correction).
+
+    ``skip`` is read on the host here (a sync on a GPU; the reference is not the fast path).
+    """
+    if skip is not None and bool(skip):
+        return
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
     step_size = lr / bias1
@@ -119,8 +126,10 @@ def _adamw_kernel(
     step_size,
     bias2_sqrt,
     eps,
+    skip_ptr,
     BLOCK: tl.constexpr,
     GROUPED: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     ALIGNED: tl.constexpr,
     LERP_FROM_END: tl.constexpr,
     P_DTYPE: tl.constexpr,
@@ -128,6 +137,10 @@ def _adamw_kernel(
     M_DTYPE: tl.constexpr,
     V_DTYPE: tl.constexpr,
 ):
+    if HAS_SKIP:
+        # [Note: skipping on the device]
+        if tl.load(skip_ptr) != 0:
+            return
     pid = tl.program_id(0).to(tl.int64)
     if GROUPED:
         row = table_ptr + pid * 6
@@ -281,6 +294,7 @@ def _update(
     eps,
     weight_decay,
     step,
+    skip: torch.Tensor | None = None,
     block: int = _BLOCK,
     num_warps: int = _NUM_WARPS,
     direct_min_numel: int | None = None,
@@ -303,6 +317,14 @@ def _update(
             "TRITON_INTERPRET=1 to run it on the CPU, or use adamw_update_reference_."
         )
     scalars = _scalars(lr, beta1, beta2, eps, weight_decay, step)
+    if skip is not None:
+        if skip.device != device or skip.numel() != 1:
+            raise ValueError(
+                f"adamw_update_triton_: skip must be a one-element tensor on {device}, got "
+                f"{tuple(skip.shape)} on {skip.device}."
+            )
+        skip = skip.reshape(()).to(torch.int32)  # one dtype: one compiled variant
+    flags = {"skip_ptr": skip, "HAS_SKIP": skip is not None}
 
     # (dtypes, aligned) -> (addresses, start, end) of the pieces for the table launch.
     groups: dict[tuple, list[tuple]] = {}
@@ -324,7 +346,7 @@ def _update(
         if direct_min_numel is not None and n >= direct_min_numel:
             # Triton specialises the aligned pointers and body % 16 == 0 itself.
             kernel[(triton.cdiv(body, block),)](
-                p, g, m, v, body, p, **scalars,
+                p, g, m, v, body, p, **scalars, **flags,
                 BLOCK=block, GROUPED=False, ALIGNED=False,
                 P_DTYPE=dtypes[0], G_DTYPE=dtypes[1], M_DTYPE=dtypes[2], V_DTYPE=dtypes[3],
                 num_warps=num_warps,
@@ -335,7 +357,7 @@ def _update(
     for (dtypes, aligned), specs in groups.items():
         table = _table(specs, block, device)
         kernel[(table.shape[0],)](
-            table, table, table, table, 0, table, **scalars,
+            table, table, table, table, 0, table, **scalars, **flags,
             BLOCK=block, GROUPED=True, ALIGNED=aligned,
             P_DTYPE=dtypes[0], G_DTYPE=dtypes[1], M_DTYPE=dtypes[2], V_DTYPE=dtypes[3],
             num_warps=num_warps,
@@ -343,7 +365,7 @@ def _update(
 
 
 def adamw_update_triton_(
-    params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step
+    params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, skip=None
 ) -> None:
     """One-pass Triton AdamW, the maths of ``adamw_update_reference_`` (see the module doc).
 
@@ -352,6 +374,8 @@ def adamw_update_triton_(
         tensors on one device, paired by index; fp32, bf16 or fp16 each.
       lr, beta1, beta2, eps, weight_decay: Python floats.
       step: the 1-based step count, for bias correction.
+      skip: None, or a 0-d tensor on the same device: nonzero makes every program
+        return before touching memory (no host read).
 
     Returns:
       None; params, exp_avgs and exp_avg_sqs are updated in place.
@@ -367,6 +391,7 @@ def adamw_update_triton_(
         eps=eps,
         weight_decay=weight_decay,
         step=step,
+        skip=skip,
     )
 
 

@@ -37,9 +37,14 @@ _LOCK = threading.Lock()
 
 @torch.no_grad()
 def adamw_update_cpu_fused_(
-    params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step
+    params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, skip=None
 ) -> None:
-    """``adamw_update`` through ``torch._fused_adamw_``; other dtype mixes use the reference."""
+    """``adamw_update`` through ``torch._fused_adamw_``; other dtype mixes use the reference.
+
+    ``skip`` (a nonzero 0-d tensor: change nothing) is read on the host: host tensors.
+    """
+    if skip is not None and bool(skip):
+        return
     fused: dict[torch.dtype, tuple[list, list, list, list]] = {}
     rest: tuple[list, list, list, list] = ([], [], [], [])
     for quad in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):

@@ -37,7 +37,7 @@ from fscale.hw import dispatch
 from fscale.kernels import adamw as _adamw_kernel  # registers the "adamw_update" reference
 from fscale.optim import _checks
 from fscale.optim._leaves import as_dtypes, gather, scatter, split, subset, zeros_moments
-from fscale.optim.base import GradientTransformation
+from fscale.optim.base import GradientTransformation, skip_flag
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 
@@ -107,6 +107,9 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
         new_state = AdamState(count + 1, state.exp_avg, state.exp_avg_sq)
         if not idx:
             return updates, new_state
+        skip = skip_flag()
+        if skip is not None and bool(skip):  # the unfused path reads the flag on the host
+            return scatter(spec, leaves, idx, [torch.zeros_like(g) for g in gs]), state
         step = count + 1
         update_moments_(ms, vs, as_dtypes(gs, ms), b1, b2)
         denom = bias_corrected_denom(vs, b2, eps, step)
@@ -134,6 +137,7 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
             raise ValueError(f"{owner}.update_params(grads, state, params) needs the params.")
         count, lr_t, wd_t, _, _, idx, gs, ms, vs, ps, decayed = prepare(grads, state, params)
         decayed = set(decayed) if decoupled else set()
+        skip = skip_flag()  # [Note: skipping on the device] in fscale/optim/base.py
         groups: dict[tuple, tuple[list, list, list, list]] = {}
         for j, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs, strict=True)):
             key = (p.device, p.dtype, g.dtype, m.dtype, j in decayed)
@@ -141,6 +145,8 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
             for lst, x in zip(group, (p, g, m, v), strict=True):
                 lst.append(x)
         for key, (p_list, g_list, m_list, v_list) in groups.items():
+            # Only with a flag: a lowering registered before ``skip`` existed still works.
+            flag = {} if skip is None else {"skip": skip.to(p_list[0].device)}
             kernel_for(p_list[0]).impl(
                 p_list,
                 g_list,
@@ -152,10 +158,11 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
                 eps=eps,
                 weight_decay=wd_t if key[-1] else 0.0,
                 step=count + 1,
+                **flag,
             )
         return params, AdamState(count + 1, state.exp_avg, state.exp_avg_sq)
 
-    return GradientTransformation(init, update, update_params)
+    return GradientTransformation(init, update, update_params, skips_on_device=True)
 
 
 def adamw(

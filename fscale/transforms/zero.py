@@ -52,6 +52,7 @@ from fscale.placement import Placement, place
 from fscale.policies import (
     CHANGES_GRADS_AFTER_BACKWARD,
     SHARDS_PARAMS,
+    SKIP_SAFE_UPDATE,
     ParamSourcePolicy,
     PrecisionPolicy,
     ZeroPolicy,
@@ -152,7 +153,11 @@ def shard_zero(
         plan=lambda plan: plan_zero(cfg, mp, step.clip_norm is not None, step.accumulate, plan),
         # Stages 1/2 finish the reduction after backward; stage 3 reduce-scatters each
         # unit in backward, so its grads are final when backward makes them.
-        capabilities=frozenset({SHARDS_PARAMS} if stage == 3 else {CHANGES_GRADS_AFTER_BACKWARD}),
+        # Its update runs the optimizer through the inner stage and re-tags the result;
+        # its apply all-gathers the masters, unchanged on a skip: SKIP_SAFE_UPDATE.
+        capabilities=frozenset(
+            {SKIP_SAFE_UPDATE, SHARDS_PARAMS if stage == 3 else CHANGES_GRADS_AFTER_BACKWARD}
+        ),
         scratch=True,
     )
     inner = step.stages

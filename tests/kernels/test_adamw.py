@@ -78,6 +78,33 @@ def test_triton_matches_reference_grouped(interpret, weight_decay):
 
 
 @needs_triton
+@pytest.mark.parametrize("block", [None, 512])
+def test_a_set_skip_flag_changes_nothing(interpret, block):
+    """skip=1 returns before touching memory (grouped and direct launches); skip=0 is
+    the plain update ([Note: skipping on the device])."""
+    kw = dict(**HYPER, weight_decay=0.1, step=3)
+    got = _state(SIZES)
+    before = _clone(got)
+
+    def equal(xs, ys) -> bool:
+        pairs = zip(xs, ys, strict=True)
+        return all(torch.equal(a, b) for x, y in pairs for a, b in zip(x, y, strict=True))
+
+    adamw._update(*got, **kw, skip=torch.tensor(True), direct_min_numel=block)
+    assert equal(got, before)
+    want = _clone(got)
+    adamw._update(*got, **kw, skip=torch.tensor(0), direct_min_numel=block)
+    adamw.adamw_update_triton_(*want, **kw)
+    assert equal(got, want)
+    assert not equal(got[:1], before[:1])
+    ref = _clone(before)
+    adamw.adamw_update_reference_(*ref, **kw, skip=torch.tensor(1.0))
+    assert equal(ref, before)
+    with pytest.raises(ValueError, match="skip must be a one-element tensor"):
+        adamw.adamw_update_triton_(*got, **kw, skip=torch.zeros(2))
+
+
+@needs_triton
 @pytest.mark.parametrize("block", [512, 1024])
 def test_triton_matches_reference_direct_launches(interpret, block):
     """Per-tensor launches (``direct_min_numel``, here 2000 elements) for the large
