@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import sysconfig
 import time
@@ -45,6 +44,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import fscale as fs
@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--preset", choices=("small", "tiny"), default="small", help="GPTConfig preset")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--pg-timeout",
+        type=float,
+        default=None,
+        help="seconds a collective waits for the other ranks before the job fails "
+        "(default $FSCALE_PG_TIMEOUT_S or 600)",
+    )
     p.add_argument("--out", default="out/train_gpt_loss.png", help="loss-curve PNG path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -202,20 +209,13 @@ def get_batch(
 # ----------------------------------------------------------------------------- distributed
 
 
-def setup(device: str) -> tuple[int, int, torch.device]:
-    """``(rank, world, device)``; joins the torchrun world when launched by torchrun."""
+def setup(device: str, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """``(rank, world, device)``; joins the torchrun world when launched by torchrun, with
+    collectives that raise after ``timeout_s`` ([Note: how a failed rank ends the job] in
+    fscale/hw/launch.py)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was given but torch.cuda.is_available() is False.")
-    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    if not launched:
-        return 0, 1, torch.device(device)
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    return tuple(fs.init_distributed(device, timeout_s=timeout_s))
 
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
@@ -323,9 +323,10 @@ def metrics_logger(args: argparse.Namespace, main_rank: bool) -> fs.MetricsLogge
     return fs.MetricsLogger(log_dir, tensorboard=tensorboard is not None)
 
 
+@record  # under torchrun, a rank's traceback appears in the job's failure summary
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    rank, world, device = setup(args.device)
+    rank, world, device = setup(args.device, args.pg_timeout)
     main_rank = rank == 0
     log = print if main_rank else (lambda *a, **k: None)
 

@@ -14,6 +14,7 @@ from fscale.checkpoint import latest, load, load_extra, save
 from fscale.explain import explain, plan
 from fscale.export import export, load_safetensors, load_state_dict
 from fscale.functional import functional, load_params
+from fscale.hw.launch import init_distributed
 from fscale.metrics import MetricsLogger
 from fscale.step import Stages, Step, StepContext, Transform, train_step
 from fscale.transforms import (
@@ -39,6 +40,7 @@ __all__ = [
     "export",
     "functional",
     "gather_params",
+    "init_distributed",
     "latest",
     "load",
     "load_extra",
