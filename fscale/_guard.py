@@ -49,8 +49,9 @@ TAG = "guard.nonfinite"
 # decision: under ``shard_zero`` a rank sees only its shard of the grads, and a rank
 # that updated while another skipped would desynchronise them for good. On a
 # non-finite step ``Step.__call__`` runs neither clipping, ``update`` nor ``apply``
-# (or runs them masked on the device, below): params and the whole state come back untouched (the optimizer's count and its LR
-# schedule do not advance), only the guard's counters move. After
+# (or runs them masked on the device, below): params and the whole state come back
+# untouched (the optimizer's count and its LR schedule do not advance), only the
+# guard's counters move. After
 # ``max_nonfinite_skips`` such steps in a row it raises ``FloatingPointError``.
 #
 # mixed_precision(fp16) used to all-reduce its own overflow flag and read it on the
