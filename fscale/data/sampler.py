@@ -2,9 +2,11 @@
 
 DeepSpeed's difficulty-based curriculum: at step ``t`` only samples of buckets
 ``0..schedule(t)`` of a ``DifficultyIndex`` may be drawn, so training starts on the
-easiest data and widens to all of it. The sampler yields sample ids for one rank,
-``batch_size`` per step (a ``DataLoader(dataset, sampler=s, batch_size=batch_size)``
-turns them into that rank's batches).
+easiest data and widens to all of it (``build_index(scores, 100)`` makes bucket ``d``
+the ``d + 1``-th percentile: DeepSpeed's ``difficulty_type="percentile"``). The
+sampler yields sample ids for one rank, ``batch_size`` per step (a
+``DataLoader(dataset, sampler=s, batch_size=batch_size)`` turns them into that
+rank's batches).
 
 Usage::
 
@@ -93,10 +95,12 @@ class CurriculumSampler(Sampler[int]):
 
     # -- the draw ([Note: how a step's batch is drawn]) -----------------------------
 
-    def ids_at(self, step: int, phase_start: int | None = None) -> np.ndarray:
+    def ids_at(self, step: int) -> np.ndarray:
         """The ``batch_size`` sample ids this rank draws at ``step``."""
+        return self._ids(step, self._phase_start(step, self._difficulty(step)))
+
+    def _ids(self, step: int, t0: int) -> np.ndarray:
         d = self._difficulty(step)
-        t0 = self._phase_start(step, d) if phase_start is None else phase_start
         allowed = self._allowed_ids(d, f"schedule({step}) = {d}")
         per_cycle = len(allowed) // self.global_batch
         cycle, window = divmod(step - t0, per_cycle)
@@ -168,7 +172,7 @@ class CurriculumSampler(Sampler[int]):
             elif d != d_prev:
                 t0 = step
             d_prev = d
-            ids = self.ids_at(step, t0)
+            ids = self._ids(step, t0)
             for i in ids[offset:].tolist():
                 self.position += 1
                 yield i
