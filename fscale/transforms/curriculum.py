@@ -61,6 +61,7 @@ Length Warmup for Training GPT Models", NeurIPS 2022; DeepSpeed data efficiency
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 
 import torch
@@ -235,7 +236,7 @@ def curriculum(
         _check_lengths("curriculum", schedule, max_shapes)
     record = Transform(
         NAME,
-        options={"schedule": _describe(schedule), "keys": keys, "dim": dim},
+        options={"schedule": _describe(schedule), "keys": cut, "dim": dim},
         plan=lambda plan: _plan(schedule, plan),
     )
     lengths = _Lengths(schedule, max_shapes)
@@ -281,8 +282,10 @@ class _Lengths:
     def __call__(self, count: int) -> int:
         length = self.schedule(count)
         if isinstance(length, torch.Tensor) and length.numel() == 1:
-            length = int(length)
-        if isinstance(length, bool) or not isinstance(length, int):
+            length = length.item()
+        if isinstance(length, numbers.Integral) and not isinstance(length, bool):
+            length = int(length)  # numpy ints too
+        else:
             raise TypeError(
                 f"curriculum: schedule({count}) returned {length!r}; it must return an int length."
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -334,6 +335,9 @@ def test_call_time_errors_name_the_fix():
     assert f"only {T} along dim 1" in too_long and f"<= {T}" in too_long, too_long
     assert "lengths must be >= 1" in _step_error(lambda count: 0)
     assert "must return an int length" in _step_error(lambda count: 8.0)
+    assert "must return an int length" in _step_error(lambda count: torch.tensor(8.0))
+    assert _step_error(lambda count: np.int64(8)) == "ok"  # numpy and 0-d int tensors pass
+    assert _step_error(lambda count: torch.tensor(8)) == "ok"
     missing = _step_error(WARMUP, keys=["tokens"])
     assert "['tokens'] are not in the batch" in missing and "['x', 'y']" in missing, missing
     ragged = {
