@@ -396,6 +396,23 @@ def test_build_errors_say_what_to_do():
     assert "seed must be an int" in error_text(lambda: random_ltd(step, keep=4, seed="a"))
 
 
+def test_layers_forms_and_explain():
+    step = _plain()
+    for layers, names in (
+        ("blocks.2", ["blocks.2"]),
+        (-1, ["blocks.3"]),
+        (range(1, 3), ["blocks.1", "blocks.2"]),
+        ([1, "blocks.1"], ["blocks.1"]),
+    ):
+        assert (
+            random_ltd(step, keep=4, layers=layers).applied("random_ltd").options["layers"] == names
+        )
+    _, params, _ = _gpt()
+    text = fs.explain(random_ltd(step, keep=4, seed=2), params)
+    assert "random_ltd(keep=4, layers=['blocks.1', 'blocks.2'], seed=2)" in text
+    assert "2 of 4 units run on `keep` random tokens" in text
+
+
 def test_run_errors_name_the_count_or_the_unit():
     model, params, apply = _gpt()
     step = random_ltd(fs.train_step(lm_loss(apply), _adamw(), model=apply), keep=lambda c: 0)
