@@ -14,10 +14,22 @@ block``, for one extra forward of the units.
   residual adds, dropout): most of the memory back for a few percent of the FLOPs
   (Korthikanti et al.; torchtitan's "selective op" policy).
 
+- ``offload="cpu"`` (issue 19): what backward keeps goes to pinned host memory
+  during forward, on a side CUDA stream, and comes back just before it is used,
+  the next unit's prefetched while a unit's backward runs ([Note: activation
+  offload] in ``_activation_offload.py``). With ``"unit"``: each unit's inputs
+  (DeepSpeed's ``cpu_checkpointing``); with ``"selective"``: the inputs and the kept
+  matmul / attention outputs; with ``policy="none"`` (offload only): nothing is
+  recomputed and every tensor a unit saves for backward is offloaded. Params, their
+  casts and ZeRO-3's gathered weights never are; nor tensors under
+  ``min_offload_bytes``. ``metrics["activation_offload_bytes"]`` counts the bytes
+  copied to the host in a step (``..._reload_bytes``: back to the device).
+
 It is a unit transform: ``train_step(..., model=model)`` gives the step the model's
 units (by default the children of the first ``ModuleList``) and this transform wraps
 each unit's forward in ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``;
-no stage of the step changes, so it goes anywhere in a stack (inside or outside
+no stage of the step changes (with ``offload``, ``loss_and_grad`` is wrapped to
+own one call's offloaded tensors and report them), so it goes anywhere in a stack (inside or outside
 ``shard_zero``, ``mixed_precision`` and ``offload``). Dropout draws the same masks
 in the recompute (the RNG state is stashed and restored, ``preserve_rng_state``): a
 checkpointed step computes exactly what the plain one does.
@@ -28,6 +40,7 @@ Usage::
     step = fs.train_step(loss_fn, fs.optim.adamw(3e-4), model=apply)
     step = fs.checkpoint_activations(fs.mixed_precision(step, "bf16"), policy="selective")
     step = fs.shard_zero(step, 3)            # any order: the hook is on the units
+    step = fs.checkpoint_activations(step, policy="unit", offload="cpu")   # or so
 
 [Note: recompute under functional params]
 ``fs.functional``'s apply installs the params into the module only while the loss's
@@ -79,10 +92,16 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from fscale import tree
 from fscale.step import Step, Transform
+from fscale.transforms import _activation_offload
 
 NAME = "checkpoint_activations"
-POLICIES = ("unit", "selective")
+POLICIES = ("unit", "selective", "none")
+OFFLOADS = (None, "cpu")
+# Smaller storages stay on the device: a copy's fixed cost (a launch, an event, a
+# pinned block) is not worth it (Megatron's min_offloaded_tensor_size).
+MIN_OFFLOAD_BYTES = 2**20
 
 _aten = torch.ops.aten
 # Ops whose outputs "selective" keeps: the FLOP-heavy ones (every overload but out=).
@@ -108,7 +127,13 @@ _KEEP = tuple(
 )
 
 
-def checkpoint_activations(step: Step, policy: str = "unit") -> Step:
+def checkpoint_activations(
+    step: Step,
+    policy: str = "unit",
+    *,
+    offload: str | None = None,
+    min_offload_bytes: int = MIN_OFFLOAD_BYTES,
+) -> Step:
     """Recompute each unit's activations in backward instead of keeping them.
 
     Args:
@@ -118,35 +143,99 @@ def checkpoint_activations(step: Step, policy: str = "unit") -> Step:
         ``ModuleList``'s children).
       policy: ``"unit"`` keeps only each unit's inputs and recomputes the whole unit;
         ``"selective"`` also keeps the matmul and attention outputs and recomputes
-        the pointwise ops between them.
+        the pointwise ops between them; ``"none"`` recomputes nothing (only with
+        ``offload``).
+      offload: ``None`` keeps what the policy keeps on the device; ``"cpu"`` moves it
+        to pinned host memory in forward and back in backward: the units' inputs
+        (``"unit"``), also the kept matmul outputs (``"selective"``), or everything
+        the units save for backward (``"none"``). Params are never moved.
+      min_offload_bytes: tensors whose storage is smaller stay on the device.
 
     Returns:
-      A ``Step`` whose units run under ``torch.utils.checkpoint``; its results equal
-      the unchecked step's exactly.
+      A ``Step`` whose units run under ``torch.utils.checkpoint`` (and offload); its
+      results equal the plain step's exactly.
+
+    Usage::
+
+        step = fs.checkpoint_activations(step, "selective", offload="cpu")
     """
     if policy not in POLICIES:
         raise ValueError(
             f"checkpoint_activations: unknown policy {policy!r}; use 'unit' (recompute "
             "each unit whole) or 'selective' (keep matmul/attention outputs, recompute "
-            "the rest)."
+            "the rest), or 'none' with offload='cpu' (recompute nothing, offload all)."
         )
+    if offload not in OFFLOADS or isinstance(offload, bool):
+        raise ValueError(
+            f"checkpoint_activations: unknown offload {offload!r}; use offload='cpu' "
+            "(activations to pinned host memory) or offload=None (keep them on the device)."
+        )
+    if policy == "none" and offload is None:
+        raise ValueError(
+            "checkpoint_activations(policy='none') without offload does nothing; pass "
+            "offload='cpu' to offload every activation the units keep, or leave the "
+            "transform out."
+        )
+    if isinstance(min_offload_bytes, bool) or not isinstance(min_offload_bytes, int):
+        raise TypeError(
+            f"checkpoint_activations: min_offload_bytes must be an int, got "
+            f"{type(min_offload_bytes).__name__}."
+        )
+    if min_offload_bytes < 0:
+        raise ValueError(
+            f"checkpoint_activations: min_offload_bytes must be >= 0, got {min_offload_bytes}."
+        )
+    options = {"policy": policy}
+    if offload is not None:
+        options.update(offload=offload, min_offload_bytes=min_offload_bytes)
     record = Transform(
         NAME,
-        options={"policy": policy},
-        plan=functools.partial(_plan, policy),
+        options=options,
+        plan=functools.partial(_plan, policy, offload),
     )
     units = step.units  # with_transform raises, naming this transform, if it is None/empty
     context_fn = _selective_contexts if policy == "selective" else None
 
     def hook(name: str, forward: Callable) -> Callable:
-        return _checkpointed(units.module.get_submodule(name), forward, context_fn)
+        module = units.module.get_submodule(name)
+        # Bound when the units are hooked, inside the loss_and_grad call below.
+        offloader = _activation_offload.current() if offload else None
+        if policy == "none":
+            return forward if offloader is None else _offloaded(offloader, module, forward)
+        return _checkpointed(module, forward, context_fn, offloader)
 
-    return step.with_transform(record, unit_hook=hook)
+    if offload is None:
+        return step.with_transform(record, unit_hook=hook)
+    inner = step.stages
+
+    def loss_and_grad(ctx, params, batch):
+        return _offloading_loss_and_grad(min_offload_bytes, inner, ctx, params, batch)
+
+    return step.with_transform(record, unit_hook=hook, loss_and_grad=loss_and_grad)
 
 
-def _checkpointed(module: torch.nn.Module, forward: Callable, context_fn) -> Callable:
-    kwargs_ckpt = {} if context_fn is None else {"context_fn": context_fn}
+def _offloading_loss_and_grad(min_bytes: int, inner, ctx, params, batch):
+    """One call (micro-batch): its offloaded tensors, finished after its backward."""
+    offloader = _activation_offload.Offloader(min_bytes, keep=tree.leaves(params))
+    with _activation_offload.running(offloader):
+        loss, grads = inner.loss_and_grad(ctx, params, batch)
+    m = ctx.metrics  # summed over micro-batches
+    m["activation_offload_bytes"] = m.get("activation_offload_bytes", 0) + offloader.bytes_to_host
+    m["activation_reload_bytes"] = m.get("activation_reload_bytes", 0) + offloader.bytes_to_device
+    return loss, grads
 
+
+def _offloaded(offloader, module: torch.nn.Module, forward: Callable) -> Callable:
+    """``forward`` with everything the unit saves for backward offloaded (policy "none")."""
+
+    def wrapped(*args, **kwargs):
+        with offloader.unit(_all_tensors(_tensors_of(module))):
+            return forward(*args, **kwargs)
+
+    return wrapped
+
+
+def _checkpointed(module: torch.nn.Module, forward: Callable, context_fn, offloader) -> Callable:
     def wrapped(*args, **kwargs):
         # [Note: recompute under functional params]
         tensors = _tensors_of(module)
@@ -155,11 +244,30 @@ def _checkpointed(module: torch.nn.Module, forward: Callable, context_fn) -> Cal
             with _installed(tensors):
                 return forward(*args, **kwargs)
 
-        return checkpoint(
-            run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs_ckpt, **kwargs
-        )
+        def call(context_fn):
+            extra = {} if context_fn is None else {"context_fn": context_fn}
+            return checkpoint(
+                run, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs
+            )
+
+        if offloader is None:
+            return call(context_fn)
+        # checkpoint saves the unit's inputs through the saved-tensor hooks around it
+        # (ours); selective's kept outputs go to its cache, which we wrap.
+        with offloader.unit(_all_tensors(tensors)) as group:
+            if context_fn is None:
+                return call(None)
+            return call(
+                functools.partial(
+                    _activation_offload.offloading_contexts, offloader, group, context_fn
+                )
+            )
 
     return wrapped
+
+
+def _all_tensors(tensors: list[tuple[dict, str, torch.Tensor]]) -> list[torch.Tensor]:
+    return [t for _, _, t in tensors]
 
 
 def _tensors_of(module: torch.nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
@@ -210,15 +318,27 @@ def _dropout_p(func, args, kwargs) -> float:
     return 0.0
 
 
-def _plan(policy: str, plan) -> None:
+def _plan(policy: str, offload: str | None, plan) -> None:
     if policy == "unit":
         plan.notes.append(
             "checkpoint_activations(unit): each unit keeps only its inputs; backward runs "
             "its forward again (one more forward of the units), so activation memory is "
             "the units' inputs plus one unit's activations."
         )
-    else:
+    elif policy == "selective":
         plan.notes.append(
             "checkpoint_activations(selective): units keep their inputs and their matmul / "
             "attention outputs; backward recomputes the pointwise ops between them."
+        )
+    if offload is not None:
+        kept = {
+            "unit": "the units' inputs",
+            "selective": "the units' inputs and kept matmul/attention outputs",
+            "none": "every activation the units save for backward (nothing recomputed)",
+        }[policy]
+        plan.notes.append(
+            f"checkpoint_activations(offload={offload!r}): {kept} go to pinned host memory "
+            "on a side stream in forward and are prefetched back one unit ahead in "
+            "backward; on the device stay about two units' worth plus what is outside the "
+            "units (params are never offloaded)."
         )
