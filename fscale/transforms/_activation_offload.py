@@ -31,13 +31,17 @@ copies' speed; a slow PCIe link stalls ``S`` instead of growing memory.
 
 Backward, the first unpack of group ``g``: if ``g`` was not prefetched, its copies
 back are launched now; then those of ``g-1``, the unit whose backward comes next
-(prefetch). A copy back allocates its device buffer on ``S`` (the consumer; ``D``
-first waits for ``S``, so the memory's last reader on ``S`` is done) and copies on
-``D`` after ``E_d2h`` (the same stream: in order), recording ``E_h2d``. ``S`` waits
-for ``E_h2d[g]`` before the first use of any of ``g``'s tensors, and the group holds
-its device buffers until that wait is enqueued: a buffer is never freed (so reused
-on ``S``) before ``S`` is ordered after the copy that fills it. ``finish`` makes
+(prefetch), so they overlap ``g``'s backward. A group's copies back allocate their
+device buffers on ``S`` (the consumer), then ``D`` waits for ``S`` once (the
+memory's last reader on ``S`` is done) and copies on ``D`` -- after ``E_d2h``, the
+same stream, in order -- and records ``E_h2d``. ``S`` waits for ``E_h2d[g]`` before
+the first use of any of ``g``'s tensors, and the group holds its buffers until that
+wait is enqueued: a buffer is never freed (so reused on ``S``) before ``S`` is
+ordered after the copy that fills it. The last unit of forward is not copied back:
+its device tensors are still held, and serve (after ``S`` waited for their copies
+out, so the memory is reused only once ``D`` is done reading it). ``finish`` makes
 ``S`` wait for ``D`` and drops everything (a backward that never reached a group).
+Tests check this order with fake streams (``test_stream_protocol``).
 
 Why exact: bytes are copied, never converted, and restored with the tensor's own
 dtype, offset, size and stride over a copy of its whole storage (views sharing a
@@ -94,9 +98,26 @@ def running(offloader: Offloader):
         offloader.finish()
 
 
+# Devices whose copies run on a side stream; the stream calls go through these three
+# functions (tests stand a CPU in for a GPU with fake streams to check the protocol).
+_ASYNC = ("cuda",)
+
+
+def _is_async(device: torch.device) -> bool:
+    return device.type in _ASYNC
+
+
 @functools.cache
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device)
+
+
+def _current_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.current_stream(device)
+
+
+def _on(stream: torch.cuda.Stream):
+    return torch.cuda.stream(stream)
 
 
 def _storage_ptr(t) -> int | None:
@@ -121,13 +142,13 @@ def storage_ptrs(tensors: Iterable) -> set[int]:
 class _Entry:
     """One storage's host copy; its device copy once fetched back."""
 
-    __slots__ = ("device", "host", "nbytes", "source", "source_device")
+    __slots__ = ("device", "host", "nbytes", "on", "source")
 
     def __init__(self, host: torch.Tensor, nbytes: int, source: torch.Tensor | None):
         self.host = host
         self.nbytes = nbytes
         self.source = source  # the device storage, while the group holds it (CUDA)
-        self.source_device = host.device if source is None else source.device
+        self.on = host.device if source is None else source.device  # where it came from
         self.device: torch.Tensor | None = None
 
 
@@ -224,12 +245,12 @@ class Offloader:
         nbytes = storage.nbytes()
         with torch.no_grad(), _unseen_by_modes():
             src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            cuda = t.device.type == "cuda"
-            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+            cuda = _is_async(t.device)
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=t.device.type == "cuda")
             if cuda:
                 side = _side_stream(t.device)
-                side.wait_stream(torch.cuda.current_stream(t.device))  # t is produced
-                with torch.cuda.stream(side):
+                side.wait_stream(_current_stream(t.device))  # t is produced
+                with _on(side):
                     host.copy_(src, non_blocking=True)
             else:
                 host.copy_(src)  # CPU: a real, separate copy
@@ -241,7 +262,7 @@ class Offloader:
 
     def _close(self, group: _Group) -> None:
         group.by_storage = {}
-        for device in {s.device for s in group.sources if s.device.type == "cuda"}:
+        for device in {s.device for s in group.sources if _is_async(s.device)}:
             group.d2h[device] = _side_stream(device).record_event()
         # One unit's copies may still run while the next unit computes; older ones
         # must be done before their device memory is freed ([Note: activation offload]).
@@ -253,7 +274,7 @@ class Offloader:
     def _release(self, groups: list[_Group]) -> None:
         for group in groups:
             for device, event in group.d2h.items():
-                torch.cuda.current_stream(device).wait_event(event)
+                _current_stream(device).wait_event(event)
             group.sources.clear()
             for entry in group.entries:
                 entry.source = None
@@ -264,12 +285,7 @@ class Offloader:
         group = handle.group
         if not group.started:
             self._start(group)
-        entry = handle.entry
-        buf = entry.device
-        if buf is None:  # a second backward (retain_graph): copy it back now
-            buf = self._fetch_entry(entry)
-            if buf.device.type == "cuda":
-                torch.cuda.current_stream(buf.device).wait_stream(_side_stream(buf.device))
+        buf = handle.entry.device  # kept while the handle lives (a retained graph too)
         with torch.no_grad(), _unseen_by_modes():
             return torch.empty(0, dtype=handle.dtype, device=buf.device).set_(
                 buf.untyped_storage(), handle.offset, handle.size, handle.stride
@@ -283,7 +299,7 @@ class Offloader:
             # no copy back. They stay alive as long as the handles do.
             for entry in group.entries:
                 entry.device = entry.source
-            group.fetched, group.entries = True, []
+            group.entries = [e for e in group.entries if e.device is None]  # CPU ones
         self._release(self.waiting)  # forward is over
         self.waiting = []
         self._fetch(group)
@@ -295,32 +311,30 @@ class Offloader:
         if group.fetched:
             return
         group.fetched = True
-        for entry in group.entries:
-            group.inflight.append(self._fetch_entry(entry))
-            entry.source = None
-        group.entries = []  # from here the handles alone keep the copies alive
-        for device in {b.device for b in group.inflight if b.device.type == "cuda"}:
-            group.h2d[device] = _side_stream(device).record_event()
-
-    def _fetch_entry(self, entry: _Entry) -> torch.Tensor:
-        device = entry.source_device
         with torch.no_grad(), _unseen_by_modes():
-            # Allocated on S, the consumer: frees stay in S's order.
-            buf = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
-            if device.type == "cuda":
+            for entry in group.entries:
+                # Allocated on S, the consumer: frees stay in S's order.
+                entry.device = torch.empty(entry.nbytes, dtype=torch.uint8, device=entry.on)
+                entry.source = None
+                self.bytes_to_device += entry.nbytes
+            for device in {e.on for e in group.entries}:
+                pairs = [(e.device, e.host) for e in group.entries if e.on == device]
+                if not _is_async(device):
+                    for buf, host in pairs:
+                        buf.copy_(host)
+                    continue
                 side = _side_stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))  # buf's last reader
-                with torch.cuda.stream(side):
-                    buf.copy_(entry.host, non_blocking=True)
-            else:
-                buf.copy_(entry.host)
-        entry.device = buf
-        self.bytes_to_device += entry.nbytes
-        return buf
+                side.wait_stream(_current_stream(device))  # the buffers' last readers
+                with _on(side):
+                    for buf, host in pairs:
+                        buf.copy_(host, non_blocking=True)
+                group.h2d[device] = side.record_event()
+                group.inflight.extend(buf for buf, _ in pairs)
+        group.entries = []  # from here the handles alone keep the copies alive
 
     def _wait(self, group: _Group) -> None:
         for device, event in group.h2d.items():
-            torch.cuda.current_stream(device).wait_event(event)
+            _current_stream(device).wait_event(event)
         group.inflight = []  # S is ordered after the copies: the buffers may be freed
 
     def finish(self) -> None:
@@ -328,7 +342,7 @@ class Offloader:
         self._release(self.waiting)
         self.waiting = []
         for device in {d for g in self.groups for d in (*g.d2h, *g.h2d)}:
-            torch.cuda.current_stream(device).wait_stream(_side_stream(device))
+            _current_stream(device).wait_stream(_side_stream(device))
         for group in self.groups:
             group.inflight, group.entries = [], []
         self.groups = []
@@ -347,6 +361,20 @@ def offloading_contexts(offloader: Offloader, group: _Group, context_fn):
     ``pop(0)``) or a dict per op (2.13: ``[idx] = ``, ``get(idx)``); both are wrapped.
     """
     forward_mode, recompute_mode = context_fn()
+    factory = _cache_kind(forward_mode, recompute_mode)
+    container = _PackingList if factory is list else _PackingDict
+    pack = functools.partial(_pack_cached, offloader, group)
+    shared = defaultdict(functools.partial(container, pack))
+    forward_mode.storage = recompute_mode.storage = shared
+    return forward_mode, recompute_mode
+
+
+def check_selective(context_fn) -> None:
+    """Raise now, when the step is built, if this torch's selective cache is unknown."""
+    _cache_kind(*context_fn())
+
+
+def _cache_kind(forward_mode, recompute_mode) -> type:
     storage = getattr(forward_mode, "storage", None)
     factory = getattr(storage, "default_factory", None)
     if getattr(recompute_mode, "storage", None) is not storage or factory not in (list, dict):
@@ -355,11 +383,7 @@ def offloading_contexts(offloader: Offloader, group: _Group, context_fn):
             "keeps selective checkpointing's cache in a form fscale does not know; use "
             "policy='unit' with offload, or selective without offload."
         )
-    container = _PackingList if factory is list else _PackingDict
-    pack = functools.partial(_pack_cached, offloader, group)
-    shared = defaultdict(functools.partial(container, pack))
-    forward_mode.storage = recompute_mode.storage = shared
-    return forward_mode, recompute_mode
+    return factory
 
 
 class _PackingList(list):

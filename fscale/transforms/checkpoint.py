@@ -21,18 +21,19 @@ block``, for one extra forward of the units.
   (DeepSpeed's ``cpu_checkpointing``); with ``"selective"``: the inputs and the kept
   matmul / attention outputs; with ``policy="none"`` (offload only): nothing is
   recomputed and every tensor a unit saves for backward is offloaded. Params, their
-  casts and ZeRO-3's gathered weights never are; nor tensors under
-  ``min_offload_bytes``. ``metrics["activation_offload_bytes"]`` counts the bytes
-  copied to the host in a step (``..._reload_bytes``: back to the device).
+  casts and ZeRO-3's gathered weights never are ([Note: offload under ZeRO-3]); nor
+  storages under ``min_offload_bytes``. ``metrics["activation_offload_bytes"]``
+  counts the bytes copied to the host in a step, ``"activation_reload_bytes"``
+  those copied back (the last unit's are used where they are).
 
 It is a unit transform: ``train_step(..., model=model)`` gives the step the model's
 units (by default the children of the first ``ModuleList``) and this transform wraps
 each unit's forward in ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``;
-no stage of the step changes (with ``offload``, ``loss_and_grad`` is wrapped to
-own one call's offloaded tensors and report them), so it goes anywhere in a stack (inside or outside
-``shard_zero``, ``mixed_precision`` and ``offload``). Dropout draws the same masks
-in the recompute (the RNG state is stashed and restored, ``preserve_rng_state``): a
-checkpointed step computes exactly what the plain one does.
+no stage of the step changes (with ``offload``, ``loss_and_grad`` is wrapped: it owns
+one call's offloaded tensors and reports them), so it goes anywhere in a stack
+(inside or outside ``shard_zero``, ``mixed_precision`` and ``offload``). Dropout
+draws the same masks in the recompute (the RNG state is stashed and restored,
+``preserve_rng_state``): a checkpointed step computes exactly what the plain one does.
 
 Usage::
 
@@ -40,7 +41,16 @@ Usage::
     step = fs.train_step(loss_fn, fs.optim.adamw(3e-4), model=apply)
     step = fs.checkpoint_activations(fs.mixed_precision(step, "bf16"), policy="selective")
     step = fs.shard_zero(step, 3)            # any order: the hook is on the units
-    step = fs.checkpoint_activations(step, policy="unit", offload="cpu")   # or so
+    # or: fs.checkpoint_activations(step, "unit", offload="cpu") -- inputs to the host
+
+[Note: offload under ZeRO-3]
+Only the innermost saved-tensor hooks run, and ours are pushed around each unit's
+forward, inside ZeRO-3's (pushed around the whole loss). So ours call the hooks they
+found on the stack first: ZeRO-3's pack turns a gathered weight into its token,
+which is kept as it is (only a tensor its pack returns unchanged is offloaded), and
+in backward ZeRO-3's unpack runs last, on what we restored. Under ``"unit"`` and
+``"selective"`` the unit's weights never reach either hook: checkpoint's own hooks
+are innermost inside the unit ([Note: checkpointing under ZeRO-3]).
 
 [Note: recompute under functional params]
 ``fs.functional``'s apply installs the params into the module only while the loss's
@@ -195,6 +205,8 @@ def checkpoint_activations(
     )
     units = step.units  # with_transform raises, naming this transform, if it is None/empty
     context_fn = _selective_contexts if policy == "selective" else None
+    if offload is not None and context_fn is not None:
+        _activation_offload.check_selective(context_fn)
 
     def hook(name: str, forward: Callable) -> Callable:
         module = units.module.get_submodule(name)
