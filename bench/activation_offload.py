@@ -6,7 +6,9 @@ One GPU, the 1.4B GPT (24 x 2048, seq 2048), ``fs.mixed_precision(bf16)`` over
 request ``"none"`` + offload: nothing recomputed, every saved activation offloaded)
 -- the micro-batch doubles until CUDA (or pinned host memory) runs out, then bisects
 between the last fit and the first failure (``bench/activations.py``'s search and
-trial, reused). At the
+trial, reused). A micro-batch whose offloaded bytes (measured per sample at a smaller
+one, x2 for the pinned allocator's rounding) exceed 60% of host RAM counts as no fit
+without being run: the kernel's OOM killer cannot be caught. At the
 largest fit the step is timed (``--steps`` after ``--warmup``, synchronized) and
 tokens/s, MFU, peak GiB and the MiB offloaded per step are reported.
 
@@ -59,12 +61,15 @@ class _Recording:
 
     def __init__(self, step):
         self.step, self.metrics = step, {}
+        self.host_bytes_per_sample = 0  # offloaded bytes of one sample, once measured
 
     def init(self, params):
         return self.step.init(params)
 
     def __call__(self, params, state, batch):
         params, state, self.metrics = self.step(params, state, batch)
+        offloaded = self.metrics.get("activation_offload_bytes", 0)
+        self.host_bytes_per_sample = max(self.host_bytes_per_sample, offloaded // len(batch["x"]))
         return params, state, self.metrics
 
 
@@ -74,8 +79,20 @@ def free(device) -> None:
         torch._C._host_emptyCache()  # pinned blocks of the last batch size
 
 
+# Pinned host blocks are rounded up to a power of two: budget twice the bytes offloaded.
+_PINNED_SLACK = 2.0
+
+
+def _host_budget() -> int:
+    """Bytes of pinned host memory a trial may take: 60% of RAM (an OOM kill is not caught)."""
+    return int(0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def trial(built, device, micro, seq, steps, warmup):
     """``activations.trial``, where running out of pinned host memory also means "no fit"."""
+    _, _, step = built
+    if micro * step.host_bytes_per_sample * _PINNED_SLACK > _host_budget():
+        return None  # would not fit in host memory (measured at a smaller micro-batch)
     try:
         return activations.trial(built, device, micro, seq, steps, warmup)
     except RuntimeError as e:  # cudaHostAlloc failing is not always an OutOfMemoryError

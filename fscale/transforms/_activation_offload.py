@@ -120,6 +120,15 @@ def _on(stream: torch.cuda.Stream):
     return torch.cuda.stream(stream)
 
 
+def _outer_hooks():
+    """The saved-tensor hooks in effect here, (pack, unpack) or None."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False)  # ignore_is_tracing
+    except TypeError:  # older torch: no argument
+        return top()
+
+
 def _storage_ptr(t) -> int | None:
     if type(t) is not torch.Tensor or t.layout != torch.strided:
         return None
@@ -200,7 +209,7 @@ class Offloader:
         group = _Group(len(self.groups), storage_ptrs(unit_tensors) | self.keep)
         self.groups.append(group)
         # Only the innermost saved-tensor hooks run: compose with the ones around us.
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer = _outer_hooks()
         pack = functools.partial(self._pack_saved, group, outer)
         unpack = functools.partial(self._unpack_saved, outer)
         try:

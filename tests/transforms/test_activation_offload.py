@@ -39,6 +39,8 @@ def _build(layers, *, accumulate=1, loss=None):
             step = fs.checkpoint_activations(step, **opts)
         elif name == "mixed_precision":
             step = fs.mixed_precision(step, "bf16")
+        elif name == "offload":
+            step = fs.offload(step, "cpu", subgroup_mb=2e-3)
         else:
             step = fs.shard_zero(step, opts["stage"])
     return step, params
@@ -53,6 +55,8 @@ def _train(layers, accumulate=1):
     for batch in lm_batches(STEPS, BATCH, SEQ, vocab=CFG.vocab_size, seed=3):
         params, state, metrics = step(params, state, batch)
     full = {k: v.detach().clone() for k, v in fs.gather_params(params, state).items()}
+    if hasattr(state.get("offload"), "close"):
+        state["offload"].close()
     return full, metrics
 
 
@@ -99,6 +103,8 @@ STACKS = (
     (BF16, _ck("none"), Z3),
     (BF16, Z1, _ck("unit")),
     (_ck("selective"), Z2),
+    (BF16, Z3, ("offload", ()), _ck("unit")),  # over the optimizer's offload
+    (_ck("none"), Z2, ("offload", ())),
 )
 
 
