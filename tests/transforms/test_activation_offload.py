@@ -103,6 +103,7 @@ STACKS = (
     (BF16, _ck("none"), Z3),
     (BF16, Z1, _ck("unit")),
     (_ck("selective"), Z2),
+    (_ck("unit"), BF16),  # under mixed_precision
     (BF16, Z3, ("offload", ()), _ck("unit")),  # over the optimizer's offload
     (_ck("none"), Z2, ("offload", ())),
 )
@@ -124,13 +125,14 @@ def test_stacks_equal_the_same_stack_without_checkpointing(stack):
     assert metrics["activation_offload_bytes"] > 0
 
 
+@pytest.mark.parametrize("stack", [(), (BF16, Z3)], ids=_show)
 @pytest.mark.parametrize("policy", ["unit", "selective"])
-def test_accumulate_two(policy):
-    want, _ = _train((), accumulate=2)
-    got, metrics = _train((_ck(policy),), accumulate=2)
+def test_accumulate_two(stack, policy):
+    want, _ = _train(stack, accumulate=2)
+    got, metrics = _train((*stack, _ck(policy)), accumulate=2)
     _assert_equal(got, want, policy)
     # Summed over the two micro-batches (half the batch each): the bytes of one batch.
-    _, whole = _train((_ck(policy),))
+    _, whole = _train((*stack, _ck(policy)))
     assert metrics["activation_offload_bytes"] == whole["activation_offload_bytes"]
 
 
