@@ -9,7 +9,7 @@ Usage::
     params, state, metrics = step(params, state, batch)
 """
 
-from fscale import optim, tree
+from fscale import data, optim, tree
 from fscale.checkpoint import latest, load, load_extra, save
 from fscale.explain import explain, plan
 from fscale.export import export, load_safetensors, load_state_dict
@@ -19,9 +19,15 @@ from fscale.metrics import MetricsLogger
 from fscale.step import Stages, Step, StepContext, Transform, train_step
 from fscale.transforms import (
     checkpoint_activations,
+    curriculum,
     gather_params,
+    layer_token_lr,
     mixed_precision,
     offload,
+    random_ltd,
+    seqlen_discrete,
+    seqlen_root,
+    seqlen_warmup,
     shard_zero,
 )
 from fscale.transforms.quantize import quantize, quantize_report
@@ -36,12 +42,15 @@ __all__ = [
     "StepContext",
     "Transform",
     "checkpoint_activations",
+    "curriculum",
+    "data",
     "explain",
     "export",
     "functional",
     "gather_params",
     "init_distributed",
     "latest",
+    "layer_token_lr",
     "load",
     "load_extra",
     "load_params",
@@ -53,7 +62,11 @@ __all__ = [
     "plan",
     "quantize",
     "quantize_report",
+    "random_ltd",
     "save",
+    "seqlen_discrete",
+    "seqlen_root",
+    "seqlen_warmup",
     "shard_zero",
     "train_step",
     "tree",

@@ -7,18 +7,26 @@ Usage::
 """
 
 from fscale.transforms.checkpoint import checkpoint_activations
+from fscale.transforms.curriculum import curriculum, seqlen_discrete, seqlen_root, seqlen_warmup
 from fscale.transforms.offload import offload
 from fscale.transforms.precision import mixed_precision
 from fscale.transforms.quantize import dequantize, quantize, quantize_report
+from fscale.transforms.random_ltd import layer_token_lr, random_ltd
 from fscale.transforms.zero import gather_params, shard_zero
 
 __all__ = [
     "checkpoint_activations",
+    "curriculum",
     "dequantize",
     "gather_params",
+    "layer_token_lr",
     "mixed_precision",
     "offload",
     "quantize",
     "quantize_report",
+    "random_ltd",
+    "seqlen_discrete",
+    "seqlen_root",
+    "seqlen_warmup",
     "shard_zero",
 ]
