@@ -19,6 +19,7 @@ from fscale.metrics import MetricsLogger
 from fscale.step import Stages, Step, StepContext, Transform, train_step
 from fscale.transforms import (
     checkpoint_activations,
+    compile_units,
     curriculum,
     gather_params,
     layer_token_lr,
@@ -42,6 +43,7 @@ __all__ = [
     "StepContext",
     "Transform",
     "checkpoint_activations",
+    "compile_units",
     "curriculum",
     "data",
     "explain",

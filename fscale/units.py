@@ -6,6 +6,12 @@ the children of the first ``nn.ModuleList`` (torchtitan's and FSDP2's usual wrap
 unit). Params stay a dict: the module is only consulted for structure and for the
 forwards that unit hooks wrap.
 
+A param installed in a unit may be a stand-in: a tensor with a
+``fscale_materialize()`` method (ZeRO-3's gathered-on-first-use params). Plain
+eager code never notices; a hook that must see real tensors (a compiler tracing
+the unit) runs the unit inside ``materialized(module)``, which replaces every
+stand-in by its value for the block, so gathers run before the region, not in it.
+
 A unit hook is ``hook(unit_name, forward) -> forward``. While the step's loss runs,
 every unit's ``forward`` is replaced by the composition of the hooks of the
 transforms in the stack (the innermost transform's hook wraps the raw forward):
@@ -70,6 +76,24 @@ class Units:
                     mod.__dict__.pop("forward", None)
                 else:
                     mod.forward = before
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[None]:
+    """Inside: ``module``'s stand-in params and buffers replaced by their values."""
+    swapped = []
+    try:
+        for m in module.modules():
+            for table in (m._parameters, m._buffers):
+                for name, t in list(table.items()):
+                    make = getattr(t, "fscale_materialize", None) if t is not None else None
+                    if make is not None:
+                        swapped.append((table, name, t))
+                        table[name] = make()
+        yield
+    finally:
+        for table, name, before in reversed(swapped):
+            table[name] = before
 
 
 def _module_of(model) -> nn.Module:

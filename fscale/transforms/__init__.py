@@ -7,6 +7,7 @@ Usage::
 """
 
 from fscale.transforms.checkpoint import checkpoint_activations
+from fscale.transforms.compile import compile_units
 from fscale.transforms.curriculum import curriculum, seqlen_discrete, seqlen_root, seqlen_warmup
 from fscale.transforms.offload import offload
 from fscale.transforms.precision import mixed_precision
@@ -16,6 +17,7 @@ from fscale.transforms.zero import gather_params, shard_zero
 
 __all__ = [
     "checkpoint_activations",
+    "compile_units",
     "curriculum",
     "dequantize",
     "gather_params",

@@ -352,6 +352,10 @@ class LazyParam(torch.Tensor):
     def materialized(self) -> torch.Tensor:
         return self._gatherer.forward_views(self._key)[self._index]
 
+    # The core's stand-in protocol (fscale.units.materialized): a unit transform that
+    # needs real tensors (compile_units) gathers through this, outside its region.
+    fscale_materialize = materialized
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
