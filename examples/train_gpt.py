@@ -8,6 +8,7 @@ Run it as a world of one::
 
     python examples/train_gpt.py                       # ~1-2 min on 2 CPU cores
     python examples/train_gpt.py --checkpoint-activations selective   # same numbers, less memory
+    python examples/train_gpt.py --curriculum 16 --random-ltd 32       # data efficiency
 
 or data-parallel, unchanged, under torchrun (gloo on CPU, nccl on CUDA)::
 
@@ -25,6 +26,14 @@ metrics beside it (same stem, ``.json``), written at the end. As it goes, every
 scalars (``fs.MetricsLogger``: loss, lr, grad norm, tokens/s, validation loss at
 evaluations), flushed at once so a crash keeps them; ``--log-dir`` defaults to
 ``<out stem>_logs`` beside ``--out``. Watch them with ``tensorboard --logdir DIR``.
+
+Data efficiency (DeepSpeed's): ``--curriculum START`` warms the sequence length up
+from START to the full length over the first 30% of steps (``fs.curriculum``: the
+batch is cut inside the step; ``seqlen`` in the log); ``--random-ltd KEEP`` runs the
+middle blocks on KEEP random tokens per sequence, rising linearly to all of them by
+the last step (``fs.random_ltd``; ``random_ltd_keep`` in the log), with the LR decay
+following the layer-tokens consumed (``fs.layer_token_lr``). Tokens and tokens/s
+count the tokens fed, after the curriculum's cut.
 
 Checkpoints: ``--save-dir DIR --save-every N`` writes ``fs.save`` checkpoints (params,
 optimizer state, the loader's position and RNG, the curve so far); ``--resume`` goes
@@ -48,6 +57,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import fscale as fs
+from fscale.data import fixed_linear
 from fscale.hw import comm
 from fscale.models import GPT, GPTConfig
 
@@ -55,6 +65,7 @@ DATA_BYTES = 4 * 2**20  # how much of the stdlib to read (it holds ~30 MB of .py
 VAL_FRACTION = 0.1
 EVAL_BATCHES = 4  # global batches per validation pass
 WARMUP_FRACTION = 0.05
+CURRICULUM_FRACTION = 0.3  # --curriculum: of the steps, spent growing the sequences
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,6 +148,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fs.checkpoint_activations: recompute each block in backward (unit), or only its "
         "pointwise ops, keeping matmul/attention outputs (selective); default: keep everything",
     )
+    p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="fs.checkpoint_activations(..., offload='cpu'): what backward keeps goes to host "
+        "memory (with --checkpoint-activations: what that policy keeps; alone: everything "
+        "the blocks save, nothing recomputed)",
+    )
+    p.add_argument(
+        "--curriculum",
+        type=int,
+        default=None,
+        metavar="START",
+        help="fs.curriculum: sequence length from START to the full length over the first "
+        f"{CURRICULUM_FRACTION:.0%} of steps (fs.seqlen_warmup)",
+    )
+    p.add_argument(
+        "--random-ltd",
+        type=int,
+        default=None,
+        metavar="KEEP",
+        help="fs.random_ltd: the middle blocks run on KEEP random tokens per sequence, rising "
+        "linearly to the full length by the last step; LR by fs.layer_token_lr",
+    )
     args = p.parse_args(argv)
     if args.delayed_update and args.offload != "cpu":
         p.error("--delayed-update is for --offload cpu")
@@ -151,6 +185,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "accumulate", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    seq_len = args.seq_len or getattr(GPTConfig, args.preset)().seq_len
+    for flag, value in (("--curriculum", args.curriculum), ("--random-ltd", args.random_ltd)):
+        if value is not None and not 1 <= value <= seq_len:
+            p.error(f"{flag} must be in [1, {seq_len}] (the sequence length), got {value}")
+    n_layer = getattr(GPTConfig, args.preset)().n_layer
+    if args.random_ltd is not None and n_layer < 3:
+        p.error(
+            f"--random-ltd drops tokens in the middle blocks (all but the first and the last); "
+            f"--preset {args.preset} has {n_layer}: use --preset small"
+        )
     if args.batch_size % args.accumulate:
         p.error(
             f"--batch-size {args.batch_size} is not divisible by --accumulate {args.accumulate}; "
@@ -228,29 +272,71 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 
 
-def lr_schedule(args: argparse.Namespace):
-    return fs.optim.warmup_cosine(
-        peak=args.lr,
-        warmup_steps=max(1, int(WARMUP_FRACTION * args.steps)),
-        decay_steps=args.steps,
-        end=0.1 * args.lr,
+def seqlen_schedule(args: argparse.Namespace, seq_len: int):
+    """``--curriculum``'s ``count -> length`` (at most 8 lengths), or None."""
+    if args.curriculum is None:
+        return None
+    return fs.seqlen_warmup(
+        args.curriculum, seq_len, steps=max(1, int(CURRICULUM_FRACTION * args.steps))
     )
 
 
-def build_step(args: argparse.Namespace, loss_fn, model=None):
+def keep_schedule(args: argparse.Namespace, seq_len: int):
+    """``--random-ltd``'s ``count -> tokens kept``: linear to ``seq_len`` at the last step."""
+    if args.random_ltd is None:
+        return None
+    return fixed_linear(args.random_ltd, seq_len, steps=max(1, args.steps - 1))
+
+
+def lr_schedule(args: argparse.Namespace, cfg: GPTConfig | None = None):
+    warmup = max(1, int(WARMUP_FRACTION * args.steps))
+    if args.random_ltd is not None:
+        # The paper's LayerToken LR: the cosine follows the layer-tokens consumed, so a
+        # step that drops tokens decays the LR less; it reaches the end value once the
+        # run has consumed the layer-tokens of args.steps full steps (after this run).
+        return fs.layer_token_lr(
+            args.lr,
+            keep=keep_schedule(args, cfg.seq_len),
+            seq_len=cfg.seq_len,
+            n_layers=cfg.n_layer,
+            n_dropped=cfg.n_layer - 2,  # random_ltd's default layers
+            warmup_steps=warmup,
+            total_steps=args.steps,
+            end=0.1 * args.lr,
+        )
+    return fs.optim.warmup_cosine(
+        peak=args.lr, warmup_steps=warmup, decay_steps=args.steps, end=0.1 * args.lr
+    )
+
+
+def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | None = None):
     """The train step; later issues wrap it in transforms chosen by flags.
 
     ``model`` (the module, or ``fs.functional``'s apply) tells the step the model's
-    units (the GPT's blocks), which ``--checkpoint-activations`` wraps.
+    units (the GPT's blocks), which ``--checkpoint-activations``, ``--offload-activations``
+    and ``--random-ltd`` wrap; ``cfg`` gives ``--curriculum`` and ``--random-ltd``
+    the full sequence length (and the latter the layer count).
     """
-    schedule = lr_schedule(args)
+    if (args.curriculum is not None or args.random_ltd is not None) and cfg is None:
+        raise ValueError("--curriculum and --random-ltd need build_step(..., cfg=GPTConfig)")
+    schedule = lr_schedule(args, cfg)
     # b2=0.95 (GPT-3's): the second moment adapts fast enough for this short, high-lr run.
     optimizer = fs.optim.adamw(
         lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
     )
     step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0, model=model)
-    if args.checkpoint_activations:  # any position in the stack: it wraps units, not stages
-        step = fs.checkpoint_activations(step, policy=args.checkpoint_activations)
+    if args.checkpoint_activations or args.offload_activations:
+        # Any position in the stack: it wraps units, not stages. Offload alone is policy
+        # "none": nothing recomputed, every tensor a block saves goes to the host.
+        step = fs.checkpoint_activations(
+            step,
+            policy=args.checkpoint_activations or "none",
+            offload="cpu" if args.offload_activations else None,
+        )
+    if args.random_ltd is not None:  # a unit hook too: anywhere in the stack
+        step = fs.random_ltd(step, keep=keep_schedule(args, cfg.seq_len), seed=args.seed)
+    if args.curriculum is not None:  # cuts the batch before loss_and_grad: rank-local
+        step = fs.curriculum(step, seqlen_schedule(args, cfg.seq_len))
     # --- transforms from later flags (shard_zero, mixed_precision, offload) go here.
     if args.precision != "fp32":  # innermost: shard_zero and offload go over it
         step = fs.mixed_precision(step, args.precision)
@@ -354,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         logits = apply(params, batch["x"])
         return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten())
 
-    step = build_step(args, loss_fn, model=apply)
+    step = build_step(args, loss_fn, model=apply, cfg=cfg)
     plan_text = fs.explain(step, params)  # from the full params, before init shards them
     resume_from = fs.latest(args.save_dir) if args.resume else None
     if resume_from is None:
@@ -373,7 +459,15 @@ def main(argv: list[str] | None = None) -> dict:
     eval_seed = args.seed + 1
     gen = torch.Generator().manual_seed(args.seed)
     history = {"train_loss": [], "val_step": [0], "val_loss": []}
-    schedule = lr_schedule(args)
+    schedule = lr_schedule(args, cfg)
+    seqlen = seqlen_schedule(args, cfg.seq_len)
+
+    def tokens_fed(a: int, b: int) -> int:
+        """Tokens steps a+1..b feed the model (the curriculum's cut tails not counted)."""
+        if seqlen is None:
+            return (b - a) * tokens_per_step
+        return args.batch_size * world * sum(seqlen(c) for c in range(a, b))
+
     logger = metrics_logger(args, main_rank)  # rank 0 writes; the others' log() is a no-op
     losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
     first = 1
@@ -413,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
             # so the clock below is honest.
             loss = global_mean(losses[-1]).item()
             train_time = time.perf_counter() - start - eval_time
-            tok_s = (it - last_it) * tokens_per_step / (train_time - last_time)
+            tok_s = tokens_fed(last_it, it) / (train_time - last_time)
             last_it, last_time = it, train_time
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
             # Every scalar the step reports (grad_norm, and lr, skipped_steps... where the
@@ -460,13 +554,16 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_len": cfg.seq_len,
         "accumulate": args.accumulate,
         "checkpoint_activations": args.checkpoint_activations,
+        "offload_activations": args.offload_activations,
+        "curriculum": args.curriculum,
+        "random_ltd": args.random_ltd,
         "lr": args.lr,
         "seed": args.seed,
-        "tokens": args.steps * tokens_per_step,
+        "tokens": tokens_fed(0, args.steps),
         "first_train_loss": history["train_loss"][0],
         "final_train_loss": sum(tail) / len(tail),
         "final_val_loss": history["val_loss"][-1],
-        "tokens_per_s": (args.steps - first + 1) * tokens_per_step / train_time,
+        "tokens_per_s": tokens_fed(first - 1, args.steps) / train_time,
         "train_time_s": train_time,
         "wall_time_s": wall,
         "flops_per_token": model.flops_per_token(),

@@ -178,3 +178,60 @@ def test_train_gpt_resume_is_exact_and_reshards(world_of_one, tmp_path):
     assert sharded["train_loss"][:3] == world_of_one["train_loss"][:3]  # from the checkpoint
     assert sharded["train_loss"] == pytest.approx(world_of_one["train_loss"], rel=1e-4)
     assert sharded["val_loss"] == pytest.approx(world_of_one["val_loss"], rel=1e-4)
+
+
+def _logged(png: Path) -> tuple[dict, list[dict]]:
+    """The run's JSON and its per-step training records (``--log-every 1``)."""
+    metrics = json.loads(png.with_suffix(".json").read_text())
+    records = read_jsonl(png.with_name(png.stem + "_logs"))
+    return metrics, [r for r in records if "loss" in r]
+
+
+def test_train_gpt_with_curriculum_and_random_ltd(tmp_path):
+    """--curriculum 16 --random-ltd 16: the length grows 16 -> 64 over the first 30% of
+    steps, the middle blocks keep 16 -> 64 tokens over the run; tokens count the cut batch."""
+    png = tmp_path / "loss.png"
+    cmd = [sys.executable, str(TRAIN_GPT), "--preset", "small", "--steps", "10", "--seq-len", "64"]
+    cmd += ["--batch-size", "4", "--log-every", "1", "--out", str(png)]
+    proc = _run([*cmd, "--curriculum", "16", "--random-ltd", "16"], timeout=180)
+    assert "curriculum(" in proc.stdout and "random_ltd(" in proc.stdout  # the stack line
+    metrics, steps = _logged(png)
+    seqlen = [int(r["seqlen"]) for r in steps]
+    keep = [int(r["random_ltd_keep"]) for r in steps]
+    assert seqlen == [16, 32, 48, 64, 64, 64, 64, 64, 64, 64]  # seqlen_warmup over 3 steps
+    assert keep[0] == 16 and keep[-1] == 64 and keep == sorted(keep)
+    assert all(k <= s for k, s in zip(keep, seqlen, strict=True))
+    assert any(k < s for k, s in zip(keep, seqlen, strict=True))  # some tokens were dropped
+    assert metrics["curriculum"] == 16 and metrics["random_ltd"] == 16
+    assert metrics["tokens"] == 4 * sum(seqlen)  # the tokens fed, not 10 x 4 x 64
+    assert all(math.isfinite(v) for v in metrics["val_loss"])
+    assert metrics["val_loss"][-1] < metrics["val_loss"][0]
+
+
+def test_train_gpt_random_ltd_needs_middle_blocks(tmp_path):
+    cmd = [sys.executable, str(TRAIN_GPT), *TINY, "--random-ltd", "8", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--preset small" in proc.stderr
+
+
+def test_train_gpt_with_offload_activations(tmp_path):
+    """--offload-activations, alone (policy none) and over --checkpoint-activations
+    selective: activations go to the host and back, and no number changes."""
+    cmd = [sys.executable, str(TRAIN_GPT), "--preset", "small", "--steps", "3"]
+    cmd += ["--batch-size", "16", "--log-every", "1"]  # 16 x 128 x 512 fp32: 4 MiB MLP input
+    runs = {}
+    for name, extra in {
+        "plain": [],
+        "offload": ["--offload-activations"],
+        "selective": ["--offload-activations", "--checkpoint-activations", "selective"],
+    }.items():
+        png = tmp_path / name / "loss.png"
+        _run([*cmd, "--out", str(png), *extra], timeout=180)
+        runs[name] = _logged(png)
+    plain = runs.pop("plain")
+    assert "activation_offload_bytes" not in plain[1][0]
+    for metrics, steps in runs.values():
+        assert metrics["offload_activations"] is True
+        assert all(r["activation_offload_bytes"] > 0 for r in steps)
+        assert metrics["train_loss"] == plain[0]["train_loss"]
+        assert metrics["val_loss"] == plain[0]["val_loss"]
