@@ -32,7 +32,7 @@ Usage::
     python bench/data_efficiency.py --model 125m --out $OUT/data_efficiency-125m.json \
         --png $OUT/data_efficiency-125m.png
     python bench/data_efficiency.py --model tiny --device cpu --budget-tokens 200000 \
-        --out /tmp/de.json --png /tmp/de.png                 # CPU smoke test, ~20 s
+        --out /tmp/de.json --png /tmp/de.png                 # CPU smoke test, ~40 s on 2 cores
 """
 
 from __future__ import annotations
