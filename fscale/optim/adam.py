@@ -162,7 +162,13 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
             )
         return params, AdamState(count + 1, state.exp_avg, state.exp_avg_sq)
 
-    return GradientTransformation(init, update, update_params, skips_on_device=True)
+    hyperparams = dict(
+        name=owner, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask,
+        decoupled=decoupled,
+    )  # fmt: skip
+    return GradientTransformation(
+        init, update, update_params, skips_on_device=True, hyperparams=hyperparams
+    )
 
 
 def adamw(

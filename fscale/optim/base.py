@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -40,12 +40,17 @@ class GradientTransformation(NamedTuple):
     param and no state tensor when the device flag is set, without reading it on the
     host (it returns the state of a step taken; the caller keeps the old one). The
     step's non-finite guard then needs no host read before the update.
+
+    ``hyperparams``: what the optimizer is, for transforms that must run its maths
+    themselves (compressed-communication optimizers need Adam's b1, b2, eps, lr):
+    ``{"name": "adamw", "lr": ..., ...}``, or None for optimizers that do not say.
     """
 
     init: Callable[[Params], OptState]
     update: Callable[..., tuple[Updates, OptState]]
     update_params: Callable[..., tuple[Params, OptState]] | None = None
     skips_on_device: bool = False
+    hyperparams: Mapping[str, Any] | None = None
 
 
 # [Note: skipping on the device]

@@ -111,4 +111,7 @@ def lamb(
         torch._foreach_mul_(rs, scales)
         return scatter(spec, leaves, idx, rs), new_state
 
-    return GradientTransformation(init, update)
+    hyperparams = dict(
+        name=owner, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
+    )
+    return GradientTransformation(init, update, hyperparams=hyperparams)

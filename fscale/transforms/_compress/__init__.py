@@ -1,0 +1,1 @@
+"""Private pieces of ``compress_comm`` (fscale/transforms/compress.py): one module per method family."""
