@@ -8,7 +8,8 @@ state slot. The methods live in ``fscale/transforms/_compress/``.
 
 Usage::
 
-    step = fs.compress_comm(fs.train_step(loss_fn, fs.optim.adam(1e-3)), fs.onebit_adam(freeze_step=100))
+    step = fs.train_step(loss_fn, fs.optim.adam(1e-3))
+    step = fs.compress_comm(step, fs.onebit_adam(freeze_step=100))
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Private pieces of ``compress_comm`` (fscale/transforms/compress.py): one module per method family."""
+"""Private pieces of ``compress_comm`` (transforms/compress.py): a module per method family."""
