@@ -9,6 +9,7 @@ Run it as a world of one::
     python examples/train_gpt.py                       # ~1-2 min on 2 CPU cores
     python examples/train_gpt.py --checkpoint-activations selective   # same numbers, less memory
     python examples/train_gpt.py --curriculum 16 --random-ltd 32       # data efficiency
+    python examples/train_gpt.py --compile                              # torch.compile per block
 
 or data-parallel, unchanged, under torchrun (gloo on CPU, nccl on CUDA)::
 
@@ -140,6 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="--offload cpu: one-step delayed parameter update (ZeRO-Offload's DPU): the host "
         "update of step t runs during step t+1",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="fs.compile_units: torch.compile each block's math (ZeRO-3 gathers and "
+        "collectives stay outside)",
     )
     p.add_argument(
         "--checkpoint-activations",
@@ -325,6 +332,8 @@ def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | N
         lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
     )
     step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0, model=model)
+    if args.compile:  # the first unit transform: the others wrap the compiled blocks
+        step = fs.compile_units(step)
     if args.checkpoint_activations or args.offload_activations:
         # Any position in the stack: it wraps units, not stages. Offload alone is policy
         # "none": nothing recomputed, every tensor a block saves goes to the host.

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fscale.metrics import read_jsonl
 
@@ -122,6 +123,19 @@ def test_train_gpt_with_checkpoint_activations(world_of_one, tmp_path):
     metrics = _results(png)
     assert metrics["train_loss"] == world_of_one["train_loss"]
     assert metrics["val_loss"] == world_of_one["val_loss"]
+
+
+def test_train_gpt_with_compile(world_of_one, tmp_path):
+    """--compile: the blocks run torch.compile'd (Inductor on CPU); the losses stay those of
+    the eager run up to the fused kernels' rounding."""
+    png = tmp_path / "loss.png"
+    cmd = [sys.executable, str(TRAIN_GPT), *TINY, "--batch-size", "4", "--out", str(png)]
+    proc = _run([*cmd, "--compile"], timeout=300)
+    assert "compile_units" in proc.stdout
+    metrics = _results(png)
+    for key in ("train_loss", "val_loss"):
+        got, want = torch.tensor(metrics[key]), torch.tensor(world_of_one[key])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
 
 def test_train_gpt_log_survives_sigkill(tmp_path):
