@@ -66,6 +66,9 @@ def test_equals_eager_in_every_stack():
         **STACKS,
         "checkpoint over zero3": lambda s: fs.checkpoint_activations(fs.shard_zero(s, 3)),
         "selective": lambda s: fs.checkpoint_activations(s, policy="selective"),
+        "offload over zero3": lambda s: fs.offload(
+            fs.shard_zero(s, 3), "cpu", what=("optimizer", "params")
+        ),
     }.items():
         ref, _ = _run(stack)
         out, metrics = _run(lambda s, stack=stack: stack(fs.compile_units(s)))
