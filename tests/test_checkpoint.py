@@ -47,6 +47,8 @@ STACKS = {
     "offload cpu": (("offload", "cpu"),),
     "zero2 offload cpu": (("zero", 2), ("offload", "cpu")),
     "offload nvme": (("offload", "nvme"),),
+    # ZeRO-Offload's DPU: at the save, step N's update is still pending on the host.
+    "offload cpu delayed": (("offload-delayed", "cpu"),),
 }
 
 
@@ -67,7 +69,10 @@ def _build(layers, *, mesh=None, swap=None, cfg=CFG, optimizer=None):
         elif kind == "zero":
             step = fs.shard_zero(step, arg, mesh=mesh)
         else:
-            step = fs.offload(step, arg, subgroup_mb=2e-3, **({"path": swap} if swap else {}))
+            kw = {"path": swap} if swap else {}
+            if kind == "offload-delayed":
+                kw["delayed_update"] = True
+            step = fs.offload(step, arg, subgroup_mb=2e-3, **kw)
     return step, params
 
 

@@ -47,6 +47,9 @@ class OffloadState:
         self._lock = threading.Lock()
         self._seq = 0
         self._pending: Future | None = None  # delayed update in flight
+        # Loaded from a checkpoint under delayed_update: the masters are a step ahead of
+        # the params, and the next update must copy them in ([Note: resuming the DPU]).
+        self._resync = False
         self._bg: ThreadPoolExecutor | None = None
         # [Note: offload copy streams] Grads out and params in each get a stream: PCIe
         # is full duplex, so a group's D2H and another's H2D (and, with DPU, all grads
@@ -161,6 +164,7 @@ class OffloadState:
     def load_state(self, values: dict) -> None:
         """Plain metadata back from a checkpoint ([Note: loading offloaded state])."""
         describe.load_offload_slot(self, values)
+        self._resync = self.cfg.delayed_update
 
     # -- views -------------------------------------------------------------------------
 

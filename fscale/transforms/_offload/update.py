@@ -133,18 +133,25 @@ def update_delayed(handle: OffloadState, grads: list, params: list) -> None:
     params from their device staging ([Note: DPU staging]) or over PCIe now, and the
     next compute waits for them on the device.
     """
-    if handle._pending is not None:
-        handle._pending.result()
-        handle._pending = None
+    # [Note: resuming the DPU] A checkpoint saved between steps holds the params the
+    # device had (a step behind) and the masters with the update that was in flight;
+    # the update of the first step after the load must copy those masters in, as the
+    # uninterrupted run's did. Its device staging was not saved: every leaf goes over
+    # PCIe that once.
+    resync, handle._resync = handle._resync, False
+    if handle._pending is not None or resync:
+        if handle._pending is not None:
+            handle._pending.result()
+            handle._pending = None
         handle.begin_copies()  # the params may still be read by this step's backward
-        if handle.device_staging:
+        if handle.device_staging and not resync:
             current = torch.cuda.current_stream(handle.device) if handle._h2d_stream else None
             if current is not None:
                 current.wait_stream(handle._h2d_stream)
             for i, staged in enumerate(handle.device_staging):
                 if staged is not None:
                     params[i].copy_(staged)  # on the device: a cast, no PCIe
-        _copy_unstaged(handle, params)
+        _copy_unstaged(handle, params, every_leaf=resync)
         handle._staged = handle.params_in_flight()
     handle._reset_events()
     handle.begin_copies()  # grads complete, staging read: ordered after the compute so far
@@ -158,9 +165,9 @@ def update_delayed(handle: OffloadState, grads: list, params: list) -> None:
     handle._pending = handle._bg.submit(run)
 
 
-def _copy_unstaged(handle: OffloadState, params: list) -> None:
-    """The masters of leaves without device staging into the params (H2D stream)."""
-    staging = handle.device_staging
+def _copy_unstaged(handle: OffloadState, params: list, *, every_leaf: bool = False) -> None:
+    """The masters of leaves without device staging (or of all) into the params (H2D stream)."""
+    staging = None if every_leaf else handle.device_staging
     for g, buf in zip(handle.groups, handle.buffers, strict=True):
         master, _ = handle.views(g, buf)
         keep = [j for j, i in enumerate(g.leaves) if not staging or staging[i] is None]
