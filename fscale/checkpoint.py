@@ -88,6 +88,7 @@ from fscale._checkpoint.files import (
     _unreadable,
     _write_latest,
     latest,
+    write_checksums,
 )
 from fscale._checkpoint.restore import _check_model, _restore_plain, _source_key
 from fscale.hw import comm
@@ -97,7 +98,7 @@ from fscale.state import StoredTensor, TensorEntry, describe
 
 __all__ = ["SaveHandle", "latest", "load", "load_extra", "save", "wait_pending"]
 
-FORMAT = 1
+FORMAT = 2  # 2: data-file checksums ([Note: data-file checksums])
 #: Default writer threads per rank (``fs.save(threads=...)``), each with its own file.
 WRITE_THREADS = min(8, os.cpu_count() or 1)
 _META = "fscale/meta"
@@ -277,7 +278,8 @@ class _Writer(dcp.FileSystemWriter):
 
     def write_data(self, plan, planner):
         future = super().write_data(plan, planner)
-        written = {r.index for r in future.value()}
+        results = future.value()
+        written = {r.index for r in results}
         missing = [item.index.fqn for item in plan.items if item.index not in written]
         if missing:
             raise OSError(
@@ -285,6 +287,9 @@ class _Writer(dcp.FileSystemWriter):
                 f"{self.path} (a writer thread failed; its error is printed above, e.g. a "
                 f"full disk), first {missing[0]!r}; the previous checkpoint is untouched."
             )
+        # [Note: data-file checksums] in fscale/_checkpoint/files.py
+        names = [r.storage_data.relative_path for r in results]
+        write_checksums(str(self.path), comm.rank(), names, self.thread_count)
         return future
 
 

@@ -374,6 +374,19 @@ def test_bad_checkpoints_raise_naming_the_fix(tmp_path):
         fs.load(tmp_path / "gone", *fresh())
     with pytest.raises(ValueError, match="'__0_0.distcp' has 100 bytes.*truncated"):
         fs.load(tmp_path / "cut", *fresh())
+    # A block of a data file overwritten in the middle (same size): its checksum names it;
+    # without the checksum records the checkpoint is refused.
+    flipped = tmp_path / "flipped"
+    shutil.copytree(good, flipped)
+    data = flipped / "__0_0.distcp"
+    with open(data, "r+b") as f:
+        f.seek(data.stat().st_size // 2)
+        f.write(b"\x00\xff" * 4)
+    with pytest.raises(ValueError, match="'__0_0.distcp' does not match its checksum"):
+        fs.load(flipped, *fresh())
+    (flipped / "__checksums_0.json").unlink()
+    with pytest.raises(ValueError, match="no checksum records"):
+        fs.load(flipped, *fresh())
     run = tmp_path / "run"
     run.mkdir()
     (run / "latest").write_text("step-9\n")
