@@ -10,6 +10,7 @@ optimizer state by the world size, offload moves it to another tier, ...).
 Usage::
 
     print(fs.explain(step, params))
+    print(fs.explain(step, params, bandwidth="1gbit"))      # + comm seconds per step
     plan = fs.plan(step, params); plan.memory["optimizer"]   # bytes per rank
 """
 
@@ -21,7 +22,7 @@ import functools
 import torch
 
 from fscale import tree
-from fscale.hw import comm, dispatch
+from fscale.hw import comm, cost, dispatch
 from fscale.plan import Collective, Plan  # noqa: F401  (Collective: public name)
 
 
@@ -93,8 +94,12 @@ def _gib(n: int) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
-def explain(step, params=None) -> str:
+def explain(step, params=None, *, bandwidth=None, latency_s: float | None = None) -> str:
     """A printable report of ``plan(step, params)``.
+
+    ``bandwidth`` (``"1gbit"``, ``"10Gbit/s"``, ``"1.25GB/s"`` or a ``cost.Link``) adds
+    the expected communication time per step on such a link per rank, in total and
+    per tag, by the cost model of ``fscale/hw/cost.py``; ``latency_s`` per hop.
 
     ``fs.explain(qparams)`` (params alone) reports quantized weights: bytes before and
     after and the kernel each layer resolves to; with a step, that report is appended
@@ -102,6 +107,11 @@ def explain(step, params=None) -> str:
     """
     if params is None and isinstance(step, dict):
         return "\n".join(_leaf_reports(step)) or "no quantized weights in these params."
+    # Parse first: a bad bandwidth string fails before the plan is built.
+    link = None
+    if bandwidth is not None:
+        lat = cost.DEFAULT_LATENCY_S if latency_s is None else latency_s
+        link = cost.Link.parse(bandwidth, latency_s=lat)
     p = plan(step, params)
     lines = [
         f"fscale step: world={p.world}, {p.param_count:,} params ({_gib(p.param_bytes)})",
@@ -120,6 +130,8 @@ def explain(step, params=None) -> str:
             f"  {c.stage:<14} {c.op:<15} x{c.calls:<3} {_gib(c.bytes):>11}  bus {_gib(int(bus))}"
             f"{tag}"
         )
+    if link is not None:
+        lines.extend(_comm_time(p, link))
     lines.append("kernels:")
     lines.extend(f"  {op:<14} {name}" for op, name in p.kernels.items())
     lines.append("memory per rank (estimate):")
@@ -135,6 +147,17 @@ def explain(step, params=None) -> str:
     if isinstance(params, dict):
         lines.extend(_leaf_reports(params))
     return "\n".join(lines)
+
+
+def _comm_time(p: Plan, link: cost.Link) -> list[str]:
+    t = cost.predict(p.collectives, link, p.world)
+    lines = [f"expected communication time per step at {link}: {_seconds(t.seconds)}"]
+    lines.extend(f"  {tag:<28} {_seconds(s):>10}" for tag, s in t.by_tag.items())
+    return lines
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
 
 
 def _leaf_reports(params: dict) -> list[str]:

@@ -1,0 +1,143 @@
+"""The comm cost model (fscale/hw/cost.py): formulas by hand, parsing, fs.explain's line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fscale as fs
+from fscale.hw import cost
+from fscale.models.gpt import GPT, GPTConfig
+from fscale.plan import Collective
+from tests.dist import run_world
+from tests.helpers import lm_loss
+
+MB = 10**6
+
+
+@pytest.mark.parametrize(
+    "text, bits",
+    [
+        ("1gbit", 1e9),
+        ("10Gbit/s", 1e10),
+        ("400mbit", 4e8),
+        (" 2.5 gbit ", 2.5e9),
+        ("1.25GB/s", 1e10),
+        ("100MB/s", 8e8),
+        ("1e9bit", 1e9),
+        (5e8, 5e8),
+    ],
+)
+def test_parse_bandwidth(text, bits):
+    assert cost.parse_bandwidth(text) == pytest.approx(bits)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("fast", "not understood"),
+        ("1 gigabit", "unknown unit"),
+        ("10gbps", "ambiguous"),
+        ("1GB", "unknown unit"),  # bytes need '/s', so 'GB' alone is not guessed at
+        ("0gbit", "positive"),
+        (-1.0, "positive"),
+        (None, "must be a string"),
+        (True, "not a bandwidth"),
+    ],
+)
+def test_bad_bandwidth_is_refused_with_the_fix(text, match):
+    with pytest.raises(ValueError, match=match):
+        cost.parse_bandwidth(text)
+
+
+def test_ring_formulas_by_hand():
+    link = cost.Link(1e9, latency_s=0.0)  # 125 MB/s
+    n, s = 4, 100 * MB
+    # all_reduce: 2(n-1)/n of the buffer per rank -> 150 MB -> 1.2 s
+    assert cost.collective_seconds("all_reduce", s, link, n) == pytest.approx(1.2)
+    # reduce_scatter / all_to_all: (n-1)/n -> 75 MB -> 0.6 s
+    assert cost.collective_seconds("reduce_scatter", s, link, n) == pytest.approx(0.6)
+    assert cost.collective_seconds("all_to_all", s, link, n) == pytest.approx(0.6)
+    # all_gather of a 25 MB shard: (n-1)/n of the 100 MB output -> 0.6 s
+    assert cost.collective_seconds("all_gather", s // n, link, n) == pytest.approx(0.6)
+    assert cost.collective_seconds("broadcast", s, link, n) == pytest.approx(0.8)
+    assert cost.collective_seconds("all_reduce", s, link, 1) == 0.0  # world of one
+
+
+def test_latency_counts_ring_steps_per_call():
+    link = cost.Link(1e12, latency_s=1e-3)  # bytes ~free: latency alone
+    assert cost.collective_seconds("all_reduce", 8, link, 4, calls=3) == pytest.approx(
+        3 * 6e-3, rel=1e-3
+    )
+    assert cost.collective_seconds("all_gather", 8, link, 4) == pytest.approx(3e-3, rel=1e-3)
+
+
+def test_shared_link_carries_every_rank():
+    one = cost.Link(1e9, 0.0)
+    shared = cost.Link(1e9, 0.0, shared=True)
+    for op in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all"):
+        assert cost.collective_seconds(op, MB, shared, 4) == pytest.approx(
+            4 * cost.collective_seconds(op, MB, one, 4)
+        )
+    # broadcast: three receivers, each gets the buffer once
+    assert cost.collective_seconds("broadcast", MB, shared, 4) == pytest.approx(3 * 8e-3)
+
+
+def test_predict_sums_per_tag_and_matches_measured_bytes():
+    link = cost.Link.parse("1gbit", latency_s=0.0)
+    plan = [
+        Collective("all_gather", 10 * MB, "materialize", calls=2, tag="zero.params"),
+        Collective("reduce_scatter", 40 * MB, "loss_and_grad", tag="zero.grads"),
+        Collective("all_reduce", 4, "finish_grads", tag="guard.nonfinite"),
+    ]
+    p = cost.predict(plan, link, 2)
+    assert p.by_tag["zero.params"] == pytest.approx(0.08)  # 10 MB in -> 10 MB out per rank
+    assert p.by_tag["zero.grads"] == pytest.approx(0.16)
+    assert p.seconds == pytest.approx(sum(p.by_tag.values()))
+    measured = cost.predict_bytes({"all_gather": 10 * MB, "reduce_scatter": 40 * MB}, link, 2)
+    assert measured.seconds == pytest.approx(0.24)
+    by_tag = cost.predict_tags(
+        {"zero.params": 10 * MB, "zero.grads": 40 * MB},
+        {c.tag: c.op for c in plan},
+        link,
+        2,
+    )
+    assert by_tag.seconds == pytest.approx(0.24)
+    with pytest.raises(ValueError, match="no op given for tag 'dp.grads'"):
+        cost.predict_tags({"dp.grads": 1}, {}, link, 2)
+
+
+def _explain(rank, world):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny())
+    params, apply = fs.functional(model)
+    step = fs.train_step(lm_loss(apply), fs.optim.adamw(1e-3))
+    out = {"dp": fs.explain(step, params, bandwidth="1gbit")}
+    out["z3"] = fs.explain(fs.shard_zero(step, 3), params, bandwidth="10Gbit/s", latency_s=0)
+    out["bytes"] = fs.plan(step, params).param_bytes
+    try:
+        fs.explain(step, params, bandwidth="10gbps")
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
+def test_explain_prints_comm_time_per_step():
+    out, _ = run_world(_explain, 2)
+    line = next(x for x in out["dp"].splitlines() if x.startswith("expected communication"))
+    assert "1 Gbit/s per rank" in line
+    # world 2: the all-reduce moves the whole grad once per rank, plus the 4-byte vote
+    seconds = 8 * out["bytes"] / 1e9 + 4 * 50e-6 + 8 * 4 / 1e9
+    shown = float(line.split(": ")[-1].split()[0]) / 1e3  # printed in ms
+    assert shown == pytest.approx(seconds, rel=1e-3)
+    assert "dp.grads" in out["dp"].split(line)[1]
+    assert "zero.params" in out["z3"] and "10 Gbit/s per rank" in out["z3"]
+    assert "ambiguous" in out["error"]
+
+
+def test_explain_without_bandwidth_is_unchanged():
+    torch.manual_seed(0)
+    params, apply = fs.functional(GPT(GPTConfig.tiny()))
+    step = fs.train_step(lm_loss(apply), fs.optim.adamw(1e-3))
+    assert "expected communication" not in fs.explain(step, params)
+    assert "0.000 ms" in fs.explain(step, params, bandwidth="1gbit")  # world of one
