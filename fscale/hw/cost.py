@@ -103,28 +103,52 @@ class Link:
     """A link: bandwidth in bits per second, latency per message hop in seconds.
 
     ``shared``: one medium carries every rank's traffic (see [Note: shared links]).
-    Usage: ``Link(1e9, 50e-6)``, ``Link.parse("10gbit", shared=True)``.
+    ``backend``: whose algorithms move the bytes: None for the ring ideal (what NCCL
+    does), ``"gloo"`` for gloo's (see [Note: gloo's reduce_scatter]).
+    Usage: ``Link(1e9, 50e-6)``, ``Link.parse("10gbit", shared=True, backend="gloo")``.
     """
 
     bandwidth_bits_per_s: float
     latency_s: float = DEFAULT_LATENCY_S
     shared: bool = False
+    backend: str | None = None
 
     def __post_init__(self):
         parse_bandwidth(self.bandwidth_bits_per_s)  # positive, finite, a number
         if not self.latency_s >= 0:
             raise ValueError(f"Link.latency_s must be >= 0 seconds, got {self.latency_s!r}.")
+        if self.backend not in _BACKEND_OPS:
+            raise ValueError(
+                f"Link.backend={self.backend!r} is not modelled; use one of "
+                f"{sorted(_BACKEND_OPS, key=str)} (None: the ring ideal, as NCCL)."
+            )
 
     @classmethod
-    def parse(cls, bandwidth, latency_s: float = DEFAULT_LATENCY_S, shared: bool = False):
+    def parse(
+        cls,
+        bandwidth,
+        latency_s: float = DEFAULT_LATENCY_S,
+        shared: bool = False,
+        backend: str | None = None,
+    ):
         """A Link from ``"1gbit"`` etc. (see ``parse_bandwidth``); a Link passes through."""
         if isinstance(bandwidth, Link):
             return bandwidth
-        return cls(parse_bandwidth(bandwidth), latency_s, shared)
+        return cls(parse_bandwidth(bandwidth), latency_s, shared, backend)
 
     def __str__(self) -> str:
         medium = ", shared by all ranks" if self.shared else " per rank"
-        return f"{format_bandwidth(self.bandwidth_bits_per_s)}{medium}, {self.latency_s * 1e6:g} us"
+        algo = f", {self.backend}" if self.backend else ""
+        bw = format_bandwidth(self.bandwidth_bits_per_s)
+        return f"{bw}{medium}, {self.latency_s * 1e6:g} us{algo}"
+
+
+# The op whose bytes an op really moves on a backend (see [Note: gloo's reduce_scatter]).
+_BACKEND_OPS: dict[str | None, dict[str, str]] = {
+    None: {},
+    "nccl": {},
+    "gloo": {"reduce_scatter": "all_reduce"},
+}
 
 
 def _hops(op: str, world: int) -> int:
@@ -138,12 +162,15 @@ def _hops(op: str, world: int) -> int:
     return 1  # broadcast (as one pipelined hop), send, recv, barrier
 
 
-def wire_bytes(op: str, nbytes: int, world: int, shared: bool = False) -> float:
+def wire_bytes(
+    op: str, nbytes: int, world: int, shared: bool = False, backend: str | None = None
+) -> float:
     """Bytes a call occupies the link with: one rank's bus bytes, or every rank's if shared.
 
     ``nbytes`` is what the comm table counts for one call on one rank (its input).
     Usage: ``wire_bytes("all_reduce", 4 * n, world=4)``.
     """
+    op = _BACKEND_OPS[backend].get(op, op)
     per_rank = bus_bytes(op, nbytes, world)
     if not shared:
         return per_rank
@@ -162,7 +189,8 @@ def collective_seconds(op: str, nbytes: int, link: Link, world: int, calls: int 
     """
     if world <= 1:
         return 0.0
-    wire = wire_bytes(op, nbytes, world, link.shared)
+    wire = wire_bytes(op, nbytes, world, link.shared, link.backend)
+    op = _BACKEND_OPS[link.backend].get(op, op)
     return calls * _hops(op, world) * link.latency_s + 8 * wire / link.bandwidth_bits_per_s
 
 
@@ -180,7 +208,7 @@ class Prediction:
     def _add(self, op: str, tag: str | None, nbytes: int, calls: int) -> None:
         s = collective_seconds(op, nbytes, self.link, self.world, calls)
         self.seconds += s
-        self.wire_bytes += wire_bytes(op, nbytes, self.world, self.link.shared)
+        self.wire_bytes += wire_bytes(op, nbytes, self.world, self.link.shared, self.link.backend)
         key = tag or f"({op})"
         self.by_tag[key] = self.by_tag.get(key, 0.0) + s
         self.by_op[op] = self.by_op.get(op, 0.0) + s

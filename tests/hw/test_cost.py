@@ -83,6 +83,18 @@ def test_shared_link_carries_every_rank():
     assert cost.collective_seconds("broadcast", MB, shared, 4) == pytest.approx(3 * 8e-3)
 
 
+def test_gloo_reduce_scatter_moves_an_all_reduce():
+    ring = cost.Link(1e9, 0.0)
+    gloo = cost.Link(1e9, 0.0, backend="gloo")
+    rs = cost.collective_seconds("reduce_scatter", MB, gloo, 4)
+    assert rs == pytest.approx(cost.collective_seconds("all_reduce", MB, ring, 4))
+    assert rs == pytest.approx(2 * cost.collective_seconds("reduce_scatter", MB, ring, 4))
+    ag = cost.collective_seconds("all_gather", MB, gloo, 4)
+    assert ag == pytest.approx(cost.collective_seconds("all_gather", MB, ring, 4))
+    with pytest.raises(ValueError, match="backend='mpi' is not modelled"):
+        cost.Link(1e9, backend="mpi")
+
+
 def test_predict_sums_per_tag_and_matches_measured_bytes():
     link = cost.Link.parse("1gbit", latency_s=0.0)
     plan = [
