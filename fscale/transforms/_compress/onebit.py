@@ -1,0 +1,519 @@
+"""The 1-bit optimizers of ``compress_comm``: 1-bit Adam, 0/1 Adam and 1-bit LAMB.
+
+Each is a frozen dataclass with ``name`` and ``apply(step)``; ``apply`` replaces the
+step's ``reduce_grads`` and ``update`` stages and keeps its buffers in the
+``"compress_comm"`` state slot. The compressed collective is
+``onebit_allreduce.compressed_mean`` (tag ``"compress.momentum"``).
+
+Usage::
+
+    step = fs.train_step(loss_fn, fs.optim.adam(1e-3))
+    step = fs.compress_comm(step, onebit_adam(freeze_step=100))
+    step = fs.compress_comm(fs.mixed_precision(step, "bf16"), zero_one_adam(var_freeze_step=100))
+    step = fs.compress_comm(lamb_step, onebit_lamb(freeze_step=100))
+
+References:
+  Tang et al., "1-bit Adam: Communication Efficient Large-Scale Training with Adam's
+  Convergence Speed", ICML 2021. Lu et al., "Maximizing Communication Efficiency for
+  Large-scale Training via 0/1 Adam", ICLR 2023 (arXiv 2022). Li et al., "1-bit LAMB:
+  Communication Efficient Large-Scale Large-Batch Training with LAMB's Convergence
+  Speed", 2021.
+
+[Note: phases]
+Warm-up (the step's ``state["count"] < freeze_step``): the plain step's
+``reduce_grads`` and ``update`` run untouched: exact full-precision Adam/LAMB.
+Compression: ``reduce_grads`` returns the *local* grads; ``update`` folds them into
+the momentum (``m = b1 m + (1 - b1) g_local``, where ``m`` is last step's synchronised
+momentum), averages ``m`` over the ranks with ``compressed_mean`` (every rank gets the
+same bits, so params stay equal on every rank), and steps with the variance frozen at
+its last full-precision value: ``denom = sqrt(v) / sqrt(1 - b2^T) + eps`` where ``T``
+is the optimizer count of the last update that moved ``v`` (torch.optim's bias
+correction, kept where it stopped). The exchange happens in ``update``, after the
+step's non-finite vote: a skipped step communicates nothing on any rank.
+``clip_norm`` in the compression phase clips each rank's local grads by their local
+norm (there is no global grad any more).
+
+[Note: where the state lives]
+Momentum and variance stay in the optimizer's own ``AdamState`` (``state["optimizer"]``):
+no second copy, and a checkpoint of a compressed run loads into a plain Adam step.
+The ``"compress_comm"`` slot holds what only the method knows: the worker error (a
+padded flat vector per rank) and server error (1/N of it per rank), placed as shards
+over the data-parallel dim so ``fs.save`` writes every rank's buffers (DeepSpeed
+saved rank 0's only), plus plain counters (``v_count``, the local-step window) and,
+for 0/1 Adam, the anchor params of the window, for 1-bit LAMB the trust-ratio EMA.
+Error buffers are per rank: resume with the same world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fscale import tree
+from fscale.optim.adam import AdamState, bias_corrected_denom
+from fscale.optim.masks import decayed_positions
+from fscale.optim.schedules import value_at
+from fscale.placement import Placement, place
+from fscale.policies import ZeroPolicy
+from fscale.step import Step, StepContext, Transform
+from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_layout
+
+NAME = "compress_comm"
+TAG = "compress.momentum"
+
+_ZERO_FIX = (
+    "the 1-bit optimizers run on plain data parallel (optionally under mixed_precision). "
+    "shard_zero stages 1/2 would need a compressed reduce-scatter of the momentum to each "
+    "shard's owner (its own error buffers per shard) and an all-gather of the updated "
+    "params: not built yet. Stage 3 is refused by design: ZeRO-3 reduce-scatters grads "
+    "during backward, so no rank holds the full local momentum that 1-bit compression "
+    "needs, and keeping it (plus error buffers) would undo ZeRO-3's memory savings. "
+    "Drop shard_zero, or drop compress_comm."
+)
+_OFFLOAD_FIX = (
+    "the 1-bit optimizers run their own update on the device; apply compress_comm without offload."
+)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _int_at_least(owner: str, name: str, value, low: int, why: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{owner}: {name} must be an int >= {low} ({why}), got {value!r}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class OnebitAdam:
+    freeze_step: int
+    name: str = "onebit_adam"
+
+    def apply(self, step: Step) -> Step:
+        return _build(step, self, ("adam", "adamw"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroOneAdam:
+    var_freeze_step: int
+    var_update_scaler: int
+    local_step_scaler: int
+    local_step_clipper: int
+    name: str = "zero_one_adam"
+
+    def apply(self, step: Step) -> Step:
+        return _build(step, self, ("adam", "adamw"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnebitLamb:
+    freeze_step: int
+    coeff_beta: float
+    name: str = "onebit_lamb"
+
+    def apply(self, step: Step) -> Step:
+        return _build(step, self, ("lamb",))
+
+
+def onebit_adam(*, freeze_step: int) -> OnebitAdam:
+    """1-bit Adam: exact Adam for ``freeze_step`` steps, then frozen variance and
+    error-compensated 1-bit momentum exchange ([Note: phases]).
+
+    Args:
+      freeze_step: full-precision warm-up steps (>= 1: the variance it freezes must
+        have been estimated). DeepSpeed suggests ~15-25% of the run.
+
+    Usage: ``fs.compress_comm(step, fs.onebit_adam(freeze_step=100))`` (adam/adamw step).
+    """
+    _int_at_least("onebit_adam", "freeze_step", freeze_step, 1, "full-precision warm-up steps")
+    return OnebitAdam(freeze_step)
+
+
+def zero_one_adam(
+    *,
+    var_freeze_step: int,
+    var_update_scaler: int = 16,
+    local_step_scaler: int = 32,
+    local_step_clipper: int = 16,
+) -> ZeroOneAdam:
+    """0/1 Adam: adaptive variance freezing, then 1-bit sync with local steps.
+
+    Args:
+      var_freeze_step: after this many steps the variance never moves again and
+        sync rounds start being skipped.
+      var_update_scaler: before ``var_freeze_step`` the variance is updated (with an
+        exact all-reduce of the grads) every ``I`` steps, ``I`` doubling after each
+        ``var_update_scaler`` such updates; the other steps are 1-bit Adam steps.
+      local_step_scaler: after ``var_freeze_step`` the sync interval ``H`` doubles
+        every ``local_step_scaler`` steps ...
+      local_step_clipper: ... up to this many steps.
+
+    [Note: 0/1 Adam, simplified] Schedules are pure functions of the step count
+    (``_zero_one_schedule``). Between syncs each rank steps with its local momentum
+    from the window's anchor params; a sync compresses the window's average momentum
+    ``(anchor' - x) * denom / sum(step sizes)`` (``anchor'``: the anchor with the
+    window's decoupled decay), then every rank sets ``m`` to the synced average and
+    ``x = anchor' - sum(step sizes) * m / denom``, bitwise equal on every rank. The
+    paper's bias of the momentum after a local window and its staleness tweaks are
+    left out.
+
+    Usage: ``fs.compress_comm(step, fs.zero_one_adam(var_freeze_step=100))``.
+    """
+    owner = "zero_one_adam"
+    _int_at_least(owner, "var_freeze_step", var_freeze_step, 1, "steps before the variance freezes")
+    _int_at_least(owner, "var_update_scaler", var_update_scaler, 1, "variance updates per interval")
+    _int_at_least(owner, "local_step_scaler", local_step_scaler, 1, "steps per sync interval")
+    _int_at_least(owner, "local_step_clipper", local_step_clipper, 1, "the longest sync interval")
+    return ZeroOneAdam(var_freeze_step, var_update_scaler, local_step_scaler, local_step_clipper)
+
+
+def onebit_lamb(*, freeze_step: int, coeff_beta: float = 0.9) -> OnebitLamb:
+    """1-bit LAMB: exact LAMB for ``freeze_step`` steps, then each layer's trust ratio
+    frozen at its warm-up EMA, frozen variance and 1-bit momentum with error feedback.
+
+    Args:
+      freeze_step: full-precision warm-up steps (>= 1).
+      coeff_beta: EMA decay of the per-layer trust ratios over the warm-up, in [0, 1).
+
+    [Note: 1-bit LAMB, simplified] The paper also rescales the frozen ratio by a
+    clipped factor from a variance it keeps estimating; here the ratio stays frozen.
+
+    Usage: ``fs.compress_comm(step, fs.onebit_lamb(freeze_step=100))`` (lamb step).
+    """
+    _int_at_least("onebit_lamb", "freeze_step", freeze_step, 1, "full-precision warm-up steps")
+    if isinstance(coeff_beta, bool) or not isinstance(coeff_beta, (int, float)):
+        raise ValueError(f"onebit_lamb: coeff_beta must be a float in [0, 1), got {coeff_beta!r}.")
+    if not 0.0 <= coeff_beta < 1.0:
+        raise ValueError(f"onebit_lamb: coeff_beta must be in [0, 1), got {coeff_beta!r}.")
+    return OnebitLamb(freeze_step, float(coeff_beta))
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
+    hp = step.optimizer.hyperparams
+    got = None if hp is None else hp.get("name")
+    if got not in optimizers:
+        want = " or ".join(f"fs.optim.{o}(...)" for o in optimizers)
+        raise ValueError(
+            f"compress_comm({method.name}) needs a step built with {want}, but its optimizer "
+            f"is {got or 'one that does not describe itself (e.g. a chain)'}; build the step "
+            f"with train_step(loss_fn, {want}) (clip with train_step(clip_norm=...))."
+        )
+    zero = step.policy(ZeroPolicy)
+    if zero is not None:
+        raise ValueError(
+            f"compress_comm({method.name}) cannot be applied over shard_zero(stage="
+            f"{zero.stage}): {_ZERO_FIX}"
+        )
+    if step.applied("offload") is not None:
+        raise ValueError(
+            f"compress_comm({method.name}) cannot be applied over offload: {_OFFLOAD_FIX}"
+        )
+    dims = [d for d in step.mesh.dims if step.mesh.size(d) > 1]
+    if len(dims) > 1:
+        raise ValueError(
+            f"compress_comm({method.name}) needs a 1-D data-parallel mesh, got {step.mesh}; "
+            "build the step on one dim (train_step(mesh=mesh['dp']))."
+        )
+    dim = dims[0] if dims else step.mesh.dims[0]
+    cfg = _Config(method, dict(hp), dim, step.mesh.size(dim), step.mesh.group(dim))
+    record = Transform(
+        NAME,
+        options={
+            "method": method.name,
+            **{k: v for k, v in dataclasses.asdict(method).items() if k != "name"},
+        },
+        conflicts={"shard_zero": _ZERO_FIX, "offload": _OFFLOAD_FIX},
+    )
+    inner = step.stages
+
+    def init(s, params):
+        return _init(cfg, inner, s, params)
+
+    def reduce_grads(ctx, grads):
+        return _reduce_grads(cfg, inner, ctx, grads)
+
+    def update(ctx, grads, params):
+        return _update(cfg, inner, ctx, grads, params)
+
+    return step.with_transform(record, init=init, reduce_grads=reduce_grads, update=update)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    method: object
+    hp: dict
+    dim: str
+    world: int
+    group: object
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def _zero_one_schedule(m: ZeroOneAdam, k: int) -> str:
+    """0/1 Adam's action at step ``k`` (0-based): "variance" (exact Adam), "onebit"
+    (compressed step, variance kept), "local" (no communication) or "sync"."""
+    if k < m.var_freeze_step:
+        start, interval = 0, 1
+        while k >= start + m.var_update_scaler * interval:  # blocks of scaler updates
+            start += m.var_update_scaler * interval
+            interval *= 2
+        return "variance" if (k - start) % interval == 0 else "onebit"
+    j = k - m.var_freeze_step
+    h = min(2 ** min(j // m.local_step_scaler, 62), m.local_step_clipper)
+    if h == 1:
+        return "onebit"
+    return "sync" if (j + 1) % h == 0 else "local"
+
+
+def _action(cfg: _Config, ctx: StepContext) -> str:
+    k = ctx.state["count"]
+    m = cfg.method
+    if isinstance(m, ZeroOneAdam):
+        return _zero_one_schedule(m, k)
+    return "warmup" if k < m.freeze_step else "onebit"
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _init(cfg: _Config, inner, step: Step, params):
+    params, state = inner.init(step, params)
+    if not isinstance(state.get("optimizer"), AdamState):
+        raise ValueError(
+            f"compress_comm({cfg.method.name}) needs the optimizer state AdamState(count, "
+            f"exp_avg, exp_avg_sq), got {type(state.get('optimizer')).__name__}; use the "
+            "optimizer directly, not inside a chain."
+        )
+    live = [p for p in tree.leaves(params) if p is not None]
+    lay = plan_layout(sum(p.numel() for p in live), cfg.world)
+    device = live[0].device
+
+    def sharded(numel: int) -> torch.Tensor:
+        t = torch.zeros(numel, dtype=torch.float32, device=device)
+        return place(t, Placement((cfg.world * numel,), (cfg.dim,), ()))
+
+    slot = {
+        "method": cfg.method.name,
+        "worker_error": sharded(lay.padded),
+        "server_error": sharded(lay.server),
+        "v_count": 0,  # optimizer count of the last update that moved the variance
+    }
+    if isinstance(cfg.method, ZeroOneAdam):
+        slot["anchor"] = torch.zeros(lay.n, dtype=torch.float32, device=device)
+        slot["window"] = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
+    if isinstance(cfg.method, OnebitLamb):
+        slot["trust"] = torch.zeros(len(live), dtype=torch.float32, device=device)
+        slot["trust_steps"] = 0
+    state[NAME] = slot
+    return params, state
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _reduce_grads(cfg: _Config, inner, ctx: StepContext, grads):
+    if _action(cfg, ctx) in ("warmup", "variance"):
+        return inner.reduce_grads(ctx, grads)
+    return grads  # the compression phase exchanges the momentum instead, in update
+
+
+def _update(cfg: _Config, inner, ctx: StepContext, grads, params):
+    action = _action(cfg, ctx)
+    ctx.metrics["compress_phase"] = action
+    slot = dict(ctx.state[NAME])
+    ctx.state[NAME] = slot
+    if action in ("warmup", "variance"):
+        if isinstance(cfg.method, OnebitLamb):
+            return _lamb_warmup(cfg, inner, ctx, slot, grads, params)
+        params = inner.update(ctx, grads, params)
+        slot["v_count"] = ctx.state["optimizer"].count
+        return params
+    if slot["v_count"] == 0:
+        raise RuntimeError(
+            f"compress_comm({cfg.method.name}): the compression phase started but no "
+            "full-precision update ever ran (every warm-up step was skipped as non-finite); "
+            "raise freeze_step."
+        )
+    if isinstance(cfg.method, ZeroOneAdam) and action in ("local", "sync"):
+        return _local_step(cfg, ctx, slot, grads, params, sync=action == "sync")
+    return _onebit_step(cfg, ctx, slot, grads, params)
+
+
+class _Leaves:
+    """The live leaves of one update: grads (fp32), params, moments, decayed positions."""
+
+    def __init__(self, cfg: _Config, ctx: StepContext, grads, params, *, l2: bool):
+        opt = ctx.state["optimizer"]
+        hp = cfg.hp
+        self.count = opt.count
+        self.t = opt.count + 1
+        self.lr = value_at(hp["lr"], opt.count, "lr")
+        self.wd = value_at(hp["weight_decay"], opt.count, "weight_decay")
+        g_leaves, self.spec = tree.flatten(grads)
+        self.idx = [i for i, g in enumerate(g_leaves) if g is not None]
+        p_leaves = tree.leaves(params)
+        self.ps = [p_leaves[i] for i in self.idx]
+        m_leaves, v_leaves = tree.leaves(opt.exp_avg), tree.leaves(opt.exp_avg_sq)
+        self.ms = [m_leaves[i] for i in self.idx]
+        self.vs = [v_leaves[i] for i in self.idx]
+        self.gs = [g_leaves[i].to(m.dtype) for i, m in zip(self.idx, self.ms, strict=True)]
+        self.decayed = []
+        if self.wd != 0.0:
+            self.decayed = decayed_positions(
+                hp["mask"], params, self.idx, owner=hp["name"], wd=self.wd
+            )
+        if l2 and self.decayed:  # torch.optim.Adam's L2: into the grads, before the moments
+            for j in self.decayed:
+                self.gs[j] = self.gs[j].add(self.ps[j].to(self.gs[j].dtype), alpha=self.wd)
+        self.opt = opt
+
+    def local_momentum_(self, b1: float) -> None:
+        torch._foreach_lerp_(self.ms, self.gs, 1.0 - b1)
+
+    def flat_momentum(self) -> torch.Tensor:
+        return torch.cat([m.reshape(-1) for m in self.ms])
+
+    def set_momentum_(self, flat: torch.Tensor) -> None:
+        _unflat_into(self.ms, flat)
+
+    def commit(self, ctx: StepContext) -> None:
+        ctx.state["optimizer"] = AdamState(self.t, self.opt.exp_avg, self.opt.exp_avg_sq)
+
+
+def _unflat_into(dst: list, flat: torch.Tensor) -> None:
+    offset = 0
+    for t in dst:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _exchange(cfg: _Config, ctx: StepContext, slot: dict, flat: torch.Tensor) -> torch.Tensor:
+    lay = plan_layout(flat.numel(), cfg.world)
+    return compressed_mean(
+        ctx.comm, TAG, cfg.group, flat, slot["worker_error"], slot["server_error"], lay
+    )
+
+
+@torch.no_grad()
+def _onebit_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
+    """Local momentum, compressed mean, Adam/LAMB step with the frozen variance."""
+    hp = cfg.hp
+    lamb = isinstance(cfg.method, OnebitLamb)
+    lv = _Leaves(cfg, ctx, grads, params, l2=not lamb and not hp.get("decoupled", False))
+    lv.local_momentum_(hp["b1"])
+    lv.set_momentum_(_exchange(cfg, ctx, slot, lv.flat_momentum()))
+    denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
+    bias1 = 1.0 - hp["b1"] ** lv.t
+    if lamb:
+        rs = torch._foreach_div(lv.ms, denom)
+        torch._foreach_div_(rs, bias1)
+        for j in lv.decayed:
+            rs[j].add_(lv.ps[j].to(rs[j].dtype), alpha=lv.wd)
+        trust = _frozen_trust(cfg, slot)
+        for j, (p, r) in enumerate(zip(lv.ps, rs, strict=True)):
+            p.sub_((r * (trust[j] * lv.lr)).to(p.dtype))
+    else:
+        if hp.get("decoupled", False):
+            for j in lv.decayed:
+                lv.ps[j].mul_(1.0 - lv.lr * lv.wd)
+        for p, m, d in zip(lv.ps, lv.ms, denom, strict=True):
+            p.sub_((m / d).mul_(lv.lr / bias1).to(p.dtype))
+    lv.commit(ctx)
+    return params
+
+
+# ----------------------------------------------------------------------------- 0/1 Adam
+
+
+def _flat_params(ps: list) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in ps])
+
+
+@torch.no_grad()
+def _local_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params, *, sync: bool):
+    """0/1 Adam after the variance froze: a local Adam step; on a sync step, the window's
+    average momentum goes through the compressed mean ([Note: 0/1 Adam, simplified])."""
+    hp = cfg.hp
+    decoupled = hp.get("decoupled", False)
+    lv = _Leaves(cfg, ctx, grads, params, l2=not decoupled)
+    window = dict(slot["window"])
+    if window["steps"] == 0:
+        slot["anchor"].copy_(_flat_params(lv.ps))
+    lv.local_momentum_(hp["b1"])
+    denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
+    step_size = lv.lr / (1.0 - hp["b1"] ** lv.t)
+    shrink = 1.0 - lv.lr * lv.wd if decoupled else 1.0
+    if decoupled:
+        for j in lv.decayed:
+            lv.ps[j].mul_(shrink)
+    for p, m, d in zip(lv.ps, lv.ms, denom, strict=True):
+        p.sub_((m / d).mul_(step_size).to(p.dtype))
+    window = {
+        "steps": window["steps"] + 1,
+        "sum_lr": window["sum_lr"] + step_size,
+        "decay": window["decay"] * shrink,
+    }
+    if sync:
+        flat_denom = torch.cat([d.reshape(-1) for d in denom])
+        # The anchor with the window's decay, on decayed leaves only.
+        decayed = torch.cat(
+            [
+                torch.full((p.numel(),), window["decay"] if j in lv.decayed else 1.0)
+                for j, p in enumerate(lv.ps)
+            ]
+        ).to(flat_denom.device)
+        start = slot["anchor"] * decayed
+        u = (start - _flat_params(lv.ps)).mul_(flat_denom).div_(window["sum_lr"])
+        m = _exchange(cfg, ctx, slot, u)
+        lv.set_momentum_(m)
+        _unflat_into(lv.ps, start - m.mul(window["sum_lr"]).div_(flat_denom))
+        window = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
+    slot["window"] = window
+    lv.commit(ctx)
+    return params
+
+
+# ----------------------------------------------------------------------------- 1-bit LAMB
+
+
+@torch.no_grad()
+def _lamb_warmup(cfg: _Config, inner, ctx: StepContext, slot: dict, grads, params):
+    """Exact LAMB, plus the EMA of each layer's trust ratio ``||p|| / ||r||``."""
+    hp = cfg.hp
+    # References, not copies: lamb's update returns new param tensors, so these still
+    # hold the params its trust ratio and decay term saw.
+    old = [p for p in tree.leaves(params) if p is not None]
+    count = ctx.state["optimizer"].count
+    params = inner.update(ctx, grads, params)
+    opt = ctx.state["optimizer"]
+    if opt.count == count:  # the optimizer did not step
+        return params
+    slot["v_count"] = opt.count
+    ms = [m for m in tree.leaves(opt.exp_avg) if m is not None]
+    vs = [v for v in tree.leaves(opt.exp_avg_sq) if v is not None]
+    denom = bias_corrected_denom(vs, hp["b2"], hp["eps"], opt.count)
+    rs = torch._foreach_div(ms, denom)
+    torch._foreach_div_(rs, 1.0 - hp["b1"] ** opt.count)
+    wd = value_at(hp["weight_decay"], count, "weight_decay")
+    if wd != 0.0:
+        idx = list(range(len(old)))
+        for j in decayed_positions(hp["mask"], params, idx, owner="lamb", wd=wd):
+            rs[j].add_(old[j].float(), alpha=wd)
+    r_norms = torch.stack([torch.linalg.vector_norm(r.float()) for r in rs])
+    w_norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in old])
+    trust = torch.where((w_norms > 0) & (r_norms > 0), w_norms / r_norms, torch.ones_like(w_norms))
+    beta = cfg.method.coeff_beta
+    slot["trust"] = slot["trust"].mul(beta).add_(trust, alpha=1.0 - beta)
+    slot["trust_steps"] = slot["trust_steps"] + 1
+    return params
+
+
+def _frozen_trust(cfg: _Config, slot: dict) -> list[torch.Tensor]:
+    """The bias-corrected warm-up EMA of each layer's trust ratio (0-d tensors: no sync)."""
+    steps = slot["trust_steps"]
+    return (slot["trust"] / (1.0 - cfg.method.coeff_beta ** max(steps, 1))).unbind()

@@ -1,0 +1,78 @@
+"""The 1-bit pack/unpack Triton kernels against their torch references (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fscale.hw import dispatch
+from fscale.kernels import onebit
+
+needs_triton = pytest.mark.skipif(onebit.triton is None, reason="triton is not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_reference_packs_signs_lsb_first_with_mean_abs_scale():
+    x = torch.tensor([[1.0, -2.0, 3.0, -4.0, 0.0, -1.0, 2.0, 5.0]])
+    bits, scales = onebit.pack_reference(x)
+    assert bits.dtype == torch.uint8 and bits.tolist() == [[0b11010101]]
+    assert scales.tolist() == [2.25]
+    out = onebit.unpack_reference(bits, scales)
+    assert out.tolist() == [[2.25, -2.25, 2.25, -2.25, 2.25, -2.25, 2.25, 2.25]]
+
+
+def test_residual_never_exceeds_the_input():
+    # [Note: the scale is mean |x|]: ||x - C(x)||^2 = ||x||^2 - n scale^2.
+    x = torch.randn(16, 64, dtype=torch.float64).float()
+    bits, scales = onebit.pack_reference(x)
+    res = x - onebit.unpack_reference(bits, scales)
+    assert torch.all(res.norm(dim=1) <= x.norm(dim=1) + 1e-5)
+
+
+@needs_triton
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    chunk_bytes=st.sampled_from([1, 3, 32, 300]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_pack_unpack_match_reference(rows, chunk_bytes, dtype, seed):
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, chunk_bytes * 8, generator=g).to(dtype)
+    bits, scales = onebit.pack_triton(x)
+    ref_bits, ref_scales = onebit.pack_reference(x)
+    assert torch.equal(bits, ref_bits)
+    torch.testing.assert_close(scales, ref_scales, rtol=1e-5, atol=1e-7)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got = onebit.unpack_triton(ref_bits, ref_scales, out_dtype)
+        want = onebit.unpack_reference(ref_bits, ref_scales, out_dtype)
+        assert torch.equal(got.sign(), want.sign())
+        # The interpreter rounds fp32 -> bf16 toward zero: allow one bf16 ulp.
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=0)
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        onebit.pack_reference(torch.zeros(2, 12))
+    with pytest.raises(ValueError, match="2-D float"):
+        onebit.onebit_pack(torch.zeros(16, dtype=torch.int32).view(2, 8))
+
+
+def test_kernel_table_cpu_gets_reference_cuda_gets_triton():
+    assert dispatch.resolve(onebit.PACK, torch.device("cpu"), torch.float32).is_reference
+    assert dispatch.resolve(onebit.UNPACK, torch.device("cpu"), torch.uint8).is_reference
+    if onebit.triton is not None:
+        names = {r.name for r in dispatch.lowerings(onebit.PACK)}
+        assert names == {"onebit_pack_reference", "onebit_pack_triton"}
+        cuda = [r for r in dispatch.lowerings(onebit.UNPACK) if r.device == "cuda"]
+        assert [r.name for r in cuda] == ["onebit_unpack_triton"]
