@@ -59,7 +59,7 @@ def _gpt_step(method=None, *, bf16=True, opt=None, mesh=None, offload=False):
     if method is not None:
         step = compress_comm(step, method)
     if offload:
-        step = fs.offload(step, "cpu")
+        step = fs.offload(step, "cpu", **({} if offload is True else {"what": offload}))
     return step, params
 
 
@@ -119,7 +119,36 @@ def _world_fn(rank, world):
     out["hsdp_zeropp"], _ = _train(*_gpt_step(zeropp(), mesh=mesh), rank, world, 3)
     out["offload_zeropp"], _ = _train(*_gpt_step(zeropp(), offload=True), rank, world, 3)
     out["zeropp_3"], _ = _train(*_gpt_step(zeropp()), rank, world, 3)
+    # hpZ: backward re-gathers inside groups of 2, the same values as without it.
+    log = []
+    with _spying_all_gather(log):
+        out["hpz"], _ = _train(*_gpt_step(zeropp(hpz=2)), rank, world, 3)
+    out["hpz_groups"] = sorted(set(log))
+    out["hpz_only"], _ = _train(*_gpt_step(zeropp(qwz=False, qgz=False, hpz=2)), rank, world, 3)
+    out["plain_3"], _ = _train(*_gpt_step(), rank, world, 3)
+    out["hpz_errors"] = [
+        error_text(lambda: _gpt_step(zeropp(hpz=3))),
+        error_text(lambda: _gpt_step(zeropp(hpz=2), mesh=mesh)),
+        error_text(
+            lambda: _gpt_step(zeropp(hpz=2), offload=("optimizer", "params"))[0].init(
+                _gpt_step()[1]
+            )
+        ),
+    ]
     return out
+
+
+def _spying_all_gather(log: list):
+    """Record (tag-free) the group ranks of every gloo all_gather."""
+    import torch.distributed as dist
+
+    original = comm.lowering("all_gather", "gloo")
+
+    def spy(t, *, group, **kw):
+        log.append(tuple(dist.get_process_group_ranks(group or dist.group.WORLD)))
+        return original(t, group=group, **kw)
+
+    return comm.override("all_gather", spy, backend="gloo")
 
 
 @pytest.fixture(scope="module")
@@ -290,13 +319,40 @@ def test_bad_options():
     assert "float16" in error_text(lambda: zeropp(scale_dtype=torch.bfloat16))
 
 
-def test_hpz_group_must_divide_the_world_then_is_refused():
+def test_hpz_errors_in_a_world_of_one():
     step = _plain_step(3)  # a world of one: the shard dim has 1 rank
     text = error_text(lambda: compress_comm(step, zeropp(hpz=2)))
     assert "divide" in text and "hpz=2" in text, text
-    assert "int >= 1" in error_text(lambda: compress_comm(step, zeropp(hpz=0)))
-    with pytest.raises(NotImplementedError, match="unit\n?.*phase|hpZ needs"):
-        compress_comm(step, zeropp(hpz=1))
+    assert "int >= 1" in error_text(lambda: zeropp(hpz=0))
+    assert "int >= 1" in error_text(lambda: zeropp(hpz=True))
+
+
+def test_hpz_errors_in_a_world_of_four(world4):
+    divide, hsdp, offload = world4[0]["hpz_errors"]
+    assert "must divide the 4 ranks" in divide, divide
+    assert "whole world" in hsdp and "drop hpz" in hsdp, hsdp
+    assert "param source" in offload and "offload" in offload, offload
+
+
+def test_hpz_gathers_backward_inside_groups_with_the_same_values(world4):
+    for rank, out in enumerate(world4):
+        # Bit for bit: backward reads the slices of forward's (dequantized) gather.
+        assert out["hpz"]["losses"] == out["zeropp_3"]["losses"]
+        assert _rel(out["hpz"]["params"], out["zeropp_3"]["params"]) == 0
+        assert _rel(out["hpz_only"]["params"], out["plain_3"]["params"]) == 0
+        # Backward re-gathers moved off the world-wide tag into groups of 2.
+        tags = out["hpz"]["by_tag"]
+        assert tags["zero.params.hpz"] > 0
+        assert tags["zero.params"] < 0.75 * out["zeropp_3"]["by_tag"]["zero.params"]
+        group = (0, 1) if rank < 2 else (2, 3)
+        assert group in out["hpz_groups"] and (0, 1, 2, 3) in out["hpz_groups"]
+        assert not {g for g in out["hpz_groups"] if len(g) == 2} - {group}
+
+
+def test_hpz_in_a_world_of_one():
+    out_q, _ = _train(*_gpt_step(zeropp()), 0, 1, 2)
+    out_h, _ = _train(*_gpt_step(zeropp(hpz=1)), 0, 1, 2)
+    assert out_h["losses"] == out_q["losses"]
 
 
 def test_world_of_one_is_plain_zero3():
@@ -311,3 +367,18 @@ def test_method_record():
     step = compress_comm(_plain_step(3), method)
     assert step.applied("zeropp") is not None
     assert {e.tag for e in step.lowerings} == {"zero.params", "zero.grads"}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("cols", [1, 3, 63, 65, 130])
+def test_wire_round_trip_sends_only_real_codes(bits, rows, cols):
+    from fscale.transforms._compress.zeropp_comm import _pack, _unpack
+
+    fmt = WireFormat(bits, 64)
+    x = torch.zeros(rows, -(-cols // 64) * 64)
+    x[:, :cols] = torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols))
+    payload = _pack(x, cols, fmt)
+    assert payload.shape == (rows, -(-cols * bits // 8) + 4 * (-(-cols // 64)))
+    step = x.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+    assert ((_unpack(payload, cols, fmt) - x[:, :cols]).abs() <= step / 2 + 1e-6).all()

@@ -10,28 +10,16 @@ of one of ``shard_zero(3)``'s tagged collectives for this step only:
   (a quarter of bf16's bytes, plus the scales), summed in fp32 by each chunk's
   owner; under HSDP the replicas' all-reduce is quantized too (hierarchical:
   intra-node, then inter-node). Optional error feedback.
-- hpZ (a secondary param partition inside groups of k ranks) is refused at build
-  time: see [Note: what hpZ needs from ZeRO-3].
+- hpZ: after each forward gather a rank keeps 1/k of the unit, so the backward
+  re-gather runs inside its group of k ranks (tag ``"zero.params.hpz"``): the
+  secondary partition of ``zeropp_hpz.py``, reached through ZeRO-3's param source.
 
 The wire formats are in ``zeropp_comm.py``, the kernels in ``fscale/kernels/blockq.py``.
 
 Usage::
 
     step = fs.shard_zero(fs.mixed_precision(step, "bf16"), 3)
-    step = fs.compress_comm(step, fs.zeropp(qwz=True, qgz=True))
-
-[Note: what hpZ needs from ZeRO-3]
-hpZ keeps, after each forward gather, this rank's 1/k slice of the gathered unit
-and serves the unit's backward re-gather from the k ranks of its group. The
-lowering of ``"zero.params"`` gets only the local shard and the group: it cannot
-tell which unit it gathers (units of a transformer have equal sizes) nor reuse a
-forward result in backward. ZeRO-3 would need to expose, through the protocol,
-the unit key and phase of each gather -- e.g. ``Call.meta = {"unit": key,
-"phase": "forward" | "backward" | "recompute"}`` passed by ``ctx.comm.all_gather
-(..., meta=...)`` -- and a point where the gathered buffer may be kept (the
-``ParamSource.release(key, gathered)`` hook has it, but a source cannot change the
-group of the next gather). With those, hpZ is a lowering plus a small cache freed
-at ``ParamSource.finish``.
+    step = fs.compress_comm(step, fs.zeropp(qwz=True, hpz=2, qgz=True))
 """
 
 from __future__ import annotations
@@ -42,14 +30,16 @@ from functools import partial
 
 import torch
 
+from fscale.hw import comm
 from fscale.kernels import blockq
-from fscale.policies import ZeroPolicy
+from fscale.policies import ParamSourcePolicy, ZeroPolicy
 from fscale.step import Step, Transform
 from fscale.transforms._compress.zeropp_comm import (
     WireFormat,
     quantized_all_gather,
     quantized_reduce,
 )
+from fscale.transforms._compress.zeropp_hpz import HpzChannel, HpzSource, hpz_all_gather
 
 NAME = "zeropp"
 
@@ -76,22 +66,16 @@ class ZeroPP:
                 f"the step has {got}; apply it over stage 3: "
                 "fs.compress_comm(fs.shard_zero(step, 3), fs.zeropp())."
             )
-        world = step.mesh.size(zero.shard_dim)
-        if self.hpz is not None:
-            _check_hpz(self.hpz, world, zero.shard_dim)
-            raise NotImplementedError(
-                f"zeropp(hpz={self.hpz}): hpZ needs ZeRO-3 to tell a param gather's unit "
-                "and phase (forward / backward re-gather) to its lowering, which the "
-                "tagged-collective protocol does not carry yet ([Note: what hpZ needs from "
-                "ZeRO-3] in fscale/transforms/_compress/zeropp.py). Use zeropp(hpz=None) "
-                "(qwZ and qgZ), or HSDP (shard_zero on a ('replicate', 'shard') mesh) to "
-                "keep gathers inside a group."
-            )
         dims, size = step.mesh.dims, step.mesh.size()
-        lowerings = {}
+        lowerings, policy = {}, None
+        gather = _default_gather
         if self.qwz:
-            fmt = WireFormat(8, self.block, self.scale_dtype)
-            lowerings["zero.params"] = partial(quantized_all_gather, fmt)
+            gather = partial(quantized_all_gather, WireFormat(8, self.block, self.scale_dtype))
+            lowerings["zero.params"] = gather
+        if self.hpz is not None:
+            channel = _hpz_channel(step, zero, self.hpz)
+            policy = ParamSourcePolicy(HpzSource, (("channel", channel),))
+            lowerings["zero.params"] = partial(hpz_all_gather, channel, gather)
         if self.qgz:
             fmt = WireFormat(4, self.grad_block, self.scale_dtype, self.error_feedback, dims, size)
             lowerings["zero.grads"] = partial(quantized_reduce, fmt)
@@ -100,15 +84,15 @@ class ZeroPP:
             options={
                 k: v
                 for k, v in dataclasses.asdict(self).items()
-                if k not in ("name", "hpz", "scale_dtype")
+                if k not in ("name", "scale_dtype") and (k != "hpz" or v is not None)
             },
             requires=("shard_zero",),
         )
         inner = step.stages
-        stages = {"init": partial(_init, inner)}
+        stages = {"init": partial(_init, inner, policy)}
         if self.qgz and self.error_feedback:
             stages["loss_and_grad"] = partial(_loss_and_grad, inner)
-        return step.with_transform(record, lowerings=lowerings, **stages)
+        return step.with_transform(record, policy=policy, lowerings=lowerings, **stages)
 
 
 def zeropp(
@@ -125,8 +109,9 @@ def zeropp(
 
     Args:
       qwz: int8 block-quantized param all-gathers (forward and backward).
-      hpz: group size k of hpZ's secondary partition: refused for now (validated,
-        then NotImplementedError; see the module's Note). None: off.
+      hpz: group size k of hpZ's secondary partition (e.g. GPUs per node): backward
+        re-gathers stay inside groups of k consecutive ranks. It must divide the
+        world, and ZeRO-3 must shard over the whole world (not HSDP). None: off.
       qgz: int4 block-quantized gradient reduce-scatter by all_to_all (and, under
         HSDP, a quantized all-reduce over the replicas).
       block: elements per scale for qwZ (a power of two >= 16).
@@ -142,6 +127,8 @@ def zeropp(
       Model Training", 2023.
     """
     grad_block = block if grad_block is None else grad_block
+    if hpz is not None and (isinstance(hpz, bool) or not isinstance(hpz, int) or hpz < 1):
+        raise ValueError(f"zeropp(hpz={hpz!r}): hpz is a group size, an int >= 1 (or None).")
     for name, value in (("block", block), ("grad_block", grad_block)):
         try:
             blockq.check(8, value, scale_dtype)
@@ -157,20 +144,51 @@ def zeropp(
     return ZeroPP(bool(qwz), hpz, bool(qgz), block, grad_block, scale_dtype, bool(error_feedback))
 
 
-def _check_hpz(hpz, world: int, dim: str) -> None:
-    if isinstance(hpz, bool) or not isinstance(hpz, int) or hpz < 1:
-        raise ValueError(f"zeropp(hpz={hpz!r}): hpz is a group size, an int >= 1 (or None).")
+def _hpz_channel(step: Step, zero: ZeroPolicy, hpz) -> HpzChannel:
+    """Check hpZ's group size against the mesh and make the k-rank groups (collective)."""
+    world = step.mesh.size(zero.shard_dim)
     if world % hpz:
         raise ValueError(
             f"zeropp(hpz={hpz}): the group size must divide the {world} ranks of the shard "
-            f"dim {dim!r}; pick a divisor of {world} (e.g. the GPUs per node)."
+            f"dim {zero.shard_dim!r}; pick a divisor of {world} (e.g. the GPUs per node)."
         )
+    if step.mesh.size() != world or comm.world_size() != world:
+        raise ValueError(
+            f"zeropp(hpz={hpz}) needs ZeRO-3 sharded over the whole world (a 1-D mesh); "
+            f"this mesh is {dict(zip(step.mesh.dims, step.mesh.sizes, strict=True))}. Under "
+            "HSDP the gathers already stay in the shard group: drop hpz."
+        )
+    if step.policy(ParamSourcePolicy) is not None:
+        raise ValueError(
+            f"zeropp(hpz={hpz}) keeps its secondary partition in ZeRO-3's param source, "
+            "which another transform (offload of params) already replaced; drop hpz or "
+            "offload only the optimizer."
+        )
+    rank = comm.rank()
+    if comm.rank(step.mesh.group(zero.shard_dim)) != rank:
+        raise ValueError(
+            f"zeropp(hpz={hpz}): the shard dim's ranks are not in global rank order; build "
+            "the mesh with init_device_mesh over range(world)."
+        )
+    # Every rank makes every group, in the same order (comm.new_group is collective).
+    groups = [comm.new_group(range(g * hpz, (g + 1) * hpz)) for g in range(world // hpz)]
+    return HpzChannel(hpz, groups[rank // hpz], rank % hpz)
+
+
+def _default_gather(call, t, **kw):
+    return call.default(t, **kw)
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-def _init(inner, step: Step, params):
+def _init(inner, policy, step: Step, params):
+    if policy is not None and step.policy(ParamSourcePolicy) is not policy:
+        raise ValueError(
+            "zeropp(hpz=...) keeps its secondary partition in ZeRO-3's param source, but "
+            "a transform applied after it (offload(..., what=('optimizer', 'params'))) "
+            "replaced the source; drop hpz or offload only the optimizer."
+        )
     params, state = inner.init(step, params)
     # The lowerings' slot: error-feedback buffers by exchange order ([Note: qgZ error
     # feedback] in zeropp_comm.py); empty without error feedback.

@@ -75,7 +75,9 @@ def _unpack(payload: torch.Tensor, cols: int, fmt: WireFormat) -> torch.Tensor:
     codes = codes.view(-1)
     if fmt.bits == 8:
         codes = codes.view(torch.int8)
-    scales = payload[:, nbytes:].contiguous().view(-1).view(fmt.scale_dtype)
+    # clone: a one-row slice counts as contiguous at an odd byte offset, which a
+    # view as fp32 refuses.
+    scales = payload[:, nbytes:].reshape(-1).clone().view(fmt.scale_dtype)
     out = blockq.dequantize(
         codes, scales, bits=fmt.bits, block=fmt.block, numel=codes.numel() * 8 // fmt.bits
     )
