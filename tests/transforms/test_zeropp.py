@@ -126,6 +126,16 @@ def _world_fn(rank, world):
     out["hpz_groups"] = sorted(set(log))
     out["hpz_only"], _ = _train(*_gpt_step(zeropp(qwz=False, qgz=False, hpz=2)), rank, world, 3)
     out["plain_3"], _ = _train(*_gpt_step(), rank, world, 3)
+    out["plans"] = {
+        name: _plan_bytes(_gpt_step(method, mesh=m))
+        for name, method, m in (
+            ("plain", None, None),
+            ("zeropp", zeropp(), None),
+            ("hpz", zeropp(hpz=2), None),
+            ("hsdp_plain", None, mesh),
+            ("hsdp_zeropp", zeropp(), mesh),
+        )
+    }
     out["hpz_errors"] = [
         error_text(lambda: _gpt_step(zeropp(hpz=3))),
         error_text(lambda: _gpt_step(zeropp(hpz=2), mesh=mesh)),
@@ -135,6 +145,16 @@ def _world_fn(rank, world):
             )
         ),
     ]
+    return out
+
+
+def _plan_bytes(step_and_params) -> dict:
+    """``fs.plan``'s bytes per tag, and each tag's ops."""
+    plan = fs.plan(*step_and_params)
+    out: dict = {}
+    for c in plan.collectives:
+        nbytes, ops = out.get(c.tag, (0, ()))
+        out[c.tag] = (nbytes + c.bytes, (*ops, c.op))
     return out
 
 
@@ -201,6 +221,19 @@ def test_hsdp_qgz_is_hierarchical_and_smaller(world4):
         qwz = _ratio(out["hsdp_zeropp"], out["hsdp_plain"], "zero.params")
         # Measured: qgZ 0.214 (int4 in the shard group, then int4 + int8 over replicas).
         assert qgz <= 0.25 and qwz <= 0.5 + _SCALES + 0.01, (qgz, qwz)
+
+
+def test_explain_plans_the_compressed_bytes(world4):
+    plans, out = world4[0]["plans"], world4[0]
+    for plain, name in (("plain", "zeropp"), ("hsdp_plain", "hsdp_zeropp")):
+        assert plans[name]["zero.grads"][1][0] == "all_to_all"
+        for tag in ("zero.params", "zero.grads"):
+            planned = plans[name][tag][0] / plans[plain][tag][0]
+            measured = _ratio(out[name], out[plain], tag)
+            assert abs(planned / measured - 1) < 0.1, (name, tag, planned, measured)
+    hpz = plans["hpz"]
+    assert hpz["zero.params.hpz"][0] > 0
+    assert hpz["zero.params"][0] == pytest.approx(plans["zeropp"]["zero.params"][0] / 2, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- closeness

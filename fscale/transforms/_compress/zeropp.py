@@ -32,7 +32,7 @@ import torch
 
 from fscale.hw import comm
 from fscale.kernels import blockq
-from fscale.policies import ParamSourcePolicy, ZeroPolicy
+from fscale.policies import ParamSourcePolicy, PrecisionPolicy, ZeroPolicy
 from fscale.step import Step, Transform
 from fscale.transforms._compress.zeropp_comm import (
     WireFormat,
@@ -40,6 +40,7 @@ from fscale.transforms._compress.zeropp_comm import (
     quantized_reduce,
 )
 from fscale.transforms._compress.zeropp_hpz import HpzChannel, HpzSource, hpz_all_gather
+from fscale.transforms._compress.zeropp_plan import plan_zeropp
 
 NAME = "zeropp"
 
@@ -67,6 +68,7 @@ class ZeroPP:
                 "fs.compress_comm(fs.shard_zero(step, 3), fs.zeropp())."
             )
         dims, size = step.mesh.dims, step.mesh.size()
+        world = step.mesh.size(zero.shard_dim)
         lowerings, policy = {}, None
         gather = _default_gather
         if self.qwz:
@@ -87,6 +89,7 @@ class ZeroPP:
                 if k not in ("name", "scale_dtype") and (k != "hpz" or v is not None)
             },
             requires=("shard_zero",),
+            plan=partial(plan_zeropp, self, step.policy(PrecisionPolicy), world, size // world),
         )
         inner = step.stages
         stages = {"init": partial(_init, inner, policy)}
