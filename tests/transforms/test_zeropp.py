@@ -80,7 +80,7 @@ def _ef_sums(rank, world, error_feedback: bool, rounds: int = 20):
     g = torch.randn(world * 300, generator=torch.Generator().manual_seed(rank)) * (rank + 1)
     exact = comm.reduce_scatter(g.clone(), op="avg")
     fmt = WireFormat(4, 64, error_feedback=error_feedback, mesh_dims=("dp",), mesh_size=world)
-    ctx = types.SimpleNamespace(state={"zeropp": {"cursor": 0, "error": {}}})
+    ctx = types.SimpleNamespace(state={"zeropp": {"cursor": 0, "error": {}, "exchanges": 0}})
     total, worst = torch.zeros_like(exact), []
     for t in range(1, rounds + 1):
         ctx.state["zeropp"]["cursor"] = 0
@@ -415,3 +415,20 @@ def test_wire_round_trip_sends_only_real_codes(bits, rows, cols):
     assert payload.shape == (rows, -(-cols * bits // 8) + 4 * (-(-cols // 64)))
     step = x.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
     assert ((_unpack(payload, cols, fmt) - x[:, :cols]).abs() <= step / 2 + 1e-6).all()
+
+
+def test_lost_error_feedback_buffers_warn():
+    from fscale.transforms._compress.zeropp_comm import _error_buffer
+
+    fmt = WireFormat(4, 64, error_feedback=True, mesh_dims=("dp",), mesh_size=2)
+    fresh = types.SimpleNamespace(state={"zeropp": {"cursor": 0, "error": {}, "exchanges": 0}})
+    buf = _error_buffer(
+        fmt, Call("zero.grads", "reduce_scatter", "zeropp", fresh), torch.ones(1, 8)
+    )
+    assert not buf.any() and fresh.state["zeropp"]["exchanges"] == 1
+    # As after fs.load: the count of exchanges came back, the buffers did not.
+    resumed = types.SimpleNamespace(state={"zeropp": {"cursor": 0, "error": {}, "exchanges": 4}})
+    with pytest.warns(UserWarning, match="restart from zero"):
+        _error_buffer(
+            fmt, Call("zero.grads", "reduce_scatter", "zeropp", resumed), torch.ones(1, 8)
+        )

@@ -195,7 +195,7 @@ def _init(inner, policy, step: Step, params):
     params, state = inner.init(step, params)
     # The lowerings' slot: error-feedback buffers by exchange order ([Note: qgZ error
     # feedback] in zeropp_comm.py); empty without error feedback.
-    state[NAME] = {"cursor": 0, "error": {}}
+    state[NAME] = {"cursor": 0, "error": {}, "exchanges": 0}
     return params, state
 
 

@@ -20,7 +20,10 @@ next step's chunk (Seide et al. 2014; Karimireddy et al. 2019), so the error doe
 not accumulate in the params. Exchanges are keyed by their order in the step
 (``cursor``, reset at each ``loss_and_grad``): ZeRO-3 reduces units in backward
 order, the same every step. A buffer whose size no longer matches is restarted.
-The buffers live in the method's state slot (``call.state``) and are checkpointed.
+The buffers live in the method's state slot (``call.state``) and are described for a
+checkpoint; as they are made at the first exchange, ``fs.load`` (which fills what
+``step.init`` makes) does not restore them: a resumed run warns and restarts them
+from zero (the slot's ``exchanges`` count, plain metadata, is what tells).
 
 Usage::
 
@@ -30,6 +33,7 @@ Usage::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -183,10 +187,19 @@ def _error_buffer(fmt: WireFormat, call, like: torch.Tensor) -> torch.Tensor:
     index = str(slot["cursor"])
     errors = dict(slot["error"])
     buf = errors.get(index)
+    seen = slot.get("exchanges", 0)  # plain metadata: restored by fs.load
     if buf is None or buf.shape != like.shape or buf.device != like.device:
+        if buf is None and slot["cursor"] < seen:
+            warnings.warn(
+                "zeropp(error_feedback=True): the error-feedback buffers of a previous run "
+                "are missing (fs.load restores only the entries step.init creates, and these "
+                "are made at the first exchange); they restart from zero.",
+                stacklevel=2,
+            )
         buf = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
         # Per-rank data: a shard of a (mesh size x ...) tensor over every mesh dim.
         place(buf, Placement((fmt.mesh_size * buf.shape[0], *buf.shape[1:]), fmt.mesh_dims))
         errors[index] = buf
-    call.state = {**slot, "cursor": slot["cursor"] + 1, "error": errors}
+    cursor = slot["cursor"] + 1
+    call.state = {**slot, "cursor": cursor, "error": errors, "exchanges": max(seen, cursor)}
     return buf
