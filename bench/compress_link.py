@@ -79,8 +79,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="1gbit,10gbit", help="tc rates, comma-separated")
     p.add_argument("--worlds", default="2,4", help="world sizes, comma-separated")
-    p.add_argument("--world4-rates", default=None,
-                   help="rates for worlds > 2 only (default: all of --rates)")  # fmt: skip
+    p.add_argument("--world4-rates", default="1gbit",
+                   help="rates at which worlds > 2 run (default 1gbit: the 2-core box is "
+                        "compute-bound for world 4 at 10gbit; 'all' for every rate)")  # fmt: skip
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--model", default="gpt21m", choices=("gpt21m", "tiny"))
     p.add_argument("--layers", type=int, default=6)
@@ -217,7 +218,7 @@ def parent(args) -> None:
 
     rates = _csv(args.rates)
     worlds = [int(w) for w in _csv(args.worlds)]
-    big_rates = _csv(args.world4_rates) if args.world4_rates else rates
+    big_rates = rates if args.world4_rates == "all" else _csv(args.world4_rates)
     out_path = Path(args.out) if args.out else REPO / "bench/results/compress_link-cpu.json"
     result = {
         "bench": "compress_link",
@@ -270,13 +271,17 @@ def table(result: dict) -> str:
     rows = ["socket, one TCP stream: " + ", ".join(
         f"{r} -> {p['gbit_s']:.3f} Gbit/s" for r, p in result["socket_probe"].items())]  # fmt: skip
     rows.append("")
-    head = (f"{'rate':<7} {'world':>5} {'method':<14} {'step s':>8} {'compute s':>9} "
+    head = (f"{'rate':<7} {'world':>5} {'method':<14} {'step s':>8} {'mean s':>8} {'compute s':>9} "
             f"{'wire MB':>9} {'pred s':>8} {'err':>6}  {'speedup':>8}")  # fmt: skip
     rows += [head, "-" * len(head)]
     for run in result["runs"]:
         if run.get("ok") is False:
             rows.append(f"{run['rate']:<7} {run['world']:>5} FAILED (see JSON)")
             continue
+        load = run.get("loadavg_start")
+        if load:
+            rows.append(f"{run['rate']:<7} {run['world']:>5} (load average {load[0]:.1f} -> "
+                        f"{run['loadavg_end'][0]:.1f} on {result['cpus']} cores)")  # fmt: skip
         for m in run["methods"]:
             lead = f"{run['rate']:<7} {run['world']:>5} {m['method']:<14}"
             if not m.get("ok"):
@@ -289,7 +294,7 @@ def table(result: dict) -> str:
                 else ""
             )
             rows.append(
-                f"{lead} {m['step_s']:>8.3f} {m['local_s'] or float('nan'):>9.3f} "
+                f"{lead} {m['step_s']:>8.3f} {m['step_mean_s']:>8.3f} {m['local_s']:>9.3f} "
                 f"{m['wire_bytes'] / 1e6:>9.2f} {m['predicted_step_s'] or float('nan'):>8.3f} "
                 f"{err:>6}  {speed:>8}"
             )  # fmt: skip
@@ -299,10 +304,11 @@ def table(result: dict) -> str:
                 f"{c['op']} {c['mib']:g} {c['measured_s']:.3f}/{c['predicted_s']:.3f}"
                 for c in cal))  # fmt: skip
     rows.append("")
-    rows.append("step s: median of the timed steps, max over ranks; compute s: the same step "
-                "with collectives replaced by local stand-ins; pred s: compute + cost model on "
-                "the measured wire bytes (shared link); speedup vs adam (1-bit) or zero3 "
-                "(zeropp).")  # fmt: skip
+    rows.append("step s / mean s: median / mean of the timed steps (each the max over ranks); "
+                "compute s: the same step with collectives replaced by local stand-ins (mean); "
+                "wire MB: bytes per step that reached gloo, one rank; pred s: compute + cost "
+                "model on those bytes (shared link, gloo); err: pred vs mean; speedup: mean "
+                "step time vs adam (1-bit methods) or zero3 (zeropp).")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -362,6 +368,8 @@ def rank_main(args) -> None:
     # [Note: gloo's reduce_scatter] in fscale/hw/cost.py.
     link = cost.Link.parse(args.rate, latency_s=args.latency_us * 1e-6, shared=True, backend="gloo")
     out = {"ok": True, "link": str(link), "threads_per_rank": torch.get_num_threads()}
+    # The box may be shared: its load says how far compute times can be trusted.
+    out["loadavg_start"] = os.getloadavg()
     out["calibration"] = calibrate(args, link)
     out["methods"] = []
     for name in _csv(args.methods):
@@ -377,11 +385,12 @@ def rank_main(args) -> None:
             else:
                 brief = res.get("skipped") or res.get("error", "")[:300]
             print(f"    [{args.rate} x{args.world}] {name}: {brief}", flush=True)
+    out["loadavg_end"] = os.getloadavg()
     by_name = {m["method"]: m for m in out["methods"] if m.get("ok")}
     for m in out["methods"]:
         base = by_name.get(BASELINE.get(m["method"], ""))
         if m.get("ok") and base:
-            m["speedup"] = base["step_s"] / m["step_s"]
+            m["speedup"] = base["step_mean_s"] / m["step_mean_s"]
             m["baseline"] = base["method"]
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(out))
@@ -584,16 +593,20 @@ def run_method(name: str, args, link) -> dict:
             t = _max_over_ranks(elapsed)
             if i >= args.warmup:
                 times.append(t)
-                wire = {op: s.bytes for op, s in counts.wire.items()}
-                calls = {op: s.calls for op, s in counts.wire.items()}
+                # Summed over the timed steps: 0/1 Adam skips rounds, so one step's
+                # bytes are not every step's.
+                for op, st in counts.wire.items():
+                    wire[op] = wire.get(op, 0) + st.bytes / args.steps
+                    calls[op] = calls.get(op, 0) + st.calls / args.steps
                 res["comm_bytes"] = {k: int(v) for k, v in metrics["comm_bytes"].items()}
                 res["comm_bytes_by_tag"] = {
                     k: int(v) for k, v in metrics.get("comm_bytes_by_tag", {}).items()
                 }
         res["step_times_s"] = times
         res["step_s"] = statistics.median(times)
+        res["step_mean_s"] = statistics.fmean(times)
         res["loss_first"], res["loss_last"] = losses[0], losses[-1]
-        res["wire_bytes_by_op"], res["wire_calls_by_op"] = wire, calls
+        res["wire_bytes_by_op"], res["wire_calls_by_op"] = wire, calls  # mean per step
         res["wire_bytes"] = sum(wire.values())
         comm_s = cost.predict_bytes(wire, link, args.world, calls).seconds
         res["predicted_comm_s"] = _mean_over_ranks(comm_s)
@@ -606,9 +619,11 @@ def run_method(name: str, args, link) -> dict:
                 if i:
                     local.append(time.perf_counter() - start)
         res["local_times_s"] = local
-        res["local_s"] = _max_over_ranks(statistics.median(local))
+        res["local_s"] = _max_over_ranks(statistics.fmean(local))
+        # Means, not medians, for the prediction and the speedups: a method whose steps
+        # differ (0/1 Adam's skipped rounds) is only fairly measured over a window.
         res["predicted_step_s"] = res["local_s"] + res["predicted_comm_s"]
-        res["prediction_error"] = res["predicted_step_s"] / res["step_s"] - 1
+        res["prediction_error"] = res["predicted_step_s"] / res["step_mean_s"] - 1
         res["ok"] = True
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"
