@@ -90,12 +90,31 @@ def _ef_sums(rank, world, error_feedback: bool, rounds: int = 20):
     return worst
 
 
-def _world_fn(rank, world):
+def _resume_warns(rank, world, path):
+    """Save a run with error feedback, load it, step: the lost buffers must not be silent."""
+    import warnings
+
+    data, gen = _text(), torch.Generator().manual_seed(5)
+    step, params = _gpt_step(zeropp(error_feedback=True))
+    params, state = step.init(params)
+    for _ in range(2):
+        params, state, _ = step(params, state, _batch(data, gen, rank, world))
+    fs.save(path, params, state)
+    step, params = _gpt_step(zeropp(error_feedback=True))
+    params, state = fs.load(path, step, params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(params, state, _batch(data, gen, rank, world))
+    return [str(w.message) for w in caught]
+
+
+def _world_fn(rank, world, path=None):
     out = {}
     steps = STEPS if world == 4 else 8
     out["plain"], _ = _train(*_gpt_step(), rank, world, steps)
     out["zeropp"], _ = _train(*_gpt_step(zeropp()), rank, world, steps)
     if world == 2:
+        out["resume_warnings"] = _resume_warns(rank, world, path)
         return out
     out["zeropp_ef"], state = _train(*_gpt_step(zeropp(error_feedback=True)), rank, world, steps)
     entries = describe(state)
@@ -177,8 +196,8 @@ def world4():
 
 
 @pytest.fixture(scope="module")
-def world2():
-    return run_world(_world_fn, 2)
+def world2(tmp_path_factory):
+    return run_world(_world_fn, 2, str(tmp_path_factory.mktemp("zeropp") / "ckpt"))
 
 
 def _rel(a: dict, b: dict) -> float:
@@ -432,3 +451,9 @@ def test_lost_error_feedback_buffers_warn():
         _error_buffer(
             fmt, Call("zero.grads", "reduce_scatter", "zeropp", resumed), torch.ones(1, 8)
         )
+
+
+def test_resume_without_error_buffers_warns(world2):
+    for out in world2:
+        lost = [w for w in out["resume_warnings"] if "restart from zero" in w]
+        assert len(lost) == 1, out["resume_warnings"]

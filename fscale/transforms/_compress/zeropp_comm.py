@@ -189,7 +189,7 @@ def _error_buffer(fmt: WireFormat, call, like: torch.Tensor) -> torch.Tensor:
     buf = errors.get(index)
     seen = slot.get("exchanges", 0)  # plain metadata: restored by fs.load
     if buf is None or buf.shape != like.shape or buf.device != like.device:
-        if buf is None and slot["cursor"] < seen:
+        if buf is None and not errors and slot["cursor"] < seen:  # once per step
             warnings.warn(
                 "zeropp(error_feedback=True): the error-feedback buffers of a previous run "
                 "are missing (fs.load restores only the entries step.init creates, and these "
