@@ -106,9 +106,10 @@ def quantized_all_gather(fmt: WireFormat, call, t: torch.Tensor, *, group=None, 
     payload = _pack(mine.view(1, kp), k, fmt)
     handle = call.default(payload.view(-1), group=group, async_op=True)
 
+    dtype = t.dtype
+
     def finish(gathered: torch.Tensor) -> torch.Tensor:
-        full = _unpack(gathered.view(n, -1), k, fmt)
-        return full.reshape(-1).to(t.dtype)
+        return _unpack(gathered.view(n, -1), k, fmt).reshape(-1).to(dtype)
 
     return handle.then(finish) if async_op else finish(handle.wait())
 
@@ -154,10 +155,12 @@ def quantized_reduce(fmt: WireFormat, call, t: torch.Tensor, *, op="sum", group=
     if call.op not in ("reduce_scatter", "all_reduce") or op not in ("sum", "avg") or n == 1:
         return call.default(t, op=op, group=group, **kw)
     if call.op == "reduce_scatter":
-        handle = _exchange(fmt, call, t.reshape(n, -1), group)
+        shape = (t.shape[0] // n, *t.shape[1:])
+        handle = _exchange(fmt, call, t.reshape(n, -1), group).then(lambda out: out.view(shape))
     else:  # synchronous: HSDP calls it from the reduce-scatter's wait()
         handle = comm.Handle(_all_reduce(fmt, call, t.reshape(-1), group).view(t.shape))
-    handle = handle.then(lambda out: (out / n if op == "avg" else out).to(t.dtype))
+    dtype = t.dtype  # not t: the closure would keep the whole input alive until wait()
+    handle = handle.then(lambda out: (out / n if op == "avg" else out).to(dtype))
     return handle if kw.get("async_op", False) else handle.wait()
 
 
