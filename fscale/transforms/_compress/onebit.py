@@ -41,7 +41,18 @@ padded flat vector per rank) and server error (1/N of it per rank), placed as sh
 over the data-parallel dim so ``fs.save`` writes every rank's buffers (DeepSpeed
 saved rank 0's only), plus plain counters (``v_count``, the local-step window) and,
 for 0/1 Adam, the anchor params of the window, for 1-bit LAMB the trust-ratio EMA.
-Error buffers are per rank: resume with the same world size.
+Error buffers are per rank: resume with the same world size. 0/1 Adam between two
+syncs has per-rank params and momentum, which a checkpoint (laid out as replicated)
+keeps from rank 0 only: resume is exact from a checkpoint taken on a sync step (and
+always in a world of one); from mid-window the ranks resume equal, on rank 0's window.
+
+[Note: dead coordinates]
+A coordinate whose gradient was always zero (an unused position-embedding row) has
+``v == 0``, so its step is ``m / eps``; exact Adam keeps ``m == 0`` there, but sign
+compression hands it ``+-scale`` of its chunk, a step of ``lr * scale / 1e-8``. The
+synced momentum is therefore zeroed where the frozen variance is zero (what
+DeepSpeed's ``exp_avg_mask`` does by hand); ``v`` is equal on every rank, so the
+mask is too.
 """
 
 from __future__ import annotations
@@ -379,7 +390,10 @@ class _Leaves:
         return torch.cat([m.reshape(-1) for m in self.ms])
 
     def set_momentum_(self, flat: torch.Tensor) -> None:
+        """The synced momentum, zero where the frozen variance is ([Note: dead coordinates])."""
         _unflat_into(self.ms, flat)
+        for m, v in zip(self.ms, self.vs, strict=True):
+            m.masked_fill_(v == 0, 0.0)
 
     def commit(self, ctx: StepContext) -> None:
         ctx.state["optimizer"] = AdamState(self.t, self.opt.exp_avg, self.opt.exp_avg_sq)

@@ -35,8 +35,11 @@ import torch
 
 from fscale.kernels.onebit import onebit_pack, onebit_unpack
 
-#: Largest chunk (elements) sharing one scale: 4 bytes per 4096 elements of overhead.
-MAX_CHUNK = 4096
+#: Largest chunk (elements) sharing one scale. Finer scales track layers of different
+#: magnitude (a tiny GPT's loss after 60 steps: 15% above Adam's with 4096, within 1%
+#: with 128) for 4 bytes per 128 elements: (1/8 + 1/32)(1 + 1/N) bytes per element in
+#: all, under 1/16 of fp32's 4 for every N >= 2.
+MAX_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def _unwire(buf: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]
     buf = buf.view(-1, lay.message)
     nbits = lay.server // 8
     bits = buf[:, :nbits].reshape(-1, lay.chunk // 8)
-    scales = buf[:, nbits:].contiguous().view(torch.float32).reshape(-1)
+    # clone: a one-row slice is "contiguous" at an odd byte offset, which view() refuses.
+    scales = buf[:, nbits:].reshape(-1).clone().view(torch.float32)
     return bits, scales
 
 
