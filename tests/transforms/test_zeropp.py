@@ -138,6 +138,10 @@ def _world_fn(rank, world, path=None):
     out["hsdp_zeropp"], _ = _train(*_gpt_step(zeropp(), mesh=mesh), rank, world, 3)
     out["offload_zeropp"], _ = _train(*_gpt_step(zeropp(), offload=True), rank, world, 3)
     out["zeropp_3"], _ = _train(*_gpt_step(zeropp()), rank, world, 3)
+    params_too = ("optimizer", "params")
+    out["offload_params_zeropp"], _ = _train(
+        *_gpt_step(zeropp(), offload=params_too), rank, world, 3
+    )
     # hpZ: backward re-gathers inside groups of 2, the same values as without it.
     log = []
     with _spying_all_gather(log):
@@ -318,16 +322,19 @@ def test_offload_composes(world4):
         # later gather can flip: measured 1.5e-4 relative after 3 steps.
         assert out["offload_zeropp"]["by_tag"] == out["zeropp_3"]["by_tag"]
         assert _rel(out["offload_zeropp"]["params"], out["zeropp_3"]["params"]) < 1e-3
+        # The shards in host memory too: each gather starts from a device copy.
+        assert out["offload_params_zeropp"]["by_tag"] == out["zeropp_3"]["by_tag"]
+        assert _rel(out["offload_params_zeropp"]["params"], out["zeropp_3"]["params"]) < 1e-3
 
 
 # ----------------------------------------------------------------------------- convergence
 
 
-@pytest.mark.parametrize("variant", ["zeropp", "zeropp_ef"])
-def test_converges_like_plain_zero3(world4, variant):
-    out = world4[0]
+@pytest.mark.parametrize("world,variant", [(4, "zeropp"), (4, "zeropp_ef"), (2, "zeropp")])
+def test_converges_like_plain_zero3(world2, world4, world, variant):
+    out = (world2 if world == 2 else world4)[0]
     plain, got = out["plain"]["losses"], out[variant]["losses"]
-    assert plain[-1] < 0.8 * plain[0]  # the model learns: the comparison means something
+    assert plain[-1] < 0.85 * plain[0]  # the model learns: the comparison means something
     tail = lambda xs: sum(xs[-3:]) / 3  # noqa: E731 (three steps damp one batch's noise)
     assert abs(tail(got) / tail(plain) - 1) < 0.01, (tail(got), tail(plain))
 
