@@ -1,9 +1,10 @@
-"""ZeRO++ (qwZ, qgZ) over shard_zero(3): bytes, closeness to plain ZeRO-3, convergence, errors.
+"""ZeRO++ (qwZ, hpZ, qgZ) over shard_zero(3): bytes, closeness to plain ZeRO-3,
+convergence, HSDP, offload, resume, errors.
 
-One gloo world of 4 runs every distributed case and one world of 2 the small ones;
-each reports losses, comm bytes by tag and gathered params, so the tests only read
-results. The model is the tiny GPT on Python source bytes (learnable text, so the
-loss moves and "within 1%" means something).
+One gloo world of 4 runs every distributed case and one world of 2 the small ones
+(and a save/load); each reports losses, comm bytes by tag, plans and gathered
+params, so the tests only read results. The model is the tiny GPT on Python source
+bytes (learnable text, so the loss moves and "within 1%" means something).
 """
 
 from __future__ import annotations
