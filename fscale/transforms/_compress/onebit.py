@@ -420,8 +420,8 @@ def _onebit_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
     lamb = isinstance(cfg.method, OnebitLamb)
     lv = _Leaves(cfg, ctx, grads, params, l2=not lamb and not hp.get("decoupled", False))
     lv.local_momentum_(hp["b1"])
-    lv.set_momentum_(_exchange(cfg, ctx, slot, lv.flat_momentum()))
     denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
+    lv.set_momentum_(_exchange(cfg, ctx, slot, lv.flat_momentum()))
     bias1 = 1.0 - hp["b1"] ** lv.t
     if lamb:
         rs = torch._foreach_div(lv.ms, denom)
@@ -482,9 +482,11 @@ def _local_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params, *, sy
             ]
         ).to(flat_denom.device)
         start = slot["anchor"] * decayed
+        # The window's average momentum, compressed like 1-bit Adam's.
         u = (start - _flat_params(lv.ps)).mul_(flat_denom).div_(window["sum_lr"])
         m = _exchange(cfg, ctx, slot, u)
         lv.set_momentum_(m)
+        m = lv.flat_momentum()  # masked
         _unflat_into(lv.ps, start - m.mul(window["sum_lr"]).div_(flat_denom))
         window = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
     slot["window"] = window
