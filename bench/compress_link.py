@@ -151,6 +151,18 @@ class Namespace:
             self.made = False
 
 
+def git_state() -> dict:
+    """HEAD and the uncommitted files under fscale/: the methods may run from a work tree."""
+
+    def git(*a):
+        done = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--", "fscale")
+    return {"head": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_fscale": dirty.splitlines() if dirty else []}  # fmt: skip
+
+
 def check_host() -> None:
     missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
     if missing:
@@ -224,6 +236,7 @@ def parent(args) -> None:
         "bench": "compress_link",
         **provenance(torch.device("cpu")),
         "cpus": os.cpu_count(),
+        "git": git_state(),
         "config": {k: v for k, v in vars(args).items() if v is not None},
         "socket_probe": {},
         "runs": [],
