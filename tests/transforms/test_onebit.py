@@ -391,3 +391,34 @@ def test_state_slot_describes_itself():
     entries = describe(state)
     assert entries[f"{NAME}/worker_error"].placement.shard == ("dp",)
     assert entries[f"{NAME}/window/sum_lr"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_composes_in_either_order(dtype):
+    def run(outer):
+        params, apply = fs.functional(_gpt())
+        step = fs.train_step(gpt_loss(apply), fs.optim.adam(2e-3))
+        method = onebit_adam(freeze_step=3)
+        if outer:
+            step = compress_comm(fs.mixed_precision(step, dtype), method)
+        else:
+            step = fs.mixed_precision(compress_comm(step, method), dtype)
+        params, state = step.init(params)
+        for b in _batches(6, 4):
+            params, state, metrics = step(params, state, b)
+        assert metrics["compress_phase"] == "onebit"
+        return params
+
+    a, b = run(True), run(False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_explain_shows_the_compressed_collectives():
+    params, apply = fs.functional(_gpt())
+    step = compress_comm(
+        fs.train_step(gpt_loss(apply), fs.optim.adam(1e-3)), onebit_adam(freeze_step=3)
+    )
+    plan = fs.plan(step, params)
+    assert "compress_comm buffers" in plan.memory
+    assert any("compress_comm(onebit_adam)" in n for n in plan.notes)
+    assert not any(c.tag == "dp.grads" for c in plan.collectives)

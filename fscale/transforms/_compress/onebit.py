@@ -238,6 +238,7 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
             **{k: v for k, v in dataclasses.asdict(method).items() if k != "name"},
         },
         conflicts={"shard_zero": _ZERO_FIX, "offload": _OFFLOAD_FIX},
+        plan=lambda plan: _plan(cfg, plan),
     )
     inner = step.stages
 
@@ -260,6 +261,32 @@ class _Config:
     dim: str
     world: int
     group: object
+
+
+def _plan(cfg: _Config, plan) -> None:
+    """``fs.explain``: the compression phase's collectives and the error buffers."""
+    from fscale.plan import Collective
+
+    if not plan.param_count:
+        return
+    lay = plan_layout(plan.param_count, cfg.world)
+    warm = [c for c in plan.collectives if c.stage == "reduce_grads" and c.tag == "dp.grads"]
+    plan.collectives[:] = [c for c in plan.collectives if c not in warm]
+    if cfg.world > 1:
+        plan.collectives += [
+            Collective("all_to_all", lay.world * lay.message, "update", tag=TAG),
+            Collective("all_gather", lay.message, "update", tag=TAG),
+        ]
+    errors = 4 * (lay.padded + lay.server)
+    if isinstance(cfg.method, ZeroOneAdam):
+        errors += 4 * lay.n  # the window's anchor
+    plan.memory["compress_comm buffers"] = errors
+    fp32 = sum(c.bytes for c in warm)
+    plan.notes.append(
+        f"compress_comm({cfg.method.name}): collectives shown for the compression phase "
+        f"({lay.world * lay.message + lay.message:,} bytes/step vs {fp32:,} for the fp32 "
+        "all-reduce of the warm-up steps); 0/1 Adam also skips rounds after var_freeze_step."
+    )
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -328,14 +355,15 @@ def _init(cfg: _Config, inner, step: Step, params):
 
 
 def _reduce_grads(cfg: _Config, inner, ctx: StepContext, grads):
-    if _action(cfg, ctx) in ("warmup", "variance"):
+    action = _action(cfg, ctx)
+    ctx.metrics["compress_phase"] = action  # here: update does not run on a skipped step
+    if action in ("warmup", "variance"):
         return inner.reduce_grads(ctx, grads)
     return grads  # the compression phase exchanges the momentum instead, in update
 
 
 def _update(cfg: _Config, inner, ctx: StepContext, grads, params):
     action = _action(cfg, ctx)
-    ctx.metrics["compress_phase"] = action
     slot = dict(ctx.state[NAME])
     ctx.state[NAME] = slot
     if action in ("warmup", "variance"):
