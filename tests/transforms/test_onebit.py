@@ -420,5 +420,4 @@ def test_explain_shows_the_compressed_collectives():
     )
     plan = fs.plan(step, params)
     assert "compress_comm buffers" in plan.memory
-    assert any("compress_comm(onebit_adam)" in n for n in plan.notes)
     assert not any(c.tag == "dp.grads" for c in plan.collectives)

@@ -35,7 +35,8 @@ norm (there is no global grad any more).
 
 [Note: where the state lives]
 Momentum and variance stay in the optimizer's own ``AdamState`` (``state["optimizer"]``):
-no second copy, and a checkpoint of a compressed run loads into a plain Adam step.
+no second model-sized copy of either (the compression phase writes that slot as the
+warm-up's ``update`` does).
 The ``"compress_comm"`` slot holds what only the method knows: the worker error (a
 padded flat vector per rank) and server error (1/N of it per rank), placed as shards
 over the data-parallel dim so ``fs.save`` writes every rank's buffers (DeepSpeed
@@ -282,6 +283,8 @@ def _plan(cfg: _Config, plan) -> None:
         errors += 4 * lay.n  # the window's anchor
     plan.memory["compress_comm buffers"] = errors
     fp32 = sum(c.bytes for c in warm)
+    if cfg.world == 1:
+        return
     plan.notes.append(
         f"compress_comm({cfg.method.name}): collectives shown for the compression phase "
         f"({lay.world * lay.message + lay.message:,} bytes/step vs {fp32:,} for the fp32 "
