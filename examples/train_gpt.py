@@ -10,6 +10,7 @@ Run it as a world of one::
     python examples/train_gpt.py --checkpoint-activations selective   # same numbers, less memory
     python examples/train_gpt.py --curriculum 16 --random-ltd 32       # data efficiency
     python examples/train_gpt.py --compile                              # torch.compile per block
+    torchrun --nproc-per-node 2 examples/train_gpt.py --compress onebit_adam  # 1-bit Adam
 
 or data-parallel, unchanged, under torchrun (gloo on CPU, nccl on CUDA)::
 
@@ -141,6 +142,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="--offload cpu: one-step delayed parameter update (ZeRO-Offload's DPU): the host "
         "update of step t runs during step t+1",
+    )
+    p.add_argument(
+        "--compress",
+        choices=("onebit_adam", "zero_one_adam", "onebit_lamb", "zeropp"),
+        default=None,
+        help="fs.compress_comm: 1-bit Adam / 0/1 Adam / 1-bit LAMB (plain data parallel; "
+        "full precision for the first 30%% of steps) or ZeRO++ (with --zero 3)",
+    )
+    p.add_argument(
+        "--compress-warmup",
+        type=int,
+        default=None,
+        help="--compress 1-bit methods: full-precision steps before the variance freezes "
+        "(default 30%% of --steps; too few leave a poor variance estimate)",
     )
     p.add_argument(
         "--compile",
@@ -316,6 +331,19 @@ def lr_schedule(args: argparse.Namespace, cfg: GPTConfig | None = None):
     )
 
 
+def compression(args: argparse.Namespace):
+    """The ``--compress`` method; the 1-bit ones run full precision for ``--compress-warmup``
+    steps (default 30% of the run)."""
+    warm = args.compress_warmup or max(1, int(0.3 * args.steps))
+    if args.compress == "onebit_adam":
+        return fs.onebit_adam(freeze_step=warm)
+    if args.compress == "zero_one_adam":
+        return fs.zero_one_adam(var_freeze_step=warm)
+    if args.compress == "onebit_lamb":
+        return fs.onebit_lamb(freeze_step=warm)
+    return fs.zeropp()
+
+
 def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | None = None):
     """The train step; later issues wrap it in transforms chosen by flags.
 
@@ -328,9 +356,14 @@ def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | N
         raise ValueError("--curriculum and --random-ltd need build_step(..., cfg=GPTConfig)")
     schedule = lr_schedule(args, cfg)
     # b2=0.95 (GPT-3's): the second moment adapts fast enough for this short, high-lr run.
-    optimizer = fs.optim.adamw(
-        lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
-    )
+    if args.compress == "onebit_lamb":  # 1-bit LAMB compresses LAMB's momentum
+        optimizer = fs.optim.lamb(
+            lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
+        )
+    else:
+        optimizer = fs.optim.adamw(
+            lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
+        )
     step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0, model=model)
     if args.compile:  # the first unit transform: the others wrap the compiled blocks
         step = fs.compile_units(step)
@@ -351,6 +384,8 @@ def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | N
         step = fs.mixed_precision(step, args.precision)
     if args.zero:
         step = fs.shard_zero(step, args.zero)
+    if args.compress is not None:  # over shard_zero(3) for ZeRO++; it names the fix otherwise
+        step = fs.compress_comm(step, compression(args))
     if args.offload != "none":  # outermost: each rank offloads its own shard
         what = ("optimizer", "params") if args.offload_params else ("optimizer",)
         step = fs.offload(

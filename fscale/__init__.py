@@ -20,16 +20,21 @@ from fscale.step import Stages, Step, StepContext, Transform, train_step
 from fscale.transforms import (
     checkpoint_activations,
     compile_units,
+    compress_comm,
     curriculum,
     gather_params,
     layer_token_lr,
     mixed_precision,
     offload,
+    onebit_adam,
+    onebit_lamb,
     random_ltd,
     seqlen_discrete,
     seqlen_root,
     seqlen_warmup,
     shard_zero,
+    zero_one_adam,
+    zeropp,
 )
 from fscale.transforms.quantize import quantize, quantize_report
 
@@ -44,6 +49,7 @@ __all__ = [
     "Transform",
     "checkpoint_activations",
     "compile_units",
+    "compress_comm",
     "curriculum",
     "data",
     "explain",
@@ -60,6 +66,8 @@ __all__ = [
     "load_state_dict",
     "mixed_precision",
     "offload",
+    "onebit_adam",
+    "onebit_lamb",
     "optim",
     "plan",
     "quantize",
@@ -72,5 +80,7 @@ __all__ = [
     "shard_zero",
     "train_step",
     "tree",
+    "zero_one_adam",
+    "zeropp",
 ]
 __version__ = "0.1.0"

@@ -102,6 +102,27 @@ def test_train_gpt_under_torchrun_matches_world_of_one(world_of_one, tmp_path, z
     assert metrics["val_loss"] == pytest.approx(world_of_one["val_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--compress", "onebit_adam", "--compress-warmup", "3"],
+        ["--zero", "3", "--compress", "zeropp"],
+    ],
+    ids=["onebit_adam", "zeropp"],
+)
+def test_train_gpt_compressed_under_torchrun(world_of_one, tmp_path, flags):
+    """--compress on 2 ranks: the plan lists the compressed collectives, and training
+    stays near the uncompressed run (1-bit Adam: the last 2 of 5 steps compressed)."""
+    png = tmp_path / "loss.png"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = [str(TRAIN_GPT), *TINY, "--batch-size", "2", "--out", str(png), *flags]
+    proc = _run([*cmd, *args], timeout=240)
+    assert ("onebit_adam" if "onebit_adam" in flags else "zeropp") in proc.stdout
+    metrics = _results(png)
+    assert metrics["world"] == 2
+    assert metrics["val_loss"][-1] == pytest.approx(world_of_one["val_loss"][-1], rel=0.05)
+
+
 def test_train_gpt_with_delayed_offload_update(world_of_one, tmp_path):
     """--offload cpu --delayed-update: the first loss is the plain run's (same params),
     and training still lowers the loss with each update landing a step late."""

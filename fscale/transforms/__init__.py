@@ -8,6 +8,13 @@ Usage::
 
 from fscale.transforms.checkpoint import checkpoint_activations
 from fscale.transforms.compile import compile_units
+from fscale.transforms.compress import (
+    compress_comm,
+    onebit_adam,
+    onebit_lamb,
+    zero_one_adam,
+    zeropp,
+)
 from fscale.transforms.curriculum import curriculum, seqlen_discrete, seqlen_root, seqlen_warmup
 from fscale.transforms.offload import offload
 from fscale.transforms.precision import mixed_precision
@@ -18,12 +25,15 @@ from fscale.transforms.zero import gather_params, shard_zero
 __all__ = [
     "checkpoint_activations",
     "compile_units",
+    "compress_comm",
     "curriculum",
     "dequantize",
     "gather_params",
     "layer_token_lr",
     "mixed_precision",
     "offload",
+    "onebit_adam",
+    "onebit_lamb",
     "quantize",
     "quantize_report",
     "random_ltd",
@@ -31,4 +41,6 @@ __all__ = [
     "seqlen_root",
     "seqlen_warmup",
     "shard_zero",
+    "zero_one_adam",
+    "zeropp",
 ]

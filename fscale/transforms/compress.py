@@ -15,6 +15,10 @@ Usage::
 from __future__ import annotations
 
 from fscale.step import Step
+from fscale.transforms._compress.onebit import onebit_adam, onebit_lamb, zero_one_adam
+from fscale.transforms._compress.zeropp import zeropp
+
+__all__ = ["compress_comm", "onebit_adam", "onebit_lamb", "zero_one_adam", "zeropp"]
 
 
 def compress_comm(step: Step, method) -> Step:
