@@ -251,6 +251,7 @@ def parent(args) -> None:
         raise KeyboardInterrupt  # unwind like Ctrl-C: the namespace is deleted either way
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # even where the shell started us ignoring it
     t0 = time.time()
     port = 29700
     with Namespace(args.burst) as ns:
