@@ -33,8 +33,11 @@ Checked against torch 2.13's gloo (see tests/hw/test_comm.py, which runs each ca
   sum then divide by the group size (integers truncate toward zero, as NCCL's
   integer average does); done the same way in reduce_scatter.
 - reduce_scatter: torch 2.13's gloo has ``reduce_scatter_single`` for every
-  non-fp8 dtype, and it moves (n-1)/n of the tensor where all-reduce + slice moves
-  2(n-1)/n, so the gloo entry uses it. ``reduce_scatter_via_all_reduce`` is the
+  non-fp8 dtype, so the gloo entry uses it. In principle it moves (n-1)/n of the
+  tensor where all-reduce + slice moves 2(n-1)/n, but measured on a rate-limited
+  link (bench/compress_link.py's calibration) gloo's takes an all-reduce's time:
+  the cost model's gloo link (``fscale/hw/cost.py``) charges it 2(n-1)/n.
+  ``reduce_scatter_via_all_reduce`` is the
   fallback for a gloo (or dtype) without it: correct on every backend and tested
   against the native one; ``register_lowering("reduce_scatter", "gloo", ...)``
   installs it.
