@@ -104,26 +104,8 @@ def trial(built, device, micro, seq, steps, warmup):
 
 
 def largest(built, device, seq, max_batch):
-    """The largest micro-batch that fits (doubling, then bisecting), with its probe log."""
-    log, fit, fail, micro = [], 0, None, 1
-    while micro <= max_batch:
-        ok = trial(built, device, micro, seq, steps=1, warmup=1) is not None
-        log.append((micro, ok))
-        if not ok:
-            fail = micro
-            break
-        fit, micro = micro, micro * 2
-        if fit < max_batch < micro:
-            micro = max_batch  # the cap itself is the last probe
-    if fail is not None:
-        lo, hi = fit, fail
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            ok = trial(built, device, mid, seq, steps=1, warmup=1) is not None
-            log.append((mid, ok))
-            lo, hi = (mid, hi) if ok else (lo, mid)
-        fit = lo
-    return fit, log
+    """``bench/activations.py``'s search, probing with this script's ``trial``."""
+    return activations.largest(built, device, seq, max_batch, trial=trial)
 
 
 def build(cfg: GPTConfig, device, config: str, min_offload_bytes: int):

@@ -105,8 +105,11 @@ def trial(built, device, micro, seq, steps, warmup):
         free(device)
 
 
-def largest(built, device, seq, max_batch):
-    """The largest micro-batch that fits (doubling, then bisecting), with its probe log."""
+def largest(built, device, seq, max_batch, trial=trial):
+    """The largest micro-batch that fits (doubling, then bisecting), with its probe log.
+
+    ``trial(built, device, micro, seq, steps, warmup)`` returns None when it does not fit
+    (bench/activation_offload.py passes one that also caps host memory)."""
     log, fit, fail = [], 0, None
     micro = 1
     while micro <= max_batch:

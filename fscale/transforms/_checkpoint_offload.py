@@ -78,7 +78,7 @@ _unseen_by_modes = torch._C._DisableTorchDispatch
 # The offloader of the loss_and_grad call running now: unit hooks get no step context,
 # so the stage that owns the offloader publishes it here for the units' forwards.
 _CURRENT: contextvars.ContextVar[Offloader | None] = contextvars.ContextVar(
-    "fscale_activation_offloader", default=None
+    "fscale_checkpoint_offloader", default=None
 )
 
 

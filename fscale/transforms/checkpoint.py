@@ -17,7 +17,7 @@ block``, for one extra forward of the units.
 - ``offload="cpu"`` (issue 19): what backward keeps goes to pinned host memory
   during forward, on a side CUDA stream, and comes back just before it is used,
   the next unit's prefetched while a unit's backward runs ([Note: activation
-  offload] in ``_activation_offload.py``). With ``"unit"``: each unit's inputs
+  offload] in ``_checkpoint_offload.py``). With ``"unit"``: each unit's inputs
   (DeepSpeed's ``cpu_checkpointing``); with ``"selective"``: the inputs and the kept
   matmul / attention outputs; with ``policy="none"`` (offload only): nothing is
   recomputed and every tensor a unit saves for backward is offloaded. Params, their
@@ -104,7 +104,7 @@ from torch.utils.checkpoint import (
 
 from fscale import tree
 from fscale.step import Step, Transform
-from fscale.transforms import _activation_offload
+from fscale.transforms import _checkpoint_offload
 
 NAME = "checkpoint_activations"
 POLICIES = ("unit", "selective", "none")
@@ -206,12 +206,12 @@ def checkpoint_activations(
     units = step.units  # with_transform raises, naming this transform, if it is None/empty
     context_fn = _selective_contexts if policy == "selective" else None
     if offload is not None and context_fn is not None:
-        _activation_offload.check_selective(context_fn)
+        _checkpoint_offload.check_selective(context_fn)
 
     def hook(name: str, forward: Callable) -> Callable:
         module = units.module.get_submodule(name)
         # Bound when the units are hooked, inside the loss_and_grad call below.
-        offloader = _activation_offload.current() if offload else None
+        offloader = _checkpoint_offload.current() if offload else None
         if policy == "none":
             return forward if offloader is None else _offloaded(offloader, module, forward)
         return _checkpointed(module, forward, context_fn, offloader)
@@ -228,8 +228,8 @@ def checkpoint_activations(
 
 def _offloading_loss_and_grad(min_bytes: int, inner, ctx, params, batch):
     """One call (micro-batch): its offloaded tensors, finished after its backward."""
-    offloader = _activation_offload.Offloader(min_bytes, keep=tree.leaves(params))
-    with _activation_offload.running(offloader):
+    offloader = _checkpoint_offload.Offloader(min_bytes, keep=tree.leaves(params))
+    with _checkpoint_offload.running(offloader):
         loss, grads = inner.loss_and_grad(ctx, params, batch)
     m = ctx.metrics  # summed over micro-batches
     m["activation_offload_bytes"] = m.get("activation_offload_bytes", 0) + offloader.bytes_to_host
@@ -271,7 +271,7 @@ def _checkpointed(module: torch.nn.Module, forward: Callable, context_fn, offloa
                 return call(None)
             return call(
                 functools.partial(
-                    _activation_offload.offloading_contexts, offloader, group, context_fn
+                    _checkpoint_offload.offloading_contexts, offloader, group, context_fn
                 )
             )
 

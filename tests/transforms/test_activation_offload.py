@@ -13,7 +13,7 @@ from torch.utils.checkpoint import _VersionWrapper
 
 import fscale as fs
 from fscale.models.gpt import GPT, GPTConfig
-from fscale.transforms import _activation_offload
+from fscale.transforms import _checkpoint_offload
 from fscale.transforms.checkpoint import MIN_OFFLOAD_BYTES
 from tests.helpers import lm_batches, lm_loss
 
@@ -166,13 +166,13 @@ def test_zero3_weights_stay_with_zero3():
 @pytest.mark.parametrize("policy", ["none", "selective"])
 def test_params_and_their_casts_are_never_offloaded(monkeypatch, stack, policy):
     moved: list[int] = []
-    to_host = _activation_offload.Offloader._to_host
+    to_host = _checkpoint_offload.Offloader._to_host
 
     def spy(self, group, t):
         moved.append(t.untyped_storage().data_ptr())
         return to_host(self, group, t)
 
-    monkeypatch.setattr(_activation_offload.Offloader, "_to_host", spy)
+    monkeypatch.setattr(_checkpoint_offload.Offloader, "_to_host", spy)
     params_seen: set[int] = set()
 
     def loss(apply):
@@ -210,7 +210,7 @@ def test_outer_hooks_pack_first_and_unpack_last():
         log.append(("unpack", type(p).__name__))
         return p[1] if isinstance(p, tuple) else p
 
-    offloader = _activation_offload.Offloader(0)
+    offloader = _checkpoint_offload.Offloader(0)
     with torch.autograd.graph.saved_tensors_hooks(outer_pack, outer_unpack):
         with offloader.unit(()):
             y = (x.tanh() @ w).sum()
@@ -226,7 +226,7 @@ def test_outer_hooks_pack_first_and_unpack_last():
 
 
 def test_a_second_backward_sees_the_same_values():
-    offloader = _activation_offload.Offloader(0)
+    offloader = _checkpoint_offload.Offloader(0)
     x = torch.randn(16, 16, requires_grad=True)
     with offloader.unit(()):
         y = x.sin().exp().sum()
@@ -246,10 +246,10 @@ def test_selective_cache_either_form_is_offloaded(kind):
     """torch up to 2.12 keeps a list per op (append / pop(0)), 2.13 a dict (by index)."""
     forward_mode, recompute_mode = _Mode(), _Mode()
     forward_mode.storage = recompute_mode.storage = defaultdict(kind)
-    offloader = _activation_offload.Offloader(0)
+    offloader = _checkpoint_offload.Offloader(0)
     t = torch.randn(8, 8)
     with offloader.unit(()) as group:
-        fwd, rec = _activation_offload.offloading_contexts(
+        fwd, rec = _checkpoint_offload.offloading_contexts(
             offloader, group, lambda: (forward_mode, recompute_mode)
         )
         entry = [_VersionWrapper(t), 3]
@@ -268,7 +268,7 @@ def test_an_unknown_selective_cache_names_the_fix():
     forward_mode, recompute_mode = _Mode(), _Mode()
     forward_mode.storage = recompute_mode.storage = {}
     with pytest.raises(NotImplementedError, match="use policy='unit' with offload"):
-        _activation_offload.check_selective(lambda: (forward_mode, recompute_mode))
+        _checkpoint_offload.check_selective(lambda: (forward_mode, recompute_mode))
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -297,10 +297,10 @@ def fake_gpu(monkeypatch):
     """The CPU taken for a GPU: copies go through the stream protocol, streams are fakes."""
     log: list = []
     compute, side = _FakeStream("S", log), _FakeStream("D", log)
-    monkeypatch.setattr(_activation_offload, "_ASYNC", ("cuda", "cpu"))
-    monkeypatch.setattr(_activation_offload, "_side_stream", lambda device: side)
-    monkeypatch.setattr(_activation_offload, "_current_stream", lambda device: compute)
-    monkeypatch.setattr(_activation_offload, "_on", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(_checkpoint_offload, "_ASYNC", ("cuda", "cpu"))
+    monkeypatch.setattr(_checkpoint_offload, "_side_stream", lambda device: side)
+    monkeypatch.setattr(_checkpoint_offload, "_current_stream", lambda device: compute)
+    monkeypatch.setattr(_checkpoint_offload, "_on", lambda stream: contextlib.nullcontext())
     return log
 
 

@@ -67,7 +67,7 @@ from fscale.optim.adam import AdamState, bias_corrected_denom
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place
-from fscale.policies import ZeroPolicy
+from fscale.policies import OffloadPolicy, ZeroPolicy
 from fscale.step import Step, StepContext, Transform
 from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_layout
 
@@ -220,7 +220,7 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
             f"compress_comm({method.name}) cannot be applied over shard_zero(stage="
             f"{zero.stage}): {_ZERO_FIX}"
         )
-    if step.applied("offload") is not None:
+    if step.policy(OffloadPolicy) is not None:
         raise ValueError(
             f"compress_comm({method.name}) cannot be applied over offload: {_OFFLOAD_FIX}"
         )
