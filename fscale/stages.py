@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fscale import tree
+from fscale import aux_loss, tree
 from fscale.optim.base import apply_gradients
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
     inputs = [None if t is None else t.detach().requires_grad_(True) for t in leaves]
     with torch.enable_grad():
         source = step.stages.materialize(ctx, tree.unflatten(spec, inputs))
-        with step.hooked_units():
+        with step.hooked_units(), aux_loss.collecting() as extra:
             out = step.loss_fn(source, batch)
         if step.has_aux and not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError(
@@ -76,7 +76,12 @@ def default_loss_and_grad(ctx: StepContext, params: Params, batch: Batch):
             )
         loss, aux = out if step.has_aux else (out, None)
         _check_loss(loss)
-        target = loss if ctx.loss_scale is None else loss * ctx.loss_scale
+        if extra.terms:  # routers' load-balancing / z-losses (fscale/aux_loss.py)
+            ctx.metrics.update(extra.metrics())
+            target = loss + extra.total(loss)
+        else:
+            target = loss
+        target = target if ctx.loss_scale is None else target * ctx.loss_scale
         wrt = [t for t in inputs if t is not None]
         if ctx.grad_sink is None:
             # materialize_grads: a param the loss does not use gets zeros, so every rank
