@@ -99,3 +99,22 @@ class ParamSourcePolicy:
 
     factory: type
     options: tuple = ()
+
+
+@dataclass(frozen=True)
+class ModelParallelDims:
+    """Published by a transform whose mesh dims split the *model*, not the batch
+    (``tensor_parallel``): the ranks along ``dims`` see the same batch, so grads are
+    not averaged over them, and the step's data dims are the mesh's other dims.
+
+    [Note: which dims a grad is averaged over]
+    The global loss is the mean of the data ranks' losses (``D`` = the product of the
+    data dims' sizes). A replicated leaf's grad is the mean over every data dim. A
+    leaf sharded over a data dim (an expert bank over ``"ep"``) already summed, in
+    its backward, the contributions of the ranks along that dim (the tokens they sent
+    it): it is averaged over the other data dims and divided by the sharded dims'
+    size, which gives the same ``1/D`` (DeepSpeed's expert grads were ``ep`` times too
+    large, #5618). A leaf sharded over a model dim is not reduced over it.
+    """
+
+    dims: tuple[str, ...]

@@ -14,6 +14,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -137,21 +138,44 @@ _BUCKET_BYTES = 25 * 2**20
 
 
 def default_reduce_grads(ctx: StepContext, grads: Params) -> Params:
-    """DDP semantics: mean over every dim of the step's mesh, in ~25 MiB flat buckets."""
+    """DDP semantics: the mean over the step's data dims, in ~25 MiB flat buckets.
+
+    Leaves sharded over a data dim (expert banks) are averaged over the other data
+    dims and divided by the sharded dims' size ([Note: which dims a grad is averaged
+    over] in ``fscale/policies.py``); model-parallel dims are never reduced over.
+    """
     mesh = ctx.step.mesh
-    dims = [d for d in mesh.dims if mesh.size(d) > 1]
-    if not dims:
+    data = [d for d in ctx.step.data_dims() if mesh.size(d) > 1]
+    if not data:
         return grads
     leaves, spec = tree.flatten(grads)
-    for bucket in _buckets([g for g in leaves if g is not None], _BUCKET_BYTES):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        for dim in dims:  # the mean over a product of dims is the mean of means
-            ctx.comm.all_reduce("dp.grads", flat, op="avg", group=mesh.group(dim))
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g, placement in zip(leaves, _placements(ctx, len(leaves)), strict=True):
+        if g is None:
+            continue
+        sharded = set(placement.shard) if placement is not None else set()
+        dims = tuple(d for d in data if d not in sharded)
+        scale = math.prod(mesh.size(d) for d in data if d in sharded)
+        groups.setdefault((dims, scale), []).append(g)
+    for (dims, scale), members in groups.items():
+        for bucket in _buckets(members, _BUCKET_BYTES):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            for dim in dims:  # the mean over a product of dims is the mean of means
+                ctx.comm.all_reduce("dp.grads", flat, op="avg", group=mesh.group(dim))
+            if scale > 1:
+                flat.div_(scale)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
     return tree.unflatten(spec, leaves)
+
+
+def _placements(ctx: StepContext, n: int) -> tuple:
+    """The laid-out leaves' placements (aligned with the grads), Nones if unknown."""
+    layout = ctx.state.get("layout")
+    placements = getattr(layout, "placements", ())
+    return tuple(placements) if len(placements) == n else (None,) * n
 
 
 def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
@@ -177,10 +201,32 @@ def default_finish_grads(ctx: StepContext, grads: Params) -> Params:
 
 
 def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
-    norms = [torch.linalg.vector_norm(g.float()) for g in tree.leaves(grads) if g is not None]
+    """The global 2-norm; leaves sharded over mesh dims add their shards' squares
+    across those dims (tag ``"dp.norm"``), replicated ones count once."""
+    leaves = tree.leaves(grads)
+    mesh = ctx.step.mesh
+    norms: dict[tuple[str, ...], list[torch.Tensor]] = {}
+    for g, placement in zip(leaves, _placements(ctx, len(leaves)), strict=True):
+        if g is None:
+            continue
+        dims = tuple(d for d in placement.shard if mesh.size(d) > 1) if placement else ()
+        norms.setdefault(dims, []).append(torch.linalg.vector_norm(g.float()))
     if not norms:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    device = next(iter(norms.values()))[0].device
+    parts = {
+        dims: torch.linalg.vector_norm(torch.stack([n.to(device) for n in ns]))
+        for dims, ns in norms.items()
+    }
+    if list(parts) == [()]:
+        return parts[()]
+    total = torch.zeros((), device=device)
+    for dims, part in parts.items():
+        square = part.square()
+        for dim in dims:
+            ctx.comm.all_reduce("dp.norm", square, op="sum", group=mesh.group(dim))
+        total = total + square
+    return total.sqrt()
 
 
 def default_update(ctx: StepContext, grads: Params, params: Params) -> Params:

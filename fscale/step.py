@@ -59,7 +59,12 @@ from fscale.hw.tagged import Collectives, TaggedLowering
 from fscale.optim import schedules
 from fscale.optim.base import GradientTransformation, skipping
 from fscale.placement import Placement, placement_of, replicated
-from fscale.policies import CAPABILITIES, SKIP_SAFE_UPDATE, WANTS_FINAL_GRADS
+from fscale.policies import (
+    CAPABILITIES,
+    SKIP_SAFE_UPDATE,
+    WANTS_FINAL_GRADS,
+    ModelParallelDims,
+)
 from fscale.stages import DEFAULT_STAGES, Stages, clip_
 from fscale.units import UnitHook, Units, find_units
 
@@ -250,6 +255,12 @@ class Step:
                 f"unknown capability {capability!r}; the known ones are {sorted(CAPABILITIES)}."
             )
         return any(capability in t.capabilities for t in self.transforms)
+
+    def data_dims(self) -> tuple[str, ...]:
+        """The mesh dims that split the batch: every dim but those a transform declared
+        model-parallel (``ModelParallelDims``, e.g. tensor parallel's ``"tp"``)."""
+        model = {d for p in self.policies if isinstance(p, ModelParallelDims) for d in p.dims}
+        return tuple(d for d in self.mesh.dims if d not in model)
 
     def skips_on_device(self) -> bool:
         """Whether a non-finite step is skipped by a device flag, with no host read
