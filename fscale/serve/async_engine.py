@@ -1,0 +1,333 @@
+"""AsyncEngine: one thread drives a single-threaded ``Engine``; asyncio code awaits outputs.
+
+The engine is not thread-safe, so only the loop thread ever calls it ([Note: one
+thread owns the engine]). Request handlers talk to that thread through an inbox of
+commands and get outputs back on per-request ``asyncio.Queue``\\s.
+
+Usage::
+
+    aeng = AsyncEngine(engine, max_queue_wait_s=2.0)
+    aeng.start(asyncio.get_running_loop())
+    stream = await aeng.add("req-1", token_ids, SamplingParams(max_tokens=8))
+    async for out in stream:          # RequestOutput deltas, the last one finished
+        print(out.delta_text, end="")
+    aeng.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fscale.serve.errors import EngineFull
+
+log = logging.getLogger(__name__)
+
+# [Note: one thread owns the engine]
+# Engine.step() runs a forward pass: tens of ms to seconds. If handlers called the engine
+# under a lock, the event loop would stall behind every step (no new connections, no SSE
+# flushes). Instead handlers append commands to an inbox and return at once; the loop
+# thread applies them between steps. add_request's outcome (admitted, ValueError, or
+# EngineFull after the admission wait) comes back through a concurrent Future, and each
+# RequestOutput through loop.call_soon_threadsafe onto the request's asyncio.Queue.
+# A full engine (EngineFull) is not an error at first: the request waits in the server's
+# admission queue, in arrival order, and is retried after every step until its deadline.
+
+TOKENS_PER_S_WINDOW_S = 10.0  # the tokens/s gauge averages over this recent window
+
+
+class EngineStepError(RuntimeError):
+    """Engine.step() raised while this request was in flight; the request was dropped."""
+
+
+class QueueTimeout(RuntimeError):
+    """The engine stayed full for the whole admission wait."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server stopped before the request finished."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    request_id: str
+    prompt: Any
+    params: Any
+    deadline: float
+    admitted: concurrent.futures.Future
+    stream: RequestStream
+
+
+@dataclass
+class _Sample:
+    """Engine numbers the loop thread copies out after each step, for /metrics."""
+
+    stats: dict = field(default_factory=dict)
+    admission_waiting: int = 0
+    window_start: tuple[float, int] = (0.0, 0)  # (monotonic time, generation_tokens_total)
+    last: tuple[float, int] = (0.0, 0)
+
+    def tokens_per_s(self) -> float:
+        """Generated tokens/s from the window's start until now (decays to 0 when idle)."""
+        t0, g0 = self.window_start
+        dt = time.monotonic() - t0
+        return (self.last[1] - g0) / dt if dt > 1e-3 else 0.0
+
+
+class RequestStream:
+    """Async iterator of one request's ``RequestOutput``\\s; ends after the finished one."""
+
+    def __init__(self, aeng: AsyncEngine, request_id: str, queue: asyncio.Queue | None = None):
+        self._aeng, self.request_id = aeng, request_id
+        self.queue = asyncio.Queue() if queue is None else queue
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        """Free the request's engine resources (idempotent, never blocks)."""
+        if not self.finished:
+            self.finished = True
+            self._aeng.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Owns ``engine`` and the thread that steps it. See the module docstring."""
+
+    def __init__(self, engine, *, max_queue_wait_s: float = 2.0):
+        if max_queue_wait_s < 0:
+            raise ValueError(f"max_queue_wait_s must be >= 0, got {max_queue_wait_s}.")
+        self.engine = engine
+        self.max_queue_wait_s = float(max_queue_wait_s)
+        self._cond = threading.Condition()
+        self._inbox: collections.deque = collections.deque()  # guarded by _cond
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Loop-thread only:
+        self._admission: collections.deque[_Pending] = collections.deque()
+        self._active: dict[str, RequestStream] = {}
+        self._tok_samples: collections.deque = collections.deque()
+        self.sample = _Sample()  # replaced whole by the loop thread; read by anyone
+        self.step_errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine.start() was called twice; build a new AsyncEngine.")
+        self._loop = loop
+        self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="fscale-serve-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop thread after its current step; in-flight requests get ShuttingDown."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    # ------------------------------------------------------------------ handler side
+
+    async def add(self, request_id: str, prompt, params, *, queue=None) -> RequestStream:
+        """Queue a request; returns its stream once the engine has admitted it.
+
+        ``queue``: an ``asyncio.Queue`` to share between several requests (outputs carry
+        their ``request_id``); by default the stream has its own. Raises the engine's
+        ValueError for a bad request, QueueTimeout when the engine stayed full for
+        ``max_queue_wait_s``, ShuttingDown after ``stop()``. If the caller is cancelled
+        while waiting, the request is withdrawn.
+        """
+        if not self.is_alive():
+            raise ShuttingDown("the engine loop is not running")
+        stream = RequestStream(self, request_id, queue)
+        pending = _Pending(
+            request_id,
+            prompt,
+            params,
+            time.monotonic() + self.max_queue_wait_s,
+            concurrent.futures.Future(),
+            stream,
+        )
+        self._send(("add", pending))
+        try:
+            await asyncio.wrap_future(pending.admitted)
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, cmd) -> None:
+        with self._cond:
+            self._inbox.append(cmd)
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ loop thread
+
+    def _run(self) -> None:
+        failures = 0
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stop or self._inbox or self._busy()):
+                        self._cond.wait(self._admission_timeout())
+                        if self._admission:
+                            break  # a deadline may have passed
+                    if self._stop:
+                        break
+                    cmds, self._inbox = self._inbox, collections.deque()
+                for kind, arg in cmds:
+                    # Once running, the handler can no longer cancel the future: only the
+                    # loop thread resolves it (no race between set_result and cancel).
+                    if kind == "add" and arg.admitted.set_running_or_notify_cancel():
+                        self._admission.append(arg)
+                    elif kind == "abort":
+                        self._abort(arg)
+                self._admit()
+                if self._busy():
+                    failures = self._step(failures)
+                self._snapshot()
+        except BaseException:  # a bug here must not leave handlers waiting forever
+            log.exception("fscale.serve loop thread died")
+            raise
+        finally:
+            self._fail_all(ShuttingDown("the server is shutting down"))
+
+    def _busy(self) -> bool:
+        # Aborted requests may still hold engine work until the next step cleans them up.
+        return bool(self._active) or self.engine.has_unfinished()
+
+    def _admission_timeout(self) -> float | None:
+        if not self._admission:
+            return None
+        return max(0.0, min(p.deadline for p in self._admission) - time.monotonic())
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        kept: collections.deque[_Pending] = collections.deque()
+        full = False
+        while self._admission:
+            p = self._admission.popleft()
+            if p.stream.finished:  # withdrawn by its handler; the abort command follows
+                p.admitted.set_exception(asyncio.CancelledError())
+                continue
+            if full:  # arrival order: nobody overtakes a request waiting for room
+                self._expire_or_keep(p, now, kept)
+                continue
+            try:
+                self.engine.add_request(p.request_id, p.prompt, p.params)
+            except EngineFull:
+                full = True
+                self._expire_or_keep(p, now, kept)
+                continue
+            except Exception as e:  # ValueError: bad request; anything else: 500 for it alone
+                p.admitted.set_exception(e)
+                continue
+            self._active[p.request_id] = p.stream
+            p.admitted.set_result(None)
+        self._admission = kept
+
+    def _expire_or_keep(self, p: _Pending, now: float, kept) -> None:
+        if now >= p.deadline:
+            p.admitted.set_exception(
+                QueueTimeout(f"the engine stayed full for {self.max_queue_wait_s:g} s")
+            )
+        else:
+            kept.append(p)
+
+    def _abort(self, request_id: str) -> None:
+        for p in [p for p in self._admission if p.request_id == request_id]:
+            self._admission.remove(p)
+            p.admitted.set_exception(asyncio.CancelledError())
+        if self._active.pop(request_id, None) is not None:
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                log.exception("engine.abort(%r) raised", request_id)
+
+    def _step(self, failures: int) -> int:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            # Which requests the failed step held is unknown: fail every in-flight one
+            # (their handlers answer 500) and abort them so their blocks are freed; the
+            # engine then serves new requests. Back off if it keeps failing.
+            log.exception("Engine.step() raised; failing %d in-flight requests", len(self._active))
+            self.step_errors += 1
+            err = EngineStepError(f"the engine failed while running this request: {e!r}")
+            for rid, stream in list(self._active.items()):
+                self._abort(rid)
+                self._post(stream, err)
+            time.sleep(min(1.0, 0.01 * 2**failures))
+            return failures + 1
+        for out in outputs:
+            stream = self._active.get(out.request_id)
+            if stream is None:
+                continue  # aborted by its client
+            if out.finished:
+                del self._active[out.request_id]
+            self._post(stream, out)
+        return 0
+
+    def _post(self, stream: RequestStream, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def _fail_all(self, err: BaseException) -> None:
+        for p in self._admission:
+            if not p.admitted.done():
+                p.admitted.set_exception(err)
+        self._admission.clear()
+        for rid, stream in list(self._active.items()):
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                log.exception("engine.abort(%r) raised at shutdown", rid)
+            self._post(stream, err)
+        self._active.clear()
+        with self._cond:
+            for kind, arg in self._inbox:
+                if kind == "add" and arg.admitted.set_running_or_notify_cancel():
+                    arg.admitted.set_exception(err)
+            self._inbox.clear()
+
+    def _snapshot(self) -> None:
+        try:
+            stats = dict(self.engine.stats())
+        except Exception:
+            log.exception("engine.stats() raised")
+            return
+        now = time.monotonic()
+        gen = stats.get("generation_tokens_total", 0)
+        self._tok_samples.append((now, gen))
+        while len(self._tok_samples) > 2 and now - self._tok_samples[1][0] > TOKENS_PER_S_WINDOW_S:
+            self._tok_samples.popleft()
+        self.sample = _Sample(stats, len(self._admission), self._tok_samples[0], (now, gen))
