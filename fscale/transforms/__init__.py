@@ -16,6 +16,7 @@ from fscale.transforms.compress import (
     zeropp,
 )
 from fscale.transforms.curriculum import curriculum, seqlen_discrete, seqlen_root, seqlen_warmup
+from fscale.transforms.expert_parallel import expert_parallel
 from fscale.transforms.offload import offload
 from fscale.transforms.precision import mixed_precision
 from fscale.transforms.quantize import dequantize, quantize, quantize_report
@@ -28,6 +29,7 @@ __all__ = [
     "compress_comm",
     "curriculum",
     "dequantize",
+    "expert_parallel",
     "gather_params",
     "layer_token_lr",
     "mixed_precision",
