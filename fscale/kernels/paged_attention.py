@@ -1,0 +1,248 @@
+"""Attention over a paged KV cache, for decode and chunked prefill in one call.
+
+Registered in the kernel table as op ``"paged_attention"``: the torch reference
+(gather each sequence's blocks, masked SDPA per sequence: slow, obviously right) for
+``device="any"``, and a Triton kernel for CUDA. Signature of every lowering::
+
+    out = impl(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+               *, scale, max_query_len)
+
+- ``q``: ``[T, H, D]``, the new tokens of all sequences back to back (last dim contiguous);
+- ``k_cache``/``v_cache``: ``[num_blocks, block_size, KVH, D]`` holding the new tokens'
+  K/V already (the runner writes them first); ``H % KVH == 0`` (GQA);
+- ``block_tables``: ``[B, max_blocks]`` int32; ``seq_lens``: ``[B]`` int32, keys per
+  sequence after this step; ``query_start_loc``: ``[B + 1]`` int32, offsets into ``q``;
+- sequence ``b``'s queries are its last ``q_len_b`` positions: query ``i`` sits at
+  position ``seq_lens[b] - q_len_b + i`` and sees keys ``0 ..`` that position (causal
+  inside the chunk, everything cached before it);
+- returns ``[T, H, D]`` in ``q``'s dtype. ``max_query_len`` (a Python int) sizes the grid.
+
+On CPU the Triton kernel runs only under ``TRITON_INTERPRET=1`` (the tests)::
+
+    out = paged_attention_triton(q, kc, vc, bt, lens, qsl, scale=D**-0.5, max_query_len=5)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fscale.hw import dispatch
+from fscale.kernels._triton import LazyJit
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is a dependency on Linux x86_64 only
+    triton = tl = None
+
+OP = "paged_attention"
+
+
+def paged_attention_reference(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, scale, max_query_len=None
+):
+    """Per sequence: gather its blocks, expand GQA heads, SDPA with the causal-chunk mask."""
+    T, H, D = q.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for b, L in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        nb = -(-L // block_size)
+        blocks = block_tables[b, :nb].long()
+        k = k_cache[blocks].reshape(nb * block_size, kvh, D)[:L].repeat_interleave(H // kvh, 1)
+        v = v_cache[blocks].reshape(nb * block_size, kvh, D)[:L].repeat_interleave(H // kvh, 1)
+        qpos = torch.arange(L - (e - s), L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+        )
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+# [Note: the Triton kernel's tiling]
+# One program per (sequence, kv head, block of BLOCK_Q queries). Its rows are the
+# BLOCK_Q queries times the G = H / KVH query heads that share the kv head (padded to
+# GP, a power of two), so GQA reads each K/V page once for the whole group, and a
+# decode step (one query) still fills >= 16 rows for tl.dot. The loop walks the
+# sequence's pages through its block table up to the last key any of its rows can
+# see, with an online softmax (flash attention) in fp32. Rows past the sequence's
+# queries or padding heads compute on zeros and are not stored. Row max / sum are
+# tl.reduce with triton's own combine functions, not tl.max / tl.sum (@jit helpers):
+# the interpreter recognises those combines even when TRITON_INTERPRET was switched
+# on after triton was imported (as the tests do).
+def _paged_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    bt_ptr,
+    lens_ptr,
+    qsl_ptr,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    PAGE: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    qblk = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if qblk * BLOCK_Q < q_len:
+        L = tl.load(lens_ptr + b)
+        ctx = L - q_len
+        r = tl.arange(0, BLOCK_Q * GP)
+        qi = qblk * BLOCK_Q + r // GP
+        g = r % GP
+        row_ok = (qi < q_len) & (g < G)
+        head = kvh * G + g
+        d = tl.arange(0, DP)
+        d_ok = d < D
+        q_off = (q_start + qi).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
+        q = tl.load(q_ptr + q_off + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qpos = ctx + qi
+        m_i = tl.full([BLOCK_Q * GP], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_Q * GP], 0.0, tl.float32)
+        # tl.full, not tl.zeros: zeros is a @jit helper, which fails in a late interpreter.
+        acc = tl.full([BLOCK_Q * GP, DP], 0.0, tl.float32)
+        kv_stop = tl.minimum(L, ctx + (qblk + 1) * BLOCK_Q)
+        s_off = tl.arange(0, PAGE)
+        for p in range(0, (kv_stop + PAGE - 1) // PAGE):
+            blk = tl.load(bt_ptr + b * stride_bt + p).to(tl.int64)
+            kpos = p * PAGE + s_off
+            kv_ok = kpos < L
+            kv_off = blk * stride_kb + s_off[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            kv_mask = kv_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale
+            seen = (kpos[None, :] <= qpos[:, None]) & kv_ok[None, :]
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+            alpha = tl.exp(m_i - m_safe)
+            prob = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.reduce(prob, 1, tl.standard._sum_combine)
+            if IEEE:
+                pv = tl.dot(prob.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(prob.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_off = (q_start + qi).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(
+            o_ptr + o_off + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+
+
+_kernel = LazyJit(_paged_attention_kernel)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def paged_attention_triton(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, scale, max_query_len
+):
+    """The Triton lowering (see [Note: the Triton kernel's tiling]); same contract."""
+    T, H, D = q.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    if block_size < 16 or block_size & (block_size - 1) or q.stride(-1) != 1:
+        # tl.dot needs >= 16 keys per page; such caches take the reference.
+        return paged_attention_reference(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=scale
+        )
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    B = block_tables.shape[0]
+    G = H // kvh
+    GP = _pow2(G)
+    rows = 16 if max_query_len == 1 else 64
+    BLOCK_Q = max(1, rows // GP)
+    kernel, _ = _kernel()
+    grid = (B, kvh, triton.cdiv(max(1, max_query_len), BLOCK_Q))
+    kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        G=G,
+        GP=GP,
+        BLOCK_Q=BLOCK_Q,
+        PAGE=block_size,
+        D=D,
+        DP=max(16, _pow2(D)),
+        IEEE=q.dtype == torch.float32,
+    )
+    return out
+
+
+def paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, scale, max_query_len
+):
+    """Through the kernel table (the Triton kernel on CUDA, else the reference)."""
+    impl = dispatch.resolve(OP, q).impl
+    return impl(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale=scale,
+        max_query_len=max_query_len,
+    )
+
+
+dispatch.register(OP, paged_attention_reference, name="paged_attention_reference")
+if triton is not None:
+    dispatch.register(
+        OP,
+        paged_attention_triton,
+        device="cuda",
+        min_capability=(8, 0),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        priority=10,
+        name="paged_attention_triton",
+    )
