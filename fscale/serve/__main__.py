@@ -1,0 +1,81 @@
+"""Serve a model directory over HTTP with an OpenAI-compatible API.
+
+Usage::
+
+    python -m fscale.serve --model path/to/hf_dir --port 8000
+    curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"prompt": "def fib(n):", "max_tokens": 32, "temperature": 0}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fscale.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a Hugging Face model directory (config.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one)")
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as model")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (model's default)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--quantize", default=None, help="an fs.quantize format, e.g. e3m2, int8")
+    p.add_argument("--max-tokens-per-step", type=int, default=512, help="SplitFuse token budget")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size in GiB")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (instead of GiB)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests decoded at once")
+    p.add_argument("--max-waiting", type=int, default=1024, help="engine queue before 503s")
+    p.add_argument(
+        "--max-queue-wait-s",
+        type=float,
+        default=2.0,
+        help="how long a request waits for room in a full engine before answering 503",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info", help="uvicorn's: debug, info, warning...")
+    args = p.parse_args(argv)
+    for name in ("max_tokens_per_step", "max_num_seqs", "max_waiting"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.kv_cache_gib is not None and args.num_blocks is not None:
+        p.error("give --kv-cache-gib or --num-blocks, not both")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fscale.serve.server import serve
+
+    args = parse_args(argv)
+    engine_kwargs = dict(
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        max_tokens_per_step=args.max_tokens_per_step,
+        kv_cache_gib=args.kv_cache_gib,
+        num_blocks=args.num_blocks,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting,
+        seed=args.seed,
+    )
+
+    def ready(url: str) -> None:
+        print(f"fscale.serve: serving {args.model} at {url} (OpenAI API under /v1)", flush=True)
+
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        served_model_name=args.served_model_name,
+        max_queue_wait_s=args.max_queue_wait_s,
+        log_level=args.log_level,
+        on_ready=ready,
+        **engine_kwargs,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
