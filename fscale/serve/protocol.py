@@ -86,7 +86,7 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     """``POST /v1/completions``: one prompt (text or token ids) or a list of them."""
 
-    prompt: str | TokenIds | list[str] | list[TokenIds]
+    prompt: str | TokenIds | list[str | TokenIds]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None

@@ -373,6 +373,7 @@ class _Run:
         """``(prompt index, RequestOutput)`` as they arrive, until every prompt finished."""
         m = self.state.metrics
         left = len(self.streams)
+        ended = "abort"  # unless it finishes or fails: a closed stream, a client gone
         try:
             while left:
                 item = await self._watch(self.queue.get())
@@ -389,13 +390,12 @@ class _Run:
                     m.requests.labels(item.finish_reason or "unknown").inc()
                 yield i, item
             m.e2e.observe(time.monotonic() - self.t0)
-        except _ClientGone:
-            m.requests.labels("abort").inc()
-            raise
         except (EngineStepError, ShuttingDown):
-            m.requests.labels("error").inc()
+            ended = "error"
             raise
         finally:
+            if left:  # the engine requests that did not finish
+                m.requests.labels(ended).inc(left)
             self.abort()  # no-op for finished streams; frees the rest (closed stream, error)
 
     async def collect(self) -> list:
