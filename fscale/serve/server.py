@@ -238,8 +238,6 @@ class _State:
         prompts = body.prompts()
         if not prompts:
             raise APIError(400, "prompt is an empty list; send at least one prompt", param="prompt")
-        if body.stream and len(prompts) > 1:
-            pass  # allowed: chunks carry the prompt's index
         ids = [self.encode(p) for p in prompts]
         params = [
             self.sampling(body, len(x), body.max_tokens, DEFAULT_COMPLETION_TOKENS) for x in ids

@@ -1,0 +1,380 @@
+"""The serving engine: requests in, tokens out, one scheduled forward per ``step()``.
+
+Usage::
+
+    from fscale.serve import Engine, SamplingParams
+    engine = Engine("path/to/llama-dir", quantize="e3m2", max_tokens_per_step=512)
+    outs = engine.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32))
+    for out in engine.stream("Once upon a time", SamplingParams(temperature=0.8, seed=1)):
+        print(out.delta_text, end="", flush=True)
+
+    engine.add_request("r1", "Hi", SamplingParams())     # the server's loop
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+[Note: threading]
+The engine is single-threaded: nothing in it takes a lock. A server runs ``step()`` in
+one background thread and calls ``add_request`` / ``abort`` / ``stats`` from others
+while holding a lock of its own around every call (``step`` included).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fscale.serve.errors import EngineFull
+from fscale.serve.kv_cache import BlockManager
+from fscale.serve.models.decoder import Decoder
+from fscale.serve.models.loader import load_model
+from fscale.serve.params import RequestOutput, SamplingParams
+from fscale.serve.runner import ModelRunner
+from fscale.serve.sampling import sample
+from fscale.serve.scheduler import POLICIES, Scheduler
+from fscale.serve.sequence import Sequence, Status
+from fscale.serve.tokenizer import ByteTokenizer, load_tokenizer
+
+
+class Engine:
+    """A paged-KV, continuously batched inference engine (see the module doc).
+
+    Args:
+      model: a Hugging Face model directory (config.json + *.safetensors), an
+        ``nn.Module`` (fscale's GPT, HF Llama / GPT-2), or a ``LoadedModel``.
+      dtype: weights and KV dtype; default bf16 on CUDA, fp32 on CPU.
+      device: default ``cuda`` when available, else ``cpu``.
+      quantize: an ``fs.quantize`` format ("e3m2", "int8", "int4", ...) for the layer
+        linears (not embeddings, norms or the head); their matmuls use its kernels.
+      max_tokens_per_step: tokens per forward (the Dynamic SplitFuse budget).
+      kv_cache_gib / num_blocks / block_size: the paged cache's size (num_blocks wins).
+      max_model_len: prompt + output limit; default the model's max positions.
+      max_num_seqs: running sequences at most; max_waiting: queue length before
+        ``add_request`` raises :class:`EngineFull`.
+      scheduler: "splitfuse" or "prefill_first".
+      prefix_caching: share cached KV blocks of equal prompt prefixes.
+      cuda_graphs: replay captured graphs for decode batches (CUDA only).
+      offload_weights: keep layer weights in host memory, streamed a layer ahead.
+      seed: the generator of requests sampled without their own seed.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        quantize: str | None = None,
+        max_tokens_per_step: int = 512,
+        kv_cache_gib: float | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_waiting: int = 1024,
+        scheduler: str = "splitfuse",
+        prefix_caching: bool = True,
+        cuda_graphs: bool = True,
+        offload_weights: bool = False,
+        seed: int = 0,
+    ):
+        if scheduler not in POLICIES:
+            raise ValueError(f"scheduler={scheduler!r} is not known; use one of {list(POLICIES)}.")
+        if quantize is not None:
+            from fscale.transforms._quantize.codec import codec
+
+            codec(quantize)  # an unknown format raises here, naming the valid ones
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        lm = load_model(model, dtype=self.dtype, device="cpu" if offload_weights else self.device)
+        if quantize is not None:
+            lm.params = _quantize(lm.params, quantize)
+        self.quantize = quantize
+        self.model_config = cfg = lm.config
+        self.model_name = lm.name if not isinstance(model, (str, Path)) else Path(model).name
+        self.tokenizer = load_tokenizer(lm.tokenizer_path) if lm.tokenizer_path else ByteTokenizer()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_token_id = eos if eos is not None else cfg.eos_token_id
+        if isinstance(self.tokenizer, ByteTokenizer):
+            self.eos_token_id = cfg.eos_token_id
+        self.max_model_len = max_model_len or cfg.max_positions
+        if self.max_model_len > cfg.max_positions or self.max_model_len < 1:
+            raise ValueError(
+                f"max_model_len={max_model_len} must be in [1, {cfg.max_positions}] "
+                f"(the model's max positions)."
+            )
+        self.decoder = Decoder(lm, offload=offload_weights, device=self.device)
+        num_blocks = num_blocks or self._num_blocks(kv_cache_gib, block_size, max_num_seqs)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_tokens_per_step=max_tokens_per_step,
+            max_num_seqs=max_num_seqs,
+            policy=scheduler,
+        )
+        self.runner = ModelRunner(
+            self.decoder,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=min(max_num_seqs, max_tokens_per_step),
+            cuda_graphs=cuda_graphs,
+        )
+        self.max_waiting = max_waiting
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+        self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0)
+
+    # -- sizing -----------------------------------------------------------------------------
+
+    def _num_blocks(self, gib: float | None, block_size: int, max_num_seqs: int) -> int:
+        cfg = self.model_config
+        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim
+        per_block *= torch.empty((), dtype=self.dtype).element_size()
+        if gib is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                gib = max(0.5, 0.85 * free / 2**30 - 2.0)  # headroom: activations, graphs
+            else:  # enough for a few full-length sequences, at most 1 GiB
+                want = min(max_num_seqs, 8) * _cdiv(self.max_model_len, block_size) * per_block
+                gib = min(1.0, want / 2**30)
+        return max(2, int(gib * 2**30) // per_block + 1)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a request; see the class doc for the errors it raises."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use; pick a unique id.")
+        ids = self._encode(prompt)
+        limit = self.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(ids) + params.max_tokens} exceeds max_model_len={limit}; shorten the "
+                "prompt or lower max_tokens."
+            )
+        if self.blocks.blocks_for(len(ids) + params.max_tokens) > self.blocks.total:
+            raise ValueError(
+                f"prompt + max_tokens = {len(ids) + params.max_tokens} tokens need more KV blocks "
+                f"than the whole cache holds ({self.blocks.total} x {self.blocks.block_size}); "
+                "lower max_tokens or give the engine a larger kv_cache_gib / num_blocks."
+            )
+        if len(self.scheduler.waiting) >= self.max_waiting:
+            raise EngineFull(
+                f"{len(self.scheduler.waiting)} requests are waiting (max_waiting="
+                f"{self.max_waiting}); retry later."
+            )
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, ids, params, arrival=next(self._arrivals), generator=gen)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = list(prompt)
+            V = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are out of range [0, {V}).")
+        else:
+            raise ValueError(
+                f"prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}."
+            )
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token.")
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: its blocks are freed now, its final output comes with the next step."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        self._aborted.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs) or bool(self._aborted)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward; outputs of requests that got tokens or finished."""
+        outputs = [self._output(seq, []) for seq in self._aborted]
+        for seq in self._aborted:
+            self._seqs.pop(seq.request_id, None)
+        self._aborted = []
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return outputs
+        logits, sampled = self.runner.run(batch)
+        self._counters["steps_total"] += 1
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            # Prompt tokens: those computed for the first time (not recomputed after preemption).
+            self._counters["prompt_tokens_total"] += max(
+                0,
+                min(seq.num_computed + n, seq.num_prompt)
+                - max(seq.num_computed, seq.num_cached_tokens or 0),
+            )
+            seq.num_computed += n
+            self.blocks.commit(seq)
+        if sampled:
+            tokens = sample(
+                logits, [s.params for s in sampled], [s.generator for s in sampled], self.generator
+            )
+            for seq, tok in zip(sampled, tokens, strict=True):
+                seq.token_ids.append(tok)
+                self._counters["generation_tokens_total"] += 1
+                self._check_finished(seq)
+                outputs.append(self._output(seq, [tok]))
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                    self._seqs.pop(seq.request_id, None)
+        return outputs
+
+    def _check_finished(self, seq: Sequence) -> None:
+        p, tok = seq.params, seq.token_ids[-1]
+        if tok in p.stop_token_ids or (tok == self.eos_token_id and not p.ignore_eos):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+        self._detokenize(seq)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Extend ``seq.text`` with what the new token completes; stop strings end it."""
+        ids = seq.output_ids
+        stopped_by_token = seq.finish_reason == "stop"
+        if stopped_by_token:
+            ids = ids[:-1]  # the stop / eos token is not text
+        decode = self.tokenizer.decode
+        prefix = decode(ids[seq.prefix_offset : seq.read_offset])
+        full = decode(ids[seq.prefix_offset :])
+        if seq.finish_reason is not None or (
+            len(full) > len(prefix) and not full.endswith("\ufffd")
+        ):
+            seq.text += full[len(prefix) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        stops = seq.params.stop
+        if stops:
+            start = max(0, len(seq.reported_text) - max(len(s) for s in stops))
+            hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                seq.finish_reason = "stop"
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        finished = seq.finish_reason is not None
+        visible = seq.text
+        if not finished and seq.params.stop:
+            # Hold back a tail that could still become a stop string (it would be cut).
+            hold = max(
+                (k for s in seq.params.stop for k in range(1, len(s)) if seq.text.endswith(s[:k])),
+                default=0,
+            )
+            visible = seq.text[: len(seq.text) - hold]
+        delta = visible[len(seq.reported_text) :]
+        seq.reported_text = visible
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            new_token_ids=new,
+            text=visible,
+            delta_text=delta,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+        )
+
+    # -- conveniences -----------------------------------------------------------------------
+
+    def generate(
+        self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; final outputs in input order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple))
+            and prompts
+            and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        params = params if params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams.")
+        rids = [f"generate-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, p in zip(rids, prompts, params, strict=True):
+            self.add_request(rid, prompt, p)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(rids):
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r] for r in rids]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield this request's outputs (deltas) until it finishes; closing aborts it."""
+        rid = f"stream-{next(self._ids)}"
+        self.add_request(rid, prompt, params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def stats(self) -> dict:
+        """Queue, cache and token counters (what the server exports as metrics)."""
+        used, total = self.blocks.num_used, self.blocks.total
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "num_preempted_total": self.scheduler.num_preempted_total,
+            "kv_blocks_used": used,
+            "kv_blocks_total": total,
+            "kv_usage": used / total,
+            **self._counters,
+        }
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _quantize(params: dict, fmt: str) -> dict:
+    """``fs.quantize`` the layer linears; the int group size is the largest dividing every K."""
+    from fscale.transforms.quantize import quantize
+
+    ks = [v.shape[1] for k, v in params.items() if k.startswith("layers.") and v.dim() == 2]
+    group = next((g for g in (128, 64, 32) if all(k % g == 0 for k in ks)), 32)
+    # Only layer linears; pad=True lets any shape through (tiny test models have K=64).
+    return quantize(
+        params,
+        fmt,
+        select=lambda n, t: n.startswith("layers.") and t.dim() == 2,
+        group_size=group,
+        pad=True,
+    )

@@ -1,0 +1,216 @@
+"""One decoder forward over a flattened token batch and a paged KV cache.
+
+Llama (RMSNorm, RoPE, GQA, SwiGLU), GPT-2 (learned positions, LayerNorm, GELU) and
+fscale's GPT all map onto :class:`DecoderConfig` and one params dict with these names
+(linear weights ``[out, in]``, so ``fs.quantize``'s default selection picks exactly the
+layer linears; ``embed``/``pos_embed``/``head`` are left alone)::
+
+    embed.weight  pos_embed.weight?  norm.weight  norm.bias?  head.weight (may be embed's)
+    layers.{i}.norm1.weight/.bias?  layers.{i}.qkv.weight/.bias?  layers.{i}.o.weight/.bias?
+    layers.{i}.norm2.weight/.bias?  layers.{i}.gate_up.weight (swiglu) | layers.{i}.fc.* (gelu)
+    layers.{i}.down.weight/.bias?
+
+Usage::
+
+    dec = Decoder(LoadedModel(cfg, params, "name"), device)
+    hidden = dec.forward(input_ids, positions, meta, kv_caches)    # [T, hidden]
+    logits = dec.logits(hidden[last_rows])                          # [B, vocab] float32
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fscale.kernels.paged_attention import paged_attention
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The shape and flavour of a decoder (see the module doc for the params names)."""
+
+    arch: str
+    vocab_size: int
+    hidden: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    max_positions: int
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-6
+    positions: str = "rope"  # "rope" | "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    mlp: str = "swiglu"  # "swiglu" | "gelu_tanh" | "gelu"
+    eos_token_id: int | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A config, its params (see the module doc) and a display name."""
+
+    config: DecoderConfig
+    params: dict[str, torch.Tensor]
+    name: str
+    tokenizer_path: object = None  # a directory with tokenizer files, or None (bytes)
+    extra: dict = field(default_factory=dict)
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
+    """RoPE inverse frequencies, with Llama-3 / linear ``rope_scaling`` applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / rs["factor"]).float()
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, smoothed, scaled).float()
+    raise ValueError(
+        f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3."
+    )
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # HF Llama's rotate_half convention: the two halves of head_dim are (re, im).
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+@dataclass
+class AttentionMeta:
+    """Where each new token goes and what it attends to (built by the runner)."""
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot = block * block_size + offset
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32: keys after this step
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    max_query_len: int
+
+
+class Decoder:
+    """The paged forward of a :class:`LoadedModel` (params are used as given: plain or
+    quantized tensors; ``F.linear`` on a QuantizedWeight runs its kernel)."""
+
+    def __init__(self, lm: LoadedModel, *, offload: bool = False, device=None):
+        self.cfg = cfg = lm.config
+        self.params = lm.params
+        self.device = (
+            torch.device(device) if device is not None else lm.params["embed.weight"].device
+        )
+        self.layers = [
+            {k.split(".", 2)[2]: v for k, v in lm.params.items() if k.startswith(f"layers.{i}.")}
+            for i in range(cfg.num_layers)
+        ]
+        self.stream = None
+        if offload:
+            from fscale.serve.models.offload import LayerStream
+
+            self.stream = LayerStream(self.layers, self.device)
+        if cfg.positions == "rope":
+            pos = torch.arange(cfg.max_positions, dtype=torch.float32)
+            freqs = torch.outer(pos, rope_inv_freq(cfg))
+            self.cos = freqs.cos().to(self.device)
+            self.sin = freqs.sin().to(self.device)
+        self.scale = cfg.head_dim**-0.5
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def _norm(self, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
+        w = p[f"{name}.weight"]
+        if self.cfg.norm == "rms":
+            y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.norm_eps)
+            return w * y.to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), w, p.get(f"{name}.bias"), self.cfg.norm_eps)
+
+    def _mlp(self, h: torch.Tensor, p: dict) -> torch.Tensor:
+        if self.cfg.mlp == "swiglu":
+            gate, up = F.linear(h, p["gate_up.weight"], p.get("gate_up.bias")).chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        else:
+            approx = "tanh" if self.cfg.mlp == "gelu_tanh" else "none"
+            a = F.gelu(F.linear(h, p["fc.weight"], p.get("fc.bias")), approximate=approx)
+        return F.linear(a, p["down.weight"], p.get("down.bias"))
+
+    def forward(self, input_ids, positions, meta: AttentionMeta, kv_caches) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm; writes the new K/V."""
+        cfg, T = self.cfg, input_ids.shape[0]
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x = F.embedding(input_ids, self.params["embed.weight"])
+        if cfg.positions == "learned":
+            x = x + F.embedding(positions, self.params["pos_embed.weight"])
+        else:
+            cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        layers = self.stream if self.stream is not None else self.layers
+        for (k_cache, v_cache), p in zip(kv_caches, layers, strict=True):
+            h = self._norm(x, p, "norm1")
+            qkv = F.linear(h, p["qkv.weight"], p.get("qkv.bias"))
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
+            if cfg.positions == "rope":
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            k_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            v_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+            o = paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                scale=self.scale,
+                max_query_len=meta.max_query_len,
+            )
+            x = x + F.linear(o.reshape(T, H * D), p["o.weight"], p.get("o.bias"))
+            x = x + self._mlp(self._norm(x, p, "norm2"), p)
+        return self._norm(x, self.params, "norm")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.params["head.weight"]).float()
+
+    @torch.no_grad()
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, vocab]`` of one whole sequence without a cache (tests' reference)."""
+        T = input_ids.shape[0]
+        cfg, bs = self.cfg, 16
+        nb = -(-T // bs) + 1
+        caches = [
+            (
+                torch.zeros(
+                    nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self._dtype, device=self.device
+                ),
+                torch.zeros(
+                    nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self._dtype, device=self.device
+                ),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        dev = self.device
+        meta = AttentionMeta(
+            slot_mapping=torch.arange(bs, bs + T, device=dev),
+            block_tables=torch.arange(1, nb, dtype=torch.int32, device=dev)[None],
+            seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
+            max_query_len=T,
+        )
+        pos = torch.arange(T, device=dev)
+        return self.logits(self.forward(input_ids.to(dev), pos, meta, caches))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.params["embed.weight"].dtype

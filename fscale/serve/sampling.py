@@ -1,0 +1,60 @@
+"""Next tokens from a batch of logits: greedy, temperature, top-k, top-p, seeded.
+
+Usage::
+
+    tokens = sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs],
+                    default_generator)          # list[int], one per row
+
+[Note: seeded sampling is batch-independent]
+Every non-greedy row draws its token by the exponential race (argmax of p / E with
+E ~ Exp(1) i.i.d., which picks token i with probability p_i): a request with a seed
+draws its E from its own generator, one row of V numbers per token, so its choices
+depend only on its logits and its seed, never on who else is in the batch. Rows
+without a seed share the engine's generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fscale.serve.params import SamplingParams
+
+
+def _filter(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Logits with everything outside each row's top-k / top-p set at -inf."""
+    V = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([V if t <= 0 else min(t, V) for t in top_k], device=logits.device)
+    drop = torch.arange(V, device=logits.device)[None, :] >= k[:, None]
+    p = torch.tensor(top_p, device=logits.device, dtype=torch.float32)
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    # Drop a token when the ones before it already reach p (the first is always kept).
+    drop |= (probs.cumsum(-1) - probs) >= p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default: torch.Generator | None = None,
+) -> list[int]:
+    """One token per row of ``logits`` ``[B, V]`` (float32)."""
+    greedy = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return greedy.tolist()
+    x = logits[rows]
+    temps = torch.tensor([params[i].temperature for i in rows], device=x.device)
+    x = x / temps[:, None]
+    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
+        x = _filter(x, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
+    probs = x.softmax(dim=-1)
+    race = torch.empty_like(probs)
+    for j, i in enumerate(rows):
+        race[j].exponential_(generator=generators[i] if generators[i] is not None else default)
+    picked = (probs / race).argmax(dim=-1)
+    out = greedy.clone()
+    out[rows] = picked
+    return out.tolist()

@@ -1,0 +1,82 @@
+"""A request inside the engine: its tokens, KV blocks, progress and text state.
+
+Usage::
+
+    seq = Sequence("r1", [1, 2, 3], SamplingParams(), arrival=0)
+    seq.remaining            # tokens whose K/V is not in the cache yet (3)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from fscale.serve.params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request. ``token_ids`` is prompt + output; ``num_computed`` of them have K/V.
+
+    [Note: a sequence's progress]
+    ``num_computed`` counts the leading tokens whose K/V sit in the blocks of
+    ``block_table``. A step feeds ``token_ids[num_computed : num_computed + n]``; when that
+    reaches the end of ``token_ids`` the last position's logits give the next token,
+    which is appended (so a decoding sequence always has ``remaining == 1``). Preemption
+    releases the blocks and sets ``num_computed = 0``: the prompt and the output so far
+    are recomputed later (the prefix cache usually still holds most of them).
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        arrival: int,
+        generator: torch.Generator | None = None,
+    ):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.token_ids = list(prompt_ids)
+        self.params = params
+        self.arrival = arrival
+        self.generator = generator
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed = 0
+        self.block_table: list[int] = []
+        self.num_cached_tokens: int | None = None  # prefix-cache hits at first admission
+        # Prefix-cache hash chain over the full blocks registered so far.
+        self.num_hashed = 0
+        self.last_hash: int | None = None
+        # Output bookkeeping (engine.py): tokens/text already reported.
+        self.num_reported = 0
+        self.text = ""
+        self.reported_text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids) :]
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, tokens={len(self.token_ids)}, "
+            f"computed={self.num_computed}, blocks={self.block_table}, {self.status.value})"
+        )
