@@ -174,4 +174,9 @@ def grouped_mm(
         )
     if x.dtype != w.dtype:
         raise ValueError(f"grouped_mm: x is {x.dtype} but w is {w.dtype}; cast one of them.")
+    # [Note: stand-in weights] A custom autograd.Function does not go through
+    # __torch_function__, so a stand-in param (ZeRO-3's LazyParam) would reach it
+    # unmaterialized and its grad would stop there. The core's stand-in protocol
+    # (``fscale_materialize``, see fscale.units) gives the real, graph-connected tensor.
+    x, w = (getattr(t, "fscale_materialize", lambda t=t: t)() for t in (x, w))
     return _GroupedMM.apply(x.contiguous(), w, offsets(counts), impl)
