@@ -1,0 +1,400 @@
+"""The engine's greedy output against HF ``generate`` and a full-recompute reference, on
+tiny Llama / GPT-2 directories and fscale's GPT, across budgets, block sizes, arrivals,
+prefix-cache hits, preemption, quantized and streamed weights; plus sampling, stopping,
+streaming, abort and the errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fscale.models import GPT, GPTConfig
+from fscale.serve import Engine, EngineFull, RequestOutput, SamplingParams
+from fscale.serve.sequence import Sequence
+
+GREEDY = dict(temperature=0.0)
+PROMPTS = [
+    [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+    [100, 101, 102],
+    [7],
+    list(range(30, 75)),
+]
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _recompute(logits_fn, prompt, n, eos=None):
+    """Plain greedy: run the model on the whole sequence each step, take the argmax."""
+    ids = list(prompt)
+    out = []
+    for _ in range(n):
+        tok = int(logits_fn(torch.tensor([ids]))[0, -1].argmax())
+        out.append(tok)
+        ids.append(tok)
+        if tok == eos:
+            break
+    return out
+
+
+@torch.no_grad()
+def _hf_generate(model, prompt, n):
+    ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n)
+    return ids[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama_ref(tiny_llama_dir):
+    model = _hf(tiny_llama_dir)
+    return {i: _hf_generate(model, p, 12) for i, p in enumerate(PROMPTS)}
+
+
+@pytest.fixture(scope="module")
+def gpt2_ref(tiny_gpt2_dir):
+    model = _hf(tiny_gpt2_dir)
+    return {i: _hf_generate(model, p, 12) for i, p in enumerate(PROMPTS)}
+
+
+def test_hf_generate_equals_full_recompute(tiny_llama_dir, llama_ref):
+    model = _hf(tiny_llama_dir)
+    for i, p in enumerate(PROMPTS[:2]):
+        assert _recompute(lambda x: model(x).logits, p, 12, eos=1) == llama_ref[i]
+
+
+@pytest.mark.parametrize("budget,block_size", [(8, 4), (16, 16), (64, 8)])
+def test_llama_greedy_equals_hf(tiny_llama_dir, llama_ref, budget, block_size):
+    engine = Engine(
+        tiny_llama_dir, max_tokens_per_step=budget, block_size=block_size, num_blocks=64
+    )
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, **GREEDY))
+    for i, out in enumerate(outs):
+        assert out.token_ids == llama_ref[i], i
+        assert out.finished and out.finish_reason in ("stop", "length")
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("scheduler", ["splitfuse", "prefill_first"])
+def test_gpt2_greedy_equals_hf(tiny_gpt2_dir, gpt2_ref, scheduler):
+    engine = Engine(
+        tiny_gpt2_dir, max_tokens_per_step=16, block_size=4, num_blocks=64, scheduler=scheduler
+    )
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, **GREEDY))
+    assert [o.token_ids for o in outs] == [gpt2_ref[i] for i in range(len(PROMPTS))]
+
+
+def test_requests_arriving_mid_generation(tiny_llama_dir, llama_ref):
+    engine = Engine(tiny_llama_dir, max_tokens_per_step=8, block_size=4, num_blocks=64)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    arrivals = {0: [0], 2: [1, 3], 5: [2]}
+    done, step = {}, 0
+    while len(done) < len(PROMPTS):
+        for i in arrivals.get(step, []):
+            engine.add_request(f"r{i}", PROMPTS[i], params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        step += 1
+    assert done == {f"r{i}": llama_ref[i] for i in range(len(PROMPTS))}
+
+
+def test_prefix_cache_hit_same_output(tiny_llama_dir):
+    model = _hf(tiny_llama_dir)
+    shared = list(range(40, 80))
+    a, b = shared + [3, 4], shared + [9, 9, 9]
+    engine = Engine(tiny_llama_dir, max_tokens_per_step=32, block_size=8, num_blocks=64)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    first = engine.generate(a, params)[0]
+    second = engine.generate(b, params)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 40  # five full blocks of the shared prefix
+    assert first.token_ids == _hf_generate(model, a, 8)
+    assert second.token_ids == _hf_generate(model, b, 8)
+    # The same prompt again: every full block but the one holding its last token.
+    again = engine.generate(a, params)[0]
+    assert again.num_cached_tokens == 40 and again.token_ids == first.token_ids
+
+
+def test_preemption_keeps_outputs(tiny_llama_dir, llama_ref):
+    # 12 blocks of 4 tokens cannot hold three growing sequences (8 + 4 + 4): preemption.
+    engine = Engine(tiny_llama_dir, max_tokens_per_step=64, block_size=4, num_blocks=13)
+    prompts = PROMPTS[:3]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=12, **GREEDY))
+    assert engine.stats()["num_preempted_total"] > 0
+    assert [o.token_ids for o in outs] == [llama_ref[i] for i in range(3)]
+    assert engine.blocks.num_used == 0
+
+
+def test_fscale_gpt_module_equals_recompute():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(seq_len=96)).eval()
+    engine = Engine(model, max_tokens_per_step=16, block_size=4, num_blocks=64)
+    assert engine.model_name == "GPT" and engine.max_model_len == 96
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=10, **GREEDY))
+    for p, out in zip(PROMPTS, outs, strict=True):
+        assert out.token_ids == _recompute(model, p, 10)
+
+
+def test_offload_weights_equal(tiny_llama_dir, llama_ref):
+    engine = Engine(tiny_llama_dir, offload_weights=True, max_tokens_per_step=16, num_blocks=64)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, **GREEDY))
+    assert [o.token_ids for o in outs] == [llama_ref[i] for i in range(len(PROMPTS))]
+
+
+def _dequantized_hf(path, engine):
+    """HF Llama whose layer linears are the engine's dequantized weights."""
+    from fscale.transforms.quantize import QuantizedWeight
+
+    model = _hf(path)
+    cfg = engine.model_config
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    P = engine.decoder.params
+
+    def w(name):
+        t = P[name]
+        assert isinstance(t, QuantizedWeight), name
+        return t.dequantize()
+
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            wq, wk, wv = w(f"layers.{i}.qkv.weight").split([q, kv, kv])
+            layer.self_attn.q_proj.weight.copy_(wq)
+            layer.self_attn.k_proj.weight.copy_(wk)
+            layer.self_attn.v_proj.weight.copy_(wv)
+            layer.self_attn.o_proj.weight.copy_(w(f"layers.{i}.o.weight"))
+            gate, up = w(f"layers.{i}.gate_up.weight").chunk(2)
+            layer.mlp.gate_proj.weight.copy_(gate)
+            layer.mlp.up_proj.weight.copy_(up)
+            layer.mlp.down_proj.weight.copy_(w(f"layers.{i}.down.weight"))
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["int8", "e3m2"])
+def test_quantized_engine_equals_dequantized_reference(tiny_llama_dir, fmt):
+    engine = Engine(tiny_llama_dir, quantize=fmt, max_tokens_per_step=16, num_blocks=64)
+    assert "head.weight" not in {
+        k for k, v in engine.decoder.params.items() if type(v) is not torch.Tensor
+    }
+    ref = _dequantized_hf(tiny_llama_dir, engine)
+    outs = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=10, **GREEDY))
+    for p, out in zip(PROMPTS[:3], outs, strict=True):
+        assert out.token_ids == _recompute(lambda x: ref(x).logits, p, 10, eos=1)
+
+
+# -- sampling -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt_engine():
+    torch.manual_seed(0)
+    return Engine(
+        GPT(GPTConfig.tiny(seq_len=128)).eval(),
+        max_tokens_per_step=32,
+        block_size=4,
+        num_blocks=128,
+    )
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(gpt_engine):
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    alone = gpt_engine.generate([1, 2, 3], p)[0].token_ids
+    others = SamplingParams(max_tokens=8, temperature=0.7)
+    batch = gpt_engine.generate([[9, 9], [1, 2, 3], list(range(40))], [others, p, others])
+    assert batch[1].token_ids == alone
+    assert gpt_engine.generate([1, 2, 3], p)[0].token_ids == alone
+    other_seed = SamplingParams(max_tokens=12, temperature=1.0, seed=8)
+    assert gpt_engine.generate([1, 2, 3], other_seed)[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy(gpt_engine):
+    greedy = gpt_engine.generate([4, 5, 6], SamplingParams(max_tokens=10, temperature=0))[0]
+    topk = gpt_engine.generate([4, 5, 6], SamplingParams(max_tokens=10, temperature=1.5, top_k=1))[
+        0
+    ]
+    assert topk.token_ids == greedy.token_ids
+
+
+def test_sampling_follows_the_distribution():
+    from fscale.serve.sampling import sample
+
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]]))
+    g = torch.Generator().manual_seed(0)
+    draws = [sample(logits, [SamplingParams(temperature=1.0)], [None], g)[0] for _ in range(2000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / 2000
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.04, rtol=0)
+    top_p = [sample(logits, [SamplingParams(top_p=0.6)], [None], g)[0] for _ in range(200)]
+    assert set(top_p) == {0}
+    top_k = [sample(logits, [SamplingParams(top_k=2)], [None], g)[0] for _ in range(300)]
+    assert set(top_k) == {0, 1}
+
+
+def test_stop_token_ids_and_strings(tiny_llama_dir):
+    engine = Engine(tiny_llama_dir, num_blocks=64)
+    base = dict(max_tokens=16, ignore_eos=True, **GREEDY)
+    full = engine.generate("The quick brown fox", SamplingParams(**base))[0]
+    assert len(full.token_ids) == 16 and full.finish_reason == "length"
+    tok = full.token_ids[5]
+    cut = engine.generate("The quick brown fox", SamplingParams(**base, stop_token_ids=[tok]))[0]
+    assert cut.token_ids == full.token_ids[: full.token_ids.index(tok) + 1]
+    assert cut.finish_reason == "stop"
+    assert cut.text == engine.tokenizer.decode(cut.token_ids[:-1])
+    text = full.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip()
+    out = engine.generate("The quick brown fox", SamplingParams(**base, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+    assert stop not in out.text
+
+
+def test_stream_deltas_add_up(tiny_llama_dir):
+    engine = Engine(tiny_llama_dir, num_blocks=64)
+    params = SamplingParams(max_tokens=16, ignore_eos=True, **GREEDY)
+    final = engine.generate("Hello world", params)[0]
+    chunks = list(engine.stream("Hello world", params))
+    assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
+    assert "".join(c.delta_text for c in chunks) == final.text == chunks[-1].text
+    assert sum((c.new_token_ids for c in chunks), []) == final.token_ids
+    # Stop strings are held back while they might still match, never sent then cut.
+    stop = final.text[4:7]
+    sp = SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop], **GREEDY)
+    streamed = "".join(c.delta_text for c in engine.stream("Hello world", sp))
+    assert streamed == final.text[: final.text.index(stop)]
+
+
+def test_incremental_detokenization_never_splits_characters(gpt_engine):
+    text = "aé東😀b"
+    seq = Sequence("x", [1], SamplingParams(max_tokens=100), arrival=0)
+    deltas = []
+    for byte in text.encode():
+        seq.token_ids.append(byte)
+        gpt_engine._check_finished(seq)
+        deltas.append(gpt_engine._output(seq, [byte]).delta_text)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+    assert deltas.count("") == len(text.encode()) - len(text)
+
+
+def test_abort_frees_blocks(gpt_engine):
+    params = SamplingParams(max_tokens=50, **GREEDY)
+    gpt_engine.add_request("a", list(range(20)), params)
+    gpt_engine.add_request("b", list(range(10)), params)
+    for _ in range(3):
+        gpt_engine.step()
+    used = gpt_engine.blocks.num_used
+    gpt_engine.abort("a")
+    gpt_engine.abort("nope")  # unknown ids are ignored
+    assert gpt_engine.blocks.num_used < used
+    outs = gpt_engine.step()
+    a = [o for o in outs if o.request_id == "a"]
+    assert len(a) == 1 and a[0].finished and a[0].finish_reason == "abort"
+    gpt_engine.abort("b")
+    gpt_engine.step()
+    assert not gpt_engine.has_unfinished()
+    assert gpt_engine.blocks.num_used == 0
+    # A stream closed early aborts its request.
+    it = gpt_engine.stream([1, 2], params)
+    next(it)
+    it.close()
+    gpt_engine.step()
+    assert not gpt_engine.has_unfinished() and gpt_engine.blocks.num_used == 0
+
+
+def test_stats(gpt_engine):
+    gpt_engine.generate([1, 2, 3, 4], SamplingParams(max_tokens=3))
+    s = gpt_engine.stats()
+    for key in (
+        "num_waiting",
+        "num_running",
+        "num_preempted_total",
+        "kv_blocks_used",
+        "kv_blocks_total",
+        "kv_usage",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "steps_total",
+    ):
+        assert key in s
+    assert s["generation_tokens_total"] >= 3 and 0 <= s["kv_usage"] <= 1
+
+
+# -- tokenizer and errors -------------------------------------------------------------------
+
+
+def test_tokenizer_and_chat_template(tiny_llama_dir, tiny_gpt2_dir):
+    engine = Engine(tiny_llama_dir, num_blocks=64)
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert engine.tokenizer.decode(engine.tokenizer.encode("Hello world")) == "Hello world"
+    assert engine.tokenizer.eos_token_id == 1 and engine.model_name == tiny_llama_dir.name
+    gpt2 = Engine(tiny_gpt2_dir, num_blocks=64)
+    with pytest.raises(ValueError, match="chat template"):
+        gpt2.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(seed="x"), "seed"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_add_request_errors(gpt_engine):
+    p = SamplingParams(max_tokens=8)
+    with pytest.raises(ValueError, match="max_model_len=128"):
+        gpt_engine.add_request("long", list(range(125)), p)
+    with pytest.raises(ValueError, match="empty"):
+        gpt_engine.add_request("empty", "", p)
+    with pytest.raises(ValueError, match="out of range"):
+        gpt_engine.add_request("bad", [1, 256], p)
+    gpt_engine.add_request("dup", [1], p)
+    with pytest.raises(ValueError, match="already in use"):
+        gpt_engine.add_request("dup", [1], p)
+    gpt_engine.abort("dup")
+    gpt_engine.step()
+
+
+def test_engine_full():
+    torch.manual_seed(0)
+    engine = Engine(GPT(GPTConfig.tiny()).eval(), max_waiting=2, num_blocks=32)
+    engine.add_request("a", [1], SamplingParams())
+    engine.add_request("b", [1], SamplingParams())
+    with pytest.raises(EngineFull):
+        engine.add_request("c", [1], SamplingParams())
+    assert issubclass(EngineFull, RuntimeError)
+    assert isinstance(engine.step()[0], RequestOutput)
+
+
+def test_construction_errors(tmp_path, tiny_llama_dir):
+    with pytest.raises(ValueError, match="config.json"):
+        Engine(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ValueError, match="safetensors"):
+        Engine(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        Engine(tmp_path)
+    with pytest.raises(ValueError, match="e3m2"):
+        Engine(tiny_llama_dir, quantize="fp7")
+    with pytest.raises(ValueError, match="scheduler"):
+        Engine(tiny_llama_dir, scheduler="fifo")
+    with pytest.raises(ValueError, match="max_model_len"):
+        Engine(tiny_llama_dir, max_model_len=10_000)
