@@ -1,0 +1,531 @@
+"""fscale.serve on one GPU: throughput, batch-1 decode, Poisson latency, FP6 vs bf16.
+
+A Llama-3.1-8B-shaped decoder (hidden 4096, 32 layers, 32 heads / 8 kv heads, SwiGLU
+14336, vocab 128256) with random bf16 weights built once in memory (seed 0) and used by
+every variant; the HF baseline (``LlamaForCausalLM``, sdpa, static batching) gets copies
+of the same weights. Parts (``--parts a,b,c,d``):
+
+- a: output tokens/s at 1/16/64/256 concurrent requests (prompt 512, output 128,
+     ignore_eos), engine vs HF ``generate`` at 1/16/64;
+- b: batch-1 decode tokens/s vs the weight-bandwidth bound (weight bytes / 4.3e12 B/s);
+- c: Poisson arrivals at a few rates: p50/p99 TTFT and TPOT and effective throughput
+     (highest rate with p99 TTFT <= prompt/512 s and p99 TPOT <= 50 ms), Dynamic
+     SplitFuse vs prefill-first, on 512/128 and FastGen's 2600/60 workload;
+- d: FP6 (e3m2) weights vs bf16: batch-1 decode and throughput at saturation.
+
+Before timing, the Triton paged attention is checked against its torch reference at
+the real shapes, and the engine's greedy tokens against HF's (match fraction printed).
+Rows print as measured; JSON (device, date, command, rows) goes to ``$OUT/serve.json``
+or ``bench/results/serve_<date>.json``, the latency-throughput plot beside it (PNG).
+
+Usage::
+
+    python bench/serve.py                      # all parts, ~6-8 min on an H200
+    python bench/serve.py --parts a,b --layers 8
+    python bench/serve.py --tiny               # CPU smoke test of every code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
+
+from fscale.kernels import paged_attention as pa  # noqa: E402
+from fscale.serve import Engine, SamplingParams  # noqa: E402
+from fscale.serve.models.decoder import DecoderConfig, LoadedModel  # noqa: E402
+
+HBM = 4.3e12  # B/s, measured HBM copy bandwidth on the H200 (DESIGN.md section 7)
+ROWS: list[dict] = []
+
+
+def emit(row: dict) -> None:
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def config(args) -> DecoderConfig:
+    if args.tiny:
+        return DecoderConfig("llama", 512, 64, 2, 4, 2, 16, 128, 4096, rope_theta=500000.0)
+    return DecoderConfig(
+        "llama", 128256, 4096, args.layers, 32, 8, 128, 14336, 8192, rope_theta=500000.0
+    )
+
+
+def build_weights(cfg: DecoderConfig, device, dtype) -> LoadedModel:
+    """Random weights in the engine's layout (fused qkv / gate_up), seed 0."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(
+            dtype
+        )
+
+    d, q, kv = cfg.hidden, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    p = {
+        "embed.weight": rnd(cfg.vocab_size, d),
+        "norm.weight": torch.ones(d, device=device, dtype=dtype),
+    }
+    p["head.weight"] = rnd(cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        p[f"layers.{i}.norm1.weight"] = torch.ones(d, device=device, dtype=dtype)
+        p[f"layers.{i}.norm2.weight"] = torch.ones(d, device=device, dtype=dtype)
+        p[f"layers.{i}.qkv.weight"] = rnd(q + 2 * kv, d)
+        p[f"layers.{i}.o.weight"] = rnd(d, q)
+        p[f"layers.{i}.gate_up.weight"] = rnd(2 * cfg.intermediate, d)
+        p[f"layers.{i}.down.weight"] = rnd(d, cfg.intermediate)
+    return LoadedModel(cfg, p, "llama-3.1-8b-shaped-random")
+
+
+def hf_model(lm: LoadedModel, device, dtype):
+    """``LlamaForCausalLM`` holding copies of ``lm``'s weights (None without transformers)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        print("transformers is not installed: HF baseline rows are skipped", flush=True)
+        return None
+    c = lm.config
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden,
+        intermediate_size=c.intermediate,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_positions,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    P, q, kv = lm.params, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(P["embed.weight"])
+        model.lm_head.weight.copy_(P["head.weight"])
+        model.model.norm.weight.copy_(P["norm.weight"])
+        for i, layer in enumerate(model.model.layers):
+            wq, wk, wv = P[f"layers.{i}.qkv.weight"].split([q, kv, kv])
+            layer.self_attn.q_proj.weight.copy_(wq)
+            layer.self_attn.k_proj.weight.copy_(wk)
+            layer.self_attn.v_proj.weight.copy_(wv)
+            layer.self_attn.o_proj.weight.copy_(P[f"layers.{i}.o.weight"])
+            gate, up = P[f"layers.{i}.gate_up.weight"].chunk(2)
+            layer.mlp.gate_proj.weight.copy_(gate)
+            layer.mlp.up_proj.weight.copy_(up)
+            layer.mlp.down_proj.weight.copy_(P[f"layers.{i}.down.weight"])
+            layer.input_layernorm.weight.copy_(P[f"layers.{i}.norm1.weight"])
+            layer.post_attention_layernorm.weight.copy_(P[f"layers.{i}.norm2.weight"])
+    return model
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def make_engine(lm, args, **kw) -> Engine:
+    opts = dict(
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_gib=args.kv_gib,
+        max_model_len=args.max_model_len,
+        max_num_seqs=256,
+        cuda_graphs=args.device.type == "cuda",
+    )
+    opts.update(kw)
+    t0 = time.perf_counter()
+    engine = Engine(lm, **opts)
+    print(f"  engine {kw} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    return engine
+
+
+def free(*objs) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+
+def check_attention(args) -> None:
+    if args.device.type != "cuda":
+        return
+    torch.manual_seed(0)
+    H, KVH, D, bs = 32, 8, 128, 16
+    lens = [700, 1, 300, 513]
+    qlens = [1, 1, 120, 64]
+    nb = [-(-n // bs) for n in lens]
+    kc = torch.randn(sum(nb) + 1, bs, KVH, D, device=args.device, dtype=args.dtype)
+    vc = torch.randn_like(kc)
+    perm = (torch.randperm(sum(nb)) + 1).tolist()
+    bt = torch.zeros(len(lens), max(nb), dtype=torch.int32)
+    for b, n in enumerate(nb):
+        bt[b, :n] = torch.tensor([perm.pop() for _ in range(n)])
+    q = torch.randn(sum(qlens), H, D, device=args.device, dtype=args.dtype)
+    qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    a = (
+        q,
+        kc,
+        vc,
+        bt.to(args.device),
+        torch.tensor(lens, dtype=torch.int32, device=args.device),
+        qsl.to(args.device),
+    )
+    kw = dict(scale=D**-0.5, max_query_len=max(qlens))
+    err = (
+        (
+            pa.paged_attention_triton(*a, **kw).float()
+            - pa.paged_attention_reference(*a, **kw).float()
+        )
+        .abs()
+        .max()
+    )
+    emit(
+        {"part": "check", "what": "paged_attention triton vs reference", "max_abs_err": float(err)}
+    )
+    if err > 5e-2:
+        raise SystemExit(f"paged_attention Triton kernel disagrees with the reference: {err}")
+
+
+def check_greedy(lm, hf, args) -> None:
+    if hf is None:
+        return
+    engine = make_engine(lm, args, max_tokens_per_step=512)
+    ps = prompts(2, 64, lm.config.vocab_size, 1)
+    outs = engine.generate(ps, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    same = total = 0
+    with torch.no_grad():
+        for p, o in zip(ps, outs, strict=True):
+            ref = hf.generate(
+                torch.tensor([p], device=args.device),
+                do_sample=False,
+                max_new_tokens=16,
+                min_new_tokens=16,
+            )[0, len(p) :].tolist()
+            # Count the matching prefix: bf16 rounding may flip a near-tie later on.
+            k = next(
+                (i for i, (x, y) in enumerate(zip(ref, o.token_ids, strict=True)) if x != y), 16
+            )
+            same, total = same + k, total + 16
+    emit(
+        {
+            "part": "check",
+            "what": "engine greedy vs HF generate (matching prefix)",
+            "fraction": same / total,
+        }
+    )
+    free(engine)
+
+
+# -- parts ----------------------------------------------------------------------------------
+
+
+def run_batch(engine, ps, out_len) -> float:
+    sync(engine.device)
+    t0 = time.perf_counter()
+    engine.generate(ps, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
+    sync(engine.device)
+    return time.perf_counter() - t0
+
+
+def part_a(lm, hf, args) -> None:
+    V = lm.config.vocab_size
+    if hf is not None:
+        for c in args.hf_concurrency:
+            ids = torch.tensor(prompts(c, args.prompt, V, c), device=args.device)
+            with torch.no_grad():
+                hf.generate(ids[:, :8], do_sample=False, max_new_tokens=2)  # warm-up
+                sync(args.device)
+                t0 = time.perf_counter()
+                hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=args.output,
+                    min_new_tokens=args.output,
+                )
+                sync(args.device)
+            dt = time.perf_counter() - t0
+            emit(
+                {
+                    "part": "a",
+                    "system": "hf_generate",
+                    "concurrency": c,
+                    "seconds": dt,
+                    "output_tok_s": c * args.output / dt,
+                }
+            )
+    engine = make_engine(lm, args, max_tokens_per_step=args.budget)
+    run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up (kernels compile)
+    for c in args.concurrency:
+        dt = run_batch(engine, prompts(c, args.prompt, V, c), args.output)
+        emit(
+            {
+                "part": "a",
+                "system": "fscale.serve",
+                "scheduler": "splitfuse",
+                "budget": args.budget,
+                "concurrency": c,
+                "seconds": dt,
+                "output_tok_s": c * args.output / dt,
+                "preempted": engine.stats()["num_preempted_total"],
+            }
+        )
+    free(engine)
+
+
+def weight_bytes(lm: LoadedModel) -> int:
+    """Bytes one decode step reads: every weight but the embedding table (one row)."""
+    seen, n = set(), 0
+    for k, v in lm.params.items():
+        if k == "embed.weight" or id(v) in seen:
+            continue
+        seen.add(id(v))
+        n += getattr(v, "packed_nbytes", None) or v.numel() * v.element_size()
+    return n
+
+
+def decode_rate(engine, args, vocab) -> float:
+    """Batch-1 decode tokens/s: median step time after the first token."""
+    engine.add_request(
+        "b1",
+        prompts(1, 128, vocab, 7)[0],
+        SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True),
+    )
+    times = []
+    while engine.has_unfinished():
+        sync(engine.device)
+        t0 = time.perf_counter()
+        engine.step()
+        sync(engine.device)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[2:])
+    return 1.0 / times[len(times) // 2]
+
+
+def part_b(lm, args) -> None:
+    engine = make_engine(lm, args, max_tokens_per_step=args.budget)
+    rate = decode_rate(engine, args, lm.config.vocab_size)
+    bound = HBM / weight_bytes(lm)
+    emit(
+        {
+            "part": "b",
+            "weights": "bf16",
+            "decode_tok_s": rate,
+            "bandwidth_bound_tok_s": bound,
+            "fraction_of_bound": rate / bound,
+        }
+    )
+    free(engine)
+
+
+def poisson(engine, ps, out_len, rate, seed) -> dict:
+    rng = random.Random(seed)
+    t, arrivals = 0.0, []
+    for _ in ps:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    first, last, i = {}, {}, 0
+    sync(engine.device)
+    t0 = time.perf_counter()
+    while i < len(ps) or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while i < len(ps) and arrivals[i] <= now:
+            engine.add_request(str(i), ps[i], params)
+            i += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(arrivals[i] - now, 0.05)))
+            continue
+        outs = engine.step()
+        sync(engine.device)
+        now = time.perf_counter() - t0
+        for o in outs:
+            r = int(o.request_id)
+            first.setdefault(r, now)
+            if o.finished:
+                last[r] = now
+    wall = time.perf_counter() - t0
+    ttft = sorted(first[r] - arrivals[r] for r in range(len(ps)))
+    tpot = sorted((last[r] - first[r]) / max(1, out_len - 1) for r in range(len(ps)))
+
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+    return {
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "tpot_p50": pct(tpot, 0.5),
+        "tpot_p99": pct(tpot, 0.99),
+        "achieved_req_s": len(ps) / wall,
+        "output_tok_s": len(ps) * out_len / wall,
+    }
+
+
+def part_c(lm, args) -> None:
+    V = lm.config.vocab_size
+    for wname, (plen, olen, rates) in args.workloads.items():
+        for sched, budget in (
+            ("splitfuse", args.splitfuse_budget),
+            ("prefill_first", args.prefill_budget),
+        ):
+            engine = make_engine(lm, args, scheduler=sched, max_tokens_per_step=budget)
+            run_batch(engine, prompts(2, 16, V, 0), 4)
+            best = 0.0
+            for rate in rates:
+                ps = prompts(args.requests, plen, V, int(rate * 100))
+                r = poisson(engine, ps, olen, rate, seed=1)
+                ok = r["ttft_p99"] <= plen / 512 and r["tpot_p99"] <= 0.050
+                best = max(best, rate) if ok else best
+                emit(
+                    {
+                        "part": "c",
+                        "workload": wname,
+                        "scheduler": sched,
+                        "budget": budget,
+                        "rate": rate,
+                        "slo_met": ok,
+                        **r,
+                    }
+                )
+            emit({"part": "c", "workload": wname, "scheduler": sched, "effective_req_s": best})
+            free(engine)
+
+
+def part_d(lm, args) -> None:
+    V = lm.config.vocab_size
+    for fmt in (None, "e3m2"):
+        engine = make_engine(lm, args, quantize=fmt, max_tokens_per_step=args.budget)
+        run_batch(engine, prompts(2, 16, V, 0), 4)
+        rate = decode_rate(engine, args, V)
+        c = args.saturation
+        dt = run_batch(engine, prompts(c, args.prompt, V, c), args.output)
+        emit(
+            {
+                "part": "d",
+                "weights": fmt or "bf16",
+                "decode_tok_s": rate,
+                "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
+                "saturation_concurrency": c,
+                "saturation_output_tok_s": c * args.output / dt,
+            }
+        )
+        free(engine)
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def plot(path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+        return
+    rows = [r for r in ROWS if r["part"] == "c" and "rate" in r]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for w, s in sorted({(r["workload"], r["scheduler"]) for r in rows}):
+        rs = [r for r in rows if r["workload"] == w and r["scheduler"] == s]
+        x = [r["achieved_req_s"] for r in rs]
+        axes[0].plot(x, [r["ttft_p99"] for r in rs], "o-", label=f"{w} {s}")
+        axes[1].plot(x, [r["tpot_p99"] * 1e3 for r in rs], "o-", label=f"{w} {s}")
+    axes[0].set(xlabel="requests/s", ylabel="p99 TTFT (s)", yscale="log")
+    axes[1].set(xlabel="requests/s", ylabel="p99 TPOT (ms)")
+    axes[1].axhline(50, color="gray", ls="--")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("fscale.serve: latency vs throughput (Poisson arrivals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke test)")
+    ap.add_argument("--kv-gib", type=float, default=40.0)
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if args.tiny:
+        args.device, args.dtype = torch.device("cpu"), torch.float32
+        args.kv_gib, args.max_model_len = 0.05, 1024
+        args.prompt, args.output, args.concurrency, args.hf_concurrency = 32, 8, [1, 4], [1, 4]
+        args.budget, args.splitfuse_budget, args.prefill_budget = 64, 32, 128
+        args.workloads = {"512/128": (32, 8, [20.0]), "fastgen": (100, 4, [10.0])}
+        args.requests, args.decode_tokens, args.saturation = 4, 12, 4
+    else:
+        args.device, args.dtype = torch.device("cuda"), torch.bfloat16
+        args.max_model_len = 4096
+        args.prompt, args.output = 512, 128
+        args.concurrency, args.hf_concurrency = [1, 16, 64, 256], [1, 16, 64]
+        args.budget, args.splitfuse_budget, args.prefill_budget = 2048, 512, 4096
+        args.workloads = {
+            "512/128": (512, 128, [4.0, 8.0, 16.0, 32.0]),
+            "fastgen": (2600, 60, [1.0, 2.0, 4.0, 8.0]),
+        }
+        args.requests, args.decode_tokens, args.saturation = 48, 128, 128
+    cfg = config(args)
+    print(f"{cfg}\nparts {sorted(parts)} on {args.device}", flush=True)
+    lm = build_weights(cfg, args.device, args.dtype)
+    check_attention(args)
+    hf = hf_model(lm, args.device, args.dtype) if "a" in parts or args.tiny else None
+    check_greedy(lm, hf, args)
+    if "a" in parts:
+        part_a(lm, hf, args)
+    hf = None
+    free()
+    if "b" in parts:
+        part_b(lm, args)
+    if "c" in parts:
+        part_c(lm, args)
+    if "d" in parts:
+        part_d(lm, args)
+    date = datetime.datetime.now().strftime("%Y-%m-%d")
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = (
+        "serve.json"
+        if os.environ.get("OUT")
+        else f"serve_{date}{'_tiny' if args.tiny else ''}.json"
+    )
+    result = {"bench": "serve", **provenance(args.device), "layers": cfg.num_layers, "rows": ROWS}
+    (out / name).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / name}", flush=True)
+    plot(out / name.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+    main()
