@@ -101,7 +101,9 @@ def route(
     # (Switch's loss for k = 1; for k > 1 GShard counts only the first choice,
     # Megatron and torchtitan all of them, as here).
     flat_e = idx.t().reshape(-1)  # assignment a = j * T + t
-    counts_all = torch.bincount(flat_e, minlength=E)
+    # Not bincount: on CUDA it reads the max id on the host; this stays on the device.
+    counts_all = torch.zeros(E, dtype=torch.int64, device=logits.device)
+    counts_all.index_add_(0, flat_e, torch.ones_like(flat_e))
     f = counts_all.float() / (T * top_k)
     load_balance = E * (f * density.mean(0)).sum()
     z_loss = torch.logsumexp(logits, -1).square().mean()

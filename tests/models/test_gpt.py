@@ -131,3 +131,12 @@ def test_large_presets_on_meta():
             model = GPT(cfg)
         assert model.num_params() / 1e9 == pytest.approx(billions, abs=0.1)
         assert model.head.weight is model.tok_emb.weight
+
+
+def test_default_config_is_dense():
+    cfg = GPTConfig.tiny()
+    assert cfg.experts == 0 and cfg.moe_layers() == []
+    model = GPT(cfg)
+    assert all("mlp" in b._modules and "moe" not in b._modules for b in model.blocks)
+    assert model.num_params(active=True) == model.num_params()
+    assert not any("moe" in name for name, _ in model.named_parameters())
