@@ -311,9 +311,17 @@ def test_moe_gpt_trains_with_the_dense_loss():
     assert 0.01 < float(metrics["aux/moe_load_balance"]) < 0.2
 
 
-@pytest.mark.parametrize("wrap", ["checkpoint", "zero3"])
-def test_moe_gpt_under_transforms_equals_plain(wrap):
-    cfg = GPTConfig.moe_tiny(residual=True)
+@pytest.mark.parametrize(
+    "wrap,changes",
+    [
+        ("checkpoint", {"residual": True}),
+        ("zero3", {"residual": True}),
+        # the recomputed forward must draw the same noise and RTS order
+        ("checkpoint", {"noisy_std": 1.0, "random_token_selection": True, "capacity_factor": 0.5}),
+    ],
+)
+def test_moe_gpt_under_transforms_equals_plain(wrap, changes):
+    cfg = GPTConfig.moe_tiny(**changes)
     batch = _batch(cfg, seed=1)
     results = []
     for wrapped in (False, True):
@@ -325,6 +333,7 @@ def test_moe_gpt_under_transforms_equals_plain(wrap):
             wrapper = fs.checkpoint_activations if wrap == "checkpoint" else fs.shard_zero
             step = wrapper(step) if wrap == "checkpoint" else wrapper(step, 3)
         params, state = step.init(params)
+        torch.manual_seed(5)
         params, state, metrics = step(params, state, batch)
         results.append(({k: v.detach().clone() for k, v in params.items()}, metrics))
     (p0, m0), (p1, m1) = results
