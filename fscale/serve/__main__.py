@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fscale.serve", description=__doc__.splitlines()[0])
@@ -19,7 +21,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one)")
     p.add_argument("--served-model-name", default=None, help="the name clients pass as model")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (model's default)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--quantize", default=None, help="an fs.quantize format, e.g. e3m2, int8")
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="SplitFuse token budget")
@@ -46,11 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
+
     from fscale.serve.server import serve
 
     args = parse_args(argv)
+    short = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    dtype = None if args.dtype is None else getattr(torch, short.get(args.dtype, args.dtype))
     engine_kwargs = dict(
-        dtype=args.dtype,
+        dtype=dtype,
         device=args.device,
         quantize=args.quantize,
         max_tokens_per_step=args.max_tokens_per_step,

@@ -325,6 +325,7 @@ class _Run:
         self.created = int(time.time())
         self.t0 = time.monotonic()
         self.first_token_at: float | None = None
+        self.next_check = self.t0 + DISCONNECT_POLL_S  # when _watch next asks about the client
         self.streams: list[RequestStream] = []
         self.queue: asyncio.Queue = asyncio.Queue()  # shared by the streams: arrival order
         self.index: dict[str, int] = {}
@@ -435,11 +436,16 @@ class _Run:
         task = asyncio.ensure_future(aw)
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                wait = max(0.0, self.next_check - time.monotonic())
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                # Checked on a clock, not only on timeouts: a fast stream of outputs would
+                # otherwise never look, and a gone client's request would run to the end.
+                if time.monotonic() >= self.next_check:
+                    self.next_check = time.monotonic() + DISCONNECT_POLL_S
+                    if await self.request.is_disconnected():
+                        raise _ClientGone()
                 if done:
                     return task.result()
-                if await self.request.is_disconnected():
-                    raise _ClientGone()
         finally:
             if not task.done():
                 task.cancel()
