@@ -34,6 +34,7 @@ from fscale.transforms import (
     seqlen_root,
     seqlen_warmup,
     shard_zero,
+    tensor_parallel,
     zero_one_adam,
     zeropp,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "seqlen_root",
     "seqlen_warmup",
     "shard_zero",
+    "tensor_parallel",
     "train_step",
     "tree",
     "zero_one_adam",

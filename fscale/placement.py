@@ -33,6 +33,9 @@ class Placement:
     shard: tuple[str, ...] = ()
     replicate: tuple[str, ...] = ()
     dim: int = 0
+    #: The sharded dim is ``chunks`` equal blocks (a fused projection: qkv), each split
+    #: over the shard dims; a rank holds its part of every block, in block order.
+    chunks: int = 1
 
     def __post_init__(self):
         if set(self.shard) & set(self.replicate):
@@ -56,6 +59,9 @@ class Placement:
         if not self.shard:
             return self.shape
         shape = self.shape or (1,)
+        if self.chunks > 1:  # tensor_parallel checks that the blocks split evenly
+            rows = shape[self.dim] // self.parts(mesh)
+            return (*shape[: self.dim], rows, *shape[self.dim + 1 :])
         rows = math.ceil(shape[self.dim] / self.parts(mesh))
         return (*shape[: self.dim], rows, *shape[self.dim + 1 :])
 
@@ -66,6 +72,7 @@ class Placement:
             "shard": list(self.shard),
             "replicate": list(self.replicate),
             "dim": self.dim,
+            "chunks": self.chunks,
         }
 
 

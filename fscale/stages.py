@@ -210,17 +210,20 @@ def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
         if g is None:
             continue
         dims = tuple(d for d in placement.shard if mesh.size(d) > 1) if placement else ()
-        norms.setdefault(dims, []).append(torch.linalg.vector_norm(g.float()))
+        # fp32 at least (bf16 grads), float64 kept (a float64 model clips exactly).
+        wide = torch.promote_types(g.dtype, torch.float32)
+        norms.setdefault(dims, []).append(torch.linalg.vector_norm(g, dtype=wide))
     if not norms:
         return torch.zeros(())
     device = next(iter(norms.values()))[0].device
+    wide = max((n.dtype for ns in norms.values() for n in ns), key=lambda d: d.itemsize)
     parts = {
-        dims: torch.linalg.vector_norm(torch.stack([n.to(device) for n in ns]))
+        dims: torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in ns]))
         for dims, ns in norms.items()
     }
     if list(parts) == [()]:
         return parts[()]
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=device, dtype=wide)
     for dims, part in parts.items():
         square = part.square()
         for dim in dims:

@@ -21,6 +21,7 @@ from fscale.transforms.offload import offload
 from fscale.transforms.precision import mixed_precision
 from fscale.transforms.quantize import dequantize, quantize, quantize_report
 from fscale.transforms.random_ltd import layer_token_lr, random_ltd
+from fscale.transforms.tensor_parallel import tensor_parallel
 from fscale.transforms.zero import gather_params, shard_zero
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "seqlen_root",
     "seqlen_warmup",
     "shard_zero",
+    "tensor_parallel",
     "zero_one_adam",
     "zeropp",
 ]

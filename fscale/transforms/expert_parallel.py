@@ -44,8 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fscale.hw import grad_comm
 from fscale.placement import Placement, place
-from fscale.policies import ZeroPolicy
+from fscale.policies import ModelParallelDims, ZeroPolicy
 from fscale.step import Step, Transform
 
 NAME = "expert_parallel"
@@ -53,10 +54,20 @@ _CALL: contextvars.ContextVar[_Call] = contextvars.ContextVar("fscale_expert_par
 
 
 @dataclass(frozen=True)
+class _TP:
+    """The tensor-parallel group whose ranks hold the same tokens (TED)."""
+
+    group: object
+    size: int
+    rank: int
+
+
+@dataclass(frozen=True)
 class _Call:
     comm: object  # the call's ctx.comm
     group: object
     size: int
+    tp: _TP | None = None
 
 
 def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
@@ -73,6 +84,12 @@ def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
     Returns:
       A ``Step`` whose banks hold ``E / size(dim)`` experts per rank.
     """
+    if step.policy(ModelParallelDims) is not None:
+        raise ValueError(
+            "expert_parallel cannot be applied over tensor_parallel: the expert dispatch must "
+            "run outside the tensor-parallel bank (TED). Apply tensor_parallel over it: "
+            "tensor_parallel(expert_parallel(step), ...)."
+        )
     if step.policy(ZeroPolicy) is not None:
         raise ValueError(
             "expert_parallel cannot be applied over shard_zero: it slices the full params "
@@ -142,7 +159,7 @@ def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
         return inner_init(step_, params)
 
     def loss_and_grad(ctx, params, batch):
-        token = _CALL.set(_Call(ctx.comm, group, size))
+        token = _CALL.set(_Call(ctx.comm, group, size, _tensor_parallel(ctx.step)))
         try:
             return inner_loss(ctx, params, batch)
         finally:
@@ -225,9 +242,31 @@ def _dispatching(forward: Callable, banks: list[nn.Module], call: _Call) -> Call
     return run
 
 
+def _tensor_parallel(step: Step) -> _TP | None:
+    """The model-parallel dim over this transform (tensor_parallel), if it splits."""
+    policy = step.policy(ModelParallelDims)
+    if policy is None:
+        return None
+    dim = policy.dims[0]
+    mesh = step.mesh
+    return _TP(mesh.group(dim), mesh.size(dim), mesh.rank(dim)) if mesh.size(dim) > 1 else None
+
+
 def _bank_dispatch(local_forward: Callable, call: _Call) -> Callable:
+    """The bank's forward as seen from the MoE layer: tokens to their experts and back.
+
+    [Note: TED]
+    Under tensor_parallel the ranks of a tensor-parallel group hold the same tokens.
+    Each sends only its 1/tp of them through the all_to_all (``split_to``), the
+    group then gathers what its ranks received (``gather_from``) so that the bank,
+    split over the group by hidden units, runs on every token its experts own; its
+    summed output is split back to the rank that brought each token, combined, and
+    gathered over the group again. Every collective's backward is its transpose
+    (``fscale/hw/grad_comm.py``), so grads are those of the replicated dispatch.
+    """
+
     def dispatch(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        n = call.size
+        n, comm, tp = call.size, call.comm, call.tp
         counts = counts.to(torch.int64).reshape(-1)
         if counts.numel() % n:
             raise ValueError(
@@ -235,16 +274,36 @@ def _bank_dispatch(local_forward: Callable, call: _Call) -> Callable:
                 f"do not split over {n} ranks."
             )
         local = counts.numel() // n
+        if tp is not None:  # [Note: TED]: keep this rank's share of the duplicated tokens
+            total = x.shape[0]
+            sizes = [total // tp.size + (r < total % tp.size) for r in range(tp.size)]
+            start = sum(sizes[: tp.rank])
+            x = grad_comm.split_to(comm, "ep.ted", tp.group, x, sizes)
+            ends = torch.cumsum(counts, 0)
+            counts = ends.clamp(max=start + sizes[tp.rank]) - (ends - counts).clamp(min=start)
+            counts = counts.clamp(min=0)
         # Row s of `received`: how many tokens rank s sends each of my experts.
-        received = call.comm.all_to_all("ep.counts", counts.contiguous(), group=call.group)
+        received = comm.all_to_all("ep.counts", counts.contiguous(), group=call.group)
         received = received.view(n, local)
         send = counts.view(n, local).sum(1).tolist()
         recv = received.sum(1).tolist()
-        tokens = _AllToAll.apply(x, call, "ep.dispatch", recv, send)
+        tokens = grad_comm.all_to_all(comm, "ep.dispatch", call.group, x, recv, send)
         order = _expert_major(received)
-        out = local_forward(tokens[order], received.sum(0))
+        mine, mine_counts = tokens[order], received.sum(0)
+        if tp is None:
+            out = local_forward(mine, mine_counts)
+        else:
+            every = comm.all_gather("ep.counts", mine_counts, group=tp.group).view(tp.size, local)
+            shares = every.sum(1).tolist()
+            gathered = grad_comm.gather_from(comm, "ep.ted", tp.group, mine, shares)
+            by_expert = _expert_major(every)
+            out = local_forward(gathered[by_expert], every.sum(0))[torch.argsort(by_expert)]
+            out = grad_comm.split_to(comm, "ep.ted", tp.group, out, shares)
         back = out[torch.argsort(order)]
-        return _AllToAll.apply(back, call, "ep.combine", send, recv)
+        y = grad_comm.all_to_all(comm, "ep.combine", call.group, back, send, recv)
+        if tp is not None:
+            y = grad_comm.gather_from(comm, "ep.ted", tp.group, y, sizes)
+        return y
 
     return dispatch
 
@@ -260,32 +319,3 @@ def _expert_major(received: torch.Tensor) -> torch.Tensor:
     total = int(lengths.sum())
     shift = torch.repeat_interleave(starts_t - offsets_t, lengths_t, output_size=total)
     return torch.arange(total, device=received.device) + shift
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single whose backward is the all_to_all with the splits swapped."""
-
-    @staticmethod
-    def forward(x, call, tag, out_splits, in_splits):
-        return call.comm.all_to_all(
-            tag,
-            x.contiguous(),
-            output_split_sizes=out_splits,
-            input_split_sizes=in_splits,
-            group=call.group,
-        )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, ctx.call, ctx.tag, ctx.out_splits, ctx.in_splits = inputs
-
-    @staticmethod
-    def backward(ctx, grad):
-        back = ctx.call.comm.all_to_all(
-            ctx.tag,
-            grad.contiguous(),
-            output_split_sizes=ctx.in_splits,
-            input_split_sizes=ctx.out_splits,
-            group=ctx.call.group,
-        )
-        return back, None, None, None, None
