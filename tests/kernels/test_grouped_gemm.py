@@ -107,7 +107,7 @@ def test_tile_table_covers_every_row_once():
 @pytest.mark.skipif(not gg.HAS_TORCH_GROUPED_MM, reason="torch has no _grouped_mm")
 def test_torch_grouped_mm_lowering_in_bf16():
     # torch 2.13's CPU build runs _grouped_mm too, so the lowering is checked here.
-    x, w, counts = _case([8, 0, 16, 8], 16, 32, dtype=torch.bfloat16)
+    x, w, counts = _case([5, 0, 4, 4], 16, 32, dtype=torch.bfloat16)  # N=13: any row count
     try:
         got = _grads(x, w, counts, lambda a, b, c: gg.grouped_mm(a, b, c, impl="torch"))
     except RuntimeError as e:  # an older CPU build without the kernel
