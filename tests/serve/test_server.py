@@ -580,7 +580,7 @@ def test_cli_serves_a_model_directory(tiny_gpt2_dir):
         proc.wait(timeout=30)
 
 
-def test_example_serve_gpt(capsys):
+def test_example_serve_gpt(capsys, tmp_path):
     spec = importlib.util.spec_from_file_location("serve_gpt", ROOT / "examples" / "serve_gpt.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -588,3 +588,18 @@ def test_example_serve_gpt(capsys):
     assert len(texts) == len(mod.PROMPTS) and all(isinstance(t, str) for t in texts)
     out = capsys.readouterr().out
     assert "serving at http://127.0.0.1:" in out and "usage:" in out
+
+    # --checkpoint: a run directory as train_gpt.py --save-dir writes it (its step, fs.save).
+    import fscale as fs
+    from fscale.models import GPT, GPTConfig
+
+    tg = mod.train_gpt
+    cfg = GPTConfig.tiny()
+    params, apply = fs.functional(GPT(cfg))
+    step = tg.build_step(tg.parse_args(["--preset", "tiny"]), lambda p, b: 0, model=apply, cfg=cfg)
+    params, state = step.init(params)
+    fs.save(tmp_path / "run", params, state, at=3)
+    texts = mod.main(["--checkpoint", str(tmp_path / "run"), "--preset", "tiny",
+                      "--max-tokens", "4", "--temperature", "0"])  # fmt: skip
+    assert len(texts) == len(mod.PROMPTS)
+    assert f"loaded {tmp_path / 'run'}" in capsys.readouterr().out
