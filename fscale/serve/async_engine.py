@@ -54,6 +54,10 @@ class ShuttingDown(RuntimeError):
     """The server stopped before the request finished."""
 
 
+class Withdrawn(RuntimeError):
+    """The handler gave up on the request before the engine admitted it (nobody waits)."""
+
+
 @dataclass(eq=False)
 class _Pending:
     request_id: str
@@ -235,7 +239,7 @@ class AsyncEngine:
         while self._admission:
             p = self._admission.popleft()
             if p.stream.finished:  # withdrawn by its handler; the abort command follows
-                p.admitted.set_exception(asyncio.CancelledError())
+                p.admitted.set_exception(Withdrawn(p.request_id))
                 continue
             if full:  # arrival order: nobody overtakes a request waiting for room
                 self._expire_or_keep(p, now, kept)
@@ -264,7 +268,7 @@ class AsyncEngine:
     def _abort(self, request_id: str) -> None:
         for p in [p for p in self._admission if p.request_id == request_id]:
             self._admission.remove(p)
-            p.admitted.set_exception(asyncio.CancelledError())
+            p.admitted.set_exception(Withdrawn(p.request_id))
         if self._active.pop(request_id, None) is not None:
             try:
                 self.engine.abort(request_id)

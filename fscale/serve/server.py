@@ -147,6 +147,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             msg += f" (and {len(errs) - 1} more problem(s) in the body)"
         return respond(400, msg, "invalid_request_error", param=loc[0] if loc else None)
 
+    @app.exception_handler(Exception)
+    async def crashed(request, exc: Exception):
+        # A bug of ours or the engine's, outside the step: this request gets a 500 in the
+        # error shape (uvicorn logs the traceback); the server goes on.
+        return respond(500, f"internal error: {exc!r}", "server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -281,6 +287,10 @@ class _State:
                 f"/v1/chat/completions needs the model's chat template: {e}",
                 param="messages",
                 code="no_chat_template",
+            ) from None
+        except Exception as e:  # the template itself refused (e.g. roles must alternate)
+            raise APIError(
+                400, f"the chat template could not render these messages: {e}", param="messages"
             ) from None
         requested = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
         params = self.sampling(body, len(ids), requested, None)

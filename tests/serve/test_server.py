@@ -476,6 +476,33 @@ def test_failed_step_mid_stream_reports_in_band(small, ref_small):
     assert r.json()["choices"][0]["text"] == ref_small("Hi", 3).text
 
 
+def test_unexpected_handler_error_is_500_for_that_request_only(small, monkeypatch):
+    tok = small.engine.tokenizer
+    real = tok.encode
+
+    def encode(text):
+        if "crash" in text:
+            raise RuntimeError("tokenizer bug")
+        return real(text)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    err = _assert_error(small.client.post("/v1/completions", json={"prompt": "crash"}), 500)
+    assert "tokenizer bug" in err["message"] and err["type"] == "server_error"
+    r = small.client.post("/v1/completions", json={"prompt": "fine", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_chat_template_that_refuses_is_400(llama, monkeypatch):
+    def refuse(messages):
+        raise RuntimeError("roles must alternate user/assistant")
+
+    monkeypatch.setattr(llama.engine.tokenizer, "apply_chat_template", refuse)
+    r = llama.client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+    )
+    _assert_error(r, 400, contains="roles must alternate")
+
+
 # ---------------------------------------------------------------------------- metrics
 
 
