@@ -344,12 +344,18 @@ class _Run:
     async def admit(self, params: Sequence) -> None:
         """Add every prompt to the engine; on any failure withdraw them all and raise."""
         aeng, m = self.state.aeng, self.state.metrics
+        adds = []
+        for i, (ids, sp) in enumerate(zip(self.ids, params, strict=True)):
+            rid = self.rid if len(self.ids) == 1 else f"{self.rid}-{i}"
+            self.index[rid] = i
+            adds.append(aeng.add(rid, ids, sp, queue=self.queue))
         try:
-            for i, (ids, sp) in enumerate(zip(self.ids, params, strict=True)):
-                rid = self.rid if len(self.ids) == 1 else f"{self.rid}-{i}"
-                self.index[rid] = i
-                stream = await self._watch(aeng.add(rid, ids, sp, queue=self.queue))
-                self.streams.append(stream)
+            # All at once: one round trip through the loop thread, not one step per prompt.
+            results = await self._watch(asyncio.gather(*adds, return_exceptions=True))
+            self.streams = [r for r in results if isinstance(r, RequestStream)]
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
         except BaseException as e:
             self.abort()
             if isinstance(e, QueueTimeout):

@@ -197,6 +197,14 @@ def test_completion_token_ids_and_batched_prompts(llama, ref):
     assert [c["index"] for c in choices] == [0, 1]
     for prompt, choice in zip([ids, PROMPTS[3]], choices, strict=True):
         assert choice["text"] == ref.greedy(prompt, 7).text
+    # Streamed, the chunks of both prompts interleave, each carrying its prompt's index.
+    body = {"prompt": prompts, "max_tokens": 7, "temperature": 0, "stream": True}
+    with llama.client.stream("POST", "/v1/completions", json=body) as r:
+        events = _sse(r)
+    texts = ["", ""]
+    for e in events[:-1]:
+        texts[e["choices"][0]["index"]] += e["choices"][0]["text"]
+    assert texts == [c["text"] for c in choices] and events[-1] == "[DONE]"
     # A single list of ids is one prompt, not a batch of one-token prompts.
     r = llama.client.post(
         "/v1/completions", json={"prompt": ids, "max_tokens": 3, "temperature": 0}
