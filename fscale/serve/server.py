@@ -110,13 +110,29 @@ def build_app(engine, *, served_model_name: str | None = None, max_queue_wait_s:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await state.completions(body, request)
+        return await _guard(state.completions(body, request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await state.chat(body, request)
+        return await _guard(state.chat(body, request))
 
     return app
+
+
+async def _guard(handler):
+    """Await a handler; an unexpected error becomes a 500 APIError for this request alone.
+
+    Starlette's catch-all ``Exception`` handler re-raises after answering, and uvicorn then
+    closes the connection: a keep-alive client would see its next request fail. An
+    APIError is answered by the ordinary handler, with the connection kept.
+    """
+    try:
+        return await handler
+    except APIError:
+        raise
+    except Exception as e:
+        log.exception("request failed")
+        raise APIError(500, f"internal error: {e!r}", type="server_error") from None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -149,8 +165,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(request, exc: Exception):
-        # A bug of ours or the engine's, outside the step: this request gets a 500 in the
-        # error shape (uvicorn logs the traceback); the server goes on.
+        # Last resort for routes without _guard: a 500 in the error shape (uvicorn logs the
+        # traceback and closes this connection); the server goes on.
         return respond(500, f"internal error: {exc!r}", "server_error")
 
     @app.exception_handler(StarletteHTTPException)
