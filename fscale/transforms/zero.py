@@ -39,6 +39,7 @@ Trillion Parameter Models", SC 2020; Zhao et al., "PyTorch FSDP", VLDB 2023.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -48,11 +49,12 @@ from fscale import tree
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.param_source import ParamSource
-from fscale.placement import Placement, place
+from fscale.placement import Placement, place, placement_of
 from fscale.policies import (
     CHANGES_GRADS_AFTER_BACKWARD,
     SHARDS_PARAMS,
     SKIP_SAFE_UPDATE,
+    ModelParallelDims,
     ParamSourcePolicy,
     PrecisionPolicy,
     ZeroPolicy,
@@ -62,6 +64,7 @@ from fscale.transforms._zero import stage3
 from fscale.transforms._zero.config import NAME, ZeroConfig
 from fscale.transforms._zero.plan import plan_zero
 from fscale.transforms._zero.sharding import (
+    Reduction,
     ShardSpec,
     build_units,
     split_shards,
@@ -130,7 +133,23 @@ def shard_zero(
             "shard_zero's mesh differs from the step's mesh; pass the same mesh to "
             "train_step(mesh=...) and shard_zero(mesh=...), or only one of them."
         )
+    mp_dims = step.policy(ModelParallelDims)
+    model_dims = tuple(d for d in (mp_dims.dims if mp_dims else ()) if d in resolved.dims)
+    data_dims = tuple(d for d in resolved.dims if d not in model_dims)
+    if model_dims and not data_dims:
+        raise ValueError(
+            f"shard_zero: every dim of the mesh {list(resolved.dims)} splits the model "
+            f"({list(model_dims)}); ZeRO shards over a data dim. Build the mesh with one, "
+            "e.g. init_device_mesh(..., mesh_dim_names=('dp', 'tp'))."
+        )
+    if shard_dim is None and model_dims:
+        shard_dim = data_dims[-1]  # the mesh's last dim is a model dim: the last data dim
     dim = meshes.pick(resolved, shard_dim, "shard_zero(shard_dim=...)")
+    if dim in model_dims:
+        raise ValueError(
+            f"shard_zero(shard_dim={dim!r}) shards over tensor_parallel's dim; shard over a "
+            f"data dim: shard_zero(..., shard_dim={data_dims[-1]!r})."
+        )
     actual = resolved.size(dim)
     if world_size is not None and world_size != actual:
         raise ValueError(
@@ -141,8 +160,13 @@ def shard_zero(
     if bucket_mb is not None and not bucket_mb > 0:
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}.")
     bucket_bytes = int((bucket_mb or _DEFAULT_BUCKET_MB) * 2**20)
-    replicate = tuple(d for d in resolved.dims if d != dim)
-    cfg = ZeroConfig(stage, resolved, dim, replicate, unit, prefetch, bucket_bytes, check_order)
+    # HSDP's replicas are the other *data* dims; model dims hold copies of a dense leaf
+    # too (placements say so), but no grad is averaged over them.
+    replicate = tuple(d for d in data_dims if d != dim)
+    others = tuple(d for d in resolved.dims if d != dim)
+    cfg = ZeroConfig(
+        stage, resolved, dim, replicate, unit, prefetch, bucket_bytes, check_order, others
+    )
     mp = step.policy(PrecisionPolicy)
     options = {"stage": stage, "prefetch": prefetch, "shard": f"{dim}={actual}"}
     if replicate:
@@ -194,43 +218,39 @@ def _already_reduced(ctx: StepContext, grads):
 
 
 def _init(cfg: ZeroConfig, inner, step: Step, params):
+    """Shard the leaves the inner stack lays out, and build the state on the shards.
+
+    The inner init runs on the full params: transforms under shard_zero that lay
+    params out (expert_parallel, tensor_parallel slice them) do so first. At the
+    bottom of the chain the optimizer's ``init`` receives the laid-out leaves; it is
+    wrapped here to shard them (``_shard``) and build the optimizer state on the
+    shards, so each leaf is sliced once and sharded once.
+    """
     if not isinstance(params, dict):
         raise TypeError(
             f"shard_zero needs the params dict from fs.functional, got {type(params).__name__}."
         )
-    world, rank = cfg.world, cfg.mesh.rank(cfg.shard_dim)
-    policy = cfg.unit or (step.units.key_of if step.units is not None else None)
-    units = build_units(params, world, policy)
-    _check_tied(params, units)
-    specs = {s.name: s for u in units for s in u.specs}
-    mp = step.policy(PrecisionPolicy)
-    slot = {"units": units, "specs": specs, "flats": {}}
-    if cfg.stage == 3:
-        # [Note: flat master shards] each unit's shards are views of one flat buffer:
-        # the all-gather reads it directly (one cast kernel under mixed precision).
-        flats = {}
-        for u in units:
-            flats[u.key] = params[u.specs[0].name].new_empty(u.shard_numel)
-            for spec, view in zip(u.specs, split_shards(flats[u.key], u.specs), strict=True):
-                view.copy_(spec.shard(params[spec.name].detach(), rank))
-        device = next((f.device for f in flats.values()), torch.device("cpu"))
-        source = _param_source(step, device, mp)
-        slot["flats"] = flats = source.place(flats)
-        for u in units:  # rank-major: rank r holds elements [r*k, (r+1)*k) of all flats
-            if isinstance(flats[u.key], torch.Tensor):
-                place(
-                    flats[u.key],
-                    Placement((cfg.world * u.shard_numel,), (cfg.shard_dim,), cfg.replicate_dims),
-                )
-        slot["source"] = source
-        shards = {n: None for n in params}
-        for u in units:
-            shards.update(zip(u.names, split_shards(flats[u.key], u.specs), strict=True))
-    else:
-        shards = {
-            n: (None if t is None else specs[n].shard(t.detach(), rank)) for n, t in params.items()
-        }
-    shards, state = inner.init(step, shards)
+    made: dict = {}
+    optimizer = step.optimizer
+
+    def init_on_shards(laid):
+        if not isinstance(laid, dict):
+            raise TypeError(
+                f"shard_zero needs the params dict from fs.functional, got {type(laid).__name__}."
+            )
+        made["laid"] = laid
+        made["shards"], made["slot"] = _shard(cfg, step, laid)
+        return optimizer.init(made["shards"])
+
+    probe = dataclasses.replace(step, optimizer=optimizer._replace(init=init_on_shards))
+    _, state = inner.init(probe, params)
+    if "shards" not in made:
+        raise RuntimeError(
+            "shard_zero: the inner init never built the optimizer state (optimizer.init); "
+            "a transform under shard_zero replaced init without calling its inner init."
+        )
+    laid, shards, slot = made["laid"], made["shards"], made["slot"]
+    specs = slot["specs"]
     for n, s in shards.items():
         if s is not None:
             _tag(cfg, s, specs[n])
@@ -241,15 +261,161 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
     # Stages 1/2 keep full params for compute and a master copy of this rank's rows.
     # Under mixed_precision the full params are kept in the compute dtype only (the
     # fp32 master is the shards): DeepSpeed's layout, 2 bytes/param instead of 4 + 2.
+    mp = step.policy(PrecisionPolicy)
     state[NAME]["master"] = shards
     dtype = mp.param_dtype if mp is not None else None
-    every = (cfg.shard_dim, *cfg.replicate_dims)
+    every = (cfg.shard_dim, *cfg.copies)
     full = {}
-    for n, t in params.items():
+    for n, t in laid.items():
         full[n] = None if t is None else t.detach().to(dtype or t.dtype)
-        if t is not None:
-            place(full[n], Placement(tuple(t.shape), (), every))
+        if t is not None:  # a model-parallel slice keeps its placement
+            place(full[n], placement_of(t) or Placement(tuple(t.shape), (), every))
     return full, state
+
+
+def _shard(cfg: ZeroConfig, step: Step, params: dict):
+    """The laid-out leaves -> (this rank's shards, shard_zero's state slot)."""
+    policy = cfg.unit or (step.units.key_of if step.units is not None else None)
+    classes = _classify(cfg, params)
+    units = build_units(params, cfg.world, policy, classes)
+    _check_tied(params, units)
+    specs = {s.name: s for u in units for s in u.specs}
+    mp = step.policy(PrecisionPolicy)
+    slot = {"units": units, "specs": specs, "flats": {}}
+    unsavable = sorted(n for n, s in specs.items() if s.placement is _INEXPRESSIBLE)
+    if unsavable:
+        slot["unsavable"] = _Unsavable(tuple(unsavable), cfg.shard_dim)
+    specs = {
+        n: dataclasses.replace(s, placement=_own_placement(cfg, s))
+        if s.placement is _INEXPRESSIBLE
+        else s
+        for n, s in specs.items()
+    }
+    if unsavable:
+        units = [type(u)(u.key, tuple(specs[s.name] for s in u.specs)) for u in units]
+        slot["units"], slot["specs"] = units, specs
+    if cfg.stage == 3:
+        # [Note: flat master shards] each unit's shards are views of one flat buffer:
+        # the all-gather reads it directly (one cast kernel under mixed precision).
+        flats = {}
+        for u in units:
+            rank = cfg.rank_of(u.reduction)
+            flats[u.key] = params[u.specs[0].name].new_empty(u.shard_numel)
+            for spec, view in zip(u.specs, split_shards(flats[u.key], u.specs), strict=True):
+                view.copy_(spec.shard(params[spec.name].detach(), rank))
+        device = next((f.device for f in flats.values()), torch.device("cpu"))
+        source = _param_source(step, device, mp)
+        slot["flats"] = flats = source.place(flats)
+        for u in units:  # rank-major: rank r holds elements [r*k, (r+1)*k) of all flats
+            if isinstance(flats[u.key], torch.Tensor):
+                place(flats[u.key], _flat_placement(cfg, u))
+        slot["source"] = source
+        shards = {n: None for n in params}
+        for u in units:
+            shards.update(zip(u.names, split_shards(flats[u.key], u.specs), strict=True))
+    else:
+        shards = {
+            n: (None if t is None else specs[n].shard(t.detach(), cfg.rank_of(specs[n].reduction)))
+            for n, t in params.items()
+        }
+    return shards, slot
+
+
+def _flat_placement(cfg: ZeroConfig, u) -> Placement:
+    if u.reduction is None:
+        return Placement((cfg.world * u.shard_numel,), (cfg.shard_dim,), cfg.copies)
+    if u.reduction.shard_dim is None:
+        return Placement((u.shard_numel,), (), ())
+    dim = u.reduction.shard_dim
+    return Placement((u.world * u.shard_numel,), (dim,), ())
+
+
+# [Note: ZeRO over model-parallel leaves]
+# Transforms under shard_zero may hand it leaves already split over mesh dims
+# (expert_parallel: expert banks over "ep" on dim 0; tensor_parallel: weights over
+# "tp" along dim 0 or 1, fused blocks in chunks). Each leaf's reduction class comes
+# from that placement and the step's data dims ([Note: which dims a grad is averaged
+# over] in fscale/policies.py):
+# - ZeRO's rows of the leaf are reduce-scattered over the shard dim, unless the leaf is
+#   split over it (an expert bank with shard_dim="ep"): then it is kept whole;
+# - then averaged over the data dims other than the shard dim it is not split over;
+# - then divided by the sizes of the data dims it is split over (its backward summed
+#   the tokens every rank of them sent it);
+# - never reduced over a model dim (tp): a split leaf holds different slices there, a
+#   replicated one already has the same grad on every rank.
+# Leaves of different classes never share a flat unit (stage 3: the unit key gets the
+# class's suffix; gathered lazily, so a block's experts are one more gather) nor a
+# grad bucket (stages 1/2: ClassedBuckets). With no split leaf every leaf is in the
+# default class (reduction None): the code paths, buckets and collectives are those
+# of plain ZeRO / HSDP. The grad norm adds a split leaf's squares over its split
+# dims. A shard's placement composes with the split where Placement can say it (a
+# dim-0 split, then ZeRO's dim-0 rows, evenly: shard=(split dims..., shard dim));
+# where it cannot (a split along dim 1, fused chunks, uneven rows) the shard keeps
+# ZeRO's own placement over the slice, and fs.save refuses the state (_Unsavable).
+
+_INEXPRESSIBLE = object()
+
+
+def _classify(cfg: ZeroConfig, params: dict) -> dict[str, ShardSpec]:
+    """Specs of the leaves split before ZeRO (the others take the default spec)."""
+    mesh = cfg.mesh
+    data = set(cfg.replicate_dims) | {cfg.shard_dim}
+    out = {}
+    for name, t in params.items():
+        placement = placement_of(t) if t is not None else None
+        if placement is None or not placement.sharded:
+            continue
+        split = tuple(d for d in placement.shard if d in mesh.dims and mesh.size(d) > 1)
+        if not split:
+            continue
+        zdim = None if cfg.shard_dim in split else cfg.shard_dim
+        average = tuple(d for d in cfg.replicate_dims if d not in split and mesh.size(d) > 1)
+        scale = math.prod(mesh.size(d) for d in split if d in data)
+        reduction = Reduction(zdim, average, scale)
+        world = 1 if zdim is None else mesh.size(zdim)
+        spec = ShardSpec(name, tuple(t.shape), world, reduction, None, split)
+        out[name] = dataclasses.replace(spec, placement=_composed(cfg, spec, placement))
+    return out
+
+
+def _composed(cfg: ZeroConfig, spec: ShardSpec, split: Placement):
+    """The placement of ZeRO's rows of a leaf split by ``split``, or _INEXPRESSIBLE."""
+    mesh = cfg.mesh
+    zdim = spec.reduction.shard_dim
+    if zdim is None:  # kept whole: the slice as the inner transform placed it
+        return split
+    parts = split.parts(mesh) * mesh.size(zdim)
+    if split.dim != 0 or split.chunks != 1 or not split.shape or split.shape[0] % parts:
+        return _INEXPRESSIBLE
+    shard = (*split.shard, zdim)
+    return Placement(split.shape, shard, tuple(d for d in mesh.dims if d not in shard), 0)
+
+
+def _own_placement(cfg: ZeroConfig, spec: ShardSpec) -> Placement:
+    """ZeRO's rows of a slice it cannot place on the full tensor: honest about the mesh
+    dims (the slice's shape, split over the shard dim, copied over the dims the leaf
+    is not split over), and refused by fs.save."""
+    zdim = spec.reduction.shard_dim
+    keep = tuple(d for d in cfg.mesh.dims if d != zdim and d not in spec.split)
+    return Placement(spec.shape, (zdim,), keep)
+
+
+class _Unsavable:
+    """In the state slot when some shard's placement cannot describe the full tensor:
+    ``fscale.state.describe`` (what fs.save and fs.load walk) raises, naming them."""
+
+    def __init__(self, names: tuple[str, ...], shard_dim: str):
+        self.names, self.shard_dim = names, shard_dim
+
+    def describe_state(self):
+        raise ValueError(
+            f"fs.save: shard_zero's rows of {len(self.names)} params split by a model-parallel "
+            f"transform along another tensor dim than ZeRO's rows (or in fused chunks, or "
+            f"unevenly), e.g. {list(self.names[:3])}, have no placement on the full tensor, "
+            "so a checkpoint of them would be wrong. Gather them first (fs.gather_params, "
+            "then save the slices), or shard_zero only over a step whose split leaves are "
+            "split along dim 0 in rows that divide by the shard dim."
+        )
 
 
 def _param_source(step: Step, device: torch.device, mp) -> ParamSource:
@@ -297,10 +463,18 @@ def _place_optimizer_state(cfg: ZeroConfig, state: dict, specs: dict) -> None:
 
 
 def _tag(cfg: ZeroConfig, shard: torch.Tensor, spec: ShardSpec) -> None:
-    place(shard, cfg.placement(spec))
+    placement = cfg.placement(spec)
+    place(shard, placement)
+    if spec.reduction is not None and spec.reduction.shard_dim is None:
+        return  # kept whole: nothing for fs.gather_params to gather
     # fs.gather_params reads these to rebuild full params from shards.
+    group = cfg.group_of(spec.reduction)
     shard._fscale_shard = spec
-    shard._fscale_group = cfg.shard_group
+    shard._fscale_zero_group = group
+    if placement.shard == (spec.reduction.shard_dim if spec.reduction else cfg.shard_dim,):
+        # fs.save takes a shard's coordinates from the group of its placement's dims:
+        # only where the placement is ZeRO's dim alone (not composed with a split).
+        shard._fscale_group = group
 
 
 # ----------------------------------------------------------------------------- grads
@@ -308,14 +482,37 @@ def _tag(cfg: ZeroConfig, shard: torch.Tensor, spec: ShardSpec) -> None:
 
 def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor:
     """Global 2-norm of sharded grads: sum of squares over the shard dim (padding rows are 0;
-    replicas hold the same shard, so they are not summed)."""
-    leaves = [g for g in tree.leaves(grads) if g is not None]
-    if not leaves:
+    replicas hold the same shard, so they are not summed); leaves split before ZeRO
+    also over their split dims ([Note: ZeRO over model-parallel leaves])."""
+    specs = ctx.state[NAME]["specs"]
+    paths = tree.paths(grads)
+    groups: dict[tuple[str, ...], list[torch.Tensor]] = {}
+    for path, g in zip(paths, tree.leaves(grads), strict=True):
+        if g is None:
+            continue
+        spec = specs.get(path)
+        if spec is None or spec.reduction is None:
+            dims = (cfg.shard_dim,) if cfg.world > 1 else ()
+        else:
+            zdim = spec.reduction.shard_dim
+            dims = tuple(
+                d for d in cfg.mesh.dims if (d == zdim or d in spec.split) and cfg.mesh.size(d) > 1
+            )
+        groups.setdefault(dims, []).append(g)
+    if not groups:
         return torch.zeros(())
-    sq = torch.stack([g.float().pow(2).sum() for g in leaves]).sum()
-    if cfg.world > 1:
-        ctx.comm.all_reduce("zero.norm", sq, op="sum", group=cfg.shard_group)
-    return sq.sqrt()
+    wide = max(
+        (torch.promote_types(g.dtype, torch.float32) for gs in groups.values() for g in gs),
+        key=lambda d: d.itemsize,
+    )
+    total = None
+    for dims, leaves in groups.items():
+        sq = torch.stack([g.to(wide).pow(2).sum() for g in leaves]).sum()
+        for dim in dims:
+            group = cfg.shard_group if dim == cfg.shard_dim else cfg.mesh.group(dim)
+            ctx.comm.all_reduce("zero.norm", sq, op="sum", group=group)
+        total = sq if total is None else total + sq
+    return total.sqrt()
 
 
 # ----------------------------------------------------------------------------- update
@@ -365,7 +562,7 @@ def gather_params(params: dict, state: dict | None = None) -> dict:
         if spec is None or tuple(t.shape) != spec.shard_shape:
             out[name] = t
             continue
-        group = getattr(t, "_fscale_group", None)
+        group = getattr(t, "_fscale_zero_group", getattr(t, "_fscale_group", None))
         shard = t.detach().contiguous()
         if shard.device.type == "cpu" and comm.backend(group) == "nccl":
             # Params offloaded to the host: NCCL moves device tensors only.

@@ -99,3 +99,29 @@ class GradBuckets:
                     device=like.device if like is not None else None,
                 )
         return [self.out[i] for i in range(n)]
+
+
+class ClassedBuckets:
+    """A grad sink routing each leaf to the ``GradBuckets`` of its reduction class, so
+    leaves reduced differently never share a flat bucket ([Note: ZeRO over
+    model-parallel leaves] in ``fscale/transforms/zero.py``)."""
+
+    def __init__(self, classes: list, sinks: dict):
+        self.classes = classes  # per leaf index: its class (a key of sinks)
+        self.sinks = sinks
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        self.sinks[self.classes[index]].add(index, grad)
+
+    def finish(self, n: int) -> list[torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        for sink in self.sinks.values():
+            sink._flush()
+            while sink.in_flight:
+                sink._complete(sink.in_flight.pop(0))
+            out.update(sink.out)
+        if len(out) < n:  # unused params: zeros, as GradBuckets.finish gives them
+            some = next(iter(self.sinks.values()))
+            some.out = out
+            return some.finish(n)
+        return [out[i] for i in range(n)]

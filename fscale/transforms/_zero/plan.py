@@ -7,6 +7,8 @@ Usage::
 
 from __future__ import annotations
 
+import math
+
 from fscale.plan import Collective
 from fscale.transforms._zero.config import ZeroConfig
 
@@ -20,6 +22,8 @@ def plan_zero(cfg: ZeroConfig, mp, clips: bool, accumulate: int, plan) -> None:
     plan.memory["optimizer"] = plan.memory["optimizer"] // n
     plan.collectives = [c for c in plan.collectives if c.stage != "reduce_grads"]
     replicas = plan.world // max(n, 1)
+    if cfg.others is not None and cfg.others != cfg.replicate_dims:  # model dims: no replicas
+        replicas = math.prod(cfg.mesh.size(d) for d in cfg.replicate_dims)
     if n == 1 and replicas == 1:
         plan.notes.append("shard_zero in a world of one: no collectives, nothing saved.")
         return

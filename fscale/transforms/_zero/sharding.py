@@ -30,10 +30,39 @@ import torch
 
 
 @dataclass(frozen=True)
+class Reduction:
+    """How one class of leaves is sharded and its grads reduced ([Note: ZeRO over
+    model-parallel leaves] in ``fscale/transforms/zero.py``).
+
+    ``shard_dim``: the mesh dim ZeRO splits these leaves' rows over (None: the leaf is
+    already split over ZeRO's shard dim, an expert bank over ``"ep"``: kept whole).
+    ``average``: the dims (size > 1) the reduced rows are then averaged over.
+    ``scale``: what they are then divided by (the sizes of the data dims the leaves
+    are split over).
+    """
+
+    shard_dim: str | None
+    average: tuple[str, ...] = ()
+    scale: int = 1
+
+    @property
+    def suffix(self) -> str:
+        """A unit key suffix that keeps leaves of this class in their own flat units."""
+        where = self.shard_dim or "whole"
+        return f"@{where}" + "".join(f"+{d}" for d in self.average) + f"/{self.scale}"
+
+
+@dataclass(frozen=True)
 class ShardSpec:
     name: str
-    shape: tuple[int, ...]  # full shape
+    shape: tuple[int, ...]  # full shape (of the leaf ZeRO sees: a model-parallel slice)
     world: int
+    #: Its reduction class; None: the step's default (the fast path).
+    reduction: Reduction | None = None
+    #: Where its ZeRO shards sit on the mesh; None: ``ZeroConfig``'s default.
+    placement: object = None
+    #: Mesh dims (size > 1) the leaf was split over before ZeRO (its norm sums over them).
+    split: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, name: str, t: torch.Tensor, world: int) -> ShardSpec:
@@ -90,6 +119,14 @@ class Unit:
     specs: tuple[ShardSpec, ...]
 
     @property
+    def reduction(self) -> Reduction | None:
+        return self.specs[0].reduction
+
+    @property
+    def world(self) -> int:
+        return self.specs[0].world
+
+    @property
     def shard_numel(self) -> int:
         return sum(s.shard_numel for s in self.specs)
 
@@ -103,10 +140,18 @@ class Unit:
 
 
 def build_units(
-    params: dict[str, torch.Tensor], world: int, policy: Callable[[str], str] | None
+    params: dict[str, torch.Tensor],
+    world: int,
+    policy: Callable[[str], str] | None,
+    specs: dict[str, ShardSpec] | None = None,
 ) -> list[Unit]:
-    """Group params into units by ``policy(name)``, in first-appearance order."""
+    """Group params into units by ``policy(name)``, in first-appearance order.
+
+    ``specs`` (by name) replaces the default spec of a leaf; leaves of another
+    reduction class than the default go to a unit of their own (key + class suffix).
+    """
     policy = policy or default_unit
+    specs = specs or {}
     groups: dict[str, list[ShardSpec]] = {}
     for name, t in params.items():
         if t is None:
@@ -114,7 +159,10 @@ def build_units(
         key = policy(name)
         if not isinstance(key, str):
             raise TypeError(f"unit policy returned {key!r} for {name!r}; it must return a str.")
-        groups.setdefault(key, []).append(ShardSpec.of(name, t, world))
+        spec = specs.get(name) or ShardSpec.of(name, t, world)
+        if spec.reduction is not None:
+            key += spec.reduction.suffix
+        groups.setdefault(key, []).append(spec)
     return [Unit(k, tuple(v)) for k, v in groups.items()]
 
 

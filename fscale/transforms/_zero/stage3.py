@@ -123,10 +123,17 @@ class UnitGatherer:
             if self.source.kind != "device":  # a device copy of shards kept elsewhere
                 self.tracker.track(local, staging=True)
             self.staged.add(key)
-            with ParamSource.launch_context(launch):
-                handle = self.comm.all_gather(
-                    "zero.params", local, group=self.cfg.shard_group, async_op=True
-                )
+            unit = self.units[key]
+            if unit.reduction is not None and unit.world == 1:
+                handle = comm.Handle(local.clone())  # a unit kept whole: nothing to gather
+            else:
+                with ParamSource.launch_context(launch):
+                    handle = self.comm.all_gather(
+                        "zero.params",
+                        local,
+                        group=self.cfg.group_of(unit.reduction),
+                        async_op=True,
+                    )
         # Count the output buffer from the moment it is allocated, not when waited on.
         if handle.buffer is not None:
             self.tracker.track(handle.buffer)
@@ -157,7 +164,7 @@ class UnitGatherer:
         self._launch(key)
         gathered = self.inflight.pop(key).wait()
         self._release_staging(key, gathered)
-        views = copy_out(gathered, self.units[key].specs, self.world)
+        views = copy_out(gathered, self.units[key].specs, self.units[key].world)
         base = views[0]
         self.tracker.track(base, is_params=True)  # while the all-gather buffer still lives
         del gathered
@@ -309,9 +316,12 @@ class GatherUnit(torch.autograd.Function):
             else gr
             for gr, s, dt in zip(grads, unit.specs, ctx.shard_dtypes, strict=True)
         ]
-        flat = copy_in(grads, unit.specs, g.world, g.reduce_dtype or grads[0].dtype)
+        flat = copy_in(grads, unit.specs, unit.world, g.reduce_dtype or grads[0].dtype)
         del grads
-        handle = g.cfg.reduce_grads(g.comm, flat)
+        if unit.reduction is None:
+            handle = g.cfg.reduce_grads(g.comm, flat)
+        else:
+            handle = g.cfg.reduce_grads(g.comm, flat, unit.reduction)
         mine = handle.pending_result
         # [Note: deferred reduce-scatter] A synchronous collective would run on the
         # compute stream and stall backward. The shard grads are handed to autograd
