@@ -36,6 +36,9 @@ class Placement:
     #: The sharded dim is ``chunks`` equal blocks (a fused projection: qkv), each split
     #: over the shard dims; a rank holds its part of every block, in block order.
     chunks: int = 1
+    #: Further even splits, ``((mesh dim, tensor dim), ...)``, each on another tensor dim
+    #: (an expert bank split over "ep" on dim 0 and over "tp" on its hidden dim).
+    extra: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if set(self.shard) & set(self.replicate):
@@ -48,7 +51,12 @@ class Placement:
 
     @property
     def sharded(self) -> bool:
-        return bool(self.shard)
+        return bool(self.shard) or bool(self.extra)
+
+    @property
+    def split_dims(self) -> tuple[str, ...]:
+        """Every mesh dim that splits the leaf (``shard`` and ``extra``)."""
+        return (*self.shard, *(d for d, _ in self.extra))
 
     def parts(self, mesh) -> int:
         """Into how many shards the mesh splits the leaf."""
@@ -56,6 +64,12 @@ class Placement:
 
     def local_shape(self, mesh) -> tuple[int, ...]:
         """The shape each rank holds (padded rows; a 0-d leaf counts as ``(1,)``)."""
+        shape = list(self._main_shape(mesh))
+        for dim, axis in self.extra:
+            shape[axis] //= mesh.size(dim)
+        return tuple(shape)
+
+    def _main_shape(self, mesh) -> tuple[int, ...]:
         if not self.shard:
             return self.shape
         shape = self.shape or (1,)
@@ -73,6 +87,7 @@ class Placement:
             "replicate": list(self.replicate),
             "dim": self.dim,
             "chunks": self.chunks,
+            "extra": [list(e) for e in self.extra],
         }
 
 

@@ -153,7 +153,7 @@ def default_reduce_grads(ctx: StepContext, grads: Params) -> Params:
     for g, placement in zip(leaves, _placements(ctx, len(leaves)), strict=True):
         if g is None:
             continue
-        sharded = set(placement.shard) if placement is not None else set()
+        sharded = set(placement.split_dims) if placement is not None else set()
         dims = tuple(d for d in data if d not in sharded)
         scale = math.prod(mesh.size(d) for d in data if d in sharded)
         groups.setdefault((dims, scale), []).append(g)
@@ -209,7 +209,7 @@ def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
     for g, placement in zip(leaves, _placements(ctx, len(leaves)), strict=True):
         if g is None:
             continue
-        dims = tuple(d for d in placement.shard if mesh.size(d) > 1) if placement else ()
+        dims = tuple(d for d in placement.split_dims if mesh.size(d) > 1) if placement else ()
         # fp32 at least (bf16 grads), float64 kept (a float64 model clips exactly).
         wide = torch.promote_types(g.dtype, torch.float32)
         norms.setdefault(dims, []).append(torch.linalg.vector_norm(g, dtype=wide))

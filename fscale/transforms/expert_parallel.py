@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from fscale.hw import grad_comm
-from fscale.placement import Placement, place
+from fscale.placement import Placement, place, placement_of
 from fscale.policies import ModelParallelDims, ZeroPolicy
 from fscale.step import Step, Transform
 
@@ -155,7 +155,7 @@ def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
             full = params[name]
             local = experts_total // size
             shard = full.detach().narrow(0, rank * local, local).clone()
-            params[name] = place(shard, Placement(tuple(full.shape), (dim,), others, 0))
+            params[name] = place(shard, _expert_placement(name, full, dim, others))
         return inner_init(step_, params)
 
     def loss_and_grad(ctx, params, batch):
@@ -175,6 +175,22 @@ def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
 
 
 # ----------------------------------------------------------------------------- banks
+
+
+def _expert_placement(name: str, t: torch.Tensor, dim: str, others) -> Placement:
+    """Experts over ``dim`` on dim 0; a split an outer transform already made (a
+    tensor-parallel bank's hidden dim) is kept as an ``extra`` split of the full shape."""
+    before = placement_of(t)
+    if before is None or not before.sharded:
+        return Placement(tuple(t.shape), (dim,), others, 0)
+    if before.chunks != 1 or before.dim == 0 or len(before.shard) != 1:
+        raise ValueError(
+            f"expert_parallel: {name!r} arrives split as {before}; only a split of one mesh "
+            "dim along a dim other than the experts' (a tensor-parallel bank) composes."
+        )
+    extra = ((before.shard[0], before.dim), *before.extra)
+    replicate = tuple(d for d in others if d not in before.split_dims)
+    return Placement(before.shape, (dim,), replicate, 0, 1, extra)
 
 
 def _find_banks(units, experts) -> dict[str, nn.Module]:

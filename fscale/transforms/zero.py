@@ -365,7 +365,7 @@ def _classify(cfg: ZeroConfig, params: dict) -> dict[str, ShardSpec]:
         placement = placement_of(t) if t is not None else None
         if placement is None or not placement.sharded:
             continue
-        split = tuple(d for d in placement.shard if d in mesh.dims and mesh.size(d) > 1)
+        split = tuple(d for d in placement.split_dims if d in mesh.dims and mesh.size(d) > 1)
         if not split:
             continue
         zdim = None if cfg.shard_dim in split else cfg.shard_dim
@@ -385,7 +385,8 @@ def _composed(cfg: ZeroConfig, spec: ShardSpec, split: Placement):
     if zdim is None:  # kept whole: the slice as the inner transform placed it
         return split
     parts = split.parts(mesh) * mesh.size(zdim)
-    if split.dim != 0 or split.chunks != 1 or not split.shape or split.shape[0] % parts:
+    uneven = not split.shape or split.shape[0] % parts
+    if split.dim != 0 or split.chunks != 1 or split.extra or uneven:
         return _INEXPRESSIBLE
     shard = (*split.shard, zdim)
     return Placement(split.shape, shard, tuple(d for d in mesh.dims if d not in shard), 0)

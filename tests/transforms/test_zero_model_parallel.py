@@ -74,10 +74,9 @@ def _gpt_batches(data_ranks: int):
 
 
 def _clip(experts: int):
-    # TED: expert_parallel places a bank split over ep *and* tp as shard=("ep",), so
-    # every grad norm (with or without ZeRO) misses its tp halves; until the placement
-    # says tp, TED runs without clipping (ZeRO's norm sums over the placement's dims).
-    return None if experts else 0.5
+    # TED included: a bank split over ep and tp carries both (Placement.extra), so the
+    # grad norm sums its squares over both dims.
+    return 0.5
 
 
 def _gpt_run(mesh, data_rank, data_ranks, experts, stage=None, accumulate=1, layout_only=False):
