@@ -105,3 +105,33 @@ def place(t: torch.Tensor, placement: Placement) -> torch.Tensor:
 def placement_of(t: torch.Tensor | None) -> Placement | None:
     """The placement ``place`` recorded on ``t``, or None."""
     return None if t is None else getattr(t, "_fscale_placement", None)
+
+
+def unsplit(t: torch.Tensor, placement: Placement, mesh) -> torch.Tensor:
+    """The full tensor from every rank's piece of it: all-gathers over the leaf's split
+    dims (a collective: every rank of those dims calls it). Padded rows are dropped.
+
+    Usage: ``full = unsplit(local, placement_of(local), step.mesh)``.
+    """
+    for dim, axis in reversed(placement.extra):
+        t = _gather_along(t, axis, mesh, dim, 1)
+    for dim in reversed(placement.shard):  # rank-major: the innermost dim first
+        t = _gather_along(t, placement.dim, mesh, dim, placement.chunks)
+    if placement.shard and placement.chunks == 1 and placement.shape:
+        t = t.narrow(placement.dim, 0, placement.shape[placement.dim])
+    return t
+
+
+def _gather_along(t: torch.Tensor, axis: int, mesh, dim: str, chunks: int) -> torch.Tensor:
+    from fscale.hw import comm
+
+    n = mesh.size(dim)
+    if n == 1:
+        return t
+    moved = t.movedim(axis, 0).contiguous()
+    pieces = comm.all_gather(moved, group=mesh.group(dim)).chunk(n)
+    # Each piece holds its part of every fused block: block k is the concatenation of
+    # every rank's k-th part.
+    parts = [p.chunk(chunks) for p in pieces]
+    full = torch.cat([parts[r][k] for k in range(chunks) for r in range(n)])
+    return full.movedim(0, axis)

@@ -49,7 +49,7 @@ from fscale import tree
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.param_source import ParamSource
-from fscale.placement import Placement, place, placement_of
+from fscale.placement import Placement, place, placement_of, unsplit
 from fscale.policies import (
     CHANGES_GRADS_AFTER_BACKWARD,
     SHARDS_PARAMS,
@@ -374,7 +374,9 @@ def _classify(cfg: ZeroConfig, params: dict) -> dict[str, ShardSpec]:
         reduction = Reduction(zdim, average, scale)
         world = 1 if zdim is None else mesh.size(zdim)
         spec = ShardSpec(name, tuple(t.shape), world, reduction, None, split)
-        out[name] = dataclasses.replace(spec, placement=_composed(cfg, spec, placement))
+        out[name] = dataclasses.replace(
+            spec, placement=_composed(cfg, spec, placement), before=placement
+        )
     return out
 
 
@@ -542,18 +544,39 @@ def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
 
 
 @torch.no_grad()
-def gather_params(params: dict, state: dict | None = None) -> dict:
-    """Full, unsharded params in their master precision (for export and tests).
+def gather_params(params: dict, state: dict | None = None, mesh=None) -> dict:
+    """Full, unsharded params in their master precision (for export, eval and tests).
 
     Stage 3 params are shards: they are all-gathered over their shard dim. Stages 1/2
     under mixed precision keep full params in the compute dtype; pass ``state`` to get
-    the fp32 masters (all-gathered from the shards) instead. Anything else is returned
-    as it is. Collective whenever it gathers: every rank of the shard group must call it.
+    the fp32 masters (all-gathered from the shards) instead. With ``mesh`` (the step's:
+    ``step.mesh``), the slices ``expert_parallel`` / ``tensor_parallel`` made are put
+    back together too. Anything else is returned as it is. Collective whenever it
+    gathers: every rank of the mesh must call it.
 
     Usage::
 
-        full = fs.gather_params(params, state)
+        full = fs.gather_params(params, state, mesh=step.mesh)
     """
+    out = _gather_zero(params, state)
+    if mesh is None:
+        return out
+    layout = (state or {}).get("layout")
+    placements = dict(zip(layout.paths, layout.placements, strict=True)) if layout else {}
+    specs = (state or {}).get(NAME, {}).get("specs", {})
+    for name, t in out.items():
+        placement = placements.get(name) or placement_of(t)
+        if name in specs:  # ZeRO's rows are gathered: what is left is the slice it got
+            placement = specs[name].before
+        if t is None or placement is None or not placement.split_dims:
+            continue
+        if tuple(t.shape) == tuple(placement.shape):
+            continue  # already whole
+        out[name] = unsplit(t.detach(), placement, meshes.resolve(mesh))
+    return out
+
+
+def _gather_zero(params: dict, state: dict | None) -> dict:
     master = (state or {}).get(NAME, {}).get("master")
     if master is not None:
         params = master  # stages 1/2: this rank's fp32 rows, tagged like stage-3 shards

@@ -64,9 +64,11 @@ def _train(names, sizes, mesh=None, data_rank=0, zero=False):
             batch = {k: v[PER * data_rank : PER * (data_rank + 1)] for k, v in batch.items()}
         params, state, metrics = step(params, state, batch)
         losses.append(float(metrics["loss"]))
+    whole = fs.gather_params(params, state, mesh=step.mesh) if mesh is not None else None
     if zero:
         params = fs.gather_params(params, state)
-    return {k: v.detach().clone() for k, v in params.items()}, losses, layout
+    params = {k: v.detach().clone() for k, v in params.items()}
+    return params, losses, layout, whole
 
 
 def _rank(rank, world):
@@ -81,8 +83,8 @@ def _rank(rank, world):
                 data_rank = data_rank * mesh[n].size() + mesh[n].get_local_rank()
         coords = {n: mesh[n].get_local_rank() for n in names}
         for zero in (False, True):
-            params, losses, layout = _train(names, sizes, mesh, data_rank, zero)
-            out[names, zero] = (params, losses, layout if not zero else None, coords)
+            params, losses, layout, whole = _train(names, sizes, mesh, data_rank, zero)
+            out[names, zero] = (params, losses, layout if not zero else None, coords, whole)
     return out
 
 
@@ -118,7 +120,7 @@ def world():
 @pytest.mark.parametrize(("mesh", "zero"), list(itertools.product(MESHES, (False, True))))
 def test_moe_gpt_equals_world_of_one(world, mesh, zero):
     names, sizes = mesh
-    expected, expected_losses, _ = _train(names, sizes)
+    expected, expected_losses, _, _ = _train(names, sizes)
     tol = 1e-9
     layout = world[0][names, False][2]
     full = {}
@@ -131,6 +133,9 @@ def test_moe_gpt_equals_world_of_one(world, mesh, zero):
     for r in range(4):
         assert world[r][names, zero][1] == pytest.approx(expected_losses, rel=tol)
     assert max_rel_error(full, expected) <= tol
+    # fs.gather_params(..., mesh=step.mesh) puts the slices back together on every rank.
+    for r in range(4):
+        assert max_rel_error(world[r][names, zero][4], expected) <= tol
     split_over_ep = [n for n, p in layout.items() if p is not None and "ep" in p.split_dims]
     assert bool(split_over_ep) == ("ep" in names)
     assert all(".experts." in n for n in split_over_ep)

@@ -63,6 +63,8 @@ class ShardSpec:
     placement: object = None
     #: Mesh dims (size > 1) the leaf was split over before ZeRO (its norm sums over them).
     split: tuple[str, ...] = ()
+    #: The placement the leaf arrived with (a model-parallel slice), for fs.gather_params.
+    before: object = None
 
     @classmethod
     def of(cls, name: str, t: torch.Tensor, world: int) -> ShardSpec:
