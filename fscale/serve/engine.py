@@ -57,6 +57,10 @@ class Engine:
       prefix_caching: share cached KV blocks of equal prompt prefixes.
       cuda_graphs: replay captured graphs for decode batches (CUDA only).
       offload_weights: keep layer weights in host memory, streamed a layer ahead.
+      fused_kernels: run the decoder's elementwise pieces as fused kernels (residual
+        add + RMSNorm, RoPE + KV write, SiLU * up; Llama-style models); default on for
+        CUDA, off elsewhere (the CPU lowerings are the eager references). Kernels that
+        fail their start-up self-check or the graph capture fall back with a warning.
       seed: the generator of requests sampled without their own seed.
     """
 
@@ -79,6 +83,7 @@ class Engine:
         cuda_graphs: bool = True,
         offload_weights: bool = False,
         seed: int = 0,
+        fused_kernels: bool | None = None,
     ):
         if scheduler not in POLICIES:
             raise ValueError(f"scheduler={scheduler!r} is not known; use one of {list(POLICIES)}.")
@@ -106,6 +111,10 @@ class Engine:
                 f"(the model's max positions)."
             )
         self.decoder = Decoder(lm, offload=offload_weights, device=self.device)
+        if fused_kernels or (
+            fused_kernels is None and self.device.type == "cuda" and self.decoder.fusable()
+        ):
+            self.decoder.enable_fused()
         num_blocks = num_blocks or self._num_blocks(kv_cache_gib, block_size, max_num_seqs)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(
@@ -234,7 +243,11 @@ class Engine:
             self.blocks.commit(seq)
         if sampled:
             tokens = sample(
-                logits, [s.params for s in sampled], [s.generator for s in sampled], self.generator
+                logits,
+                [s.params for s in sampled],
+                [s.generator for s in sampled],
+                self.generator,
+                greedy=self.runner.greedy,
             )
             for seq, tok in zip(sampled, tokens, strict=True):
                 seq.token_ids.append(tok)

@@ -21,10 +21,22 @@ to it alone: their results are discarded. Capture needs an attention lowering wi
 host syncs (the Triton kernel; the torch reference reads lengths on the host), so
 graphs are only used on CUDA with that lowering, and never with streamed weights
 (their copies are not in the graph). Mixed prefill steps run eagerly.
+
+[Note: host work of a decode step]
+A decode step's inputs go through two pinned host buffers (ids / positions / slots as
+int64, then lengths and block tables as int32) straight into the graphs' static
+inputs: two host-to-device copies per step, no tensors built from Python lists. The
+host copy of the block tables persists: a row is rewritten only when it holds another
+sequence's table (the runner keeps each row's list object; a released sequence gets a
+new list) and extended when the table grew, so a step touches a handful of entries.
+Stale entries past a row's table are never read (attention reads the pages of its
+``seq_lens`` only). The graphs also take the argmax of the logits (``self.greedy``), so
+greedy sampling is one small device-to-host copy.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fscale.hw import dispatch
@@ -67,61 +79,66 @@ class ModelRunner:
         ]
         self.graphs: dict[int, tuple] = {}
         self.graph_sizes: list[int] = []
+        # argmax of the rows returned by the last run() (device int64), when the graph made it.
+        self.greedy: torch.Tensor | None = None
         if cuda_graphs and self._graphs_possible():
             self._capture(max_num_seqs)
 
     # -- inputs -----------------------------------------------------------------------------
 
     def prepare(self, batch: Batch):
-        """Flattened inputs of ``batch`` (host lists) and the rows / sequences to sample."""
+        """Flattened inputs of ``batch`` (numpy int64 arrays, qsl a list) and the rows /
+        sequences to sample."""
         bs = self.block_size
         ids, pos, slots, qsl, lens, sample_rows, sampled = [], [], [], [0], [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             s = seq.num_computed
-            ids.extend(seq.token_ids[s : s + n])
-            pos.extend(range(s, s + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
+            ids.append(seq.token_ids[s : s + n])
+            p = np.arange(s, s + n, dtype=np.int64)
+            pos.append(p)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            slots.append(table[p // bs] * bs + p % bs)
             qsl.append(qsl[-1] + n)
             lens.append(s + n)
             if s + n == len(seq.token_ids):
                 sample_rows.append(qsl[-1] - 1)
                 sampled.append(seq)
-        return ids, pos, slots, qsl, lens, sample_rows, sampled
+        ids = np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64, count=qsl[-1])
+        return ids, np.concatenate(pos), np.concatenate(slots), qsl, lens, sample_rows, sampled
 
     def _tables(self, batch: Batch, rows: int, width: int) -> torch.Tensor:
-        t = torch.zeros(rows, width, dtype=torch.int32)
+        t = np.zeros((rows, width), dtype=np.int32)
         for i, seq in enumerate(batch.seqs):
-            t[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        return t
+            t[i, : len(seq.block_table)] = seq.block_table
+        return torch.from_numpy(t)
 
     # -- running ----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def run(self, batch: Batch):
         """Forward ``batch``; returns (logits ``[S, V]`` float32, the S sampled sequences)."""
-        ids, pos, slots, qsl, lens, sample_rows, sampled = self.prepare(batch)
+        self.greedy = None
         B = len(batch.seqs)
-        decode = len(ids) == B
-        if decode and self.graph_sizes and B <= self.graph_sizes[-1]:
-            return self._replay(batch, ids, pos, slots, lens), sampled
+        if self.graph_sizes and batch.total_tokens == B and B <= self.graph_sizes[-1]:
+            return self._replay(batch)
+        ids, pos, slots, qsl, lens, sample_rows, sampled = self.prepare(batch)
         dev = self.device
+
+        def put(a, dtype):
+            return torch.from_numpy(np.asarray(a)).to(dev, dtype, non_blocking=True)
+
         width = max(len(s.block_table) for s in batch.seqs)
         meta = AttentionMeta(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            slot_mapping=put(slots, torch.long),
             block_tables=self._tables(batch, B, width).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=put(np.asarray(lens, dtype=np.int32), torch.int32),
+            query_start_loc=put(np.asarray(qsl, dtype=np.int32), torch.int32),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
         )
-        hidden = self.decoder.forward(
-            torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
-            meta,
-            self.kv,
-        )
-        rows = torch.tensor(sample_rows, dtype=torch.long).to(dev, non_blocking=True)
-        return self.decoder.logits(hidden[rows]), sampled
+        hidden = self.decoder.forward(put(ids, torch.long), put(pos, torch.long), meta, self.kv)
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden[put(np.asarray(sample_rows, dtype=np.int64), torch.long)]
+        return self.decoder.logits(hidden), sampled
 
     # -- CUDA graphs ------------------------------------------------------------------------
 
@@ -130,7 +147,21 @@ class ModelRunner:
             return False
         return not dispatch.resolve(ATTENTION_OP, self.device, self.decoder._dtype).is_reference
 
-    def _capture(self, max_num_seqs: int) -> None:
+    def _capture(self, max_num_seqs: int, *, emulate: bool = False) -> None:
+        """Capture the decode graphs; ``emulate=True`` (tests, any device) stores plain
+        forwards replayed through the same static inputs instead of CUDA graphs."""
+        try:
+            self._capture_all(max_num_seqs, emulate)
+        except Exception as e:
+            if self.decoder.fused is None:
+                raise
+            # A fused kernel that fails to compile or capture: retry on the eager path.
+            self.decoder.disable_fused(f"CUDA graph capture failed: {type(e).__name__}: {e}")
+            self.graphs, self.graph_sizes = {}, []
+            torch.cuda.synchronize(self.device)
+            self._capture_all(max_num_seqs, emulate)
+
+    def _capture_all(self, max_num_seqs: int, emulate: bool) -> None:
         sizes, n = [], 1
         while n < max_num_seqs:
             sizes.append(n)
@@ -138,27 +169,40 @@ class ModelRunner:
         sizes.append(max_num_seqs)
         dev, W = self.device, self.max_blocks
         # Static inputs sized for the largest bucket; smaller graphs use their leading rows.
+        # Layout (see [Note: host work of a decode step]): longs [3, N] = ids, positions,
+        # slots; ints [N + N * W] = lengths, then the block tables row-major.
         N = sizes[-1]
-        self._static = {
-            "ids": torch.zeros(N, dtype=torch.long, device=dev),
-            "pos": torch.zeros(N, dtype=torch.long, device=dev),
-            "slots": torch.zeros(N, dtype=torch.long, device=dev),
-            "tables": torch.zeros(N, W, dtype=torch.int32, device=dev),
-            "lens": torch.ones(N, dtype=torch.int32, device=dev),
-            "qsl": torch.arange(N + 1, dtype=torch.int32, device=dev),
-        }
-        st = self._static
+        self._long = torch.zeros(3, N, dtype=torch.long, device=dev)
+        self._int = torch.zeros(N + N * W, dtype=torch.int32, device=dev)
+        self._int[:N] = 1
+        self._qsl = torch.arange(N + 1, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+        self._host_long = torch.zeros(3, N, dtype=torch.long, pin_memory=pin)
+        self._host_int = torch.zeros(N + N * W, dtype=torch.int32, pin_memory=pin)
+        self._host_int[:N] = 1
+        self._np_long = self._host_long.numpy()
+        self._np_lens = self._host_int[:N].numpy()
+        self._np_tables = self._host_int[N:].view(N, W).numpy()
+        self._row_tables: list = [None] * N  # the block_table list each host row holds
+        self._row_filled = [0] * N
+        self._copied = torch.cuda.Event() if dev.type == "cuda" else None
+        tables = self._int[N:].view(N, W)
         pool = None
         for b in reversed(sizes):
 
             def fwd(b=b):
                 meta = AttentionMeta(
-                    st["slots"][:b], st["tables"][:b], st["lens"][:b], st["qsl"][: b + 1], 1
+                    self._long[2, :b], tables[:b], self._int[:b], self._qsl[: b + 1], 1
                 )
-                return self.decoder.logits(
-                    self.decoder.forward(st["ids"][:b], st["pos"][:b], meta, self.kv)
-                )
+                hidden = self.decoder.forward(self._long[0, :b], self._long[1, :b], meta, self.kv)
+                logits = self.decoder.logits(hidden)
+                return logits, logits.argmax(dim=-1)
 
+            if emulate:
+                with torch.inference_mode():
+                    g = _Emulated(fwd)
+                self.graphs[b] = (g, g.out)
+                continue
             with torch.inference_mode():
                 fwd()  # warm-up: compiles/tunes kernels outside the capture
                 torch.cuda.synchronize(dev)
@@ -169,26 +213,66 @@ class ModelRunner:
             self.graphs[b] = (g, out)
         self.graph_sizes = sizes
 
-    def _replay(self, batch: Batch, ids, pos, slots, lens) -> torch.Tensor:
-        B = len(ids)
+    def _replay(self, batch: Batch):
+        seqs = batch.seqs
+        B = len(seqs)
         b = next(s for s in self.graph_sizes if s >= B)
-        st = self._static
-        width = max(len(s.block_table) for s in batch.seqs)
-        host = torch.zeros(4, b, dtype=torch.long)
-        host[0, :B] = torch.tensor(ids)
-        host[1, :B] = torch.tensor(pos)
-        host[2, :B] = torch.tensor(slots)  # padding rows: slot 0 of block 0
-        host[3, :] = 1
-        host[3, :B] = torch.tensor(lens)
-        host = host.to(self.device, non_blocking=True)
-        st["ids"][:b].copy_(host[0])
-        st["pos"][:b].copy_(host[1])
-        st["slots"][:b].copy_(host[2])
-        st["lens"][:b].copy_(host[3])
-        st["tables"][:b].zero_()
-        st["tables"][:B, :width].copy_(
-            self._tables(batch, B, width).to(self.device, non_blocking=True)
-        )
-        g, out = self.graphs[b]
+        N, bs = self._long.shape[1], self.block_size
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have left the host buffers
+        pos = [s.num_computed for s in seqs]
+        hl, lens, tables = self._np_long, self._np_lens, self._np_tables
+        hl[0, :B] = [s.token_ids[p] for s, p in zip(seqs, pos, strict=True)]
+        hl[1, :B] = pos
+        hl[2, :B] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos, strict=True)]
+        lens[:B] = hl[1, :B] + 1
+        # Padding rows: token 0 at position 0, written to slot 0 of block 0, attending to it.
+        hl[:, B:b] = 0
+        lens[B:b] = 1
+        rows, filled = self._row_tables, self._row_filled
+        for i, s in enumerate(seqs):
+            t = s.block_table
+            if rows[i] is not t:
+                tables[i, : len(t)] = t
+                rows[i], filled[i] = t, len(t)
+            elif filled[i] != len(t):
+                tables[i, filled[i] : len(t)] = t[filled[i] :]
+                filled[i] = len(t)
+        for i in range(B, b):
+            if rows[i] is not None:
+                tables[i, 0] = 0
+                rows[i], filled[i] = None, 0
+        self._long.copy_(self._host_long, non_blocking=True)
+        n = N + b * self.max_blocks
+        self._int[:n].copy_(self._host_int[:n], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        g, (logits, greedy) = self.graphs[b]
         g.replay()
-        return out[:B]
+        sampled = [s for s, p in zip(seqs, pos, strict=True) if p + 1 == len(s.token_ids)]
+        if len(sampled) == B:
+            self.greedy = greedy[:B]
+            return logits[:B], sampled
+        keep = torch.tensor(
+            [
+                i
+                for i, (s, p) in enumerate(zip(seqs, pos, strict=True))
+                if p + 1 == len(s.token_ids)
+            ],
+            device=self.device,
+        )
+        self.greedy = greedy[keep]
+        return logits[keep], sampled
+
+
+class _Emulated:
+    """A stand-in for a captured graph (tests): replay() reruns the forward on the static
+    inputs and copies its outputs into the tensors handed out at capture."""
+
+    def __init__(self, fwd):
+        self.fwd = fwd
+        self.out = fwd()
+
+    def replay(self) -> None:
+        for dst, src in zip(self.out, self.fwd(), strict=True):
+            dst.copy_(src)

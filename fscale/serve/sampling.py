@@ -39,9 +39,12 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     default: torch.Generator | None = None,
+    greedy: torch.Tensor | None = None,
 ) -> list[int]:
-    """One token per row of ``logits`` ``[B, V]`` (float32)."""
-    greedy = logits.argmax(dim=-1)
+    """One token per row of ``logits`` ``[B, V]`` (float32); ``greedy``: its argmax per
+    row when already computed (the runner's CUDA graphs do), else computed here."""
+    if greedy is None:
+        greedy = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return greedy.tolist()

@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -107,7 +108,7 @@ class Decoder:
     """The paged forward of a :class:`LoadedModel` (params are used as given: plain or
     quantized tensors; ``F.linear`` on a QuantizedWeight runs its kernel)."""
 
-    def __init__(self, lm: LoadedModel, *, offload: bool = False, device=None):
+    def __init__(self, lm: LoadedModel, *, offload: bool = False, device=None, fused: bool = False):
         self.cfg = cfg = lm.config
         self.params = lm.params
         self.device = (
@@ -130,6 +131,60 @@ class Decoder:
         self.scale = cfg.head_dim**-0.5
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.fused: dict | None = None
+        if fused:
+            self.enable_fused()
+
+    # -- fused elementwise path ----------------------------------------------------------------
+
+    def fusable(self) -> bool:
+        """RMSNorm + RoPE + SwiGLU (Llama-style): the shape the fused kernels cover."""
+        c = self.cfg
+        return c.norm == "rms" and c.positions == "rope" and c.mlp == "swiglu"
+
+    def enable_fused(self, impls: dict | None = None, *, check: bool = True) -> bool:
+        """Use the fused kernels of ``fscale/kernels/fused_decoder.py`` (see
+        [Note: the fused layer]); ``impls`` overrides the kernel table's choice (tests).
+        Returns whether the fused path is on; a model it does not cover, or kernels that
+        fail their self-check on this device, keep the eager path with a warning."""
+        from fscale.kernels import fused_decoder as fd
+
+        if not self.fusable():
+            warnings.warn(
+                f"fused kernels cover RMSNorm/RoPE/SwiGLU decoders only; {self.cfg.arch} "
+                f"(norm={self.cfg.norm}, positions={self.cfg.positions}, mlp={self.cfg.mlp}) "
+                "runs the eager path.",
+                stacklevel=2,
+            )
+            self.fused = None
+            return False
+        impls = dict(impls or fd.resolve_all(self.device, self._dtype))
+        if check:
+            cfg = self.cfg
+            bad = fd.self_check(
+                impls,
+                self.device,
+                self._dtype,
+                hidden=cfg.hidden,
+                H=cfg.num_heads,
+                KVH=cfg.num_kv_heads,
+                D=cfg.head_dim,
+                intermediate=cfg.intermediate,
+            )
+            if bad:
+                warnings.warn(
+                    f"fused decoder kernels disagree with their references or fail on "
+                    f"{self.device}: {bad}; the decoder runs its eager path.",
+                    stacklevel=2,
+                )
+                self.fused = None
+                return False
+        self.fused = impls
+        return True
+
+    def disable_fused(self, reason: str) -> None:
+        warnings.warn(f"fused decoder kernels turned off ({reason}); eager path.", stacklevel=2)
+        self.fused = None
 
     def _norm(self, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
         w = p[f"{name}.weight"]
@@ -149,6 +204,8 @@ class Decoder:
 
     def forward(self, input_ids, positions, meta: AttentionMeta, kv_caches) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm; writes the new K/V."""
+        if self.fused is not None:
+            return self._forward_fused(input_ids, positions, meta, kv_caches)
         cfg, T = self.cfg, input_ids.shape[0]
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(input_ids, self.params["embed.weight"])
@@ -179,6 +236,54 @@ class Decoder:
             x = x + F.linear(o.reshape(T, H * D), p["o.weight"], p.get("o.bias"))
             x = x + self._mlp(self._norm(x, p, "norm2"), p)
         return self._norm(x, self.params, "norm")
+
+    # [Note: the fused layer]
+    # The same math as forward(), regrouped so that every elementwise run between two
+    # GEMMs is one kernel: the residual add of a sublayer's output is fused into the
+    # next norm (add_rms_norm returns the new residual and the normed input), RoPE of
+    # q and k plus the K/V cache write is one kernel reading the qkv projection, and
+    # SiLU(gate) * up one more. A layer is 4 GEMMs + attention + 3 small kernels
+    # (eager: ~25 small kernels). Rounding points are the eager path's, so bf16 results
+    # agree up to fp32 reduction order.
+    def _forward_fused(self, input_ids, positions, meta: AttentionMeta, kv_caches):
+        from fscale.kernels.fused_decoder import ADD_RMS_NORM, ROPE_KV_WRITE, SILU_MUL
+
+        f, cfg, T = self.fused, self.cfg, input_ids.shape[0]
+        norm, rope, silu_mul = f[ADD_RMS_NORM], f[ROPE_KV_WRITE], f[SILU_MUL]
+        H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
+        res = F.embedding(input_ids, self.params["embed.weight"])
+        delta = None
+        layers = self.stream if self.stream is not None else self.layers
+        for (k_cache, v_cache), p in zip(kv_caches, layers, strict=True):
+            res, h = norm(res, delta, p["norm1.weight"], eps)
+            qkv = F.linear(h, p["qkv.weight"], p.get("qkv.bias"))
+            q = rope(
+                qkv,
+                positions,
+                self.cos,
+                self.sin,
+                k_cache,
+                v_cache,
+                meta.slot_mapping,
+                H=H,
+                KVH=KVH,
+                D=D,
+            )
+            o = paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                scale=self.scale,
+                max_query_len=meta.max_query_len,
+            )
+            a = F.linear(o.reshape(T, H * D), p["o.weight"], p.get("o.bias"))
+            res, h = norm(res, a, p["norm2.weight"], eps)
+            gu = F.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
+            delta = F.linear(silu_mul(gu), p["down.weight"], p.get("down.bias"))
+        return norm(res, delta, self.params["norm.weight"], eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.params["head.weight"]).float()
