@@ -23,6 +23,7 @@ Usage::
     python bench/serve.py                      # all parts, ~6-8 min on an H200
     python bench/serve.py --parts a,b --layers 8
     python bench/serve.py --tiny               # CPU smoke test of every code path
+    python bench/serve.py --profile            # per-step host/GPU breakdown + top kernels
 """
 
 from __future__ import annotations
@@ -282,23 +283,29 @@ def part_a(lm, hf, args) -> None:
                     "output_tok_s": c * args.output / dt,
                 }
             )
-    engine = make_engine(lm, args, max_tokens_per_step=args.budget)
-    run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up (kernels compile)
-    for c in args.concurrency:
-        dt = run_batch(engine, prompts(c, args.prompt, V, c), args.output)
-        emit(
-            {
-                "part": "a",
-                "system": "fscale.serve",
-                "scheduler": "splitfuse",
-                "budget": args.budget,
-                "concurrency": c,
-                "seconds": dt,
-                "output_tok_s": c * args.output / dt,
-                "preempted": engine.stats()["num_preempted_total"],
-            }
-        )
-    free(engine)
+    # fused kernels (the CUDA default) at every concurrency; the eager decoder (A/B, same
+    # weights, same host path) at the high ones.
+    for fused, conc in ((True, args.concurrency), (False, args.ab_concurrency)):
+        if not conc:
+            continue
+        engine = make_engine(lm, args, max_tokens_per_step=args.budget, fused_kernels=fused)
+        run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up (kernels compile)
+        for c in conc:
+            dt = run_batch(engine, prompts(c, args.prompt, V, c), args.output)
+            emit(
+                {
+                    "part": "a",
+                    "system": "fscale.serve",
+                    "fused_kernels": engine.decoder.fused is not None,
+                    "scheduler": "splitfuse",
+                    "budget": args.budget,
+                    "concurrency": c,
+                    "seconds": dt,
+                    "output_tok_s": c * args.output / dt,
+                    "preempted": engine.stats()["num_preempted_total"],
+                }
+            )
+        free(engine)
 
 
 def weight_bytes(lm: LoadedModel) -> int:
@@ -331,19 +338,22 @@ def decode_rate(engine, args, vocab) -> float:
 
 
 def part_b(lm, args) -> None:
-    engine = make_engine(lm, args, max_tokens_per_step=args.budget)
-    rate = decode_rate(engine, args, lm.config.vocab_size)
     bound = HBM / weight_bytes(lm)
-    emit(
-        {
-            "part": "b",
-            "weights": "bf16",
-            "decode_tok_s": rate,
-            "bandwidth_bound_tok_s": bound,
-            "fraction_of_bound": rate / bound,
-        }
-    )
-    free(engine)
+    for fused in (True, False):  # A/B: fused kernels (the CUDA default) vs eager decoder
+        engine = make_engine(lm, args, max_tokens_per_step=args.budget, fused_kernels=fused)
+        rate = decode_rate(engine, args, lm.config.vocab_size)
+        emit(
+            {
+                "part": "b",
+                "weights": "bf16",
+                "fused_kernels": engine.decoder.fused is not None,
+                "decode_tok_s": rate,
+                "step_ms": 1e3 / rate,
+                "bandwidth_bound_tok_s": bound,
+                "fraction_of_bound": rate / bound,
+            }
+        )
+        free(engine)
 
 
 def poisson(engine, ps, out_len, rate, seed) -> dict:
@@ -420,12 +430,31 @@ def part_c(lm, args) -> None:
 
 
 def part_d(lm, args) -> None:
+    """FP6 vs bf16 at a smaller engine (max_num_seqs / budget ``args.d_seqs`` /
+    ``args.d_budget``): every graph bucket and prefill size is an M the FPx kernels tune
+    on first use (~15 launches timed per weight shape), so fewer of them keep this part
+    to a few minutes."""
     V = lm.config.vocab_size
+    t_start = time.perf_counter()
+
+    def progress(what):
+        print(f"  part d: {what} (+{time.perf_counter() - t_start:.0f} s)", flush=True)
+
     for fmt in (None, "e3m2"):
-        engine = make_engine(lm, args, quantize=fmt, max_tokens_per_step=args.budget)
+        progress(f"{fmt or 'bf16'}: building the engine (tunes FPx launches per M bucket)")
+        engine = make_engine(
+            lm,
+            args,
+            quantize=fmt,
+            max_tokens_per_step=args.d_budget,
+            max_num_seqs=args.d_seqs,
+        )
+        progress(f"{fmt or 'bf16'}: warm-up")
         run_batch(engine, prompts(2, 16, V, 0), 4)
+        progress(f"{fmt or 'bf16'}: batch-1 decode")
         rate = decode_rate(engine, args, V)
         c = args.saturation
+        progress(f"{fmt or 'bf16'}: {c} requests at saturation")
         dt = run_batch(engine, prompts(c, args.prompt, V, c), args.output)
         emit(
             {
@@ -435,8 +464,138 @@ def part_d(lm, args) -> None:
                 "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
                 "saturation_concurrency": c,
                 "saturation_output_tok_s": c * args.output / dt,
+                "max_num_seqs": args.d_seqs,
+                "budget": args.d_budget,
             }
         )
+        free(engine)
+    progress("done")
+
+
+# -- profile --------------------------------------------------------------------------------
+
+
+def _timed_step(engine, acc: dict) -> None:
+    """One engine.step() with its pieces timed (ms, summed into ``acc``): schedule, run
+    (host: inputs + launch), forward (waiting for the GPU), sample (incl. the D2H copy)
+    and outputs (the rest: bookkeeping, detokenize, output objects)."""
+    import fscale.serve.engine as eng
+
+    dev = engine.device
+    sched, run, smp = engine.scheduler.schedule, engine.runner.run, eng.sample
+    marks = {}
+
+    def t_sched():
+        t = time.perf_counter()
+        out = sched()
+        marks["schedule"] = time.perf_counter() - t
+        return out
+
+    def t_run(batch):
+        t = time.perf_counter()
+        out = run(batch)
+        marks["run_host"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sync(dev)
+        marks["forward_wait"] = time.perf_counter() - t
+        return out
+
+    def t_sample(*a, **k):
+        t = time.perf_counter()
+        out = smp(*a, **k)
+        marks["sample"] = time.perf_counter() - t
+        return out
+
+    engine.scheduler.schedule, engine.runner.run, eng.sample = t_sched, t_run, t_sample
+    try:
+        sync(dev)
+        t0 = time.perf_counter()
+        engine.step()
+        total = time.perf_counter() - t0
+    finally:
+        del engine.scheduler.schedule, engine.runner.run
+        eng.sample = smp
+    marks["outputs_etc"] = total - sum(marks.values())
+    marks["total"] = total
+    for k, v in marks.items():
+        acc.setdefault(k, []).append(v * 1e3)
+
+
+def _top_kernels(engine, steps: int, n: int = 15) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if engine.device.type == "cuda" else []
+    )
+    sync(engine.device)
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(engine.device)
+    rows = []
+    for e in prof.key_averages():
+        dev_t = getattr(e, "self_device_time_total", None)
+        if dev_t is None:
+            dev_t = getattr(e, "self_cuda_time_total", 0)
+        if dev_t > 0:
+            rows.append(
+                {
+                    "kernel": e.key[:90],
+                    "calls_per_step": e.count / steps,
+                    "us_per_step": dev_t / steps,
+                }
+            )
+    rows.sort(key=lambda r: -r["us_per_step"])
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    print("  top CPU ops (self ms per step):", flush=True)
+    for e in cpu:
+        ms = e.self_cpu_time_total / steps / 1e3
+        print(f"    {ms:8.3f} ms  x{e.count / steps:6.1f}  {e.key[:80]}", flush=True)
+    return rows[:n], sum(r["us_per_step"] for r in rows)
+
+
+def profile(lm, args) -> None:
+    """Per-step breakdown of decode steps at each batch in ``args.profile_batches``,
+    fused kernels vs the eager decoder, and the top CUDA kernels per step."""
+    V = lm.config.vocab_size
+    for fused in (True, False):
+        engine = make_engine(lm, args, max_tokens_per_step=args.budget, fused_kernels=fused)
+        run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up
+        for B in args.profile_batches:
+            params = SamplingParams(
+                max_tokens=args.max_model_len - 129, temperature=0, ignore_eos=True
+            )
+            for i, p in enumerate(prompts(B, 128, V, 3)):
+                engine.add_request(f"p{B}-{i}", p, params)
+            while any(s.num_computed < s.num_prompt for s in engine._seqs.values()):
+                engine.step()  # prefill
+            for _ in range(3):
+                engine.step()
+            acc: dict = {}
+            for _ in range(args.profile_steps):
+                _timed_step(engine, acc)
+            med = {k: sorted(v)[len(v) // 2] for k, v in acc.items()}
+            emit(
+                {
+                    "part": "profile",
+                    "fused_kernels": engine.decoder.fused is not None,
+                    "batch": B,
+                    "median_ms": med,
+                }
+            )
+            top, gpu_us = _top_kernels(engine, args.profile_trace_steps)
+            emit(
+                {
+                    "part": "profile",
+                    "fused_kernels": engine.decoder.fused is not None,
+                    "batch": B,
+                    "gpu_us_per_step": gpu_us,
+                    "top_kernels": top,
+                }
+            )
+            for rid in list(engine._seqs):
+                engine.abort(rid)
+            engine.step()
         free(engine)
 
 
@@ -477,6 +636,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke test)")
     ap.add_argument("--kv-gib", type=float, default=40.0)
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-step host/GPU breakdown at B=1 and B=64 (fused and eager) and the top "
+        "CUDA kernels; runs instead of the parts",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.tiny:
@@ -486,6 +651,8 @@ def main() -> None:
         args.budget, args.splitfuse_budget, args.prefill_budget = 64, 32, 128
         args.workloads = {"512/128": (32, 8, [20.0]), "fastgen": (100, 4, [10.0])}
         args.requests, args.decode_tokens, args.saturation = 4, 12, 4
+        args.ab_concurrency, args.d_seqs, args.d_budget = [4], 4, 64
+        args.profile_batches, args.profile_steps, args.profile_trace_steps = [1, 4], 5, 2
     else:
         args.device, args.dtype = torch.device("cuda"), torch.bfloat16
         args.max_model_len = 4096
@@ -496,10 +663,15 @@ def main() -> None:
             "512/128": (512, 128, [4.0, 8.0, 16.0, 32.0]),
             "fastgen": (2600, 60, [1.0, 2.0, 4.0, 8.0]),
         }
-        args.requests, args.decode_tokens, args.saturation = 48, 128, 128
+        args.requests, args.decode_tokens, args.saturation = 48, 128, 32
+        args.ab_concurrency, args.d_seqs, args.d_budget = [64, 256], 32, 512
+        args.profile_batches, args.profile_steps, args.profile_trace_steps = [1, 64], 30, 5
     cfg = config(args)
     print(f"{cfg}\nparts {sorted(parts)} on {args.device}", flush=True)
     lm = build_weights(cfg, args.device, args.dtype)
+    if args.profile:
+        profile(lm, args)
+        return
     check_attention(args)
     hf = hf_model(lm, args.device, args.dtype) if "a" in parts or args.tiny else None
     check_greedy(lm, hf, args)
