@@ -22,6 +22,17 @@ the checkpoint holds: that is the resharding (ZeRO-3 world 4 -> stage 1 world 2 
 plain world 1, HSDP -> plain). The padding rows of the target stay as
 ``step.init`` made them (zeros).
 
+[Note: model-parallel placements in DCP]
+tensor_parallel and expert_parallel slices are written the same way, as regions of
+the full tensor ([Note: model-parallel pieces] in ``fscale/_checkpoint/chunks.py``):
+a fused qkv (``chunks=3``) is one region per block, an expert bank split over "ep"
+and "tp" (``extra``) one region with offsets along both dims. A rank's coordinates
+come from the placement and the step's mesh: ``load`` has the step, ``save`` takes
+``mesh=step.mesh`` (those slices carry no process group; without it save raises
+naming the fix). Optimizer moments of a split param take the param's placement
+([Note: per-param state of split params]). So a (tp=2, ep=2) run resumes exactly,
+loads into the world of one, and a world of one's checkpoint loads into it.
+
 [Note: what load fills]
 ``load`` builds the target with ``step.init(params)`` and fills it in place:
 
@@ -59,6 +70,7 @@ leaves it as ``<path>.old-<id>``, not under ``path``.
 Usage::
 
     fs.save(run_dir, params, state, at=step_no, keep=3, extra={"loader": pos})
+    fs.save(run_dir, params, state, at=step_no, mesh=step.mesh)   # tensor/expert parallel
     params, state = fs.load(run_dir, step, full_params)      # reads run_dir/latest
     extra = fs.load_extra(run_dir)                           # this rank's extra
 """
@@ -78,7 +90,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fscale import tree
-from fscale._checkpoint.chunks import _LoadPlanner, _Many, _mesh_coords, _Rows, _SavePlanner
+from fscale._checkpoint.chunks import (
+    _Coords,
+    _LoadPlanner,
+    _Many,
+    _mesh_coords,
+    _pieces,
+    _Rows,
+    _SavePlanner,
+)
 from fscale._checkpoint.files import (
     _check_files,
     _publish,
@@ -129,8 +149,9 @@ def save(
         states); read back with ``fs.load_extra``.
       at: the step number: write ``<path>/step-<at>`` and point ``<path>/latest`` at it.
       keep: with ``at``: keep only the newest ``keep`` checkpoints of the run directory.
-      mesh: the step's mesh (``step.mesh`` or a ``DeviceMesh``); only needed when a
-        sharded tensor does not carry its process group (shard_zero's do).
+      mesh: the step's mesh (``step.mesh`` or a ``DeviceMesh``); needed when a split
+        tensor does not carry its process group: tensor_parallel and expert_parallel
+        slices (shard_zero's shards carry theirs). Without it such a save raises.
       async_save: copy what this rank writes ([Note: async staging]) and write it in
         a background thread while training goes on; returns a ``SaveHandle`` to
         ``wait()`` on. At most one save is in flight: the next ``save`` (and ``load``)
@@ -234,16 +255,21 @@ def _stage(state_dict: dict) -> dict:
     for key, v in state_dict.items():
         if isinstance(v, torch.Tensor):
             out[key] = v.detach().to("cpu", copy=True)
+        elif isinstance(v, _Many):
+            out[key] = _Many([_staged(p) for p in v.parts])
         elif isinstance(v, _Rows):
-            if v.stored is not None:
-                stored = _Pinned(v.stored) if v.write else v.stored
-                out[key] = _Rows(v.shape, v.offsets, v.sizes, stored=stored, write=v.write)
-            else:
-                local = v.local.detach().to("cpu", copy=True)
-                out[key] = _Rows(v.shape, v.offsets, v.sizes, local=local, write=v.write)
+            out[key] = _staged(v)
         else:
             out[key] = copy.deepcopy(v)
     return out
+
+
+def _staged(v: _Rows) -> _Rows:
+    if v.stored is not None:
+        stored = _Pinned(v.stored) if v.write else v.stored
+        return _Rows(v.shape, v.offsets, v.sizes, stored=stored, write=v.write)
+    local = v.local.detach().to("cpu", copy=True)
+    return _Rows(v.shape, v.offsets, v.sizes, local=local, write=v.write)
 
 
 class _Pinned:
@@ -317,6 +343,7 @@ def _save_state_dict(params, state: dict, mesh) -> dict:
     layout = state["layout"]
     leaves = tree.leaves(params)
     groups = _groups_by_dims(params, state)
+    split = _split_leaves(layout, leaves)
     out: dict[str, Any] = {}
     plain: dict[str, Any] = {}
     param_storages = set()
@@ -332,7 +359,8 @@ def _save_state_dict(params, state: dict, mesh) -> dict:
         if isinstance(e, TensorEntry):
             if e.tensor.untyped_storage().data_ptr() in param_storages:
                 continue  # the params' own storage (ZeRO-3 flats): saved as the params
-            out[path] = _saved(path, e.tensor, e.placement, groups, mesh)
+            placement = _entry_placement(path, e.tensor, e.placement, split)
+            out[path] = _saved(path, e.tensor, placement, groups, mesh)
         elif isinstance(e, StoredTensor):
             out[path] = _saved(path, e, e.placement, groups, mesh)
         else:
@@ -357,8 +385,34 @@ def _saved(path: str, t, placement: Placement, groups: dict, mesh) -> Any:
         if isinstance(t, StoredTensor):
             return _Rows(tuple(t.shape), (0,) * len(t.shape), t.shape, stored=t)
         return t
-    index, parts = _shard_coords(path, placement, groups, mesh)
-    return _Rows.of(placement, index, parts, local=t)
+    return _pieces(placement, _shard_coords(path, placement, groups, mesh), local=t)
+
+
+def _split_leaves(layout, leaves) -> dict[str, tuple[Placement, tuple[int, ...]]]:
+    """``{param: (placement, local shape)}`` of the params split over mesh dims."""
+    return {
+        path: (placement, tuple(leaf.shape))
+        for path, leaf, placement in zip(layout.paths, leaves, layout.placements, strict=True)
+        if leaf is not None and placement is not None and placement.sharded
+    }
+
+
+def _entry_placement(path: str, t: torch.Tensor, placement: Placement, split: dict) -> Placement:
+    """[Note: per-param state of split params]
+    An optimizer (or precision) slot keeps one tensor per param, made like the param
+    (``zeros_like``, ``.float()``) and so without its placement: ``describe`` calls it
+    whole (``replicated``), which for the slice of a tensor_parallel / expert_parallel
+    param would save every rank's different slice under one key (DCP keeps one). An
+    entry placed as nothing but its own shape, whose path ends in the name of a split
+    param and which has that param's local shape, is that param's slice: it takes the
+    param's placement. Entries placed by their transform (ZeRO's shards) keep theirs.
+    """
+    if placement.sharded or placement.replicate or tuple(placement.shape) != tuple(t.shape):
+        return placement
+    hit = split.get(path.rsplit("/", 1)[-1])
+    if hit is not None and tuple(t.shape) == hit[1]:
+        return hit[0]
+    return placement
 
 
 def _groups_by_dims(params, state: dict) -> dict:
@@ -383,17 +437,21 @@ def _groups_by_dims(params, state: dict) -> dict:
     return found
 
 
-def _shard_coords(path: str, placement: Placement, groups: dict, mesh) -> tuple[int, int]:
+def _shard_coords(path: str, placement: Placement, groups: dict, mesh) -> _Coords:
+    """This rank's coordinates in ``placement``: from the mesh when given, else from
+    the process group a shard_zero shard carries; tensor_parallel / expert_parallel
+    slices carry none, so saving them needs ``mesh=``."""
     if mesh is not None:
         return _mesh_coords(placement, mesh)
-    if placement.shard in groups:
+    if placement.shard in groups and not placement.extra:
         group = groups[placement.shard]
-        return comm.rank(group), comm.world_size(group)
+        return _Coords(comm.rank(group), comm.world_size(group))
     if comm.world_size() == 1:
-        return 0, 1
+        return _Coords(0, 1, tuple((0, 1) for _ in placement.extra))
     raise ValueError(
-        f"fs.save: {path!r} is sharded over mesh dims {list(placement.shard)}, but no tensor "
-        "of the state carries that dim's process group; pass the step's mesh: "
+        f"fs.save: {path!r} is split over mesh dims {list(placement.split_dims)} (a "
+        "tensor_parallel / expert_parallel slice, or a shard that carries no process "
+        "group), and save has no mesh to find this rank's piece on; pass the step's mesh: "
         "fs.save(path, params, state, mesh=step.mesh)."
     )
 
@@ -439,6 +497,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
             targets[f"params/{p}"] = (leaf.detach(), placement or replicated(leaf))
             param_storages[leaf.untyped_storage().data_ptr()] = p
     entries = describe(state)
+    split = _split_leaves(layout, tree.leaves(new_params))
     plain = {}
     for path_, e in entries.items():
         if path_.startswith("layout/"):
@@ -446,7 +505,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
         if isinstance(e, TensorEntry):
             if e.tensor.untyped_storage().data_ptr() in param_storages:
                 continue  # filled through the params
-            targets[path_] = (e.tensor, e.placement)
+            targets[path_] = (e.tensor, _entry_placement(path_, e.tensor, e.placement, split))
         elif isinstance(e, StoredTensor):
             targets[path_] = (e, e.placement)
         else:
@@ -465,8 +524,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
                 "model and optimizer that saved it."
             )
         if placement.sharded:
-            index, parts = _mesh_coords(placement, mesh)
-            rows = _Rows.of(placement, index, parts, local=t)
+            rows = _pieces(placement, _mesh_coords(placement, mesh), local=t)
         elif isinstance(t, StoredTensor):
             rows = _Rows(t.shape, (0,) * len(t.shape), t.shape, stored=t)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,12 +27,97 @@ from fscale.placement import Placement
 from fscale.state import StoredTensor
 
 
-def _mesh_coords(placement: Placement, mesh: meshes.Mesh) -> tuple[int, int]:
-    """This rank's shard index (rank-major over the shard dims) and the number of parts."""
+def _mesh_coords(placement: Placement, mesh: meshes.Mesh) -> _Coords:
+    """This rank's coordinates in ``placement`` on ``mesh``: its shard index (rank-major
+    over the shard dims), the number of parts, and its (index, size) along each
+    ``extra`` split."""
+    for d in placement.split_dims:
+        if d not in mesh.dims:
+            raise ValueError(
+                f"a tensor is split over mesh dim {d!r}, which the mesh {mesh} lacks; pass "
+                "the mesh of the step that laid it out (step.mesh)."
+            )
     index = 0
     for d in placement.shard:
         index = index * mesh.size(d) + mesh.rank(d)
-    return index, placement.parts(mesh)
+    extra = tuple((mesh.rank(d), mesh.size(d)) for d, _ in placement.extra)
+    return _Coords(index, placement.parts(mesh), extra)
+
+
+@dataclass(frozen=True)
+class _Coords:
+    """Where one rank's piece of a placed tensor sits: ``index`` of ``parts`` along the
+    shard dims, and ``(index, size)`` along each of the placement's ``extra`` splits."""
+
+    index: int
+    parts: int
+    extra: tuple[tuple[int, int], ...] = ()
+
+
+def _pieces(placement: Placement, coords: _Coords, *, local, write=True) -> _Rows:
+    """[Note: model-parallel pieces] One rank's real data of a placed tensor, for DCP.
+
+    A plain row block (ZeRO, expert_parallel's experts) is one region: ``_Rows.of``.
+    A placement with ``chunks`` fused blocks (tensor_parallel's qkv) gives the rank
+    one region per block: block ``k``'s rows ``[k * B + index * r, ... + r)`` of the
+    full dim (``B = shape[dim] / chunks``, ``r = B / parts``), held at local rows
+    ``[k * r, (k + 1) * r)``. Each ``extra`` split ``(mesh dim, axis)`` (a bank's
+    hidden dim over "tp") moves every region to offset ``coord * n`` along ``axis``,
+    ``n = shape[axis] / size``, which the local tensor holds whole. Several regions
+    are a ``_Many``, one DCP write/read item each.
+    """
+    simple = placement.chunks == 1 and not placement.extra
+    if isinstance(local, StoredTensor) and not (simple and placement.dim == 0):
+        raise ValueError(
+            f"fs.save/fs.load: an NVMe stored tensor is placed as {placement}; stored "
+            "tensors are read and written in whole dim-0 row blocks only (offload's state "
+            "of plain or ZeRO leaves), not in fused chunks, extra splits or along other "
+            "dims. Offload to 'cpu' instead of 'nvme' for model-parallel leaves."
+        )
+    if simple or not placement.shape:
+        return _Rows.of(placement, coords.index, coords.parts, local=local, write=write)
+    shape = placement.shape
+    axes = [placement.dim] + [axis for _, axis in placement.extra]
+    if len(set(axes)) != len(axes) or any(not 0 <= a < len(shape) for a in axes):
+        raise ValueError(
+            f"fs.save/fs.load: placement {placement} splits a tensor dim twice or a dim "
+            "it lacks; each split (dim and every extra) must name its own tensor dim."
+        )
+    offsets = [0] * len(shape)
+    sizes = list(shape)
+    for (_, axis), (coord, size) in zip(placement.extra, coords.extra, strict=True):
+        if shape[axis] % size:
+            raise ValueError(
+                f"fs.save/fs.load: placement {placement} splits dim {axis} ({shape[axis]}) "
+                f"over {size} ranks unevenly; extra splits must be even."
+            )
+        sizes[axis] = shape[axis] // size
+        offsets[axis] = coord * sizes[axis]
+    if placement.chunks == 1 and placement.shard:
+        rows = math.ceil(shape[placement.dim] / coords.parts)
+        start = min(coords.index * rows, shape[placement.dim])
+        real = min(rows, shape[placement.dim] - start)
+        offsets[placement.dim], sizes[placement.dim] = start, real
+        view = local.narrow(placement.dim, 0, real)
+        w = write and (real > 0 or coords.index == 0)
+        return _Rows(shape, offsets, sizes, local=view, write=w)
+    if placement.chunks == 1:  # extra splits only
+        return _Rows(shape, offsets, sizes, local=local, write=write)
+    dim, chunks = placement.dim, placement.chunks
+    if shape[dim] % (chunks * coords.parts):
+        raise ValueError(
+            f"fs.save/fs.load: placement {placement} has {chunks} fused blocks of dim {dim} "
+            f"({shape[dim]}) that do not split evenly over {coords.parts} parts."
+        )
+    block = shape[dim] // chunks
+    rows = block // coords.parts
+    parts = []
+    for k in range(chunks):
+        o, n = list(offsets), list(sizes)
+        o[dim], n[dim] = k * block + coords.index * rows, rows
+        view = local.narrow(dim, k * rows, rows)
+        parts.append(_Rows(shape, o, n, local=view, write=write))
+    return _Many(parts)
 
 
 class _Rows:
@@ -113,19 +199,32 @@ class _SavePlanner(DefaultSavePlanner):
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         obj = self.state_dict[index.fqn]
+        if isinstance(obj, _Many):
+            return obj.part_at(index.offset).tensor()
         return obj.tensor() if isinstance(obj, _Rows) else super().lookup_object(index)
 
 
 class _Many(_Rows):
-    """Several targets read from one checkpoint entry (a param and its master)."""
+    """Several regions of one checkpoint entry: a rank's fused blocks of one tensor
+    ([Note: model-parallel pieces]), written or read one item each; or, on load, the
+    regions of several targets read from one entry (a param and its master)."""
 
     def __init__(self, parts: list[_Rows]):
-        first = parts[0]
+        flat = [q for p in parts for q in (p.parts if isinstance(p, _Many) else [p])]
+        first = flat[0]
         super().__init__(first.shape, first.offsets, first.sizes, local=first.local)
-        self.parts = parts
+        self.parts = flat
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [item for p in self.parts for item in p.__create_write_items__(fqn, obj)]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
         return [p.chunk() for p in self.parts]
+
+    def part_at(self, offsets) -> _Rows:
+        """The region written at ``offsets`` (save)."""
+        offsets = tuple(offsets)
+        return next(p for p in self.parts if p.offsets == offsets)
 
 
 class _LoadPlanner(DefaultLoadPlanner):
