@@ -10,6 +10,7 @@ Run it as a world of one::
     python examples/train_gpt.py --checkpoint-activations selective   # same numbers, less memory
     python examples/train_gpt.py --curriculum 16 --random-ltd 32       # data efficiency
     python examples/train_gpt.py --compile                              # torch.compile per block
+    torchrun --nproc-per-node 4 examples/train_gpt.py --experts 8 --ep 2 --tp 2  # MoE + TED
     torchrun --nproc-per-node 2 examples/train_gpt.py --compress onebit_adam  # 1-bit Adam
 
 or data-parallel, unchanged, under torchrun (gloo on CPU, nccl on CUDA)::
@@ -193,7 +194,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fs.random_ltd: the middle blocks run on KEEP random tokens per sequence, rising "
         "linearly to the full length by the last step; LR by fs.layer_token_lr",
     )
+    p.add_argument(
+        "--experts", type=int, default=0, help="MoE GPT: routed experts per block (0: dense)"
+    )
+    p.add_argument("--top-k", type=int, default=2, help="--experts: experts per token")
+    p.add_argument(
+        "--ep", type=int, default=1, help="fs.expert_parallel: ranks the experts are split over"
+    )
+    p.add_argument(
+        "--tp", type=int, default=1, help="fs.tensor_parallel: ranks each block is split over"
+    )
     args = p.parse_args(argv)
+    if args.ep > 1 and (args.experts < 1 or args.experts % args.ep):
+        p.error(f"--ep {args.ep} splits the experts: give --experts as a multiple of it")
+    if args.ep < 1 or args.tp < 1:
+        p.error("--ep and --tp must be >= 1")
+    if args.compile and args.ep * args.tp > 1:
+        p.error(
+            "--compile with --ep/--tp: compile_units would trace the dispatch collectives "
+            "inside each block; run model-parallel steps eagerly"
+        )
     if args.delayed_update and args.offload != "cpu":
         p.error("--delayed-update is for --offload cpu")
     if args.offload_params and (args.zero != 3 or args.offload == "none"):
@@ -344,7 +364,21 @@ def compression(args: argparse.Namespace):
     return fs.zeropp()
 
 
-def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | None = None):
+def parallel_mesh(args: argparse.Namespace, world: int, device: torch.device):
+    """The (dp, ep, tp) mesh of --ep/--tp (None without them) and this rank's data rank."""
+    if args.ep * args.tp == 1:
+        return None
+    if world % (args.ep * args.tp):
+        raise SystemExit(f"--ep {args.ep} x --tp {args.tp} does not divide the world ({world})")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sizes = (world // (args.ep * args.tp), args.ep, args.tp)
+    return init_device_mesh(device.type, sizes, mesh_dim_names=("dp", "ep", "tp"))
+
+
+def build_step(
+    args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | None = None, mesh=None
+):
     """The train step; later issues wrap it in transforms chosen by flags.
 
     ``model`` (the module, or ``fs.functional``'s apply) tells the step the model's
@@ -364,7 +398,13 @@ def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | N
         optimizer = fs.optim.adamw(
             lr=schedule, b2=0.95, weight_decay=0.1, mask=fs.optim.decay_mask_default
         )
-    step = fs.train_step(loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0, model=model)
+    step = fs.train_step(
+        loss_fn, optimizer, accumulate=args.accumulate, clip_norm=1.0, model=model, mesh=mesh
+    )
+    if args.ep > 1:  # experts split over "ep"; tokens dispatched by all_to_all
+        step = fs.expert_parallel(step, dim="ep")
+    if args.tp > 1:  # over expert_parallel: TED drops the tp-duplicated tokens first
+        step = fs.tensor_parallel(step, dim="tp")
     if args.compile:  # the first unit transform: the others wrap the compiled blocks
         step = fs.compile_units(step)
     if args.checkpoint_activations or args.offload_activations:
@@ -383,7 +423,7 @@ def build_step(args: argparse.Namespace, loss_fn, model=None, cfg: GPTConfig | N
     if args.precision != "fp32":  # innermost: shard_zero and offload go over it
         step = fs.mixed_precision(step, args.precision)
     if args.zero:
-        step = fs.shard_zero(step, args.zero)
+        step = fs.shard_zero(step, args.zero, shard_dim="dp" if mesh is not None else None)
     if args.compress is not None:  # over shard_zero(3) for ZeRO++; it names the fix otherwise
         step = fs.compress_comm(step, compression(args))
     if args.offload != "none":  # outermost: each rank offloads its own shard
@@ -463,6 +503,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = getattr(GPTConfig, args.preset)()
     if args.seq_len is not None:
         cfg = cfg.replace(seq_len=args.seq_len)
+    if args.experts:
+        cfg = cfg.replace(experts=args.experts, top_k=args.top_k)
+    mesh = parallel_mesh(args, world, device)
+    # Ranks of one tensor-parallel group (the innermost mesh dim) read the same batch.
+    data_rank, data_world = rank // args.tp, world // args.tp
     torch.manual_seed(args.seed)  # same init on every rank: no broadcast needed
     model = GPT(cfg).to(device)
 
@@ -470,13 +515,13 @@ def main(argv: list[str] | None = None) -> dict:
     n_train = int(len(data) * (1 - VAL_FRACTION))
     train, val = data[:n_train], data[n_train:]
     batch_kw = dict(
-        global_batch=args.batch_size * world,
+        global_batch=args.batch_size * data_world,
         seq_len=cfg.seq_len,
-        rank=rank,
+        rank=data_rank,
         batch_size=args.batch_size,
         device=device,
     )
-    tokens_per_step = args.batch_size * world * cfg.seq_len
+    tokens_per_step = args.batch_size * data_world * cfg.seq_len
 
     params, apply = fs.functional(model)
 
@@ -484,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
         logits = apply(params, batch["x"])
         return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten())
 
-    step = build_step(args, loss_fn, model=apply, cfg=cfg)
+    step = build_step(args, loss_fn, model=apply, cfg=cfg, mesh=mesh)
     plan_text = fs.explain(step, params)  # from the full params, before init shards them
     resume_from = fs.latest(args.save_dir) if args.resume else None
     if resume_from is None:
@@ -496,8 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
     log(
         f"GPT {args.preset}: {model.num_params() / 1e6:.2f}M params, {cfg.n_layer} layers x "
         f"d={cfg.d_model}, seq {cfg.seq_len} | data: {len(train) / 1e6:.1f} MB train, "
-        f"{len(val) / 1e6:.2f} MB val (stdlib .py bytes) | world {world} on {device} | "
-        f"global batch {args.batch_size * world} x {cfg.seq_len} = {tokens_per_step} tokens/step"
+        f"{len(val) / 1e6:.2f} MB val (stdlib .py bytes) | world {world} on {device} | global "
+        f"batch {args.batch_size * data_world} x {cfg.seq_len} = {tokens_per_step} tokens/step"
     )
     eval_every = max(1, args.steps // 10)
     eval_seed = args.seed + 1
@@ -510,13 +555,13 @@ def main(argv: list[str] | None = None) -> dict:
         """Tokens steps a+1..b feed the model (the curriculum's cut tails not counted)."""
         if seqlen is None:
             return (b - a) * tokens_per_step
-        return args.batch_size * world * sum(seqlen(c) for c in range(a, b))
+        return args.batch_size * data_world * sum(seqlen(c) for c in range(a, b))
 
     logger = metrics_logger(args, main_rank)  # rank 0 writes; the others' log() is a no-op
     losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
     first = 1
     if resume_from is None:
-        full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
+        full = fs.gather_params(params, state, mesh=step.mesh)  # whole fp32 masters
         history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
         logger.log(0, {"val_loss": history["val_loss"][0]})
     else:
@@ -562,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
         if it % eval_every == 0 or it == args.steps:
             t0 = time.perf_counter()
             history["val_step"].append(it)
-            full = fs.gather_params(params, state)  # fp32 masters, unsharded; a collective
+            full = fs.gather_params(params, state, mesh=step.mesh)  # whole fp32 masters
             history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
             eval_time += time.perf_counter() - t0
             record = {**(record or {}), "val_loss": history["val_loss"][-1]}
@@ -578,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "history": history,
                 "losses": global_mean(torch.stack(losses)).tolist(),  # a collective
             }
-            fs.save(args.save_dir, params, state, at=it, keep=3, extra=extra)
+            fs.save(args.save_dir, params, state, at=it, keep=3, extra=extra, mesh=step.mesh)
     bar.close()
     logger.close()
     wall = time.perf_counter() - start
@@ -594,7 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
         "world": world,
         "device": str(device),
         "steps": args.steps,
-        "global_batch": args.batch_size * world,
+        "global_batch": args.batch_size * data_world,
         "seq_len": cfg.seq_len,
         "accumulate": args.accumulate,
         "checkpoint_activations": args.checkpoint_activations,

@@ -55,6 +55,7 @@ def plan(step, params) -> Plan:
         param_count=sum(t.numel() for t in leaves),
         param_bytes=p_bytes,
         largest_param_bytes=max((_nbytes(t) for t in leaves), default=0),
+        mesh=repr(step.mesh),
     )
     result.memory = {
         "params": p_bytes,
@@ -114,7 +115,8 @@ def explain(step, params=None, *, bandwidth=None, latency_s: float | None = None
         link = cost.Link.parse(bandwidth, latency_s=lat)
     p = plan(step, params)
     lines = [
-        f"fscale step: world={p.world}, {p.param_count:,} params ({_gib(p.param_bytes)})",
+        f"fscale step: world={p.world}, {p.param_count:,} params ({_gib(p.param_bytes)} per "
+        f"rank before ZeRO), {p.mesh}",
         "stack: " + (" -> ".join(["train_step", *p.transforms])),
         f"accumulate={step.accumulate}, clip_norm={step.clip_norm}",
         "stages:",

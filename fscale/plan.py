@@ -37,3 +37,28 @@ class Plan:
     param_count: int = 0
     param_bytes: int = 0  # full (unsharded) params
     largest_param_bytes: int = 0  # the largest single leaf, full
+    mesh: str = ""  # the step's mesh, e.g. "Mesh(dp=2, ep=2, tp=2)"
+
+    #: How many ways model-parallel transforms split each leaf so far (by param name).
+    leaf_parts: dict = field(default_factory=dict)
+
+    def split_leaves(self, leaves: dict) -> None:
+        """``{param name: (full bytes, parts)}``: a model-parallel transform keeps
+        ``1/parts`` of each on every rank (on top of earlier splits of the same leaf).
+        Params, grads, the optimizer state (in proportion) and the grad reduction
+        shrink; later transforms (shard_zero) then split what is left."""
+        saved = 0
+        for name, (full, parts) in leaves.items():
+            before = self.leaf_parts.get(name, 1)
+            saved += full // before - full // (before * parts)
+            self.leaf_parts[name] = before * parts
+        frac = saved / self.param_bytes if self.param_bytes else 0.0
+        self.param_bytes -= saved
+        for kind in ("params", "grads"):
+            if kind in self.memory:
+                self.memory[kind] -= saved
+        if "optimizer" in self.memory:
+            self.memory["optimizer"] -= int(self.memory["optimizer"] * frac)
+        for c in self.collectives:
+            if c.tag == "dp.grads":
+                c.bytes -= int(c.bytes * frac)

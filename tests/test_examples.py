@@ -270,3 +270,23 @@ def test_train_gpt_with_offload_activations(tmp_path):
         assert all(r["activation_offload_bytes"] > 0 for r in steps)
         assert metrics["train_loss"] == plain[0]["train_loss"]
         assert metrics["val_loss"] == plain[0]["val_loss"]
+
+
+def test_train_gpt_moe_expert_and_tensor_parallel_matches_world_of_one(tmp_path):
+    """--experts 4 --ep 2 --tp 2 on 4 ranks (2 data ranks x batch 2) takes the steps of
+    the world of one with the same global batch in 2 micro-batches (a rank routes its
+    own tokens, as a micro-batch does); the plan shows the mesh and both transforms."""
+    moe = ["--experts", "4", "--top-k", "2"]
+    one = tmp_path / "one.png"
+    cmd = [sys.executable, str(TRAIN_GPT), *TINY, *moe, "--batch-size", "4", "--accumulate", "2"]
+    _run([*cmd, "--out", str(one)], timeout=180)
+    png = tmp_path / "loss.png"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    args = [str(TRAIN_GPT), *TINY, *moe, "--ep", "2", "--tp", "2", "--batch-size", "2"]
+    proc = _run([*run, *args, "--out", str(png)], timeout=240)
+    assert "Mesh(dp=1, ep=2, tp=2)" in proc.stdout
+    assert "expert_parallel(dim='ep'" in proc.stdout and "tensor_parallel(dim='tp'" in proc.stdout
+    metrics, reference = _results(png), _results(one)
+    assert metrics["world"] == 4 and metrics["global_batch"] == reference["global_batch"] == 4
+    assert metrics["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-3)
+    assert metrics["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-3)

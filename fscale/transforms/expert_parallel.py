@@ -134,11 +134,7 @@ def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
     record = Transform(
         NAME,
         options={"dim": dim, "size": size, "banks": len(banks)},
-        plan=lambda plan: plan.notes.append(
-            f"expert_parallel: {len(banks)} expert banks, {size} ranks along {dim!r} hold "
-            "1/{size} of the experts each; tokens travel by all_to_all ('ep.dispatch', "
-            "'ep.combine')."
-        ),
+        plan=lambda plan: _plan(plan, banks, size, dim),
     )
     inner_init = step.stages.init
     inner_loss = step.stages.loss_and_grad
@@ -175,6 +171,24 @@ def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
 
 
 # ----------------------------------------------------------------------------- banks
+
+
+def _plan(plan, banks: dict[str, nn.Module], size: int, dim: str) -> None:
+    """Each rank keeps 1/size of the banks; the dispatch moves activations, not params."""
+    plan.split_leaves(
+        {
+            f"{name}.{pname}": (t.numel() * t.element_size(), size)
+            for name, bank in banks.items()
+            for pname, t in bank.named_parameters()
+        }
+    )
+    width = next(iter(banks.values())).w_in.shape[1] if banks else 0
+    plan.notes.append(
+        f"expert_parallel: {len(banks)} expert banks, {size} ranks along {dim!r} hold 1/{size} "
+        f"of the experts each; per routed token copy and bank, all_to_all moves its "
+        f"{width}-wide activation out and back ('ep.dispatch', 'ep.combine'), (size-1)/size of "
+        "them off-rank, and again in backward; metrics['comm_bytes_by_tag'] counts them."
+    )
 
 
 def _expert_placement(name: str, t: torch.Tensor, dim: str, others) -> Placement:

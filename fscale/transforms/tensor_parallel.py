@@ -109,10 +109,7 @@ def tensor_parallel(step: Step, *, dim: str = "tp", plan: Mapping | None = None)
     record = Transform(
         NAME,
         options={"dim": dim, "size": size, "modules": len(planned)},
-        plan=lambda p: p.notes.append(
-            f"tensor_parallel: {len(planned)} modules split over {size} ranks along {dim!r}; "
-            "one all-reduce per column/row pair ('tp.activations') in forward and backward."
-        ),
+        plan=lambda p: _plan(p, planned, shards, size, dim),
     )
     inner_init = step.stages.init
     inner_loss = step.stages.loss_and_grad
@@ -157,6 +154,20 @@ def tensor_parallel(step: Step, *, dim: str = "tp", plan: Mapping | None = None)
 # ----------------------------------------------------------------------------- plans
 
 
+def _plan(plan, planned: dict, shards: dict, size: int, dim: str) -> None:
+    leaves = {}
+    for name in shards:
+        owner, _, pname = name.rpartition(".")
+        t = planned[owner][0].get_parameter(pname)
+        leaves[name] = (t.numel() * t.element_size(), size)
+    plan.split_leaves(leaves)
+    plan.notes.append(
+        f"tensor_parallel: {len(planned)} modules split over {size} ranks along {dim!r}; one "
+        "all-reduce of the block's activations per column/row pair ('tp.activations') in "
+        "forward and one in backward; the ranks along it read the same batch."
+    )
+
+
 def default_plan(model: nn.Module) -> dict:
     """The plan for fscale's GPT (dense or MoE) or a Hugging Face Llama-family model."""
     plan: dict = {}
@@ -166,8 +177,10 @@ def default_plan(model: nn.Module) -> dict:
             head = module.qkv.in_features // module.n_head
             plan[f"{name}.qkv"] = Colwise(chunks=3, granularity=head)
             plan[f"{name}.proj"] = Rowwise()
-        elif kind == "MLP" and hasattr(module, "fc") and hasattr(module, "proj"):
+        elif kind in ("MLP", "FFN") and hasattr(module, "fc") and hasattr(module, "proj"):
             plan[f"{name}.fc"] = Colwise()
+            if getattr(module, "gate", None) is not None:  # SwiGLU
+                plan[f"{name}.gate"] = Colwise()
             plan[f"{name}.proj"] = Rowwise()
         elif kind == "Experts" and hasattr(module, "w_in"):
             plan[name] = ExpertBank()

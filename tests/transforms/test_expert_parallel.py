@@ -175,11 +175,21 @@ def _bad_rank(rank, world):
     step = fs.train_step(_loss(apply), fs.optim.sgd(0.1), mesh=mesh, model=apply)
     uneven = error_text(lambda: fs.expert_parallel(step, experts=ToyBank))
     no_dim = error_text(lambda: fs.expert_parallel(step, dim="expert", experts=ToyBank))
-    return uneven, no_dim
+    model = ToyNet()
+    params, apply = fs.functional(model)
+    step = fs.train_step(_loss(apply), fs.optim.sgd(0.1), mesh=mesh, model=apply)
+    report = fs.explain(fs.expert_parallel(step, experts=ToyBank), params)
+    return uneven, no_dim, report, params
 
 
-def test_build_errors():
-    uneven, no_dim = run_world(_bad_rank, 2)[0]
+def test_build_errors_and_explain():
+    uneven, no_dim, report, params = run_world(_bad_rank, 2)[0]
+    # explain: the mesh, and each rank's bytes with half of every bank.
+    full = sum(t.numel() * 4 for t in params.values())
+    banks = sum(t.numel() * 4 for n, t in params.items() if ".experts." in n)
+    per_rank = full - banks // 2
+    assert "Mesh(ep=2)" in report and "ep.dispatch" in report
+    assert f"({per_rank / 1024:.1f} KiB per rank before ZeRO)" in report, report
     assert "3 experts" in uneven and "divisible by 2" in uneven
     assert "no dim 'expert'" in no_dim
     model = nn.Sequential(nn.Linear(2, 2))
