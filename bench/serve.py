@@ -208,6 +208,20 @@ def check_attention(args) -> None:
         .abs()
         .max()
     )
+    # Decode batches take the split-K decode kernel: B=4 (mixed lengths) and B=1.
+    dec = (q[:4], kc, vc, a[3], a[4], torch.arange(5, dtype=torch.int32, device=args.device))
+    kw1 = dict(scale=D**-0.5, max_query_len=1)
+    for rows in (4, 1):
+        d = (dec[0][:rows], kc, vc, dec[3][:rows], dec[4][:rows], dec[5][: rows + 1])
+        e = (
+            (
+                pa.paged_attention_triton(*d, **kw1).float()
+                - pa.paged_attention_reference(*d, **kw1).float()
+            )
+            .abs()
+            .max()
+        )
+        err = max(err, e)
     emit(
         {"part": "check", "what": "paged_attention triton vs reference", "max_abs_err": float(err)}
     )

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fscale.hw import dispatch
-from fscale.kernels._triton import LazyJit
+from fscale.kernels._triton import LazyJit, sm_count
 
 try:
     import triton
@@ -166,14 +166,223 @@ def _paged_attention_kernel(
 _kernel = LazyJit(_paged_attention_kernel)
 
 
+# [Note: the decode kernel]
+# Decode steps (one query per sequence) take a kernel of their own. Its grid is
+# (sequence, kv head, split): the sequence's keys are cut into SPLITS ranges of whole
+# KB-key tiles (sized from the sequence's own length, so a 128-token context still
+# spreads over every split), which keeps the SMs busy at batch 1 (flash-decoding).
+# Each iteration gathers KB keys across KB / PAGE pages through the block table (one
+# vector load of block ids), so a short context is a couple of iterations, not one per
+# page. Rows are the G query heads of the kv head, padded to 16 for tl.dot. With
+# SPLITS == 1 the program normalises and stores; otherwise it stores its unnormalised
+# accumulator with its row max and sum, and _paged_combine_kernel merges the splits.
+def _paged_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    bt_ptr,
+    lens_ptr,
+    qsl_ptr,
+    ws_acc_ptr,
+    ws_ml_ptr,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    R: tl.constexpr,
+    SPLITS: tl.constexpr,
+    KB: tl.constexpr,
+    PAGE: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    L = tl.load(lens_ptr + b)
+    tiles = (L + KB - 1) // KB
+    per = (tiles + SPLITS - 1) // SPLITS
+    lo = split * per * KB
+    hi = tl.minimum(L, lo + per * KB)
+    g = tl.arange(0, R)
+    row_ok = g < G
+    head = kvh * G + g
+    d = tl.arange(0, DP)
+    d_ok = d < D
+    q_off = q_start * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([R], float("-inf"), tl.float32)
+    l_i = tl.full([R], 0.0, tl.float32)
+    acc = tl.full([R, DP], 0.0, tl.float32)
+    s_off = tl.arange(0, KB)
+    for start in range(lo, hi, KB):
+        kpos = start + s_off
+        kv_ok = kpos < hi
+        blk = tl.load(bt_ptr + b * stride_bt + kpos // PAGE, mask=kv_ok, other=0).to(tl.int64)
+        kv_off = (
+            blk[:, None] * stride_kb
+            + (kpos % PAGE)[:, None] * stride_ks
+            + kvh * stride_kh
+            + d[None, :]
+        )
+        kv_mask = kv_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(kv_ok[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, tl.standard._elementwise_max))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        prob = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.reduce(prob, 1, tl.standard._sum_combine)
+        if IEEE:
+            pv = tl.dot(prob.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(prob.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    mask = row_ok[:, None] & d_ok[None, :]
+    if SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_off = q_start * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Workspace rows: ((b * H + head) * SPLITS + split); acc [.., DP], (m, l) [.., 2].
+        wrow = (b * H + head).to(tl.int64) * SPLITS + split
+        tl.store(ws_acc_ptr + wrow[:, None] * DP + d[None, :], acc, mask=mask)
+        tl.store(ws_ml_ptr + wrow * 2, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + wrow * 2 + 1, l_i, mask=row_ok)
+
+
+def _paged_combine_kernel(
+    o_ptr,
+    qsl_ptr,
+    ws_acc_ptr,
+    ws_ml_ptr,
+    stride_ot,
+    stride_oh,
+    H: tl.constexpr,
+    SPLITS: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, DP)
+    wrow = (b * H + h).to(tl.int64) * SPLITS + sp
+    m = tl.load(ws_ml_ptr + wrow * 2)
+    lsum = tl.load(ws_ml_ptr + wrow * 2 + 1)
+    m_max = tl.reduce(m, 0, tl.standard._elementwise_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    acc = tl.load(ws_acc_ptr + wrow[:, None] * DP + d[None, :])
+    num = tl.reduce(acc * w[:, None], 0, tl.standard._sum_combine)
+    den = tl.reduce(lsum * w, 0, tl.standard._sum_combine)
+    out = num / tl.where(den == 0.0, 1.0, den)
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    tl.store(
+        o_ptr + q_start * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D
+    )
+
+
+_decode_kernel = LazyJit(_paged_decode_kernel)
+_combine_kernel = LazyJit(_paged_combine_kernel)
+
+
+def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Splits of each sequence's keys for a decode launch: about two programs per SM."""
+    want = max(1, (2 * sm_count(device)) // max(1, batch * kv_heads))
+    return min(16, 1 << (want.bit_length() - 1))
+
+
+def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, splits):
+    T, H, D = q.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    B = block_tables.shape[0]
+    G = H // kvh
+    DP = max(16, _pow2(D))
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if splits is None:
+        splits = decode_splits(B, kvh, q.device)
+    if splits > 1:
+        ws_acc = torch.empty(B * H * splits, DP, dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty(B * H * splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        ws_acc = ws_ml = out
+    KB = max(block_size, 64 if D <= 128 else 32)
+    kernel, _ = _decode_kernel()
+    kernel[(B, kvh, splits)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        qsl,
+        ws_acc,
+        ws_ml,
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        H=H,
+        G=G,
+        R=max(16, _pow2(G)),
+        SPLITS=splits,
+        KB=KB,
+        PAGE=block_size,
+        D=D,
+        DP=DP,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    if splits > 1:
+        combine, _ = _combine_kernel()
+        combine[(B, H)](
+            out, qsl, ws_acc, ws_ml, out.stride(0), out.stride(1), H=H, SPLITS=splits, D=D, DP=DP
+        )
+    return out
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
 def paged_attention_triton(
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, scale, max_query_len
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    *,
+    scale,
+    max_query_len,
+    decode_kernel=True,
+    splits=None,
 ):
-    """The Triton lowering (see [Note: the Triton kernel's tiling]); same contract."""
+    """The Triton lowering (see [Note: the Triton kernel's tiling]); same contract.
+    Decode batches (``max_query_len == 1``) take the split-K decode kernel ([Note: the
+    decode kernel]; ``decode_kernel=False`` keeps the general one, ``splits`` overrides
+    the split count: tests and benches)."""
     T, H, D = q.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     if block_size < 16 or block_size & (block_size - 1) or q.stride(-1) != 1:
@@ -182,6 +391,10 @@ def paged_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale=scale
         )
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    if max_query_len == 1 and decode_kernel:
+        return _paged_decode_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, splits
+        )
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     B = block_tables.shape[0]
     G = H // kvh

@@ -104,6 +104,7 @@ class Scheduler:
         """The next forward's batch (empty when there is nothing to run)."""
         batch = Batch()
         self._preempted = False
+        self._in_batch: set[int] = set()  # id() of batch.seqs: O(1) membership at B=256
         if self.policy == "splitfuse":
             self._run(batch, decodes=True)
             self._run(batch, decodes=False)
@@ -124,19 +125,20 @@ class Scheduler:
         i = 0
         while i < len(self.running) and self._left(batch) > 0:
             seq = self.running[i]
-            if seq in batch.seqs or (seq.remaining == 1) != decodes:
+            if id(seq) in self._in_batch or (seq.remaining == 1) != decodes:
                 i += 1
                 continue
             n = min(seq.remaining, self._left(batch))
             if self._reserve_or_preempt(seq, n, batch):
                 batch.seqs.append(seq)
                 batch.num_tokens.append(n)
+                self._in_batch.add(id(seq))
                 i += 1
             # else seq itself was preempted and left `running`: index i is the next one
 
     def _reserve_or_preempt(self, seq: Sequence, n: int, batch: Batch) -> bool:
         while not self.blocks.reserve(seq, n):
-            victim = next((s for s in reversed(self.running) if s not in batch.seqs), None)
+            victim = next((s for s in reversed(self.running) if id(s) not in self._in_batch), None)
             if victim is None or victim.arrival < seq.arrival:
                 victim = seq
             self._preempt(victim)
@@ -176,3 +178,4 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
+            self._in_batch.add(id(seq))

@@ -118,3 +118,32 @@ def test_triton_matches_reference_cuda_bf16():
         atol=2e-2,
         rtol=2e-2,
     )
+    dec, _ = _case([1] * 4, [2000, 1, 129, 16], H=32, KVH=8, D=128, dtype=torch.bfloat16)
+    dec = tuple(a.cuda() for a in dec)
+    for splits in (1, 4, None):
+        torch.testing.assert_close(
+            pa.paged_attention_triton(*dec, scale=0.088, max_query_len=1, splits=splits),
+            pa.paged_attention_reference(*dec, scale=0.088, max_query_len=1),
+            atol=2e-2,
+            rtol=2e-2,
+        )
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4, None])
+@pytest.mark.parametrize(
+    "ctx,H,KVH,D,bs",
+    [
+        ([0, 17, 40], 4, 2, 16, 16),  # partial last tiles
+        ([100, 3, 63, 64], 6, 2, 24, 16),  # G = 3, D not a power of two
+        ([150, 9], 8, 1, 16, 32),  # MQA, pages of 32
+    ],
+)
+def test_decode_kernel_matches_reference(interpret, ctx, H, KVH, D, bs, splits):
+    args, _ = _case([1] * len(ctx), ctx, H=H, KVH=KVH, D=D, bs=bs)
+    kw = dict(scale=0.3, max_query_len=1)
+    torch.testing.assert_close(
+        pa.paged_attention_triton(*args, splits=splits, **kw),
+        pa.paged_attention_reference(*args, **kw),
+        atol=1e-4,
+        rtol=1e-4,
+    )
