@@ -12,6 +12,16 @@ Usage::
     while engine.has_unfinished():
         for out in engine.step(): ...
 
+Tensor parallel (see fscale/serve/parallel.py, launched with torchrun)::
+
+    rank, world, device = fs.init_distributed("cuda")
+    engine = Engine("path/to/llama-dir", tensor_parallel=world)   # every rank
+    if engine.is_leader:                 # rank 0 takes requests, as above
+        outs = engine.generate(prompts, params)
+        engine.shutdown()                # releases the other ranks' follow()
+    else:
+        engine.follow()                  # step() until rank 0 shuts down
+
 [Note: threading]
 The engine is single-threaded: nothing in it takes a lock. A server runs ``step()`` in
 one background thread and calls ``add_request`` / ``abort`` / ``stats`` from others
@@ -26,10 +36,18 @@ from pathlib import Path
 
 import torch
 
+from fscale.hw import comm
 from fscale.serve.errors import EngineFull
 from fscale.serve.kv_cache import BlockManager
 from fscale.serve.models.decoder import Decoder
-from fscale.serve.models.loader import load_model
+from fscale.serve.models.loader import load_model, place
+from fscale.serve.parallel import (
+    TensorParallel,
+    agree_min,
+    broadcast_messages,
+    check_divisible,
+    shard_model,
+)
 from fscale.serve.params import RequestOutput, SamplingParams
 from fscale.serve.runner import ModelRunner
 from fscale.serve.sampling import sample
@@ -62,6 +80,12 @@ class Engine:
         CUDA, off elsewhere (the CPU lowerings are the eager references). Kernels that
         fail their start-up self-check or the graph capture fall back with a warning.
       seed: the generator of requests sampled without their own seed.
+      tensor_parallel: ranks that split each layer (Megatron-style, see
+        ``fscale/serve/parallel.py``): 1 (default), an int dividing the launched world
+        (consecutive ranks form a group), or ``"world"`` for the launched world's size.
+        Every rank of the group constructs the engine with the same arguments; the
+        group's rank 0 takes requests, the others run :meth:`follow`. Heads, KV heads
+        and MLP units must divide by it. CUDA graphs are off when it is > 1.
     """
 
     def __init__(
@@ -84,6 +108,7 @@ class Engine:
         offload_weights: bool = False,
         seed: int = 0,
         fused_kernels: bool | None = None,
+        tensor_parallel: int | str = 1,
     ):
         if scheduler not in POLICIES:
             raise ValueError(f"scheduler={scheduler!r} is not known; use one of {list(POLICIES)}.")
@@ -93,7 +118,19 @@ class Engine:
             codec(quantize)  # an unknown format raises here, naming the valid ones
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        lm = load_model(model, dtype=self.dtype, device="cpu" if offload_weights else self.device)
+        tp_size = comm.world_size() if tensor_parallel == "world" else tensor_parallel
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(
+                f"tensor_parallel must be an int >= 1 or 'world', got {tensor_parallel!r}."
+            )
+        on_host = offload_weights or tp_size > 1  # shards move to the device after slicing
+        lm = load_model(model, dtype=self.dtype, device="cpu" if on_host else self.device)
+        check_divisible(lm.config, tp_size)  # before any collective: every rank raises alike
+        self.tp = TensorParallel.create(tp_size)
+        if tp_size > 1:
+            lm = shard_model(lm, self.tp)
+            if not offload_weights:
+                lm.params = place(lm.params, self.dtype, self.device)
         if quantize is not None:
             lm.params = _quantize(lm.params, quantize)
         self.quantize = quantize
@@ -110,12 +147,14 @@ class Engine:
                 f"max_model_len={max_model_len} must be in [1, {cfg.max_positions}] "
                 f"(the model's max positions)."
             )
-        self.decoder = Decoder(lm, offload=offload_weights, device=self.device)
+        self.decoder = Decoder(lm, offload=offload_weights, device=self.device, tp=self.tp)
         if fused_kernels or (
             fused_kernels is None and self.device.type == "cuda" and self.decoder.fusable()
         ):
             self.decoder.enable_fused()
         num_blocks = num_blocks or self._num_blocks(kv_cache_gib, block_size, max_num_seqs)
+        # Every rank must manage the same blocks (free memory may differ per GPU).
+        num_blocks = agree_min(self.tp, num_blocks, self.device)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(
             self.blocks,
@@ -138,12 +177,15 @@ class Engine:
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0)
+        self._outbox: list[tuple] = []  # rank 0's requests / aborts for the other ranks
+        self._stopped = False
 
     # -- sizing -----------------------------------------------------------------------------
 
     def _num_blocks(self, gib: float | None, block_size: int, max_num_seqs: int) -> int:
         cfg = self.model_config
-        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim
+        kv_heads = cfg.num_kv_heads // self.tp.size  # this rank's
+        per_block = 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim
         per_block *= torch.empty((), dtype=self.dtype).element_size()
         if gib is None:
             if self.device.type == "cuda":
@@ -158,6 +200,7 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Queue a request; see the class doc for the errors it raises."""
+        self._leader_only("add_request")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}.")
         if request_id in self._seqs:
@@ -181,12 +224,24 @@ class Engine:
                 f"{len(self.scheduler.waiting)} requests are waiting (max_waiting="
                 f"{self.max_waiting}); retry later."
             )
+        self._queue(request_id, ids, params)
+        if self.tp.size > 1:
+            self._outbox.append(("add", request_id, ids, params))
+
+    def _queue(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, ids, params, arrival=next(self._arrivals), generator=gen)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def _leader_only(self, what: str) -> None:
+        if not self.tp.leader:
+            raise RuntimeError(
+                f"{what}: this is rank {self.tp.rank} of a tensor-parallel group; requests "
+                "enter on its rank 0 (broadcast each step). Call engine.follow() here."
+            )
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -209,6 +264,12 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: its blocks are freed now, its final output comes with the next step."""
+        self._leader_only("abort")
+        if self.tp.size > 1:
+            self._outbox.append(("abort", request_id))
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         seq = self._seqs.get(request_id)
         if seq is None or seq.status is Status.FINISHED:
             return
@@ -222,7 +283,13 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; outputs of requests that got tokens or finished."""
+        """Run one scheduled forward; outputs of requests that got tokens or finished.
+
+        Under tensor parallelism every rank of the group calls it (rank 0 from its
+        server loop, the others from :meth:`follow`); it starts with rank 0's new
+        requests and aborts broadcast to the others."""
+        if self.tp.size > 1 and self._sync():
+            return []
         outputs = [self._output(seq, []) for seq in self._aborted]
         for seq in self._aborted:
             self._seqs.pop(seq.request_id, None)
@@ -258,6 +325,47 @@ class Engine:
                     self.scheduler.finish(seq)
                     self._seqs.pop(seq.request_id, None)
         return outputs
+
+    # -- tensor parallelism -----------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this rank takes requests (rank 0 of its tensor-parallel group)."""
+        return self.tp.leader
+
+    def _sync(self) -> bool:
+        """Broadcast rank 0's outbox; other ranks apply it. True when told to stop."""
+        msgs = broadcast_messages(self.tp, self._outbox, self.device)
+        self._outbox = []
+        if self.tp.leader:
+            return False
+        for m in msgs:
+            if m[0] == "add":
+                self._queue(*m[1:])
+            elif m[0] == "abort":
+                self._abort(m[1])
+            elif m[0] == "stop":
+                self._stopped = True
+        return self._stopped
+
+    def follow(self, on_output=None) -> None:
+        """A non-leader rank's loop: ``step()`` (in lockstep with rank 0's) until rank 0
+        calls :meth:`shutdown`; ``on_output(out)`` sees every output this rank makes."""
+        if self.tp.leader:
+            raise RuntimeError("follow() is for ranks other than 0 of a tensor-parallel group.")
+        while not self._stopped:
+            for out in self.step():
+                if on_output is not None:
+                    on_output(out)
+
+    def shutdown(self) -> None:
+        """On rank 0: end the other ranks' :meth:`follow` (requests still queued are
+        applied there first). A no-op without tensor parallelism."""
+        if self.tp.size > 1 and self.tp.leader and not self._stopped:
+            self._outbox.append(("stop",))
+            broadcast_messages(self.tp, self._outbox, self.device)
+            self._outbox = []
+            self._stopped = True
 
     def _check_finished(self, seq: Sequence) -> None:
         p, tok = seq.params, seq.token_ids[-1]

@@ -20,7 +20,9 @@ rows write their K/V into block 0, which the block manager never hands out, and 
 to it alone: their results are discarded. Capture needs an attention lowering without
 host syncs (the Triton kernel; the torch reference reads lengths on the host), so
 graphs are only used on CUDA with that lowering, and never with streamed weights
-(their copies are not in the graph). Mixed prefill steps run eagerly.
+(their copies are not in the graph). Mixed prefill steps run eagerly. Under tensor
+parallelism (N > 1) graphs are off with a warning: NCCL allows capturing the
+all-reduces, but that path is not validated yet; emulated graphs (tests) do work.
 
 [Note: host work of a decode step]
 A decode step's inputs go through two pinned host buffers (ids / positions / slots as
@@ -35,6 +37,8 @@ greedy sampling is one small device-to-host copy.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -69,7 +73,8 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks = _cdiv(max_model_len, block_size)
         dtype = kv_dtype or decoder._dtype
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # This rank's KV heads only under tensor parallelism.
+        shape = (num_blocks, block_size, decoder.num_kv_heads, cfg.head_dim)
         self.kv = [
             (
                 torch.zeros(shape, dtype=dtype, device=self.device),
@@ -82,7 +87,15 @@ class ModelRunner:
         # argmax of the rows returned by the last run() (device int64), when the graph made it.
         self.greedy: torch.Tensor | None = None
         if cuda_graphs and self._graphs_possible():
-            self._capture(max_num_seqs)
+            if decoder.tp is not None:
+                # Capturing the NCCL all-reduce is possible but not validated here.
+                warnings.warn(
+                    "CUDA graphs are off under tensor_parallel > 1 (all-reduce capture not "
+                    "validated); decode runs eagerly.",
+                    stacklevel=2,
+                )
+            else:
+                self._capture(max_num_seqs)
 
     # -- inputs -----------------------------------------------------------------------------
 

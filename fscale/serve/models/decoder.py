@@ -13,8 +13,14 @@ layer linears; ``embed``/``pos_embed``/``head`` are left alone)::
 Usage::
 
     dec = Decoder(LoadedModel(cfg, params, "name"), device)
+    dec = Decoder(shard_model(lm, tp), device=dev, tp=tp)           # tensor parallel
     hidden = dec.forward(input_ids, positions, meta, kv_caches)    # [T, hidden]
     logits = dec.logits(hidden[last_rows])                          # [B, vocab] float32
+
+Under tensor parallelism (``fscale/serve/parallel.py``) the params are this rank's
+shard, ``cfg`` stays the whole model's, and ``self.num_heads`` / ``num_kv_heads`` /
+``intermediate`` are this rank's; the o and down projections are all-reduced over the
+group (their biases added after the sum).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fscale.hw import comm
 from fscale.kernels.paged_attention import paged_attention
 
 
@@ -108,8 +115,15 @@ class Decoder:
     """The paged forward of a :class:`LoadedModel` (params are used as given: plain or
     quantized tensors; ``F.linear`` on a QuantizedWeight runs its kernel)."""
 
-    def __init__(self, lm: LoadedModel, *, offload: bool = False, device=None, fused: bool = False):
+    def __init__(
+        self, lm: LoadedModel, *, offload: bool = False, device=None, fused: bool = False, tp=None
+    ):
         self.cfg = cfg = lm.config
+        # tp: a fscale.serve.parallel.TensorParallel (params already sharded) or None.
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        n = self.tp.size if self.tp is not None else 1
+        self.num_heads, self.num_kv_heads = cfg.num_heads // n, cfg.num_kv_heads // n
+        self.intermediate = cfg.intermediate // n
         self.params = lm.params
         self.device = (
             torch.device(device) if device is not None else lm.params["embed.weight"].device
@@ -129,8 +143,8 @@ class Decoder:
             self.cos = freqs.cos().to(self.device)
             self.sin = freqs.sin().to(self.device)
         self.scale = cfg.head_dim**-0.5
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.fused: dict | None = None
         if fused:
             self.enable_fused()
@@ -166,10 +180,10 @@ class Decoder:
                 self.device,
                 self._dtype,
                 hidden=cfg.hidden,
-                H=cfg.num_heads,
-                KVH=cfg.num_kv_heads,
+                H=self.num_heads,
+                KVH=self.num_kv_heads,
                 D=cfg.head_dim,
-                intermediate=cfg.intermediate,
+                intermediate=self.intermediate,
             )
             if bad:
                 warnings.warn(
@@ -200,14 +214,23 @@ class Decoder:
         else:
             approx = "tanh" if self.cfg.mlp == "gelu_tanh" else "none"
             a = F.gelu(F.linear(h, p["fc.weight"], p.get("fc.bias")), approximate=approx)
-        return F.linear(a, p["down.weight"], p.get("down.bias"))
+        return self._row_linear(a, p, "down")
+
+    def _row_linear(self, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
+        """``F.linear`` of a row-parallel projection (o, down): under tensor parallelism
+        each rank's partial product is summed over the group, then the bias is added."""
+        if self.tp is None:
+            return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+        y = comm.all_reduce(F.linear(x, p[f"{name}.weight"]), op="sum", group=self.tp.group)
+        b = p.get(f"{name}.bias")
+        return y if b is None else y + b
 
     def forward(self, input_ids, positions, meta: AttentionMeta, kv_caches) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm; writes the new K/V."""
         if self.fused is not None:
             return self._forward_fused(input_ids, positions, meta, kv_caches)
         cfg, T = self.cfg, input_ids.shape[0]
-        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        H, KVH, D = self.num_heads, self.num_kv_heads, cfg.head_dim
         x = F.embedding(input_ids, self.params["embed.weight"])
         if cfg.positions == "learned":
             x = x + F.embedding(positions, self.params["pos_embed.weight"])
@@ -233,7 +256,7 @@ class Decoder:
                 scale=self.scale,
                 max_query_len=meta.max_query_len,
             )
-            x = x + F.linear(o.reshape(T, H * D), p["o.weight"], p.get("o.bias"))
+            x = x + self._row_linear(o.reshape(T, H * D), p, "o")
             x = x + self._mlp(self._norm(x, p, "norm2"), p)
         return self._norm(x, self.params, "norm")
 
@@ -250,7 +273,7 @@ class Decoder:
 
         f, cfg, T = self.fused, self.cfg, input_ids.shape[0]
         norm, rope, silu_mul = f[ADD_RMS_NORM], f[ROPE_KV_WRITE], f[SILU_MUL]
-        H, KVH, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
+        H, KVH, D, eps = self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.norm_eps
         res = F.embedding(input_ids, self.params["embed.weight"])
         delta = None
         layers = self.stream if self.stream is not None else self.layers
@@ -279,10 +302,10 @@ class Decoder:
                 scale=self.scale,
                 max_query_len=meta.max_query_len,
             )
-            a = F.linear(o.reshape(T, H * D), p["o.weight"], p.get("o.bias"))
+            a = self._row_linear(o.reshape(T, H * D), p, "o")
             res, h = norm(res, a, p["norm2.weight"], eps)
             gu = F.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
-            delta = F.linear(silu_mul(gu), p["down.weight"], p.get("down.bias"))
+            delta = self._row_linear(silu_mul(gu), p, "down")
         return norm(res, delta, self.params["norm.weight"], eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -292,16 +315,12 @@ class Decoder:
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[T, vocab]`` of one whole sequence without a cache (tests' reference)."""
         T = input_ids.shape[0]
-        cfg, bs = self.cfg, 16
+        cfg, bs, kvh = self.cfg, 16, self.num_kv_heads
         nb = -(-T // bs) + 1
         caches = [
             (
-                torch.zeros(
-                    nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self._dtype, device=self.device
-                ),
-                torch.zeros(
-                    nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype=self._dtype, device=self.device
-                ),
+                torch.zeros(nb, bs, kvh, cfg.head_dim, dtype=self._dtype, device=self.device),
+                torch.zeros(nb, bs, kvh, cfg.head_dim, dtype=self._dtype, device=self.device),
             )
             for _ in range(cfg.num_layers)
         ]

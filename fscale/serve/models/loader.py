@@ -53,7 +53,8 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _place(params: dict, dtype: torch.dtype, device) -> dict:
+def place(params: dict, dtype: torch.dtype, device) -> dict:
+    """``params`` in ``dtype`` on ``device``."""
     # Each distinct tensor is converted once, so tied weights stay one tensor.
     done: dict[int, torch.Tensor] = {}
     out = {}
@@ -68,7 +69,7 @@ def load_model(model, *, dtype: torch.dtype = torch.float32, device="cpu") -> Lo
     """A :class:`LoadedModel` with params in ``dtype`` on ``device``."""
     if isinstance(model, LoadedModel):
         return LoadedModel(
-            model.config, _place(model.params, dtype, device), model.name, model.tokenizer_path
+            model.config, place(model.params, dtype, device), model.name, model.tokenizer_path
         )
     if isinstance(model, nn.Module):
         if hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "tok_emb"):
@@ -81,7 +82,7 @@ def load_model(model, *, dtype: torch.dtype = torch.float32, device="cpu") -> Lo
                 f"Engine cannot serve a {type(model).__name__}; pass a model directory or one "
                 f"of {list(SUPPORTED)}."
             )
-        lm.params = _place(lm.params, dtype, device)
+        lm.params = place(lm.params, dtype, device)
         return lm
     path = Path(model)
     if not (path / "config.json").exists():
@@ -104,5 +105,5 @@ def load_model(model, *, dtype: torch.dtype = torch.float32, device="cpu") -> Lo
                 tensors[k] = fh.get_tensor(k)
     config = json.loads((path / "config.json").read_text())
     lm = _build(config, tensors.get, path.name, path)
-    lm.params = _place(lm.params, dtype, device)
+    lm.params = place(lm.params, dtype, device)
     return lm

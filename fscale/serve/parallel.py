@@ -1,0 +1,170 @@
+"""Tensor parallelism for the serving engine: the group, the weight shards, the requests
+rank 0 hands to the other ranks.
+
+Usage::
+
+    tp = TensorParallel.create(2)                  # every rank of the launched world calls it
+    lm = shard_model(lm, tp)                       # this rank's heads / hidden units
+    Decoder(lm, device=dev, tp=tp)                 # o / down outputs all-reduced over tp.group
+
+[Note: Megatron-style serving]
+Each rank of a tensor-parallel group of N holds 1/N of the attention heads (the q, k
+and v rows of its heads; its KV cache stores only its KV heads) and 1/N of the MLP
+hidden units (gate/up or fc rows, down columns). A layer's attention output
+projection and MLP down projection each give a partial sum on every rank; one
+``comm.all_reduce(op="sum")`` over the group completes it, and the biases of those two
+projections are added once, after the sum. Embeddings, norms and the LM head are
+replicated (vocab-parallel embedding / head are not built), so after each all-reduce
+every rank holds the same residual stream and computes the same logits.
+
+[Note: one engine loop on every rank]
+Every rank runs the same ``Engine.step()`` SPMD: the scheduler, the block manager and
+the sampler are replicated and deterministic, so given the same requests in the same
+order every rank schedules the same batches, writes the same cache slots and samples
+the same tokens (seeded generators are equal per rank; logits are equal after the
+all-reduce). Requests enter on rank 0 only: ``add_request`` / ``abort`` there also
+append a message to an outbox, and each ``step()`` starts with rank 0 broadcasting the
+outbox (a length, then pickled bytes when there is anything) to the group; the other
+ranks apply the messages in order before scheduling. They run ``Engine.follow()``, a
+loop of ``step()`` that returns when rank 0 calls ``Engine.shutdown()``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+
+import torch
+
+from fscale.hw import comm
+from fscale.serve.models.decoder import DecoderConfig, LoadedModel
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """A tensor-parallel group: ``size`` ranks, this one is ``rank`` (within the group)."""
+
+    size: int
+    rank: int
+    group: object = None  # a comm process group; None is the whole world
+
+    @staticmethod
+    def create(size: int | str) -> TensorParallel:
+        """The group of this rank. ``size="world"`` takes the launched world's size. A
+        world of W ranks is split into W / size consecutive groups (``new_group`` is
+        called for every group, on every rank, as torch requires)."""
+        world = comm.world_size()
+        if size == "world":
+            size = world
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"tensor_parallel must be an int >= 1 or 'world', got {size!r}.")
+        if size == 1:
+            return TensorParallel(1, 0, None)
+        if not comm.is_initialized() or world % size:
+            raise RuntimeError(
+                f"tensor_parallel={size} needs a launched world whose size it divides "
+                f"(this one has {world} rank(s)); start with torchrun --nproc-per-node {size} "
+                "and fs.init_distributed first."
+            )
+        if size == world:
+            return TensorParallel(size, comm.rank(), None)
+        me, mine = comm.rank(), None
+        for start in range(0, world, size):
+            g = comm.new_group(range(start, start + size))
+            if start <= me < start + size:
+                mine = g
+        return TensorParallel(size, me % size, mine)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def check_divisible(cfg: DecoderConfig, size: int) -> None:
+    """Heads, KV heads and MLP hidden units must split evenly over ``size`` ranks."""
+    if size == 1:
+        return
+    bad = [
+        f"{name}={n}"
+        for name, n in (
+            ("num_heads", cfg.num_heads),
+            ("num_kv_heads", cfg.num_kv_heads),
+            ("intermediate", cfg.intermediate),
+        )
+        if n % size
+    ]
+    if bad:
+        raise ValueError(
+            f"tensor_parallel={size} does not divide {cfg.arch}'s {', '.join(bad)}: each rank "
+            f"holds 1/{size} of the attention heads, KV heads and MLP units; pick a "
+            "tensor_parallel size that divides all three."
+        )
+
+
+def shard_model(lm: LoadedModel, tp: TensorParallel) -> LoadedModel:
+    """This rank's slice of ``lm`` (see [Note: Megatron-style serving]); the config stays
+    the whole model's. Plain tensors only: quantize after sharding."""
+    if tp.size == 1:
+        return lm
+    cfg = lm.config
+    check_divisible(cfg, tp.size)
+    n, r, D = tp.size, tp.rank, cfg.head_dim
+    hq, hkv, inter = cfg.num_heads // n, cfg.num_kv_heads // n, cfg.intermediate // n
+    q_size, kv_size = cfg.num_heads * D, cfg.num_kv_heads * D
+
+    def rows(t: torch.Tensor, spans) -> torch.Tensor:
+        return torch.cat([t[a:b] for a, b in spans], dim=0).contiguous()
+
+    qkv = [
+        (r * hq * D, (r + 1) * hq * D),
+        (q_size + r * hkv * D, q_size + (r + 1) * hkv * D),
+        (q_size + kv_size + r * hkv * D, q_size + kv_size + (r + 1) * hkv * D),
+    ]
+    gate_up = [(r * inter, (r + 1) * inter)]
+    gate_up.append((cfg.intermediate + r * inter, cfg.intermediate + (r + 1) * inter))
+    fc = [(r * inter, (r + 1) * inter)]
+    out = {}
+    for k, v in lm.params.items():
+        if not k.startswith("layers."):
+            out[k] = v
+            continue
+        name = k.split(".", 2)[2]
+        if name in ("qkv.weight", "qkv.bias"):
+            out[k] = rows(v, qkv)
+        elif name in ("gate_up.weight", "gate_up.bias"):
+            out[k] = rows(v, gate_up)
+        elif name in ("fc.weight", "fc.bias"):
+            out[k] = rows(v, fc)
+        elif name == "o.weight":
+            out[k] = v[:, r * hq * D : (r + 1) * hq * D].contiguous()
+        elif name == "down.weight":
+            out[k] = v[:, r * inter : (r + 1) * inter].contiguous()
+        else:  # norms, o / down biases (added once after the all-reduce)
+            out[k] = v
+    return LoadedModel(cfg, out, lm.name, lm.tokenizer_path, dict(lm.extra))
+
+
+def broadcast_messages(tp: TensorParallel, outbox: list, device: torch.device) -> list:
+    """Rank 0's ``outbox`` on every rank of the group (a length, then the pickled bytes
+    when there are any); rank 0 gets its own list back."""
+    data = pickle.dumps(outbox) if tp.leader and outbox else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=device)
+    comm.broadcast(size, src=0, group=tp.group, tag="serve.requests")
+    n = int(size.item())
+    if n == 0:
+        return []
+    if tp.leader:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(n, dtype=torch.uint8, device=device)
+    comm.broadcast(buf, src=0, group=tp.group, tag="serve.requests")
+    return outbox if tp.leader else pickle.loads(buf.cpu().numpy().tobytes())
+
+
+def agree_min(tp: TensorParallel, value: int, device: torch.device) -> int:
+    """The smallest ``value`` over the group (e.g. KV blocks that fit on every rank)."""
+    if tp.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    comm.all_reduce(t, op="min", group=tp.group, tag="serve.sizing")
+    return int(t.item())

@@ -1,0 +1,156 @@
+"""Tensor-parallel serving on a gloo world of 2 CPU ranks: each rank's greedy tokens equal
+the single-rank engine's (tiny Llama with 4 heads / 2 KV heads, tiny GPT-2), across
+prompt-splitting budgets, arrivals mid-generation, an abort, prefix-cache hits, the
+fused (reference) kernels and the emulated CUDA-graph path; sampled tokens agree
+across ranks; each rank's KV cache holds half the KV heads; bad sizes raise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fscale.serve import Engine, SamplingParams
+from tests.dist import run_world
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = [
+    [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+    [100, 101, 102],
+    [7],
+    list(range(30, 75)),
+]
+SHARED = list(range(120, 160))  # 40 tokens: full blocks a second prompt finds cached
+CASES = {  # name: (model fixture, engine kwargs, emulated graph buckets or 0)
+    "llama-splits": ("llama", dict(max_tokens_per_step=8, block_size=4, num_blocks=96), 0),
+    "llama-fused-graphs": (
+        "llama",
+        dict(max_tokens_per_step=64, block_size=8, num_blocks=64, fused_kernels=True),
+        4,
+    ),
+    "gpt2": ("gpt2", dict(max_tokens_per_step=16, block_size=8, num_blocks=64), 0),
+}
+
+
+def _drive(engine: Engine) -> dict:
+    """A fixed script on the request-taking rank: a batch, two arrivals mid-generation,
+    an abort, sampled requests, then two prompts sharing a 40-token prefix in turn."""
+    done = {}
+
+    def collect(outs):
+        for o in outs:
+            if o.finished:
+                done[o.request_id] = (o.token_ids, o.finish_reason, o.num_cached_tokens)
+
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"a{i}", p, GREEDY)
+    engine.add_request("seeded", PROMPTS[1], SamplingParams(max_tokens=8, temperature=1.0, seed=3))
+    engine.add_request("unseeded", PROMPTS[2], SamplingParams(max_tokens=8, temperature=0.9))
+    step = 0
+    while engine.has_unfinished():
+        if step == 2:
+            engine.add_request("late", PROMPTS[0][:7], GREEDY)
+        if step == 3:
+            engine.add_request("gone", PROMPTS[3], GREEDY)
+        if step == 6:
+            engine.abort("gone")
+        collect(engine.step())
+        step += 1
+    for j, tail in enumerate([[1, 2, 3], [4, 5]]):
+        engine.add_request(f"p{j}", SHARED + tail, GREEDY)
+        while engine.has_unfinished():
+            collect(engine.step())
+    return done
+
+
+def _engine(path, kwargs, graphs, **extra) -> Engine:
+    engine = Engine(path, device="cpu", **kwargs, **extra)
+    if graphs:
+        engine.runner._capture(graphs, emulate=True)
+    return engine
+
+
+def _rank(rank, world, cases):
+    results = {}
+    for name, (path, kwargs, graphs) in cases.items():
+        engine = _engine(path, kwargs, graphs, tensor_parallel="world" if rank else 2)
+        kv = tuple(engine.runner.kv[0][0].shape)
+        if engine.is_leader:
+            done = _drive(engine)
+            engine.shutdown()
+        else:
+            with pytest.raises(RuntimeError, match="rank 1 of a tensor-parallel group"):
+                engine.add_request("x", [1, 2], GREEDY)
+            done = {}
+
+            def collect(o, done=done):
+                if o.finished:
+                    done[o.request_id] = (o.token_ids, o.finish_reason, o.num_cached_tokens)
+
+            engine.follow(collect)
+        results[name] = (done, kv, engine.blocks.num_used)
+    return results
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_llama_dir, tiny_gpt2_dir):
+    return {"llama": str(tiny_llama_dir), "gpt2": str(tiny_gpt2_dir)}
+
+
+@pytest.fixture(scope="module")
+def world_results(paths):
+    cases = {n: (paths[m], kw, g) for n, (m, kw, g) in CASES.items()}
+    return run_world(_rank, 2, cases, timeout=90)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_rank_equals_single_rank_engine(paths, world_results, name):
+    model, kwargs, graphs = CASES[name]
+    ref = _drive(_engine(paths[model], kwargs, graphs))
+    (r0, _, used0), (r1, _, used1) = world_results[0][name], world_results[1][name]
+    assert set(r0) == set(r1) == set(ref)
+    assert r0 == r1  # every rank: the same tokens, sampled ones included
+    greedy = [k for k in ref if k not in ("seeded", "unseeded")]
+    assert {k: r0[k] for k in greedy} == {k: ref[k] for k in greedy}
+    assert ref["gone"][1] == "abort" and len(ref["gone"][0]) < GREEDY.max_tokens
+    assert ref["p1"][2] > 0  # the shared prefix was a cache hit, on every rank alike
+    assert used0 == used1 == 0
+
+
+def test_each_rank_caches_half_the_kv_heads(world_results):
+    (_, kv0, _), (_, kv1, _) = world_results[0]["llama-splits"], world_results[1]["llama-splits"]
+    assert kv0 == kv1 == (96, 4, 1, 16)  # tiny Llama: 2 KV heads of 16 -> 1 per rank
+    (_, kv0, _), (_, kv1, _) = world_results[0]["gpt2"], world_results[1]["gpt2"]
+    assert kv0 == kv1 == (64, 8, 2, 16)  # GPT-2: 4 heads -> 2 per rank
+
+
+def test_bad_sizes_raise(tiny_llama_dir, tiny_gpt2_dir):
+    with pytest.raises(ValueError, match=r"tensor_parallel=3 does not divide .*num_heads=4"):
+        Engine(tiny_llama_dir, device="cpu", tensor_parallel=3)
+    # 4 heads split 4 ways, but 2 KV heads do not.
+    with pytest.raises(ValueError, match=r"num_kv_heads=2"):
+        Engine(tiny_llama_dir, device="cpu", tensor_parallel=4)
+    with pytest.raises(ValueError, match="int >= 1"):
+        Engine(tiny_gpt2_dir, device="cpu", tensor_parallel=0)
+    with pytest.raises(RuntimeError, match="needs a launched world"):
+        Engine(tiny_gpt2_dir, device="cpu", tensor_parallel=2)
+
+
+def test_shards_rebuild_the_full_layer(tiny_llama_dir):
+    """Concatenating both ranks' q/k/v, gate/up and o/down slices gives the originals."""
+    from fscale.serve.models.loader import load_model
+    from fscale.serve.parallel import TensorParallel, shard_model
+
+    lm = load_model(str(tiny_llama_dir))
+    a, b = (shard_model(lm, TensorParallel(2, r)) for r in (0, 1))
+    p, D, inter = lm.params, lm.config.head_dim, lm.config.intermediate
+    qa, ka, va = a.params["layers.0.qkv.weight"].split([2 * D, D, D])
+    qb, kb, vb = b.params["layers.0.qkv.weight"].split([2 * D, D, D])
+    assert torch.equal(torch.cat([qa, qb, ka, kb, va, vb]), p["layers.0.qkv.weight"])
+    ga, ua = a.params["layers.0.gate_up.weight"].chunk(2)
+    gb, ub = b.params["layers.0.gate_up.weight"].chunk(2)
+    assert torch.equal(torch.cat([ga, gb, ua, ub]), p["layers.0.gate_up.weight"])
+    for name in ("o", "down"):
+        w = torch.cat([a.params[f"layers.0.{name}.weight"], b.params[f"layers.0.{name}.weight"]], 1)
+        assert torch.equal(w, p[f"layers.0.{name}.weight"])
+    assert a.params["embed.weight"] is p["embed.weight"]
+    assert a.params["layers.0.down.weight"].shape[1] == inter // 2
