@@ -225,3 +225,104 @@ if triton is not None:
                       dtypes=_DT, priority=10)  # fmt: skip
     dispatch.register("grouped_mm_wgrad", grouped_mm_wgrad_triton, device="cuda",
                       min_capability=(8, 0), dtypes=_DT, priority=10)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- MoE gather-sum
+
+# [Note: the MoE combine as a gather]
+# The MoE layer's rows are sorted by expert; ``pos`` [k, T] (flat, k * T) holds the
+# sorted row of each (choice j, token t), -1 for a dropped one. Both the combine
+# (``y[t] = sum_j bf16(rows[pos[j, t]] * bf16(gate))``) and the dispatch's backward
+# (``dx[t] = sum_j drows[pos[j, t]]``) read k rows per token and write one: a gather,
+# summed in fp32 in the fixed order j = 0..k-1 (deterministic, no atomics), rounded
+# once, as ``stack(...).sum(0)`` would. The combine's backward reads ``dy[token[n]]``
+# per sorted row: ``drows = dy[token] * gate`` and ``dgate = <dy[token], rows>`` in one
+# pass. One launch each instead of the zero fill, scatter, sum, mul, gather chain.
+
+
+def _gather_sum_kernel(
+    rows_ptr, gate_ptr, pos_ptr, y_ptr, T, D,
+    K: tl.constexpr, HAS_GATE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    t_ok = t < T
+    c_ok = c < D
+    acc = tl.zeros((BT, BD), dtype=tl.float32)
+    for j in range(K):
+        p = tl.load(pos_ptr + j * T + t, mask=t_ok, other=-1)
+        ok = p >= 0
+        p = tl.maximum(p, 0).to(tl.int64)
+        r = tl.load(rows_ptr + p[:, None] * D + c[None, :], mask=ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        if HAS_GATE:
+            g = tl.load(gate_ptr + p, mask=ok, other=0.0)
+            g = g.to(y_ptr.dtype.element_ty).to(tl.float32)
+            r = (r * g[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
+        acc += r
+    out = y_ptr + t[:, None].to(tl.int64) * D + c[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
+
+
+def _combine_bwd_kernel(
+    dy_ptr, rows_ptr, gate_ptr, token_ptr, drows_ptr, dgate_ptr, N, D,
+    BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = n < N
+    tok = tl.load(token_ptr + n, mask=n_ok, other=0).to(tl.int64)
+    g = tl.load(gate_ptr + n, mask=n_ok, other=0.0)
+    g = g.to(drows_ptr.dtype.element_ty).to(tl.float32)
+    n64 = n.to(tl.int64)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        c = d0 + tl.arange(0, BD)
+        m = n_ok[:, None] & (c < D)[None, :]
+        gy = tl.load(dy_ptr + tok[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        r = tl.load(rows_ptr + n64[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(drows_ptr + n64[:, None] * D + c[None, :],
+                 (gy * g[:, None]).to(drows_ptr.dtype.element_ty), mask=m)  # fmt: skip
+        acc += tl.sum(gy * r, axis=1)
+    tl.store(dgate_ptr + n, acc.to(dgate_ptr.dtype.element_ty), mask=n_ok)
+
+
+_gather_sum_jit = LazyJit(_gather_sum_kernel)
+_combine_bwd_jit = LazyJit(_combine_bwd_kernel)
+
+
+def gather_sum_triton(
+    rows: torch.Tensor, pos: torch.Tensor, k: int, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y[t] = sum_j rows[pos[j*T + t]] (* bf16(gate[...]))``; -1 in ``pos`` adds nothing.
+
+    ``rows`` [N, D] contiguous, ``pos`` int [k * T], ``gate`` [N] or None.
+    """
+    kernel = _kernel(_gather_sum_jit, rows, "gather_sum_triton")
+    T, D = pos.shape[0] // k, rows.shape[1]
+    y = torch.empty(T, D, dtype=rows.dtype, device=rows.device)
+    if T == 0:
+        return y
+    bt, bd, warps = (16, 16, 1) if interpreting() else (8, 1024, 4)
+    grid = (triton.cdiv(T, bt), triton.cdiv(D, bd))
+    kernel[grid](
+        rows, gate if gate is not None else rows, pos, y, T, D,
+        K=k, HAS_GATE=gate is not None, BT=bt, BD=bd, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def combine_backward_triton(
+    dy: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor, token: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy[token] * bf16(gate), <dy[token], rows>)``: the combine's two grads, one pass."""
+    kernel = _kernel(_combine_bwd_jit, rows, "combine_backward_triton")
+    N, D = rows.shape
+    drows = torch.empty_like(rows)
+    dgate = torch.empty(N, dtype=gate.dtype, device=gate.device)
+    if N == 0:
+        return drows, dgate
+    bn, bd, warps = (16, 16, 1) if interpreting() else (16, 256, 4)
+    kernel[(triton.cdiv(N, bn),)](
+        dy, rows, gate, token, drows, dgate, N, D, BN=bn, BD=bd, num_warps=warps
+    )
+    return drows, dgate

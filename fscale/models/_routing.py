@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,18 +29,24 @@ class Routing:
 
     ``token``, ``slot``, ``gate`` have one entry per kept assignment (N of them):
     the token's row, its slot ``j * T + t`` (choice ``j`` of token ``t``) and its
-    combine weight. ``counts`` [E] sums to N. ``experts``/``gates`` [T, k] are the
+    combine weight. ``pos`` [k * T] inverts ``slot``: the sorted row of slot ``j * T + t``,
+    -1 where dropped. ``counts`` [E] sums to N. ``experts``/``gates`` [T, k] are the
     choices before dropping; ``load_balance`` and ``z_loss`` are the unweighted losses.
     """
 
     token: torch.Tensor
     slot: torch.Tensor
-    gate: torch.Tensor
+    pos: torch.Tensor
     counts: torch.Tensor
     experts: torch.Tensor
     gates: torch.Tensor
     load_balance: torch.Tensor
     z_loss: torch.Tensor
+
+    @functools.cached_property
+    def gate(self) -> torch.Tensor:
+        """The combine weight of each kept assignment [N] (a gather, made when read)."""
+        return self.gates.t().reshape(-1)[self.slot]
 
 
 def capacity(tokens: int, num_experts: int, top_k: int, factor: float | None, minimum: int = 4):
@@ -125,10 +132,14 @@ def route(
         rank = torch.arange(T * top_k, device=logits.device) - start[e_sorted]
         slot = slot[rank < capacity]  # a host sync: the kept count sizes the expert batch
         counts = counts_all.clamp(max=capacity)
+        pos = torch.full_like(order, -1)
+    else:
+        pos = torch.empty_like(order)
+    pos.index_copy_(0, slot, torch.arange(slot.shape[0], device=logits.device))
     return Routing(
         token=slot % T,
         slot=slot,
-        gate=gates.t().reshape(-1)[slot],
+        pos=pos,
         counts=counts,
         experts=idx,
         gates=gates,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fscale import aux_loss
+from fscale.kernels import grouped_gemm_triton as _ggt
 from fscale.kernels.grouped_gemm import grouped_mm
 from fscale.models import _routing
 from fscale.models._routing import Routing, capacity, route
@@ -48,6 +49,74 @@ def _act(h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     if gate is None:
         return F.gelu(h, approximate="tanh")
     return F.silu(gate) * h
+
+
+# [Note: dispatch and combine as gathers]
+# ``pos`` (``Routing.pos``) maps each (choice j, token t) to its sorted row, so both
+# directions that sum over a token's k rows gather them instead of scattering:
+# the combine ``y[t] = sum_j bf16(rows[pos[j, t]] * bf16(gate))`` and the dispatch's
+# backward ``dx[t] = sum_j drows[pos[j, t]]`` (autograd's would be an accumulating
+# index_put: a sort and atomics on CUDA). The sum runs in fp32 over j = 0..k-1 and
+# rounds once: the bits of the former ``zeros().index_copy(slot, rows * gate)
+# .view(k, T, d).sum(0)``, deterministic. On CUDA one Triton kernel does each (and
+# one more the combine's backward, [Note: the MoE combine as a gather] in
+# grouped_gemm_triton); elsewhere the same maths in torch ops.
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return t.is_cuda and _ggt.triton is not None
+
+
+def _gather_sum(rows: torch.Tensor, pos: torch.Tensor, k: int, gate=None) -> torch.Tensor:
+    """``y[t] = sum_j rows[pos[j*T + t]] (* gate)``; -1 in ``pos`` adds nothing."""
+    rows = rows.contiguous()
+    if _fused(rows):
+        return _ggt.gather_sum_triton(rows, pos, k, gate)
+    if gate is not None:
+        rows = rows * gate.to(rows.dtype).unsqueeze(1)
+    if rows.shape[0] == pos.shape[0]:  # nothing dropped: pos is a permutation
+        picked = rows.index_select(0, pos)
+    else:
+        picked = rows.index_select(0, pos.clamp(min=0))
+        picked = torch.where(pos.ge(0).unsqueeze(1), picked, picked.new_zeros(()))
+    return picked.view(k, -1, rows.shape[1]).sum(0)
+
+
+class _Dispatch(torch.autograd.Function):
+    """``x[token]`` whose backward gathers (``dx[t] = sum_j drows[pos[j, t]]``)."""
+
+    @staticmethod
+    def forward(ctx, x, token, pos, k):
+        ctx.save_for_backward(pos)
+        ctx.k = k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, drows):
+        (pos,) = ctx.saved_tensors
+        return _gather_sum(drows, pos, ctx.k), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """``y[t] = sum_j bf16(rows[pos[j, t]] * bf16(gate))``; rows and gate are differentiable."""
+
+    @staticmethod
+    def forward(ctx, rows, gate, token, pos, k):
+        rows = rows.contiguous()
+        ctx.save_for_backward(rows, gate, token)
+        return _gather_sum(rows, pos, k, gate)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, gate, token = ctx.saved_tensors
+        dy = dy.contiguous()
+        if _fused(rows):
+            drows, dgate = _ggt.combine_backward_triton(dy, rows, gate, token)
+        else:
+            g = dy.index_select(0, token)
+            drows = g * gate.to(rows.dtype).unsqueeze(1)
+            dgate = (g.float() * rows.float()).sum(1).to(gate.dtype)
+        return drows, dgate, None, None, None
 
 
 class Experts(nn.Module):
@@ -214,17 +283,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        T = x2.shape[0]
         r = self.route(x2)
         aux_loss.add("moe_load_balance", self.aux_loss_weight * r.load_balance)
         aux_loss.add("moe_z_loss", self.z_loss_weight * r.z_loss)
-        rows = self.experts(x2[r.token], r.counts)
-        rows = rows * r.gate.unsqueeze(1).to(rows.dtype)
-        # [Note: a deterministic combine] Each kept assignment owns slot j * T + t, so
-        # scattering rows there never collides (no atomics, unlike index_add on CUDA);
-        # summing the k choices in a fixed order gives the same bits on every run.
-        slots = rows.new_zeros(self.top_k * T, shape[-1]).index_copy(0, r.slot, rows)
-        y = slots.view(self.top_k, T, shape[-1]).sum(0)
+        # [Note: dispatch and combine as gathers]: deterministic, no atomics.
+        rows = self.experts(_Dispatch.apply(x2, r.token, r.pos, self.top_k), r.counts)
+        y = _Combine.apply(rows, r.gate, r.token, r.pos, self.top_k)
         if self.residual_mlp is not None:
             coef = F.softmax(self.residual_coef(x2), dim=-1).to(y.dtype)
             y = y * coef[:, :1] + self.residual_mlp(x2) * coef[:, 1:]

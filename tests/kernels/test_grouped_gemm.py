@@ -157,3 +157,54 @@ def test_triton_in_fp16(interpret):
     want = _by_hand(x, w, counts)
     got = gg.grouped_mm(x.half(), w.half(), counts, impl="triton").float()
     torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-3)
+
+
+# ----------------------------------------------------------------------------- MoE gather-sum
+
+
+def _exact(dtype):
+    """Exact in fp32; in bf16 Triton's interpreter truncates fp32 -> bf16 casts (a GPU
+    rounds to nearest even, as torch does), so allow those ulps there."""
+    return {"atol": 0, "rtol": 0} if dtype == torch.float32 else {"atol": 2**-5, "rtol": 2**-6}
+
+
+def _pos_case(T, k, drop, seed=0):
+    """A random slot -> sorted-row map (``Routing.pos``), ``drop`` slots dropped (-1)."""
+    gen = torch.Generator().manual_seed(seed)
+    slot = torch.randperm(k * T, generator=gen)[: k * T - drop]  # sorted row n's slot
+    pos = torch.full((k * T,), -1, dtype=torch.int64)
+    pos[slot] = torch.arange(slot.numel())
+    return slot, pos
+
+
+@needs_triton
+@pytest.mark.parametrize("k,drop", [(1, 0), (2, 0), (3, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_sum_triton_equals_the_scatter_sum(interpret, k, drop, dtype):
+    T, D = 13, 40
+    slot, pos = _pos_case(T, k, drop)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(slot.numel(), D, generator=gen).to(dtype)
+    gate = torch.rand(slot.numel(), generator=gen)
+    for g in (None, gate):
+        w = rows if g is None else rows * g.to(dtype).unsqueeze(1)
+        want = w.new_zeros(k * T, D).index_copy(0, slot, w).view(k, T, D).sum(0)
+        got = ggt.gather_sum_triton(rows, pos, k, g)
+        torch.testing.assert_close(got, want, **_exact(dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_backward_triton_equals_autograd(interpret, dtype):
+    T, k, D = 11, 2, 40
+    slot, _ = _pos_case(T, k, 3)
+    token = slot % T
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(slot.numel(), D, generator=gen).to(dtype)
+    gate = torch.rand(slot.numel(), generator=gen)
+    dy = torch.randn(T, D, generator=gen).to(dtype)
+    drows, dgate = ggt.combine_backward_triton(dy, rows, gate, token)
+    g = dy[token]
+    torch.testing.assert_close(drows, g * gate.to(dtype).unsqueeze(1), **_exact(dtype))
+    want = (g.double() * rows.double()).sum(1).float()
+    torch.testing.assert_close(dgate, want, atol=1e-5, rtol=1e-5)

@@ -183,6 +183,43 @@ def test_capacity_layer_equals_the_loop_with_drops():
     torch.testing.assert_close(moe(x2), _loop_moe(moe, x2), atol=1e-5, rtol=1e-5)
 
 
+def _layer_grads(moe, x2):
+    x2 = x2.clone().requires_grad_()
+    y = moe(x2)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(y, (x2, *moe.parameters()), dy)
+    return y, grads
+
+
+@pytest.mark.parametrize("cf", [None, 0.5])
+def test_fused_dispatch_and_combine_equal_the_torch_path(monkeypatch, cf):
+    """The Triton gather-sum kernels (interpreted, fp32) against the torch ops."""
+    from fscale.kernels import grouped_gemm_triton as ggt
+    from fscale.kernels._triton import interpreting
+    from fscale.models import moe as moe_mod
+
+    if ggt.triton is None or not interpreting():
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    moe, x2 = _moe(capacity_factor=cf, min_capacity=1), _x(T=16)
+    want = _layer_grads(moe, x2)
+    monkeypatch.setattr(moe_mod, "_fused", lambda t: True)
+    got = _layer_grads(moe, x2)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dispatch_and_combine_grads_equal_the_loop():
+    """The experts' grads (the loop's gates are constants, so not the router's)."""
+    moe, x2 = _moe(capacity_factor=0.5, min_capacity=1), _x(T=16)
+    dy = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    ws = (moe.experts.w_in, moe.experts.w_out)
+    got = torch.autograd.grad(moe(x2), ws, dy)
+    want = torch.autograd.grad(_loop_moe(moe, x2, moe.capacity(16)), ws, dy)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_aux_losses_are_added_with_their_weights():
     moe, x2 = _moe(aux_loss_weight=0.1, z_loss_weight=0.01), _x()
     with aux_loss.collecting() as aux:
