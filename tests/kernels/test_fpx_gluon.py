@@ -14,8 +14,17 @@ import torch
 
 from fscale.kernels import fpx, fpx_gluon, fpx_triton
 from fscale.kernels._triton import COUNTERS
+from tests.dist import run_world
 
 needs_gluon = pytest.mark.skipif(fpx_gluon.gluon is None, reason="triton without Gluon")
+
+
+def _ptx_for_sm90(rank, world, *args) -> str:
+    """Compiled in a fresh process: Triton's interpreter patches the language module
+    while it runs a kernel, so a kernel interpreted on another thread of the test
+    process corrupts a compile running meanwhile (seen once under pytest-xdist: the
+    compile ran on the interpreter's builder)."""
+    return _compile_for_sm90(*args).asm["ptx"]
 
 
 def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str):
@@ -59,7 +68,7 @@ def test_kernel_compiles_for_sm90_with_the_weights_in_registers(fmt, bnt, dtype,
     registers, each register one PRMT of two rebuilt byte words; the weights never go
     to shared memory (no st.shared before the split-K epilogue), the planes and x
     arrive by 16-byte cp.async."""
-    ptx = _compile_for_sm90(bnt, dtype, split, warps, fmt).asm["ptx"]
+    ptx = run_world(_ptx_for_sm90, 1, bnt, dtype, split, warps, fmt)[0]
     halves = fpx.layout(fmt)["k_chunk"] // 128
     ab = "bf16.bf16" if dtype == "bf16" else "f16.f16"
     mma = f"wgmma.mma_async.sync.aligned.m64n{bnt}k16.f32.{ab} {{"

@@ -13,6 +13,7 @@ import torch
 
 from fscale.kernels import _fpx_dequant, _fpx_triton_kernel, fpx, fpx_triton
 from fscale.kernels._triton import COUNTERS, arrival_counters, split_mode
+from tests.dist import run_world
 
 FMTS = list(fpx.FORMATS)
 needs_triton = pytest.mark.skipif(fpx_triton.triton is None, reason="triton is not installed")
@@ -177,6 +178,14 @@ def test_tuning_during_graph_capture_is_a_clear_error(interpret, monkeypatch):
     assert fpx_triton._TUNED == {}
 
 
+def _ptx_for_sm90(rank, world, **const) -> str:
+    """Compiled in a fresh process: Triton's interpreter patches the language module
+    while it runs a kernel, so a kernel interpreted on another thread of the test
+    process corrupts a compile running meanwhile (seen once under pytest-xdist: the
+    compile ran on the interpreter's builder)."""
+    return _compile_for_sm90(**const).asm["ptx"]
+
+
 def _compile_for_sm90(**const):
     """Compile the kernel for sm_90 without a GPU (catches what the interpreter cannot:
     Triton's typing and constexpr rules, shared-memory limits)."""
@@ -230,14 +239,14 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant):
     except ImportError:
         pytest.skip("this triton cannot compile ahead of time")
     lay, pl = fpx.layout(fmt), fpx.planes(fmt)
-    kernel = _compile_for_sm90(
+    ptx = run_world(
+        _ptx_for_sm90, 1,
         dtype=dtype, E=fpx.FORMATS[fmt][0], LB=lay["lo_bits"], NQ=lay["nq"],
         BYTE=pl["byte"], HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         BM=bm, BN=128, T=kdot // 16,
         SPLIT=split, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
         OUT_BF16=dtype == "bf16",
-    )  # fmt: skip
-    ptx = kernel.asm["ptx"]
+    )[0]  # fmt: skip
     if not dequant:
         assert "mma" in ptx  # tensor cores
         assert "cp.async.cg.shared.global" in ptx  # 16-byte, pipelined plane loads
