@@ -113,7 +113,7 @@ class Engine:
         if scheduler not in POLICIES:
             raise ValueError(f"scheduler={scheduler!r} is not known; use one of {list(POLICIES)}.")
         if quantize is not None:
-            from fscale.transforms._quantize.codec import codec
+            from fscale.transforms.quantize import codec
 
             codec(quantize)  # an unknown format raises here, naming the valid ones
         self.device = torch.device(device) if device is not None else _default_device()
