@@ -422,12 +422,15 @@ def part_c(lm, args) -> None:
         ):
             engine = make_engine(lm, args, scheduler=sched, max_tokens_per_step=budget)
             run_batch(engine, prompts(2, 16, V, 0), 4)
-            best = 0.0
+            # Effective throughput: the requests/s *served* within the SLOs (not the
+            # offered rate: past saturation the engine falls behind the arrivals).
+            best = best_offered = 0.0
             for rate in rates:
                 ps = prompts(args.requests, plen, V, int(rate * 100))
                 r = poisson(engine, ps, olen, rate, seed=1)
                 ok = r["ttft_p99"] <= plen / 512 and r["tpot_p99"] <= 0.050
-                best = max(best, rate) if ok else best
+                if ok:
+                    best, best_offered = max(best, r["achieved_req_s"]), max(best_offered, rate)
                 emit(
                     {
                         "part": "c",
@@ -439,7 +442,15 @@ def part_c(lm, args) -> None:
                         **r,
                     }
                 )
-            emit({"part": "c", "workload": wname, "scheduler": sched, "effective_req_s": best})
+            emit(
+                {
+                    "part": "c",
+                    "workload": wname,
+                    "scheduler": sched,
+                    "effective_req_s": best,
+                    "best_offered_req_s": best_offered,
+                }
+            )
             free(engine)
 
 
