@@ -5,11 +5,19 @@ Usage::
     python -m fscale.serve --model path/to/hf_dir --port 8000
     curl localhost:8000/v1/completions -H 'content-type: application/json' \\
         -d '{"prompt": "def fib(n):", "max_tokens": 32, "temperature": 0}'
+
+    # tensor parallel: rank 0 serves HTTP, the other ranks follow its steps
+    torchrun --nproc-per-node 2 -m fscale.serve --model path/to/hf_dir --tensor-parallel 2
+    kill -TERM <rank 0's pid>       # (printed when ready) every rank then exits 0
+
+With a world of W ranks and ``--tensor-parallel N < W``, each of the W/N groups serves
+on its own port: group g (ranks gN..gN+N-1) on ``--port`` + g.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
@@ -41,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2.0,
         help="how long a request waits for room in a full engine before answering 503",
     )
+    p.add_argument(
+        "--tensor-parallel",
+        type=_tp_size,
+        default=1,
+        help="ranks that split each layer (under torchrun): an int dividing the world, or "
+        "'world'; rank 0 of each group serves HTTP, the others follow it",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn's: debug, info, warning...")
     args = p.parse_args(argv)
@@ -49,20 +64,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.kv_cache_gib is not None and args.num_blocks is not None:
         p.error("give --kv-cache-gib or --num-blocks, not both")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.tensor_parallel == 1:
+        p.error(
+            f"launched as {world} ranks (WORLD_SIZE={world}) but --tensor-parallel is 1: each "
+            f"rank would serve a whole model on the same port; pass --tensor-parallel {world} "
+            "(or 'world'), or start one process"
+        )
     return args
+
+
+def _tp_size(text: str):
+    if text == "world":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1 or 'world', got {text!r}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from fscale.serve.engine import Engine
     from fscale.serve.server import serve
 
     args = parse_args(argv)
     short = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     dtype = None if args.dtype is None else getattr(torch, short.get(args.dtype, args.dtype))
-    engine_kwargs = dict(
+    device, port = args.device, args.port
+    if args.tensor_parallel != 1:
+        from fscale.hw.launch import init_distributed
+
+        want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _, _, joined = init_distributed("cuda" if want.startswith("cuda") else "cpu")
+        device = joined
+    engine = Engine(
+        args.model,
         dtype=dtype,
-        device=args.device,
+        device=device,
         quantize=args.quantize,
         max_tokens_per_step=args.max_tokens_per_step,
         kv_cache_gib=args.kv_cache_gib,
@@ -71,20 +114,36 @@ def main(argv: list[str] | None = None) -> None:
         max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting,
         seed=args.seed,
+        tensor_parallel=args.tensor_parallel,
     )
+    tp = engine.tp
+    if tp.size > 1:
+        from fscale.hw import comm
+
+        group = comm.rank() // tp.size
+        if port and group:
+            port += group  # one port per tensor-parallel group (see the module doc)
+        if not tp.leader:
+            print(
+                f"fscale.serve: rank {comm.rank()} (pid {os.getpid()}) follows its group's rank 0",
+                flush=True,
+            )
 
     def ready(url: str) -> None:
-        print(f"fscale.serve: serving {args.model} at {url} (OpenAI API under /v1)", flush=True)
+        where = f"; tensor parallel {tp.size}, pid {os.getpid()}" if tp.size > 1 else ""
+        print(
+            f"fscale.serve: serving {args.model} at {url} (OpenAI API under /v1{where})",
+            flush=True,
+        )
 
     serve(
-        args.model,
+        engine,
         args.host,
-        args.port,
+        port,
         served_model_name=args.served_model_name,
         max_queue_wait_s=args.max_queue_wait_s,
         log_level=args.log_level,
         on_ready=ready,
-        **engine_kwargs,
     )
 
 

@@ -12,6 +12,10 @@ Usage::
     async for out in stream:          # RequestOutput deltas, the last one finished
         print(out.delta_text, end="")
     aeng.stop()
+
+Under tensor parallelism (``engine.tp.size > 1``; this must be the group's rank 0) the
+loop also keeps the other ranks in step ([Note: heartbeat for the followers]) and its
+``stop()`` ends their ``Engine.follow()`` with ``engine.shutdown()``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +44,16 @@ log = logging.getLogger(__name__)
 # A full engine (EngineFull) is not an error at first: the request waits in the server's
 # admission queue, in arrival order, and is retried after every step until its deadline.
 
+# [Note: heartbeat for the followers]
+# With tensor parallelism the other ranks of the group sit in Engine.follow(), each of
+# their step()s blocked in the broadcast that opens rank 0's next step(). An idle server
+# would never step, and the followers would hit the collective timeout (10 min by
+# default) and die. So while idle, the loop still calls step() every ``heartbeat_s``: on
+# rank 0 an idle step() is just the broadcast (an empty outbox: one 8-byte collective),
+# on the followers it returns at once and they wait in the next one. A failed step()
+# cannot be survived here (the ranks may no longer agree on what was scheduled), so it
+# ends the loop; ``on_failure`` lets the process exit so the launcher ends the job.
+
 TOKENS_PER_S_WINDOW_S = 10.0  # the tokens/s gauge averages over this recent window
 
 
@@ -56,6 +71,10 @@ class ShuttingDown(RuntimeError):
 
 class Withdrawn(RuntimeError):
     """The handler gave up on the request before the engine admitted it (nobody waits)."""
+
+
+class _Fatal(Exception):
+    """Ends the loop thread (already logged): see [Note: heartbeat for the followers]."""
 
 
 @dataclass(eq=False)
@@ -116,11 +135,33 @@ class RequestStream:
 class AsyncEngine:
     """Owns ``engine`` and the thread that steps it. See the module docstring."""
 
-    def __init__(self, engine, *, max_queue_wait_s: float = 2.0):
+    def __init__(
+        self,
+        engine,
+        *,
+        max_queue_wait_s: float = 2.0,
+        heartbeat_s: float = 0.5,
+        on_failure=None,
+    ):
+        """``heartbeat_s``: under tensor parallelism, the longest the loop stays without a
+        ``step()`` while idle. ``on_failure()``: called from the loop thread when it ends
+        other than by ``stop()`` (a failed step under tensor parallelism, a bug)."""
         if max_queue_wait_s < 0:
             raise ValueError(f"max_queue_wait_s must be >= 0, got {max_queue_wait_s}.")
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}.")
         self.engine = engine
         self.max_queue_wait_s = float(max_queue_wait_s)
+        self.heartbeat_s = float(heartbeat_s)
+        self.on_failure = on_failure
+        tp = getattr(engine, "tp", None)
+        size = getattr(tp, "size", 1)
+        self.lockstep = isinstance(size, int) and size > 1  # other ranks follow our steps
+        if self.lockstep and not tp.leader:
+            raise ValueError(
+                f"this engine is rank {tp.rank} of a tensor-parallel group: only its rank 0 "
+                "takes requests; run engine.follow() on this rank instead of an AsyncEngine."
+            )
         self._cond = threading.Condition()
         self._inbox: collections.deque = collections.deque()  # guarded by _cond
         self._stop = False
@@ -130,6 +171,7 @@ class AsyncEngine:
         self._admission: collections.deque[_Pending] = collections.deque()
         self._active: dict[str, RequestStream] = {}
         self._tok_samples: collections.deque = collections.deque()
+        self._last_step = -math.inf  # monotonic time of the last step() call
         self.sample = _Sample()  # replaced whole by the loop thread; read by anyone
         self.step_errors = 0
 
@@ -197,10 +239,11 @@ class AsyncEngine:
     def _run(self) -> None:
         failures = 0
         try:
+            self._bind_device()
             while True:
                 with self._cond:
-                    while not (self._stop or self._inbox or self._busy()):
-                        self._cond.wait(self._admission_timeout())
+                    while not (self._stop or self._inbox or self._busy() or self._beat_due()):
+                        self._cond.wait(self._wait_timeout())
                         if self._admission:
                             break  # a deadline may have passed
                     if self._stop:
@@ -214,14 +257,49 @@ class AsyncEngine:
                     elif kind == "abort":
                         self._abort(arg)
                 self._admit()
-                if self._busy():
+                if self._busy() or self._beat_due():
                     failures = self._step(failures)
                 self._snapshot()
+        except _Fatal:
+            pass  # logged where it happened
         except BaseException:  # a bug here must not leave handlers waiting forever
             log.exception("fscale.serve loop thread died")
             raise
         finally:
             self._fail_all(ShuttingDown("the server is shutting down"))
+            self._finish()
+
+    def _bind_device(self) -> None:
+        # A CUDA device is current per thread: collectives of this thread use the engine's.
+        device = getattr(self.engine, "device", None)
+        if self.lockstep and getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+
+    def _beat_due(self) -> bool:
+        return self.lockstep and time.monotonic() - self._last_step >= self.heartbeat_s
+
+    def _wait_timeout(self) -> float | None:
+        timeout = self._admission_timeout()
+        if self.lockstep:
+            beat = max(0.0, self._last_step + self.heartbeat_s - time.monotonic())
+            timeout = beat if timeout is None else min(timeout, beat)
+        return timeout
+
+    def _finish(self) -> None:
+        """After the loop: release the followers (a clean stop), or report the failure."""
+        clean = self._stop
+        if self.lockstep and clean:
+            try:
+                self.engine.shutdown()  # the aborts of _fail_all go out with it
+            except Exception:
+                log.exception("engine.shutdown() raised; the other ranks may not have stopped")
+        if not clean and self.on_failure is not None:
+            try:
+                self.on_failure()
+            except Exception:
+                log.exception("the loop's on_failure callback raised")
 
     def _busy(self) -> bool:
         # Aborted requests may still hold engine work until the next step cleans them up.
@@ -276,9 +354,18 @@ class AsyncEngine:
                 log.exception("engine.abort(%r) raised", request_id)
 
     def _step(self, failures: int) -> int:
+        self._last_step = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as e:
+            if self.lockstep:  # see [Note: heartbeat for the followers]
+                self.step_errors += 1
+                log.exception("Engine.step() raised under tensor parallelism; stopping the loop")
+                err = EngineStepError(f"the engine failed while running this request: {e!r}")
+                for stream in self._active.values():
+                    self._post(stream, err)
+                self._active.clear()
+                raise _Fatal() from e
             # Which requests the failed step held is unknown: fail every in-flight one
             # (their handlers answer 500) and abort them so their blocks are freed; the
             # engine then serves new requests. Back off if it keeps failing.

@@ -14,6 +14,13 @@ Usage::
     serve("path/to/hf_dir", port=8000)               # blocks, like python -m fscale.serve
     srv = start_server(build_app(Engine("path/to/hf_dir")))   # in a thread, free port
     print(srv.url); srv.stop()
+
+Tensor parallel (every rank of ``torchrun --nproc-per-node N -m fscale.serve --model DIR
+--tensor-parallel N`` runs this; see fscale/serve/README.md)::
+
+    engine = Engine("path/to/hf_dir", tensor_parallel="world")   # after fs.init_distributed
+    serve(engine, port=8000)   # rank 0: HTTP + a loop that heartbeats while idle;
+                               # other ranks: engine.follow() until rank 0 shuts down
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import socket
 import threading
 import time
@@ -64,21 +72,32 @@ log = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DISCONNECT_POLL_S = 0.2  # how often a waiting handler checks that its client is still there
+FOLLOWER_GRACE_S = 30.0  # a signalled follower waits this long for rank 0's shutdown
 
 
 class _ClientGone(Exception):
     """The client closed the connection; its requests were aborted."""
 
 
-def build_app(engine, *, served_model_name: str | None = None, max_queue_wait_s: float = 2.0):
+def build_app(
+    engine,
+    *,
+    served_model_name: str | None = None,
+    max_queue_wait_s: float = 2.0,
+    heartbeat_s: float = 0.5,
+):
     """A FastAPI app serving ``engine``; its lifespan starts and stops the engine's thread.
 
     Args:
-      engine: an ``fscale.serve.engine.Engine`` (the app becomes its only user).
+      engine: an ``fscale.serve.engine.Engine`` (the app becomes its only user). Under
+        tensor parallelism, the group's rank 0; the lifespan's end then also calls
+        ``engine.shutdown()``, which ends the other ranks' ``follow()``.
       served_model_name: the name clients pass as ``model`` (default ``engine.model_name``).
       max_queue_wait_s: how long a request waits for room in a full engine before 503.
+      heartbeat_s: under tensor parallelism, how often an idle server still steps, so
+        the other ranks never wait long in the step's broadcast (see async_engine.py).
     """
-    aeng = AsyncEngine(engine, max_queue_wait_s=max_queue_wait_s)
+    aeng = AsyncEngine(engine, max_queue_wait_s=max_queue_wait_s, heartbeat_s=heartbeat_s)
     state = _State(aeng, served_model_name or engine.model_name)
 
     @contextlib.asynccontextmanager
@@ -562,16 +581,22 @@ def serve(
     *,
     served_model_name: str | None = None,
     max_queue_wait_s: float = 2.0,
+    heartbeat_s: float = 0.5,
     log_level: str = "info",
     on_ready=None,
     **engine_kwargs,
 ) -> None:
-    """Serve an Engine (or build one from a model directory) until Ctrl-C.
+    """Serve an Engine (or build one from a model directory) until Ctrl-C / SIGTERM.
 
     Args:
       engine_or_dir: an ``Engine``, or what ``Engine(...)`` takes (a model directory,
         an ``nn.Module``), built with ``engine_kwargs``.
       on_ready: called with the URL once the server accepts connections.
+
+    Under tensor parallelism every rank of the group calls it: rank 0 serves HTTP
+    (stepping at least every ``heartbeat_s``) and, when it stops, ends the others, which
+    run :func:`follow` here and return then. A failed step on rank 0 stops its server and
+    raises, so the launcher ends the job.
     """
     import uvicorn
 
@@ -586,7 +611,15 @@ def serve(
         from fscale.serve.engine import Engine
 
         engine = Engine(engine_or_dir, **engine_kwargs)
-    app = build_app(engine, served_model_name=served_model_name, max_queue_wait_s=max_queue_wait_s)
+    if not getattr(engine, "is_leader", True):
+        follow(engine)
+        return
+    app = build_app(
+        engine,
+        served_model_name=served_model_name,
+        max_queue_wait_s=max_queue_wait_s,
+        heartbeat_s=heartbeat_s,
+    )
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -595,4 +628,64 @@ def serve(
                 bound = self.servers[0].sockets[0].getsockname()
                 on_ready(f"http://{_url_host(host)}:{bound[1]}")
 
-    _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    aeng = app.state.fscale.aeng
+    failed = threading.Event()
+    if aeng.lockstep:
+
+        def on_failure():
+            failed.set()
+            server.should_exit = True
+
+        aeng.on_failure = on_failure
+        # uvicorn re-raises a SIGTERM / SIGINT after its graceful shutdown; under a
+        # launcher a rank killed by it is a failed rank, so this one exits 0 instead.
+        _handle_signals(lambda sig, frame: None)
+    server.run()
+    if failed.is_set():
+        raise RuntimeError(
+            "the engine loop failed under tensor parallelism (see the log above); the "
+            "server stopped so that the launcher ends the other ranks"
+        )
+
+
+def follow(engine, grace_s: float = FOLLOWER_GRACE_S) -> None:
+    """A tensor-parallel rank other than 0: ``engine.follow()`` until rank 0 shuts down.
+
+    SIGTERM / SIGINT do not end it at once: torchrun forwards them to every rank and
+    Ctrl-C reaches the whole process group, so rank 0 got one too and its shutdown
+    releases this rank in step. If that has not happened ``grace_s`` seconds after the
+    first signal, or on a second one, this rank exits with status 1.
+    """
+    signals: list[int] = []
+
+    def give_up(why: str):
+        raise SystemExit(f"fscale.serve: tensor-parallel rank {engine.tp.rank}: {why}; exiting")
+
+    def on_signal(sig, frame):
+        signals.append(sig)
+        if len(signals) > 1:
+            give_up("signalled twice before rank 0 shut down")
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, grace_s)
+
+    def on_alarm(sig, frame):
+        give_up(f"rank 0 did not shut down within {grace_s:g} s of a signal")
+
+    restore = _handle_signals(on_signal)
+    if restore and hasattr(signal, "SIGALRM"):
+        restore[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        engine.follow()
+    finally:
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
+
+
+def _handle_signals(handler) -> dict:
+    """Install ``handler`` for SIGINT / SIGTERM (main thread only); the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
