@@ -287,7 +287,9 @@ class Engine:
 
         Under tensor parallelism every rank of the group calls it (rank 0 from its
         server loop, the others from :meth:`follow`); it starts with rank 0's new
-        requests and aborts broadcast to the others."""
+        requests and aborts broadcast to the others. That broadcast happens even when
+        nothing is scheduled: an idle step on rank 0 is the server's heartbeat, which
+        keeps the others from waiting in it until the collective timeout."""
         if self.tp.size > 1 and self._sync():
             return []
         outputs = [self._output(seq, []) for seq in self._aborted]

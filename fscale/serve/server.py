@@ -631,6 +631,7 @@ def serve(
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     aeng = app.state.fscale.aeng
     failed = threading.Event()
+    restore = {}
     if aeng.lockstep:
 
         def on_failure():
@@ -640,8 +641,12 @@ def serve(
         aeng.on_failure = on_failure
         # uvicorn re-raises a SIGTERM / SIGINT after its graceful shutdown; under a
         # launcher a rank killed by it is a failed rank, so this one exits 0 instead.
-        _handle_signals(lambda sig, frame: None)
-    server.run()
+        restore = _handle_signals(lambda sig, frame: None)
+    try:
+        server.run()
+    finally:
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
     if failed.is_set():
         raise RuntimeError(
             "the engine loop failed under tensor parallelism (see the log above); the "
