@@ -118,3 +118,20 @@ class ModelParallelDims:
     """
 
     dims: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LocalGradsPolicy:
+    """Published by a transform that, on some calls, exchanges something made from the
+    grads itself instead of the grads (``compress_comm``'s 1-bit optimizers over
+    ``shard_zero`` 1/2 exchange the momentum, compressed, after the non-finite vote).
+
+    On a call where ``local(ctx)`` is True, a transform under it that would reduce
+    the grads in backward (``shard_zero`` 1/2's reduce-scatter) runs its inner
+    ``loss_and_grad`` and ``grad_norm`` instead, handing the full *local* grads up
+    unreduced; its ``update`` and ``apply`` run as usual on whatever the publisher
+    passes down (shard_zero: row-shaped "grads" for its master rows). ``local`` must
+    give the same answer on every rank.
+    """
+
+    local: object  # Callable[[StepContext], bool]

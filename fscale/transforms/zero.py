@@ -54,6 +54,7 @@ from fscale.policies import (
     CHANGES_GRADS_AFTER_BACKWARD,
     SHARDS_PARAMS,
     SKIP_SAFE_UPDATE,
+    LocalGradsPolicy,
     ModelParallelDims,
     ParamSourcePolicy,
     PrecisionPolicy,
@@ -187,7 +188,7 @@ def shard_zero(
     inner = step.stages
     stages = {
         "init": partial(_init, cfg, inner),
-        "grad_norm": partial(_sharded_grad_norm, cfg),
+        "grad_norm": partial(_grad_norm, cfg, inner),
         "update": partial(_update, cfg, inner),
     }
     if stage == 1 and step.accumulate > 1:
@@ -196,7 +197,7 @@ def shard_zero(
     elif stage in (1, 2):
         # Stage 2, and stage 1 with a single micro-batch (where keeping full grads
         # buys nothing): reduce-scatter buckets during backward, overlapped.
-        stages["loss_and_grad"] = partial(overlapped_loss_and_grad, cfg, inner)
+        stages["loss_and_grad"] = partial(_loss_and_grad_12, cfg, inner)
         stages["reduce_grads"] = _already_reduced
     else:
         stages["materialize"] = partial(stage3.materialize, cfg, inner)
@@ -207,6 +208,24 @@ def shard_zero(
     step = dataclasses.replace(step, mesh=resolved)
     policy = ZeroPolicy(stage, dim, replicate)
     return step.with_transform(record, policy=policy, **stages)
+
+
+def _local_grads(ctx: StepContext) -> bool:
+    """An outer transform exchanges the grads itself on this call (``LocalGradsPolicy``)."""
+    policy = ctx.step.policy(LocalGradsPolicy)
+    return policy is not None and bool(policy.local(ctx))
+
+
+def _loss_and_grad_12(cfg: ZeroConfig, inner, ctx: StepContext, params, batch):
+    if _local_grads(ctx):  # full local grads, unreduced: the outer transform exchanges them
+        return inner.loss_and_grad(ctx, params, batch)
+    return overlapped_loss_and_grad(cfg, inner, ctx, params, batch)
+
+
+def _grad_norm(cfg: ZeroConfig, inner, ctx: StepContext, grads) -> torch.Tensor:
+    if _local_grads(ctx):  # full local grads: the inner (replicated-leaf) norm
+        return inner.grad_norm(ctx, grads)
+    return _sharded_grad_norm(cfg, ctx, grads)
 
 
 def _already_reduced(ctx: StepContext, grads):

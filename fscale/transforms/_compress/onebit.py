@@ -75,13 +75,19 @@ NAME = "compress_comm"
 TAG = "compress.momentum"
 
 _ZERO_FIX = (
-    "the 1-bit optimizers run on plain data parallel (optionally under mixed_precision). "
-    "shard_zero stages 1/2 would need a compressed reduce-scatter of the momentum to each "
-    "shard's owner (its own error buffers per shard) and an all-gather of the updated "
-    "params: not built yet. Stage 3 is refused by design: ZeRO-3 reduce-scatters grads "
-    "during backward, so no rank holds the full local momentum that 1-bit compression "
-    "needs, and keeping it (plus error buffers) would undo ZeRO-3's memory savings. "
-    "Drop shard_zero, or drop compress_comm."
+    "1-bit Adam composes with shard_zero stages 1 and 2 (compress_comm(shard_zero(step, "
+    "1 or 2), onebit_adam(...)): the compressed momentum exchange replaces ZeRO's grad "
+    "reduce-scatter ([Note: 1-bit Adam under ZeRO-1/2] in _compress/onebit_zero.py). "
+    "Stage 3 is refused by design: ZeRO-3 never holds a whole param on a rank, so there "
+    "is no full local momentum to error-compensate without all-gathering it every step "
+    "(and keeping it, plus error buffers, would undo ZeRO-3's memory savings); for "
+    "compressed ZeRO-3 traffic use fs.compress_comm(fs.shard_zero(step, 3), fs.zeropp())."
+)
+_ZERO_METHOD_FIX = (
+    "only onebit_adam is built over shard_zero 1/2 so far: 0/1 Adam's local steps move "
+    "each rank's params apart, which ZeRO's single owner per row cannot hold, and 1-bit "
+    "LAMB's per-layer trust ratio needs whole-layer norms of rows spread over the ranks. "
+    "Use onebit_adam, or drop shard_zero."
 )
 _OFFLOAD_FIX = (
     "the 1-bit optimizers run their own update on the device; apply compress_comm without offload."
@@ -215,10 +221,13 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
             f"with train_step(loss_fn, {want}) (clip with train_step(clip_norm=...))."
         )
     zero = step.policy(ZeroPolicy)
-    if zero is not None:
+    if zero is not None and zero.stage == 3:
         raise ValueError(
-            f"compress_comm({method.name}) cannot be applied over shard_zero(stage="
-            f"{zero.stage}): {_ZERO_FIX}"
+            f"compress_comm({method.name}) cannot be applied over shard_zero(stage=3): {_ZERO_FIX}"
+        )
+    if zero is not None and not isinstance(method, OnebitAdam):
+        raise ValueError(
+            f"compress_comm({method.name}) over shard_zero(stage={zero.stage}): {_ZERO_METHOD_FIX}"
         )
     if step.policy(OffloadPolicy) is not None:
         raise ValueError(
@@ -228,8 +237,12 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
     if len(dims) > 1:
         raise ValueError(
             f"compress_comm({method.name}) needs a 1-D data-parallel mesh, got {step.mesh}; "
-            "build the step on one dim (train_step(mesh=mesh['dp']))."
+            "build the step on one dim (train_step(mesh=mesh['dp'])); HSDP is not built."
         )
+    if zero is not None:
+        from fscale.transforms._compress.onebit_zero import build_over_zero
+
+        return build_over_zero(step, method, zero, _Config)
     dim = dims[0] if dims else step.mesh.dims[0]
     cfg = _Config(method, dict(hp), dim, step.mesh.size(dim), step.mesh.group(dim))
     record = Transform(
