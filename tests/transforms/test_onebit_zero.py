@@ -244,3 +244,34 @@ def test_explain_states_the_exchange_and_its_memory():
     assert "compress_comm buffers" in plan.memory
     assert not any(c.tag == "zero.grads" for c in plan.collectives)
     assert any("full local momentum" in n for n in plan.notes)
+
+
+def _clipped_norms(rank, world):
+    """grad_norm of each step, clipping on: plain-DP 1-bit Adam vs over shard_zero(2)."""
+    out = {}
+    for zero in (None, 2):
+        params, apply = fs.functional(_gpt())
+        step = fs.train_step(
+            gpt_loss(apply), fs.optim.adamw(2e-3, weight_decay=0.01), clip_norm=0.5
+        )
+        if zero:
+            step = fs.shard_zero(step, zero)
+        step = compress_comm(step, onebit_adam(freeze_step=3))
+        params, state = step.init(params)
+        norms = []
+        for b in _batches(4, 4):
+            local = {k: v[rank * 2 : rank * 2 + 2] for k, v in b.items()}
+            params, state, metrics = step(params, state, local)
+            norms.append(float(metrics["grad_norm"]))
+        out[zero] = norms
+    return out
+
+
+def test_clipping_in_the_compression_phase_uses_the_local_norm():
+    """On a compression call the ranks' grads are not reduced: both stacks clip with
+    each rank's local norm (shard_zero hands the local grads up whole), so the first
+    compressed step's norm is the same with and without ZeRO."""
+    for rank in run_world(_clipped_norms, 2):
+        plain, zero = rank[None], rank[2]
+        assert zero[:3] == pytest.approx(plain[:3], rel=1e-5)  # warm-up: reduced grads
+        assert zero[3] == pytest.approx(plain[3], rel=1e-5)  # first compressed step
