@@ -153,3 +153,39 @@ def find_units(model, policy=None) -> Units:
             "children."
         )
     return Units(module, tuple(outer))
+
+
+def required(units: Units | None, who: str, why: str) -> Units:
+    """``units`` if the step knows some; else a ValueError naming ``who`` and the fix."""
+    if units is None or not units.names:
+        raise ValueError(
+            f"{who} {why}, but the step does not know the model's units: build it with "
+            "fs.train_step(loss_fn, opt, model=model) for a model whose blocks sit in an "
+            "nn.ModuleList (or pass units=...)."
+        )
+    return units
+
+
+def wrapping_submodules(forward: Callable, wraps: Sequence[tuple[nn.Module, Callable]]):
+    """A unit's ``forward`` during which each ``module``'s forward is ``wrap(module,
+    its current forward)`` (restored after, innermost last): how a unit hook reaches
+    the modules inside its unit (tensor-parallel linears, expert banks).
+
+    Usage: ``return wrapping_submodules(forward, [(bank, dispatching)])`` from a unit hook.
+    """
+
+    def run(*args, **kwargs):
+        saved = []
+        try:
+            for module, wrap in wraps:
+                saved.append((module, module.__dict__.get("forward")))
+                module.forward = wrap(module, module.forward)
+            return forward(*args, **kwargs)
+        finally:
+            for module, before in reversed(saved):
+                if before is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = before
+
+    return run

@@ -209,7 +209,8 @@ def _layout(name, case):
         assert info["shape"] == list(case["local"][param]), (param, info)
         assert info["dtype"] == torch.float32
         placement = info["placement"]
-        assert set(placement) == {"shape", "shard", "replicate", "dim", "chunks", "extra"}, placement
+        keys = {"shape", "shard", "replicate", "dim", "chunks", "extra"}
+        assert set(placement) == keys, placement
         assert placement["shape"] == list(case["full"][param]), (param, placement)
         # describe(state) walks it into plain entries under layout/<param>/.
         assert entries[f"layout/{param}/dtype"] == ("plain", torch.float32)

@@ -45,9 +45,11 @@ import torch
 from torch import nn
 
 from fscale.hw import grad_comm
+from fscale.hw import mesh as meshes
 from fscale.placement import Placement, place, placement_of
 from fscale.policies import ModelParallelDims, ZeroPolicy
 from fscale.step import Step, Transform
+from fscale.units import required, wrapping_submodules
 
 NAME = "expert_parallel"
 _CALL: contextvars.ContextVar[_Call] = contextvars.ContextVar("fscale_expert_parallel")
@@ -96,19 +98,8 @@ def expert_parallel(step: Step, *, dim: str = "ep", experts=None) -> Step:
             "in init, which shard_zero has already flattened. Apply expert_parallel first: "
             "shard_zero(expert_parallel(step), ...)."
         )
-    units = step.units
-    if units is None or not units.names:
-        raise ValueError(
-            "expert_parallel dispatches tokens inside the model's units, but the step does "
-            "not know them: build it with fs.train_step(loss_fn, opt, model=model) for a "
-            "model whose blocks sit in an nn.ModuleList (or pass units=...)."
-        )
-    if dim not in step.mesh.dims:
-        raise ValueError(
-            f"expert_parallel: the step's mesh has no dim {dim!r} (its dims are "
-            f"{list(step.mesh.dims)}); build it with init_device_mesh(..., mesh_dim_names="
-            f"(..., {dim!r})) and pass it to fs.train_step(..., mesh=mesh)."
-        )
+    units = required(step.units, "expert_parallel", "dispatches tokens inside the model's units")
+    meshes.pick(step.mesh, dim, "expert_parallel(dim=...)")
     size = step.mesh.size(dim)
     banks = _find_banks(units, experts)
     for name, bank in banks.items():
@@ -254,22 +245,9 @@ def _check_bank(name: str, bank: nn.Module, size: int, dim: str) -> None:
 
 def _dispatching(forward: Callable, banks: list[nn.Module], call: _Call) -> Callable:
     """The unit's forward with each bank's forward routed through the all_to_all."""
-
-    def run(*args, **kwargs):
-        saved = []
-        try:
-            for bank in banks:
-                saved.append((bank, bank.__dict__.get("forward")))
-                bank.forward = _bank_dispatch(bank.forward, call)
-            return forward(*args, **kwargs)
-        finally:
-            for bank, before in saved:
-                if before is None:
-                    bank.__dict__.pop("forward", None)
-                else:
-                    bank.forward = before
-
-    return run
+    return wrapping_submodules(
+        forward, [(bank, lambda _, inner: _bank_dispatch(inner, call)) for bank in banks]
+    )
 
 
 def _tensor_parallel(step: Step) -> _TP | None:

@@ -44,10 +44,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fscale.hw import mesh as meshes
 from fscale.placement import Placement, place
 from fscale.policies import ModelParallelDims, ZeroPolicy
 from fscale.step import Step, Transform
 from fscale.transforms._tp.styles import Colwise, ExpertBank, Rowwise
+from fscale.units import required, wrapping_submodules
 
 NAME = "tensor_parallel"
 __all__ = ["Colwise", "ExpertBank", "Rowwise", "default_plan", "tensor_parallel"]
@@ -79,19 +81,8 @@ def tensor_parallel(step: Step, *, dim: str = "tp", plan: Mapping | None = None)
             "init, which shard_zero has already flattened. Apply it first: "
             "shard_zero(tensor_parallel(step), ...)."
         )
-    units = step.units
-    if units is None or not units.names:
-        raise ValueError(
-            "tensor_parallel wraps modules inside the model's units, but the step does not "
-            "know them: build it with fs.train_step(loss_fn, opt, model=model) for a model "
-            "whose blocks sit in an nn.ModuleList (or pass units=...)."
-        )
-    if dim not in step.mesh.dims:
-        raise ValueError(
-            f"tensor_parallel: the step's mesh has no dim {dim!r} (its dims are "
-            f"{list(step.mesh.dims)}); build it with init_device_mesh(..., mesh_dim_names="
-            f"(..., {dim!r})) and pass it to fs.train_step(..., mesh=mesh)."
-        )
+    units = required(step.units, "tensor_parallel", "splits modules inside the model's units")
+    meshes.pick(step.mesh, dim, "tensor_parallel(dim=...)")
     size = step.mesh.size(dim)
     plan = default_plan(units.module) if plan is None else dict(plan)
     planned = _resolve(units, plan)
@@ -249,19 +240,7 @@ def _slice(t: torch.Tensor, axis: int, chunks: int, rank: int, size: int) -> tor
 
 def _wrapping(forward: Callable, planned, call: _Call) -> Callable:
     """The unit's forward with each planned module's forward wrapped by its style."""
-
-    def run(*args, **kwargs):
-        saved = []
-        try:
-            for module, style in planned:
-                saved.append((module, module.__dict__.get("forward")))
-                module.forward = style.wrap(module, module.forward, call)
-            return forward(*args, **kwargs)
-        finally:
-            for module, before in reversed(saved):
-                if before is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = before
-
-    return run
+    return wrapping_submodules(
+        forward,
+        [(m, lambda mod, inner, style=style: style.wrap(mod, inner, call)) for m, style in planned],
+    )
