@@ -266,7 +266,9 @@ class Step:
         """Whether a non-finite step is skipped by a device flag, with no host read
         before the update ([Note: skipping on the device] in fscale/optim/base.py)."""
         return (
-            self.nonfinite == "skip" and self.optimizer.skips_on_device and not self.unsafe_to_skip
+            self.nonfinite in _guard.SKIPPING
+            and self.optimizer.skips_on_device
+            and not self.unsafe_to_skip
         )
 
     def with_transform(
@@ -386,8 +388,16 @@ class Step:
                 ctx.metrics["grad_norm"] = norm
             # One vote: the global mean loss and whether any rank saw inf/nan.
             voted = _guard.vote(ctx, loss, grads, norm)
-            guarded = self.nonfinite == "skip"
-            if guarded and not ctx.on_verdict and self.skips_on_device():
+            # The previous call's verdict, if it was left to read now (forward and
+            # backward are queued: [Note: reading the verdict a step late]).
+            _guard.settle(ctx.state)
+            guarded = self.nonfinite in _guard.SKIPPING
+            late = guarded and not ctx.on_verdict and self._reads_late(params)
+            if late:
+                before = dict(ctx.state)
+                params, hparams = self._update_and_apply(ctx, grads, params, norm, voted)
+                skip, expected = False, []
+            elif guarded and not ctx.on_verdict and self.skips_on_device():
                 # [Note: skipping on the device]: the update is queued with the verdict
                 # as a device flag, then the host reads it (the backward has had the
                 # whole update's launch to finish); a skip returns the old slots.
@@ -407,7 +417,7 @@ class Step:
                     params, hparams = self._update_and_apply(ctx, grads, params, norm, None)
             if not skip and "lr" in hparams:
                 ctx.metrics["lr"] = hparams["lr"]
-        guard = dict(state.get("guard") or {"skipped_steps": 0, "consecutive": 0})
+        guard = dict(ctx.state.get("guard") or {"skipped_steps": 0, "consecutive": 0})
         if skip and self.has(WANTS_FINAL_GRADS) and ctx.grad_ready is not None:
             # A transform updated from the grads during backward (offload streaming),
             # before the vote: the step cannot be undone, so it must not pass silently.
@@ -428,19 +438,45 @@ class Step:
             limit = self.max_nonfinite_skips
             if guarded and limit is not None and guard["consecutive"] >= limit:
                 raise _guard.too_many_skips(guard["consecutive"], limit, ctx.loss_scale is not None)
-        else:
+        elif not late:
             guard["consecutive"] = 0
+        if late:
+            guard["pending"] = _guard.PendingVerdict.queue(
+                voted, before, ctx.state, self.max_nonfinite_skips, ctx.loss_scale is not None
+            )
         ctx.state["count"] = state["count"] + 1  # calls of the step, skipped ones included
         ctx.state["guard"] = guard
         if generation is not None:
             ctx.state["generation"] = generation.advance(params)
         ctx.metrics["loss"] = voted if self.mesh.size() > 1 else loss
         ctx.metrics["local_loss"] = loss
-        ctx.metrics["nonfinite"] = skip if guarded or ctx.on_verdict else ~torch.isfinite(voted)
+        known = (guarded or ctx.on_verdict) and not late
+        ctx.metrics["nonfinite"] = skip if known else ~torch.isfinite(voted)
         ctx.metrics["skipped_steps"] = guard["skipped_steps"]
         ctx.metrics["comm_bytes"] = {op: s.bytes for op, s in traffic.ops.items()}
         ctx.metrics["comm_bytes_by_tag"] = {tag: s.bytes for tag, s in traffic.tags.items()}
         return params, ctx.state, ctx.metrics
+
+    def _reads_late(self, params) -> bool:
+        """Whether this call leaves its verdict to the next ([Note: reading the verdict
+        a step late] in fscale/_guard.py)."""
+        if self.nonfinite == "skip_now":
+            return False
+        if not self.skips_on_device():
+            if self.nonfinite == "skip_late":
+                raise ValueError(
+                    "train_step(nonfinite='skip_late') needs an update that skips on the "
+                    "device ([Note: skipping on the device]: adam/adamw, with every transform "
+                    "replacing update/apply declaring SKIP_SAFE_UPDATE; this stack's "
+                    f"{', '.join(self.unsafe_to_skip) or 'optimizer'} does not); use "
+                    "nonfinite='skip'."
+                )
+            return False
+        if self.nonfinite == "skip_late":
+            return True
+        return any(
+            isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree.leaves(params)
+        )
 
     def _update_and_apply(self, ctx, grads, params, norm, voted):
         """Clip, ``update`` and ``apply``; with ``voted`` given, the optimizer skips on
@@ -532,8 +568,12 @@ def train_step(
         the children of the first ``ModuleList``. Needs ``model``.
       nonfinite: ``"skip"``: a step whose loss or grads are inf/nan on any rank changes
         nothing on any rank (``metrics["nonfinite"]``, ``metrics["skipped_steps"]``);
-        one host read per step. ``"off"``: no skip and no host read
-        ([Note: the non-finite guard] in ``fscale/_guard.py``).
+        on an accelerator, where the whole update skips on the device, the verdict is
+        read during the next call (``metrics["nonfinite"]`` is then a device bool and
+        the counters lag one call); otherwise one host read per call. ``"skip_now"``:
+        always read in the call; ``"skip_late"``: always read a call late. ``"off"``:
+        no skip and no host read ([Note: the non-finite guard] and [Note: reading the
+        verdict a step late] in ``fscale/_guard.py``).
       max_nonfinite_skips: raise ``FloatingPointError`` after this many skipped steps in
         a row (None: never). fp16 overflows count only at the loss scale's floor.
       sync_init: ``"check"``: ``step.init`` raises if ranks hold different params;

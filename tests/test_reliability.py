@@ -361,3 +361,70 @@ def test_the_device_skip_reaches_the_optimizer_and_restores_the_state():
     assert torch.equal(params["0.weight"], weights)
     params, state, metrics = step(params, state, batches[1])
     assert state["optimizer"].count == 2 and metrics["lr"] == 1e-2
+
+
+# ----------------------------------------------------------------------------- late verdict
+
+
+def _late_run(nonfinite: str, wrap, poisoned=(2, 3, 6), n=9, **kw):
+    """n calls of a warm-up-scheduled AdamW step, NaN batches at ``poisoned``; returns
+    the final snapshot (settled), the guard counters and the per-call metrics."""
+    step, params, batches = _problem("fp32", 0, 0, nonfinite=nonfinite, **kw)
+    step = wrap(step)
+    params, state = step.init(params)
+    seen = []
+    for i in range(n):
+        b = batches[i % len(batches)]
+        if i in poisoned:
+            b = {**b, "x": torch.full_like(b["x"], float("nan"))}
+        params, state, metrics = step(params, state, b)
+        seen.append(metrics)
+    fs._guard.settle(state)
+    return _snapshot(params, state), state["guard"], seen, (step, params, state, batches)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: s,
+        lambda s: fs.mixed_precision(s, "bf16"),
+        lambda s: fs.shard_zero(s, 3),
+        lambda s: fs.shard_zero(fs.mixed_precision(s, "bf16"), 1),
+    ],
+    ids=["plain", "bf16", "zero3", "bf16-zero1"],
+)
+def test_a_verdict_read_a_call_late_gives_the_same_run_bit_for_bit(wrap):
+    """[Note: reading the verdict a step late]: skipped calls, settled during the next
+    call, leave params, optimizer state, count and schedule exactly as an immediate read
+    (two skips in a row and a lone one; the warm-up schedule makes a wrongly advanced
+    count visible in the params)."""
+    now, guard_now, m_now, _ = _late_run("skip_now", wrap)
+    late, guard_late, m_late, _ = _late_run("skip_late", wrap)
+    assert _same(late, now) and _finite(late)
+    assert guard_late == guard_now == {"skipped_steps": 3, "consecutive": 0}
+    assert [m["nonfinite"] for m in m_now] == [i in (2, 3, 6) for i in range(9)]
+    # Late: a device bool per call, and counters that lag one call.
+    assert [bool(m["nonfinite"]) for m in m_late] == [m["nonfinite"] for m in m_now]
+    assert all(isinstance(m["nonfinite"], torch.Tensor) for m in m_late)
+    assert [m["skipped_steps"] for m in m_late] == [0, 0, 0, 1, 2, 2, 2, 3, 3]
+
+
+def test_a_late_verdict_raises_at_the_limit_one_call_later():
+    run = ("skip_late", lambda s: s)
+    with pytest.raises(FloatingPointError, match="2 steps in a row .*max_nonfinite_skips=2"):
+        _late_run(*run, poisoned=(1, 2), n=4, max_nonfinite_skips=2)
+    # The call that ends the second skip returns; the raise comes in the next one.
+    _, guard, _, _ = _late_run(*run, poisoned=(1, 2), n=3, max_nonfinite_skips=3)
+    assert guard["consecutive"] == 2
+
+
+def test_skip_late_needs_an_update_that_skips_on_the_device_and_cpu_skip_reads_now():
+    step, params, batches = _plain(fs.optim.sgd(0.1), nonfinite="skip_late")
+    params, state = step.init(params)
+    with pytest.raises(ValueError, match=r"nonfinite='skip_late'\) needs an update that skips"):
+        step(params, state, batches[0])
+    step, params, batches = _plain()  # "skip" on CPU: no run-ahead to protect
+    params, state = step.init(params)
+    bad = {**batches[0], "x": torch.full_like(batches[0]["x"], float("nan"))}
+    _, state, metrics = step(params, state, bad)
+    assert metrics["nonfinite"] is True and "pending" not in state["guard"]
