@@ -169,6 +169,8 @@ class Engine:
             max_model_len=self.max_model_len,
             max_num_seqs=min(max_num_seqs, max_tokens_per_step),
             cuda_graphs=cuda_graphs,
+            # [Note: warm-up at start] in runner.py; on CPU nothing compiles or tunes.
+            warm_up_tokens=max_tokens_per_step if self.device.type == "cuda" else 0,
         )
         self.max_waiting = max_waiting
         self.generator = torch.Generator(device=self.device).manual_seed(seed)

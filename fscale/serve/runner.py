@@ -24,6 +24,15 @@ graphs are only used on CUDA with that lowering, and never with streamed weights
 parallelism (N > 1) graphs are off with a warning: NCCL allows capturing the
 all-reduces, but that path is not validated yet; emulated graphs (tests) do work.
 
+[Note: warm-up at start]
+Kernels compile (Triton) and tune (the FPx launches, once per power-of-two M bucket)
+on their first call. Graph capture runs the decode sizes; the larger token counts of
+prefill and mixed steps used to meet them in the first requests that reached them, a
+stall of seconds inside the served traffic (an FP6 engine at saturation lost most of
+its throughput to it). So the engine runs one forward per power-of-two token count up
+to its ``max_tokens_per_step`` when it starts (vLLM's profile run does the same),
+writing into block 0, which no sequence is ever given.
+
 [Note: host work of a decode step]
 A decode step's inputs go through two pinned host buffers (ids / positions / slots as
 int64, then lengths and block tables as int32) straight into the graphs' static
@@ -66,6 +75,7 @@ class ModelRunner:
         max_num_seqs: int,
         cuda_graphs: bool = True,
         kv_dtype: torch.dtype | None = None,
+        warm_up_tokens: int = 0,
     ):
         self.decoder = decoder
         cfg = decoder.cfg
@@ -96,6 +106,7 @@ class ModelRunner:
                 )
             else:
                 self._capture(max_num_seqs)
+        self.warm_up(warm_up_tokens)
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -152,6 +163,34 @@ class ModelRunner:
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[put(np.asarray(sample_rows, dtype=np.int64), torch.long)]
         return self.decoder.logits(hidden), sampled
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int) -> list[int]:
+        """One forward of a single prompt per power-of-two token count up to
+        ``max_tokens`` (and ``max_tokens`` itself) not already run by graph capture;
+        returns the counts run ([Note: warm-up at start])."""
+        done = self.graph_sizes[-1] if self.graph_sizes else 0
+        counts, m = [], 1
+        while m < max_tokens:
+            if m > done:
+                counts.append(m)
+            m *= 2
+        if max_tokens > done:
+            counts.append(max_tokens)
+        dev, bs = self.device, self.block_size
+        for m in counts:
+            # Every token writes into block 0 (never handed out) and reads only it.
+            pos = torch.arange(m, device=dev)
+            meta = AttentionMeta(
+                slot_mapping=pos % bs,
+                block_tables=torch.zeros(1, _cdiv(m, bs), dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([m], dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor([0, m], dtype=torch.int32, device=dev),
+                max_query_len=m,
+            )
+            hidden = self.decoder.forward(torch.zeros_like(pos), pos, meta, self.kv)
+            self.decoder.logits(hidden[-1:])
+        return counts
 
     # -- CUDA graphs ------------------------------------------------------------------------
 

@@ -79,6 +79,18 @@ def test_llama_greedy_equals_hf(tiny_llama_dir, llama_ref, budget, block_size):
     assert engine.blocks.num_used == 0
 
 
+def test_warm_up_runs_every_token_bucket_and_changes_no_output(tiny_llama_dir, llama_ref):
+    """[Note: warm-up at start]: one forward per power-of-two token count up to the
+    budget (the engine does it on CUDA at start); what it writes into block 0 (which no
+    sequence is given) changes no request's tokens."""
+    engine = Engine(tiny_llama_dir, max_tokens_per_step=24, block_size=4, num_blocks=64)
+    assert engine.runner.warm_up(24) == [1, 2, 4, 8, 16, 24]
+    assert engine.runner.warm_up(16) == [1, 2, 4, 8, 16]
+    assert engine.blocks.num_used == 0
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, **GREEDY))
+    assert [o.token_ids for o in outs] == [llama_ref[i] for i in range(len(PROMPTS))]
+
+
 @pytest.mark.parametrize("scheduler", ["splitfuse", "prefill_first"])
 def test_gpt2_greedy_equals_hf(tiny_gpt2_dir, gpt2_ref, scheduler):
     engine = Engine(
