@@ -1,76 +1,73 @@
-"""1-bit Adam over shard_zero 1/2: ``compress_comm(shard_zero(step, s), onebit_adam(...))``.
+"""The 1-bit optimizers over shard_zero 1/2: ``compress_comm(shard_zero(step, s), method)``.
 
-[Note: 1-bit Adam under ZeRO-1/2]
-Warm-up: the stack below runs untouched, so the step is exactly ``shard_zero(step, s)``
-over Adam (bit for bit: grads reduce-scattered ``"zero.grads"``, Adam on this rank's
-fp32 master rows, the rows all-gathered ``"zero.params"``).
+[Note: 1-bit methods under ZeRO-1/2]
+Warm-up (and 0/1 Adam's variance steps): the stack below runs untouched, so the step
+is exactly ``shard_zero(step, s)`` (grads reduce-scattered ``"zero.grads"``, the
+optimizer on this rank's fp32 master rows, the rows all-gathered ``"zero.params"``);
+for 1-bit LAMB the rows' optimizer takes its per-layer trust ratio from whole-layer
+norms ([Note: LAMB's trust ratio on rows] in ``onebit_zero_rows.py``).
 
-Compression (``state["count"] >= freeze_step``): error feedback needs each rank's
-full local momentum, so the compressed exchange replaces ZeRO's grad reduce-scatter.
-The step publishes ``LocalGradsPolicy``: on these calls shard_zero leaves the grads
-full and local. After the step's non-finite vote, ``update``:
+Compression (``LocalGradsPolicy``: on these calls shard_zero leaves the grads full and
+local): error feedback needs each rank's full local momentum, so the compressed
+exchange replaces ZeRO's grad reduce-scatter. After the non-finite vote, ``update``:
 
-1. folds the local grads into the full local momentum ``M`` (kept in this slot:
-   the optimizer's own moments are rows under ZeRO): ``M = b1 M + (1 - b1) g``;
-2. lays ``M`` out rank-major, server ``r``'s chunk being rank ``r``'s ZeRO rows of
-   every leaf (dim-0 blocks of ``ceil(d0 / N)`` rows, [Note: shard layout] in
-   ``fscale/transforms/_zero/sharding.py``: read off the optimizer's row-shaped
-   moments, never from shard_zero's slot), and runs the error-compensated 1-bit mean
-   of ``onebit_allreduce`` on it (``all_to_all`` of signs + scales to each chunk's
-   owner, the owner averages and adds its server error, ``all_gather`` of the owner's
-   recompressed chunk; tag ``"compress.momentum"``); every rank decodes the same
-   ``M``, zeroed where the frozen variance is ([Note: dead coordinates]);
-3. hands its own rows of ``M`` down to shard_zero's ``update`` as the "grads" of its
-   master rows; the step's optimizer is wrapped so that on these calls it sets the
-   rows' ``exp_avg`` to them and steps with the variance frozen, as 1-bit Adam does;
-4. shard_zero's ``apply`` all-gathers the updated rows (``"zero.params"``, as in
-   warm-up: under ZeRO only a row's owner has its variance and master).
+1. folds the local grads into the full local momentum ``M`` (kept in this slot, flat,
+   in the params' leaf order: the optimizer's own moments are rows under ZeRO);
+2. runs the error-compensated 1-bit mean of ``onebit_allreduce`` on ``M``, exactly as
+   plain data parallel does (same contiguous server chunks of the same flat vector;
+   ``all_to_all`` of signs + scales to each chunk's server, ``all_gather`` of the
+   servers' recompressed chunks, tag ``"compress.momentum"``); every rank decodes the
+   same ``M``, zeroed where the frozen variance is ([Note: dead coordinates]);
+3. hands its own ZeRO rows of ``M`` (dim-0 blocks of ``ceil(d0 / N)`` rows, [Note:
+   shard layout] in ``fscale/transforms/_zero/sharding.py``, read off the optimizer's
+   row-shaped moments, never from shard_zero's slot) down to shard_zero's ``update``
+   as the "grads" of its master rows; the step's optimizer is wrapped so that on these
+   calls it runs the method's step on the rows (``onebit_zero_rows.py``);
+4. shard_zero's ``apply`` all-gathers the updated rows (``"zero.params"``).
 
-The first compression step all-gathers the warm-up's momentum rows and the
-variance's non-zero mask once (tag ``"compress.init"``).
+The first compressed call after an exact step all-gathers the momentum rows and the
+variance's non-zero mask (tag ``"compress.init"``): once for 1-bit Adam / LAMB, after
+each variance update for 0/1 Adam.
 
-Maths vs plain data parallel: identical in a world of one. With N > 1 the server
-chunks follow ZeRO's rows (each leaf padded to ``N * rows``) instead of plain 1-bit
-Adam's contiguous ``ceil(n / N)`` ranges, so the scales average other groups of
-elements: not bitwise the plain-DP run, same method.
+Why the server chunks are plain data parallel's and not each owner's rows: every rank
+decodes the whole ``M`` anyway (it needs it for its next local momentum), so who
+serves a chunk is free; with the same chunks the compressed step is *the same
+computation* as plain-DP 1-bit Adam. An earlier version served rank ``r``'s ZeRO rows
+on rank ``r``: no index was wrong (plain DP run on that permuted order matched it to
+1e-6), but 1-bit Adam's frozen-variance step is chaotically sensitive to where chunk
+boundaries fall (plain DP with its chunks shifted by 64 elements moved a 36-step
+world-4 eval by up to 5%), so its loss was a different sample than plain DP's: 8%
+apart on one seed in world 4.
 
-Memory (what the method costs on top of ZeRO-1/2): the full local momentum ``M``
-(fp32, 4 bytes/param), the worker error (4 bytes/param), the server error (4/N) and
-the alive mask (1 byte/param), per rank. Stage 3 is refused (no full local momentum
-without an all-gather of it every step; use ``fs.zeropp``).
+Maths vs plain data parallel: bitwise in a world of one; with N > 1 the warm-up's
+reduce-scatter rounds differently from the all-reduce (last bit), else the same.
+
+Memory (on top of ZeRO-1/2), per rank: the full local momentum ``M`` (4 bytes/param),
+the worker error (4), the server error (4/N), the live mask (1); 0/1 Adam adds the
+window's anchor and the gathered frozen variance (4 + 4). Stage 3 is refused (no full
+local momentum without an all-gather of it every step; use ``fs.zeropp``).
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from functools import partial
 
 import torch
 
 from fscale import tree
-from fscale.kernels.onebit import onebit_unpack
-from fscale.optim.adam import AdamState, bias_corrected_denom
-from fscale.optim.base import apply_gradients
+from fscale.optim.adam import AdamState
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place
 from fscale.policies import LocalGradsPolicy
 from fscale.step import Step, StepContext, Transform
-from fscale.transforms._compress.onebit_allreduce import (
-    _unwire,
-    plan_layout,
-    server_step,
-    worker_step,
-)
+from fscale.transforms._compress import onebit_zero_rows as rows_opt
+from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_layout
 
 TAG_INIT = "compress.init"
-
-# What the wrapped optimizer needs on a compression call (the optimizer protocol has
-# no context argument; set around shard_zero's update only).
-_ROWS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "fscale_onebit_rows", default=None
-)
+#: The per-layer squared norms of 1-bit LAMB's warm-up (2 floats per layer).
+TAG_LAMB = "compress.lamb"
 
 
 def build_over_zero(step: Step, method, zero, cfg_type) -> Step:
@@ -91,73 +88,94 @@ def build_over_zero(step: Step, method, zero, cfg_type) -> Step:
         plan=lambda plan: _plan(cfg, zero.stage, plan),
     )
     inner = step.stages
-    policy = LocalGradsPolicy(local=partial(_local, cfg))
     new = step.with_transform(
         record,
-        policy=policy,
+        policy=LocalGradsPolicy(local=partial(_local, cfg)),
         init=partial(_init, cfg, inner),
         reduce_grads=partial(ob._reduce_grads, cfg, inner),
         update=partial(_update, cfg, inner),
+        apply=partial(_apply, cfg, inner),
     )
-    return dataclasses.replace(new, optimizer=_rows_optimizer(cfg, step.optimizer))
+    return dataclasses.replace(new, optimizer=rows_opt.wrap(cfg, step.optimizer))
+
+
+def _action(cfg, ctx: StepContext) -> str:
+    from fscale.transforms._compress import onebit as ob
+
+    return ob._action(cfg, ctx)
 
 
 def _local(cfg, ctx: StepContext) -> bool:
-    from fscale.transforms._compress import onebit as ob
-
-    return ob._action(cfg, ctx) == "onebit"
+    return _action(cfg, ctx) in ("onebit", "local", "sync")
 
 
-def _rows_optimizer(cfg, tx):
-    """The step's optimizer; on a compression call, 1-bit Adam's frozen-variance step on
-    the master rows with the synced momentum rows as "grads"."""
-
-    def update_params(grads, state, params):
-        call = _ROWS.get()
-        if call is None:
-            return apply_gradients(tx, grads, state, params)
-        return _rows_adam(cfg, call, grads, state, params)
-
-    return tx._replace(update_params=update_params)
+def _is(cfg, kind: str) -> bool:
+    return type(cfg.method).__name__ == kind
 
 
 # ----------------------------------------------------------------------------- layout
 
 
-def _row_numels(full: list, rows: list, world: int) -> list[int]:
-    """Per leaf: elements of one rank's rows; checks the dim-0 block layout."""
-    ks = []
-    for p, m in zip(full, rows, strict=True):
-        shape = tuple(p.shape) or (1,)
-        want = (-(-shape[0] // world), *shape[1:])
-        if tuple(m.shape) != want:
-            raise ValueError(
-                f"compress_comm over shard_zero: a moment of shape {tuple(m.shape)} is not "
-                f"the dim-0 row block {want} of its param {tuple(p.shape)} over {world} ranks; "
-                "the 1-bit methods need shard_zero's default row shards (no model-parallel "
-                "slices)."
-            )
-        ks.append(m.numel())
-    return ks
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The live leaves' flat layout (leaf order) and each rank's ZeRO rows of it."""
 
+    shapes: tuple[tuple[int, ...], ...]
+    ks: tuple[int, ...]  # elements of one rank's rows, per leaf
+    world: int
 
-def _rank_major(flats: list, ks: list, world: int, out: torch.Tensor) -> torch.Tensor:
-    """Full leaves -> ``(world, S)``: row ``r`` holds rank ``r``'s rows of every leaf."""
-    off = 0
-    for t, k in zip(flats, ks, strict=True):
-        flat = t.reshape(-1)
-        block = out[:, off : off + k]
-        n = flat.numel()
-        whole = n // k  # ranks whose rows are all real
-        if whole:
-            block[:whole].copy_(flat[: whole * k].view(whole, k))
-        if whole < world:
-            block[whole:].zero_()
-            rest = n - whole * k
-            if rest:
-                block[whole, :rest].copy_(flat[whole * k :])
-        off += k
-    return out
+    @classmethod
+    def of(cls, full: list, rows: list, world: int) -> Rows:
+        ks = []
+        for p, m in zip(full, rows, strict=True):
+            shape = tuple(p.shape) or (1,)
+            want = (-(-shape[0] // world), *shape[1:])
+            if tuple(m.shape) != want:
+                raise ValueError(
+                    f"compress_comm over shard_zero: a moment of shape {tuple(m.shape)} is "
+                    f"not the dim-0 row block {want} of its param {tuple(p.shape)} over "
+                    f"{world} ranks; the 1-bit methods need shard_zero's default row shards "
+                    "(no model-parallel slices)."
+                )
+            ks.append(m.numel())
+        return cls(tuple(tuple(p.shape) for p in full), tuple(ks), world)
+
+    @property
+    def numels(self) -> list[int]:
+        return [torch.Size(s).numel() for s in self.shapes]
+
+    @property
+    def n(self) -> int:
+        return sum(self.numels)
+
+    @property
+    def s(self) -> int:
+        return sum(self.ks)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per leaf, a view of ``flat`` in the leaf's full shape."""
+        pieces = flat.split(self.numels)
+        return [t.view(shape) for t, shape in zip(pieces, self.shapes, strict=True)]
+
+    def own(self, flat: torch.Tensor, rank: int) -> list[torch.Tensor]:
+        """Rank ``rank``'s rows of each leaf of ``flat`` (flat, zero-padded to ``k``)."""
+        out = []
+        for t, k in zip(flat.split(self.numels), self.ks, strict=True):
+            piece = t[rank * k : (rank + 1) * k]
+            if piece.numel() < k:
+                piece = torch.cat([piece, piece.new_zeros(k - piece.numel())])
+            out.append(piece)
+        return out
+
+    def gather(self, comm, group, rows: list) -> torch.Tensor:
+        """All-gather every rank's rows (``TAG_INIT``) -> the flat full vector."""
+        mine = torch.cat([r.reshape(-1) for r in rows])
+        every = comm.all_gather(TAG_INIT, mine, group=group).view(self.world, self.s)
+        out, off = [], 0
+        for n, k in zip(self.numels, self.ks, strict=True):
+            out.append(every[:, off : off + k].reshape(-1)[:n])
+            off += k
+        return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -175,37 +193,56 @@ def _init(cfg, inner, step: Step, params):
         )
     live = [i for i, p in enumerate(tree.leaves(params)) if p is not None]
     full, rows = tree.leaves(params), tree.leaves(opt.exp_avg)
-    ks = _row_numels([full[i] for i in live], [rows[i] for i in live], cfg.world)
-    s = sum(ks)
-    lay = plan_layout(cfg.world * s, cfg.world)
+    layout = Rows.of([full[i] for i in live], [rows[i] for i in live], cfg.world)
+    lay = plan_layout(layout.n, cfg.world)
     device = full[live[0]].device
 
     def sharded(numel: int) -> torch.Tensor:
         t = torch.zeros(numel, dtype=torch.float32, device=device)
         return place(t, Placement((cfg.world * numel,), (cfg.dim,), ()))
 
-    state[ob.NAME] = {
+    def full_flat(dtype=torch.float32) -> torch.Tensor:
+        # Equal on every rank after each exchange: replicated.
+        return torch.zeros(layout.n, dtype=dtype, device=device)
+
+    slot = {
         "method": cfg.method.name,
         "worker_error": sharded(lay.padded),
         "server_error": sharded(lay.server),
-        # Equal on every rank after each exchange: replicated.
-        "momentum": torch.zeros(cfg.world, s, dtype=torch.float32, device=device),
-        "alive": torch.zeros(cfg.world, s, dtype=torch.uint8, device=device),
+        "momentum": full_flat(),
+        "alive": full_flat(torch.uint8),
         "ready": False,
         "v_count": 0,
     }
+    if _is(cfg, "ZeroOneAdam"):
+        slot["anchor"] = full_flat()
+        slot["variance"] = full_flat()
+        slot["variance_at"] = 0  # the v_count "variance" was gathered at
+        slot["window"] = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
+    if _is(cfg, "OnebitLamb"):
+        slot["trust"] = torch.zeros(len(live), dtype=torch.float32, device=device)
+        slot["trust_steps"] = 0
+    state[ob.NAME] = slot
     return params, state
 
 
 def _update(cfg, inner, ctx: StepContext, grads, params):
     from fscale.transforms._compress import onebit as ob
 
-    action = ob._action(cfg, ctx)
+    action = _action(cfg, ctx)
     slot = dict(ctx.state[ob.NAME])
     ctx.state[ob.NAME] = slot
-    if action == "warmup":
-        params = inner.update(ctx, grads, params)
+    if action in ("warmup", "variance"):
+        slot["ready"] = False  # the exact step moved the momentum (and variance) rows
+        call = {"mode": "lamb_warmup", "comm": ctx.comm, "group": cfg.group}
+        params = rows_opt.calling(call if _is(cfg, "OnebitLamb") else None, inner.update)(
+            ctx, grads, params
+        )
         slot["v_count"] = ctx.state["optimizer"].count
+        if "trust" in call:  # the warm-up EMA of LAMB's whole-layer trust ratios
+            beta = cfg.method.coeff_beta
+            slot["trust"] = slot["trust"].mul(beta).add_(call["trust"], alpha=1.0 - beta)
+            slot["trust_steps"] = slot["trust_steps"] + 1
         return params
     if slot["v_count"] == 0:
         raise RuntimeError(
@@ -213,97 +250,102 @@ def _update(cfg, inner, ctx: StepContext, grads, params):
             "full-precision update ever ran (every warm-up step was skipped as non-finite); "
             "raise freeze_step."
         )
-    return _onebit_rows(cfg, inner, ctx, slot, grads, params)
+    lv = Local(cfg, ctx, grads, params)
+    lv.ensure_ready(slot)
+    if action in ("local", "sync"):
+        call = rows_opt.local_step(cfg, ctx, slot, lv, sync=action == "sync")
+    else:
+        lv.momentum_(slot)
+        exchange_(cfg, ctx, slot)
+        call = {"mode": "lamb" if _is(cfg, "OnebitLamb") else "adam"}
+        if call["mode"] == "lamb":
+            call["trust"] = _frozen_trust(cfg, slot)
+    call.update(v_count=slot["v_count"], lr=lv.lr, wd=lv.wd, decayed=lv.decayed)
+    return rows_opt.calling(call, inner.update)(ctx, lv.own_rows(slot["momentum"]), params)
+
+
+def _apply(cfg, inner, ctx: StepContext, params):
+    """0/1 Adam's local steps moved only this rank's full params: nothing to gather
+    (the masters stay at the window's anchor until the sync sets them)."""
+    if _action(cfg, ctx) == "local":
+        return params
+    return inner.apply(ctx, params)
+
+
+class Local:
+    """One compressed call's live leaves: local fp32 grads (with L2), full params, rows."""
+
+    def __init__(self, cfg, ctx: StepContext, grads, params):
+        hp = cfg.hp
+        opt = ctx.state["optimizer"]
+        self.cfg, self.ctx, self.opt = cfg, ctx, opt
+        self.lr = value_at(hp["lr"], opt.count, "lr")
+        self.wd = value_at(hp["weight_decay"], opt.count, "weight_decay")
+        g_leaves, self.spec = tree.flatten(grads)
+        self.n_leaves = len(g_leaves)
+        self.idx = [i for i, g in enumerate(g_leaves) if g is not None]
+        p_leaves = tree.leaves(params)
+        self.ps = [p_leaves[i] for i in self.idx]
+        m_rows, v_rows = tree.leaves(opt.exp_avg), tree.leaves(opt.exp_avg_sq)
+        self.m_rows = [m_rows[i] for i in self.idx]
+        self.v_rows = [v_rows[i] for i in self.idx]
+        self.rows = Rows.of(self.ps, self.m_rows, cfg.world)
+        self.gs = [g_leaves[i].to(torch.float32) for i in self.idx]
+        self.decayed = []
+        if self.wd != 0.0:
+            self.decayed = decayed_positions(
+                hp["mask"], params, self.idx, owner=hp["name"], wd=self.wd
+            )
+        l2 = not _is(cfg, "OnebitLamb") and not hp.get("decoupled", False)
+        if l2:  # torch.optim.Adam's L2: into the local grads, before the momentum
+            for j in self.decayed:
+                self.gs[j] = self.gs[j].add(self.ps[j].to(self.gs[j].dtype), alpha=self.wd)
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.step.mesh.rank(self.cfg.dim)
+
+    def ensure_ready(self, slot: dict) -> None:
+        """After an exact step: the full momentum and live mask from the rows, once."""
+        if slot["ready"]:
+            return
+        comm, group = self.ctx.comm, self.cfg.group
+        slot["momentum"].copy_(self.rows.gather(comm, group, self.m_rows))
+        live = [(v != 0).to(torch.uint8) for v in self.v_rows]
+        slot["alive"].copy_(self.rows.gather(comm, group, live))
+        slot["ready"] = True
+
+    def momentum_(self, slot: dict) -> None:
+        """``M = b1 M + (1 - b1) g_local``."""
+        flat = torch.cat([g.reshape(-1) for g in self.gs])
+        slot["momentum"].lerp_(flat, 1.0 - self.cfg.hp["b1"])
+
+    def own_rows(self, flat: torch.Tensor):
+        """This rank's rows of ``flat`` as a tree shaped like the optimizer's moments."""
+        out = [None] * self.n_leaves
+        for j, (i, r) in enumerate(zip(self.idx, self.rows.own(flat, self.rank), strict=True)):
+            out[i] = r.view(self.m_rows[j].shape)
+        return tree.unflatten(self.spec, out)
 
 
 @torch.no_grad()
-def _onebit_rows(cfg, inner, ctx: StepContext, slot: dict, grads, params):
-    hp = cfg.hp
-    opt = ctx.state["optimizer"]
-    g_leaves, spec = tree.flatten(grads)
-    idx = [i for i, g in enumerate(g_leaves) if g is not None]
-    p_leaves = tree.leaves(params)
-    m_rows, v_rows = tree.leaves(opt.exp_avg), tree.leaves(opt.exp_avg_sq)
-    ps = [p_leaves[i] for i in idx]
-    ks = _row_numels(ps, [m_rows[i] for i in idx], cfg.world)
-    lr = value_at(hp["lr"], opt.count, "lr")
-    wd = value_at(hp["weight_decay"], opt.count, "weight_decay")
-    decoupled = hp.get("decoupled", False)
-    gs = [g_leaves[i].to(torch.float32) for i in idx]
-    decayed = decayed_positions(hp["mask"], params, idx, owner=hp["name"], wd=wd) if wd else []
-    if not decoupled:  # torch.optim.Adam's L2: into the local grads, before the momentum
-        for j in decayed:
-            gs[j] = gs[j].add(ps[j].to(gs[j].dtype), alpha=wd)
-    world, group = cfg.world, cfg.group
-    rank = ctx.step.mesh.rank(cfg.dim)
-    momentum, alive = slot["momentum"], slot["alive"]
-    s = momentum.shape[1]
-    if not slot["ready"]:  # the warm-up's momentum rows and live coordinates, once
-        own = torch.cat([m_rows[i].reshape(-1) for i in idx])
-        momentum.copy_(ctx.comm.all_gather(TAG_INIT, own, group=group).view(world, s))
-        mask = torch.cat([(v_rows[i] != 0).reshape(-1) for i in idx]).to(torch.uint8)
-        alive.copy_(ctx.comm.all_gather(TAG_INIT, mask, group=group).view(world, s))
-        slot["ready"] = True
-    grad_rows = _rank_major(gs, ks, world, torch.empty_like(momentum))
-    momentum.lerp_(grad_rows, 1.0 - hp["b1"])
-    del grad_rows
-    lay = plan_layout(world * s, world)
-    x = momentum.new_zeros(world, lay.server)
-    x[:, :s] = momentum
-    send = worker_step(x.view(-1), slot["worker_error"], lay)
-    received = ctx.comm.all_to_all(ob_tag(), send.view(-1), group=group)
-    mine = server_step(received, slot["server_error"], lay)
-    gathered = ctx.comm.all_gather(ob_tag(), mine, group=group)
-    bits, scales = _unwire(gathered, lay)
-    decoded = onebit_unpack(bits, scales).view(world, lay.server)[:, :s]
-    momentum.copy_(decoded.masked_fill(alive == 0, 0.0))
-    mine_rows = momentum[rank].split(ks)
-    moms = [None] * len(g_leaves)
-    for j, i in enumerate(idx):
-        moms[i] = mine_rows[j].view(m_rows[i].shape)
-    call = {
-        "v_count": slot["v_count"],
-        "lr": lr,
-        "wd": wd,
-        "decayed": decayed,
-        "decoupled": decoupled,
-    }
-    token = _ROWS.set(call)
-    try:
-        return inner.update(ctx, tree.unflatten(spec, moms), params)
-    finally:
-        _ROWS.reset(token)
-
-
-def ob_tag() -> str:
+def exchange_(cfg, ctx: StepContext, slot: dict, x: torch.Tensor | None = None) -> None:
+    """``M`` <- the compressed mean of ``x`` (default ``M``), masked where ``v == 0``."""
     from fscale.transforms._compress.onebit import TAG
 
-    return TAG
+    m = slot["momentum"]
+    x = m if x is None else x
+    lay = plan_layout(m.numel(), cfg.world)
+    out = compressed_mean(
+        ctx.comm, TAG, cfg.group, x, slot["worker_error"], slot["server_error"], lay
+    )
+    m.copy_(out.masked_fill_(slot["alive"] == 0, 0.0))
 
 
-@torch.no_grad()
-def _rows_adam(cfg, call: dict, moms, state: AdamState, params):
-    """Frozen-variance Adam on this rank's master rows, ``moms`` the synced momentum rows."""
-    hp = cfg.hp
-    m_leaves, _ = tree.flatten(moms)
-    idx = [i for i, m in enumerate(m_leaves) if m is not None]
-    p_leaves = tree.leaves(params)
-    ms_state, vs_state = tree.leaves(state.exp_avg), tree.leaves(state.exp_avg_sq)
-    ps = [p_leaves[i] for i in idx]
-    ms = [ms_state[i] for i in idx]
-    vs = [vs_state[i] for i in idx]
-    for m, mom in zip(ms, (m_leaves[i] for i in idx), strict=True):
-        m.copy_(mom)
-    t = state.count + 1
-    lr = call["lr"]
-    denom = bias_corrected_denom(vs, hp["b2"], hp["eps"], call["v_count"])
-    bias1 = 1.0 - hp["b1"] ** t
-    if call["decoupled"]:
-        for j in call["decayed"]:
-            ps[j].mul_(1.0 - lr * call["wd"])
-    for p, m, d in zip(ps, ms, denom, strict=True):
-        p.sub_((m / d).mul_(lr / bias1).to(p.dtype))
-    return params, AdamState(t, state.exp_avg, state.exp_avg_sq)
+def _frozen_trust(cfg, slot: dict) -> list[torch.Tensor]:
+    """The bias-corrected warm-up EMA of each layer's trust ratio (equal on every rank)."""
+    steps = slot["trust_steps"]
+    return (slot["trust"] / (1.0 - cfg.method.coeff_beta ** max(steps, 1))).unbind()
 
 
 # ----------------------------------------------------------------------------- plan
@@ -316,8 +358,7 @@ def _plan(cfg, stage: int, plan) -> None:
     if not plan.param_count:
         return
     n, world = plan.param_count, cfg.world
-    s = -(-n // world)  # about one rank's rows (each leaf's padding aside)
-    lay = plan_layout(world * s, world)
+    lay = plan_layout(n, world)
     grads = [c for c in plan.collectives if c.tag == "zero.grads"]
     plan.collectives[:] = [c for c in plan.collectives if c not in grads]
     if world > 1:
@@ -325,13 +366,16 @@ def _plan(cfg, stage: int, plan) -> None:
             Collective("all_to_all", lay.world * lay.message, "update", tag=TAG),
             Collective("all_gather", lay.message, "update", tag=TAG),
         ]
-    extra = 4 * world * s + 4 * (lay.padded + lay.server) + world * s
+    extra = 4 * n + 4 * (lay.padded + lay.server) + n
+    if _is(cfg, "ZeroOneAdam"):
+        extra += 8 * n  # the window's anchor and the gathered frozen variance
     plan.memory["compress_comm buffers"] = extra
     plan.notes.append(
         f"compress_comm({cfg.method.name}) over shard_zero({stage}): after warm-up the "
         f"compressed momentum exchange ({lay.world * lay.message + lay.message:,} bytes/step) "
         f"replaces the reduce-scatter of grads ({sum(c.bytes for c in grads):,} bytes in "
-        "the warm-up); the all-gather of updated rows (zero.params) stays. It costs, per "
-        f"rank, the full local momentum, worker/server error and a live mask: {extra:,} "
+        "the warm-up); the all-gather of updated rows (zero.params) stays"
+        f"{' except on 0/1 Adam local steps' if _is(cfg, 'ZeroOneAdam') else ''}. It costs, "
+        f"per rank, the full local momentum, worker/server error and a live mask: {extra:,} "
         f"bytes{' (stage 2 no longer holds only 1/N of the grads state)' if stage == 2 else ''}."
     )
