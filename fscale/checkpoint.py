@@ -27,10 +27,11 @@ tensor_parallel and expert_parallel slices are written the same way, as regions 
 the full tensor ([Note: model-parallel pieces] in ``fscale/_checkpoint/chunks.py``):
 a fused qkv (``chunks=3``) is one region per block, an expert bank split over "ep"
 and "tp" (``extra``) one region with offsets along both dims. A rank's coordinates
-come from the placement and the step's mesh: ``load`` has the step, ``save`` takes
-``mesh=step.mesh`` (those slices carry no process group; without it save raises
-naming the fix). Optimizer moments of a split param take the param's placement
-([Note: per-param state of split params]). So a (tp=2, ep=2) run resumes exactly,
+come from the placement and the step's mesh: ``load`` has the step, ``save`` reads
+the mesh ``step.init`` recorded in the state's layout (those slices carry no process
+group; [Note: the mesh in the layout] in ``fscale/placement.py``), and checks a
+``mesh=`` passed against it. Optimizer moments of a split param take the param's
+placement ([Note: per-param state of split params]). So a (tp=2, ep=2) run resumes exactly,
 loads into the world of one, and a world of one's checkpoint loads into it.
 
 [Note: what load fills]
@@ -70,7 +71,6 @@ leaves it as ``<path>.old-<id>``, not under ``path``.
 Usage::
 
     fs.save(run_dir, params, state, at=step_no, keep=3, extra={"loader": pos})
-    fs.save(run_dir, params, state, at=step_no, mesh=step.mesh)   # tensor/expert parallel
     params, state = fs.load(run_dir, step, full_params)      # reads run_dir/latest
     extra = fs.load_extra(run_dir)                           # this rank's extra
 """
@@ -113,7 +113,7 @@ from fscale._checkpoint.files import (
 from fscale._checkpoint.restore import _check_model, _restore_plain, _source_key
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
-from fscale.placement import Placement, placement_of, replicated
+from fscale.placement import MeshLayout, Placement, placement_of, replicated
 from fscale.state import StoredTensor, TensorEntry, describe
 
 __all__ = ["SaveHandle", "latest", "load", "load_extra", "save", "wait_pending"]
@@ -149,9 +149,10 @@ def save(
         states); read back with ``fs.load_extra``.
       at: the step number: write ``<path>/step-<at>`` and point ``<path>/latest`` at it.
       keep: with ``at``: keep only the newest ``keep`` checkpoints of the run directory.
-      mesh: the step's mesh (``step.mesh`` or a ``DeviceMesh``); needed when a split
-        tensor does not carry its process group: tensor_parallel and expert_parallel
-        slices (shard_zero's shards carry theirs). Without it such a save raises.
+      mesh: not needed: ``step.init`` records its mesh in the state ([Note: the mesh
+        in the layout] in ``fscale/placement.py``), which places tensor_parallel and
+        expert_parallel slices. Passed (``step.mesh`` or a ``DeviceMesh``), it must be
+        that mesh: dims, sizes and this rank's coordinates (else a ``ValueError``).
       async_save: copy what this rank writes ([Note: async staging]) and write it in
         a background thread while training goes on; returns a ``SaveHandle`` to
         ``wait()`` on. At most one save is in flight: the next ``save`` (and ``load``)
@@ -182,8 +183,7 @@ def save(
     final = os.path.join(root, f"step-{at}") if at is not None else root
     rank = comm.rank()
     wait_pending()  # at most one save in flight
-    resolved = None if mesh is None else meshes.resolve(mesh)
-    state_dict = _save_state_dict(params, state, resolved)
+    state_dict = _save_state_dict(params, state, _save_mesh(state, mesh))
     state_dict[f"extra/{rank}"] = extra
     tmp = f"{final}.tmp-{_shared_id()}"
     if rank == 0:
@@ -368,6 +368,7 @@ def _save_state_dict(params, state: dict, mesh) -> dict:
     out[_META] = {
         "format": FORMAT,
         "world": comm.world_size(),
+        "mesh": None if mesh is None else MeshLayout.of(mesh).describe(),
         "params": {
             p: list(pl.shape)
             for p, pl, leaf in zip(layout.paths, layout.placements, leaves, strict=True)
@@ -437,22 +438,63 @@ def _groups_by_dims(params, state: dict) -> dict:
     return found
 
 
+def _save_mesh(state: dict, mesh) -> Any:
+    """The mesh ``save`` places split leaves on: the one ``step.init`` recorded in the
+    layout ([Note: the mesh in the layout] in ``fscale/placement.py``), or ``mesh=``
+    checked against it."""
+    recorded = getattr(state["layout"], "mesh", None)
+    if mesh is None:
+        return recorded
+    given = meshes.resolve(mesh)
+    if recorded is not None:
+        _check_mesh(recorded, given)
+    return given
+
+
+def _check_mesh(recorded: MeshLayout, given) -> None:
+    """``mesh=`` must be the mesh the state was laid out on. Every rank votes, so that
+    all raise together (a rank whose coordinates alone differ would otherwise leave
+    the others waiting in DCP's collectives)."""
+    got = MeshLayout.of(given)
+    bad = torch.tensor([float(got != recorded)])
+    if comm.world_size() > 1:
+        comm.all_reduce(bad, op="max")
+    if bad.item():
+
+        def at(m: MeshLayout) -> dict:
+            return dict(zip(m.dims, m.coords, strict=True))
+
+        here = (
+            f"the mesh passed puts it at {at(got)} of {got}"
+            if got != recorded
+            else "the mesh passed agrees on this rank but not on another (other ranks in it)"
+        )
+        raise ValueError(
+            f"fs.save(mesh={got}): the state was laid out by step.init on {recorded}, this "
+            f"rank at {at(recorded)}; {here}. Leave mesh= out (the state records its mesh) "
+            "or pass the mesh of the step that made the state (step.mesh)."
+        )
+
+
 def _shard_coords(path: str, placement: Placement, groups: dict, mesh) -> _Coords:
-    """This rank's coordinates in ``placement``: from the mesh when given, else from
-    the process group a shard_zero shard carries; tensor_parallel / expert_parallel
-    slices carry none, so saving them needs ``mesh=``."""
-    if mesh is not None:
-        return _mesh_coords(placement, mesh)
+    """This rank's coordinates in ``placement``: from the process group a shard_zero
+    shard carries (the group it was cut over), else from the mesh (the one the state
+    records, or ``mesh=``)."""
     if placement.shard in groups and not placement.extra:
         group = groups[placement.shard]
         return _Coords(comm.rank(group), comm.world_size(group))
+    if mesh is not None and all(d in mesh.dims for d in placement.split_dims):
+        return _mesh_coords(placement, mesh)
     if comm.world_size() == 1:
         return _Coords(0, 1, tuple((0, 1) for _ in placement.extra))
+    if mesh is not None:
+        return _mesh_coords(placement, mesh)  # raises naming the dim the mesh lacks
     raise ValueError(
         f"fs.save: {path!r} is split over mesh dims {list(placement.split_dims)} (a "
         "tensor_parallel / expert_parallel slice, or a shard that carries no process "
-        "group), and save has no mesh to find this rank's piece on; pass the step's mesh: "
-        "fs.save(path, params, state, mesh=step.mesh)."
+        "group), and its state records no mesh to find this rank's piece on (it was not "
+        "made by step.init). Save the (params, state) that step.init or the last step call "
+        "returned, or pass the step's mesh: fs.save(path, params, state, mesh=step.mesh)."
     )
 
 

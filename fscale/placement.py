@@ -13,6 +13,7 @@ Usage::
     p = Placement(shape=(10, 4), shard=("shard",), replicate=("replicate",))
     p.local_shape(mesh)          # (5, 4) on a mesh with shard=2
     place(t, p); placement_of(t) is p
+    MeshLayout.of(step.mesh)     # the mesh the placements name, as plain metadata
 """
 
 from __future__ import annotations
@@ -89,6 +90,52 @@ class Placement:
             "chunks": self.chunks,
             "extra": [list(e) for e in self.extra],
         }
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    """The mesh a step laid its leaves out on, as plain metadata: its dim names, their
+    sizes and this rank's coordinate along each (no process groups, nothing to pickle).
+
+    [Note: the mesh in the layout]
+    Placements name mesh dims; where a rank's piece of a split leaf sits also takes
+    the dims' sizes and the rank's coordinates. ``step.init`` records them with the
+    placements (``state["layout"].mesh``), so ``fs.save`` finds every rank's piece of
+    a tensor_parallel / expert_parallel slice without being handed the mesh, as DCP
+    saves DTensors that know theirs. It speaks the part of ``hw.mesh.Mesh`` that
+    placements read (``dims``, ``size``, ``rank``); collectives still need the mesh.
+    """
+
+    dims: tuple[str, ...]
+    sizes: tuple[int, ...]
+    coords: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mesh) -> MeshLayout:
+        """The record of a resolved mesh (``step.mesh``)."""
+        dims = tuple(mesh.dims)
+        return cls(dims, tuple(mesh.size(d) for d in dims), tuple(mesh.rank(d) for d in dims))
+
+    def _index(self, dim: str) -> int:
+        if dim not in self.dims:
+            raise ValueError(f"the mesh {self} has no dim {dim!r}; its dims are {list(self.dims)}.")
+        return self.dims.index(dim)
+
+    def size(self, dim: str | None = None) -> int:
+        """Ranks along ``dim``, or in the whole mesh when ``dim`` is None."""
+        return math.prod(self.sizes) if dim is None else self.sizes[self._index(dim)]
+
+    def rank(self, dim: str) -> int:
+        """This rank's coordinate along ``dim``."""
+        return self.coords[self._index(dim)]
+
+    def describe(self) -> dict:
+        """Plain metadata (for checkpoints)."""
+        return {"dims": list(self.dims), "sizes": list(self.sizes), "coords": list(self.coords)}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.sizes, strict=True))
+        return f"Mesh({inner})"
 
 
 def replicated(t: torch.Tensor, dims: tuple[str, ...] = ()) -> Placement:

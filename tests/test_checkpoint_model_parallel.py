@@ -4,11 +4,12 @@ The MoE GPT under ``tensor_parallel(expert_parallel(step))`` on (tp=2, ep=2), un
 ``tensor_parallel`` on (dp=2, tp=2) and under ``expert_parallel`` on (dp=2, ep=2),
 in one gloo world of 4 (fp32):
 
-- exact resume: N steps, ``fs.save(..., mesh=step.mesh)``, ``fs.load`` into a fresh
-  step of the same stack and mesh, M steps equals N + M uninterrupted steps bit for
-  bit (every rank's params, every state tensor, every plain value); the loaded
-  state equals the saved one. Also asynchronously (dp=2, tp=2: training goes on
-  while the fused blocks are written), and with ``shard_zero(3)`` over the (dp=2,
+- exact resume: N steps, ``fs.save`` (no ``mesh=``: the state records the mesh
+  ``step.init`` laid it out on), ``fs.load`` into a fresh step of the same stack and
+  mesh, M steps equals N + M uninterrupted steps bit for bit (every rank's params,
+  every state tensor, every plain value); the loaded state equals the saved one.
+  Also asynchronously and with ``mesh=step.mesh`` passed (dp=2, tp=2: training goes
+  on while the fused blocks are written), and with ``shard_zero(3)`` over the (dp=2,
   ep=2) stack (ZeRO's rows of the experts composed with their ep split);
 - to the world of one: each checkpoint loaded into a plain step (this process)
   gives the full tensors re-assembled from the ranks' pieces, params and AdamW
@@ -16,11 +17,15 @@ in one gloo world of 4 (fp32):
 - from the world of one: a plain step's checkpoint loaded into the (tp=2, ep=2)
   stack gives each rank the slices its ``step.init`` cuts from the full params, and
   moments that re-assemble to the plain step's;
-- a save of split leaves without ``mesh=`` raises naming the fix.
+- ``mesh=`` other than the state's mesh raises on every rank, naming both meshes:
+  other dims, and the same dims and sizes over another order of the ranks (where
+  only some ranks' coordinates differ, yet all must raise rather than wait in DCP);
+  a state that records no mesh raises naming the fix. Nothing is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -33,6 +38,7 @@ from fscale.models import GPT, GPTConfig, gpt_loss
 from fscale.placement import Placement
 from fscale.state import StoredTensor, TensorEntry, describe
 from tests.dist import run_world
+from tests.helpers import error_text
 
 N, M, SEQ, PER = 2, 2, 8, 2
 # name -> (mesh dims, sizes); expert_parallel goes under tensor_parallel (TED).
@@ -97,10 +103,9 @@ def _differences(what: str, want: dict, got: dict) -> list[str]:
 
 
 def _rank(rank, world, tmp, w1_params):
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    failures, pieces, coords, layouts = [], {}, {}, {}
-    no_mesh = None
+    failures, pieces, coords, layouts, errors = [], {}, {}, {}, {}
     for name, (names, sizes) in {**STACKS, "dp2_ep2_zero3": STACKS["dp2_ep2"]}.items():
         zero = name.endswith("zero3")
         mesh = init_device_mesh("cpu", sizes, mesh_dim_names=names)
@@ -117,12 +122,13 @@ def _rank(rank, world, tmp, w1_params):
         params, state = step.init(params)
         params, state = _train(step, params, state, first)
         if name == "tp2_ep2":
-            try:
-                fs.save(ckpt, params, state)
-            except ValueError as e:
-                no_mesh = str(e)
-        # (dp=2, tp=2) saves asynchronously: what it writes is staged before training goes on.
-        handle = fs.save(ckpt, params, state, mesh=step.mesh, async_save=name == "dp2_tp2")
+            errors = _mesh_errors(tmp, params, state, DeviceMesh)
+        # (dp=2, tp=2) saves asynchronously, with mesh= (still accepted): what it writes
+        # is staged before training goes on. The others find their mesh in the state.
+        if name == "dp2_tp2":
+            handle = fs.save(ckpt, params, state, mesh=step.mesh, async_save=True)
+        else:
+            fs.save(ckpt, params, state)
         saved = _snapshot(params, state)
         params, state = _train(step, params, state, rest)
         want = _snapshot(params, state)
@@ -159,7 +165,27 @@ def _rank(rank, world, tmp, w1_params):
         {k: v for k, v in loaded.items() if k.startswith("params/")},
     )
     pieces["w1"] = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
-    return failures, pieces, coords, layouts, no_mesh
+    return failures, pieces, coords, layouts, errors
+
+
+def _mesh_errors(tmp, params, state, DeviceMesh) -> dict:  # noqa: N803
+    """What saves of the (tp=2, ep=2) state with a wrong mesh, or none recorded, raise."""
+    bad = os.path.join(tmp, "bad")
+    # Same dims and sizes, ranks in another order: ranks 0 and 3 keep their coordinates.
+    transposed = DeviceMesh("cpu", torch.tensor([[0, 2], [1, 3]]), mesh_dim_names=("tp", "ep"))
+    unrecorded = {**state, "layout": dataclasses.replace(state["layout"], mesh=None)}
+    return {
+        "dims": error_text(lambda: fs.save(bad, params, state, mesh=_mesh((2, 2), ("dp", "tp")))),
+        "transposed": error_text(lambda: fs.save(bad, params, state, mesh=transposed)),
+        "unrecorded": error_text(lambda: fs.save(bad, params, unrecorded)),
+        "written": os.path.exists(bad),
+    }
+
+
+def _mesh(sizes, names):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", sizes, mesh_dim_names=names)
 
 
 def _assemble(pieces, placement: Placement, sizes: dict) -> torch.Tensor:
@@ -239,10 +265,22 @@ def test_expert_and_tensor_parallel_checkpoints_resume_exactly_and_reshard(world
     assert split["blocks.0.attn.qkv.weight"].chunks == 3
     assert split["blocks.0.moe.experts.w_in"].extra == (("tp", 2),)
 
-    # Without mesh=: named, with the fix.
-    message = results[0][4]
-    assert message is not None and "mesh=step.mesh" in message
-    assert "is split over mesh dims" in message
+    # mesh= other than the state's: every rank raises, naming both meshes; nothing written.
+    for rank, res in enumerate(results):
+        errors = res[4]
+        assert not errors["written"], rank
+        for what in ("dims", "transposed"):
+            message = errors[what]
+            assert message.startswith("ValueError: fs.save(mesh="), (rank, what, message)
+            assert "laid out by step.init on Mesh(tp=2, ep=2)" in message, (rank, message)
+            assert "Leave mesh= out" in message
+        assert "of Mesh(dp=2, tp=2)" in errors["dims"], errors["dims"]
+        # Ranks 0 and 3 sit at the same coordinates in both meshes: they raise with the rest.
+        moved = rank in (1, 2)
+        assert ("agrees on this rank but not on another" in errors["transposed"]) != moved
+        message = errors["unrecorded"]
+        assert "is split over mesh dims" in message and "records no mesh" in message, message
+        assert "mesh=step.mesh" in message
 
 
 def test_stored_tensors_take_only_dim_0_row_blocks(tmp_path):
