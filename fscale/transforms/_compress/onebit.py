@@ -75,19 +75,14 @@ NAME = "compress_comm"
 TAG = "compress.momentum"
 
 _ZERO_FIX = (
-    "1-bit Adam composes with shard_zero stages 1 and 2 (compress_comm(shard_zero(step, "
-    "1 or 2), onebit_adam(...)): the compressed momentum exchange replaces ZeRO's grad "
-    "reduce-scatter ([Note: 1-bit Adam under ZeRO-1/2] in _compress/onebit_zero.py). "
+    "the 1-bit methods compose with shard_zero stages 1 and 2 (compress_comm(shard_zero("
+    "step, 1 or 2), onebit_adam / zero_one_adam / onebit_lamb(...)): the compressed "
+    "momentum exchange replaces ZeRO's grad reduce-scatter ([Note: 1-bit methods under "
+    "ZeRO-1/2] in _compress/onebit_zero.py). "
     "Stage 3 is refused by design: ZeRO-3 never holds a whole param on a rank, so there "
     "is no full local momentum to error-compensate without all-gathering it every step "
     "(and keeping it, plus error buffers, would undo ZeRO-3's memory savings); for "
     "compressed ZeRO-3 traffic use fs.compress_comm(fs.shard_zero(step, 3), fs.zeropp())."
-)
-_ZERO_METHOD_FIX = (
-    "only onebit_adam is built over shard_zero 1/2 so far: 0/1 Adam's local steps move "
-    "each rank's params apart, which ZeRO's single owner per row cannot hold, and 1-bit "
-    "LAMB's per-layer trust ratio needs whole-layer norms of rows spread over the ranks. "
-    "Use onebit_adam, or drop shard_zero."
 )
 _OFFLOAD_FIX = (
     "the 1-bit optimizers run their own update on the device; apply compress_comm without offload."
@@ -224,10 +219,6 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
     if zero is not None and zero.stage == 3:
         raise ValueError(
             f"compress_comm({method.name}) cannot be applied over shard_zero(stage=3): {_ZERO_FIX}"
-        )
-    if zero is not None and not isinstance(method, OnebitAdam):
-        raise ValueError(
-            f"compress_comm({method.name}) over shard_zero(stage={zero.stage}): {_ZERO_METHOD_FIX}"
         )
     if step.policy(OffloadPolicy) is not None:
         raise ValueError(
