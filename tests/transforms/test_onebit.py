@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fscale as fs
+from fscale import tree
 from fscale.hw import comm
 from fscale.models.gpt import GPT, GPTConfig, gpt_loss
 from fscale.state import describe
@@ -199,14 +200,17 @@ def _gaps():
     return {k: rank[a]["eval"] / rank[b]["eval"] - 1 for k, (a, b) in pairs.items()}
 
 
-# Measured here (text GPT, world 4, 80 steps, 40 of warm-up): 1-bit Adam +2.1%, 1-bit
-# LAMB -2.8%, 0/1 Adam +17% (its local steps): these bounds hold what was measured;
-# the issue's 2% is the xfail below.
+# Measured here (text GPT, world 4, 80 steps, 40 of warm-up): 1-bit Adam +1.83% (bf16
+# +1.85%), 0/1 Adam +4.1%, 1-bit LAMB +4.4% above their full-precision optimizer. Before
+# the variance count and the compression in units of the step: +2.2%, +11-17%, -2.8%.
+# Over data seeds 1-3 (same run): 1-bit Adam +1.8/+2.2/+1.9%, 0/1 Adam +4.1/+3.9/+3.1%,
+# 1-bit LAMB +4.4/+4.4/+4.3%. These bounds hold what was measured; the issue's 2% is
+# the test below (xfail for the two methods that do not reach it yet).
 _BOUNDS = {
-    "onebit_adam": 0.04,
-    "onebit_adam_bf16": 0.04,
+    "onebit_adam": 0.02,
+    "onebit_adam_bf16": 0.02,
     "onebit_lamb": 0.05,
-    "zero_one_adam": 0.25,
+    "zero_one_adam": 0.05,
 }
 
 
@@ -217,12 +221,26 @@ def test_convergence_close_to_full_precision():
         assert abs(gap) <= _BOUNDS[name], (name, gap)
 
 
-@pytest.mark.xfail(
-    reason="the issue's 2% target is not reached on an 80-step run yet", strict=False
+_NOT_YET = {
+    "zero_one_adam": "measured +4.1% (seeds 1-3: +4.1/+3.9/+3.1%): its 1-bit steps "
+    "between variance updates from step 16, before the variance settles",
+    "onebit_lamb": "measured +4.4% (seeds 1-3: +4.4/+4.4/+4.3%): the paper's "
+    "fresh-variance factor on the frozen trust ratio is not built",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=_NOT_YET[n], strict=True))
+        if n in _NOT_YET
+        else n
+        for n in _BOUNDS
+    ],
 )
-def test_convergence_within_two_percent_of_full_precision():
-    for name, gap in _gaps().items():
-        assert abs(gap) <= 0.02, (name, gap)
+def test_convergence_within_two_percent_of_full_precision(name):
+    gap = _gaps()[name]
+    assert abs(gap) <= 0.02, (name, gap)
 
 
 def test_compressed_mean_in_a_world_equals_the_simulation():
@@ -277,6 +295,56 @@ def test_error_feedback_keeps_error_bounded_and_sum_tracked(world, n, steps, kin
     assert max(float(e.norm()) for e in ews) <= worker_bound * 1.001 + 1e-6
     server_bound = q / (1 - q) * (biggest + worker_bound)
     assert float(torch.cat(ess).norm()) <= server_bound * 1.001 + 1e-6
+
+
+def test_zero_one_variance_correction_counts_only_variance_updates():
+    """v moved only on "variance" steps: its bias correction must count those, not the
+    steps ([Note: 0/1 Adam, simplified]); counting steps made every later step larger."""
+    m = zero_one_adam(
+        var_freeze_step=8, var_update_scaler=2, local_step_scaler=1000, local_step_clipper=2
+    )
+    params, apply = fs.functional(_gpt())
+    step = compress_comm(fs.train_step(gpt_loss(apply), _opt("zero_one_adam")), m)
+    params, state = step.init(params)
+    for k, b in enumerate(_batches(7, 4)):
+        params, state, metrics = step(params, state, b)
+        assert metrics["compress_phase"] == _zero_one_schedule(m, k)
+    moved = sum(_zero_one_schedule(m, k) == "variance" for k in range(7))
+    assert moved == 5 < state["optimizer"].count == 7  # variance at 0, 1, 2, 4, 6
+    assert state[NAME]["v_count"] == moved
+
+
+def test_compressed_momentum_is_one_magnitude_per_chunk_in_units_of_the_step():
+    """[Note: compress what the step uses]: in a world of one the first compressed step's
+    momentum is C(m / denom) * denom, so |m / denom| is one value per chunk (live
+    coordinates); compressing m itself would make |m| one value per chunk instead."""
+    params, apply = fs.functional(_gpt())
+    opt = fs.optim.adam(2e-3)
+    step = compress_comm(fs.train_step(gpt_loss(apply), opt), onebit_adam(freeze_step=3))
+    params, state = step.init(params)
+    for b in _batches(4, 4):
+        params, state, metrics = step(params, state, b)
+    assert metrics["compress_phase"] == "onebit"
+    hp = opt.hyperparams
+    ms = [t for t in tree.leaves(state["optimizer"].exp_avg) if t is not None]
+    vs = [t for t in tree.leaves(state["optimizer"].exp_avg_sq) if t is not None]
+    m = torch.cat([t.reshape(-1) for t in ms])
+    v = torch.cat([t.reshape(-1) for t in vs])
+    denom = v.sqrt() / math.sqrt(1 - hp["b2"] ** 3) + hp["eps"]
+    lay = plan_layout(m.numel(), 1)
+    u = torch.zeros(lay.padded)
+    u[: m.numel()] = (m / denom).abs()
+    live = torch.zeros(lay.padded, dtype=torch.bool)
+    live[: m.numel()] = v > 0
+    u, live = u.view(-1, lay.chunk), live.view(-1, lay.chunk)
+    top = torch.where(live, u, 0.0).amax(dim=1, keepdim=True)
+    assert (top > 0).all()
+    torch.testing.assert_close(torch.where(live, u, top), top.expand_as(u), rtol=1e-5, atol=0)
+    # ... and |m| is not (the denominators differ inside chunks).
+    mags = torch.zeros(lay.padded)
+    mags[: m.numel()] = m.abs()
+    mags = mags.view(-1, lay.chunk)
+    assert (mags.amax(dim=1) > 2 * torch.where(live, mags, math.inf).amin(dim=1)).any()
 
 
 def test_zero_one_schedule():
