@@ -1,6 +1,8 @@
 """curriculum: lengths follow the schedule, a cut step is the plain step on the cut batch
-(bit for bit, alone and under mixed_precision, shard_zero(3) and accumulation), at most
-8 shapes, resume from a checkpoint, and errors that name the fix."""
+(bit for bit, alone and under mixed_precision, shard_zero(3) and accumulation), in both
+modes (truncate; reshape: the plain step on a batch of windows written out by hand, also
+under random_ltd), the tokens fed, at most 8 shapes, divisor lengths, resume from a
+checkpoint, and errors that name the fix."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 import fscale as fs
 from fscale.models.gpt import GPT, GPTConfig
 from fscale.state import describe
-from fscale.transforms import mixed_precision, shard_zero
+from fscale.transforms import mixed_precision, random_ltd, shard_zero
 from fscale.transforms.curriculum import (
     MAX_SHAPES,
     curriculum,
@@ -29,6 +31,9 @@ from tests.helpers import error_text, lm_batches, lm_loss
 B, T, VOCAB = 4, 32, 64
 CFG = GPTConfig.tiny(vocab_size=VOCAB, n_layer=1, d_model=16, seq_len=T, bias=False)
 WARMUP = seqlen_warmup(8, T, steps=4, bucket=8)  # 8, 8+6=14 -> 8, 20 -> 16, 26 -> 24, 32
+# For reshape: 12 and 20 leave remainders (2 windows of 12: 8 tokens a row dropped; one of
+# 20), 8 splits each row into 4, 32 is the full length.
+UNEVEN = seqlen_discrete([12, 8, 20, 32], [1, 2, 3])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,8 +59,24 @@ def _cut(batch: dict, length: int) -> dict:
     return {k: v[:, :length] for k, v in batch.items()}
 
 
-def _build(wrap=lambda s: s, *, accumulate: int = 1, seen: list | None = None):
-    params, apply = fs.functional(_model())
+def _windows(batch: dict, length: int) -> dict:
+    """DeepSpeed's seqlen_reshape written out: row b's window j (tokens j*L..j*L+L-1) is
+    row b * (T // L) + j; the last T % L tokens of each row are not fed."""
+    out = {}
+    for k, v in batch.items():
+        rows = [r for b in range(v.shape[0]) for r in _split_row(v[b], length)]
+        out[k] = torch.stack(rows)
+    return out
+
+
+def _split_row(row: torch.Tensor, length: int) -> list[torch.Tensor]:
+    starts = range(0, row.shape[0] - length + 1, length)
+    return [row[s : s + length] for s in starts]
+
+
+def _build(wrap=lambda s: s, *, accumulate: int = 1, seen: list | None = None, cfg=CFG):
+    torch.manual_seed(0)
+    params, apply = fs.functional(GPT(cfg))
     loss = lm_loss(apply)
 
     def loss_fn(p, batch):
@@ -63,7 +84,9 @@ def _build(wrap=lambda s: s, *, accumulate: int = 1, seen: list | None = None):
             seen.append(tuple(batch["x"].shape))
         return loss(p, batch)
 
-    step = fs.train_step(loss_fn, fs.optim.adamw(lr=1e-2), accumulate=accumulate, clip_norm=1.0)
+    step = fs.train_step(
+        loss_fn, fs.optim.adamw(lr=1e-2), accumulate=accumulate, clip_norm=1.0, model=apply
+    )
     step = wrap(step)
     params, state = step.init(params)
     return step, params, state
@@ -94,6 +117,7 @@ def test_lengths_follow_the_schedule_and_the_loss_sees_them():
     assert [WARMUP(i) for i in range(6)] == expected
     assert [m["seqlen"] for m in metrics] == expected
     assert seen == [(B, n) for n in expected]
+    assert [m["tokens"] for m in metrics] == [B * n for n in expected]
     assert state["count"] == 6
 
 
@@ -103,6 +127,34 @@ def test_accumulation_cuts_every_micro_batch():
     _, _, metrics = _run(step, params, state, _batches(3))
     assert [m["seqlen"] for m in metrics] == [8, 8, 16]
     assert seen == [(B // 2, n) for n in (8, 8, 8, 8, 16, 16)]
+    assert [m["tokens"] for m in metrics] == [B * 8, B * 8, B * 16]  # both micro-batches
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_reshape_feeds_windows_of_the_scheduled_length(accumulate):
+    seen: list = []
+    wrap = lambda s: curriculum(s, UNEVEN, mode="reshape")  # noqa: E731
+    step, params, state = _build(wrap, accumulate=accumulate, seen=seen)
+    _, _, metrics = _run(step, params, state, _batches(5))
+    lengths = [12, 8, 20, 32, 32]
+    assert [UNEVEN(i) for i in range(5)] == lengths
+    assert [m["seqlen"] for m in metrics] == lengths
+    rows = [B * (T // n) for n in lengths]  # 8, 16, 4, 4, 4
+    assert seen == [
+        (r // accumulate, n) for r, n in zip(rows, lengths, strict=True) for _ in range(accumulate)
+    ]
+    # The same tokens as a full step where L divides T; the remainder is not counted.
+    assert [m["tokens"] for m in metrics] == [B * 24, B * T, B * 20, B * T, B * T]
+
+
+def test_reshape_with_divisor_lengths_feeds_every_token_every_step():
+    seen: list = []
+    schedule = seqlen_warmup(8, T, steps=4, bucket=8, divides=T)
+    step, params, state = _build(lambda s: curriculum(s, schedule, mode="reshape"), seen=seen)
+    _, _, metrics = _run(step, params, state, _batches(5))
+    assert [m["seqlen"] for m in metrics] == [8, 8, 16, 16, 32]  # 24 rounded down to 16
+    assert [m["tokens"] for m in metrics] == [B * T] * 5
+    assert seen == [(B * 4, 8), (B * 4, 8), (B * 2, 16), (B * 2, 16), (B, 32)]
 
 
 # ----------------------------------------------------------------------------- equivalence
@@ -135,6 +187,68 @@ def test_cut_step_equals_the_plain_step_on_the_cut_batch(stack, accumulate):
     want = _run(*_build(wrap, accumulate=accumulate), by_hand)
     _same(got[0], want[0])
     assert [m["loss"] for m in got[2]] == [m["loss"] for m in want[2]]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_reshaped_step_equals_the_plain_step_on_the_windows(stack, accumulate):
+    wrap = STACKS[stack]
+    batches = _batches(5)
+    mode = lambda s: curriculum(wrap(s), UNEVEN, mode="reshape")  # noqa: E731
+    got = _run(*_build(mode, accumulate=accumulate), batches)
+    by_hand = [_windows(b, UNEVEN(i)) for i, b in enumerate(batches)]
+    assert [tuple(b["x"].shape) for b in by_hand] == [(8, 12), (16, 8), (4, 20), (4, 32), (4, 32)]
+    want = _run(*_build(wrap, accumulate=accumulate), by_hand)
+    _same(got[0], want[0])
+    assert [m["loss"] for m in got[2]] == [m["loss"] for m in want[2]]
+    # Not vacuous: truncation to the same lengths trains other params.
+    cut = _run(*_build(lambda s: curriculum(wrap(s), UNEVEN), accumulate=accumulate), batches)
+    assert not torch.equal(got[0]["tok_emb.weight"], cut[0]["tok_emb.weight"])
+
+
+def test_reshape_repeats_per_sample_leaves_for_each_window():
+    seen: list = []
+
+    def loss_fn(p, batch):
+        seen.append({k: v.clone() for k, v in batch.items()})
+        return (p["w"] * (batch["x"].float().mean(1) * batch["weight"]).mean()).sum()
+
+    step = curriculum(
+        fs.train_step(loss_fn, fs.optim.sgd(0.1)), seqlen_discrete([3], []), mode="reshape"
+    )
+    params, state = step.init({"w": torch.ones(2)})
+    x = torch.arange(20).view(2, 10)
+    step(params, state, {"x": x, "weight": torch.tensor([1.0, 2.0]), "scale": torch.ones(3)})
+    (got,) = seen
+    # Row 0's windows, then row 1's; tokens 9 and 19 (10 % 3 of each row) are dropped.
+    windows = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [10, 11, 12], [13, 14, 15], [16, 17, 18]]
+    assert torch.equal(got["x"], torch.tensor(windows))
+    assert torch.equal(got["weight"], torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 2.0]))
+    assert torch.equal(got["scale"], torch.ones(3))  # not the batch's rows: as it is
+
+
+LTD_CFG = GPTConfig.tiny(vocab_size=VOCAB, n_layer=3, d_model=16, seq_len=T, bias=False)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_reshape_under_random_ltd_is_random_ltd_on_the_windows(accumulate):
+    # keep 6 < every length: the middle unit drops tokens of each window; the draw is
+    # keyed by (count, micro-batch, unit) and sized by the rows it sees, so the same
+    # seed on the hand-made windows draws the same positions.
+    batches = _batches(4)
+    ltd = lambda s: random_ltd(s, keep=6, seed=5)  # noqa: E731
+    both = lambda s: curriculum(ltd(s), UNEVEN, mode="reshape")  # noqa: E731
+    got = _run(*_build(both, accumulate=accumulate, cfg=LTD_CFG), batches)
+    by_hand = [_windows(b, UNEVEN(i)) for i, b in enumerate(batches)]
+    want = _run(*_build(ltd, accumulate=accumulate, cfg=LTD_CFG), by_hand)
+    assert [m["random_ltd_keep"] for m in got[2]] == [6] * 4
+    _same(got[0], want[0])
+    assert [m["loss"] for m in got[2]] == [m["loss"] for m in want[2]]
+    other_seed = _run(
+        *_build(lambda s: random_ltd(s, keep=6, seed=6), accumulate=accumulate, cfg=LTD_CFG),
+        by_hand,
+    )
+    assert not torch.equal(got[0]["tok_emb.weight"], other_seed[0]["tok_emb.weight"])
 
 
 def test_curriculum_inside_zero3_and_mixed_precision_is_the_same_step():
@@ -248,11 +362,12 @@ def _ramps():
     )
 
 
-def _make(start, span, steps, degree, bucket, max_shapes=MAX_SHAPES):
+def _make(start, span, steps, degree, bucket, max_shapes=MAX_SHAPES, divides=None):
     end = start + span
+    kw = dict(bucket=bucket, max_shapes=max_shapes, divides=divides)
     if degree == 1:
-        return seqlen_warmup(start, end, steps, bucket=bucket, max_shapes=max_shapes)
-    return seqlen_root(start, end, steps, degree=degree, bucket=bucket, max_shapes=max_shapes)
+        return seqlen_warmup(start, end, steps, **kw)
+    return seqlen_root(start, end, steps, degree=degree, **kw)
 
 
 @settings(max_examples=150, deadline=None)
@@ -275,6 +390,31 @@ def test_seqlen_schedules_are_monotone_bounded_bucketed_and_few(args):
         assert s.bucket % 8 == 0
         smaller = s.bucket - 8
         assert smaller == 0 or len(_make(start, span, steps, degree, smaller, 10**9).values()) > 8
+
+
+def _floor_divisor(value: int, n: int) -> int:
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), st.integers(1, 3000), st.integers(1, 400), st.sampled_from([1, 2]))
+def test_divisor_lengths_are_the_ramp_rounded_down_to_divisors(data, end, steps, degree):
+    divisors = [d for d in range(1, end + 1) if end % d == 0]
+    start = data.draw(st.sampled_from(divisors))
+    bucket = data.draw(st.one_of(st.none(), st.integers(1, 300)))
+    span = end - start
+    try:
+        s = _make(start, span, steps, degree, bucket, divides=end)
+    except ValueError as e:
+        assert bucket is not None and "distinct lengths" in str(e), e
+        return
+    trace = [s(t) for t in range(steps + 3)]
+    assert trace[0] == start and trace[steps:] == [end] * 3
+    assert all(end % v == 0 for v in trace)
+    assert all(a <= b for a, b in zip(trace, trace[1:], strict=False))
+    assert set(trace) == set(s.values()) and len(s.values()) <= MAX_SHAPES
+    plain = _make(start, span, steps, degree, s.bucket, max_shapes=10**9)  # same bucket
+    assert trace == [_floor_divisor(plain(t), end) for t in range(steps + 3)]
 
 
 def test_distinct_lengths_over_a_long_schedule_are_at_most_eight():
@@ -324,6 +464,14 @@ def test_build_time_errors_name_the_fix():
         lambda: seqlen_discrete([8, 16], []): "2 values need 1 boundaries",
         lambda: seqlen_discrete([8, 16, 32], [5, 5]): "strictly increasing",
         lambda: seqlen_discrete(list(range(1, 10)), list(range(1, 9))): "more than max_shapes=8",
+        lambda: curriculum(base, WARMUP, mode="pack"): "mode must be 'truncate'",
+        lambda: curriculum(
+            base, WARMUP, mode="reshape", keys={"x": 1, "mask": (1, 2)}
+        ): "keys['mask'] cuts dims (1, 2)",
+        lambda: seqlen_warmup(48, 1024, 10, divides=1024): "start=48 is not one; use 32 or 64",
+        lambda: seqlen_warmup(64, 1000, 10, divides=1024): "end=1000 is not one; use 512 or",
+        lambda: seqlen_warmup(8, 64, 10, divides=0): "divides must be an int >= 1",
+        lambda: seqlen_discrete([8, 12], [5], divides=32): "length=12 is not one; use 8 or 16",
     }
     for fn, text in cases.items():
         msg = error_text(fn)
@@ -348,9 +496,30 @@ def test_call_time_errors_name_the_fix():
     assert "sizes there differ" in msg and "keys=" in msg, msg
     flat = _step_error(WARMUP, keys={"x": 2})
     assert "no dim 2 to cut" in flat, flat
+    too_long = _step_error(seqlen_discrete([T + 1], []), mode="reshape")
+    assert f"only {T} along dim 1" in too_long, too_long
+    msg = _step_error(WARMUP, batch=ragged, keys=["x", "y"], mode="reshape")
+    assert "share the batch size and sequence length" in msg and "mode='truncate'" in msg, msg
+
+
+def test_reshape_refuses_a_mask_cut_on_two_dims_naming_the_fix():
+    base = fs.train_step(lambda p, b: p["w"].sum(), fs.optim.sgd(0.1))
+    msg = error_text(
+        lambda: curriculum(base, WARMUP, mode="reshape", keys={"x": 1, "mask": (1, 2)})
+    )
+    assert msg.startswith("ValueError") and "(B, T, T) mask" in msg, msg
+    assert "is_causal=True" in msg and "mode='truncate'" in msg, msg
+    # The same keys truncate fine (test_keys_and_dims_cut_only_what_they_name).
+    curriculum(base, WARMUP, keys={"x": 1, "mask": (1, 2)})
 
 
 def test_explain_names_the_schedule():
     step, params, _ = _build(lambda s: curriculum(s, WARMUP))
     text = fs.explain(step, fs.functional(_model())[0])
     assert "curriculum" in text and "fixed_linear(8->32 over 4 steps, bucket=8)" in text, text
+    assert "(truncate)" in text, text
+    divisors = seqlen_warmup(8, T, steps=4, bucket=8, divides=T)
+    step, params, _ = _build(lambda s: curriculum(s, divisors, mode="reshape"))
+    text = fs.explain(step, fs.functional(_model())[0])
+    assert "curriculum (reshape)" in text and "bucket=8, divides=32)" in text, text
+    assert "(lengths [8, 16, 32])" in text, text
