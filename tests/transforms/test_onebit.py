@@ -222,8 +222,8 @@ def test_convergence_close_to_full_precision():
 
 
 _NOT_YET = {
-    "zero_one_adam": "measured +4.1% (seeds 1-3: +4.1/+3.9/+3.1%): its 1-bit steps "
-    "between variance updates from step 16, before the variance settles",
+    "zero_one_adam": "measured +4.1% (seeds 1-3: +4.1/+3.9/+3.1%); with exact means "
+    "instead of 1-bit ones it was below Adam, so the gap is the compression's (cause open)",
     "onebit_lamb": "measured +4.4% (seeds 1-3: +4.4/+4.4/+4.3%): the paper's "
     "fresh-variance factor on the frozen trust ratio is not built",
 }
