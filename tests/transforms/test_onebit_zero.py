@@ -1,7 +1,8 @@
-"""1-bit Adam over shard_zero stages 1/2: exact warm-up, equal ranks, bytes, loss, resume.
+"""The 1-bit methods over shard_zero stages 1/2: exact warm-up, equal ranks, bytes, loss,
+resume, for 1-bit Adam, 0/1 Adam and 1-bit LAMB.
 
 One gloo world of 2 and one of 4 (each cached) run every training case; the tests
-read their results. [Note: 1-bit Adam under ZeRO-1/2] in
+read their results. [Note: 1-bit methods under ZeRO-1/2] in
 ``fscale/transforms/_compress/onebit_zero.py`` says what is exchanged.
 """
 
@@ -17,7 +18,7 @@ import torch
 import fscale as fs
 from fscale.models.gpt import gpt_loss
 from fscale.transforms._compress.onebit import NAME, TAG, onebit_adam, onebit_lamb, zero_one_adam
-from fscale.transforms._compress.onebit_zero import TAG_INIT
+from fscale.transforms._compress.onebit_zero import TAG_INIT, TAG_LAMB
 from fscale.transforms.compress import compress_comm
 from tests.dist import run_world
 from tests.transforms.test_onebit import _batches, _gpt
@@ -25,86 +26,122 @@ from tests.transforms.test_onebit import _batches, _gpt
 STEPS = 36
 FREEZE = 16
 GLOBAL_BATCH = 16
+METHODS = ("adam", "zero_one", "lamb")
 
 
-def _step(apply, zero, compressed, freeze=FREEZE):
-    step = fs.train_step(gpt_loss(apply), fs.optim.adamw(2e-3, weight_decay=0.01))
+def _method(name, freeze):
+    if name == "adam":
+        return onebit_adam(freeze_step=freeze)
+    if name == "lamb":
+        return onebit_lamb(freeze_step=freeze)
+    # Variance steps, 1-bit steps between them, then a local step between syncs (longer
+    # windows make plain 0/1 Adam itself diverge on this tiny run: loss 11 at h=8).
+    scaler = 4 if freeze >= 8 else 1
+    return zero_one_adam(
+        var_freeze_step=freeze,
+        var_update_scaler=scaler,
+        local_step_scaler=scaler,
+        local_step_clipper=2,
+    )
+
+
+def _step(apply, zero, compressed, freeze=FREEZE, method="adam"):
+    if method == "lamb":
+        opt = fs.optim.lamb(1e-2, weight_decay=0.01)
+    else:
+        opt = fs.optim.adamw(2e-3, weight_decay=0.01)
+    step = fs.train_step(gpt_loss(apply), opt)
     if zero:
         step = fs.shard_zero(step, zero)
     if compressed:
-        step = compress_comm(step, onebit_adam(freeze_step=freeze))
+        step = compress_comm(step, _method(method, freeze))
     return step
 
 
-def _train(rank, world, zero, compressed):
+def _train(rank, world, method, zero, compressed):
     params, apply = fs.functional(_gpt())
-    step = _step(apply, zero, compressed)
+    step = _step(apply, zero, compressed, method=method)
     params, state = step.init(params)
     per = GLOBAL_BATCH // world
-    out = {"bytes": []}
+    out = {"bytes": [], "phases": []}
     for i, batch in enumerate(_batches(STEPS, GLOBAL_BATCH)):
         local = {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
         params, state, metrics = step(params, state, local)
         out["bytes"].append(dict(metrics["comm_bytes_by_tag"]))
+        out["phases"].append(metrics.get("compress_phase"))
         if i + 1 == FREEZE:
             out["at_freeze"] = {k: v.clone() for k, v in params.items()}
+        if metrics.get("compress_phase") == "sync":
+            out["at_sync"] = {k: v.clone() for k, v in params.items()}
     with torch.no_grad():
-        out["eval"] = float(gpt_loss(apply)(params, _batches(1, 64, seed=99)[0]))
+        # 0/1 Adam: at its last sync (after it, each rank holds its own local steps).
+        final = out["at_sync"] if method == "zero_one" else params
+        out["eval"] = float(gpt_loss(apply)(final, _batches(1, 64, seed=99)[0]))
     out["params"] = params
     return out
 
 
-def _resume(rank, world, path):
-    """Save after step 5 (compression since step 3), load, continue: equal params."""
+#: The call after which each method's resume run saves: 1-bit Adam / LAMB mid-way
+#: through compression, 0/1 Adam on a sync (between syncs the ranks' windows differ
+#: and a checkpoint keeps rank 0's: [Note: 0/1 Adam under ZeRO-1/2]).
+SAVE_AT = {"adam": 5, "lamb": 5, "zero_one": 6}
+
+
+def _resume(rank, world, path, method):
+    """Save during compression, load, continue: params equal to the uninterrupted run."""
     model = _gpt()
-    batches = _batches(9, batch=4)
+    batches = _batches(10, batch=4)
     per = 4 // world
 
     def build():
         params, apply = fs.functional(copy.deepcopy(model))
-        return _step(apply, 2, True, freeze=3), params
+        return _step(apply, 2, True, freeze=3, method=method), params
 
     def local(b):
         return {k: v[rank * per : (rank + 1) * per] for k, v in b.items()}
 
     step, params = build()
     params, state = step.init(params)
+    phases = []
     for i, b in enumerate(batches):
-        params, state, _ = step(params, state, local(b))
-        if i == 5:
-            fs.save(path, params, state)
+        params, state, metrics = step(params, state, local(b))
+        phases.append(metrics["compress_phase"])
+        if i == SAVE_AT[method]:
+            fs.save(f"{path}-{method}", params, state)
     step2, fresh = build()
-    params2, state2 = fs.load(path, step2, fresh)
+    params2, state2 = fs.load(f"{path}-{method}", step2, fresh)
     restored = {k: state2[NAME][k].clone() for k in ("worker_error", "momentum")}
-    for b in batches[6:]:
+    for b in batches[SAVE_AT[method] + 1 :]:
         params2, state2, _ = step2(params2, state2, local(b))
     return {
         "equal": all(torch.equal(params[k], params2[k]) for k in params),
         "errors_used": float(restored["worker_error"].abs().sum()),
         "momentum_used": float(restored["momentum"].abs().sum()),
         "ready": state2[NAME]["ready"],
+        "phases": phases,
     }
 
 
 # shard_zero(1) without accumulation takes stage 2's overlapped path: its plain run is
 # bitwise shard_zero(2)'s (test_zero.py), so (2, False) is the warm-up reference of both.
 CASES = {
-    2: [(1, True), (2, False), (2, True), (None, True)],
-    4: [(2, False), (2, True), (None, True)],
+    2: [("adam", 2, False)] + [(m, z, True) for m in METHODS for z in (1, 2, None)],
+    4: [("adam", 2, False)] + [(m, z, True) for m in METHODS for z in (2, None)],
 }
 
 
 def _world_fn(rank, world, path):
     results = {case: _train(rank, world, *case) for case in CASES[world]}
     if world == 2:
-        results["resume"] = _resume(rank, world, path)
+        for method in METHODS:
+            results[("resume", method)] = _resume(rank, world, path, method)
     return results
 
 
 @functools.cache
 def _world(world):
     with tempfile.TemporaryDirectory() as d:
-        return run_world(_world_fn, world, f"{d}/ckpt", timeout=300)
+        return run_world(_world_fn, world, f"{d}/ckpt", timeout=600)
 
 
 WORLDS = [2, 4]
@@ -114,100 +151,140 @@ WORLDS = [2, 4]
 def test_warmup_equals_plain_shard_zero_bit_for_bit(world):
     for rank in _world(world):
         for stage in (1, 2):
-            if (stage, True) not in rank:
+            if ("adam", stage, True) not in rank:
                 continue
-            plain, onebit = rank[(2, False)], rank[(stage, True)]
+            plain, onebit = rank[("adam", 2, False)], rank[("adam", stage, True)]
             for k, v in plain["at_freeze"].items():
                 assert torch.equal(v, onebit["at_freeze"][k]), (stage, k)
             assert plain["bytes"][:FREEZE] == onebit["bytes"][:FREEZE]
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_ranks_hold_equal_params_after_warmup(world):
+def test_ranks_hold_equal_params(world):
+    """After every step, or for 0/1 Adam after its last sync (between syncs each rank
+    steps locally, [Note: 0/1 Adam under ZeRO-1/2])."""
     ranks = _world(world)
     for case in CASES[world]:
-        for k, v in ranks[0][case]["params"].items():
+        key = "at_sync" if case[0] == "zero_one" else "params"
+        for k, v in ranks[0][case][key].items():
             for other in ranks[1:]:
-                assert torch.equal(v, other[case]["params"][k]), (case, k)
+                assert torch.equal(v, other[case][key][k]), (case, k)
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_bytes_after_warmup(world):
+@pytest.mark.parametrize("method", METHODS)
+def test_bytes_after_warmup(world, method):
     """The compressed momentum (``compress.momentum``) is <= 1/16 of the fp32 grad
     reduce-scatter it replaces (``zero.grads`` of a warm-up step); ``zero.params``
-    (the fp32 all-gather of updated rows) is unchanged; no ``zero.grads`` after."""
-    rank = _world(world)[0]
-    zero = rank[(2, True)]["bytes"]
-    grads = zero[FREEZE - 1]["zero.grads"]
-    after = zero[FREEZE + 1 :]  # the first compression step also moves compress.init
-    assert all("zero.grads" not in b for b in after)
-    assert TAG_INIT in zero[FREEZE]
-    ratio = max(b[TAG] for b in after) / grads
+    (the fp32 all-gather of updated rows) is unchanged; no ``zero.grads`` after; 0/1
+    Adam's local steps move nothing at all."""
+    run = _world(world)[0][(method, 2, True)]
+    phases, steps = run["phases"], run["bytes"]
+    exact = [i for i, p in enumerate(phases) if p in ("warmup", "variance")]
+    grads, params = steps[exact[-1]]["zero.grads"], steps[exact[-1]]["zero.params"]
+    after = [(p, b) for p, b in zip(phases, steps, strict=True)][exact[-1] + 1 :]
+    assert all("zero.grads" not in b and TAG_LAMB not in b for _, b in after)
+    # The full momentum is gathered once after the last exact step (and, for 0/1 Adam,
+    # the frozen variance once when local steps start).
+    inits = sum(TAG_INIT in b for _, b in after)
+    assert inits == (2 if method == "zero_one" else 1), inits
+    moved = [b for p, b in after if p != "local"]
+    ratio = max(b[TAG] for b in moved) / grads
     assert 1 / 32 < ratio <= 1 / 16, ratio
-    assert all(b["zero.params"] == zero[FREEZE - 1]["zero.params"] for b in after)
-    # The whole step: momentum + params vs the warm-up's grads + params.
-    total = max(b[TAG] + b["zero.params"] for b in after)
-    assert total / (grads + zero[FREEZE - 1]["zero.params"]) < 0.55
+    assert all(b["zero.params"] == params for b in moved)
+    total = max(b[TAG] + b["zero.params"] for b in moved)
+    assert total / (grads + params) < 0.55
+    if method == "zero_one":
+        local = [b for p, b in after if p == "local"]
+        # Only the step's own non-finite vote (and, once, the variance gather).
+        assert local and all(set(b) <= {"guard.nonfinite", TAG_INIT} for b in local), local
+    if method == "lamb":  # whole-layer norms in the warm-up: 2 floats a layer
+        warm = steps[exact[-1]]
+        assert 0 < warm[TAG_LAMB] < grads / 100, warm
 
 
-def _loss_check(world):
+def _loss_check(world, method):
     rank = _world(world)[0]
-    zero = rank[(2, True)]["eval"]
-    evals = {case: rank[case]["eval"] for case in CASES[world]}
-    # Plain-DP 1-bit Adam on this short schedule (36 steps, 16 of warm-up) is itself
-    # ~5% above full precision (test_onebit.py's 4% bound is for 80/40 steps): the ZeRO
-    # run must be within 1% of that gap, and within 2% of the plain-DP 1-bit run (same
-    # method, other server chunks: ZeRO's rows; not bitwise).
-    dp_gap = rank[(None, True)]["eval"] / rank[(2, False)]["eval"] - 1
-    assert zero / rank[(2, False)]["eval"] - 1 <= max(dp_gap, 0.0) + 0.01, evals
-    assert abs(zero / rank[(None, True)]["eval"] - 1) <= 0.02, evals
+    zero, plain = rank[(method, 2, True)]["eval"], rank[(method, None, True)]["eval"]
+    evals = {case: rank[case]["eval"] for case in CASES[world] if case[0] == method}
+    # Over ZeRO the compressed step is plain DP's (same chunks, same maths: [Note: 1-bit
+    # methods under ZeRO-1/2]); only the warm-up's reduce-scatter rounds differently
+    # from the all-reduce (last bit), which 20 frozen-variance 1-bit steps amplify to
+    # ~1e-3 at most (measured: 0.07% in world 4). Chunks placed elsewhere (ZeRO's rows)
+    # gave up to 8% on this run, so 0.5% separates the two.
+    assert abs(zero / plain - 1) <= 0.005, evals
+    if method == "adam":  # and 1-bit Adam stays near full precision (test_onebit.py)
+        dp_gap = plain / rank[("adam", 2, False)]["eval"] - 1
+        assert zero / rank[("adam", 2, False)]["eval"] - 1 <= max(dp_gap, 0.0) + 0.01, evals
 
 
-def test_loss_close_to_uncompressed_and_to_plain_dp_onebit_world2():
-    _loss_check(2)
-
-
-@pytest.mark.xfail(
-    reason="world 4: measured 3.98 vs 3.69 for plain-DP 1-bit Adam (8%) on this 36-step "
-    "run; not explained yet (world 2 is within 0.3%)",
+_UNSTABLE = pytest.mark.xfail(
+    reason="plain-DP 0/1 Adam itself spikes on this world-4 run (eval 4.9 -> 7.5 at step "
+    "~27, in its local steps); the ZeRO run follows it to 3 decimals until then, and the "
+    "spike amplifies the warm-up's last-bit rounding difference (7% apart at the end)",
     strict=False,
 )
-def test_loss_close_to_uncompressed_and_to_plain_dp_onebit_world4():
-    _loss_check(4)
 
 
-def test_stage1_and_stage2_compressed_runs_are_equal():
+@pytest.mark.parametrize(
+    ("world", "method"),
+    [
+        pytest.param(w, m, marks=_UNSTABLE) if (w, m) == (4, "zero_one") else (w, m)
+        for w in WORLDS
+        for m in METHODS
+    ],
+)
+def test_loss_close_to_plain_dp_of_the_same_method(world, method):
+    _loss_check(world, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stage1_and_stage2_compressed_runs_are_equal(method):
     for rank in _world(2):
-        for k, v in rank[(1, True)]["params"].items():
-            assert torch.equal(v, rank[(2, True)]["params"][k]), k
+        for k, v in rank[(method, 1, True)]["params"].items():
+            assert torch.equal(v, rank[(method, 2, True)]["params"][k]), (method, k)
 
 
-def test_resume_equals_uninterrupted_run():
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_equals_uninterrupted_run(method):
     for rank in _world(2):
-        r = rank["resume"]
+        r = rank[("resume", method)]
         assert r["equal"] and r["ready"]
         assert r["errors_used"] > 0 and r["momentum_used"] > 0
+        if method == "zero_one":  # the resumed window has local steps and syncs
+            resumed = r["phases"][SAVE_AT[method] + 1 :]
+            assert r["phases"][SAVE_AT[method]] == "sync"
+            assert "local" in resumed and "sync" in resumed, r["phases"]
 
 
-def test_world_of_one_equals_plain_dp_onebit_bitwise():
+@pytest.mark.parametrize("method", METHODS)
+def test_world_of_one_equals_plain_dp_bitwise(method):
     def run(zero):
         params, apply = fs.functional(_gpt())
-        step = _step(apply, zero, True, freeze=3)
+        step = _step(apply, zero, True, freeze=3, method=method)
         params, state = step.init(params)
-        for b in _batches(6, 4):
+        phases = []
+        for b in _batches(11, 4):
             params, state, metrics = step(params, state, b)
-        assert metrics["compress_phase"] == "onebit"
-        return params
+            phases.append(metrics["compress_phase"])
+        return params, phases
 
-    plain = run(None)
+    plain, phases = run(None)
+    assert phases[-1] in ("onebit", "sync"), phases
+    if method == "zero_one":
+        assert {"variance", "onebit", "local", "sync"} <= set(phases), phases
     for stage in (1, 2):
-        got = run(stage)
+        got, _ = run(stage)
         assert all(torch.equal(plain[k], got[k]) for k in plain), stage
 
 
 def _plain():
     params, apply = fs.functional(_gpt())
     return fs.train_step(gpt_loss(apply), fs.optim.adam(1e-3))
+
+
+def _lamb_step():
+    return fs.train_step(_plain().loss_fn, fs.optim.lamb(1e-2))
 
 
 @pytest.mark.parametrize(
@@ -218,18 +295,12 @@ def _plain():
             r"shard_zero\(stage=3\).*no full local momentum.*fs.zeropp",
         ),
         (
-            lambda: compress_comm(fs.shard_zero(_plain(), 2), zero_one_adam(var_freeze_step=5)),
-            r"only onebit_adam is built over shard_zero",
+            lambda: compress_comm(fs.shard_zero(_plain(), 3), zero_one_adam(var_freeze_step=5)),
+            r"shard_zero\(stage=3\).*no full local momentum.*fs.zeropp",
         ),
         (
-            lambda: compress_comm(
-                fs.shard_zero(
-                    fs.train_step(_plain().loss_fn, fs.optim.lamb(1e-2)),
-                    1,
-                ),
-                onebit_lamb(freeze_step=5),
-            ),
-            r"only onebit_adam is built over shard_zero",
+            lambda: compress_comm(fs.shard_zero(_lamb_step(), 3), onebit_lamb(freeze_step=5)),
+            r"shard_zero\(stage=3\).*no full local momentum.*fs.zeropp",
         ),
     ],
 )
