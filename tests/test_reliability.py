@@ -366,7 +366,7 @@ def test_the_device_skip_reaches_the_optimizer_and_restores_the_state():
 # ----------------------------------------------------------------------------- late verdict
 
 
-def _late_run(nonfinite: str, wrap, poisoned=(2, 3, 6), n=9, **kw):
+def _late_run(nonfinite: str, wrap, poisoned=(2, 3, 6), n=9, settle=True, **kw):
     """n calls of a warm-up-scheduled AdamW step, NaN batches at ``poisoned``; returns
     the final snapshot (settled), the guard counters and the per-call metrics."""
     step, params, batches = _problem("fp32", 0, 0, nonfinite=nonfinite, **kw)
@@ -379,7 +379,8 @@ def _late_run(nonfinite: str, wrap, poisoned=(2, 3, 6), n=9, **kw):
             b = {**b, "x": torch.full_like(b["x"], float("nan"))}
         params, state, metrics = step(params, state, b)
         seen.append(metrics)
-    fs._guard.settle(state)
+    if settle:
+        fs._guard.settle(state)
     return _snapshot(params, state), state["guard"], seen, (step, params, state, batches)
 
 
@@ -416,6 +417,18 @@ def test_a_late_verdict_raises_at_the_limit_one_call_later():
     # The call that ends the second skip returns; the raise comes in the next one.
     _, guard, _, _ = _late_run(*run, poisoned=(1, 2), n=3, max_nonfinite_skips=3)
     assert guard["consecutive"] == 2
+
+
+def test_save_settles_a_late_verdict(tmp_path):
+    """A checkpoint never holds an unsettled call: saving right after a skipped call
+    and loading gives what the immediate read gives."""
+    _, _, _, (step, params, state, batches) = _late_run("skip_late", lambda s: s, (4,), 5, False)
+    assert "pending" in state["guard"]
+    fs.save(tmp_path / "ck", params, state)
+    assert "pending" not in state["guard"] and state["guard"]["skipped_steps"] == 1
+    loaded_params, loaded = fs.load(tmp_path / "ck", step, _problem("fp32", 0, 0)[1])
+    want, _, _, _ = _late_run("skip_now", lambda s: s, (4,), n=5)
+    assert _same(_snapshot(loaded_params, loaded), want)
 
 
 def test_skip_late_needs_an_update_that_skips_on_the_device_and_cpu_skip_reads_now():

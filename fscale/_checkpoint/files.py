@@ -24,8 +24,9 @@ _CHUNK = 64 << 20
 # DCP checks neither the bytes it writes nor those it reads: a flipped or zeroed
 # block in the middle of a data file (a bad disk, a torn copy between machines)
 # loads as wrong weights without a word. So each rank, after its files are written
-# and fsynced and before the checkpoint is published, records a CRC-32 and the size
-# of every data file it wrote in ``__checksums_<rank>.json`` (fsynced too), and
+# and fsynced and before the checkpoint is published, records a CRC-32 (taken while
+# writing) and the size of every data file it wrote in ``__checksums_<rank>.json``
+# (fsynced too), and
 # ``load`` checks every file the index names against them before reading, in
 # parallel threads (zlib releases the GIL): a mismatch names the file, and so does a
 # data file without a record (format 2 on: a checkpoint without records is refused).
@@ -39,15 +40,15 @@ def _crc32(path: str) -> int:
     return crc
 
 
-def write_checksums(where: str, rank: int, names: list[str], threads: int) -> None:
-    """Record the CRC-32 and size of this rank's data files ([Note: data-file checksums])."""
+def write_checksums(where: str, rank: int, names: list[str], sums: dict) -> None:
+    """Record the CRC-32 and size of this rank's data files ([Note: data-file
+    checksums]), from ``sums`` (``{name: (crc32, size)}``, taken as they were written:
+    [Note: checksums while writing] in ``checksummed.py``)."""
     names = sorted(set(names))
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        crcs = list(pool.map(lambda n: _crc32(os.path.join(where, n)), names))
-    sums = {
-        n: {"crc32": c, "size": os.path.getsize(os.path.join(where, n))}
-        for n, c in zip(names, crcs, strict=True)
-    }
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise OSError(f"fs.save: no checksum was taken while writing {missing[0]!r} in {where}.")
+    sums = {n: {"crc32": sums[n][0], "size": sums[n][1]} for n in names}
     path = os.path.join(where, f"__checksums_{rank}.json")
     with open(path, "w") as f:
         json.dump(sums, f)
