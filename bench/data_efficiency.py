@@ -8,14 +8,19 @@ other in one process, each from the same init and the same stream of windows:
 
 - ``baseline``: ``fs.mixed_precision(fs.train_step(loss, adamw(warmup_cosine)), "bf16")``;
 - ``cl+ltd``: ``fs.curriculum`` (``seqlen_warmup`` from ``--cl-start`` to the full
-  length over the first ``--cl-frac`` of the baseline's steps) and ``fs.random_ltd``
+  length over the first ``--cl-frac`` of the baseline's steps; ``--cl-mode truncate``
+  cuts each row to its first ``L`` tokens, ``--cl-mode reshape`` splits it into
+  ``T // L`` windows of ``L``, with lengths rounded down to divisors of ``T``, so a step
+  feeds ``batch x T`` tokens at every length) and ``fs.random_ltd``
   (all units but the first and last; keep rising linearly from ``--ltd-keep`` to the
   full length over ``--ltd-frac`` of the run), LR from ``fs.layer_token_lr``;
 - ``cl``, ``ltd``: each alone (``--runs``; the default for ``tiny`` runs all four).
 
-Tokens: a step consumes ``batch x L`` tokens, ``L`` the length the model is fed
-(the curriculum's ``seqlen``, else ``--seq``); the tail the curriculum cuts off is
-not consumed (DeepSpeed counts the tokens of the batches fed the same way). Tokens
+Tokens: a step consumes ``rows x L`` tokens, ``L`` the length the model is fed
+(the curriculum's ``seqlen``, else ``--seq``) and ``rows`` the sequences fed
+(``batch``; ``batch x (T // L)`` in reshape mode), checked against the step's
+``metrics["tokens"]``; the tail the curriculum cuts off is not consumed (DeepSpeed
+counts the tokens of the batches fed the same way). Tokens
 random-LTD skips in the middle layers are consumed: they are read, pass the first
 and last layers and are in the loss. Every run stops once it has consumed
 ``--budget-tokens`` (rounded down to whole baseline steps; a curriculum run's last
@@ -31,6 +36,8 @@ Usage::
 
     python bench/data_efficiency.py --model 125m --out $OUT/data_efficiency-125m.json \
         --png $OUT/data_efficiency-125m.png
+    python bench/data_efficiency.py --model 125m --cl-mode reshape \
+        --out $OUT/data_efficiency-125m-reshape.json          # windows instead of truncation
     python bench/data_efficiency.py --model tiny --device cpu --budget-tokens 200000 \
         --out /tmp/de.json --png /tmp/de.png                 # CPU smoke test, ~40 s on 2 cores
 """
@@ -143,23 +150,34 @@ class Plan:
     name: str
     seqlen: object  # count -> L (tokens fed per sequence)
     keep: object  # count -> tokens kept in the middle layers (>= L: none dropped)
+    windows: object  # count -> sequences fed per batch row (T // L in reshape mode, else 1)
     steps: int  # steps to consume the budget
     tokens: int
     curve: list = field(default_factory=list)
+
+    def fed(self, count: int, batch: int) -> int:
+        """Tokens step ``count`` feeds: rows x L."""
+        return batch * self.windows(count) * self.seqlen(count)
 
 
 def plan_run(name: str, args, cfg: GPTConfig, base_steps: int) -> Plan:
     cl, ltd = RUNS[name]
     T, B = cfg.seq_len, args.batch
     budget = base_steps * B * T
+    reshape = cl and args.cl_mode == "reshape"
     if cl:
         warm = max(1, round(args.cl_frac * base_steps))
-        seqlen = fs.seqlen_warmup(args.cl_start, T, steps=warm)
+        # Reshape: lengths dividing T, so no row loses its tail (64, 128, ..., 1024).
+        seqlen = fs.seqlen_warmup(args.cl_start, T, steps=warm, divides=T if reshape else None)
     else:
         seqlen = fixed_linear(T, T, steps=1)
+
+    def windows(c: int) -> int:
+        return T // seqlen(c) if reshape else 1
+
     steps, tokens = 0, 0
     while tokens < budget:  # the schedule is fixed: count the run's steps in advance
-        tokens += B * seqlen(steps)
+        tokens += B * windows(steps) * seqlen(steps)
         steps += 1
     if ltd:
         # Multiples of 64 (of 8 at small T): tensor-core friendly, and fewer shapes.
@@ -169,7 +187,7 @@ def plan_run(name: str, args, cfg: GPTConfig, base_steps: int) -> Plan:
         )
     else:
         keep = fixed_linear(T, T, steps=1)
-    return Plan(name, seqlen, keep, steps, tokens)
+    return Plan(name, seqlen, keep, windows, steps, tokens)
 
 
 def lr_for(plan: Plan, args, cfg: GPTConfig, base_steps: int):
@@ -183,12 +201,12 @@ def lr_for(plan: Plan, args, cfg: GPTConfig, base_steps: int):
     n, T = cfg.n_layer, cfg.seq_len
     dropped = n - 2  # random_ltd's default layers: all but the first and the last
 
-    def work(c: int) -> int:  # layer-tokens per sequence at count c
+    def work(c: int) -> int:  # layer-tokens per batch row at count c (reshape: T // L windows)
         L = plan.seqlen(c)
-        return dropped * min(plan.keep(c), L) + (n - dropped) * L
+        return plan.windows(c) * (dropped * min(plan.keep(c), L) + (n - dropped) * L)
 
     # layer_token_lr counts its n_dropped layers at min(keep, seq_len) and the rest at
-    # seq_len; under the curriculum every layer sees L(c) <= seq_len, so pass all n
+    # seq_len; under the curriculum every layer sees windows(c) * L(c) <= seq_len, so pass all n
     # layers as dropping, each at the per-layer mean: the same layer-tokens (to < 1 per
     # layer per step), and with keep >= L the plain token count (token-based decay, as
     # DeepSpeed advises for the seqlen curriculum).
@@ -229,7 +247,7 @@ def build(plan: Plan, args, cfg: GPTConfig, base_steps: int, device):
     if ltd:
         step = fs.random_ltd(step, keep=plan.keep, seed=args.seed)
     if cl:
-        step = fs.curriculum(step, plan.seqlen)
+        step = fs.curriculum(step, plan.seqlen, mode=args.cl_mode)
     step = fs.mixed_precision(step, args.precision)
     return apply, params, step
 
@@ -292,10 +310,13 @@ def train(plan, args, cfg, base_steps, device, train_data, val_batches, deadline
         batch = windows(train_data, torch.randint(0, hi, (B,), generator=gen), T)
         params, state, metrics = step(params, state, batch)
         losses.append(torch.as_tensor(metrics["loss"]).detach().reshape(()))
-        L = plan.seqlen(count)
-        if "seqlen" in metrics and metrics["seqlen"] != L:
-            raise AssertionError(f"step {count}: curriculum fed {metrics['seqlen']}, plan {L}")
-        tokens += B * L
+        L, fed = plan.seqlen(count), plan.fed(count, B)
+        if "seqlen" in metrics and (metrics["seqlen"], metrics["tokens"]) != (L, fed):
+            raise AssertionError(
+                f"step {count}: curriculum fed {metrics['tokens']} tokens at length "
+                f"{metrics['seqlen']}, plan {fed} at {L}"
+            )
+        tokens += fed
         if tokens >= next_eval or count == plan.steps - 1:
             sync(device)
             train_s += time.perf_counter() - t0
@@ -310,6 +331,7 @@ def train(plan, args, cfg, base_steps, device, train_data, val_batches, deadline
     return {
         "name": plan.name,
         "curriculum": RUNS[plan.name][0],
+        "cl_mode": args.cl_mode if RUNS[plan.name][0] else None,
         "random_ltd": RUNS[plan.name][1],
         "steps": last["step"],
         "planned_steps": plan.steps,
@@ -387,6 +409,13 @@ def main(argv=None) -> dict:
     p.add_argument("--val-batches", type=int, default=None, help="fixed val batches")
     p.add_argument("--cl-start", type=int, default=None, help="first length (seq/16, >= 8)")
     p.add_argument("--cl-frac", type=float, default=0.35, help="of the baseline's steps")
+    p.add_argument(
+        "--cl-mode",
+        choices=("truncate", "reshape"),
+        default="truncate",
+        help="fs.curriculum's mode: (B, T) -> (B, L), or (B * T // L, L) windows with L "
+        "dividing T (--cl-start must divide --seq)",
+    )
     p.add_argument("--ltd-keep", type=int, default=None, help="first keep (seq/8)")
     p.add_argument("--ltd-frac", type=float, default=0.7, help="of the run's steps")
     p.add_argument("--corpus-mb", type=float, default=64.0, help="at most this much source")
@@ -402,6 +431,8 @@ def main(argv=None) -> dict:
     args.lr = args.lr or spec["lr"]
     args.val_batches = args.val_batches or spec["val_batches"]
     args.cl_start = args.cl_start or max(8, T // 16)
+    if args.cl_mode == "reshape" and T % args.cl_start:
+        p.error(f"--cl-mode reshape: --cl-start {args.cl_start} must divide the length {T}")
     args.ltd_keep = args.ltd_keep or max(1, T // 8)
     runs = (args.runs or spec["runs"]).split(",")
     unknown = [r for r in runs if r not in RUNS]
@@ -439,8 +470,8 @@ def main(argv=None) -> dict:
         "budget_tokens": budget,
         "baseline_steps": base_steps,
         "corpus": {**corpus, "train_bytes": n_train, "val_bytes": len(data) - n_train},
-        "token_definition": "batch x the length fed per step (curriculum-cut tails excluded; "
-        "random-LTD's dropped tokens included)",
+        "token_definition": "rows x the length fed per step (rows: batch, or batch x T // L "
+        "in reshape mode; curriculum-cut tails excluded; random-LTD's dropped tokens included)",
         "runs": [],
     }
     out = args.out or os.environ.get("OUT")
@@ -471,7 +502,9 @@ def main(argv=None) -> dict:
 
     for name in runs:
         plan = plan_run(name, args, cfg, base_steps)
-        print(f"{name}: {plan.steps} steps, {plan.tokens / 1e6:.2f}M tokens", flush=True)
+        lengths = list(plan.seqlen.values()) if RUNS[name][0] else ""
+        lengths = lengths and f", curriculum ({args.cl_mode}) lengths {lengths}"
+        print(f"{name}: {plan.steps} steps, {plan.tokens / 1e6:.2f}M tokens{lengths}", flush=True)
         if time.perf_counter() > deadline:
             result["runs"].append({"name": name, "skipped": "time limit"})
             continue
@@ -492,7 +525,10 @@ def main(argv=None) -> dict:
         r["tokens_to_target"] = hit and hit[1]
         r["time_ratio"] = hit and hit[0] / base["train_s"]
     path.write_text(json.dumps(result, indent=1))
-    title = f"GPT {args.model} on stdlib bytes, {budget / 1e6:.1f}M tokens per run"
+    title = (
+        f"GPT {args.model} on stdlib bytes, {budget / 1e6:.1f}M tokens per run, "
+        f"curriculum: {args.cl_mode}"
+    )
     plot(png, done, target, title)
 
     print(f"\nbaseline's final val loss: {target:.4f}")
