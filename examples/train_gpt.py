@@ -36,7 +36,9 @@ batch is cut inside the step; ``seqlen`` in the log); ``--random-ltd KEEP`` runs
 middle blocks on KEEP random tokens per sequence, rising linearly to all of them by
 the last step (``fs.random_ltd``; ``random_ltd_keep`` in the log), with the LR decay
 following the layer-tokens consumed (``fs.layer_token_lr``). Tokens and tokens/s
-count the tokens fed, after the curriculum's cut.
+count the tokens fed, after the curriculum's cut. ``--curriculum-mode reshape`` splits
+each sequence into windows of the current length instead of cutting it (lengths
+dividing the full one: every step feeds the full batch's tokens).
 
 Checkpoints: ``--save-dir DIR --save-every N`` writes ``fs.save`` checkpoints (params,
 optimizer state, the loader's position and RNG, the curve so far); ``--resume`` goes
@@ -187,6 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{CURRICULUM_FRACTION:.0%} of steps (fs.seqlen_warmup)",
     )
     p.add_argument(
+        "--curriculum-mode",
+        choices=("truncate", "reshape"),
+        default="truncate",
+        help="--curriculum: cut each sequence to the length (truncate), or split it into "
+        "windows of that length (reshape: lengths divide the full one; START must too)",
+    )
+    p.add_argument(
         "--random-ltd",
         type=int,
         default=None,
@@ -231,6 +240,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (("--curriculum", args.curriculum), ("--random-ltd", args.random_ltd)):
         if value is not None and not 1 <= value <= seq_len:
             p.error(f"{flag} must be in [1, {seq_len}] (the sequence length), got {value}")
+    if args.curriculum_mode == "reshape" and args.curriculum is not None:
+        if seq_len % args.curriculum:
+            p.error(
+                f"--curriculum-mode reshape keeps lengths dividing {seq_len}: --curriculum "
+                f"{args.curriculum} does not"
+            )
     n_layer = getattr(GPTConfig, args.preset)().n_layer
     if args.random_ltd is not None and n_layer < 3:
         p.error(
@@ -318,8 +333,12 @@ def seqlen_schedule(args: argparse.Namespace, seq_len: int):
     """``--curriculum``'s ``count -> length`` (at most 8 lengths), or None."""
     if args.curriculum is None:
         return None
+    divides = seq_len if args.curriculum_mode == "reshape" else None
     return fs.seqlen_warmup(
-        args.curriculum, seq_len, steps=max(1, int(CURRICULUM_FRACTION * args.steps))
+        args.curriculum,
+        seq_len,
+        steps=max(1, int(CURRICULUM_FRACTION * args.steps)),
+        divides=divides,
     )
 
 
@@ -418,7 +437,7 @@ def build_step(
     if args.random_ltd is not None:  # a unit hook too: anywhere in the stack
         step = fs.random_ltd(step, keep=keep_schedule(args, cfg.seq_len), seed=args.seed)
     if args.curriculum is not None:  # cuts the batch before loss_and_grad: rank-local
-        step = fs.curriculum(step, seqlen_schedule(args, cfg.seq_len))
+        step = fs.curriculum(step, seqlen_schedule(args, cfg.seq_len), mode=args.curriculum_mode)
     # --- transforms from later flags (shard_zero, mixed_precision, offload) go here.
     if args.precision != "fp32":  # innermost: shard_zero and offload go over it
         step = fs.mixed_precision(step, args.precision)
@@ -555,7 +574,12 @@ def main(argv: list[str] | None = None) -> dict:
         """Tokens steps a+1..b feed the model (the curriculum's cut tails not counted)."""
         if seqlen is None:
             return (b - a) * tokens_per_step
-        return args.batch_size * data_world * sum(seqlen(c) for c in range(a, b))
+        reshape = args.curriculum_mode == "reshape"  # T // L windows of L per sequence
+
+        def per_sequence(L: int) -> int:
+            return cfg.seq_len // L * L if reshape else L
+
+        return args.batch_size * data_world * sum(per_sequence(seqlen(c)) for c in range(a, b))
 
     logger = metrics_logger(args, main_rank)  # rank 0 writes; the others' log() is a no-op
     losses = []  # 0-d tensors; read back only when logging (no per-step host sync on GPU)
@@ -645,6 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint_activations": args.checkpoint_activations,
         "offload_activations": args.offload_activations,
         "curriculum": args.curriculum,
+        "curriculum_mode": args.curriculum_mode if args.curriculum is not None else None,
         "random_ltd": args.random_ltd,
         "lr": args.lr,
         "seed": args.seed,
