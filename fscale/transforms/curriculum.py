@@ -74,7 +74,7 @@ tokens train the first ``L`` position rows); no token attends across a window
 boundary (the first token of window ``j > 0`` has no context, as the first token of a
 row); and the last ``T % L`` tokens of each row are neither fed nor counted. The
 reshaped step is the plain step on the reshaped batch, bit for bit (the tests check
-this alone, under accumulation, mixed precision, ZeRO and random-LTD).
+this alone, under accumulation, mixed precision, ZeRO-3 and random-LTD).
 
 [Note: at most 8 shapes]
 Each distinct length is a new input shape: ``torch.compile`` specialises on it (and
@@ -225,6 +225,11 @@ def _divides(value) -> int:
 
 
 def _check_divisor(what: str, name: str, value: int, divides: int) -> None:
+    if value > divides:
+        raise ValueError(
+            f"{what}: divides={divides} keeps every length a divisor of {divides}, but "
+            f"{name}={value} is above it; end the schedule at {divides} (the full length)."
+        )
     if divides % value:
         below = _floor_divisor(value, divides)
         above = next(d for d in _divisors(divides) if d >= value)

@@ -471,6 +471,7 @@ def test_build_time_errors_name_the_fix():
         lambda: seqlen_warmup(48, 1024, 10, divides=1024): "start=48 is not one; use 32 or 64",
         lambda: seqlen_warmup(64, 1000, 10, divides=1024): "end=1000 is not one; use 512 or",
         lambda: seqlen_warmup(8, 64, 10, divides=0): "divides must be an int >= 1",
+        lambda: seqlen_warmup(8, 64, 10, divides=32): "end=64 is above it",
         lambda: seqlen_discrete([8, 12], [5], divides=32): "length=12 is not one; use 8 or 16",
     }
     for fn, text in cases.items():
