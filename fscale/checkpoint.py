@@ -376,7 +376,8 @@ def _save_state_dict(params, state: dict, mesh) -> dict:
     out[_META] = {
         "format": FORMAT,
         "world": comm.world_size(),
-        "mesh": None if mesh is None else MeshLayout.of(mesh).describe(),
+        # The saving mesh's dims and sizes, for readers (load reads none of it).
+        "mesh": None if mesh is None else {d: mesh.size(d) for d in mesh.dims},
         "params": {
             p: list(pl.shape)
             for p, pl, leaf in zip(layout.paths, layout.placements, leaves, strict=True)
