@@ -58,7 +58,7 @@ from fscale.hw import mesh as meshes
 from fscale.hw.tagged import Collectives, TaggedLowering
 from fscale.optim import schedules
 from fscale.optim.base import GradientTransformation, skipping
-from fscale.placement import Placement, placement_of, replicated
+from fscale.placement import MeshLayout, Placement, placement_of, replicated
 from fscale.policies import (
     CAPABILITIES,
     SKIP_SAFE_UPDATE,
@@ -128,9 +128,11 @@ class ParamLayout:
     dtypes: tuple[torch.dtype | None, ...]
     placements: tuple[Placement | None, ...] = ()
     paths: tuple[str, ...] = ()
+    #: The mesh the placements name ([Note: the mesh in the layout] in fscale/placement.py).
+    mesh: MeshLayout | None = None
 
     @classmethod
-    def of(cls, params: Params, dp_dims: tuple[str, ...] = ()) -> ParamLayout:
+    def of(cls, params: Params, dp_dims: tuple[str, ...] = (), mesh=None) -> ParamLayout:
         leaves, spec = tree.flatten(params)
         return cls(
             spec,
@@ -138,6 +140,7 @@ class ParamLayout:
             tuple(None if t is None else t.dtype for t in leaves),
             tuple(None if t is None else placement_of(t) or replicated(t, dp_dims) for t in leaves),
             tuple(tree.paths(params)),
+            None if mesh is None else MeshLayout.of(mesh),
         )
 
     def describe_state(self) -> dict:
@@ -360,7 +363,7 @@ class Step:
         elif self.sync_init == "broadcast":
             _guard.broadcast_init(self.mesh, params)
         params, state = self.stages.init(self, params)
-        state["layout"] = ParamLayout.of(params, self.mesh.dims)
+        state["layout"] = ParamLayout.of(params, self.mesh.dims, self.mesh)
         state["guard"] = {"skipped_steps": 0, "consecutive": 0}
         state["generation"] = _guard.Generation.start()
         state["generation"].mark(params)
