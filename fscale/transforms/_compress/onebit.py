@@ -521,20 +521,32 @@ def _variance_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
     """0/1 Adam's exact step once some steps kept the variance: Adam on the all-reduced
     grads, the variance's bias correction counting only the updates that moved it
     ([Note: 0/1 Adam, simplified])."""
-    hp = cfg.hp
-    decoupled = hp.get("decoupled", False)
-    lv = _Leaves(cfg, ctx, grads, params, l2=not decoupled)
-    update_moments_(lv.ms, lv.vs, lv.gs, hp["b1"], hp["b2"])
+    lv = _Leaves(cfg, ctx, grads, params, l2=not cfg.hp.get("decoupled", False))
     slot["v_count"] += 1
-    denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
-    if decoupled:
-        for j in lv.decayed:
-            lv.ps[j].mul_(1.0 - lv.lr * lv.wd)
-    step_size = lv.lr / (1.0 - hp["b1"] ** lv.t)
-    for p, m, d in zip(lv.ps, lv.ms, denom, strict=True):
-        p.sub_((m / d).mul_(step_size).to(p.dtype))
+    variance_step_(
+        lv.ps, lv.ms, lv.vs, lv.gs, cfg.hp, lr=lv.lr, wd=lv.wd, decayed=lv.decayed,
+        t=lv.t, v_count=slot["v_count"],
+    )  # fmt: skip
     lv.commit(ctx)
     return params
+
+
+@torch.no_grad()
+def variance_step_(
+    ps: list, ms: list, vs: list, gs: list, hp: dict, *, lr, wd, decayed, t, v_count
+) -> None:
+    """0/1 Adam's variance step in place (plain DP's and, on ZeRO rows,
+    ``onebit_zero_rows``'s): Adam with the moments moved by ``gs`` (L2 already in
+    them), the first moment's bias correction at step ``t`` and the variance's at
+    ``v_count``, the updates that moved it, this one included."""
+    update_moments_(ms, vs, gs, hp["b1"], hp["b2"])
+    denom = bias_corrected_denom(vs, hp["b2"], hp["eps"], v_count)
+    if hp.get("decoupled", False):
+        for j in decayed:
+            ps[j].mul_(1.0 - lr * wd)
+    step_size = lr / (1.0 - hp["b1"] ** t)
+    for p, m, d in zip(ps, ms, denom, strict=True):
+        p.sub_((m / d).mul_(step_size).to(p.dtype))
 
 
 def _flat_params(ps: list) -> torch.Tensor:

@@ -13,11 +13,14 @@ exchange replaces ZeRO's grad reduce-scatter. After the non-finite vote, ``updat
 
 1. folds the local grads into the full local momentum ``M`` (kept in this slot, flat,
    in the params' leaf order: the optimizer's own moments are rows under ZeRO);
-2. runs the error-compensated 1-bit mean of ``onebit_allreduce`` on ``M``, exactly as
-   plain data parallel does (same contiguous server chunks of the same flat vector;
-   ``all_to_all`` of signs + scales to each chunk's server, ``all_gather`` of the
-   servers' recompressed chunks, tag ``"compress.momentum"``); every rank decodes the
-   same ``M``, zeroed where the frozen variance is ([Note: dead coordinates]);
+2. runs the error-compensated 1-bit mean of ``onebit_allreduce`` on ``M / d`` and
+   multiplies the result back by ``d`` (``d``: the frozen variance's bias-corrected
+   denominator, flat in leaf order; [Note: compress what the step uses] in
+   ``onebit.py``), exactly as plain data parallel does (same contiguous server chunks
+   of the same flat vector; ``all_to_all`` of signs + scales to each chunk's server,
+   ``all_gather`` of the servers' recompressed chunks, tag ``"compress.momentum"``);
+   every rank decodes the same ``M``, zeroed where the frozen variance is ([Note: dead
+   coordinates]);
 3. hands its own ZeRO rows of ``M`` (dim-0 blocks of ``ceil(d0 / N)`` rows, [Note:
    shard layout] in ``fscale/transforms/_zero/sharding.py``, read off the optimizer's
    row-shaped moments, never from shard_zero's slot) down to shard_zero's ``update``
@@ -26,8 +29,10 @@ exchange replaces ZeRO's grad reduce-scatter. After the non-finite vote, ``updat
 4. shard_zero's ``apply`` all-gathers the updated rows (``"zero.params"``).
 
 The first compressed call after an exact step all-gathers the momentum rows and the
-variance's non-zero mask (tag ``"compress.init"``): once for 1-bit Adam / LAMB, after
-each variance update for 0/1 Adam.
+variance rows (tag ``"compress.init"``): once for 1-bit Adam / LAMB, after each
+variance update for 0/1 Adam. Every rank needs the whole frozen variance: ``d``
+divides the whole ``M`` before compression, ``v == 0`` is the dead-coordinate mask,
+and 0/1 Adam's local steps move the full params with it.
 
 Why the server chunks are plain data parallel's and not each owner's rows: every rank
 decodes the whole ``M`` anyway (it needs it for its next local momentum), so who
@@ -43,8 +48,9 @@ Maths vs plain data parallel: bitwise in a world of one; with N > 1 the warm-up'
 reduce-scatter rounds differently from the all-reduce (last bit), else the same.
 
 Memory (on top of ZeRO-1/2), per rank: the full local momentum ``M`` (4 bytes/param),
-the worker error (4), the server error (4/N), the live mask (1); 0/1 Adam adds the
-window's anchor and the gathered frozen variance (4 + 4). Stage 3 is refused (no full
+the gathered frozen variance (4; its ``!= 0`` is the live mask), the worker error (4),
+the server error (4/N); 0/1 Adam adds the window's anchor (4). The compressed call
+also makes ``d`` and ``M / d`` (4 + 4, freed after it). Stage 3 is refused (no full
 local momentum without an all-gather of it every step; use ``fs.zeropp``).
 """
 
@@ -56,7 +62,7 @@ from functools import partial
 import torch
 
 from fscale import tree
-from fscale.optim.adam import AdamState
+from fscale.optim.adam import AdamState, bias_corrected_denom
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place
@@ -210,14 +216,12 @@ def _init(cfg, inner, step: Step, params):
         "worker_error": sharded(lay.padded),
         "server_error": sharded(lay.server),
         "momentum": full_flat(),
-        "alive": full_flat(torch.uint8),
+        "variance": full_flat(),  # the frozen variance, gathered (ensure_ready)
         "ready": False,
-        "v_count": 0,
+        "v_count": 0,  # the updates that moved the variance
     }
     if _is(cfg, "ZeroOneAdam"):
         slot["anchor"] = full_flat()
-        slot["variance"] = full_flat()
-        slot["variance_at"] = 0  # the v_count "variance" was gathered at
         slot["window"] = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
     if _is(cfg, "OnebitLamb"):
         slot["trust"] = torch.zeros(len(live), dtype=torch.float32, device=device)
@@ -233,13 +237,16 @@ def _update(cfg, inner, ctx: StepContext, grads, params):
     slot = dict(ctx.state[ob.NAME])
     ctx.state[ob.NAME] = slot
     if action in ("warmup", "variance"):
-        slot["ready"] = False  # the exact step moved the momentum (and variance) rows
-        call = {"mode": "lamb_warmup", "comm": ctx.comm, "group": cfg.group}
-        params = rows_opt.calling(call if _is(cfg, "OnebitLamb") else None, inner.update)(
-            ctx, grads, params
-        )
-        slot["v_count"] = ctx.state["optimizer"].count
-        if "trust" in call:  # the warm-up EMA of LAMB's whole-layer trust ratios
+        slot["ready"] = False  # the exact step moved the momentum and variance rows
+        count = ctx.state["optimizer"].count
+        call = None
+        if _is(cfg, "OnebitLamb"):
+            call = {"mode": "lamb_warmup", "comm": ctx.comm, "group": cfg.group}
+        elif slot["v_count"] != count:  # 0/1 Adam after skipped variance updates
+            call = {"mode": "variance", "v_count": slot["v_count"] + 1}
+        params = rows_opt.calling(call, inner.update)(ctx, grads, params)
+        slot["v_count"] += ctx.state["optimizer"].count - count  # 0 if it did not step
+        if call is not None and "trust" in call:  # LAMB's warm-up EMA of whole-layer ratios
             beta = cfg.method.coeff_beta
             slot["trust"] = slot["trust"].mul(beta).add_(call["trust"], alpha=1.0 - beta)
             slot["trust_steps"] = slot["trust_steps"] + 1
@@ -306,13 +313,12 @@ class Local:
         return self.ctx.step.mesh.rank(self.cfg.dim)
 
     def ensure_ready(self, slot: dict) -> None:
-        """After an exact step: the full momentum and live mask from the rows, once."""
+        """After an exact step: the full momentum and frozen variance from the rows, once."""
         if slot["ready"]:
             return
         comm, group = self.ctx.comm, self.cfg.group
         slot["momentum"].copy_(self.rows.gather(comm, group, self.m_rows))
-        live = [(v != 0).to(torch.uint8) for v in self.v_rows]
-        slot["alive"].copy_(self.rows.gather(comm, group, live))
+        slot["variance"].copy_(self.rows.gather(comm, group, self.v_rows))
         slot["ready"] = True
 
     def momentum_(self, slot: dict) -> None:
@@ -330,16 +336,20 @@ class Local:
 
 @torch.no_grad()
 def exchange_(cfg, ctx: StepContext, slot: dict, x: torch.Tensor | None = None) -> None:
-    """``M`` <- the compressed mean of ``x`` (default ``M``), masked where ``v == 0``."""
+    """``M`` <- ``d *`` the compressed mean of ``x / d`` (``x`` default ``M``), masked
+    where ``v == 0``: plain DP's ``_exchange_scaled`` ([Note: compress what the step
+    uses] in ``onebit.py``). ``d`` is elementwise in the flat variance, so bitwise the
+    concatenation of plain DP's per-leaf denominators."""
     from fscale.transforms._compress.onebit import TAG
 
-    m = slot["momentum"]
+    hp, m, v = cfg.hp, slot["momentum"], slot["variance"]
     x = m if x is None else x
+    d = bias_corrected_denom([v], hp["b2"], hp["eps"], slot["v_count"])[0]
     lay = plan_layout(m.numel(), cfg.world)
     out = compressed_mean(
-        ctx.comm, TAG, cfg.group, x, slot["worker_error"], slot["server_error"], lay
+        ctx.comm, TAG, cfg.group, x / d, slot["worker_error"], slot["server_error"], lay
     )
-    m.copy_(out.masked_fill_(slot["alive"] == 0, 0.0))
+    m.copy_(out.mul_(d).masked_fill_(v == 0, 0.0))
 
 
 def _frozen_trust(cfg, slot: dict) -> list[torch.Tensor]:
@@ -366,9 +376,9 @@ def _plan(cfg, stage: int, plan) -> None:
             Collective("all_to_all", lay.world * lay.message, "update", tag=TAG),
             Collective("all_gather", lay.message, "update", tag=TAG),
         ]
-    extra = 4 * n + 4 * (lay.padded + lay.server) + n
+    extra = 8 * n + 4 * (lay.padded + lay.server)  # M, the gathered variance, errors
     if _is(cfg, "ZeroOneAdam"):
-        extra += 8 * n  # the window's anchor and the gathered frozen variance
+        extra += 4 * n  # the window's anchor
     plan.memory["compress_comm buffers"] = extra
     plan.notes.append(
         f"compress_comm({cfg.method.name}) over shard_zero({stage}): after warm-up the "
@@ -376,6 +386,7 @@ def _plan(cfg, stage: int, plan) -> None:
         f"replaces the reduce-scatter of grads ({sum(c.bytes for c in grads):,} bytes in "
         "the warm-up); the all-gather of updated rows (zero.params) stays"
         f"{' except on 0/1 Adam local steps' if _is(cfg, 'ZeroOneAdam') else ''}. It costs, "
-        f"per rank, the full local momentum, worker/server error and a live mask: {extra:,} "
+        "per rank, the full local momentum, the gathered frozen variance and worker/server "
+        f"error: {extra:,} "
         f"bytes{' (stage 2 no longer holds only 1/N of the grads state)' if stage == 2 else ''}."
     )

@@ -10,6 +10,8 @@ the call travels in a context variable set around shard_zero's ``update`` only):
   set to the synced momentum);
 - ``"lamb"``: 1-bit LAMB's step with the frozen variance and frozen trust ratios;
 - ``"lamb_warmup"``: exact LAMB with whole-layer trust ratios (below);
+- ``"variance"``: 0/1 Adam's exact step once some steps kept the variance (the
+  variance's bias correction at ``call["v_count"]``, ``onebit.variance_step_``);
 - ``"sync"``: 0/1 Adam's sync, ``x = anchor' - sum(step sizes) * m / denom`` on the rows;
 - ``"local"``: 0/1 Adam's local step: the count moves, the rows do not.
 
@@ -25,10 +27,11 @@ arithmetic, so in a world of one this is bitwise ``fs.optim.lamb``.
 0/1 Adam's local steps move each rank's params apart, while ZeRO keeps one fp32 master
 per row. The master rows stay at the window's anchor; between syncs each rank steps
 its *full* params (the copy ZeRO-1/2 keeps for compute) with its full local momentum
-``M`` and the frozen variance, all-gathered once into the slot when the local steps
-start (tag ``"compress.init"``): no communication, and shard_zero's all-gather of the
-rows is skipped (``onebit_zero._apply``). A sync compresses the window's average
-momentum ``(anchor' - x) * denom / sum(step sizes)`` like 1-bit Adam's momentum; the
+``M`` and the frozen variance, both all-gathered into the slot by the first compressed
+call after the last exact step (tag ``"compress.init"``): no communication, and
+shard_zero's all-gather of the rows is skipped (``onebit_zero._apply``). A sync
+compresses the window's average momentum ``(anchor' - x) * denom / sum(step sizes)``
+like 1-bit Adam's momentum (in units of the step, ``onebit_zero.exchange_``); the
 owner sets its rows' momentum to the synced one and its masters to ``anchor' -
 sum(step sizes) * m / denom`` (``anchor'``: the masters with the window's decoupled
 decay), and shard_zero's all-gather brings every rank to the same params: the maths of
@@ -180,6 +183,30 @@ def _tag() -> str:
 
 
 @torch.no_grad()
+def _variance(cfg, call: dict, grads, state: AdamState, params):
+    """0/1 Adam's variance step on the rows, the reduce-scattered grads' rows
+    (``onebit._variance_step``: L2 into the grads, then ``variance_step_``)."""
+    from fscale.transforms._compress.onebit import variance_step_
+
+    hp = cfg.hp
+    rl = _RowLeaves(grads, state, params)
+    count = state.count
+    lr, wd = value_at(hp["lr"], count, "lr"), value_at(hp["weight_decay"], count, "weight_decay")
+    decayed = []
+    if wd != 0.0:
+        decayed = decayed_positions(hp["mask"], params, rl.idx, owner=hp["name"], wd=wd)
+    gs = [g.to(m.dtype) for g, m in zip(rl.gs, rl.ms, strict=True)]
+    if not hp.get("decoupled", False):  # torch.optim.Adam's L2, before the moments
+        for j in decayed:
+            gs[j] = gs[j].add(rl.ps[j].to(gs[j].dtype), alpha=wd)
+    variance_step_(
+        rl.ps, rl.ms, rl.vs, gs, hp, lr=lr, wd=wd, decayed=decayed, t=count + 1,
+        v_count=call["v_count"],
+    )  # fmt: skip
+    return params, AdamState(count + 1, state.exp_avg, state.exp_avg_sq)
+
+
+@torch.no_grad()
 def _sync(cfg, call: dict, moms, state: AdamState, params):
     """0/1 Adam's sync on the rows: momentum set, masters from the window's anchor."""
     hp = cfg.hp
@@ -200,6 +227,7 @@ _MODES = {
     "adam": _adam,
     "lamb": _lamb,
     "lamb_warmup": _lamb_warmup,
+    "variance": _variance,
     "sync": _sync,
     "local": _local,
 }
@@ -217,9 +245,6 @@ def local_step(cfg, ctx, slot: dict, lv, *, sync: bool) -> dict:
 
     hp = cfg.hp
     decoupled = hp.get("decoupled", False)
-    if slot["variance_at"] != slot["v_count"]:
-        slot["variance"].copy_(lv.rows.gather(ctx.comm, cfg.group, lv.v_rows))
-        slot["variance_at"] = slot["v_count"]
     window = dict(slot["window"])
     if window["steps"] == 0:
         slot["anchor"].copy_(torch.cat([p.detach().reshape(-1).float() for p in lv.ps]))
