@@ -412,7 +412,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--cl-mode",
         choices=("truncate", "reshape"),
-        default="truncate",
+        default="reshape",
         help="fs.curriculum's mode: (B, T) -> (B, L), or (B * T // L, L) windows with L "
         "dividing T (--cl-start must divide --seq)",
     )
