@@ -35,6 +35,40 @@ def test_residual_never_exceeds_the_input():
     assert torch.all(res.norm(dim=1) <= x.norm(dim=1) + 1e-5)
 
 
+def _pack_by_definition(x: torch.Tensor) -> torch.Tensor:
+    """Byte j of a row: sum over k of 2^k for the elements 8 j + k that are >= 0."""
+    on = (x >= 0).to(torch.int32).view(x.shape[0], x.shape[1] // 8, 8)
+    return (on * (2 ** torch.arange(8, dtype=torch.int32))).sum(dim=2).to(torch.uint8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(0, 6),
+    chunk_bytes=st.sampled_from([1, 2, 5, 16]),
+    seed=st.integers(0, 2**16),
+    special=st.booleans(),
+)
+def test_reference_equals_its_definition(rows, chunk_bytes, seed, special):
+    # The one-multiply pack ([Note: packing 8 signs with one multiply]) and the sign
+    # table unpack against the plain formulas, every bit pattern and +-0, +-inf, NaN.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, chunk_bytes * 8, generator=g)
+    if special and x.numel():
+        pick = torch.randint(0, 6, x.shape, generator=g)
+        values = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0])
+        x = torch.where(torch.rand(x.shape, generator=g) < 0.3, values[pick], x)
+    bits, scales = onebit.pack_reference(x)
+    assert bits.shape == (rows, chunk_bytes) and bits.dtype == torch.uint8
+    assert torch.equal(bits, _pack_by_definition(x))
+    torch.testing.assert_close(scales, x.abs().mean(dim=1), rtol=0, atol=0, equal_nan=True)
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(32, 8)
+    s = torch.rand(32, generator=g) + 0.5
+    signs = ((every.to(torch.int32).unsqueeze(-1) >> torch.arange(8)) & 1) * 2 - 1
+    want = signs.view(32, 64).float() * s.view(32, 1)
+    assert torch.equal(onebit.unpack_reference(every, s), want)
+    assert torch.equal(onebit.unpack_reference(every, s, torch.bfloat16), want.bfloat16())
+
+
 @needs_triton
 @settings(max_examples=12, deadline=None)
 @given(
