@@ -50,8 +50,9 @@ reduce-scatter rounds differently from the all-reduce (last bit), else the same.
 Memory (on top of ZeRO-1/2), per rank: the full local momentum ``M`` (4 bytes/param),
 the gathered frozen variance (4; its ``!= 0`` is the live mask), the worker error (4),
 the server error (4/N); 0/1 Adam adds the window's anchor (4). The compressed call
-also makes ``d`` and ``M / d`` (4 + 4, freed after it). Stage 3 is refused (no full
-local momentum without an all-gather of it every step; use ``fs.zeropp``).
+also makes ``d``, ``M / d`` and the dead mask (4 + 4 + 1, freed after it). Stage 3
+is refused (no full local momentum without an all-gather of it every step; use
+``fs.zeropp``).
 """
 
 from __future__ import annotations
