@@ -110,3 +110,47 @@ def test_kernel_table_cpu_gets_reference_cuda_gets_triton():
         assert names == {"onebit_pack_reference", "onebit_pack_triton"}
         cuda = [r for r in dispatch.lowerings(onebit.UNPACK) if r.device == "cuda"]
         assert [r.name for r in cuda] == ["onebit_unpack_triton"]
+
+
+def _mean_by_hand(xs, ews, ess, lay):
+    """The error-compensated 1-bit mean written out of place in one pass per step."""
+
+    def compress(y):
+        bits, scales = onebit.pack_reference(y.view(-1, lay.chunk))
+        return onebit.unpack_reference(bits, scales).view(-1)
+
+    approx = []
+    for x, e in zip(xs, ews, strict=True):
+        y = torch.zeros(lay.padded)
+        y[: lay.n] = x
+        y = y + e
+        approx.append(compress(y))
+        e.copy_(y - approx[-1])
+    out = []
+    for i, e in enumerate(ess):
+        part = slice(i * lay.server, (i + 1) * lay.server)
+        z = torch.stack([a[part] for a in approx]).mean(dim=0) + e
+        out.append(compress(z))
+        e.copy_(z - out[-1])
+    return torch.cat(out)[: lay.n]
+
+
+@pytest.mark.parametrize("block", [8, 24, 1 << 18])
+@pytest.mark.parametrize("world", [1, 3])
+def test_blocked_in_place_compressed_mean_equals_one_pass_by_hand(monkeypatch, block, world):
+    # [Note: compressing in blocks on a CPU]: blocks of rows and the error buffers used
+    # as the vectors being compressed give the bits of the plain formulation.
+    from fscale.transforms._compress import onebit_allreduce as ar
+
+    monkeypatch.setattr(ar, "CPU_BLOCK", block)
+    lay = ar.plan_layout(1001, world, max_chunk=16)
+    g = torch.Generator().manual_seed(world)
+    ews = [torch.zeros(lay.padded) for _ in range(world)]
+    ess = [torch.zeros(lay.server) for _ in range(world)]
+    ews_ref, ess_ref = [e.clone() for e in ews], [e.clone() for e in ess]
+    for _ in range(3):
+        xs = [torch.randn(lay.n, generator=g) for _ in range(world)]
+        got = ar.simulate_mean(xs, ews, ess, lay)
+        want = _mean_by_hand(xs, ews_ref, ess_ref, lay)
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(ews + ess, ews_ref + ess_ref, strict=True))

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fscale.kernels.onebit import onebit_pack, onebit_unpack
+from fscale.hw import dispatch
+from fscale.kernels.onebit import PACK, UNPACK
 
 #: Largest chunk (elements) sharing one scale. Finer scales track layers of different
 #: magnitude (a tiny GPT's loss after 60 steps: 15% above Adam's with 4096, within 1%
@@ -76,9 +77,41 @@ def plan_layout(n: int, world: int, max_chunk: int = MAX_CHUNK) -> Layout:
     return Layout(n, world, rows, chunk)
 
 
-def _compress(y: torch.Tensor, rows: int, chunk: int):
-    bits, scales = onebit_pack(y.view(rows, chunk))
-    return bits, scales, onebit_unpack(bits, scales).view(-1)
+#: Elements compressed per block on a CPU ([Note: compressing in blocks on a CPU]).
+CPU_BLOCK = 1 << 18
+
+# [Note: compressing in blocks on a CPU]
+# Every pass of the compression (|y| and its row means, the signs, the packed bytes,
+# the +-scale values, the error update) reads and writes the whole vector. On a CPU a
+# fresh model-sized temporary costs its page faults on every step (glibc serves tensors
+# above 32 MiB by mmap: 84 MB of fp32 ~ 30 ms to fault in, more than the pass itself),
+# and the passes run at DRAM speed. So on a CPU ``_compress_``, ``server_step`` and
+# ``decode`` walk the rows in blocks of ``CPU_BLOCK`` elements (1 MiB of fp32): the
+# temporaries stay in cache and on the heap, and the loop is ~80 iterations for 21M
+# elements. Rows are independent (one scale per row), so the blocks give the same bits
+# as one pass. The error buffers double as the vectors being compressed (``y = x +
+# e_w`` is formed in ``e_w``, ``z = mean + e_s`` in ``e_s``), which removes two
+# model-sized allocations. On CUDA the block is the whole vector: one kernel launch.
+
+
+def _kernels(t: torch.Tensor):
+    """The kernel table's pack and unpack for ``t``'s device, resolved once per call."""
+    return dispatch.resolve(PACK, t).impl, dispatch.resolve(UNPACK, t.device, torch.float32).impl
+
+
+def _block_rows(t: torch.Tensor, rows: int, chunk: int) -> int:
+    if t.device.type != "cpu":
+        return max(rows, 1)
+    return max(1, CPU_BLOCK // chunk)
+
+
+def _compress_(y: torch.Tensor, pack, unpack, bits: torch.Tensor, scales: torch.Tensor) -> None:
+    """Compress ``y`` (rows, chunk) into ``bits`` / ``scales``, and leave the error
+    feedback ``y - C(y)`` in ``y``."""
+    b, s = pack(y)
+    bits.copy_(b)
+    scales.copy_(s)
+    y.sub_(unpack(b, s))
 
 
 def _wire(bits: torch.Tensor, scales: torch.Tensor, world: int) -> torch.Tensor:
@@ -97,11 +130,21 @@ def _unwire(buf: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def worker_step(x: torch.Tensor, worker_error: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """Compress ``x + e_w`` (``x`` padded), update ``e_w`` in place; the outgoing
-    messages, ``(world, message)`` uint8, row ``i`` for server ``i``."""
-    y = x + worker_error
-    bits, scales, approx = _compress(y, lay.world * lay.rows, lay.chunk)
-    torch.sub(y, approx, out=worker_error)
+    """Compress ``x + e_w`` (``x``: ``lay.n`` elements, padded with zeros), update
+    ``e_w`` in place; the outgoing messages, ``(world, message)`` uint8, row ``i`` for
+    server ``i``."""
+    if x.numel() != lay.n:
+        raise ValueError(f"compressed mean: x has {x.numel()} elements, the layout {lay.n}.")
+    y = worker_error  # y = x + e_w, formed in place ([Note: compressing in blocks on a CPU])
+    y[: lay.n].add_(x.reshape(-1))
+    rows, chunk = lay.world * lay.rows, lay.chunk
+    y = y.view(rows, chunk)
+    pack, unpack = _kernels(y)
+    bits = torch.empty((rows, chunk // 8), dtype=torch.uint8, device=y.device)
+    scales = torch.empty((rows,), dtype=torch.float32, device=y.device)
+    step = _block_rows(y, rows, chunk)
+    for r in range(0, rows, step):
+        _compress_(y[r : r + step], pack, unpack, bits[r : r + step], scales[r : r + step])
     return _wire(bits, scales, lay.world)
 
 
@@ -109,11 +152,22 @@ def worker_step(x: torch.Tensor, worker_error: torch.Tensor, lay: Layout) -> tor
 def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout) -> torch.Tensor:
     """Average the N received messages, add ``e_s``, recompress (``e_s`` updated in
     place); the message to all-gather, ``(message,)`` uint8."""
-    bits, scales = _unwire(received, lay)
-    pieces = onebit_unpack(bits, scales).view(lay.world, lay.server)
-    z = pieces.mean(dim=0).add_(server_error)
-    bits, scales, approx = _compress(z, lay.rows, lay.chunk)
-    torch.sub(z, approx, out=server_error)
+    world, rows, chunk = lay.world, lay.rows, lay.chunk
+    bits_in, scales_in = _unwire(received, lay)
+    bits_in = bits_in.view(world, rows, chunk // 8)
+    scales_in = scales_in.view(world, rows)
+    z = server_error.view(rows, chunk)  # z = mean + e_s, formed in place
+    pack, unpack = _kernels(z)
+    bits = torch.empty((rows, chunk // 8), dtype=torch.uint8, device=z.device)
+    scales = torch.empty((rows,), dtype=torch.float32, device=z.device)
+    step = _block_rows(z, rows, chunk)
+    for r in range(0, rows, step):
+        k = min(step, rows - r)
+        piece_bits = bits_in[:, r : r + k].reshape(world * k, chunk // 8)
+        pieces = unpack(piece_bits, scales_in[:, r : r + k].reshape(-1)).view(world, k * chunk)
+        zb = z[r : r + k]
+        zb.view(-1).add_(pieces.mean(dim=0))
+        _compress_(zb, pack, unpack, bits[r : r + k], scales[r : r + k])
     return _wire(bits, scales, 1).view(-1)
 
 
@@ -121,15 +175,13 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
 def decode(gathered: torch.Tensor, lay: Layout) -> torch.Tensor:
     """The all-gathered messages of every server -> the ``n``-element mean."""
     bits, scales = _unwire(gathered, lay)
-    return onebit_unpack(bits, scales).view(-1)[: lay.n]
-
-
-def _padded(x: torch.Tensor, lay: Layout) -> torch.Tensor:
-    if x.numel() != lay.n:
-        raise ValueError(f"compressed mean: x has {x.numel()} elements, the layout {lay.n}.")
-    out = x.new_zeros(lay.padded, dtype=torch.float32)
-    out[: lay.n] = x.reshape(-1)
-    return out
+    rows, chunk = bits.shape[0], lay.chunk
+    _, unpack = _kernels(bits)
+    out = torch.empty((rows, chunk), dtype=torch.float32, device=bits.device)
+    step = _block_rows(out, rows, chunk)
+    for r in range(0, rows, step):
+        out[r : r + step] = unpack(bits[r : r + step], scales[r : r + step])
+    return out.view(-1)[: lay.n]
 
 
 @torch.no_grad()
@@ -148,7 +200,7 @@ def compressed_mean(comm, tag: str, group, x, worker_error, server_error, lay: L
     Returns:
       The ``lay.n``-element fp32 estimate of the mean, equal on every rank.
     """
-    send = worker_step(_padded(x, lay), worker_error, lay)
+    send = worker_step(x, worker_error, lay)
     received = comm.all_to_all(tag, send.view(-1), group=group)
     mine = server_step(received, server_error, lay)
     return decode(comm.all_gather(tag, mine, group=group), lay)
@@ -157,7 +209,7 @@ def compressed_mean(comm, tag: str, group, x, worker_error, server_error, lay: L
 @torch.no_grad()
 def simulate_mean(xs: list, worker_errors: list, server_errors: list, lay: Layout) -> torch.Tensor:
     """``compressed_mean`` for ``len(xs)`` ranks in one process (tests, analysis)."""
-    sends = [worker_step(_padded(x, lay), e, lay) for x, e in zip(xs, worker_errors, strict=True)]
+    sends = [worker_step(x, e, lay) for x, e in zip(xs, worker_errors, strict=True)]
     # all_to_all: server i receives row i of every rank's messages, in rank order.
     mine = [
         server_step(torch.stack([s[i] for s in sends]), server_errors[i], lay)
