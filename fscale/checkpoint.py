@@ -50,7 +50,15 @@ loads into the world of one, and a world of one's checkpoint loads into it.
 - plain metadata (``count``, the optimizer's ``count``, the loss-scale window)
   is restored at the paths both have; objects that describe themselves restore
   theirs with ``load_state(values)`` when they have it (offload's sub-groups),
-  else their metadata is derived from the stack and kept.
+  else their metadata is derived from the stack and kept;
+- tensors a slot makes lazily, after ``init`` (qgZ's error-feedback buffers, made
+  at the first exchange: their shapes are known only then), are made by the slot:
+  before DCP reads, an object that describes itself and has ``make_entries(saved)``
+  is called with the checkpoint's tensor entries under its path (``{relative path:
+  (shape, dtype)}``) and creates, in itself, the tensors it will describe, of the
+  saved logical shape and with their placement; they are then filled like any entry.
+  It raises (a ``ValueError`` naming why) for entries it cannot hold, e.g. per-rank
+  buffers saved by another world size, and ignores those it does not need.
 
 [Note: atomic save]
 Ranks write into ``<path>.tmp-<id>`` (DCP fsyncs every file and renames its
@@ -111,7 +119,7 @@ from fscale._checkpoint.files import (
     latest,
     write_checksums,
 )
-from fscale._checkpoint.restore import _check_model, _restore_plain, _source_key
+from fscale._checkpoint.restore import _check_model, _make_lazy, _restore_plain, _source_key
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.placement import MeshLayout, Placement, placement_of, replicated
@@ -539,6 +547,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
     layout = state["layout"]
     mesh = step.mesh
     _check_model(where, saved, layout)
+    _make_lazy("", state, saved)  # [Note: what load fills], lazily made tensors
     targets: dict[str, Any] = {}
     param_storages = {}
     for p, leaf, placement in zip(

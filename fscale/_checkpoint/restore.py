@@ -72,6 +72,30 @@ def _check_model(where: str, saved: dict, layout) -> None:
             )
 
 
+def _make_lazy(path: str, value: Any, saved: dict) -> None:
+    """Let every object of ``value`` with ``make_entries`` create, before DCP reads,
+    the tensors it makes lazily ([Note: what load fills], the last item)."""
+    if isinstance(value, (torch.Tensor, TensorEntry, StoredTensor)):
+        return
+    if hasattr(value, "describe_state"):
+        if hasattr(value, "make_entries"):
+            prefix = path + "/"
+            value.make_entries(
+                {
+                    k[len(prefix) :]: (tuple(m.size), m.properties.dtype)
+                    for k, m in saved.items()
+                    if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+                }
+            )
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _make_lazy(f"{path}/{k}" if path else str(k), v, saved)
+    elif isinstance(value, (list, tuple)):  # NamedTuples too: only objects are looked for
+        for i, v in enumerate(value):
+            _make_lazy(f"{path}/{value._fields[i] if hasattr(value, '_fields') else i}", v, saved)
+
+
 def _restore_plain(state: dict, values: dict) -> dict:
     return {k: _restore(str(k), v, values) for k, v in state.items()}
 

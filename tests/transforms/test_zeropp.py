@@ -21,9 +21,10 @@ import fscale as fs
 from fscale.hw import comm
 from fscale.hw.tagged import Call
 from fscale.models.gpt import GPT, GPTConfig
+from fscale.placement import placement_of
 from fscale.state import TensorEntry, describe
 from fscale.transforms._compress.zeropp import ZeroPP, zeropp
-from fscale.transforms._compress.zeropp_comm import WireFormat, quantized_reduce
+from fscale.transforms._compress.zeropp_comm import ErrorBuffers, WireFormat, quantized_reduce
 from fscale.transforms.compress import compress_comm
 from tests.dist import run_world
 from tests.helpers import error_text
@@ -75,13 +76,18 @@ def _train(step, params, rank, world, steps):
     return {"losses": losses, "by_tag": metrics["comm_bytes_by_tag"], "params": gathered}, state
 
 
+def _slot(error_feedback=True, world=2, exchanges=0, buffers=None) -> dict:
+    errors = ErrorBuffers(error_feedback, ("dp",), world, dict(buffers or {}))
+    return {"cursor": 0, "error": errors, "exchanges": exchanges, "error_feedback": True}
+
+
 def _ef_sums(rank, world, error_feedback: bool, rounds: int = 20):
     """Reduce-scatter the same grads ``rounds`` times through qgZ's lowering: the running
     sum of the outputs against ``rounds`` times the exact mean."""
     g = torch.randn(world * 300, generator=torch.Generator().manual_seed(rank)) * (rank + 1)
     exact = comm.reduce_scatter(g.clone(), op="avg")
     fmt = WireFormat(4, 64, error_feedback=error_feedback, mesh_dims=("dp",), mesh_size=world)
-    ctx = types.SimpleNamespace(state={"zeropp": {"cursor": 0, "error": {}, "exchanges": 0}})
+    ctx = types.SimpleNamespace(state={"zeropp": _slot(error_feedback, world)})
     total, worst = torch.zeros_like(exact), []
     for t in range(1, rounds + 1):
         ctx.state["zeropp"]["cursor"] = 0
@@ -91,21 +97,62 @@ def _ef_sums(rank, world, error_feedback: bool, rounds: int = 20):
     return worst
 
 
-def _resume_warns(rank, world, path):
-    """Save a run with error feedback, load it, step: the lost buffers must not be silent."""
+def _ef_buffers(state) -> dict:
+    """The error-feedback buffers of ``state`` by checkpoint path (copies)."""
+    return {
+        p: e.tensor.clone()
+        for p, e in describe(state).items()
+        if p.startswith("zeropp/error/") and isinstance(e, TensorEntry)
+    }
+
+
+def _resume(rank, world, path, bf16, before=3, after=2):
+    """``before`` steps, save, ``after`` steps; and load + the same ``after`` steps."""
     import warnings
 
     data, gen = _text(), torch.Generator().manual_seed(5)
-    step, params = _gpt_step(zeropp(error_feedback=True))
+    batches = [_batch(data, gen, rank, world) for _ in range(before + after)]
+    step, params = _gpt_step(zeropp(error_feedback=True), bf16=bf16)
     params, state = step.init(params)
-    for _ in range(2):
-        params, state, _ = step(params, state, _batch(data, gen, rank, world))
+    for b in batches[:before]:
+        params, state, _ = step(params, state, b)
+    out = {"at_save": _ef_buffers(state), "params_at_save": _gathered(params, state)}
+    fs.save(path, params, state)
+    for b in batches[before:]:
+        params, state, _ = step(params, state, b)
+    out["straight"] = (_gathered(params, state), _ef_buffers(state))
+    step, params = _gpt_step(zeropp(error_feedback=True), bf16=bf16)
+    params, state = fs.load(path, step, params)
+    out["loaded"] = _ef_buffers(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in batches[before:]:
+            params, state, _ = step(params, state, b)
+    out["resumed"] = (_gathered(params, state), _ef_buffers(state))
+    out["warnings"] = [str(w.message) for w in caught if "zeropp" in str(w.message)]
+    return out
+
+
+def _gathered(params, state) -> dict:
+    return {n: t.clone() for n, t in fs.gather_params(params, state).items()}
+
+
+def _resume_without_buffers(rank, world, path):
+    """A checkpoint saved without error feedback, loaded with it: the start from zero
+    must not be silent."""
+    import warnings
+
+    data, gen = _text(), torch.Generator().manual_seed(5)
+    step, params = _gpt_step(zeropp())
+    params, state = step.init(params)
+    params, state, _ = step(params, state, _batch(data, gen, rank, world))
     fs.save(path, params, state)
     step, params = _gpt_step(zeropp(error_feedback=True))
     params, state = fs.load(path, step, params)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        step(params, state, _batch(data, gen, rank, world))
+        for _ in range(2):  # warned once, not at every step
+            params, state, _ = step(params, state, _batch(data, gen, rank, world))
     return [str(w.message) for w in caught]
 
 
@@ -115,7 +162,9 @@ def _world_fn(rank, world, path=None):
     out["plain"], _ = _train(*_gpt_step(), rank, world, steps)
     out["zeropp"], _ = _train(*_gpt_step(zeropp()), rank, world, steps)
     if world == 2:
-        out["resume_warnings"] = _resume_warns(rank, world, path)
+        for bf16 in (True, False):
+            out[f"resume_bf16={bf16}"] = _resume(rank, world, f"{path}/ef-bf16={bf16}", bf16)
+        out["resume_warnings"] = _resume_without_buffers(rank, world, f"{path}/no-ef")
         return out
     out["zeropp_ef"], state = _train(*_gpt_step(zeropp(error_feedback=True)), rank, world, steps)
     entries = describe(state)
@@ -201,8 +250,13 @@ def world4():
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return run_world(_world_fn, 2, str(tmp_path_factory.mktemp("zeropp") / "ckpt"))
+def ckpt_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("zeropp")
+
+
+@pytest.fixture(scope="module")
+def world2(ckpt_root):
+    return run_world(_world_fn, 2, str(ckpt_root))
 
 
 def _rel(a: dict, b: dict) -> float:
@@ -307,7 +361,9 @@ def test_error_feedback_buffers_are_state(world4):
     assert entries, "no error-feedback buffers in the zeropp slot"
     for path, (shape, placement) in entries.items():
         assert path.startswith("zeropp/error/")
-        assert shape[0] == 3 and placement.shard == ("dp",)  # n-1 peer chunks, per rank
+        # This rank's row of a (ranks, n-1 peer chunks, k) tensor: per rank.
+        assert shape[:2] == (1, 3) and placement.shape[:2] == (4, 3), (shape, placement)
+        assert placement.shard == ("dp",)
 
 
 def test_hsdp_replicas_agree_and_track_plain(world4):
@@ -448,20 +504,73 @@ def test_lost_error_feedback_buffers_warn():
     from fscale.transforms._compress.zeropp_comm import _error_buffer
 
     fmt = WireFormat(4, 64, error_feedback=True, mesh_dims=("dp",), mesh_size=2)
-    fresh = types.SimpleNamespace(state={"zeropp": {"cursor": 0, "error": {}, "exchanges": 0}})
-    buf = _error_buffer(
-        fmt, Call("zero.grads", "reduce_scatter", "zeropp", fresh), torch.ones(1, 8)
-    )
-    assert not buf.any() and fresh.state["zeropp"]["exchanges"] == 1
-    # As after fs.load: the count of exchanges came back, the buffers did not.
-    resumed = types.SimpleNamespace(state={"zeropp": {"cursor": 0, "error": {}, "exchanges": 4}})
+    fresh = types.SimpleNamespace(state={"zeropp": _slot()})
+    call = Call("zero.grads", "reduce_scatter", "zeropp", fresh)
+    buf = _error_buffer(fmt, call, torch.ones(1, 8))
+    assert buf.shape == (1, 1, 8) and not buf.any()
+    assert fresh.state["zeropp"]["exchanges"] == 1
+    assert placement_of(buf).shape == (2, 1, 8)
+    # As after fs.load of a checkpoint whose buffers were not saved in this layout (an
+    # older fscale): the count of exchanges came back, the buffers did not.
+    resumed = types.SimpleNamespace(state={"zeropp": _slot(exchanges=4)})
     with pytest.warns(UserWarning, match="restart from zero"):
         _error_buffer(
             fmt, Call("zero.grads", "reduce_scatter", "zeropp", resumed), torch.ones(1, 8)
         )
+    # A buffer of another shape (a checkpoint of another mesh) is refused, not restarted.
+    mesh = types.SimpleNamespace(state={"zeropp": _slot(buffers={"0": torch.ones(1, 3, 8)})})
+    call = Call("zero.grads", "reduce_scatter", "zeropp", mesh)
+    text = error_text(lambda: _error_buffer(fmt, call, torch.ones(1, 8)))
+    assert "another mesh" in text and "(1, 8)" in text and "(3, 8)" in text, text
+
+
+def test_make_entries_makes_per_rank_buffers():
+    errors = ErrorBuffers(True, ("dp",), 2)
+    errors.make_entries({"0": ((2, 1, 8), torch.float32), "1": ((2, 1, 4), torch.float32)})
+    assert {k: tuple(b.shape) for k, b in errors.buffers.items()} == {
+        "0": (1, 1, 8),
+        "1": (1, 1, 4),
+    }
+    assert placement_of(errors.buffers["1"]).shape == (2, 1, 4)
+    off = ErrorBuffers(False, ("dp",), 2)
+    off.make_entries({"0": ((2, 1, 8), torch.float32)})
+    assert not off.buffers  # error feedback off: the saved buffers are not needed
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_resume_is_exact(world2, bf16):
+    for out in world2:
+        got = out[f"resume_bf16={bf16}"]
+        saved = got["at_save"]
+        # Some are zero (an exchange whose peer chunks are exact: padding rows).
+        assert any(b.any() for b in saved.values()), "buffers all zero at save"
+        assert saved.keys() == got["loaded"].keys()
+        for k, b in saved.items():
+            assert torch.equal(got["loaded"][k], b), k  # every rank its own buffers
+        (p_straight, b_straight), (p_resumed, b_resumed) = got["straight"], got["resumed"]
+        assert all(torch.equal(p_resumed[k], t) for k, t in p_straight.items())
+        assert b_straight.keys() == b_resumed.keys()
+        assert all(torch.equal(b_resumed[k], t) for k, t in b_straight.items())
+        assert not got["warnings"], got["warnings"]
+    # Each rank's buffers differ: a replicated entry would have restored rank 0's.
+    a, b = (out[f"resume_bf16={bf16}"]["at_save"] for out in world2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_without_error_buffers_warns(world2):
     for out in world2:
         lost = [w for w in out["resume_warnings"] if "restart from zero" in w]
         assert len(lost) == 1, out["resume_warnings"]
+
+
+def test_load_into_another_world_is_refused(world2, ckpt_root):
+    path = str(ckpt_root / "ef-bf16=False")  # saved by a world of 2; this is a world of 1
+    step, params = _gpt_step(zeropp(error_feedback=True), bf16=False)
+    text = error_text(lambda: fs.load(path, step, params))
+    assert "world of 2 ranks" in text and "runs on 1" in text, text
+    assert "error_feedback=False" in text, text
+    # The way out the message names: the params and optimizer load, resharded.
+    step, params = _gpt_step(zeropp(error_feedback=False), bf16=False)
+    params, state = fs.load(path, step, params)
+    want, got = world2[0]["resume_bf16=False"]["params_at_save"], fs.gather_params(params, state)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], t) for k, t in want.items())

@@ -35,6 +35,7 @@ from fscale.kernels import blockq
 from fscale.policies import ParamSourcePolicy, PrecisionPolicy, ZeroPolicy
 from fscale.step import Step, Transform
 from fscale.transforms._compress.zeropp_comm import (
+    ErrorBuffers,
     WireFormat,
     quantized_all_gather,
     quantized_reduce,
@@ -92,7 +93,8 @@ class ZeroPP:
             plan=partial(plan_zeropp, self, step.policy(PrecisionPolicy), world, size // world),
         )
         inner = step.stages
-        stages = {"init": partial(_init, inner, policy)}
+        errors = ErrorBuffers(self.qgz and self.error_feedback, dims, size)
+        stages = {"init": partial(_init, inner, policy, errors)}
         if self.qgz and self.error_feedback:
             stages["loss_and_grad"] = partial(_loss_and_grad, inner)
         return step.with_transform(record, policy=policy, lowerings=lowerings, **stages)
@@ -185,7 +187,7 @@ def _default_gather(call, t, **kw):
 # ----------------------------------------------------------------------------- stages
 
 
-def _init(inner, policy, step: Step, params):
+def _init(inner, policy, errors, step: Step, params):
     if policy is not None and step.policy(ParamSourcePolicy) is not policy:
         raise ValueError(
             "zeropp(hpz=...) keeps its secondary partition in ZeRO-3's param source, but "
@@ -193,9 +195,15 @@ def _init(inner, policy, step: Step, params):
             "replaced the source; drop hpz or offload only the optimizer."
         )
     params, state = inner.init(step, params)
-    # The lowerings' slot: error-feedback buffers by exchange order ([Note: qgZ error
-    # feedback] in zeropp_comm.py); empty without error feedback.
-    state[NAME] = {"cursor": 0, "error": {}, "exchanges": 0}
+    # The lowerings' slot: error-feedback buffers by exchange order, made at the first
+    # exchange or by fs.load ([Note: qgZ error feedback] in zeropp_comm.py); empty
+    # without error feedback, which the plain flag tells a later load.
+    state[NAME] = {
+        "cursor": 0,
+        "error": dataclasses.replace(errors, buffers={}),
+        "exchanges": 0,
+        "error_feedback": errors.enabled,
+    }
     return params, state
 
 

@@ -19,11 +19,21 @@ each peer chunk it sent (fp32, ``(n-1)/n`` of the unit's grads) and adds it to t
 next step's chunk (Seide et al. 2014; Karimireddy et al. 2019), so the error does
 not accumulate in the params. Exchanges are keyed by their order in the step
 (``cursor``, reset at each ``loss_and_grad``): ZeRO-3 reduces units in backward
-order, the same every step. A buffer whose size no longer matches is restarted.
-The buffers live in the method's state slot (``call.state``) and are described for a
-checkpoint; as they are made at the first exchange, ``fs.load`` (which fills what
-``step.init`` makes) does not restore them: a resumed run warns and restarts them
-from zero (the slot's ``exchanges`` count, plain metadata, is what tells).
+order, the same every step, so an exchange's buffer always has its shape (a buffer
+that does not is an error: it came from a checkpoint of another mesh).
+
+The buffers live in the method's state slot (``call.state["error"]``, an
+``ErrorBuffers``) and are checkpointed: each rank's buffer of exchange ``i`` is row
+``rank`` of a ``(mesh size, n-1, k)`` tensor sharded over every mesh dim, so
+``fs.save`` writes every rank's and ``fs.load`` reads each rank its own. They are
+made at the first exchange (the sizes are ZeRO-3's unit layout, known only then),
+so ``fs.load`` asks the slot to make them first (``ErrorBuffers.make_entries``,
+[Note: what load fills] in ``fscale/checkpoint.py``): a resumed run equals the
+uninterrupted one bit for bit. A checkpoint of another world size is refused (a
+rank's residuals are of the chunks it sent to its peers: they mean nothing on
+another world). A checkpoint without them (saved without error feedback, or by an
+fscale that did not restore them) warns once and the buffers start from zero;
+the slot's plain metadata (``exchanges``, ``error_feedback``) is what tells.
 
 Usage::
 
@@ -34,7 +44,7 @@ Usage::
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,7 +139,7 @@ def _exchange(fmt: WireFormat, call, chunks: torch.Tensor, group) -> comm.Handle
     peers = [j for j in range(n) if j != r]
     send = chunks.new_zeros((n - 1, kp), dtype=torch.float32)
     send[:, :k] = chunks[peers]
-    error = _error_buffer(fmt, call, send[:, :k]) if fmt.error_feedback else None
+    error = _error_buffer(fmt, call, send[:, :k])[0] if fmt.error_feedback else None
     if error is not None:
         send[:, :k] += error
     payload = _pack(send, k, fmt)
@@ -184,25 +194,89 @@ def _all_reduce(fmt: WireFormat, call, flat: torch.Tensor, group) -> torch.Tenso
 # ----------------------------------------------------------------------------- error feedback
 
 
+@dataclass(frozen=True)
+class ErrorBuffers:
+    """qgZ's error-feedback buffers by exchange index ([Note: qgZ error feedback]).
+
+    Each buffer is this rank's ``(1, n-1, k)`` row of a ``(mesh_size, n-1, k)`` tensor
+    sharded over ``mesh_dims``. Frozen: an exchange that makes a buffer returns a new
+    ``ErrorBuffers`` (a skipped step returns the old slot, as for any state).
+    """
+
+    enabled: bool = False
+    mesh_dims: tuple[str, ...] = ()
+    mesh_size: int = 1
+    buffers: dict = field(default_factory=dict)
+
+    def describe_state(self) -> dict:
+        return dict(self.buffers)
+
+    def with_buffer(self, index: str, buf: torch.Tensor) -> ErrorBuffers:
+        return ErrorBuffers(
+            self.enabled, self.mesh_dims, self.mesh_size, {**self.buffers, index: buf}
+        )
+
+    def make_buffer(self, shape, dtype, device) -> torch.Tensor:
+        """Zeros of this rank's ``shape`` ((1, n-1, k)), placed per rank."""
+        buf = torch.zeros(shape, dtype=dtype, device=device)
+        place(buf, Placement((self.mesh_size, *shape[1:]), self.mesh_dims))
+        return buf
+
+    def make_entries(self, saved: dict) -> None:
+        """``fs.load``'s hook: make the checkpoint's buffers (zeros, filled by DCP next)."""
+        if not self.enabled:
+            return  # error feedback is off in this step: the saved buffers are not needed
+        for index, (shape, dtype) in saved.items():
+            if len(shape) != 3:
+                continue  # not this layout: the first exchange warns that they restart
+            if shape[0] != self.mesh_size:
+                raise ValueError(
+                    f"zeropp(error_feedback=True): the checkpoint's error-feedback buffer "
+                    f"{index!r} was saved by a world of {shape[0]} ranks, but this step runs "
+                    f"on {self.mesh_size}. Each rank's buffer holds what int4 dropped from "
+                    f"the chunks it sent to its {shape[1]} peers, which means nothing on "
+                    "another world; resume on the world that saved it, or load with "
+                    "zeropp(error_feedback=False)."
+                )
+            # In place: fs.load calls it on the state step.init just made.
+            self.buffers[index] = self.make_buffer((1, *shape[1:]), dtype, torch.device("cpu"))
+
+
 def _error_buffer(fmt: WireFormat, call, like: torch.Tensor) -> torch.Tensor:
-    """This exchange's error buffer ([Note: qgZ error feedback]), created at zero."""
+    """This exchange's error buffer ``(1, *like.shape)`` ([Note: qgZ error feedback])."""
     slot = call.state
-    index = str(slot["cursor"])
-    errors = dict(slot["error"])
-    buf = errors.get(index)
+    cursor = slot["cursor"]
+    index = str(cursor)
+    errors: ErrorBuffers = slot["error"]
+    buf = errors.buffers.get(index)
     seen = slot.get("exchanges", 0)  # plain metadata: restored by fs.load
-    if buf is None or buf.shape != like.shape or buf.device != like.device:
-        if buf is None and not errors and slot["cursor"] < seen:  # once per step
+    if buf is not None and buf.shape[1:] != like.shape:
+        raise ValueError(
+            f"zeropp(error_feedback=True): exchange {cursor} of the step sends chunks of "
+            f"shape {tuple(like.shape)}, but its error-feedback buffer holds "
+            f"{tuple(buf.shape[1:])}: it was loaded from a checkpoint of another mesh "
+            "(another shard/replicate split of the same ranks). Resume on the mesh that "
+            "saved it, or load with zeropp(error_feedback=False)."
+        )
+    if buf is None:
+        if cursor == 0 and not errors.buffers and (seen or not slot.get("error_feedback", True)):
             warnings.warn(
-                "zeropp(error_feedback=True): the error-feedback buffers of a previous run "
-                "are missing (fs.load restores only the entries step.init creates, and these "
-                "are made at the first exchange); they restart from zero.",
+                "zeropp(error_feedback=True): the checkpoint this run was loaded from has no "
+                "error-feedback buffers (it was saved without error feedback, or by an older "
+                "fscale); they restart from zero.",
                 stacklevel=2,
             )
-        buf = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
-        # Per-rank data: a shard of a (mesh size x ...) tensor over every mesh dim.
-        place(buf, Placement((fmt.mesh_size * buf.shape[0], *buf.shape[1:]), fmt.mesh_dims))
-        errors[index] = buf
-    cursor = slot["cursor"] + 1
-    call.state = {**slot, "cursor": cursor, "error": errors, "exchanges": max(seen, cursor)}
+        buf = errors.make_buffer((1, *like.shape), like.dtype, like.device)
+        errors = errors.with_buffer(index, buf)
+    elif buf.device != like.device:  # fs.load makes them on the host
+        moved = errors.make_buffer(buf.shape, buf.dtype, like.device)
+        buf = moved.copy_(buf)
+        errors = errors.with_buffer(index, buf)
+    call.state = {
+        **slot,
+        "cursor": cursor + 1,
+        "error": errors,
+        "exchanges": max(seen, cursor + 1),
+        "error_feedback": True,
+    }
     return buf
