@@ -493,7 +493,12 @@ def _onebit_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
     lv = _Leaves(cfg, ctx, grads, params, l2=not lamb and not hp.get("decoupled", False))
     lv.local_momentum_(hp["b1"])
     denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
-    lv.set_momentum_(_exchange_scaled(cfg, ctx, slot, lv.flat_momentum(), denom))
+    # _exchange_scaled's quotients and products taken per leaf: the same values, without
+    # the flat momentum and flat denom (two model-sized copies, ~0.1 s a step at 21M on
+    # a CPU). The mask zeroes come before the product: 0 * denom stays 0.
+    scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.ms, denom)])
+    lv.set_momentum_(_exchange(cfg, ctx, slot, scaled))
+    torch._foreach_mul_(lv.ms, denom)
     bias1 = 1.0 - hp["b1"] ** lv.t
     if lamb:
         rs = torch._foreach_div(lv.ms, denom)
