@@ -12,8 +12,8 @@ measures:
 - per method, on a GPT of ``--layers`` x ``--d-model`` (>= 20M params, fp32): the step
   time (median after warm-up, max over ranks), the bytes per step that reached the
   wire (``comm.counting().wire``) and ``metrics["comm_bytes"]``, the step time with
-  every collective replaced by a local stand-in (the compute alone), and the
-  prediction: compute alone + the cost model's time for the measured wire bytes.
+  every collective replaced by a local stand-in (the compute alone; wall and CPU
+  seconds), and the prediction: compute alone + the cost model's time for the measured wire bytes.
 
 Methods: ``adam`` (plain data parallel), ``zero3`` (``shard_zero(step, 3)``), and when
 their modules exist ``onebit_adam``, ``zero_one_adam``, ``onebit_lamb`` (over plain
@@ -286,7 +286,7 @@ def table(result: dict) -> str:
         f"{r} -> {p['gbit_s']:.3f} Gbit/s" for r, p in result["socket_probe"].items())]  # fmt: skip
     rows.append("")
     head = (f"{'rate':<7} {'world':>5} {'method':<14} {'step s':>8} {'mean s':>8} {'compute s':>9} "
-            f"{'wire MB':>9} {'pred s':>8} {'err':>6}  {'speedup':>8}")  # fmt: skip
+            f"{'cpu s':>6} {'wire MB':>9} {'pred s':>8} {'err':>6}  {'speedup':>8}")  # fmt: skip
     rows += [head, "-" * len(head)]
     for run in result["runs"]:
         if run.get("ok") is False:
@@ -309,7 +309,8 @@ def table(result: dict) -> str:
             )
             rows.append(
                 f"{lead} {m['step_s']:>8.3f} {m['step_mean_s']:>8.3f} {m['local_s']:>9.3f} "
-                f"{m['wire_bytes'] / 1e6:>9.2f} {m['predicted_step_s'] or float('nan'):>8.3f} "
+                f"{m.get('local_cpu_s', float('nan')):>6.3f} {m['wire_bytes'] / 1e6:>9.2f} "
+                f"{m['predicted_step_s'] or float('nan'):>8.3f} "
                 f"{err:>6}  {speed:>8}"
             )  # fmt: skip
         cal = run.get("calibration") or []
@@ -320,6 +321,7 @@ def table(result: dict) -> str:
     rows.append("")
     rows.append("step s / mean s: median / mean of the timed steps (each the max over ranks); "
                 "compute s: the same step with collectives replaced by local stand-ins (mean); "
+                "cpu s: that step's CPU seconds in the rank process (mean, max over ranks); "
                 "wire MB: bytes per step that reached gloo, one rank; pred s: compute + cost "
                 "model on those bytes (shared link, gloo); err: pred vs mean; speedup: mean "
                 "step time vs adam (1-bit methods) or zero3 (zeropp).")  # fmt: skip
@@ -624,16 +626,20 @@ def run_method(name: str, args, link) -> dict:
         res["wire_bytes"] = sum(wire.values())
         comm_s = cost.predict_bytes(wire, link, args.world, calls).seconds
         res["predicted_comm_s"] = _mean_over_ranks(comm_s)
-        local = []
+        local, local_cpu = [], []
         with local_collectives(args.world):
             # One untimed step first: the first step after the real ones ran 2-3x slower.
             for i in range(1 + args.local_steps):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 params, state, _ = step(params, state, batch)
                 if i:
                     local.append(time.perf_counter() - start)
+                    local_cpu.append(time.process_time() - cpu)
         res["local_times_s"] = local
         res["local_s"] = _max_over_ranks(statistics.fmean(local))
+        # This process's CPU seconds for the same steps: on a shared box the wall time
+        # above also counts other processes' turns on the cores, this does not.
+        res["local_cpu_s"] = _max_over_ranks(statistics.fmean(local_cpu))
         # Means, not medians, for the prediction and the speedups: a method whose steps
         # differ (0/1 Adam's skipped rounds) is only fairly measured over a window.
         res["predicted_step_s"] = res["local_s"] + res["predicted_comm_s"]
