@@ -91,9 +91,12 @@ def _make_lazy(path: str, value: Any, saved: dict) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             _make_lazy(f"{path}/{k}" if path else str(k), v, saved)
-    elif isinstance(value, (list, tuple)):  # NamedTuples too: only objects are looked for
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+        for k in value._fields:
+            _make_lazy(f"{path}/{k}", getattr(value, k), saved)
+    elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _make_lazy(f"{path}/{value._fields[i] if hasattr(value, '_fields') else i}", v, saved)
+            _make_lazy(f"{path}/{i}", v, saved)
 
 
 def _restore_plain(state: dict, values: dict) -> dict:
