@@ -128,7 +128,7 @@ def _quantized():
 CASES = [
     # train_step: the guards' own options
     ("nonfinite mode", lambda: _problem(nonfinite="ignore"), ValueError,
-     r"nonfinite must be one of \('skip', 'off'\), got 'ignore'"),
+     r"nonfinite must be one of \('skip', 'skip_now', 'skip_late', 'off'\), got 'ignore'"),
     ("max_nonfinite_skips 0", lambda: _problem(max_nonfinite_skips=0), ValueError,
      r"max_nonfinite_skips must be an int >= 1 \(or None: never raise\), got 0"),
     ("max_nonfinite_skips bool", lambda: _problem(max_nonfinite_skips=True), ValueError,
