@@ -201,11 +201,12 @@ def _gaps():
 
 
 # Measured here (text GPT, world 4, 80 steps, 40 of warm-up): 1-bit Adam +1.83% (bf16
-# +1.85%), 0/1 Adam +4.1%, 1-bit LAMB +4.4% above their full-precision optimizer. Before
+# +1.85%), 0/1 Adam +4.1%, 1-bit LAMB +4.1% above their full-precision optimizer. Before
 # the variance count and the compression in units of the step: +2.2%, +11-17%, -2.8%.
 # Over data seeds 1-3 (same run): 1-bit Adam +1.8/+2.2/+1.9%, 0/1 Adam +4.1/+3.9/+3.1%,
-# 1-bit LAMB +4.4/+4.4/+4.3%. These bounds hold what was measured; the issue's 2% is
-# the test below (xfail for the two methods that do not reach it yet).
+# 1-bit LAMB +4.1/+4.5/+4.9% (+4.4/+4.4/+4.3% before its fresh-variance factor). These
+# bounds hold what was measured; the issue's 2% is the test below (xfail for the two
+# methods that do not reach it yet).
 _BOUNDS = {
     "onebit_adam": 0.02,
     "onebit_adam_bf16": 0.02,
@@ -224,8 +225,9 @@ def test_convergence_close_to_full_precision():
 _NOT_YET = {
     "zero_one_adam": "measured +4.1% (seeds 1-3: +4.1/+3.9/+3.1%); with exact means "
     "instead of 1-bit ones it was below Adam, so the gap is the compression's (cause open)",
-    "onebit_lamb": "measured +4.4% (seeds 1-3: +4.4/+4.4/+4.3%): the paper's "
-    "fresh-variance factor on the frozen trust ratio is not built",
+    "onebit_lamb": "measured +4.1% (seeds 1-3: +4.1/+4.5/+4.9%) with the paper's "
+    "fresh-variance factor on the frozen trust ratios (+4.4/+4.4/+4.3% without it; "
+    "factors 0.8-1.4 at the end): the factor does not close the gap (cause open)",
 }
 
 
@@ -347,6 +349,75 @@ def test_compressed_momentum_is_one_magnitude_per_chunk_in_units_of_the_step():
     assert (mags.amax(dim=1) > 2 * torch.where(live, mags, math.inf).amin(dim=1)).any()
 
 
+@pytest.mark.parametrize("threshold", [0.1, 0.002])
+def test_onebit_lamb_factor_from_the_fresh_variance_by_hand(threshold):
+    """[Note: 1-bit LAMB's fresh variance], recomputed from the state around each
+    compressed step (world of one, weight decay on): the fresh variance moves with the
+    grads the synced momentum implies, the factor is max(denom / denom') pulled to 1 by
+    Adam's share of the direction, clipped to its bounds and near its last value."""
+    hp = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-6, wd=0.01)
+    method = onebit_lamb(freeze_step=3, factor_threshold=threshold)
+    params, apply = fs.functional(_gpt())
+    opt = fs.optim.lamb(hp["lr"], weight_decay=hp["wd"])
+    step = compress_comm(fs.train_step(gpt_loss(apply), opt), method)
+    params, state = step.init(params)
+    moved = 0
+    for b in _batches(9, 4):
+        before = [p.detach().clone() for p in tree.leaves(params) if p is not None]
+        opt_state = state["optimizer"]
+        m_prev = [t.clone() for t in tree.leaves(opt_state.exp_avg) if t is not None]
+        fresh_prev, last = state[NAME]["fresh_variance"].clone(), state[NAME]["factor"].clone()
+        params, state, metrics = step(params, state, b)
+        if metrics["compress_phase"] != "onebit":
+            continue
+        s, t = state[NAME], state["optimizer"].count
+        ms = [x for x in tree.leaves(state["optimizer"].exp_avg) if x is not None]
+        vs = [x for x in tree.leaves(state["optimizer"].exp_avg_sq) if x is not None]
+        if t - 1 == s["v_count"]:
+            fresh_prev = torch.cat([v.reshape(-1) for v in vs])
+        m, mp = torch.cat([x.reshape(-1) for x in ms]), torch.cat([x.reshape(-1) for x in m_prev])
+        g = (m - hp["b1"] * mp) / (1 - hp["b1"])
+        fresh = hp["b2"] * fresh_prev + (1 - hp["b2"]) * g * g
+        torch.testing.assert_close(s["fresh_variance"], fresh, rtol=1e-5, atol=1e-12)
+        want, off = [], 0
+        for x, v, p in zip(ms, vs, before, strict=True):
+            n = x.numel()
+            d = v.sqrt() / math.sqrt(1 - hp["b2"] ** s["v_count"]) + hp["eps"]
+            d2 = fresh[off : off + n].view_as(v).sqrt() / math.sqrt(1 - hp["b2"] ** t) + hp["eps"]
+            off += n
+            adam = x / d / (1 - hp["b1"] ** t)
+            share = min(1.0, float(adam.norm() / (adam + hp["wd"] * p).norm()))
+            f = float((d / d2).max()) * share + 1 - share
+            want.append(min(max(f, 0.5), 4.0))
+        want = torch.tensor(want)
+        want = torch.minimum(torch.maximum(want, last * (1 - threshold)), last * (1 + threshold))
+        torch.testing.assert_close(s["factor"], want, rtol=1e-4, atol=0)
+        moved += 1
+    assert moved == 6
+    assert not torch.equal(s["factor"], torch.ones_like(s["factor"]))  # it moved
+
+
+def test_onebit_lamb_unit_factors_keep_the_frozen_trust_ratios():
+    """factor_min = factor_max = 1: the warm-up ratios step unchanged, whatever the fresh
+    variance says; the default factor changes the params."""
+
+    def run(**kw):
+        params, apply = fs.functional(_gpt())
+        step = compress_comm(
+            fs.train_step(gpt_loss(apply), fs.optim.lamb(1e-2)), onebit_lamb(freeze_step=3, **kw)
+        )
+        params, state = step.init(params)
+        for b in _batches(6, 4):
+            params, state, _ = step(params, state, b)
+        return params, state
+
+    unit, state = run(factor_min=1.0, factor_max=1.0)
+    assert torch.equal(state[NAME]["factor"], torch.ones_like(state[NAME]["factor"]))
+    assert state[NAME]["fresh_variance"].abs().sum() > 0
+    default, _ = run()
+    assert any(not torch.equal(unit[k], default[k]) for k in unit)
+
+
 def test_zero_one_schedule():
     m = zero_one_adam(
         var_freeze_step=20, var_update_scaler=3, local_step_scaler=4, local_step_clipper=4
@@ -393,7 +464,11 @@ def _resume_case(tmp_path, name):
         assert torch.equal(params[k], params2[k]), (name, k)
     assert state2[NAME]["v_count"] == state[NAME]["v_count"]
     assert state2[NAME].get("window") == state[NAME].get("window")
-    for key in ("worker_error", "server_error"):
+    keys = ["worker_error", "server_error"]
+    if name == "onebit_lamb":  # [Note: 1-bit LAMB's fresh variance]
+        keys += ["fresh_variance", "factor"]
+        assert not torch.equal(state2[NAME]["factor"], torch.ones_like(state2[NAME]["factor"]))
+    for key in keys:
         assert torch.equal(state[NAME][key], state2[NAME][key])
         assert state[NAME][key].abs().sum() > 0  # the buffers were in use
 
@@ -415,6 +490,14 @@ def _plain(opt=None):
         (lambda: onebit_adam(freeze_step=0), ValueError, "freeze_step must be an int >= 1"),
         (lambda: onebit_adam(freeze_step=True), ValueError, "freeze_step"),
         (lambda: onebit_lamb(freeze_step=5, coeff_beta=1.0), ValueError, r"coeff_beta .* \[0, 1\)"),
+        (
+            lambda: onebit_lamb(freeze_step=5, factor_min=2.0, factor_max=1.0),
+            ValueError,
+            r"0 < factor_min <= factor_max .* factor_min=2.0, factor_max=1.0",
+        ),
+        (lambda: onebit_lamb(freeze_step=5, factor_min=0), ValueError, "factor_min"),
+        (lambda: onebit_lamb(freeze_step=5, factor_threshold=-0.1), ValueError, "threshold"),
+        (lambda: onebit_lamb(freeze_step=5, factor_max="4"), ValueError, "factor_max"),
         (lambda: zero_one_adam(var_freeze_step=10, local_step_clipper=0), ValueError, "clipper"),
         (
             lambda: compress_comm(_plain(fs.optim.lamb(1e-2)), onebit_adam(freeze_step=5)),

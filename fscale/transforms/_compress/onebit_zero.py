@@ -49,7 +49,11 @@ reduce-scatter rounds differently from the all-reduce (last bit), else the same.
 
 Memory (on top of ZeRO-1/2), per rank: the full local momentum ``M`` (4 bytes/param),
 the gathered frozen variance (4; its ``!= 0`` is the live mask), the worker error (4),
-the server error (4/N); 0/1 Adam adds the window's anchor (4). The compressed call
+the server error (4/N); 0/1 Adam adds the window's anchor (4), 1-bit LAMB its fresh
+variance (4, full and equal on every rank: computed from ``M`` with the full params,
+plain DP's maths on views, no communication; [Note: 1-bit LAMB's fresh variance] in
+``onebit.py``; 1-bit LAMB's step also makes last step's ``M``, the implied grads and
+the fresh denominator, 4 + 4 + 4, freed after it). The compressed call
 also makes ``d``, ``M / d`` and the dead mask (4 + 4 + 1, freed after it). Stage 3
 is refused (no full local momentum without an all-gather of it every step; use
 ``fs.zeropp``).
@@ -227,6 +231,8 @@ def _init(cfg, inner, step: Step, params):
     if _is(cfg, "OnebitLamb"):
         slot["trust"] = torch.zeros(len(live), dtype=torch.float32, device=device)
         slot["trust_steps"] = 0
+        slot["fresh_variance"] = full_flat()  # from the synced M: equal on every rank
+        slot["factor"] = torch.ones(len(live), dtype=torch.float32, device=device)
     state[ob.NAME] = slot
     return params, state
 
@@ -263,11 +269,13 @@ def _update(cfg, inner, ctx: StepContext, grads, params):
     if action in ("local", "sync"):
         call = rows_opt.local_step(cfg, ctx, slot, lv, sync=action == "sync")
     else:
+        lamb = _is(cfg, "OnebitLamb")
+        m_prev = slot["momentum"].clone() if lamb else None  # last step's synced M
         lv.momentum_(slot)
         exchange_(cfg, ctx, slot)
-        call = {"mode": "lamb" if _is(cfg, "OnebitLamb") else "adam"}
-        if call["mode"] == "lamb":
-            call["trust"] = _frozen_trust(cfg, slot)
+        call = {"mode": "lamb" if lamb else "adam"}
+        if lamb:
+            call["trust"] = _lamb_trust(cfg, slot, lv, m_prev)
     call.update(v_count=slot["v_count"], lr=lv.lr, wd=lv.wd, decayed=lv.decayed)
     return rows_opt.calling(call, inner.update)(ctx, lv.own_rows(slot["momentum"]), params)
 
@@ -353,10 +361,22 @@ def exchange_(cfg, ctx: StepContext, slot: dict, x: torch.Tensor | None = None) 
     m.copy_(out.mul_(d).masked_fill_(v == 0, 0.0))
 
 
-def _frozen_trust(cfg, slot: dict) -> list[torch.Tensor]:
-    """The bias-corrected warm-up EMA of each layer's trust ratio (equal on every rank)."""
-    steps = slot["trust_steps"]
-    return (slot["trust"] / (1.0 - cfg.method.coeff_beta ** max(steps, 1))).unbind()
+def _lamb_trust(cfg, slot: dict, lv: Local, m_prev: torch.Tensor) -> list[torch.Tensor]:
+    """1-bit LAMB's trust ratios for this step, from the full (flat) synced momentum,
+    frozen variance, fresh variance and full params every rank holds: plain DP's
+    ``onebit.lamb_trust_`` on per-leaf views, so equal on every rank, no communication
+    ([Note: 1-bit LAMB's fresh variance] in ``onebit.py``)."""
+    from fscale.transforms._compress.onebit import lamb_trust_
+
+    hp, views = cfg.hp, lv.rows.views
+    vs = views(slot["variance"])
+    denom = bias_corrected_denom(vs, hp["b2"], hp["eps"], slot["v_count"])
+    _, trust = lamb_trust_(
+        cfg, slot, ms=views(slot["momentum"]), m_prev=views(m_prev), vs=vs, denom=denom,
+        fresh=views(slot["fresh_variance"]), ps=lv.ps, decayed=lv.decayed, wd=lv.wd,
+        t=lv.opt.count + 1,
+    )  # fmt: skip
+    return list(trust)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -380,6 +400,8 @@ def _plan(cfg, stage: int, plan) -> None:
     extra = 8 * n + 4 * (lay.padded + lay.server)  # M, the gathered variance, errors
     if _is(cfg, "ZeroOneAdam"):
         extra += 4 * n  # the window's anchor
+    if _is(cfg, "OnebitLamb"):
+        extra += 4 * n  # the fresh variance
     plan.memory["compress_comm buffers"] = extra
     plan.notes.append(
         f"compress_comm({cfg.method.name}) over shard_zero({stage}): after warm-up the "

@@ -8,7 +8,9 @@ the call travels in a context variable set around shard_zero's ``update`` only):
 
 - ``"adam"``: 1-bit Adam's step with the frozen variance (the rows' ``exp_avg`` is
   set to the synced momentum);
-- ``"lamb"``: 1-bit LAMB's step with the frozen variance and frozen trust ratios;
+- ``"lamb"``: 1-bit LAMB's step with the frozen variance and the step's trust ratios
+  (``call["trust"]``: the frozen ones times the fresh-variance factors, computed on
+  the full vectors by ``onebit_zero._lamb_trust``);
 - ``"lamb_warmup"``: exact LAMB with whole-layer trust ratios (below);
 - ``"variance"``: 0/1 Adam's exact step once some steps kept the variance (the
   variance's bias correction at ``call["v_count"]``, ``onebit.variance_step_``);
@@ -19,7 +21,8 @@ the call travels in a context variable set around shard_zero's ``update`` only):
 LAMB scales each layer by ``||p|| / ||r||``; a rank holds only its rows of the layer,
 so the rows' squared norms are summed over the ranks (one all-reduce of 2 floats per
 layer, tag ``"compress.lamb"``) before the ratio, in the warm-up only: after it the
-ratios are frozen at their EMA, equal on every rank. (``shard_zero(lamb)`` alone
+ratios are their frozen EMA times a factor computed from whole layers of the full
+vectors every rank holds, equal on every rank. (``shard_zero(lamb)`` alone
 would take each rank's ratio of its own rows.) ``sqrt(n * n) == n`` in IEEE
 arithmetic, so in a world of one this is bitwise ``fs.optim.lamb``.
 
@@ -122,7 +125,7 @@ def _adam(cfg, call: dict, moms, state: AdamState, params):
 
 @torch.no_grad()
 def _lamb(cfg, call: dict, moms, state: AdamState, params):
-    """1-bit LAMB on the rows: frozen variance, frozen whole-layer trust ratios."""
+    """1-bit LAMB on the rows: frozen variance, the step's whole-layer trust ratios."""
     hp = cfg.hp
     rl = _RowLeaves(moms, state, params)
     rl.set_momentum_()
