@@ -82,6 +82,7 @@ class ModelRunner:
         self.device = decoder.device
         self.block_size = block_size
         self.max_blocks = _cdiv(max_model_len, block_size)
+        self.max_model_len = max_model_len
         dtype = kv_dtype or decoder._dtype
         # This rank's KV heads only under tensor parallelism.
         shape = (num_blocks, block_size, decoder.num_kv_heads, cfg.head_dim)
@@ -166,9 +167,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> list[int]:
-        """One forward of a single prompt per power-of-two token count up to
-        ``max_tokens`` (and ``max_tokens`` itself) not already run by graph capture;
-        returns the counts run ([Note: warm-up at start])."""
+        """One forward per power-of-two token count up to ``max_tokens`` (and
+        ``max_tokens`` itself) not already run by graph capture, as prompts of at most
+        ``max_model_len`` tokens; returns the counts run ([Note: warm-up at start])."""
         done = self.graph_sizes[-1] if self.graph_sizes else 0
         counts, m = [], 1
         while m < max_tokens:
@@ -179,14 +180,17 @@ class ModelRunner:
             counts.append(max_tokens)
         dev, bs = self.device, self.block_size
         for m in counts:
+            span = min(m, self.max_model_len)
+            lens = [span] * (m // span) + ([m % span] if m % span else [])
             # Every token writes into block 0 (never handed out) and reads only it.
-            pos = torch.arange(m, device=dev)
+            pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+            starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
             meta = AttentionMeta(
                 slot_mapping=pos % bs,
-                block_tables=torch.zeros(1, _cdiv(m, bs), dtype=torch.int32, device=dev),
-                seq_lens=torch.tensor([m], dtype=torch.int32, device=dev),
-                query_start_loc=torch.tensor([0, m], dtype=torch.int32, device=dev),
-                max_query_len=m,
+                block_tables=torch.zeros(len(lens), _cdiv(span, bs), dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                query_start_loc=torch.from_numpy(starts).to(dev),
+                max_query_len=span,
             )
             hidden = self.decoder.forward(torch.zeros_like(pos), pos, meta, self.kv)
             self.decoder.logits(hidden[-1:])

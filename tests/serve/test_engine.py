@@ -86,6 +86,9 @@ def test_warm_up_runs_every_token_bucket_and_changes_no_output(tiny_llama_dir, l
     engine = Engine(tiny_llama_dir, max_tokens_per_step=24, block_size=4, num_blocks=64)
     assert engine.runner.warm_up(24) == [1, 2, 4, 8, 16, 24]
     assert engine.runner.warm_up(16) == [1, 2, 4, 8, 16]
+    engine.runner.max_model_len = 10  # counts above it run as several prompts
+    assert engine.runner.warm_up(24) == [1, 2, 4, 8, 16, 24]
+    engine.runner.max_model_len = engine.max_model_len
     assert engine.blocks.num_used == 0
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, **GREEDY))
     assert [o.token_ids for o in outs] == [llama_ref[i] for i in range(len(PROMPTS))]
