@@ -414,3 +414,58 @@ def test_bad_checkpoints_raise_naming_the_fix(tmp_path):
     with pytest.raises(KeyError, match=r"extra for ranks \[0\], not rank 3"):
         fs.load_extra(good, rank=3)
     assert fs.load_extra(good) is None
+
+
+# ----------------------------------------------------------------------------- lazy entries
+
+
+class _LazySlot:
+    """A slot whose tensors appear after ``init`` (as qgZ's error buffers do): it
+    describes what it has made and makes, on ``fs.load``'s request, what a checkpoint
+    holds ([Note: what load fills], the last item)."""
+
+    def __init__(self):
+        self.made: dict[str, torch.Tensor] = {}
+        self.asked: list[dict] = []
+
+    def describe_state(self) -> dict:
+        return dict(self.made)
+
+    def make_entries(self, saved: dict) -> None:
+        self.asked.append(dict(saved))
+        for name, (shape, dtype) in saved.items():
+            self.made[name] = torch.zeros(shape, dtype=dtype)
+
+
+def _with_lazy_slot(step):
+    """Keeps a running sum of the grads of the first leaf, made at the first call."""
+    inner = step.stages
+
+    def init(s, params):
+        params, state = inner.init(s, params)
+        state["lazy"] = _LazySlot()
+        return params, state
+
+    def loss_and_grad(ctx, params, batch):
+        loss, grads = inner.loss_and_grad(ctx, params, batch)
+        slot, first = ctx.state["lazy"], next(iter(grads.values()))
+        slot.made["grad_sum"] = slot.made.get("grad_sum", torch.zeros_like(first)) + first
+        return loss, grads
+
+    return step.with_transform(fs.Transform("lazy"), init=init, loss_and_grad=loss_and_grad)
+
+
+def test_load_asks_a_slot_to_make_the_entries_it_makes_lazily(tmp_path):
+    step, params = _build([])
+    step = _with_lazy_slot(step)
+    params, state = step.init(params)
+    params, state = _train(step, params, state, _batches(0, 1, 2, seed=3))
+    saved = state["lazy"].made["grad_sum"].clone()
+    assert saved.abs().sum() > 0
+    fs.save(tmp_path / "ck", params, state)
+    fresh_step, fresh = _build([])
+    fresh_step = _with_lazy_slot(fresh_step)
+    _, loaded = fs.load(tmp_path / "ck", fresh_step, fresh)
+    slot = loaded["lazy"]
+    assert slot.asked == [{"grad_sum": (tuple(saved.shape), saved.dtype)}]
+    assert torch.equal(slot.made["grad_sum"], saved)
