@@ -628,6 +628,38 @@ def _flat_params(ps: list) -> torch.Tensor:
 
 
 @torch.no_grad()
+def local_adam_step_(ps, ms, denom, decayed, step_size: float, shrink: float, window: dict):
+    """0/1 Adam's local step on ``ps`` (decoupled decay ``shrink`` on the ``decayed``
+    positions, 1.0 for none); returns ``window`` advanced by it. Plain DP and the ZeRO
+    path share it ([Note: 0/1 Adam, simplified])."""
+    if shrink != 1.0:
+        for j in decayed:
+            ps[j].mul_(shrink)
+    for p, m, d in zip(ps, ms, denom, strict=True):
+        p.sub_((m / d).mul_(step_size).to(p.dtype))
+    return {
+        "steps": window["steps"] + 1,
+        "sum_lr": window["sum_lr"] + step_size,
+        "decay": window["decay"] * shrink,
+    }
+
+
+def window_momentum(anchor: torch.Tensor, ps, denom, decayed, window: dict):
+    """The window's average momentum in units of the step, ``(start - x) * denom /
+    sum_lr`` (``start`` the anchor with the window's decay on decayed leaves, ``x`` the
+    params now); returns it with ``start`` and the flat denominator."""
+    flat_denom = torch.cat([d.reshape(-1) for d in denom])
+    decay = torch.cat(
+        [
+            torch.full((p.numel(),), window["decay"] if j in decayed else 1.0)
+            for j, p in enumerate(ps)
+        ]
+    ).to(flat_denom.device)
+    start = anchor * decay
+    return (start - _flat_params(ps)).mul_(flat_denom).div_(window["sum_lr"]), start, flat_denom
+
+
+@torch.no_grad()
 def _local_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params, *, sync: bool):
     """0/1 Adam after the variance froze: a local Adam step; on a sync step, the window's
     average momentum goes through the compressed mean ([Note: 0/1 Adam, simplified])."""
@@ -641,28 +673,10 @@ def _local_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params, *, sy
     denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
     step_size = lv.lr / (1.0 - hp["b1"] ** lv.t)
     shrink = 1.0 - lv.lr * lv.wd if decoupled else 1.0
-    if decoupled:
-        for j in lv.decayed:
-            lv.ps[j].mul_(shrink)
-    for p, m, d in zip(lv.ps, lv.ms, denom, strict=True):
-        p.sub_((m / d).mul_(step_size).to(p.dtype))
-    window = {
-        "steps": window["steps"] + 1,
-        "sum_lr": window["sum_lr"] + step_size,
-        "decay": window["decay"] * shrink,
-    }
+    window = local_adam_step_(lv.ps, lv.ms, denom, lv.decayed, step_size, shrink, window)
     if sync:
-        flat_denom = torch.cat([d.reshape(-1) for d in denom])
-        # The anchor with the window's decay, on decayed leaves only.
-        decayed = torch.cat(
-            [
-                torch.full((p.numel(),), window["decay"] if j in lv.decayed else 1.0)
-                for j, p in enumerate(lv.ps)
-            ]
-        ).to(flat_denom.device)
-        start = slot["anchor"] * decayed
         # The window's average momentum, compressed like 1-bit Adam's.
-        u = (start - _flat_params(lv.ps)).mul_(flat_denom).div_(window["sum_lr"])
+        u, start, flat_denom = window_momentum(slot["anchor"], lv.ps, denom, lv.decayed, window)
         m = _exchange_scaled(cfg, ctx, slot, u, denom)
         lv.set_momentum_(m)
         m = lv.flat_momentum()  # masked

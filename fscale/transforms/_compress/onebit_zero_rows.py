@@ -244,6 +244,7 @@ def local_step(cfg, ctx, slot: dict, lv, *, sync: bool) -> dict:
     """0/1 Adam after the variance froze, on the full params ([Note: 0/1 Adam under
     ZeRO-1/2]); on a sync step the window's average momentum is exchanged into ``M``.
     Returns the rows' call."""
+    from fscale.transforms._compress import onebit as ob
     from fscale.transforms._compress.onebit_zero import exchange_
 
     hp = cfg.hp
@@ -256,28 +257,11 @@ def local_step(cfg, ctx, slot: dict, lv, *, sync: bool) -> dict:
     denom = bias_corrected_denom(vs, hp["b2"], hp["eps"], slot["v_count"])
     step_size = lv.lr / (1.0 - hp["b1"] ** (lv.opt.count + 1))
     shrink = 1.0 - lv.lr * lv.wd if decoupled else 1.0
-    if decoupled:
-        for j in lv.decayed:
-            lv.ps[j].mul_(shrink)
-    for p, m, d in zip(lv.ps, ms, denom, strict=True):
-        p.sub_((m / d).mul_(step_size).to(p.dtype))
-    window = {
-        "steps": window["steps"] + 1,
-        "sum_lr": window["sum_lr"] + step_size,
-        "decay": window["decay"] * shrink,
-    }
+    window = ob.local_adam_step_(lv.ps, ms, denom, lv.decayed, step_size, shrink, window)
     call = {"mode": "local"}
     if sync:
-        flat_denom = torch.cat([d.reshape(-1) for d in denom])
-        decayed = torch.cat(
-            [
-                torch.full((p.numel(),), window["decay"] if j in lv.decayed else 1.0)
-                for j, p in enumerate(lv.ps)
-            ]
-        ).to(flat_denom.device)
-        start = slot["anchor"] * decayed
-        x = torch.cat([p.detach().reshape(-1).float() for p in lv.ps])
-        exchange_(cfg, ctx, slot, (start - x).mul_(flat_denom).div_(window["sum_lr"]))
+        u, _, _ = ob.window_momentum(slot["anchor"], lv.ps, denom, lv.decayed, window)
+        exchange_(cfg, ctx, slot, u)
         call = {"mode": "sync", "sum_lr": window["sum_lr"], "decay": window["decay"]}
         window = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
     slot["window"] = window
