@@ -1,0 +1,397 @@
+"""``fs.save``'s writer loop: DCP's file format, written by fscale's own threads.
+
+[Note: how a tensor reaches the disk]
+DCP's ``FileSystemWriter`` (torch 2.11-2.13) splits a rank's items into one bucket per
+writer thread (largest first, to the least loaded bucket) and each thread writes its
+bucket to one file ``__<rank>_<i>.distcp``: per item, ``torch.save`` of the tensor into
+the file (a small zip: pickle, then the storage bytes, whose CRC-32 torch computes),
+then one ``fsync`` at the end. With more than one thread every item is moved to the host
+by a plain ``tensor.cpu()`` (its copy-ahead loader is used only with one thread): a
+synchronous copy into fresh pageable memory, on the legacy default stream that every
+thread shares, so the threads' device-to-host copies run one at a time, each through the
+driver's small pinned staging buffer, and into pages faulted in as they are written.
+Measured on one H200 (bench/checkpoint.py) a 1.4B state on the GPU saved at 0.63x
+``dd``, the same state resident on the host at 1.18x. And nothing asks the kernel to
+write before the final ``fsync``: the page cache takes the bytes as fast as they come and
+the drive idles until the dirty pages pass the background threshold (10% of memory by
+default), so a slow producer and the drive take turns instead of overlapping.
+
+This loop writes the same files (same buckets, same order, ``torch.save`` of a tensor
+with a storage of exactly its bytes, same ``WriteResult``; the CPU tests compare the
+files byte for byte with DCP's), but:
+
+- device tensors are copied on a side stream into two reused pinned slabs per thread
+  (``_Slabs``), item ``k + 1``'s copy running while item ``k`` is written; ``torch.save``
+  reads the slab through a storage of exactly the item's bytes. An item larger than a
+  slab is copied through both slabs in turn into a host tensor of its own;
+- every thread starts the write-out of what it wrote as it goes (``sync_file_range``),
+  and waits for it once more than ``SaveIO.writeback`` bytes are in flight, dropping
+  the written pages from the cache (``_Writeback``): the drive is busy from the first
+  item, and the checkpoint does not fill the host's page cache;
+- an asynchronous save's threads run at a lower CPU priority (``SaveIO.background_nice``)
+  so that a host optimizer step (offload) keeps its cores;
+- an exception in any thread (a full disk) is raised in the caller, not lost.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+
+__all__ = ["SaveIO", "make_job", "split_items", "write_buckets"]
+
+
+@dataclass(frozen=True)
+class SaveIO:
+    """How ``fs.save`` moves bytes to the disk ([Note: how a tensor reaches the disk]).
+
+    Args:
+      pinned: pinned host bytes per rank for device-to-host copies: two slabs per writer
+        thread, each at most ``pinned // (2 * threads)`` and no larger than the thread's
+        largest device item. 0 uses DCP's own writer loop (a pageable ``.cpu()`` per
+        item, no early write-out, no priority change): the old path.
+      writeback: bytes a writer thread may have written but not yet on the disk before it
+        waits for the oldest (``sync_file_range``, Linux); 0 leaves write-out to the
+        kernel and the final ``fsync``.
+      background_nice: added to the niceness of an asynchronous save's writer threads
+        (Linux threads have their own); 0 keeps the caller's priority.
+      background_threads: writer threads of an asynchronous save (default: ``threads``
+        of the save).
+      stage_pinned: an asynchronous save stages device tensors into pinned host memory
+        (one copy on a side stream; the blocks stay in torch's pinned-memory cache for
+        the next save) instead of pageable ``.to("cpu")`` copies.
+
+    Usage::
+
+        fs.save(path, params, state, io=SaveIO(background_nice=15))
+    """
+
+    pinned: int = 1 << 30
+    writeback: int = 256 << 20
+    background_nice: int = 10
+    background_threads: int | None = None
+    stage_pinned: bool = True
+
+    def __post_init__(self):
+        for name in ("pinned", "writeback", "background_nice"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"SaveIO({name}={v!r}): an int >= 0.")
+        b = self.background_threads
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"SaveIO(background_threads={b!r}): None or an int >= 1.")
+
+
+def _item_bytes(item: WriteItem) -> int:
+    td = item.tensor_data
+    return math.prod(td.size) * td.properties.dtype.itemsize
+
+
+def split_items(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
+    """One bucket per writer thread, as DCP's writer makes them (so the files are the
+    same): byte items dealt in turn, then tensors largest first, each to the bucket with
+    the fewest bytes so far (the first of equals)."""
+    if bins == 1:
+        return [list(items)]
+    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
+    sizes = [0] * bins
+    blobs = [i for i in items if i.type == WriteItemType.BYTE_IO]
+    tensors = sorted(
+        (i for i in items if i.type != WriteItemType.BYTE_IO), key=_item_bytes, reverse=True
+    )
+    for k, item in enumerate(blobs):
+        buckets[k % bins].append(item)
+    for item in tensors:
+        k = sizes.index(min(sizes))
+        buckets[k].append(item)
+        sizes[k] += _item_bytes(item)
+    return buckets
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` goes through the slabs (a hook: the CPU tests route host tensors
+    through them to run the pipeline without a GPU)."""
+    return t.device.type == "cuda"
+
+
+class _Slabs:
+    """Two reused host buffers of one writer thread and its side stream ([Note: how a
+    tensor reaches the disk]). ``take`` starts the copy of a device tensor into a free
+    slab and returns the host tensor (a storage of exactly its bytes), ``ready`` waits
+    for that copy, ``give`` frees the slab once the tensor is written."""
+
+    def __init__(self, nbytes: int, device: torch.device, after=None):
+        cuda = device.type == "cuda"
+        pin = cuda or torch.cuda.is_available()
+        self.free = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.nbytes = nbytes
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        if cuda:  # the copies read what the caller's stream wrote
+            if after is not None:
+                self.stream.wait_event(after)
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.events: dict[int, Any] = {}
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return t.is_contiguous() and 0 < t.nbytes <= self.nbytes
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> Any:
+        if self.stream is None:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return event
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        slab = self.free.pop()
+        n = t.nbytes
+        self.events[id(slab)] = self._copy(slab[:n], t.reshape(-1).view(torch.uint8))
+        storage = slab.untyped_storage()[0:n]  # shares the slab: exactly the item's bytes
+        host = torch.empty((0,), dtype=t.dtype).set_(storage, 0, t.shape, t.stride())
+        host._fscale_slab = slab  # type: ignore[attr-defined]
+        return host
+
+    def ready(self, host: torch.Tensor) -> None:
+        event = self.events.pop(id(host._fscale_slab), None)
+        if event is not None:
+            event.synchronize()
+
+    def give(self, host: torch.Tensor) -> None:
+        self.free.append(host._fscale_slab)
+
+    def through(self, t: torch.Tensor) -> torch.Tensor:
+        """A device tensor larger than a slab: copied slab by slab into a host tensor of
+        its own, the next piece's copy running while the last one is moved out."""
+        out = torch.empty_like(t, device="cpu", memory_format=torch.contiguous_format)
+        src, dst = t.reshape(-1).view(torch.uint8), out.view(-1).view(torch.uint8)
+        inflight: list = []
+
+        def drain() -> None:
+            slab, start, n, event = inflight.pop(0)
+            if event is not None:
+                event.synchronize()
+            dst[start : start + n].copy_(slab[:n])
+            self.free.append(slab)
+
+        for start in range(0, src.numel(), self.nbytes):
+            n = min(self.nbytes, src.numel() - start)
+            if not self.free:
+                drain()
+            slab = self.free.pop()
+            inflight.append((slab, start, n, self._copy(slab[:n], src[start : start + n])))
+        while inflight:
+            drain()
+        return out
+
+
+# [Note: early write-out] sync_file_range(2) flags.
+_WRITE, _WAIT_BEFORE, _WAIT_AFTER = 2, 1, 4
+_KICK = 16 << 20  # start write-out every this many bytes
+
+
+def _sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_RANGE = _sync_file_range()
+
+
+class _Writeback:
+    """[Note: early write-out] Starts the kernel's write-out of a file's bytes as they
+    are written and keeps at most ``window`` bytes in flight: the drive streams from the
+    first item instead of idling until the page cache's background threshold, and the
+    pages it has written are dropped from the cache. Durability still comes from the
+    final ``fsync``; an error here only turns the early write-out off for the file (the
+    ``fsync`` reports a real I/O error)."""
+
+    def __init__(self, fd: int, window: int):
+        self.fd = fd
+        self.window = window
+        self.on = window > 0 and _SYNC_RANGE is not None
+        self.started = 0  # write-out started for [0, started)
+        self.done = 0  # and waited for [0, done)
+
+    def _call(self, start: int, n: int, flags: int) -> None:
+        if _SYNC_RANGE(self.fd, start, n, flags) != 0:
+            self.on = False
+
+    def advance(self, end: int) -> None:
+        if not self.on or end - self.started < _KICK:
+            return
+        self._call(self.started, end - self.started, _WRITE)
+        self.started = end
+        if self.on and end - self.done > self.window:
+            upto = end - self.window
+            self._call(self.done, upto - self.done, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+            if self.on and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, self.done, upto - self.done, os.POSIX_FADV_DONTNEED)
+            self.done = upto
+
+
+class _NoClose(io.RawIOBase):
+    """The file as ``torch.save`` sees it: it writes and flushes, never closes."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self.raw.write(b)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _result(item: WriteItem, key: str, offset: int, end: int) -> WriteResult:
+    n = end - offset
+    return WriteResult(index=item.index, size_in_bytes=n, storage_data=_StorageInfo(key, offset, n))
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor with a storage of exactly its bytes (``torch.save`` writes the whole
+    storage), as DCP makes them."""
+    t = t.detach().cpu()
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every writer thread of one save shares."""
+
+    planner: Any
+    create_stream: Any
+    io: SaveIO
+    threads: int
+    sync: bool  # fsync each file (DCP's sync_files)
+    nice: int  # added to the threads' niceness
+    after: Any  # a CUDA event on the caller's stream (the copies wait for it), or None
+
+
+def _lower_priority(nice: int) -> None:
+    if nice and hasattr(os, "setpriority"):
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError:
+            pass
+
+
+def _write_file(job: _Job, path, key: str, items: list[WriteItem]) -> list[WriteResult]:
+    """One writer thread: its bucket's items, in order, into one file."""
+    _lower_priority(job.nice)
+    results: list[WriteResult] = []
+    tensors = [i for i in items if i.type != WriteItemType.BYTE_IO]
+    slabs: _Slabs | None = None
+    with job.create_stream(path, "wb") as stream:
+        out = _NoClose(stream)
+        wb = _Writeback(stream.fileno(), job.io.writeback)
+
+        def write(item: WriteItem, data) -> None:
+            offset = stream.tell()
+            if isinstance(data, io.BytesIO):
+                stream.write(data.getbuffer())
+            else:
+                torch.save(data, out)
+            stream.flush()
+            results.append(_result(item, key, offset, stream.tell()))
+            wb.advance(stream.tell())
+
+        def settle(pending) -> None:
+            item, host = pending
+            slabs.ready(host)
+            write(item, host)
+            slabs.give(host)
+
+        for item in items:
+            if item.type == WriteItemType.BYTE_IO:
+                write(item, job.planner.resolve_data(item))
+        pending = None  # (item, host tensor in a slab) whose copy is running
+        for item in tensors:
+            t = job.planner.resolve_data(item).detach()
+            if not (_on_device(t) and t.is_contiguous() and t.nbytes > 0):
+                if pending is not None:
+                    settle(pending)
+                    pending = None
+                write(item, _host(t))
+                continue
+            if slabs is None:
+                biggest = max(_item_bytes(i) for i in tensors)
+                cap = max(1, job.io.pinned // (2 * job.threads))
+                slabs = _Slabs(min(biggest, cap), t.device, job.after)
+            if slabs.fits(t):
+                host = slabs.take(t)  # this copy runs while ``pending`` is written
+                if pending is not None:
+                    settle(pending)
+                pending = (item, host)
+            else:
+                if pending is not None:
+                    settle(pending)
+                    pending = None
+                write(item, slabs.through(t))
+        if pending is not None:
+            settle(pending)
+        if job.sync:
+            os.fsync(stream.fileno())
+    return results
+
+
+def write_buckets(
+    buckets: list[list[WriteItem]], prefix: str, root, concat_path, job: _Job
+) -> list[WriteResult]:
+    """Write bucket ``i`` to ``<prefix><i>.distcp`` under ``root``, each in a thread of
+    its own (the caller's thread only waits: its priority is never changed); raise the
+    first error of any thread."""
+    results: list[list[WriteResult]] = [[] for _ in buckets]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        name = f"{prefix}{i}.distcp"
+        try:
+            results[i] = _write_file(job, concat_path(root, name), name, buckets[i])
+        except BaseException as e:  # a crash or a full disk: raised by the caller
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=run, args=(i,), name=f"fscale-write-{i}")
+        for i in range(len(buckets))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [r for rs in results for r in rs]
+
+
+def make_job(planner, create_stream, io_: SaveIO, threads: int, sync: bool, nice: int) -> _Job:
+    """The shared part of one save's writing, made in the caller's thread (whose CUDA
+    stream the device copies must follow)."""
+    after = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        after = torch.cuda.current_stream().record_event()
+    return _Job(planner, create_stream, io_, threads, sync, nice, after)
