@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fscale import aux_loss, tree
 from fscale.optim.base import apply_gradients
+from fscale.optim.sharded import LeafShards
 
 if TYPE_CHECKING:
     from fscale.step import Step, StepContext
@@ -230,6 +232,25 @@ def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
             ctx.comm.all_reduce("dp.norm", square, op="sum", group=mesh.group(dim))
         total = total + square
     return total.sqrt()
+
+
+def leaf_shards(ctx: StepContext, params: Params) -> LeafShards | None:
+    """Which of the laid-out leaves are split over which groups, for the optimizer's norms
+    ([Note: norms of sharded leaves] in ``fscale/optim/sharded.py``); None if none is."""
+    mesh = ctx.step.mesh
+    n = len(tree.leaves(params))
+    positions = {}
+    for i, placement in enumerate(_placements(ctx, n)):
+        dims = [d for d in placement.split_dims if mesh.size(d) > 1] if placement else []
+        if dims:
+            positions[i] = tuple(mesh.group(d) for d in dims)
+    if not positions:
+        return None
+    return LeafShards(positions, reduce=partial(_sum_norms, ctx.comm))
+
+
+def _sum_norms(comm, squares: torch.Tensor, group) -> None:
+    comm.all_reduce("opt.norm", squares, op="sum", group=group)
 
 
 def default_update(ctx: StepContext, grads: Params, params: Params) -> Params:

@@ -58,6 +58,7 @@ from fscale.hw import mesh as meshes
 from fscale.hw.tagged import Collectives, TaggedLowering
 from fscale.optim import schedules
 from fscale.optim.base import GradientTransformation, skipping
+from fscale.optim.sharded import sharded_as
 from fscale.placement import MeshLayout, Placement, placement_of, replicated
 from fscale.policies import (
     CAPABILITIES,
@@ -65,7 +66,7 @@ from fscale.policies import (
     WANTS_FINAL_GRADS,
     ModelParallelDims,
 )
-from fscale.stages import DEFAULT_STAGES, Stages, clip_
+from fscale.stages import DEFAULT_STAGES, Stages, clip_, leaf_shards
 from fscale.units import UnitHook, Units, find_units
 
 Params = Any
@@ -487,7 +488,9 @@ class Step:
         if norm is not None:
             clip_(grads, norm, self.clip_norm)
         flag = None if voted is None else ~torch.isfinite(voted)
-        with schedules.reporting() as hparams, skipping(flag):
+        # Optimizer norms over leaves split across ranks sum their shards ([Note: norms of
+        # sharded leaves]); a transform that re-lays the leaves says so inside its update.
+        with schedules.reporting() as hparams, skipping(flag), sharded_as(leaf_shards(ctx, params)):
             params = self.stages.update(ctx, grads, params)
         params = self.stages.apply(ctx, params)
         return params, hparams

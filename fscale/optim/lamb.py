@@ -22,11 +22,12 @@ from __future__ import annotations
 import torch
 
 from fscale.optim import _checks
-from fscale.optim._leaves import as_dtypes, gather, norms, scatter, split, subset, zeros_moments
+from fscale.optim._leaves import as_dtypes, gather, scatter, split, subset, zeros_moments
 from fscale.optim.adam import AdamState, bias_corrected_denom, update_moments_
 from fscale.optim.base import GradientTransformation
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
+from fscale.optim.sharded import leaf_norms
 
 
 def lamb(
@@ -102,10 +103,13 @@ def lamb(
             decayed = decayed_positions(mask, params, idx, owner=owner, wd=wd_t)
             if decayed:
                 torch._foreach_add_(subset(rs, decayed), subset(ps, decayed), alpha=wd_t)
-        # Trust ratios for all leaves at once on the first device: no host sync.
+        # Trust ratios for all leaves at once on the first device: no host sync. Leaves
+        # that are shards here sum their norms over the ranks in one all-reduce
+        # ([Note: norms of sharded leaves] in fscale/optim/sharded.py).
         first = rs[0].device
-        w = torch.stack([n.to(first, torch.float32) for n in norms(ps)])
-        u = torch.stack([n.to(first, torch.float32) for n in norms(rs)])
+        both = leaf_norms([*ps, *rs], [*idx, *idx], owner=owner)
+        w = torch.stack([n.to(first, torch.float32) for n in both[: len(ps)]])
+        u = torch.stack([n.to(first, torch.float32) for n in both[len(ps) :]])
         trust = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w)) * -lr_t
         scales = [t.to(r.device, r.dtype) for t, r in zip(trust.unbind(), rs, strict=True)]
         torch._foreach_mul_(rs, scales)

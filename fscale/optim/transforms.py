@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fscale import tree
-from fscale.optim import _checks
+from fscale.optim import _checks, sharded
 from fscale.optim._leaves import gather, split, subset
 from fscale.optim.base import GradientTransformation
 from fscale.optim.masks import mask_leaves
@@ -92,11 +92,17 @@ def global_norm(updates: Any) -> torch.Tensor:
 
     Computed as ``torch.nn.utils.get_total_norm``: per-tensor norms grouped by
     (device, dtype), then the norm of those. Half-precision leaves are reduced
-    in fp32.
+    in fp32. Leaves that are shards here sum their squares over the ranks
+    ([Note: norms of sharded leaves] in ``fscale/optim/sharded.py``).
     """
-    live = [x for x in tree.leaves(updates) if x is not None]
+    sharded.refuse_total_norm("global_norm (clip_by_global_norm)")
+    leaves = tree.leaves(updates)
+    positions = [i for i, x in enumerate(leaves) if x is not None]
+    live = [leaves[i] for i in positions]
     if not live:
         return torch.zeros((), dtype=torch.float32)
+    if sharded.any_split(positions):  # [Note: norms of sharded leaves]
+        return sharded.total_norm(live, positions, owner="clip_by_global_norm")
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for x in live:
         groups.setdefault((x.device, x.dtype), []).append(x)

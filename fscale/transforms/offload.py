@@ -93,6 +93,8 @@ import torch
 from fscale import tree
 from fscale.io import swap
 from fscale.optim.base import GradientTransformation
+from fscale.optim.sharded import for_groups_of_leaves
+from fscale.placement import placement_of
 from fscale.policies import (
     MOVES_OPTIMIZER,
     WANTS_FINAL_GRADS,
@@ -231,7 +233,7 @@ def offload(
         # mesh dims a whole leaf is replicated over (the state protocol).
         live = [t for t in tree.leaves(params) if t is not None]
         hint["device"] = live[0].device if live else torch.device("cpu")
-        hint["mesh_dims"] = s.mesh.dims
+        hint["mesh_dims"], hint["mesh"] = s.mesh.dims, s.mesh
         params, state = inner_init(s, params)
         slot = state.get("optimizer")
         if isinstance(slot, OptimizerSlot):
@@ -260,6 +262,18 @@ def offload(
 # ----------------------------------------------------------------------------- optimizer
 
 
+def _split(leaves: list, mesh) -> list[int]:
+    """Positions of the leaves that are shards split across ranks (placed by the
+    transform that split them: shard_zero, tensor_parallel, expert_parallel)."""
+    out = []
+    for i, t in enumerate(leaves):
+        placement = placement_of(t) if isinstance(t, torch.Tensor) else None
+        if placement is not None and mesh is not None:
+            if any(mesh.size(d) > 1 for d in placement.split_dims):
+                out.append(i)
+    return out
+
+
 def _offloaded(
     cfg: OffloadConfig, inner: GradientTransformation, hint: dict
 ) -> GradientTransformation:
@@ -272,6 +286,7 @@ def _offloaded(
         handle = build_state(
             cfg, inner, None, params, hint.get("device"), hint.get("mesh_dims", ())
         )
+        handle.leaf_shards = for_groups_of_leaves(_split(leaves, hint.get("mesh")), "offload")
         return OptimizerSlot(handle)
 
     def update_params(grads, state, params):

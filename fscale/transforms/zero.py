@@ -48,6 +48,7 @@ import torch
 from fscale import tree
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
+from fscale.optim.sharded import LeafShards, sharded_as
 from fscale.param_source import ParamSource
 from fscale.placement import Placement, place, placement_of, unsplit
 from fscale.policies import (
@@ -259,6 +260,10 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
             )
         made["laid"] = laid
         made["shards"], made["slot"] = _shard(cfg, step, laid)
+        specs = made["slot"]["specs"]
+        for n, s in made["shards"].items():
+            if s is not None:  # placed before init: an offloaded optimizer reads them
+                _tag(cfg, s, specs[n])
         return optimizer.init(made["shards"])
 
     probe = dataclasses.replace(step, optimizer=optimizer._replace(init=init_on_shards))
@@ -270,9 +275,6 @@ def _init(cfg: ZeroConfig, inner, step: Step, params):
         )
     laid, shards, slot = made["laid"], made["shards"], made["slot"]
     specs = slot["specs"]
-    for n, s in shards.items():
-        if s is not None:
-            _tag(cfg, s, specs[n])
     _place_optimizer_state(cfg, state, specs)
     state[NAME] = slot
     if cfg.stage == 3:
@@ -510,17 +512,8 @@ def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor
     paths = tree.paths(grads)
     groups: dict[tuple[str, ...], list[torch.Tensor]] = {}
     for path, g in zip(paths, tree.leaves(grads), strict=True):
-        if g is None:
-            continue
-        spec = specs.get(path)
-        if spec is None or spec.reduction is None:
-            dims = (cfg.shard_dim,) if cfg.world > 1 else ()
-        else:
-            zdim = spec.reduction.shard_dim
-            dims = tuple(
-                d for d in cfg.mesh.dims if (d == zdim or d in spec.split) and cfg.mesh.size(d) > 1
-            )
-        groups.setdefault(dims, []).append(g)
+        if g is not None:
+            groups.setdefault(_split_dims(cfg, specs.get(path)), []).append(g)
     if not groups:
         return torch.zeros(())
     wide = max(
@@ -531,16 +524,51 @@ def _sharded_grad_norm(cfg: ZeroConfig, ctx: StepContext, grads) -> torch.Tensor
     for dims, leaves in groups.items():
         sq = torch.stack([g.to(wide).pow(2).sum() for g in leaves]).sum()
         for dim in dims:
-            group = cfg.shard_group if dim == cfg.shard_dim else cfg.mesh.group(dim)
-            ctx.comm.all_reduce("zero.norm", sq, op="sum", group=group)
+            ctx.comm.all_reduce("zero.norm", sq, op="sum", group=_group(cfg, dim))
         total = sq if total is None else total + sq
     return total.sqrt()
+
+
+def _split_dims(cfg: ZeroConfig, spec: ShardSpec | None) -> tuple[str, ...]:
+    """The mesh dims a shard's leaf is split over: ZeRO's dim, and for leaves split
+    before ZeRO their split dims too ([Note: ZeRO over model-parallel leaves])."""
+    if spec is None or spec.reduction is None:
+        return (cfg.shard_dim,) if cfg.world > 1 else ()
+    zdim = spec.reduction.shard_dim
+    return tuple(
+        d for d in cfg.mesh.dims if (d == zdim or d in spec.split) and cfg.mesh.size(d) > 1
+    )
+
+
+def _group(cfg: ZeroConfig, dim: str):
+    return cfg.shard_group if dim == cfg.shard_dim else cfg.mesh.group(dim)
 
 
 # ----------------------------------------------------------------------------- update
 
 
+def _leaf_shards(cfg: ZeroConfig, ctx: StepContext, shards: dict) -> LeafShards:
+    """The optimizer sees this rank's rows of every leaf: its norms sum over the
+    rows' groups ([Note: norms of sharded leaves] in fscale/optim/sharded.py)."""
+    specs = ctx.state[NAME]["specs"]
+    positions = {}
+    for i, path in enumerate(tree.paths(shards)):
+        dims = _split_dims(cfg, specs.get(path))
+        if dims:
+            positions[i] = tuple(_group(cfg, d) for d in dims)
+    return LeafShards(positions, reduce=partial(_sum_norms, ctx.comm), where="shard_zero")
+
+
+def _sum_norms(comm, squares: torch.Tensor, group) -> None:
+    comm.all_reduce("zero.norm", squares, op="sum", group=group)
+
+
 def _update(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
+    with sharded_as(_leaf_shards(cfg, ctx, grads)):
+        return _update_shards(cfg, inner, ctx, grads, params)
+
+
+def _update_shards(cfg: ZeroConfig, inner, ctx: StepContext, grads, params):
     specs = ctx.state[NAME]["specs"]
     if cfg.stage == 3:
         new = inner.update(ctx, grads, params)

@@ -20,6 +20,7 @@ from fscale import tree
 from fscale.io import swap
 from fscale.kernels import cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
+from fscale.optim.sharded import for_groups_of_leaves, sharded_as
 from fscale.placement import Placement, placement_of
 from fscale.transforms._offload import describe
 from fscale.transforms._offload.config import OffloadConfig
@@ -51,6 +52,9 @@ class OffloadState:
         # the params, and the next update must copy them in ([Note: resuming the DPU]).
         self._resync = False
         self._bg: ThreadPoolExecutor | None = None
+        # What the inner optimizer's norms may do here ([Note: norms of sharded leaves]
+        # in fscale/optim/sharded.py): it runs a group of leaves at a time, in a worker.
+        self.leaf_shards = for_groups_of_leaves((), where="offload")
         # [Note: offload copy streams] Grads out and params in each get a stream: PCIe
         # is full duplex, so a group's D2H and another's H2D (and, with DPU, all grads
         # out and all masters in) run at the same time instead of in turn. Both streams
@@ -278,7 +282,8 @@ class OffloadState:
         sub_grads = sub(self.spec, scatter(n, g.leaves, grads), g.leaves)
         sub_master = sub(self.spec, scatter(n, g.leaves, master), g.leaves)
         self.event("update_start", g.key)
-        with cpu_adam.host_kernels():  # the fused multi-threaded AdamW on host tensors
+        # The fused multi-threaded AdamW on host tensors; norms as the layout allows.
+        with cpu_adam.host_kernels(), sharded_as(self.leaf_shards):
             new_params, new_state = apply_gradients(self.inner, sub_grads, state, sub_master)
         new_leaves = tree.leaves(new_params)
         for view, i in zip(master, g.leaves, strict=True):
