@@ -140,7 +140,8 @@ class _Slabs:
             if after is not None:
                 self.stream.wait_event(after)
             self.stream.wait_stream(torch.cuda.current_stream(device))
-        self.events: dict[int, Any] = {}
+        self.events: dict[int, Any] = {}  # id(slab) -> the event of its copy
+        self.held: dict[int, torch.Tensor] = {}  # id(host tensor) -> its slab
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.is_contiguous() and 0 < t.nbytes <= self.nbytes
@@ -161,16 +162,17 @@ class _Slabs:
         self.events[id(slab)] = self._copy(slab[:n], t.reshape(-1).view(torch.uint8))
         storage = slab.untyped_storage()[0:n]  # shares the slab: exactly the item's bytes
         host = torch.empty((0,), dtype=t.dtype).set_(storage, 0, t.shape, t.stride())
-        host._fscale_slab = slab  # type: ignore[attr-defined]
+        # No attribute on ``host``: torch.save would write it with the tensor.
+        self.held[id(host)] = slab
         return host
 
     def ready(self, host: torch.Tensor) -> None:
-        event = self.events.pop(id(host._fscale_slab), None)
+        event = self.events.pop(id(self.held[id(host)]), None)
         if event is not None:
             event.synchronize()
 
     def give(self, host: torch.Tensor) -> None:
-        self.free.append(host._fscale_slab)
+        self.free.append(self.held.pop(id(host)))
 
     def through(self, t: torch.Tensor) -> torch.Tensor:
         """A device tensor larger than a slab: copied slab by slab into a host tensor of

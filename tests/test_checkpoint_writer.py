@@ -1,0 +1,208 @@
+"""[Note: how a tensor reaches the disk] (``fscale/_checkpoint/writer.py``): fscale's
+writer loop writes the files DCP's own loop writes, byte for byte, whichever way a tensor
+travels (through a slab, slab by slab, or as it is on the host); early write-out,
+niceness of an asynchronous save's threads, errors raised from writer threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import _split_by_size_and_type
+
+import fscale as fs
+from fscale._checkpoint import writer
+from fscale._checkpoint.writer import SaveIO, _Writeback, split_items
+from tests.test_checkpoint import _batches, _build, _close, _train
+
+OLD = SaveIO(pinned=0)  # DCP's own writer loop
+
+
+def _state(name: str, tmp):
+    layers = {"plain": (), "bf16 zero1": (("mp", "bf16"), ("zero", 1))}.get(name)
+    if layers is None:  # "offload nvme": stored tensors, read from their files at the save
+        os.makedirs(tmp / "swap", exist_ok=True)
+        step, params = _build((("offload", "nvme"),), swap=str(tmp / "swap"))
+    else:
+        step, params = _build(layers)
+    params, state = step.init(params)
+    params, state = _train(step, params, state, _batches(0, 1, 2, seed=1))
+    return step, params, state
+
+
+def _files(where) -> dict[str, bytes]:
+    out = {}
+    for n in sorted(os.listdir(where)):
+        if n != ".metadata":  # holds the save's id and path
+            with open(os.path.join(where, n), "rb") as f:
+                out[n] = f.read()
+    return out
+
+
+def _index(where) -> dict:
+    md = dcp.FileSystemReader(str(where)).read_metadata()
+    return {k: (v.relative_path, v.offset, v.length) for k, v in md.storage_data.items()}
+
+
+@pytest.mark.parametrize("name", ["plain", "bf16 zero1", "offload nvme"])
+@pytest.mark.parametrize("route", ["host", "slabs", "pieces"])
+def test_files_are_dcps_byte_for_byte(tmp_path, monkeypatch, name, route):
+    # "slabs": every tensor goes through the pipeline of two slabs as a device tensor
+    # would (the copies are plain host copies here); "pieces": slabs of 64 bytes, so
+    # most tensors are copied slab by slab into a tensor of their own.
+    step, params, state = _state(name, tmp_path)
+    threads = 3
+    fs.save(tmp_path / "old", params, state, threads=threads, io=OLD)
+    io = SaveIO()
+    if route != "host":
+        monkeypatch.setattr(writer, "_on_device", lambda t: True)
+        if route == "pieces":
+            io = SaveIO(pinned=2 * threads * 64)
+    fs.save(tmp_path / "new", params, state, threads=threads, io=io)
+    old, new = _files(tmp_path / "old"), _files(tmp_path / "new")
+    assert sorted(old) == sorted(new)
+    assert [n for n in new if n.endswith(".distcp")], new.keys()
+    for n in old:
+        assert old[n] == new[n], n
+    assert _index(tmp_path / "old") == _index(tmp_path / "new")
+    fresh, full = _build(()) if name == "plain" else (None, None)
+    if fresh is not None:
+        loaded, _ = fs.load(tmp_path / "new", fresh, full)
+        assert all(torch.equal(loaded[k], params[k]) for k in params)
+    _close(state)
+
+
+def test_buckets_are_dcps():
+    g = torch.Generator().manual_seed(0)
+    state = {f"t{i}": torch.randn(int(torch.randint(1, 500, (), generator=g))) for i in range(23)}
+    state["blob"], state["blob2"] = {"a": 1}, [2]
+    planner = dcp.DefaultSavePlanner()
+    planner.set_up_planner(state, is_coordinator=True)
+    items = planner.create_local_plan().items
+    for bins in (1, 2, 3, 8):
+        assert split_items(items, bins) == _split_by_size_and_type(bins, items)
+
+
+def test_writeback_starts_write_out_and_waits_beyond_its_window(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        writer, "_SYNC_RANGE", lambda fd, start, n, flags: calls.append((start, n, flags)) or 0
+    )
+    monkeypatch.setattr(writer, "_KICK", 10)
+    wb = _Writeback(-1, window=100)
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: None, raising=False)
+    wb.advance(5)  # below the kick size: nothing yet
+    assert calls == []
+    wb.advance(60)
+    wb.advance(130)
+    assert calls[0] == (0, 60, writer._WRITE)
+    assert calls[1] == (60, 70, writer._WRITE)
+    # 130 bytes started, window 100: the first 30 are waited for
+    assert calls[2] == (0, 30, writer._WAIT_BEFORE | writer._WRITE | writer._WAIT_AFTER)
+    assert (wb.started, wb.done) == (130, 30)
+    # a failing call turns early write-out off for the file
+    monkeypatch.setattr(writer, "_SYNC_RANGE", lambda *a: -1)
+    wb.advance(200)
+    assert not wb.on
+
+
+@pytest.mark.skipif(writer._SYNC_RANGE is None, reason="no sync_file_range (not Linux)")
+def test_writeback_on_a_real_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "_KICK", 1 << 10)
+    with open(tmp_path / "f", "wb") as f:
+        wb = _Writeback(f.fileno(), window=4 << 10)
+        for _ in range(16):
+            f.write(os.urandom(1 << 10))
+            f.flush()
+            wb.advance(f.tell())
+        assert wb.on and wb.started == 16 << 10 and wb.done == 12 << 10
+
+
+def test_async_save_threads_run_niced_and_the_callers_priority_is_kept(tmp_path, monkeypatch):
+    step, params, state = _state("plain", tmp_path)
+    seen = {}
+    save = torch.save
+
+    def spying(obj, f, *a, **k):
+        tid = threading.get_native_id()
+        seen[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, tid)
+        return save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", spying)
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    fs.save(tmp_path / "sync", params, state, threads=2)
+    assert seen and set(seen.values()) == {me}, seen
+    seen.clear()
+    io = SaveIO(background_nice=5, background_threads=3)
+    fs.save(tmp_path / "async", params, state, threads=2, async_save=True, io=io).wait()
+    writers = {n: p for n, p in seen.items() if n.startswith("fscale-write-")}
+    assert len(writers) == 3 and set(writers.values()) == {min(19, me + 5)}, seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me
+
+
+def test_an_error_in_a_writer_thread_fails_the_save(tmp_path, monkeypatch):
+    step, params, state = _state("plain", tmp_path)
+    fs.save(tmp_path, params, state, at=1)
+    save, n = torch.save, {"k": 0}
+
+    def full(obj, f, *a, **k):
+        n["k"] += 1
+        if n["k"] == 3:
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(BaseException, match="No space left"):
+        fs.save(tmp_path, params, state, at=2, threads=4)
+    assert fs.latest(tmp_path) == str(tmp_path / "step-1")
+
+
+def test_bad_save_io_raises():
+    with pytest.raises(ValueError, match="pinned"):
+        SaveIO(pinned=-1)
+    with pytest.raises(ValueError, match="background_threads"):
+        SaveIO(background_threads=0)
+    with pytest.raises(ValueError, match="SaveIO"):
+        fs.checkpoint.save("/nonexistent", {}, {"layout": None}, io={"pinned": 0})
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pinned", [SaveIO().pinned, 2 * 8 * 4096])
+def test_device_tensors_through_pinned_slabs_write_dcps_files(tmp_path, pinned):
+    # On the GPU: slabs in pinned memory on a side stream (and, with small slabs, large
+    # tensors slab by slab), written while the default stream still has work queued.
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator(device=dev).manual_seed(0)
+    sizes = [1, 7, 1000, 4096, 65536, 300_001, 1 << 20]
+    state = {f"t{i}": torch.randn(n, generator=g, device=dev) for i, n in enumerate(sizes)}
+    state["bf16"] = torch.randn(513, 77, generator=g, device=dev).to(torch.bfloat16)
+    state["rows"] = torch.randn(64, 100, generator=g, device=dev)[3:40]  # a view
+    for v in state.values():  # queued work the copies must wait for
+        v.mul_(2)
+    for name, io in (("old", OLD), ("new", SaveIO(pinned=pinned))):
+        w = fs.checkpoint._Writing(threads=3, io=io, nice=0)
+        out = tmp_path / name
+        with fs.checkpoint._quiet():
+            dcp.save(state, storage_writer=fs.checkpoint._Writer(str(out), writing=w), no_dist=True)
+    assert _files(tmp_path / "old") == _files(tmp_path / "new")
+    back = {k: torch.empty_like(v) for k, v in state.items()}
+    dcp.load(back, checkpoint_id=str(tmp_path / "new"), no_dist=True)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_async_staging_copies_device_tensors_into_pinned_memory():
+    x = torch.randn(1000, 33, device="cuda")
+    x.mul_(3)  # queued on the caller's stream
+    staged = fs.checkpoint._stage({"x": x, "meta": {"a": 1}})
+    assert staged["x"].is_pinned() and torch.equal(staged["x"], x.cpu())
+    plain = fs.checkpoint._stage({"x": x}, pinned=False)
+    assert not plain["x"].is_pinned() and torch.equal(plain["x"], x.cpu())
