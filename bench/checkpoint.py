@@ -14,7 +14,7 @@ moments: 12 bytes per param on the device) trains two steps, then:
   while it is written are than plain steps (goal: <= 1 s).
 
 ``--old-io`` saves with DCP's own writer loop and the old async staging
-(``SaveIO(pinned=0, background_nice=0, stage_pinned=False)``), for A/B runs;
+(``SaveIO(pinned=0, background_nice=0, stage="pageable")``), for A/B runs;
 ``--background-nice`` and ``--background-threads`` set ``SaveIO``'s (async saves);
 ``--no-load`` skips the load (the offloaded 3.5B load takes over a minute).
 
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-load", action="store_true")
     args = p.parse_args(argv)
     io = (
-        fs.checkpoint.SaveIO(pinned=0, background_nice=0, stage_pinned=False)
+        fs.checkpoint.SaveIO(pinned=0, background_nice=0, stage="pageable")
         if args.old_io
         else fs.checkpoint.SaveIO()
     )

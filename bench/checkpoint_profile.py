@@ -51,7 +51,7 @@ import fscale as fs  # noqa: E402
 from fscale.checkpoint import SaveIO  # noqa: E402
 from fscale.models.gpt import GPT  # noqa: E402
 
-OLD = SaveIO(pinned=0, background_nice=0, stage_pinned=False)
+OLD = SaveIO(pinned=0, background_nice=0, stage="pageable")
 NEW = SaveIO()
 NO_WRITEBACK = SaveIO(writeback=0)
 

@@ -214,7 +214,7 @@ def save(
     if not async_save:
         return _write(state_dict, tmp, final, root, at, keep, None, _Writing(threads, io, 0))
     global _PENDING
-    staged = _stage(state_dict, pinned=io.stage_pinned)
+    staged = _stage(state_dict, io.stage)
     group = _async_group()
     writing = _Writing(io.background_threads or threads, io, io.background_nice)
     future = _executor().submit(_write, staged, tmp, final, root, at, keep, group, writing)
@@ -268,16 +268,21 @@ def _async_group():
     return _GROUP
 
 
-def _stage(state_dict: dict, *, pinned: bool = True) -> dict:
+def _stage(state_dict: dict, where: str = "auto") -> dict:
     """[Note: async staging] A copy of every tensor this rank writes, taken before
     training goes on (steps update params and state in place). NVMe entries are not
     copied: their files are opened now, and the swap engine replaces a file whole
     (a new inode) when it writes, so the open descriptor keeps reading the bytes of
-    this step. Device tensors are copied into pinned host memory on a side stream
-    (``SaveIO.stage_pinned``; torch keeps the blocks cached for the next save), one
-    wait at the end: a pageable ``.to("cpu")`` per tensor runs at a fraction of the
-    link's speed ([Note: how a tensor reaches the disk])."""
-    copier = _Copier(pinned)
+    this step. Device tensors are copied where ``SaveIO.stage`` says: on the device
+    (a copy at the device's memory bandwidth, milliseconds for a 1.4B model's state;
+    the writer threads move it to the host through their pinned slabs, as a
+    synchronous save does, and the copy is freed when written), or into pinned host
+    memory on a side stream (the first save pins the blocks, seconds per 10 GB; torch
+    caches them for the next), or pageable (``.to("cpu")``, a fraction of the link's
+    speed: [Note: how a tensor reaches the disk]). ``"auto"`` stages on the device
+    where its free memory holds the copies with a margin. One wait at the end.
+    Host-resident tensors (offload) are copied on the host: their copy is the stall."""
+    copier = _Copier(_staging_place(state_dict, where))
     out = {}
     for key, v in state_dict.items():
         if isinstance(v, torch.Tensor):
@@ -292,6 +297,40 @@ def _stage(state_dict: dict, *, pinned: bool = True) -> dict:
     return out
 
 
+#: Free device memory "auto" staging leaves beyond the copies (the allocator's
+#: fragmentation and the next step's peaks).
+STAGING_MARGIN = 2 << 30
+
+
+def _staging_place(state_dict: dict, where: str) -> str:
+    """``SaveIO.stage`` resolved: "auto" is "device" where each device's free memory
+    (the driver's, plus what torch's allocator holds unused) fits its copies and
+    ``STAGING_MARGIN``, else "pinned"."""
+    if where != "auto":
+        return where
+    need: dict[torch.device, int] = {}
+    for t in _device_tensors(state_dict):
+        need[t.device] = need.get(t.device, 0) + t.numel() * t.element_size()
+    for device, nbytes in need.items():
+        free, _ = torch.cuda.mem_get_info(device)
+        stats = torch.cuda.memory_stats(device)
+        cached = stats.get("reserved_bytes.all.current", 0) - stats.get(
+            "allocated_bytes.all.current", 0
+        )
+        if free + cached < nbytes + STAGING_MARGIN:
+            return "pinned"
+    return "device"
+
+
+def _device_tensors(state_dict: dict):
+    for v in state_dict.values():
+        parts = v.parts if isinstance(v, _Many) else [v]
+        for p in parts:
+            t = p.local if isinstance(p, _Rows) else p
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                yield t
+
+
 def _staged(v: _Rows, copier) -> _Rows:
     if v.stored is not None:
         stored = _Pinned(v.stored) if v.write else v.stored
@@ -300,23 +339,26 @@ def _staged(v: _Rows, copier) -> _Rows:
 
 
 class _Copier:
-    """Host copies of tensors for [Note: async staging]: device tensors into pinned
-    memory on a side stream (after the caller's stream), waited for once."""
+    """Copies of tensors for [Note: async staging]: device tensors on the device or
+    into pinned host memory, on a side stream (after the caller's stream), waited for
+    once; host tensors on the host."""
 
-    def __init__(self, pinned: bool):
-        self.pinned = pinned
+    def __init__(self, where: str):
+        self.where = where
         self.streams: dict = {}
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        if not (self.pinned and t.device.type == "cuda"):
+        if t.device.type != "cuda" or self.where == "pageable":
             return t.to("cpu", copy=True)
         stream = self.streams.get(t.device)
         if stream is None:
             stream = self.streams[t.device] = torch.cuda.Stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))
-        out = torch.empty_like(t, device="cpu", pin_memory=True)
         with torch.cuda.stream(stream):
+            if self.where == "device":
+                return t.clone()  # allocated on this stream, freed once written
+            out = torch.empty_like(t, device="cpu", pin_memory=True)
             out.copy_(t, non_blocking=True)
         return out
 

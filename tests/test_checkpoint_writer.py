@@ -165,6 +165,8 @@ def test_bad_save_io_raises():
         SaveIO(pinned=-1)
     with pytest.raises(ValueError, match="background_threads"):
         SaveIO(background_threads=0)
+    with pytest.raises(ValueError, match="stage='host'.*auto, device, pinned, pageable"):
+        SaveIO(stage="host")
     with pytest.raises(ValueError, match="SaveIO"):
         fs.checkpoint.save("/nonexistent", {}, {"layout": None}, io={"pinned": 0})
 
@@ -199,10 +201,22 @@ def test_device_tensors_through_pinned_slabs_write_dcps_files(tmp_path, pinned):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_async_staging_copies_device_tensors_into_pinned_memory():
+def test_async_staging_copies_device_tensors_where_saveio_says():
     x = torch.randn(1000, 33, device="cuda")
     x.mul_(3)  # queued on the caller's stream
-    staged = fs.checkpoint._stage({"x": x, "meta": {"a": 1}})
-    assert staged["x"].is_pinned() and torch.equal(staged["x"], x.cpu())
-    plain = fs.checkpoint._stage({"x": x}, pinned=False)
-    assert not plain["x"].is_pinned() and torch.equal(plain["x"], x.cpu())
+    want = x.cpu()
+    pinned = fs.checkpoint._stage({"x": x, "meta": {"a": 1}}, "pinned")
+    assert pinned["x"].is_pinned() and torch.equal(pinned["x"], want)
+    plain = fs.checkpoint._stage({"x": x}, "pageable")
+    assert plain["x"].device.type == "cpu" and not plain["x"].is_pinned()
+    assert torch.equal(plain["x"], want)
+    on_device = fs.checkpoint._stage({"x": x}, "device")
+    assert on_device["x"].is_cuda and on_device["x"].data_ptr() != x.data_ptr()
+    x.add_(1)  # the step after the save's call: the staged copy keeps the saved values
+    assert torch.equal(on_device["x"].cpu(), want)
+    # "auto" stages a small state on the device; a state larger than the free memory
+    # is staged in pinned host memory.
+    assert fs.checkpoint._staging_place({"x": x}, "auto") == "device"
+    free, _ = torch.cuda.mem_get_info()
+    huge = torch.empty(1, device="cuda", dtype=torch.uint8).expand(free)  # no memory of its own
+    assert fs.checkpoint._staging_place({"x": huge}, "auto") == "pinned"

@@ -51,6 +51,9 @@ from torch.distributed.checkpoint.storage import WriteResult
 __all__ = ["SaveIO", "make_job", "split_items", "write_buckets"]
 
 
+STAGES = ("auto", "device", "pinned", "pageable")
+
+
 @dataclass(frozen=True)
 class SaveIO:
     """How ``fs.save`` moves bytes to the disk ([Note: how a tensor reaches the disk]).
@@ -67,9 +70,13 @@ class SaveIO:
         (Linux threads have their own); 0 keeps the caller's priority.
       background_threads: writer threads of an asynchronous save (default: ``threads``
         of the save).
-      stage_pinned: an asynchronous save stages device tensors into pinned host memory
-        (one copy on a side stream; the blocks stay in torch's pinned-memory cache for
-        the next save) instead of pageable ``.to("cpu")`` copies.
+      stage: where an asynchronous save copies device tensors before training goes on
+        ([Note: async staging] in fscale/checkpoint.py): ``"device"`` (a copy on the
+        device, moved to the host by the writer threads; milliseconds), ``"pinned"``
+        (pinned host memory on a side stream; torch caches the blocks for the next
+        save, the first pins them: seconds per 10 GB), ``"pageable"`` (``.to("cpu")``
+        per tensor), or ``"auto"``: the device where its free memory holds the copies
+        with a margin, else pinned.
 
     Usage::
 
@@ -80,9 +87,11 @@ class SaveIO:
     writeback: int = 256 << 20
     background_nice: int = 10
     background_threads: int | None = None
-    stage_pinned: bool = True
+    stage: str = "auto"
 
     def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"SaveIO(stage={self.stage!r}): one of {', '.join(STAGES)}.")
         for name in ("pinned", "writeback", "background_nice"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
