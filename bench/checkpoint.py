@@ -35,9 +35,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import dataclasses
 import json
 import os
+import pstats
 import re
 import shutil
 import subprocess
@@ -110,6 +113,21 @@ def _dd(target: str, nbytes: int) -> float:
     return (float(m.group(1)) if m else seconds), count * (64 << 20)
 
 
+@contextlib.contextmanager
+def _profiled(on: bool):
+    """cProfile the block when ``on``; the top 25 entries by cumulative time print."""
+    if not on:
+        yield
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="1b4")
@@ -124,6 +142,11 @@ def main(argv=None) -> None:
     p.add_argument("--background-nice", type=int, default=None)
     p.add_argument("--background-threads", type=int, default=None)
     p.add_argument("--no-load", action="store_true")
+    p.add_argument(
+        "--profile-async",
+        action="store_true",
+        help="cProfile the async fs.save call; the top entries by cumulative time print",
+    )
     args = p.parse_args(argv)
     io = (
         fs.checkpoint.SaveIO(pinned=0, background_nice=0, stage="pageable")
@@ -203,7 +226,8 @@ def main(argv=None) -> None:
                 _sync(device)
                 t0 = time.perf_counter()
                 where = os.path.join(args.dir, "async")
-                handle = fs.save(where, params, state, async_save=True, io=io)
+                with _profiled(args.profile_async):
+                    handle = fs.save(where, params, state, async_save=True, io=io)
                 call_s = time.perf_counter() - t0
             _sync(device)
             t0 = time.perf_counter()
