@@ -113,6 +113,41 @@ def _dd(target: str, nbytes: int) -> float:
     return (float(m.group(1)) if m else seconds), count * (64 << 20)
 
 
+def trained(model_name: str, stack: str, device, batch_size: int, seq: int | None):
+    """``(step, params, state, batch, build)``: the bench's GPT (seed 0) on ``device``
+    for ``stack`` ("bf16", or "offload": offload(shard_zero(bf16, 3), "cpu")), after two
+    steps on one random batch (seed 1); ``build()`` gives a fresh ``(step, params)`` of
+    the same model for a load."""
+    cfg = MODELS[model_name]()
+    seq = seq or cfg.seq_len
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(cfg)
+
+    def build():
+        params, apply = fs.functional(model)
+
+        def loss_fn(p, batch):
+            logits = apply(p, batch["x"])
+            return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten())
+
+        step = fs.train_step(loss_fn, fs.optim.adamw(lr=3e-4, weight_decay=0.1))
+        step = fs.mixed_precision(step, "bf16")
+        if stack == "offload":
+            step = fs.offload(fs.shard_zero(step, 3), "cpu")
+        return step, params
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq + 1), generator=g).to(device)
+    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+    step, params = build()
+    params, state = step.init(params)
+    for _ in range(2):
+        params, state, _ = step(params, state, batch)
+    _sync(device)
+    return step, params, state, batch, build
+
+
 @contextlib.contextmanager
 def _profiled(on: bool):
     """cProfile the block when ``on``; the top 25 entries by cumulative time print."""
@@ -160,33 +195,9 @@ def main(argv=None) -> None:
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = MODELS[args.model]()
-    seq = args.seq or cfg.seq_len
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(cfg)
-
-    def build():
-        params, apply = fs.functional(model)
-
-        def loss_fn(p, batch):
-            logits = apply(p, batch["x"])
-            return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten())
-
-        step = fs.train_step(loss_fn, fs.optim.adamw(lr=3e-4, weight_decay=0.1))
-        step = fs.mixed_precision(step, "bf16")
-        if args.stack == "offload":
-            step = fs.offload(fs.shard_zero(step, 3), "cpu")
-        return step, params
-
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=g).to(device)
-    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
-    step, params = build()
-    params, state = step.init(params)
-    for _ in range(2):
-        params, state, _ = step(params, state, batch)
-    _sync(device)
+    step, params, state, batch, build = trained(
+        args.model, args.stack, device, args.batch, args.seq
+    )
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
     target = os.path.join(args.dir, "ckpt")

@@ -45,11 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _provenance import provenance  # noqa: E402
-from checkpoint import MODELS, _dd, _du, _sync, _tensors  # noqa: E402
+from checkpoint import MODELS, _dd, _du, _sync, _tensors, trained  # noqa: E402
 
 import fscale as fs  # noqa: E402
 from fscale.checkpoint import SaveIO  # noqa: E402
-from fscale.models.gpt import GPT  # noqa: E402
 
 OLD = SaveIO(pinned=0, background_nice=0, stage="pageable")
 NEW = SaveIO()
@@ -150,32 +149,7 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     t_start = time.perf_counter()
-    cfg = MODELS[args.model]()
-    seq = args.seq or cfg.seq_len
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = GPT(cfg)
-
-    def build():
-        params, apply = fs.functional(model)
-
-        def loss_fn(p, batch):
-            logits = apply(p, batch["x"])
-            return torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), batch["y"].flatten()
-            )
-
-        step = fs.train_step(loss_fn, fs.optim.adamw(lr=3e-4, weight_decay=0.1))
-        return fs.mixed_precision(step, "bf16"), params
-
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=g).to(device)
-    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
-    step, params = build()
-    params, state = step.init(params)
-    for _ in range(2):
-        params, state, _ = step(params, state, batch)
-    _sync(device)
+    step, params, state, batch, build = trained(args.model, "bf16", device, args.batch, args.seq)
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
     row: dict = {"vm": _vm(), "cpus": os.cpu_count(), "write_threads": fs.checkpoint.WRITE_THREADS}
