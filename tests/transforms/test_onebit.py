@@ -33,6 +33,7 @@ from fscale.transforms._compress.onebit import (
 from fscale.transforms._compress.onebit_allreduce import (
     compressed_mean,
     plan_layout,
+    plan_momentum_layout,
     simulate_mean,
 )
 from fscale.transforms.compress import compress_comm
@@ -122,7 +123,7 @@ CASES = [
 def _world_fn(rank, world):
     results = {case: _train(rank, world, *case) for case in CASES}
     # The collective itself, on this rank's own vector (compared with the simulation).
-    lay = plan_layout(1000, world)
+    lay = plan_momentum_layout(1000, world)
     x = torch.randn(1000, generator=torch.Generator().manual_seed(rank))
     ew, es = torch.zeros(lay.padded), torch.zeros(lay.server)
 
@@ -200,18 +201,17 @@ def _gaps():
     return {k: rank[a]["eval"] / rank[b]["eval"] - 1 for k, (a, b) in pairs.items()}
 
 
-# Measured here (text GPT, world 4, 80 steps, 40 of warm-up): 1-bit Adam +1.83% (bf16
-# +1.85%), 0/1 Adam +4.1%, 1-bit LAMB +4.1% above their full-precision optimizer. Before
-# the variance count and the compression in units of the step: +2.2%, +11-17%, -2.8%.
-# Over data seeds 1-3 (same run): 1-bit Adam +1.8/+2.2/+1.9%, 0/1 Adam +4.1/+3.9/+3.1%,
-# 1-bit LAMB +4.1/+4.5/+4.9% (+4.4/+4.4/+4.3% before its fresh-variance factor). These
-# bounds hold what was measured; the issue's 2% is the test below (xfail for the two
-# methods that do not reach it yet).
+# Measured here (text GPT, world 4, 80 steps, 40 of warm-up), above the full-precision
+# optimizer over data seeds 1-3 (seed 1 is this run): 1-bit Adam +0.8/+1.8/+1.4% (bf16
+# +1.3%), 0/1 Adam +0.7/+0.6/+0.3%, 1-bit LAMB -0.3/-0.7/+0.5%. Before the 8-bit scale
+# codes per 32 elements ([Note: 8-bit scale codes]) and 0/1 Adam's grads exchange
+# between variance updates ([Note: 0/1 Adam's 1-bit steps between variance updates]):
+# +1.8/+2.2/+1.9%, +4.1/+3.9/+3.1%, +4.1/+4.5/+4.9%. The issue asks for 2%.
 _BOUNDS = {
     "onebit_adam": 0.02,
     "onebit_adam_bf16": 0.02,
-    "onebit_lamb": 0.05,
-    "zero_one_adam": 0.05,
+    "onebit_lamb": 0.01,
+    "zero_one_adam": 0.01,
 }
 
 
@@ -222,24 +222,7 @@ def test_convergence_close_to_full_precision():
         assert abs(gap) <= _BOUNDS[name], (name, gap)
 
 
-_NOT_YET = {
-    "zero_one_adam": "measured +4.1% (seeds 1-3: +4.1/+3.9/+3.1%); with exact means "
-    "instead of 1-bit ones it was below Adam, so the gap is the compression's (cause open)",
-    "onebit_lamb": "measured +4.1% (seeds 1-3: +4.1/+4.5/+4.9%) with the paper's "
-    "fresh-variance factor on the frozen trust ratios (+4.4/+4.4/+4.3% without it; "
-    "factors 0.8-1.4 at the end): the factor does not close the gap (cause open)",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=_NOT_YET[n], strict=True))
-        if n in _NOT_YET
-        else n
-        for n in _BOUNDS
-    ],
-)
+@pytest.mark.parametrize("name", list(_BOUNDS))
 def test_convergence_within_two_percent_of_full_precision(name):
     gap = _gaps()[name]
     assert abs(gap) <= 0.02, (name, gap)
@@ -247,7 +230,7 @@ def test_convergence_within_two_percent_of_full_precision(name):
 
 def test_compressed_mean_in_a_world_equals_the_simulation():
     ranks = _world()
-    lay = plan_layout(1000, WORLD)
+    lay = plan_momentum_layout(1000, WORLD)
     xs = [torch.randn(1000, generator=torch.Generator().manual_seed(r)) for r in range(WORLD)]
     ews = [torch.zeros(lay.padded) for _ in range(WORLD)]
     ess = [torch.zeros(lay.server) for _ in range(WORLD)]
@@ -267,10 +250,11 @@ def test_compressed_mean_in_a_world_equals_the_simulation():
     steps=st.integers(1, 40),
     kind=st.sampled_from(["randn", "sparse", "biased"]),
     seed=st.integers(0, 2**16),
+    codes=st.booleans(),
 )
-def test_error_feedback_keeps_error_bounded_and_sum_tracked(world, n, steps, kind, seed):
+def test_error_feedback_keeps_error_bounded_and_sum_tracked(world, n, steps, kind, seed, codes):
     g = torch.Generator().manual_seed(seed)
-    lay = plan_layout(n, world)
+    lay = plan_momentum_layout(n, world) if codes else plan_layout(n, world)
     ews = [torch.zeros(lay.padded) for _ in range(world)]
     ess = [torch.zeros(lay.server) for _ in range(world)]
     true_sum, got_sum = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
@@ -291,8 +275,9 @@ def test_error_feedback_keeps_error_bounded_and_sum_tracked(world, n, steps, kin
     )
     # Bounded: with scale = mean|y|, ||e'|| <= q (||x|| + ||e||), q = sqrt(1 - 1/chunk), so
     # ||e|| <= q / (1 - q) * max||x|| whatever the number of steps; the server's input
-    # is bounded by the workers' (1 + q / (1 - q)) max||x||.
-    q = (1 - 1 / lay.chunk) ** 0.5
+    # is bounded by the workers' (1 + q / (1 - q)) max||x||. A coded scale is within
+    # 2^(1/8) of mean|y|: q = sqrt(1 - 0.99/chunk) ([Note: 8-bit scale codes]).
+    q = (1 - (0.99 if lay.codes else 1.0) / lay.chunk) ** 0.5
     worker_bound = q / (1 - q) * biggest
     assert max(float(e.norm()) for e in ews) <= worker_bound * 1.001 + 1e-6
     server_bound = q / (1 - q) * (biggest + worker_bound)
@@ -333,7 +318,7 @@ def test_compressed_momentum_is_one_magnitude_per_chunk_in_units_of_the_step():
     m = torch.cat([t.reshape(-1) for t in ms])
     v = torch.cat([t.reshape(-1) for t in vs])
     denom = v.sqrt() / math.sqrt(1 - hp["b2"] ** 3) + hp["eps"]
-    lay = plan_layout(m.numel(), 1)
+    lay = plan_momentum_layout(m.numel(), 1)
     u = torch.zeros(lay.padded)
     u[: m.numel()] = (m / denom).abs()
     live = torch.zeros(lay.padded, dtype=torch.bool)
@@ -470,7 +455,9 @@ def _resume_case(tmp_path, name):
         assert not torch.equal(state2[NAME]["factor"], torch.ones_like(state2[NAME]["factor"]))
     for key in keys:
         assert torch.equal(state[NAME][key], state2[NAME][key])
-        assert state[NAME][key].abs().sum() > 0  # the buffers were in use
+        # The buffers were in use (in a world of one the server recompresses chunks of
+        # +-scale, exactly with coded scales: its error stays zero).
+        assert state[NAME][key].abs().sum() > 0 or key == "server_error"
 
 
 @pytest.mark.parametrize("name", ["onebit_adam", "zero_one_adam", "onebit_lamb"])

@@ -92,7 +92,7 @@ from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place
 from fscale.policies import OffloadPolicy, ZeroPolicy
 from fscale.step import Step, StepContext, Transform
-from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_layout
+from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_momentum_layout
 
 NAME = "compress_comm"
 TAG = "compress.momentum"
@@ -204,6 +204,19 @@ def zero_one_adam(
     ``sqrt(v_count / count)`` and raise every later step by its inverse (on the test's
     80-step run, 28 of 39 steps: 18% larger steps, a loss 8-11% above Adam's).
 
+    [Note: 0/1 Adam's 1-bit steps between variance updates]
+    Before ``var_freeze_step`` the steps that skip the variance update exchange the
+    local *grads* (in units of the step, ``g / denom``, error-compensated) and fold
+    the synced mean into the momentum, as DeepSpeed's ZeroOneAdam does; after it,
+    the momentum is exchanged (1-bit Adam's step, the local windows). Compressing the
+    momentum there instead put the compression error into the momentum, which
+    carries it (about ``1 / (1 - b1)`` times over) into the variance steps that
+    follow; with scales per 32 elements, the test's run spiked after the local steps
+    began (+15/+2.7/+8.4% above Adam over data seeds 1-3; grads: +0.7/+0.6/+0.3%).
+    The error buffers carry over at the freeze: zeroing them (DeepSpeed) or scaling
+    them by ``1 - b1`` (grads to momentum units) measured +2.5/+1.8/+1.7% and
+    +2.2/+1.9/+1.6%.
+
     Usage: ``fs.compress_comm(step, fs.zero_one_adam(var_freeze_step=100))``.
     """
     owner = "zero_one_adam"
@@ -255,7 +268,9 @@ def onebit_lamb(
     ``denom'`` during the step (3 x 4 bytes/param, freed after it). Measured on
     tests/transforms/test_onebit.py's text GPT (world 4, 80 steps, 40 of warm-up,
     factors 0.8-1.4 at the end): 1-bit LAMB +4.4/+4.4/+4.3% above LAMB over data seeds
-    1-3 before, +4.1/+4.5/+4.9% with it.
+    1-3 before, +4.1/+4.5/+4.9% with it (fp32 scales per 128 elements). What closed
+    the gap was finer compression scales ([Note: 8-bit scale codes] in
+    ``onebit_allreduce.py``): -0.3/-0.7/+0.5%.
 
     Usage: ``fs.compress_comm(step, fs.onebit_lamb(freeze_step=100))`` (lamb step).
     """
@@ -357,7 +372,7 @@ def _plan(cfg: _Config, plan) -> None:
 
     if not plan.param_count:
         return
-    lay = plan_layout(plan.param_count, cfg.world)
+    lay = plan_momentum_layout(plan.param_count, cfg.world)
     warm = [c for c in plan.collectives if c.stage == "reduce_grads" and c.tag == "dp.grads"]
     plan.collectives[:] = [c for c in plan.collectives if c not in warm]
     if cfg.world > 1:
@@ -420,7 +435,7 @@ def _init(cfg: _Config, inner, step: Step, params):
             "optimizer directly, not inside a chain."
         )
     live = [p for p in tree.leaves(params) if p is not None]
-    lay = plan_layout(sum(p.numel() for p in live), cfg.world)
+    lay = plan_momentum_layout(sum(p.numel() for p in live), cfg.world)
     device = live[0].device
 
     def sharded(numel: int) -> torch.Tensor:
@@ -509,6 +524,10 @@ class _Leaves:
                 self.gs[j] = self.gs[j].add(self.ps[j].to(self.gs[j].dtype), alpha=self.wd)
         self.opt = opt
 
+    @property
+    def numels(self) -> list[int]:
+        return [m.numel() for m in self.ms]
+
     def local_momentum_(self, b1: float) -> None:
         torch._foreach_lerp_(self.ms, self.gs, 1.0 - b1)
 
@@ -533,7 +552,7 @@ def _unflat_into(dst: list, flat: torch.Tensor) -> None:
 
 
 def _exchange(cfg: _Config, ctx: StepContext, slot: dict, flat: torch.Tensor) -> torch.Tensor:
-    lay = plan_layout(flat.numel(), cfg.world)
+    lay = plan_momentum_layout(flat.numel(), cfg.world)
     return compressed_mean(
         ctx.comm, TAG, cfg.group, flat, slot["worker_error"], slot["server_error"], lay
     )
@@ -548,21 +567,39 @@ def _exchange_scaled(
     return _exchange(cfg, ctx, slot, flat / d).mul_(d)
 
 
+def compresses_grads(cfg, ctx: StepContext) -> bool:
+    """0/1 Adam before ``var_freeze_step``: its 1-bit steps exchange the local grads,
+    not the momentum ([Note: 0/1 Adam's 1-bit steps between variance updates])."""
+    m = cfg.method
+    return type(m).__name__ == "ZeroOneAdam" and ctx.state["count"] < m.var_freeze_step
+
+
 @torch.no_grad()
 def _onebit_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
-    """Local momentum, compressed mean, Adam/LAMB step with the frozen variance."""
+    """Local momentum, compressed mean, Adam/LAMB step with the frozen variance (0/1
+    Adam before its variance freezes: compressed mean of the grads, then momentum)."""
     hp = cfg.hp
     lamb = isinstance(cfg.method, OnebitLamb)
     lv = _Leaves(cfg, ctx, grads, params, l2=not lamb and not hp.get("decoupled", False))
     m_prev = [m.clone() for m in lv.ms] if lamb else None  # last step's synced momentum
-    lv.local_momentum_(hp["b1"])
     denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
     # _exchange_scaled's quotients and products taken per leaf: the same values, without
     # the flat momentum and flat denom (two model-sized copies, ~0.1 s a step at 21M on
     # a CPU). The mask zeroes come before the product: 0 * denom stays 0.
-    scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.ms, denom)])
-    lv.set_momentum_(_exchange(cfg, ctx, slot, scaled))
-    torch._foreach_mul_(lv.ms, denom)
+    if compresses_grads(cfg, ctx):
+        scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.gs, denom)])
+        flat = _exchange(cfg, ctx, slot, scaled)
+        gs = [t.view_as(m) for t, m in zip(flat.split(lv.numels), lv.ms, strict=True)]
+        for g, v in zip(gs, lv.vs, strict=True):
+            g.masked_fill_(v == 0, 0.0)  # [Note: dead coordinates]
+        torch._foreach_mul_(gs, denom)
+        lv.gs = gs
+        lv.local_momentum_(hp["b1"])  # from the synced grads: equal on every rank
+    else:
+        lv.local_momentum_(hp["b1"])
+        scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.ms, denom)])
+        lv.set_momentum_(_exchange(cfg, ctx, slot, scaled))
+        torch._foreach_mul_(lv.ms, denom)
     bias1 = 1.0 - hp["b1"] ** lv.t
     if lamb:
         fresh = [

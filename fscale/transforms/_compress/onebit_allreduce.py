@@ -4,7 +4,8 @@ Each of N ranks holds a flat fp32 vector ``x`` (the momentum). Rank ``i`` is the
 "server" of chunk ``i`` of N:
 
 1. worker: ``y = x + e_w``; compress ``y`` (signs + one scale per chunk row,
-   ``fscale.kernels.onebit``); keep ``e_w = y - C(y)``;
+   ``fscale.kernels.onebit``, the scales sent as fp32 or as 8-bit codes); keep
+   ``e_w = y - C(y)``;
 2. ``all_to_all``: every rank sends server ``i`` its compressed chunk ``i``;
 3. server: ``z = mean of the N decompressed chunks + e_s``; compress; keep
    ``e_s = z - C(z)``;
@@ -12,16 +13,35 @@ Each of N ranks holds a flat fp32 vector ``x`` (the momentum). Rank ``i`` is the
    vector, so the result is bitwise equal on every rank.
 
 [Note: wire format and bytes]
-A message is ``[packed signs | fp32 scales as bytes]`` (uint8), one per destination:
-``n/8 + 4 * rows`` bytes go through the all_to_all and ``n/(8N) + 4 * rows/N``
-through the all_gather, against ``4 n`` for an fp32 all-reduce: a ratio of about
-``(1 + 1/N) / 32`` plus scales (one per ``<= 4096`` elements). Both collectives run
-through ``ctx.comm`` under one tag (``"compress.momentum"``), so the step's
-``comm_bytes_by_tag`` shows exactly this.
+A message is ``[packed signs | scales as bytes]`` (uint8), one per destination:
+``n/8 + b * rows`` bytes go through the all_to_all and ``n/(8N) + b * rows/N``
+through the all_gather (``b``: 4 for fp32 scales, 1 for codes), against ``4 n`` for
+an fp32 all-reduce: a ratio of about ``(1 + 1/N) / 32`` plus scales. Both
+collectives run through ``ctx.comm`` under one tag (``"compress.momentum"``), so the
+step's ``comm_bytes_by_tag`` shows exactly this.
+
+[Note: 8-bit scale codes]
+The 1-bit optimizers' layout (``plan_momentum_layout``) has one scale per 32
+elements, each sent as one byte ``c``: 0 for a zero scale, else ``2^((c - 128) /
+4)`` (1 <= c <= 255: 2^-31.75 .. 2^31.75, a quarter octave apart). The sender rounds
+``mean |y|`` to the nearest code in log2 and subtracts the *decoded* values, so the
+error feedback keeps the rounding with the sign error, and every rank decodes the
+same bits. Rounding moves a scale by a factor of at most ``2^(1/8)``, which keeps the
+residual's contraction ([Note: the scale is mean |x|] in ``fscale/kernels/onebit.py``):
+``||y - q sign(y)||^2 = ||y||^2 - n mu^2 (2 r - r^2)``, ``r = q / mu``, and ``2 r -
+r^2 >= 0.99``. Bytes: ``(1/8 + 1/32)(1 + 1/N)`` per element, under 1/16 of fp32's 4
+for every N >= 2, the same as fp32 scales per 128 elements; but 4x finer scales.
+Why finer: one scale is the magnitude of every element of its chunk, and magnitudes
+differ between neighbouring rows of a weight. Measured on tests/transforms/
+test_onebit.py's text GPT (world 4, 80 steps, seeds 1-3), scales per 16/32/64/128/512
+elements (fp32): 1-bit LAMB -1.2/-0.8/+1.6/+4.5/+10.0% above LAMB (mean of seeds),
+1-bit Adam +1.2/+1.3/+1.8/+2.0/+2.5% above Adam; with the codes at 32, 1-bit LAMB
+-0.2% and 1-bit Adam +1.3%. The generic ``plan_layout`` keeps exact fp32 scales.
 
 Usage::
 
-    lay = plan_layout(n, world)
+    lay = plan_momentum_layout(n, world)      # the 1-bit optimizers' (coded scales)
+    lay = plan_layout(n, world)               # fp32 scales
     out = compressed_mean(ctx.comm, "compress.momentum", group, x, e_w, e_s, lay)
     outs = simulate_mean(xs, e_ws, e_ss, lay)        # the same maths, N ranks in one process
 """
@@ -36,22 +56,31 @@ import torch
 from fscale.hw import dispatch
 from fscale.kernels.onebit import PACK, UNPACK
 
-#: Largest chunk (elements) sharing one scale. Finer scales track layers of different
-#: magnitude (a tiny GPT's loss after 60 steps: 15% above Adam's with 4096, within 1%
-#: with 128) for 4 bytes per 128 elements: (1/8 + 1/32)(1 + 1/N) bytes per element in
-#: all, under 1/16 of fp32's 4 for every N >= 2.
+#: Largest chunk (elements) sharing one fp32 scale. Finer scales track layers of
+#: different magnitude (a tiny GPT's loss after 60 steps: 15% above Adam's with 4096,
+#: within 1% with 128) for 4 bytes per 128 elements: (1/8 + 1/32)(1 + 1/N) bytes per
+#: element in all, under 1/16 of fp32's 4 for every N >= 2.
 MAX_CHUNK = 128
+#: Largest chunk sharing one 8-bit scale code ([Note: 8-bit scale codes]): the same
+#: bytes as fp32 scales per MAX_CHUNK.
+CODED_CHUNK = 32
+#: Scale codes per octave, and the code of 2^0 ([Note: 8-bit scale codes]).
+CODE_STEPS = 4
+CODE_ONE = 128
+_CODE_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
 class Layout:
     """``n`` real elements padded to ``world * rows * chunk``; server ``i`` owns ``rows``
-    consecutive chunks (``rows * chunk`` elements) of the padded vector."""
+    consecutive chunks (``rows * chunk`` elements) of the padded vector; ``codes``:
+    scales sent as 8-bit codes, else fp32 ([Note: 8-bit scale codes])."""
 
     n: int
     world: int
     rows: int
     chunk: int
+    codes: bool = False
 
     @property
     def server(self) -> int:
@@ -63,18 +92,23 @@ class Layout:
 
     @property
     def message(self) -> int:
-        """Bytes of one destination's message: packed signs + fp32 scales."""
-        return self.server // 8 + 4 * self.rows
+        """Bytes of one destination's message: packed signs + scales (fp32 or codes)."""
+        return self.server // 8 + (1 if self.codes else 4) * self.rows
 
 
-def plan_layout(n: int, world: int, max_chunk: int = MAX_CHUNK) -> Layout:
+def plan_layout(n: int, world: int, max_chunk: int = MAX_CHUNK, *, codes: bool = False) -> Layout:
     """The padding and chunking of an ``n``-element vector over ``world`` servers."""
     if n < 1 or world < 1:
         raise ValueError(f"plan_layout: n and world must be >= 1, got n={n}, world={world}.")
     per_server = math.ceil(n / world)
     rows = math.ceil(per_server / max_chunk)
     chunk = 8 * math.ceil(math.ceil(per_server / rows) / 8)  # whole bytes of signs
-    return Layout(n, world, rows, chunk)
+    return Layout(n, world, rows, chunk, codes)
+
+
+def plan_momentum_layout(n: int, world: int) -> Layout:
+    """The 1-bit optimizers' layout: 8-bit scale codes per ``CODED_CHUNK`` elements."""
+    return plan_layout(n, world, CODED_CHUNK, codes=True)
 
 
 #: Elements compressed per block on a CPU ([Note: compressing in blocks on a CPU]).
@@ -99,6 +133,28 @@ def _kernels(t: torch.Tensor):
     return dispatch.resolve(PACK, t).impl, dispatch.resolve(UNPACK, t.device, torch.float32).impl
 
 
+def _code_table(device: torch.device) -> torch.Tensor:
+    """(256,) fp32: the scale of each code ([Note: 8-bit scale codes])."""
+    table = _CODE_TABLES.get(device)
+    if table is None:
+        c = torch.arange(256, dtype=torch.float64)
+        table = torch.exp2((c - CODE_ONE) / CODE_STEPS).float()
+        table[0] = 0.0
+        _CODE_TABLES[device] = table = table.to(device)
+    return table
+
+
+def encode_scales(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 scales -> uint8 codes, the nearest in log2 (0 for a scale that is not > 0)."""
+    c = torch.log2(scales).mul_(CODE_STEPS).round_().add_(CODE_ONE).clamp_(1, 255)
+    return torch.where(scales > 0, c, 0.0).to(torch.uint8)
+
+
+def decode_scales(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes -> their fp32 scales (a table lookup: equal bits on every rank)."""
+    return torch.index_select(_code_table(codes.device), 0, codes.reshape(-1).to(torch.int32))
+
+
 def _block_rows(t: torch.Tensor, rows: int, chunk: int) -> int:
     if t.device.type != "cpu":
         return max(rows, 1)
@@ -106,12 +162,22 @@ def _block_rows(t: torch.Tensor, rows: int, chunk: int) -> int:
 
 
 def _compress_(y: torch.Tensor, pack, unpack, bits: torch.Tensor, scales: torch.Tensor) -> None:
-    """Compress ``y`` (rows, chunk) into ``bits`` / ``scales``, and leave the error
-    feedback ``y - C(y)`` in ``y``."""
+    """Compress ``y`` (rows, chunk) into ``bits`` / ``scales`` (fp32, or uint8 codes),
+    and leave the error feedback ``y - C(y)`` in ``y`` (``C`` with the scales sent)."""
     b, s = pack(y)
+    if scales.dtype == torch.uint8:  # [Note: 8-bit scale codes]
+        codes = encode_scales(s)
+        scales.copy_(codes)
+        s = decode_scales(codes)
+    else:
+        scales.copy_(s)
     bits.copy_(b)
-    scales.copy_(s)
     y.sub_(unpack(b, s))
+
+
+def _scales(rows: int, lay: Layout, device) -> torch.Tensor:
+    dtype = torch.uint8 if lay.codes else torch.float32
+    return torch.empty((rows,), dtype=dtype, device=device)
 
 
 def _wire(bits: torch.Tensor, scales: torch.Tensor, world: int) -> torch.Tensor:
@@ -120,9 +186,12 @@ def _wire(bits: torch.Tensor, scales: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _unwire(buf: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bits and fp32 scales (codes decoded) of the messages in ``buf``."""
     buf = buf.view(-1, lay.message)
     nbits = lay.server // 8
     bits = buf[:, :nbits].reshape(-1, lay.chunk // 8)
+    if lay.codes:
+        return bits, decode_scales(buf[:, nbits:])
     # clone: a one-row slice is "contiguous" at an odd byte offset, which view() refuses.
     scales = buf[:, nbits:].reshape(-1).clone().view(torch.float32)
     return bits, scales
@@ -141,7 +210,7 @@ def worker_step(x: torch.Tensor, worker_error: torch.Tensor, lay: Layout) -> tor
     y = y.view(rows, chunk)
     pack, unpack = _kernels(y)
     bits = torch.empty((rows, chunk // 8), dtype=torch.uint8, device=y.device)
-    scales = torch.empty((rows,), dtype=torch.float32, device=y.device)
+    scales = _scales(rows, lay, y.device)
     step = _block_rows(y, rows, chunk)
     for r in range(0, rows, step):
         _compress_(y[r : r + step], pack, unpack, bits[r : r + step], scales[r : r + step])
@@ -159,7 +228,7 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
     z = server_error.view(rows, chunk)  # z = mean + e_s, formed in place
     pack, unpack = _kernels(z)
     bits = torch.empty((rows, chunk // 8), dtype=torch.uint8, device=z.device)
-    scales = torch.empty((rows,), dtype=torch.float32, device=z.device)
+    scales = _scales(rows, lay, z.device)
     step = _block_rows(z, rows, chunk)
     for r in range(0, rows, step):
         k = min(step, rows - r)
@@ -195,7 +264,7 @@ def compressed_mean(comm, tag: str, group, x, worker_error, server_error, lay: L
       x: this rank's vector, ``lay.n`` elements.
       worker_error: fp32 ``(lay.padded,)``, this rank's worker error (updated in place).
       server_error: fp32 ``(lay.server,)``, this rank's server error (updated in place).
-      lay: from ``plan_layout(n, world)``.
+      lay: from ``plan_momentum_layout(n, world)`` or ``plan_layout(n, world)``.
 
     Returns:
       The ``lay.n``-element fp32 estimate of the mean, equal on every rank.

@@ -20,7 +20,9 @@ exchange replaces ZeRO's grad reduce-scatter. After the non-finite vote, ``updat
    of the same flat vector; ``all_to_all`` of signs + scales to each chunk's server,
    ``all_gather`` of the servers' recompressed chunks, tag ``"compress.momentum"``);
    every rank decodes the same ``M``, zeroed where the frozen variance is ([Note: dead
-   coordinates]);
+   coordinates]); 0/1 Adam before ``var_freeze_step`` exchanges the local grads
+   instead and folds their synced mean into ``M`` ([Note: 0/1 Adam's 1-bit steps
+   between variance updates] in ``onebit.py``), as plain data parallel does;
 3. hands its own ZeRO rows of ``M`` (dim-0 blocks of ``ceil(d0 / N)`` rows, [Note:
    shard layout] in ``fscale/transforms/_zero/sharding.py``, read off the optimizer's
    row-shaped moments, never from shard_zero's slot) down to shard_zero's ``update``
@@ -74,7 +76,7 @@ from fscale.placement import Placement, place
 from fscale.policies import LocalGradsPolicy
 from fscale.step import Step, StepContext, Transform
 from fscale.transforms._compress import onebit_zero_rows as rows_opt
-from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_layout
+from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_momentum_layout
 
 TAG_INIT = "compress.init"
 #: The per-layer squared norms of 1-bit LAMB's warm-up (2 floats per layer).
@@ -205,7 +207,7 @@ def _init(cfg, inner, step: Step, params):
     live = [i for i, p in enumerate(tree.leaves(params)) if p is not None]
     full, rows = tree.leaves(params), tree.leaves(opt.exp_avg)
     layout = Rows.of([full[i] for i in live], [rows[i] for i in live], cfg.world)
-    lay = plan_layout(layout.n, cfg.world)
+    lay = plan_momentum_layout(layout.n, cfg.world)
     device = full[live[0]].device
 
     def sharded(numel: int) -> torch.Tensor:
@@ -271,8 +273,11 @@ def _update(cfg, inner, ctx: StepContext, grads, params):
     else:
         lamb = _is(cfg, "OnebitLamb")
         m_prev = slot["momentum"].clone() if lamb else None  # last step's synced M
-        lv.momentum_(slot)
-        exchange_(cfg, ctx, slot)
+        if ob.compresses_grads(cfg, ctx):  # 0/1 Adam between variance updates
+            lv.momentum_(slot, synced(cfg, ctx, slot, lv.flat_grads()))
+        else:
+            lv.momentum_(slot)
+            exchange_(cfg, ctx, slot)
         call = {"mode": "lamb" if lamb else "adam"}
         if lamb:
             call["trust"] = _lamb_trust(cfg, slot, lv, m_prev)
@@ -330,9 +335,12 @@ class Local:
         slot["variance"].copy_(self.rows.gather(comm, group, self.v_rows))
         slot["ready"] = True
 
-    def momentum_(self, slot: dict) -> None:
-        """``M = b1 M + (1 - b1) g_local``."""
-        flat = torch.cat([g.reshape(-1) for g in self.gs])
+    def flat_grads(self) -> torch.Tensor:
+        return torch.cat([g.reshape(-1) for g in self.gs])
+
+    def momentum_(self, slot: dict, grads: torch.Tensor | None = None) -> None:
+        """``M = b1 M + (1 - b1) g`` (``g``: the local grads unless given)."""
+        flat = self.flat_grads() if grads is None else grads
         slot["momentum"].lerp_(flat, 1.0 - self.cfg.hp["b1"])
 
     def own_rows(self, flat: torch.Tensor):
@@ -344,21 +352,25 @@ class Local:
 
 
 @torch.no_grad()
-def exchange_(cfg, ctx: StepContext, slot: dict, x: torch.Tensor | None = None) -> None:
-    """``M`` <- ``d *`` the compressed mean of ``x / d`` (``x`` default ``M``), masked
-    where ``v == 0``: plain DP's ``_exchange_scaled`` ([Note: compress what the step
-    uses] in ``onebit.py``). ``d`` is elementwise in the flat variance, so bitwise the
-    concatenation of plain DP's per-leaf denominators."""
+def synced(cfg, ctx: StepContext, slot: dict, x: torch.Tensor) -> torch.Tensor:
+    """``d *`` the compressed mean of ``x / d``, zero where ``v == 0``: plain DP's
+    ``_exchange_scaled`` ([Note: compress what the step uses] in ``onebit.py``). ``d``
+    is elementwise in the flat variance, so bitwise the concatenation of plain DP's
+    per-leaf denominators."""
     from fscale.transforms._compress.onebit import TAG
 
-    hp, m, v = cfg.hp, slot["momentum"], slot["variance"]
-    x = m if x is None else x
+    hp, v = cfg.hp, slot["variance"]
     d = bias_corrected_denom([v], hp["b2"], hp["eps"], slot["v_count"])[0]
-    lay = plan_layout(m.numel(), cfg.world)
+    lay = plan_momentum_layout(x.numel(), cfg.world)
     out = compressed_mean(
         ctx.comm, TAG, cfg.group, x / d, slot["worker_error"], slot["server_error"], lay
     )
-    m.copy_(out.mul_(d).masked_fill_(v == 0, 0.0))
+    return out.mul_(d).masked_fill_(v == 0, 0.0)
+
+
+def exchange_(cfg, ctx: StepContext, slot: dict, x: torch.Tensor | None = None) -> None:
+    """``M`` <- ``synced(x)`` (``x`` default ``M``)."""
+    slot["momentum"].copy_(synced(cfg, ctx, slot, slot["momentum"] if x is None else x))
 
 
 def _lamb_trust(cfg, slot: dict, lv: Local, m_prev: torch.Tensor) -> list[torch.Tensor]:
@@ -389,7 +401,7 @@ def _plan(cfg, stage: int, plan) -> None:
     if not plan.param_count:
         return
     n, world = plan.param_count, cfg.world
-    lay = plan_layout(n, world)
+    lay = plan_momentum_layout(n, world)
     grads = [c for c in plan.collectives if c.tag == "zero.grads"]
     plan.collectives[:] = [c for c in plan.collectives if c not in grads]
     if world > 1:
