@@ -41,30 +41,44 @@ def _problem(model_kind: str):
             for _ in range(STEPS)
         ]
         return model, gpt_loss, batches
+    if model_kind == "moe":  # capacity drops decided per rank: see _reference
+        cfg = GPTConfig.moe_tiny(
+            n_head=4, seq_len=SEQ, capacity_factor=1.0, min_capacity=1, bias=False
+        )
+        return GPT(cfg).double(), gpt_loss, _problem("gpt")[2]
     model = mlp(list(WIDTHS), seed=3).double()
     batches = regression_batches(STEPS, BATCH, WIDTHS[0], WIDTHS[-1])
     batches = [{k: v.double() for k, v in b.items()} for b in batches]
     return model, regression_loss, batches
 
 
-def _train(model_kind, opt_kind, layout, rank=0, world=1):
-    """``layout``: None (plain), ("zero", stage) or ("tp",); every rank of a tp group
-    sees the whole batch, data ranks a slice of it."""
+def _mesh(layout, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if layout[0] == "hsdp":
+        return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (world,), mesh_dim_names=(layout[0],))
+
+
+def _train(model_kind, opt_kind, layout, rank=0, world=1, accumulate=1):
+    """``layout``: None (plain), ("zero" | "hsdp", stage), ("tp",), ("ep",) or
+    ("offload",); every rank of a tp group sees the whole batch, data ranks a slice."""
     model, make_loss, batches = _problem(model_kind)
     params, apply = fs.functional(copy.deepcopy(model))
-    mesh = None
-    if layout and layout[0] == "tp":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-    step = fs.train_step(make_loss(apply), _optimizer(opt_kind), mesh=mesh, model=apply)
+    kind = layout[0] if layout else None
+    mesh = _mesh(layout, world) if kind in ("tp", "ep", "hsdp") else None
+    step = fs.train_step(
+        make_loss(apply), _optimizer(opt_kind), mesh=mesh, model=apply, accumulate=accumulate
+    )
     per = BATCH // world
-    if layout and layout[0] == "zero":
-        step = fs.shard_zero(step, layout[1])
-    elif layout and layout[0] == "offload":  # over shard_zero(1) on a world above one
+    if kind in ("zero", "hsdp"):
+        step = fs.shard_zero(step, layout[1], mesh=mesh)
+    elif kind == "offload":  # over shard_zero(1) on a world above one
         zero = fs.shard_zero(step, 1) if world > 1 else step
         step = fs.offload(zero, "cpu", overlap=False, subgroup_mb=1e-4)  # a group per leaf
-    elif layout:
+    elif kind == "ep":
+        step = fs.expert_parallel(step, dim="ep")
+    elif kind == "tp":
         step, per = fs.tensor_parallel(step, dim="tp"), BATCH
     params, state = step.init(params)
     for batch in batches:
@@ -75,10 +89,16 @@ def _train(model_kind, opt_kind, layout, rank=0, world=1):
     return fs.gather_params(params, state, mesh=step.mesh)
 
 
+def _reference(model_kind, opt_kind, world):
+    # An MoE rank routes (and drops over capacity) its own slice: the world of one
+    # with one micro-batch per rank makes the same decisions.
+    return _train(model_kind, opt_kind, None, accumulate=world if model_kind == "moe" else 1)
+
+
 CASES = [
     *((m, o, ("zero", s)) for m in ("gpt", "mlp") for o in ("lamb", "clip") for s in (1, 2, 3)),
-    ("gpt", "lamb", ("tp",)),
-    ("gpt", "clip", ("tp",)),
+    *((m, o, (k,)) for m, k in (("gpt", "tp"), ("moe", "ep")) for o in ("lamb", "clip")),
+    *(("mlp", o, ("hsdp", s)) for o in ("lamb", "clip") for s in (1, 3)),
 ]
 
 
@@ -92,10 +112,15 @@ def _world_fn(rank, world, cases):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_norm_taking_optimizers_over_shards_equal_world_of_one(world):
-    cases = [c for c in CASES if world == 2 or c[0] == "mlp"]
+    # World 2 runs every layout but HSDP; world 4 the MLP (its rows split unevenly, some
+    # shards empty) under ZeRO and under HSDP (2 replicas x 2 shards).
+    if world == 2:
+        cases = [c for c in CASES if c[2][0] != "hsdp"]
+    else:
+        cases = [c for c in CASES if c[0] == "mlp"]
     results = run_world(_world_fn, world, cases)
     for model_kind, opt_kind, layout in cases:
-        expected = _train(model_kind, opt_kind, None)
+        expected = _reference(model_kind, opt_kind, world)
         untrained = fs.functional(_problem(model_kind)[0])[0]
         assert max_rel_error(untrained, expected) > 1e-3  # the steps moved the params
         for rank, by_case in enumerate(results):
