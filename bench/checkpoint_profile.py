@@ -14,7 +14,10 @@ One run (about 4-6 minutes on one H200 for ``--model 1b4``) trains the 1.4B GPT 
    an interleaved order (new, old, new without write-out, new again), each checkpoint
    removed and the page cache synced before the next; the old and new checkpoints'
    checksum records (CRC-32 of every data file) must be equal: the same bytes;
-4. ``fs.load`` of the new checkpoint, timed, checked torch.equal to what was saved;
+4. ``fs.load`` of the new checkpoint with fscale's reader (a thread per file, device
+   targets through pinned memory) and with DCP's (one file after another, pageable
+   copies), the files dropped from the page cache before each, timed, each checked
+   torch.equal to what was saved;
 5. asynchronous saves: the blocking call (staging) and the slowdown of the steps that run
    while the save is written, old staging (pageable, writer threads at full priority)
    against new (pinned, niced), the new one twice (the first pins its host memory).
@@ -31,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -127,6 +132,31 @@ def _drop(path: str) -> None:
     os.sync()
 
 
+def _uncache(where: str) -> None:
+    """Drop the page cache of a checkpoint's files (posix_fadvise DONTNEED)."""
+    os.sync()
+    for name in os.listdir(where):
+        fd = os.open(os.path.join(where, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _reader(old: bool):
+    """fs.load with DCP's own reader (one file after another, pageable copies) if ``old``."""
+    if not old:
+        yield
+        return
+    saved = fs.checkpoint.ParallelReader
+    fs.checkpoint.ParallelReader = lambda where, threads: dcp.FileSystemReader(where)
+    try:
+        yield
+    finally:
+        fs.checkpoint.ParallelReader = saved
+
+
 def _sums(where: str) -> dict:
     out = {}
     for n in os.listdir(where):
@@ -191,22 +221,28 @@ def main(argv=None) -> None:
     row["old_and_new_files_equal"] = sums["old"] == sums["new"] == sums["new_again"]
 
     saved = {k: v.clone() for k, v in _tensors(params, state).items()}
-    fresh_step, fresh = build()
-    _sync(device)
-    t0 = time.perf_counter()
-    lp, ls = fs.load(os.path.join(args.dir, "new_again"), fresh_step, fresh)
-    _sync(device)
-    load_s = time.perf_counter() - t0
-    got = _tensors(lp, ls)
-    row["load"] = {
-        "s": load_s,
-        "GBps": saves["new_again"]["bytes"] / load_s / 1e9,
-        "equal": saved.keys() == got.keys()
-        and all(torch.equal(got[k], v) for k, v in saved.items()),
-    }
-    say(f"load {load_s:.2f} s, equal={row['load']['equal']}")
-    del saved, got, lp, ls, fresh, fresh_step
-    _drop(os.path.join(args.dir, "new_again"))
+    where = os.path.join(args.dir, "new_again")
+    row["load"] = {}
+    for name in ("new", "old"):
+        _uncache(where)  # read from the disk, not from the page cache of the last read
+        fresh_step, fresh = build()
+        _sync(device)
+        t0 = time.perf_counter()
+        with _reader(old=name == "old"):
+            lp, ls = fs.load(where, fresh_step, fresh)
+        _sync(device)
+        load_s = time.perf_counter() - t0
+        got = _tensors(lp, ls)
+        row["load"][name] = {
+            "s": load_s,
+            "GBps": saves["new_again"]["bytes"] / load_s / 1e9,
+            "equal": saved.keys() == got.keys()
+            and all(torch.equal(got[k], v) for k, v in saved.items()),
+        }
+        say(f"load {name} {load_s:.2f} s, equal={row['load'][name]['equal']}")
+        del got, lp, ls
+    del saved, fresh, fresh_step
+    _drop(where)
 
     def steps(n):
         nonlocal params, state
@@ -260,9 +296,8 @@ def main(argv=None) -> None:
     print(f"\n{'':24s} {'s':>7s} {'GB/s':>6s} {'x dd':>5s}   (dd {row['dd_GBps']:.2f} GB/s)")
     for k, v in saves.items():
         print(f"save {k:19s} {v['s']:7.2f} {v['GBps']:6.2f} {v['x_dd']:5.2f}")
-    print(
-        f"{'load':24s} {load_s:7.2f} {row['load']['GBps']:6.2f}        equal={row['load']['equal']}"
-    )
+    for k, v in row["load"].items():
+        print(f"load {k:19s} {v['s']:7.2f} {v['GBps']:6.2f}        equal={v['equal']}")
     if "pinned_slabs_GBps" in d:
         print(
             f"d2h GB/s: pageable {d['pageable_serial_GBps']:.2f}, pageable x8 threads "

@@ -121,6 +121,7 @@ from fscale._checkpoint.files import (
     latest,
     write_checksums,
 )
+from fscale._checkpoint.reader import ParallelReader
 from fscale._checkpoint.restore import _check_model, _make_lazy, _restore_plain, _source_key
 from fscale._checkpoint.writer import SaveIO, make_job, split_items, write_buckets
 from fscale.hw import comm
@@ -699,7 +700,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
         with _quiet():
             dcp.load(
                 state_dict,
-                storage_reader=dcp.FileSystemReader(where),
+                storage_reader=ParallelReader(where, threads=WRITE_THREADS),
                 planner=planner,
                 no_dist=not comm.is_initialized(),
             )

@@ -220,3 +220,33 @@ def test_async_staging_copies_device_tensors_where_saveio_says():
     free, _ = torch.cuda.mem_get_info()
     huge = torch.empty(1, device="cuda", dtype=torch.uint8).expand(free)  # no memory of its own
     assert fs.checkpoint._staging_place({"x": huge}, "auto") == "pinned"
+
+
+_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_parallel_reader_loads_what_dcps_reader_loads(tmp_path, device):
+    from fscale._checkpoint.reader import ParallelReader
+
+    g = torch.Generator().manual_seed(0)
+    state = {f"t{i}": torch.randn(257, 33, generator=g).to(device) for i in range(12)}
+    state["blob"] = {"step": 7}
+    writer = dcp.FileSystemWriter(tmp_path, thread_count=4)  # four data files
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".distcp")]) == 4
+    for reader in (ParallelReader(tmp_path, threads=4), dcp.FileSystemReader(tmp_path)):
+        back = {k: torch.zeros_like(v) for k, v in state.items() if k != "blob"}
+        back["blob"] = {"step": 0}
+        dcp.load(back, storage_reader=reader, no_dist=True)
+        assert all(torch.equal(back[k], state[k]) for k in back if k != "blob")
+        assert back["blob"] == {"step": 7}
