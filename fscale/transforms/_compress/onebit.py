@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 
@@ -364,6 +365,8 @@ class _Config:
     dim: str
     world: int
     group: object
+    #: What the compression phase may reuse between steps ([Note: dead coordinates]).
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def _plan(cfg: _Config, plan) -> None:
@@ -502,6 +505,7 @@ class _Leaves:
     def __init__(self, cfg: _Config, ctx: StepContext, grads, params, *, l2: bool):
         opt = ctx.state["optimizer"]
         hp = cfg.hp
+        self.cfg = cfg
         self.count = opt.count
         self.t = opt.count + 1
         self.lr = value_at(hp["lr"], opt.count, "lr")
@@ -537,8 +541,7 @@ class _Leaves:
     def set_momentum_(self, flat: torch.Tensor) -> None:
         """The synced momentum, zero where the frozen variance is ([Note: dead coordinates])."""
         _unflat_into(self.ms, flat)
-        for m, v in zip(self.ms, self.vs, strict=True):
-            m.masked_fill_(v == 0, 0.0)
+        zero_dead_(self.cfg, self.ms, self.vs)
 
     def commit(self, ctx: StepContext) -> None:
         ctx.state["optimizer"] = AdamState(self.t, self.opt.exp_avg, self.opt.exp_avg_sq)
@@ -549,6 +552,83 @@ def _unflat_into(dst: list, flat: torch.Tensor) -> None:
     for t in dst:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def zero_dead_(cfg, ts: list, vs: list) -> None:
+    """``ts`` zeroed where the variance ``vs`` is zero ([Note: dead coordinates]), by the
+    positions cached while ``vs`` are unchanged."""
+    for j, idx in _dead_positions(cfg, vs):
+        t = ts[j]
+        if t.is_contiguous():
+            t.view(-1).index_fill_(0, idx, 0.0)
+        else:
+            t.masked_fill_(vs[j] == 0, 0.0)
+
+
+def _dead_positions(cfg, vs: list) -> list:
+    """``(leaf, flat positions where v == 0)`` for the leaves ``vs`` that have any.
+
+    [Note: dead coordinates, cached]
+    The mask ``v == 0`` is recomputed only when the variance may have moved: the cache
+    holds weak references to the leaves it was taken from and their version counters
+    (bumped by every in-place write), so another tensor or a write in place (a variance
+    step, a load into the state) recomputes it. The frozen variance of 1-bit Adam and
+    LAMB is read once; ``v == 0`` and a ``masked_fill_`` per step were ~55 ms a step at
+    21M params on one CPU thread, the cached positions (a few) cost nothing.
+    """
+    try:
+        versions = tuple(v._version for v in vs)
+    except RuntimeError:  # inference tensors have no version counter
+        versions = None
+    hit = cfg.cache.get("dead")
+    if (
+        versions is not None
+        and hit is not None
+        and hit["versions"] == versions
+        and len(hit["refs"]) == len(vs)
+        and all(r() is v for r, v in zip(hit["refs"], vs, strict=True))
+    ):
+        return hit["positions"]
+    positions = []
+    for j, v in enumerate(vs):
+        idx = torch.nonzero(v.reshape(-1) == 0).view(-1)
+        if idx.numel():
+            positions.append((j, idx))
+    if versions is not None:
+        cfg.cache["dead"] = {
+            "refs": [weakref.ref(v) for v in vs],
+            "versions": versions,
+            "positions": positions,
+        }
+    return positions
+
+
+def _exchange_into(
+    cfg: _Config, ctx: StepContext, slot: dict, nums: list, denom: list, into: list
+) -> list:
+    """The compressed mean of the flat ``nums / denom`` ([Note: compress what the step
+    uses]), written into the leaves ``into`` (they may be ``nums``): the quotients go
+    straight into the worker error and the mean straight into the leaves
+    ([Note: decoding into the destination] in ``onebit_allreduce.py``), the same bits
+    as ``_exchange`` of the concatenated quotients without its two model-sized copies."""
+    lay = plan_momentum_layout(sum(t.numel() for t in nums), cfg.world)
+
+    def add_quotients(y: torch.Tensor) -> None:
+        # y + q / d by addcdiv_ (value 1): the quotient rounded, then the sum rounded,
+        # as y.add_(q / d).
+        offset = 0
+        for q, d in zip(nums, denom, strict=True):
+            y[offset : offset + q.numel()].view_as(q).addcdiv_(q, d)
+            offset += q.numel()
+
+    return compressed_mean(
+        ctx.comm, TAG, cfg.group, add_quotients, slot["worker_error"], slot["server_error"],
+        lay, into=into,
+    )  # fmt: skip
+
+
+def _fp32_contiguous(*groups: list) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() for g in groups for t in g)
 
 
 def _exchange(cfg: _Config, ctx: StepContext, slot: dict, flat: torch.Tensor) -> torch.Tensor:
@@ -586,19 +666,26 @@ def _onebit_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
     # _exchange_scaled's quotients and products taken per leaf: the same values, without
     # the flat momentum and flat denom (two model-sized copies, ~0.1 s a step at 21M on
     # a CPU). The mask zeroes come before the product: 0 * denom stays 0.
+    fast = _fp32_contiguous(lv.ms, lv.gs, denom)
     if compresses_grads(cfg, ctx):
-        scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.gs, denom)])
-        flat = _exchange(cfg, ctx, slot, scaled)
-        gs = [t.view_as(m) for t, m in zip(flat.split(lv.numels), lv.ms, strict=True)]
-        for g, v in zip(gs, lv.vs, strict=True):
-            g.masked_fill_(v == 0, 0.0)  # [Note: dead coordinates]
+        if fast:
+            gs = _exchange_into(cfg, ctx, slot, lv.gs, denom, [torch.empty_like(m) for m in lv.ms])
+        else:
+            scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.gs, denom)])
+            flat = _exchange(cfg, ctx, slot, scaled)
+            gs = [t.view_as(m) for t, m in zip(flat.split(lv.numels), lv.ms, strict=True)]
+        zero_dead_(cfg, gs, lv.vs)  # [Note: dead coordinates]
         torch._foreach_mul_(gs, denom)
         lv.gs = gs
         lv.local_momentum_(hp["b1"])  # from the synced grads: equal on every rank
     else:
         lv.local_momentum_(hp["b1"])
-        scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.ms, denom)])
-        lv.set_momentum_(_exchange(cfg, ctx, slot, scaled))
+        if fast:
+            _exchange_into(cfg, ctx, slot, lv.ms, denom, lv.ms)
+            zero_dead_(cfg, lv.ms, lv.vs)
+        else:
+            scaled = torch.cat([q.reshape(-1) for q in torch._foreach_div(lv.ms, denom)])
+            lv.set_momentum_(_exchange(cfg, ctx, slot, scaled))
         torch._foreach_mul_(lv.ms, denom)
     bias1 = 1.0 - hp["b1"] ** lv.t
     if lamb:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from fscale.hw import dispatch
-from fscale.kernels.onebit import PACK, UNPACK
+from fscale.kernels.onebit import PACK, UNPACK, pack_reference, pack_residual_
 
 #: Largest chunk (elements) sharing one fp32 scale. Finer scales track layers of
 #: different magnitude (a tiny GPT's loss after 60 steps: 15% above Adam's with 4096,
@@ -113,6 +113,9 @@ def plan_momentum_layout(n: int, world: int) -> Layout:
 
 #: Elements compressed per block on a CPU ([Note: compressing in blocks on a CPU]).
 CPU_BLOCK = 1 << 18
+#: The smallest full block that takes the compiled CPU loop ([Note: signs and residual
+#: in one CPU loop] in ``fscale/kernels/onebit.py``): short vectors are not worth a compile.
+FUSED_MIN = 1 << 16
 
 # [Note: compressing in blocks on a CPU]
 # Every pass of the compression (|y| and its row means, the signs, the packed bytes,
@@ -164,6 +167,18 @@ def _block_rows(t: torch.Tensor, rows: int, chunk: int) -> int:
 def _compress_(y: torch.Tensor, pack, unpack, bits: torch.Tensor, scales: torch.Tensor) -> None:
     """Compress ``y`` (rows, chunk) into ``bits`` / ``scales`` (fp32, or uint8 codes),
     and leave the error feedback ``y - C(y)`` in ``y`` (``C`` with the scales sent)."""
+    if pack is pack_reference:  # a CPU: signs and residual in one pass
+        s = y.abs().mean(dim=1)  # pack_reference's scales
+        if scales.dtype == torch.uint8:  # [Note: 8-bit scale codes]
+            codes = encode_scales(s)
+            scales.copy_(codes)
+            s = decode_scales(codes)
+        else:
+            scales.copy_(s)
+        # [Note: signs and residual in one CPU loop], on the full blocks of long vectors.
+        fused = y.shape[0] == _block_rows(y, 0, y.shape[1]) and y.numel() >= FUSED_MIN
+        bits.copy_(pack_residual_(y, s, fused=fused))
+        return
     b, s = pack(y)
     if scales.dtype == torch.uint8:  # [Note: 8-bit scale codes]
         codes = encode_scales(s)
@@ -198,14 +213,17 @@ def _unwire(buf: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def worker_step(x: torch.Tensor, worker_error: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """Compress ``x + e_w`` (``x``: ``lay.n`` elements, padded with zeros), update
-    ``e_w`` in place; the outgoing messages, ``(world, message)`` uint8, row ``i`` for
-    server ``i``."""
-    if x.numel() != lay.n:
-        raise ValueError(f"compressed mean: x has {x.numel()} elements, the layout {lay.n}.")
+def worker_step(x, worker_error: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Compress ``x + e_w`` (``x``: ``lay.n`` elements, padded with zeros, or a function
+    that adds them into the ``(lay.n,)`` head of ``e_w`` it is given), update ``e_w`` in
+    place; the outgoing messages, ``(world, message)`` uint8, row ``i`` for server ``i``."""
     y = worker_error  # y = x + e_w, formed in place ([Note: compressing in blocks on a CPU])
-    y[: lay.n].add_(x.reshape(-1))
+    if callable(x):
+        x(y[: lay.n])
+    elif x.numel() != lay.n:
+        raise ValueError(f"compressed mean: x has {x.numel()} elements, the layout {lay.n}.")
+    else:
+        y[: lay.n].add_(x.reshape(-1))
     rows, chunk = lay.world * lay.rows, lay.chunk
     y = y.view(rows, chunk)
     pack, unpack = _kernels(y)
@@ -241,38 +259,84 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
 
 
 @torch.no_grad()
-def decode(gathered: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """The all-gathered messages of every server -> the ``n``-element mean."""
+def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None):
+    """The all-gathered messages of every server -> the ``n``-element mean; written
+    into the contiguous fp32 tensors ``into`` (their elements in order, ``n`` in all)
+    and ``into`` returned, when given ([Note: decoding into the destination])."""
     bits, scales = _unwire(gathered, lay)
     rows, chunk = bits.shape[0], lay.chunk
     _, unpack = _kernels(bits)
-    out = torch.empty((rows, chunk), dtype=torch.float32, device=bits.device)
-    step = _block_rows(out, rows, chunk)
+    if into is None:
+        out = torch.empty((rows, chunk), dtype=torch.float32, device=bits.device)
+        step = _block_rows(out, rows, chunk)
+        for r in range(0, rows, step):
+            out[r : r + step] = unpack(bits[r : r + step], scales[r : r + step])
+        return out.view(-1)[: lay.n]
+    dests = _flat_dests(into, lay.n)
+    step = _block_rows(bits, rows, chunk)
+    j = 0  # the first destination not yet filled
     for r in range(0, rows, step):
-        out[r : r + step] = unpack(bits[r : r + step], scales[r : r + step])
-    return out.view(-1)[: lay.n]
+        vals = unpack(bits[r : r + step], scales[r : r + step]).view(-1)
+        lo, hi = r * chunk, min((r + step) * chunk, lay.n)
+        while j < len(dests) and dests[j][0] < hi:
+            start, flat = dests[j]
+            a, b = max(lo, start), min(hi, start + flat.numel())
+            flat[a - start : b - start].copy_(vals[a - lo : b - lo])
+            if b < start + flat.numel():
+                break  # the rest of this destination is in the next block
+            j += 1
+    return into
+
+
+# [Note: decoding into the destination]
+# The decoded mean is the caller's next value of its momentum (or grads), leaf by leaf.
+# Unpacking block by block straight into those leaves skips a model-sized output
+# (on a CPU, 84 MB of fresh pages at 21M params: their faults cost more than the copy)
+# and the caller's copy of it into the leaves; the bits are the same.
+
+
+def _flat_dests(into: list, n: int) -> list:
+    """``(start, flat view)`` of each destination; they must cover ``n`` elements."""
+    dests, start = [], 0
+    for t in into:
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(
+                f"decode: destinations must be contiguous fp32 tensors, got {t.dtype} "
+                f"contiguous={t.is_contiguous()}; decode into a flat vector and copy instead."
+            )
+        dests.append((start, t.view(-1)))
+        start += t.numel()
+    if start != n:
+        raise ValueError(f"decode: destinations hold {start} elements, the layout {n}.")
+    return dests
 
 
 @torch.no_grad()
-def compressed_mean(comm, tag: str, group, x, worker_error, server_error, lay: Layout):
+def compressed_mean(
+    comm, tag: str, group, x, worker_error, server_error, lay: Layout, *, into=None
+):
     """The mean of ``x`` over ``group`` by 1-bit compression with error feedback.
 
     Args:
       comm: the step's tagged collectives (``ctx.comm``).
       tag: the tag both collectives are counted under.
       group: the data-parallel process group (``lay.world`` ranks).
-      x: this rank's vector, ``lay.n`` elements.
+      x: this rank's vector, ``lay.n`` elements, or a function that adds it into the
+        ``(lay.n,)`` tensor it is given (the head of ``worker_error``).
       worker_error: fp32 ``(lay.padded,)``, this rank's worker error (updated in place).
       server_error: fp32 ``(lay.server,)``, this rank's server error (updated in place).
       lay: from ``plan_momentum_layout(n, world)`` or ``plan_layout(n, world)``.
+      into: contiguous fp32 tensors, ``lay.n`` elements in all, to write the mean into
+        ([Note: decoding into the destination]).
 
     Returns:
-      The ``lay.n``-element fp32 estimate of the mean, equal on every rank.
+      The ``lay.n``-element fp32 estimate of the mean, equal on every rank (``into``
+      when given).
     """
     send = worker_step(x, worker_error, lay)
     received = comm.all_to_all(tag, send.view(-1), group=group)
     mine = server_step(received, server_error, lay)
-    return decode(comm.all_gather(tag, mine, group=group), lay)
+    return decode(comm.all_gather(tag, mine, group=group), lay, into)
 
 
 @torch.no_grad()
