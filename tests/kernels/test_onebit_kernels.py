@@ -135,14 +135,39 @@ def _mean_by_hand(xs, ews, ess, lay):
     return torch.cat(out)[: lay.n]
 
 
+@pytest.mark.parametrize("special", [False, True])
+def test_compiled_signs_and_residual_equal_the_reference(special):
+    # [Note: signs and residual in one CPU loop]: the compiled loop gives the torch ops'
+    # bits and residual, +-0, +-inf and NaN included (NaN compared as NaN).
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(64, 32, generator=g)
+    if special:
+        values = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45])
+        pick = torch.randint(0, 6, y.shape, generator=g)
+        y = torch.where(torch.rand(y.shape, generator=g) < 0.3, values[pick], y)
+    scales = torch.rand(64, generator=g)
+    scales[:3] = 0.0
+    want, got = y.clone(), y.clone()
+    want_bits = onebit.pack_residual_reference(want, scales)
+    got_bits = onebit.pack_residual_(got, scales, fused=True)
+    assert "pack_residual" in onebit._COMPILED and onebit._COMPILED["pack_residual"] is not False
+    assert torch.equal(got_bits, want_bits)
+    assert torch.equal(got.isnan(), want.isnan())
+    same = ~want.isnan()
+    assert torch.equal(got[same].view(torch.int32), want[same].view(torch.int32))  # -0.0 too
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("block", [8, 24, 1 << 18])
 @pytest.mark.parametrize("world", [1, 3])
-def test_blocked_in_place_compressed_mean_equals_one_pass_by_hand(monkeypatch, block, world):
+def test_blocked_in_place_compressed_mean_equals_one_pass_by_hand(monkeypatch, block, world, fused):
     # [Note: compressing in blocks on a CPU]: blocks of rows and the error buffers used
-    # as the vectors being compressed give the bits of the plain formulation.
+    # as the vectors being compressed give the bits of the plain formulation; so does
+    # the compiled loop on full blocks ([Note: signs and residual in one CPU loop]).
     from fscale.transforms._compress import onebit_allreduce as ar
 
     monkeypatch.setattr(ar, "CPU_BLOCK", block)
+    monkeypatch.setattr(ar, "FUSED_MIN", 8 if fused else 1 << 62)
     lay = ar.plan_layout(1001, world, max_chunk=16)
     g = torch.Generator().manual_seed(world)
     ews = [torch.zeros(lay.padded) for _ in range(world)]
@@ -154,3 +179,24 @@ def test_blocked_in_place_compressed_mean_equals_one_pass_by_hand(monkeypatch, b
         want = _mean_by_hand(xs, ews_ref, ess_ref, lay)
         assert torch.equal(got, want)
         assert all(torch.equal(a, b) for a, b in zip(ews + ess, ews_ref + ess_ref, strict=True))
+
+
+def test_decode_into_leaves_equals_decode():
+    # [Note: decoding into the destination]: blocks that split leaves, empty leaves.
+    from fscale.transforms._compress import onebit_allreduce as ar
+
+    lay = ar.plan_momentum_layout(1001, 2)
+    g = torch.Generator().manual_seed(3)
+    gathered = torch.randint(0, 256, (2 * lay.message,), dtype=torch.uint8, generator=g)
+    gathered.view(2, -1)[:, lay.server // 8 :] = 120  # codes: scales near 2^-2
+    want = ar.decode(gathered, lay)
+    into = [torch.empty(n) for n in (5, 0, 600, 1, 395)]
+    old = ar.CPU_BLOCK
+    try:
+        ar.CPU_BLOCK = 96  # 3 rows a block
+        assert ar.decode(gathered, lay, into) is into
+    finally:
+        ar.CPU_BLOCK = old
+    assert torch.equal(torch.cat(into), want)
+    with pytest.raises(ValueError, match="destinations hold 1000"):
+        ar.decode(gathered, lay, [torch.empty(1000)])

@@ -559,3 +559,39 @@ def test_explain_shows_the_compressed_collectives():
     plan = fs.plan(step, params)
     assert "compress_comm buffers" in plan.memory
     assert not any(c.tag == "dp.grads" for c in plan.collectives)
+
+
+@pytest.mark.parametrize("name", ["onebit_adam", "zero_one_adam", "adam_l2"])
+def test_blockwise_cpu_step_equals_the_leafwise_step_bitwise(monkeypatch, name):
+    """[Note: the 1-bit Adam step in blocks on a CPU]: blocks that split leaves, the
+    cached denominators and dead positions, the decode into the momentum: the bits of
+    the leaf-by-leaf step (world of one; decoupled decay and L2)."""
+    from fscale.transforms._compress import onebit as ob
+
+    def run(blockwise: bool):
+        monkeypatch.setattr(ob, "_BLOCK", 1000)
+        if not blockwise:
+            monkeypatch.setattr(ob, "_blockwise_ok", lambda lv: False)
+        params, apply = fs.functional(_gpt())
+        opt = fs.optim.adam(2e-3, weight_decay=0.01) if name == "adam_l2" else _opt(name)
+        method = (
+            zero_one_adam(var_freeze_step=3, local_step_scaler=1000)
+            if name == "zero_one_adam"
+            else onebit_adam(freeze_step=3)
+        )
+        step = compress_comm(fs.train_step(gpt_loss(apply), opt), method)
+        params, state = step.init(params)
+        for b in _batches(8, 4):
+            params, state, metrics = step(params, state, b)
+        assert metrics["compress_phase"] == "onebit"
+        monkeypatch.undo()
+        return params, state
+
+    (p1, s1), (p2, s2) = run(True), run(False)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    for key in ("exp_avg", "exp_avg_sq"):
+        a = tree.leaves(getattr(s1["optimizer"], key))
+        b = tree.leaves(getattr(s2["optimizer"], key))
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True) if x is not None)
+    assert torch.equal(s1[NAME]["worker_error"], s2[NAME]["worker_error"])
+    assert torch.equal(s1[NAME]["server_error"], s2[NAME]["server_error"])

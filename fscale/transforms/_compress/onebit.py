@@ -576,31 +576,42 @@ def _dead_positions(cfg, vs: list) -> list:
     LAMB is read once; ``v == 0`` and a ``masked_fill_`` per step were ~55 ms a step at
     21M params on one CPU thread, the cached positions (a few) cost nothing.
     """
+
+    def positions():
+        out = []
+        for j, v in enumerate(vs):
+            idx = torch.nonzero(v.reshape(-1) == 0).view(-1)
+            if idx.numel():
+                out.append((j, idx))
+        return out
+
+    return _cached(cfg, "dead", vs, (), positions)
+
+
+def _cached(cfg, name: str, vs: list, extra: tuple, make):
+    """``make()``, kept in ``cfg.cache[name]`` while the tensors ``vs`` are the same
+    objects at the same versions and ``extra`` is equal ([Note: dead coordinates, cached])."""
     try:
         versions = tuple(v._version for v in vs)
     except RuntimeError:  # inference tensors have no version counter
-        versions = None
-    hit = cfg.cache.get("dead")
+        return make()
+    hit = cfg.cache.get(name)
     if (
-        versions is not None
-        and hit is not None
+        hit is not None
         and hit["versions"] == versions
+        and hit["extra"] == extra
         and len(hit["refs"]) == len(vs)
         and all(r() is v for r, v in zip(hit["refs"], vs, strict=True))
     ):
-        return hit["positions"]
-    positions = []
-    for j, v in enumerate(vs):
-        idx = torch.nonzero(v.reshape(-1) == 0).view(-1)
-        if idx.numel():
-            positions.append((j, idx))
-    if versions is not None:
-        cfg.cache["dead"] = {
-            "refs": [weakref.ref(v) for v in vs],
-            "versions": versions,
-            "positions": positions,
-        }
-    return positions
+        return hit["value"]
+    value = make()
+    cfg.cache[name] = {
+        "refs": [weakref.ref(v) for v in vs],
+        "versions": versions,
+        "extra": extra,
+        "value": value,
+    }
+    return value
 
 
 def _exchange_into(
@@ -661,6 +672,10 @@ def _onebit_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
     hp = cfg.hp
     lamb = isinstance(cfg.method, OnebitLamb)
     lv = _Leaves(cfg, ctx, grads, params, l2=not lamb and not hp.get("decoupled", False))
+    if not lamb and not compresses_grads(cfg, ctx) and _blockwise_ok(lv):
+        _adam_step_blockwise(cfg, ctx, slot, lv)
+        lv.commit(ctx)
+        return params
     m_prev = [m.clone() for m in lv.ms] if lamb else None  # last step's synced momentum
     denom = bias_corrected_denom(lv.vs, hp["b2"], hp["eps"], slot["v_count"])
     # _exchange_scaled's quotients and products taken per leaf: the same values, without
@@ -709,6 +724,78 @@ def _onebit_step(cfg: _Config, ctx: StepContext, slot: dict, grads, params):
             p.sub_((m / d).mul_(lv.lr / bias1).to(p.dtype))
     lv.commit(ctx)
     return params
+
+
+#: Elements per block of ``_adam_step_blockwise`` (1 MiB of fp32: the block's
+#: denominator and quotients stay in a CPU core's cache).
+_BLOCK = 1 << 18
+
+
+def _blockwise_ok(lv: _Leaves) -> bool:
+    return all(
+        t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
+        for t in (*lv.ms, *lv.vs)
+    ) and all(p.device.type == "cpu" and p.is_contiguous() for p in lv.ps)
+
+
+def _blocks(ts: list):
+    """``(leaf, start, stop)`` over the flat elements of ``ts``, ``_BLOCK`` at a time."""
+    for j, t in enumerate(ts):
+        for a in range(0, t.numel(), _BLOCK):
+            yield j, a, min(a + _BLOCK, t.numel())
+
+
+@torch.no_grad()
+def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves) -> None:
+    """1-bit Adam's momentum step (``_onebit_step`` without LAMB or the grads exchange)
+    on a CPU, block by block.
+
+    [Note: the 1-bit Adam step in blocks on a CPU]
+    The same elementwise ops in the same order as ``_onebit_step``'s, on each leaf in
+    blocks of ``_BLOCK`` elements, so the bits are equal: ``m / denom`` goes straight
+    into the worker error (``addcdiv_``), the mean is decoded straight into the
+    momentum ([Note: decoding into the destination]), and the product and the step
+    run per block with one block-sized temporary. ``denom`` is a function of the frozen
+    variance: it is kept between steps while the variance leaves are unchanged (by
+    ``_cached``, like the dead positions), 4 bytes a param held on the CPU in exchange
+    for its three passes (sqrt, divide, add: ~45 ms a step at 21M params on one thread
+    of the 2-core box, where model-sized temporaries also cost their fresh pages).
+    """
+    hp = cfg.hp
+    ms, vs, ps = lv.ms, lv.vs, lv.ps
+    b2, eps, v_count = hp["b2"], hp["eps"], slot["v_count"]
+    dens = _cached(
+        cfg, "denom", vs, (b2, eps, v_count), lambda: bias_corrected_denom(vs, b2, eps, v_count)
+    )
+    q_buf = torch.empty(min(_BLOCK, max(m.numel() for m in ms)), dtype=torch.float32)
+
+    def denom(j: int, a: int, b: int) -> torch.Tensor:
+        return dens[j].view(-1)[a:b]
+
+    lv.local_momentum_(hp["b1"])
+    offsets = [0]
+    for m in ms:
+        offsets.append(offsets[-1] + m.numel())
+
+    def add_quotients(y: torch.Tensor) -> None:
+        for j, a, b in _blocks(ms):
+            y[offsets[j] + a : offsets[j] + b].addcdiv_(ms[j].view(-1)[a:b], denom(j, a, b))
+
+    lay = plan_momentum_layout(offsets[-1], cfg.world)
+    compressed_mean(
+        ctx.comm, TAG, cfg.group, add_quotients, slot["worker_error"], slot["server_error"],
+        lay, into=ms,
+    )  # fmt: skip
+    zero_dead_(cfg, ms, vs)  # [Note: dead coordinates], before the product: 0 * d is 0
+    if hp.get("decoupled", False):
+        for j in lv.decayed:
+            ps[j].mul_(1.0 - lv.lr * lv.wd)
+    step_size = lv.lr / (1.0 - hp["b1"] ** lv.t)
+    for j, a, b in _blocks(ms):
+        d = denom(j, a, b)
+        m = ms[j].view(-1)[a:b].mul_(d)
+        q = torch.div(m, d, out=q_buf[: b - a]).mul_(step_size)
+        ps[j].view(-1)[a:b].sub_(q.to(ps[j].dtype))
 
 
 # ----------------------------------------------------------------------------- 0/1 Adam
