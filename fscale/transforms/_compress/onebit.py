@@ -90,7 +90,7 @@ from fscale.optim._leaves import norms
 from fscale.optim.adam import AdamState, bias_corrected_denom, update_moments_
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
-from fscale.placement import Placement, place
+from fscale.placement import Placement, place, placement_of
 from fscale.policies import OffloadPolicy, ZeroPolicy
 from fscale.step import Step, StepContext, Transform
 from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_momentum_layout
@@ -303,6 +303,13 @@ def onebit_lamb(
 
 # ----------------------------------------------------------------------------- build
 
+_SPLIT_FIX = (
+    "the 1-bit exchange averages one flat momentum vector over the data-parallel ranks, "
+    "which hold different slices of a split param, so their average means nothing (and "
+    "1-bit LAMB's frozen trust ratios would be per slice). Not built: compress a step whose "
+    "params are whole on every rank (plain data parallel, shard_zero 1/2)."
+)
+
 
 def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
     hp = step.optimizer.hyperparams
@@ -324,6 +331,12 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
             f"compress_comm({method.name}) cannot be applied over offload: {_OFFLOAD_FIX}"
         )
     dims = [d for d in step.mesh.dims if step.mesh.size(d) > 1]
+    model = [d for d in dims if d not in step.data_dims()]
+    if model:
+        raise ValueError(
+            f"compress_comm({method.name}) cannot be applied over tensor_parallel (mesh dims "
+            f"{model} split the model): {_SPLIT_FIX}"
+        )
     if len(dims) > 1:
         raise ValueError(
             f"compress_comm({method.name}) needs a 1-D data-parallel mesh, got {step.mesh}; "
@@ -429,8 +442,23 @@ def _action(cfg: _Config, ctx: StepContext) -> str:
 # ----------------------------------------------------------------------------- init
 
 
+def refuse_split_leaves(method_name: str, step: Step, params) -> None:
+    """Raise if a laid-out param is split across ranks (expert_parallel's banks)."""
+    split = []
+    for path, t in zip(tree.paths(params), tree.leaves(params), strict=True):
+        placement = placement_of(t) if isinstance(t, torch.Tensor) else None
+        if placement is not None and any(step.mesh.size(d) > 1 for d in placement.split_dims):
+            split.append(path)
+    if split:
+        raise ValueError(
+            f"compress_comm({method_name}) cannot run on params split across ranks "
+            f"({split[:3]}, e.g. expert_parallel's expert banks): {_SPLIT_FIX}"
+        )
+
+
 def _init(cfg: _Config, inner, step: Step, params):
     params, state = inner.init(step, params)
+    refuse_split_leaves(cfg.method.name, step, params)
     if not isinstance(state.get("optimizer"), AdamState):
         raise ValueError(
             f"compress_comm({cfg.method.name}) needs the optimizer state AdamState(count, "

@@ -198,6 +198,7 @@ def _init(cfg, inner, step: Step, params):
     from fscale.transforms._compress import onebit as ob
 
     params, state = inner.init(step, params)
+    ob.refuse_split_leaves(cfg.method.name, step, params)
     opt = state.get("optimizer")
     if not isinstance(opt, AdamState):
         raise ValueError(
