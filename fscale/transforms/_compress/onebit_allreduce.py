@@ -168,26 +168,26 @@ def _compress_(y: torch.Tensor, pack, unpack, bits: torch.Tensor, scales: torch.
     """Compress ``y`` (rows, chunk) into ``bits`` / ``scales`` (fp32, or uint8 codes),
     and leave the error feedback ``y - C(y)`` in ``y`` (``C`` with the scales sent)."""
     if pack is pack_reference:  # a CPU: signs and residual in one pass
-        s = y.abs().mean(dim=1)  # pack_reference's scales
-        if scales.dtype == torch.uint8:  # [Note: 8-bit scale codes]
-            codes = encode_scales(s)
-            scales.copy_(codes)
-            s = decode_scales(codes)
-        else:
-            scales.copy_(s)
+        s = _sent_scales(y.abs().mean(dim=1), scales)  # pack_reference's scales
         # [Note: signs and residual in one CPU loop], on the full blocks of long vectors.
         fused = y.shape[0] == _block_rows(y, 0, y.shape[1]) and y.numel() >= FUSED_MIN
         bits.copy_(pack_residual_(y, s, fused=fused))
         return
     b, s = pack(y)
-    if scales.dtype == torch.uint8:  # [Note: 8-bit scale codes]
-        codes = encode_scales(s)
-        scales.copy_(codes)
-        s = decode_scales(codes)
-    else:
-        scales.copy_(s)
+    s = _sent_scales(s, scales)
     bits.copy_(b)
     y.sub_(unpack(b, s))
+
+
+def _sent_scales(s: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Write ``s`` into ``scales`` as sent (fp32, or uint8 codes); returns the scales the
+    receivers will decode, which the error feedback must use."""
+    if scales.dtype != torch.uint8:
+        scales.copy_(s)
+        return s
+    codes = encode_scales(s)  # [Note: 8-bit scale codes]
+    scales.copy_(codes)
+    return decode_scales(codes)
 
 
 def _scales(rows: int, lay: Layout, device) -> torch.Tensor:
