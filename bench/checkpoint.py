@@ -7,8 +7,9 @@ moments: 12 bytes per param on the device) trains two steps, then:
   and renamed into place); GB/s over the bytes on disk;
 - ``dd if=/dev/zero of=<same disk> bs=64M oflag=direct`` of the same number of bytes,
   the drive's sequential-write peer (goal: fs.save >= 80% of it);
-- ``fs.load`` into a fresh ``step.init``, timed, and checked equal (torch.equal) to
-  what was saved;
+- ``dd iflag=direct`` reading those bytes back, the read peer of ``fs.load``;
+- ``fs.load`` (the files dropped from the page cache first) into a fresh
+  ``step.init``, timed, and checked equal (torch.equal) to what was saved;
 - the training stall of an asynchronous save: the ``fs.save(..., async_save=True)``
   call itself (it stages a copy of the state) plus how much slower the steps that run
   while it is written are than plain steps (goal: <= 1 s).
@@ -98,19 +99,39 @@ def _du(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _dd(target: str, nbytes: int) -> float:
-    """Seconds for ``dd`` to write ``nbytes`` with O_DIRECT (fsynced), the drive's peer."""
+def _dd(target: str, nbytes: int) -> tuple[float, int, float]:
+    """``(write s, bytes, read s)``: ``dd`` writing ``nbytes`` with O_DIRECT (fsynced),
+    the drive's write peer, then reading them back with O_DIRECT (no page cache), its
+    read peer."""
     count = max(1, min(nbytes, DD_MAX_BYTES) // (64 << 20))
-    t0 = time.perf_counter()
-    out = subprocess.run(
-        ["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={count}", "oflag=direct",
-         "conv=fsync"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    os.remove(target)
-    m = re.search(r"copied, ([0-9.e+-]+) s", out.stderr)
-    return (float(m.group(1)) if m else seconds), count * (64 << 20)
+
+    def run(*argv) -> float:
+        t0 = time.perf_counter()
+        out = subprocess.run(["dd", *argv], capture_output=True, text=True, check=True)
+        m = re.search(r"copied, ([0-9.e+-]+) s", out.stderr)
+        return float(m.group(1)) if m else time.perf_counter() - t0
+
+    try:
+        write_s = run("if=/dev/zero", f"of={target}", "bs=64M", f"count={count}",
+                      "oflag=direct", "conv=fsync")  # fmt: skip
+        read_s = run(f"if={target}", "of=/dev/null", "bs=64M", "iflag=direct")
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+    return write_s, count * (64 << 20), read_s
+
+
+def _uncache(where: str) -> None:
+    """Drop the page cache of a checkpoint's files (posix_fadvise DONTNEED), so a load
+    reads the disk."""
+    os.sync()
+    for path in Path(where).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def trained(model_name: str, stack: str, device, batch_size: int, seq: int | None):
@@ -206,7 +227,7 @@ def main(argv=None) -> None:
     fs.save(target, params, state, io=io)
     save_s = time.perf_counter() - t0
     nbytes = _du(target)
-    dd_s, dd_bytes = _dd(os.path.join(args.dir, "dd.bin"), nbytes)
+    dd_s, dd_bytes, dd_read_s = _dd(os.path.join(args.dir, "dd.bin"), nbytes)
 
     exact = args.stack != "offload"
     load_s, same = float("nan"), None
@@ -215,6 +236,7 @@ def main(argv=None) -> None:
         saved = {k: v.clone() for k, v in saved.items()} if exact else _fingerprint(saved)
         del params, state
         fresh_step, fresh = build()
+        _uncache(target)
         t0 = time.perf_counter()
         params, state = fs.load(target, fresh_step, fresh)
         _sync(device)
@@ -268,6 +290,9 @@ def main(argv=None) -> None:
         "save_vs_dd": (nbytes / save_s) / (dd_bytes / dd_s),
         "load_s": load_s,
         "load_GBps": nbytes / load_s / 1e9,
+        "dd_read_s": dd_read_s,
+        "dd_read_GBps": dd_bytes / dd_read_s / 1e9,
+        "load_vs_dd_read": (nbytes / load_s) / (dd_bytes / dd_read_s),
         "loaded_equal": same,
         "step_s_plain": plain,
         "step_s_during_async_save": during,
@@ -295,7 +320,8 @@ def main(argv=None) -> None:
     print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}, indent=1))
     print(
         f"\nsave {save_s:.2f} s ({row['save_GBps']:.2f} GB/s, {row['save_vs_dd']:.2f}x dd "
-        f"{row['dd_GBps']:.2f} GB/s), load {load_s:.2f} s ({row['load_GBps']:.2f} GB/s), "
+        f"{row['dd_GBps']:.2f} GB/s), load {load_s:.2f} s ({row['load_GBps']:.2f} GB/s, "
+        f"{row['load_vs_dd_read']:.2f}x dd read {row['dd_read_GBps']:.2f} GB/s), "
         f"equal={same}, async stall {stall_s:.2f} s (call {call_s:.2f} s + steps slower by "
         f"{slowdown_s:.2f} s over {args.steps} steps)\nwrote {path}"
     )

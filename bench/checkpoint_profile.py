@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _provenance import provenance  # noqa: E402
-from checkpoint import MODELS, _dd, _du, _sync, _tensors, trained  # noqa: E402
+from checkpoint import MODELS, _dd, _du, _sync, _tensors, _uncache, trained  # noqa: E402
 
 import fscale as fs  # noqa: E402
 from fscale.checkpoint import SaveIO  # noqa: E402
@@ -132,17 +132,6 @@ def _drop(path: str) -> None:
     os.sync()
 
 
-def _uncache(where: str) -> None:
-    """Drop the page cache of a checkpoint's files (posix_fadvise DONTNEED)."""
-    os.sync()
-    for name in os.listdir(where):
-        fd = os.open(os.path.join(where, name), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 @contextlib.contextmanager
 def _reader(old: bool):
     """fs.load with DCP's own reader (one file after another, pageable copies) if ``old``."""
@@ -209,9 +198,10 @@ def main(argv=None) -> None:
         saves[name] = {"s": s, "bytes": nbytes, "GBps": nbytes / s / 1e9}
         sums[name] = _sums(target)
         if name == "new":
-            dd_s, dd_bytes = _dd(os.path.join(args.dir, "dd.bin"), nbytes)
+            dd_s, dd_bytes, dd_read_s = _dd(os.path.join(args.dir, "dd.bin"), nbytes)
             row["dd_GBps"] = dd_bytes / dd_s / 1e9
-            say(f"dd {row['dd_GBps']:.2f} GB/s")
+            row["dd_read_GBps"] = dd_bytes / dd_read_s / 1e9
+            say(f"dd {row['dd_GBps']:.2f} GB/s write, {row['dd_read_GBps']:.2f} GB/s read")
         if name != "new_again":
             _drop(target)
         say(f"save {name}: {s:.2f} s, {saves[name]['GBps']:.2f} GB/s")
@@ -236,6 +226,7 @@ def main(argv=None) -> None:
         row["load"][name] = {
             "s": load_s,
             "GBps": saves["new_again"]["bytes"] / load_s / 1e9,
+            "x_dd_read": saves["new_again"]["bytes"] / load_s / 1e9 / row["dd_read_GBps"],
             "equal": saved.keys() == got.keys()
             and all(torch.equal(got[k], v) for k, v in saved.items()),
         }
