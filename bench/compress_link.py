@@ -13,7 +13,10 @@ measures:
   time (median after warm-up, max over ranks), the bytes per step that reached the
   wire (``comm.counting().wire``) and ``metrics["comm_bytes"]``, the step time with
   every collective replaced by a local stand-in (the compute alone; wall and CPU
-  seconds), and the prediction: compute alone + the cost model's time for the measured wire bytes.
+  seconds), and the prediction: compute alone + the cost model's time for the measured
+  wire bytes - the part of it that runs under compute (the compute-alone steps' comm
+  calls and waits replayed on the link: ``cost.predict_overlap``, [Note: overlapped
+  steps] in fscale/hw/cost.py; 0 where each collective is waited on as it is issued).
 
 Methods: ``adam`` (plain data parallel), ``zero3`` (``shard_zero(step, 3)``), and when
 their modules exist ``onebit_adam``, ``zero_one_adam``, ``onebit_lamb`` (over plain
@@ -286,7 +289,8 @@ def table(result: dict) -> str:
         f"{r} -> {p['gbit_s']:.3f} Gbit/s" for r, p in result["socket_probe"].items())]  # fmt: skip
     rows.append("")
     head = (f"{'rate':<7} {'world':>5} {'method':<14} {'step s':>8} {'mean s':>8} {'compute s':>9} "
-            f"{'cpu s':>6} {'wire MB':>9} {'pred s':>8} {'err':>6}  {'speedup':>8}")  # fmt: skip
+            f"{'cpu s':>6} {'wire MB':>9} {'hidden':>6} {'pred s':>8} {'err':>6}  "
+            f"{'speedup':>8}")  # fmt: skip
     rows += [head, "-" * len(head)]
     for run in result["runs"]:
         if run.get("ok") is False:
@@ -310,6 +314,7 @@ def table(result: dict) -> str:
             rows.append(
                 f"{lead} {m['step_s']:>8.3f} {m['step_mean_s']:>8.3f} {m['local_s']:>9.3f} "
                 f"{m.get('local_cpu_s', float('nan')):>6.3f} {m['wire_bytes'] / 1e6:>9.2f} "
+                f"{m.get('hidden_comm_s', 0.0):>6.3f} "
                 f"{m['predicted_step_s'] or float('nan'):>8.3f} "
                 f"{err:>6}  {speed:>8}"
             )  # fmt: skip
@@ -322,8 +327,10 @@ def table(result: dict) -> str:
     rows.append("step s / mean s: median / mean of the timed steps (each the max over ranks); "
                 "compute s: the same step with collectives replaced by local stand-ins (mean); "
                 "cpu s: that step's CPU seconds in the rank process (mean, max over ranks); "
-                "wire MB: bytes per step that reached gloo, one rank; pred s: compute + cost "
-                "model on those bytes (shared link, gloo); err: pred vs mean; speedup: mean "
+                "wire MB: bytes per step that reached gloo, one rank; hidden: comm seconds that "
+                "ran under compute when the compute-alone steps are replayed on the link "
+                "(cost.predict_overlap); pred s: compute + cost model on those bytes (shared "
+                "link, gloo) - hidden; err: pred vs mean; speedup: mean "
                 "step time vs adam (1-bit methods) or zero3 (zeropp).")  # fmt: skip
     return "\n".join(rows)
 
@@ -522,20 +529,77 @@ def build_step(name: str, args, loss_fn):
     return step, info
 
 
+class Trace:
+    """The schedule of a step run on local stand-ins, for ``cost.predict_overlap``.
+
+    Events in program order: ``("compute", s)`` between comm calls (the stand-ins' own
+    copies included, before their issue: ``local_s`` counts them too), ``("issue", key,
+    op, nbytes)`` at each call that reached a backend, ``("wait", key)`` where the
+    program blocked on it (right after the issue for a synchronous call, at
+    ``Handle.wait()`` for an async one).
+    """
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.last = time.perf_counter()
+        self.keys = 0
+
+    def restart(self) -> None:
+        self.events, self.last = [], time.perf_counter()
+
+    def _compute(self) -> None:
+        now = time.perf_counter()
+        self.events.append(("compute", now - self.last))
+        self.last = now
+
+    def issue(self, op: str, t) -> int:
+        self._compute()
+        self.keys += 1
+        self.events.append(("issue", self.keys, op, t.numel() * t.element_size()))
+        return self.keys
+
+    def wait(self, key: int) -> None:
+        self._compute()
+        self.events.append(("wait", key))
+
+    def close(self) -> list[tuple]:
+        self._compute()
+        return self.events
+
+
 @contextlib.contextmanager
-def local_collectives(world: int):
+def local_collectives(world: int, trace: Trace | None = None):
     """Every collective replaced by a local stand-in with the right output shape.
 
     The step then does all its computing (compression kernels included) and moves no
     byte: its time is the compute alone. The values are wrong (nothing is reduced):
-    time with it, never train.
+    time with it, never train. ``trace`` records when each call is issued and waited on.
     """
     import torch
 
     from fscale.hw import comm
 
+    trace = trace or Trace()
+
+    def recorded(fn, op):
+        def call(t, **kw):
+            result = fn(t, **kw)  # the stand-in's copies: compute before the issue
+            key = trace.issue(op, t)
+            if not kw.get("async_op"):
+                trace.events.append(("wait", key))  # at once: nothing runs under it
+                return result
+
+            def finish():
+                trace.wait(key)
+                return result
+
+            finish.in_place = True  # pending_result as a plain Handle(result) gives it
+            return comm.Handle(result, None, finish)
+
+        return call
+
     def done(result, async_op):
-        return comm.Handle(result) if async_op else result
+        return result  # the Handle is made by `recorded`, which sees the wait
 
     def all_reduce(t, *, op, group, async_op):
         return done(t, async_op)
@@ -561,7 +625,7 @@ def local_collectives(world: int):
         for op, fn in (("all_reduce", all_reduce), ("all_gather", all_gather),
                        ("reduce_scatter", reduce_scatter), ("all_to_all", all_to_all),
                        ("broadcast", broadcast), ("barrier", lambda *, group: None)):  # fmt: skip
-            stack.enter_context(comm.override(op, fn))
+            stack.enter_context(comm.override(op, fn if op == "barrier" else recorded(fn, op)))
         yield
 
 
@@ -626,23 +690,40 @@ def run_method(name: str, args, link) -> dict:
         res["wire_bytes"] = sum(wire.values())
         comm_s = cost.predict_bytes(wire, link, args.world, calls).seconds
         res["predicted_comm_s"] = _mean_over_ranks(comm_s)
-        local, local_cpu = [], []
-        with local_collectives(args.world):
+        local, local_cpu, overlaps = [], [], []
+        trace = Trace()
+        with local_collectives(args.world, trace):
             # One untimed step first: the first step after the real ones ran 2-3x slower.
             for i in range(1 + args.local_steps):
                 start, cpu = time.perf_counter(), time.process_time()
+                trace.restart()
                 params, state, _ = step(params, state, batch)
+                events = trace.close()
                 if i:
                     local.append(time.perf_counter() - start)
                     local_cpu.append(time.process_time() - cpu)
+                    overlaps.append(cost.predict_overlap(events, link, args.world))
         res["local_times_s"] = local
+        res["trace_events"] = events  # the last compute-alone step's schedule
+        # The compute-alone steps replayed on the link ([Note: overlapped steps] in
+        # fscale/hw/cost.py): the comm that ran under compute, 0 where every collective
+        # is waited on as it is issued (all but ZeRO-3's prefetched gathers and
+        # deferred reduce-scatters).
+        res["overlap_step_s"] = _max_over_ranks(statistics.fmean(o.seconds for o in overlaps))
+        res["hidden_comm_s"] = _mean_over_ranks(statistics.fmean(o.hidden for o in overlaps))
+        res["trace_comm_s"] = _mean_over_ranks(statistics.fmean(o.comm for o in overlaps))
         res["local_s"] = _max_over_ranks(statistics.fmean(local))
         # This process's CPU seconds for the same steps: on a shared box the wall time
         # above also counts other processes' turns on the cores, this does not.
         res["local_cpu_s"] = _max_over_ranks(statistics.fmean(local_cpu))
         # Means, not medians, for the prediction and the speedups: a method whose steps
         # differ (0/1 Adam's skipped rounds) is only fairly measured over a window.
-        res["predicted_step_s"] = res["local_s"] + res["predicted_comm_s"]
+        # Compute + the measured wire bytes' time - what the schedule hides. (Not the
+        # replay's own total: 0/1 Adam's compute-alone steps skip other rounds than
+        # the timed ones, so the comm comes from the timed steps' bytes.)
+        res["added_step_s"] = res["local_s"] + res["predicted_comm_s"]
+        res["predicted_step_s"] = res["added_step_s"] - res["hidden_comm_s"]
+        res["added_error"] = res["added_step_s"] / res["step_mean_s"] - 1
         res["prediction_error"] = res["predicted_step_s"] / res["step_mean_s"] - 1
         res["ok"] = True
     except Exception as e:

@@ -14,6 +14,7 @@ Usage::
     t = cost.predict(plan.collectives, link, plan.world)  # cost.Prediction
     t.seconds, t.by_tag["dp.grads"]
     cost.predict_bytes({"all_reduce": 84_000_000}, link, world=2).seconds
+    cost.predict_overlap(events, link, world=4).seconds  # a step whose comm hides behind compute
 
 [Note: shared links]
 A ``Link`` is, by default, one rank's own link (a NIC per rank, as between nodes):
@@ -32,6 +33,37 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fscale.hw.comm import bus_bytes
+
+# [Note: overlapped steps]
+# ``compute + predict(...).seconds`` is the step of a program that waits on each
+# collective as soon as it issues it. ZeRO-3 does not: it issues the all-gather of unit
+# i+1 before computing unit i (``prefetch``) and waits on its reduce-scatters after
+# backward, so part of the wire time hides behind compute, and adding the two
+# over-predicts (+30% for ZeRO++ at world 4 on bench/compress_link.py's 1 Gbit/s link).
+# ``predict_overlap`` runs the step's own schedule instead: a list of events in program
+# order, ``("compute", seconds)``, ``("issue", key, op, nbytes)`` (an async collective
+# leaves), ``("wait", key)`` (the program blocks on it; a synchronous collective is an
+# issue followed by its wait). Two resources:
+#
+# - one compute stream (a rank's CPU thread, or a GPU's compute stream) that runs the
+#   compute events in order and stops at a wait until that collective has finished;
+# - one link that carries one collective at a time, in issue order (a process group's
+#   collectives run in the order they were issued, in gloo's worker and in NCCL's
+#   stream alike). A collective starts at max(its issue, the link free) and takes
+#   ``collective_seconds`` (the alpha-beta time above, shared link and backend included).
+#
+# The step takes the compute clock after the last event, or the link's if a collective
+# was never waited on. exposed = step - compute; hidden = comm - exposed. For a gather of
+# c_i seconds per unit, compute p_i per unit and prefetch 1 (unit i+1 issued when unit i
+# starts computing), this gives ``c_0 + sum_i max(p_i, c_{i+1}) + p_last``; without
+# overlap (every issue waited on at once) exactly ``sum p + sum c``, the sum above.
+# Nothing is fitted: the compute events come from the step run with its collectives
+# replaced by local stand-ins (bench/compress_link.py records the times between its
+# comm calls) or from any per-unit split of a measured compute time, the collective
+# times from the bytes and the link. What it leaves out: compute slowed by the
+# transfer itself (copies into sockets, a GPU's copy engines sharing memory bandwidth)
+# and collectives of one group running concurrently (it serializes them; the last one
+# ends at the same time either way).
 
 # A few tens of microseconds per hop: loopback TCP plus gloo's per-message work on
 # this CPU box; NCCL between nodes is of the same order. Small beside bytes at <= 100 Gbit/s
@@ -264,6 +296,80 @@ def predict_tags(
                 f"for each measured tag (known: {sorted(ops_by_tag)})."
             )
         out._add(ops_by_tag[tag], tag, int(nbytes), 1)
+    return out
+
+
+@dataclass
+class Overlap:
+    """A step run on its own schedule ([Note: overlapped steps]): seconds in total and parts.
+
+    ``compute``: the compute events' sum; ``comm``: the collectives' link time, as if
+    alone; ``exposed``: what the step waited on the link (``seconds - compute``);
+    ``hidden``: comm that ran under compute (``comm - exposed``, >= 0 unless the link
+    sat idle while compute waited, which a FIFO schedule never makes it do).
+    """
+
+    link: Link
+    world: int
+    seconds: float = 0.0
+    compute: float = 0.0
+    comm: float = 0.0
+
+    @property
+    def exposed(self) -> float:
+        return self.seconds - self.compute
+
+    @property
+    def hidden(self) -> float:
+        return self.comm - self.exposed
+
+
+def predict_overlap(events: Iterable[tuple], link, world: int) -> Overlap:
+    """Step time of a schedule whose collectives may overlap compute ([Note: overlapped steps]).
+
+    ``events`` in program order: ``("compute", seconds)``, ``("issue", key, op, nbytes)``
+    or ``("issue", key, op, nbytes, calls)`` (``nbytes`` as the comm table counts one
+    rank's input), ``("wait", key)``. A key may be issued again once waited on.
+    Usage::
+
+        predict_overlap([("issue", 0, "all_gather", 4 * MB), ("wait", 0),
+                         ("issue", 1, "all_gather", 4 * MB), ("compute", 0.2),
+                         ("wait", 1), ("compute", 0.2)], "1gbit", world=2).seconds
+    """
+    out = Overlap(Link.parse(link), _check_world(world))
+    clock = link_free = 0.0
+    ends: dict = {}
+    for i, ev in enumerate(events):
+        kind = ev[0]
+        if kind == "compute":
+            if not ev[1] >= 0:
+                raise ValueError(f"predict_overlap: event {i} {ev!r}: seconds must be >= 0.")
+            clock += ev[1]
+            out.compute += ev[1]
+        elif kind == "issue":
+            _, key, op, nbytes, *calls = ev
+            if key in ends:
+                raise ValueError(
+                    f"predict_overlap: event {i} issues {key!r} again before a wait on it; "
+                    "give each collective in flight its own key."
+                )
+            s = collective_seconds(op, int(nbytes), out.link, world, *(calls or [1]))
+            link_free = max(clock, link_free) + s
+            ends[key] = link_free
+            out.comm += s
+        elif kind == "wait":
+            if ev[1] not in ends:
+                raise ValueError(
+                    f"predict_overlap: event {i} waits on {ev[1]!r}, which is not in flight "
+                    "(no issue before it, or waited on already)."
+                )
+            clock = max(clock, ends.pop(ev[1]))
+        else:
+            raise ValueError(
+                f"predict_overlap: event {i} {ev!r}: unknown kind {kind!r}; use 'compute', "
+                "'issue' or 'wait'."
+            )
+    out.seconds = max([clock, *ends.values()])  # a collective never waited on still ends
     return out
 
 

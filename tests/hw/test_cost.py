@@ -153,3 +153,74 @@ def test_explain_without_bandwidth_is_unchanged():
     step = fs.train_step(lm_loss(apply), fs.optim.adamw(1e-3))
     assert "expected communication" not in fs.explain(step, params)
     assert "0.000 ms" in fs.explain(step, params, bandwidth="1gbit")  # world of one
+
+
+# ----------------------------------------------------------------- overlapped steps
+
+
+def _prefetch_schedule(gather_bytes, compute_s, prefetch=True):
+    """ZeRO-3's forward: wait for unit i's gather, issue unit i+1's (prefetch), compute
+    unit i; without prefetch unit i+1's gather is issued after unit i's compute."""
+    ev = [("issue", 0, "all_gather", gather_bytes[0])]
+    for i, p in enumerate(compute_s):
+        ev.append(("wait", i))
+        last = i + 1 == len(compute_s)
+        nxt = [] if last else [("issue", i + 1, "all_gather", gather_bytes[i + 1])]
+        ev += nxt + [("compute", p)] if prefetch else [("compute", p)] + nxt
+    return ev
+
+
+def test_overlap_of_a_prefetched_pipeline_by_hand():
+    link = cost.Link(1e9, latency_s=0.0)  # 125 MB/s: a 2-rank all_gather of x MB in, 8x ms
+    c = [0.1, 0.3, 0.2, 0.1]  # gather seconds: 12.5, 37.5, 25, 12.5 MB in
+    nbytes = [round(s * 125 * MB) for s in c]
+    p = [0.2, 0.2, 0.2, 0.2]
+    # c0 + max(p0, c1) + max(p1, c2) + max(p2, c3) + p3 = 0.1 + 0.3 + 0.2 + 0.2 + 0.2
+    o = cost.predict_overlap(_prefetch_schedule(nbytes, p), link, world=2)
+    assert o.seconds == pytest.approx(1.0)
+    assert o.compute == pytest.approx(0.8) and o.comm == pytest.approx(0.7)
+    assert o.exposed == pytest.approx(0.2) and o.hidden == pytest.approx(0.5)
+    # no prefetch: nothing hides, the step is the sum (compute + predict's comm)
+    serial = cost.predict_overlap(_prefetch_schedule(nbytes, p, prefetch=False), link, 2)
+    assert serial.seconds == pytest.approx(1.5) and serial.hidden == pytest.approx(0.0)
+    summed = cost.predict_bytes({"all_gather": sum(nbytes)}, link, 2)
+    assert serial.comm == pytest.approx(summed.seconds)
+
+
+def test_overlap_queues_collectives_on_one_link():
+    link = cost.Link(1e9, latency_s=0.0, shared=True, backend="gloo")
+    # world 2, shared gloo link: a reduce_scatter of 25 MB moves an all_reduce of it,
+    # 2 ranks x 25 MB = 50 MB -> 0.4 s; two issued back to back share the link in turn.
+    ev = [
+        ("issue", "a", "reduce_scatter", 25 * MB),
+        ("compute", 0.1),
+        ("issue", "b", "reduce_scatter", 25 * MB),
+        ("compute", 0.1),
+        ("wait", "a"),  # at 0.4
+        ("compute", 0.5),  # 0.9; b ended at 0.8, under this compute
+        ("wait", "b"),
+    ]
+    o = cost.predict_overlap(ev, link, world=2)
+    assert o.seconds == pytest.approx(0.9)
+    assert o.comm == pytest.approx(0.8) and o.hidden == pytest.approx(0.6)
+    # a collective never waited on still ends the step when the link does
+    o = cost.predict_overlap([("issue", 0, "all_reduce", 25 * MB), ("compute", 0.1)], link, 2)
+    assert o.seconds == pytest.approx(0.4) and o.exposed == pytest.approx(0.3)
+    # latency counts per call, as in collective_seconds
+    slow = cost.Link(1e12, latency_s=1e-3)
+    o = cost.predict_overlap([("issue", 0, "all_gather", 8, 3), ("wait", 0)], slow, 4)
+    assert o.seconds == pytest.approx(9e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "events, match",
+    [
+        ([("wait", 1)], "not in flight"),
+        ([("issue", 1, "all_reduce", 4), ("issue", 1, "all_reduce", 4)], "again before a wait"),
+        ([("compute", -1.0)], "must be >= 0"),
+        ([("sleep", 1.0)], "unknown kind 'sleep'"),
+    ],
+)
+def test_overlap_refuses_bad_schedules(events, match):
+    with pytest.raises(ValueError, match=match):
+        cost.predict_overlap(events, "1gbit", world=2)
