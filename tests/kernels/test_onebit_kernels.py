@@ -157,6 +157,38 @@ def test_compiled_signs_and_residual_equal_the_reference(special):
     assert torch.equal(got[same].view(torch.int32), want[same].view(torch.int32))  # -0.0 too
 
 
+def test_compiled_unpack_equals_the_reference():
+    # [Note: unpacking in one CPU loop]: +-scale by the bits, zero, inf and NaN scales
+    # included (-0.0 for a clear bit of a zero scale; NaN compared as NaN).
+    g = torch.Generator().manual_seed(11)
+    bits = torch.randint(0, 256, (64, 4), dtype=torch.uint8, generator=g)
+    scales = torch.rand(64, generator=g)
+    scales[:4] = torch.tensor([0.0, float("inf"), float("nan"), 1e-45])
+    want = onebit.unpack_reference(bits, scales)
+    got = onebit.unpack_(bits, scales, fused=True)
+    assert "unpack" in onebit._COMPILED and onebit._COMPILED["unpack"] is not False
+    assert torch.equal(got.isnan(), want.isnan())
+    same = ~want.isnan()
+    assert torch.equal(got[same].view(torch.int32), want[same].view(torch.int32))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_mean_of_pieces_equals_torch_mean(world):
+    # The server's mean without the reduction kernel: torch's bits, signed zeros too.
+    from fscale.transforms._compress.onebit_allreduce import _mean_of
+
+    g = torch.Generator().manual_seed(world)
+    pieces = torch.randn(world, 512, generator=g)
+    special = torch.tensor([0.0, -0.0, float("inf"), 1e-45, -1e-45])
+    pick = torch.randint(0, 5, pieces.shape, generator=g)
+    pieces = torch.where(torch.rand(pieces.shape, generator=g) < 0.4, special[pick], pieces)
+    pieces[:, :8] = -0.0  # every piece -0.0: torch's sum from +0.0 gives +0.0
+    want, got = pieces.mean(dim=0), _mean_of(pieces)
+    assert torch.equal(got.isnan(), want.isnan())
+    same = ~want.isnan()
+    assert torch.equal(got[same].view(torch.int32), want[same].view(torch.int32))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("block", [8, 24, 1 << 18])
 @pytest.mark.parametrize("world", [1, 3])
