@@ -567,9 +567,11 @@ def test_blockwise_cpu_step_equals_the_leafwise_step_bitwise(monkeypatch, name):
     cached denominators and dead positions, the decode into the momentum: the bits of
     the leaf-by-leaf step (world of one; decoupled decay and L2)."""
     from fscale.transforms._compress import onebit as ob
+    from fscale.transforms._compress import onebit_allreduce as ar
 
     def run(blockwise: bool):
         monkeypatch.setattr(ob, "_BLOCK", 1000)
+        monkeypatch.setattr(ar, "CPU_BLOCK", 96)  # decoded blocks of 3 rows: the step per block
         if not blockwise:
             monkeypatch.setattr(ob, "_blockwise_ok", lambda lv: False)
         params, apply = fs.functional(_gpt())

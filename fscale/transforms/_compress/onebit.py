@@ -79,6 +79,7 @@ sensitivity to where chunk boundaries fall removed.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import weakref
@@ -93,7 +94,11 @@ from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place, placement_of
 from fscale.policies import OffloadPolicy, ZeroPolicy
 from fscale.step import Step, StepContext, Transform
-from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_momentum_layout
+from fscale.transforms._compress.onebit_allreduce import (
+    CPU_BLOCK,
+    compressed_mean,
+    plan_momentum_layout,
+)
 
 NAME = "compress_comm"
 TAG = "compress.momentum"
@@ -782,8 +787,11 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
     The same elementwise ops in the same order as ``_onebit_step``'s, on each leaf in
     blocks of ``_BLOCK`` elements, so the bits are equal: ``m / denom`` goes straight
     into the worker error (``addcdiv_``), the mean is decoded straight into the
-    momentum ([Note: decoding into the destination]), and the product and the step
-    run per block with one block-sized temporary. ``denom`` is a function of the frozen
+    momentum ([Note: decoding into the destination]), and the dead-coordinate mask,
+    the decay, the product and the step run on each decoded block (``decode``'s
+    ``after``) while it is still in cache, with one block-sized temporary (a second
+    pass over the momentum, params and denominator from memory was ~20 ms a step at
+    21M params). ``denom`` is a function of the frozen
     variance: it is kept between steps while the variance leaves are unchanged (by
     ``_cached``, like the dead positions), 4 bytes a param held on the CPU in exchange
     for its three passes (sqrt, divide, add: ~45 ms a step at 21M params on one thread
@@ -795,7 +803,10 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
     dens = _cached(
         cfg, "denom", vs, (b2, eps, v_count), lambda: bias_corrected_denom(vs, b2, eps, v_count)
     )
-    q_buf = torch.empty(min(_BLOCK, max(m.numel() for m in ms)), dtype=torch.float32)
+    # Decoded blocks are at most CPU_BLOCK elements, the quotient blocks _BLOCK.
+    q_buf = torch.empty(
+        min(max(_BLOCK, CPU_BLOCK), max(m.numel() for m in ms)), dtype=torch.float32
+    )
 
     def denom(j: int, a: int, b: int) -> torch.Tensor:
         return dens[j].view(-1)[a:b]
@@ -805,25 +816,54 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
     for m in ms:
         offsets.append(offsets[-1] + m.numel())
 
-    def add_quotients(y: torch.Tensor) -> None:
-        for j, a, b in _blocks(ms):
-            y[offsets[j] + a : offsets[j] + b].addcdiv_(ms[j].view(-1)[a:b], denom(j, a, b))
+    def add_quotients(y: torch.Tensor, lo: int, hi: int) -> None:
+        # y holds elements lo:hi of the worker error: each block gets its quotients
+        # just before it is compressed (compressed_mean's by_block).
+        j = bisect.bisect_right(offsets, lo) - 1
+        while j < len(ms) and offsets[j] < hi:
+            a, b = max(lo, offsets[j]) - offsets[j], min(hi, offsets[j + 1]) - offsets[j]
+            if a < b:
+                part = y[offsets[j] + a - lo : offsets[j] + b - lo]
+                part.addcdiv_(ms[j].view(-1)[a:b], denom(j, a, b))
+            j += 1
+
+    # The step runs on each decoded block while it is in cache ([Note: the 1-bit Adam
+    # step in blocks on a CPU]): the mask, the decay and the update per element, in
+    # the order of the whole-leaf passes, so the same bits.
+    dead = dict(_dead_positions(cfg, vs))  # [Note: dead coordinates]
+    decayed = set(lv.decayed) if hp.get("decoupled", False) else set()
+    shrink = 1.0 - lv.lr * lv.wd
+    step_size = lv.lr / (1.0 - hp["b1"] ** lv.t)
+    first = [0]  # the first leaf not yet stepped through to its end
+
+    def step_range(lo: int, hi: int) -> None:
+        j = first[0]
+        while j < len(ms) and offsets[j] < hi:
+            a, b = max(lo, offsets[j]) - offsets[j], min(hi, offsets[j + 1]) - offsets[j]
+            if a < b:
+                m = ms[j].view(-1)[a:b]
+                idx = dead.get(j)
+                if idx is not None:  # before the product: 0 * d is 0
+                    idx = idx[(idx >= a) & (idx < b)]
+                    if idx.numel():
+                        m.index_fill_(0, idx - a, 0.0)
+                p = ps[j].view(-1)[a:b]
+                if j in decayed:
+                    p.mul_(shrink)
+                d = denom(j, a, b)
+                m.mul_(d)
+                q = torch.div(m, d, out=q_buf[: b - a]).mul_(step_size)
+                p.sub_(q.to(p.dtype))
+            if offsets[j + 1] > hi:
+                break  # the rest of this leaf is in the next block
+            j += 1
+        first[0] = j
 
     lay = plan_momentum_layout(offsets[-1], cfg.world)
     compressed_mean(
         ctx.comm, TAG, cfg.group, add_quotients, slot["worker_error"], slot["server_error"],
-        lay, into=ms,
+        lay, into=ms, after=step_range, by_block=True,
     )  # fmt: skip
-    zero_dead_(cfg, ms, vs)  # [Note: dead coordinates], before the product: 0 * d is 0
-    if hp.get("decoupled", False):
-        for j in lv.decayed:
-            ps[j].mul_(1.0 - lv.lr * lv.wd)
-    step_size = lv.lr / (1.0 - hp["b1"] ** lv.t)
-    for j, a, b in _blocks(ms):
-        d = denom(j, a, b)
-        m = ms[j].view(-1)[a:b].mul_(d)
-        q = torch.div(m, d, out=q_buf[: b - a]).mul_(step_size)
-        ps[j].view(-1)[a:b].sub_(q.to(ps[j].dtype))
 
 
 # ----------------------------------------------------------------------------- 0/1 Adam

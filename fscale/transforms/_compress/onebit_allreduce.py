@@ -243,12 +243,16 @@ def _unwire(buf: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def worker_step(x, worker_error: torch.Tensor, lay: Layout) -> torch.Tensor:
+def worker_step(x, worker_error: torch.Tensor, lay: Layout, *, by_block=False) -> torch.Tensor:
     """Compress ``x + e_w`` (``x``: ``lay.n`` elements, padded with zeros, or a function
     that adds them into the ``(lay.n,)`` head of ``e_w`` it is given), update ``e_w`` in
-    place; the outgoing messages, ``(world, message)`` uint8, row ``i`` for server ``i``."""
+    place; the outgoing messages, ``(world, message)`` uint8, row ``i`` for server ``i``.
+    ``by_block``: ``x(part, lo, hi)`` adds elements ``lo:hi`` into ``part`` (``e_w[lo:hi]``)
+    just before their block is compressed, while the block is in cache."""
     y = worker_error  # y = x + e_w, formed in place ([Note: compressing in blocks on a CPU])
-    if callable(x):
+    if by_block:
+        pass
+    elif callable(x):
         x(y[: lay.n])
     elif x.numel() != lay.n:
         raise ValueError(f"compressed mean: x has {x.numel()} elements, the layout {lay.n}.")
@@ -260,7 +264,11 @@ def worker_step(x, worker_error: torch.Tensor, lay: Layout) -> torch.Tensor:
     bits = torch.empty((rows, chunk // 8), dtype=torch.uint8, device=y.device)
     scales = _scales(rows, lay, y.device)
     step = _block_rows(y, rows, chunk)
+    flat = y.view(-1)
     for r in range(0, rows, step):
+        lo, hi = r * chunk, min((r + step) * chunk, lay.n)
+        if by_block and lo < hi:
+            x(flat[lo:hi], lo, hi)
         _compress_(y[r : r + step], pack, unpack, bits[r : r + step], scales[r : r + step])
     return _wire(bits, scales, lay.world)
 
@@ -292,10 +300,12 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
 
 
 @torch.no_grad()
-def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None):
+def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None, after=None):
     """The all-gathered messages of every server -> the ``n``-element mean; written
     into the contiguous fp32 tensors ``into`` (their elements in order, ``n`` in all)
-    and ``into`` returned, when given ([Note: decoding into the destination])."""
+    and ``into`` returned, when given ([Note: decoding into the destination]);
+    ``after(lo, hi)`` is called once elements ``lo:hi`` of ``into`` are written, block
+    by block, in order (the caller's next pass over them while they are in cache)."""
     bits, scales = _unwire(gathered, lay)
     rows, chunk = bits.shape[0], lay.chunk
     _, unpack = _kernels(bits)
@@ -320,6 +330,8 @@ def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None):
             if b < start + flat.numel():
                 break  # the rest of this destination is in the next block
             j += 1
+        if after is not None and lo < hi:
+            after(lo, hi)
     return into
 
 
@@ -348,7 +360,17 @@ def _flat_dests(into: list, n: int) -> list:
 
 @torch.no_grad()
 def compressed_mean(
-    comm, tag: str, group, x, worker_error, server_error, lay: Layout, *, into=None
+    comm,
+    tag: str,
+    group,
+    x,
+    worker_error,
+    server_error,
+    lay: Layout,
+    *,
+    into=None,
+    after=None,
+    by_block=False,
 ):
     """The mean of ``x`` over ``group`` by 1-bit compression with error feedback.
 
@@ -363,15 +385,18 @@ def compressed_mean(
       lay: from ``plan_momentum_layout(n, world)`` or ``plan_layout(n, world)``.
       into: contiguous fp32 tensors, ``lay.n`` elements in all, to write the mean into
         ([Note: decoding into the destination]).
+      by_block: ``x`` is called per block as ``x(part, lo, hi)`` (see ``worker_step``).
+      after: with ``into``, ``after(lo, hi)`` once elements ``lo:hi`` are decoded (see
+        ``decode``).
 
     Returns:
       The ``lay.n``-element fp32 estimate of the mean, equal on every rank (``into``
       when given).
     """
-    send = worker_step(x, worker_error, lay)
+    send = worker_step(x, worker_error, lay, by_block=by_block)
     received = comm.all_to_all(tag, send.view(-1), group=group)
     mine = server_step(received, server_error, lay)
-    return decode(comm.all_gather(tag, mine, group=group), lay, into)
+    return decode(comm.all_gather(tag, mine, group=group), lay, into, after)
 
 
 @torch.no_grad()
