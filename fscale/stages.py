@@ -207,16 +207,21 @@ def default_grad_norm(ctx: StepContext, grads: Params) -> torch.Tensor:
     across those dims (tag ``"dp.norm"``), replicated ones count once."""
     leaves = tree.leaves(grads)
     mesh = ctx.step.mesh
-    norms: dict[tuple[str, ...], list[torch.Tensor]] = {}
+    # (mesh dims, device, norm dtype) -> grads: one multi-tensor norm launch per group
+    # instead of one per leaf ([Note: per-leaf launches]).
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for g, placement in zip(leaves, _placements(ctx, len(leaves)), strict=True):
         if g is None:
             continue
         dims = tuple(d for d in placement.split_dims if mesh.size(d) > 1) if placement else ()
         # fp32 at least (bf16 grads), float64 kept (a float64 model clips exactly).
         wide = torch.promote_types(g.dtype, torch.float32)
-        norms.setdefault(dims, []).append(torch.linalg.vector_norm(g, dtype=wide))
-    if not norms:
+        groups.setdefault((dims, g.device, wide), []).append(g)
+    if not groups:
         return torch.zeros(())
+    norms: dict[tuple[str, ...], list[torch.Tensor]] = {}
+    for (dims, _, wide), gs in groups.items():
+        norms.setdefault(dims, []).extend(torch._foreach_norm(gs, 2, dtype=wide))
     device = next(iter(norms.values()))[0].device
     wide = max((n.dtype for ns in norms.values() for n in ns), key=lambda d: d.itemsize)
     parts = {
@@ -265,11 +270,22 @@ def default_apply(ctx: StepContext, params: Params) -> Params:
 
 
 def clip_(grads: Params, norm: torch.Tensor, max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` semantics, without a host sync."""
+    """``torch.nn.utils.clip_grad_norm_`` semantics, without a host sync.
+
+    [Note: per-leaf launches]
+    A step touches every leaf a few times outside the optimizer (the norm, the clip);
+    a kernel per leaf costs the host ~10 us each, which on a small model (~150
+    leaves, ~50 ms steps) adds up to a host-bound step. Leaves are grouped by device
+    and dtype and go through ``torch._foreach_*``: one launch per group on CUDA, and
+    on the CPU the same per-tensor kernels as before (bit for bit either way: the
+    multiply is elementwise, and the norms are the per-tensor norms)."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for g in tree.leaves(grads):
         if g is not None:
-            g.mul_(coef.to(g.device, g.dtype))
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), gs in groups.items():
+        torch._foreach_mul_(gs, coef.to(device, dtype))
 
 
 DEFAULT_STAGES = Stages(
