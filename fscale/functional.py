@@ -35,15 +35,25 @@ class Apply:
         self.names = names
         # name kept in params -> every other name the same Parameter is reachable under
         self.aliases = aliases
+        self.tied = tuple((name, tuple(others)) for name, others in aliases.items() if others)
 
     def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if not isinstance(params, dict):
             raise TypeError(
                 f"apply expects the params dict from fs.functional, got {type(params).__name__}."
             )
-        # tie_weights=True: a tied Parameter given under one name feeds all its names.
+        # A tied Parameter given under one name feeds all its names. The ties are known
+        # from the start, so they are spelled out here rather than found again on every
+        # call (functional_call's tie_weights=True walks every submodule per call: ~2 ms
+        # of host time per step on a 12-layer GPT, with the GPU idle behind it).
+        if self.tied:
+            params = dict(params)
+            for name, others in self.tied:
+                if name in params:
+                    for other in others:
+                        params.setdefault(other, params[name])
         return torch.func.functional_call(
-            self.module, params, args, kwargs, tie_weights=True, strict=False
+            self.module, params, args, kwargs, tie_weights=False, strict=False
         )
 
     def __repr__(self) -> str:
