@@ -13,7 +13,10 @@ other in one process, each from the same init and the same stream of windows:
   ``T // L`` windows of ``L``, with lengths rounded down to divisors of ``T``, so a step
   feeds ``batch x T`` tokens at every length) and ``fs.random_ltd``
   (all units but the first and last; keep rising linearly from ``--ltd-keep`` to the
-  full length over ``--ltd-frac`` of the run), LR from ``fs.layer_token_lr``;
+  full length over ``--ltd-frac`` of the run: by default, ``--ltd-of fed``, as a share
+  ``keep / seq`` of the length the curriculum feeds, so the middle layers drop tokens
+  during the curriculum too; ``--ltd-of seq`` counts tokens of the full length, which
+  drops nothing while the fed length is at most the keep), LR from ``fs.layer_token_lr``;
 - ``cl``, ``ltd``: each alone (``--runs``; the default for ``tiny`` runs all four).
 
 Tokens: a step consumes ``rows x L`` tokens, ``L`` the length the model is fed
@@ -68,7 +71,11 @@ import fscale as fs  # noqa: E402
 from fscale.data.schedules import fixed_linear  # noqa: E402
 from fscale.models.gpt import GPT, GPTConfig  # noqa: E402
 
-# Defaults per model: 125m sized so two runs fit ~6 min on one H200 (~300k tokens/s).
+# Defaults per model: 125m sized so two runs fit ~3 min on one H200 (~600k tokens/s).
+# [Note: batch 64] At 32 x 1024 tokens a step of this model is host-bound on the H200: at
+# keep 512 the GPU's kernels take 37.6 ms of a 50 ms step (profiled), so random-LTD's
+# saving never reaches the clock. At 64 x 1024 every run is GPU-bound (baseline ~108
+# ms/step, random-LTD at keep 128 of 1024 ~43 ms).
 MODELS = {
     "tiny": dict(
         cfg=GPTConfig(vocab_size=256, n_layer=4, n_head=2, d_model=64, seq_len=128),
@@ -80,7 +87,7 @@ MODELS = {
     ),
     "125m": dict(
         cfg=GPTConfig(vocab_size=256, n_layer=12, n_head=12, d_model=768, seq_len=1024),
-        batch=32,
+        batch=64,
         budget=40_000_000,
         lr=6e-4,
         runs="baseline,cl+ltd",
@@ -160,6 +167,26 @@ class Plan:
         return batch * self.windows(count) * self.seqlen(count)
 
 
+class KeepOfFed:
+    """Random-LTD's keep as a share of the length the curriculum feeds: ``ramp(c) / T``
+    of ``L(c)`` tokens (multiples of 8, at least 8), so the middle layers drop tokens
+    while the curriculum still feeds short windows, where an absolute keep (128 of
+    ``L <= 128``) would drop none."""
+
+    def __init__(self, ramp, T: int, seqlen):
+        self.ramp, self.T, self.seqlen = ramp, T, seqlen
+        self.seen: set[int] = set()
+
+    def __call__(self, c: int) -> int:
+        L = self.seqlen(c)
+        keep = L if self.ramp(c) >= self.T else max(8, self.ramp(c) * L // self.T // 8 * 8)
+        self.seen.add(keep)
+        return keep
+
+    def values(self):
+        return sorted(self.seen)
+
+
 def plan_run(name: str, args, cfg: GPTConfig, base_steps: int) -> Plan:
     cl, ltd = RUNS[name]
     T, B = cfg.seq_len, args.batch
@@ -182,9 +209,11 @@ def plan_run(name: str, args, cfg: GPTConfig, base_steps: int) -> Plan:
     if ltd:
         # Multiples of 64 (of 8 at small T): tensor-core friendly, and fewer shapes.
         bucket = 64 if T >= 512 else 8
-        keep = fixed_linear(
-            args.ltd_keep, T, steps=max(1, round(args.ltd_frac * steps)), bucket=bucket
-        )
+        ramp = max(1, round(args.ltd_frac * steps))
+        if args.ltd_of == "fed":
+            keep = KeepOfFed(fixed_linear(args.ltd_keep, T, steps=ramp, bucket=1), T, seqlen)
+        else:
+            keep = fixed_linear(args.ltd_keep, T, steps=ramp, bucket=bucket)
     else:
         keep = fixed_linear(T, T, steps=1)
     return Plan(name, seqlen, keep, windows, steps, tokens)
@@ -418,6 +447,13 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--ltd-keep", type=int, default=None, help="first keep (seq/8)")
     p.add_argument("--ltd-frac", type=float, default=0.7, help="of the run's steps")
+    p.add_argument(
+        "--ltd-of",
+        choices=("seq", "fed"),
+        default="fed",
+        help="keep rises from --ltd-keep tokens (seq) or from --ltd-keep / seq of the "
+        "length the curriculum feeds (fed), to all of them",
+    )
     p.add_argument("--corpus-mb", type=float, default=64.0, help="at most this much source")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit-s", type=float, default=480.0, help="hard stop, whole script")
