@@ -24,6 +24,19 @@ def test_apply_equals_forward_and_ties_weights():
     torch.testing.assert_close(logits, model(x))
 
 
+def test_tied_weight_grad_sums_every_use():
+    torch.manual_seed(0)
+    model = TiedLM()
+    params, apply = fs.functional(model)
+    x = torch.randint(0, 11, (2, 5))
+    w = params["emb.weight"].detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(apply({**params, "emb.weight": w}, x).square().sum(), [w])
+    model(x).square().sum().backward()  # the module: one Parameter under both names
+    torch.testing.assert_close(g, model.emb.weight.grad, rtol=0, atol=0)
+    # The caller's dict is not changed by spelling out the ties.
+    assert "head.weight" not in params
+
+
 def test_buffers_and_frozen_params_come_from_the_module():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     model[0].bias.requires_grad_(False)
