@@ -36,6 +36,24 @@ Usage::
 Writes ``bench/results/compress_link-cpu.json`` (``--out`` overrides) with the device,
 date and command; the table is printed last.
 
+[Note: warm-up and noise]
+The 1-bit methods compile their CPU pack/unpack loops (torch.compile, fscale/kernels/
+onebit.py) at the first compressed step, ``--freeze-step``. With the old defaults
+(``--warmup 3``, freeze step 2) that compile (10-15 s) was the last untimed step, and
+in one 8-step trace the two steps right after it ran ~0.3 s slower than later ones;
+a compile subprocess of Inductor was seen at 80% of a core beside the ranks. A 2026-12-03
+check on an idle box (load < 1) found no effect of running ``zero3`` first: 1-bit
+Adam after ``adam,zero3`` in the same ranks ran at 0.67 s/step (2.87x), while two
+isolated ``adam,onebit_adam`` runs gave 1.27 and 1.53 s/step (1.53x, 1.30x), its
+compute-alone steps at 0.62-0.65 s in all three. What varied was the steps after the
+compile, and /proc/stat showed 10-40% of the VM's CPU time stolen by the host
+(``steal``) in stretches. So: ``--warmup 5`` (two compressed steps after the compiling
+one, untimed), ``TORCHINDUCTOR_COMPILE_THREADS=1`` in the ranks (compile in-process,
+no worker pool; a precaution, its effect was not measured apart), and each method's
+``steal_share`` over its timed steps is recorded: a row with a high one measured a
+machine that was not all ours. Methods still share the rank processes: no order
+effect was found, so starting fresh ranks per method was not needed.
+
 [Note: one shared link]
 Every rank talks over the same loopback, so the token bucket is one medium that
 carries the traffic of *all* ranks, not a NIC per rank: a ring all-reduce of S bytes in
@@ -92,7 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1, help="sequences per rank per step")
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps (>= freeze_step + 1)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps ([Note: warm-up and noise])")  # fmt: skip
     p.add_argument("--steps", type=int, default=3, help="timed steps per method")
     p.add_argument("--local-steps", type=int, default=3, help="compute-alone steps")
     p.add_argument("--freeze-step", type=int, default=2, help="1-bit methods' warm-up")
@@ -189,7 +208,11 @@ def launch_world(ns: Namespace, args, world: int, rate: str, port: int) -> dict:
             logs.append(log)
             cmd = ns.command(__file__, *passthrough, "--rank", str(r), "--world", str(world),
                              "--rate", rate, "--port", str(port), "--result", result)  # fmt: skip
-            procs.append(subprocess.Popen(cmd, stdout=log if r else None, stderr=log))
+            # Inductor compiles the 1-bit CPU loops in this process, not in a pool of
+            # worker processes that would share the cores with the ranks: [Note: warm-up
+            # and noise].
+            env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+            procs.append(subprocess.Popen(cmd, stdout=log if r else None, stderr=log, env=env))
         deadline = time.monotonic() + args.timeout
         while any(p.poll() is None for p in procs):
             failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
@@ -290,7 +313,7 @@ def table(result: dict) -> str:
     rows.append("")
     head = (f"{'rate':<7} {'world':>5} {'method':<14} {'step s':>8} {'mean s':>8} {'compute s':>9} "
             f"{'cpu s':>6} {'wire MB':>9} {'hidden':>6} {'pred s':>8} {'err':>6}  "
-            f"{'speedup':>8}")  # fmt: skip
+            f"{'speedup':>8} {'steal':>6}")  # fmt: skip
     rows += [head, "-" * len(head)]
     for run in result["runs"]:
         if run.get("ok") is False:
@@ -306,6 +329,8 @@ def table(result: dict) -> str:
                 rows.append(f"{lead} {m.get('skipped') or 'failed: ' + m.get('error', '')[:60]}")
                 continue
             speed = f"{m['speedup']:.2f}x" if m.get("speedup") else ""
+            steal = m.get("steal_share")
+            steal = f"{100 * steal:.0f}%" if steal is not None else ""
             err = (
                 f"{100 * m['prediction_error']:+.0f}%"
                 if m.get("prediction_error") is not None
@@ -316,7 +341,7 @@ def table(result: dict) -> str:
                 f"{m.get('local_cpu_s', float('nan')):>6.3f} {m['wire_bytes'] / 1e6:>9.2f} "
                 f"{m.get('hidden_comm_s', 0.0):>6.3f} "
                 f"{m['predicted_step_s'] or float('nan'):>8.3f} "
-                f"{err:>6}  {speed:>8}"
+                f"{err:>6}  {speed:>8} {steal:>6}"
             )  # fmt: skip
         cal = run.get("calibration") or []
         if cal:
@@ -331,7 +356,8 @@ def table(result: dict) -> str:
                 "ran under compute when the compute-alone steps are replayed on the link "
                 "(cost.predict_overlap); pred s: compute + cost model on those bytes (shared "
                 "link, gloo) - hidden; err: pred vs mean; speedup: mean "
-                "step time vs adam (1-bit methods) or zero3 (zeropp).")  # fmt: skip
+                "step time vs adam (1-bit methods) or zero3 (zeropp); steal: the machine's "
+                "CPU time taken by the hypervisor during the timed steps.")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -419,6 +445,23 @@ def rank_main(args) -> None:
         Path(args.result).write_text(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, all) jiffies of the whole machine from /proc/stat; None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def _steal_share(before, after) -> float | None:
+    """The share of the machine's CPU time the hypervisor gave to others in between."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _max_over_ranks(x: float) -> float:
@@ -663,7 +706,10 @@ def run_method(name: str, args, link) -> dict:
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
         batch = {"x": tokens[:, :-1].contiguous(), "y": tokens[:, 1:].contiguous()}
         times, losses, wire, calls = [], [], {}, {}
+        ticks = None
         for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                ticks = _cpu_ticks()
             dist.barrier()
             with comm.counting() as counts:
                 start = time.perf_counter()
@@ -682,6 +728,7 @@ def run_method(name: str, args, link) -> dict:
                 res["comm_bytes_by_tag"] = {
                     k: int(v) for k, v in metrics.get("comm_bytes_by_tag", {}).items()
                 }
+        res["steal_share"] = _steal_share(ticks, _cpu_ticks())  # [Note: warm-up and noise]
         res["step_times_s"] = times
         res["step_s"] = statistics.median(times)
         res["step_mean_s"] = statistics.fmean(times)
