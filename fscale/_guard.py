@@ -207,8 +207,8 @@ def local_flag(ctx: StepContext, loss: torch.Tensor, grads: Any, norm) -> torch.
             for g in live:
                 by_device.setdefault((g.device, g.dtype), []).append(g)
             for group in by_device.values():
-                norms = torch._foreach_norm(group)
-                total = torch.stack([n.float() for n in norms]).sum()
+                norms = torch._foreach_norm(group)  # one dtype per group: one stack
+                total = torch.stack(norms).float().sum()
                 bad = bad | ~torch.isfinite(total.to(bad.device))
     return bad.float()
 
