@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import inspect
 import json
@@ -420,6 +421,11 @@ def rank_main(args) -> None:
     # The box may be shared: its load says how far compute times can be trusted.
     out["loadavg_start"] = os.getloadavg()
     out["calibration"] = calibrate(args, link)
+    # The rank's own CPU per wire byte (gloo's copies, reductions, TCP work): it runs on
+    # the cores the compute would overlap ([Note: overlapped steps] in fscale/hw/cost.py).
+    host = statistics.median(r["cpu_s_per_wire_byte"] for r in out["calibration"])
+    link = dataclasses.replace(link, host_s_per_byte=host)
+    out["host_s_per_byte"] = host
     out["methods"] = []
     for name in _csv(args.methods):
         if name not in ALL_METHODS:
@@ -501,18 +507,22 @@ def calibrate(args, link) -> list[dict]:
             return getattr(comm, op)(x)
 
         call()  # connections and buffers warm
-        times = []
+        times, cpus = [], []
         for _ in range(2):
             comm.barrier()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             call()
+            cpus.append(_max_over_ranks(time.process_time() - cpu))
             times.append(_max_over_ranks(time.perf_counter() - start))
         nbytes = x.numel() * 4
+        wire = cost.wire_bytes(op, nbytes, n, link.shared, link.backend)
         rows.append({
             "op": op,
             "mib": round(nbytes / MiB, 3),
             "measured_s": statistics.median(times),
             "predicted_s": cost.collective_seconds(op, nbytes, link, n),
+            "cpu_s": statistics.median(cpus),
+            "cpu_s_per_wire_byte": statistics.median(cpus) / wire,
         })  # fmt: skip
     for r in rows:
         r["error"] = r["predicted_s"] / r["measured_s"] - 1

@@ -60,10 +60,17 @@ from fscale.hw.comm import bus_bytes
 # Nothing is fitted: the compute events come from the step run with its collectives
 # replaced by local stand-ins (bench/compress_link.py records the times between its
 # comm calls) or from any per-unit split of a measured compute time, the collective
-# times from the bytes and the link. What it leaves out: compute slowed by the
-# transfer itself (copies into sockets, a GPU's copy engines sharing memory bandwidth)
-# and collectives of one group running concurrently (it serializes them; the last one
-# ends at the same time either way).
+# times from the bytes and the link. Compute slowed by the transfer itself: a link's
+# ``host_s_per_byte`` (0 by default) is the rank's own CPU time per wire byte of a
+# collective (gloo on CPU ranks: copies into sockets, reductions, the kernel's TCP work,
+# on the cores the compute runs on). A collective then delays the compute clock by
+# ``host_s_per_byte x wire bytes`` at its issue and lasts at least that long: a transfer
+# that is CPU-bound cannot hide under compute on the same cores (ZeRO-3 at 10 Gbit/s on
+# one core per rank hides nothing; at 1 Gbit/s the same CPU work is a small part of the
+# wire time). bench/compress_link.py measures it from its calibration (process CPU
+# seconds per wire byte). Left out: a GPU's copy engines sharing memory bandwidth, and
+# collectives of one group running concurrently (it serializes them; the last one ends
+# at the same time either way).
 
 # A few tens of microseconds per hop: loopback TCP plus gloo's per-message work on
 # this CPU box; NCCL between nodes is of the same order. Small beside bytes at <= 100 Gbit/s
@@ -137,6 +144,8 @@ class Link:
     ``shared``: one medium carries every rank's traffic (see [Note: shared links]).
     ``backend``: whose algorithms move the bytes: None for the ring ideal (what NCCL
     does), ``"gloo"`` for gloo's (see [Note: gloo's reduce_scatter]).
+    ``host_s_per_byte``: the rank's CPU seconds per wire byte, taken from the compute it
+    would overlap ([Note: overlapped steps]); 0 where the transfer runs elsewhere.
     Usage: ``Link(1e9, 50e-6)``, ``Link.parse("10gbit", shared=True, backend="gloo")``.
     """
 
@@ -144,11 +153,17 @@ class Link:
     latency_s: float = DEFAULT_LATENCY_S
     shared: bool = False
     backend: str | None = None
+    host_s_per_byte: float = 0.0
 
     def __post_init__(self):
         parse_bandwidth(self.bandwidth_bits_per_s)  # positive, finite, a number
         if not self.latency_s >= 0:
             raise ValueError(f"Link.latency_s must be >= 0 seconds, got {self.latency_s!r}.")
+        if not (isinstance(self.host_s_per_byte, (int, float)) and self.host_s_per_byte >= 0):
+            raise ValueError(
+                f"Link.host_s_per_byte must be a number >= 0 (CPU seconds per wire byte), "
+                f"got {self.host_s_per_byte!r}."
+            )
         if self.backend not in _BACKEND_OPS:
             raise ValueError(
                 f"Link.backend={self.backend!r} is not modelled; use one of "
@@ -353,8 +368,15 @@ def predict_overlap(events: Iterable[tuple], link, world: int) -> Overlap:
                     f"predict_overlap: event {i} issues {key!r} again before a wait on it; "
                     "give each collective in flight its own key."
                 )
-            s = collective_seconds(op, int(nbytes), out.link, world, *(calls or [1]))
-            link_free = max(clock, link_free) + s
+            lk = out.link
+            s = collective_seconds(op, int(nbytes), lk, world, *(calls or [1]))
+            host = 0.0
+            if lk.host_s_per_byte:
+                wire = wire_bytes(op, int(nbytes), world, lk.shared, lk.backend)
+                host = lk.host_s_per_byte * wire * (calls[0] if calls else 1)
+            start = max(clock, link_free)
+            clock += host  # the rank's cores copy and reduce instead of computing
+            link_free = start + max(s, host)
             ends[key] = link_free
             out.comm += s
         elif kind == "wait":

@@ -212,6 +212,27 @@ def test_overlap_queues_collectives_on_one_link():
     assert o.seconds == pytest.approx(9e-3, rel=1e-3)
 
 
+def test_overlap_charges_the_host_cpu_of_a_transfer_to_compute():
+    # world 2, per-rank link, 125 MB/s: an all_reduce of 12.5 MB puts 12.5 MB on the wire
+    # (2(n-1)/n of it), 0.1 s; at 4 ns of the rank's CPU per wire byte it also takes 0.05 s
+    # of the cores the compute runs on.
+    ev = [("issue", 0, "all_reduce", 12.5 * MB), ("compute", 0.2), ("wait", 0)]
+    free = cost.predict_overlap(ev, cost.Link(1e9, 0.0), world=2)
+    assert free.seconds == pytest.approx(0.2) and free.hidden == pytest.approx(0.1)
+    busy = cost.predict_overlap(ev, cost.Link(1e9, 0.0, host_s_per_byte=4e-9), world=2)
+    assert busy.seconds == pytest.approx(0.25) and busy.hidden == pytest.approx(0.05)
+    # CPU-bound transfer (15 ns a byte: 0.1875 s > 0.1 s on the wire): nothing hides,
+    # and the collective lasts as long as its CPU work
+    cpu = cost.predict_overlap(ev, cost.Link(1e9, 0.0, host_s_per_byte=1.5e-8), world=2)
+    assert cpu.seconds == pytest.approx(0.3875)
+    # a synchronous collective with CPU work under its wire time: the wire time, as before
+    sync = [("issue", 0, "all_reduce", 12.5 * MB), ("wait", 0)]
+    o = cost.predict_overlap(sync, cost.Link(1e9, 0.0, host_s_per_byte=4e-9), world=2)
+    assert o.seconds == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="host_s_per_byte must be a number >= 0"):
+        cost.Link(1e9, host_s_per_byte=-1.0)
+
+
 @pytest.mark.parametrize(
     "events, match",
     [
