@@ -284,8 +284,9 @@ def clip_(grads: Params, norm: torch.Tensor, max_norm: float) -> None:
     a kernel per leaf costs the host ~10 us each, which on a small model (~150
     leaves, ~50 ms steps) adds up to a host-bound step. Leaves are grouped by device
     and dtype and go through ``torch._foreach_*``: one launch per group on CUDA, and
-    on the CPU the same per-tensor kernels as before (bit for bit either way: the
-    multiply is elementwise, and the norms are the per-tensor norms)."""
+    on the CPU the same per-tensor kernels as before. The clip's multiply is the same
+    bits everywhere; the norms are on the CPU, while on CUDA the multi-tensor norm
+    kernel may sum in another order than ``vector_norm`` (rounding-level)."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     groups: dict[tuple, list[torch.Tensor]] = {}
     for g in tree.leaves(grads):
