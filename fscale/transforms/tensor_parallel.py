@@ -14,7 +14,7 @@ loader must hand every rank of a tensor-parallel group the same samples. The spl
 params carry ``Placement(shard=(dim,), dim=..., chunks=...)``.
 
 ``plan`` maps module-name patterns (``fnmatch``, e.g. ``"blocks.*.attn.qkv"``) to
-styles (``Colwise``, ``Rowwise``, ``ExpertBank`` in ``fscale.transforms._tp.styles``,
+styles (``Colwise``, ``Rowwise``, ``ExpertBank`` in ``fscale.transforms._tensor_parallel.styles``,
 exported here). Default: fscale's GPT (fused qkv by heads, MLP fc/proj, expert
 banks, MoE residual/shared MLPs) and Hugging Face Llama-family models (q/k/v/o,
 gate/up/down). Every pattern must name a module inside the model's units.
@@ -48,7 +48,7 @@ from fscale.hw import mesh as meshes
 from fscale.placement import Placement, place
 from fscale.policies import ModelParallelDims, ZeroPolicy
 from fscale.step import Step, Transform
-from fscale.transforms._tp.styles import Colwise, ExpertBank, Rowwise
+from fscale.transforms._tensor_parallel.styles import Colwise, ExpertBank, Rowwise
 from fscale.units import required, wrapping_submodules
 
 NAME = "tensor_parallel"
