@@ -250,8 +250,9 @@ def worker_step(x, worker_error: torch.Tensor, lay: Layout, *, by_block=False) -
     ``by_block``: ``x(part, lo, hi)`` adds elements ``lo:hi`` into ``part`` (``e_w[lo:hi]``)
     just before their block is compressed, while the block is in cache."""
     y = worker_error  # y = x + e_w, formed in place ([Note: compressing in blocks on a CPU])
-    if by_block:
-        pass
+    if by_block:  # x adds each block's elements in the loop below
+        if not callable(x):
+            raise TypeError("compressed mean: by_block needs x(part, lo, hi), a function.")
     elif callable(x):
         x(y[: lay.n])
     elif x.numel() != lay.n:
