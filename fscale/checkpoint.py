@@ -123,11 +123,12 @@ from fscale._checkpoint.files import (
 )
 from fscale._checkpoint.reader import ParallelReader
 from fscale._checkpoint.restore import _check_model, _make_lazy, _restore_plain, _source_key
+from fscale._checkpoint.snapshot import LazySnapshot
 from fscale._checkpoint.writer import SaveIO, make_job, split_items, write_buckets
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
 from fscale.placement import MeshLayout, Placement, placement_of, replicated
-from fscale.state import StoredTensor, TensorEntry, describe
+from fscale.state import StoredTensor, TensorEntry, announced, describe
 
 __all__ = ["SaveHandle", "SaveIO", "latest", "load", "load_extra", "save", "wait_pending"]
 
@@ -215,10 +216,14 @@ def save(
     if not async_save:
         return _write(state_dict, tmp, final, root, at, keep, None, _Writing(threads, io, 0))
     global _PENDING
-    staged = _stage(state_dict, io.stage)
+    snapshot = LazySnapshot(io.copy_threads, io.background_nice)
+    staged = _stage(state_dict, io.stage, snapshot)
     group = _async_group()
     writing = _Writing(io.background_threads or threads, io, io.background_nice)
-    future = _executor().submit(_write, staged, tmp, final, root, at, keep, group, writing)
+    snapshot.start()
+    future = _executor().submit(
+        _write_closing, snapshot, staged, tmp, final, root, at, keep, group, writing
+    )
     _PENDING = SaveHandle(final, future)
     return _PENDING
 
@@ -269,7 +274,14 @@ def _async_group():
     return _GROUP
 
 
-def _stage(state_dict: dict, where: str = "auto") -> dict:
+def _write_closing(snapshot: LazySnapshot, *args) -> str:
+    try:
+        return _write(*args)
+    finally:
+        snapshot.close()
+
+
+def _stage(state_dict: dict, where: str = "auto", snapshot: LazySnapshot | None = None) -> dict:
     """[Note: async staging] A copy of every tensor this rank writes, taken before
     training goes on (steps update params and state in place). NVMe entries are not
     copied: their files are opened now, and the swap engine replaces a file whole
@@ -282,8 +294,10 @@ def _stage(state_dict: dict, where: str = "auto") -> dict:
     caches them for the next), or pageable (``.to("cpu")``, a fraction of the link's
     speed: [Note: how a tensor reaches the disk]). ``"auto"`` stages on the device
     where its free memory holds the copies with a margin. One wait at the end.
-    Host-resident tensors (offload) are copied on the host: their copy is the stall."""
-    copier = _Copier(_staging_place(state_dict, where))
+    Other host tensors are copied on the host, in the call, except those whose owner
+    announces its writes (offload's sub-group buffers): ``snapshot`` copies them lazily
+    ([Note: lazy snapshot] in ``fscale/_checkpoint/snapshot.py``)."""
+    copier = _Copier(_staging_place(state_dict, where), snapshot)
     out = {}
     for key, v in state_dict.items():
         if isinstance(v, torch.Tensor):
@@ -336,20 +350,28 @@ def _staged(v: _Rows, copier) -> _Rows:
     if v.stored is not None:
         stored = _Pinned(v.stored) if v.write else v.stored
         return _Rows(v.shape, v.offsets, v.sizes, stored=stored, write=v.write)
+    if copier.lazy(v.local):
+        return copier.snapshot.defer(v)
     return _Rows(v.shape, v.offsets, v.sizes, local=copier(v.local), write=v.write)
 
 
 class _Copier:
     """Copies of tensors for [Note: async staging]: device tensors on the device or
     into pinned host memory, on a side stream (after the caller's stream), waited for
-    once; host tensors on the host."""
+    once; host tensors on the host, or lazily by ``snapshot`` where announced."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, snapshot: LazySnapshot | None = None):
         self.where = where
         self.streams: dict = {}
+        self.snapshot = snapshot
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def lazy(self, t: torch.Tensor) -> bool:
+        return self.snapshot is not None and announced(t) is not None
+
+    def __call__(self, t: torch.Tensor):
         t = t.detach()
+        if self.lazy(t):
+            return self.snapshot.defer(t)
         if t.device.type != "cuda" or self.where == "pageable":
             return t.to("cpu", copy=True)
         stream = self.streams.get(t.device)

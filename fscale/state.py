@@ -100,3 +100,87 @@ def _walk(path: str, value: Any, out: dict) -> None:
             "for a checkpoint; keep tensors and plain metadata in state, or give the object a "
             "describe_state() method returning them."
         )
+
+
+# [Note: announced writes]
+# An asynchronous save must write the state as it was when ``fs.save`` was called,
+# while the next steps update it in place. Copying every tensor in the call is the
+# training's stall: milliseconds for device tensors (copied on the device), seconds
+# for tens of GB of offloaded host state. A host buffer that its owner writes only
+# after calling ``before_write`` on it can be copied lazily instead: the owner
+# registers it once with ``announce_writes``; a save then copies the tensors inside
+# it in the background ("snapshot" objects registered with ``add_snapshot``), and
+# ``before_write`` copies, before returning, whatever part of the buffer a snapshot
+# has not copied yet. The owner's promise is what makes the lazy copy exact: every
+# in-place write of an announced buffer (the offloaded optimizer's update of a
+# sub-group) is preceded by ``before_write`` of the bytes it writes, in the thread
+# that writes them. Without a snapshot ``before_write`` costs one check of an empty
+# list.
+
+_ANNOUNCED: dict[int, list] = {}  # storage data_ptr -> [(weakref to buffer, order)]
+_SNAPSHOTS: list = []
+
+
+def announce_writes(buffer: torch.Tensor) -> None:
+    """Promise that every in-place write of ``buffer`` (a host tensor) is preceded by
+    ``before_write`` on what it writes ([Note: announced writes]). Buffers announced
+    earlier are copied first (give them in the order they are written).
+
+    Usage::
+
+        buf = torch.empty(n, dtype=torch.uint8); announce_writes(buf)
+        before_write(buf); buf.add_(1)
+    """
+    import weakref
+
+    global _ORDER
+    key = buffer.untyped_storage().data_ptr()
+    live = [(r, o) for r, o in _ANNOUNCED.get(key, []) if r() is not None]
+    _ANNOUNCED[key] = [*live, (weakref.ref(buffer), _ORDER)]
+    _ORDER += 1
+
+
+_ORDER = 0
+
+
+def announced(t: torch.Tensor) -> int | None:
+    """The order of the live announced buffer that holds all of ``t``'s bytes, or None."""
+    if t.device.type != "cpu":
+        return None
+    lo, hi = byte_range(t)
+    for ref, order in _ANNOUNCED.get(t.untyped_storage().data_ptr(), ()):
+        b = ref()
+        if b is not None:
+            b_lo, b_hi = byte_range(b)
+            if b_lo <= lo and hi <= b_hi:
+                return order
+    return None
+
+
+def before_write(*tensors: torch.Tensor) -> None:
+    """Called by an announced buffer's owner before writing ``tensors`` in place: every
+    pending snapshot first copies what it still needs of them."""
+    if not _SNAPSHOTS:
+        return
+    for snap in list(_SNAPSHOTS):
+        for t in tensors:
+            snap.preserve(t)
+
+
+def add_snapshot(snapshot) -> None:
+    """Register a snapshot (an object with ``preserve(tensor)``) for ``before_write``."""
+    _SNAPSHOTS.append(snapshot)
+
+
+def remove_snapshot(snapshot) -> None:
+    if snapshot in _SNAPSHOTS:
+        _SNAPSHOTS.remove(snapshot)
+
+
+def byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` addresses of ``t``'s elements (its extent, strides included)."""
+    lo = t.data_ptr()
+    if t.numel() == 0:
+        return lo, lo
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
+    return lo, lo + span * t.element_size()

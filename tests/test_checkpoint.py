@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -72,6 +73,8 @@ def _build(layers, *, mesh=None, swap=None, cfg=CFG, optimizer=None):
             kw = {"path": swap} if swap else {}
             if kind == "offload-delayed":
                 kw["delayed_update"] = True
+            if kind == "offload-params":  # the params' host shards are the masters
+                kw["what"] = ("params", "optimizer")
             step = fs.offload(step, arg, subgroup_mb=2e-3, **kw)
     return step, params
 
@@ -236,9 +239,32 @@ def _close_to(got: dict, want: dict) -> None:
 # ----------------------------------------------------------------------------- async
 
 
-@pytest.mark.parametrize("name", ["zero3", "offload nvme"])
-def test_async_save_writes_the_state_of_its_call_while_training_goes_on(tmp_path, name):
-    layers = STACKS[name]
+ASYNC_STACKS = {
+    **{k: STACKS[k] for k in ("zero3", "offload nvme", "offload cpu", "offload cpu delayed")},
+    "zero3 offload params cpu": (("zero", 3), ("offload-params", "cpu")),
+}
+
+
+@pytest.mark.parametrize("name", list(ASYNC_STACKS))
+def test_async_save_writes_the_state_of_its_call_while_training_goes_on(
+    tmp_path, name, monkeypatch
+):
+    """Offloaded host state is copied lazily ([Note: lazy snapshot]). Here with no copy
+    threads and the writer held until a step has run: that step's updates must copy
+    (``before_write``) what the save still needs."""
+    from fscale import checkpoint
+    from fscale._checkpoint import snapshot
+
+    gate = threading.Event()
+    write = checkpoint._write_closing
+
+    def held(*args):
+        assert gate.wait(60)
+        return write(*args)
+
+    monkeypatch.setattr(checkpoint, "_write_closing", held)
+    monkeypatch.setattr(snapshot.LazySnapshot, "_copier", lambda self: None)
+    layers = ASYNC_STACKS[name]
     swap = str(tmp_path) if name == "offload nvme" else None
     step, params = _build(layers, swap=swap)
     params, state = step.init(params)
@@ -246,6 +272,7 @@ def test_async_save_writes_the_state_of_its_call_while_training_goes_on(tmp_path
     want = _snapshot(params, state)
     first = fs.save(tmp_path / "run", params, state, at=N, async_save=True)
     params, state = _train(step, params, state, _batches(0, 1, 1, seed=2))
+    gate.set()
     # At most one in flight: the next save waits for the first.
     second = fs.save(tmp_path / "run", params, state, at=N + 1, async_save=True)
     assert first.done()

@@ -250,3 +250,45 @@ def test_parallel_reader_loads_what_dcps_reader_loads(tmp_path, device):
         dcp.load(back, storage_reader=reader, no_dist=True)
         assert all(torch.equal(back[k], state[k]) for k in back if k != "blob")
         assert back["blob"] == {"step": 7}
+
+
+# ----------------------------------------------------------------------------- lazy snapshot
+
+
+def test_lazy_snapshot_keeps_the_bytes_of_its_start_whoever_copies_them():
+    """[Note: lazy snapshot]: an entry is copied by ``before_write`` (the owner is about
+    to write it), by the writer's ``take``, or by a copy thread; each way the copy holds
+    the bytes the buffer had when the snapshot started, and an unannounced tensor is
+    never deferred."""
+    from fscale._checkpoint.snapshot import LazySnapshot
+    from fscale.state import announce_writes, announced, before_write
+
+    buf = torch.arange(64, dtype=torch.float32)
+    announce_writes(buf)
+    parts = [buf[0:16], buf[16:40], buf[40:64]]
+    assert all(announced(p) is not None for p in parts)
+    assert announced(torch.zeros(3)) is None
+    before = buf.clone()
+    snap = LazySnapshot(copy_threads=0)  # no copy threads: only before_write and take
+    items = [snap.defer(p) for p in parts]
+    snap.start()
+    try:
+        before_write(buf[10:20])  # overlaps the first two entries
+        buf[10:20] = -1.0
+        assert torch.equal(items[0].tensor(), before[0:16])
+        assert torch.equal(items[1].tensor(), before[16:40])
+        assert torch.equal(items[2].tensor(), before[40:64])  # copied by take, untouched
+    finally:
+        snap.close()
+    before_write(buf)  # no snapshot registered: a no-op
+    threaded = LazySnapshot(copy_threads=2)
+    items = [threaded.defer(p) for p in parts]
+    now = buf.clone()
+    threaded.start()
+    try:
+        before_write(buf)
+        buf.fill_(7.0)
+        got = torch.cat([i.tensor() for i in items])
+    finally:
+        threaded.close()
+    assert torch.equal(got, now)

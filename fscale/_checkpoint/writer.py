@@ -70,6 +70,10 @@ class SaveIO:
         (Linux threads have their own); 0 keeps the caller's priority.
       background_threads: writer threads of an asynchronous save (default: ``threads``
         of the save).
+      copy_threads: threads that copy an asynchronous save's announced host tensors
+        (offload's state) in the background ([Note: lazy snapshot] in
+        fscale/_checkpoint/snapshot.py); the host optimizer copies what they have not
+        reached before it writes it.
       stage: where an asynchronous save copies device tensors before training goes on
         ([Note: async staging] in fscale/checkpoint.py): ``"device"`` (a copy on the
         device, moved to the host by the writer threads; milliseconds), ``"pinned"``
@@ -87,6 +91,7 @@ class SaveIO:
     writeback: int = 256 << 20
     background_nice: int = 10
     background_threads: int | None = None
+    copy_threads: int = 4
     stage: str = "auto"
 
     def __post_init__(self):
@@ -96,6 +101,9 @@ class SaveIO:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"SaveIO({name}={v!r}): an int >= 0.")
+        c = self.copy_threads
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"SaveIO(copy_threads={c!r}): an int >= 1.")
         b = self.background_threads
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"SaveIO(background_threads={b!r}): None or an int >= 1.")

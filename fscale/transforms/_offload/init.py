@@ -10,6 +10,7 @@ import torch
 from fscale import tree
 from fscale.hw import comm
 from fscale.io import swap
+from fscale.state import announce_writes
 from fscale.transforms._offload.config import OffloadConfig, shares_masters
 from fscale.transforms._offload.layout import (
     Group,
@@ -64,6 +65,8 @@ def build_state(
             # Master and state: one buffer per group, carved out of a few pinned
             # allocations. Grads: a small rotating pool ([Note: grad staging] in update.py).
             handle.buffers = swap.alloc_many([g.persisted for g in handle.groups])
+            for buf in handle.buffers:  # written only by update_group, in this order
+                announce_writes(buf)
             largest = max((g.grad_bytes for g in handle.groups), default=1)
             handle.staging = swap.alloc_many([largest] * (2 if cfg.overlap else 1))
         for k, g in enumerate(handle.groups):
@@ -123,6 +126,9 @@ def share_masters(handle: OffloadState, params: dict) -> None:
                     f"optimizer master {(slot.shape, slot.dtype)} on the host; cannot share them."
                 )
     handle.shared_masters = leaves
+    for g in handle.groups:  # written only by update_group ([Note: announced writes])
+        for i in g.leaves:
+            announce_writes(leaves[i])
 
 
 def device_staging(leaves: list, dtype: torch.dtype) -> list:

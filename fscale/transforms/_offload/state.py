@@ -22,6 +22,7 @@ from fscale.kernels import cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
 from fscale.optim.sharded import for_groups_of_leaves, sharded_as
 from fscale.placement import Placement, placement_of
+from fscale.state import before_write
 from fscale.transforms._offload import describe
 from fscale.transforms._offload.config import OffloadConfig
 from fscale.transforms._offload.layout import Group, Slot, scatter, sub
@@ -276,6 +277,9 @@ class OffloadState:
     def update_group(self, k: int, buf: torch.Tensor, grad_region=None) -> None:
         g = self.groups[k]
         master, state = self.views(g, buf)
+        # [Note: announced writes] in fscale/state.py: an asynchronous save may still need
+        # these bytes as they are.
+        before_write(buf, *(master if g.shared_master else ()))
         region = self.grad_region(k) if grad_region is None else grad_region
         grads = [s.view(region) for s in g.grads]
         n = self.spec.num_leaves

@@ -1,0 +1,218 @@
+"""A lazy copy of announced host tensors for an asynchronous save.
+
+[Note: lazy snapshot]
+``fs.save(..., async_save=True)`` must write the state of the call while training goes
+on. Host tensors whose owner announces its writes ([Note: announced writes] in
+``fscale/state.py``: offload's sub-group buffers) are not copied in the call. A
+``LazySnapshot`` holds them as entries, each pending, being copied, or copied, and
+
+- ``copy_threads`` background threads copy the pending entries in the order their
+  buffers were announced (offload's sub-groups: update order), each with one
+  ``ctypes.memmove``, which runs without the GIL and without
+  torch's intra-op pool (the host optimizer's threads keep theirs);
+- ``preserve(t)`` (``before_write``: the update of a sub-group is about to write it)
+  copies, in the calling thread, the pending entries that overlap ``t`` and waits for
+  those a background thread is copying: the update never writes bytes the save
+  still needs;
+- ``take(entry)`` (the writer thread's lookup of the item) returns the copy, copying
+  it then if nothing has yet, and drops the snapshot's reference, so each copy lives
+  from its copy to its write.
+
+So the call costs nothing per byte, and the copy runs while the device computes the
+next step's forward; the training waits only for bytes the copier has not reached
+when their sub-group's update begins.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import threading
+from typing import Any
+
+import torch
+
+from fscale import state as state_protocol
+from fscale._checkpoint.chunks import _Rows
+
+__all__ = ["LazySnapshot"]
+
+_PENDING, _COPYING, _DONE = 0, 1, 2
+
+
+class _Entry:
+    __slots__ = ("src", "copy", "status", "done", "lo", "hi", "order")
+
+    def __init__(self, src: torch.Tensor, order: int):  # order: its buffer's announce order
+        self.src = src
+        self.copy: torch.Tensor | None = None
+        self.status = _PENDING
+        self.done = threading.Event()
+        self.lo, self.hi = state_protocol.byte_range(src)
+        self.order = order
+
+
+class LazySnapshot:
+    """Copies of announced host tensors, taken lazily (see the module note).
+
+    Usage::
+
+        snap = LazySnapshot(copy_threads=4, nice=10)
+        rows = snap.defer(rows)             # a _Rows whose tensor() is the copy
+        snap.start()                        # registers with before_write; copies in the background
+        ...                                 # the writer takes each entry
+        snap.close()
+    """
+
+    def __init__(self, copy_threads: int = 4, nice: int = 0):
+        self.copy_threads = copy_threads
+        self.nice = nice
+        self._lock = threading.Lock()
+        self._entries: list[_Entry] = []
+        self._by_storage: dict[int, tuple[list[int], list[_Entry]]] = {}
+        self._threads: list[threading.Thread] = []
+        self._next = 0
+        self._stop = False
+        self._error: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def defer(self, v: Any) -> Any:
+        """``v`` (a host tensor or ``_Rows`` of one) as a ``_Deferred`` item of this snapshot."""
+        if isinstance(v, torch.Tensor):
+            t = v.detach()
+            return _Deferred(tuple(t.shape), (0,) * t.dim(), tuple(t.shape), self, self._add(t))
+        if not v.write:
+            return v  # never written: nothing to keep
+        return _Deferred(v.shape, v.offsets, v.sizes, self, self._add(v.local))
+
+    def _add(self, t: torch.Tensor) -> _Entry:
+        e = _Entry(t, state_protocol.announced(t))
+        self._entries.append(e)
+        return e
+
+    def start(self) -> None:
+        """Index the entries by storage, register with ``before_write``, start copying."""
+        for e in self._entries:
+            starts, entries = self._by_storage.setdefault(
+                e.src.untyped_storage().data_ptr(), ([], [])
+            )
+            at = bisect.bisect(starts, e.lo)
+            starts.insert(at, e.lo)
+            entries.insert(at, e)
+        self._queue = sorted(
+            self._entries, key=lambda e: (e.src.untyped_storage().data_ptr(), e.lo)
+        )
+        # Buffers in the order their owner announced them would be better still; the
+        # address order within an arena is the sub-groups' order (alloc_many cuts in order).
+        state_protocol.add_snapshot(self)
+        for k in range(min(self.copy_threads, len(self._entries))):
+            th = threading.Thread(target=self._copier, name=f"fscale-snapshot-{k}", daemon=True)
+            th.start()
+            self._threads.append(th)
+
+    def close(self) -> None:
+        """Stop copying and unregister (after the save, or its failure)."""
+        self._stop = True
+        state_protocol.remove_snapshot(self)
+        for th in self._threads:
+            th.join()
+        self._threads.clear()
+
+    # -- claiming ------------------------------------------------------------------
+
+    def _claim(self, e: _Entry) -> bool:
+        """Mark ``e`` as being copied by the caller; False if another has it."""
+        with self._lock:
+            if e.status != _PENDING:
+                return False
+            e.status = _COPYING
+            return True
+
+    def _copy(self, e: _Entry, *, memmove: bool) -> None:
+        try:
+            e.copy = _copy_of(e.src, memmove=memmove)
+        except BaseException as err:  # the writer's take raises it
+            self._error = err
+            raise
+        finally:
+            e.status = _DONE
+            e.done.set()
+
+    def preserve(self, t: torch.Tensor) -> None:
+        """Copy (or wait for) every entry overlapping ``t`` before the caller writes it."""
+        found = self._by_storage.get(t.untyped_storage().data_ptr())
+        if found is None:
+            return
+        starts, entries = found
+        lo, hi = state_protocol.byte_range(t)
+        first = max(0, bisect.bisect_right(starts, lo) - 1)
+        for e in entries[first:]:
+            if e.lo >= hi:
+                break
+            if e.hi <= lo:
+                continue
+            if self._claim(e):
+                self._copy(e, memmove=False)  # torch's copy: the caller's own threads
+            else:
+                e.done.wait()
+
+    def take(self, e: _Entry) -> torch.Tensor:
+        """The copy of ``e`` for the writer (copied now if nothing has yet); the snapshot
+        lets go of it."""
+        if self._claim(e):
+            self._copy(e, memmove=True)
+        e.done.wait()
+        if e.copy is None:
+            raise RuntimeError(f"fs.save: the snapshot copy failed: {self._error!r}")
+        out, e.copy, e.src = e.copy, None, None
+        return out
+
+    def _copier(self) -> None:
+        if self.nice:
+            from fscale._checkpoint.writer import _lower_priority
+
+            _lower_priority(self.nice)
+        while not self._stop:
+            with self._lock:
+                while self._next < len(self._queue) and self._queue[self._next].status != _PENDING:
+                    self._next += 1
+                if self._next >= len(self._queue):
+                    return
+                e = self._queue[self._next]
+                e.status = _COPYING
+                self._next += 1
+            try:
+                self._copy(e, memmove=True)
+            except BaseException:
+                return
+
+
+def _copy_of(src: torch.Tensor, *, memmove: bool) -> torch.Tensor:
+    """A fresh contiguous host copy of ``src``: one ``memmove`` (no GIL, no intra-op
+    threads) where ``src`` is contiguous and ``memmove``, else torch's copy."""
+    out = torch.empty(src.shape, dtype=src.dtype)
+    if not (memmove and src.is_contiguous()):
+        out.copy_(src)
+        return out
+    ctypes.memmove(out.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+    return out
+
+
+class _Deferred(_Rows):
+    """Rows whose bytes come from a ``LazySnapshot`` when the writer looks them up."""
+
+    def __init__(self, shape, offsets, sizes, snapshot: LazySnapshot, entry: _Entry):
+        super().__init__(shape, offsets, sizes, local=entry.src)
+        self.snapshot = snapshot
+        self.entry = entry
+        self._dtype = entry.src.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def tensor(self) -> torch.Tensor:
+        self.local = None  # the live rows: never read once training went on
+        return self.snapshot.take(self.entry)
