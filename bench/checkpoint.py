@@ -11,8 +11,11 @@ moments: 12 bytes per param on the device) trains two steps, then:
 - ``fs.load`` (the files dropped from the page cache first) into a fresh
   ``step.init``, timed, and checked equal (torch.equal) to what was saved;
 - the training stall of an asynchronous save: the ``fs.save(..., async_save=True)``
-  call itself (it stages a copy of the state) plus how much slower the steps that run
-  while it is written are than plain steps (goal: <= 1 s).
+  call itself (it stages a copy of the state) plus how much slower than the median
+  plain step every step is that runs until the save is written (goal: <= 1 s);
+  ``--async-io NAME:field=int,...`` times more ``SaveIO`` settings in the same run
+  (the best one is the row's figure, all are in ``async_runs``), ``--async-only``
+  skips the synchronous save, ``dd`` and the load.
 
 ``--old-io`` saves with DCP's own writer loop and the old async staging
 (``SaveIO(pinned=0, background_nice=0, stage="pageable")``), for A/B runs;
@@ -44,6 +47,7 @@ import os
 import pstats
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -198,6 +202,14 @@ def main(argv=None) -> None:
     p.add_argument("--background-nice", type=int, default=None)
     p.add_argument("--background-threads", type=int, default=None)
     p.add_argument("--no-load", action="store_true")
+    p.add_argument("--async-only", action="store_true", help="skip the sync save, dd, load")
+    p.add_argument(
+        "--async-io",
+        action="append",
+        help="another async save to time, NAME:field=int,... of SaveIO (repeatable), e.g. "
+        "w2:background_threads=2,copy_threads=8",
+    )
+    p.add_argument("--max-async-steps", type=int, default=200)
     p.add_argument(
         "--profile-async",
         action="store_true",
@@ -223,15 +235,18 @@ def main(argv=None) -> None:
     os.makedirs(args.dir)
     target = os.path.join(args.dir, "ckpt")
 
-    t0 = time.perf_counter()
-    fs.save(target, params, state, io=io)
-    save_s = time.perf_counter() - t0
-    nbytes = _du(target)
-    dd_s, dd_bytes, dd_read_s = _dd(os.path.join(args.dir, "dd.bin"), nbytes)
+    nan = float("nan")
+    save_s, nbytes, dd_s, dd_bytes, dd_read_s = nan, nan, nan, 1, nan
+    if not args.async_only:
+        t0 = time.perf_counter()
+        fs.save(target, params, state, io=io)
+        save_s = time.perf_counter() - t0
+        nbytes = _du(target)
+        dd_s, dd_bytes, dd_read_s = _dd(os.path.join(args.dir, "dd.bin"), nbytes)
 
     exact = args.stack != "offload"
-    load_s, same = float("nan"), None
-    if not args.no_load:
+    load_s, same = nan, None
+    if not (args.no_load or args.async_only):
         saved = _tensors(params, state)
         saved = {k: v.clone() for k, v in saved.items()} if exact else _fingerprint(saved)
         del params, state
@@ -249,36 +264,68 @@ def main(argv=None) -> None:
         else:
             same = _fingerprint(got) == saved
         del fresh, saved, got
-    shutil.rmtree(target)  # room for the async save's checkpoint on the same disk
+    if os.path.exists(target):
+        shutil.rmtree(target)  # room for the async save's checkpoint on the same disk
 
-    def timed_steps(n, during_save=False):
-        nonlocal params, state, call_s
-        times, handle = [], None
-        for i in range(n):
-            if during_save and i == 0:
-                _sync(device)
-                t0 = time.perf_counter()
-                where = os.path.join(args.dir, "async")
-                with _profiled(args.profile_async):
-                    handle = fs.save(where, params, state, async_save=True, io=io)
-                call_s = time.perf_counter() - t0
-            _sync(device)
-            t0 = time.perf_counter()
-            params, state, _ = step(params, state, batch)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return times, handle
+    def one_step() -> float:
+        nonlocal params, state
+        _sync(device)
+        t0 = time.perf_counter()
+        params, state, _ = step(params, state, batch)
+        _sync(device)
+        return time.perf_counter() - t0
 
-    call_s = 0.0
-    plain, _ = timed_steps(args.steps)
-    t0 = time.perf_counter()
-    during, handle = timed_steps(args.steps, during_save=True)
-    handle.wait()
-    async_total_s = time.perf_counter() - t0
-    # The stall: the save's blocking part (the staging copy: the call) plus the steps'
-    # slowdown while it is written.
-    slowdown_s = sum(during) - sum(plain)
-    stall_s = call_s + slowdown_s
+    def async_run(name: str, save_io) -> dict:
+        """One asynchronous save: its call, then steps until it is written (at most
+        ``--max-async-steps``); the stall is the call plus every such step's excess over
+        the median plain step."""
+        _sync(device)
+        where = os.path.join(args.dir, f"async-{name}")
+        t0 = time.perf_counter()
+        with _profiled(args.profile_async):
+            handle = fs.save(where, params, state, async_save=True, io=save_io)
+        call = time.perf_counter() - t0
+        during = []
+        while not handle.done() and len(during) < args.max_async_steps:
+            during.append(one_step())
+        counted = handle.done()  # every step that ran while it was written is counted
+        handle.wait()
+        total = time.perf_counter() - t0
+        shutil.rmtree(where, ignore_errors=True)
+        base = statistics.median(plain)
+        slowdown = sum(t - base for t in during)
+        first = sum(t - base for t in during[: args.steps])
+        print(
+            f"async {name}: stall {call + slowdown:.2f} s (call {call:.2f} s + {len(during)} "
+            f"steps slower by {slowdown:.2f} s; first {args.steps}: {first:.2f} s), "
+            f"save written in {total:.1f} s",
+            flush=True,
+        )
+        return {
+            "name": name,
+            "io": repr(save_io),
+            "step_s_during_async_save": during,
+            "async_call_s": call,
+            "async_steps_slowdown_s": slowdown,
+            f"async_slowdown_first_{args.steps}_steps_s": first,
+            "async_stall_s": call + slowdown,
+            "async_save_written_s": total,
+            "async_all_steps_counted": counted,
+        }
+
+    plain = [one_step() for _ in range(args.steps)]
+    variants = [("default", io)]
+    for spec in args.async_io or []:
+        name, _, kv = spec.partition(":")
+        fields = {k: int(v) for k, v in (x.split("=") for x in kv.split(",") if x)}
+        variants.append((name, dataclasses.replace(io, **fields)))
+    runs = [async_run(name, v) for name, v in variants]
+    best = min(runs, key=lambda r: r["async_stall_s"])
+    call_s, slowdown_s, stall_s = (
+        best["async_call_s"],
+        best["async_steps_slowdown_s"],
+        best["async_stall_s"],
+    )
     shutil.rmtree(args.dir, ignore_errors=True)
     row = {
         "params": sum(t.numel() for t in tree.leaves(params) if t is not None),
@@ -295,11 +342,11 @@ def main(argv=None) -> None:
         "load_vs_dd_read": (nbytes / load_s) / (dd_bytes / dd_read_s),
         "loaded_equal": same,
         "step_s_plain": plain,
-        "step_s_during_async_save": during,
+        "async_best": best["name"],
         "async_call_s": call_s,
         "async_steps_slowdown_s": slowdown_s,
         "async_stall_s": stall_s,
-        "async_steps_and_save_s": async_total_s,
+        "async_runs": runs,
     }
     result = {
         "bench": "checkpoint",
@@ -323,7 +370,8 @@ def main(argv=None) -> None:
         f"{row['dd_GBps']:.2f} GB/s), load {load_s:.2f} s ({row['load_GBps']:.2f} GB/s, "
         f"{row['load_vs_dd_read']:.2f}x dd read {row['dd_read_GBps']:.2f} GB/s), "
         f"equal={same}, async stall {stall_s:.2f} s (call {call_s:.2f} s + steps slower by "
-        f"{slowdown_s:.2f} s over {args.steps} steps)\nwrote {path}"
+        f"{slowdown_s:.2f} s over {len(best['step_s_during_async_save'])} steps, "
+        f"{best['name']} of {len(runs)})\nwrote {path}"
     )
 
 
