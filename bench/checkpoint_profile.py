@@ -41,6 +41,7 @@ import shutil
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -147,10 +148,17 @@ def _reader(old: bool):
 
 
 def _sums(where: str) -> dict:
+    """``{data file: (size, CRC-32)}``, read back (DCP's loop records one CRC per file,
+    fscale's one per item: the files are compared, not the records)."""
     out = {}
     for n in os.listdir(where):
         if n.startswith("__checksums_"):
-            out.update(json.loads(Path(where, n).read_text()))
+            for name, rec in json.loads(Path(where, n).read_text()).items():
+                crc = 0
+                with open(Path(where, name), "rb", buffering=0) as f:
+                    while chunk := f.read(64 << 20):
+                        crc = zlib.crc32(chunk, crc)
+                out[name] = (rec["size"], crc)
     return out
 
 

@@ -666,7 +666,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
     wait_pending()
     where = _resolve(path)
     md = _read_metadata(where)
-    _check_files(where, md)
+    checksums = _check_files(where, md)
     saved = md.state_dict_metadata
     new_params, state = step.init(params)
     layout = state["layout"]
@@ -722,7 +722,7 @@ def load(path: str | os.PathLike, step, params: Any) -> tuple[Any, dict]:
         with _quiet():
             dcp.load(
                 state_dict,
-                storage_reader=ParallelReader(where, threads=WRITE_THREADS),
+                storage_reader=ParallelReader(where, threads=WRITE_THREADS, checksums=checksums),
                 planner=planner,
                 no_dist=not comm.is_initialized(),
             )

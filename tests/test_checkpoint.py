@@ -411,6 +411,16 @@ def test_bad_checkpoints_raise_naming_the_fix(tmp_path):
         f.write(b"\x00\xff" * 4)
     with pytest.raises(ValueError, match="'__0_0.distcp' does not match its checksum"):
         fs.load(flipped, *fresh())
+    # Written by DCP's own loop (no piece per item): the file is verified whole first.
+    whole = tmp_path / "whole"
+    fs.save(whole, params, state, io=fs.checkpoint.SaveIO(pinned=0))
+    fs.load(whole, *fresh())
+    data = whole / "__0_0.distcp"
+    with open(data, "r+b") as f:
+        f.seek(data.stat().st_size // 2)
+        f.write(b"\x00\xff" * 4)
+    with pytest.raises(ValueError, match="'__0_0.distcp' does not match its checksum"):
+        fs.load(whole, *fresh())
     (flipped / "__checksums_0.json").unlink()
     with pytest.raises(ValueError, match="no checksum records"):
         fs.load(flipped, *fresh())

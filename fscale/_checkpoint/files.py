@@ -10,7 +10,6 @@ import shutil
 import uuid
 import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -24,31 +23,39 @@ _CHUNK = 64 << 20
 # DCP checks neither the bytes it writes nor those it reads: a flipped or zeroed
 # block in the middle of a data file (a bad disk, a torn copy between machines)
 # loads as wrong weights without a word. So each rank, after its files are written
-# and fsynced and before the checkpoint is published, records a CRC-32 (taken while
-# writing) and the size of every data file it wrote in ``__checksums_<rank>.json``
-# (fsynced too), and
-# ``load`` checks every file the index names against them before reading, in
-# parallel threads (zlib releases the GIL): a mismatch names the file, and so does a
-# data file without a record (format 2 on: a checkpoint without records is refused).
+# and fsynced and before the checkpoint is published, records the size of every
+# data file it wrote and the CRC-32s of its pieces (taken while writing: one piece
+# per item with fscale's writer, the whole file with DCP's own loop) in
+# ``__checksums_<rank>.json`` (fsynced too). ``load`` checks that every file the
+# index names has a record and its recorded size (no read), and the reader verifies
+# the bytes of each item it reads against its piece's CRC in the same pass, before
+# they are used (``ParallelReader``): the load reads the disk once. A file whose
+# items are not pieces of their own is read and verified whole before its items.
+# A mismatch names the file; so does a data file without a record (format 2 on: a
+# checkpoint without records is refused). Older records (one ``crc32`` per file)
+# are one piece.
 
 
-def _crc32(path: str) -> int:
+def _crc32(path: str, offset: int = 0, length: int | None = None) -> int:
     crc = 0
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
+        f.seek(offset)
+        left = os.path.getsize(path) - offset if length is None else length
+        while left > 0 and (chunk := f.read(min(_CHUNK, left))):
             crc = zlib.crc32(chunk, crc)
+            left -= len(chunk)
     return crc
 
 
 def write_checksums(where: str, rank: int, names: list[str], sums: dict) -> None:
-    """Record the CRC-32 and size of this rank's data files ([Note: data-file
-    checksums]), from ``sums`` (``{name: (crc32, size)}``, taken as they were written:
+    """Record the size and piece CRC-32s of this rank's data files ([Note: data-file
+    checksums]), from ``sums`` (``{name: (pieces, size)}``, taken as they were written:
     [Note: checksums while writing] in ``checksummed.py``)."""
     names = sorted(set(names))
     missing = [n for n in names if n not in sums]
     if missing:
         raise OSError(f"fs.save: no checksum was taken while writing {missing[0]!r} in {where}.")
-    sums = {n: {"crc32": sums[n][0], "size": sums[n][1]} for n in names}
+    sums = {n: {"size": sums[n][1], "pieces": [list(p) for p in sums[n][0]]} for n in names}
     path = os.path.join(where, f"__checksums_{rank}.json")
     with open(path, "w") as f:
         json.dump(sums, f)
@@ -56,7 +63,44 @@ def write_checksums(where: str, rank: int, names: list[str], sums: dict) -> None
         os.fsync(f.fileno())
 
 
-def _verify_checksums(where: str, names: list[str]) -> None:
+class Checksums:
+    """The recorded pieces of a checkpoint's data files, for the reader to verify with.
+
+    ``piece(name, offset, length)`` is the CRC-32 recorded for exactly that range (None
+    if it is not a piece); ``verify(name, offset, data)`` raises naming the file when
+    ``data`` does not match; ``verify_file(name)`` reads and checks every piece.
+    """
+
+    def __init__(self, where: str, pieces: dict[str, dict[tuple[int, int], int]]):
+        self.where = where
+        self.pieces = pieces
+
+    def piece(self, name: str, offset: int, length: int) -> int | None:
+        return self.pieces[name].get((offset, length))
+
+    def verify(self, name: str, offset: int, data, crc: int | None = None) -> None:
+        got = zlib.crc32(data)
+        want = self.piece(name, offset, len(data)) if crc is None else crc
+        if got != want:
+            raise ValueError(
+                f"checkpoint {self.where}: data file {name!r} does not match its checksum "
+                f"(CRC-32 {got:#010x} of {len(data)} bytes at offset {offset}; recorded "
+                f"{want:#010x}): the file is corrupt. Load an earlier checkpoint."
+            )
+
+    def verify_file(self, name: str) -> None:
+        full = os.path.join(self.where, name)
+        for (offset, length), want in sorted(self.pieces[name].items()):
+            got = _crc32(full, offset, length)
+            if got != want:
+                raise ValueError(
+                    f"checkpoint {self.where}: data file {name!r} does not match its checksum "
+                    f"(CRC-32 {got:#010x} of {length} bytes at offset {offset}; recorded "
+                    f"{want:#010x}): the file is corrupt. Load an earlier checkpoint."
+                )
+
+
+def _checksums(where: str, names: list[str]) -> Checksums:
     recorded: dict[str, dict] = {}
     for entry in os.listdir(where):
         if _SUMS.match(entry):
@@ -80,19 +124,21 @@ def _verify_checksums(where: str, names: list[str]) -> None:
             f"checkpoint {where}: data file {unrecorded[0]!r} has no checksum record; the "
             "checkpoint is incomplete or mixed with another. Load an earlier one."
         )
-    with ThreadPoolExecutor(min(8, len(names)) or 1) as pool:
-        crcs = dict(
-            zip(names, pool.map(lambda n: _crc32(os.path.join(where, n)), names), strict=True)
-        )
+    pieces = {}
     for name in names:
         want = recorded[name]
         size = os.path.getsize(os.path.join(where, name))
-        if size != want["size"] or crcs[name] != want["crc32"]:
+        if "pieces" in want:
+            table = {(int(o), int(n)): int(c) for o, n, c in want["pieces"]}
+        else:  # a record of one CRC per file
+            table = {(0, int(want["size"])): int(want["crc32"])}
+        if size != want["size"] or sum(n for _, n in table) != size:
             raise ValueError(
-                f"checkpoint {where}: data file {name!r} does not match its checksum "
-                f"(CRC-32 {crcs[name]:#010x}, {size} bytes; recorded {want['crc32']:#010x}, "
-                f"{want['size']} bytes): the file is corrupt. Load an earlier checkpoint."
+                f"checkpoint {where}: data file {name!r} has {size} bytes, its checksum "
+                f"record {want['size']}: the file is corrupt. Load an earlier checkpoint."
             )
+        pieces[name] = table
+    return Checksums(where, pieces)
 
 
 def latest(path: str | os.PathLike) -> str | None:
@@ -154,14 +200,17 @@ def _resolve(path) -> str:
 def _unreadable(where: str, e: CheckpointException) -> ValueError:
     first = next(iter(e.failures.values()), e)
     first = first[0] if isinstance(first, tuple) else first
+    if isinstance(first, ValueError) and "does not match its checksum" in str(first):
+        return first
     return ValueError(
         f"checkpoint {where}: cannot read its data ({type(first).__name__}: {first}); the "
         "checkpoint is incomplete or corrupt. Load an earlier one."
     )
 
 
-def _check_files(where: str, md) -> None:
-    """Every data file the index names exists and holds the bytes it points at."""
+def _check_files(where: str, md) -> Checksums:
+    """Every data file the index names exists, holds the bytes it points at and has a
+    checksum record (returned, for the reader: [Note: data-file checksums])."""
     need: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
         end = info.offset + info.length
@@ -179,7 +228,7 @@ def _check_files(where: str, md) -> None:
                 f"checkpoint {where}: its data file {name!r} has {size} bytes, the index "
                 f"needs {end}; the file is truncated. Load an earlier one."
             )
-    _verify_checksums(where, sorted(need))
+    return _checksums(where, sorted(need))
 
 
 def _read_metadata(where: str):

@@ -9,6 +9,7 @@ Usage::
 from __future__ import annotations
 
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -33,11 +34,14 @@ from torch.futures import Future
 
 
 class ParallelReader(dcp.FileSystemReader):
-    """DCP's reader, one thread per file (at most ``threads``)."""
+    """DCP's reader, one thread per file (at most ``threads``), each item's bytes
+    verified against ``checksums`` as they are read ([Note: data-file checksums] in
+    ``files.py``)."""
 
-    def __init__(self, path, *, threads: int = 8):
+    def __init__(self, path, *, threads: int = 8, checksums=None):
         super().__init__(path)
         self.threads = max(1, int(threads))
+        self.checksums = checksums
 
     def read_data(self, plan, planner) -> Future:
         per_file: dict[str, list] = {}
@@ -62,13 +66,23 @@ class ParallelReader(dcp.FileSystemReader):
 
     def _read_file(self, relative_path: str, items: list, planner) -> None:
         streams: dict[torch.device, torch.cuda.Stream] = {}
+        sums = self.checksums
+        infos = [self.storage_data[item.storage_index] for item in items]
+        pieces = sums is not None and all(
+            sums.piece(relative_path, i.offset, i.length) is not None for i in infos
+        )
+        if sums is not None and not pieces:
+            sums.verify_file(relative_path)  # items are not pieces: the whole file first
         with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as f:
-            for item in items:
-                info = self.storage_data[item.storage_index]
+            for item, info in zip(items, infos, strict=True):
+                if pieces:  # read whole, verified before use
+                    data = _pread(f.fileno(), info.length, info.offset)
+                    sums.verify(relative_path, info.offset, data)
+                    view = io.BytesIO(data)
+                else:
+                    view = _create_file_view(f, info.offset, info.length)
                 raw = self.transforms.transform_load_stream(
-                    item,
-                    info.transform_descriptors or (),
-                    _create_file_view(f, info.offset, info.length),
+                    item, info.transform_descriptors or (), view
                 )
                 if item.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(item, io.BytesIO(raw.read(-1)))
@@ -92,6 +106,17 @@ class ParallelReader(dcp.FileSystemReader):
                 planner.commit_tensor(item, target)
         for stream in streams.values():
             stream.synchronize()
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset`` (a short read is the file's end: an error)."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"short read: {len(data)} of {length} bytes at offset {offset}")
+        data += more
+    return data
 
 
 def _copy_through_pinned(target: torch.Tensor, tensor: torch.Tensor, streams: dict) -> None:

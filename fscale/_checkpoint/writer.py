@@ -331,6 +331,8 @@ def _write_file(job: _Job, path, key: str, items: list[WriteItem]) -> list[Write
 
         def write(item: WriteItem, data) -> None:
             offset = stream.tell()
+            if hasattr(stream, "mark"):  # one checksum per item ([Note: checksums while writing])
+                stream.mark()
             if isinstance(data, io.BytesIO):
                 stream.write(data.getbuffer())
             else:
