@@ -219,7 +219,7 @@ def save(
     snapshot = LazySnapshot(io.copy_threads, io.background_nice)
     staged = _stage(state_dict, io.stage, snapshot)
     group = _async_group()
-    writing = _Writing(io.background_threads or threads, io, io.background_nice)
+    writing = _Writing(io.background_threads or threads, io, io.background_nice, io.background_idle)
     snapshot.start()
     future = _executor().submit(
         _write_closing, snapshot, staged, tmp, final, root, at, keep, group, writing
@@ -430,7 +430,9 @@ class _Writer(dcp.FileSystemWriter):
         if w.io.pinned == 0:  # DCP's own loop: the old path
             results = super().write_data(plan, planner).value()
         else:  # [Note: how a tensor reaches the disk]
-            job = make_job(planner, self.fs.create_stream, w.io, w.threads, self.sync_files, w.nice)
+            job = make_job(
+                planner, self.fs.create_stream, w.io, w.threads, self.sync_files, w.nice, w.idle
+            )
             buckets = split_items(plan.items, w.threads)
             prefix = plan.storage_data.prefix
             results = write_buckets(buckets, prefix, self.path, self.fs.concat_path, job)
@@ -458,6 +460,7 @@ class _Writing:
     threads: int
     io: SaveIO
     nice: int
+    idle: bool = False  # SCHED_IDLE writer threads (SaveIO.background_idle)
 
 
 def _write(state_dict, tmp, final, root, at, keep, group, writing: _Writing) -> str:

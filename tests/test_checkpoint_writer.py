@@ -143,6 +143,20 @@ def test_async_save_threads_run_niced_and_the_callers_priority_is_kept(tmp_path,
     writers = {n: p for n, p in seen.items() if n.startswith("fscale-write-")}
     assert len(writers) == 3 and set(writers.values()) == {min(19, me + 5)}, seen
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me
+    # background_idle: the writer threads' policy is SCHED_IDLE, the caller's untouched.
+    policies = {}
+
+    def spying_policy(obj, f, *a, **k):
+        tid = threading.get_native_id()
+        policies[threading.current_thread().name] = os.sched_getscheduler(tid)
+        return save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", spying_policy)
+    io = SaveIO(background_idle=True, background_threads=2)
+    fs.save(tmp_path / "idle", params, state, async_save=True, io=io).wait()
+    writers = {n: p for n, p in policies.items() if n.startswith("fscale-write-")}
+    assert len(writers) == 2 and set(writers.values()) == {os.SCHED_IDLE}, policies
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
 
 
 def test_an_error_in_a_writer_thread_fails_the_save(tmp_path, monkeypatch):

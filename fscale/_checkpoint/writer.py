@@ -68,6 +68,10 @@ class SaveIO:
         kernel and the final ``fsync``.
       background_nice: added to the niceness of an asynchronous save's writer threads
         (Linux threads have their own); 0 keeps the caller's priority.
+      background_idle: an asynchronous save's writer threads run under ``SCHED_IDLE``
+        (Linux): on CPUs nothing else wants, so that a host optimizer step (offload)
+        that uses every core is not slowed by them (its copy threads stay niced: they
+        must keep ahead of the update, [Note: lazy snapshot]).
       background_threads: writer threads of an asynchronous save (default: ``threads``
         of the save).
       copy_threads: threads that copy an asynchronous save's announced host tensors
@@ -90,6 +94,7 @@ class SaveIO:
     pinned: int = 1 << 30
     writeback: int = 256 << 20
     background_nice: int = 10
+    background_idle: bool = False
     background_threads: int | None = None
     copy_threads: int = 4
     stage: str = "auto"
@@ -101,6 +106,8 @@ class SaveIO:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"SaveIO({name}={v!r}): an int >= 0.")
+        if not isinstance(self.background_idle, bool):
+            raise ValueError(f"SaveIO(background_idle={self.background_idle!r}): a bool.")
         c = self.copy_threads
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"SaveIO(copy_threads={c!r}): an int >= 1.")
@@ -307,21 +314,29 @@ class _Job:
     threads: int
     sync: bool  # fsync each file (DCP's sync_files)
     nice: int  # added to the threads' niceness
+    idle: bool  # SCHED_IDLE (SaveIO.background_idle)
     after: Any  # a CUDA event on the caller's stream (the copies wait for it), or None
 
 
-def _lower_priority(nice: int) -> None:
+def _lower_priority(nice: int, idle: bool = False) -> None:
+    """This thread's niceness raised by ``nice`` (Linux threads have their own), and
+    with ``idle`` its policy ``SCHED_IDLE``."""
+    tid = threading.get_native_id()
     if nice and hasattr(os, "setpriority"):
-        tid = threading.get_native_id()
         try:
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError:
+            pass
+    if idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except OSError:
             pass
 
 
 def _write_file(job: _Job, path, key: str, items: list[WriteItem]) -> list[WriteResult]:
     """One writer thread: its bucket's items, in order, into one file."""
-    _lower_priority(job.nice)
+    _lower_priority(job.nice, job.idle)
     results: list[WriteResult] = []
     tensors = [i for i in items if i.type != WriteItemType.BYTE_IO]
     slabs: _Slabs | None = None
@@ -409,10 +424,12 @@ def write_buckets(
     return [r for rs in results for r in rs]
 
 
-def make_job(planner, create_stream, io_: SaveIO, threads: int, sync: bool, nice: int) -> _Job:
+def make_job(
+    planner, create_stream, io_: SaveIO, threads: int, sync: bool, nice: int, idle: bool
+) -> _Job:
     """The shared part of one save's writing, made in the caller's thread (whose CUDA
     stream the device copies must follow)."""
     after = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         after = torch.cuda.current_stream().record_event()
-    return _Job(planner, create_stream, io_, threads, sync, nice, after)
+    return _Job(planner, create_stream, io_, threads, sync, nice, idle, after)
