@@ -173,6 +173,13 @@ def trained(model_name: str, stack: str, device, batch_size: int, seq: int | Non
     return step, params, state, batch, build
 
 
+def _value(text: str):
+    """A ``--async-io`` field value: true / false, else an int."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return int(text)
+
+
 @contextlib.contextmanager
 def _profiled(on: bool):
     """cProfile the block when ``on``; the top 25 entries by cumulative time print."""
@@ -206,8 +213,8 @@ def main(argv=None) -> None:
     p.add_argument(
         "--async-io",
         action="append",
-        help="another async save to time, NAME:field=int,... of SaveIO (repeatable), e.g. "
-        "w2:background_threads=2,copy_threads=8",
+        help="another async save to time, NAME:field=value,... of SaveIO (repeatable), e.g. "
+        "idle2:background_threads=2,background_idle=true",
     )
     p.add_argument("--max-async-steps", type=int, default=200)
     p.add_argument(
@@ -317,7 +324,7 @@ def main(argv=None) -> None:
     variants = [("default", io)]
     for spec in args.async_io or []:
         name, _, kv = spec.partition(":")
-        fields = {k: int(v) for k, v in (x.split("=") for x in kv.split(",") if x)}
+        fields = {k: _value(v) for k, v in (x.split("=") for x in kv.split(",") if x)}
         variants.append((name, dataclasses.replace(io, **fields)))
     runs = [async_run(name, v) for name, v in variants]
     best = min(runs, key=lambda r: r["async_stall_s"])
