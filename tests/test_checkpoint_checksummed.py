@@ -66,3 +66,24 @@ def test_fscale_writer_records_a_piece_per_item_and_load_verifies_each(tmp_path)
         assert {(o, n) for o, n, _ in pieces} == items
         for o, n, crc in pieces:
             assert zlib.crc32(blob[o : o + n]) == crc
+
+
+def test_reader_asks_for_the_next_items_up_to_its_read_ahead(monkeypatch):
+    """[Note: reading ahead]: before item k is read, every item after it is asked for
+    until READ_AHEAD bytes beyond it are, each once."""
+    from types import SimpleNamespace
+
+    from fscale._checkpoint import reader
+
+    asked = []
+    monkeypatch.setattr(reader.os, "posix_fadvise", lambda fd, off, n, how: asked.append(off))
+    monkeypatch.setattr(reader, "READ_AHEAD", 100)
+    infos = [SimpleNamespace(offset=10 * i, length=n) for i, n in enumerate([40, 60, 30, 50, 5])]
+    ahead = reader._ReadAhead(3, infos)
+    ahead.through(0)
+    assert asked == [0, 10, 20, 30]  # item 0, then 60 + 30 < 100 bytes: item 3 passes it
+    ahead.through(1)
+    assert asked == [0, 10, 20, 30, 40]  # beyond item 1: 30 + 50 < 100: item 4 too
+    ahead.through(2)
+    ahead.through(4)
+    assert asked == [0, 10, 20, 30, 40]  # each once

@@ -74,8 +74,10 @@ class ParallelReader(dcp.FileSystemReader):
         if sums is not None and not pieces:
             sums.verify_file(relative_path)  # items are not pieces: the whole file first
         with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as f:
-            for item, info in zip(items, infos, strict=True):
+            ahead = _ReadAhead(f.fileno(), infos)
+            for k, (item, info) in enumerate(zip(items, infos, strict=True)):
                 if pieces:  # read whole, verified before use
+                    ahead.through(k)
                     data = _pread(f.fileno(), info.length, info.offset)
                     sums.verify(relative_path, info.offset, data)
                     view = io.BytesIO(data)
@@ -106,6 +108,34 @@ class ParallelReader(dcp.FileSystemReader):
                 planner.commit_tensor(item, target)
         for stream in streams.values():
             stream.synchronize()
+
+
+#: Bytes of a file's next items a reader thread asks the kernel to read ahead while it
+#: verifies, parses and copies the current one.
+READ_AHEAD = 256 << 20
+
+
+class _ReadAhead:
+    """[Note: reading ahead] A reader thread works through an item in turns: read it
+    whole, CRC it, unpickle it, copy it to a pinned buffer and the device. While it
+    does the rest the drive would idle (measured on one H200's disk: a load at 0.45x
+    ``dd``'s read); ``through(k)`` asks the kernel (``POSIX_FADV_WILLNEED``) for the
+    items after ``k`` up to ``READ_AHEAD`` bytes, so the next read finds them cached."""
+
+    def __init__(self, fd: int, infos: list):
+        self.fd, self.infos, self.next = fd, infos, 0
+
+    def through(self, k: int) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        pending = sum(i.length for i in self.infos[k + 1 : self.next])
+        self.next = max(self.next, k)
+        while self.next < len(self.infos) and (self.next <= k or pending < READ_AHEAD):
+            info = self.infos[self.next]
+            os.posix_fadvise(self.fd, info.offset, info.length, os.POSIX_FADV_WILLNEED)
+            if self.next > k:
+                pending += info.length
+            self.next += 1
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:
