@@ -18,6 +18,8 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
+from fscale._checkpoint.direct import as_buffer, read_item, tensor_view
+
 # [Note: how a tensor comes back from the disk]
 # DCP's reader takes one file after another, one item after another, each a
 # ``torch.load`` into pageable memory and a ``copy_`` into the target: one request in
@@ -26,7 +28,10 @@ from torch.futures import Future
 # Here each file (one per writer thread of the save) is read by a thread of its own,
 # items in file order, and a device target is filled from a pinned copy on the
 # thread's side stream (torch's pinned-memory cache keeps the blocks, and records the
-# copy's use, so a block is reused only once its copy is done). Every stream is
+# copy's use, so a block is reused only once its copy is done). An item whose bytes
+# have a checksum of their own is read whole into that pinned (or, for a host target,
+# pageable) buffer, verified there, and used in place ([Note: a tensor item read in
+# place] in ``direct.py``). Every stream is
 # joined before ``read_data`` returns: the load is whole when ``dcp.load`` does.
 # What each item becomes is DCP's: the same slices, transforms, ``torch.load``,
 # narrowing and planner calls (``resolve_tensor`` / ``commit_tensor`` /
@@ -42,6 +47,13 @@ class ParallelReader(dcp.FileSystemReader):
         super().__init__(path)
         self.threads = max(1, int(threads))
         self.checksums = checksums
+        self.stored: dict = {}  # storage index -> (chunk sizes, dtype) as saved
+
+    def set_up_storage_reader(self, metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        for fqn, md in metadata.state_dict_metadata.items():
+            for chunk in getattr(md, "chunks", ()):
+                self.stored[(fqn, tuple(chunk.offsets))] = (tuple(chunk.sizes), md.properties.dtype)
 
     def read_data(self, plan, planner) -> Future:
         per_file: dict[str, list] = {}
@@ -64,6 +76,10 @@ class ParallelReader(dcp.FileSystemReader):
         fut.set_result(None)
         return fut
 
+    def _stored(self, item) -> tuple:
+        """The shape and dtype of the chunk ``item`` reads from, as saved."""
+        return self.stored[(item.storage_index.fqn, tuple(item.storage_index.offset))]
+
     def _read_file(self, relative_path: str, items: list, planner) -> None:
         streams: dict[torch.device, torch.cuda.Stream] = {}
         sums = self.checksums
@@ -76,32 +92,47 @@ class ParallelReader(dcp.FileSystemReader):
         with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as f:
             ahead = _ReadAhead(f.fileno(), infos)
             for k, (item, info) in enumerate(zip(items, infos, strict=True)):
+                tensor = target = None
                 if pieces:  # read whole, verified before use
                     ahead.through(k)
-                    data = _pread(f.fileno(), info.length, info.offset)
-                    sums.verify(relative_path, info.offset, data)
-                    view = io.BytesIO(data)
+                    direct = item.type != LoadItemType.BYTE_IO and not info.transform_descriptors
+                    if direct:  # [Note: a tensor item read in place]
+                        target = planner.resolve_tensor(item).detach()
+                        blob = read_item(
+                            f.fileno(), info.offset, info.length, pinned=target.is_cuda
+                        )
+                        sums.verify(relative_path, info.offset, as_buffer(blob))
+                        tensor = tensor_view(blob, *self._stored(item))
+                        view = None if tensor is not None else io.BytesIO(as_buffer(blob))
+                    else:
+                        data = _pread(f.fileno(), info.length, info.offset)
+                        sums.verify(relative_path, info.offset, data)
+                        view = io.BytesIO(data)
                 else:
                     view = _create_file_view(f, info.offset, info.length)
-                raw = self.transforms.transform_load_stream(
-                    item, info.transform_descriptors or (), view
-                )
-                if item.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(item, io.BytesIO(raw.read(-1)))
-                    continue
-                seekable = raw if raw.seekable() else io.BytesIO(raw.read(-1))
-                tensor = torch.load(seekable, map_location="cpu", weights_only=True)
+                if tensor is None:
+                    raw = self.transforms.transform_load_stream(
+                        item, info.transform_descriptors or (), view
+                    )
+                    if item.type == LoadItemType.BYTE_IO:
+                        planner.load_bytes(item, io.BytesIO(raw.read(-1)))
+                        continue
+                    seekable = raw if raw.seekable() else io.BytesIO(raw.read(-1))
+                    tensor = torch.load(seekable, map_location="cpu", weights_only=True)
                 for dim, (start, length) in enumerate(
                     zip(item.storage_offsets, item.lengths, strict=True)
                 ):
                     tensor = tensor.narrow(dim, start, length)
-                target = planner.resolve_tensor(item).detach()
+                if target is None:
+                    target = planner.resolve_tensor(item).detach()
                 if target.size() != tensor.size():
                     raise AssertionError(
                         f"req {item.storage_index} mismatch sizes {target.size()} vs "
                         f"{tensor.size()}"
                     )
-                if target.device.type == "cuda":
+                if target.device.type == "cuda" and tensor.is_pinned():
+                    _copy_pinned(target, tensor, streams)  # a view of a pinned blob
+                elif target.device.type == "cuda":
                     _copy_through_pinned(target, tensor, streams)
                 else:
                     target.copy_(tensor)
@@ -117,9 +148,8 @@ READ_AHEAD = 256 << 20
 
 class _ReadAhead:
     """[Note: reading ahead] A reader thread works through an item in turns: read it
-    whole, CRC it, unpickle it, copy it to a pinned buffer and the device. While it
-    does the rest the drive would idle (measured on one H200's disk: a load at 0.45x
-    ``dd``'s read); ``through(k)`` asks the kernel (``POSIX_FADV_WILLNEED``) for the
+    whole, CRC it, find its tensor, copy it to its target. While it does the rest the
+    drive would idle; ``through(k)`` asks the kernel (``POSIX_FADV_WILLNEED``) for the
     items after ``k`` up to ``READ_AHEAD`` bytes, so the next read finds them cached."""
 
     def __init__(self, fd: int, infos: list):
@@ -152,11 +182,17 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
 def _copy_through_pinned(target: torch.Tensor, tensor: torch.Tensor, streams: dict) -> None:
     """``target.copy_(tensor)`` for a device target, from a pinned copy on a side stream
     that waits for the target's last use on the current stream."""
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor)
+    _copy_pinned(target, pinned, streams)
+
+
+def _copy_pinned(target: torch.Tensor, pinned: torch.Tensor, streams: dict) -> None:
+    """``target.copy_(pinned)`` on the side stream (the host allocator keeps the pinned
+    block until the copy is done)."""
     stream = streams.get(target.device)
     if stream is None:
         stream = streams[target.device] = torch.cuda.Stream(target.device)
         stream.wait_stream(torch.cuda.current_stream(target.device))
-    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    pinned.copy_(tensor)
     with torch.cuda.stream(stream):
         target.copy_(pinned, non_blocking=True)
