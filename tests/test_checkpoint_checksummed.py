@@ -87,3 +87,33 @@ def test_reader_asks_for_the_next_items_up_to_its_read_ahead(monkeypatch):
     ahead.through(2)
     ahead.through(4)
     assert asked == [0, 10, 20, 30, 40]  # each once
+
+
+def test_a_saved_tensor_is_found_in_place_or_refused():
+    """[Note: a tensor item read in place]: the view equals what torch.save wrote, for
+    any dtype and shape (0-d and empty too); a blob that is not exactly one storage of
+    that shape and dtype gives None (the reader then uses torch.load)."""
+    import io as io_
+
+    from fscale._checkpoint.direct import tensor_view
+
+    def blob(obj) -> torch.Tensor:
+        b = io_.BytesIO()
+        torch.save(obj, b)
+        return torch.frombuffer(bytearray(b.getvalue()), dtype=torch.uint8)
+
+    g = torch.Generator().manual_seed(0)
+    for t in (
+        torch.randn(3, 5, generator=g),
+        torch.randn(7, generator=g).to(torch.bfloat16),
+        torch.randint(0, 9, (2, 2, 3), generator=g),
+        torch.zeros(0, 4),
+        torch.tensor(2.5),
+    ):
+        view = tensor_view(blob(t), t.shape, t.dtype)
+        assert view is not None and view.dtype == t.dtype and torch.equal(view, t)
+    t = torch.randn(10, generator=g)
+    assert tensor_view(blob(t[2:5]), (3,), torch.float32) is None  # saves all 10
+    assert tensor_view(blob(t), (5,), torch.float32) is None  # another size
+    assert tensor_view(blob({"a": t, "b": t + 1}), (10,), torch.float32) is None
+    assert tensor_view(torch.zeros(64, dtype=torch.uint8), (4,), torch.float32) is None
