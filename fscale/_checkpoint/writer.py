@@ -96,7 +96,7 @@ class SaveIO:
     background_nice: int = 10
     background_idle: bool = False
     background_threads: int | None = None
-    copy_threads: int = 4
+    copy_threads: int = 8
     stage: str = "auto"
 
     def __post_init__(self):
