@@ -172,6 +172,30 @@ def test_compiled_unpack_equals_the_reference():
     assert torch.equal(got[same].view(torch.int32), want[same].view(torch.int32))
 
 
+def test_compiled_server_mean_equals_the_reference(world=2):
+    # [Note: the server's mean in one CPU loop]: the sum in rank order, the +0.0, the
+    # division and |z| as the torch ops give them, on strided (world, rows) slices as
+    # the server passes them; zero, inf and NaN scales and special z included (worlds
+    # 1 and 3 go through it in the fused blocked test below).
+    g = torch.Generator().manual_seed(world)
+    rows, nbytes = 16, 4
+    bits = torch.randint(0, 256, (world, 2 * rows, nbytes), dtype=torch.uint8, generator=g)
+    scales = torch.rand(world, 2 * rows, generator=g)
+    scales[:, :4] = torch.tensor([0.0, float("inf"), float("nan"), 1e-45])
+    bits[:, 0] = 0  # a zero scale with clear bits: -0.0 from every piece
+    z = torch.randn(rows, nbytes * 8, generator=g)
+    z[0, :4] = torch.tensor([-0.0, 0.0, float("inf"), 1e-45])
+    want_z, got_z = z.clone(), z.clone()
+    want_mag, got_mag = torch.empty_like(z), torch.empty_like(z)
+    onebit.server_mean_reference(bits[:, :rows], scales[:, :rows], want_z, want_mag)
+    onebit.server_mean_(bits[:, :rows], scales[:, :rows], got_z, got_mag, fused=True)
+    assert "server_mean" in onebit._COMPILED and onebit._COMPILED["server_mean"] is not False
+    for got, want in ((got_z, want_z), (got_mag, want_mag)):
+        assert torch.equal(got.isnan(), want.isnan())
+        same = ~want.isnan()
+        assert torch.equal(got[same].view(torch.int32), want[same].view(torch.int32))
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_mean_of_pieces_equals_torch_mean(world):
     # The server's mean without the reduction kernel: torch's bits, signed zeros too.

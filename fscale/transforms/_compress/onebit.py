@@ -785,13 +785,15 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
 
     [Note: the 1-bit Adam step in blocks on a CPU]
     The same elementwise ops in the same order as ``_onebit_step``'s, on each leaf in
-    blocks of ``_BLOCK`` elements, so the bits are equal: ``m / denom`` goes straight
-    into the worker error (``addcdiv_``), the mean is decoded straight into the
-    momentum ([Note: decoding into the destination]), and the dead-coordinate mask,
-    the decay, the product and the step run on each decoded block (``decode``'s
-    ``after``) while it is still in cache, with one block-sized temporary (a second
-    pass over the momentum, params and denominator from memory was ~20 ms a step at
-    21M params). ``denom`` is a function of the frozen
+    blocks of ``_BLOCK`` elements, so the bits are equal: each block of the momentum
+    takes its local update (``lerp_``) and goes on, while in cache, as ``m / denom``
+    into the worker error (``addcdiv_``); each decoded block of the mean gets the
+    dead-coordinate mask and is multiplied by ``denom`` straight into the momentum
+    (``decode``'s ``each``: no copy of the decoded values, [Note: decoding into the
+    destination]), and the decay and the step run on it while it is still in cache,
+    with one block-sized temporary (a second pass over the momentum, params and
+    denominator from memory was ~20 ms a step at 21M params; the whole-leaf ``lerp_``
+    before the exchange, another ~15 ms). ``denom`` is a function of the frozen
     variance: it is kept between steps while the variance leaves are unchanged (by
     ``_cached``, like the dead positions), 4 bytes a param held on the CPU in exchange
     for its three passes (sqrt, divide, add: ~45 ms a step at 21M params on one thread
@@ -811,20 +813,24 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
     def denom(j: int, a: int, b: int) -> torch.Tensor:
         return dens[j].view(-1)[a:b]
 
-    lv.local_momentum_(hp["b1"])
     offsets = [0]
     for m in ms:
         offsets.append(offsets[-1] + m.numel())
+    gs, w = lv.gs, 1.0 - hp["b1"]
 
     def add_quotients(y: torch.Tensor, lo: int, hi: int) -> None:
-        # y holds elements lo:hi of the worker error: each block gets its quotients
-        # just before it is compressed (compressed_mean's by_block).
+        # y holds elements lo:hi of the worker error: each block gets its local momentum
+        # (lerp_, as _Leaves.local_momentum_ on whole leaves: elementwise, the same bits)
+        # and its quotients just before it is compressed (compressed_mean's by_block),
+        # while the block's momentum is in cache.
         j = bisect.bisect_right(offsets, lo) - 1
         while j < len(ms) and offsets[j] < hi:
             a, b = max(lo, offsets[j]) - offsets[j], min(hi, offsets[j + 1]) - offsets[j]
             if a < b:
+                m = ms[j].view(-1)[a:b]
+                m.lerp_(gs[j].view(-1)[a:b], w)
                 part = y[offsets[j] + a - lo : offsets[j] + b - lo]
-                part.addcdiv_(ms[j].view(-1)[a:b], denom(j, a, b))
+                part.addcdiv_(m, denom(j, a, b))
             j += 1
 
     # The step runs on each decoded block while it is in cache ([Note: the 1-bit Adam
@@ -836,22 +842,24 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
     step_size = lv.lr / (1.0 - hp["b1"] ** lv.t)
     first = [0]  # the first leaf not yet stepped through to its end
 
-    def step_range(lo: int, hi: int) -> None:
+    def step_block(vals: torch.Tensor, lo: int, hi: int) -> None:
+        # vals: the decoded mean of elements lo:hi; m = vals * denom written straight
+        # into the momentum (the copy of the decoded values and the product in one op).
         j = first[0]
         while j < len(ms) and offsets[j] < hi:
             a, b = max(lo, offsets[j]) - offsets[j], min(hi, offsets[j + 1]) - offsets[j]
             if a < b:
-                m = ms[j].view(-1)[a:b]
+                v = vals[offsets[j] + a - lo : offsets[j] + b - lo]
                 idx = dead.get(j)
                 if idx is not None:  # before the product: 0 * d is 0
                     idx = idx[(idx >= a) & (idx < b)]
                     if idx.numel():
-                        m.index_fill_(0, idx - a, 0.0)
+                        v.index_fill_(0, idx - a, 0.0)
                 p = ps[j].view(-1)[a:b]
                 if j in decayed:
                     p.mul_(shrink)
                 d = denom(j, a, b)
-                m.mul_(d)
+                m = torch.mul(v, d, out=ms[j].view(-1)[a:b])
                 q = torch.div(m, d, out=q_buf[: b - a]).mul_(step_size)
                 p.sub_(q.to(p.dtype))
             if offsets[j + 1] > hi:
@@ -862,7 +870,7 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
     lay = plan_momentum_layout(offsets[-1], cfg.world)
     compressed_mean(
         ctx.comm, TAG, cfg.group, add_quotients, slot["worker_error"], slot["server_error"],
-        lay, into=ms, after=step_range, by_block=True,
+        lay, each=step_block, by_block=True,
     )  # fmt: skip
 
 

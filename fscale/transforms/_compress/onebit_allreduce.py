@@ -59,6 +59,7 @@ from fscale.kernels.onebit import (
     UNPACK,
     pack_reference,
     pack_residual_,
+    server_mean_,
     unpack_,
     unpack_reference,
 )
@@ -171,11 +172,15 @@ def _block_rows(t: torch.Tensor, rows: int, chunk: int) -> int:
     return max(1, CPU_BLOCK // chunk)
 
 
-def _compress_(y: torch.Tensor, pack, unpack, bits: torch.Tensor, scales: torch.Tensor) -> None:
+def _compress_(
+    y: torch.Tensor, pack, unpack, bits: torch.Tensor, scales: torch.Tensor, mag=None
+) -> None:
     """Compress ``y`` (rows, chunk) into ``bits`` / ``scales`` (fp32, or uint8 codes),
-    and leave the error feedback ``y - C(y)`` in ``y`` (``C`` with the scales sent)."""
+    and leave the error feedback ``y - C(y)`` in ``y`` (``C`` with the scales sent);
+    ``mag``: ``|y|`` when the caller has it already."""
     if pack is pack_reference:  # a CPU: signs and residual in one pass
-        s = _sent_scales(y.abs().mean(dim=1), scales)  # pack_reference's scales
+        mag = y.abs() if mag is None else mag
+        s = _sent_scales(mag.mean(dim=1), scales)  # pack_reference's scales
         # [Note: signs and residual in one CPU loop], on the full blocks of long vectors.
         fused = y.shape[0] == _block_rows(y, 0, y.shape[1]) and y.numel() >= FUSED_MIN
         bits.copy_(pack_residual_(y, s, fused=fused))
@@ -288,42 +293,51 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
     scales = _scales(rows, lay, z.device)
     step = _block_rows(z, rows, chunk)
     cpu = unpack is unpack_reference
+    mag = torch.empty((min(step, rows), chunk), dtype=torch.float32) if cpu else None
     for r in range(0, rows, step):
         k = min(step, rows - r)
-        piece_bits = bits_in[:, r : r + k].reshape(world * k, chunk // 8)
-        fused = _fused(k, step, chunk)
-        pieces = _unpack(unpack, piece_bits, scales_in[:, r : r + k].reshape(-1), fused)
-        pieces = pieces.view(world, k * chunk)
         zb = z[r : r + k]
+        if cpu and _fused(k, step, chunk):  # [Note: the server's mean in one CPU loop]
+            server_mean_(bits_in[:, r : r + k], scales_in[:, r : r + k], zb, mag, fused=True)
+            _compress_(zb, pack, unpack, bits[r : r + k], scales[r : r + k], mag)
+            continue
+        piece_bits = bits_in[:, r : r + k].reshape(world * k, chunk // 8)
+        pieces = _unpack(unpack, piece_bits, scales_in[:, r : r + k].reshape(-1), False)
+        pieces = pieces.view(world, k * chunk)
         zb.view(-1).add_(_mean_of(pieces) if cpu else pieces.mean(dim=0))
         _compress_(zb, pack, unpack, bits[r : r + k], scales[r : r + k])
     return _wire(bits, scales, 1).view(-1)
 
 
 @torch.no_grad()
-def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None, after=None):
+def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None, each=None):
     """The all-gathered messages of every server -> the ``n``-element mean; written
     into the contiguous fp32 tensors ``into`` (their elements in order, ``n`` in all)
-    and ``into`` returned, when given ([Note: decoding into the destination]);
-    ``after(lo, hi)`` is called once elements ``lo:hi`` of ``into`` are written, block
-    by block, in order (the caller's next pass over them while they are in cache)."""
+    and ``into`` returned, when given ([Note: decoding into the destination]); or
+    handed block by block, in order, to ``each(vals, lo, hi)`` (``vals``: elements
+    ``lo:hi`` of the mean, a temporary valid during the call; returns None), which
+    writes them where they go on the pass it makes over them while they are in cache."""
     bits, scales = _unwire(gathered, lay)
     rows, chunk = bits.shape[0], lay.chunk
     _, unpack = _kernels(bits)
-    if into is None:
+    if into is None and each is None:
         out = torch.empty((rows, chunk), dtype=torch.float32, device=bits.device)
         step = _block_rows(out, rows, chunk)
         for r in range(0, rows, step):
             fused = _fused(min(step, rows - r), step, chunk)
             out[r : r + step] = _unpack(unpack, bits[r : r + step], scales[r : r + step], fused)
         return out.view(-1)[: lay.n]
-    dests = _flat_dests(into, lay.n)
+    dests = [] if into is None else _flat_dests(into, lay.n)
     step = _block_rows(bits, rows, chunk)
     j = 0  # the first destination not yet filled
     for r in range(0, rows, step):
         fused = _fused(min(step, rows - r), step, chunk)
         vals = _unpack(unpack, bits[r : r + step], scales[r : r + step], fused).view(-1)
         lo, hi = r * chunk, min((r + step) * chunk, lay.n)
+        if each is not None:
+            if lo < hi:
+                each(vals[: hi - lo], lo, hi)
+            continue
         while j < len(dests) and dests[j][0] < hi:
             start, flat = dests[j]
             a, b = max(lo, start), min(hi, start + flat.numel())
@@ -331,8 +345,6 @@ def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None, after=
             if b < start + flat.numel():
                 break  # the rest of this destination is in the next block
             j += 1
-        if after is not None and lo < hi:
-            after(lo, hi)
     return into
 
 
@@ -370,7 +382,7 @@ def compressed_mean(
     lay: Layout,
     *,
     into=None,
-    after=None,
+    each=None,
     by_block=False,
 ):
     """The mean of ``x`` over ``group`` by 1-bit compression with error feedback.
@@ -387,17 +399,17 @@ def compressed_mean(
       into: contiguous fp32 tensors, ``lay.n`` elements in all, to write the mean into
         ([Note: decoding into the destination]).
       by_block: ``x`` is called per block as ``x(part, lo, hi)`` (see ``worker_step``).
-      after: with ``into``, ``after(lo, hi)`` once elements ``lo:hi`` are decoded (see
-        ``decode``).
+      each: instead of ``into``, ``each(vals, lo, hi)`` with each decoded block of the
+        mean (see ``decode``).
 
     Returns:
       The ``lay.n``-element fp32 estimate of the mean, equal on every rank (``into``
-      when given).
+      when given; None with ``each``).
     """
     send = worker_step(x, worker_error, lay, by_block=by_block)
     received = comm.all_to_all(tag, send.view(-1), group=group)
     mine = server_step(received, server_error, lay)
-    return decode(comm.all_gather(tag, mine, group=group), lay, into, after)
+    return decode(comm.all_gather(tag, mine, group=group), lay, into, each)
 
 
 @torch.no_grad()
