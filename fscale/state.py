@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import enum
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,7 @@ def _walk(path: str, value: Any, out: dict) -> None:
 # list.
 
 _ANNOUNCED: dict[int, list] = {}  # storage data_ptr -> [(weakref to buffer, order)]
+_ORDER = 0  # announce order: the next buffer's
 _SNAPSHOTS: list = []
 
 
@@ -131,16 +133,11 @@ def announce_writes(buffer: torch.Tensor) -> None:
         buf = torch.empty(n, dtype=torch.uint8); announce_writes(buf)
         before_write(buf); buf.add_(1)
     """
-    import weakref
-
     global _ORDER
     key = buffer.untyped_storage().data_ptr()
     live = [(r, o) for r, o in _ANNOUNCED.get(key, []) if r() is not None]
     _ANNOUNCED[key] = [*live, (weakref.ref(buffer), _ORDER)]
     _ORDER += 1
-
-
-_ORDER = 0
 
 
 def announced(t: torch.Tensor) -> int | None:
