@@ -11,6 +11,8 @@ import threading
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributed.checkpoint.filesystem import _split_by_size_and_type
 
 import fscale as fs
@@ -308,3 +310,21 @@ def test_lazy_snapshot_keeps_the_bytes_of_its_start_whoever_copies_them():
     finally:
         threaded.close()
     assert torch.equal(got, now)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 40)), max_size=10),
+    probe=st.tuples(st.integers(0, 100), st.integers(1, 30)),
+)
+def test_lazy_snapshot_finds_every_entry_a_write_overlaps(spans, probe):
+    """``before_write`` of a byte range copies exactly the entries it overlaps, nested
+    and repeated views included (an entry that starts earlier but reaches past)."""
+    from types import SimpleNamespace
+
+    from fscale._checkpoint.snapshot import _Index
+
+    entries = [SimpleNamespace(lo=lo, hi=lo + n) for lo, n in spans]
+    lo, hi = probe[0], probe[0] + probe[1]
+    got = _Index(entries).overlapping(lo, hi)
+    assert sorted(map(id, got)) == sorted(id(e) for e in entries if e.lo < hi and e.hi > lo)

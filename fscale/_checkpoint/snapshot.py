@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import itertools
 import sys
 import threading
 from typing import Any
@@ -53,6 +54,27 @@ class _Entry:
         self.order = order
 
 
+class _Index:
+    """The entries of one storage by start address, to find those overlapping a range."""
+
+    def __init__(self, entries: list[_Entry]):
+        self.entries = sorted(entries, key=lambda e: e.lo)
+        self.starts = [e.lo for e in self.entries]
+        # reach[i]: the furthest end among entries[: i + 1]: an earlier entry may span
+        # past a later one's start (nested views), and must be found too.
+        self.reach = list(itertools.accumulate((e.hi for e in self.entries), max))
+
+    def overlapping(self, lo: int, hi: int) -> list[_Entry]:
+        first = bisect.bisect_left(self.reach, lo + 1)  # the first entry ending after lo
+        out = []
+        for e in self.entries[first:]:
+            if e.lo >= hi:
+                break
+            if e.hi > lo:
+                out.append(e)
+        return out
+
+
 class LazySnapshot:
     """Copies of announced host tensors, taken lazily (see the module note).
 
@@ -70,7 +92,7 @@ class LazySnapshot:
         self.nice = nice
         self._lock = threading.Lock()
         self._entries: list[_Entry] = []
-        self._by_storage: dict[int, tuple[list[int], list[_Entry]]] = {}
+        self._by_storage: dict[int, _Index] = {}
         self._threads: list[threading.Thread] = []
         self._next = 0
         self._stop = False
@@ -95,18 +117,11 @@ class LazySnapshot:
 
     def start(self) -> None:
         """Index the entries by storage, register with ``before_write``, start copying."""
+        by_storage: dict[int, list[_Entry]] = {}
         for e in self._entries:
-            starts, entries = self._by_storage.setdefault(
-                e.src.untyped_storage().data_ptr(), ([], [])
-            )
-            at = bisect.bisect(starts, e.lo)
-            starts.insert(at, e.lo)
-            entries.insert(at, e)
-        self._queue = sorted(
-            self._entries, key=lambda e: (e.src.untyped_storage().data_ptr(), e.lo)
-        )
-        # Buffers in the order their owner announced them would be better still; the
-        # address order within an arena is the sub-groups' order (alloc_many cuts in order).
+            by_storage.setdefault(e.src.untyped_storage().data_ptr(), []).append(e)
+        self._by_storage = {k: _Index(v) for k, v in by_storage.items()}
+        self._queue = sorted(self._entries, key=lambda e: (e.order, e.lo))
         state_protocol.add_snapshot(self)
         for k in range(min(self.copy_threads, len(self._entries))):
             th = threading.Thread(target=self._copier, name=f"fscale-snapshot-{k}", daemon=True)
@@ -143,17 +158,10 @@ class LazySnapshot:
 
     def preserve(self, t: torch.Tensor) -> None:
         """Copy (or wait for) every entry overlapping ``t`` before the caller writes it."""
-        found = self._by_storage.get(t.untyped_storage().data_ptr())
-        if found is None:
+        index = self._by_storage.get(t.untyped_storage().data_ptr())
+        if index is None:
             return
-        starts, entries = found
-        lo, hi = state_protocol.byte_range(t)
-        first = max(0, bisect.bisect_right(starts, lo) - 1)
-        for e in entries[first:]:
-            if e.lo >= hi:
-                break
-            if e.hi <= lo:
-                continue
+        for e in index.overlapping(*state_protocol.byte_range(t)):
             if self._claim(e):
                 self._copy(e, memmove=False)  # torch's copy: the caller's own threads
             else:
