@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from fscale.hw import dispatch
+from fscale.kernels import onebit_cpu
 from fscale.kernels._triton import LazyJit
 
 try:
@@ -183,7 +184,16 @@ def _cpu_contiguous(*ts: torch.Tensor) -> bool:
 def pack_residual_(y: torch.Tensor, scales: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
     """``pack_residual_reference``; with ``fused`` on a CPU, by the compiled loop
     ([Note: signs and residual in one CPU loop])."""
-    if not fused or not _cpu_contiguous(y) or y.dtype != torch.float32:
+    if y.dtype != torch.float32 or not _cpu_contiguous(y):
+        return pack_residual_reference(y, scales)
+    lib = onebit_cpu.loops()  # [Note: the 1-bit CPU loops in C]: any size
+    if lib is not None and y.dim() == 2 and y.shape[1] % 8 == 0 and onebit_cpu.ok(scales):
+        if scales.dtype == torch.float32 and scales.numel() == y.shape[0]:
+            rows, chunk = y.shape
+            bits = torch.empty((rows, chunk // 8), dtype=torch.uint8)
+            lib.pack_residual(y.data_ptr(), scales.data_ptr(), bits.data_ptr(), rows, chunk)
+            return bits
+    if not fused:
         return pack_residual_reference(y, scales)
     return _run_compiled("pack_residual", _pack_residual_loop, pack_residual_reference, y, scales)
 
@@ -206,7 +216,16 @@ def _unpack_loop(bits: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def unpack_(bits: torch.Tensor, scales: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
     """``unpack_reference`` (fp32); with ``fused`` on a CPU, by the compiled loop
     ([Note: unpacking in one CPU loop])."""
-    if not fused or not _cpu_contiguous(bits, scales) or scales.dtype != torch.float32:
+    if not _cpu_contiguous(bits, scales) or scales.dtype != torch.float32:
+        return unpack_reference(bits, scales)
+    lib = onebit_cpu.loops()  # [Note: the 1-bit CPU loops in C]: any size
+    if lib is not None and bits.dtype == torch.uint8 and bits.dim() == 2:
+        rows, nbytes = bits.shape
+        if scales.numel() == rows:
+            out = torch.empty((rows, nbytes * 8), dtype=torch.float32)
+            lib.unpack(bits.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, nbytes * 8)
+            return out
+    if not fused:
         return unpack_reference(bits, scales)
     return _run_compiled("unpack", _unpack_loop, unpack_reference, bits, scales)
 
@@ -261,7 +280,25 @@ def server_mean_(bits, scales, z, mag, *, fused: bool = False) -> None:
     ([Note: the server's mean in one CPU loop])."""
     # bits and scales may be strided: the server's are (world, rows) slices of a block.
     ok = _cpu_contiguous(z, mag) and bits.device.type == scales.device.type == "cpu"
-    if not fused or not ok or scales.dtype != torch.float32 or z.dtype != torch.float32:
+    if not ok or scales.dtype != torch.float32 or z.dtype != torch.float32:
+        return server_mean_reference(bits, scales, z, mag)
+    lib = onebit_cpu.loops()  # [Note: the 1-bit CPU loops in C]: any size
+    world, rows, nbytes = bits.shape
+    if (
+        lib is not None
+        and bits.dtype == torch.uint8
+        and mag.dtype == torch.float32
+        and z.numel() == mag.numel() == rows * nbytes * 8
+        and scales.shape == (world, rows)
+        and bits.stride()[1:] == (nbytes, 1)  # each piece's rows contiguous
+        and scales.stride(1) == 1
+    ):
+        lib.server_mean(
+            bits.data_ptr(), bits.stride(0), scales.data_ptr(), scales.stride(0), world,
+            z.data_ptr(), mag.data_ptr(), rows, nbytes * 8,
+        )  # fmt: skip
+        return None
+    if not fused:
         return server_mean_reference(bits, scales, z, mag)
     _run_compiled("server_mean", _server_mean_loop, server_mean_reference, bits, scales, z, mag)
 

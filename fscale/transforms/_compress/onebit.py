@@ -87,6 +87,8 @@ import weakref
 import torch
 
 from fscale import tree
+from fscale.kernels import onebit_cpu
+from fscale.kernels.onebit_cpu import lerp_addcdiv_
 from fscale.optim._leaves import norms
 from fscale.optim.adam import AdamState, bias_corrected_denom, update_moments_
 from fscale.optim.masks import decayed_positions
@@ -827,10 +829,9 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
         while j < len(ms) and offsets[j] < hi:
             a, b = max(lo, offsets[j]) - offsets[j], min(hi, offsets[j + 1]) - offsets[j]
             if a < b:
-                m = ms[j].view(-1)[a:b]
-                m.lerp_(gs[j].view(-1)[a:b], w)
                 part = y[offsets[j] + a - lo : offsets[j] + b - lo]
-                part.addcdiv_(m, denom(j, a, b))
+                # One C loop when it can ([Note: the 1-bit CPU loops in C]).
+                lerp_addcdiv_(ms[j].view(-1)[a:b], gs[j].view(-1)[a:b], denom(j, a, b), part, w)
             j += 1
 
     # The step runs on each decoded block while it is in cache ([Note: the 1-bit Adam
@@ -868,9 +869,27 @@ def _adam_step_blockwise(cfg: _Config, ctx: StepContext, slot: dict, lv: _Leaves
         first[0] = j
 
     lay = plan_momentum_layout(offsets[-1], cfg.world)
+    lib = onebit_cpu.loops()
+    packed = None
+    if lib is not None and onebit_cpu.ok(*ps, *dens) and all(p.dtype == torch.float32 for p in ps):
+        dead_at = {j: idx.contiguous() for j, idx in dead.items()}
+
+        def packed(bits: torch.Tensor, scales: torch.Tensor) -> None:
+            # The step of every leaf in one C loop over its elements of the packed mean:
+            # step_block's ops on each element, the same bits ([Note: the 1-bit CPU
+            # loops in C] in fscale/kernels/onebit_cpu.py).
+            for j, (m, p, d) in enumerate(zip(ms, ps, dens, strict=True)):
+                idx = dead_at.get(j)
+                lib.decode_step(
+                    bits.data_ptr(), scales.data_ptr(), lay.chunk, offsets[j], m.numel(),
+                    d.data_ptr(), m.data_ptr(), p.data_ptr(), step_size, shrink,
+                    int(j in decayed), 0 if idx is None else idx.data_ptr(),
+                    0 if idx is None else idx.numel(),
+                )  # fmt: skip
+
     compressed_mean(
         ctx.comm, TAG, cfg.group, add_quotients, slot["worker_error"], slot["server_error"],
-        lay, each=step_block, by_block=True,
+        lay, each=step_block, by_block=True, packed=packed,
     )  # fmt: skip
 
 

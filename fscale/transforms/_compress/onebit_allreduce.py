@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from fscale.hw import dispatch
+from fscale.kernels import onebit_cpu
 from fscale.kernels.onebit import (
     PACK,
     UNPACK,
@@ -297,9 +298,10 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
     for r in range(0, rows, step):
         k = min(step, rows - r)
         zb = z[r : r + k]
-        if cpu and _fused(k, step, chunk):  # [Note: the server's mean in one CPU loop]
-            server_mean_(bits_in[:, r : r + k], scales_in[:, r : r + k], zb, mag, fused=True)
-            _compress_(zb, pack, unpack, bits[r : r + k], scales[r : r + k], mag)
+        # [Note: the server's mean in one CPU loop]; the C loop takes any block.
+        if cpu and (_fused(k, step, chunk) or onebit_cpu.loops() is not None):
+            server_mean_(bits_in[:, r : r + k], scales_in[:, r : r + k], zb, mag[:k], fused=True)
+            _compress_(zb, pack, unpack, bits[r : r + k], scales[r : r + k], mag[:k])
             continue
         piece_bits = bits_in[:, r : r + k].reshape(world * k, chunk // 8)
         pieces = _unpack(unpack, piece_bits, scales_in[:, r : r + k].reshape(-1), False)
@@ -310,14 +312,19 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
 
 
 @torch.no_grad()
-def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None, each=None):
+def decode(gathered: torch.Tensor, lay: Layout, into: list | None = None, each=None, packed=None):
     """The all-gathered messages of every server -> the ``n``-element mean; written
     into the contiguous fp32 tensors ``into`` (their elements in order, ``n`` in all)
     and ``into`` returned, when given ([Note: decoding into the destination]); or
     handed block by block, in order, to ``each(vals, lo, hi)`` (``vals``: elements
     ``lo:hi`` of the mean, a temporary valid during the call; returns None), which
-    writes them where they go on the pass it makes over them while they are in cache."""
+    writes them where they go on the pass it makes over them while they are in cache;
+    or, with ``packed``, hands the packed mean to ``packed(bits, scales)`` (contiguous
+    ``(rows, chunk // 8)`` uint8 and fp32 ``(rows,)``; its first ``n`` elements are the
+    mean) for a caller that unpacks it in its own loop."""
     bits, scales = _unwire(gathered, lay)
+    if packed is not None:
+        return packed(bits.contiguous(), scales.float().contiguous())
     rows, chunk = bits.shape[0], lay.chunk
     _, unpack = _kernels(bits)
     if into is None and each is None:
@@ -384,6 +391,7 @@ def compressed_mean(
     into=None,
     each=None,
     by_block=False,
+    packed=None,
 ):
     """The mean of ``x`` over ``group`` by 1-bit compression with error feedback.
 
@@ -401,6 +409,7 @@ def compressed_mean(
       by_block: ``x`` is called per block as ``x(part, lo, hi)`` (see ``worker_step``).
       each: instead of ``into``, ``each(vals, lo, hi)`` with each decoded block of the
         mean (see ``decode``).
+      packed: instead, ``packed(bits, scales)`` with the packed mean (see ``decode``).
 
     Returns:
       The ``lay.n``-element fp32 estimate of the mean, equal on every rank (``into``
@@ -409,7 +418,7 @@ def compressed_mean(
     send = worker_step(x, worker_error, lay, by_block=by_block)
     received = comm.all_to_all(tag, send.view(-1), group=group)
     mine = server_step(received, server_error, lay)
-    return decode(comm.all_gather(tag, mine, group=group), lay, into, each)
+    return decode(comm.all_gather(tag, mine, group=group), lay, into, each, packed)
 
 
 @torch.no_grad()
