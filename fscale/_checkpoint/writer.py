@@ -70,8 +70,11 @@ class SaveIO:
         (Linux threads have their own); 0 keeps the caller's priority.
       background_idle: an asynchronous save's writer threads run under ``SCHED_IDLE``
         (Linux): on CPUs nothing else wants, so that a host optimizer step (offload)
-        that uses every core is not slowed by them (its copy threads stay niced: they
-        must keep ahead of the update, [Note: lazy snapshot]).
+        that uses every core is slowed less by them (its copy threads stay niced: they
+        must keep ahead of the update, [Note: lazy snapshot]). Measured on one H200,
+        all steps until the save is written counted: a 1.4B GPU state's stall 0.43 s
+        (0.69 s niced only), an offloaded 3.55B's 5.2 s with 2 writer threads (9.9 s
+        niced only, 8 threads).
       background_threads: writer threads of an asynchronous save (default: ``threads``
         of the save).
       copy_threads: threads that copy an asynchronous save's announced host tensors
@@ -94,7 +97,7 @@ class SaveIO:
     pinned: int = 1 << 30
     writeback: int = 256 << 20
     background_nice: int = 10
-    background_idle: bool = False
+    background_idle: bool = True
     background_threads: int | None = None
     copy_threads: int = 8
     stage: str = "auto"
