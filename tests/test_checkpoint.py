@@ -405,22 +405,17 @@ def test_bad_checkpoints_raise_naming_the_fix(tmp_path):
     # without the checksum records the checkpoint is refused.
     flipped = tmp_path / "flipped"
     shutil.copytree(good, flipped)
-    data = flipped / "__0_0.distcp"
-    with open(data, "r+b") as f:
-        f.seek(data.stat().st_size // 2)
-        f.write(b"\x00\xff" * 4)
-    with pytest.raises(ValueError, match="'__0_0.distcp' does not match its checksum"):
-        fs.load(flipped, *fresh())
     # Written by DCP's own loop (no piece per item): the file is verified whole first.
     whole = tmp_path / "whole"
     fs.save(whole, params, state, io=fs.checkpoint.SaveIO(pinned=0))
     fs.load(whole, *fresh())
-    data = whole / "__0_0.distcp"
-    with open(data, "r+b") as f:
-        f.seek(data.stat().st_size // 2)
-        f.write(b"\x00\xff" * 4)
-    with pytest.raises(ValueError, match="'__0_0.distcp' does not match its checksum"):
-        fs.load(whole, *fresh())
+    for damaged in (flipped, whole):
+        data = damaged / "__0_0.distcp"
+        with open(data, "r+b") as f:
+            f.seek(data.stat().st_size // 2)
+            f.write(b"\x00\xff" * 4)
+        with pytest.raises(ValueError, match="'__0_0.distcp' does not match its checksum"):
+            fs.load(damaged, *fresh())
     (flipped / "__checksums_0.json").unlink()
     with pytest.raises(ValueError, match="no checksum records"):
         fs.load(flipped, *fresh())
