@@ -37,8 +37,9 @@ Writes ``bench/results/compress_link-cpu.json`` (``--out`` overrides) with the d
 date and command; the table is printed last.
 
 [Note: warm-up and noise]
-The 1-bit methods compile their CPU pack/unpack loops (torch.compile, fscale/kernels/
-onebit.py) at the first compressed step, ``--freeze-step``. With the old defaults
+The 1-bit methods used to compile their CPU pack/unpack loops (torch.compile) at the
+first compressed step, ``--freeze-step``; they are now C loops built once per machine
+(~1 s, fscale/kernels/onebit_cpu.py), the compile their fallback. With the old defaults
 (``--warmup 3``, freeze step 2) that compile (10-15 s) was the last untimed step, and
 in one 8-step trace the two steps right after it ran ~0.3 s slower than later ones;
 a compile subprocess of Inductor was seen at 80% of a core beside the ranks. A 2026-12-03
