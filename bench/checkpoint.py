@@ -203,7 +203,12 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--dir", default="/tmp/fscale-ckpt-bench")
-    p.add_argument("--steps", type=int, default=4, help="timed steps, with and without a save")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="plain timed steps (the stall compares every step during a save with their median)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--old-io", action="store_true", help="DCP's writer loop, pageable staging")
     p.add_argument("--background-nice", type=int, default=None)
