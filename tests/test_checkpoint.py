@@ -192,15 +192,23 @@ def _save_world_4(rank, world, tmp):
 
 
 def _reshard_world_2(rank, world, tmp):
-    """ZeRO-1 on world 2 loads the world-4 ZeRO-3 checkpoint; trains on; saves."""
-    step, params = _build((("zero", 1),))
-    params, state = fs.load(os.path.join(tmp, "zero3"), step, params)
-    loaded = fs.gather_params(params, state)
-    # Asynchronous: training goes on (in place) while it is written.
-    handle = fs.save(os.path.join(tmp, "zero1"), params, state, async_save=True)
-    params, state = _train(step, params, state, _batches(rank, world, M, seed=2))
-    assert handle.wait() == os.path.join(tmp, "zero1")
-    return loaded, fs.gather_params(params, state), state["count"]
+    """ZeRO-1 on world 2, with and without offload, loads the world-4 ZeRO-3 checkpoint,
+    saves asynchronously and trains on while it is written (offload's host state is
+    copied lazily: [Note: lazy snapshot])."""
+    out = {}
+    for name, layers in (
+        ("zero1", (("zero", 1),)),
+        ("zero1-offload", (("zero", 1), ("offload", "cpu"))),
+    ):
+        step, params = _build(layers)
+        params, state = fs.load(os.path.join(tmp, "zero3"), step, params)
+        loaded = fs.gather_params(params, state)
+        handle = fs.save(os.path.join(tmp, name), params, state, async_save=True)
+        params, state = _train(step, params, state, _batches(rank, world, M, seed=2))
+        assert handle.wait() == os.path.join(tmp, name)
+        out[name] = (loaded, fs.gather_params(params, state), state["count"])
+        _close(state)
+    return out
 
 
 def test_reshard_zero3_world_4_to_zero1_world_2_to_plain_world_1_and_hsdp_to_plain(tmp_path):
@@ -209,13 +217,18 @@ def test_reshard_zero3_world_4_to_zero1_world_2_to_plain_world_1_and_hsdp_to_pla
     assert sorted(os.listdir(tmp_path / "zero3")) == ["latest", f"step-{N}"]
     w2 = run_world(_reshard_world_2, 2, tmp)
     saved, continued = w4["zero3"]
-    for loaded, trained, count in w2:
-        _equal(loaded, saved)
-        _close_to(trained, continued)
-        assert count == N + M
-    # World 1, plain: from the world-2 ZeRO-1 checkpoint, and from HSDP's.
+    for ranks in w2:
+        for loaded, trained, count in ranks.values():
+            _equal(loaded, saved)
+            _close_to(trained, continued)
+            assert count == N + M
+    # World 1, plain: from the world-2 ZeRO-1 checkpoints, and from HSDP's.
     rest = _batches(0, 1, M, seed=2)
-    for ckpt, (saved, continued) in (("zero1", w4["zero3"]), ("hsdp", w4["hsdp"])):
+    for ckpt, (saved, continued) in (
+        ("zero1", w4["zero3"]),
+        ("zero1-offload", w4["zero3"]),
+        ("hsdp", w4["hsdp"]),
+    ):
         step, params = _build(())
         params, state = fs.load(tmp_path / ckpt, step, params)
         _equal(params, saved)
