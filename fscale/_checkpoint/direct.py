@@ -31,7 +31,7 @@ import zipfile
 
 import torch
 
-__all__ = ["read_item", "tensor_view"]
+__all__ = ["as_buffer", "read_item", "tensor_view"]
 
 _STORAGE = re.compile(r"[^/]+/data/\d+")
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
@@ -40,7 +40,7 @@ _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra
 def read_item(fd: int, offset: int, length: int, *, pinned: bool) -> torch.Tensor:
     """``length`` bytes of ``fd`` at ``offset`` in a fresh uint8 host tensor."""
     out = torch.empty(length, dtype=torch.uint8, pin_memory=pinned)
-    view = memoryview((ctypes.c_ubyte * length).from_address(out.data_ptr())).cast("B")
+    view = as_buffer(out)
     got = 0
     while got < length:
         n = os.preadv(fd, [view[got:]], offset + got)

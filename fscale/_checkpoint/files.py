@@ -78,26 +78,22 @@ class Checksums:
     def piece(self, name: str, offset: int, length: int) -> int | None:
         return self.pieces[name].get((offset, length))
 
-    def verify(self, name: str, offset: int, data, crc: int | None = None) -> None:
-        got = zlib.crc32(data)
-        want = self.piece(name, offset, len(data)) if crc is None else crc
-        if got != want:
-            raise ValueError(
-                f"checkpoint {self.where}: data file {name!r} does not match its checksum "
-                f"(CRC-32 {got:#010x} of {len(data)} bytes at offset {offset}; recorded "
-                f"{want:#010x}): the file is corrupt. Load an earlier checkpoint."
-            )
+    def verify(self, name: str, offset: int, data) -> None:
+        self._check(name, offset, len(data), zlib.crc32(data))
 
     def verify_file(self, name: str) -> None:
         full = os.path.join(self.where, name)
-        for (offset, length), want in sorted(self.pieces[name].items()):
-            got = _crc32(full, offset, length)
-            if got != want:
-                raise ValueError(
-                    f"checkpoint {self.where}: data file {name!r} does not match its checksum "
-                    f"(CRC-32 {got:#010x} of {length} bytes at offset {offset}; recorded "
-                    f"{want:#010x}): the file is corrupt. Load an earlier checkpoint."
-                )
+        for offset, length in sorted(self.pieces[name]):
+            self._check(name, offset, length, _crc32(full, offset, length))
+
+    def _check(self, name: str, offset: int, length: int, got: int) -> None:
+        want = self.piece(name, offset, length)
+        if got != want:
+            raise ValueError(
+                f"checkpoint {self.where}: data file {name!r} does not match its checksum "
+                f"(CRC-32 {got:#010x} of {length} bytes at offset {offset}; recorded "
+                f"{want:#010x}): the file is corrupt. Load an earlier checkpoint."
+            )
 
 
 def _checksums(where: str, names: list[str]) -> Checksums:

@@ -98,16 +98,12 @@ class ParallelReader(dcp.FileSystemReader):
                     direct = item.type != LoadItemType.BYTE_IO and not info.transform_descriptors
                     if direct:  # [Note: a tensor item read in place]
                         target = planner.resolve_tensor(item).detach()
-                        blob = read_item(
-                            f.fileno(), info.offset, info.length, pinned=target.is_cuda
-                        )
-                        sums.verify(relative_path, info.offset, as_buffer(blob))
+                    pinned = direct and target.is_cuda
+                    blob = read_item(f.fileno(), info.offset, info.length, pinned=pinned)
+                    sums.verify(relative_path, info.offset, as_buffer(blob))
+                    if direct:
                         tensor = tensor_view(blob, *self._stored(item))
-                        view = None if tensor is not None else io.BytesIO(as_buffer(blob))
-                    else:
-                        data = _pread(f.fileno(), info.length, info.offset)
-                        sums.verify(relative_path, info.offset, data)
-                        view = io.BytesIO(data)
+                    view = None if tensor is not None else io.BytesIO(as_buffer(blob))
                 else:
                     view = _create_file_view(f, info.offset, info.length)
                 if tensor is None:
@@ -166,17 +162,6 @@ class _ReadAhead:
             if self.next > k:
                 pending += info.length
             self.next += 1
-
-
-def _pread(fd: int, length: int, offset: int) -> bytes:
-    """Exactly ``length`` bytes at ``offset`` (a short read is the file's end: an error)."""
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise OSError(f"short read: {len(data)} of {length} bytes at offset {offset}")
-        data += more
-    return data
 
 
 def _copy_through_pinned(target: torch.Tensor, tensor: torch.Tensor, streams: dict) -> None:

@@ -212,6 +212,7 @@ def _copy_of(src: torch.Tensor, *, memmove: bool) -> torch.Tensor:
 
 HUGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def _huge_pages(t: torch.Tensor) -> None:
@@ -224,8 +225,7 @@ def _huge_pages(t: torch.Tensor) -> None:
     lo = -(-t.data_ptr() // HUGE) * HUGE
     hi = (t.data_ptr() + nbytes) // HUGE * HUGE
     if hi > lo:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
 
 
 class _Deferred(_Rows):
