@@ -94,8 +94,14 @@ from fscale.optim.adam import AdamState, bias_corrected_denom, update_moments_
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place, placement_of
-from fscale.policies import OffloadPolicy, ZeroPolicy
+from fscale.policies import (
+    CHANGES_GRADS_AFTER_BACKWARD,
+    MOVES_OPTIMIZER,
+    OffloadPolicy,
+    ZeroPolicy,
+)
 from fscale.step import Step, StepContext, Transform
+from fscale.transforms._compress import onebit_zero_rows as rows_opt
 from fscale.transforms._compress.onebit_allreduce import (
     CPU_BLOCK,
     compressed_mean,
@@ -116,7 +122,9 @@ _ZERO_FIX = (
     "compressed ZeRO-3 traffic use fs.compress_comm(fs.shard_zero(step, 3), fs.zeropp())."
 )
 _OFFLOAD_FIX = (
-    "the 1-bit optimizers run their own update on the device; apply compress_comm without offload."
+    "apply offload last, over compress_comm: offload(compress_comm(step, method), 'cpu') "
+    "(the 1-bit methods hand offload their step as the optimizer it moves: [Note: 1-bit "
+    "methods under offload] in _compress/onebit_zero.py)."
 )
 
 
@@ -319,6 +327,10 @@ _SPLIT_FIX = (
 
 
 def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
+    if step.policy(OffloadPolicy) is not None:
+        raise ValueError(
+            f"compress_comm({method.name}) cannot be applied over offload: {_OFFLOAD_FIX}"
+        )  # offload captured the optimizer it moves when it was built
     hp = step.optimizer.hyperparams
     got = None if hp is None else hp.get("name")
     if got not in optimizers:
@@ -333,10 +345,6 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
         raise ValueError(
             f"compress_comm({method.name}) cannot be applied over shard_zero(stage=3): {_ZERO_FIX}"
         )
-    if step.policy(OffloadPolicy) is not None:
-        raise ValueError(
-            f"compress_comm({method.name}) cannot be applied over offload: {_OFFLOAD_FIX}"
-        )
     dims = [d for d in step.mesh.dims if step.mesh.size(d) > 1]
     model = [d for d in dims if d not in step.data_dims()]
     if model:
@@ -349,33 +357,53 @@ def _build(step: Step, method, optimizers: tuple[str, ...]) -> Step:
             f"compress_comm({method.name}) needs a 1-D data-parallel mesh, got {step.mesh}; "
             "build the step on one dim (train_step(mesh=mesh['dp'])); HSDP is not built."
         )
-    if zero is not None:
-        from fscale.transforms._compress.onebit_zero import build_over_zero
+    from fscale.transforms._compress import onebit_zero
 
-        return build_over_zero(step, method, zero, _Config)
+    if zero is not None:
+        return onebit_zero.build_over_zero(step, method, zero, _Config)
     dim = dims[0] if dims else step.mesh.dims[0]
     cfg = _Config(method, dict(hp), dim, step.mesh.size(dim), step.mesh.group(dim))
+    # Under offload (applied over this) the optimizer state lives on the host, in
+    # sub-groups: the steps then take onebit_zero's path, on whole leaves
+    # ([Note: 1-bit methods under offload] in onebit_zero.py).
+    whole = dataclasses.replace(cfg, whole=True)
     record = Transform(
         NAME,
         options={
             "method": method.name,
             **{k: v for k, v in dataclasses.asdict(method).items() if k != "name"},
         },
-        conflicts={"shard_zero": _ZERO_FIX, "offload": _OFFLOAD_FIX},
+        conflicts={"shard_zero": _ZERO_FIX},
+        refuses_inner={"offload": _OFFLOAD_FIX},
         plan=lambda plan: _plan(cfg, plan),
+        # In the compression phase the optimizer steps with the synced momentum, not
+        # the grads backward made: offload must not stream them into its update.
+        capabilities=frozenset({CHANGES_GRADS_AFTER_BACKWARD}),
     )
     inner = step.stages
 
     def init(s, params):
+        if s.has(MOVES_OPTIMIZER):
+            return onebit_zero.init(whole, inner, s, params)
         return _init(cfg, inner, s, params)
 
     def reduce_grads(ctx, grads):
         return _reduce_grads(cfg, inner, ctx, grads)
 
     def update(ctx, grads, params):
+        if ctx.step.has(MOVES_OPTIMIZER):
+            return onebit_zero.update(whole, inner, ctx, grads, params)
         return _update(cfg, inner, ctx, grads, params)
 
-    return step.with_transform(record, init=init, reduce_grads=reduce_grads, update=update)
+    def apply(ctx, params):
+        if ctx.step.has(MOVES_OPTIMIZER):
+            return onebit_zero.apply(whole, inner, ctx, params)
+        return inner.apply(ctx, params)
+
+    new = step.with_transform(
+        record, init=init, reduce_grads=reduce_grads, update=update, apply=apply
+    )
+    return dataclasses.replace(new, optimizer=rows_opt.wrap(whole, step.optimizer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +413,9 @@ class _Config:
     dim: str
     world: int
     group: object
+    #: Every rank holds whole leaves of the optimizer state (plain data parallel under
+    #: offload), not shard_zero's rows ([Note: 1-bit methods under offload]).
+    whole: bool = False
     #: What the compression phase may reuse between steps ([Note: dead coordinates]).
     cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 

@@ -46,6 +46,40 @@ boundaries fall (plain DP with its chunks shifted by 64 elements moved a 36-step
 world-4 eval by up to 5%), so its loss was a different sample than plain DP's: 8%
 apart on one seed in world 4.
 
+[Note: 1-bit methods under offload]
+``offload(compress_comm(step, method), tier)`` (offload last, as always): offload
+moves the step's optimizer, which here is already the method's rows step
+(``onebit_zero_rows.wrap``), so it runs that step once per host sub-group, on the
+host masters and moments, for either tier; the call travels in a context variable set
+around the update, in the thread that runs it (hence no ``delayed_update``, whose
+optimizer runs a step later in a background thread: refused at init; and no grads
+streamed in backward: the ``CHANGES_GRADS_AFTER_BACKWARD`` capability says the
+optimizer will not take backward's grads). Plain data parallel takes this path too,
+with whole leaves for rows (``Rows(whole=True)``: every rank holds every leaf), so the
+three methods and their stacks share one offloaded path:
+
+- the slot's buffers (``M``, the gathered variance, worker/server error, anchor,
+  fresh variance) live on the host with the optimizer state, not in the device
+  memory offload freed; the exchange runs there, over a group that carries CPU
+  tensors (gloo; on GPUs a device-mapped ``"cpu:gloo,cuda:nccl"`` group, checked at
+  init); the local grads go to the host once per compressed step;
+- the moments are read by the state protocol (``moments``: ``describe_state`` of
+  offload's slot, host views or NVMe files), only when the exchange starts after an
+  exact step (``ensure_ready``);
+- what a call needs per leaf (decayed leaves, LAMB's trust ratios, 0/1 Adam's anchor)
+  is keyed by leaf position, since a sub-group holds some of the leaves; LAMB's
+  warm-up sums its rows' norms per sub-group (the same sums, element for element;
+  whole leaves need no sum);
+- on whole leaves the masters are the params, so 0/1 Adam's local steps move them
+  too (``_local``: the ops ``local_step`` ran on the params) and a sync starts from
+  the slot's anchor rather than the masters (ZeRO's rows stay at the anchor instead).
+
+The result is the same computation as without offload: bitwise, given the same
+warm-up (offload's fused host AdamW rounds differently in the last bit; with
+``FSCALE_KERNELS=reference`` the tests compare bit for bit). Memory on the host, on
+top of offload's 12 bytes/param: ``M`` and the variance (8), worker error (4), server
+error (4/N), plus the anchor or fresh variance (4).
+
 Maths vs plain data parallel: bitwise in a world of one; with N > 1 the warm-up's
 reduce-scatter rounds differently from the all-reduce (last bit), else the same.
 
@@ -73,7 +107,8 @@ from fscale.optim.adam import AdamState, bias_corrected_denom
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place
-from fscale.policies import LocalGradsPolicy
+from fscale.policies import CHANGES_GRADS_AFTER_BACKWARD, LocalGradsPolicy, OffloadPolicy
+from fscale.state import StoredTensor
 from fscale.step import Step, StepContext, Transform
 from fscale.transforms._compress import onebit_zero_rows as rows_opt
 from fscale.transforms._compress.onebit_allreduce import compressed_mean, plan_momentum_layout
@@ -97,17 +132,18 @@ def build_over_zero(step: Step, method, zero, cfg_type) -> Step:
             "over": f"shard_zero({zero.stage})",
             **{k: v for k, v in dataclasses.asdict(method).items() if k != "name"},
         },
-        conflicts={"offload": ob._OFFLOAD_FIX},
+        refuses_inner={"offload": ob._OFFLOAD_FIX},
         plan=lambda plan: _plan(cfg, zero.stage, plan),
+        capabilities=frozenset({CHANGES_GRADS_AFTER_BACKWARD}),  # see onebit._build
     )
     inner = step.stages
     new = step.with_transform(
         record,
         policy=LocalGradsPolicy(local=partial(_local, cfg)),
-        init=partial(_init, cfg, inner),
+        init=partial(init, cfg, inner),
         reduce_grads=partial(ob._reduce_grads, cfg, inner),
-        update=partial(_update, cfg, inner),
-        apply=partial(_apply, cfg, inner),
+        update=partial(update, cfg, inner),
+        apply=partial(apply, cfg, inner),
     )
     return dataclasses.replace(new, optimizer=rows_opt.wrap(cfg, step.optimizer))
 
@@ -131,18 +167,20 @@ def _is(cfg, kind: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-    """The live leaves' flat layout (leaf order) and each rank's ZeRO rows of it."""
+    """The live leaves' flat layout (leaf order) and each rank's ZeRO rows of it
+    (``whole``: every rank holds whole leaves, plain data parallel under offload)."""
 
     shapes: tuple[tuple[int, ...], ...]
     ks: tuple[int, ...]  # elements of one rank's rows, per leaf
     world: int
+    whole: bool = False
 
     @classmethod
-    def of(cls, full: list, rows: list, world: int) -> Rows:
-        ks = []
-        for p, m in zip(full, rows, strict=True):
-            shape = tuple(p.shape) or (1,)
-            want = (-(-shape[0] // world), *shape[1:])
+    def of(cls, full: list, rows: list, world: int, *, whole: bool = False) -> Rows:
+        """The layout of params ``full`` whose moments are ``rows`` (checked)."""
+        layout = cls.of_params(full, world, whole=whole)
+        for j, (p, m) in enumerate(zip(full, rows, strict=True)):
+            want = layout.row_shape(j)
             if tuple(m.shape) != want:
                 raise ValueError(
                     f"compress_comm over shard_zero: a moment of shape {tuple(m.shape)} is "
@@ -150,8 +188,22 @@ class Rows:
                     f"{world} ranks; the 1-bit methods need shard_zero's default row shards "
                     "(no model-parallel slices)."
                 )
-            ks.append(m.numel())
-        return cls(tuple(tuple(p.shape) for p in full), tuple(ks), world)
+        return layout
+
+    @classmethod
+    def of_params(cls, full: list, world: int, *, whole: bool = False) -> Rows:
+        """The layout of params ``full``: shard_zero's dim-0 row blocks, or whole leaves."""
+        shapes = tuple(tuple(p.shape) for p in full)
+        rows = [s if whole else (-(-(s or (1,))[0] // world), *(s or (1,))[1:]) for s in shapes]
+        return cls(shapes, tuple(torch.Size(r).numel() for r in rows), world, whole)
+
+    def row_shape(self, j: int) -> tuple[int, ...]:
+        """Leaf ``j``'s rows on one rank (its full shape when ``whole``)."""
+        shape = self.shapes[j]
+        if self.whole:
+            return shape
+        shape = shape or (1,)
+        return (-(-shape[0] // self.world), *shape[1:])
 
     @property
     def numels(self) -> list[int]:
@@ -172,6 +224,8 @@ class Rows:
 
     def own(self, flat: torch.Tensor, rank: int) -> list[torch.Tensor]:
         """Rank ``rank``'s rows of each leaf of ``flat`` (flat, zero-padded to ``k``)."""
+        if self.whole:
+            return list(flat.split(self.numels))
         out = []
         for t, k in zip(flat.split(self.numels), self.ks, strict=True):
             piece = t[rank * k : (rank + 1) * k]
@@ -183,6 +237,8 @@ class Rows:
     def gather(self, comm, group, rows: list) -> torch.Tensor:
         """All-gather every rank's rows (``TAG_INIT``) -> the flat full vector."""
         mine = torch.cat([r.reshape(-1) for r in rows])
+        if self.whole:
+            return mine
         every = comm.all_gather(TAG_INIT, mine, group=group).view(self.world, self.s)
         out, off = [], 0
         for n, k in zip(self.numels, self.ks, strict=True):
@@ -191,25 +247,87 @@ class Rows:
         return torch.cat(out)
 
 
+# ----------------------------------------------------------------------------- moved state
+
+
+def moments(opt, *, read: bool = True) -> AdamState:
+    """The optimizer's ``AdamState``: itself, or, where another transform moved it (the
+    state of ``offload``), its description by the state protocol (``fscale.state``):
+    host tensors, or tensors read from their NVMe files (``read=False``: meta tensors
+    of their shapes)."""
+    if isinstance(opt, AdamState):
+        return opt
+    described = opt.describe_state() if hasattr(opt, "describe_state") else None
+    if not isinstance(described, AdamState):
+        raise ValueError(
+            f"compress_comm needs the optimizer state AdamState(count, exp_avg, exp_avg_sq), "
+            f"got {type(opt).__name__}; use the optimizer directly, not inside a chain."
+        )
+
+    def tensor(entry):
+        if entry is None or isinstance(entry, torch.Tensor):
+            return entry
+        if isinstance(entry, StoredTensor):
+            if read:
+                return entry.read()
+            return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        return entry.tensor
+
+    return AdamState(
+        described.count,
+        tree.map(tensor, described.exp_avg),
+        tree.map(tensor, described.exp_avg_sq),
+    )
+
+
+def host_group_or_raise(cfg) -> None:
+    """The exchange of host buffers needs a group that carries CPU tensors."""
+    import torch.distributed as dist
+
+    name = str(dist.get_backend(cfg.group)).lower()
+    if "gloo" not in name and "mpi" not in name:
+        raise ValueError(
+            f"compress_comm({cfg.method.name}) under offload exchanges the momentum from "
+            f"host memory, but the data-parallel group's backend is {name!r}, which carries "
+            "no CPU tensors; initialise torch.distributed with a device-mapped backend, "
+            "init_process_group('cpu:gloo,cuda:nccl'), before building the mesh."
+        )
+
+
+def count_of(opt) -> int:
+    """The optimizer's step count (``moments`` without reading the moments)."""
+    if isinstance(opt, AdamState):
+        return opt.count
+    return opt.describe_state().count
+
+
 # ----------------------------------------------------------------------------- stages
 
 
-def _init(cfg, inner, step: Step, params):
+def init(cfg, inner, step: Step, params):
     from fscale.transforms._compress import onebit as ob
 
     params, state = inner.init(step, params)
     ob.refuse_split_leaves(cfg.method.name, step, params)
-    opt = state.get("optimizer")
-    if not isinstance(opt, AdamState):
+    offload = step.policy(OffloadPolicy)
+    if offload is not None and offload.delayed_update:
         raise ValueError(
-            f"compress_comm({cfg.method.name}) needs the optimizer state AdamState(count, "
-            f"exp_avg, exp_avg_sq), got {type(opt).__name__}; use the optimizer directly."
+            f"compress_comm({cfg.method.name}) cannot run under offload(delayed_update=True): "
+            "the delayed update runs the optimizer a step later in a background thread, "
+            "after this step's momentum exchange and its call to the optimizer are over; "
+            "use offload(..., delayed_update=False)."
         )
+    moved = not isinstance(state.get("optimizer"), AdamState)
+    opt = moments(state.get("optimizer"), read=False)
     live = [i for i, p in enumerate(tree.leaves(params)) if p is not None]
     full, rows = tree.leaves(params), tree.leaves(opt.exp_avg)
-    layout = Rows.of([full[i] for i in live], [rows[i] for i in live], cfg.world)
+    layout = Rows.of([full[i] for i in live], [rows[i] for i in live], cfg.world, whole=cfg.whole)
     lay = plan_momentum_layout(layout.n, cfg.world)
-    device = full[live[0]].device
+    # The buffers live with the optimizer state: on the host under offload ([Note:
+    # 1-bit methods under offload]), not in the device memory offload freed.
+    device = torch.device("cpu") if moved else rows[live[0]].device
+    if moved and cfg.world > 1:
+        host_group_or_raise(cfg)
 
     def sharded(numel: int) -> torch.Tensor:
         t = torch.zeros(numel, dtype=torch.float32, device=device)
@@ -240,7 +358,7 @@ def _init(cfg, inner, step: Step, params):
     return params, state
 
 
-def _update(cfg, inner, ctx: StepContext, grads, params):
+def update(cfg, inner, ctx: StepContext, grads, params):
     from fscale.transforms._compress import onebit as ob
 
     action = _action(cfg, ctx)
@@ -248,17 +366,18 @@ def _update(cfg, inner, ctx: StepContext, grads, params):
     ctx.state[ob.NAME] = slot
     if action in ("warmup", "variance"):
         slot["ready"] = False  # the exact step moved the momentum and variance rows
-        count = ctx.state["optimizer"].count
+        count = count_of(ctx.state["optimizer"])
         call = None
         if _is(cfg, "OnebitLamb"):
-            call = {"mode": "lamb_warmup", "comm": ctx.comm, "group": cfg.group}
+            call = {"mode": "lamb_warmup", "comm": ctx.comm, "group": cfg.group, "trust": {}}
         elif slot["v_count"] != count:  # 0/1 Adam after skipped variance updates
             call = {"mode": "variance", "v_count": slot["v_count"] + 1}
         params = rows_opt.calling(call, inner.update)(ctx, grads, params)
-        slot["v_count"] += ctx.state["optimizer"].count - count  # 0 if it did not step
-        if call is not None and "trust" in call:  # LAMB's warm-up EMA of whole-layer ratios
+        slot["v_count"] += count_of(ctx.state["optimizer"]) - count  # 0 if it did not step
+        if call is not None and call.get("trust"):  # LAMB's warm-up EMA of whole-layer ratios
+            trust = torch.stack([call["trust"][i] for i in sorted(call["trust"])])
             beta = cfg.method.coeff_beta
-            slot["trust"] = slot["trust"].mul(beta).add_(call["trust"], alpha=1.0 - beta)
+            slot["trust"] = slot["trust"].mul(beta).add_(trust.to(slot["trust"]), alpha=1.0 - beta)
             slot["trust_steps"] = slot["trust_steps"] + 1
         return params
     if slot["v_count"] == 0:
@@ -267,7 +386,7 @@ def _update(cfg, inner, ctx: StepContext, grads, params):
             "full-precision update ever ran (every warm-up step was skipped as non-finite); "
             "raise freeze_step."
         )
-    lv = Local(cfg, ctx, grads, params)
+    lv = Local(cfg, ctx, grads, params, slot)
     lv.ensure_ready(slot)
     if action in ("local", "sync"):
         call = rows_opt.local_step(cfg, ctx, slot, lv, sync=action == "sync")
@@ -281,12 +400,16 @@ def _update(cfg, inner, ctx: StepContext, grads, params):
             exchange_(cfg, ctx, slot)
         call = {"mode": "lamb" if lamb else "adam"}
         if lamb:
-            call["trust"] = _lamb_trust(cfg, slot, lv, m_prev)
-    call.update(v_count=slot["v_count"], lr=lv.lr, wd=lv.wd, decayed=lv.decayed)
-    return rows_opt.calling(call, inner.update)(ctx, lv.own_rows(slot["momentum"]), params)
+            call["trust"] = dict(zip(lv.idx, _lamb_trust(cfg, slot, lv, m_prev), strict=True))
+    # The rows' calls run once per offloaded sub-group, on a subset of the leaves: what
+    # they need per leaf is keyed by leaf position.
+    decayed = {lv.idx[j] for j in lv.decayed}
+    call.update(v_count=slot["v_count"], lr=lv.lr, wd=lv.wd, decayed=decayed)
+    moms = lv.own_rows(slot["momentum"])
+    return rows_opt.calling(call, inner.update)(ctx, moms, params)
 
 
-def _apply(cfg, inner, ctx: StepContext, params):
+def apply(cfg, inner, ctx: StepContext, params):
     """0/1 Adam's local steps moved only this rank's full params: nothing to gather
     (the masters stay at the window's anchor until the sync sets them)."""
     if _action(cfg, ctx) == "local":
@@ -297,22 +420,22 @@ def _apply(cfg, inner, ctx: StepContext, params):
 class Local:
     """One compressed call's live leaves: local fp32 grads (with L2), full params, rows."""
 
-    def __init__(self, cfg, ctx: StepContext, grads, params):
+    def __init__(self, cfg, ctx: StepContext, grads, params, slot: dict):
         hp = cfg.hp
-        opt = ctx.state["optimizer"]
-        self.cfg, self.ctx, self.opt = cfg, ctx, opt
-        self.lr = value_at(hp["lr"], opt.count, "lr")
-        self.wd = value_at(hp["weight_decay"], opt.count, "weight_decay")
+        self.cfg, self.ctx = cfg, ctx
+        self.count = count_of(ctx.state["optimizer"])
+        self.lr = value_at(hp["lr"], self.count, "lr")
+        self.wd = value_at(hp["weight_decay"], self.count, "weight_decay")
         g_leaves, self.spec = tree.flatten(grads)
         self.n_leaves = len(g_leaves)
         self.idx = [i for i, g in enumerate(g_leaves) if g is not None]
         p_leaves = tree.leaves(params)
         self.ps = [p_leaves[i] for i in self.idx]
-        m_rows, v_rows = tree.leaves(opt.exp_avg), tree.leaves(opt.exp_avg_sq)
-        self.m_rows = [m_rows[i] for i in self.idx]
-        self.v_rows = [v_rows[i] for i in self.idx]
-        self.rows = Rows.of(self.ps, self.m_rows, cfg.world)
-        self.gs = [g_leaves[i].to(torch.float32) for i in self.idx]
+        self.rows = Rows.of_params(self.ps, cfg.world, whole=cfg.whole)
+        # The slot's buffers live with the optimizer state (the host under offload).
+        self.device = slot["momentum"].device
+        self.gs = [g_leaves[i].to(self.device, torch.float32) for i in self.idx]
+        self._host_ps = None
         self.decayed = []
         if self.wd != 0.0:
             self.decayed = decayed_positions(
@@ -320,20 +443,41 @@ class Local:
             )
         l2 = not _is(cfg, "OnebitLamb") and not hp.get("decoupled", False)
         if l2:  # torch.optim.Adam's L2: into the local grads, before the momentum
+            ps = self.slot_params()
             for j in self.decayed:
-                self.gs[j] = self.gs[j].add(self.ps[j].to(self.gs[j].dtype), alpha=self.wd)
+                self.gs[j] = self.gs[j].add(ps[j].to(self.gs[j].dtype), alpha=self.wd)
 
     @property
     def rank(self) -> int:
         return self.ctx.step.mesh.rank(self.cfg.dim)
 
+    def slot_params(self) -> list[torch.Tensor]:
+        """The full params on the slot's device: themselves, or a copy made once
+        (params on an accelerator, the slot on the host); ``write_params`` sends
+        changes back."""
+        if self._host_ps is None:
+            self._host_ps = [
+                p if p.device == self.device else p.detach().to(self.device) for p in self.ps
+            ]
+        return self._host_ps
+
+    def write_params(self) -> None:
+        """The params moved on the slot's device (0/1 Adam's local steps) back into place."""
+        for p, h in zip(self.ps, self._host_ps or self.ps, strict=True):
+            if h is not p:
+                p.copy_(h)
+
     def ensure_ready(self, slot: dict) -> None:
-        """After an exact step: the full momentum and frozen variance from the rows, once."""
+        """After an exact step: the full momentum and frozen variance from the rows, once
+        (read by the state protocol where another transform moved the optimizer)."""
         if slot["ready"]:
             return
+        opt = moments(self.ctx.state["optimizer"])
+        m_rows, v_rows = tree.leaves(opt.exp_avg), tree.leaves(opt.exp_avg_sq)
         comm, group = self.ctx.comm, self.cfg.group
-        slot["momentum"].copy_(self.rows.gather(comm, group, self.m_rows))
-        slot["variance"].copy_(self.rows.gather(comm, group, self.v_rows))
+        for name, rows in (("momentum", m_rows), ("variance", v_rows)):
+            mine = [rows[i].to(self.device) for i in self.idx]
+            slot[name].copy_(self.rows.gather(comm, group, mine))
         slot["ready"] = True
 
     def flat_grads(self) -> torch.Tensor:
@@ -345,10 +489,12 @@ class Local:
         slot["momentum"].lerp_(flat, 1.0 - self.cfg.hp["b1"])
 
     def own_rows(self, flat: torch.Tensor):
-        """This rank's rows of ``flat`` as a tree shaped like the optimizer's moments."""
+        """This rank's rows of ``flat`` as a tree shaped like the optimizer's moments, on
+        the params' device (shard_zero's update takes them as the grads of its rows)."""
         out = [None] * self.n_leaves
-        for j, (i, r) in enumerate(zip(self.idx, self.rows.own(flat, self.rank), strict=True)):
-            out[i] = r.view(self.m_rows[j].shape)
+        own = self.rows.own(flat, self.rank)
+        for j, (i, r) in enumerate(zip(self.idx, own, strict=True)):
+            out[i] = r.view(self.rows.row_shape(j)).to(self.ps[j].device)
         return tree.unflatten(self.spec, out)
 
 
@@ -386,8 +532,8 @@ def _lamb_trust(cfg, slot: dict, lv: Local, m_prev: torch.Tensor) -> list[torch.
     denom = bias_corrected_denom(vs, hp["b2"], hp["eps"], slot["v_count"])
     _, trust = lamb_trust_(
         cfg, slot, ms=views(slot["momentum"]), m_prev=views(m_prev), vs=vs, denom=denom,
-        fresh=views(slot["fresh_variance"]), ps=lv.ps, decayed=lv.decayed, wd=lv.wd,
-        t=lv.opt.count + 1,
+        fresh=views(slot["fresh_variance"]), ps=lv.slot_params(), decayed=lv.decayed, wd=lv.wd,
+        t=lv.count + 1,
     )  # fmt: skip
     return list(trust)
 

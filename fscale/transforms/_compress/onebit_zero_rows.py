@@ -102,6 +102,11 @@ class _RowLeaves:
         for m, g in zip(self.ms, self.gs, strict=True):
             m.copy_(g)
 
+    def decayed(self, call: dict) -> list[int]:
+        """Positions among these leaves of the decayed ones (``call["decayed"]``: leaf
+        positions of the whole tree; an offloaded sub-group holds some of them)."""
+        return [j for j, i in enumerate(self.idx) if i in call["decayed"]]
+
 
 # ----------------------------------------------------------------------------- modes
 
@@ -116,7 +121,7 @@ def _adam(cfg, call: dict, moms, state: AdamState, params):
     denom = bias_corrected_denom(rl.vs, hp["b2"], hp["eps"], call["v_count"])
     bias1 = 1.0 - hp["b1"] ** t
     if hp.get("decoupled", False):
-        for j in call["decayed"]:
+        for j in rl.decayed(call):
             rl.ps[j].mul_(1.0 - lr * call["wd"])
     for p, m, d in zip(rl.ps, rl.ms, denom, strict=True):
         p.sub_((m / d).mul_(lr / bias1).to(p.dtype))
@@ -133,9 +138,10 @@ def _lamb(cfg, call: dict, moms, state: AdamState, params):
     denom = bias_corrected_denom(rl.vs, hp["b2"], hp["eps"], call["v_count"])
     rs = torch._foreach_div(rl.ms, denom)
     torch._foreach_div_(rs, 1.0 - hp["b1"] ** t)
-    for j in call["decayed"]:
+    for j in rl.decayed(call):
         rs[j].add_(rl.ps[j].to(rs[j].dtype), alpha=call["wd"])
-    for p, r, trust in zip(rl.ps, rs, call["trust"], strict=True):
+    trusts = [call["trust"][i] for i in rl.idx]
+    for p, r, trust in zip(rl.ps, rs, trusts, strict=True):
         p.sub_((r * (trust * lr)).to(p.dtype))
     return params, AdamState(t, state.exp_avg, state.exp_avg_sq)
 
@@ -143,7 +149,8 @@ def _lamb(cfg, call: dict, moms, state: AdamState, params):
 @torch.no_grad()
 def _lamb_warmup(cfg, call: dict, grads, state: AdamState, params):
     """Exact LAMB (``fs.optim.lamb``'s ops) on the rows, whole-layer trust ratios
-    ([Note: LAMB's trust ratio on rows]); ``call["trust"]``: the ratios, for the EMA."""
+    ([Note: LAMB's trust ratio on rows]); ``call["trust"]``: the ratios by leaf
+    position, for the EMA."""
     hp = cfg.hp
     rl = _RowLeaves(grads, state, params)
     count = state.count
@@ -166,10 +173,12 @@ def _lamb_warmup(cfg, call: dict, grads, state: AdamState, params):
         [n.to(first, torch.float32) for n in norms(rl.ps)]
         + [n.to(first, torch.float32) for n in norms(rs)]
     )
-    total = call["comm"].all_reduce(_tag(), local * local, op="sum", group=call["group"])
+    total = local * local  # whole layers (plain data parallel under offload): no sum
+    if not cfg.whole:
+        total = call["comm"].all_reduce(_tag(), total, op="sum", group=call["group"])
     w, u = total.sqrt().chunk(2)
     trust = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
-    call["trust"] = trust
+    call["trust"].update(zip(rl.idx, trust.unbind(), strict=True))  # by leaf, over sub-groups
     scales = [s.to(r.device, r.dtype) for s, r in zip((trust * -lr).unbind(), rs, strict=True)]
     torch._foreach_mul_(rs, scales)
     leaves, spec = tree.flatten(params)
@@ -216,13 +225,30 @@ def _sync(cfg, call: dict, moms, state: AdamState, params):
     rl = _RowLeaves(moms, state, params)
     rl.set_momentum_()
     denom = bias_corrected_denom(rl.vs, hp["b2"], hp["eps"], call["v_count"])
+    decayed = set(rl.decayed(call))
+    anchor = call.get("anchor")  # whole leaves: the masters moved with the local steps
     for j, (p, m, d) in enumerate(zip(rl.ps, rl.ms, denom, strict=True)):
-        start = p.float() * call["decay"] if j in call["decayed"] else p.float()
+        a = p.float() if anchor is None else anchor[rl.idx[j]].to(p.device)
+        start = a * call["decay"] if j in decayed else a
         p.copy_(start - m.mul(call["sum_lr"]).div_(d))
     return params, AdamState(state.count + 1, state.exp_avg, state.exp_avg_sq)
 
 
+@torch.no_grad()
 def _local(cfg, call: dict, moms, state: AdamState, params):
+    """0/1 Adam's local step: on ZeRO's rows nothing moves (they stay at the window's
+    anchor); on whole leaves (plain data parallel under offload) the masters take the
+    step the params took (``local_step``), the same ops on the same values."""
+    if cfg.whole:
+        from fscale.transforms._compress.onebit import local_adam_step_
+
+        hp = cfg.hp
+        rl = _RowLeaves(moms, state, params)
+        denom = bias_corrected_denom(rl.vs, hp["b2"], hp["eps"], call["v_count"])
+        window = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
+        local_adam_step_(
+            rl.ps, rl.gs, denom, rl.decayed(call), call["step_size"], call["shrink"], window
+        )
     return params, AdamState(state.count + 1, state.exp_avg, state.exp_avg_sq)
 
 
@@ -250,19 +276,26 @@ def local_step(cfg, ctx, slot: dict, lv, *, sync: bool) -> dict:
     hp = cfg.hp
     decoupled = hp.get("decoupled", False)
     window = dict(slot["window"])
+    ps = lv.slot_params()
     if window["steps"] == 0:
-        slot["anchor"].copy_(torch.cat([p.detach().reshape(-1).float() for p in lv.ps]))
+        slot["anchor"].copy_(torch.cat([p.detach().reshape(-1).float() for p in ps]))
     lv.momentum_(slot)
     ms, vs = lv.rows.views(slot["momentum"]), lv.rows.views(slot["variance"])
     denom = bias_corrected_denom(vs, hp["b2"], hp["eps"], slot["v_count"])
-    step_size = lv.lr / (1.0 - hp["b1"] ** (lv.opt.count + 1))
+    step_size = lv.lr / (1.0 - hp["b1"] ** (lv.count + 1))
     shrink = 1.0 - lv.lr * lv.wd if decoupled else 1.0
-    window = ob.local_adam_step_(lv.ps, ms, denom, lv.decayed, step_size, shrink, window)
-    call = {"mode": "local"}
+    window = ob.local_adam_step_(ps, ms, denom, lv.decayed, step_size, shrink, window)
+    lv.write_params()
+    # Whole leaves (plain data parallel under offload): the masters are the params
+    # themselves, so they take the local step too, and a sync starts from the anchor
+    # ([Note: 1-bit methods under offload] in onebit_zero.py).
+    call = {"mode": "local", "step_size": step_size, "shrink": shrink}
     if sync:
-        u, _, _ = ob.window_momentum(slot["anchor"], lv.ps, denom, lv.decayed, window)
+        u, _, _ = ob.window_momentum(slot["anchor"], ps, denom, lv.decayed, window)
         exchange_(cfg, ctx, slot, u)
         call = {"mode": "sync", "sum_lr": window["sum_lr"], "decay": window["decay"]}
+        if cfg.whole:
+            call["anchor"] = dict(zip(lv.idx, lv.rows.views(slot["anchor"]), strict=True))
         window = {"steps": 0, "sum_lr": 0.0, "decay": 1.0}
     slot["window"] = window
     return call
