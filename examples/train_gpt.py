@@ -150,8 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compress",
         choices=("onebit_adam", "zero_one_adam", "onebit_lamb", "zeropp"),
         default=None,
-        help="fs.compress_comm: 1-bit Adam / 0/1 Adam / 1-bit LAMB (plain data parallel; "
-        "full precision for the first 30%% of steps) or ZeRO++ (with --zero 3)",
+        help="fs.compress_comm: 1-bit Adam / 0/1 Adam / 1-bit LAMB (plain data parallel or "
+        "--zero 1/2, with or without --offload; full precision for the first 30%% of steps) "
+        "or ZeRO++ (with --zero 3)",
     )
     p.add_argument(
         "--compress-warmup",
@@ -186,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="START",
         help="fs.curriculum: sequence length from START to the full length over the first "
-        f"{CURRICULUM_FRACTION:.0%} of steps (fs.seqlen_warmup)",
+        f"{CURRICULUM_FRACTION:.0%}% of steps (fs.seqlen_warmup)",  # %%: argparse formats help
     )
     p.add_argument(
         "--curriculum-mode",

@@ -105,10 +105,10 @@ def test_train_gpt_under_torchrun_matches_world_of_one(world_of_one, tmp_path, z
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--compress", "onebit_adam", "--compress-warmup", "3"],
+        ["--compress", "onebit_adam", "--compress-warmup", "3", "--offload", "cpu"],
         ["--zero", "3", "--compress", "zeropp"],
     ],
-    ids=["onebit_adam", "zeropp"],
+    ids=["onebit_adam_offloaded", "zeropp"],
 )
 def test_train_gpt_compressed_under_torchrun(world_of_one, tmp_path, flags):
     """--compress on 2 ranks: the plan lists the compressed collectives, and training
@@ -121,6 +121,11 @@ def test_train_gpt_compressed_under_torchrun(world_of_one, tmp_path, flags):
     metrics = _results(png)
     assert metrics["world"] == 2
     assert metrics["val_loss"][-1] == pytest.approx(world_of_one["val_loss"][-1], rel=0.05)
+
+
+def test_train_gpt_help_prints():
+    proc = _run([sys.executable, str(TRAIN_GPT), "--help"], timeout=120)
+    assert "--compress" in proc.stdout and "% of steps" in proc.stdout
 
 
 def test_train_gpt_with_delayed_offload_update(world_of_one, tmp_path):

@@ -54,7 +54,8 @@ def plan_offload(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
             plan.notes.append(
                 "offload(cpu): grads go to the host after backward, group by group: streaming "
                 "them in backward needs overlap=True and nothing after backward that changes "
-                "them (no clip_norm, no fp16 loss scaling, fp32 reduce, ZeRO-3 or one rank)."
+                "them (no clip_norm, no fp16 loss scaling, fp32 reduce, no 1-bit compress_comm, "
+                "ZeRO-3 or one rank)."
             )
         if cfg.delayed_update:
             plan.notes.append(
