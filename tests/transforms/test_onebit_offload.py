@@ -211,3 +211,40 @@ def test_a_group_without_cpu_transport_is_refused(monkeypatch):
     cfg = types.SimpleNamespace(group=None, method=onebit_adam(freeze_step=2))
     with pytest.raises(ValueError, match=r"cpu:gloo,cuda:nccl"):
         onebit_zero.host_group_or_raise(cfg)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _cuda_run(method, zero, offload, tmp_path=None):
+    params, apply = fs.functional(_gpt().cuda())
+    tier = "nvme" if tmp_path is not None else "cpu"
+    step = _step(apply, method, zero, offload, mp=True, tier=tier, path=tmp_path)
+    params, state = step.init(params)
+    phases = []
+    for b in _batches(STEPS, 4):
+        params, state, metrics = step(params, state, {k: v.cuda() for k, v in b.items()})
+        phases.append(metrics["compress_phase"])
+    slot = state[NAME]
+    where = {slot["worker_error"].device.type, slot["momentum"].device.type} if offload else set()
+    if offload:
+        state["offload"].close()
+    with torch.no_grad():
+        val = {k: v.cuda() for k, v in _batches(1, 64, seed=99)[0].items()}
+        loss = float(gpt_loss(apply)(params, val))
+    return loss, phases, where
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("method", "zero"), [("adam", None), ("zero_one", 2), ("lamb", 1)])
+def test_cuda_params_with_host_state_train_as_on_the_device(method, zero, tmp_path):
+    """Params on the GPU, the method's state and exchange on the host: the local grads go
+    out, the synced rows come back; the same training as on the device (host and device
+    arithmetic round differently in the last bit, which sign compression amplifies)."""
+    want, phases, _ = _cuda_run(method, zero, False)
+    for path in (None, str(tmp_path)):
+        got, got_phases, where = _cuda_run(method, zero, True, path)
+        assert got_phases == phases and phases[-1] in ("onebit", "sync")
+        assert where == {"cpu"}
+        assert got == pytest.approx(want, rel=0.02), path
