@@ -26,7 +26,7 @@ from fscale.transforms._compress.onebit import NAME, TAG
 from fscale.transforms.compress import compress_comm, onebit_adam
 from tests.dist import run_world
 from tests.transforms.test_onebit import _batches, _gpt
-from tests.transforms.test_onebit_zero import _method
+from tests.transforms.test_onebit_zero import _step as zero_step
 
 METHODS = ("adam", "zero_one", "lamb")
 FREEZE = 3
@@ -40,17 +40,8 @@ def _reference_adam(monkeypatch):
     monkeypatch.setenv("FSCALE_KERNELS", "reference")  # reaches the ranks too
 
 
-def _step(apply, method, zero, offload, *, mp=False, tier="cpu", path=None, freeze=FREEZE):
-    if method == "lamb":
-        opt = fs.optim.lamb(1e-2, weight_decay=0.01)
-    else:
-        opt = fs.optim.adamw(2e-3, weight_decay=0.01)
-    step = fs.train_step(gpt_loss(apply), opt)
-    if mp:
-        step = fs.mixed_precision(step, "bf16")
-    if zero:
-        step = fs.shard_zero(step, zero)
-    step = compress_comm(step, _method(method, freeze))
+def _step(apply, method, zero, offload, *, mp=False, tier="cpu", path=None):
+    step = zero_step(apply, zero, True, freeze=FREEZE, method=method, mp=mp)
     if offload:
         step = fs.offload(step, tier, path=path, subgroup_mb=SUBGROUP_MB)
     return step

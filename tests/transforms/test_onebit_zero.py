@@ -45,12 +45,14 @@ def _method(name, freeze):
     )
 
 
-def _step(apply, zero, compressed, freeze=FREEZE, method="adam"):
+def _step(apply, zero, compressed, freeze=FREEZE, method="adam", mp=False):
     if method == "lamb":
         opt = fs.optim.lamb(1e-2, weight_decay=0.01)
     else:
         opt = fs.optim.adamw(2e-3, weight_decay=0.01)
     step = fs.train_step(gpt_loss(apply), opt)
+    if mp:
+        step = fs.mixed_precision(step, "bf16")
     if zero:
         step = fs.shard_zero(step, zero)
     if compressed:
