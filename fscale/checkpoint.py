@@ -350,8 +350,9 @@ def _staged(v: _Rows, copier) -> _Rows:
     if v.stored is not None:
         stored = _Pinned(v.stored) if v.write else v.stored
         return _Rows(v.shape, v.offsets, v.sizes, stored=stored, write=v.write)
-    if copier.lazy(v.local):
-        return copier.snapshot.defer(v)
+    order = copier.order(v.local)
+    if order is not None:
+        return copier.snapshot.defer(v, order)
     return _Rows(v.shape, v.offsets, v.sizes, local=copier(v.local), write=v.write)
 
 
@@ -365,13 +366,15 @@ class _Copier:
         self.streams: dict = {}
         self.snapshot = snapshot
 
-    def lazy(self, t: torch.Tensor) -> bool:
-        return self.snapshot is not None and announced(t) is not None
+    def order(self, t: torch.Tensor) -> int | None:
+        """Where ``t`` is copied lazily ([Note: lazy snapshot]): its announce order, else None."""
+        return None if self.snapshot is None else announced(t)
 
     def __call__(self, t: torch.Tensor):
         t = t.detach()
-        if self.lazy(t):
-            return self.snapshot.defer(t)
+        order = self.order(t)
+        if order is not None:
+            return self.snapshot.defer(t, order)
         if t.device.type != "cuda" or self.where == "pageable":
             return t.to("cpu", copy=True)
         stream = self.streams.get(t.device)

@@ -288,7 +288,7 @@ def test_lazy_snapshot_keeps_the_bytes_of_its_start_whoever_copies_them():
     assert announced(torch.zeros(3)) is None
     before = buf.clone()
     snap = LazySnapshot(copy_threads=0)  # no copy threads: only before_write and take
-    items = [snap.defer(p) for p in parts]
+    items = [snap.defer(p, announced(p)) for p in parts]
     snap.start()
     try:
         before_write(buf[10:20])  # overlaps the first two entries
@@ -300,7 +300,7 @@ def test_lazy_snapshot_keeps_the_bytes_of_its_start_whoever_copies_them():
         snap.close()
     before_write(buf)  # no snapshot registered: a no-op
     threaded = LazySnapshot(copy_threads=2)
-    items = [threaded.defer(p) for p in parts]
+    items = [threaded.defer(p, announced(p)) for p in parts]
     now = buf.clone()
     threaded.start()
     try:

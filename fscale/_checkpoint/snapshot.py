@@ -81,7 +81,7 @@ class LazySnapshot:
     Usage::
 
         snap = LazySnapshot(copy_threads=4, nice=10)
-        rows = snap.defer(rows)             # a _Rows whose tensor() is the copy
+        rows = snap.defer(rows, announced(rows.local))  # a _Rows whose tensor() is the copy
         snap.start()                        # registers with before_write; copies in the background
         ...                                 # the writer takes each entry
         snap.close()
@@ -101,17 +101,19 @@ class LazySnapshot:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def defer(self, v: Any) -> Any:
-        """``v`` (a host tensor or ``_Rows`` of one) as a ``_Deferred`` item of this snapshot."""
+    def defer(self, v: Any, order: int) -> Any:
+        """``v`` (a host tensor or ``_Rows`` of one, in the announced buffer of announce
+        order ``order``) as a ``_Deferred`` item of this snapshot."""
         if isinstance(v, torch.Tensor):
             t = v.detach()
-            return _Deferred(tuple(t.shape), (0,) * t.dim(), tuple(t.shape), self, self._add(t))
+            entry = self._add(t, order)
+            return _Deferred(tuple(t.shape), (0,) * t.dim(), tuple(t.shape), self, entry)
         if not v.write:
             return v  # never written: nothing to keep
-        return _Deferred(v.shape, v.offsets, v.sizes, self, self._add(v.local))
+        return _Deferred(v.shape, v.offsets, v.sizes, self, self._add(v.local, order))
 
-    def _add(self, t: torch.Tensor) -> _Entry:
-        e = _Entry(t, state_protocol.announced(t))
+    def _add(self, t: torch.Tensor, order: int) -> _Entry:
+        e = _Entry(t, order)
         self._entries.append(e)
         return e
 
