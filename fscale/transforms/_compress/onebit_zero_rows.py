@@ -15,7 +15,11 @@ the call travels in a context variable set around shard_zero's ``update`` only):
 - ``"variance"``: 0/1 Adam's exact step once some steps kept the variance (the
   variance's bias correction at ``call["v_count"]``, ``onebit.variance_step_``);
 - ``"sync"``: 0/1 Adam's sync, ``x = anchor' - sum(step sizes) * m / denom`` on the rows;
-- ``"local"``: 0/1 Adam's local step: the count moves, the rows do not.
+- ``"local"``: 0/1 Adam's local step: the count moves, the rows do not (whole leaves,
+  plain data parallel under offload: the masters take the params' local step).
+
+Under offload each call sees one host sub-group's leaves: what a call carries per leaf
+(``decayed``, ``trust``, ``anchor``) is keyed by leaf position in the whole tree.
 
 [Note: LAMB's trust ratio on rows]
 LAMB scales each layer by ``||p|| / ||r||``; a rank holds only its rows of the layer,
