@@ -324,8 +324,11 @@ def test_ranks_restarting_together_after_a_kill_all_start(tmp_path):
 # ----------------------------------------------------------------------------- signals
 
 # swap.py alone (torch and the standard library): importing fscale takes seconds more.
+# SIGINT raises KeyboardInterrupt as in a foreground Python: a job started in the
+# background (``nohup ... &``) inherits SIGINT ignored, and Python keeps it so.
 _CHILD = """
-import importlib.util, sys, time
+import importlib.util, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 spec = importlib.util.spec_from_file_location("fscale_swap", sys.argv[2])
 swap = sys.modules["fscale_swap"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(swap)
