@@ -229,13 +229,25 @@ def _cuda_run(method, zero, offload, tmp_path=None):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("method", "zero"), [("adam", None), ("zero_one", 2), ("lamb", 1)])
-def test_cuda_params_with_host_state_train_as_on_the_device(method, zero, tmp_path):
+def test_cuda_params_with_host_state_train_as_on_the_device(method, zero, tmp_path, monkeypatch):
     """Params on the GPU, the method's state and exchange on the host: the local grads go
     out, the synced rows come back; the same training as on the device (host and device
     arithmetic round differently in the last bit, which sign compression amplifies)."""
+    monkeypatch.delenv("FSCALE_KERNELS")  # the device run takes its GPU kernels
     want, phases, _ = _cuda_run(method, zero, False)
     for path in (None, str(tmp_path)):
         got, got_phases, where = _cuda_run(method, zero, True, path)
         assert got_phases == phases and phases[-1] in ("onebit", "sync")
         assert where == {"cpu"}
         assert got == pytest.approx(want, rel=0.02), path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_exchange_with_reference_kernels_trains_as_with_triton(monkeypatch):
+    """FSCALE_KERNELS=reference on a GPU: the server's mean takes the torch ops (its CPU
+    loops are for host tensors)."""
+    ref, phases, _ = _cuda_run("adam", None, False)  # the autouse fixture: reference
+    monkeypatch.delenv("FSCALE_KERNELS")
+    got, _, _ = _cuda_run("adam", None, False)
+    assert phases[-1] == "onebit" and got == pytest.approx(ref, rel=0.02)

@@ -293,7 +293,9 @@ def server_step(received: torch.Tensor, server_error: torch.Tensor, lay: Layout)
     bits = torch.empty((rows, chunk // 8), dtype=torch.uint8, device=z.device)
     scales = _scales(rows, lay, z.device)
     step = _block_rows(z, rows, chunk)
-    cpu = unpack is unpack_reference
+    # The CPU loops: the reference kernels on a CPU (a GPU with FSCALE_KERNELS=reference
+    # takes the torch ops below).
+    cpu = unpack is unpack_reference and z.device.type == "cpu"
     mag = torch.empty((min(step, rows), chunk), dtype=torch.float32) if cpu else None
     for r in range(0, rows, step):
         k = min(step, rows - r)
