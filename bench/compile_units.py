@@ -10,8 +10,10 @@ fused AdamW everywhere, the same micro-batch, one after the other in one process
   ``torch.optim.AdamW(fused=True)``, eager and ``torch.compile(model)``.
 
 Goals: compile_units >= 1.15x fscale eager and >= 1.0x torch.compile, stage 3
-included. Each variant warms up (compiles) first, then ``--steps`` are timed with a
-device sync around each; the median step is reported.
+included. Every variant is built and warmed up (compiled) first, then ``--steps``
+rounds time one step of each (a device sync around each step; the order rotates), so
+all variants see the same GPU clocks and temperature; the median step is reported
+(``--no-interleave``: one variant after the other, as before 2026-12-03).
 
 Usage::
 
@@ -137,6 +139,39 @@ def time_variant(name, cfg, device, batch, steps, warmup) -> dict:
             "losses": losses, "peak_gib": peak}  # fmt: skip
 
 
+def time_interleaved(names, cfg, device, batch, steps, warmup) -> dict:
+    """Every variant built and warmed up, then ``steps`` rounds of one timed step each
+    (in a rotating order): the GPU's clocks and temperature drift over a run (the same
+    GEMM kernels measured ~5% slower in variants timed minutes after the first), so
+    variants timed one after the other would each get a different GPU."""
+    _free(device)
+    runs, rows = {}, {}
+    for name in names:
+        run = runs[name] = VARIANTS[name](cfg, device)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            run(batch)
+        _sync(device)
+        rows[name] = {"step_s": [], "losses": [], "warmup_s": time.perf_counter() - t0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for r in range(steps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = runs[name](batch)
+            _sync(device)
+            rows[name]["step_s"].append(time.perf_counter() - t0)
+            rows[name]["losses"].append(float(loss))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    for row in rows.values():
+        row["median_s"] = statistics.median(row["step_s"])
+        row["peak_gib"] = peak  # of all variants together
+    del runs
+    _free(device)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="1b4")
@@ -146,6 +181,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--only", nargs="*", default=None, help="variants to run")
+    p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="build every variant first and time them in rounds (one step of each per "
+        "round), so each sees the same clocks and temperature; --no-interleave times "
+        "them one after the other (the first runs on a cooler GPU)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
@@ -157,9 +200,14 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=g).to(device)
     batch = {"x": tokens[:, :-1].contiguous(), "y": tokens[:, 1:].contiguous()}
-    rows = {}
-    for name in args.only or VARIANTS:
-        rows[name] = time_variant(name, cfg, device, batch, args.steps, args.warmup)
+    names = args.only or list(VARIANTS)
+    if args.interleave:
+        rows = time_interleaved(names, cfg, device, batch, args.steps, args.warmup)
+    else:
+        rows = {}
+        for name in names:
+            rows[name] = time_variant(name, cfg, device, batch, args.steps, args.warmup)
+    for name in names:
         print(f"{name:28s} {rows[name]['median_s'] * 1e3:9.1f} ms", flush=True)
     tokens_per_step = args.batch * seq
     for row in rows.values():
@@ -183,6 +231,7 @@ def main(argv=None) -> None:
         "model": args.model,
         "batch": args.batch,
         "seq": seq,
+        "schedule": "interleaved" if args.interleave else "one after the other",
         "variants": rows,
         "speedups": ratios,
     }
