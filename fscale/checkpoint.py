@@ -353,7 +353,7 @@ def _staged(v: _Rows, copier) -> _Rows:
     order = copier.order(v.local)
     if order is not None:
         return copier.snapshot.defer(v, order)
-    return _Rows(v.shape, v.offsets, v.sizes, local=copier(v.local), write=v.write)
+    return _Rows(v.shape, v.offsets, v.sizes, local=copier.copy(v.local), write=v.write)
 
 
 class _Copier:
@@ -371,10 +371,15 @@ class _Copier:
         return None if self.snapshot is None else announced(t)
 
     def __call__(self, t: torch.Tensor):
-        t = t.detach()
+        """``t`` deferred to the snapshot where announced, else ``copy(t)``."""
         order = self.order(t)
         if order is not None:
             return self.snapshot.defer(t, order)
+        return self.copy(t)
+
+    def copy(self, t: torch.Tensor):
+        """A copy of ``t`` now (queued on a side stream for a device tensor)."""
+        t = t.detach()
         if t.device.type != "cuda" or self.where == "pageable":
             return t.to("cpu", copy=True)
         stream = self.streams.get(t.device)
