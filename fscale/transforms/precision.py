@@ -63,6 +63,7 @@ import torch
 from fscale import tree
 from fscale.policies import CHANGES_GRADS_AFTER_BACKWARD, PrecisionPolicy
 from fscale.step import Step, StepContext, Transform
+from fscale.transforms._precision_cast import CastGroups
 
 NAME = "mixed_precision"
 
@@ -170,8 +171,10 @@ def mixed_precision(
     def init(s, params):
         return _init(cfg, inner, s, params)
 
+    casts = CastGroups()
+
     def materialize(ctx, params):
-        return _materialize(cfg, inner, ctx, params)
+        return _materialize(cfg, inner, casts, ctx, params)
 
     def loss_and_grad(ctx, params, batch):
         return _loss_and_grad(cfg, inner, ctx, params, batch)
@@ -266,11 +269,12 @@ def _init(cfg: _Config, inner, step: Step, params):
     return params, state
 
 
-def _materialize(cfg: _Config, inner, ctx: StepContext, params):
-    # Runs under autograd: the backward of .to() returns fp32 grads to the fp32 masters.
+def _materialize(cfg: _Config, inner, casts: CastGroups, ctx: StepContext, params):
+    # Runs under autograd: the cast's backward returns fp32 grads to the fp32 masters,
+    # a launch per unit each way ([Note: cast groups] in _precision_cast.py).
     # Under shard_zero(3) this stage does not run: ZeRO-3 reads the PrecisionPolicy
     # and casts the shards before its all-gather (half the bytes), not after.
-    return tree.map(lambda t: _cast(t, cfg.param_dtype), inner.materialize(ctx, params))
+    return casts(ctx, inner.materialize(ctx, params), cfg.param_dtype)
 
 
 def _loss_and_grad(cfg: _Config, inner, ctx: StepContext, params, batch):
