@@ -202,3 +202,25 @@ def cast_all(tensors, dtype: torch.dtype) -> list:
         for i, d in zip(idx, dsts, strict=True):
             out[i] = d
     return out
+
+
+def cast_into(dsts, srcs) -> None:
+    """``d.copy_(s)`` for each pair, in as few launches as the device allows (same-dtype
+    pairs included: a copy is a cast to the same dtype). Pairs the kernel cannot take
+    (non-contiguous, other dtypes, mismatched devices) go through ``copy_``."""
+    todo: dict[torch.device, tuple[list, list]] = {}
+    for d, s in zip(dsts, srcs, strict=True):
+        if (
+            d.device == s.device
+            and d.dtype in DTYPES
+            and s.dtype in DTYPES
+            and d.is_contiguous()
+            and s.is_contiguous()
+        ):
+            pair = todo.setdefault(d.device, ([], []))
+            pair[0].append(d)
+            pair[1].append(s)
+        else:
+            d.copy_(s)
+    for device, (ds, ss) in todo.items():
+        dispatch.resolve(OP, device, ds[0].dtype).impl(ds, ss)

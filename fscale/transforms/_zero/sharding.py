@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fscale.kernels.cast import cast_into
+
 
 @dataclass(frozen=True)
 class Reduction:
@@ -202,14 +204,26 @@ def copy_in(grads: list[torch.Tensor], specs: tuple[ShardSpec, ...], world: int,
                 pads.append(flat[r, offset + n : offset + s.shard_numel])
         offset += s.shard_numel
     if dsts:
-        torch._foreach_copy_(dsts, srcs)
+        # One launch on CUDA, casting on the way (bf16 grads into an fp32 flat): torch's
+        # foreach copy falls back to a kernel per tensor when the dtypes differ.
+        cast_into(dsts, srcs)
     if pads:
         torch._foreach_zero_(pads)
     return flat.view(-1)
 
 
 def copy_out(flat: torch.Tensor, specs: tuple[ShardSpec, ...], world: int) -> list[torch.Tensor]:
-    """Rank-major gathered buffer -> full params, each contiguous in one new buffer."""
+    """Rank-major gathered buffer -> full params, each contiguous in one new buffer.
+
+    ``flat`` must be a buffer of the caller's (a collective's output): in a group of one
+    whose params need no padding it already is that layout, and the views are of it.
+    """
+    if world == 1 and all(s.shard_numel == s.numel for s in specs):
+        views, start = [], 0
+        for s in specs:
+            views.append(flat[start : start + s.numel].view(s.shape))
+            start += s.numel
+        return views
     by_rank = flat.view(world, -1)
     out = flat.new_empty(sum(s.numel for s in specs))
     views, dsts, srcs = [], [], []
