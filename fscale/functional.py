@@ -28,7 +28,16 @@ from torch import nn
 
 
 class Apply:
-    """The pure forward of a module: ``apply(params, *args, **kwargs)``."""
+    """The pure forward of a module: ``apply(params, *args, **kwargs)``.
+
+    [Note: swapping params in]
+    ``torch.func.functional_call`` swaps each given tensor into its module's
+    ``_parameters`` for the call and back after, finding the owning submodule by its
+    dotted name every time: ~6 us per param each way, 3.5 ms of host time per step on
+    a 24-layer GPT that the GPU waits for at the start of forward. ``apply`` does the
+    same swap with the owners looked up once; names that are not plain parameter slots
+    (buffers, attributes) still go through ``functional_call``.
+    """
 
     def __init__(self, module: nn.Module, names: tuple[str, ...], aliases: dict[str, list[str]]):
         self.module = module
@@ -36,6 +45,21 @@ class Apply:
         # name kept in params -> every other name the same Parameter is reachable under
         self.aliases = aliases
         self.tied = tuple((name, tuple(others)) for name, others in aliases.items() if others)
+        self._slots: dict[str, tuple[dict, str]] | None = None
+
+    def slots(self) -> dict[str, tuple[dict, str]]:
+        """Each param name (aliases included) -> ``(owner._parameters, attribute)``,
+        found once: the module's structure does not change between calls."""
+        if self._slots is None:
+            slots = {}
+            for name in (*self.names, *(o for _, others in self.tied for o in others)):
+                owner, _, attr = name.rpartition(".")
+                sub = self.module.get_submodule(owner) if owner else self.module
+                if attr not in sub._parameters:
+                    return {}  # not a plain Parameter slot: leave it to functional_call
+                slots[name] = (sub._parameters, attr)
+            self._slots = slots
+        return self._slots
 
     def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if not isinstance(params, dict):
@@ -52,9 +76,22 @@ class Apply:
                 if name in params:
                     for other in others:
                         params.setdefault(other, params[name])
-        return torch.func.functional_call(
-            self.module, params, args, kwargs, tie_weights=False, strict=False
-        )
+        slots = self.slots()
+        if not slots or not all(name in slots for name in params):
+            return torch.func.functional_call(
+                self.module, params, args, kwargs, tie_weights=False, strict=False
+            )
+        # functional_call's swap, with the owners found once ([Note: swapping params in]).
+        saved = []
+        try:
+            for name, tensor in params.items():
+                owner, attr = slots[name]
+                saved.append((owner, attr, owner[attr]))
+                owner[attr] = tensor
+            return self.module(*args, **kwargs)
+        finally:
+            for owner, attr, original in reversed(saved):
+                owner[attr] = original
 
     def __repr__(self) -> str:
         return f"Apply({type(self.module).__name__}, {len(self.names)} params)"
