@@ -1,6 +1,5 @@
 """What every Triton kernel module here shares: interpreter detection, lazy jit, SM
-count, launch tuning by kernel time, the chunk tables of multi-tensor launches and the
-arrival counters of one-kernel split-K.
+count, launch tuning by kernel time, and the arrival counters of one-kernel split-K.
 
 ``triton.jit`` decides between compiling and interpreting when it *wraps* a
 function (triton 3.x reads ``TRITON_INTERPRET`` there, not at launch), so kernels
@@ -55,44 +54,6 @@ def sm_count(device: torch.device) -> int:
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-# Chunk tables of multi-tensor launches, keyed by the tensors they describe
-# (addresses and sizes: params and moments keep their addresses from step to step,
-# grads usually do too, through the caching allocator).
-_TABLES: dict[tuple, torch.Tensor] = {}
-_MAX_TABLES = 64
-
-
-def chunk_table(specs: list[tuple], block: int, device: torch.device) -> torch.Tensor:
-    """int64 ``[chunks, k + 2]``: ``(*addresses, chunk start, end)`` for each
-    ``block``-sized chunk of each ``(addresses, start, end)`` in ``specs`` (``k``
-    addresses each): one launch covers many tensors, program ``i`` takes row ``i``
-    ([Note: AdamW is a pure bandwidth problem] in ``adamw.py``). Cached by ``specs``."""
-    key = (device, block, tuple(specs))
-    table = _TABLES.get(key)
-    if table is not None:
-        return table
-    if len(_TABLES) >= _MAX_TABLES:
-        _TABLES.clear()
-    counts = [-(-(end - start) // block) for _, start, end in specs]
-    info = torch.tensor([(*addrs, start, end) for addrs, start, end in specs], dtype=torch.int64)
-    counts = torch.tensor(counts, dtype=torch.int64)
-    total = int(counts.sum())
-    if device.type == "cuda":
-        # Pinned + non_blocking: a pageable copy would wait for the queued steps.
-        info = info.pin_memory().to(device, non_blocking=True)
-        counts = counts.pin_memory().to(device, non_blocking=True)
-    # Expand per tensor -> per chunk on the device (1B params at BLOCK=1024 is
-    # ~1M rows: too many to build in Python every time grads move).
-    owner = torch.repeat_interleave(
-        torch.arange(len(specs), device=device), counts, output_size=total
-    )
-    first = torch.cumsum(counts, 0) - counts
-    table = info[owner]
-    table[:, -2] += (torch.arange(total, device=device) - first[owner]) * block
-    _TABLES[key] = table
-    return table
 
 
 # (device, stream) -> int32 arrival counters, left zeroed by every launch.

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from fscale.hw import dispatch
-from fscale.kernels._triton import LazyJit, chunk_table
+from fscale.kernels._triton import LazyJit
 
 try:
     import triton
@@ -245,6 +245,42 @@ def _scalars(lr, beta1, beta2, eps, weight_decay, step) -> dict:
     }
 
 
+# Chunk tables for the grouped launch, keyed by the tensors they describe
+# (addresses and sizes: params and moments keep their addresses from step to
+# step, grads usually do too, through the caching allocator).
+_TABLES: dict[tuple, torch.Tensor] = {}
+_MAX_TABLES = 32
+
+
+def _table(specs: list[tuple], block: int, device: torch.device) -> torch.Tensor:
+    """int64 [chunks, 6]: (p, g, m, v address, chunk start, end) for each
+    ``block``-sized chunk of each ``(addresses, start, end)`` in ``specs``."""
+    key = (device, block, tuple(specs))
+    table = _TABLES.get(key)
+    if table is not None:
+        return table
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.clear()
+    counts = [-(-(end - start) // block) for _, start, end in specs]
+    info = torch.tensor([(*addrs, start, end) for addrs, start, end in specs], dtype=torch.int64)
+    counts = torch.tensor(counts, dtype=torch.int64)
+    total = int(counts.sum())
+    if device.type == "cuda":
+        # Pinned + non_blocking: a pageable copy would wait for the queued steps.
+        info = info.pin_memory().to(device, non_blocking=True)
+        counts = counts.pin_memory().to(device, non_blocking=True)
+    # Expand per tensor -> per chunk on the device (1B params at BLOCK=1024 is
+    # ~1M rows: too many to build in Python every time grads move).
+    owner = torch.repeat_interleave(
+        torch.arange(len(specs), device=device), counts, output_size=total
+    )
+    first = torch.cumsum(counts, 0) - counts
+    table = info[owner]
+    table[:, 4] += (torch.arange(total, device=device) - first[owner]) * block
+    _TABLES[key] = table
+    return table
+
+
 @torch.no_grad()
 def _update(
     params,
@@ -319,7 +355,7 @@ def _update(
             groups.setdefault((dtypes, True), []).append((addrs, 0, body))
 
     for (dtypes, aligned), specs in groups.items():
-        table = chunk_table(specs, block, device)
+        table = _table(specs, block, device)
         kernel[(table.shape[0],)](
             table, table, table, table, 0, table, **scalars, **flags,
             BLOCK=block, GROUPED=True, ALIGNED=aligned,

@@ -4,8 +4,8 @@
 backward the grad's cast back to fp32, which torch runs on its non-vectorised
 dynamic-cast path (7.8 ms a step for the 1.4B GPT's grads on an H200, plus ~300
 launches of host time that the GPU waits for at the start of forward). Here the
-params of one unit are cast together by the multi-tensor ``cast_into`` kernel
-(``fscale/kernels/cast.py``), and so are their grads in backward.
+params of one unit are cast together by one multi-tensor launch (``fscale/casts.py``),
+and so are their grads in backward.
 
 [Note: cast groups]
 Backward of a group runs once every grad of the group is ready, so grouping decides
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from fscale import tree
-from fscale.kernels.cast import cast_all
+from fscale.casts import cast_all
 
 
 class _CastGroup(torch.autograd.Function):

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fscale.kernels.cast import cast_into
-
 
 @dataclass(frozen=True)
 class Reduction:
@@ -204,9 +202,7 @@ def copy_in(grads: list[torch.Tensor], specs: tuple[ShardSpec, ...], world: int,
                 pads.append(flat[r, offset + n : offset + s.shard_numel])
         offset += s.shard_numel
     if dsts:
-        # One launch on CUDA, casting on the way (bf16 grads into an fp32 flat): torch's
-        # foreach copy falls back to a kernel per tensor when the dtypes differ.
-        cast_into(dsts, srcs)
+        torch._foreach_copy_(dsts, srcs)
     if pads:
         torch._foreach_zero_(pads)
     return flat.view(-1)
