@@ -13,7 +13,8 @@ Goals: compile_units >= 1.15x fscale eager and >= 1.0x torch.compile, stage 3
 included. Every variant is built and warmed up (compiled) first, then ``--steps``
 rounds time one step of each (a device sync around each step; the order rotates), so
 all variants see the same GPU clocks and temperature; the median step is reported
-(``--no-interleave``: one variant after the other, as before 2026-12-03).
+(``--no-interleave``: one variant after the other, as before 2026-12-03). ``--window K``
+times K steps back to back per sample, so the host can run ahead as in training.
 
 Usage::
 
@@ -139,11 +140,16 @@ def time_variant(name, cfg, device, batch, steps, warmup) -> dict:
             "losses": losses, "peak_gib": peak}  # fmt: skip
 
 
-def time_interleaved(names, cfg, device, batch, steps, warmup) -> dict:
-    """Every variant built and warmed up, then ``steps`` rounds of one timed step each
+def time_interleaved(names, cfg, device, batch, steps, warmup, window=1) -> dict:
+    """Every variant built and warmed up, then ``steps`` rounds of one timed sample each
     (in a rotating order): the GPU's clocks and temperature drift over a run (the same
     GEMM kernels measured ~5% slower in variants timed minutes after the first), so
-    variants timed one after the other would each get a different GPU."""
+    variants timed one after the other would each get a different GPU.
+
+    A sample is ``window`` steps back to back between two device syncs, divided by
+    ``window``: with 1, every step starts on an idle GPU and the host's work before its
+    first kernel is all exposed; with more, the host runs ahead as in a training loop
+    that does not read the loss every step."""
     _free(device)
     runs, rows = {}, {}
     for name in names:
@@ -159,10 +165,10 @@ def time_interleaved(names, cfg, device, batch, steps, warmup) -> dict:
         for name in names[r % len(names) :] + names[: r % len(names)]:
             _sync(device)
             t0 = time.perf_counter()
-            loss = runs[name](batch)
+            losses = [runs[name](batch) for _ in range(window)]
             _sync(device)
-            rows[name]["step_s"].append(time.perf_counter() - t0)
-            rows[name]["losses"].append(float(loss))
+            rows[name]["step_s"].append((time.perf_counter() - t0) / window)
+            rows[name]["losses"].extend(float(loss) for loss in losses)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     for row in rows.values():
         row["median_s"] = statistics.median(row["step_s"])
@@ -189,6 +195,12 @@ def main(argv=None) -> None:
         "round), so each sees the same clocks and temperature; --no-interleave times "
         "them one after the other (the first runs on a cooler GPU)",
     )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="steps per timed sample, back to back between two syncs (interleaved only)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
@@ -202,7 +214,9 @@ def main(argv=None) -> None:
     batch = {"x": tokens[:, :-1].contiguous(), "y": tokens[:, 1:].contiguous()}
     names = args.only or list(VARIANTS)
     if args.interleave:
-        rows = time_interleaved(names, cfg, device, batch, args.steps, args.warmup)
+        rows = time_interleaved(
+            names, cfg, device, batch, args.steps, args.warmup, max(args.window, 1)
+        )
     else:
         rows = {}
         for name in names:
@@ -232,6 +246,7 @@ def main(argv=None) -> None:
         "batch": args.batch,
         "seq": seq,
         "schedule": "interleaved" if args.interleave else "one after the other",
+        "window": args.window if args.interleave else 1,
         "variants": rows,
         "speedups": ratios,
     }

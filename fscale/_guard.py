@@ -363,9 +363,11 @@ class Generation:
                 "every call: `params, state, metrics = step(params, state, batch)`, and pass "
                 "the newest params and state."
             )
-        for path, t in _live(params):
+        # Leaves first, paths only for the message (this runs on every call).
+        for i, t in enumerate(tree.leaves(params)):
             mark = getattr(t, "_fscale_generation", None)
             if mark is not None and mark[0] is self.lineage and mark[1] != self.number:
+                path = tree.paths(params)[i]
                 raise ValueError(
                     f"stale params: param {path!r} is from step call {mark[1]}, the state from "
                     f"call {self.number}. Rebind on every call: `params, state, metrics = "
@@ -380,8 +382,10 @@ class Generation:
         return nxt
 
     def mark(self, params) -> None:
-        for _, t in _live(params):
-            t._fscale_generation = (self.lineage, self.number)
+        stamp = (self.lineage, self.number)
+        for t in tree.leaves(params):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                t._fscale_generation = stamp
 
 
 # ----------------------------------------------------------------------------- leaves

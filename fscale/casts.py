@@ -43,15 +43,17 @@ def cast_all(tensors, dtype: torch.dtype) -> list:
     stays ``None``; a non-contiguous tensor goes through ``.to`` (its own layout).
     """
     out = list(tensors)
-    todo = [i for i, t in enumerate(out) if t is not None and t.dtype != dtype]
-    srcs, dsts = [], []
-    for i in todo:
-        t = out[i]
+    groups: dict[tuple, tuple[list, list]] = {}
+    for i, t in enumerate(out):
+        if t is None or t.dtype == dtype:
+            continue
         if t.is_contiguous():
             out[i] = torch.empty(t.shape, dtype=dtype, device=t.device)
-            srcs.append(t)
-            dsts.append(out[i])
+            pair = groups.setdefault((t.device, t.dtype), ([], []))
+            pair[0].append(out[i])
+            pair[1].append(t)
         else:
             out[i] = t.to(dtype)
-    cast_into(dsts, srcs)
+    for dsts, srcs in groups.values():  # same sizes and strides pairwise, by construction
+        torch._foreach_copy_(dsts, srcs)
     return out

@@ -163,11 +163,13 @@ class ParamLayout:
                 f"({spec.num_leaves} leaves vs {self.spec.num_leaves} expected). Call "
                 "`params, state = step.init(params)` and pass the params it returns."
             )
-        for path, leaf, shape, dtype in zip(
-            tree.paths(params), leaves, self.shapes, self.dtypes, strict=True
+        # Paths only for the message: finding them costs more than the check (every call).
+        for i, (leaf, shape, dtype) in enumerate(
+            zip(leaves, self.shapes, self.dtypes, strict=True)
         ):
             got = None if leaf is None else tuple(leaf.shape)
             if got != shape or (leaf is not None and leaf.dtype != dtype):
+                path = tree.paths(params)[i]
                 raise ValueError(
                     f"param {path!r} has shape {got} and dtype "
                     f"{None if leaf is None else leaf.dtype}; step.init laid it out as {shape} "
