@@ -41,7 +41,9 @@ class ParamSource:
     def fetch(self, key: str, flat: torch.Tensor):
         """``(tensor, launch)``: a device tensor to all-gather for unit ``key`` in the
         gather dtype, and a context manager to issue the all-gather in (a side stream),
-        or None for the current stream."""
+        or None for the current stream. The tensor is ``flat`` itself or one made for
+        this gather, which the gather takes over (a world of one uses it as the
+        gathered params: [Note: donated inputs] in ``fscale/hw/comm.py``)."""
         if self.gather_dtype is not None and flat.dtype != self.gather_dtype:
             flat = flat.to(self.gather_dtype)
         return flat, None

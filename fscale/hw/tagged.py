@@ -101,6 +101,7 @@ class Collectives:
         entry = self._by_tag.get(tag)
         if entry is None:
             return getattr(comm, name)(t, tag=tag, **kwargs)
+        kwargs.pop("donate", None)  # a replaced lowering makes its own buffers
         out = entry.fn(Call(tag, name, entry.owner, self._ctx), t, **kwargs)
         if name in _IN_PLACE:
             out = _into(t, out)
@@ -115,11 +116,13 @@ class Collectives:
     def all_reduce(self, tag: str, t, op="sum", group=None, async_op=False):
         return self._run("all_reduce", tag, t, op=op, group=group, async_op=async_op)
 
-    def all_gather(self, tag: str, t, group=None, async_op=False):
-        return self._run("all_gather", tag, t, group=group, async_op=async_op)
+    def all_gather(self, tag: str, t, group=None, async_op=False, donate=False):
+        return self._run("all_gather", tag, t, group=group, async_op=async_op, donate=donate)
 
-    def reduce_scatter(self, tag: str, t, op="sum", group=None, async_op=False):
-        return self._run("reduce_scatter", tag, t, op=op, group=group, async_op=async_op)
+    def reduce_scatter(self, tag: str, t, op="sum", group=None, async_op=False, donate=False):
+        return self._run(
+            "reduce_scatter", tag, t, op=op, group=group, async_op=async_op, donate=donate
+        )
 
     def all_to_all(
         self, tag: str, t, output_split_sizes=None, input_split_sizes=None, group=None,

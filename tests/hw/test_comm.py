@@ -383,6 +383,23 @@ def test_single_every_op(single, dtype):
     assert comm.stats()["all_gather"] == comm.CommStats(3, 2 * nbytes + 4)
 
 
+def test_single_donated_inputs_come_back_uncopied_and_counted(single):
+    """[Note: donated inputs]: a world of one returns a donated input itself."""
+    x = _inp(0, (4, 3), torch.float32)
+    with comm.counting() as donated:
+        ag = comm.all_gather(x, donate=True)
+        rs = comm.reduce_scatter(x, op="avg", donate=True, async_op=True).wait()
+        scalar = comm.all_gather(torch.tensor(3.0), donate=True)
+    assert ag is x and rs is x
+    _same(x, _inp(0, (4, 3), torch.float32))  # avg over one rank: unchanged
+    _same(scalar, torch.tensor([3.0]))
+    with comm.counting() as copied:
+        assert comm.all_gather(x).data_ptr() != x.data_ptr()
+        assert comm.reduce_scatter(x, op="avg").data_ptr() != x.data_ptr()
+        comm.all_gather(torch.tensor(3.0))
+    assert donated.ops == copied.ops  # the same calls and bytes either way
+
+
 def test_single_errors(single):
     x = torch.ones(4, 3)
     with pytest.raises(ValueError, match="no peer|this rank"):

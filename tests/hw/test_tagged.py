@@ -83,6 +83,17 @@ def test_a_replaced_lowering_gets_the_call_and_the_ops_own_arguments():
     assert c.replaced("t") and not c.replaced("other")
 
 
+def test_donation_reaches_the_comm_table_but_not_a_replaced_lowering():
+    log = []
+    c = Collectives((TaggedLowering("t", "mine", _recording(log)),), _ctx(mine={}))
+    t = torch.arange(4.0)
+    assert c.all_gather("zero.params", t, donate=True) is t  # a world of one
+    assert c.reduce_scatter("zero.grads", t, op="avg", donate=True) is t
+    out = c.all_gather("t", t, donate=True)
+    assert out is not t and torch.equal(out, t)
+    assert log == [("t", "all_gather", "mine", {"group": None, "async_op": False})]
+
+
 def test_only_its_own_tag_is_replaced():
     log = []
     c = Collectives((TaggedLowering("zero.grads", "mine", _recording(log)),), _ctx(mine={}))

@@ -78,7 +78,8 @@ class ZeroConfig:
         A reduce-scatter inside the shard group; under HSDP the piece is then
         averaged over the replicas (the mean over a product of dims is the mean of
         the per-dim means). A leaf of another ``reduction`` class is averaged over its
-        class's dims and divided by its scale instead.
+        class's dims and divided by its scale instead. ``flat`` is given up: the
+        result may be ``flat`` itself (a world of one).
         """
         if reduction is None:
             replicas = [d for d in self.replicate_dims if self.mesh.size(d) > 1]
@@ -89,9 +90,11 @@ class ZeroConfig:
         if reduction is not None and reduction.shard_dim is None:
             handle = comm.Handle(flat)  # kept whole: nothing to scatter
         else:
+            # ``flat`` is the caller's fresh bucket ([Note: donated inputs] in comm.py).
             handle = collectives.reduce_scatter(
-                "zero.grads", flat, op="avg", group=self.group_of(reduction), async_op=True
-            )
+                "zero.grads", flat, op="avg", group=self.group_of(reduction), async_op=True,
+                donate=True,
+            )  # fmt: skip
         if not replicas and scale == 1:
             return handle
 

@@ -124,8 +124,14 @@ class UnitGatherer:
                 self.tracker.track(local, staging=True)
             self.staged.add(key)
             unit = self.units[key]
+            # A cast or staged copy of the shards is ours to give to the gather; the
+            # master flats themselves are not ([Note: donated inputs] in comm.py).
+            fresh = local.untyped_storage().data_ptr() != (
+                self.flats[key].untyped_storage().data_ptr()
+            )
             if unit.reduction is not None and unit.world == 1:
-                handle = comm.Handle(local.clone())  # a unit kept whole: nothing to gather
+                # A unit kept whole: nothing to gather.
+                handle = comm.Handle(local if fresh else local.clone())
             else:
                 with ParamSource.launch_context(launch):
                     handle = self.comm.all_gather(
@@ -133,6 +139,7 @@ class UnitGatherer:
                         local,
                         group=self.cfg.group_of(unit.reduction),
                         async_op=True,
+                        donate=fresh,
                     )
         # Count the output buffer from the moment it is allocated, not when waited on.
         if handle.buffer is not None:
