@@ -61,6 +61,7 @@ import math
 import torch
 
 from fscale import tree
+from fscale.casts import cast_all
 from fscale.policies import CHANGES_GRADS_AFTER_BACKWARD, PrecisionPolicy
 from fscale.step import Step, StepContext, Transform
 from fscale.transforms._precision_cast import CastGroups
@@ -291,13 +292,16 @@ def _reduce_grads(cfg: _Config, inner, ctx: StepContext, grads):
     masters = [None if g is None else g.dtype for g in leaves]
     if all(d in (None, cfg.reduce_dtype) for d in masters):
         return inner.reduce_grads(ctx, grads)
-    cast = tree.unflatten(spec, [None if g is None else g.to(cfg.reduce_dtype) for g in leaves])
+    # Multi-tensor casts ([Note: cast groups] in _precision_cast.py), both ways.
+    cast = tree.unflatten(spec, cast_all(leaves, cfg.reduce_dtype))
     del leaves, grads  # the master-dtype grads can go once cast
     reduced = tree.leaves(inner.reduce_grads(ctx, cast))
-    return tree.unflatten(
-        spec,
-        [None if g is None else g.to(d) for g, d in zip(reduced, masters, strict=True)],
-    )
+    back = list(reduced)
+    for dtype in {d for d in masters if d is not None}:
+        idx = [i for i, d in enumerate(masters) if d == dtype]
+        for i, g in zip(idx, cast_all([reduced[i] for i in idx], dtype), strict=True):
+            back[i] = g
+    return tree.unflatten(spec, back)
 
 
 def _cast(t, dtype: torch.dtype):
