@@ -12,28 +12,13 @@ nearest even; widening is exact). On the CPU it copies tensor by tensor, as ``.t
 
 Usage::
 
-    from fscale.casts import cast_all, cast_into
-    halves = cast_all(params, torch.bfloat16)     # new tensors
-    cast_into(dsts, srcs)                         # dst.copy_(src) for each pair
+    from fscale.casts import cast_all
+    halves = cast_all(params, torch.bfloat16)     # new tensors, one launch per dtype pair
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def cast_into(dsts, srcs) -> None:
-    """``d.copy_(s)`` for each pair, a multi-tensor launch per (device, dtype pair)."""
-    groups: dict[tuple, tuple[list, list]] = {}
-    for d, s in zip(dsts, srcs, strict=True):
-        if d.shape == s.shape and d.stride() == s.stride() and d.device == s.device:
-            pair = groups.setdefault((d.device, s.dtype, d.dtype), ([], []))
-            pair[0].append(d)
-            pair[1].append(s)
-        else:
-            d.copy_(s)
-    for ds, ss in groups.values():
-        torch._foreach_copy_(ds, ss)
 
 
 def cast_all(tensors, dtype: torch.dtype) -> list:
