@@ -63,3 +63,28 @@ def test_huggingface_model_if_installed():
     assert "lm_head.weight" not in params  # tied to wte
     x = torch.randint(0, 17, (1, 5))
     torch.testing.assert_close(apply(params, x).logits, model(x).logits)
+
+
+def test_apply_swaps_params_in_and_always_back():
+    """[Note: swapping params in]: the module's own Parameters return after every call,
+    an exception included; names that are not Parameter slots go to functional_call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    params, apply = fs.functional(model)
+    own = {n: p for n, p in model.named_parameters()}
+    doubled = {n: 2 * p for n, p in params.items()}
+    x = torch.randn(5, 3)
+    want = torch.func.functional_call(model, doubled, (x,), strict=False)
+    torch.testing.assert_close(apply(doubled, x), want, rtol=0, atol=0)
+    assert all(p is own[n] for n, p in model.named_parameters())
+    try:
+        apply(doubled, torch.randn(5, 7))  # wrong width: the first Linear raises
+    except RuntimeError:
+        pass
+    assert all(p is own[n] for n, p in model.named_parameters())
+    # A buffer given by name is not a Parameter slot: functional_call serves the call.
+    stats = {**doubled, "1.running_mean": torch.ones(4)}
+    model.eval()
+    want = torch.func.functional_call(model, stats, (x,), strict=False)
+    torch.testing.assert_close(apply(stats, x), want, rtol=0, atol=0)
+    assert torch.equal(model[1].running_mean, torch.zeros(4))
