@@ -146,6 +146,21 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update, update_params, skips)
 
 
+def step_count(opt_state: Any) -> int:
+    """The step count of an optimizer's state without reading its tensors: the state's
+    ``count`` (Adam's, LAMB's, ...), or ``opt_state.step_count()`` for an object standing
+    for a state kept elsewhere (offload's host state, whose ``describe_state`` would
+    describe every tensor of it). Usage: ``n = step_count(state["optimizer"])``."""
+    counter = getattr(opt_state, "step_count", None)
+    count = counter() if callable(counter) else getattr(opt_state, "count", None)
+    if not isinstance(count, int):  # a tuple's count is a method
+        raise TypeError(
+            f"{type(opt_state).__name__} has no step count: give the optimizer state a "
+            "`count` field, or the object standing for it a `step_count()` method."
+        )
+    return count
+
+
 def zeros_like_tree(params: Params) -> Any:
     """Zero buffers shaped like ``params`` (``None`` leaves stay ``None``)."""
     return tree.map(lambda p: None if p is None else torch.zeros_like(p), params)

@@ -159,3 +159,22 @@ def test_bad_arguments_raise(make, match):
 def test_masked_needs_a_transformation():
     with pytest.raises(TypeError, match="needs a GradientTransformation, got function"):
         masked(lambda g: g, decay_mask_default)
+
+
+def test_step_count_reads_the_count_without_describing_offloaded_moments():
+    import fscale as fs
+    from fscale.optim.base import step_count
+    from tests.helpers import mlp, regression_batches, regression_loss
+
+    model = mlp([3, 5, 2])
+    params, apply = fs.functional(model)
+    step = fs.offload(fs.train_step(regression_loss(apply), fs.optim.adamw(1e-2)), "cpu")
+    params, state = step.init(params)
+    opt = state["optimizer"]
+    assert step_count(opt) == 0
+    for batch in regression_batches(2, 4, 3, 2):
+        params, state, _ = step(params, state, batch)
+    assert step_count(state["optimizer"]) == 2 == state["optimizer"].describe_state().count
+    assert step_count(fs.optim.adamw(1e-2).init(params)) == 0
+    with pytest.raises(TypeError, match="has no step count"):
+        step_count(())

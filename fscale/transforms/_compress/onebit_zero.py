@@ -104,6 +104,7 @@ import torch
 
 from fscale import tree
 from fscale.optim.adam import AdamState, bias_corrected_denom
+from fscale.optim.base import step_count
 from fscale.optim.masks import decayed_positions
 from fscale.optim.schedules import value_at
 from fscale.placement import Placement, place
@@ -294,13 +295,6 @@ def host_group_or_raise(cfg) -> None:
         )
 
 
-def count_of(opt) -> int:
-    """The optimizer's step count (``moments`` without reading the moments)."""
-    if isinstance(opt, AdamState):
-        return opt.count
-    return opt.describe_state().count
-
-
 # ----------------------------------------------------------------------------- stages
 
 
@@ -366,14 +360,14 @@ def update(cfg, inner, ctx: StepContext, grads, params):
     ctx.state[ob.NAME] = slot
     if action in ("warmup", "variance"):
         slot["ready"] = False  # the exact step moved the momentum and variance rows
-        count = count_of(ctx.state["optimizer"])
+        count = step_count(ctx.state["optimizer"])
         call = None
         if _is(cfg, "OnebitLamb"):
             call = {"mode": "lamb_warmup", "comm": ctx.comm, "group": cfg.group, "trust": {}}
         elif slot["v_count"] != count:  # 0/1 Adam after skipped variance updates
             call = {"mode": "variance", "v_count": slot["v_count"] + 1}
         params = rows_opt.calling(call, inner.update)(ctx, grads, params)
-        slot["v_count"] += count_of(ctx.state["optimizer"]) - count  # 0 if it did not step
+        slot["v_count"] += step_count(ctx.state["optimizer"]) - count  # 0 if it did not step
         if call is not None and call.get("trust"):  # LAMB's warm-up EMA of whole-layer ratios
             trust = torch.stack([call["trust"][i] for i in sorted(call["trust"])])
             beta = cfg.method.coeff_beta
@@ -423,7 +417,7 @@ class Local:
     def __init__(self, cfg, ctx: StepContext, grads, params, slot: dict):
         hp = cfg.hp
         self.cfg, self.ctx = cfg, ctx
-        self.count = count_of(ctx.state["optimizer"])
+        self.count = step_count(ctx.state["optimizer"])
         self.lr = value_at(hp["lr"], self.count, "lr")
         self.wd = value_at(hp["weight_decay"], self.count, "weight_decay")
         g_leaves, self.spec = tree.flatten(grads)

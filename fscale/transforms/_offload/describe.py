@@ -61,6 +61,20 @@ def optimizer_slot(handle) -> Any:
     return tree.unflatten(groups[0].state_spec, merged)
 
 
+def optimizer_count(handle) -> int:
+    """The inner optimizer's step count, from the first sub-group's plain leaves (the
+    sub-groups step together; ``optimizer_slot`` would describe every moment)."""
+    _check_open(handle)
+    handle.wait()
+    if not handle.groups:
+        return 0
+    g = handle.groups[0]
+    count = getattr(tree.unflatten(g.state_spec, g.state_leaves), "count", None)
+    if isinstance(count, int):
+        return count
+    return getattr(optimizer_slot(handle), "count", None)  # step_count refuses a non-int
+
+
 def offload_slot(handle) -> dict:
     """The masters by param path, and the plain metadata of the sub-groups."""
     _check_open(handle)

@@ -335,6 +335,10 @@ class OptimizerSlot:
     def describe_state(self) -> Any:
         return describe.optimizer_slot(self.handle)
 
+    def step_count(self) -> int:
+        """``fs.optim.base.step_count``'s answer, without describing the moments."""
+        return describe.optimizer_count(self.handle)
+
     def load_state(self, values: dict) -> None:
         """The optimizer's plain leaves (its count) back from a checkpoint
         ([Note: loading offloaded state] in describe.py)."""
