@@ -256,11 +256,13 @@ def too_many_skips(count: int, limit: int, loss_scaled: bool) -> FloatingPointEr
 # constructor does the same), in place.
 
 
+def _is_live(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "meta"
+
+
 def _live(params) -> list[tuple[str, torch.Tensor]]:
     return [
-        (p, t)
-        for p, t in zip(tree.paths(params), tree.leaves(params), strict=True)
-        if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        (p, t) for p, t in zip(tree.paths(params), tree.leaves(params), strict=True) if _is_live(t)
     ]
 
 
@@ -384,7 +386,7 @@ class Generation:
     def mark(self, params) -> None:
         stamp = (self.lineage, self.number)
         for t in tree.leaves(params):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if _is_live(t):
                 t._fscale_generation = stamp
 
 

@@ -56,9 +56,10 @@ class Apply:
                 owner, _, attr = name.rpartition(".")
                 sub = self.module.get_submodule(owner) if owner else self.module
                 if attr not in sub._parameters:
-                    return {}  # not a plain Parameter slot: leave it to functional_call
+                    slots = {}  # not a plain Parameter slot: leave it to functional_call
+                    break
                 slots[name] = (sub._parameters, attr)
-            self._slots = slots
+            self._slots = slots  # kept when empty too: the walk is not redone per call
         return self._slots
 
     def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
