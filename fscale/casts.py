@@ -12,8 +12,9 @@ nearest even; widening is exact). On the CPU it copies tensor by tensor, as ``.t
 
 Usage::
 
-    from fscale.casts import cast_all
+    from fscale.casts import cast_all, cast_each
     halves = cast_all(params, torch.bfloat16)     # new tensors, one launch per dtype pair
+    masters = cast_each(grads, [p.dtype for p in params])   # each to its own dtype
 """
 
 from __future__ import annotations
@@ -41,4 +42,18 @@ def cast_all(tensors, dtype: torch.dtype) -> list:
             out[i] = t.to(dtype)
     for dsts, srcs in groups.values():  # same sizes and strides pairwise, by construction
         torch._foreach_copy_(dsts, srcs)
+    return out
+
+
+def cast_each(tensors, dtypes) -> list:
+    """``[t.to(d) for t, d in zip(tensors, dtypes)]`` (``None`` stays ``None``), a
+    ``cast_all`` per target dtype."""
+    out = list(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, (t, d) in enumerate(zip(out, dtypes, strict=True)):
+        if t is not None:
+            by_dtype.setdefault(d, []).append(i)
+    for d, idx in by_dtype.items():
+        for i, t in zip(idx, cast_all([out[i] for i in idx], d), strict=True):
+            out[i] = t
     return out

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fscale.casts import cast_all
+from fscale.casts import cast_all, cast_each
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SPECIAL = [float("inf"), -float("inf"), float("nan"), 3.4e38, -3.4e38, 1e-40, 1e-45, 0.0, -0.0,
@@ -58,3 +58,14 @@ def test_cuda_casts_equal_to(src, dst):
     srcs = _sources([1, 4099, 1 << 20, 77], [src] * 4, seed=3, device="cuda")
     for g, s in zip(cast_all(srcs, dst), srcs, strict=True):
         _same(g, s.to(dst))
+
+
+def test_cast_each_sends_each_tensor_to_its_own_dtype():
+    srcs = _sources([5, 9, 3], [torch.bfloat16, torch.float16, torch.float32], seed=2)[:3]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float16]
+    got = cast_each([*srcs[:2], None, srcs[2]], dtypes)
+    assert got[2] is None
+    for g, s, d in zip(
+        [got[0], got[1], got[3]], srcs, [dtypes[0], dtypes[1], dtypes[3]], strict=True
+    ):
+        _same(g, s.to(d))

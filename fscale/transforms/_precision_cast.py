@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from fscale import tree
-from fscale.casts import cast_all
+from fscale.casts import cast_all, cast_each
 
 
 class _CastGroup(torch.autograd.Function):
@@ -46,15 +46,8 @@ class _CastGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        out: list = [None] * len(grads)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes, strict=True)):
-            if g is not None and ctx.needs_input_grad[i + 1]:
-                by_dtype.setdefault(dtype, []).append(i)
-        for dtype, idx in by_dtype.items():
-            for i, g in zip(idx, cast_all([grads[i] for i in idx], dtype), strict=True):
-                out[i] = g
-        return (None, *out)
+        wanted = [g if ctx.needs_input_grad[i + 1] else None for i, g in enumerate(grads)]
+        return (None, *cast_each(wanted, ctx.dtypes))
 
 
 class CastGroups:

@@ -61,7 +61,7 @@ import math
 import torch
 
 from fscale import tree
-from fscale.casts import cast_all
+from fscale.casts import cast_all, cast_each
 from fscale.policies import CHANGES_GRADS_AFTER_BACKWARD, PrecisionPolicy
 from fscale.step import Step, StepContext, Transform
 from fscale.transforms._precision_cast import CastGroups
@@ -296,12 +296,7 @@ def _reduce_grads(cfg: _Config, inner, ctx: StepContext, grads):
     cast = tree.unflatten(spec, cast_all(leaves, cfg.reduce_dtype))
     del leaves, grads  # the master-dtype grads can go once cast
     reduced = tree.leaves(inner.reduce_grads(ctx, cast))
-    back = list(reduced)
-    for dtype in {d for d in masters if d is not None}:
-        idx = [i for i, d in enumerate(masters) if d == dtype]
-        for i, g in zip(idx, cast_all([reduced[i] for i in idx], dtype), strict=True):
-            back[i] = g
-    return tree.unflatten(spec, back)
+    return tree.unflatten(spec, cast_each(reduced, masters))
 
 
 def _cast(t, dtype: torch.dtype):
