@@ -1,14 +1,19 @@
 """[Note: checksums while writing]: the CRC-32 taken on the way to each file equals the
-file's CRC read back, through DCP's real writer, with several writer threads."""
+file's CRC read back, through DCP's real writer, with several writer threads; [Note:
+the CRC torch already took]: a tensor's data is summed once, by torch."""
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import zlib
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from fscale._checkpoint import checksummed
 from fscale._checkpoint.checksummed import ChecksummingFileSystem
 
 
@@ -117,3 +122,80 @@ def test_a_saved_tensor_is_found_in_place_or_refused():
     assert tensor_view(blob(t), (5,), torch.float32) is None  # another size
     assert tensor_view(blob({"a": t, "b": t + 1}), (10,), torch.float32) is None
     assert tensor_view(torch.zeros(64, dtype=torch.uint8), (4,), torch.float32) is None
+
+
+class _Sink(io.RawIOBase):
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += bytes(b)
+        return memoryview(b).nbytes
+
+    def tell(self) -> int:
+        return len(self.data)
+
+
+def _summed_bytes(monkeypatch) -> list[int]:
+    """Bytes the stream sums itself (not those whose CRC torch gave)."""
+    seen = []
+    real = checksummed.crc32
+
+    def spy(view, value=0):
+        seen.append(memoryview(view).nbytes)
+        return real(view, value)
+
+    monkeypatch.setattr(checksummed, "crc32", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_torchs_crc_of_a_record_replaces_summing_its_data(monkeypatch, dtype):
+    """[Note: the CRC torch already took]: a tensor item's data is not summed again;
+    its piece's CRC is still that of every byte written."""
+    seen = _summed_bytes(monkeypatch)
+    sink = _Sink()
+    stream = checksummed._SummingStream(sink)
+    tensors = [
+        torch.randn(300_000).to(dtype),
+        torch.randn(7).to(dtype),
+        torch.empty(0, dtype=dtype),
+    ]
+    for t in tensors:
+        stream.mark()
+        torch.save(t, stream)
+        stream.flush()
+    stream.mark()
+    assert sum(n for _, n, _ in stream.pieces) == len(sink.data) == stream.size
+    for o, n, crc in stream.pieces:
+        assert crc == zlib.crc32(sink.data[o : o + n])
+    big = tensors[0].nbytes
+    assert max(seen) < checksummed._DEFER <= big  # the large data was never summed here
+    assert sum(seen) < len(sink.data) - big + 1
+
+
+@pytest.mark.parametrize("after", ["other write", "wrong size", "flush", "mark", "tell"])
+def test_data_without_its_descriptor_is_summed(after):
+    """When what follows a record's data is not its descriptor, the stream sums the
+    data itself: the CRC is right whatever comes next."""
+    data = os.urandom(checksummed._DEFER + 5)
+    header = bytearray(30)
+    header[:4] = b"PK\x03\x04"
+    struct.pack_into("<H", header, 6, 0x808)
+    struct.pack_into("<HH", header, 26, 3, 4)
+    sink = _Sink()
+    stream = checksummed._SummingStream(sink)
+    for b in (bytes(header), b"abc", b"FB\x00\x00", data):
+        stream.write(b)
+    if after == "other write":
+        stream.write(b"next")
+    elif after == "wrong size":  # a descriptor of another length: its CRC is not used
+        stream.write(b"PK\x07\x08" + struct.pack("<III", 1234, len(data) - 1, len(data) - 1))
+    else:
+        getattr(stream, after)()
+    stream.mark()
+    ((o, n, crc),) = stream.pieces
+    assert (o, n) == (0, len(sink.data)) and crc == zlib.crc32(sink.data)

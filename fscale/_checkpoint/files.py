@@ -9,10 +9,11 @@ import re
 import shutil
 import uuid
 import warnings
-import zlib
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+
+from fscale._checkpoint.checksummed import crc32
 
 _LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -42,7 +43,7 @@ def _crc32(path: str, offset: int = 0, length: int | None = None) -> int:
         f.seek(offset)
         left = os.path.getsize(path) - offset if length is None else length
         while left > 0 and (chunk := f.read(min(_CHUNK, left))):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             left -= len(chunk)
     return crc
 
@@ -79,7 +80,7 @@ class Checksums:
         return self.pieces[name].get((offset, length))
 
     def verify(self, name: str, offset: int, data) -> None:
-        self._check(name, offset, len(data), zlib.crc32(data))
+        self._check(name, offset, len(data), crc32(data))
 
     def verify_file(self, name: str) -> None:
         full = os.path.join(self.where, name)
