@@ -271,3 +271,58 @@ def test_a_closure_in_state_is_refused_naming_its_path():
 def test_describe_needs_the_state_dict():
     with pytest.raises(TypeError, match="state must be the dict step.init returns"):
         describe([1, 2])
+
+
+# --------------------------------------------------------- [Note: busy host phases]
+
+
+def test_wait_host_quiet_waits_for_the_busy_phase_to_end():
+    import threading
+    import time
+
+    from fscale import state as sp
+
+    assert sp.wait_host_quiet() == 0.0  # nothing busy: no wait
+    entered, leave = threading.Event(), threading.Event()
+
+    def busy():
+        with sp.host_busy(), sp.host_busy():  # nested phases count
+            entered.set()
+            leave.wait()
+
+    th = threading.Thread(target=busy)
+    th.start()
+    entered.wait()
+    assert sp.wait_host_quiet(max_wait=0.05) >= 0.05  # still busy: gave up after max_wait
+    threading.Timer(0.1, leave.set).start()
+    t0 = time.monotonic()
+    sp.wait_host_quiet(max_wait=10.0)
+    assert 0.05 < time.monotonic() - t0 < 5.0  # woke when the phase ended, not at max_wait
+    th.join()
+    assert sp._BUSY == 0
+
+
+def test_an_offloaded_update_is_a_busy_host_phase():
+    from fscale import state as sp
+    from fscale.transforms._offload.state import OffloadState
+
+    model = GPT(GPTConfig.tiny())
+    params, apply = fs.functional(model)
+    step = fs.offload(fs.train_step(lm_loss(apply), fs.optim.adamw(1e-3)), "cpu")
+    params, state = step.init(params)
+    seen = []
+    update = OffloadState.update_group
+
+    def spy(self, *a, **k):
+        seen.append(sp._BUSY)
+        return update(self, *a, **k)
+
+    OffloadState.update_group = spy
+    try:
+        (batch,) = lm_batches(1, 2, 16, vocab=model.cfg.vocab_size, seed=0)
+        step(params, state, batch)
+    finally:
+        OffloadState.update_group = update
+    assert seen and all(b >= 1 for b in seen), seen
+    assert sp._BUSY == 0
+    state["offload"].close()
