@@ -216,7 +216,7 @@ def save(
     if not async_save:
         return _write(state_dict, tmp, final, root, at, keep, None, _Writing(threads, io, 0))
     global _PENDING
-    snapshot = LazySnapshot(io.copy_threads, io.background_nice)
+    snapshot = LazySnapshot(io.copy_threads, io.background_nice, keep=io.keep_copies)
     staged = _stage(state_dict, io.stage, snapshot)
     group = _async_group()
     writing = _Writing(

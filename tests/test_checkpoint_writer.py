@@ -313,6 +313,39 @@ def test_lazy_snapshot_keeps_the_bytes_of_its_start_whoever_copies_them():
     assert torch.equal(got, now)
 
 
+def test_kept_copies_are_reused_by_the_next_keeping_snapshot_and_freed_by_others():
+    """[Note: kept copies]: a keeping snapshot's buffers go to the pool when it closes,
+    the next keeping one copies into the same memory (and gets the new bytes), and a
+    snapshot that does not keep empties the pool."""
+    from fscale._checkpoint import snapshot as sn
+    from fscale.state import announce_writes, announced
+
+    buf = torch.arange(48, dtype=torch.float32)
+    announce_writes(buf)
+    parts = [buf[0:16], buf[16:48], buf[16:48].view(torch.int32)]
+
+    def save(keep: bool):
+        snap = sn.LazySnapshot(copy_threads=1, keep=keep)
+        items = [snap.defer(p, announced(p)) for p in parts]
+        snap.start()
+        try:
+            copies = [i.tensor() for i in items]
+        finally:
+            snap.close()
+        return copies
+
+    first = save(keep=True)
+    assert sorted(b.numel() for bs in sn._POOL.values() for b in bs) == [64, 128, 128]
+    ptrs = {c.data_ptr() for c in first}
+    buf.add_(100.0)
+    second = save(keep=True)
+    assert {c.data_ptr() for c in second} == ptrs  # the same buffers, new bytes
+    assert torch.equal(second[0], buf[0:16]) and torch.equal(second[1], buf[16:48])
+    assert torch.equal(second[2], buf[16:48].view(torch.int32))
+    save(keep=False)
+    assert sn._POOL == {}
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     spans=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 40)), max_size=10),

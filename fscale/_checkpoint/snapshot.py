@@ -21,6 +21,14 @@ on. Host tensors whose owner announces its writes ([Note: announced writes] in
 So the call costs nothing per byte, and the copy runs while the device computes the
 next step's forward; the training waits only for bytes the copier has not reached
 when their sub-group's update begins.
+
+[Note: kept copies]
+A copy into fresh memory first faults its pages in, and the kernel zeroes each one:
+a third memory pass over tens of GB, in the step after the call. With ``keep=True``
+(``SaveIO.keep_copies``) the copies' buffers outlive the save in a module-wide pool
+and the next such save copies into them (same sizes: the same state), so only the
+first save pays. The pool holds exactly the last keeping save's buffers: a save
+with ``keep=False`` frees them, as does one whose state changed size.
 """
 
 from __future__ import annotations
@@ -87,9 +95,11 @@ class LazySnapshot:
         snap.close()
     """
 
-    def __init__(self, copy_threads: int = 4, nice: int = 0):
+    def __init__(self, copy_threads: int = 4, nice: int = 0, *, keep: bool = False):
         self.copy_threads = copy_threads
         self.nice = nice
+        self.keep = keep  # [Note: kept copies]
+        self._buffers: list[torch.Tensor] = []  # this save's, for the pool
         self._lock = threading.Lock()
         self._entries: list[_Entry] = []
         self._by_storage: dict[int, _Index] = {}
@@ -131,12 +141,33 @@ class LazySnapshot:
             self._threads.append(th)
 
     def close(self) -> None:
-        """Stop copying and unregister (after the save, or its failure)."""
+        """Stop copying and unregister (after the save, or its failure: the writers
+        are done with the copies); the pool keeps this save's buffers or none."""
         self._stop = True
         state_protocol.remove_snapshot(self)
         for th in self._threads:
             th.join()
         self._threads.clear()
+        with _POOL_LOCK:
+            _POOL.clear()
+            for b in self._buffers:
+                _POOL.setdefault(b.numel(), []).append(b)
+        self._buffers.clear()
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 host buffer for one copy: a kept one of that size, else fresh."""
+        buf = None
+        if self.keep:
+            with _POOL_LOCK:
+                free = _POOL.get(nbytes)
+                buf = free.pop() if free else None
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            _huge_pages(buf)
+        if self.keep:
+            with self._lock:
+                self._buffers.append(buf)
+        return buf
 
     # -- claiming ------------------------------------------------------------------
 
@@ -150,7 +181,7 @@ class LazySnapshot:
 
     def _copy(self, e: _Entry, *, memmove: bool) -> None:
         try:
-            e.copy = _copy_of(e.src, memmove=memmove)
+            e.copy = _copy_of(e.src, self._buffer(e.src.nbytes), memmove=memmove)
         except BaseException as err:  # the writer's take raises it
             self._error = err
             raise
@@ -200,11 +231,15 @@ class LazySnapshot:
                 return
 
 
-def _copy_of(src: torch.Tensor, *, memmove: bool) -> torch.Tensor:
-    """A fresh contiguous host copy of ``src``: one ``memmove`` (no GIL, no intra-op
-    threads) where ``src`` is contiguous and ``memmove``, else torch's copy."""
-    out = torch.empty(src.shape, dtype=src.dtype)
-    _huge_pages(out)
+_POOL: dict[int, list[torch.Tensor]] = {}  # [Note: kept copies]: nbytes -> buffers
+_POOL_LOCK = threading.Lock()
+
+
+def _copy_of(src: torch.Tensor, buf: torch.Tensor, *, memmove: bool) -> torch.Tensor:
+    """A contiguous host copy of ``src`` in ``buf`` (uint8, ``src.nbytes``): one
+    ``memmove`` (no GIL, no intra-op threads) where ``src`` is contiguous and
+    ``memmove``, else torch's copy."""
+    out = buf.view(src.dtype).view(src.shape) if src.numel() else torch.empty(0, dtype=src.dtype)
     if not (memmove and src.is_contiguous()):
         out.copy_(src)
         return out

@@ -83,6 +83,11 @@ class SaveIO:
         pieces, while a busy host phase runs (offload's optimizer update: [Note: busy
         host phases] in fscale/state.py), so that they write while the device computes
         instead of slowing the update; the save takes more steps to be written.
+      keep_copies: an asynchronous save's host copies of offloaded state stay
+        allocated after it, for the next such save to copy into ([Note: kept copies]
+        in fscale/_checkpoint/snapshot.py): its first step does not fault in and zero
+        tens of GB of fresh pages, at the price of that much host memory held between
+        saves (a save without it frees them).
       copy_threads: threads that copy an asynchronous save's announced host tensors
         (offload's state) in the background ([Note: lazy snapshot] in
         fscale/_checkpoint/snapshot.py); the host optimizer copies what they have not
@@ -106,6 +111,7 @@ class SaveIO:
     background_idle: bool = True
     background_threads: int | None = None
     yield_to_host: bool = True
+    keep_copies: bool = False
     copy_threads: int = 8
     stage: str = "auto"
 
@@ -116,7 +122,7 @@ class SaveIO:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"SaveIO({name}={v!r}): an int >= 0.")
-        for name in ("background_idle", "yield_to_host"):
+        for name in ("background_idle", "yield_to_host", "keep_copies"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SaveIO({name}={getattr(self, name)!r}): a bool.")
         c = self.copy_threads
