@@ -218,6 +218,7 @@ def save(
     global _PENDING
     snapshot = LazySnapshot(io.copy_threads, io.background_nice, keep=io.keep_copies)
     staged = _stage(state_dict, io.stage, snapshot)
+    snapshot.device = _snapshot_place(snapshot, io.snapshot)
     group = _async_group()
     writing = _Writing(
         io.background_threads or threads, io, io.background_nice, io.background_idle, True
@@ -337,6 +338,31 @@ def _staging_place(state_dict: dict, where: str) -> str:
         if free + cached < nbytes + STAGING_MARGIN:
             return "pinned"
     return "device"
+
+
+def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
+    """``SaveIO.snapshot`` resolved to the device a lazy snapshot copies into, or None
+    for host memory ([Note: a snapshot in device memory] in _checkpoint/snapshot.py):
+    "auto" is the current CUDA device where the entries are pinned and its free memory
+    (after the staging above) holds them and ``STAGING_MARGIN``."""
+    if where == "host" or not len(snapshot):
+        return None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if where == "device":
+        if not cuda:
+            raise ValueError(
+                "fs.save: SaveIO(snapshot='device') needs CUDA in use; use 'auto' or 'host'."
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    if not cuda or not snapshot.pinned():
+        return None
+    device = torch.device("cuda", torch.cuda.current_device())
+    free, _ = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+    cached = stats.get("reserved_bytes.all.current", 0) - stats.get(
+        "allocated_bytes.all.current", 0
+    )
+    return device if free + cached >= snapshot.nbytes() + STAGING_MARGIN else None
 
 
 def _device_tensors(state_dict: dict):

@@ -346,6 +346,53 @@ def test_kept_copies_are_reused_by_the_next_keeping_snapshot_and_freed_by_others
     assert sn._POOL == {}
 
 
+@pytest.mark.parametrize("ahead", [1, 1 << 30])
+def test_a_fed_snapshot_keeps_the_bytes_of_its_start(monkeypatch, ahead):
+    """[Note: a snapshot in device memory]: with a device set, one feeder thread copies
+    the entries in update order (here to a CPU stand-in, at most ``ahead`` bytes in
+    flight); entries the owner or the writer reaches first are copied by them; every
+    copy holds the bytes of the start."""
+    from fscale._checkpoint import snapshot as sn
+    from fscale.state import announce_writes, announced, before_write
+
+    monkeypatch.setattr(sn, "FEED_AHEAD", ahead)
+    buf = torch.arange(4096, dtype=torch.float32)
+    announce_writes(buf)
+    parts = [buf[i : i + 256] for i in range(0, 4096, 256)]
+    before = buf.clone()
+    snap = sn.LazySnapshot(device=torch.device("cpu"))
+    items = [snap.defer(p, announced(p)) for p in parts]
+    assert snap.nbytes() == buf.nbytes and not snap.pinned()
+    snap.start()
+    try:
+        before_write(buf[1000:3000])  # the owner's update races the feeder
+        buf[1000:3000] = -1.0
+        got = torch.cat([i.tensor() for i in items])
+    finally:
+        snap.close()
+    assert torch.equal(got, before)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("fscale-snap")] == []
+
+
+def test_snapshot_place_resolves_saveio_snapshot():
+    from fscale._checkpoint.snapshot import LazySnapshot
+    from fscale.checkpoint import _snapshot_place
+    from fscale.state import announce_writes, announced
+
+    buf = torch.zeros(8)
+    announce_writes(buf)
+    snap = LazySnapshot()
+    assert _snapshot_place(snap, "auto") is None  # nothing deferred
+    snap.defer(buf, announced(buf))
+    assert _snapshot_place(snap, "host") is None
+    if not torch.cuda.is_initialized():
+        assert _snapshot_place(snap, "auto") is None  # unpinned, no CUDA: the host
+        with pytest.raises(ValueError, match="snapshot='device'.*'auto' or 'host'"):
+            _snapshot_place(snap, "device")
+    with pytest.raises(ValueError, match="snapshot='gpu'.*auto, device, host"):
+        SaveIO(snapshot="gpu")
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     spans=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 40)), max_size=10),
@@ -384,3 +431,58 @@ def test_an_async_saves_writers_wait_for_a_busy_host_phase(tmp_path, yield_to_ho
     fresh, full = _build(())
     loaded, _ = fs.load(tmp_path / "async", fresh, full)
     assert all(torch.equal(loaded[k], params[k]) for k in params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_an_offloaded_async_save_holds_its_calls_state_from_either_snapshot(
+    tmp_path, monkeypatch, where
+):
+    """[Note: a snapshot in device memory]: the pinned offloaded state is copied to the
+    device by DMA (many copies in flight), the next step updates it in place while the
+    save is written, and the checkpoint equals a synchronous save of the same call."""
+    from fscale._checkpoint import snapshot as sn
+    from fscale.models.gpt import GPT, GPTConfig
+    from fscale.state import TensorEntry, describe
+    from tests.helpers import lm_batches, lm_loss
+
+    monkeypatch.setattr(sn, "FEED_AHEAD", 1 << 14)
+    places = []
+    start = sn.LazySnapshot.start
+    monkeypatch.setattr(sn.LazySnapshot, "start", lambda s: places.append(s.device) or start(s))
+    torch.manual_seed(0)
+    cfg = GPTConfig.tiny()
+
+    def build():
+        params, apply = fs.functional(GPT(cfg).cuda())
+        opt = fs.optim.adamw(1e-3)
+        step = fs.offload(fs.train_step(lm_loss(apply), opt), "cpu", subgroup_mb=2e-3)
+        return step, params
+
+    step, params = build()
+    params, state = step.init(params)
+    batches = [
+        {k: v.cuda() for k, v in b.items()}
+        for b in lm_batches(2, 2, cfg.seq_len, vocab=cfg.vocab_size, seed=0)
+    ]
+    params, state, _ = step(params, state, batches[0])
+    fs.save(tmp_path / "sync", params, state)
+    handle = fs.save(tmp_path / "async", params, state, async_save=True, io=SaveIO(snapshot=where))
+    params, state, _ = step(params, state, batches[1])  # updates the host state in place
+    handle.wait()
+    assert places == [
+        torch.device("cuda", torch.cuda.current_device()) if where == "device" else None
+    ]
+
+    def tensors(path):
+        fresh_step, fresh = build()
+        p, s = fs.load(path, fresh_step, fresh)
+        out = {f"p/{k}": v.cpu() for k, v in p.items()}
+        out |= {k: e.tensor.cpu() for k, e in describe(s).items() if isinstance(e, TensorEntry)}
+        s["offload"].close()
+        return out
+
+    want, got = tensors(tmp_path / "sync"), tensors(tmp_path / "async")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    state["offload"].close()

@@ -54,6 +54,7 @@ __all__ = ["SaveIO", "make_job", "split_items", "write_buckets"]
 
 
 STAGES = ("auto", "device", "pinned", "pageable")
+SNAPSHOTS = ("auto", "device", "host")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ class SaveIO:
         in fscale/_checkpoint/snapshot.py): its first step does not fault in and zero
         tens of GB of fresh pages, at the price of that much host memory held between
         saves (a save without it frees them).
+      snapshot: where an asynchronous save copies offloaded host state:
+        ``"device"`` (device memory, a DMA per entry queued by one thread: [Note: a
+        snapshot in device memory] in fscale/_checkpoint/snapshot.py), ``"host"``
+        (host memory, ``copy_threads`` threads), or ``"auto"``: the device where the
+        state is pinned and the device's free memory holds it with a margin.
       copy_threads: threads that copy an asynchronous save's announced host tensors
         (offload's state) in the background ([Note: lazy snapshot] in
         fscale/_checkpoint/snapshot.py); the host optimizer copies what they have not
@@ -112,12 +118,15 @@ class SaveIO:
     background_threads: int | None = None
     yield_to_host: bool = True
     keep_copies: bool = False
+    snapshot: str = "auto"
     copy_threads: int = 8
     stage: str = "auto"
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"SaveIO(stage={self.stage!r}): one of {', '.join(STAGES)}.")
+        if self.snapshot not in SNAPSHOTS:
+            raise ValueError(f"SaveIO(snapshot={self.snapshot!r}): one of {', '.join(SNAPSHOTS)}.")
         for name in ("pinned", "writeback", "background_nice"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
