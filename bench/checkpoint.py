@@ -174,10 +174,13 @@ def trained(model_name: str, stack: str, device, batch_size: int, seq: int | Non
 
 
 def _value(text: str):
-    """A ``--async-io`` field value: true / false, else an int."""
+    """A ``--async-io`` field value: true / false, an int, else the text."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 @contextlib.contextmanager
