@@ -374,6 +374,38 @@ def test_a_fed_snapshot_keeps_the_bytes_of_its_start(monkeypatch, ahead):
     assert [t.name for t in threading.enumerate() if t.name.startswith("fscale-snap")] == []
 
 
+def test_a_fed_snapshot_that_runs_out_of_device_memory_copies_the_rest_on_the_host(
+    monkeypatch,
+):
+    from fscale._checkpoint import snapshot as sn
+    from fscale.state import announce_writes, announced
+
+    fed = []
+
+    def to_device(src, device):
+        if len(fed) == 3:
+            raise torch.OutOfMemoryError("out of memory")
+        fed.append(src)
+        return src.to(device, copy=True)
+
+    monkeypatch.setattr(sn, "_to_device", to_device)
+    buf = torch.arange(1024, dtype=torch.float32)
+    announce_writes(buf)
+    parts = [buf[i : i + 64] for i in range(0, 1024, 64)]
+    snap = sn.LazySnapshot(copy_threads=2, device=torch.device("cpu"))
+    items = [snap.defer(p, announced(p)) for p in parts]
+    before = buf.clone()
+    snap.start()
+    try:
+        for t in snap._threads:
+            t.join()  # the feeder, then the copy threads it started
+        buf.fill_(-1.0)
+        got = torch.cat([i.tensor() for i in items])
+    finally:
+        snap.close()
+    assert len(fed) == 3 and torch.equal(got, before)
+
+
 def test_snapshot_place_resolves_saveio_snapshot():
     from fscale._checkpoint.snapshot import LazySnapshot
     from fscale.checkpoint import _snapshot_place

@@ -33,8 +33,9 @@ update order, at most ``FEED_AHEAD`` bytes in flight so that the step's own copi
 are not queued behind tens of GB: a DMA that reads each host byte once and takes no
 CPU. An entry is then done when its copy's event is; ``preserve`` and ``take`` wait
 for it; an entry the update reaches before the feeder is copied on the host as
-before. The writer threads move device copies to the host through their pinned
-slabs, as they do a GPU state's tensors, and each copy is freed once written.
+before, and so is the rest if the device runs out of memory meanwhile. The writer
+threads move device copies to the host through their pinned slabs, as they do a GPU
+state's tensors, and each copy is freed once written.
 
 [Note: kept copies]
 A copy into fresh memory first faults its pages in, and the kernel zeroes each one:
@@ -171,6 +172,9 @@ class LazySnapshot:
             th.start()
             self._threads.append(th)
             return
+        self._start_copiers()
+
+    def _start_copiers(self) -> None:
         for k in range(min(self.copy_threads, len(self._entries))):
             th = threading.Thread(target=self._copier, name=f"fscale-snapshot-{k}", daemon=True)
             th.start()
@@ -314,8 +318,15 @@ def _feed(snap: LazySnapshot) -> None:
                     e.event = torch.cuda.Event()
                     e.event.record(stream)
             else:  # the CPU tests' stand-in for a device
-                out = e.src.to(device, copy=True)
+                out = _to_device(e.src, device)
             e.copy = out
+        except torch.OutOfMemoryError:
+            # The device filled up since the save checked: this entry and the rest
+            # are copied on the host, as without a device.
+            e.event = None
+            snap._copy(e, memmove=True)
+            snap._start_copiers()
+            return
         except BaseException as err:  # the writer's take raises it
             snap._error = err
             e.status = _DONE
@@ -325,6 +336,10 @@ def _feed(snap: LazySnapshot) -> None:
         e.done.set()
         inflight.append((e.event, e.src.nbytes))
         queued += e.src.nbytes
+
+
+def _to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return src.to(device, copy=True)
 
 
 def _copy_of(src: torch.Tensor, buf: torch.Tensor, *, memmove: bool) -> torch.Tensor:
