@@ -344,7 +344,8 @@ def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
     """``SaveIO.snapshot`` resolved to the device a lazy snapshot copies into, or None
     for host memory ([Note: a snapshot in device memory] in _checkpoint/snapshot.py):
     "auto" is the current CUDA device where the entries are pinned and its free memory
-    (after the staging above) holds them and ``STAGING_MARGIN``."""
+    (after the staging above, not counting the allocator's cache) holds them and
+    ``STAGING_MARGIN``."""
     if where == "host" or not len(snapshot):
         return None
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -356,13 +357,11 @@ def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
         return torch.device("cuda", torch.cuda.current_device())
     if not cuda or not snapshot.pinned():
         return None
+    # Only the driver's free memory: what torch's allocator holds unused now is the
+    # next step's activations, and the copies are made while that step runs.
     device = torch.device("cuda", torch.cuda.current_device())
     free, _ = torch.cuda.mem_get_info(device)
-    stats = torch.cuda.memory_stats(device)
-    cached = stats.get("reserved_bytes.all.current", 0) - stats.get(
-        "allocated_bytes.all.current", 0
-    )
-    return device if free + cached >= snapshot.nbytes() + STAGING_MARGIN else None
+    return device if free >= snapshot.nbytes() + STAGING_MARGIN else None
 
 
 def _device_tensors(state_dict: dict):
