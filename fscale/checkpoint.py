@@ -220,9 +220,7 @@ def save(
     staged = _stage(state_dict, io.stage, snapshot)
     snapshot.device = _snapshot_place(snapshot, io.snapshot)
     group = _async_group()
-    writing = _Writing(
-        io.background_threads or threads, io, io.background_nice, io.background_idle, True
-    )
+    writing = _Writing(io.background_threads or threads, io, io.background_nice, io.background_idle)
     snapshot.start()
     future = _executor().submit(
         _write_closing, snapshot, staged, tmp, final, root, at, keep, group, writing
@@ -466,14 +464,7 @@ class _Writer(dcp.FileSystemWriter):
             results = super().write_data(plan, planner).value()
         else:  # [Note: how a tensor reaches the disk]
             job = make_job(
-                planner,
-                self.fs.create_stream,
-                w.io,
-                w.threads,
-                self.sync_files,
-                w.nice,
-                w.idle,
-                paced=w.background and w.io.yield_to_host,
+                planner, self.fs.create_stream, w.io, w.threads, self.sync_files, w.nice, w.idle
             )
             buckets = split_items(plan.items, w.threads)
             prefix = plan.storage_data.prefix
@@ -503,7 +494,6 @@ class _Writing:
     io: SaveIO
     nice: int
     idle: bool = False  # SCHED_IDLE writer threads (SaveIO.background_idle)
-    background: bool = False  # an asynchronous save's
 
 
 def _write(state_dict, tmp, final, root, at, keep, group, writing: _Writing) -> str:

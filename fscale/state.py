@@ -18,10 +18,7 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import threading
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -184,52 +181,3 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
         return lo, lo
     span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
     return lo, lo + span * t.element_size()
-
-
-# [Note: busy host phases]
-# An asynchronous save's writer threads take CPU and memory bandwidth from whatever
-# else runs on the host. Where that is a memory-bound phase of the step (offload's
-# optimizer update of tens of GB of host state), each step is slowed by the save,
-# every step until it is written. A phase that runs once a step, between phases that
-# leave the host idle (the device's forward and backward), says so with
-# ``host_busy()``; background work calls ``wait_host_quiet`` between its pieces and
-# waits for the phase to end, at most ``max_wait`` seconds a call (a phase that never
-# ends cannot stop the save). Work already started is not interrupted: the pieces
-# are what bound the overlap. A phase that overlaps the whole step (a delayed update
-# running beside the next forward) must not announce itself: the save would then
-# wait ``max_wait`` for every piece.
-
-_BUSY = 0
-_QUIET = threading.Condition()
-
-
-@contextlib.contextmanager
-def host_busy():
-    """Mark a memory-bound host phase of the step ([Note: busy host phases]).
-
-    Usage::
-
-        with host_busy():
-            update_every_group()
-    """
-    global _BUSY
-    with _QUIET:
-        _BUSY += 1
-    try:
-        yield
-    finally:
-        with _QUIET:
-            _BUSY -= 1
-            if not _BUSY:
-                _QUIET.notify_all()
-
-
-def wait_host_quiet(max_wait: float = 5.0) -> float:
-    """Wait until no ``host_busy`` phase runs, at most ``max_wait`` seconds; returns
-    the seconds waited."""
-    if not _BUSY:  # the common case: no lock
-        return 0.0
-    t0 = time.monotonic()
-    with _QUIET:
-        _QUIET.wait_for(lambda: not _BUSY, timeout=max_wait)
-    return time.monotonic() - t0

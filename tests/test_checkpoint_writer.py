@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 import torch
@@ -441,28 +440,6 @@ def test_lazy_snapshot_finds_every_entry_a_write_overlaps(spans, probe):
     lo, hi = probe[0], probe[0] + probe[1]
     got = _Index(entries).overlapping(lo, hi)
     assert sorted(map(id, got)) == sorted(id(e) for e in entries if e.lo < hi and e.hi > lo)
-
-
-@pytest.mark.parametrize("yield_to_host", [True, False])
-def test_an_async_saves_writers_wait_for_a_busy_host_phase(tmp_path, yield_to_host):
-    """[Note: busy host phases]: with ``yield_to_host`` an asynchronous save writes
-    nothing while a busy phase runs and finishes once it ends; without, it is written
-    during the phase. A synchronous save never waits."""
-    from fscale import state as sp
-
-    step, params, state = _state("plain", tmp_path)
-    io = SaveIO(yield_to_host=yield_to_host, background_threads=2)
-    with sp.host_busy():
-        fs.save(tmp_path / "sync", params, state, io=io)  # returns: it does not wait
-        handle = fs.save(tmp_path / "async", params, state, async_save=True, io=io)
-        t0 = time.monotonic()
-        while not handle.done() and time.monotonic() - t0 < 1.0:
-            time.sleep(0.02)
-        assert handle.done() != yield_to_host
-    handle.wait()
-    fresh, full = _build(())
-    loaded, _ = fs.load(tmp_path / "async", fresh, full)
-    assert all(torch.equal(loaded[k], params[k]) for k in params)
 
 
 @pytest.mark.gpu

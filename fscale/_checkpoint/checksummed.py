@@ -52,7 +52,6 @@ __all__ = ["ChecksummingFileSystem", "crc32"]
 _LOCAL_HEADER = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"
 _DEFER = 1 << 16  # data writes at least this large use torch's CRC
-_PIECE = 16 << 20  # a paced stream writes large buffers in pieces of this size
 
 
 class _SummingStream:
@@ -70,9 +69,6 @@ class _SummingStream:
         self._header_left = 0
         self._at_data = False
         self._pending = None  # (data view, CRC before it): data not yet summed
-        # Called before each write and each 16 MiB of a large one (an asynchronous
-        # save's writer sets it: [Note: busy host phases] in fscale/state.py).
-        self.pace = None
 
     def mark(self) -> None:
         """End the current piece here (a new item starts)."""
@@ -94,8 +90,6 @@ class _SummingStream:
         self.crc = crc32_combine(before, data_crc, n)
 
     def write(self, b) -> int:
-        if self.pace is not None:
-            self.pace()
         view = memoryview(b).cast("B")
         n = view.nbytes
         self._settle(view if view[:4] == _DESCRIPTOR else None)
@@ -105,12 +99,7 @@ class _SummingStream:
             self.crc = crc32(view, self.crc)
         self._track(view)
         self.size += n
-        if self.pace is None or n <= _PIECE:
-            return self.raw.write(view)
-        for lo in range(0, n, _PIECE):  # [Note: busy host phases] between pieces
-            self.pace()
-            self.raw.write(view[lo : lo + _PIECE])
-        return n
+        return self.raw.write(view)
 
     def _track(self, view: memoryview) -> None:
         """Follow torch's writes of a local header, then its name and extra field (in

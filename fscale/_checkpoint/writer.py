@@ -48,8 +48,6 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from fscale import state as state_protocol
-
 __all__ = ["SaveIO", "make_job", "split_items", "write_buckets"]
 
 
@@ -80,10 +78,6 @@ class SaveIO:
         niced only, 8 threads).
       background_threads: writer threads of an asynchronous save (default: ``threads``
         of the save).
-      yield_to_host: an asynchronous save's writer threads pause, between 16 MiB
-        pieces, while a busy host phase runs (offload's optimizer update: [Note: busy
-        host phases] in fscale/state.py), so that they write while the device computes
-        instead of slowing the update; the save takes more steps to be written.
       keep_copies: an asynchronous save's host copies of offloaded state stay
         allocated after it, for the next such save to copy into ([Note: kept copies]
         in fscale/_checkpoint/snapshot.py): its first step does not fault in and zero
@@ -116,7 +110,6 @@ class SaveIO:
     background_nice: int = 10
     background_idle: bool = True
     background_threads: int | None = None
-    yield_to_host: bool = True
     keep_copies: bool = False
     snapshot: str = "auto"
     copy_threads: int = 8
@@ -131,7 +124,7 @@ class SaveIO:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"SaveIO({name}={v!r}): an int >= 0.")
-        for name in ("background_idle", "yield_to_host", "keep_copies"):
+        for name in ("background_idle", "keep_copies"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SaveIO({name}={getattr(self, name)!r}): a bool.")
         c = self.copy_threads
@@ -342,7 +335,6 @@ class _Job:
     nice: int  # added to the threads' niceness
     idle: bool  # SCHED_IDLE (SaveIO.background_idle)
     after: Any  # a CUDA event on the caller's stream (the copies wait for it), or None
-    paced: bool = False  # wait for quiet host phases (SaveIO.yield_to_host, async saves)
 
 
 def _lower_priority(nice: int, idle: bool = False) -> None:
@@ -370,13 +362,8 @@ def _write_file(job: _Job, path, key: str, items: list[WriteItem]) -> list[Write
     with job.create_stream(path, "wb") as stream:
         out = _NoClose(stream)
         wb = _Writeback(stream.fileno(), job.io.writeback)
-        pace = state_protocol.wait_host_quiet if job.paced else None  # [Note: busy host phases]
-        if pace is not None and hasattr(stream, "pace"):
-            stream.pace = pace
 
         def write(item: WriteItem, data) -> None:
-            if pace is not None:
-                pace()
             offset = stream.tell()
             if hasattr(stream, "mark"):  # one checksum per item ([Note: checksums while writing])
                 stream.mark()
@@ -457,19 +444,11 @@ def write_buckets(
 
 
 def make_job(
-    planner,
-    create_stream,
-    io_: SaveIO,
-    threads: int,
-    sync: bool,
-    nice: int,
-    idle: bool,
-    *,
-    paced: bool = False,
+    planner, create_stream, io_: SaveIO, threads: int, sync: bool, nice: int, idle: bool
 ) -> _Job:
     """The shared part of one save's writing, made in the caller's thread (whose CUDA
     stream the device copies must follow)."""
     after = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         after = torch.cuda.current_stream().record_event()
-    return _Job(planner, create_stream, io_, threads, sync, nice, idle, after, paced)
+    return _Job(planner, create_stream, io_, threads, sync, nice, idle, after)

@@ -35,8 +35,6 @@ from typing import Any
 
 import torch
 
-from fscale.state import host_busy
-
 
 class GradStream:
     """The per-step streaming pipeline of one ``OffloadState`` (see the module note)."""
@@ -105,8 +103,7 @@ class GradStream:
         g = handle.groups[k]
         for i in g.leaves:  # on the host now: the device grad can go once the step ends
             self.grads[i] = None
-        with host_busy():  # [Note: busy host phases]
-            handle.update_group(k, handle.buffers[k], handle.staging[slot])
+        handle.update_group(k, handle.buffers[k], handle.staging[slot])
         master, _ = handle.views(g, handle.buffers[k])
         handle.to_device(g, master, self.params)
         with self.lock:

@@ -46,7 +46,6 @@ from typing import Any
 import torch
 
 from fscale import tree
-from fscale.state import host_busy
 from fscale.transforms._offload.state import OffloadState
 
 
@@ -68,11 +67,10 @@ def run(handle: OffloadState, grads, params):
         return params
     handle._reset_events()
     handle.begin_copies()
-    with host_busy():  # an async save's writers wait ([Note: busy host phases])
-        if handle.cfg.tier == "nvme":
-            update_nvme(handle, g_leaves, p_leaves)
-        else:
-            update_cpu(handle, g_leaves, p_leaves)
+    if handle.cfg.tier == "nvme":
+        update_nvme(handle, g_leaves, p_leaves)
+    else:
+        update_cpu(handle, g_leaves, p_leaves)
         handle.sync_device()
     return params
 
