@@ -277,6 +277,7 @@ def _async_group():
 
 def _write_closing(snapshot: LazySnapshot, *args) -> str:
     try:
+        snapshot.wait_copied()  # [Note: writing after the snapshot]
         return _write(*args)
     finally:
         snapshot.close()

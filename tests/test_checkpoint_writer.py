@@ -405,6 +405,32 @@ def test_a_fed_snapshot_that_runs_out_of_device_memory_copies_the_rest_on_the_ho
     assert len(fed) == 3 and torch.equal(got, before)
 
 
+@pytest.mark.parametrize("device", [None, torch.device("cpu")])
+def test_wait_copied_returns_once_every_entry_holds_the_start(device):
+    """[Note: writing after the snapshot]: ``wait_copied`` returns with every entry
+    copied (by the caller where no thread has claimed it); later writes of the buffer
+    change no copy."""
+    from fscale._checkpoint.snapshot import _DONE, LazySnapshot
+    from fscale.state import announce_writes, announced, before_write
+
+    buf = torch.arange(512, dtype=torch.float32)
+    announce_writes(buf)
+    parts = [buf[i : i + 64] for i in range(0, 512, 64)]
+    before = buf.clone()
+    snap = LazySnapshot(copy_threads=0 if device is None else 1, device=device)
+    items = [snap.defer(p, announced(p)) for p in parts]
+    snap.start()
+    try:
+        snap.wait_copied()
+        assert all(e.status == _DONE and e.copy is not None for e in snap._entries)
+        before_write(buf)
+        buf.fill_(3.0)
+        got = torch.cat([i.tensor() for i in items])
+    finally:
+        snap.close()
+    assert torch.equal(got, before)
+
+
 def test_snapshot_place_resolves_saveio_snapshot():
     from fscale._checkpoint.snapshot import LazySnapshot
     from fscale.checkpoint import _snapshot_place
