@@ -342,9 +342,10 @@ def _staging_place(state_dict: dict, where: str) -> str:
 def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
     """``SaveIO.snapshot`` resolved to the device a lazy snapshot copies into, or None
     for host memory ([Note: a snapshot in device memory] in _checkpoint/snapshot.py):
-    "auto" is the current CUDA device where the entries are pinned and its free memory
-    (after the staging above, not counting the allocator's cache) holds them and
-    ``STAGING_MARGIN``."""
+    "auto" is the host where its available memory (or the kept copies) holds the
+    entries and ``STAGING_MARGIN``, else the current CUDA device where the entries are
+    pinned and its free memory (after the staging above, not counting the allocator's
+    cache) holds them, else the host."""
     if where == "host" or not len(snapshot):
         return None
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -354,13 +355,29 @@ def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
                 "fs.save: SaveIO(snapshot='device') needs CUDA in use; use 'auto' or 'host'."
             )
         return torch.device("cuda", torch.cuda.current_device())
+    nbytes = snapshot.nbytes()
+    if snapshot.kept_bytes() + _host_available() >= nbytes + STAGING_MARGIN:
+        return None
     if not cuda or not snapshot.pinned():
         return None
     # Only the driver's free memory: what torch's allocator holds unused now is the
     # next step's activations, and the copies are made while that step runs.
     device = torch.device("cuda", torch.cuda.current_device())
     free, _ = torch.cuda.mem_get_info(device)
-    return device if free >= snapshot.nbytes() + STAGING_MARGIN else None
+    return device if free >= nbytes + STAGING_MARGIN else None
+
+
+def _host_available() -> int:
+    """The host memory the kernel can give without swapping (``MemAvailable``), or a
+    very large number where it does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def _device_tensors(state_dict: dict):

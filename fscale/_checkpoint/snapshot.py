@@ -35,7 +35,11 @@ CPU. An entry is then done when its copy's event is; ``preserve`` and ``take`` w
 for it; an entry the update reaches before the feeder is copied on the host as
 before, and so is the rest if the device runs out of memory meanwhile. The writer
 threads move device copies to the host through their pinned slabs, as they do a GPU
-state's tensors, and each copy is freed once written.
+state's tensors, and each copy is freed once written. That moves the writes'
+device-to-host traffic onto the link offload's grads use every step: measured on one
+H200 (offloaded 3.55B, 2 writer threads), the stall was 3.9 s against 1.5 s for kept
+host copies, so ``"auto"`` uses the device only where the host's available memory
+cannot hold the copies.
 
 [Note: writing after the snapshot]
 The writer threads start once every entry is copied (``wait_copied``), not with the
@@ -146,6 +150,13 @@ class LazySnapshot:
     def nbytes(self) -> int:
         """Bytes of the deferred entries (what a device snapshot allocates)."""
         return sum(e.src.nbytes for e in self._entries)
+
+    def kept_bytes(self) -> int:
+        """Bytes of kept copies this snapshot would reuse ([Note: kept copies])."""
+        if not self.keep:
+            return 0
+        with _POOL_LOCK:
+            return sum(b.numel() for bs in _POOL.values() for b in bs)
 
     def pinned(self) -> bool:
         """Whether every deferred entry is in pinned host memory (a DMA source)."""
