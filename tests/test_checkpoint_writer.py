@@ -345,6 +345,29 @@ def test_kept_copies_are_reused_by_the_next_keeping_snapshot_and_freed_by_others
     assert sn._POOL == {}
 
 
+def _announced_parts(n: int, piece: int):
+    """An announced float buffer of ``n`` elements and its views of ``piece`` each."""
+    from fscale.state import announce_writes
+
+    buf = torch.arange(n, dtype=torch.float32)
+    announce_writes(buf)
+    return buf, [buf[i : i + piece] for i in range(0, n, piece)]
+
+
+def _through(snap, parts, during) -> torch.Tensor:
+    """``parts`` deferred to ``snap``, started, ``during(snap)`` run (the training goes
+    on), then every copy taken as the writer would, concatenated."""
+    from fscale.state import announced
+
+    items = [snap.defer(p, announced(p)) for p in parts]
+    snap.start()
+    try:
+        during(snap)
+        return torch.cat([i.tensor() for i in items])
+    finally:
+        snap.close()
+
+
 @pytest.mark.parametrize("ahead", [1, 1 << 30])
 def test_a_fed_snapshot_keeps_the_bytes_of_its_start(monkeypatch, ahead):
     """[Note: a snapshot in device memory]: with a device set, one feeder thread copies
@@ -352,24 +375,19 @@ def test_a_fed_snapshot_keeps_the_bytes_of_its_start(monkeypatch, ahead):
     flight); entries the owner or the writer reaches first are copied by them; every
     copy holds the bytes of the start."""
     from fscale._checkpoint import snapshot as sn
-    from fscale.state import announce_writes, announced, before_write
+    from fscale.state import before_write
 
     monkeypatch.setattr(sn, "FEED_AHEAD", ahead)
-    buf = torch.arange(4096, dtype=torch.float32)
-    announce_writes(buf)
-    parts = [buf[i : i + 256] for i in range(0, 4096, 256)]
+    buf, parts = _announced_parts(4096, 256)
     before = buf.clone()
     snap = sn.LazySnapshot(device=torch.device("cpu"))
-    items = [snap.defer(p, announced(p)) for p in parts]
-    assert snap.nbytes() == buf.nbytes and not snap.pinned()
-    snap.start()
-    try:
+
+    def update(snap):
+        assert snap.nbytes() == buf.nbytes and not snap.pinned()
         before_write(buf[1000:3000])  # the owner's update races the feeder
         buf[1000:3000] = -1.0
-        got = torch.cat([i.tensor() for i in items])
-    finally:
-        snap.close()
-    assert torch.equal(got, before)
+
+    assert torch.equal(_through(snap, parts, update), before)
     assert [t.name for t in threading.enumerate() if t.name.startswith("fscale-snap")] == []
 
 
@@ -377,7 +395,6 @@ def test_a_fed_snapshot_that_runs_out_of_device_memory_copies_the_rest_on_the_ho
     monkeypatch,
 ):
     from fscale._checkpoint import snapshot as sn
-    from fscale.state import announce_writes, announced
 
     fed = []
 
@@ -388,21 +405,16 @@ def test_a_fed_snapshot_that_runs_out_of_device_memory_copies_the_rest_on_the_ho
         return src.to(device, copy=True)
 
     monkeypatch.setattr(sn, "_to_device", to_device)
-    buf = torch.arange(1024, dtype=torch.float32)
-    announce_writes(buf)
-    parts = [buf[i : i + 64] for i in range(0, 1024, 64)]
-    snap = sn.LazySnapshot(copy_threads=2, device=torch.device("cpu"))
-    items = [snap.defer(p, announced(p)) for p in parts]
+    buf, parts = _announced_parts(1024, 64)
     before = buf.clone()
-    snap.start()
-    try:
+
+    def update(snap):
         for t in snap._threads:
             t.join()  # the feeder, then the copy threads it started
         buf.fill_(-1.0)
-        got = torch.cat([i.tensor() for i in items])
-    finally:
-        snap.close()
-    assert len(fed) == 3 and torch.equal(got, before)
+
+    snap = sn.LazySnapshot(copy_threads=2, device=torch.device("cpu"))
+    assert torch.equal(_through(snap, parts, update), before) and len(fed) == 3
 
 
 @pytest.mark.parametrize("device", [None, torch.device("cpu")])
@@ -411,24 +423,19 @@ def test_wait_copied_returns_once_every_entry_holds_the_start(device):
     copied (by the caller where no thread has claimed it); later writes of the buffer
     change no copy."""
     from fscale._checkpoint.snapshot import _DONE, LazySnapshot
-    from fscale.state import announce_writes, announced, before_write
+    from fscale.state import before_write
 
-    buf = torch.arange(512, dtype=torch.float32)
-    announce_writes(buf)
-    parts = [buf[i : i + 64] for i in range(0, 512, 64)]
+    buf, parts = _announced_parts(512, 64)
     before = buf.clone()
-    snap = LazySnapshot(copy_threads=0 if device is None else 1, device=device)
-    items = [snap.defer(p, announced(p)) for p in parts]
-    snap.start()
-    try:
+
+    def update(snap):
         snap.wait_copied()
         assert all(e.status == _DONE and e.copy is not None for e in snap._entries)
         before_write(buf)
         buf.fill_(3.0)
-        got = torch.cat([i.tensor() for i in items])
-    finally:
-        snap.close()
-    assert torch.equal(got, before)
+
+    snap = LazySnapshot(copy_threads=0 if device is None else 1, device=device)
+    assert torch.equal(_through(snap, parts, update), before)
 
 
 def test_snapshot_place_resolves_saveio_snapshot():
