@@ -417,6 +417,22 @@ def test_a_fed_snapshot_that_runs_out_of_device_memory_copies_the_rest_on_the_ho
     assert torch.equal(_through(snap, parts, update), before) and len(fed) == 3
 
 
+def test_a_failed_device_copy_fails_the_save_naming_the_error(monkeypatch):
+    """Any other error of the feeder's copy is the writer's: its ``take`` raises it, the
+    entries after it are still copied (on the host) and the snapshot closes."""
+    from fscale._checkpoint import snapshot as sn
+
+    def broken(src, device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(sn, "_to_device", broken)
+    _, parts = _announced_parts(256, 64)
+    snap = sn.LazySnapshot(copy_threads=1, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="snapshot copy failed.*illegal memory access"):
+        _through(snap, parts, lambda snap: snap.wait_copied())
+    assert all(e.done.is_set() for e in snap._entries)
+
+
 @pytest.mark.parametrize("device", [None, torch.device("cpu")])
 def test_wait_copied_returns_once_every_entry_holds_the_start(device):
     """[Note: writing after the snapshot]: ``wait_copied`` returns with every entry
