@@ -222,9 +222,13 @@ def save(
     group = _async_group()
     writing = _Writing(io.background_threads or threads, io, io.background_nice, io.background_idle)
     snapshot.start()
-    future = _executor().submit(
-        _write_closing, snapshot, staged, tmp, final, root, at, keep, group, writing
-    )
+    try:
+        future = _executor().submit(
+            _write_closing, snapshot, staged, tmp, final, root, at, keep, group, writing
+        )
+    except BaseException:
+        snapshot.close()  # nothing will write it: stop copying, unregister
+        raise
     _PENDING = SaveHandle(final, future)
     return _PENDING
 
@@ -368,16 +372,27 @@ def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
 
 
 def _host_available() -> int:
-    """The host memory the kernel can give without swapping (``MemAvailable``), or a
-    very large number where it does not say (not Linux)."""
+    """The host memory this process can still get without swapping: the kernel's
+    ``MemAvailable``, capped by a cgroup v2 memory limit where one is set (a
+    container's), or a very large number where neither says (not Linux)."""
+    out = 1 << 62
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    out = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return 1 << 62
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                out = min(out, int(limit) - int(f.read()))
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def _device_tensors(state_dict: dict):

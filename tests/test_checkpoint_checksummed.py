@@ -177,7 +177,7 @@ def test_torchs_crc_of_a_record_replaces_summing_its_data(monkeypatch, dtype):
     assert sum(seen) < len(sink.data) - big + 1
 
 
-@pytest.mark.parametrize("after", ["other write", "wrong size", "flush", "mark", "tell"])
+@pytest.mark.parametrize("after", ["other write", "wrong size", "no crc", "flush", "mark", "tell"])
 def test_data_without_its_descriptor_is_summed(after):
     """When what follows a record's data is not its descriptor, the stream sums the
     data itself: the CRC is right whatever comes next."""
@@ -194,6 +194,8 @@ def test_data_without_its_descriptor_is_summed(after):
         stream.write(b"next")
     elif after == "wrong size":  # a descriptor of another length: its CRC is not used
         stream.write(b"PK\x07\x08" + struct.pack("<III", 1234, len(data) - 1, len(data) - 1))
+    elif after == "no crc":  # what torch writes with set_crc32_options(False)
+        stream.write(b"PK\x07\x08" + struct.pack("<III", 0, len(data), len(data)))
     else:
         getattr(stream, after)()
     stream.mark()

@@ -398,13 +398,13 @@ def test_a_fed_snapshot_that_runs_out_of_device_memory_copies_the_rest_on_the_ho
 
     fed = []
 
-    def to_device(src, device):
+    def to_device(src, device, stream):
         if len(fed) == 3:
             raise torch.OutOfMemoryError("out of memory")
         fed.append(src)
-        return src.to(device, copy=True)
+        return src.to(device, copy=True), None
 
-    monkeypatch.setattr(sn, "_to_device", to_device)
+    monkeypatch.setattr(sn, "_copy_to", to_device)
     buf, parts = _announced_parts(1024, 64)
     before = buf.clone()
 
@@ -422,15 +422,46 @@ def test_a_failed_device_copy_fails_the_save_naming_the_error(monkeypatch):
     entries after it are still copied (on the host) and the snapshot closes."""
     from fscale._checkpoint import snapshot as sn
 
-    def broken(src, device):
+    def broken(src, device, stream):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(sn, "_to_device", broken)
+    monkeypatch.setattr(sn, "_copy_to", broken)
     _, parts = _announced_parts(256, 64)
     snap = sn.LazySnapshot(copy_threads=1, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="snapshot copy failed.*illegal memory access"):
         _through(snap, parts, lambda snap: snap.wait_copied())
     assert all(e.done.is_set() for e in snap._entries)
+
+
+def test_a_feeder_whose_earlier_copy_failed_leaves_no_entry_claimed(monkeypatch):
+    """An error while the feeder waits for room (an earlier copy's event) ends it with
+    no entry left claimed: the owner's ``before_write`` and ``wait_copied`` copy the
+    rest themselves instead of waiting forever, and the save fails naming the error."""
+    from fscale._checkpoint import snapshot as sn
+    from fscale.state import before_write
+
+    class Failing:
+        def synchronize(self):
+            raise RuntimeError("CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(sn, "FEED_AHEAD", 1)  # wait for each copy before the next
+    monkeypatch.setattr(sn, "_copy_to", lambda src, device, stream: (src.clone(), Failing()))
+    buf, parts = _announced_parts(256, 64)
+    before = buf.clone()
+
+    def update(snap):
+        snap._threads[0].join(5)
+        assert not snap._threads[0].is_alive()
+        assert [e.status for e in snap._queue].count(sn._COPYING) == 0
+        before_write(buf[64:])  # copies the pending entries itself, does not hang
+        buf[64:] = -1.0
+        snap.wait_copied()  # the first entry's failed event: recorded, not raised here
+        for i, e in enumerate(snap._queue[1:], start=1):
+            assert torch.equal(e.copy, before[64 * i : 64 * (i + 1)])
+
+    snap = sn.LazySnapshot(device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="launch failure"):
+        _through(snap, parts, update)
 
 
 @pytest.mark.parametrize("device", [None, torch.device("cpu")])
@@ -544,3 +575,29 @@ def test_an_offloaded_async_save_holds_its_calls_state_from_either_snapshot(
     want, got = tensors(tmp_path / "sync"), tensors(tmp_path / "async")
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     state["offload"].close()
+
+
+def test_host_available_is_capped_by_a_cgroup_limit(monkeypatch, tmp_path):
+    """``"auto"`` counts the host memory the process can get: ``MemAvailable``, or less
+    under a container's cgroup v2 limit."""
+    import builtins
+
+    from fscale import checkpoint
+
+    files = {
+        "/proc/meminfo": "MemTotal: 100 kB\nMemAvailable:   4000 kB\n",
+        "/sys/fs/cgroup/memory.max": "3000000\n",
+        "/sys/fs/cgroup/memory.current": "1000000\n",
+    }
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        if str(path) in files:
+            (tmp_path / "f").write_text(files[str(path)])
+            return real_open(tmp_path / "f", *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert checkpoint._host_available() == 2_000_000  # min(4,096,000, 3e6 - 1e6)
+    files["/sys/fs/cgroup/memory.max"] = "max\n"
+    assert checkpoint._host_available() == 4000 * 1024

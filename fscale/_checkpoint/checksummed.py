@@ -23,10 +23,11 @@ CRC in a data descriptor), writes of exactly its name and extra field, one of th
 -- and does not sum a large data write; when the next write is the descriptor
 (``PK\x07\x08``, CRC-32 and sizes, zip64 or not) and its size equals the data's,
 its CRC is combined into the running one (``crc32_combine``: the same value as
-summing the data). Anything else next (another write, ``tell``, ``flush``,
-``mark``, ``close``) sums the data then, while torch still holds it: the result is
-the same CRC either way, and a corrupt descriptor can only make ``load`` refuse the
-item, never accept a wrong one.
+summing the data); a CRC of 0 (torch told not to take them) is not trusted.
+Anything else next (another write, ``tell``, ``flush``, ``mark``, ``close``) sums
+the data then, while torch still holds it: the result is the same CRC either way,
+and a corrupt descriptor can only make ``load`` refuse the item, never accept a
+wrong one.
 
 Usage::
 
@@ -154,7 +155,9 @@ def _descriptor_crc(view: memoryview, n: int) -> int | None:
         crc, comp, size = struct.unpack_from("<IQQ", view, 4)
     else:
         return None
-    return crc if comp == size == n else None
+    # 0 is what torch writes when told not to take CRCs (``set_crc32_options(False)``):
+    # the data is summed then (a real CRC of 0 too, once in 2**32 items).
+    return crc if comp == size == n and crc else None
 
 
 class ChecksummingFileSystem(FileSystem):

@@ -250,18 +250,24 @@ class LazySnapshot:
 
     def wait_copied(self) -> None:
         """Until every entry is copied ([Note: writing after the snapshot]); entries no
-        thread has claimed are copied by the caller."""
+        thread has claimed are copied by the caller. A failed copy is not raised here
+        but by the writer's ``take``, inside the save's collectives, so that every rank
+        learns of it (a rank raising before them would leave the others waiting)."""
         for e in self._queue or self._entries:
-            if self._claim(e):
-                self._copy(e, memmove=True)
-            self._wait(e)
+            try:
+                if self._claim(e):
+                    self._copy(e, memmove=True)
+                self._wait(e)
+            except BaseException as err:
+                self._error = self._error or err
 
     @staticmethod
     def _wait(e: _Entry) -> None:
         """Until ``e``'s copy holds its bytes (a device copy: its event)."""
         e.done.wait()
-        if e.event is not None:
-            e.event.synchronize()
+        event = e.event  # take() drops it
+        if event is not None:
+            event.synchronize()
 
     def preserve(self, t: torch.Tensor) -> None:
         """Copy (or wait for) every entry overlapping ``t`` before the caller writes it."""
@@ -321,36 +327,37 @@ FEED_AHEAD = 1 << 30
 
 def _feed(snap: LazySnapshot) -> None:
     """The feeder thread's loop: each pending entry's copy to ``snap.device`` queued on
-    a side stream in update order, at most ``FEED_AHEAD`` bytes in flight."""
+    a side stream in update order, at most ``FEED_AHEAD`` bytes in flight. An entry is
+    claimed only once there is room for it (a claimed entry is one ``before_write``
+    waits for), and whatever happens it ends done: copied, or failed with the error
+    recorded for the writer's ``take``; entries left pending are copied by whoever
+    needs them first."""
     device = snap.device
-    cuda = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if cuda else None
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     inflight: list[tuple[Any, int]] = []  # (event, bytes), oldest first
     queued = 0
     for e in snap._queue:
         if snap._stop:
             return
+        if e.status != _PENDING:
+            continue
+        size = e.hi - e.lo  # fixed at defer: ``src`` is dropped once written
+        try:
+            while inflight and queued + size > FEED_AHEAD:
+                event, n = inflight.pop(0)
+                if event is not None:
+                    event.synchronize()
+                queued -= n
+        except BaseException as err:  # a failed copy: the writer's take raises it too
+            snap._error = err
+            return
         if not snap._claim(e):
             continue
-        while inflight and queued + e.src.nbytes > FEED_AHEAD:
-            event, n = inflight.pop(0)
-            if event is not None:
-                event.synchronize()
-            queued -= n
         try:
-            if cuda:
-                with torch.cuda.stream(stream):
-                    out = torch.empty(e.src.shape, dtype=e.src.dtype, device=device)
-                    out.copy_(e.src, non_blocking=True)  # pinned source: a DMA
-                    e.event = torch.cuda.Event()
-                    e.event.record(stream)
-            else:  # the CPU tests' stand-in for a device
-                out = _to_device(e.src, device)
-            e.copy = out
+            out, event = _copy_to(e.src, device, stream)
         except torch.OutOfMemoryError:
             # The device filled up since the save checked: this entry and the rest
             # are copied on the host, as without a device.
-            e.event = None
             snap._copy(e, memmove=True)
             snap._start_copiers()
             return
@@ -359,14 +366,25 @@ def _feed(snap: LazySnapshot) -> None:
             e.status = _DONE
             e.done.set()
             return
+        e.copy, e.event = out, event
         e.status = _DONE
         e.done.set()
-        inflight.append((e.event, e.src.nbytes))
-        queued += e.src.nbytes
+        inflight.append((event, size))
+        queued += size
 
 
-def _to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return src.to(device, copy=True)
+def _copy_to(src: torch.Tensor, device: torch.device, stream) -> tuple[torch.Tensor, Any]:
+    """A copy of ``src`` on ``device`` and the event of its completion: queued on
+    ``stream`` (a DMA from pinned memory) on CUDA; elsewhere (the CPU tests' stand-in
+    for a device) made now, no event."""
+    if stream is None:
+        return src.to(device, copy=True), None
+    with torch.cuda.stream(stream):
+        out = torch.empty(src.shape, dtype=src.dtype, device=device)
+        out.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return out, event
 
 
 def _copy_of(src: torch.Tensor, buf: torch.Tensor, *, memmove: bool) -> torch.Tensor:

@@ -205,6 +205,10 @@ class _Slabs:
         slab = self.free.pop()
         n = t.nbytes
         self.events[id(slab)] = self._copy(slab[:n], t.reshape(-1).view(torch.uint8))
+        if self.stream is not None:
+            # The caller drops ``t`` before this copy is waited for: its block must not
+            # be reused by its own stream (a staging or snapshot copy's) until then.
+            t.record_stream(self.stream)
         storage = slab.untyped_storage()[0:n]  # shares the slab: exactly the item's bytes
         host = torch.empty((0,), dtype=t.dtype).set_(storage, 0, t.shape, t.stride())
         # No attribute on ``host``: torch.save would write it with the tensor.
