@@ -304,6 +304,7 @@ def main(argv=None) -> None:
         the median plain step."""
         _sync(device)
         where = os.path.join(args.dir, f"async-{name}")
+        available = fs.checkpoint._host_available()  # the spread between machines
         t0 = time.perf_counter()
         with _profiled(args.profile_async):
             handle = fs.save(where, params, state, async_save=True, io=save_io)
@@ -337,6 +338,7 @@ def main(argv=None) -> None:
             "async_save_written_s": total,
             "async_all_steps_counted": counted,
             "step_s_plain_after": after,
+            "host_available_bytes_at_call": available,
         }
 
     plain = [one_step() for _ in range(args.steps)]
