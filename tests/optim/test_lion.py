@@ -48,7 +48,9 @@ def test_lion_equals_reference(shape_list, seed, lr, b1, b2, weight_decay, use_m
     got, state = run_fscale(tx, params, grads)
     assert isinstance(state, LionState) and state.count == len(grads)
     assert rel_err(got, want, params) <= TOL
-    assert rel_err(state.exp_avg, want_m, grads[-1]) <= TOL  # m is an average of grads
+    # m is an average of the grads: its rounding errors are ulps of the largest of them.
+    largest = {k: torch.stack([g[k].abs() for g in grads]).amax(0) for k in grads[-1]}
+    assert rel_err(state.exp_avg, want_m, largest) <= TOL
 
 
 @pytest.mark.parametrize(
