@@ -90,6 +90,11 @@ class _Entry:
         self.lo, self.hi = state_protocol.byte_range(src)
         self.order = order
 
+    def finish(self) -> None:
+        """Mark done (copied, or failed with the error recorded): waiters go on."""
+        self.status = _DONE
+        self.done.set()
+
 
 class _Index:
     """The entries of one storage by start address, to find those overlapping a range."""
@@ -154,7 +159,8 @@ class LazySnapshot:
         return sum(e.src.nbytes for e in self._entries)
 
     def kept_bytes(self) -> int:
-        """Bytes of kept copies this snapshot would reuse ([Note: kept copies])."""
+        """Bytes in the pool of kept copies, which a keeping snapshot reuses where
+        sizes match ([Note: kept copies]); 0 for one that does not keep."""
         if not self.keep:
             return 0
         with _POOL_LOCK:
@@ -247,8 +253,7 @@ class LazySnapshot:
             self._error = err
             raise
         finally:
-            e.status = _DONE
-            e.done.set()
+            e.finish()
 
     def wait_copied(self) -> None:
         """Until every entry is copied ([Note: writing after the snapshot]); entries no
@@ -365,12 +370,10 @@ def _feed(snap: LazySnapshot) -> None:
             return
         except BaseException as err:  # the writer's take raises it
             snap._error = err
-            e.status = _DONE
-            e.done.set()
+            e.finish()
             return
         e.copy, e.event = out, event
-        e.status = _DONE
-        e.done.set()
+        e.finish()
         inflight.append((event, size))
         queued += size
 
@@ -393,7 +396,7 @@ def _copy_of(src: torch.Tensor, buf: torch.Tensor, *, memmove: bool) -> torch.Te
     """A contiguous host copy of ``src`` in ``buf`` (uint8, ``src.nbytes``): one
     ``memmove`` (no GIL, no intra-op threads) where ``src`` is contiguous and
     ``memmove``, else torch's copy."""
-    out = buf.view(src.dtype).view(src.shape) if src.numel() else torch.empty(0, dtype=src.dtype)
+    out = buf.view(src.dtype).view(src.shape)
     if not (memmove and src.is_contiguous()):
         out.copy_(src)
         return out
