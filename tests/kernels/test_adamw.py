@@ -151,7 +151,9 @@ def test_triton_matches_reference_drawn(sizes, beta1, weight_decay, step, seed):
         hyper = dict(HYPER, beta1=beta1, weight_decay=weight_decay, step=step)
         adamw._update(*got, **hyper, block=1024, direct_min_numel=2048)
         adamw.adamw_update_reference_(*want, **hyper)
-        assert _max_rel_err(got, want) <= 1e-6
+        # One fused expression against the reference's op-by-op rounding: a drawn case
+        # (sizes [2, 17, 321, 1703], seed 20064, step 1) differed by 1.01e-6, 8.5 ulps.
+        assert _max_rel_err(got, want) <= 2e-6
 
 
 @needs_triton
