@@ -11,7 +11,8 @@ of the same weights. Parts (``--parts a,b,c,d``):
 - c: Poisson arrivals at a few rates: p50/p99 TTFT and TPOT and effective throughput
      (highest rate with p99 TTFT <= prompt/512 s and p99 TPOT <= 50 ms), Dynamic
      SplitFuse vs prefill-first, on 512/128 and FastGen's 2600/60 workload;
-- d: FP6 (e3m2) weights vs bf16: batch-1 decode and throughput at saturation.
+- d: FP6 weights (e3m2; e3m2-a8: e4m3 activations in prefill) vs bf16: batch-1
+     decode and throughput at saturation (``--d-formats``).
 
 Before timing, the Triton paged attention is checked against its torch reference at
 the real shapes, and the engine's greedy tokens against HF's (match fraction printed).
@@ -465,7 +466,7 @@ def part_d(lm, args) -> None:
     def progress(what):
         print(f"  part d: {what} (+{time.perf_counter() - t_start:.0f} s)", flush=True)
 
-    for fmt in (None, "e3m2"):
+    for fmt in (None if f == "bf16" else f for f in args.d_formats.split(",")):
         progress(f"{fmt or 'bf16'}: building the engine (tunes FPx launches per M bucket)")
         engine = make_engine(
             lm,
@@ -661,6 +662,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke test)")
     ap.add_argument("--kv-gib", type=float, default=40.0)
+    ap.add_argument(
+        "--d-formats",
+        default="bf16,e3m2,e3m2-a8",
+        help="part d's weights: bf16 and fs.quantize formats (e3m2-a8: W6A8 prefill)",
+    )
     ap.add_argument(
         "--profile",
         action="store_true",

@@ -8,6 +8,7 @@ name it. The modules that define the implementations import no registration code
     fpx.py            formats, packing, torch reference     (imports no kernel)
     fpx_gluon.py      Hopper kernel                         (imports fpx)
     fpx_triton.py     CUDA entry points, tuning             (imports fpx, fpx_gluon, _fpx_*)
+    fpx_a8.py         FPx weights, e4m3 activations (W6A8)  (imports fpx, intq)
     intq.py           int8/int4, W8A8, FP8 formats, refs    (imports intq_triton)
     intq_triton.py    int8/int4 Triton lowering             (imports no fscale kernel module)
     _lowerings.py     this file: imports them all and registers
@@ -27,6 +28,8 @@ transform and the benchmarks do) fills the table; nothing else needs to.
 | w8a8_linear   | w8a8_linear_int_mm      | cuda   |            | any               | 10       |
 | fp8_linear    | fp8_linear_reference    | any    |            | any               | 0        |
 | fp8_linear    | fp8_linear_scaled_mm    | cuda   | >= (8, 9)  | fp16, bf16, fp32  | 10       |
+| fpx_a8_linear | fpx_a8_linear_reference | any    |            | any               | 0        |
+| fpx_a8_linear | fpx_a8_linear_scaled_mm | cuda   | >= (8, 9)  | fp16, bf16, fp32  | 10       |
 
 The Triton and Gluon rules are registered only where this triton can build them, the
 torch-op rules only where this torch has the op.
@@ -37,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from fscale.hw import dispatch
-from fscale.kernels import fpx, fpx_gluon, fpx_triton, intq, intq_triton
+from fscale.kernels import fpx, fpx_a8, fpx_gluon, fpx_triton, intq, intq_triton
 
 # ----------------------------------------------------------------------------- FPx
 
@@ -101,4 +104,16 @@ if hasattr(torch, "_scaled_mm"):
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         priority=10,
         name="fp8_linear_scaled_mm",
+    )
+
+dispatch.register(fpx_a8.OP, fpx_a8.fpx_a8_linear_reference, name="fpx_a8_linear_reference")
+if fpx_a8.triton is not None and hasattr(torch, "_scaled_mm"):
+    dispatch.register(
+        fpx_a8.OP,
+        fpx_a8.fpx_a8_linear_scaled_mm,
+        device="cuda",
+        min_capability=(8, 9),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        priority=10,
+        name="fpx_a8_linear_scaled_mm",
     )

@@ -301,7 +301,7 @@ class PackedFP8(PackedRowScaled):
     fmt: str = "fp8"
 
 
-def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t = t.float()
     scale = (t.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     q = (t / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -311,7 +311,7 @@ def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack_fp8(w: torch.Tensor) -> PackedFP8:
     """Per-output-channel scaled e4m3 weights (absmax maps to 448)."""
     _check_weight(w, "pack_fp8")
-    q, scale = _rowwise_fp8(w.detach())
+    q, scale = rowwise_fp8(w.detach())
     return PackedFP8(q.contiguous(), scale, tuple(w.shape))
 
 
@@ -323,7 +323,7 @@ def fp8_linear_reference(x: torch.Tensor, p: PackedFP8, bias: torch.Tensor | Non
     """Per-token e4m3 activations x per-channel e4m3 weights, product in fp32."""
     N, K = p.shape
     x2 = x.reshape(-1, K)
-    xq, xs = _rowwise_fp8(x2)
+    xq, xs = rowwise_fp8(x2)
     y = (xq.float() @ p.codes.float().t()) * xs[:, None] * p.scale[None, :]
     if bias is not None:
         y = y + bias.float()
@@ -337,7 +337,7 @@ def fp8_linear_scaled_mm(x: torch.Tensor, p: PackedFP8, bias: torch.Tensor | Non
         return fp8_linear_reference(x, p, bias)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    xq, xs = _rowwise_fp8(x2)
+    xq, xs = rowwise_fp8(x2)
     y = torch._scaled_mm(
         xq,
         p.codes.t(),  # column-major B, as cuBLASLt wants

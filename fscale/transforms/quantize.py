@@ -23,12 +23,16 @@ fmt         weights / activations                             op in the kernel t
 e3m2 e2m3   fp6 weights (per-channel scale), weight-only      fscale.kernels.fpx
 e2m2 e3m1   fp5 weights, weight-only                          fscale.kernels.fpx
 e2m1        fp4 weights, weight-only                          fscale.kernels.fpx
+e3m2-a8     fp6 / fp5 weights (e2m2-a8, e3m1-a8); from        fscale.kernels.fpx_a8
+            ``fpx_a8.MIN_TOKENS`` rows (prefill) per-token
+            e4m3 acts on FP8 tensor cores, weight-only below
 int8 int4   group-wise ints (group_size, symmetric or not)    int_linear
 w8a8        int8 per-channel weights, int8 per-token acts     w8a8_linear
 fp8         e4m3 per-channel weights, e4m3 per-token acts     fp8_linear
 ==========  ================================================  ======================
 
-``fp6``, ``fp5`` and ``fp4`` are accepted as ``e3m2``, ``e2m2`` and ``e2m1``.
+``fp6``, ``fp5`` and ``fp4`` are accepted as ``e3m2``, ``e2m2`` and ``e2m1``, ``fp6-a8`` and
+``fp5-a8`` as ``e3m2-a8`` and ``e2m2-a8``.
 
 [Note: which weights are quantized by default]
 Only the params dict is given, so the default selection is by name and shape:

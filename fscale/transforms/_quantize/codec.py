@@ -19,8 +19,10 @@ from fscale.hw import dispatch
 from fscale.kernels import intq
 
 FP_FORMATS = ("e3m2", "e2m3", "e2m2", "e3m1", "e2m1")
-FORMATS = (*FP_FORMATS, "int8", "int4", "w8a8", "fp8")
-ALIASES = {"fp6": "e3m2", "fp5": "e2m2", "fp4": "e2m1"}
+# FPx weights with per-token e4m3 activations in products of many tokens (fpx_a8).
+FP_A8_FORMATS = ("e3m2-a8", "e2m2-a8", "e3m1-a8")
+FORMATS = (*FP_FORMATS, *FP_A8_FORMATS, "int8", "int4", "w8a8", "fp8")
+ALIASES = {"fp6": "e3m2", "fp5": "e2m2", "fp4": "e2m1", "fp6-a8": "e3m2-a8", "fp5-a8": "e2m2-a8"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,19 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
             fpx.unpack,
             fpx.fpx_linear,
             (fpx.layout(fmt)["n_multiple"], fpx.layout(fmt)["k_chunk"]),
+        )
+    if fmt in FP_A8_FORMATS:
+        fpx = _fpx()
+        from fscale.kernels import fpx_a8
+
+        weights = fmt.removesuffix("-a8")
+        return Codec(
+            fmt,
+            fpx_a8.OP,
+            lambda w: fpx.pack(w, weights),
+            fpx.unpack,
+            fpx_a8.fpx_a8_linear,
+            (fpx.layout(weights)["n_multiple"], fpx.layout(weights)["k_chunk"]),
         )
     if fmt in ("int8", "int4"):
         if group_size not in intq.GROUP_SIZES:

@@ -1,0 +1,137 @@
+"""FP6 weights at prefill sizes: W6A8 (``fpx_a8``) and W6A16 (``fpx_linear``) vs cuBLAS bf16.
+
+The four linears of a Llama-3.1-8B layer (qkv 6144x4096, o 4096x4096, gate_up
+28672x4096, down 4096x14336) at M = 128 .. 4096 rows, bf16 activations:
+
+- cuBLAS bf16 ``x @ w.t()`` (the peer);
+- ``fpx_linear`` e3m2 as the kernel table runs it (W6A16; tuned on first use);
+- ``fpx_a8_linear_scaled_mm`` e3m2 (W6A8: weight to e4m3 + rows to e4m3 + FP8 GEMM),
+  and its parts alone (the weight kernel, the rows kernel, ``_scaled_mm``);
+- FP8 W8A8 (``fp8`` format: e4m3 weights stored, no rebuild) for reference.
+
+First, on the GPU: the compiled kernels give the references' exact bytes, and each
+product's relative error (||y - ref|| / ||ref||, fp64) against the bf16 product of the
+dequantized fp6 weight. Timings are ``triton.testing.do_bench`` medians (L2 flushed).
+Prints a table last; JSON to ``$OUT/fpx_a8.json`` or ``bench/results/``.
+
+Usage::
+
+    python bench/fpx_a8.py [--ms 128,512,2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
+from _source import import_kernels  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+fpx, fpx_a8, intq = import_kernels("fpx", "fpx_a8", "intq")
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+
+
+def timings(bench, x, w, p, p8, w8, s8) -> dict:
+    """Milliseconds of each variant at these activations."""
+    xq, sx = fpx_a8.rows_fp8(x)
+    return {
+        "cublas_bf16": bench(lambda: x @ w.t()),
+        "w6a16": bench(lambda: fpx.fpx_linear(x, p)),
+        "w6a8": bench(lambda: fpx_a8.fpx_a8_linear_scaled_mm(x, p)),
+        "w6a8_weight_kernel": bench(lambda: fpx_a8.weight_fp8(p)),
+        "w6a8_rows_kernel": bench(lambda: fpx_a8.rows_fp8(x)),
+        "fp8_gemm_alone": bench(
+            lambda: torch._scaled_mm(
+                xq, w8.t(), scale_a=sx[:, None], scale_b=s8[None, :], out_dtype=torch.bfloat16
+            )
+        ),
+        "w8a8_fp8": bench(lambda: intq.fp8_linear(x, p8)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ms", default="128,256,512,1024,2048,4096")
+    args = ap.parse_args()
+    import triton.testing
+
+    dev = torch.device("cuda")
+    ms = [int(m) for m in args.ms.split(",")]
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=20, rep=100)  # noqa: E731
+    rows, checks = [], []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
+        p = fpx.pack(w, "e3m2")
+        p8 = intq.pack_fp8(w)
+        w6 = fpx.unpack(p).to(torch.bfloat16)
+        w8_ref, _ = fpx_a8.weight_fp8_reference(p)
+        w8, s8 = fpx_a8.weight_fp8(p)
+        x = torch.randn(512, k, device=dev, generator=gen, dtype=torch.bfloat16)
+        xq, sx = fpx_a8.rows_fp8(x)
+        xq_ref, sx_ref = intq.rowwise_fp8(x)
+        ref = x @ w6.t()
+        checks.append(
+            {
+                "shape": name,
+                "weight_bytes_exact": same_bytes(w8, w8_ref),
+                "rows_bytes_exact": same_bytes(xq, xq_ref) and bool(torch.equal(sx, sx_ref)),
+                "rel_err_w6a8_vs_w6a16": rel(fpx_a8.fpx_a8_linear_scaled_mm(x, p), ref),
+                "rel_err_w6a8_vs_reference": rel(
+                    fpx_a8.fpx_a8_linear_scaled_mm(x, p), fpx_a8.fpx_a8_linear_reference(x, p)
+                ),
+                "rel_err_w6a16_dispatch": rel(fpx.fpx_linear(x, p), ref),
+                "rel_err_w8a8_vs_bf16_w": rel(intq.fp8_linear(x, p8), x @ w.t()),
+                "rel_err_w6a16_vs_bf16_w": rel(ref, x @ w.t()),
+            }
+        )
+        print(json.dumps(checks[-1]), flush=True)
+        for m in ms:
+            x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
+            xq, sx = fpx_a8.rows_fp8(x)
+            t = timings(bench, x, w, p, p8, w8, s8)
+            row = {"shape": name, "N": n, "K": k, "M": m, "ms": t}
+            row["vs_cublas"] = {v: t["cublas_bf16"] / t[v] for v in ("w6a16", "w6a8", "w8a8_fp8")}
+            row["tflops_w6a8"] = 2 * m * n * k / t["w6a8"] / 1e9
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    layer = []
+    for m in ms:
+        tot = {v: sum(r["ms"][v] for r in rows if r["M"] == m) for v in rows[0]["ms"]}
+        layer.append({"M": m, "ms": tot, "w6a16_vs_cublas": tot["cublas_bf16"] / tot["w6a16"],
+                      "w6a8_vs_cublas": tot["cublas_bf16"] / tot["w6a8"],
+                      "w8a8_vs_cublas": tot["cublas_bf16"] / tot["w8a8_fp8"]})  # fmt: skip
+    result = {"bench": "fpx_a8", **provenance(dev), "checks": checks, "rows": rows, "layer": layer}
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("fpx_a8.json" if os.environ.get("OUT") else "fpx_a8-nvidia-h200.json")
+    path.write_text(json.dumps(result, indent=1))
+    print("\nOne Llama-8B layer's four linears (ms, bf16 x), ratio = cuBLAS time / variant time")
+    print(f"{'M':>6} {'cuBLAS':>8} {'W6A16':>8} {'x':>6} {'W6A8':>8} {'x':>6} {'W8A8':>8} {'x':>6}")
+    for r in layer:
+        t = r["ms"]
+        print(
+            f"{r['M']:>6} {t['cublas_bf16']:>8.3f} {t['w6a16']:>8.3f} {r['w6a16_vs_cublas']:>6.2f}"
+            f" {t['w6a8']:>8.3f} {r['w6a8_vs_cublas']:>6.2f} {t['w8a8_fp8']:>8.3f}"
+            f" {r['w8a8_vs_cublas']:>6.2f}"
+        )
+    print(f"wrote {path}")
+    sys.exit(0 if all(c["weight_bytes_exact"] and c["rows_bytes_exact"] for c in checks) else 1)
+
+
+if __name__ == "__main__":
+    main()

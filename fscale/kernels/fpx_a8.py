@@ -1,0 +1,285 @@
+"""FPx weights with e4m3 activations (W6A8): the compute-bound product on FP8 tensor cores.
+
+At large M (prefill) the weight-only FPx product is compute-bound, and its best path,
+dequantize + cuBLAS (``_fpx_dequant``), pays the dense bf16 weight's memory time on top
+of a bf16 GEMM: 0.70-0.75x cuBLAS at M = 512. Every fp6 e3m2, fp5 e2m2 and e3m1 value
+is exactly an e4m3 value (see [Note: FPx codes as e4m3 bytes]), so the weight can
+instead be rebuilt as FP8 (1 byte per weight written, not 2) and multiplied with the
+activations quantized per token to e4m3 on FP8 tensor cores (``torch._scaled_mm`` with
+row-wise scales), at twice the bf16 rate. The weight loses nothing; the activations
+take e4m3's rounding (a relative error of at most 2**-4 per element, as in FP8
+inference), so this is a format of its own (``fs.quantize(params, "e3m2-a8")``), not a
+faster path of weight-only e3m2.
+
+``fpx_a8_linear`` runs products of fewer than ``MIN_TOKENS`` rows weight-only
+(``fpx.fpx_linear``: memory-bound decode, where the fused FPx kernel is fastest and a
+dense FP8 weight would only add traffic) and the rest through op ``"fpx_a8_linear"``:
+the torch reference here, or on CUDA (sm_89+) the Triton kernels below and
+``torch._scaled_mm``. A token's result depends only on its own row and on which side
+of ``MIN_TOKENS`` the product's row count falls.
+
+Usage::
+
+    y = fpx_a8_linear(x, p, bias)           # p = fpx.pack(w, "e3m2"); x [..., K] bf16
+    w8, s = weight_fp8(p)                   # [N, K] e4m3 and [N] fp32: w == w8 * s
+    xq, sx = rows_fp8(x2)                   # [M, K] e4m3 and [M] fp32: x ~= xq * sx
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fscale.hw import dispatch
+from fscale.kernels import fpx as _fpx
+from fscale.kernels._triton import LazyJit, interpreting
+from fscale.kernels.intq import FP8_MAX, rowwise_fp8
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is a dependency on Linux x86_64 only
+    triton = tl = None
+
+OP = "fpx_a8_linear"
+
+#: Products with fewer rows than this run weight-only (``fpx.fpx_linear``).
+MIN_TOKENS = 256
+
+#: Formats whose codes map onto e4m3 bytes by the bit shuffle of the kernel below.
+FORMATS = ("e3m2", "e2m2", "e3m1")
+
+# [Note: FPx codes as e4m3 bytes]
+# The planes hold each code's "byte image" t (see [Note: the FPx bit-plane layout] in
+# fpx.py): sign at bit 7, the E <= 3 exponent bits from bit 2 up, the M <= 2 mantissa
+# bits ending at bit 1. Shifting t's low 7 bits up by one, (t & 0x80) | (t & 0x7F) << 1,
+# gives an e4m3 byte with the FPx exponent in the low bits of e4m3's 4-bit exponent and
+# its mantissa at the top of e4m3's 3 bits: the FPx value times 2**(bias - 7), for
+# normals and, since e4m3's subnormals scale by the same 2**(1 - 7), subnormals too.
+# Nothing rounds: e3m2's extremes 28 and 2**-4 become 1.75 and 2**-8 (e4m3 reaches
+# 448 and 2**-9). The factor 2**(7 - bias) goes into the per-channel scale. Four codes
+# of a plane word are shuffled at once.
+
+
+def supports(fmt: str) -> bool:
+    """``fmt`` (a PackedFPx format) has the byte image this path reads."""
+    return fmt in FORMATS
+
+
+def _check_format(fmt: str) -> None:
+    if not supports(fmt):
+        raise ValueError(
+            f"fpx_a8: format {fmt!r} has no e4m3 byte image here; FP8 activations are "
+            f"available for {list(FORMATS)} (use weight-only {fmt!r} otherwise)."
+        )
+
+
+def _weight_scale(p) -> torch.Tensor:
+    return (p.scales.float() * 2.0 ** (7 - _fpx.bias(p.fmt))).contiguous()
+
+
+def weight_fp8_reference(p) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w8 [N, K] float8_e4m3fn, scale [N] fp32) with ``unpack(p) == w8 * scale[:, None]``."""
+    _check_format(p.fmt)
+    vals = _fpx.decode(_fpx.unpack_codes(p), p.fmt) * 2.0 ** (_fpx.bias(p.fmt) - 7)
+    return vals.to(torch.float8_e4m3fn), _weight_scale(p)
+
+
+def _weight_fp8_kernel(
+    hi_ptr,
+    lo_ptr,
+    w_ptr,
+    NW,
+    NC,
+    K,
+    LB: tl.constexpr,
+    NQ: tl.constexpr,
+    HI_MASK: tl.constexpr,
+    LO_MASK: tl.constexpr,
+    C: tl.constexpr,
+):
+    # One program: plane columns [pc*C, pc*C + C) of NC (channels 2c, 2c + 1) of chunk
+    # b; NW is the planes' row stride in words.
+    pc = tl.program_id(0)
+    b = tl.program_id(1)
+    KC: tl.constexpr = 32 * NQ
+    offs_r = tl.arange(0, 16)
+    offs_c = pc * C + tl.arange(0, C)
+    mask_c = offs_c < NC
+    lo = tl.load(lo_ptr + (b * 16 + offs_r)[:, None] * NW + offs_c[None, :], mask=mask_c[None, :])
+    lo = lo.to(tl.uint32, bitcast=True)
+    for qh in tl.static_range(NQ // 2):
+        hi_rows = (b * (NQ // 2) + qh) * 16 + offs_r
+        hi = tl.load(hi_ptr + hi_rows[:, None] * NW + offs_c[None, :], mask=mask_c[None, :])
+        hi = hi.to(tl.uint32, bitcast=True)
+        for ql in tl.static_range(2):
+            q = 2 * qh + ql
+            if ql == 0:
+                hi_part = hi
+            else:
+                hi_part = (hi << 28) | (hi >> 4)
+            if q > 0:
+                lo_part = (lo << (LB * q)) | (lo >> (32 - LB * q))
+            else:
+                lo_part = lo
+            # Byte j = v + 2h: the code at k = b*KC + 16*(2q + v) + r, channel 2c + h.
+            word = (hi_part & HI_MASK) | (lo_part & LO_MASK)
+            word = (word & 0x80808080) | ((word & 0x7F7F7F7F) << 1)  # [Note: ... e4m3 bytes]
+            kk = b * KC + q * 32 + tl.arange(0, 32)
+            for h in tl.static_range(2):
+                v0 = ((word >> (16 * h)) & 0xFF).to(tl.uint8)
+                v1 = ((word >> (16 * h + 8)) & 0xFF).to(tl.uint8)
+                # [r, c, v] -> [c, v, r]: 32 consecutive k of one channel per row.
+                rows = tl.reshape(tl.permute(tl.join(v0, v1), (1, 2, 0)), (C, 32))
+                ptrs = w_ptr + (2 * offs_c + h)[:, None] * K + kk[None, :]
+                tl.store(ptrs, rows, mask=mask_c[:, None])
+
+
+_weight_kernel = LazyJit(_weight_fp8_kernel)
+
+
+def _check_triton(t: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("fpx_a8's kernels need triton; use fpx_a8_linear_reference.")
+    if t.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "fpx_a8's Triton kernels got CPU tensors but Triton is not interpreting; set "
+            "TRITON_INTERPRET=1 to run them on the CPU, or use fpx_a8_linear_reference."
+        )
+
+
+def weight_fp8_into(p, w8: torch.Tensor, cols: tuple[int, int] | None = None) -> None:
+    """Write rows ``2*c0 .. 2*c1`` of the e4m3 weight (plane columns ``cols``) into
+    ``w8`` ([2*(c1 - c0), K] float8_e4m3fn, contiguous), by the Triton kernel."""
+    _check_format(p.fmt)
+    _check_triton(p.hi)
+    n, k = p.shape
+    c0, c1 = cols if cols is not None else (0, n // 2)
+    if w8.dtype != torch.float8_e4m3fn or tuple(w8.shape) != (2 * (c1 - c0), k):
+        raise ValueError(f"weight_fp8_into: w8 must be [{2 * (c1 - c0)}, {k}] float8_e4m3fn.")
+    kernel, _ = _weight_kernel()
+    lay, pl = _fpx.layout(p.fmt), _fpx.planes(p.fmt)
+    width = 64  # plane columns per program: 128 channels
+    grid = (triton.cdiv(c1 - c0, width), k // lay["k_chunk"])
+    kernel[grid](
+        p.hi[:, c0:c1], p.lo[:, c0:c1], w8.view(torch.uint8), n // 2, c1 - c0, k,
+        LB=lay["lo_bits"], NQ=lay["nq"], HI_MASK=pl["hi_mask"] * 0x01010101,
+        LO_MASK=pl["lo_mask"] * 0x01010101, C=width,
+    )  # fmt: skip
+
+
+def weight_fp8(p) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w8 [N, K] float8_e4m3fn, scale [N] fp32) by the Triton kernel (= the reference)."""
+    n, k = p.shape
+    w8 = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=p.device)
+    weight_fp8_into(p, w8)
+    return w8, _weight_scale(p)
+
+
+def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BK: tl.constexpr, FP8_MAX: tl.constexpr):
+    # One row: its absmax, then the row scaled to e4m3 (intq.rowwise_fp8's arithmetic:
+    # IEEE fp32 division, clamp, round to nearest even). A NaN element becomes e4m3's
+    # NaN, so the row's product is NaN, as the reference's. (tl.reduce with triton's
+    # combine and tl.full, not tl.max / tl.zeros: see fused_decoder.py.)
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.full((BK,), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        offs = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(
+        tl.reduce(amax, 0, tl.standard._elementwise_max) / FP8_MAX, 1.1754943508222875e-38
+    )
+    for k0 in range(0, K, BK):
+        offs = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        v = x / scale
+        v = tl.where(v != v, v, tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX))
+        # v's e4m3 byte, rounded to nearest even by hand: the same bits compiled and
+        # under the interpreter (whose fp8 cast rounds ties away from zero). Normals
+        # round the fp32 mantissa to 3 bits; below 2**-6 (e4m3's subnormals, steps of
+        # 2**-9) adding and taking away 2**23 rounds a * 2**9 to an integer, and 8
+        # there is 2**-6's own byte.
+        a = tl.abs(v)
+        u = a.to(tl.uint32, bitcast=True)
+        ur = u + 0x7FFFF + ((u >> 20) & 1)
+        normal = (((ur >> 23) - 120) << 3) | ((ur >> 20) & 7)
+        sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.uint32)
+        sign = (v.to(tl.uint32, bitcast=True) >> 24) & 0x80
+        byte = tl.where(v != v, 0x7F, tl.where(a < 0.015625, sub, normal) | sign)
+        tl.store(q_ptr + row * K + offs, byte.to(tl.uint8), mask=offs < K)
+    tl.store(s_ptr + row, scale)
+
+
+_rows_kernel = LazyJit(_rows_fp8_kernel)
+
+
+def rows_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq [M, K] float8_e4m3fn, scale [M] fp32): each row's absmax maps to 448; one
+    kernel, the same bits as ``intq.rowwise_fp8`` (the reference)."""
+    _check_triton(x2)
+    m, k = x2.shape
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x2.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
+    if m:
+        kernel, _ = _rows_kernel()
+        bk = min(triton.next_power_of_2(k), 2048)
+        kernel[(m,)](x2, xq.view(torch.uint8), scale, k, x2.stride(0), BK=bk, FP8_MAX=FP8_MAX)
+    return xq, scale
+
+
+def _check_linear(x: torch.Tensor, p, bias) -> None:
+    _check_format(p.fmt)
+    _fpx._check_linear(x, p, bias)
+
+
+def fpx_a8_linear_reference(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token e4m3 activations times the exact e4m3 weight, product in fp32 (torch)."""
+    _check_linear(x, p, bias)
+    n, k = p.shape
+    xq, sx = rowwise_fp8(x.reshape(-1, k))
+    w8, sw = weight_fp8_reference(p)
+    y = (xq.float() @ w8.float().t()) * sx[:, None] * sw.to(x.device)[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def fpx_a8_linear_scaled_mm(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernels (weight to e4m3, rows to e4m3) and ``torch._scaled_mm`` with
+    row-wise scales (bf16 out, as Hopper's row-wise FP8 GEMM writes)."""
+    _check_linear(x, p, bias)
+    n, k = p.shape
+    if n % 16:  # _scaled_mm wants N and K multiples of 16 (K is, by the packing)
+        return fpx_a8_linear_reference(x, p, bias)
+    x2 = x.reshape(-1, k)
+    xq, sx = rows_fp8(x2)
+    w8, sw = weight_fp8(p)
+    y = torch._scaled_mm(
+        xq,
+        w8.t(),  # column-major B, as the FP8 GEMM wants
+        scale_a=sx[:, None],
+        scale_b=sw[None, :],
+        out_dtype=torch.bfloat16,
+    )
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def fpx_a8_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.t() (+ bias)`` for packed FPx ``p``: e4m3 activations from ``MIN_TOKENS``
+    rows on (op ``"fpx_a8_linear"``), weight-only below (``fpx.fpx_linear``)."""
+    _check_linear(x, p, bias)
+    if x.numel() // max(x.shape[-1], 1) < MIN_TOKENS:
+        return _fpx.fpx_linear(x, p, bias)
+    return dispatch.resolve(OP, x).impl(x, p, bias)
+
+
+def available(device: torch.device | str) -> bool:
+    """FP8 tensor cores (sm_89+) and a triton to build the kernels."""
+    from fscale.kernels.intq import fp8_capable
+
+    return triton is not None and fp8_capable(device)
