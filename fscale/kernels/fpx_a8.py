@@ -31,7 +31,7 @@ import torch
 
 from fscale.hw import dispatch
 from fscale.kernels import fpx as _fpx
-from fscale.kernels._triton import LazyJit, interpreting
+from fscale.kernels._triton import LazyJit, bucket, interpreting, tune
 from fscale.kernels.intq import FP8_MAX, rowwise_fp8
 
 try:
@@ -147,23 +147,26 @@ def _check_triton(t: torch.Tensor) -> None:
         )
 
 
-def weight_fp8_into(p, w8: torch.Tensor, cols: tuple[int, int] | None = None) -> None:
+def weight_fp8_into(
+    p, w8: torch.Tensor, cols: tuple[int, int] | None = None, *, width: int = 64, warps: int = 4
+) -> None:
     """Write rows ``2*c0 .. 2*c1`` of the e4m3 weight (plane columns ``cols``) into
-    ``w8`` ([2*(c1 - c0), K] float8_e4m3fn, contiguous), by the Triton kernel."""
+    ``w8`` ([2*(c1 - c0), K] float8_e4m3fn, contiguous), by the Triton kernel with
+    ``width`` plane columns (2 * width channels) per program."""
     _check_format(p.fmt)
     _check_triton(p.hi)
     n, k = p.shape
     c0, c1 = cols if cols is not None else (0, n // 2)
     if w8.dtype != torch.float8_e4m3fn or tuple(w8.shape) != (2 * (c1 - c0), k):
         raise ValueError(f"weight_fp8_into: w8 must be [{2 * (c1 - c0)}, {k}] float8_e4m3fn.")
-    kernel, _ = _weight_kernel()
+    kernel, interpret = _weight_kernel()
     lay, pl = _fpx.layout(p.fmt), _fpx.planes(p.fmt)
-    width = 64  # plane columns per program: 128 channels
     grid = (triton.cdiv(c1 - c0, width), k // lay["k_chunk"])
+    kwargs = {} if interpret else {"num_warps": warps}
     kernel[grid](
         p.hi[:, c0:c1], p.lo[:, c0:c1], w8.view(torch.uint8), n // 2, c1 - c0, k,
         LB=lay["lo_bits"], NQ=lay["nq"], HI_MASK=pl["hi_mask"] * 0x01010101,
-        LO_MASK=pl["lo_mask"] * 0x01010101, C=width,
+        LO_MASK=pl["lo_mask"] * 0x01010101, C=width, **kwargs,
     )  # fmt: skip
 
 
@@ -246,27 +249,107 @@ def fpx_a8_linear_reference(x: torch.Tensor, p, bias: torch.Tensor | None = None
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def fpx_a8_linear_scaled_mm(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor:
+#: Launches ``fpx_a8_linear_scaled_mm`` times on first use per (format, N, K, M
+#: bucket, device): the weight kernel's program width and warps, and how many slices of
+#: output channels pipeline the weight kernel against the GEMM (see
+#: [Note: pipelined W6A8]). Every candidate computes the same function.
+CANDIDATES = (
+    {"width": 64, "warps": 4, "pieces": 1},
+    {"width": 32, "warps": 2, "pieces": 1},
+    {"width": 128, "warps": 8, "pieces": 1},
+    {"width": 64, "warps": 4, "pieces": 2},
+    {"width": 64, "warps": 4, "pieces": 4},
+    {"width": 128, "warps": 8, "pieces": 4},
+)
+DEFAULT = CANDIDATES[0]
+_TUNED: dict[tuple, dict] = {}
+_TUNE_LOG: dict[tuple, list] = {}
+_SIDE_STREAMS: dict = {}
+
+
+def tuned() -> dict:
+    """{(fmt, N, K, M bucket, device): launch} chosen so far (for benchmarks)."""
+    return dict(_TUNED)
+
+
+def fpx_a8_linear_scaled_mm(
+    x: torch.Tensor, p, bias: torch.Tensor | None = None, *, config: dict | None = None
+) -> torch.Tensor:
     """The Triton kernels (weight to e4m3, rows to e4m3) and ``torch._scaled_mm`` with
-    row-wise scales (bf16 out, as Hopper's row-wise FP8 GEMM writes)."""
+    row-wise scales (bf16 out, as Hopper's row-wise FP8 GEMM writes). ``config`` (one
+    of ``CANDIDATES``) fixes the launch; by default it is tuned on first use on CUDA."""
     _check_linear(x, p, bias)
     n, k = p.shape
     if n % 16:  # _scaled_mm wants N and K multiples of 16 (K is, by the packing)
         return fpx_a8_linear_reference(x, p, bias)
     x2 = x.reshape(-1, k)
+    if config is None:
+        config = DEFAULT
+        if x2.device.type == "cuda":
+            key = (p.fmt, n, k, bucket(x2.shape[0]), str(x2.device))
+            config = tune(
+                _TUNED, _TUNE_LOG, key, lambda: CANDIDATES,
+                lambda cfg: fpx_a8_linear_scaled_mm(x, p, bias, config=cfg),
+                "fpx_a8_linear (fmt, N, K, M bucket, device)",
+            )  # fmt: skip
     xq, sx = rows_fp8(x2)
-    w8, sw = weight_fp8(p)
-    y = torch._scaled_mm(
-        xq,
-        w8.t(),  # column-major B, as the FP8 GEMM wants
-        scale_a=sx[:, None],
-        scale_b=sw[None, :],
-        out_dtype=torch.bfloat16,
-    )
+    y = _product(xq, sx, p, **config)
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _product(xq, sx, p, *, width: int, warps: int, pieces: int) -> torch.Tensor:
+    """``(xq * sx) @ W.t()`` in bf16, the weight rebuilt as e4m3 in ``pieces`` slices.
+
+    [Note: pipelined W6A8]
+    With one piece the whole e4m3 weight is written, then multiplied. With ``pieces``
+    > 1 on CUDA the weight kernel writes a slice of output channels at a time on a side
+    stream into two rotating buffers while the current stream multiplies the previous
+    slice, so the memory-bound rebuild overlaps the compute-bound GEMM, and only two
+    slices of e4m3 weight exist at once. The slices' outputs are then joined (one
+    copy of y: Hopper's row-wise FP8 GEMM writes a whole, contiguous output). Ordering
+    as in [Note: pipelined dequantize + cuBLAS] (_fpx_dequant.py): the side stream
+    starts after what the current stream queued, a buffer is rewritten only after the
+    GEMM that read it, each GEMM waits for its slice.
+    """
+    n, k = p.shape
+    sw = _weight_scale(p)
+    words = n // 2
+    if pieces <= 1 or xq.device.type != "cuda":
+        w8 = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=xq.device)
+        weight_fp8_into(p, w8, width=width, warps=warps)
+        return torch._scaled_mm(
+            xq, w8.t(), scale_a=sx[:, None], scale_b=sw[None, :], out_dtype=torch.bfloat16
+        )  # w8.t(): the column-major B the FP8 GEMM wants
+    span = -(-words // pieces)
+    span = -(-span // width) * width  # whole programs per slice
+    bufs = [torch.empty(2 * span, k, dtype=torch.float8_e4m3fn, device=xq.device) for _ in "ab"]
+    main = torch.cuda.current_stream(xq.device)
+    side = _SIDE_STREAMS.setdefault(xq.device, torch.cuda.Stream(xq.device))
+    side.wait_stream(main)
+    consumed: list = [None, None]
+    outs = []
+    for j, c0 in enumerate(range(0, words, span)):
+        c1 = min(c0 + span, words)
+        buf = bufs[j % 2][: 2 * (c1 - c0)]
+        with torch.cuda.stream(side):
+            if consumed[j % 2] is not None:
+                side.wait_event(consumed[j % 2])
+            weight_fp8_into(p, buf, (c0, c1), width=width, warps=warps)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        main.wait_event(ready)
+        outs.append(
+            torch._scaled_mm(
+                xq, buf.t(), scale_a=sx[:, None], scale_b=sw[None, 2 * c0 : 2 * c1],
+                out_dtype=torch.bfloat16,
+            )
+        )  # fmt: skip
+        consumed[j % 2] = torch.cuda.Event()
+        consumed[j % 2].record(main)
+    return torch.cat(outs, dim=1)
 
 
 def fpx_a8_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor:

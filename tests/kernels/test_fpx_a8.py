@@ -69,9 +69,10 @@ def test_weight_kernel_matches_reference(fmt, pairs, chunks, seed):
 def test_weight_kernel_writes_a_slice(interpret):
     p = fpx.pack(torch.randn(320, 256), "e3m2")
     w8_ref, _ = fpx_a8.weight_fp8_reference(p)
-    part = torch.empty(2 * 70, 256, dtype=torch.float8_e4m3fn)
-    fpx_a8.weight_fp8_into(p, part, (30, 100))
-    assert torch.equal(_bytes(part), _bytes(w8_ref[60:200]))
+    for width in (32, 64, 128):  # plane columns per program: the launch tuning's choices
+        part = torch.empty(2 * 70, 256, dtype=torch.float8_e4m3fn)
+        fpx_a8.weight_fp8_into(p, part, (30, 100), width=width)
+        assert torch.equal(_bytes(part), _bytes(w8_ref[60:200]))
     with pytest.raises(ValueError, match=r"\[140, 256\] float8_e4m3fn"):
         fpx_a8.weight_fp8_into(p, torch.empty(140, 256), (30, 100))
 
@@ -156,3 +157,19 @@ def test_formats_without_an_e4m3_image_are_refused():
         fpx_a8.fpx_a8_linear(torch.randn(2, 256), p)
     with pytest.raises(ValueError, match="in_features K=256"):
         fpx_a8.fpx_a8_linear(torch.randn(2, 128), fpx.pack(torch.randn(4, 256), "e3m2"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_launch_candidate_computes_the_same_product():
+    """The tuned launches (program width, pipelined slices) agree with the reference."""
+    dev = torch.device("cuda")
+    if not fpx_a8.available(dev):
+        pytest.skip("needs FP8 tensor cores (sm_89+)")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    p = fpx.pack(torch.randn(1040, 1024, device=dev, generator=gen), "e3m2")
+    x = torch.randn(300, 1024, device=dev, generator=gen, dtype=torch.bfloat16)
+    ref = fpx_a8.fpx_a8_linear_reference(x, p).float()
+    for cfg in fpx_a8.CANDIDATES:
+        y = fpx_a8.fpx_a8_linear_scaled_mm(x, p, config=cfg).float()
+        assert ((y - ref).norm() / ref.norm()).item() < 2e-3, cfg
