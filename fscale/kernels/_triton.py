@@ -108,11 +108,21 @@ def kernel_time(fn) -> float:
         return testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def tune(table: dict, log: dict, key: tuple, candidates, run, what: str) -> dict:
+def eager_time(fn) -> float:
+    """Median ms of ``fn`` called eagerly: the host's launch time counts where it exceeds
+    the kernels' (what an uncaptured call, such as a serving prefill, costs)."""
+    from triton import testing
+
+    fn()  # compile
+    return testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def tune(table: dict, log: dict, key: tuple, candidates, run, what: str, timer=None) -> dict:
     """The fastest of ``candidates()`` for ``key``, timed once (``run(cfg)`` launches one)
     and kept in ``table`` (every candidate's time in ``log``), as ``triton.autotune``
     would; a candidate that fails to compile or launch is skipped. ``what`` names the
-    op and the fields of ``key`` for errors. After the first call per key this is one
+    op and the fields of ``key`` for errors; ``timer`` (default ``kernel_time``, the
+    kernels alone) measures a candidate. After the first call per key this is one
     dict lookup (it sits on every launch's path).
 
     Usage::
@@ -133,7 +143,7 @@ def tune(table: dict, log: dict, key: tuple, candidates, run, what: str) -> dict
         for cfg in candidates:
             fn = lambda cfg=cfg: run(cfg)  # noqa: E731 (the default names the candidate)
             try:
-                times.append((kernel_time(fn), cfg))
+                times.append(((timer or kernel_time)(fn), cfg))
             except Exception:  # a candidate this GPU cannot compile or launch
                 continue
         if not times:

@@ -31,7 +31,7 @@ import torch
 
 from fscale.hw import dispatch
 from fscale.kernels import fpx as _fpx
-from fscale.kernels._triton import LazyJit, bucket, interpreting, tune
+from fscale.kernels._triton import LazyJit, bucket, eager_time, interpreting, tune
 from fscale.kernels.intq import FP8_MAX, rowwise_fp8
 
 try:
@@ -178,7 +178,9 @@ def weight_fp8(p) -> tuple[torch.Tensor, torch.Tensor]:
     return w8, _weight_scale(p)
 
 
-def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BK: tl.constexpr, FP8_MAX: tl.constexpr):
+def _rows_fp8_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_x, gain, BK: tl.constexpr, FP8_MAX: tl.constexpr
+):
     # One row: its absmax, then the row scaled to e4m3 (intq.rowwise_fp8's arithmetic:
     # IEEE fp32 division, clamp, round to nearest even). A NaN element becomes e4m3's
     # NaN, so the row's product is NaN, as the reference's. (tl.reduce with triton's
@@ -210,15 +212,17 @@ def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BK: tl.constexpr, FP8_MAX
         sign = (v.to(tl.uint32, bitcast=True) >> 24) & 0x80
         byte = tl.where(v != v, 0x7F, tl.where(a < 0.015625, sub, normal) | sign)
         tl.store(q_ptr + row * K + offs, byte.to(tl.uint8), mask=offs < K)
-    tl.store(s_ptr + row, scale)
+    tl.store(s_ptr + row, scale * gain)
 
 
 _rows_kernel = LazyJit(_rows_fp8_kernel)
 
 
-def rows_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(xq [M, K] float8_e4m3fn, scale [M] fp32): each row's absmax maps to 448; one
-    kernel, the same bits as ``intq.rowwise_fp8`` (the reference)."""
+def rows_fp8(x2: torch.Tensor, gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq [M, K] float8_e4m3fn, scale [M] fp32 times ``gain``): each row's absmax maps
+    to 448; one kernel, the same bits as ``intq.rowwise_fp8`` (the reference). A power
+    of two ``gain`` is exact: the product folds the weight's 2**(7 - bias) in here,
+    rather than in a kernel of its own over the weight's scales."""
     _check_triton(x2)
     m, k = x2.shape
     if x2.stride(1) != 1:
@@ -228,7 +232,7 @@ def rows_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m:
         kernel, _ = _rows_kernel()
         bk = min(triton.next_power_of_2(k), 2048)
-        kernel[(m,)](x2, xq.view(torch.uint8), scale, k, x2.stride(0), BK=bk, FP8_MAX=FP8_MAX)
+        kernel[(m,)](x2, xq.view(torch.uint8), scale, k, x2.stride(0), gain, BK=bk, FP8_MAX=FP8_MAX)
     return xq, scale
 
 
@@ -252,7 +256,9 @@ def fpx_a8_linear_reference(x: torch.Tensor, p, bias: torch.Tensor | None = None
 #: Launches ``fpx_a8_linear_scaled_mm`` times on first use per (format, N, K, M
 #: bucket, device): the weight kernel's program width and warps, and how many slices of
 #: output channels pipeline the weight kernel against the GEMM (see
-#: [Note: pipelined W6A8]). Every candidate computes the same function.
+#: [Note: pipelined W6A8]). Every candidate computes the same function. They are timed
+#: eagerly, host launch time included: prefill products run uncaptured, and slices
+#: that save GPU time can cost more on the host than they save.
 CANDIDATES = (
     {"width": 64, "warps": 4, "pieces": 1},
     {"width": 32, "warps": 2, "pieces": 1},
@@ -290,9 +296,9 @@ def fpx_a8_linear_scaled_mm(
             config = tune(
                 _TUNED, _TUNE_LOG, key, lambda: CANDIDATES,
                 lambda cfg: fpx_a8_linear_scaled_mm(x, p, bias, config=cfg),
-                "fpx_a8_linear (fmt, N, K, M bucket, device)",
+                "fpx_a8_linear (fmt, N, K, M bucket, device)", timer=eager_time,
             )  # fmt: skip
-    xq, sx = rows_fp8(x2)
+    xq, sx = rows_fp8(x2, gain=2.0 ** (7 - _fpx.bias(p.fmt)))  # [Note: ... e4m3 bytes]
     y = _product(xq, sx, p, **config)
     y = y.to(x.dtype)
     if bias is not None:
@@ -301,7 +307,8 @@ def fpx_a8_linear_scaled_mm(
 
 
 def _product(xq, sx, p, *, width: int, warps: int, pieces: int) -> torch.Tensor:
-    """``(xq * sx) @ W.t()`` in bf16, the weight rebuilt as e4m3 in ``pieces`` slices.
+    """``(xq * sx) @ W.t()`` in bf16, the weight rebuilt as e4m3 in ``pieces`` slices
+    (``sx`` carries the weight's 2**(7 - bias), so the GEMM takes p.scales as they are).
 
     [Note: pipelined W6A8]
     With one piece the whole e4m3 weight is written, then multiplied. With ``pieces``
@@ -315,7 +322,7 @@ def _product(xq, sx, p, *, width: int, warps: int, pieces: int) -> torch.Tensor:
     GEMM that read it, each GEMM waits for its slice.
     """
     n, k = p.shape
-    sw = _weight_scale(p)
+    sw = p.scales if p.scales.dtype == torch.float32 else p.scales.float()
     words = n // 2
     if pieces <= 1 or xq.device.type != "cuda":
         w8 = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=xq.device)
