@@ -123,14 +123,16 @@ def _weight_fp8_kernel(
                 lo_part = lo
             # Byte j = v + 2h: the code at k = b*KC + 16*(2q + v) + r, channel 2c + h.
             word = (hi_part & HI_MASK) | (lo_part & LO_MASK)
-            word = (word & 0x80808080) | ((word & 0x7F7F7F7F) << 1)  # [Note: ... e4m3 bytes]
+            # [Note: FPx codes as e4m3 bytes]
+            word = (word & 0x80808080) | ((word & 0x7F7F7F7F) << 1)
             kk = b * KC + q * 32 + tl.arange(0, 32)
             for h in tl.static_range(2):
                 v0 = ((word >> (16 * h)) & 0xFF).to(tl.uint8)
                 v1 = ((word >> (16 * h + 8)) & 0xFF).to(tl.uint8)
                 # [r, c, v] -> [c, v, r]: 32 consecutive k of one channel per row.
                 rows = tl.reshape(tl.permute(tl.join(v0, v1), (1, 2, 0)), (C, 32))
-                ptrs = w_ptr + (2 * offs_c + h)[:, None] * K + kk[None, :]
+                rows_n = (2 * offs_c + h).to(tl.int64)  # N * K may pass 2**31
+                ptrs = w_ptr + rows_n[:, None] * K + kk[None, :]
                 tl.store(ptrs, rows, mask=mask_c[:, None])
 
 
@@ -298,7 +300,8 @@ def fpx_a8_linear_scaled_mm(
                 lambda cfg: fpx_a8_linear_scaled_mm(x, p, bias, config=cfg),
                 "fpx_a8_linear (fmt, N, K, M bucket, device)", timer=eager_time,
             )  # fmt: skip
-    xq, sx = rows_fp8(x2, gain=2.0 ** (7 - _fpx.bias(p.fmt)))  # [Note: ... e4m3 bytes]
+    # The weight's 2**(7 - bias) ([Note: FPx codes as e4m3 bytes]) rides on the rows' scales.
+    xq, sx = rows_fp8(x2, gain=2.0 ** (7 - _fpx.bias(p.fmt)))
     y = _product(xq, sx, p, **config)
     y = y.to(x.dtype)
     if bias is not None:
