@@ -27,6 +27,8 @@ Usage::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fscale.hw import dispatch
@@ -142,11 +144,24 @@ _weight_kernel = LazyJit(_weight_fp8_kernel)
 def _check_triton(t: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("fpx_a8's kernels need triton; use fpx_a8_linear_reference.")
-    if t.device.type == "cpu" and not interpreting():
+    if t.device.type != "cuda" and not interpreting():
         raise RuntimeError(
             "fpx_a8's Triton kernels got CPU tensors but Triton is not interpreting; set "
             "TRITON_INTERPRET=1 to run them on the CPU, or use fpx_a8_linear_reference."
         )
+
+
+@functools.cache
+def _constants(fmt: str) -> dict:
+    """The weight kernel's constexprs for ``fmt`` (computed once: they sit on every
+    prefill product's host path)."""
+    lay, pl = _fpx.layout(fmt), _fpx.planes(fmt)
+    return {
+        "LB": lay["lo_bits"],
+        "NQ": lay["nq"],
+        "HI_MASK": pl["hi_mask"] * 0x01010101,
+        "LO_MASK": pl["lo_mask"] * 0x01010101,
+    }
 
 
 def weight_fp8_into(
@@ -159,16 +174,15 @@ def weight_fp8_into(
     _check_triton(p.hi)
     n, k = p.shape
     c0, c1 = cols if cols is not None else (0, n // 2)
-    if w8.dtype != torch.float8_e4m3fn or tuple(w8.shape) != (2 * (c1 - c0), k):
+    if w8.dtype != torch.float8_e4m3fn or w8.shape != (2 * (c1 - c0), k):
         raise ValueError(f"weight_fp8_into: w8 must be [{2 * (c1 - c0)}, {k}] float8_e4m3fn.")
     kernel, interpret = _weight_kernel()
-    lay, pl = _fpx.layout(p.fmt), _fpx.planes(p.fmt)
-    grid = (triton.cdiv(c1 - c0, width), k // lay["k_chunk"])
+    consts = _constants(p.fmt)
+    grid = (-(-(c1 - c0) // width), k // (32 * consts["NQ"]))
+    hi, lo = (p.hi, p.lo) if (c0, c1) == (0, n // 2) else (p.hi[:, c0:c1], p.lo[:, c0:c1])
     kwargs = {} if interpret else {"num_warps": warps}
     kernel[grid](
-        p.hi[:, c0:c1], p.lo[:, c0:c1], w8.view(torch.uint8), n // 2, c1 - c0, k,
-        LB=lay["lo_bits"], NQ=lay["nq"], HI_MASK=pl["hi_mask"] * 0x01010101,
-        LO_MASK=pl["lo_mask"] * 0x01010101, C=width, **kwargs,
+        hi, lo, w8.view(torch.uint8), n // 2, c1 - c0, k, C=width, **consts, **kwargs
     )  # fmt: skip
 
 
@@ -233,7 +247,7 @@ def rows_fp8(x2: torch.Tensor, gain: float = 1.0) -> tuple[torch.Tensor, torch.T
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     if m:
         kernel, _ = _rows_kernel()
-        bk = min(triton.next_power_of_2(k), 2048)
+        bk = min(1 << (k - 1).bit_length(), 2048)  # plain ints: triton's helpers are slow
         kernel[(m,)](x2, xq.view(torch.uint8), scale, k, x2.stride(0), gain, BK=bk, FP8_MAX=FP8_MAX)
     return xq, scale
 
