@@ -697,8 +697,12 @@ def main() -> None:
         args.concurrency, args.hf_concurrency = [1, 16, 64, 256], [1, 16, 64]
         args.budget, args.splitfuse_budget, args.prefill_budget = 2048, 512, 4096
         args.workloads = {
-            "512/128": (512, 128, [4.0, 8.0, 16.0, 32.0]),
-            "fastgen": (2600, 60, [1.0, 2.0, 4.0, 8.0]),
+            # Rates fine enough around each scheduler's knee to say which serves more
+            # within the SLOs (2026-12-02: SplitFuse held to 8 req/s on FastGen's
+            # workload, prefill-first to 4, nothing between was tried; at 512/128 both
+            # held at every rate up to 32).
+            "512/128": (512, 128, [8.0, 16.0, 32.0, 48.0, 64.0]),
+            "fastgen": (2600, 60, [2.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0]),
         }
         args.requests, args.decode_tokens, args.saturation = 48, 128, 32
         args.ab_concurrency, args.d_seqs, args.d_budget = [64, 256], 32, 512
