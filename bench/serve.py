@@ -668,6 +668,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke test)")
     ap.add_argument("--kv-gib", type=float, default=40.0)
     ap.add_argument("--d-repeat", type=int, default=5, help="part d: saturation runs (median)")
+    ap.add_argument("--d-seqs", dest="set_d_seqs", type=int, help="part d: max_num_seqs (32)")
+    ap.add_argument("--d-budget", dest="set_d_budget", type=int, help="part d: token budget (512)")
+    ap.add_argument(
+        "--saturation", dest="set_saturation", type=int, help="part d: concurrent requests (32)"
+    )
     ap.add_argument(
         "--d-formats",
         default="bf16,e3m2,e3m2-a8",
@@ -706,6 +711,9 @@ def main() -> None:
         }
         args.requests, args.decode_tokens, args.saturation = 48, 128, 32
         args.ab_concurrency, args.d_seqs, args.d_budget = [64, 256], 32, 512
+    for name in ("d_seqs", "d_budget", "saturation"):  # part d's engine, from the command line
+        if getattr(args, f"set_{name}") is not None:
+            setattr(args, name, getattr(args, f"set_{name}"))
         args.profile_batches, args.profile_steps, args.profile_trace_steps = [1, 64], 30, 5
     cfg = config(args)
     print(f"{cfg}\nparts {sorted(parts)} on {args.device}", flush=True)
