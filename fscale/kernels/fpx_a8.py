@@ -100,7 +100,10 @@ def _weight_fp8_kernel(
     C: tl.constexpr,
 ):
     # One program: plane columns [pc*C, pc*C + C) of NC (channels 2c, 2c + 1) of chunk
-    # b; NW is the planes' row stride in words.
+    # b; NW is the planes' row stride in words. The loads and rotations are those of
+    # _fpx_triton_kernel's BYTE branch ([Note: the FPx bit-plane layout]), written out
+    # again: a shared @triton.jit helper would be jitted at import, and a kernel
+    # interpreted after TRITON_INTERPRET was set later could not call it.
     pc = tl.program_id(0)
     b = tl.program_id(1)
     KC: tl.constexpr = 32 * NQ
