@@ -81,7 +81,9 @@ def dequantize_matmul(x2: torch.Tensor, p, bias=None, *, pieces: int = 1) -> tor
     y = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
     bufs = [torch.empty(k, 2 * width, dtype=dtype, device=x2.device) for _ in range(2)]
     main = torch.cuda.current_stream(x2.device)
-    side = _SIDE_STREAMS.setdefault(x2.device, torch.cuda.Stream(x2.device))
+    side = _SIDE_STREAMS.get(x2.device)
+    if side is None:  # not setdefault: that would build a Stream on every call
+        side = _SIDE_STREAMS[x2.device] = torch.cuda.Stream(x2.device)
     side.wait_stream(main)
     consumed: list = [None, None]
     for j, c0 in enumerate(range(0, words, width)):

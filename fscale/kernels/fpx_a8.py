@@ -7,21 +7,24 @@ is exactly an e4m3 value (see [Note: FPx codes as e4m3 bytes]), so the weight ca
 instead be rebuilt as FP8 (1 byte per weight written, not 2) and multiplied with the
 activations quantized per token to e4m3 on FP8 tensor cores (``torch._scaled_mm`` with
 row-wise scales), at twice the bf16 rate. The weight loses nothing; the activations
-take e4m3's rounding (a relative error of at most 2**-4 per element, as in FP8
-inference), so this is a format of its own (``fs.quantize(params, "e3m2-a8")``), not a
+take e4m3's rounding (at most 2**-4 relative per element down to e4m3's subnormals,
+about 2**-15 of the row's absmax; smaller ones lose more, as in FP8 inference), so
+this is a format of its own (``fs.quantize(params, "e3m2-a8")``), not a
 faster path of weight-only e3m2.
 
 ``fpx_a8_linear`` runs products of fewer than ``MIN_TOKENS`` rows weight-only
 (``fpx.fpx_linear``: memory-bound decode, where the fused FPx kernel is fastest and a
 dense FP8 weight would only add traffic) and the rest through op ``"fpx_a8_linear"``:
 the torch reference here, or on CUDA (sm_89+) the Triton kernels below and
-``torch._scaled_mm``. A token's result depends only on its own row and on which side
-of ``MIN_TOKENS`` the product's row count falls.
+``torch._scaled_mm``. A token's quantization depends only on its own row, and its path
+on which side of ``MIN_TOKENS`` the product's row count falls (a CUDA graph's padded
+count: the engine's decode bucket of 256 runs W6A8). The GEMMs are not bitwise
+batch-invariant (cuBLAS and the tuned slices change with M), as with bf16.
 
 Usage::
 
     y = fpx_a8_linear(x, p, bias)           # p = fpx.pack(w, "e3m2"); x [..., K] bf16
-    w8, s = weight_fp8(p)                   # [N, K] e4m3 and [N] fp32: w == w8 * s
+    w8, s = weight_fp8(p)                   # [N, K] e4m3, [N] fp32: w == w8 * s[:, None]
     xq, sx = rows_fp8(x2)                   # [M, K] e4m3 and [M] fp32: x ~= xq * sx
 """
 
@@ -177,6 +180,8 @@ def weight_fp8_into(
     _check_triton(p.hi)
     n, k = p.shape
     c0, c1 = cols if cols is not None else (0, n // 2)
+    if not 0 <= c0 <= c1 <= n // 2:
+        raise ValueError(f"weight_fp8_into: cols {cols} must lie in [0, {n // 2}] (plane columns).")
     if w8.dtype != torch.float8_e4m3fn or w8.shape != (2 * (c1 - c0), k):
         raise ValueError(f"weight_fp8_into: w8 must be [{2 * (c1 - c0)}, {k}] float8_e4m3fn.")
     kernel, interpret = _weight_kernel()
@@ -210,13 +215,13 @@ def _rows_fp8_kernel(
         offs = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(
-        tl.reduce(amax, 0, tl.standard._elementwise_max) / FP8_MAX, 1.1754943508222875e-38
-    )
+    # div_rn: Triton's `/` is approximate on NVIDIA GPUs (div.full.f32); torch's is not.
+    amax_row = tl.reduce(amax, 0, tl.standard._elementwise_max)
+    scale = tl.maximum(tl.div_rn(amax_row, FP8_MAX), 1.1754943508222875e-38)  # fp32 tiny
     for k0 in range(0, K, BK):
         offs = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        v = x / scale
+        v = tl.div_rn(x, scale)
         v = tl.where(v != v, v, tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX))
         # v's e4m3 byte, rounded to nearest even by hand: the same bits compiled and
         # under the interpreter (whose fp8 cast rounds ties away from zero). Normals
@@ -354,7 +359,9 @@ def _product(xq, sx, p, *, width: int, warps: int, pieces: int) -> torch.Tensor:
     span = -(-span // width) * width  # whole programs per slice
     bufs = [torch.empty(2 * span, k, dtype=torch.float8_e4m3fn, device=xq.device) for _ in "ab"]
     main = torch.cuda.current_stream(xq.device)
-    side = _SIDE_STREAMS.setdefault(xq.device, torch.cuda.Stream(xq.device))
+    side = _SIDE_STREAMS.get(xq.device)
+    if side is None:
+        side = _SIDE_STREAMS[xq.device] = torch.cuda.Stream(xq.device)
     side.wait_stream(main)
     consumed: list = [None, None]
     outs = []

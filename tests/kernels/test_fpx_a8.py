@@ -52,9 +52,12 @@ def test_every_code_is_an_e4m3_value(fmt):
 def test_weight_kernel_matches_reference(fmt, pairs, chunks, seed):
     """The Triton weight kernel writes the reference's bytes, for drawn shapes (N not
     a multiple of the 128 channels of a program, several K chunks)."""
-    import os
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs outside the fixture's scope
+        mp.setenv("TRITON_INTERPRET", "1")
+        _check_weight_kernel(fmt, pairs, chunks, seed)
 
-    os.environ["TRITON_INTERPRET"] = "1"  # hypothesis runs outside the fixture's scope
+
+def _check_weight_kernel(fmt, pairs, chunks, seed):
     gen = torch.Generator().manual_seed(seed)
     n, k = 2 * pairs, chunks * fpx.layout(fmt)["k_chunk"]
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 4
@@ -75,6 +78,8 @@ def test_weight_kernel_writes_a_slice(interpret):
         assert torch.equal(_bytes(part), _bytes(w8_ref[60:200]))
     with pytest.raises(ValueError, match=r"\[140, 256\] float8_e4m3fn"):
         fpx_a8.weight_fp8_into(p, torch.empty(140, 256), (30, 100))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 160\]"):
+        fpx_a8.weight_fp8_into(p, torch.empty(40, 256, dtype=torch.float8_e4m3fn), (150, 170))
 
 
 @needs_triton
@@ -149,6 +154,51 @@ def test_rows_below_min_tokens_run_weight_only(monkeypatch):
         assert calls == [8]
     finally:
         dispatch._TABLE[fpx_a8.OP] = saved
+
+
+def _ptx_for_sm90(rank, world, kernel: str) -> str:
+    """Both kernels compiled for sm_90 without a GPU, in a fresh process (see
+    test_fpx_triton.py's twin: a kernel interpreted meanwhile would corrupt it)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    knobs = fpx_a8.triton.knobs.runtime
+    saved, knobs.interpret = knobs.interpret, False
+    try:
+        fn = fpx_a8.triton.jit(getattr(fpx_a8, kernel))
+    finally:
+        knobs.interpret = saved
+    if kernel == "_rows_fp8_kernel":
+        sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "K": "i32",
+               "stride_x": "i32", "gain": "fp32"}  # fmt: skip
+        const = {"BK": 2048, "FP8_MAX": 448.0}
+    else:
+        sig = {"hi_ptr": "*i32", "lo_ptr": "*i32", "w_ptr": "*u8", "NW": "i32", "NC": "i32",
+               "K": "i32"}  # fmt: skip
+        const = {**fpx_a8._constants("e3m2"), "C": 64}
+    sig.update({name: "constexpr" for name in const})
+    names = list(sig)
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    out = fpx_a8.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return out.asm["ptx"]
+
+
+@needs_triton
+def test_kernels_compile_for_sm90_with_ieee_division():
+    """What the interpreter cannot show: both kernels compile for Hopper, and the row
+    scaling divides with IEEE rounding (Triton's ``/`` is div.full.f32 there, which
+    would break the bit equality with ``rowwise_fp8``)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton cannot compile ahead of time")
+    from tests.dist import run_world
+
+    rows = run_world(_ptx_for_sm90, 1, kernel="_rows_fp8_kernel")[0]
+    assert "div.rn.f32" in rows and "div.full.f32" not in rows
+    weight = run_world(_ptx_for_sm90, 1, kernel="_weight_fp8_kernel")[0]
+    assert "st.global" in weight
 
 
 def test_formats_without_an_e4m3_image_are_refused():
