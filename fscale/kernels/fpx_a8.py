@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -392,7 +393,20 @@ def fpx_a8_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch
     _check_linear(x, p, bias)
     if x.numel() // max(x.shape[-1], 1) < MIN_TOKENS:
         return _fpx.fpx_linear(x, p, bias)
-    return dispatch.resolve(OP, x).impl(x, p, bias)
+    rule = dispatch.resolve(OP, x)
+    if rule.is_reference and x.device.type == "cuda" and x.device not in _WARNED:
+        _WARNED.add(x.device)
+        warnings.warn(
+            f"fpx_a8_linear on {x.device}: no FP8 lowering here (it needs sm_89+ and "
+            "triton), so products of many tokens run the fp32 torch reference, far slower "
+            "than weight-only FPx; quantize with the weight-only format instead (e.g. "
+            "'e3m2' for 'e3m2-a8').",
+            stacklevel=2,
+        )
+    return rule.impl(x, p, bias)
+
+
+_WARNED: set = set()
 
 
 def available(device: torch.device | str) -> bool:

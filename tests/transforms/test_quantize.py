@@ -343,3 +343,15 @@ def test_quantize_gpt_example_smoke(tmp_path):
     # and from the checkpoint it wrote
     again = example.main([*argv[:-2], "--out", str(out), "--checkpoint", str(tmp_path / "p.pt")])
     assert again[2]["ppl"] == pytest.approx(rows[2]["ppl"])
+
+
+@pytest.mark.skipif(not HAS_FPX, reason="fscale.kernels.fpx not available")
+def test_a8_formats_pad_output_channels_to_the_fp8_gemms_multiple():
+    """``pad=True`` pads N to 16 for the W6A8 formats (the FP8 GEMM's multiple), so no
+    layer falls back to fpx_a8's fp32 reference; the padded rows are sliced off."""
+    w = torch.randn(100, 300)
+    q = quantize({"lin.weight": w}, "fp6-a8", pad=True)["lin.weight"]
+    assert q.fmt == "e3m2-a8" and q.packed.shape == (112, 384)
+    x = torch.randn(3, 300)
+    ref = x @ quantize({"lin.weight": w}, "e3m2", pad=True)["lin.weight"].dequantize().t()
+    assert torch.allclose(F.linear(x, q), ref, atol=1e-5)  # 3 rows: weight-only

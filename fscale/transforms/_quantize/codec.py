@@ -84,7 +84,9 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
             lambda w: fpx.pack(w, weights),
             fpx.unpack,
             fpx_a8.fpx_a8_linear,
-            (fpx.layout(weights)["n_multiple"], fpx.layout(weights)["k_chunk"]),
+            # N a multiple of 16 too: the FP8 GEMM's, so that pad=True keeps every
+            # layer off fpx_a8's slow fp32 fallback.
+            (16, fpx.layout(weights)["k_chunk"]),
         )
     if fmt in ("int8", "int4"):
         if group_size not in intq.GROUP_SIZES:
