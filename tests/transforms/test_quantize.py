@@ -355,3 +355,11 @@ def test_a8_formats_pad_output_channels_to_the_fp8_gemms_multiple():
     x = torch.randn(3, 300)
     ref = x @ quantize({"lin.weight": w}, "e3m2", pad=True)["lin.weight"].dequantize().t()
     assert torch.allclose(F.linear(x, q), ref, atol=1e-5)  # 3 rows: weight-only
+
+
+@pytest.mark.skipif(not HAS_FPX, reason="fscale.kernels.fpx not available")
+def test_report_names_both_ops_of_an_a8_format():
+    q = quantize({"lin.weight": torch.randn(64, 128)}, "e3m2-a8")
+    assert (
+        "fpx_a8_linear_reference from 256 rows, fpx_linear_reference below" in quantize_report(q)
+    )

@@ -14,6 +14,7 @@ import importlib
 
 import torch
 
+from fscale.transforms._quantize.codec import codec
 from fscale.transforms._quantize.weight import QuantizedWeight
 
 
@@ -58,7 +59,13 @@ def quantize_report(
         orig = t.numel() * t.element_size()
         before += orig
         if isinstance(t, QuantizedWeight):
-            kernel = t._codec.kernel(t.device, activation_dtype or t.dtype)
+            dtype = activation_dtype or t.dtype
+            kernel = t._codec.kernel(t.device, dtype)
+            if t._codec.op == "fpx_a8_linear":  # two ops, by the product's row count
+                from fscale.kernels import fpx_a8
+
+                below = codec(t.fmt.removesuffix("-a8")).kernel(t.device, dtype)
+                kernel = f"{kernel} from {fpx_a8.MIN_TOKENS} rows, {below} below"
             kernel += _launches_text(t.packed)
             now = t.packed_nbytes
             bits = 8 * now / t.numel()
