@@ -302,6 +302,8 @@ class PackedFP8(PackedRowScaled):
 
 
 def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn, scale fp32 [...]): each row of ``t`` scaled so that its absmax
+    maps to 448, rounded to nearest even (``fpx_a8.rows_fp8`` gives the same bits)."""
     t = t.float()
     scale = (t.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     q = (t / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
