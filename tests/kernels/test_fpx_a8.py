@@ -156,31 +156,36 @@ def test_rows_below_min_tokens_run_weight_only(monkeypatch):
         dispatch._TABLE[fpx_a8.OP] = saved
 
 
-def _ptx_for_sm90(rank, world, kernel: str) -> str:
+def _ptx_for_sm90(rank, world) -> dict[str, str]:
     """Both kernels compiled for sm_90 without a GPU, in a fresh process (see
     test_fpx_triton.py's twin: a kernel interpreted meanwhile would corrupt it)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    rows_sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "K": "i32",
+                "stride_x": "i32", "gain": "fp32"}  # fmt: skip
+    weight_sig = {"hi_ptr": "*i32", "lo_ptr": "*i32", "w_ptr": "*u8", "NW": "i32",
+                  "NC": "i32", "K": "i32"}  # fmt: skip
+    kernels = {
+        "rows": (fpx_a8._rows_fp8_kernel, rows_sig, {"BK": 2048, "FP8_MAX": 448.0}),
+        "weight": (fpx_a8._weight_fp8_kernel, weight_sig, {**fpx_a8._constants("e3m2"), "C": 64}),
+    }
     knobs = fpx_a8.triton.knobs.runtime
-    saved, knobs.interpret = knobs.interpret, False
-    try:
-        fn = fpx_a8.triton.jit(getattr(fpx_a8, kernel))
-    finally:
-        knobs.interpret = saved
-    if kernel == "_rows_fp8_kernel":
-        sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "K": "i32",
-               "stride_x": "i32", "gain": "fp32"}  # fmt: skip
-        const = {"BK": 2048, "FP8_MAX": 448.0}
-    else:
-        sig = {"hi_ptr": "*i32", "lo_ptr": "*i32", "w_ptr": "*u8", "NW": "i32", "NC": "i32",
-               "K": "i32"}  # fmt: skip
-        const = {**fpx_a8._constants("e3m2"), "C": 64}
-    sig.update({name: "constexpr" for name in const})
-    names = list(sig)
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    out = fpx_a8.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    return out.asm["ptx"]
+    out = {}
+    for name, (raw, sig, const) in kernels.items():
+        saved, knobs.interpret = knobs.interpret, False
+        try:
+            fn = fpx_a8.triton.jit(raw)
+        finally:
+            knobs.interpret = saved
+        sig = {**sig, **{c: "constexpr" for c in const}}
+        names = list(sig)
+        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+        compiled = fpx_a8.triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}
+        )
+        out[name] = compiled.asm["ptx"]
+    return out
 
 
 @needs_triton
@@ -195,10 +200,9 @@ def test_kernels_compile_for_sm90_with_ieee_division():
         pytest.skip("this triton cannot compile ahead of time")
     from tests.dist import run_world
 
-    rows = run_world(_ptx_for_sm90, 1, kernel="_rows_fp8_kernel")[0]
-    assert "div.rn.f32" in rows and "div.full.f32" not in rows
-    weight = run_world(_ptx_for_sm90, 1, kernel="_weight_fp8_kernel")[0]
-    assert "st.global" in weight
+    ptx = run_world(_ptx_for_sm90, 1)[0]
+    assert "div.rn.f32" in ptx["rows"] and "div.full.f32" not in ptx["rows"]
+    assert "st.global" in ptx["weight"]
 
 
 def test_formats_without_an_e4m3_image_are_refused():
