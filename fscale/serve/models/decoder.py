@@ -269,44 +269,65 @@ class Decoder:
     # (eager: ~25 small kernels). Rounding points are the eager path's, so bf16 results
     # agree up to fp32 reduction order.
     def _forward_fused(self, input_ids, positions, meta: AttentionMeta, kv_caches):
-        from fscale.kernels.fused_decoder import ADD_RMS_NORM, ROPE_KV_WRITE, SILU_MUL
-
-        f, cfg, T = self.fused, self.cfg, input_ids.shape[0]
-        norm, rope, silu_mul = f[ADD_RMS_NORM], f[ROPE_KV_WRITE], f[SILU_MUL]
-        H, KVH, D, eps = self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.norm_eps
-        res = F.embedding(input_ids, self.params["embed.weight"])
-        delta = None
+        res, delta = self.fused_embed(input_ids), None
         layers = self.stream if self.stream is not None else self.layers
-        for (k_cache, v_cache), p in zip(kv_caches, layers, strict=True):
-            res, h = norm(res, delta, p["norm1.weight"], eps)
-            qkv = F.linear(h, p["qkv.weight"], p.get("qkv.bias"))
-            q = rope(
-                qkv,
-                positions,
-                self.cos,
-                self.sin,
-                k_cache,
-                v_cache,
-                meta.slot_mapping,
-                H=H,
-                KVH=KVH,
-                D=D,
-            )
-            o = paged_attention(
-                q,
-                k_cache,
-                v_cache,
-                meta.block_tables,
-                meta.seq_lens,
-                meta.query_start_loc,
-                scale=self.scale,
-                max_query_len=meta.max_query_len,
-            )
-            a = self._row_linear(o.reshape(T, H * D), p, "o")
-            res, h = norm(res, a, p["norm2.weight"], eps)
-            gu = F.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
-            delta = self._row_linear(silu_mul(gu), p, "down")
-        return norm(res, delta, self.params["norm.weight"], eps)[1]
+        for kv, p in zip(kv_caches, layers, strict=True):
+            res, q = self.fused_pre(p, res, delta, positions, meta.slot_mapping, kv)
+            res, delta = self.fused_post(p, res, self.attention(q, kv, meta))
+        return self.fused_final(res, delta)
+
+    # The fused forward in pieces: the runner's piecewise graphs ([Note: piecewise graphs
+    # of mixed steps] in runner.py) capture everything between two attentions.
+
+    def fused_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start ``[T, hidden]``."""
+        return F.embedding(input_ids, self.params["embed.weight"])
+
+    def fused_pre(self, p: dict, res, delta, positions, slot_mapping, kv) -> tuple:
+        """Layer ``p`` up to attention: the pending ``delta`` added into ``res``, norm1,
+        qkv, RoPE and the K/V write at ``slot_mapping``; returns (res, q ``[T, H, D]``)."""
+        from fscale.kernels.fused_decoder import ADD_RMS_NORM, ROPE_KV_WRITE
+
+        f, cfg = self.fused, self.cfg
+        res, h = f[ADD_RMS_NORM](res, delta, p["norm1.weight"], cfg.norm_eps)
+        qkv = F.linear(h, p["qkv.weight"], p.get("qkv.bias"))
+        k_cache, v_cache = kv
+        q = f[ROPE_KV_WRITE](
+            qkv, positions, self.cos, self.sin, k_cache, v_cache, slot_mapping,
+            H=self.num_heads, KVH=self.num_kv_heads, D=cfg.head_dim,
+        )  # fmt: skip
+        return res, q
+
+    def attention(self, q: torch.Tensor, kv, meta: AttentionMeta) -> torch.Tensor:
+        """Paged attention of ``q`` ``[T, H, D]`` over the cache: ``[T, H, D]``."""
+        return paged_attention(
+            q,
+            kv[0],
+            kv[1],
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            scale=self.scale,
+            max_query_len=meta.max_query_len,
+        )
+
+    def fused_post(self, p: dict, res, o: torch.Tensor) -> tuple:
+        """Layer ``p`` after attention: o projection, norm2, MLP; returns (res, delta),
+        the MLP's output still to be added into ``res`` by the next norm."""
+        from fscale.kernels.fused_decoder import ADD_RMS_NORM, SILU_MUL
+
+        f, T = self.fused, o.shape[0]
+        a = self._row_linear(o.reshape(T, self.num_heads * self.cfg.head_dim), p, "o")
+        res, h = f[ADD_RMS_NORM](res, a, p["norm2.weight"], self.cfg.norm_eps)
+        gu = F.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
+        return res, self._row_linear(f[SILU_MUL](gu), p, "down")
+
+    def fused_final(self, res, delta) -> torch.Tensor:
+        """The last delta added, then the final norm: hidden states ``[T, hidden]``."""
+        from fscale.kernels.fused_decoder import ADD_RMS_NORM
+
+        norm = self.fused[ADD_RMS_NORM]
+        return norm(res, delta, self.params["norm.weight"], self.cfg.norm_eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.params["head.weight"]).float()
