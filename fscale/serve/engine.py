@@ -74,6 +74,9 @@ class Engine:
       scheduler: "splitfuse" or "prefill_first".
       prefix_caching: share cached KV blocks of equal prompt prefixes.
       cuda_graphs: replay captured graphs for decode batches (CUDA only).
+      prefill_graphs: also capture prefill and mixed steps piecewise, everything but
+        attention, per token bucket ([Note: piecewise graphs of mixed steps] in
+        runner.py; fused kernels, CUDA, one rank). Off by default until measured.
       offload_weights: keep layer weights in host memory, streamed a layer ahead.
       fused_kernels: run the decoder's elementwise pieces as fused kernels (residual
         add + RMSNorm, RoPE + KV write, SiLU * up; Llama-style models); default on for
@@ -105,6 +108,7 @@ class Engine:
         scheduler: str = "splitfuse",
         prefix_caching: bool = True,
         cuda_graphs: bool = True,
+        prefill_graphs: bool = False,
         offload_weights: bool = False,
         seed: int = 0,
         fused_kernels: bool | None = None,
@@ -169,6 +173,8 @@ class Engine:
             max_model_len=self.max_model_len,
             max_num_seqs=min(max_num_seqs, max_tokens_per_step),
             cuda_graphs=cuda_graphs,
+            prefill_graphs=prefill_graphs,
+            max_tokens_per_step=max_tokens_per_step,
             # [Note: warm-up at start] in runner.py; on CPU nothing compiles or tunes.
             warm_up_tokens=max_tokens_per_step if self.device.type == "cuda" else 0,
         )

@@ -24,6 +24,22 @@ graphs are only used on CUDA with that lowering, and never with streamed weights
 parallelism (N > 1) graphs are off with a warning: NCCL allows capturing the
 all-reduces, but that path is not validated yet; emulated graphs (tests) do work.
 
+[Note: piecewise graphs of mixed steps]
+Prefill and mixed steps change their attention metadata every step, so they are not
+captured whole; but everything between two attentions is per-token work of a fixed
+shape for a given token count. With ``prefill_graphs`` the runner captures, per token
+bucket T (``mixed_buckets``), one graph per piece: embed + layer 0 up to attention;
+each layer's tail + the next layer's head; the last tail + the final norm. A step pads
+its tokens to the smallest bucket that holds them and runs piece 0, then per layer the
+attention (eager, on the real tokens only) and the next piece. The pieces read and
+write static buffers (ids, positions, slots, the residual, q, the attention output,
+the hidden states), so the host launches L + 1 graphs and L attentions instead of every
+kernel of every layer: a quantized linear's Python and launch path costs ~100-250 us,
+which made FP6 prefill steps host-bound. Padding tokens are token 0 at position 0
+writing slot 0 of block 0, as in the decode graphs; every piece works row by row and
+attention reads real rows only, so no real row sees them. Fused kernels only (the eager
+norm and RoPE paths are not written for it), no tensor parallelism, no streamed weights.
+
 [Note: warm-up at start]
 Kernels compile (Triton) and tune (the FPx launches, once per power-of-two M bucket)
 on their first call. Graph capture runs the decode sizes; the larger token counts of
@@ -76,6 +92,8 @@ class ModelRunner:
         cuda_graphs: bool = True,
         kv_dtype: torch.dtype | None = None,
         warm_up_tokens: int = 0,
+        prefill_graphs: bool = False,
+        max_tokens_per_step: int = 0,
     ):
         self.decoder = decoder
         cfg = decoder.cfg
@@ -107,6 +125,25 @@ class ModelRunner:
                 )
             else:
                 self._capture(max_num_seqs)
+        self.mixed: dict[int, list] = {}
+        self.mixed_sizes: list[int] = []
+        if prefill_graphs and cuda_graphs and self._graphs_possible():
+            if decoder.tp is None and decoder.fused is not None and max_tokens_per_step:
+                try:
+                    self._capture_mixed(mixed_buckets(max_tokens_per_step))
+                except Exception as e:  # a piece that fails to capture: eager steps
+                    warnings.warn(
+                        f"prefill graphs off: capture failed ({type(e).__name__}: {e}).",
+                        stacklevel=2,
+                    )
+                    self.mixed, self.mixed_sizes = {}, []
+                    torch.cuda.synchronize(self.device)
+            else:
+                warnings.warn(
+                    "prefill_graphs needs the fused kernels and no tensor parallelism; "
+                    "prefill and mixed steps run eagerly.",
+                    stacklevel=2,
+                )
         self.warm_up(warm_up_tokens)
 
     # -- inputs -----------------------------------------------------------------------------
@@ -146,6 +183,8 @@ class ModelRunner:
         B = len(batch.seqs)
         if self.graph_sizes and batch.total_tokens == B and B <= self.graph_sizes[-1]:
             return self._replay(batch)
+        if self.mixed_sizes and batch.total_tokens <= self.mixed_sizes[-1]:
+            return self._replay_mixed(batch)
         ids, pos, slots, qsl, lens, sample_rows, sampled = self.prepare(batch)
         dev = self.device
 
@@ -170,7 +209,7 @@ class ModelRunner:
         """One forward per power-of-two token count up to ``max_tokens`` (and
         ``max_tokens`` itself) not already run by graph capture, as prompts of at most
         ``max_model_len`` tokens; returns the counts run ([Note: warm-up at start])."""
-        done = self.graph_sizes[-1] if self.graph_sizes else 0
+        done = max(self.graph_sizes[-1:] + self.mixed_sizes[-1:], default=0)
         counts, m = [], 1
         while m < max_tokens:
             if m > done:
@@ -319,6 +358,108 @@ class ModelRunner:
         )
         self.greedy = greedy[keep]
         return logits[keep], sampled
+
+    # -- piecewise graphs of mixed steps ([Note: piecewise graphs of mixed steps]) ----------
+
+    def _capture_mixed(self, sizes: list[int], *, emulate: bool = False) -> None:
+        """Capture the pieces for each token bucket in ``sizes``; ``emulate=True`` (tests,
+        any device) keeps plain calls replayed through the same static buffers."""
+        dec, dev, dt = self.decoder, self.device, self.decoder._dtype
+        cfg, L, N = dec.cfg, dec.cfg.num_layers, sizes[-1]
+        H, D = dec.num_heads, cfg.head_dim
+        self._m_long = torch.zeros(3, N, dtype=torch.long, device=dev)  # ids, pos, slots
+        self._m_host = torch.zeros(3, N, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._m_res = torch.zeros(N, cfg.hidden, dtype=dt, device=dev)
+        self._m_q = torch.zeros(N, H, D, dtype=dt, device=dev)
+        self._m_o = torch.zeros(N, H, D, dtype=dt, device=dev)
+        self._m_out = torch.zeros(N, cfg.hidden, dtype=dt, device=dev)
+        self._copied_mixed = torch.cuda.Event() if dev.type == "cuda" else None
+        pool = None
+        for T in reversed(sizes):
+            pieces = []
+            for j in range(L + 1):
+
+                def piece(j=j, T=T):
+                    ids, pos, slots = self._m_long[0, :T], self._m_long[1, :T], self._m_long[2, :T]
+                    if j == 0:
+                        res, delta = dec.fused_embed(ids), None
+                    else:
+                        res, delta = dec.fused_post(
+                            dec.layers[j - 1], self._m_res[:T], self._m_o[:T]
+                        )
+                    if j < L:
+                        res, q = dec.fused_pre(dec.layers[j], res, delta, pos, slots, self.kv[j])
+                        self._m_q[:T].copy_(q)
+                        self._m_res[:T].copy_(res)
+                    else:
+                        self._m_out[:T].copy_(dec.fused_final(res, delta))
+                    return ()
+
+                if emulate:
+                    with torch.inference_mode():
+                        pieces.append(_Emulated(piece))
+                    continue
+                with torch.inference_mode():
+                    piece()  # warm-up: compiles/tunes kernels outside the capture
+                    torch.cuda.synchronize(dev)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        piece()
+                pool = g.pool()
+                pieces.append(g)
+            self.mixed[T] = pieces
+        self.mixed_sizes = list(sizes)
+
+    def _replay_mixed(self, batch: Batch):
+        ids, pos, slots, qsl, lens, sample_rows, sampled = self.prepare(batch)
+        n = len(ids)
+        T = next(t for t in self.mixed_sizes if t >= n)
+        dev, host = self.device, self._m_host
+        if self._copied_mixed is not None:
+            self._copied_mixed.synchronize()  # the last step's copy has left the host buffer
+        host[:, n:T] = 0  # padding: token 0, position 0, slot 0 of block 0
+        host[0, :n] = torch.from_numpy(ids)
+        host[1, :n] = torch.from_numpy(pos)
+        host[2, :n] = torch.from_numpy(slots)
+        self._m_long[:, :T].copy_(host[:, :T], non_blocking=True)
+        if self._copied_mixed is not None:
+            self._copied_mixed.record()
+
+        def put(a, dtype):
+            return torch.from_numpy(np.asarray(a, dtype=np.int32)).to(dev, dtype, non_blocking=True)
+
+        width = max(len(s.block_table) for s in batch.seqs)
+        meta = AttentionMeta(
+            slot_mapping=self._m_long[2, :n],
+            block_tables=self._tables(batch, len(batch.seqs), width).to(dev, non_blocking=True),
+            seq_lens=put(lens, torch.int32),
+            query_start_loc=put(qsl, torch.int32),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
+        )
+        pieces = self.mixed[T]
+        pieces[0].replay()
+        for j, kv in enumerate(self.kv):
+            self._m_o[:n].copy_(self.decoder.attention(self._m_q[:n], kv, meta))
+            pieces[j + 1].replay()
+        hidden = self._m_out[:n]
+        if len(sample_rows) < n:
+            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)]
+        return self.decoder.logits(hidden), sampled
+
+
+def mixed_buckets(max_tokens: int, step: int = 128) -> list[int]:
+    """Token buckets of the mixed-step graphs: powers of two from 16 up to ``step``,
+    then multiples of ``step``, then ``max_tokens`` (padding wastes at most ``step``
+    tokens' work on the larger steps, where it costs most)."""
+    sizes, t = [], 16
+    while t < min(step, max_tokens):
+        sizes.append(t)
+        t *= 2
+    t = step
+    while t < max_tokens:
+        sizes.append(t)
+        t += step
+    return [*sizes, max_tokens] if max_tokens else sizes
 
 
 class _Emulated:

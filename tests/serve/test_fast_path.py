@@ -138,3 +138,47 @@ def test_sample_uses_given_greedy():
         2,
         2,
     ]
+
+
+def _emulated_mixed(engine: Engine, budget: int) -> list[int]:
+    """Give ``engine`` emulated piecewise graphs for mixed steps; returns the token counts
+    of the steps they ran."""
+    from fscale.serve.runner import mixed_buckets
+
+    runner = engine.runner
+    runner._capture_mixed(mixed_buckets(budget, step=32), emulate=True)
+    calls = []
+    replay = runner._replay_mixed
+
+    def counted(batch):
+        calls.append(batch.total_tokens)
+        return replay(batch)
+
+    runner._replay_mixed = counted
+    return calls
+
+
+@pytest.mark.parametrize("decode_graphs", [False, True])
+def test_piecewise_mixed_step_graphs_equal_eager(tiny_llama_dir, eager_tokens, decode_graphs):
+    """[Note: piecewise graphs of mixed steps]: prefill and mixed steps padded to their
+    token bucket, run piece by piece through the static buffers with attention between,
+    give the eager engine's tokens (arrivals mid-run; with and without decode graphs)."""
+    from fscale.serve.runner import mixed_buckets
+
+    assert mixed_buckets(64, step=32) == [16, 32, 64]
+    assert mixed_buckets(512) == [16, 32, 64, 128, 256, 384, 512]
+    assert mixed_buckets(300) == [16, 32, 64, 128, 256, 300]
+    engine = Engine(tiny_llama_dir, max_tokens_per_step=64, block_size=4, fused_kernels=True)
+    decode = _emulated(engine, 4) if decode_graphs else None
+    calls = _emulated_mixed(engine, 64)
+    assert _run_staggered(engine) == eager_tokens
+    assert calls and max(calls) > 16 and min(calls) < 16  # several buckets, padded
+    if decode_graphs:
+        assert decode  # pure decode steps still took the decode graphs
+    assert engine.blocks.num_used == 0
+
+
+def test_prefill_graphs_need_the_fused_path(tiny_llama_dir):
+    """Off the fused path the option changes nothing but says so (CUDA only)."""
+    engine = Engine(tiny_llama_dir, max_tokens_per_step=64, prefill_graphs=True)
+    assert engine.runner.mixed_sizes == []  # CPU: no graphs at all
