@@ -466,7 +466,12 @@ def part_d(lm, args) -> None:
     def progress(what):
         print(f"  part d: {what} (+{time.perf_counter() - t_start:.0f} s)", flush=True)
 
-    for fmt in (None if f == "bf16" else f for f in args.d_formats.split(",")):
+    variants = [
+        (None if f == "bf16" else f, pg == "on")
+        for f in args.d_formats.split(",")
+        for pg in args.d_prefill_graphs.split(",")
+    ]
+    for fmt, graphs in variants:
         progress(f"{fmt or 'bf16'}: building the engine (tunes FPx launches per M bucket)")
         engine = make_engine(
             lm,
@@ -474,6 +479,7 @@ def part_d(lm, args) -> None:
             quantize=fmt,
             max_tokens_per_step=args.d_budget,
             max_num_seqs=args.d_seqs,
+            prefill_graphs=graphs,
         )
         progress(f"{fmt or 'bf16'}: warm-up")
         run_batch(engine, prompts(2, 16, V, 0), 4)
@@ -490,6 +496,7 @@ def part_d(lm, args) -> None:
             {
                 "part": "d",
                 "weights": fmt or "bf16",
+                "prefill_graphs": graphs and bool(engine.runner.mixed_sizes),
                 "decode_tok_s": rate,
                 "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
                 "saturation_concurrency": c,
@@ -668,6 +675,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke test)")
     ap.add_argument("--kv-gib", type=float, default=40.0)
     ap.add_argument("--d-repeat", type=int, default=5, help="part d: saturation runs (median)")
+    ap.add_argument(
+        "--d-prefill-graphs",
+        default="off",
+        help="part d: 'off', 'on' or 'off,on' (Engine(prefill_graphs=...), side by side)",
+    )
     ap.add_argument("--d-seqs", dest="set_d_seqs", type=int, help="part d: max_num_seqs (32)")
     ap.add_argument("--d-budget", dest="set_d_budget", type=int, help="part d: token budget (512)")
     ap.add_argument(
