@@ -182,3 +182,29 @@ def test_prefill_graphs_need_the_fused_path(tiny_llama_dir):
     """Off the fused path the option changes nothing but says so (CUDA only)."""
     engine = Engine(tiny_llama_dir, max_tokens_per_step=64, prefill_graphs=True)
     assert engine.runner.mixed_sizes == []  # CPU: no graphs at all
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantize", [None, "e3m2-a8"])
+def test_prefill_graphs_on_cuda_equal_eager_steps(tiny_llama_dir, quantize, monkeypatch):
+    """The real capture: an engine whose prefill and mixed steps replay piecewise CUDA
+    graphs gives the tokens of the same engine running them eagerly (bf16; and W6A8
+    with FP8 activations in every product, so both take one path per row)."""
+    if quantize:
+        from fscale.kernels import fpx_a8
+
+        if not fpx_a8.available(torch.device("cuda")):
+            pytest.skip("needs FP8 tensor cores")
+        monkeypatch.setattr(fpx_a8, "MIN_TOKENS", 1)
+    kw = dict(max_tokens_per_step=64, block_size=16, dtype=torch.float32, quantize=quantize)
+    eager = Engine(tiny_llama_dir, **kw)
+    assert eager.decoder.fused is not None
+    ref = _run_staggered(eager)
+    engine = Engine(tiny_llama_dir, prefill_graphs=True, **kw)
+    assert engine.runner.mixed_sizes == [16, 32, 64]
+    calls = []
+    replay = engine.runner._replay_mixed
+    engine.runner._replay_mixed = lambda batch: calls.append(batch.total_tokens) or replay(batch)
+    assert _run_staggered(engine) == ref
+    assert calls and engine.blocks.num_used == 0
