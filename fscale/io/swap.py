@@ -60,6 +60,9 @@ Engines of one process share their rank's lock. At start-up:
   refusing: a dead run's swap files cannot be read by anyone (their checksums
   lived in its memory), they only hold the disk (a killed 3.4B run: ~40 GB), and a
   refusal would make every SIGKILL a manual clean-up.
+Whoever unlinks a lock file (its owner closing, a probe removing a dead run's) holds
+the flock of the inode the path names at that moment, and a taker re-checks after its
+flock that the path still names its inode; so a lock cannot be removed under its owner.
 
 [Note: swap signals]
 SIGKILL cannot be caught; SIGTERM (the scheduler's or torchrun's kill) and SIGINT
@@ -517,26 +520,43 @@ def _release(lock: _HeldLock) -> None:
         pass
 
 
-def _probe_lock(path: str) -> tuple[bool, dict]:
-    """(live, info) of another process's lock; a dead one is removed (under its flock)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _OPEN_LOCK)
-    except FileNotFoundError:
-        return False, {}
-    except OSError:
-        return True, {}  # not a file fscale made: leave it and what it might cover
-    try:
-        info = _read_info(fd)
+def _probe_lock(path: str, tries: int = 8) -> tuple[bool, dict]:
+    """(live, info) of another process's lock; a dead one is removed (under its flock).
+
+    The path is unlinked only while it still names the inode this probe flock-ed. Every
+    unlinker of a lock holds the flock of the inode it removes, so the path cannot change
+    between that check and the unlink. Without the check, two probes racing on a dead
+    run's lock could remove a lock that its new owner had just created and taken: the
+    first probe unlinks the dead file, the owner creates and flocks a new one, and the
+    second probe, flock-ing the dead inode it opened before, unlinks the path.
+    """
+    for _ in range(tries):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True, info
+            fd = os.open(path, os.O_RDONLY | _OPEN_LOCK)
+        except FileNotFoundError:
+            return False, {}
         except OSError:
-            return _alive_by_pid(info), info
-        _unlink(path)  # a starting owner re-checks the inode after its flock
-        return False, info
-    finally:
-        os.close(fd)
+            return True, {}  # not a file fscale made: leave it and what it might cover
+        try:
+            info = _read_info(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True, info
+            except OSError:
+                return _alive_by_pid(info), info
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                return False, info  # removed by another probe meanwhile
+            mine = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                _unlink(path)  # a starting owner re-checks the inode after its flock
+                return False, info
+            # The path names a newer lock by now: probe that one.
+        finally:
+            os.close(fd)
+    return True, {}  # it kept changing: someone is starting; leave it
 
 
 def _remove_stale(directory: str, rank: int) -> list[str]:

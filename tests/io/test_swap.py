@@ -321,6 +321,33 @@ def test_ranks_restarting_together_after_a_kill_all_start(tmp_path):
         assert os.listdir(tmp_path) == []
 
 
+def test_a_late_probe_of_a_dead_lock_leaves_its_new_owners_lock(tmp_path, monkeypatch):
+    """The race behind a rare failure of the test above, made deterministic: probe B
+    opens the dead lock; probe A removes it; the rank's new owner creates and takes a new
+    lock at the path; then B's flock of the dead inode succeeds. B must not unlink the
+    path (the new lock): it probes the new lock instead and finds it live."""
+    path = str(tmp_path / swap.lock_name(3))
+    (tmp_path / swap.lock_name(3)).write_text(
+        json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "started": 0})
+    )
+    read_info, owner = swap._read_info, []
+
+    def between_open_and_flock(fd):
+        info = read_info(fd)
+        if not owner:  # the first read is probe B's, of the dead inode
+            owner.append(None)
+            assert swap._probe_lock(path) == (False, info)  # probe A removes it
+            owner[0] = swap._acquire(str(tmp_path), 3, "x")[0]  # the new owner takes the rank
+        return info
+
+    monkeypatch.setattr(swap, "_read_info", between_open_and_flock)
+    live, _ = swap._probe_lock(path)
+    assert live and os.path.exists(path)
+    assert os.fstat(owner[0].fd).st_ino == os.stat(path).st_ino
+    swap._release(owner[0])
+    assert not os.path.exists(path)
+
+
 # ----------------------------------------------------------------------------- signals
 
 # swap.py alone (torch and the standard library): importing fscale takes seconds more.
