@@ -293,18 +293,7 @@ class ModelRunner:
                 logits = self.decoder.logits(hidden)
                 return logits, logits.argmax(dim=-1)
 
-            if emulate:
-                with torch.inference_mode():
-                    g = _Emulated(fwd)
-                self.graphs[b] = (g, g.out)
-                continue
-            with torch.inference_mode():
-                fwd()  # warm-up: compiles/tunes kernels outside the capture
-                torch.cuda.synchronize(dev)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = fwd()
-            pool = g.pool()
+            g, out, pool = _capture_one(fwd, dev, pool, emulate)
             self.graphs[b] = (g, out)
         self.graph_sizes = sizes
 
@@ -395,17 +384,7 @@ class ModelRunner:
                         self._m_out[:T].copy_(dec.fused_final(res, delta))
                     return ()
 
-                if emulate:
-                    with torch.inference_mode():
-                        pieces.append(_Emulated(piece))
-                    continue
-                with torch.inference_mode():
-                    piece()  # warm-up: compiles/tunes kernels outside the capture
-                    torch.cuda.synchronize(dev)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool):
-                        piece()
-                pool = g.pool()
+                g, _, pool = _capture_one(piece, dev, pool, emulate)
                 pieces.append(g)
             self.mixed[T] = pieces
         self.mixed_sizes = list(sizes)
@@ -460,6 +439,22 @@ def mixed_buckets(max_tokens: int, step: int = 128) -> list[int]:
         sizes.append(t)
         t += step
     return [*sizes, max_tokens] if max_tokens else sizes
+
+
+def _capture_one(fn, dev, pool, emulate: bool):
+    """(replayable, ``fn``'s outputs, pool): ``fn`` run once (kernels compile and tune
+    outside the capture), then captured into a CUDA graph in ``pool``; with ``emulate``
+    (tests, any device) a plain call replayed through the same static buffers."""
+    with torch.inference_mode():
+        if emulate:
+            g = _Emulated(fn)
+            return g, g.out, pool
+        fn()
+        torch.cuda.synchronize(dev)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            out = fn()
+    return g, out, g.pool()
 
 
 class _Emulated:
