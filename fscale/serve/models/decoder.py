@@ -246,16 +246,7 @@ class Decoder:
                 q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             k_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
             v_cache.view(-1, KVH, D).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-            o = paged_attention(
-                q,
-                k_cache,
-                v_cache,
-                meta.block_tables,
-                meta.seq_lens,
-                meta.query_start_loc,
-                scale=self.scale,
-                max_query_len=meta.max_query_len,
-            )
+            o = self.attention(q, (k_cache, v_cache), meta)
             x = x + self._row_linear(o.reshape(T, H * D), p, "o")
             x = x + self._mlp(self._norm(x, p, "norm2"), p)
         return self._norm(x, self.params, "norm")
