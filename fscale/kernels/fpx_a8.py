@@ -389,8 +389,9 @@ def _product(xq, sx, p, *, width: int, warps: int, pieces: int) -> torch.Tensor:
 
 def fpx_a8_linear(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.t() (+ bias)`` for packed FPx ``p``: e4m3 activations from ``MIN_TOKENS``
-    rows on (op ``"fpx_a8_linear"``), weight-only below (``fpx.fpx_linear``)."""
-    _check_linear(x, p, bias)
+    rows on (op ``"fpx_a8_linear"``), weight-only below (``fpx.fpx_linear``). Shapes
+    are checked by the op it calls."""
+    _check_format(p.fmt)
     if x.numel() // max(x.shape[-1], 1) < MIN_TOKENS:
         return _fpx.fpx_linear(x, p, bias)
     rule = dispatch.resolve(OP, x)

@@ -78,6 +78,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _put(a, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A numpy array (or list) on ``device`` in ``dtype``, copied without a host sync."""
+    return torch.from_numpy(np.asarray(a)).to(device, dtype, non_blocking=True)
+
+
 class ModelRunner:
     """KV cache + inputs + forward (+ CUDA graphs) for a :class:`Decoder`."""
 
@@ -168,6 +173,18 @@ class ModelRunner:
         ids = np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64, count=qsl[-1])
         return ids, np.concatenate(pos), np.concatenate(slots), qsl, lens, sample_rows, sampled
 
+    def _meta(self, batch: Batch, slot_mapping: torch.Tensor, qsl, lens) -> AttentionMeta:
+        """The attention metadata of an uncaptured step (``prepare``'s qsl and lens)."""
+        dev = self.device
+        width = max(len(s.block_table) for s in batch.seqs)
+        return AttentionMeta(
+            slot_mapping=slot_mapping,
+            block_tables=self._tables(batch, len(batch.seqs), width).to(dev, non_blocking=True),
+            seq_lens=_put(np.asarray(lens, dtype=np.int32), torch.int32, dev),
+            query_start_loc=_put(np.asarray(qsl, dtype=np.int32), torch.int32, dev),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
+        )
+
     def _tables(self, batch: Batch, rows: int, width: int) -> torch.Tensor:
         t = np.zeros((rows, width), dtype=np.int32)
         for i, seq in enumerate(batch.seqs):
@@ -187,21 +204,12 @@ class ModelRunner:
             return self._replay_mixed(batch)
         ids, pos, slots, qsl, lens, sample_rows, sampled = self.prepare(batch)
         dev = self.device
-
-        def put(a, dtype):
-            return torch.from_numpy(np.asarray(a)).to(dev, dtype, non_blocking=True)
-
-        width = max(len(s.block_table) for s in batch.seqs)
-        meta = AttentionMeta(
-            slot_mapping=put(slots, torch.long),
-            block_tables=self._tables(batch, B, width).to(dev, non_blocking=True),
-            seq_lens=put(np.asarray(lens, dtype=np.int32), torch.int32),
-            query_start_loc=put(np.asarray(qsl, dtype=np.int32), torch.int32),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
+        meta = self._meta(batch, _put(slots, torch.long, dev), qsl, lens)
+        hidden = self.decoder.forward(
+            _put(ids, torch.long, dev), _put(pos, torch.long, dev), meta, self.kv
         )
-        hidden = self.decoder.forward(put(ids, torch.long), put(pos, torch.long), meta, self.kv)
         if len(sample_rows) < hidden.shape[0]:
-            hidden = hidden[put(np.asarray(sample_rows, dtype=np.int64), torch.long)]
+            hidden = hidden[_put(np.asarray(sample_rows, dtype=np.int64), torch.long, dev)]
         return self.decoder.logits(hidden), sampled
 
     @torch.inference_mode()
@@ -404,17 +412,7 @@ class ModelRunner:
         if self._copied_mixed is not None:
             self._copied_mixed.record()
 
-        def put(a, dtype):
-            return torch.from_numpy(np.asarray(a, dtype=np.int32)).to(dev, dtype, non_blocking=True)
-
-        width = max(len(s.block_table) for s in batch.seqs)
-        meta = AttentionMeta(
-            slot_mapping=self._m_long[2, :n],
-            block_tables=self._tables(batch, len(batch.seqs), width).to(dev, non_blocking=True),
-            seq_lens=put(lens, torch.int32),
-            query_start_loc=put(qsl, torch.int32),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
-        )
+        meta = self._meta(batch, self._m_long[2, :n], qsl, lens)
         pieces = self.mixed[T]
         pieces[0].replay()
         for j, kv in enumerate(self.kv):
