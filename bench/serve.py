@@ -158,6 +158,7 @@ def make_engine(lm, args, **kw) -> Engine:
         max_model_len=args.max_model_len,
         max_num_seqs=256,
         cuda_graphs=args.device.type == "cuda",
+        prefill_graphs=args.prefill_graphs == "on",
     )
     opts.update(kw)
     t0 = time.perf_counter()
@@ -676,8 +677,14 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=40.0)
     ap.add_argument("--d-repeat", type=int, default=5, help="part d: saturation runs (median)")
     ap.add_argument(
+        "--prefill-graphs",
+        default="on",
+        choices=["on", "off"],
+        help="parts a-c: Engine(prefill_graphs=...), piecewise graphs of prefill steps",
+    )
+    ap.add_argument(
         "--d-prefill-graphs",
-        default="off",
+        default="on",
         help="part d: 'off', 'on' or 'off,on' (Engine(prefill_graphs=...), side by side)",
     )
     ap.add_argument("--d-seqs", dest="set_d_seqs", type=int, help="part d: max_num_seqs (32)")

@@ -76,7 +76,8 @@ class Engine:
       cuda_graphs: replay captured graphs for decode batches (CUDA only).
       prefill_graphs: also capture prefill and mixed steps piecewise, everything but
         attention, per token bucket ([Note: piecewise graphs of mixed steps] in
-        runner.py; fused kernels, CUDA, one rank). Off by default until measured.
+        runner.py; fused kernels, CUDA, one rank). None (default): wherever possible;
+        True: the same, with a warning where not; False: prefill steps run eagerly.
       offload_weights: keep layer weights in host memory, streamed a layer ahead.
       fused_kernels: run the decoder's elementwise pieces as fused kernels (residual
         add + RMSNorm, RoPE + KV write, SiLU * up; Llama-style models); default on for
@@ -108,7 +109,7 @@ class Engine:
         scheduler: str = "splitfuse",
         prefix_caching: bool = True,
         cuda_graphs: bool = True,
-        prefill_graphs: bool = False,
+        prefill_graphs: bool | None = None,
         offload_weights: bool = False,
         seed: int = 0,
         fused_kernels: bool | None = None,

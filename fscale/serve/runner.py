@@ -20,9 +20,10 @@ rows write their K/V into block 0, which the block manager never hands out, and 
 to it alone: their results are discarded. Capture needs an attention lowering without
 host syncs (the Triton kernel; the torch reference reads lengths on the host), so
 graphs are only used on CUDA with that lowering, and never with streamed weights
-(their copies are not in the graph). Mixed prefill steps run eagerly. Under tensor
-parallelism (N > 1) graphs are off with a warning: NCCL allows capturing the
-all-reduces, but that path is not validated yet; emulated graphs (tests) do work.
+(their copies are not in the graph). Prefill and mixed steps are captured piecewise
+(below). Under tensor parallelism (N > 1) graphs are off with a warning: NCCL allows
+capturing the all-reduces, but that path is not validated yet; emulated graphs (tests)
+do work.
 
 [Note: piecewise graphs of mixed steps]
 Prefill and mixed steps change their attention metadata every step, so they are not
@@ -97,7 +98,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         kv_dtype: torch.dtype | None = None,
         warm_up_tokens: int = 0,
-        prefill_graphs: bool = False,
+        prefill_graphs: bool | None = None,
         max_tokens_per_step: int = 0,
     ):
         self.decoder = decoder
@@ -132,7 +133,8 @@ class ModelRunner:
                 self._capture(max_num_seqs)
         self.mixed: dict[int, list] = {}
         self.mixed_sizes: list[int] = []
-        if prefill_graphs and cuda_graphs and self._graphs_possible():
+        # None: wherever they can be (the default); True: also say why when they cannot.
+        if prefill_graphs is not False and cuda_graphs and self._graphs_possible():
             if decoder.tp is None and decoder.fused is not None and max_tokens_per_step:
                 try:
                     self._capture_mixed(mixed_buckets(max_tokens_per_step))
@@ -143,7 +145,7 @@ class ModelRunner:
                     )
                     self.mixed, self.mixed_sizes = {}, []
                     torch.cuda.synchronize(self.device)
-            else:
+            elif prefill_graphs:
                 warnings.warn(
                     "prefill_graphs needs the fused kernels and no tensor parallelism; "
                     "prefill and mixed steps run eagerly.",
