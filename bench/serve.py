@@ -158,7 +158,7 @@ def make_engine(lm, args, **kw) -> Engine:
         max_model_len=args.max_model_len,
         max_num_seqs=256,
         cuda_graphs=args.device.type == "cuda",
-        prefill_graphs=args.prefill_graphs == "on",
+        prefill_graphs=None if args.prefill_graphs == "on" else False,
     )
     opts.update(kw)
     t0 = time.perf_counter()
@@ -299,25 +299,37 @@ def part_a(lm, hf, args) -> None:
                     "output_tok_s": c * args.output / dt,
                 }
             )
-    # fused kernels (the CUDA default) at every concurrency; the eager decoder (A/B, same
-    # weights, same host path) at the high ones.
-    for fused, conc in ((True, args.concurrency), (False, args.ab_concurrency)):
+    # The defaults (fused kernels, prefill graphs) at every concurrency; A/B at the high
+    # ones, same weights: without the prefill graphs, and the eager decoder. Each point is
+    # the median of ``args.a_repeat`` runs (single runs of 1-6 s swing by several %).
+    variants = (
+        ({}, args.concurrency),
+        ({"prefill_graphs": False}, args.ab_concurrency),
+        ({"fused_kernels": False}, args.ab_concurrency),
+    )
+    for kw, conc in variants:
         if not conc:
             continue
-        engine = make_engine(lm, args, max_tokens_per_step=args.budget, fused_kernels=fused)
+        engine = make_engine(lm, args, max_tokens_per_step=args.budget, **kw)
         run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up (kernels compile)
         for c in conc:
-            dt = run_batch(engine, prompts(c, args.prompt, V, c), args.output)
+            runs = [
+                run_batch(engine, prompts(c, args.prompt, V, c + i), args.output)
+                for i in range(args.a_repeat)
+            ]
+            dt = sorted(runs)[len(runs) // 2]
             emit(
                 {
                     "part": "a",
                     "system": "fscale.serve",
                     "fused_kernels": engine.decoder.fused is not None,
+                    "prefill_graphs": bool(engine.runner.mixed_sizes),
                     "scheduler": "splitfuse",
                     "budget": args.budget,
                     "concurrency": c,
                     "seconds": dt,
                     "output_tok_s": c * args.output / dt,
+                    "runs_output_tok_s": [c * args.output / t for t in runs],
                     "preempted": engine.stats()["num_preempted_total"],
                 }
             )
@@ -418,8 +430,13 @@ def poisson(engine, ps, out_len, rate, seed) -> dict:
 def part_c(lm, args) -> None:
     V = lm.config.vocab_size
     for wname, (plen, olen, rates) in args.workloads.items():
+        if args.c_workloads and wname not in args.c_workloads.split(","):
+            continue
+        # SplitFuse at each budget of --c-budgets (the budget trades TPOT for throughput,
+        # so a deployment picks it for its SLOs, as FastGen does); prefill-first's budget
+        # only has to hold a prompt.
         for sched, budget in (
-            ("splitfuse", args.splitfuse_budget),
+            *(("splitfuse", b) for b in args.splitfuse_budgets),
             ("prefill_first", args.prefill_budget),
         ):
             engine = make_engine(lm, args, scheduler=sched, max_tokens_per_step=budget)
@@ -449,6 +466,7 @@ def part_c(lm, args) -> None:
                     "part": "c",
                     "workload": wname,
                     "scheduler": sched,
+                    "budget": budget,
                     "effective_req_s": best,
                     "best_offered_req_s": best_offered,
                 }
@@ -654,11 +672,11 @@ def plot(path: Path) -> None:
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for w, s in sorted({(r["workload"], r["scheduler"]) for r in rows}):
-        rs = [r for r in rows if r["workload"] == w and r["scheduler"] == s]
+    for w, s, b in sorted({(r["workload"], r["scheduler"], r["budget"]) for r in rows}):
+        rs = [r for r in rows if (r["workload"], r["scheduler"], r["budget"]) == (w, s, b)]
         x = [r["achieved_req_s"] for r in rs]
-        axes[0].plot(x, [r["ttft_p99"] for r in rs], "o-", label=f"{w} {s}")
-        axes[1].plot(x, [r["tpot_p99"] * 1e3 for r in rs], "o-", label=f"{w} {s}")
+        axes[0].plot(x, [r["ttft_p99"] for r in rs], "o-", label=f"{w} {s} {b}")
+        axes[1].plot(x, [r["tpot_p99"] * 1e3 for r in rs], "o-", label=f"{w} {s} {b}")
     axes[0].set(xlabel="requests/s", ylabel="p99 TTFT (s)", yscale="log")
     axes[1].set(xlabel="requests/s", ylabel="p99 TPOT (ms)")
     axes[1].axhline(50, color="gray", ls="--")
@@ -675,6 +693,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tiny", action="store_true", help="tiny random model on CPU (smoke test)")
     ap.add_argument("--kv-gib", type=float, default=40.0)
+    ap.add_argument("--a-repeat", type=int, default=3, help="part a: runs per point (median)")
+    ap.add_argument(
+        "--c-budgets", help="part c: SplitFuse token budgets, comma-separated (default 512)"
+    )
+    ap.add_argument("--c-workloads", help="part c: only these workloads (512/128, fastgen)")
     ap.add_argument("--d-repeat", type=int, default=5, help="part d: saturation runs (median)")
     ap.add_argument(
         "--prefill-graphs",
@@ -726,10 +749,13 @@ def main() -> None:
             # workload, prefill-first to 4, nothing between was tried; at 512/128 both
             # held at every rate up to 32).
             "512/128": (512, 128, [8.0, 16.0, 32.0, 48.0, 64.0]),
-            "fastgen": (2600, 60, [2.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0]),
+            "fastgen": (2600, 60, [4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 14.0]),
         }
         args.requests, args.decode_tokens, args.saturation = 48, 128, 32
         args.ab_concurrency, args.d_seqs, args.d_budget = [64, 256], 32, 512
+    args.splitfuse_budgets = (
+        [int(b) for b in args.c_budgets.split(",")] if args.c_budgets else [args.splitfuse_budget]
+    )
     for name in ("d_seqs", "d_budget", "saturation"):  # part d's engine, from the command line
         if getattr(args, f"set_{name}") is not None:
             setattr(args, name, getattr(args, f"set_{name}"))
