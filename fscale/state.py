@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import enum
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -116,17 +117,29 @@ def _walk(path: str, value: Any, out: dict) -> None:
 # in-place write of an announced buffer (the offloaded optimizer's update of a
 # sub-group) is preceded by ``before_write`` of the bytes it writes, in the thread
 # that writes them. Without a snapshot ``before_write`` costs one check of an empty
-# list.
+# list and one dict store per tensor.
+#
+# [Note: copying in write order]
+# A snapshot copies ahead of the writes only if it copies in the order they come: a
+# buffer the next step writes early that the copiers reach late is copied by the
+# writing thread, on the step's critical path. The order of announcement need not be
+# that order (offload's sub-groups are announced in leaf order and updated in the
+# order their grads arrive, the backward's). So ``before_write`` also numbers each
+# announced storage's latest write, and ``write_rank`` gives a snapshot that order:
+# the last step's, which the next step repeats; never-written buffers come after, in
+# announce order.
 
 _ANNOUNCED: dict[int, list] = {}  # storage data_ptr -> [(weakref to buffer, order)]
 _ORDER = 0  # announce order: the next buffer's
 _SNAPSHOTS: list = []
+_WRITTEN: dict[int, int] = {}  # announced storage data_ptr -> its latest write's number
+_WRITES = itertools.count()
 
 
 def announce_writes(buffer: torch.Tensor) -> None:
     """Promise that every in-place write of ``buffer`` (a host tensor) is preceded by
-    ``before_write`` on what it writes ([Note: announced writes]). Buffers announced
-    earlier are copied first (give them in the order they are written).
+    ``before_write`` on what it writes ([Note: announced writes]). Snapshots copy
+    buffers in the order of their latest writes, then unwritten ones in announce order.
 
     Usage::
 
@@ -136,6 +149,8 @@ def announce_writes(buffer: torch.Tensor) -> None:
     global _ORDER
     key = buffer.untyped_storage().data_ptr()
     live = [(r, o) for r, o in _ANNOUNCED.get(key, []) if r() is not None]
+    if not live:
+        _WRITTEN.pop(key, None)  # a freed buffer's address, reused: not its writes
     _ANNOUNCED[key] = [*live, (weakref.ref(buffer), _ORDER)]
     _ORDER += 1
 
@@ -154,9 +169,20 @@ def announced(t: torch.Tensor) -> int | None:
     return None
 
 
+def write_rank(t: torch.Tensor) -> tuple[int, int]:
+    """Sort key of an announced ``t``'s copy ([Note: copying in write order]): its
+    storage's latest write first, then never-written storages."""
+    seq = _WRITTEN.get(t.untyped_storage().data_ptr())
+    return (0, seq) if seq is not None else (1, 0)
+
+
 def before_write(*tensors: torch.Tensor) -> None:
     """Called by an announced buffer's owner before writing ``tensors`` in place: every
     pending snapshot first copies what it still needs of them."""
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key in _ANNOUNCED:
+            _WRITTEN[key] = next(_WRITES)  # [Note: copying in write order]
     if not _SNAPSHOTS:
         return
     for snap in list(_SNAPSHOTS):

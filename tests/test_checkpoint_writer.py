@@ -312,6 +312,39 @@ def test_lazy_snapshot_keeps_the_bytes_of_its_start_whoever_copies_them():
     assert torch.equal(got, now)
 
 
+def test_a_snapshot_copies_in_the_order_the_last_step_wrote_its_buffers():
+    """[Note: copying in write order]: buffers announced in one order and written in
+    another (offload: leaf order vs the backward's update order) are queued in the order
+    of their latest writes, never-written ones last in announce order; a freed buffer's
+    reused address does not inherit the old buffer's place."""
+    from fscale._checkpoint.snapshot import LazySnapshot
+    from fscale.state import announce_writes, announced, before_write, write_rank
+
+    bufs = [torch.full((8,), float(i)) for i in range(5)]
+    for b in bufs:
+        announce_writes(b)
+    for i in (3, 1, 0, 3):  # 3's latest write is after 0's; 2 and 4 are never written
+        before_write(bufs[i])
+    snap = LazySnapshot(copy_threads=0)
+    for b in bufs:
+        snap.defer(b, announced(b))
+    snap.start()
+    try:
+        ptrs = [e.src.data_ptr() for e in snap._queue]
+        assert ptrs == [bufs[i].data_ptr() for i in (1, 0, 3, 2, 4)]
+    finally:
+        snap.close()
+    memory = bytearray(64)
+    old = torch.frombuffer(memory, dtype=torch.uint8)
+    announce_writes(old)
+    before_write(old)
+    assert write_rank(old)[0] == 0
+    del old  # freed; a new buffer at the same address has no writes yet
+    new = torch.frombuffer(memory, dtype=torch.uint8)
+    announce_writes(new)
+    assert write_rank(new) == (1, 0)
+
+
 def test_kept_copies_are_reused_by_the_next_keeping_snapshot_and_freed_by_others():
     """[Note: kept copies]: a keeping snapshot's buffers go to the pool when it closes,
     the next keeping one copies into the same memory (and gets the new bytes), and a

@@ -6,8 +6,9 @@ on. Host tensors whose owner announces its writes ([Note: announced writes] in
 ``fscale/state.py``: offload's sub-group buffers) are not copied in the call. A
 ``LazySnapshot`` holds them as entries, each pending, being copied, or copied, and
 
-- ``copy_threads`` background threads copy the pending entries in the order their
-  buffers were announced (offload's sub-groups: update order), each with one
+- ``copy_threads`` background threads copy the pending entries in the order the last
+  step wrote their buffers ([Note: copying in write order] in ``fscale/state.py``:
+  offload's sub-groups in update order), each with one
   ``ctypes.memmove``, which runs without the GIL and without
   torch's intra-op pool (the host optimizer's threads keep theirs);
 - ``preserve(t)`` (``before_write``: the update of a sub-group is about to write it)
@@ -192,7 +193,11 @@ class LazySnapshot:
         for e in self._entries:
             by_storage.setdefault(e.src.untyped_storage().data_ptr(), []).append(e)
         self._by_storage = {k: _Index(v) for k, v in by_storage.items()}
-        self._queue = sorted(self._entries, key=lambda e: (e.order, e.lo))
+        ranks = {k: state_protocol.write_rank(v[0].src) for k, v in by_storage.items()}
+        self._queue = sorted(
+            self._entries,
+            key=lambda e: (ranks[e.src.untyped_storage().data_ptr()], e.order, e.lo),
+        )
         state_protocol.add_snapshot(self)
         if self.device is not None and self._entries:
             th = threading.Thread(target=self._feeder, name="fscale-snapshot-feed", daemon=True)
