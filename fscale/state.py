@@ -31,21 +31,30 @@ from fscale.placement import Placement, placement_of, replicated
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """A tensor of this process and how it maps onto the mesh."""
+    """A tensor of this process and how it maps onto the mesh.
+
+    ``mirrors_param``: the entry is a master (``<slot>/master/<param>``) whose param
+    holds exactly its value, dtype included, after every step (the owner copies it
+    there): a checkpoint then keeps this copy alone ([Note: mirrored params] in
+    ``fscale/checkpoint.py``).
+    """
 
     tensor: torch.Tensor
     placement: Placement
+    mirrors_param: bool = False
 
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """A tensor held in a file (NVMe swap): ``length`` bytes at ``offset`` of ``path``."""
+    """A tensor held in a file (NVMe swap): ``length`` bytes at ``offset`` of ``path``;
+    ``mirrors_param`` as for ``TensorEntry``."""
 
     path: str
     offset: int
     shape: tuple[int, ...]
     dtype: torch.dtype
     placement: Placement
+    mirrors_param: bool = False
 
     def read(self) -> torch.Tensor:
         """The tensor, read from its file."""
@@ -78,7 +87,7 @@ def _walk(path: str, value: Any, out: dict) -> None:
     # detach(): the same data without the Python attributes fscale tags shards with
     # (their process group among them), which a checkpoint writer could not pickle.
     if isinstance(value, TensorEntry):
-        out[path] = TensorEntry(value.tensor.detach(), value.placement)
+        out[path] = TensorEntry(value.tensor.detach(), value.placement, value.mirrors_param)
     elif isinstance(value, StoredTensor):
         out[path] = value
     elif isinstance(value, torch.Tensor):

@@ -47,6 +47,8 @@ STACKS = {
     "bf16 zero1": (("mp", "bf16"), ("zero", 1)),
     "offload cpu": (("offload", "cpu"),),
     "zero2 offload cpu": (("zero", 2), ("offload", "cpu")),
+    # The checkpoint keeps the masters alone ([Note: mirrored params]).
+    "bf16 zero3 offload cpu": (("mp", "bf16"), ("zero", 3), ("offload", "cpu")),
     "offload nvme": (("offload", "nvme"),),
     # ZeRO-Offload's DPU: at the save, step N's update is still pending on the host.
     "offload cpu delayed": (("offload-delayed", "cpu"),),
@@ -209,6 +211,58 @@ def _reshard_world_2(rank, world, tmp):
         out[name] = (loaded, fs.gather_params(params, state), state["count"])
         _close(state)
     return out
+
+
+@pytest.mark.parametrize(
+    "layers, left_out",
+    [
+        ((("zero", 3), ("offload", "cpu")), "params/"),  # the flat shards: fp32 params
+        ((("mp", "bf16"), ("zero", 1), ("offload", "cpu")), "shard_zero/master/"),
+        ((("offload-delayed", "cpu"),), None),  # DPU: the params lag the masters
+    ],
+    ids=["zero3", "bf16-zero1", "delayed"],
+)
+def test_a_mirrored_master_is_saved_alone_and_loads_into_a_plain_step(tmp_path, layers, left_out):
+    """[Note: mirrored params]: offload's masters stand for the copies of their params
+    with their dtype, which the checkpoint leaves out; a plain step loads the masters'
+    values into its params. Under a delayed update nothing is left out."""
+    import torch.distributed.checkpoint as dcp
+
+    step, params = _build(layers)
+    params, state = step.init(params)
+    params, state = _train(step, params, state, _batches(0, 1, 2, seed=1))
+    entries = describe(state)
+    masters = {p: entries[f"offload/master/{p}"].tensor.clone() for p in params}
+    gathered = {p: t.clone() for p, t in fs.gather_params(params, state).items()}
+    if left_out is not None:  # the invariant the master claims: its copies hold its bytes
+        for p, master in masters.items():
+            copies = [gathered[p]] + [
+                e.tensor for k, e in entries.items() if k.endswith(f"master/{p}")
+            ]
+            for c in copies:
+                if c.dtype == master.dtype:
+                    assert torch.equal(c.reshape(master.shape), master), p
+    ckpt = tmp_path / "ck"
+    fs.save(ckpt, params, state)
+    _close(state)
+    keys = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    assert {f"offload/master/{p}" for p in params} <= keys
+    if left_out is None:
+        assert {f"params/{p}" for p in params} <= keys
+    else:
+        assert not [k for k in keys if k.startswith(left_out)]
+    plain, fresh = _build(())
+    loaded, plain_state = fs.load(ckpt, plain, fresh)
+    for p, master in masters.items():
+        want = gathered[p] if left_out is None else master.view(loaded[p].shape)
+        assert torch.equal(loaded[p], want.float()), p
+    # And back into the stack that saved it: the same masters, its params from them.
+    step, fresh = _build(layers)
+    back, state = fs.load(ckpt, step, fresh)
+    entries = describe(state)
+    for p, master in masters.items():
+        assert torch.equal(entries[f"offload/master/{p}"].tensor, master), p
+    _close(state)
 
 
 def test_reshard_zero3_world_4_to_zero1_world_2_to_plain_world_1_and_hsdp_to_plain(tmp_path):

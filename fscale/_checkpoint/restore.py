@@ -53,6 +53,10 @@ def _check_model(where: str, saved: dict, layout) -> None:
     saved_params = {
         k[len("params/") :]: tuple(m.size) for k, m in saved.items() if k.startswith("params/")
     }
+    for k, m in saved.items():  # params kept only as their masters ([Note: mirrored params])
+        p = _param_of(k)
+        if p is not None and p not in saved_params and isinstance(m, TensorStorageMetadata):
+            saved_params[p] = tuple(m.size)
     mine = {p: tuple(pl.shape) for p, pl in zip(layout.paths, layout.placements, strict=True) if pl}
     missing = sorted(set(mine) - set(saved_params))
     unexpected = sorted(set(saved_params) - set(mine))

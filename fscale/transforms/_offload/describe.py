@@ -86,12 +86,15 @@ def offload_slot(handle) -> dict:
         groups[g.key] = {"params": paths, "updates": g.updates}
         if cfg.tier == "nvme":
             groups[g.key]["file"] = handle.engine.file_path(g.key)
-        for path, i, slot in zip(paths, g.leaves, g.master, strict=True):
+        for path, i, slot, grad in zip(paths, g.leaves, g.master, g.grads, strict=True):
             if g.shared_master:
                 t = handle.shared_masters[i]
                 master[path] = TensorEntry(t, handle.placement(i, tuple(t.shape)))
             else:
-                master[path] = _entry(handle, k, slot, i)
+                # Each update copies the master into its param (to_device), unless the
+                # update is delayed (the params lag a step) or casts it.
+                mirrors = not cfg.delayed_update and grad.dtype == slot.dtype
+                master[path] = _entry(handle, k, slot, i, mirrors_param=mirrors)
     return {
         "tier": cfg.tier,
         "what": list(cfg.what),
@@ -101,7 +104,7 @@ def offload_slot(handle) -> dict:
     }
 
 
-def _entry(handle, k: int, value, owner: int | None):
+def _entry(handle, k: int, value, owner: int | None, *, mirrors_param: bool = False):
     """A state or master leaf of group ``k``: a described tensor, or the Python value."""
     if not isinstance(value, Slot):
         return value
@@ -112,8 +115,8 @@ def _entry(handle, k: int, value, owner: int | None):
     g = handle.groups[k]
     if handle.cfg.tier == "nvme":
         path = handle.engine.file_path(g.key)
-        return StoredTensor(path, value.offset, value.shape, value.dtype, placement)
-    return TensorEntry(value.view(handle.buffers[k]), placement)
+        return StoredTensor(path, value.offset, value.shape, value.dtype, placement, mirrors_param)
+    return TensorEntry(value.view(handle.buffers[k]), placement, mirrors_param)
 
 
 def _merge(found: dict) -> Any:
