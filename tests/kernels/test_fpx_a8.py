@@ -7,6 +7,12 @@ fixture) and must give the references' exact bits; the product then goes through
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -157,8 +163,9 @@ def test_rows_below_min_tokens_run_weight_only(monkeypatch):
 
 
 def _ptx_for_sm90(rank, world) -> dict[str, str]:
-    """Both kernels compiled for sm_90 without a GPU, in a fresh process (see
-    test_fpx_triton.py's twin: a kernel interpreted meanwhile would corrupt it)."""
+    """Both kernels compiled for sm_90 without a GPU, in a fresh process without
+    TRITON_INTERPRET (see test_fpx_triton.py's twin: a kernel interpreted meanwhile
+    would corrupt it)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -198,9 +205,24 @@ def test_kernels_compile_for_sm90_with_ieee_division():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip("this triton cannot compile ahead of time")
-    from tests.dist import run_world
-
-    ptx = run_world(_ptx_for_sm90, 1)[0]
+    # A fresh interpreter without TRITON_INTERPRET: triton's own jitted helpers (the
+    # max that tl.reduce combines with) are made interpreted when it is set at import,
+    # and a compiled kernel cannot call them.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json; from tests.kernels.test_fpx_a8 import _ptx_for_sm90; "
+        "print(json.dumps(_ptx_for_sm90(0, 1)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = json.loads(done.stdout.strip().splitlines()[-1])
     assert "div.rn.f32" in ptx["rows"] and "div.full.f32" not in ptx["rows"]
     assert "st.global" in ptx["weight"]
 
