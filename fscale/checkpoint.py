@@ -612,23 +612,23 @@ def _save_state_dict(params, state: dict, mesh) -> dict:
 def _mirrored_copies(entries: dict, layout, leaves: list) -> set[str]:
     """Keys of param copies that a mirroring master stands for ([Note: mirrored
     params]): ``params/<p>`` and other slots' ``master/<p>`` of the master's dtype."""
-    dtype_of = {}
-    for path, e in entries.items():
-        if isinstance(e, (TensorEntry, StoredTensor)) and e.mirrors_param:
-            p = _param_of(path)
-            if p is not None:
-                dtype_of[p] = e.dtype if isinstance(e, StoredTensor) else e.tensor.dtype
+    tensors = {k: e for k, e in entries.items() if isinstance(e, (TensorEntry, StoredTensor))}
+    dtype = {
+        k: e.dtype if isinstance(e, StoredTensor) else e.tensor.dtype for k, e in tensors.items()
+    }
+    dtype_of = {_param_of(k): dtype[k] for k, e in tensors.items() if e.mirrors_param}
+    dtype_of.pop(None, None)
     if not dtype_of:
         return set()
-    skip = set()
-    for path, leaf in zip(layout.paths, leaves, strict=True):
-        if leaf is not None and dtype_of.get(path) == leaf.dtype:
-            skip.add(f"params/{path}")
-    for path, e in entries.items():
-        p = _param_of(path)
-        if p in dtype_of and isinstance(e, (TensorEntry, StoredTensor)) and not e.mirrors_param:
-            if (e.dtype if isinstance(e, StoredTensor) else e.tensor.dtype) == dtype_of[p]:
-                skip.add(path)
+    skip = {
+        f"params/{path}"
+        for path, leaf in zip(layout.paths, leaves, strict=True)
+        if leaf is not None and dtype_of.get(path) == leaf.dtype
+    }
+    for k, e in tensors.items():
+        p = _param_of(k)
+        if p in dtype_of and not e.mirrors_param and dtype[k] == dtype_of[p]:
+            skip.add(k)
     return skip
 
 

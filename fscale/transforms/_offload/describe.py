@@ -92,7 +92,8 @@ def offload_slot(handle) -> dict:
                 master[path] = TensorEntry(t, handle.placement(i, tuple(t.shape)))
             else:
                 # Each update copies the master into its param (to_device), unless the
-                # update is delayed (the params lag a step) or casts it.
+                # update is delayed (the params lag a step) or casts it (a grad slot has
+                # its param's dtype).
                 mirrors = not cfg.delayed_update and grad.dtype == slot.dtype
                 master[path] = _entry(handle, k, slot, i, mirrors_param=mirrors)
     return {
