@@ -300,11 +300,13 @@ def part_a(lm, hf, args) -> None:
                     "output_tok_s": c * args.output / dt,
                 }
             )
-    # The defaults (fused kernels, prefill graphs) at every concurrency; A/B at the high
-    # ones, same weights: without the prefill graphs, and the eager decoder. Each point is
-    # the median of ``args.a_repeat`` runs (single runs of 1-6 s swing by several %).
+    # The defaults (fused kernels, prefill graphs, overlapped steps) at every concurrency;
+    # A/B at the high ones, same weights: without overlap, without the prefill graphs, and
+    # the eager decoder. Each point is the median of ``args.a_repeat`` runs (single runs
+    # of 1-6 s swing by several %).
     variants = (
         ({}, args.concurrency),
+        ({"overlap": False}, args.ab_concurrency),
         ({"prefill_graphs": False}, args.ab_concurrency),
         ({"fused_kernels": False}, args.ab_concurrency),
     )
@@ -325,6 +327,7 @@ def part_a(lm, hf, args) -> None:
                     "system": "fscale.serve",
                     "fused_kernels": engine.decoder.fused is not None,
                     "prefill_graphs": bool(engine.runner.mixed_sizes),
+                    "overlap": engine.overlap,
                     "scheduler": "splitfuse",
                     "budget": args.budget,
                     "concurrency": c,
@@ -349,33 +352,37 @@ def weight_bytes(lm: LoadedModel) -> int:
 
 
 def decode_rate(engine, args, vocab) -> float:
-    """Batch-1 decode tokens/s: median step time after the first token."""
+    """Batch-1 decode tokens/s: output tokens over the wall time of the steps after the
+    first two tokens (no sync between steps: overlapped steps keep theirs)."""
     engine.add_request(
         "b1",
         prompts(1, 128, vocab, 7)[0],
         SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True),
     )
-    times = []
+    n, t0, base = 0, None, 0
     while engine.has_unfinished():
-        sync(engine.device)
-        t0 = time.perf_counter()
-        engine.step()
-        sync(engine.device)
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[2:])
-    return 1.0 / times[len(times) // 2]
+        n += sum(len(o.new_token_ids) for o in engine.step())
+        if t0 is None and n >= 2:
+            sync(engine.device)
+            t0, base = time.perf_counter(), n
+    sync(engine.device)
+    return (n - base) / (time.perf_counter() - t0)
 
 
 def part_b(lm, args) -> None:
     bound = HBM / weight_bytes(lm)
-    for fused in (True, False):  # A/B: fused kernels (the CUDA default) vs eager decoder
-        engine = make_engine(lm, args, max_tokens_per_step=args.budget, fused_kernels=fused)
+    # A/B: overlapped steps and fused kernels (the CUDA defaults), then each turned off.
+    for fused, overlap in ((True, True), (True, False), (False, False)):
+        engine = make_engine(
+            lm, args, max_tokens_per_step=args.budget, fused_kernels=fused, overlap=overlap
+        )
         rate = decode_rate(engine, args, lm.config.vocab_size)
         emit(
             {
                 "part": "b",
                 "weights": "bf16",
                 "fused_kernels": engine.decoder.fused is not None,
+                "overlap": engine.overlap,
                 "decode_tok_s": rate,
                 "step_ms": 1e3 / rate,
                 "bandwidth_bound_tok_s": bound,
@@ -535,12 +542,13 @@ def part_d(lm, args) -> None:
 
 def _timed_step(engine, acc: dict) -> None:
     """One engine.step() with its pieces timed (ms, summed into ``acc``): schedule, run
-    (host: inputs + launch), forward (waiting for the GPU), sample (incl. the D2H copy)
-    and outputs (the rest: bookkeeping, detokenize, output objects)."""
+    (host: inputs + launch), forward (waiting for the GPU), sample (on the device) and
+    outputs (the rest: the D2H copy, bookkeeping, detokenize, output objects). The
+    engine runs synchronous steps (overlap=False): the breakdown times each piece."""
     import fscale.serve.engine as eng
 
     dev = engine.device
-    sched, run, smp = engine.scheduler.schedule, engine.runner.run, eng.sample
+    sched, run, smp = engine.scheduler.schedule, engine.runner.run, eng.sample_tokens
     marks = {}
 
     def t_sched():
@@ -549,9 +557,9 @@ def _timed_step(engine, acc: dict) -> None:
         marks["schedule"] = time.perf_counter() - t
         return out
 
-    def t_run(batch):
+    def t_run(batch, last_tokens=None):
         t = time.perf_counter()
-        out = run(batch)
+        out = run(batch, last_tokens)
         marks["run_host"] = time.perf_counter() - t
         t = time.perf_counter()
         sync(dev)
@@ -564,7 +572,7 @@ def _timed_step(engine, acc: dict) -> None:
         marks["sample"] = time.perf_counter() - t
         return out
 
-    engine.scheduler.schedule, engine.runner.run, eng.sample = t_sched, t_run, t_sample
+    engine.scheduler.schedule, engine.runner.run, eng.sample_tokens = t_sched, t_run, t_sample
     try:
         sync(dev)
         t0 = time.perf_counter()
@@ -572,7 +580,7 @@ def _timed_step(engine, acc: dict) -> None:
         total = time.perf_counter() - t0
     finally:
         del engine.scheduler.schedule, engine.runner.run
-        eng.sample = smp
+        eng.sample_tokens = smp
     marks["outputs_etc"] = total - sum(marks.values())
     marks["total"] = total
     for k, v in marks.items():
@@ -617,7 +625,9 @@ def profile(lm, args) -> None:
     fused kernels vs the eager decoder, and the top CUDA kernels per step."""
     V = lm.config.vocab_size
     for fused in (True, False):
-        engine = make_engine(lm, args, max_tokens_per_step=args.budget, fused_kernels=fused)
+        engine = make_engine(
+            lm, args, max_tokens_per_step=args.budget, fused_kernels=fused, overlap=False
+        )
         run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up
         for B in args.profile_batches:
             params = SamplingParams(
@@ -754,13 +764,13 @@ def main() -> None:
         }
         args.requests, args.decode_tokens, args.saturation = 48, 128, 32
         args.ab_concurrency, args.d_seqs, args.d_budget = [64, 256], 32, 512
+        args.profile_batches, args.profile_steps, args.profile_trace_steps = [1, 64], 30, 5
     args.splitfuse_budgets = (
         [int(b) for b in args.c_budgets.split(",")] if args.c_budgets else [args.splitfuse_budget]
     )
     for name in ("d_seqs", "d_budget", "saturation"):  # part d's engine, from the command line
         if getattr(args, f"set_{name}") is not None:
             setattr(args, name, getattr(args, f"set_{name}"))
-        args.profile_batches, args.profile_steps, args.profile_trace_steps = [1, 64], 30, 5
     cfg = config(args)
     print(f"{cfg}\nparts {sorted(parts)} on {args.device}", flush=True)
     lm = build_weights(cfg, args.device, args.dtype)

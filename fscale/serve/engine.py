@@ -22,6 +22,24 @@ Tensor parallel (see fscale/serve/parallel.py, launched with torchrun)::
     else:
         engine.follow()                  # step() until rank 0 shuts down
 
+[Note: overlapped steps]
+With ``overlap`` (the default on CUDA) ``step()`` launches step k's forward before it
+waits for step k-1's tokens, so the host's work (scheduling, inputs, launching, then
+reading tokens, stop checks, detokenizing, outputs) runs while the GPU computes
+instead of between its forwards (vLLM's async scheduling). Step k-1's sampled tokens
+stay on the device: a sequence that decodes in step k has ``num_pending == 1`` and the
+runner copies its input token from them on the device. ``step()`` then returns step
+k-1's outputs, one step later than without overlap. A sequence that step k-1 finished
+by a stop token or string ran one token too many in step k: the token is dropped,
+never reported, and its blocks are released after step k was queued (later steps use
+them after it on the same stream). One that ends by length is known to before its
+token is read (``last_pending``) and is not scheduled again, so no step reaches past
+max_tokens or max_model_len. Prefix-cache commits of a step's blocks wait until its
+tokens are known. Greedy and seeded outputs equal the non-overlapped engine's; an
+unseeded sampled request may draw differently, since a dropped token consumed a draw
+of the engine's shared generator. Off under tensor parallelism (its ranks follow rank
+0's step in lockstep).
+
 [Note: threading]
 The engine is single-threaded: nothing in it takes a lock. A server runs ``step()`` in
 one background thread and calls ``add_request`` / ``abort`` / ``stats`` from others
@@ -50,7 +68,7 @@ from fscale.serve.parallel import (
 )
 from fscale.serve.params import RequestOutput, SamplingParams
 from fscale.serve.runner import ModelRunner
-from fscale.serve.sampling import sample
+from fscale.serve.sampling import sample_tokens
 from fscale.serve.scheduler import POLICIES, Scheduler
 from fscale.serve.sequence import Sequence, Status
 from fscale.serve.tokenizer import ByteTokenizer, load_tokenizer
@@ -83,6 +101,9 @@ class Engine:
         add + RMSNorm, RoPE + KV write, SiLU * up; Llama-style models); default on for
         CUDA, off elsewhere (the CPU lowerings are the eager references). Kernels that
         fail their start-up self-check or the graph capture fall back with a warning.
+      overlap: queue each step's forward before reading the last step's tokens
+        ([Note: overlapped steps]); outputs then come one ``step()`` later. None
+        (default): on CUDA with one rank; on CPU, where work is synchronous, off.
       seed: the generator of requests sampled without their own seed.
       tensor_parallel: ranks that split each layer (Megatron-style, see
         ``fscale/serve/parallel.py``): 1 (default), an int dividing the launched world
@@ -114,6 +135,7 @@ class Engine:
         seed: int = 0,
         fused_kernels: bool | None = None,
         tensor_parallel: int | str = 1,
+        overlap: bool | None = None,
     ):
         if scheduler not in POLICIES:
             raise ValueError(f"scheduler={scheduler!r} is not known; use one of {list(POLICIES)}.")
@@ -180,6 +202,10 @@ class Engine:
             warm_up_tokens=max_tokens_per_step if self.device.type == "cuda" else 0,
         )
         self.max_waiting = max_waiting
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        self.overlap = bool(overlap) and self.tp.size == 1
+        self._inflight: _Launched | None = None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
@@ -287,7 +313,7 @@ class Engine:
         self._aborted.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self._seqs) or bool(self._aborted)
+        return bool(self._seqs) or bool(self._aborted) or self._inflight is not None
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -306,9 +332,26 @@ class Engine:
             self._seqs.pop(seq.request_id, None)
         self._aborted = []
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return outputs
-        logits, sampled = self.runner.run(batch)
+        last, self._inflight = self._inflight, None
+        launched = None
+        if batch.seqs:
+            try:
+                launched = self._launch(batch, last)
+            except BaseException:
+                self._inflight = last  # still to be read by the next step
+                raise
+        if last is not None:
+            outputs += self._resolve(last)
+        if launched is not None:
+            if self.overlap:
+                self._inflight = launched
+            else:
+                outputs += self._resolve(launched)
+        return outputs
+
+    def _launch(self, batch, last: _Launched | None) -> _Launched:
+        """Queue ``batch``'s forward and its sampling; nothing waits for the device."""
+        logits, sampled = self.runner.run(batch, last.tokens if last is not None else None)
         self._counters["steps_total"] += 1
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             # Prompt tokens: those computed for the first time (not recomputed after preemption).
@@ -318,23 +361,60 @@ class Engine:
                 - max(seq.num_computed, seq.num_cached_tokens or 0),
             )
             seq.num_computed += n
-            self.blocks.commit(seq)
+        launched = _Launched(list(batch.seqs), sampled)
         if sampled:
-            tokens = sample(
+            launched.tokens = sample_tokens(
                 logits,
                 [s.params for s in sampled],
                 [s.generator for s in sampled],
                 self.generator,
                 greedy=self.runner.greedy,
             )
-            for seq, tok in zip(sampled, tokens, strict=True):
+            # A copy taken now: the tokens may sit in a graph's static output, which
+            # the next step's replay overwrites before they are read.
+            if self.overlap and self.device.type == "cuda":
+                host = torch.empty(len(sampled), dtype=torch.long, pin_memory=True)
+                launched.host = host.copy_(launched.tokens, non_blocking=True)
+                launched.ready = torch.cuda.Event()
+                launched.ready.record()
+            else:
+                launched.host = launched.tokens.to("cpu", copy=True)
+            for i, seq in enumerate(sampled):
+                # Up to two: the last step's (not read yet) and this one's.
+                seq.num_pending += 1
+                seq.pending_index = i
+                # Certain to be its last token: never schedule past it (the Note).
+                seq.last_pending = (
+                    len(seq.output_ids) + seq.num_pending >= seq.params.max_tokens
+                    or seq.num_tokens >= self.max_model_len
+                )
+        return launched
+
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens: append them, commit blocks, check stops."""
+        tokens: list[int] = []
+        if launched.sampled:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            tokens = launched.host.tolist()
+        for seq, tok in zip(launched.sampled, tokens, strict=True):
+            seq.num_pending -= 1
+            seq.last_pending = seq.last_pending and seq.num_pending > 0
+            if seq.status is not Status.FINISHED:  # else aborted or done: dropped
                 seq.token_ids.append(tok)
-                self._counters["generation_tokens_total"] += 1
-                self._check_finished(seq)
-                outputs.append(self._output(seq, [tok]))
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                    self._seqs.pop(seq.request_id, None)
+        for seq in launched.seqs:
+            if seq.status is not Status.FINISHED:
+                self.blocks.commit(seq)
+        outputs = []
+        for seq, tok in zip(launched.sampled, tokens, strict=True):
+            if seq.status is Status.FINISHED:
+                continue
+            self._counters["generation_tokens_total"] += 1
+            self._check_finished(seq)
+            outputs.append(self._output(seq, [tok]))
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                self._seqs.pop(seq.request_id, None)
         return outputs
 
     # -- tensor parallelism -----------------------------------------------------------------
@@ -486,6 +566,19 @@ class Engine:
             "kv_usage": used / total,
             **self._counters,
         }
+
+
+class _Launched:
+    """A step whose forward is queued: its sequences, those it samples, and their
+    tokens (device; with ``host``/``ready``, a pinned copy and its event)."""
+
+    __slots__ = ("seqs", "sampled", "tokens", "host", "ready")
+
+    def __init__(self, seqs: list[Sequence], sampled: list[Sequence]):
+        self.seqs, self.sampled = seqs, sampled
+        self.tokens: torch.Tensor | None = None
+        self.host: torch.Tensor | None = None
+        self.ready = None
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -121,6 +121,9 @@ class ModelRunner:
         self.graph_sizes: list[int] = []
         # argmax of the rows returned by the last run() (device int64), when the graph made it.
         self.greedy: torch.Tensor | None = None
+        # The step's pending input tokens: (rows of its ids, rows of last_tokens).
+        self.pending: tuple[list[int], list[int]] = ([], [])
+        self.last_tokens: torch.Tensor | None = None
         if cuda_graphs and self._graphs_possible():
             if decoder.tp is not None:
                 # Capturing the NCCL all-reduce is possible but not validated here.
@@ -157,19 +160,26 @@ class ModelRunner:
 
     def prepare(self, batch: Batch):
         """Flattened inputs of ``batch`` (numpy int64 arrays, qsl a list) and the rows /
-        sequences to sample."""
+        sequences to sample. A token still on the device is a 0 here, its row listed in
+        ``self.pending`` ([Note: overlapped steps] in engine.py)."""
         bs = self.block_size
         ids, pos, slots, qsl, lens, sample_rows, sampled = [], [], [], [0], [], [], []
+        self.pending = ([], [])
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             s = seq.num_computed
-            ids.append(seq.token_ids[s : s + n])
+            chunk = seq.token_ids[s : s + n]
+            if len(chunk) < n:  # its pending token, the step's only one for it
+                self.pending[0].append(qsl[-1])
+                self.pending[1].append(seq.pending_index)
+                chunk = [0]
+            ids.append(chunk)
             p = np.arange(s, s + n, dtype=np.int64)
             pos.append(p)
             table = np.asarray(seq.block_table, dtype=np.int64)
             slots.append(table[p // bs] * bs + p % bs)
             qsl.append(qsl[-1] + n)
             lens.append(s + n)
-            if s + n == len(seq.token_ids):
+            if s + n == seq.num_tokens:
                 sample_rows.append(qsl[-1] - 1)
                 sampled.append(seq)
         ids = np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64, count=qsl[-1])
@@ -196,9 +206,12 @@ class ModelRunner:
     # -- running ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, batch: Batch):
-        """Forward ``batch``; returns (logits ``[S, V]`` float32, the S sampled sequences)."""
+    def run(self, batch: Batch, last_tokens: torch.Tensor | None = None):
+        """Forward ``batch``; returns (logits ``[S, V]`` float32, the S sampled sequences).
+        ``last_tokens``: the previous step's sampled tokens (device), where a sequence's
+        input token is still pending ([Note: overlapped steps] in engine.py)."""
         self.greedy = None
+        self.last_tokens = last_tokens
         B = len(batch.seqs)
         if self.graph_sizes and batch.total_tokens == B and B <= self.graph_sizes[-1]:
             return self._replay(batch)
@@ -207,12 +220,27 @@ class ModelRunner:
         ids, pos, slots, qsl, lens, sample_rows, sampled = self.prepare(batch)
         dev = self.device
         meta = self._meta(batch, _put(slots, torch.long, dev), qsl, lens)
-        hidden = self.decoder.forward(
-            _put(ids, torch.long, dev), _put(pos, torch.long, dev), meta, self.kv
-        )
+        ids = _put(ids, torch.long, dev)
+        self._fill_pending(ids)
+        hidden = self.decoder.forward(ids, _put(pos, torch.long, dev), meta, self.kv)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[_put(np.asarray(sample_rows, dtype=np.int64), torch.long, dev)]
         return self.decoder.logits(hidden), sampled
+
+    def _fill_pending(self, ids: torch.Tensor) -> None:
+        """Write the pending tokens (``self.pending``: rows of ``ids``, rows of
+        ``last_tokens``) into the device ``ids``: one device copy, no host sync."""
+        rows, src = self.pending
+        if not rows:
+            return
+        if self.last_tokens is None:
+            raise RuntimeError("a sequence's input token is pending but no last_tokens given")
+        k = len(rows)
+        if rows == src == list(range(k)):  # steady decoding: the same sequences in order
+            ids[:k].copy_(self.last_tokens[:k])
+        else:
+            dev = self.device
+            ids[_put(rows, torch.long, dev)] = self.last_tokens[_put(src, torch.long, dev)]
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> list[int]:
@@ -316,7 +344,15 @@ class ModelRunner:
             self._copied.synchronize()  # the last step's copies have left the host buffers
         pos = [s.num_computed for s in seqs]
         hl, lens, tables = self._np_long, self._np_lens, self._np_tables
-        hl[0, :B] = [s.token_ids[p] for s, p in zip(seqs, pos, strict=True)]
+        ids, pending = [], []
+        for i, (s, p) in enumerate(zip(seqs, pos, strict=True)):
+            if p < len(s.token_ids):
+                ids.append(s.token_ids[p])
+            else:  # pending: on the device ([Note: overlapped steps] in engine.py)
+                ids.append(0)
+                pending.append(i)
+        self.pending = (pending, [seqs[i].pending_index for i in pending])
+        hl[0, :B] = ids
         hl[1, :B] = pos
         hl[2, :B] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos, strict=True)]
         lens[:B] = hl[1, :B] + 1
@@ -341,18 +377,15 @@ class ModelRunner:
         self._int[:n].copy_(self._host_int[:n], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        self._fill_pending(self._long[0])
         g, (logits, greedy) = self.graphs[b]
         g.replay()
-        sampled = [s for s, p in zip(seqs, pos, strict=True) if p + 1 == len(s.token_ids)]
+        sampled = [s for s, p in zip(seqs, pos, strict=True) if p + 1 == s.num_tokens]
         if len(sampled) == B:
             self.greedy = greedy[:B]
             return logits[:B], sampled
         keep = torch.tensor(
-            [
-                i
-                for i, (s, p) in enumerate(zip(seqs, pos, strict=True))
-                if p + 1 == len(s.token_ids)
-            ],
+            [i for i, (s, p) in enumerate(zip(seqs, pos, strict=True)) if p + 1 == s.num_tokens],
             device=self.device,
         )
         self.greedy = greedy[keep]
@@ -413,6 +446,7 @@ class ModelRunner:
         self._m_long[:, :T].copy_(host[:, :T], non_blocking=True)
         if self._copied_mixed is not None:
             self._copied_mixed.record()
+        self._fill_pending(self._m_long[0])
 
         meta = self._meta(batch, self._m_long[2, :n], qsl, lens)
         pieces = self.mixed[T]

@@ -4,6 +4,7 @@ Usage::
 
     tokens = sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs],
                     default_generator)          # list[int], one per row
+    tokens = sample_tokens(...)                 # the same as a device tensor, no host sync
 
 [Note: seeded sampling is batch-independent]
 Every non-greedy row draws its token by the exponential race (argmax of p / E with
@@ -43,11 +44,23 @@ def sample(
 ) -> list[int]:
     """One token per row of ``logits`` ``[B, V]`` (float32); ``greedy``: its argmax per
     row when already computed (the runner's CUDA graphs do), else computed here."""
+    return sample_tokens(logits, params, generators, default, greedy).tolist()
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default: torch.Generator | None = None,
+    greedy: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`sample`'s tokens as a tensor on the logits' device (int64 ``[B]``), with
+    no host sync: overlapped steps feed them to the next forward before reading them."""
     if greedy is None:
         greedy = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
-        return greedy.tolist()
+        return greedy
     x = logits[rows]
     temps = torch.tensor([params[i].temperature for i in rows], device=x.device)
     x = x / temps[:, None]
@@ -60,4 +73,4 @@ def sample(
     picked = (probs / race).argmax(dim=-1)
     out = greedy.clone()
     out[rows] = picked
-    return out.tolist()
+    return out

@@ -125,10 +125,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and self._left(batch) > 0:
             seq = self.running[i]
-            if id(seq) in self._in_batch or (seq.remaining == 1) != decodes:
+            left = seq.remaining  # 0: its pending token is its last (sequence.py)
+            if id(seq) in self._in_batch or not left or (left == 1) != decodes:
                 i += 1
                 continue
-            n = min(seq.remaining, self._left(batch))
+            n = min(left, self._left(batch))
             if self._reserve_or_preempt(seq, n, batch):
                 batch.seqs.append(seq)
                 batch.num_tokens.append(n)
@@ -163,6 +164,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with its next token on the device: next step
+                return
             hit = self.blocks.match_prefix(seq)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = hit

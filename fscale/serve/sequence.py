@@ -31,6 +31,14 @@ class Sequence:
     which is appended (so a decoding sequence always has ``remaining == 1``). Preemption
     releases the blocks and sets ``num_computed = 0``: the prompt and the output so far
     are recomputed later (the prefix cache usually still holds most of them).
+
+    Under overlapped steps ([Note: overlapped steps] in engine.py) the next token may
+    still be on the device: ``num_pending`` counts such tokens (up to two: the last
+    step's, not read yet, and the one just launched), ``pending_index`` is the newest
+    one's row in the last launched step's sampled tokens, and ``num_tokens`` includes
+    them. A sequence whose newest pending token is certain to be its last (max_tokens
+    or max_model_len) has ``last_pending`` set: nothing is ``remaining``, so it is not
+    scheduled again.
     """
 
     def __init__(
@@ -51,6 +59,9 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.num_computed = 0
+        self.num_pending = 0
+        self.pending_index = -1
+        self.last_pending = False
         self.block_table: list[int] = []
         self.num_cached_tokens: int | None = None  # prefix-cache hits at first admission
         # Prefix-cache hash chain over the full blocks registered so far.
@@ -72,8 +83,13 @@ class Sequence:
         return self.token_ids[len(self.prompt_ids) :]
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens so far, the one still on the device included."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def remaining(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return 0 if self.last_pending else self.num_tokens - self.num_computed
 
     def __repr__(self) -> str:
         return (

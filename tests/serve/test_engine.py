@@ -67,10 +67,15 @@ def test_hf_generate_equals_full_recompute(tiny_llama_dir, llama_ref):
         assert _recompute(lambda x: model(x).logits, p, 12, eos=1) == llama_ref[i]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("budget,block_size", [(8, 4), (16, 16), (64, 8)])
-def test_llama_greedy_equals_hf(tiny_llama_dir, llama_ref, budget, block_size):
+def test_llama_greedy_equals_hf(tiny_llama_dir, llama_ref, budget, block_size, overlap):
     engine = Engine(
-        tiny_llama_dir, max_tokens_per_step=budget, block_size=block_size, num_blocks=64
+        tiny_llama_dir,
+        max_tokens_per_step=budget,
+        block_size=block_size,
+        num_blocks=64,
+        overlap=overlap,
     )
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, **GREEDY))
     for i, out in enumerate(outs):
@@ -103,8 +108,11 @@ def test_gpt2_greedy_equals_hf(tiny_gpt2_dir, gpt2_ref, scheduler):
     assert [o.token_ids for o in outs] == [gpt2_ref[i] for i in range(len(PROMPTS))]
 
 
-def test_requests_arriving_mid_generation(tiny_llama_dir, llama_ref):
-    engine = Engine(tiny_llama_dir, max_tokens_per_step=8, block_size=4, num_blocks=64)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_requests_arriving_mid_generation(tiny_llama_dir, llama_ref, overlap):
+    engine = Engine(
+        tiny_llama_dir, max_tokens_per_step=8, block_size=4, num_blocks=64, overlap=overlap
+    )
     params = SamplingParams(max_tokens=12, **GREEDY)
     arrivals = {0: [0], 2: [1, 3], 5: [2]}
     done, step = {}, 0
@@ -118,11 +126,14 @@ def test_requests_arriving_mid_generation(tiny_llama_dir, llama_ref):
     assert done == {f"r{i}": llama_ref[i] for i in range(len(PROMPTS))}
 
 
-def test_prefix_cache_hit_same_output(tiny_llama_dir):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prefix_cache_hit_same_output(tiny_llama_dir, overlap):
     model = _hf(tiny_llama_dir)
     shared = list(range(40, 80))
     a, b = shared + [3, 4], shared + [9, 9, 9]
-    engine = Engine(tiny_llama_dir, max_tokens_per_step=32, block_size=8, num_blocks=64)
+    engine = Engine(
+        tiny_llama_dir, max_tokens_per_step=32, block_size=8, num_blocks=64, overlap=overlap
+    )
     params = SamplingParams(max_tokens=8, **GREEDY)
     first = engine.generate(a, params)[0]
     second = engine.generate(b, params)[0]
@@ -135,14 +146,66 @@ def test_prefix_cache_hit_same_output(tiny_llama_dir):
     assert again.num_cached_tokens == 40 and again.token_ids == first.token_ids
 
 
-def test_preemption_keeps_outputs(tiny_llama_dir, llama_ref):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_keeps_outputs(tiny_llama_dir, llama_ref, overlap):
     # 12 blocks of 4 tokens cannot hold three growing sequences (8 + 4 + 4): preemption.
-    engine = Engine(tiny_llama_dir, max_tokens_per_step=64, block_size=4, num_blocks=13)
+    engine = Engine(
+        tiny_llama_dir, max_tokens_per_step=64, block_size=4, num_blocks=13, overlap=overlap
+    )
     prompts = PROMPTS[:3]
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, **GREEDY))
     assert engine.stats()["num_preempted_total"] > 0
     assert [o.token_ids for o in outs] == [llama_ref[i] for i in range(3)]
     assert engine.blocks.num_used == 0
+
+
+def test_overlapped_steps_lag_one_step_and_never_run_past_a_limit(tiny_llama_dir):
+    """[Note: overlapped steps]: step() returns the previous forward's tokens; a request
+    ending by length is never fed past its last token (nor past max_model_len); one
+    ending by a stop token runs one dropped token; outputs equal the engine without
+    overlap and every block comes back."""
+    kw = dict(max_tokens_per_step=16, block_size=4, num_blocks=64, max_model_len=24)
+    sync, engine = Engine(tiny_llama_dir, **kw), Engine(tiny_llama_dir, overlap=True, **kw)
+    assert Engine(tiny_llama_dir, **kw).overlap is False  # CPU default: synchronous
+    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=4, **GREEDY))
+    assert engine.step() == []  # the prefill is queued; its token comes next step
+    first = engine.step()
+    assert [len(o.token_ids) for o in first] == [1]
+    while engine.has_unfinished():
+        engine.step()
+
+    fed: dict[str, int] = {}
+    run = engine.runner.run
+
+    def counting(batch, last_tokens=None):
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            assert seq.num_computed + n <= engine.max_model_len
+            fed[seq.request_id] = fed.get(seq.request_id, 0) + n
+        return run(batch, last_tokens)
+
+    engine.runner.run = counting
+    base = dict(ignore_eos=True, **GREEDY)
+    full = sync.generate(PROMPTS[0], SamplingParams(max_tokens=5, **base))[0].token_ids
+    params = [
+        SamplingParams(max_tokens=5, **base),  # ends by length
+        SamplingParams(max_tokens=24 - len(PROMPTS[1]), **base),  # to max_model_len
+        SamplingParams(max_tokens=5, stop_token_ids=[full[1]], **base),  # ends on a stop token
+    ]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    rids = [f"x{i}" for i in range(3)]
+    for rid, p, sp in zip(rids, prompts, params, strict=True):
+        engine.add_request(rid, p, sp)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    want = [sync.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    assert [done[r].token_ids for r in rids] == [w.token_ids for w in want]
+    assert [done[r].finish_reason for r in rids] == ["length", "length", "stop"]
+    assert len(done["x1"].token_ids) + len(PROMPTS[1]) == 24
+    # Fed: prompt + outputs but the last, except the stop: one more, dropped.
+    assert fed["x0"] == len(PROMPTS[0]) + 5 - 1 and fed["x1"] == 24 - 1
+    assert fed["x2"] == len(PROMPTS[0]) + len(done["x2"].token_ids)
+    assert engine.blocks.num_used == 0 and engine._inflight is None
 
 
 def test_fscale_gpt_module_equals_recompute():
@@ -231,14 +294,15 @@ def test_w6a8_engine_equals_recompute(tiny_llama_dir, monkeypatch):
 # -- sampling -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gpt_engine():
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def gpt_engine(request):
     torch.manual_seed(0)
     return Engine(
         GPT(GPTConfig.tiny(seq_len=128)).eval(),
         max_tokens_per_step=32,
         block_size=4,
         num_blocks=128,
+        overlap=request.param,
     )
 
 
@@ -275,8 +339,9 @@ def test_sampling_follows_the_distribution():
     assert set(top_k) == {0, 1}
 
 
-def test_stop_token_ids_and_strings(tiny_llama_dir):
-    engine = Engine(tiny_llama_dir, num_blocks=64)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_token_ids_and_strings(tiny_llama_dir, overlap):
+    engine = Engine(tiny_llama_dir, num_blocks=64, overlap=overlap)
     base = dict(max_tokens=16, ignore_eos=True, **GREEDY)
     full = engine.generate("The quick brown fox", SamplingParams(**base))[0]
     assert len(full.token_ids) == 16 and full.finish_reason == "length"
@@ -293,8 +358,9 @@ def test_stop_token_ids_and_strings(tiny_llama_dir):
     assert stop not in out.text
 
 
-def test_stream_deltas_add_up(tiny_llama_dir):
-    engine = Engine(tiny_llama_dir, num_blocks=64)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stream_deltas_add_up(tiny_llama_dir, overlap):
+    engine = Engine(tiny_llama_dir, num_blocks=64, overlap=overlap)
     params = SamplingParams(max_tokens=16, ignore_eos=True, **GREEDY)
     final = engine.generate("Hello world", params)[0]
     chunks = list(engine.stream("Hello world", params))

@@ -67,9 +67,15 @@ def eager_tokens(tiny_llama_dir):
     return _run_staggered(engine)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_graph_inputs_path_equals_eager(tiny_llama_dir, eager_tokens, fused):
-    engine = Engine(tiny_llama_dir, max_tokens_per_step=64, block_size=4, fused_kernels=fused)
+@pytest.mark.parametrize("fused,overlap", [(False, False), (True, False), (True, True)])
+def test_graph_inputs_path_equals_eager(tiny_llama_dir, eager_tokens, fused, overlap):
+    engine = Engine(
+        tiny_llama_dir,
+        max_tokens_per_step=64,
+        block_size=4,
+        fused_kernels=fused,
+        overlap=overlap,
+    )
     assert (engine.decoder.fused is not None) == fused
     calls = _emulated(engine, 4)
     assert _run_staggered(engine) == eager_tokens
@@ -77,10 +83,11 @@ def test_graph_inputs_path_equals_eager(tiny_llama_dir, eager_tokens, fused):
     assert engine.blocks.num_used == 0
 
 
-def test_graph_inputs_path_with_preemption(tiny_llama_dir):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_graph_inputs_path_with_preemption(tiny_llama_dir, overlap):
     kw = dict(max_tokens_per_step=64, block_size=4, num_blocks=13)
     ref = Engine(tiny_llama_dir, **kw).generate(PROMPTS[:3], GREEDY)
-    engine = Engine(tiny_llama_dir, fused_kernels=True, **kw)
+    engine = Engine(tiny_llama_dir, fused_kernels=True, overlap=overlap, **kw)
     calls = _emulated(engine, 4)
     outs = engine.generate(PROMPTS[:3], GREEDY)
     assert engine.stats()["num_preempted_total"] > 0 and calls
@@ -88,10 +95,11 @@ def test_graph_inputs_path_with_preemption(tiny_llama_dir):
     assert engine.blocks.num_used == 0
 
 
-def test_graph_inputs_path_seeded_sampling(tiny_llama_dir):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_graph_inputs_path_seeded_sampling(tiny_llama_dir, overlap):
     params = [SamplingParams(max_tokens=10, temperature=0.9, seed=s) for s in (1, 2, 3)]
     ref = Engine(tiny_llama_dir, block_size=4).generate(PROMPTS[:3], params)
-    engine = Engine(tiny_llama_dir, block_size=4, fused_kernels=True)
+    engine = Engine(tiny_llama_dir, block_size=4, fused_kernels=True, overlap=overlap)
     calls = _emulated(engine, 4)
     outs = engine.generate(PROMPTS[:3], params)
     assert calls and [o.token_ids for o in outs] == [o.token_ids for o in ref]
@@ -158,8 +166,10 @@ def _emulated_mixed(engine: Engine, budget: int) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("decode_graphs", [False, True])
-def test_piecewise_mixed_step_graphs_equal_eager(tiny_llama_dir, eager_tokens, decode_graphs):
+@pytest.mark.parametrize("decode_graphs,overlap", [(False, False), (True, False), (True, True)])
+def test_piecewise_mixed_step_graphs_equal_eager(
+    tiny_llama_dir, eager_tokens, decode_graphs, overlap
+):
     """[Note: piecewise graphs of mixed steps]: prefill and mixed steps padded to their
     token bucket, run piece by piece through the static buffers with attention between,
     give the eager engine's tokens (arrivals mid-run; with and without decode graphs)."""
@@ -168,7 +178,9 @@ def test_piecewise_mixed_step_graphs_equal_eager(tiny_llama_dir, eager_tokens, d
     assert mixed_buckets(64, step=32) == [16, 32, 64]
     assert mixed_buckets(512) == [16, 32, 64, 128, 256, 384, 512]
     assert mixed_buckets(300) == [16, 32, 64, 128, 256, 300]
-    engine = Engine(tiny_llama_dir, max_tokens_per_step=64, block_size=4, fused_kernels=True)
+    engine = Engine(
+        tiny_llama_dir, max_tokens_per_step=64, block_size=4, fused_kernels=True, overlap=overlap
+    )
     decode = _emulated(engine, 4) if decode_graphs else None
     calls = _emulated_mixed(engine, 64)
     assert _run_staggered(engine) == eager_tokens

@@ -166,7 +166,7 @@ def gpt_and_refs():
 
 
 @settings(
-    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     order=st.permutations(range(7)),
@@ -174,13 +174,19 @@ def gpt_and_refs():
     budget=st.sampled_from([4, 8, 16, 64]),
     num_blocks=st.sampled_from([7, 12, 40]),
     policy=st.sampled_from(["splitfuse", "prefill_first"]),
+    overlap=st.booleans(),
 )
 def test_engine_drawn_arrivals_equal_reference(
-    gpt_and_refs, order, arrivals, budget, num_blocks, policy
+    gpt_and_refs, order, arrivals, budget, num_blocks, policy, overlap
 ):
     model, prompts, refs = gpt_and_refs
     engine = Engine(
-        model, max_tokens_per_step=budget, block_size=8, num_blocks=num_blocks, scheduler=policy
+        model,
+        max_tokens_per_step=budget,
+        block_size=8,
+        num_blocks=num_blocks,
+        scheduler=policy,
+        overlap=overlap,
     )
     params = SamplingParams(max_tokens=8, temperature=0)
     plan = sorted(zip(arrivals, order, strict=True))
