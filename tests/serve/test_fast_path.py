@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fscale.kernels import fused_decoder as fd
+from fscale.kernels import gemv
 from fscale.serve import Engine, SamplingParams
 from fscale.serve.sampling import sample
 
@@ -26,6 +27,7 @@ TRITON = {
     fd.ADD_RMS_NORM: fd.add_rms_norm_triton,
     fd.ROPE_KV_WRITE: fd.rope_kv_write_triton,
     fd.SILU_MUL: fd.silu_mul_triton,
+    gemv.OP: gemv.gemv_triton,
 }
 
 
@@ -114,9 +116,16 @@ def test_fused_triton_decoder_equals_eager(tiny_llama_dir, monkeypatch):
     assert dec.enable_fused(TRITON)
     torch.testing.assert_close(dec.forward_dense(ids), eager, atol=1e-4, rtol=1e-4)
     # The whole engine on the Triton kernels (and the Triton paged attention isn't used on
-    # CPU: the reference runs): same greedy tokens as the eager engine.
-    ref = Engine(tiny_llama_dir, block_size=16).generate(PROMPTS[:2], GREEDY)
-    assert [o.token_ids for o in engine.generate(PROMPTS[:2], GREEDY)] == [o.token_ids for o in ref]
+    # CPU: the reference runs): same greedy tokens as the eager engine. One request
+    # decodes one row at a time: every linear of those steps is the Triton GEMV.
+    rows = []
+    dec.linear = lambda x, w, b=None: rows.append(x.shape[0]) or gemv.gemv_triton(x, w, b)
+    ref = Engine(tiny_llama_dir, block_size=16)
+    for prompts in (PROMPTS[:2], PROMPTS[1]):
+        want = [o.token_ids for o in ref.generate(prompts, GREEDY)]
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+    # The lone request's 13 decode steps: qkv, o, gate_up, down of 2 layers + head.
+    assert rows.count(1) >= 13 * 9
 
 
 def test_fused_off_for_gpt2_with_warning(tiny_gpt2_dir):

@@ -146,6 +146,10 @@ class Decoder:
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
         self.fused: dict | None = None
+        # The fused path's linears: the kernel table's one-row GEMV on CUDA
+        # (fscale/kernels/gemv.py; any other product, more rows or quantized weights,
+        # goes on to F.linear); F.linear everywhere else.
+        self.linear = F.linear
         if fused:
             self.enable_fused()
 
@@ -158,7 +162,8 @@ class Decoder:
 
     def enable_fused(self, impls: dict | None = None, *, check: bool = True) -> bool:
         """Use the fused kernels of ``fscale/kernels/fused_decoder.py`` (see
-        [Note: the fused layer]); ``impls`` overrides the kernel table's choice (tests).
+        [Note: the fused layer]) and the one-row GEMV of ``fscale/kernels/gemv.py``;
+        ``impls`` (op -> lowering) overrides the kernel table's choice (tests).
         Returns whether the fused path is on; a model it does not cover, or kernels that
         fail their self-check on this device, keep the eager path with a warning."""
         from fscale.kernels import fused_decoder as fd
@@ -172,7 +177,10 @@ class Decoder:
             )
             self.fused = None
             return False
+        from fscale.kernels import gemv
+
         impls = dict(impls or fd.resolve_all(self.device, self._dtype))
+        gemv_impl = impls.pop(gemv.OP, None)
         if check:
             cfg = self.cfg
             bad = fd.self_check(
@@ -194,11 +202,25 @@ class Decoder:
                 self.fused = None
                 return False
         self.fused = impls
+        self.linear = self._resolve_gemv(gemv_impl, check)
         return True
+
+    def _resolve_gemv(self, impl, check: bool):
+        """The one-row GEMV (``impl``, else the kernel table's), if it passes its check."""
+        from fscale.hw import dispatch
+        from fscale.kernels import gemv
+
+        impl = impl or dispatch.resolve(gemv.OP, self.device, self._dtype).impl
+        bad = gemv.self_check(impl, self.device, self._dtype, self.cfg.hidden) if check else None
+        if bad:
+            warnings.warn(f"gemv kernel fails on {self.device} ({bad}); F.linear.", stacklevel=3)
+            return F.linear
+        return impl
 
     def disable_fused(self, reason: str) -> None:
         warnings.warn(f"fused decoder kernels turned off ({reason}); eager path.", stacklevel=2)
         self.fused = None
+        self.linear = F.linear
 
     def _norm(self, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
         w = p[f"{name}.weight"]
@@ -220,8 +242,8 @@ class Decoder:
         """``F.linear`` of a row-parallel projection (o, down): under tensor parallelism
         each rank's partial product is summed over the group, then the bias is added."""
         if self.tp is None:
-            return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
-        y = comm.all_reduce(F.linear(x, p[f"{name}.weight"]), op="sum", group=self.tp.group)
+            return self.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+        y = comm.all_reduce(self.linear(x, p[f"{name}.weight"]), op="sum", group=self.tp.group)
         b = p.get(f"{name}.bias")
         return y if b is None else y + b
 
@@ -281,7 +303,7 @@ class Decoder:
 
         f, cfg = self.fused, self.cfg
         res, h = f[ADD_RMS_NORM](res, delta, p["norm1.weight"], cfg.norm_eps)
-        qkv = F.linear(h, p["qkv.weight"], p.get("qkv.bias"))
+        qkv = self.linear(h, p["qkv.weight"], p.get("qkv.bias"))
         k_cache, v_cache = kv
         q = f[ROPE_KV_WRITE](
             qkv, positions, self.cos, self.sin, k_cache, v_cache, slot_mapping,
@@ -310,7 +332,7 @@ class Decoder:
         f, T = self.fused, o.shape[0]
         a = self._row_linear(o.reshape(T, self.num_heads * self.cfg.head_dim), p, "o")
         res, h = f[ADD_RMS_NORM](res, a, p["norm2.weight"], self.cfg.norm_eps)
-        gu = F.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
+        gu = self.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
         return res, self._row_linear(f[SILU_MUL](gu), p, "down")
 
     def fused_final(self, res, delta) -> torch.Tensor:
@@ -321,7 +343,7 @@ class Decoder:
         return norm(res, delta, self.params["norm.weight"], self.cfg.norm_eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.params["head.weight"]).float()
+        return self.linear(hidden, self.params["head.weight"]).float()
 
     @torch.no_grad()
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""Decode linears of one row: ``y = x @ w.T + b`` for ``x`` ``[1, K]`` (batch-1 decode).
+
+At batch 1 a decode step streams every weight matrix once through a matrix-vector
+product: reading the weights is the whole cost. cuBLAS picks split-K kernels plus a
+separate reduction for the 4096-row projections of an 8B Llama and reaches ~3.1 TB/s
+there (the H200 streams ~4.3). This kernel gives each program ``BN`` whole rows of
+``w`` and walks K in ``BK`` chunks: one kernel per product, no partial sums in memory.
+On an H200 (``bench/gemv.py``) it takes the 8B model's 32 layers + head in 3.81 ms
+against cuBLAS's 4.07 ms (3.94 vs 3.69 TB/s); with 2 or more rows cuBLAS's tensor-core
+kernels win, so the lowering takes one row only.
+
+One op in the kernel table, ``gemv(x, w, b) -> y``: the reference is
+``F.linear``; the Triton lowering (CUDA) takes one row, plain contiguous 2-D float
+weights, and calls ``F.linear`` for anything else (more rows, quantized weight
+subclasses), so the decoder can call it for every linear::
+
+    y = gemv_triton(x, w, b)        # x [1, K], w [N, K], b [N] or None
+
+[Note: accumulation order of gemv]
+Each program keeps fp32 partial products per (column, lane of the K chunk) and sums
+the lanes once at the end: a different order from cuBLAS's, so bf16 results differ
+from ``F.linear`` by rounding; the same inputs always give the same bits. K is a
+compile-time constant (one compile per distinct K: two or three per model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fscale.hw import dispatch
+from fscale.kernels._triton import LazyJit
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is a dependency on Linux x86_64 only
+    triton = tl = None
+
+OP = "gemv"
+MAX_ROWS = 1
+
+
+def gemv_reference(x, w, b=None):
+    return F.linear(x, w, b)
+
+
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    stride_w,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # K is a compile-time constant (a model has two or three): the loop has a fixed
+    # trip count the compiler pipelines, and only a ragged last chunk is masked.
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
+    for k in tl.range(0, K, BK):
+        rk = k + tl.arange(0, BK)
+        if K % BK == 0:
+            x = tl.load(x_ptr + rk)
+            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = rk < K
+            x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
+            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.reduce(acc, 1, tl.standard._sum_combine)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+_kernel = LazyJit(_gemv_kernel)
+
+
+def _config(N: int, K: int) -> tuple[int, int, int, int]:
+    """(BN, BK, num_warps, num_stages): the best of bench/gemv.py's grid on an H200 for
+    the 8B Llama's shapes (within 1-3% of each other across the grid's top configs)."""
+    if K > 8192:
+        return (2, 128, 4, 1)  # down projection, K = 14336
+    if N <= 4096:
+        return (4, 512, 8, 1)  # o projection
+    if N <= 8192:
+        return (16, 512, 8, 3)  # qkv
+    return (4, 128, 8, 2)  # gate_up, head
+
+
+def covers(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes this product (else ``F.linear`` runs)."""
+    return (type(w) is torch.Tensor or type(w) is torch.nn.Parameter) and (
+        w.dim() == 2
+        and w.stride(-1) == 1
+        and w.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and x.dtype == w.dtype
+        and x.dim() == 2
+        and x.shape[0] == MAX_ROWS
+        and x.shape[1] == w.shape[1]
+    )
+
+
+def gemv_triton(x, w, b=None, *, config=None):
+    """The Triton lowering (``config``: (BN, BK, warps, stages), for the benchmark)."""
+    if not covers(x, w):
+        return F.linear(x, w, b)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    N, K = w.shape
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    BN, BK, warps, stages = config or _config(N, K)
+    kernel, _ = _kernel()
+    kernel[(triton.cdiv(N, BN),)](
+        x,
+        w,
+        b if b is not None else w,
+        y,
+        N,
+        w.stride(0),
+        K=K,
+        HAS_BIAS=b is not None,
+        BN=BN,
+        BK=BK,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return y
+
+
+@torch.no_grad()
+def self_check(impl, device, dtype, K: int) -> str | None:
+    """None when ``impl`` agrees with ``F.linear`` on a random ``[1, K]`` product on
+    ``device`` (odd N, with a bias), else what went wrong."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).to(device, dtype) for s in ((1, K), (67, K), (67,)))
+    try:
+        got = impl(x, w, b).float()
+    except Exception as e:  # noqa: BLE001  (any failure means: do not use it)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    want = F.linear(x.float(), w.float(), b.float())
+    err = ((got - want).norm() / want.norm()).item()
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    return None if err <= limit else f"relative error {err:.2e} > {limit:g}"
+
+
+dispatch.register(OP, gemv_reference, name=f"{OP}_reference")
+if triton is not None:
+    dispatch.register(
+        OP,
+        gemv_triton,
+        device="cuda",
+        min_capability=(8, 0),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        priority=10,
+        name=f"{OP}_triton",
+    )
