@@ -6,8 +6,9 @@ runs 32 distinct weights per shape (a model's 32 layers, so no weight stays in L
 inside one CUDA graph, as the engine's decode graphs run them; time = median of 20
 replays / 32. For the Triton kernel every launch configuration of a grid is timed
 (the best and the five best are recorded; ``gemv._config`` holds the choices), and
-its default choice. Then the whole chain of 32 layers' products + head: cuBLAS vs
-``gemv_triton``. Correctness first: the kernel against fp32 ``F.linear``.
+its default choice (for down, K > ``gemv.MAX_K``, that is cuBLAS). Then the whole
+chain of 32 layers' products + head: cuBLAS vs ``gemv_triton``. Correctness first:
+the kernel against fp32 ``F.linear``.
 
 (A first version took up to 8 rows in one program; cuBLAS's tensor-core kernels beat
 it at 2+ rows, 0.38-0.89x, so the kernel takes one row.)
@@ -117,7 +118,7 @@ def main() -> None:
         timed = []
         for c in CONFIGS:
             try:
-                t = graph_time(products(gemv.gemv_triton, x, ws, config=c), 7)
+                t = graph_time(products(gemv.gemv_launch, x, ws, config=c), 7)
             except Exception as e:  # noqa: BLE001  (a config that does not compile)
                 print(f"  {name} M={M} {c}: {type(e).__name__}", flush=True)
                 continue

@@ -37,7 +37,7 @@ def test_equals_f_linear(interpret, N, K, bias, dtype, config):
     x = torch.randn(1, K, generator=g).to(dtype)
     w = torch.randn(N, K, generator=g).to(dtype)
     b = torch.randn(N, generator=g).to(dtype) if bias else None
-    y = gemv.gemv_triton(x, w, b, config=config)
+    y = gemv.gemv_launch(x, w, b, config=config)
     assert y.shape == (1, N) and y.dtype == dtype
     want = F.linear(x.float(), w.float(), None if b is None else b.float())
     # fp32: two orders of K fp32 sums; bf16: the output's rounding (one ulp).
@@ -47,7 +47,7 @@ def test_equals_f_linear(interpret, N, K, bias, dtype, config):
         else dict(atol=1e-2, rtol=8e-3)
     )
     torch.testing.assert_close(y.float(), want, **tol)
-    assert torch.equal(gemv.gemv_triton(x, w, b, config=config), y)  # same bits again
+    assert torch.equal(gemv.gemv_launch(x, w, b, config=config), y)  # same bits again
 
 
 def test_other_products_go_to_f_linear(interpret):
@@ -58,6 +58,8 @@ def test_other_products_go_to_f_linear(interpret):
     assert gemv.covers(x1, w) and gemv.covers(x1, torch.nn.Parameter(w))
     assert not gemv.covers(x1, w.t().contiguous().t())  # rows not contiguous
     assert not gemv.covers(x1.double(), w.double())
+    x_wide, w_wide = torch.randn(1, gemv.MAX_K + 1), torch.randn(3, gemv.MAX_K + 1)
+    assert not gemv.covers(x_wide, w_wide)  # K > MAX_K: cuBLAS was faster
     q = quantize({"w": torch.randn(64, 128)}, "int8", group_size=64, select=lambda n, t: True)["w"]
     x = torch.randn(1, 128)
     assert not gemv.covers(x, q)
@@ -93,6 +95,6 @@ def test_compiled_kernel_on_cuda_equals_f_linear():
     for N, K in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1000, 4100)]:
         x = torch.randn(1, K, generator=g).to(dev, torch.bfloat16)
         w = (torch.randn(N, K, generator=g) * 0.02).to(dev, torch.bfloat16)
-        y = gemv.gemv_triton(x, w).float()
+        y = gemv.gemv_launch(x, w).float()
         want = F.linear(x.float(), w.float())
         assert ((y - want).norm() / want.norm()).item() < 4e-3, (N, K)
