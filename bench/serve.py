@@ -41,11 +41,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
 
+from fscale.kernels import gemv  # noqa: E402
 from fscale.kernels import paged_attention as pa  # noqa: E402
 from fscale.serve import Engine, SamplingParams  # noqa: E402
 from fscale.serve.models.decoder import DecoderConfig, LoadedModel  # noqa: E402
@@ -369,6 +371,27 @@ def decode_rate(engine, args, vocab) -> float:
     return (n - base) / (time.perf_counter() - t0)
 
 
+def decode_graph_ms(engine, linear) -> float:
+    """GPU time of one replay of ``engine``'s batch-1 decode graph, recaptured with the
+    decoder's linears set to ``linear`` (median of 30, ms); the KV holds the request
+    ``decode_rate`` left (its blocks were released but not cleared)."""
+    dec, runner = engine.decoder, engine.runner
+    keep = dec.linear
+    dec.linear = linear
+    runner.graphs, runner.graph_sizes = {}, []
+    runner._capture(8)
+    g = runner.graphs[1][0]
+    times = []
+    for _ in range(33):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        g.replay()
+        sync(engine.device)
+        times.append(time.perf_counter() - t0)
+    dec.linear = keep
+    return statistics.median(times[3:]) * 1e3
+
+
 def part_b(lm, args) -> None:
     bound = HBM / weight_bytes(lm)
     # A/B: overlapped steps and fused kernels (the CUDA defaults), then each turned off.
@@ -389,6 +412,14 @@ def part_b(lm, args) -> None:
                 "fraction_of_bound": rate / bound,
             }
         )
+        if fused and overlap and engine.device.type == "cuda" and engine.runner.graph_sizes:
+            emit(  # the same graph with every linear on cuBLAS, then the default policy
+                {
+                    "part": "b_graph",
+                    "cublas_ms": decode_graph_ms(engine, F.linear),
+                    "gemv_ms": decode_graph_ms(engine, gemv.gemv_triton),
+                }
+            )
         free(engine)
 
 
