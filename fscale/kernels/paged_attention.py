@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fscale.hw import dispatch
-from fscale.kernels._triton import LazyJit, sm_count
+from fscale.kernels._triton import LazyJit, arrival_counters, sm_count
 
 try:
     import triton
@@ -175,7 +175,12 @@ _kernel = LazyJit(_paged_attention_kernel)
 # vector load of block ids), so a short context is a couple of iterations, not one per
 # page. Rows are the G query heads of the kv head, padded to 16 for tl.dot. With
 # SPLITS == 1 the program normalises and stores; otherwise it stores its unnormalised
-# accumulator with its row max and sum, and _paged_combine_kernel merges the splits.
+# accumulator with its row max and sum, and adds 1 to the (sequence, kv head)'s
+# arrival counter (acq_rel: the partials are visible first); the program that arrives
+# last merges the SPLITS partials in split order, writes the output and sets the
+# counter back to 0 (as fpx's one-kernel split-K, [Note: split-K without extra
+# kernels] in _fpx_triton_kernel.py). A decode is one kernel: at batch 1 a separate
+# combine kernel cost ~2 us in each of 32 layers plus its launch gap.
 def _paged_decode_kernel(
     q_ptr,
     k_ptr,
@@ -186,6 +191,7 @@ def _paged_decode_kernel(
     qsl_ptr,
     ws_acc_ptr,
     ws_ml_ptr,
+    cnt_ptr,
     scale,
     stride_qt,
     stride_qh,
@@ -261,45 +267,42 @@ def _paged_decode_kernel(
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=mask)
     else:
         # Workspace rows: ((b * H + head) * SPLITS + split); acc [.., DP], (m, l) [.., 2].
-        wrow = (b * H + head).to(tl.int64) * SPLITS + split
+        base = (b * H + head).to(tl.int64) * SPLITS
+        wrow = base + split
         tl.store(ws_acc_ptr + wrow[:, None] * DP + d[None, :], acc, mask=mask)
         tl.store(ws_ml_ptr + wrow * 2, m_i, mask=row_ok)
         tl.store(ws_ml_ptr + wrow * 2 + 1, l_i, mask=row_ok)
-
-
-def _paged_combine_kernel(
-    o_ptr,
-    qsl_ptr,
-    ws_acc_ptr,
-    ws_ml_ptr,
-    stride_ot,
-    stride_oh,
-    H: tl.constexpr,
-    SPLITS: tl.constexpr,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    sp = tl.arange(0, SPLITS)
-    d = tl.arange(0, DP)
-    wrow = (b * H + h).to(tl.int64) * SPLITS + sp
-    m = tl.load(ws_ml_ptr + wrow * 2)
-    lsum = tl.load(ws_ml_ptr + wrow * 2 + 1)
-    m_max = tl.reduce(m, 0, tl.standard._elementwise_max)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-    acc = tl.load(ws_acc_ptr + wrow[:, None] * DP + d[None, :])
-    num = tl.reduce(acc * w[:, None], 0, tl.standard._sum_combine)
-    den = tl.reduce(lsum * w, 0, tl.standard._sum_combine)
-    out = num / tl.where(den == 0.0, 1.0, den)
-    q_start = tl.load(qsl_ptr + b).to(tl.int64)
-    tl.store(
-        o_ptr + q_start * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D
-    )
+        tile = b * tl.num_programs(1) + kvh
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:  # the last split of this (sequence, kv head): merge
+            m_max = tl.full([R], float("-inf"), tl.float32)
+            for sp in tl.static_range(SPLITS):
+                m_s = tl.load(
+                    ws_ml_ptr + (base + sp) * 2, mask=row_ok, other=0.0, cache_modifier=".cg"
+                )
+                m_max = tl.maximum(m_max, m_s)
+            num = tl.full([R, DP], 0.0, tl.float32)
+            den = tl.full([R], 0.0, tl.float32)
+            for sp in tl.static_range(SPLITS):
+                r = base + sp
+                m_s = tl.load(ws_ml_ptr + r * 2, mask=row_ok, other=0.0, cache_modifier=".cg")
+                l_s = tl.load(ws_ml_ptr + r * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+                w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_max))
+                a_s = tl.load(
+                    ws_acc_ptr + r[:, None] * DP + d[None, :],
+                    mask=mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                num += a_s * w[:, None]
+                den += l_s * w
+            out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+            o_off = q_start * stride_ot + head[:, None] * stride_oh + d[None, :]
+            tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
 
 
 _decode_kernel = LazyJit(_paged_decode_kernel)
-_combine_kernel = LazyJit(_paged_combine_kernel)
 
 
 def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
@@ -320,8 +323,9 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale
     if splits > 1:
         ws_acc = torch.empty(B * H * splits, DP, dtype=torch.float32, device=q.device)
         ws_ml = torch.empty(B * H * splits, 2, dtype=torch.float32, device=q.device)
+        counters = arrival_counters(q.device, B * kvh)
     else:
-        ws_acc = ws_ml = out
+        ws_acc = ws_ml = counters = out
     KB = max(block_size, 64 if D <= 128 else 32)
     kernel, _ = _decode_kernel()
     kernel[(B, kvh, splits)](
@@ -334,6 +338,7 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale
         qsl,
         ws_acc,
         ws_ml,
+        counters,
         float(scale),
         q.stride(0),
         q.stride(1),
@@ -354,11 +359,6 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale
         IEEE=q.dtype == torch.float32,
         num_warps=4,
     )
-    if splits > 1:
-        combine, _ = _combine_kernel()
-        combine[(B, H)](
-            out, qsl, ws_acc, ws_ml, out.stride(0), out.stride(1), H=H, SPLITS=splits, D=D, DP=DP
-        )
     return out
 
 
