@@ -17,16 +17,6 @@ quantized weight subclasses), so the decoder can call it for every linear::
 
     y = gemv_triton(x, w, b)        # x [1, K], w [N, K], b [N] or None
 
-``gemv_swiglu(x, w_gate_up, b)`` is the same kernel with the MLP's activation as its
-epilogue: ``silu(gate) * up`` ``[1, I]`` straight from the ``[2I, K]`` gate_up weight.
-
-[Note: the SwiGLU epilogue]
-A program of the SwiGLU launch owns output columns j..j+BN and reads weight rows j..
-and I+j.. (the gate and up rows of those columns), so both halves of each output are
-in its registers: one kernel instead of the product and a SiLU * up kernel, with the
-eager path's rounding points (gate and up rounded to the dtype, SiLU rounded, then
-the product; ``fused_decoder.silu_mul_reference``).
-
 [Note: accumulation order of gemv]
 Each program keeps fp32 partial products per (column, lane of the K chunk) and sums
 the lanes once at the end: a different order from cuBLAS's, so bf16 results differ
@@ -69,46 +59,29 @@ def _gemv_kernel(
     stride_w,
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SWIGLU: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
     # K is a compile-time constant (a model has two or three): the loop has a fixed
     # trip count the compiler pipelines, and only a ragged last chunk is masked.
-    # SWIGLU: w is [2N, K] (gate rows, then up rows); the program's BN columns take
-    # rows rn and N + rn, and it writes silu(gate) * up ([Note: the SwiGLU epilogue]).
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     n_ok = rn < N
-    acc = tl.full((BN, BK), 0.0, tl.float32)
-    acc_up = tl.full((BN, BK), 0.0, tl.float32)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
-    up_rows = w_rows + N * stride_w
     for k in tl.range(0, K, BK):
         rk = k + tl.arange(0, BK)
         if K % BK == 0:
-            x = tl.load(x_ptr + rk).to(tl.float32)[None, :]
-            w_mask = n_ok[:, None]
+            x = tl.load(x_ptr + rk)
+            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None], other=0.0)
         else:
             k_ok = rk < K
-            x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            w_mask = n_ok[:, None] & k_ok[None, :]
-        acc += tl.load(w_rows + rk[None, :], mask=w_mask, other=0.0).to(tl.float32) * x
-        if SWIGLU:
-            w_up = tl.load(up_rows + rk[None, :], mask=w_mask, other=0.0)
-            acc_up += w_up.to(tl.float32) * x
+            x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
+            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.reduce(acc, 1, tl.standard._sum_combine)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    if SWIGLU:
-        up = tl.reduce(acc_up, 1, tl.standard._sum_combine)
-        if HAS_BIAS:
-            up += tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)
-        # The eager path's rounding points: both products in the dtype, silu rounded,
-        # then the product.
-        g = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32) * up
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -146,30 +119,14 @@ def gemv_triton(x, w, b=None):
     return gemv_launch(x, w, b)
 
 
-def gemv_swiglu(x, w, b=None, silu_mul=None):
-    """``silu(gate) * up`` of ``F.linear(x, w, b)`` chunked in two (``w`` ``[2I, K]``):
-    one kernel where it ``covers`` the product, else the linear, then ``silu_mul``
-    (the decoder's SiLU * up lowering; default the torch math)."""
-    if not covers(x, w) or w.shape[0] % 2:
-        gu = F.linear(x, w, b)
-        if silu_mul is not None:
-            return silu_mul(gu)
-        gate, up = gu.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return gemv_launch(x, w, b, swiglu=True)
-
-
-def gemv_launch(x, w, b=None, *, config=None, swiglu: bool = False):
+def gemv_launch(x, w, b=None, *, config=None):
     """One launch of the kernel for ``x`` ``[1, K]`` (any K; ``config``: (BN, BK,
     warps, stages), else ``_config``'s); the benchmark's sweep calls it directly."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if b is not None and b.stride(-1) != 1:
-        b = b.contiguous()
-    rows, K = w.shape
-    N = rows // 2 if swiglu else rows
+    N, K = w.shape
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    BN, BK, warps, stages = config or _config(rows, K)
+    BN, BK, warps, stages = config or _config(N, K)
     kernel, _ = _kernel()
     kernel[(triton.cdiv(N, BN),)](
         x,
@@ -180,7 +137,6 @@ def gemv_launch(x, w, b=None, *, config=None, swiglu: bool = False):
         w.stride(0),
         K=K,
         HAS_BIAS=b is not None,
-        SWIGLU=swiglu,
         BN=BN,
         BK=BK,
         num_warps=warps,
@@ -202,27 +158,6 @@ def self_check(impl, device, dtype, K: int) -> str | None:
     want = F.linear(x.float(), w.float(), b.float())
     err = ((got - want).norm() / want.norm()).item()
     limit = 1e-5 if dtype == torch.float32 else 1e-2
-    return None if err <= limit else f"relative error {err:.2e} > {limit:g}"
-
-
-@torch.no_grad()
-def self_check_swiglu(device, dtype, K: int) -> str | None:
-    """``self_check`` of ``gemv_swiglu`` against the linear, then SiLU * up in torch."""
-
-    def unfused(x, w, b):
-        gate, up = F.linear(x, w, b).chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    g = torch.Generator(device="cpu").manual_seed(1)
-    shapes = ((1, K), (2 * 67, K), (134,))
-    x, w, b = (torch.randn(*s, generator=g).to(device, dtype) for s in shapes)
-    try:
-        got = gemv_swiglu(x, w, b).float()
-    except Exception as e:  # noqa: BLE001  (any failure means: do not use it)
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    want = unfused(x.float(), w.float(), b.float())
-    err = ((got - want).norm() / want.norm()).item()
-    limit = 1e-5 if dtype == torch.float32 else 2e-2
     return None if err <= limit else f"relative error {err:.2e} > {limit:g}"
 
 

@@ -50,38 +50,6 @@ def test_equals_f_linear(interpret, N, K, bias, dtype, config):
     assert torch.equal(gemv.gemv_launch(x, w, b, config=config), y)  # same bits again
 
 
-@settings(
-    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    intermediate=st.integers(1, 40),
-    K=st.integers(1, 300),
-    bias=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-)
-def test_swiglu_epilogue_equals_product_then_silu_mul(interpret, intermediate, K, bias, dtype):
-    """[Note: the SwiGLU epilogue]: the rounding points of the eager path's product, then
-    fused_decoder's SiLU * up."""
-    from fscale.kernels.fused_decoder import silu_mul_reference
-
-    g = torch.Generator().manual_seed(intermediate * 1000 + K)
-    x = torch.randn(1, K, generator=g).to(dtype)
-    w = torch.randn(2 * intermediate, K, generator=g).to(dtype)
-    b = torch.randn(2 * intermediate, generator=g).to(dtype) if bias else None
-    got = gemv.gemv_swiglu(x, w, b)
-    assert got.shape == (1, intermediate) and got.dtype == dtype
-    # The same product from this kernel, then the reference activation (bf16: tl.exp
-    # and torch's may round SiLU a unit apart, two of the product's units).
-    want = silu_mul_reference(gemv.gemv_launch(x, w, b))
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(got.float(), want.float(), **tol)
-    # Two rows: the product, then the given SiLU * up (or the torch math).
-    x2 = torch.randn(2, K, generator=g).to(dtype)
-    two = gemv.gemv_swiglu(x2, w, b, silu_mul_reference)
-    assert torch.equal(two, silu_mul_reference(F.linear(x2, w, b)))
-    assert torch.equal(gemv.gemv_swiglu(x2, w, b), two)
-
-
 def test_other_products_go_to_f_linear(interpret):
     x2, w = torch.randn(2, 64), torch.randn(48, 64)
     assert not gemv.covers(x2, w)
@@ -109,7 +77,6 @@ def test_self_check(interpret):
 
     assert "relative error" in gemv.self_check(off_by_one, "cpu", torch.float32, 96)
     assert "no kernel image" in gemv.self_check(raises, "cpu", torch.float32, 96)
-    assert gemv.self_check_swiglu(torch.device("cpu"), torch.float32, 96) is None
 
 
 def test_kernel_table():
@@ -131,10 +98,3 @@ def test_compiled_kernel_on_cuda_equals_f_linear():
         y = gemv.gemv_launch(x, w).float()
         want = F.linear(x.float(), w.float())
         assert ((y - want).norm() / want.norm()).item() < 4e-3, (N, K)
-    assert gemv.self_check_swiglu(dev, torch.bfloat16, 4096) is None
-    x = torch.randn(1, 4096, generator=g).to(dev, torch.bfloat16)
-    w = (torch.randn(2 * 14336, 4096, generator=g) * 0.02).to(dev, torch.bfloat16)
-    gate, up = F.linear(x.float(), w.float()).chunk(2, dim=-1)
-    want = F.silu(gate) * up
-    got = gemv.gemv_swiglu(x, w).float()
-    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -150,7 +150,6 @@ class Decoder:
         # (fscale/kernels/gemv.py; any other product, more rows or quantized weights,
         # goes on to F.linear); F.linear everywhere else.
         self.linear = F.linear
-        self.swiglu = self._swiglu_unfused  # gate_up product + SiLU * up (fused path)
         if fused:
             self.enable_fused()
 
@@ -203,39 +202,25 @@ class Decoder:
                 self.fused = None
                 return False
         self.fused = impls
-        self.linear, self.swiglu = self._resolve_gemv(gemv_impl, check)
+        self.linear = self._resolve_gemv(gemv_impl, check)
         return True
 
     def _resolve_gemv(self, impl, check: bool):
-        """(linear, swiglu): the one-row GEMV (``impl``, else the kernel table's) and,
-        when it is the Triton kernel, its SwiGLU-epilogue launch, each if it passes its
-        check on this device."""
+        """The one-row GEMV (``impl``, else the kernel table's), if it passes its check."""
         from fscale.hw import dispatch
         from fscale.kernels import gemv
 
         impl = impl or dispatch.resolve(gemv.OP, self.device, self._dtype).impl
-        dev, dt = self.device, self._dtype
-        bad = gemv.self_check(impl, dev, dt, self.cfg.hidden) if check else None
+        bad = gemv.self_check(impl, self.device, self._dtype, self.cfg.hidden) if check else None
         if bad:
-            warnings.warn(f"gemv kernel fails on {dev} ({bad}); F.linear.", stacklevel=3)
-            return F.linear, self._swiglu_unfused
-        if impl is not gemv.gemv_triton:
-            return impl, self._swiglu_unfused
-        bad = gemv.self_check_swiglu(dev, dt, self.cfg.hidden) if check else None
-        if bad:
-            warnings.warn(f"gemv SwiGLU epilogue fails on {dev} ({bad}).", stacklevel=3)
-            return impl, self._swiglu_unfused
-        return impl, gemv.gemv_swiglu
-
-    def _swiglu_unfused(self, h, w, b, silu_mul):
-        """The fused path's MLP activation without the GEMV epilogue: the product, then
-        SiLU * up."""
-        return silu_mul(self.linear(h, w, b))
+            warnings.warn(f"gemv kernel fails on {self.device} ({bad}); F.linear.", stacklevel=3)
+            return F.linear
+        return impl
 
     def disable_fused(self, reason: str) -> None:
         warnings.warn(f"fused decoder kernels turned off ({reason}); eager path.", stacklevel=2)
         self.fused = None
-        self.linear, self.swiglu = F.linear, self._swiglu_unfused
+        self.linear = F.linear
 
     def _norm(self, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
         w = p[f"{name}.weight"]
@@ -347,8 +332,8 @@ class Decoder:
         f, T = self.fused, o.shape[0]
         a = self._row_linear(o.reshape(T, self.num_heads * self.cfg.head_dim), p, "o")
         res, h = f[ADD_RMS_NORM](res, a, p["norm2.weight"], self.cfg.norm_eps)
-        act = self.swiglu(h, p["gate_up.weight"], p.get("gate_up.bias"), f[SILU_MUL])
-        return res, self._row_linear(act, p, "down")
+        gu = self.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
+        return res, self._row_linear(f[SILU_MUL](gu), p, "down")
 
     def fused_final(self, res, delta) -> torch.Tensor:
         """The last delta added, then the final norm: hidden states ``[T, hidden]``."""
