@@ -27,14 +27,14 @@ With ``overlap`` (the default on CUDA) ``step()`` launches step k's forward befo
 waits for step k-1's tokens, so the host's work (scheduling, inputs, launching, then
 reading tokens, stop checks, detokenizing, outputs) runs while the GPU computes
 instead of between its forwards (vLLM's async scheduling). Step k-1's sampled tokens
-stay on the device: a sequence that decodes in step k has ``num_pending == 1`` and the
-runner copies its input token from them on the device. ``step()`` then returns step
-k-1's outputs, one step later than without overlap. A sequence that step k-1 finished
-by a stop token or string ran one token too many in step k: the token is dropped,
-never reported, and its blocks are released after step k was queued (later steps use
-them after it on the same stream). One that ends by length is known to before its
-token is read (``last_pending``) and is not scheduled again, so no step reaches past
-max_tokens or max_model_len. Prefix-cache commits of a step's blocks wait until its
+stay on the device: a sequence that decodes in step k counts its input token in
+``num_pending`` and the runner copies it from them on the device. ``step()`` then
+returns step k-1's outputs, one step later than without overlap. A sequence that step
+k-1 finished by a stop token or string ran one token too many in step k: the token is
+dropped, never reported, and its blocks are released after step k was queued (later
+steps use them after it on the same stream). One that ends by length is known to end
+before its token is read (``last_pending``) and is not scheduled again, so no step
+reaches past max_tokens or max_model_len. Prefix-cache commits of a step's blocks wait until its
 tokens are known. Greedy and seeded outputs equal the non-overlapped engine's; an
 unseeded sampled request may draw differently, since a dropped token consumed a draw
 of the engine's shared generator. Off under tensor parallelism (its ranks follow rank

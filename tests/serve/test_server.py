@@ -68,17 +68,20 @@ def _start(engine, **kw) -> SimpleNamespace:
     return SimpleNamespace(srv=srv, url=srv.url, app=app, engine=engine, client=client)
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    s = _start(Engine(tiny_llama_dir), max_queue_wait_s=5.0)
+# The served engines run synchronous and overlapped steps ([Note: overlapped steps] in
+# engine.py; the CUDA default): outputs one step later change no answer.
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def llama(tiny_llama_dir, request):
+    s = _start(Engine(tiny_llama_dir, overlap=request.param), max_queue_wait_s=5.0)
     yield s
     s.client.close()
     s.srv.stop()
 
 
-@pytest.fixture(scope="module")
-def small(tiny_gpt2_dir):
-    engine = _Controlled(Engine(tiny_gpt2_dir, max_num_seqs=1, max_waiting=1), delay_s=0.01)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def small(tiny_gpt2_dir, request):
+    engine = Engine(tiny_gpt2_dir, max_num_seqs=1, max_waiting=1, overlap=request.param)
+    engine = _Controlled(engine, delay_s=0.01)
     s = _start(engine, max_queue_wait_s=0.3)
     yield s
     s.client.close()
