@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import gc
 import json
 import os
@@ -372,14 +371,13 @@ def decode_rate(engine, args, vocab) -> float:
     return (n - base) / (time.perf_counter() - t0)
 
 
-def decode_graph_ms(engine, linear, norm_linear=None) -> float:
+def decode_graph_ms(engine, linear) -> float:
     """GPU time of one replay of ``engine``'s batch-1 decode graph, recaptured with the
-    decoder's linears set to ``linear`` and its norm + linear pairs to ``norm_linear``
-    (default: the norm kernel, then ``linear``); median of 30, ms. The KV holds the
-    request ``decode_rate`` left (its blocks were released but not cleared)."""
+    decoder's linears set to ``linear`` (median of 30, ms); the KV holds the request
+    ``decode_rate`` left (its blocks were released but not cleared)."""
     dec, runner = engine.decoder, engine.runner
-    keep = dec.linear, dec.norm_linear
-    dec.linear, dec.norm_linear = linear, norm_linear or dec._norm_then_linear
+    keep = dec.linear
+    dec.linear = linear
     runner.graphs, runner.graph_sizes = {}, []
     runner._capture(8)
     g = runner.graphs[1][0]
@@ -390,7 +388,7 @@ def decode_graph_ms(engine, linear, norm_linear=None) -> float:
         g.replay()
         sync(engine.device)
         times.append(time.perf_counter() - t0)
-    dec.linear, dec.norm_linear = keep
+    dec.linear = keep
     return statistics.median(times[3:]) * 1e3
 
 
@@ -415,14 +413,11 @@ def part_b(lm, args) -> None:
             }
         )
         if fused and overlap and engine.device.type == "cuda" and engine.runner.graph_sizes:
-            every = functools.partial(gemv.gemv_norm, max_n=1 << 30)
-            emit(  # the same graph: cuBLAS; the GEMV; + norm folded into qkv (default); all
+            emit(  # the same graph with every linear on cuBLAS, then the default policy
                 {
                     "part": "b_graph",
                     "cublas_ms": decode_graph_ms(engine, F.linear),
                     "gemv_ms": decode_graph_ms(engine, gemv.gemv_triton),
-                    "gemv_norm_qkv_ms": decode_graph_ms(engine, gemv.gemv_triton, gemv.gemv_norm),
-                    "gemv_norm_all_ms": decode_graph_ms(engine, gemv.gemv_triton, every),
                 }
             )
         free(engine)

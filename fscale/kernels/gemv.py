@@ -17,18 +17,6 @@ quantized weight subclasses), so the decoder can call it for every linear::
 
     y = gemv_triton(x, w, b)        # x [1, K], w [N, K], b [N] or None
 
-``gemv_norm(res, delta, norm_w, eps, w)`` folds the decoder's residual add + RMSNorm
-into the product that reads its output (the qkv projection): one kernel instead of two.
-
-[Note: the norm prologue]
-With ``NORM`` every program first sums the squares of ``res + delta`` over all of K
-(rounded to the dtype first, as the separate kernel does), then streams its weight
-rows, rebuilding each chunk of ``h = weight * (s * rstd)`` with the separate kernel's
-rounding points on the way; program 0 also stores the new residual ``s``. The
-residual is 8 KB at K = 4096, read from L2 by each of the launch's programs. The sum
-of squares runs in another order than ``add_rms_norm``'s, so ``rstd`` may differ in
-its last bit, and ``h`` then by one unit of the dtype in rare elements.
-
 [Note: accumulation order of gemv]
 Each program keeps fp32 partial products per (column, lane of the K chunk) and sums
 the lanes once at the end: a different order from cuBLAS's, so bf16 results differ
@@ -56,10 +44,6 @@ MAX_ROWS = 1
 # launch differed between two H200 runs, and one run's best took 56 us in the next
 # (cuBLAS: 32 us), where the K <= 4096 shapes kept their configs' times.
 MAX_K = 8192
-# gemv_norm folds the norm into products of at most this many rows (the qkv
-# projection): every program re-reads the whole residual for the norm's sum of
-# squares, which a 28672-row gate_up (7168 programs) pays 7168 times.
-NORM_MAX_N = 8192
 
 
 def gemv_reference(x, w, b=None):
@@ -71,16 +55,10 @@ def _gemv_kernel(
     w_ptr,
     b_ptr,
     y_ptr,
-    d_ptr,
-    nw_ptr,
-    r_ptr,
     N,
     stride_w,
-    eps,
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    NORM: tl.constexpr,
-    HAS_DELTA: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -89,33 +67,11 @@ def _gemv_kernel(
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     n_ok = rn < N
-    dt = y_ptr.dtype.element_ty
-    if NORM:  # [Note: the norm prologue]: x is the residual, d the delta to add
-        squares = tl.full((BK,), 0.0, tl.float32)
-        for k in tl.range(0, K, BK):
-            rk = k + tl.arange(0, BK)
-            s = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-            if HAS_DELTA:
-                s = (s + tl.load(d_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)).to(dt)
-                s = s.to(tl.float32)
-            squares += s * s
-        rstd = 1.0 / tl.sqrt(tl.reduce(squares, 0, tl.standard._sum_combine) / K + eps)
-    acc = tl.full((BN, BK), 0.0, tl.float32)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
     for k in tl.range(0, K, BK):
         rk = k + tl.arange(0, BK)
-        if NORM:
-            k_ok = rk < K
-            s = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_DELTA:
-                s = (s + tl.load(d_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)).to(dt)
-                if pid == 0:  # the new residual, stored once
-                    tl.store(r_ptr + rk, s, mask=k_ok)
-                s = s.to(tl.float32)
-            h = (s * rstd).to(dt).to(tl.float32)
-            x = (tl.load(nw_ptr + rk, mask=k_ok, other=0.0).to(tl.float32) * h).to(dt)
-            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        elif K % BK == 0:
+        if K % BK == 0:
             x = tl.load(x_ptr + rk)
             w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None], other=0.0)
         else:
@@ -126,7 +82,7 @@ def _gemv_kernel(
     y = tl.reduce(acc, 1, tl.standard._sum_combine)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, y.to(dt), mask=n_ok)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 _kernel = LazyJit(_gemv_kernel)
@@ -163,15 +119,13 @@ def gemv_triton(x, w, b=None):
     return gemv_launch(x, w, b)
 
 
-def gemv_launch(x, w, b=None, *, config=None, norm=None):
+def gemv_launch(x, w, b=None, *, config=None):
     """One launch of the kernel for ``x`` ``[1, K]`` (any K; ``config``: (BN, BK,
-    warps, stages), else ``_config``'s); the benchmark's sweep calls it directly.
-    ``norm=(delta, weight, eps)``: ``x`` is a residual; returns (new residual, y)."""
-    x, b = _rows(x), None if b is None else _rows(b)
+    warps, stages), else ``_config``'s); the benchmark's sweep calls it directly."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     N, K = w.shape
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    delta, nw, eps = norm if norm is not None else (None, None, 0.0)
-    res = torch.empty_like(x) if delta is not None else x
     BN, BK, warps, stages = config or _config(N, K)
     kernel, _ = _kernel()
     kernel[(triton.cdiv(N, BN),)](
@@ -179,41 +133,16 @@ def gemv_launch(x, w, b=None, *, config=None, norm=None):
         w,
         b if b is not None else w,
         y,
-        _rows(delta) if delta is not None else x,
-        _rows(nw) if nw is not None else x,
-        res,
         N,
         w.stride(0),
-        float(eps),
         K=K,
         HAS_BIAS=b is not None,
-        NORM=norm is not None,
-        HAS_DELTA=delta is not None,
         BN=BN,
         BK=BK,
         num_warps=warps,
         num_stages=stages,
     )
-    return y if norm is None else (res, y)
-
-
-def gemv_norm(res, delta, norm_weight, eps, w, b=None, add_rms_norm=None, *, max_n=None):
-    """``add_rms_norm`` then the linear, as one kernel where it ``covers`` the product
-    and ``w`` has at most ``max_n`` rows (default ``NORM_MAX_N``): returns (``res +
-    delta``, ``F.linear(rms_norm(res + delta) * norm_weight, w, b)``) with the eager
-    path's rounding points; elsewhere ``add_rms_norm`` (default the torch reference)
-    and ``gemv_triton``."""
-    limit = NORM_MAX_N if max_n is None else max_n
-    if not covers(res, w) or w.shape[0] > limit or (delta is not None and delta.shape != res.shape):
-        from fscale.kernels.fused_decoder import add_rms_norm_reference
-
-        res, h = (add_rms_norm or add_rms_norm_reference)(res, delta, norm_weight, eps)
-        return res, gemv_triton(h, w, b)
-    return gemv_launch(res, w, b, norm=(delta, norm_weight, eps))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return y
 
 
 @torch.no_grad()
@@ -230,34 +159,6 @@ def self_check(impl, device, dtype, K: int) -> str | None:
     err = ((got - want).norm() / want.norm()).item()
     limit = 1e-5 if dtype == torch.float32 else 1e-2
     return None if err <= limit else f"relative error {err:.2e} > {limit:g}"
-
-
-@torch.no_grad()
-def self_check_norm(device, dtype, K: int) -> str | None:
-    """``self_check`` of ``gemv_norm`` (a delta and none) against the torch norm and
-    ``F.linear``."""
-    from fscale.kernels.fused_decoder import add_rms_norm_reference
-
-    g = torch.Generator(device="cpu").manual_seed(2)
-    shapes = ((1, K), (1, K), (K,))
-    res, delta, nw = (torch.randn(*s, generator=g).to(device, dtype) for s in shapes)
-    w = torch.randn(67, K, generator=g).to(device, dtype)
-    try:
-        for d in (delta, None):
-            got_res, got = gemv_norm(res, d, nw, 1e-5, w)
-            d32 = None if d is None else d.float()
-            want_res, h = add_rms_norm_reference(res.float(), d32, nw.float(), 1e-5)
-            want = F.linear(h, w.float())
-            err = max(
-                ((got.float() - want).norm() / want.norm()).item(),
-                ((got_res.float() - want_res).norm() / want_res.norm()).item(),
-            )
-            limit = 1e-5 if dtype == torch.float32 else 2e-2
-            if not err <= limit:
-                return f"relative error {err:.2e} > {limit:g} (delta: {d is not None})"
-    except Exception as e:  # noqa: BLE001  (any failure means: do not use it)
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return None
 
 
 dispatch.register(OP, gemv_reference, name=f"{OP}_reference")

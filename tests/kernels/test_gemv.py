@@ -50,61 +50,6 @@ def test_equals_f_linear(interpret, N, K, bias, dtype, config):
     assert torch.equal(gemv.gemv_launch(x, w, b, config=config), y)  # same bits again
 
 
-@settings(
-    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    N=st.integers(1, 40),
-    K=st.integers(1, 300),
-    delta=st.booleans(),
-    bias=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-)
-def test_norm_prologue_equals_norm_then_product(interpret, N, K, delta, bias, dtype):
-    """[Note: the norm prologue]: the residual add + RMSNorm of fused_decoder, then the
-    product. (Under the interpreter the kernel's fp32 -> bf16 casts can round apart
-    from torch's by a unit: bf16 is compared to a unit; the GPU test below is exact.)"""
-    from fscale.kernels.fused_decoder import add_rms_norm_reference
-
-    g = torch.Generator().manual_seed(N * 1000 + K)
-    res = torch.randn(1, K, generator=g).to(dtype)
-    d = torch.randn(1, K, generator=g).to(dtype) if delta else None
-    nw = torch.randn(K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    got_res, got = gemv.gemv_norm(res, d, nw, 1e-5, w, b)
-    want_res, h = add_rms_norm_reference(res, d, nw, 1e-5)
-    want = gemv.gemv_launch(h, w, b)
-    if dtype == torch.float32:
-        assert torch.equal(got_res, want_res)
-        torch.testing.assert_close(got, want, atol=1e-4 * K**0.5, rtol=1e-5)
-    else:
-        torch.testing.assert_close(got_res.float(), want_res.float(), atol=0, rtol=8e-3)
-        ref = F.linear(h.float(), w.float(), None if b is None else b.float())
-        err = ((got.float() - ref).norm() / ref.norm()).item()
-        assert err < 2e-2
-    assert d is not None or got_res is res  # no delta: the residual is passed on
-
-
-def test_norm_prologue_hands_other_products_on(interpret):
-    from fscale.kernels.fused_decoder import add_rms_norm_reference
-
-    res, d, nw, w = torch.randn(2, 64), torch.randn(2, 64), torch.randn(64), torch.randn(30, 64)
-    want_res, h = add_rms_norm_reference(res, d, nw, 1e-5)
-    for args in ((res, d), (res[:1], d[:1])):  # two rows; one row but N > max_n
-        r, h2 = add_rms_norm_reference(*args, nw, 1e-5)
-        got_res, got = gemv.gemv_norm(*args, nw, 1e-5, w, max_n=16)
-        assert torch.equal(got_res, r) and torch.equal(got, gemv.gemv_triton(h2, w))
-    calls = []
-
-    def norm(*a):
-        calls.append(a)
-        return add_rms_norm_reference(*a)
-
-    gemv.gemv_norm(res, d, nw, 1e-5, w, None, norm)  # the given norm runs
-    assert len(calls) == 1
-
-
 def test_other_products_go_to_f_linear(interpret):
     x2, w = torch.randn(2, 64), torch.randn(48, 64)
     assert not gemv.covers(x2, w)
@@ -123,7 +68,6 @@ def test_other_products_go_to_f_linear(interpret):
 
 def test_self_check(interpret):
     assert gemv.self_check(gemv.gemv_triton, torch.device("cpu"), torch.float32, 96) is None
-    assert gemv.self_check_norm(torch.device("cpu"), torch.float32, 96) is None
 
     def off_by_one(x, w, b=None):
         return F.linear(x, w, b) + 1
@@ -154,15 +98,3 @@ def test_compiled_kernel_on_cuda_equals_f_linear():
         y = gemv.gemv_launch(x, w).float()
         want = F.linear(x.float(), w.float())
         assert ((y - want).norm() / want.norm()).item() < 4e-3, (N, K)
-    assert gemv.self_check_norm(dev, torch.bfloat16, 4096) is None
-    # The compiled prologue rounds like the norm kernel: the residual bit for bit.
-    from fscale.kernels.fused_decoder import add_rms_norm_triton
-
-    res, d = (torch.randn(1, 4096, generator=g).to(dev, torch.bfloat16) for _ in range(2))
-    nw = torch.randn(4096, generator=g).to(dev, torch.bfloat16)
-    w = (torch.randn(6144, 4096, generator=g) * 0.02).to(dev, torch.bfloat16)
-    got_res, got = gemv.gemv_norm(res, d, nw, 1e-5, w)
-    want_res, h = add_rms_norm_triton(res, d, nw, 1e-5)
-    assert torch.equal(got_res, want_res)
-    want = gemv.gemv_launch(h, w).float()
-    assert ((got.float() - want).norm() / want.norm()).item() < 4e-3

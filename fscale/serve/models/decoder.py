@@ -150,8 +150,6 @@ class Decoder:
         # (fscale/kernels/gemv.py; any other product, more rows or quantized weights,
         # goes on to F.linear); F.linear everywhere else.
         self.linear = F.linear
-        # residual add + norm, then a linear: two kernels, or gemv_norm's one.
-        self.norm_linear = self._norm_then_linear
         if fused:
             self.enable_fused()
 
@@ -205,25 +203,7 @@ class Decoder:
                 return False
         self.fused = impls
         self.linear = self._resolve_gemv(gemv_impl, check)
-        self.norm_linear = self._resolve_norm_gemv(check)
         return True
-
-    def _resolve_norm_gemv(self, check: bool):
-        """``gemv.gemv_norm`` when the linears are the Triton GEMV and it passes its
-        check on this device, else the norm kernel then the linear."""
-        from fscale.kernels import gemv
-
-        if self.linear is not gemv.gemv_triton:
-            return self._norm_then_linear
-        bad = gemv.self_check_norm(self.device, self._dtype, self.cfg.hidden) if check else None
-        if bad:
-            warnings.warn(f"gemv's norm prologue fails ({bad}); separate norm.", stacklevel=3)
-            return self._norm_then_linear
-        return gemv.gemv_norm
-
-    def _norm_then_linear(self, res, delta, norm_weight, eps, w, b, add_rms_norm):
-        res, h = add_rms_norm(res, delta, norm_weight, eps)
-        return res, self.linear(h, w, b)
 
     def _resolve_gemv(self, impl, check: bool):
         """The one-row GEMV (``impl``, else the kernel table's), if it passes its check."""
@@ -240,7 +220,7 @@ class Decoder:
     def disable_fused(self, reason: str) -> None:
         warnings.warn(f"fused decoder kernels turned off ({reason}); eager path.", stacklevel=2)
         self.fused = None
-        self.linear, self.norm_linear = F.linear, self._norm_then_linear
+        self.linear = F.linear
 
     def _norm(self, x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
         w = p[f"{name}.weight"]
@@ -322,10 +302,8 @@ class Decoder:
         from fscale.kernels.fused_decoder import ADD_RMS_NORM, ROPE_KV_WRITE
 
         f, cfg = self.fused, self.cfg
-        res, qkv = self.norm_linear(
-            res, delta, p["norm1.weight"], cfg.norm_eps, p["qkv.weight"], p.get("qkv.bias"),
-            f[ADD_RMS_NORM],
-        )  # fmt: skip
+        res, h = f[ADD_RMS_NORM](res, delta, p["norm1.weight"], cfg.norm_eps)
+        qkv = self.linear(h, p["qkv.weight"], p.get("qkv.bias"))
         k_cache, v_cache = kv
         q = f[ROPE_KV_WRITE](
             qkv, positions, self.cos, self.sin, k_cache, v_cache, slot_mapping,
@@ -353,10 +331,8 @@ class Decoder:
 
         f, T = self.fused, o.shape[0]
         a = self._row_linear(o.reshape(T, self.num_heads * self.cfg.head_dim), p, "o")
-        res, gu = self.norm_linear(
-            res, a, p["norm2.weight"], self.cfg.norm_eps, p["gate_up.weight"],
-            p.get("gate_up.bias"), f[ADD_RMS_NORM],
-        )  # fmt: skip
+        res, h = f[ADD_RMS_NORM](res, a, p["norm2.weight"], self.cfg.norm_eps)
+        gu = self.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
         return res, self._row_linear(f[SILU_MUL](gu), p, "down")
 
     def fused_final(self, res, delta) -> torch.Tensor:
