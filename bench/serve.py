@@ -7,7 +7,9 @@ of the same weights. Parts (``--parts a,b,c,d``):
 
 - a: output tokens/s at 1/16/64/256 concurrent requests (prompt 512, output 128,
      ignore_eos), engine vs HF ``generate`` at 1/16/64;
-- b: batch-1 decode tokens/s vs the weight-bandwidth bound (weight bytes / 4.3e12 B/s);
+- b: batch-1 decode tokens/s vs the weight-bandwidth bound (weight bytes / 4.3e12 B/s),
+     overlapped steps and fused kernels on and off; the decode graph's GPU time with
+     cuBLAS vs the one-row GEMV (``b_graph``);
 - c: Poisson arrivals at a few rates: p50/p99 TTFT and TPOT and effective throughput
      (highest rate with p99 TTFT <= prompt/512 s and p99 TPOT <= 50 ms), Dynamic
      SplitFuse vs prefill-first, on 512/128 and FastGen's 2600/60 workload;

@@ -84,7 +84,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens so far, the one still on the device included."""
+        """Tokens so far, those still on the device included."""
         return len(self.token_ids) + self.num_pending
 
     @property
