@@ -208,6 +208,38 @@ def test_overlapped_steps_lag_one_step_and_never_run_past_a_limit(tiny_llama_dir
     assert engine.blocks.num_used == 0 and engine._inflight is None
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_step_whose_forward_raises_loses_nothing(tiny_llama_dir, llama_ref, overlap):
+    """A forward that raises (here: injected, every third call) leaves the engine as it
+    was: the step's sequences run again next step, tokens already sampled on the device
+    are still read, and the outputs equal an undisturbed run."""
+    engine = Engine(
+        tiny_llama_dir, max_tokens_per_step=8, block_size=4, num_blocks=64, overlap=overlap
+    )
+    run, calls = engine.runner.run, [0]
+
+    def flaky(batch, last_tokens=None):
+        calls[0] += 1
+        if calls[0] % 3 == 0:
+            raise RuntimeError("injected")
+        return run(batch, last_tokens)
+
+    engine.runner.run = flaky
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=12, **GREEDY))
+    done, failures = {}, 0
+    while engine.has_unfinished():
+        try:
+            outs = engine.step()
+        except RuntimeError:
+            failures += 1
+            continue
+        done.update({o.request_id: o.token_ids for o in outs if o.finished})
+    assert failures > 3
+    assert done == {str(i): llama_ref[i] for i in range(len(PROMPTS))}
+    assert engine.blocks.num_used == 0
+
+
 def test_fscale_gpt_module_equals_recompute():
     torch.manual_seed(0)
     model = GPT(GPTConfig.tiny(seq_len=96)).eval()
