@@ -14,7 +14,9 @@ of the same weights. Parts (``--parts a,b,c,d``):
      (highest rate with p99 TTFT <= prompt/512 s and p99 TPOT <= 50 ms), Dynamic
      SplitFuse vs prefill-first, on 512/128 and FastGen's 2600/60 workload;
 - d: FP6 weights (e3m2; e3m2-a8: e4m3 activations in prefill) vs bf16: batch-1
-     decode and throughput at saturation (``--d-formats``).
+     decode and throughput at saturation (``--d-formats``);
+- e: tensor parallel over a torchrun world (alone): batch-1 decode and part a's
+     throughput, ``torchrun --nproc-per-node N bench/serve.py --parts e``.
 
 Before timing, the Triton paged attention is checked against its torch reference at
 the real shapes, and the engine's greedy tokens against HF's (match fraction printed).
@@ -515,6 +517,36 @@ def part_c(lm, args) -> None:
             free(engine)
 
 
+def part_e(lm, args) -> None:
+    """Tensor parallel over the torchrun world (every rank calls this): batch-1 decode
+    and output tokens/s at part a's concurrencies. Rank 0 takes the requests, the other
+    ranks follow its steps ([Note: one engine loop on every rank] in parallel.py)."""
+    engine = make_engine(lm, args, max_tokens_per_step=args.budget, tensor_parallel="world")
+    if not engine.is_leader:
+        engine.follow()
+        return
+    V, tp = lm.config.vocab_size, engine.tp.size
+    rate = decode_rate(engine, args, V)
+    emit({"part": "e", "tensor_parallel": tp, "concurrency": 1, "decode_tok_s": rate})
+    run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up
+    for c in args.concurrency:
+        runs = [
+            run_batch(engine, prompts(c, args.prompt, V, c + i), args.output)
+            for i in range(args.a_repeat)
+        ]
+        dt = statistics.median_low(runs)
+        emit(
+            {
+                "part": "e",
+                "tensor_parallel": tp,
+                "concurrency": c,
+                "output_tok_s": c * args.output / dt,
+                "runs_output_tok_s": [c * args.output / t for t in runs],
+            }
+        )
+    engine.shutdown()
+
+
 def part_d(lm, args) -> None:
     """FP6 vs bf16 at a smaller engine (max_num_seqs / budget ``args.d_seqs`` /
     ``args.d_budget``): every graph bucket and prefill size is an M the FPx kernels tune
@@ -804,15 +836,28 @@ def main() -> None:
     for name in ("d_seqs", "d_budget", "saturation"):  # part d's engine, from the command line
         if getattr(args, f"set_{name}") is not None:
             setattr(args, name, getattr(args, f"set_{name}"))
+    leader = True
+    if "e" in parts:  # under torchrun: one GPU (or gloo CPU rank) per process
+        if parts != {"e"}:
+            ap.error("--parts e (tensor parallel, under torchrun) runs alone")
+        from fscale.hw.launch import init_distributed
+
+        rank, _, args.device = init_distributed(args.device.type)
+        leader = rank == 0
     cfg = config(args)
     print(f"{cfg}\nparts {sorted(parts)} on {args.device}", flush=True)
     lm = build_weights(cfg, args.device, args.dtype)
     if args.profile:
         profile(lm, args)
         return
-    check_attention(args)
-    hf = hf_model(lm, args.device, args.dtype) if "a" in parts or args.tiny else None
-    check_greedy(lm, hf, args)
+    if "e" in parts:
+        part_e(lm, args)
+        if not leader:
+            return
+    if "e" not in parts:
+        check_attention(args)
+        hf = hf_model(lm, args.device, args.dtype) if "a" in parts or args.tiny else None
+        check_greedy(lm, hf, args)
     if "a" in parts:
         part_a(lm, hf, args)
     hf = None
