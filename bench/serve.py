@@ -279,6 +279,23 @@ def run_batch(engine, ps, out_len) -> float:
     return time.perf_counter() - t0
 
 
+def throughput(engine, c: int, args) -> dict:
+    """Output tokens/s of ``c`` concurrent requests (prompt, output of ``args``): the
+    median of ``args.a_repeat`` runs, each on fresh prompts (single runs swing by %)."""
+    V = engine.model_config.vocab_size
+    runs = [
+        run_batch(engine, prompts(c, args.prompt, V, c + i), args.output)
+        for i in range(args.a_repeat)
+    ]
+    dt = statistics.median_low(runs)
+    return {
+        "concurrency": c,
+        "seconds": dt,
+        "output_tok_s": c * args.output / dt,
+        "runs_output_tok_s": [c * args.output / t for t in runs],
+    }
+
+
 def part_a(lm, hf, args) -> None:
     V = lm.config.vocab_size
     if hf is not None:
@@ -322,11 +339,7 @@ def part_a(lm, hf, args) -> None:
         engine = make_engine(lm, args, max_tokens_per_step=args.budget, **kw)
         run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up (kernels compile)
         for c in conc:
-            runs = [
-                run_batch(engine, prompts(c, args.prompt, V, c + i), args.output)
-                for i in range(args.a_repeat)
-            ]
-            dt = statistics.median_low(runs)
+            measured = throughput(engine, c, args)
             emit(
                 {
                     "part": "a",
@@ -336,10 +349,7 @@ def part_a(lm, hf, args) -> None:
                     "overlap": engine.overlap,
                     "scheduler": "splitfuse",
                     "budget": args.budget,
-                    "concurrency": c,
-                    "seconds": dt,
-                    "output_tok_s": c * args.output / dt,
-                    "runs_output_tok_s": [c * args.output / t for t in runs],
+                    **measured,
                     "preempted": engine.stats()["num_preempted_total"],
                 }
             )
@@ -530,20 +540,7 @@ def part_e(lm, args) -> None:
     emit({"part": "e", "tensor_parallel": tp, "concurrency": 1, "decode_tok_s": rate})
     run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up
     for c in args.concurrency:
-        runs = [
-            run_batch(engine, prompts(c, args.prompt, V, c + i), args.output)
-            for i in range(args.a_repeat)
-        ]
-        dt = statistics.median_low(runs)
-        emit(
-            {
-                "part": "e",
-                "tensor_parallel": tp,
-                "concurrency": c,
-                "output_tok_s": c * args.output / dt,
-                "runs_output_tok_s": [c * args.output / t for t in runs],
-            }
-        )
+        emit({"part": "e", "tensor_parallel": tp, **throughput(engine, c, args)})
     engine.shutdown()
 
 
