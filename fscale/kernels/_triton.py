@@ -23,6 +23,10 @@ try:
     import triton
 except ImportError:  # triton is a dependency on Linux x86_64 only
     triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older triton, or none: kernels then launch without PDL
+    gdc_launch_dependents = gdc_wait = None
 
 
 def interpreting() -> bool:
@@ -54,6 +58,40 @@ def sm_count(device: torch.device) -> int:
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# [Note: programmatic dependent launch]
+# A batch-1 decode step is ~300 kernels of a few microseconds each: between two of
+# them the GPU drains one grid and ramps up the next, and a one-program kernel (a
+# norm) leaves the other SMs idle. With programmatic dependent launch (sm_90+), a
+# kernel launched with ``launch_pdl=True`` may start while the kernel before it on
+# the stream still runs, once every program of that one has called
+# ``gdc_launch_dependents()`` (or exited). The rules each PDL kernel here keeps:
+#   - before ``gdc_wait()`` it reads only memory that no kernel of the step writes
+#     (weights: the GEMV streams its first chunk there) and writes nothing;
+#   - ``gdc_wait()`` returns once the previous kernel has finished and its writes are
+#     visible; that one waited for its own predecessor before it let this one launch,
+#     so everything earlier on the stream is finished too;
+#   - it calls ``gdc_launch_dependents()`` right after the wait: at most one kernel
+#     waits ahead, and only once this one's last wave is on the SMs.
+# A kernel without the attribute (cuBLAS, torch ops) waits for its predecessor as
+# usual, and a PDL kernel after one simply finds it finished. Graph capture keeps
+# the attribute as a programmatic edge. ``FSCALE_PDL=0`` turns it off (A/B runs).
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl(device: torch.device) -> bool:
+    """Launch this device's kernels with programmatic dependent launch (see [Note:
+    programmatic dependent launch]): CUDA sm_90+, compiled (not interpreted) Triton,
+    and ``FSCALE_PDL`` not ``0``."""
+    if device.type != "cuda" or gdc_wait is None or interpreting():
+        return False
+    return os.environ.get("FSCALE_PDL", "1") != "0" and _capability(device) >= (9, 0)
 
 
 # (device, stream) -> int32 arrival counters, left zeroed by every launch.

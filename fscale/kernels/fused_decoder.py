@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fscale.hw import dispatch
-from fscale.kernels._triton import LazyJit
+from fscale.kernels._triton import LazyJit, gdc_launch_dependents, gdc_wait, pdl
 
 try:
     import triton
@@ -95,10 +95,15 @@ def _add_rms_norm_kernel(
     stride_h,
     HAS_DELTA: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < N
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)  # a weight: before the wait
+    if PDL:  # [Note: programmatic dependent launch] in _triton.py
+        gdc_wait()
+        gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_DELTA:
         d = tl.load(d_ptr + row * stride_d + cols, mask=m, other=0.0).to(tl.float32)
@@ -108,7 +113,6 @@ def _add_rms_norm_kernel(
     ms = tl.reduce(x * x, 0, tl.standard._sum_combine) / N
     rstd = 1.0 / tl.sqrt(ms + eps)
     y = (x * rstd).to(h_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(h_ptr + row * stride_h + cols, (w * y).to(h_ptr.dtype.element_ty), mask=m)
 
 
@@ -131,7 +135,11 @@ def _rope_kv_write_kernel(
     KVH: tl.constexpr,
     HALF: tl.constexpr,
     HALFP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # [Note: programmatic dependent launch] in _triton.py
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     hd = tl.program_id(1)
     D = 2 * HALF
@@ -164,7 +172,12 @@ def _rope_kv_write_kernel(
         tl.store(vdst + HALF + i, v2.to(v_ptr.dtype.element_ty), mask=m)
 
 
-def _silu_mul_kernel(gu_ptr, out_ptr, N, stride_gu, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(
+    gu_ptr, out_ptr, N, stride_gu, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    if PDL:  # [Note: programmatic dependent launch] in _triton.py
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < N
@@ -216,7 +229,9 @@ def add_rms_norm_triton(x, delta, weight, eps):
             h.stride(0),
             HAS_DELTA=delta is not None,
             BLOCK=BLOCK,
+            PDL=pdl(x.device),
             num_warps=8 if BLOCK >= 4096 else 4,
+            launch_pdl=pdl(x.device),
         )
     if delta is not None:
         res = res.view(shape)
@@ -251,7 +266,9 @@ def rope_kv_write_triton(qkv, positions, cos, sin, k_cache, v_cache, slot_mappin
             KVH=KVH,
             HALF=D // 2,
             HALFP=max(16, _pow2(D // 2)),
+            PDL=pdl(qkv.device),
             num_warps=1 if D <= 128 else 2,
+            launch_pdl=pdl(qkv.device),
         )
     return q
 
@@ -266,9 +283,11 @@ def silu_mul_triton(gate_up):
     if T:
         BLOCK = min(2048, max(16, _pow2(N)))
         kernel, _ = _silu_kernel()
+        on = pdl(gu.device)
         kernel[(T, triton.cdiv(N, BLOCK))](
-            gu, out, N, gu.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4
-        )
+            gu, out, N, gu.stride(0), out.stride(0), BLOCK=BLOCK, PDL=on, num_warps=4,
+            launch_pdl=on,
+        )  # fmt: skip
     return out.view(*shape[:-1], N)
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fscale.hw import dispatch
-from fscale.kernels._triton import LazyJit
+from fscale.kernels._triton import LazyJit, gdc_launch_dependents, gdc_wait, pdl
 
 try:
     import triton
@@ -61,15 +61,25 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # K is a compile-time constant (a model has two or three): the loop has a fixed
-    # trip count the compiler pipelines, and only a ragged last chunk is masked.
+    # trip count the compiler pipelines, and only a ragged chunk is masked.
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     n_ok = rn < N
-    acc = tl.zeros((BN, BK), dtype=tl.float32)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
-    for k in tl.range(0, K, BK):
+    # The first chunk is peeled: its weights load before the wait on the previous
+    # kernel ([Note: programmatic dependent launch] in _triton.py), x after it.
+    rk = tl.arange(0, BK)
+    k_ok = rk < K
+    w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for k in tl.range(BK, K, BK):
         rk = k + tl.arange(0, BK)
         if K % BK == 0:
             x = tl.load(x_ptr + rk)
@@ -128,6 +138,7 @@ def gemv_launch(x, w, b=None, *, config=None):
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     BN, BK, warps, stages = config or _config(N, K)
     kernel, _ = _kernel()
+    on = pdl(x.device)
     kernel[(triton.cdiv(N, BN),)](
         x,
         w,
@@ -139,8 +150,10 @@ def gemv_launch(x, w, b=None, *, config=None):
         HAS_BIAS=b is not None,
         BN=BN,
         BK=BK,
+        PDL=on,
         num_warps=warps,
         num_stages=stages,
+        launch_pdl=on,
     )
     return y
 

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from fscale.hw import dispatch
-from fscale.kernels._triton import LazyJit, arrival_counters, sm_count
+from fscale.kernels._triton import (
+    LazyJit,
+    arrival_counters,
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl,
+    sm_count,
+)
 
 try:
     import triton
@@ -210,7 +217,11 @@ def _paged_decode_kernel(
     D: tl.constexpr,
     DP: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # [Note: programmatic dependent launch] in _triton.py
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -357,7 +368,9 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale
         D=D,
         DP=DP,
         IEEE=q.dtype == torch.float32,
+        PDL=pdl(q.device),
         num_warps=4,
+        launch_pdl=pdl(q.device),
     )
     return out
 

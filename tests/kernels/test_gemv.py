@@ -11,13 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fscale.hw import dispatch
+from fscale.kernels import _triton as triton_helpers
 from fscale.kernels import gemv
+from fscale.kernels._triton import pdl
 from fscale.transforms.quantize import quantize
 
 
 @pytest.fixture
 def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     if gemv.triton is None:
         pytest.fail("triton is not installed")
 
@@ -98,3 +99,45 @@ def test_compiled_kernel_on_cuda_equals_f_linear():
         y = gemv.gemv_launch(x, w).float()
         want = F.linear(x.float(), w.float())
         assert ((y - want).norm() / want.norm()).item() < 4e-3, (N, K)
+
+
+def test_pdl_only_where_it_can_run(monkeypatch):
+    """Programmatic dependent launch: CUDA only, never under the interpreter."""
+    assert not pdl(torch.device("cpu"))
+    monkeypatch.setattr(triton_helpers, "interpreting", lambda: True)
+    assert not pdl(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
+    """Kernels launched with PDL wait for their inputs: a captured chain in which every
+    launch reads the one before gives the bits of the same chain launched without it."""
+    from fscale.kernels import fused_decoder as fd
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ws = [(torch.randn(4096, 4096, generator=g) * 0.02).to(dev, torch.bfloat16) for _ in range(4)]
+    norm_w = torch.rand(4096, generator=g).to(dev, torch.bfloat16)
+    x0 = torch.randn(1, 4096, generator=g).to(dev, torch.bfloat16)
+
+    def chain():
+        res, x = x0, None
+        for w in ws:
+            res, h = fd.add_rms_norm_triton(res, x, norm_w, 1e-6)
+            x = gemv.gemv_launch(h, w)
+        return x
+
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FSCALE_PDL", flag)
+        assert pdl(dev) == (flag == "1" and torch.cuda.get_device_capability() >= (9, 0))
+        eager = chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager), flag
+        outs[flag] = y.clone()
+    assert torch.equal(outs["0"], outs["1"])
