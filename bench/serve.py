@@ -53,6 +53,7 @@ from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
 
 from fscale.kernels import gemv  # noqa: E402
 from fscale.kernels import paged_attention as pa  # noqa: E402
+from fscale.kernels._triton import pdl  # noqa: E402
 from fscale.serve import Engine, SamplingParams  # noqa: E402
 from fscale.serve.models.decoder import DecoderConfig, LoadedModel  # noqa: E402
 
@@ -157,6 +158,10 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
+# --prefill-graphs choices -> Engine(prefill_graphs=...)
+GRAPH_CHOICES = {"auto": None, "on": True, "off": False}
+
+
 def make_engine(lm, args, **kw) -> Engine:
     opts = dict(
         device=args.device,
@@ -165,7 +170,7 @@ def make_engine(lm, args, **kw) -> Engine:
         max_model_len=args.max_model_len,
         max_num_seqs=256,
         cuda_graphs=args.device.type == "cuda",
-        prefill_graphs=None if args.prefill_graphs == "on" else False,
+        prefill_graphs=GRAPH_CHOICES[args.prefill_graphs],
     )
     opts.update(kw)
     t0 = time.perf_counter()
@@ -323,14 +328,15 @@ def part_a(lm, hf, args) -> None:
                     "output_tok_s": c * args.output / dt,
                 }
             )
-    # The defaults (fused kernels, prefill graphs, overlapped steps) at every concurrency;
-    # A/B at the high ones, same weights: without overlap, without the prefill graphs, and
-    # the eager decoder. Each point is the median of ``args.a_repeat`` runs (single runs
+    # The defaults (fused kernels, overlapped steps, prefill graphs where the engine's
+    # policy takes them) at every concurrency; A/B at the high ones, same weights: without
+    # overlap (the policy then captures prefill graphs), with the prefill graphs forced
+    # on, and the eager decoder. Each point is the median of ``args.a_repeat`` runs (single runs
     # of 1-6 s swing by several %).
     variants = (
         ({}, args.concurrency),
         ({"overlap": False}, args.ab_concurrency),
-        ({"prefill_graphs": False}, args.ab_concurrency),
+        ({"prefill_graphs": True}, args.ab_concurrency),
         ({"fused_kernels": False}, args.ab_concurrency),
     )
     for kw, conc in variants:
@@ -408,8 +414,16 @@ def decode_graph_ms(engine, linear) -> float:
 
 def part_b(lm, args) -> None:
     bound = HBM / weight_bytes(lm)
-    # A/B: overlapped steps and fused kernels (the CUDA defaults), then each turned off.
-    for fused, overlap in ((True, True), (True, False), (False, False)):
+    prior = os.environ.get("FSCALE_PDL")
+    # A/B: overlapped steps, fused kernels and programmatic dependent launch (the CUDA
+    # defaults), then each turned off.
+    for fused, overlap, use_pdl in (
+        (True, True, True),
+        (True, True, False),
+        (True, False, True),
+        (False, False, True),
+    ):
+        os.environ["FSCALE_PDL"] = "1" if use_pdl else "0"  # read at launch and capture
         engine = make_engine(
             lm, args, max_tokens_per_step=args.budget, fused_kernels=fused, overlap=overlap
         )
@@ -420,6 +434,7 @@ def part_b(lm, args) -> None:
                 "weights": "bf16",
                 "fused_kernels": engine.decoder.fused is not None,
                 "overlap": engine.overlap,
+                "pdl": pdl(engine.device),
                 "decode_tok_s": rate,
                 "step_ms": 1e3 / rate,
                 "bandwidth_bound_tok_s": bound,
@@ -430,11 +445,15 @@ def part_b(lm, args) -> None:
             emit(  # the same graph with every linear on cuBLAS, then the default policy
                 {
                     "part": "b_graph",
+                    "pdl": pdl(engine.device),
                     "cublas_ms": decode_graph_ms(engine, F.linear),
                     "gemv_ms": decode_graph_ms(engine, gemv.gemv_triton),
                 }
             )
         free(engine)
+    os.environ.pop("FSCALE_PDL")
+    if prior is not None:
+        os.environ["FSCALE_PDL"] = prior
 
 
 def poisson(engine, ps, out_len, rate, seed) -> dict:
@@ -556,7 +575,7 @@ def part_d(lm, args) -> None:
         print(f"  part d: {what} (+{time.perf_counter() - t_start:.0f} s)", flush=True)
 
     variants = [
-        (None if f == "bf16" else f, pg == "on")
+        (None if f == "bf16" else f, GRAPH_CHOICES[pg])
         for f in args.d_formats.split(",")
         for pg in args.d_prefill_graphs.split(",")
     ]
@@ -585,7 +604,7 @@ def part_d(lm, args) -> None:
             {
                 "part": "d",
                 "weights": fmt or "bf16",
-                "prefill_graphs": graphs and bool(engine.runner.mixed_sizes),
+                "prefill_graphs": bool(engine.runner.mixed_sizes),
                 "decode_tok_s": rate,
                 "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
                 "saturation_concurrency": c,
@@ -774,14 +793,15 @@ def main() -> None:
     ap.add_argument("--d-repeat", type=int, default=5, help="part d: saturation runs (median)")
     ap.add_argument(
         "--prefill-graphs",
-        default="on",
-        choices=["on", "off"],
+        default="auto",
+        choices=list(GRAPH_CHOICES),
         help="parts a-c: Engine(prefill_graphs=...), piecewise graphs of prefill steps",
     )
     ap.add_argument(
         "--d-prefill-graphs",
-        default="on",
-        help="part d: 'off', 'on' or 'off,on' (Engine(prefill_graphs=...), side by side)",
+        default="auto",
+        help="part d: 'auto', 'off', 'on' or several, e.g. 'off,on' (Engine(prefill_graphs="
+        "...): None, False, True; side by side)",
     )
     ap.add_argument("--d-seqs", dest="set_d_seqs", type=int, help="part d: max_num_seqs (32)")
     ap.add_argument("--d-budget", dest="set_d_budget", type=int, help="part d: token budget (512)")

@@ -94,8 +94,12 @@ class Engine:
       cuda_graphs: replay captured graphs for decode batches (CUDA only).
       prefill_graphs: also capture prefill and mixed steps piecewise, everything but
         attention, per token bucket ([Note: piecewise graphs of mixed steps] in
-        runner.py; fused kernels, CUDA, one rank). None (default): wherever possible;
-        True: the same, with a warning where not; False: prefill steps run eagerly.
+        runner.py; fused kernels, CUDA, one rank). None (default): where the host's
+        launch time would show, that is with quantized weights (their eager launches
+        take longer than the GPU's work) or without overlapped steps; plain weights with
+        overlap run prefill eagerly, where padding to a bucket only costs (1.5-3.5% of
+        throughput at 64-256 concurrent requests, ``bench/serve.py`` part a). True:
+        wherever possible, with a warning where not; False: prefill steps run eagerly.
       offload_weights: keep layer weights in host memory, streamed a layer ahead.
       fused_kernels: run the decoder's elementwise pieces as fused kernels (residual
         add + RMSNorm, RoPE + KV write, SiLU * up; Llama-style models); default on for
@@ -189,6 +193,11 @@ class Engine:
             max_num_seqs=max_num_seqs,
             policy=scheduler,
         )
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        self.overlap = bool(overlap) and self.tp.size == 1
+        if prefill_graphs is None and self.overlap and quantize is None:
+            prefill_graphs = False  # see the docstring: eager launches hide behind the GPU
         self.runner = ModelRunner(
             self.decoder,
             num_blocks=num_blocks,
@@ -202,9 +211,6 @@ class Engine:
             warm_up_tokens=max_tokens_per_step if self.device.type == "cuda" else 0,
         )
         self.max_waiting = max_waiting
-        if overlap is None:
-            overlap = self.device.type == "cuda"
-        self.overlap = bool(overlap) and self.tp.size == 1
         self._inflight: _Launched | None = None
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._seqs: dict[str, Sequence] = {}
