@@ -6,7 +6,7 @@ runs 32 distinct weights per shape (a model's 32 layers, so no weight stays in L
 inside one CUDA graph, as the engine's decode graphs run them; time = median of 20
 replays / 32. For the Triton kernel every launch configuration of a grid is timed
 (the best and the five best are recorded; ``gemv._config`` holds the choices), and
-its default choice (for down, K > ``gemv.MAX_K``, that is cuBLAS). Then the whole
+its default choice (``gemv._config``; down too since the engine-graph sweep). Then the whole
 chain of 32 layers' products + head: cuBLAS vs ``gemv_triton``. Correctness first:
 the kernel against fp32 ``F.linear``.
 

@@ -8,8 +8,9 @@ of the same weights. Parts (``--parts a,b,c,d``):
 - a: output tokens/s at 1/16/64/256 concurrent requests (prompt 512, output 128,
      ignore_eos), engine vs HF ``generate`` at 1/16/64;
 - b: batch-1 decode tokens/s vs the weight-bandwidth bound (weight bytes / 4.3e12 B/s),
-     overlapped steps and fused kernels on and off; the decode graph's GPU time with
-     cuBLAS vs the one-row GEMV (``b_graph``);
+     overlapped steps, fused kernels and PDL on and off; the decode graph's GPU time
+     with cuBLAS vs the one-row GEMV (``b_graph``); ``--b-down-sweep``: the down
+     projection's GEMV launches timed in that graph;
 - c: Poisson arrivals at a few rates: p50/p99 TTFT and TPOT and effective throughput
      (highest rate with p99 TTFT <= prompt/512 s and p99 TPOT <= 50 ms), Dynamic
      SplitFuse vs prefill-first, on 512/128 and FastGen's 2600/60 workload;
@@ -35,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
+import itertools
 import json
 import os
 import random
@@ -412,6 +415,36 @@ def decode_graph_ms(engine, linear) -> float:
     return statistics.median(times[3:]) * 1e3
 
 
+def down_sweep(engine) -> None:
+    """The down projection's GEMV launch configs (``gemv_launch(config=)``) and cuBLAS,
+    each timed as the whole batch-1 decode graph (``decode_graph_ms``, the other
+    linears on their defaults): in the engine's graph, with PDL and the neighbouring
+    kernels, rather than alone (``bench/gemv.py``)."""
+
+    def with_down(down):
+        def linear(x, w, b=None):
+            if gemv.covers(x, w) and w.shape[1] > 8192:  # only the 14336-wide product
+                return down(x, w, b)
+            return gemv.gemv_triton(x, w, b)
+
+        return linear
+
+    times = []
+    for conf in itertools.product((2, 4, 8), (256, 512), (4, 8), (1, 2, 3, 4)):
+        down = functools.partial(gemv.gemv_launch, config=conf)
+        times.append((decode_graph_ms(engine, with_down(down)), conf))
+    times.sort()
+    emit(
+        {
+            "part": "b_down_sweep",
+            "down_config": gemv._config(4096, 14336),
+            "default_ms": decode_graph_ms(engine, gemv.gemv_triton),
+            "cublas_down_ms": decode_graph_ms(engine, with_down(F.linear)),
+            "best": times[:8],
+        }
+    )
+
+
 def part_b(lm, args) -> None:
     bound = HBM / weight_bytes(lm)
     prior = os.environ.get("FSCALE_PDL")
@@ -450,6 +483,8 @@ def part_b(lm, args) -> None:
                     "gemv_ms": decode_graph_ms(engine, gemv.gemv_triton),
                 }
             )
+            if args.b_down_sweep and use_pdl:
+                down_sweep(engine)
         free(engine)
     os.environ.pop("FSCALE_PDL")
     if prior is not None:
@@ -790,6 +825,11 @@ def main() -> None:
         "--c-budgets", help="part c: SplitFuse token budgets, comma-separated (default 512)"
     )
     ap.add_argument("--c-workloads", help="part c: only these workloads (512/128, fastgen)")
+    ap.add_argument(
+        "--b-down-sweep",
+        action="store_true",
+        help="part b: also time the down projection's GEMV configs in the decode graph",
+    )
     ap.add_argument("--d-repeat", type=int, default=5, help="part d: saturation runs (median)")
     ap.add_argument(
         "--prefill-graphs",

@@ -7,8 +7,10 @@ there (the H200 streams ~4.3). This kernel gives each program ``BN`` whole rows 
 ``w`` and walks K in ``BK`` chunks: one kernel per product, no partial sums in memory.
 On an H200 (``bench/gemv.py``, in CUDA graphs) it is 1.04-1.29x cuBLAS on the 8B
 model's qkv, o, gate_up and head products; the engine's batch-1 decode graph took
-4.27 instead of 4.46 ms with it on qkv and o alone. With 2 or more rows cuBLAS's
-tensor-core kernels win, so the lowering takes one row only.
+4.27 instead of 4.46 ms with it on qkv and o alone, and 4.13-4.16 instead of
+4.21-4.23 ms with the down projection moved off cuBLAS too, once the decode kernels
+launched with PDL (the first weight chunk streams under the previous kernel's tail).
+With 2 or more rows cuBLAS's tensor-core kernels win, so the lowering takes one row.
 
 One op in the kernel table, ``gemv(x, w, b) -> y``: the reference is
 ``F.linear``; the Triton lowering (CUDA) takes one row, plain contiguous 2-D float
@@ -40,10 +42,9 @@ except ImportError:  # triton is a dependency on Linux x86_64 only
 
 OP = "gemv"
 MAX_ROWS = 1
-# K above this goes to cuBLAS: for the 14336-wide down projection the grid's best
-# launch differed between two H200 runs, and one run's best took 56 us in the next
-# (cuBLAS: 32 us), where the K <= 4096 shapes kept their configs' times.
-MAX_K = 8192
+# K above this goes to cuBLAS (an 8B Llama's widest K, the down projection's 14336,
+# is under it; wider ones are unmeasured).
+MAX_K = 16384
 
 
 def gemv_reference(x, w, b=None):
@@ -100,7 +101,10 @@ _kernel = LazyJit(_gemv_kernel)
 
 def _config(N: int, K: int) -> tuple[int, int, int, int]:
     """(BN, BK, num_warps, num_stages): among the best of bench/gemv.py's grid for the
-    8B Llama's shapes in two runs on two H200s (each within 1% of that run's best)."""
+    8B Llama's shapes in two runs on two H200s (each within 1% of that run's best);
+    the down projection's from a sweep inside the engine's decode graph (PDL on)."""
+    if K > 8192:
+        return (2, 512, 4, 2)  # down
     if N <= 4096:
         return (4, 512, 8, 1)  # o projection
     if N <= 8192:
