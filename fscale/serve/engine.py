@@ -58,13 +58,12 @@ from fscale.hw import comm
 from fscale.serve.errors import EngineFull
 from fscale.serve.kv_cache import BlockManager
 from fscale.serve.models.decoder import Decoder
-from fscale.serve.models.loader import load_model, place
+from fscale.serve.models.loader import load_model, model_config
 from fscale.serve.parallel import (
     TensorParallel,
     agree_min,
     broadcast_messages,
     check_divisible,
-    shard_model,
 )
 from fscale.serve.params import RequestOutput, SamplingParams
 from fscale.serve.runner import ModelRunner
@@ -154,14 +153,15 @@ class Engine:
             raise ValueError(
                 f"tensor_parallel must be an int >= 1 or 'world', got {tensor_parallel!r}."
             )
-        on_host = offload_weights or tp_size > 1  # shards move to the device after slicing
-        lm = load_model(model, dtype=self.dtype, device="cpu" if on_host else self.device)
-        check_divisible(lm.config, tp_size)  # before any collective: every rank raises alike
+        # Before any collective: every rank raises alike.
+        check_divisible(model_config(model), tp_size)
         self.tp = TensorParallel.create(tp_size)
-        if tp_size > 1:
-            lm = shard_model(lm, self.tp)
-            if not offload_weights:
-                lm.params = place(lm.params, self.dtype, self.device)
+        lm = load_model(
+            model,
+            dtype=self.dtype,
+            device="cpu" if offload_weights else self.device,
+            tp=self.tp,
+        )
         if quantize is not None:
             lm.params = _quantize(lm.params, quantize)
         self.quantize = quantize

@@ -4,7 +4,8 @@ rank 0 hands to the other ranks.
 Usage::
 
     tp = TensorParallel.create(2)                  # every rank of the launched world calls it
-    lm = shard_model(lm, tp)                       # this rank's heads / hidden units
+    lm = load_model(model_dir, tp=tp)              # this rank's heads / hidden units, or
+    lm = shard_model(lm, tp)                       # the same from a whole model
     Decoder(lm, device=dev, tp=tp)                 # o / down outputs all-reduced over tp.group
 
 [Note: Megatron-style serving]
@@ -106,42 +107,44 @@ def shard_model(lm: LoadedModel, tp: TensorParallel) -> LoadedModel:
     the whole model's. Plain tensors only: quantize after sharding."""
     if tp.size == 1:
         return lm
-    cfg = lm.config
-    check_divisible(cfg, tp.size)
+    check_divisible(lm.config, tp.size)
+    out = {k: shard_param(lm.config, tp, k, v) for k, v in lm.params.items()}
+    return LoadedModel(lm.config, out, lm.name, lm.tokenizer_path, dict(lm.extra))
+
+
+def shard_param(cfg: DecoderConfig, tp: TensorParallel, name: str, t: torch.Tensor):
+    """This rank's slice of the param ``name`` (the decoder's names) of a model of
+    ``cfg``, whose sizes ``check_divisible`` has accepted: q/k/v rows of its heads,
+    gate/up or fc rows and down columns of its units, o columns of its heads; the
+    rest (embeddings, norms, head, o / down biases) whole."""
+    if tp.size == 1 or not name.startswith("layers."):
+        return t
     n, r, D = tp.size, tp.rank, cfg.head_dim
     hq, hkv, inter = cfg.num_heads // n, cfg.num_kv_heads // n, cfg.intermediate // n
     q_size, kv_size = cfg.num_heads * D, cfg.num_kv_heads * D
 
-    def rows(t: torch.Tensor, spans) -> torch.Tensor:
+    def rows(spans) -> torch.Tensor:
         return torch.cat([t[a:b] for a, b in spans], dim=0).contiguous()
 
-    qkv = [
-        (r * hq * D, (r + 1) * hq * D),
-        (q_size + r * hkv * D, q_size + (r + 1) * hkv * D),
-        (q_size + kv_size + r * hkv * D, q_size + kv_size + (r + 1) * hkv * D),
-    ]
-    gate_up = [(r * inter, (r + 1) * inter)]
-    gate_up.append((cfg.intermediate + r * inter, cfg.intermediate + (r + 1) * inter))
-    fc = [(r * inter, (r + 1) * inter)]
-    out = {}
-    for k, v in lm.params.items():
-        if not k.startswith("layers."):
-            out[k] = v
-            continue
-        name = k.split(".", 2)[2]
-        if name in ("qkv.weight", "qkv.bias"):
-            out[k] = rows(v, qkv)
-        elif name in ("gate_up.weight", "gate_up.bias"):
-            out[k] = rows(v, gate_up)
-        elif name in ("fc.weight", "fc.bias"):
-            out[k] = rows(v, fc)
-        elif name == "o.weight":
-            out[k] = v[:, r * hq * D : (r + 1) * hq * D].contiguous()
-        elif name == "down.weight":
-            out[k] = v[:, r * inter : (r + 1) * inter].contiguous()
-        else:  # norms, o / down biases (added once after the all-reduce)
-            out[k] = v
-    return LoadedModel(cfg, out, lm.name, lm.tokenizer_path, dict(lm.extra))
+    kind = name.split(".", 2)[2]
+    if kind in ("qkv.weight", "qkv.bias"):
+        return rows(
+            [
+                (r * hq * D, (r + 1) * hq * D),
+                (q_size + r * hkv * D, q_size + (r + 1) * hkv * D),
+                (q_size + kv_size + r * hkv * D, q_size + kv_size + (r + 1) * hkv * D),
+            ]
+        )
+    if kind in ("gate_up.weight", "gate_up.bias"):
+        mine = (r * inter, (r + 1) * inter)
+        return rows([mine, (cfg.intermediate + mine[0], cfg.intermediate + mine[1])])
+    if kind in ("fc.weight", "fc.bias"):
+        return rows([(r * inter, (r + 1) * inter)])
+    if kind == "o.weight":
+        return t[:, r * hq * D : (r + 1) * hq * D].contiguous()
+    if kind == "down.weight":
+        return t[:, r * inter : (r + 1) * inter].contiguous()
+    return t  # norms, o / down biases (added once after the all-reduce)
 
 
 def broadcast_messages(tp: TensorParallel, outbox: list, device: torch.device) -> list:

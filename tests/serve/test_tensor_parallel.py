@@ -154,3 +154,74 @@ def test_shards_rebuild_the_full_layer(tiny_llama_dir):
         assert torch.equal(w, p[f"layers.0.{name}.weight"])
     assert a.params["embed.weight"] is p["embed.weight"]
     assert a.params["layers.0.down.weight"].shape[1] == inter // 2
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_streamed_shards_equal_the_sliced_whole_model(model, tiny_llama_dir, tiny_gpt2_dir):
+    """``load_model(dir, tp=...)`` slices tensor by tensor as it reads: each rank's params
+    equal ``shard_model`` of the whole model's, bit for bit, and a tied head stays the
+    embedding."""
+    from fscale.serve.models.loader import load_model
+    from fscale.serve.parallel import TensorParallel, shard_model
+
+    path = str(tiny_llama_dir if model == "llama" else tiny_gpt2_dir)
+    whole = load_model(path)
+    for rank in (0, 1):
+        tp = TensorParallel(2, rank)
+        want, got = shard_model(whole, tp).params, load_model(path, tp=tp).params
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        assert (got["head.weight"] is got["embed.weight"]) == (model == "gpt2")
+        assert got["layers.1.o.weight"].shape[1] == whole.params["layers.1.o.weight"].shape[1] // 2
+
+
+def test_a_directory_is_read_a_layer_at_a_time(tmp_path, monkeypatch):
+    """Under tensor parallelism a rank's host holds the checkpoint tensors of about one
+    layer at a time (plus the replicated embedding and head), never the whole model."""
+    import weakref
+
+    import safetensors
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fscale.serve.models.loader import load_model
+    from fscale.serve.parallel import TensorParallel
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    sd = LlamaForCausalLM(cfg).state_dict()
+    nbytes = {k: v.numel() * v.element_size() for k, v in sd.items()}
+    layer = sum(n for k, n in nbytes.items() if k.startswith("model.layers.0."))
+    rest = sum(n for k, n in nbytes.items() if not k.startswith("model.layers."))
+
+    real, live, peak = safetensors.safe_open, weakref.WeakValueDictionary(), [0]
+
+    class Counting:  # safe_open, counting the bytes of the tensors it handed out still alive
+        def __init__(self, *args, **kw):
+            self.inner = real(*args, **kw)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            t = self.inner.get_tensor(name)
+            live[id(t)] = t
+            peak[0] = max(peak[0], sum(v.numel() * v.element_size() for v in live.values()))
+            return t
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    lm = load_model(str(tmp_path), tp=TensorParallel(2, 0))
+    assert lm.params["layers.7.qkv.weight"].shape[0] == (4 + 2 + 2) * 16 // 2
+    assert 0 < peak[0] <= rest + layer, (peak[0], rest, layer)
+    assert peak[0] < 0.5 * sum(nbytes.values())

@@ -50,7 +50,10 @@ def gpt2_config(c: dict) -> DecoderConfig:
     )
 
 
-def gpt2_params(cfg: DecoderConfig, get) -> dict[str, torch.Tensor]:
+def gpt2_params(cfg: DecoderConfig, get, finish=None) -> dict[str, torch.Tensor]:
+    """``get(name)`` returns a checkpoint tensor (or None); ``finish(name, t)`` turns
+    each param into its final form as it is made (see ``llama_params``)."""
+
     def g(name):
         # Hub checkpoints name tensors with or without the "transformer." prefix.
         t = get("transformer." + name)
@@ -60,11 +63,14 @@ def gpt2_params(cfg: DecoderConfig, get) -> dict[str, torch.Tensor]:
         w = g(name)
         return None if w is None else w.t().contiguous()
 
+    def done(name, v):
+        return v if v is None or finish is None else finish(name, v)
+
     out = {
-        "embed.weight": g("wte.weight"),
-        "pos_embed.weight": g("wpe.weight"),
-        "norm.weight": g("ln_f.weight"),
-        "norm.bias": g("ln_f.bias"),
+        "embed.weight": done("embed.weight", g("wte.weight")),
+        "pos_embed.weight": done("pos_embed.weight", g("wpe.weight")),
+        "norm.weight": done("norm.weight", g("ln_f.weight")),
+        "norm.bias": done("norm.bias", g("ln_f.bias")),
     }
     out["head.weight"] = out["embed.weight"]
     for i in range(cfg.num_layers):
@@ -83,5 +89,6 @@ def gpt2_params(cfg: DecoderConfig, get) -> dict[str, torch.Tensor]:
             "down.weight": t(h + "mlp.c_proj.weight"),
             "down.bias": g(h + "mlp.c_proj.bias"),
         }
-        out.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+        out.update({f"layers.{i}.{k}": done(f"layers.{i}.{k}", v) for k, v in layer.items()})
+        del layer  # before the next layer's reads: a streamed load holds one layer
     return out

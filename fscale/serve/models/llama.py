@@ -6,7 +6,7 @@ matmuls); a missing ``lm_head.weight`` (tied embeddings) reuses the embedding.
 Usage::
 
     cfg = llama_config(json.load(open("config.json")))
-    params = llama_params(cfg, get)         # get(hf_name) -> tensor or None
+    params = llama_params(cfg, get, tie=False)   # get(hf_name) -> tensor or None
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ def llama_config(c: dict) -> DecoderConfig:
     )
 
 
-def llama_params(cfg: DecoderConfig, get, *, tie: bool) -> dict[str, torch.Tensor]:
-    """``get(name)`` returns a checkpoint tensor (or None when absent)."""
+def llama_params(cfg: DecoderConfig, get, *, tie: bool, finish=None) -> dict[str, torch.Tensor]:
+    """``get(name)`` returns a checkpoint tensor (or None when absent); ``finish(name, t)``
+    turns each param into its final form (a shard, on its device) as it is made, so a
+    streamed checkpoint holds one layer's tensors at a time."""
 
     def cat(*names):
         ts = [get(n) for n in names]
@@ -59,11 +61,14 @@ def llama_params(cfg: DecoderConfig, get, *, tie: bool) -> dict[str, torch.Tenso
             return None
         return torch.cat(ts, dim=0)
 
+    def done(name, t):
+        return t if t is None or finish is None else finish(name, t)
+
     out = {
-        "embed.weight": get("model.embed_tokens.weight"),
-        "norm.weight": get("model.norm.weight"),
+        "embed.weight": done("embed.weight", get("model.embed_tokens.weight")),
+        "norm.weight": done("norm.weight", get("model.norm.weight")),
     }
-    head = None if tie else get("lm_head.weight")
+    head = None if tie else done("head.weight", get("lm_head.weight"))
     out["head.weight"] = head if head is not None else out["embed.weight"]
     for i in range(cfg.num_layers):
         hf, me = f"model.layers.{i}.", f"layers.{i}."
@@ -80,5 +85,6 @@ def llama_params(cfg: DecoderConfig, get, *, tie: bool) -> dict[str, torch.Tenso
             "down.weight": get(hf + "mlp.down_proj.weight"),
             "down.bias": get(hf + "mlp.down_proj.bias"),
         }
-        out.update({me + k: v for k, v in layer.items() if v is not None})
+        out.update({me + k: done(me + k, v) for k, v in layer.items() if v is not None})
+        del layer  # before the next layer's reads: a streamed load holds one layer
     return out

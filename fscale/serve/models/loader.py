@@ -1,44 +1,63 @@
 """Load a model for the engine: an HF directory (config.json + *.safetensors, no network)
 or an ``nn.Module`` (fscale's GPT, or an HF Llama / GPT-2 module).
 
+A directory is read one tensor at a time: each param is converted, sliced to this
+rank's shard under tensor parallelism and moved to its device as soon as it is made,
+so the host holds about one layer's tensors, never the whole model per rank.
+
 Usage::
 
     lm = load_model("models/llama-3.1-8b", dtype=torch.bfloat16, device="cuda")
+    lm = load_model("models/llama-3.1-8b", dtype=torch.bfloat16, device="cuda", tp=tp)
     lm = load_model(GPT(GPTConfig.tiny()), dtype=torch.float32, device="cpu")
+    cfg = model_config("models/llama-3.1-8b")          # the config alone, nothing read
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fscale.serve.models.decoder import LoadedModel
+from fscale.serve.models.decoder import DecoderConfig, LoadedModel
 from fscale.serve.models.fscale_gpt import fscale_gpt
 from fscale.serve.models.gpt2 import ARCHITECTURES as GPT2_ARCHS
 from fscale.serve.models.gpt2 import gpt2_config, gpt2_params
 from fscale.serve.models.llama import ARCHITECTURES as LLAMA_ARCHS
 from fscale.serve.models.llama import llama_config, llama_params
+from fscale.serve.parallel import TensorParallel, check_divisible, shard_param
 
 SUPPORTED = (*LLAMA_ARCHS, *GPT2_ARCHS, "fscale.models.GPT")
 
 
-def _build(config: dict, get, name: str, tokenizer_path) -> LoadedModel:
+def _family(config: dict, name: str) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
     if arch in LLAMA_ARCHS or (arch is None and config.get("model_type") == "llama"):
-        cfg = llama_config(config)
-        params = llama_params(cfg, get, tie=bool(config.get("tie_word_embeddings", False)))
-    elif arch in GPT2_ARCHS or (arch is None and config.get("model_type") == "gpt2"):
-        cfg = gpt2_config(config)
-        params = gpt2_params(cfg, get)
+        return "llama"
+    if arch in GPT2_ARCHS or (arch is None and config.get("model_type") == "gpt2"):
+        return "gpt2"
+    raise ValueError(
+        f"model {name!r}: architecture {arch or config.get('model_type')!r} is not "
+        f"supported; supported: {list(SUPPORTED)}."
+    )
+
+
+def _config(config: dict, name: str) -> DecoderConfig:
+    family = _family(config, name)
+    return llama_config(config) if family == "llama" else gpt2_config(config)
+
+
+def _build(config: dict, get, name: str, tokenizer_path, finish) -> LoadedModel:
+    cfg = _config(config, name)
+    if _family(config, name) == "llama":
+        tie = bool(config.get("tie_word_embeddings", False))
+        params = llama_params(cfg, get, tie=tie, finish=finish(cfg))
     else:
-        raise ValueError(
-            f"model {name!r}: architecture {arch or config.get('model_type')!r} is not "
-            f"supported; supported: {list(SUPPORTED)}."
-        )
+        params = gpt2_params(cfg, get, finish=finish(cfg))
     missing = [k for k, v in params.items() if v is None]
     if missing:
         raise ValueError(f"model {name!r}: checkpoint lacks tensors for {missing[:5]} ...")
@@ -53,38 +72,19 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def place(params: dict, dtype: torch.dtype, device) -> dict:
-    """``params`` in ``dtype`` on ``device``."""
-    # Each distinct tensor is converted once, so tied weights stay one tensor.
-    done: dict[int, torch.Tensor] = {}
-    out = {}
-    for k, v in params.items():
-        if id(v) not in done:
-            done[id(v)] = v.detach().to(device=device, dtype=dtype).contiguous()
-        out[k] = done[id(v)]
-    return out
+def _is_fscale_gpt(model: nn.Module) -> bool:
+    return hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "tok_emb")
 
 
-def load_model(model, *, dtype: torch.dtype = torch.float32, device="cpu") -> LoadedModel:
-    """A :class:`LoadedModel` with params in ``dtype`` on ``device``."""
-    if isinstance(model, LoadedModel):
-        return LoadedModel(
-            model.config, place(model.params, dtype, device), model.name, model.tokenizer_path
-        )
-    if isinstance(model, nn.Module):
-        if hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "tok_emb"):
-            lm = fscale_gpt(model)
-        elif hasattr(model, "config") and hasattr(model.config, "to_dict"):
-            sd = dict(model.state_dict())
-            lm = _build(model.config.to_dict(), sd.get, type(model).__name__, None)
-        else:
-            raise ValueError(
-                f"Engine cannot serve a {type(model).__name__}; pass a model directory or one "
-                f"of {list(SUPPORTED)}."
-            )
-        lm.params = place(lm.params, dtype, device)
-        return lm
-    path = Path(model)
+def _not_servable(model) -> ValueError:
+    return ValueError(
+        f"Engine cannot serve a {type(model).__name__}; pass a model directory or one "
+        f"of {list(SUPPORTED)}."
+    )
+
+
+def _directory(path: Path) -> tuple[dict, list[Path]]:
+    """A model directory's config.json and safetensors files, or a ValueError."""
     if not (path / "config.json").exists():
         raise ValueError(
             f"model directory {str(path)!r} has no config.json; pass a Hugging Face model "
@@ -96,14 +96,91 @@ def load_model(model, *, dtype: torch.dtype = torch.float32, device="cpu") -> Lo
             f"model directory {str(path)!r} has no *.safetensors weights; save the model with "
             "save_pretrained(safe_serialization=True)."
         )
+    return json.loads((path / "config.json").read_text()), files
+
+
+def model_config(model) -> DecoderConfig:
+    """The :class:`DecoderConfig` of what ``load_model`` takes, without reading weights
+    (a directory's config.json; the errors are ``load_model``'s)."""
+    if isinstance(model, LoadedModel):
+        return model.config
+    if isinstance(model, nn.Module):
+        if _is_fscale_gpt(model):
+            return fscale_gpt(model).config
+        if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+            return _config(model.config.to_dict(), type(model).__name__)
+        raise _not_servable(model)
+    path = Path(model)
+    return _config(_directory(path)[0], path.name)
+
+
+def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None):
+    """cfg -> finish(name, t): ``t`` sliced to this rank's shard (under ``tp``), in
+    ``dtype``, contiguous on ``device``."""
+
+    def for_config(cfg: DecoderConfig):
+        def finish(name: str, t: torch.Tensor) -> torch.Tensor:
+            if tp is not None:
+                t = shard_param(cfg, tp, name, t.detach())
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        return finish
+
+    return for_config
+
+
+def place(params: dict, dtype: torch.dtype, device, finish=None) -> dict:
+    """``params`` in ``dtype`` on ``device`` (or each through ``finish(name, t)``)."""
+    finish = finish or _finisher(dtype, device, None)(None)
+    # Each distinct tensor is converted once, so tied weights stay one tensor.
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in params.items():
+        if id(v) not in done:
+            done[id(v)] = finish(k, v)
+        out[k] = done[id(v)]
+    return out
+
+
+def load_model(
+    model, *, dtype: torch.dtype = torch.float32, device="cpu", tp: TensorParallel | None = None
+) -> LoadedModel:
+    """A :class:`LoadedModel` with params in ``dtype`` on ``device``; with ``tp`` (a
+    :class:`TensorParallel` of more than one rank) this rank's shard of them
+    (``shard_param``; the config stays the whole model's)."""
+    if tp is not None and tp.size == 1:
+        tp = None
+    if tp is not None:
+        check_divisible(model_config(model), tp.size)
+    finish = _finisher(dtype, device, tp)
+    if isinstance(model, LoadedModel):
+        cfg = model.config
+        params = place(model.params, dtype, device, finish(cfg))
+        return LoadedModel(cfg, params, model.name, model.tokenizer_path, dict(model.extra))
+    if isinstance(model, nn.Module):
+        if _is_fscale_gpt(model):
+            lm = fscale_gpt(model)
+            lm.params = place(lm.params, dtype, device, finish(lm.config))
+            return lm
+        if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+            sd = dict(model.state_dict())
+            return _build(model.config.to_dict(), sd.get, type(model).__name__, None, finish)
+        raise _not_servable(model)
+    path = Path(model)
+    config, files = _directory(path)
     from safetensors import safe_open
 
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            for k in fh.keys():
-                tensors[k] = fh.get_tensor(k)
-    config = json.loads((path / "config.json").read_text())
-    lm = _build(config, tensors.get, path.name, path)
-    lm.params = place(lm.params, dtype, device)
-    return lm
+    # Under tensor parallelism a tensor is sliced on the host, then only the shard
+    # moves; otherwise it moves first and q/k/v (gate/up) are joined on the device.
+    build_on = "cpu" if tp is not None else device
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for f in files:
+            fh = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            where.update(dict.fromkeys(fh.keys(), fh))
+
+        def get(name: str) -> torch.Tensor | None:
+            fh = where.get(name)
+            return None if fh is None else fh.get_tensor(name).to(build_on, dtype)
+
+        return _build(config, get, path.name, path, finish)
