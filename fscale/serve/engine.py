@@ -159,8 +159,9 @@ class Engine:
         lm = load_model(
             model,
             dtype=self.dtype,
-            device="cpu" if offload_weights else self.device,
+            device=self.device,
             tp=self.tp,
+            layers_device="cpu" if offload_weights else None,  # streamed a layer ahead
         )
         if quantize is not None:
             lm.params = _quantize(lm.params, quantize)

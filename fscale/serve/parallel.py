@@ -14,9 +14,10 @@ and v rows of its heads; its KV cache stores only its KV heads) and 1/N of the M
 hidden units (gate/up or fc rows, down columns). A layer's attention output
 projection and MLP down projection each give a partial sum on every rank; one
 ``comm.all_reduce(op="sum")`` over the group completes it, and the biases of those two
-projections are added once, after the sum. Embeddings, norms and the LM head are
-replicated (vocab-parallel embedding / head are not built), so after each all-reduce
-every rank holds the same residual stream and computes the same logits.
+projections are added once, after the sum. Embeddings and norms are replicated, so
+after each all-reduce every rank holds the same residual stream. The LM head is split
+by vocabulary (``vocab_rows``): each rank multiplies by its ceil(V / N) rows and one
+all-gather assembles the logits, so every rank samples from the same full row.
 
 [Note: one engine loop on every rank]
 Every rank runs the same ``Engine.step()`` SPMD: the scheduler, the block manager and
@@ -108,16 +109,27 @@ def shard_model(lm: LoadedModel, tp: TensorParallel) -> LoadedModel:
     if tp.size == 1:
         return lm
     check_divisible(lm.config, tp.size)
-    out = {k: shard_param(lm.config, tp, k, v) for k, v in lm.params.items()}
+    tied = lm.params.get("head.weight") is lm.params.get("embed.weight")
+    out = {
+        k: v if tied and k == "head.weight" else shard_param(lm.config, tp, k, v)
+        for k, v in lm.params.items()
+    }
     return LoadedModel(lm.config, out, lm.name, lm.tokenizer_path, dict(lm.extra))
 
 
 def shard_param(cfg: DecoderConfig, tp: TensorParallel, name: str, t: torch.Tensor):
     """This rank's slice of the param ``name`` (the decoder's names) of a model of
     ``cfg``, whose sizes ``check_divisible`` has accepted: q/k/v rows of its heads,
-    gate/up or fc rows and down columns of its units, o columns of its heads; the
-    rest (embeddings, norms, head, o / down biases) whole."""
-    if tp.size == 1 or not name.startswith("layers."):
+    gate/up or fc rows and down columns of its units, o columns of its heads, the
+    head's rows of its vocabulary slice (``vocab_rows``); the rest (embeddings,
+    norms, o / down biases) whole. A head tied to the embedding is loaded whole
+    and the decoder computes its slice from a view."""
+    if tp.size == 1:
+        return t
+    if name == "head.weight" and t.shape[0] == cfg.vocab_size:
+        lo, hi, _ = vocab_rows(cfg.vocab_size, tp)
+        return t[lo:hi].contiguous()
+    if not name.startswith("layers."):
         return t
     n, r, D = tp.size, tp.rank, cfg.head_dim
     hq, hkv, inter = cfg.num_heads // n, cfg.num_kv_heads // n, cfg.intermediate // n
@@ -145,6 +157,15 @@ def shard_param(cfg: DecoderConfig, tp: TensorParallel, name: str, t: torch.Tens
     if kind == "down.weight":
         return t[:, r * inter : (r + 1) * inter].contiguous()
     return t  # norms, o / down biases (added once after the all-reduce)
+
+
+def vocab_rows(vocab: int, tp: TensorParallel) -> tuple[int, int, int]:
+    """(first, end, per): the head rows (vocabulary entries) this rank computes logits
+    for, ``per = ceil(vocab / size)`` per rank; the last rank's slice may be shorter
+    (the decoder pads it to ``per`` for the gather)."""
+    per = -(-vocab // tp.size)
+    lo = min(vocab, tp.rank * per)
+    return lo, min(vocab, lo + per), per
 
 
 def broadcast_messages(tp: TensorParallel, outbox: list, device: torch.device) -> list:

@@ -256,6 +256,29 @@ def test_offload_weights_equal(tiny_llama_dir, llama_ref):
     assert [o.token_ids for o in outs] == [llama_ref[i] for i in range(len(PROMPTS))]
 
 
+def test_offloaded_layers_load_to_the_host_and_the_rest_to_the_device(tiny_llama_dir):
+    """``layers_device``: layer params where they are streamed from, embedding, norm and
+    head on the engine's device ("meta" stands in for a GPU here)."""
+    from fscale.serve.models.loader import load_model
+
+    lm = load_model(str(tiny_llama_dir), device="meta", layers_device="cpu")
+    for k, v in lm.params.items():
+        assert v.device.type == ("cpu" if k.startswith("layers.") else "meta"), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_weights_on_cuda_equal_resident_weights(tiny_llama_dir):
+    kw = dict(device="cuda", max_tokens_per_step=16, num_blocks=64)
+    outs = [
+        Engine(tiny_llama_dir, offload_weights=off, **kw).generate(
+            PROMPTS, SamplingParams(max_tokens=12, **GREEDY)
+        )
+        for off in (False, True)
+    ]
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
+
+
 def _dequantized_hf(path, engine):
     """HF Llama whose layer linears are the engine's dequantized weights."""
     from fscale.transforms.quantize import QuantizedWeight

@@ -173,6 +173,8 @@ def test_streamed_shards_equal_the_sliced_whole_model(model, tiny_llama_dir, tin
         for k, v in want.items():
             assert torch.equal(got[k], v), k
         assert (got["head.weight"] is got["embed.weight"]) == (model == "gpt2")
+        if model == "llama":  # its own head: this rank's half of the vocabulary rows
+            assert got["head.weight"].shape[0] == whole.config.vocab_size // 2
         assert got["layers.1.o.weight"].shape[1] == whole.params["layers.1.o.weight"].shape[1] // 2
 
 
@@ -225,3 +227,41 @@ def test_a_directory_is_read_a_layer_at_a_time(tmp_path, monkeypatch):
     assert lm.params["layers.7.qkv.weight"].shape[0] == (4 + 2 + 2) * 16 // 2
     assert 0 < peak[0] <= rest + layer, (peak[0], rest, layer)
     assert peak[0] < 0.5 * sum(nbytes.values())
+
+
+def test_vocab_parallel_head_gathers_the_full_logits(tiny_llama_dir, monkeypatch):
+    """Each rank multiplies by its ceil(V / 2) head rows (the last rank's padded for the
+    gather); the gathered logits equal the whole head's, with an odd vocabulary."""
+    import dataclasses
+
+    from fscale.hw import comm
+    from fscale.serve.models.decoder import Decoder, LoadedModel
+    from fscale.serve.models.loader import load_model
+    from fscale.serve.parallel import TensorParallel, shard_model, vocab_rows
+
+    lm = load_model(str(tiny_llama_dir))
+    V = 319
+    params = dict(lm.params)
+    for k in ("embed.weight", "head.weight"):
+        params[k] = params[k][:V].contiguous()
+    lm = LoadedModel(dataclasses.replace(lm.config, vocab_size=V), params, "odd-vocab")
+    assert vocab_rows(V, TensorParallel(2, 0)) == (0, 160, 160)
+    assert vocab_rows(V, TensorParallel(2, 1)) == (160, 319, 160)
+    hidden = torch.randn(3, lm.config.hidden, generator=torch.Generator().manual_seed(0))
+    want = Decoder(lm, device="cpu").logits(hidden)
+
+    decoders = [
+        Decoder(shard_model(lm, TensorParallel(2, r)), tp=TensorParallel(2, r)) for r in (0, 1)
+    ]
+    assert [d.head.shape[0] for d in decoders] == [160, 159]
+    seen = []
+
+    def gather(t, group=None, **kw):  # rank 1 calls first (its result unused), then rank 0
+        seen.append(t)
+        return torch.cat([seen[-1], seen[0]])
+
+    monkeypatch.setattr(comm, "all_gather", gather)
+    decoders[1].logits(hidden)
+    got = decoders[0].logits(hidden)
+    assert got.shape == want.shape == (3, V)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -20,7 +20,8 @@ Usage::
 Under tensor parallelism (``fscale/serve/parallel.py``) the params are this rank's
 shard, ``cfg`` stays the whole model's, and ``self.num_heads`` / ``num_kv_heads`` /
 ``intermediate`` are this rank's; the o and down projections are all-reduced over the
-group (their biases added after the sum).
+group (their biases added after the sum), and the head's logits are all-gathered over
+the vocabulary (``self.head``: this rank's rows).
 """
 
 from __future__ import annotations
@@ -142,6 +143,18 @@ class Decoder:
             freqs = torch.outer(pos, rope_inv_freq(cfg))
             self.cos = freqs.cos().to(self.device)
             self.sin = freqs.sin().to(self.device)
+        # The LM head: under tensor parallelism this rank's vocabulary rows (a view when
+        # the loaded head is whole, e.g. tied to the embedding), padded to ``per`` rows'
+        # logits for the gather (fscale/serve/parallel.py, vocab_rows).
+        self.head = lm.params["head.weight"]
+        self.head_pad = 0
+        if self.tp is not None:
+            from fscale.serve.parallel import vocab_rows
+
+            lo, hi, per = vocab_rows(cfg.vocab_size, self.tp)
+            if self.head.shape[0] == cfg.vocab_size:
+                self.head = self.head[lo:hi]
+            self.head_pad = per - (hi - lo)
         self.scale = cfg.head_dim**-0.5
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
@@ -343,7 +356,14 @@ class Decoder:
         return norm(res, delta, self.params["norm.weight"], self.cfg.norm_eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden, self.params["head.weight"]).float()
+        """float32 ``[B, vocab]`` logits of ``hidden`` ``[B, hidden]`` (every rank's)."""
+        part = self.linear(hidden, self.head)
+        if self.tp is None:
+            return part.float()
+        # Gathered along dim 0 in rank order: each rank's [per, B] slice of the vocabulary.
+        part = F.pad(part, (0, self.head_pad)).t().contiguous()
+        full = comm.all_gather(part, group=self.tp.group)[: self.cfg.vocab_size]
+        return full.t().float().contiguous()
 
     @torch.no_grad()
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -114,15 +114,16 @@ def model_config(model) -> DecoderConfig:
     return _config(_directory(path)[0], path.name)
 
 
-def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None):
+def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None, layers_device=None):
     """cfg -> finish(name, t): ``t`` sliced to this rank's shard (under ``tp``), in
-    ``dtype``, contiguous on ``device``."""
+    ``dtype``, contiguous on ``device`` (layer params on ``layers_device`` if given)."""
 
     def for_config(cfg: DecoderConfig):
         def finish(name: str, t: torch.Tensor) -> torch.Tensor:
             if tp is not None:
                 t = shard_param(cfg, tp, name, t.detach())
-            return t.detach().to(device=device, dtype=dtype).contiguous()
+            to = layers_device if layers_device and name.startswith("layers.") else device
+            return t.detach().to(device=to, dtype=dtype).contiguous()
 
         return finish
 
@@ -132,27 +133,36 @@ def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None):
 def place(params: dict, dtype: torch.dtype, device, finish=None) -> dict:
     """``params`` in ``dtype`` on ``device`` (or each through ``finish(name, t)``)."""
     finish = finish or _finisher(dtype, device, None)(None)
-    # Each distinct tensor is converted once, so tied weights stay one tensor.
+    # Each distinct tensor is converted once, so tied weights stay one tensor (a head
+    # tied to the embedding stays whole under tensor parallelism: the decoder takes a
+    # view of its rows).
+    embed = params.get("embed.weight")
     done: dict[int, torch.Tensor] = {}
     out = {}
     for k, v in params.items():
         if id(v) not in done:
-            done[id(v)] = finish(k, v)
+            done[id(v)] = finish("embed.weight" if v is embed else k, v)
         out[k] = done[id(v)]
     return out
 
 
 def load_model(
-    model, *, dtype: torch.dtype = torch.float32, device="cpu", tp: TensorParallel | None = None
+    model,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    tp: TensorParallel | None = None,
+    layers_device=None,
 ) -> LoadedModel:
     """A :class:`LoadedModel` with params in ``dtype`` on ``device``; with ``tp`` (a
     :class:`TensorParallel` of more than one rank) this rank's shard of them
-    (``shard_param``; the config stays the whole model's)."""
+    (``shard_param``; the config stays the whole model's); ``layers_device``: where the
+    ``layers.*`` params go instead (``"cpu"`` for weights streamed from the host)."""
     if tp is not None and tp.size == 1:
         tp = None
     if tp is not None:
         check_divisible(model_config(model), tp.size)
-    finish = _finisher(dtype, device, tp)
+    finish = _finisher(dtype, device, tp, layers_device)
     if isinstance(model, LoadedModel):
         cfg = model.config
         params = place(model.params, dtype, device, finish(cfg))
@@ -172,7 +182,7 @@ def load_model(
 
     # Under tensor parallelism a tensor is sliced on the host, then only the shard
     # moves; otherwise it moves first and q/k/v (gate/up) are joined on the device.
-    build_on = "cpu" if tp is not None else device
+    build_on = "cpu" if tp is not None or layers_device is not None else device
     with contextlib.ExitStack() as stack:
         where = {}
         for f in files:
