@@ -96,7 +96,7 @@ class Engine:
         runner.py; fused kernels, CUDA, one rank). None (default): where the host's
         launch time would show, that is with quantized weights (their eager launches
         take longer than the GPU's work) or without overlapped steps; plain weights with
-        overlap run prefill eagerly, where padding to a bucket only costs (1.5-3.5% of
+        overlap run prefill eagerly, where padding to a bucket only costs (2-4% of
         throughput at 64-256 concurrent requests, ``bench/serve.py`` part a). True:
         wherever possible, with a warning where not; False: prefill steps run eagerly.
       offload_weights: keep layer weights in host memory, streamed a layer ahead.
