@@ -14,10 +14,13 @@ and v rows of its heads; its KV cache stores only its KV heads) and 1/N of the M
 hidden units (gate/up or fc rows, down columns). A layer's attention output
 projection and MLP down projection each give a partial sum on every rank; one
 ``comm.all_reduce(op="sum")`` over the group completes it, and the biases of those two
-projections are added once, after the sum. Embeddings and norms are replicated, so
-after each all-reduce every rank holds the same residual stream. The LM head is split
-by vocabulary (``vocab_rows``): each rank multiplies by its ceil(V / N) rows and one
-all-gather assembles the logits, so every rank samples from the same full row.
+projections are added once, after the sum. The token embedding and the LM head are
+split by vocabulary (``vocab_rows``, ceil(V / N) rows per rank): a rank looks up the
+tokens in its rows (zeros for the others) and one all-reduce completes the
+embeddings, exactly, since every sum has one nonzero term; it multiplies by its head
+rows and one all-gather assembles the logits, so every rank samples from the same
+full row. Norms and position embeddings are replicated, so after each all-reduce
+every rank holds the same residual stream.
 
 [Note: one engine loop on every rank]
 Every rank runs the same ``Engine.step()`` SPMD: the scheduler, the block manager and
@@ -111,9 +114,12 @@ def shard_model(lm: LoadedModel, tp: TensorParallel) -> LoadedModel:
     check_divisible(lm.config, tp.size)
     tied = lm.params.get("head.weight") is lm.params.get("embed.weight")
     out = {
-        k: v if tied and k == "head.weight" else shard_param(lm.config, tp, k, v)
+        k: shard_param(lm.config, tp, k, v)
         for k, v in lm.params.items()
+        if not (tied and k == "head.weight")
     }
+    if tied:
+        out["head.weight"] = out["embed.weight"]
     return LoadedModel(lm.config, out, lm.name, lm.tokenizer_path, dict(lm.extra))
 
 
@@ -121,12 +127,12 @@ def shard_param(cfg: DecoderConfig, tp: TensorParallel, name: str, t: torch.Tens
     """This rank's slice of the param ``name`` (the decoder's names) of a model of
     ``cfg``, whose sizes ``check_divisible`` has accepted: q/k/v rows of its heads,
     gate/up or fc rows and down columns of its units, o columns of its heads, the
-    head's rows of its vocabulary slice (``vocab_rows``); the rest (embeddings,
-    norms, o / down biases) whole. A head tied to the embedding is loaded whole
-    and the decoder computes its slice from a view."""
+    head's and the token embedding's rows of its vocabulary slice (``vocab_rows``);
+    the rest (position embeddings, norms, o / down biases) whole. A head tied to the
+    embedding is the embedding's slice."""
     if tp.size == 1:
         return t
-    if name == "head.weight" and t.shape[0] == cfg.vocab_size:
+    if name in ("head.weight", "embed.weight") and t.shape[0] == cfg.vocab_size:
         lo, hi, _ = vocab_rows(cfg.vocab_size, tp)
         return t[lo:hi].contiguous()
     if not name.startswith("layers."):

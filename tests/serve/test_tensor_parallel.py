@@ -152,7 +152,10 @@ def test_shards_rebuild_the_full_layer(tiny_llama_dir):
     for name in ("o", "down"):
         w = torch.cat([a.params[f"layers.0.{name}.weight"], b.params[f"layers.0.{name}.weight"]], 1)
         assert torch.equal(w, p[f"layers.0.{name}.weight"])
-    assert a.params["embed.weight"] is p["embed.weight"]
+    embeds = [a.params["embed.weight"], b.params["embed.weight"]]
+    assert torch.equal(torch.cat(embeds), p["embed.weight"])
+    assert embeds[0].shape[0] == lm.config.vocab_size // 2
+    assert a.params["norm.weight"] is p["norm.weight"]
     assert a.params["layers.0.down.weight"].shape[1] == inter // 2
 
 
@@ -229,9 +232,10 @@ def test_a_directory_is_read_a_layer_at_a_time(tmp_path, monkeypatch):
     assert peak[0] < 0.5 * sum(nbytes.values())
 
 
-def test_vocab_parallel_head_gathers_the_full_logits(tiny_llama_dir, monkeypatch):
-    """Each rank multiplies by its ceil(V / 2) head rows (the last rank's padded for the
-    gather); the gathered logits equal the whole head's, with an odd vocabulary."""
+def test_vocab_parallel_embedding_and_head_equal_the_whole(tiny_llama_dir, monkeypatch):
+    """Each rank holds ceil(V / 2) rows of the token embedding and the head (the last
+    rank fewer, its logits padded for the gather), with an odd vocabulary: the summed
+    lookups equal the whole table's bit for bit, the gathered logits the whole head's."""
     import dataclasses
 
     from fscale.hw import comm
@@ -265,3 +269,15 @@ def test_vocab_parallel_head_gathers_the_full_logits(tiny_llama_dir, monkeypatch
     got = decoders[0].logits(hidden)
     assert got.shape == want.shape == (3, V)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    ids = torch.tensor([0, 159, 160, 318, 7, 200])  # both sides of the split, both ends
+    parts = []
+
+    def reduce(t, op=None, group=None, **kw):  # rank 1 first (result unused), then rank 0
+        assert op == "sum"
+        parts.append(t)
+        return parts[0] + parts[-1]
+
+    monkeypatch.setattr(comm, "all_reduce", reduce)
+    decoders[1].embed_tokens(ids)
+    assert torch.equal(decoders[0].embed_tokens(ids), lm.params["embed.weight"][ids])

@@ -20,8 +20,9 @@ Usage::
 Under tensor parallelism (``fscale/serve/parallel.py``) the params are this rank's
 shard, ``cfg`` stays the whole model's, and ``self.num_heads`` / ``num_kv_heads`` /
 ``intermediate`` are this rank's; the o and down projections are all-reduced over the
-group (their biases added after the sum), and the head's logits are all-gathered over
-the vocabulary (``self.head``: this rank's rows).
+group (their biases added after the sum); the token embedding and the head hold this
+rank's vocabulary rows (``self.embed`` / ``self.head``): embeddings are all-reduced,
+logits all-gathered.
 """
 
 from __future__ import annotations
@@ -143,18 +144,21 @@ class Decoder:
             freqs = torch.outer(pos, rope_inv_freq(cfg))
             self.cos = freqs.cos().to(self.device)
             self.sin = freqs.sin().to(self.device)
-        # The LM head: under tensor parallelism this rank's vocabulary rows (a view when
-        # the loaded head is whole, e.g. tied to the embedding), padded to ``per`` rows'
-        # logits for the gather (fscale/serve/parallel.py, vocab_rows).
+        # Under tensor parallelism the token embedding and the head hold this rank's
+        # vocabulary rows [lo, hi) (a view where a whole one was loaded); its logits are
+        # padded to ``per`` rows for the gather (fscale/serve/parallel.py, vocab_rows).
+        self.embed = lm.params["embed.weight"]
         self.head = lm.params["head.weight"]
-        self.head_pad = 0
+        self.vocab_lo, self.head_pad = 0, 0
         if self.tp is not None:
             from fscale.serve.parallel import vocab_rows
 
             lo, hi, per = vocab_rows(cfg.vocab_size, self.tp)
+            if self.embed.shape[0] == cfg.vocab_size:
+                self.embed = self.embed[lo:hi]
             if self.head.shape[0] == cfg.vocab_size:
                 self.head = self.head[lo:hi]
-            self.head_pad = per - (hi - lo)
+            self.vocab_lo, self.head_pad = lo, per - (hi - lo)
         self.scale = cfg.head_dim**-0.5
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
@@ -266,7 +270,7 @@ class Decoder:
             return self._forward_fused(input_ids, positions, meta, kv_caches)
         cfg, T = self.cfg, input_ids.shape[0]
         H, KVH, D = self.num_heads, self.num_kv_heads, cfg.head_dim
-        x = F.embedding(input_ids, self.params["embed.weight"])
+        x = self.embed_tokens(input_ids)
         if cfg.positions == "learned":
             x = x + F.embedding(positions, self.params["pos_embed.weight"])
         else:
@@ -307,7 +311,18 @@ class Decoder:
 
     def fused_embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The residual stream's start ``[T, hidden]``."""
-        return F.embedding(input_ids, self.params["embed.weight"])
+        return self.embed_tokens(input_ids)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[T, hidden]``; under tensor parallelism each rank looks up
+        the ids in its vocabulary rows, zeros elsewhere, summed over the group."""
+        if self.tp is None:
+            return F.embedding(input_ids, self.embed)
+        local = input_ids - self.vocab_lo
+        mine = (local >= 0) & (local < self.embed.shape[0])
+        x = F.embedding(torch.where(mine, local, 0), self.embed)
+        x = torch.where(mine[:, None], x, 0)
+        return comm.all_reduce(x, op="sum", group=self.tp.group)
 
     def fused_pre(self, p: dict, res, delta, positions, slot_mapping, kv) -> tuple:
         """Layer ``p`` up to attention: the pending ``delta`` added into ``res``, norm1,
@@ -391,4 +406,4 @@ class Decoder:
 
     @property
     def _dtype(self) -> torch.dtype:
-        return self.params["embed.weight"].dtype
+        return self.embed.dtype

@@ -133,9 +133,8 @@ def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None, layers_devi
 def place(params: dict, dtype: torch.dtype, device, finish=None) -> dict:
     """``params`` in ``dtype`` on ``device`` (or each through ``finish(name, t)``)."""
     finish = finish or _finisher(dtype, device, None)(None)
-    # Each distinct tensor is converted once, so tied weights stay one tensor (a head
-    # tied to the embedding stays whole under tensor parallelism: the decoder takes a
-    # view of its rows).
+    # Each distinct tensor is converted once, so tied weights stay one tensor (under
+    # tensor parallelism a head tied to the embedding is the embedding's slice).
     embed = params.get("embed.weight")
     done: dict[int, torch.Tensor] = {}
     out = {}
