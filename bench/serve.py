@@ -591,7 +591,17 @@ def part_e(lm, args) -> None:
         return
     V, tp = lm.config.vocab_size, engine.tp.size
     rate = decode_rate(engine, args, V)
-    emit({"part": "e", "tensor_parallel": tp, "concurrency": 1, "decode_tok_s": rate})
+    mine = weight_bytes(LoadedModel(lm.config, engine.decoder.params, ""))
+    emit(
+        {
+            "part": "e",
+            "tensor_parallel": tp,
+            "concurrency": 1,
+            "decode_tok_s": rate,
+            "weight_bytes_per_rank": mine,  # vocab-parallel embedding and head included
+            "weight_bytes_whole": weight_bytes(lm),
+        }
+    )
     run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up
     for c in args.concurrency:
         emit({"part": "e", "tensor_parallel": tp, **throughput(engine, c, args)})
