@@ -266,6 +266,22 @@ def test_offloaded_layers_load_to_the_host_and_the_rest_to_the_device(tiny_llama
         assert v.device.type == ("cpu" if k.startswith("layers.") else "meta"), k
 
 
+def test_offloaded_layers_are_held_once(tiny_llama_dir, llama_ref, monkeypatch):
+    """The layer stream's host copies (pinned on CUDA: a copy, as the clone here) are the
+    only host copies the decoder keeps: its params and layers refer to them."""
+    from fscale.serve.models.offload import LayerStream
+
+    monkeypatch.setattr(LayerStream, "_to_host", lambda self, t: t.clone())
+    engine = Engine(tiny_llama_dir, offload_weights=True, max_tokens_per_step=16, num_blocks=64)
+    dec = engine.decoder
+    assert dec.layers is dec.stream.host
+    for i, layer in enumerate(dec.stream.host):
+        for k, v in layer.items():
+            assert dec.params[f"layers.{i}.{k}"] is v, (i, k)
+    outs = engine.generate(PROMPTS[:2], SamplingParams(max_tokens=6, **GREEDY))
+    assert [o.token_ids for o in outs] == [llama_ref[i][:6] for i in range(2)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offload_weights_on_cuda_equal_resident_weights(tiny_llama_dir):

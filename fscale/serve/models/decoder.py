@@ -126,7 +126,7 @@ class Decoder:
         n = self.tp.size if self.tp is not None else 1
         self.num_heads, self.num_kv_heads = cfg.num_heads // n, cfg.num_kv_heads // n
         self.intermediate = cfg.intermediate // n
-        self.params = lm.params
+        self.params = dict(lm.params)
         self.device = (
             torch.device(device) if device is not None else lm.params["embed.weight"].device
         )
@@ -139,6 +139,11 @@ class Decoder:
             from fscale.serve.models.offload import LayerStream
 
             self.stream = LayerStream(self.layers, self.device)
+            # The stream's host copies (pinned on CUDA) replace the loaded layers: one
+            # host copy of weights that do not fit the device, not two.
+            self.layers = self.stream.host
+            for i, layer in enumerate(self.layers):
+                self.params.update({f"layers.{i}.{k}": v for k, v in layer.items()})
         if cfg.positions == "rope":
             pos = torch.arange(cfg.max_positions, dtype=torch.float32)
             freqs = torch.outer(pos, rope_inv_freq(cfg))
