@@ -11,7 +11,7 @@ Every non-greedy row draws its token by the exponential race (argmax of p / E wi
 E ~ Exp(1) i.i.d., which picks token i with probability p_i): a request with a seed
 draws its E from its own generator, one row of V numbers per token, so its choices
 depend only on its logits and its seed, never on who else is in the batch. Rows
-without a seed share the engine's generator.
+without a seed share the engine's generator, drawn in one call for all of them.
 """
 
 from __future__ import annotations
@@ -68,8 +68,17 @@ def sample_tokens(
         x = _filter(x, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
     probs = x.softmax(dim=-1)
     race = torch.empty_like(probs)
+    # Rows without a seed share the engine's generator: one draw for all of them (a
+    # launch per row cost ~2 us of GPU and ~4 us of host each, for hundreds of rows).
+    shared = [j for j, i in enumerate(rows) if generators[i] is None]
+    if len(shared) == len(rows):
+        race.exponential_(generator=default)
+    elif shared:
+        idx = torch.tensor(shared, device=race.device)
+        race[idx] = torch.empty_like(race[idx]).exponential_(generator=default)
     for j, i in enumerate(rows):
-        race[j].exponential_(generator=generators[i] if generators[i] is not None else default)
+        if generators[i] is not None:
+            race[j].exponential_(generator=generators[i])
     picked = (probs / race).argmax(dim=-1)
     out = greedy.clone()
     out[rows] = picked

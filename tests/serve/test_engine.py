@@ -410,6 +410,33 @@ def test_sampling_follows_the_distribution():
     assert set(top_k) == {0, 1}
 
 
+def test_unseeded_rows_draw_together_and_follow_the_distribution(monkeypatch):
+    """Rows without a seed take their exponentials from the shared generator in one
+    call; each row still follows its distribution, and a seeded row among them draws
+    what it draws alone."""
+    from fscale.serve.sampling import sample
+
+    calls = []
+    real = torch.Tensor.exponential_
+    monkeypatch.setattr(
+        torch.Tensor, "exponential_", lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k)
+    )
+    p = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.1, 0.1, 0.1, 0.7]])
+    logits = torch.log(p).repeat(4, 1)  # 8 rows, two distributions alternating
+    g = torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=1.0)] * 8
+    draws = torch.tensor([sample(logits, params, [None] * 8, g) for _ in range(1000)])
+    assert calls == [(8, 4)] * 1000
+    for row in range(8):
+        freq = torch.bincount(draws[:, row], minlength=4).float() / 1000
+        torch.testing.assert_close(freq, p[row % 2], atol=0.05, rtol=0)
+    seeded = SamplingParams(temperature=1.0, seed=5)
+    alone = sample(logits[3:4], [seeded], [torch.Generator().manual_seed(5)], g)
+    mixed = sample(logits, params[:3] + [seeded] + params[4:],
+                   [None] * 3 + [torch.Generator().manual_seed(5)] + [None] * 4, g)  # fmt: skip
+    assert mixed[3] == alone[0]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_stop_token_ids_and_strings(tiny_llama_dir, overlap):
     engine = Engine(tiny_llama_dir, num_blocks=64, overlap=overlap)
