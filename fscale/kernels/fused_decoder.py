@@ -215,6 +215,7 @@ def add_rms_norm_triton(x, delta, weight, eps):
     if T:
         BLOCK = max(16, _pow2(N))
         kernel, _ = _norm_kernel()
+        on = pdl(x.device)
         kernel[(T,)](
             x2,
             d2,
@@ -229,9 +230,9 @@ def add_rms_norm_triton(x, delta, weight, eps):
             h.stride(0),
             HAS_DELTA=delta is not None,
             BLOCK=BLOCK,
-            PDL=pdl(x.device),
+            PDL=on,
             num_warps=8 if BLOCK >= 4096 else 4,
-            launch_pdl=pdl(x.device),
+            launch_pdl=on,
         )
     if delta is not None:
         res = res.view(shape)
@@ -247,6 +248,7 @@ def rope_kv_write_triton(qkv, positions, cos, sin, k_cache, v_cache, slot_mappin
     q = torch.empty(T, H, D, dtype=qkv.dtype, device=qkv.device)
     if T:
         kernel, _ = _rope_kernel()
+        on = pdl(qkv.device)
         kernel[(T, H + KVH)](
             qkv,
             positions,
@@ -266,9 +268,9 @@ def rope_kv_write_triton(qkv, positions, cos, sin, k_cache, v_cache, slot_mappin
             KVH=KVH,
             HALF=D // 2,
             HALFP=max(16, _pow2(D // 2)),
-            PDL=pdl(qkv.device),
+            PDL=on,
             num_warps=1 if D <= 128 else 2,
-            launch_pdl=pdl(qkv.device),
+            launch_pdl=on,
         )
     return q
 

@@ -339,6 +339,7 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale
         ws_acc = ws_ml = counters = out
     KB = max(block_size, 64 if D <= 128 else 32)
     kernel, _ = _decode_kernel()
+    on = pdl(q.device)
     kernel[(B, kvh, splits)](
         q,
         k_cache,
@@ -368,9 +369,9 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale
         D=D,
         DP=DP,
         IEEE=q.dtype == torch.float32,
-        PDL=pdl(q.device),
+        PDL=on,
         num_warps=4,
-        launch_pdl=pdl(q.device),
+        launch_pdl=on,
     )
     return out
 

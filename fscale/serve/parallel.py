@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from fscale.hw import comm
-from fscale.serve.models.decoder import DecoderConfig, LoadedModel
+from fscale.serve.models.decoder import DecoderConfig, LoadedModel, map_params
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,7 @@ def shard_model(lm: LoadedModel, tp: TensorParallel) -> LoadedModel:
     if tp.size == 1:
         return lm
     check_divisible(lm.config, tp.size)
-    tied = lm.params.get("head.weight") is lm.params.get("embed.weight")
-    out = {
-        k: shard_param(lm.config, tp, k, v)
-        for k, v in lm.params.items()
-        if not (tied and k == "head.weight")
-    }
-    if tied:
-        out["head.weight"] = out["embed.weight"]
+    out = map_params(lm.params, lambda k, v: shard_param(lm.config, tp, k, v))
     return LoadedModel(lm.config, out, lm.name, lm.tokenizer_path, dict(lm.extra))
 
 

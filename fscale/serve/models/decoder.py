@@ -71,6 +71,20 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
 
 
+def map_params(params: dict, fn) -> dict:
+    """``{name: fn(name, t)}``, ``fn`` called once per distinct tensor so that tied
+    weights stay one tensor; a head tied to the embedding goes through ``fn`` as
+    ``embed.weight`` (under tensor parallelism: the embedding's slice)."""
+    embed = params.get("embed.weight")
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in params.items():
+        if id(v) not in done:
+            done[id(v)] = fn("embed.weight" if v is embed else k, v)
+        out[k] = done[id(v)]
+    return out
+
+
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     """RoPE inverse frequencies, with Llama-3 / linear ``rope_scaling`` applied."""
     d = cfg.head_dim
@@ -149,9 +163,9 @@ class Decoder:
             freqs = torch.outer(pos, rope_inv_freq(cfg))
             self.cos = freqs.cos().to(self.device)
             self.sin = freqs.sin().to(self.device)
-        # Under tensor parallelism the token embedding and the head hold this rank's
-        # vocabulary rows [lo, hi) (a view where a whole one was loaded); its logits are
-        # padded to ``per`` rows for the gather (fscale/serve/parallel.py, vocab_rows).
+        # Under tensor parallelism the token embedding and the head are this rank's
+        # vocabulary rows [lo, hi) (``shard_param``); its logits are padded to ``per``
+        # rows for the gather (fscale/serve/parallel.py, vocab_rows).
         self.embed = lm.params["embed.weight"]
         self.head = lm.params["head.weight"]
         self.vocab_lo, self.head_pad = 0, 0
@@ -159,10 +173,13 @@ class Decoder:
             from fscale.serve.parallel import vocab_rows
 
             lo, hi, per = vocab_rows(cfg.vocab_size, self.tp)
-            if self.embed.shape[0] == cfg.vocab_size:
-                self.embed = self.embed[lo:hi]
-            if self.head.shape[0] == cfg.vocab_size:
-                self.head = self.head[lo:hi]
+            if self.embed.shape[0] != hi - lo or self.head.shape[0] != hi - lo:
+                raise ValueError(
+                    f"tensor parallel rank {self.tp.rank}: embedding / head have "
+                    f"{self.embed.shape[0]} / {self.head.shape[0]} rows, not the {hi - lo} "
+                    "of its vocabulary slice; shard the model with load_model(..., tp=) or "
+                    "shard_model first."
+                )
             self.vocab_lo, self.head_pad = lo, per - (hi - lo)
         self.scale = cfg.head_dim**-0.5
         self.q_size = self.num_heads * cfg.head_dim

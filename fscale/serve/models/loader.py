@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fscale.serve.models.decoder import DecoderConfig, LoadedModel
+from fscale.serve.models.decoder import DecoderConfig, LoadedModel, map_params
 from fscale.serve.models.fscale_gpt import fscale_gpt
 from fscale.serve.models.gpt2 import ARCHITECTURES as GPT2_ARCHS
 from fscale.serve.models.gpt2 import gpt2_config, gpt2_params
@@ -52,11 +52,12 @@ def _config(config: dict, name: str) -> DecoderConfig:
 
 
 def _build(config: dict, get, name: str, tokenizer_path, finish) -> LoadedModel:
-    cfg = _config(config, name)
     if _family(config, name) == "llama":
+        cfg = llama_config(config)
         tie = bool(config.get("tie_word_embeddings", False))
         params = llama_params(cfg, get, tie=tie, finish=finish(cfg))
     else:
+        cfg = gpt2_config(config)
         params = gpt2_params(cfg, get, finish=finish(cfg))
     missing = [k for k, v in params.items() if v is None]
     if missing:
@@ -120,10 +121,11 @@ def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None, layers_devi
 
     def for_config(cfg: DecoderConfig):
         def finish(name: str, t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
             if tp is not None:
-                t = shard_param(cfg, tp, name, t.detach())
+                t = shard_param(cfg, tp, name, t)
             to = layers_device if layers_device and name.startswith("layers.") else device
-            return t.detach().to(device=to, dtype=dtype).contiguous()
+            return t.to(device=to, dtype=dtype).contiguous()
 
         return finish
 
@@ -132,17 +134,7 @@ def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None, layers_devi
 
 def place(params: dict, dtype: torch.dtype, device, finish=None) -> dict:
     """``params`` in ``dtype`` on ``device`` (or each through ``finish(name, t)``)."""
-    finish = finish or _finisher(dtype, device, None)(None)
-    # Each distinct tensor is converted once, so tied weights stay one tensor (under
-    # tensor parallelism a head tied to the embedding is the embedding's slice).
-    embed = params.get("embed.weight")
-    done: dict[int, torch.Tensor] = {}
-    out = {}
-    for k, v in params.items():
-        if id(v) not in done:
-            done[id(v)] = finish("embed.weight" if v is embed else k, v)
-        out[k] = done[id(v)]
-    return out
+    return map_params(params, finish or _finisher(dtype, device, None)(None))
 
 
 def load_model(
