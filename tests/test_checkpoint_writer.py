@@ -206,15 +206,17 @@ def test_device_tensors_through_pinned_slabs_write_dcps_files(tmp_path, pinned):
     state["rows"] = torch.randn(64, 100, generator=g, device=dev)[3:40]  # a view
     for v in state.values():  # queued work the copies must wait for
         v.mul_(2)
-    for name, io in (("old", OLD), ("new", SaveIO(pinned=pinned))):
+    ios = (("old", OLD), ("new", SaveIO(pinned=pinned)), ("direct", SaveIO(pinned, direct=True)))
+    for name, io in ios:
         w = fs.checkpoint._Writing(threads=3, io=io, nice=0)
         out = tmp_path / name
         with fs.checkpoint._quiet():
             dcp.save(state, storage_writer=fs.checkpoint._Writer(str(out), writing=w), no_dist=True)
-    assert _files(tmp_path / "old") == _files(tmp_path / "new")
-    back = {k: torch.empty_like(v) for k, v in state.items()}
-    dcp.load(back, checkpoint_id=str(tmp_path / "new"), no_dist=True)
-    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert _files(tmp_path / "old") == _files(tmp_path / "new") == _files(tmp_path / "direct")
+    for name in ("new", "direct"):
+        back = {k: torch.empty_like(v) for k, v in state.items()}
+        dcp.load(back, checkpoint_id=str(tmp_path / name), no_dist=True)
+        assert all(torch.equal(back[k], state[k]) for k in state)
 
 
 @pytest.mark.gpu

@@ -48,6 +48,8 @@ from collections.abc import Iterator
 from torch.distributed.checkpoint.filesystem import FileSystem
 from zlib_ng.zlib_ng import crc32, crc32_combine
 
+from fscale._checkpoint.uncached import UncachedFile
+
 __all__ = ["ChecksummingFileSystem", "crc32"]
 
 _LOCAL_HEADER = b"PK\x03\x04"
@@ -131,6 +133,17 @@ class _SummingStream:
     def fileno(self) -> int:
         return self.raw.fileno()
 
+    def sync(self) -> None:
+        """Every byte written on the disk: the raw stream's own ``sync`` where it has one
+        (an ``UncachedFile`` still holds its tail), else flush and ``fsync``."""
+        self._settle()
+        sync = getattr(self.raw, "sync", None)
+        if sync is not None:
+            sync()
+        else:
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+
     def writable(self) -> bool:
         return True
 
@@ -170,12 +183,16 @@ class ChecksummingFileSystem(FileSystem):
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def create_stream(self, path, mode: str) -> Iterator:
+    def create_stream(self, path, mode: str, *, direct: bool = False) -> Iterator:
+        """DCP's stream of ``path``; for writing, summed, and with ``direct`` written
+        past the page cache ([Note: uncached writes] in ``uncached.py``: then only
+        ``sync()`` makes it durable, not ``fsync`` of its descriptor)."""
         if mode != "wb":
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with super().create_stream(path, mode) as raw:
+        opened = UncachedFile.open(path) if direct else super().create_stream(path, mode)
+        with opened as raw:
             stream = _SummingStream(raw)
             yield stream
         stream.mark()

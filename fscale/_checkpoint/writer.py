@@ -30,6 +30,8 @@ files byte for byte with DCP's), but:
   item, and the checkpoint does not fill the host's page cache;
 - an asynchronous save's threads run at a lower CPU priority (``SaveIO.background_nice``)
   so that a host optimizer step (offload) keeps its cores;
+- with ``SaveIO.direct`` the files are written past the page cache, through a small
+  aligned buffer ([Note: uncached writes] in ``uncached.py``);
 - an exception in any thread (a full disk) is raised in the caller, not lost.
 """
 
@@ -116,6 +118,7 @@ class SaveIO:
     snapshot: str = "auto"
     copy_threads: int = 8
     stage: str = "auto"
+    direct: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -126,12 +129,17 @@ class SaveIO:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"SaveIO({name}={v!r}): an int >= 0.")
-        for name in ("background_idle", "keep_copies"):
+        for name in ("background_idle", "keep_copies", "direct"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SaveIO({name}={getattr(self, name)!r}): a bool.")
         c = self.copy_threads
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"SaveIO(copy_threads={c!r}): an int >= 1.")
+        if self.direct and self.pinned == 0:
+            raise ValueError(
+                "SaveIO(direct=True, pinned=0): O_DIRECT writes need fscale's writer loop; "
+                "give pinned > 0 or direct=False."
+            )
         b = self.background_threads
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"SaveIO(background_threads={b!r}): None or an int >= 1.")
@@ -365,9 +373,10 @@ def _write_file(job: _Job, path, key: str, items: list[WriteItem]) -> list[Write
     results: list[WriteResult] = []
     tensors = [i for i in items if i.type != WriteItemType.BYTE_IO]
     slabs: _Slabs | None = None
-    with job.create_stream(path, "wb") as stream:
+    direct = {"direct": True} if job.io.direct else {}  # [Note: uncached writes]
+    with job.create_stream(path, "wb", **direct) as stream:
         out = _NoClose(stream)
-        wb = _Writeback(stream.fileno(), job.io.writeback)
+        wb = _Writeback(stream.fileno(), 0 if job.io.direct else job.io.writeback)
 
         def write(item: WriteItem, data) -> None:
             offset = stream.tell()
@@ -416,8 +425,18 @@ def _write_file(job: _Job, path, key: str, items: list[WriteItem]) -> list[Write
         if pending is not None:
             settle(pending)
         if job.sync:
-            os.fsync(stream.fileno())
+            _sync(stream)
     return results
+
+
+def _sync(stream) -> None:
+    """The file durable: the stream's ``sync`` (a direct stream holds its last partial
+    block until then), else flush and ``fsync``."""
+    if hasattr(stream, "sync"):
+        stream.sync()
+    else:
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def write_buckets(
