@@ -48,7 +48,14 @@ from __future__ import annotations
 import torch
 
 from fscale.kernels import fpx as _fpx
-from fscale.kernels._triton import LazyJit, interpreting, split_workspace
+from fscale.kernels._triton import (
+    LazyJit,
+    gdc_launch_dependents,
+    gdc_wait,
+    interpreting,
+    pdl,
+    split_workspace,
+)
 
 try:
     import triton
@@ -93,6 +100,7 @@ def _fpx_kernel(
     DOT_FP32: tl.constexpr,
     DEQUANT: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -117,6 +125,9 @@ def _fpx_kernel(
     # the (strided) epilogue stores.
     scale_e = tl.load(s_ptr + 2 * offs_c, mask=mask_c, other=0.0) * exp_scale
     scale_o = tl.load(s_ptr + 2 * offs_c + 1, mask=mask_c, other=0.0) * exp_scale
+    if PDL:  # the scales are weights; x, y and the workspace only after the wait
+        gdc_wait()
+        gdc_launch_dependents()
     acc_e = tl.full((BM, C), 0.0, tl.float32)
     acc_o = tl.full((BM, C), 0.0, tl.float32)
     acc = tl.full((BM, BN), 0.0, tl.float32)  # T > 1: channels in order
@@ -357,7 +368,10 @@ def launch(
     x_arg = x2 if x2 is not None else y
     ws, counters = split_workspace(mode, y, grid)
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
+    on = pdl(y.device)  # [Note: programmatic dependent launch] in _triton.py
     kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
+    if on:
+        kwargs["launch_pdl"] = True
     return kernel[grid](
         x_arg, p.hi, p.lo if p.lo is not None else p.hi, p.scales,
         bias if bias is not None else p.scales, y, ws, counters,
@@ -367,6 +381,6 @@ def launch(
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101, BM=bm,
         BN=bn, T=kdot // 16, SPLIT=mode,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
-        OUT_BF16=dequant == torch.bfloat16,
+        OUT_BF16=dequant == torch.bfloat16, PDL=on,
         **kwargs,
     )  # fmt: skip

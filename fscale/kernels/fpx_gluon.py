@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from fscale.kernels import fpx as _fpx
-from fscale.kernels._triton import split_workspace
+from fscale.kernels._triton import pdl, split_workspace
 
 try:
     from triton.experimental import gluon
@@ -152,23 +152,47 @@ if gluon is not None:
     _copy_layout = gluon.constexpr_function(_copy_layout)
 
 
-def _fill(
-    hi_s, lo_s, x_s, hi_ptr, lo_ptr, x_ptr, b, slot, live, rows32, rows16, cols, col_ok,
-    xm, xk, x_ok, m0, c0, NW, stride_xm, HALVES: gl.constexpr,
+def _fill_planes(
+    hi_s, lo_s, hi_ptr, lo_ptr, b, slot, live, rows32, rows16, cols, col_ok, c0, NW,
+    HALVES: gl.constexpr,
 ):  # fmt: skip
-    """cp.async chunk b's plane tiles and x tiles into ring slot ``slot`` (one group)."""
+    """cp.async chunk b's plane tiles into ring slot ``slot`` (not committed)."""
     for hf in gl.static_range(HALVES):
         hp = hi_ptr + (b * (32 * HALVES) + 32 * hf + rows32)[:, None] * NW + (c0 + cols)[None, :]
         _async_load(hi_s.index(slot * HALVES + hf), hp, mask=col_ok[None, :] & live)
+    lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
+    _async_load(lo_s.index(slot), lp, mask=col_ok[None, :] & live)
+
+
+def _fill_x(x_s, x_ptr, b, slot, live, xm, xk, x_ok, m0, stride_xm, HALVES: gl.constexpr):
+    """cp.async chunk b's x tiles into ring slot ``slot`` (not committed)."""
+    for hf in gl.static_range(HALVES):
         xk_b = b * (128 * HALVES) + 128 * hf + xk
         xp = x_ptr + (m0 + xm)[:, None] * stride_xm + xk_b[None, :]
         _async_load(x_s.index(slot * HALVES + hf), xp, mask=x_ok[:, None] & live)
-    lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
-    _async_load(lo_s.index(slot), lp, mask=col_ok[None, :] & live)
-    async_copy.commit_group()
 
 
-_fill = gluon.jit(_fill) if gluon is not None else None
+def _wait_for_previous_kernel():
+    """``griddepcontrol.wait`` ([Note: programmatic dependent launch] in _triton.py;
+    Gluon has no wrapper for it). The memory clobber keeps loads after it."""
+    gl.inline_asm_elementwise(
+        "griddepcontrol.wait; // $0", "=r,~{memory}", [], dtype=gl.int32, is_pure=False, pack=1
+    )
+
+
+def _let_next_kernel_launch():
+    """``griddepcontrol.launch_dependents``: the next PDL kernel may start."""
+    gl.inline_asm_elementwise(
+        "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+        pack=1,
+    )  # fmt: skip
+
+
+if gluon is not None:
+    _fill_planes = gluon.jit(_fill_planes)
+    _fill_x = gluon.jit(_fill_x)
+    _wait_for_previous_kernel = gluon.jit(_wait_for_previous_kernel)
+    _let_next_kernel_launch = gluon.jit(_let_next_kernel_launch)
 
 
 def _kernel(
@@ -176,7 +200,7 @@ def _kernel(
     M, N, NW, K, stride_xm, stride_ym, chunks_per_prog, exp_scale,
     BNT: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
     HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr, W: gl.constexpr,
-    LB: gl.constexpr, NQ: gl.constexpr,
+    LB: gl.constexpr, NQ: gl.constexpr, PDL: gl.constexpr,
 ):  # fmt: skip
     CH: gl.constexpr = 16 * W  # channels: 64 per warpgroup, one x tile for all of them
     # A chunk is NQ / 4 halves of 128 rows of K (fp6: 1, fp5: 2), one MMA each.
@@ -215,12 +239,21 @@ def _kernel(
     xk = gl.arange(0, KC, layout=gl.SliceLayout(0, x_copy))
     x_ok = (m0 + xm) < M
 
-    # Prologue: chunks 0 .. STAGES - 2 in flight (empty groups past the end).
+    # Prologue: chunks 0 .. STAGES - 2 in flight (empty groups past the end). Their
+    # planes (weights: no kernel of a step writes them) are requested before the wait
+    # on the previous kernel, x after it ([Note: programmatic dependent launch] in
+    # _triton.py); the first group holds all of those planes and chunk 0's x.
     for st in gl.static_range(STAGES - 1):
-        _fill(
-            hi_s, lo_s, x_s, hi_ptr, lo_ptr, x_ptr, chunk0 + st, st, st < n_chunks, rows32,
-            rows16, cols, col_ok, xm, xk, x_ok, m0, c0, NW, stride_xm, HALVES,
+        _fill_planes(
+            hi_s, lo_s, hi_ptr, lo_ptr, chunk0 + st, st, st < n_chunks, rows32, rows16, cols,
+            col_ok, c0, NW, HALVES,
         )  # fmt: skip
+    if PDL:
+        _wait_for_previous_kernel()
+        _let_next_kernel_launch()
+    for st in gl.static_range(STAGES - 1):
+        _fill_x(x_s, x_ptr, chunk0 + st, st, st < n_chunks, xm, xk, x_ok, m0, stride_xm, HALVES)
+        async_copy.commit_group()
 
     acc = gl.zeros([CH, BNT], gl.float32, layout=mma)
     a_prev = gl.zeros([CH, KC], x_dtype, layout=a_layout)
@@ -262,10 +295,13 @@ def _kernel(
             acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
             a_prev = a
         nxt = it + STAGES - 1
-        _fill(
-            hi_s, lo_s, x_s, hi_ptr, lo_ptr, x_ptr, chunk0 + nxt, nxt % STAGES, nxt < n_chunks,
-            rows32, rows16, cols, col_ok, xm, xk, x_ok, m0, c0, NW, stride_xm, HALVES,
+        live = nxt < n_chunks
+        _fill_planes(
+            hi_s, lo_s, hi_ptr, lo_ptr, chunk0 + nxt, nxt % STAGES, live, rows32, rows16, cols,
+            col_ok, c0, NW, HALVES,
         )  # fmt: skip
+        _fill_x(x_s, x_ptr, chunk0 + nxt, nxt % STAGES, live, xm, xk, x_ok, m0, stride_xm, HALVES)
+        async_copy.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
@@ -368,6 +404,7 @@ def fpx_linear_gluon(
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counters = split_workspace(mode, y, grid)
     pl = _fpx.planes(p.fmt)
+    on = pdl(x.device)
     _kernel[grid](
         x2, p.hi, p.lo, p.scales, bias if bias is not None else p.scales, y, ws, counters,
         m, n, n // 2, k, x2.stride(0), y.stride(0), per,
@@ -375,7 +412,7 @@ def fpx_linear_gluon(
         BNT=bnt, STAGES=stages, SPLIT=mode, HAS_BIAS=bias is not None,
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         X_BF16=x.dtype == torch.bfloat16, W=warps, LB=lay["lo_bits"], NQ=lay["nq"],
-        num_warps=warps,
+        PDL=on, num_warps=warps, launch_pdl=on,
     )  # fmt: skip
     if mode == 1:
         y = y.to(x.dtype)

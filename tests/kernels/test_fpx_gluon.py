@@ -19,15 +19,15 @@ from tests.dist import run_world
 needs_gluon = pytest.mark.skipif(fpx_gluon.gluon is None, reason="triton without Gluon")
 
 
-def _ptx_for_sm90(rank, world, *args) -> str:
+def _ptx_for_sm90(rank, world, *args, **kwargs) -> str:
     """Compiled in a fresh process: Triton's interpreter patches the language module
     while it runs a kernel, so a kernel interpreted on another thread of the test
     process corrupts a compile running meanwhile (seen once under pytest-xdist: the
     compile ran on the interpreter's builder)."""
-    return _compile_for_sm90(*args).asm["ptx"]
+    return _compile_for_sm90(*args, **kwargs).asm["ptx"]
 
 
-def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str):
+def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str, pdl=False):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,7 +36,7 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str):
     const = dict(
         BNT=bnt, STAGES=4, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
         LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16", W=warps,
-        LB=lay["lo_bits"], NQ=lay["nq"],
+        LB=lay["lo_bits"], NQ=lay["nq"], PDL=pdl,
     )  # fmt: skip
     sig = {
         "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
@@ -81,6 +81,27 @@ def test_kernel_compiles_for_sm90_with_the_weights_in_registers(fmt, bnt, dtype,
     end = ptx.index("atom.global.gpu.acq_rel.add") if split == 2 else len(ptx)
     assert "st.shared" not in ptx[:end]
     assert "cp.async.cg.shared.global" in ptx and ", 0x10," in ptx
+
+
+@needs_gluon
+@pytest.mark.parametrize("fmt,warps", [("e3m2", 4), ("e2m2", 8)])
+def test_pdl_requests_the_first_planes_before_waiting_and_x_after(fmt, warps):
+    """[Note: programmatic dependent launch] (_triton.py): with PDL the prologue's plane
+    copies (weights) come before ``griddepcontrol.wait``, every x copy after it, and
+    the next kernel is let launch right after the wait; without PDL neither appears."""
+    ptx = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt, pdl=True)[0].splitlines()
+    (wait,) = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    (let,) = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
+    copies = [i for i, line in enumerate(ptx) if "cp.async.cg.shared.global" in line]
+    halves = fpx.layout(fmt)["k_chunk"] // 128
+    # STAGES - 1 = 3 chunks ahead, per thread 2 hi copies per half and 1 lo copy of
+    # 16 bytes; x (8 tokens x 128 bf16 per half) is one copy per half after the wait.
+    assert sum(c < wait for c in copies) == 3 * (2 * halves + 1)
+    assert wait < let < min(c for c in copies if c > wait)
+    assert not any("commit_group" in line for line in ptx[:wait])
+    off = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt, pdl=False)[0]
+    assert "griddepcontrol" not in off
+    assert off.count("cp.async.cg.shared.global") == len(copies)
 
 
 def _rotl(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -201,3 +222,45 @@ def test_cuda_kernel_matches_reference(fmt, n, k, m, dtype, split, warps):
     cfg = {"gluon": True, "split": split, "stages": 6, "warps": warps}
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias, config=cfg), want) <= 1e-2
     assert _rel(fpx_triton.fpx_linear_hopper(x, p, bias), want) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs a Hopper GPU",
+)
+@needs_gluon
+def test_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
+    """Each launch reads what the one before wrote (a PDL norm, then fp6 products with
+    one-kernel split-K sharing the stream's counters): captured with PDL the chain gives
+    the bits of the chain launched without it, and of itself run eagerly."""
+    from fscale.kernels import fused_decoder as fd
+    from fscale.kernels._triton import pdl
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    ps = [fpx.pack(torch.randn(4096, 4096, generator=gen, device="cuda") * 0.02, "e3m2")]
+    ps.append(fpx.pack(torch.randn(4096, 4096, generator=gen, device="cuda") * 0.02, "e2m2"))
+    norm_w = torch.rand(4096, generator=gen, device="cuda").to(torch.bfloat16)
+    x0 = torch.randn(1, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+
+    def chain():
+        res, x = x0, None
+        for p in ps * 2:
+            res, h = fd.add_rms_norm_triton(res, x, norm_w, 1e-6)
+            x = fpx_gluon.fpx_linear_gluon(h, p, split=4)
+        return x
+
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FSCALE_PDL", flag)
+        assert pdl(x0.device) == (flag == "1")
+        eager = chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager), flag
+        outs[flag] = y.clone()
+    assert torch.equal(outs["0"], outs["1"])
+    assert not COUNTERS or all(int(c.abs().sum()) == 0 for c in COUNTERS.values())

@@ -228,11 +228,11 @@ def _compile_for_sm90(**const):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "fmt,dtype,bm,kdot,split,dequant",
-    [("e3m2", "fp16", 16, 16, 2, False), ("e2m2", "bf16", 64, 16, 1, False),
-     ("e3m2", "fp16", 64, 128, 0, False), ("e2m1", "fp16", 16, 16, 0, True)],
+    "fmt,dtype,bm,kdot,split,dequant,pdl",
+    [("e3m2", "fp16", 16, 16, 2, False, True), ("e2m2", "bf16", 64, 16, 1, False, False),
+     ("e3m2", "fp16", 64, 128, 0, False, False), ("e2m1", "fp16", 16, 16, 0, True, True)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant):
+def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant, pdl):
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -245,8 +245,19 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant):
         BYTE=pl["byte"], HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         BM=bm, BN=128, T=kdot // 16,
         SPLIT=split, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
-        OUT_BF16=dtype == "bf16",
+        OUT_BF16=dtype == "bf16", PDL=pdl,
     )[0]  # fmt: skip
+    # [Note: programmatic dependent launch] (_triton.py): the wait comes before any
+    # load but the scales' (weights), and lets the next kernel launch right after.
+    if pdl:
+        lines = ptx.splitlines()
+        (wait,) = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+        (let,) = [i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line]
+        early = [line for line in lines[:wait] if "ld.global" in line or "cp.async" in line]
+        # Only the fp32 scales (4-byte loads), no plane copies, no x.
+        assert wait < let and early and all("ld.global.b32 " in line for line in early)
+    else:
+        assert "griddepcontrol" not in ptx
     if not dequant:
         assert "mma" in ptx  # tensor cores
         assert "cp.async.cg.shared.global" in ptx  # 16-byte, pipelined plane loads
