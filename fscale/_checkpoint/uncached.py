@@ -15,10 +15,10 @@ aligned (to the device's logical block; 4 KiB covers every common one). DCP's fi
 a run of small zips whose records are not aligned, so nothing is written from the
 source in place: every byte goes through the buffer, and only the last partial block
 is written without ``O_DIRECT`` (the flag dropped with ``fcntl``), at ``sync``/``close``.
-The large copies into the buffer run in torch (the GIL released: the training
-thread of an asynchronous save keeps running). Where ``O_DIRECT`` is refused (tmpfs,
-some network file systems: ``EINVAL`` at open or at a write) the same buffer feeds
-plain buffered writes: the same bytes.
+The large copies into the buffer are one ``memmove`` each in the writing thread, the
+GIL released (the training thread of an asynchronous save keeps running). Where
+``O_DIRECT`` is refused (tmpfs, some network file systems: ``EINVAL`` at open or at a
+write) the same buffer feeds plain buffered writes: the same bytes.
 
 Usage::
 
@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -56,7 +57,8 @@ class UncachedFile:
         self.direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
         self._map = mmap.mmap(-1, buffer)  # page-aligned, so O_DIRECT accepts its address
         self._view = memoryview(self._map)
-        self._tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._tensor = torch.frombuffer(self._map, dtype=torch.uint8)  # holds the mapping
+        self._base = self._tensor.data_ptr()
         self._fill = 0  # bytes in the buffer, not yet in the file
         self._size = 0  # bytes written by the caller
         self._failed = False  # a write raised: close writes nothing more
@@ -137,10 +139,12 @@ class UncachedFile:
         if src.nbytes < _SMALL:
             self._view[at : at + src.nbytes] = src
             return
+        # One memmove in this thread, the GIL released (a ctypes call): not torch's
+        # copy, which would spread it over the intra-op threads the host optimizer uses.
         with warnings.catch_warnings():  # a read-only source is only read
             warnings.simplefilter("ignore", UserWarning)
             source = torch.frombuffer(src, dtype=torch.uint8)
-        self._tensor[at : at + src.nbytes].copy_(source)  # without the GIL
+        ctypes.memmove(self._base + at, source.data_ptr(), src.nbytes)
 
     def _finish(self) -> None:
         """The buffer's whole blocks unbuffered, its last partial block buffered (O_DIRECT
