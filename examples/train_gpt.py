@@ -41,9 +41,10 @@ each sequence into windows of the current length instead of cutting it (lengths
 dividing the full one: every step feeds the full batch's tokens).
 
 Checkpoints: ``--save-dir DIR --save-every N`` writes ``fs.save`` checkpoints (params,
-optimizer state, the loader's position and RNG, the curve so far); ``--resume`` goes
-on from the latest good one, in any world size or ``--zero`` stage, and takes the
-same steps the uninterrupted run takes.
+optimizer state, the loader's position, each rank's RNG states, the curve so far);
+``--resume`` goes on from the latest good one, in any world size or ``--zero`` stage,
+and takes the same steps the uninterrupted run takes (a rank beyond the saved world
+gets a seed of its own: [Note: RNG states per rank]).
 """
 
 from __future__ import annotations
@@ -327,6 +328,52 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+# [Note: RNG states per rank]
+# Each rank saves its own global RNG states in its own ``extra`` (fs.save keeps one per
+# rank): torch's CPU generator and, on CUDA, its device's. On resume each rank puts back
+# the states it saved, so whatever it draws (dropout, a rank-dependent draw) goes on as
+# in the uninterrupted run. The loader's generator, the step and the curve are the same
+# on every rank and are read from rank 0's. A rank the checkpoint has no states of (a
+# resume in a bigger world) is seeded from ``fallback_seed(seed, step, rank)``:
+# reproducible, and apart from the other ranks' and from a fresh start's. The example
+# draws nothing from Python's ``random`` or numpy, so their states are not saved.
+
+
+def rng_states(device: torch.device) -> dict:
+    """This rank's global RNG states, for its ``extra`` ([Note: RNG states per rank])."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def fallback_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a rank that has no saved RNG states: a function of the run's seed, the
+    resumed step and the rank alone."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + rank) % 2**63
+
+
+def restore_rng_states(
+    resume_from: str, rank: int, device: torch.device, *, seed: int, step: int
+) -> bool:
+    """Put back the RNG states ``rank`` saved ([Note: RNG states per rank]); False when
+    the checkpoint has none of this rank and it was seeded by ``fallback_seed``."""
+    try:
+        saved = fs.load_extra(resume_from, rank=rank)
+    except KeyError:  # saved by a smaller world
+        torch.manual_seed(fallback_seed(seed, step, rank))  # the CPU and every CUDA device
+        return False
+    torch.set_rng_state(saved["torch_rng"])
+    if device.type == "cuda":
+        if "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        else:  # saved on CPU, resumed on CUDA
+            torch.cuda.manual_seed(fallback_seed(seed, step, rank))
+    return True
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -594,13 +641,15 @@ def main(argv: list[str] | None = None) -> dict:
         history["val_loss"].append(evaluate(apply, full, val, batch_kw, eval_seed))
         logger.log(0, {"val_loss": history["val_loss"][0]})
     else:
-        # The loader position, RNG and curve so far: the run goes on exactly as if it had
-        # never stopped. Every rank saved the same extra (the ranks draw the same global
-        # batches; the curve is the global mean), so rank 0's serves any world size.
+        # The loader position, RNG states and curve so far: the run goes on exactly as if
+        # it had never stopped. The loader and the curve are the same on every rank (the
+        # ranks draw the same global batches; the curve is the global mean), so rank 0's
+        # serve any world size; each rank's own RNG states are its own extra's.
         extra = fs.load_extra(resume_from, rank=0)
         first = extra["step"] + 1
         gen.set_state(extra["loader_rng"])
-        torch.set_rng_state(extra["torch_rng"])
+        seed = extra.get("seed", args.seed)  # older checkpoints did not save it
+        restore_rng_states(resume_from, rank, device, seed=seed, step=extra["step"])
         history = extra["history"]
         losses = [torch.tensor(v) for v in extra["losses"]]
 
@@ -647,8 +696,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.save_dir and ((args.save_every and it % args.save_every == 0) or it == args.steps):
             extra = {
                 "step": it,
+                "seed": args.seed,
                 "loader_rng": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
+                **rng_states(device),  # this rank's own ([Note: RNG states per rank])
                 "history": history,
                 "losses": global_mean(torch.stack(losses)).tolist(),  # a collective
             }

@@ -76,10 +76,12 @@ Ranks write into ``<path>.tmp-<id>`` (DCP fsyncs every file and renames its
 ``.metadata`` into place last); rank 0 then fsyncs the directory, renames it to
 ``path`` and fsyncs the parent. In a run directory (``at=``) the checkpoint is
 ``<dir>/step-<at>``; the ``latest`` pointer is written (temp file, fsync, rename)
-after it, and only then are checkpoints beyond the newest ``keep`` removed. A kill
-at any moment leaves the run loadable: ``latest`` names the old checkpoint or the
-new one, whole, plus at most a ``.tmp-`` directory that ``load`` never reads (tested
-by a crash injected at every file operation of a save). Saving again over an
+after it, and only then are checkpoints beyond ``keep`` removed: the new one stays
+(even below older steps, after a rollback) with the newest ``keep - 1`` others by
+step, and so does whatever ``latest`` names when a removal comes. A kill at any
+moment leaves the run loadable: ``latest`` names the old checkpoint or the new one,
+whole, plus at most a ``.tmp-`` directory that ``load`` never reads (tested by a
+crash injected at every file operation of a save). Saving again over an
 existing ``path`` renames the old one aside first: a kill between the two renames
 leaves it as ``<path>.old-<id>``, not under ``path``.
 
@@ -180,7 +182,8 @@ def save(
       extra: anything picklable, kept per rank (the data loader's position, RNG
         states); read back with ``fs.load_extra``.
       at: the step number: write ``<path>/step-<at>`` and point ``<path>/latest`` at it.
-      keep: with ``at``: keep only the newest ``keep`` checkpoints of the run directory.
+      keep: with ``at``: keep only ``keep`` checkpoints of the run directory: this one
+        and the newest ``keep - 1`` others by step (this one stays after a rollback).
       mesh: not needed: ``step.init`` records its mesh in the state ([Note: the mesh
         in the layout] in ``fscale/placement.py``), which places tensor_parallel and
         expert_parallel slices. Passed (``step.mesh`` or a ``DeviceMesh``), it must be
@@ -560,7 +563,7 @@ def _write(state_dict, tmp, final, root, at, keep, group, writing: _Writing) -> 
         if at is not None:
             _write_latest(root, os.path.basename(final))
             if keep is not None:
-                _rotate(root, keep)
+                _rotate(root, keep, os.path.basename(final))
     _barrier(group)
     return final
 

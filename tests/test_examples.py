@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fscale as fs
 from fscale.metrics import read_jsonl
+from tests.dist import run_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_GPT = ROOT / "examples" / "train_gpt.py"
@@ -218,6 +221,47 @@ def test_train_gpt_resume_is_exact_and_reshards(world_of_one, tmp_path):
     assert sharded["train_loss"][:3] == world_of_one["train_loss"][:3]  # from the checkpoint
     assert sharded["train_loss"] == pytest.approx(world_of_one["train_loss"], rel=1e-4)
     assert sharded["val_loss"] == pytest.approx(world_of_one["val_loss"], rel=1e-4)
+
+
+def _train_gpt():
+    spec = importlib.util.spec_from_file_location("train_gpt", TRAIN_GPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rng_saved_and_restored(rank: int, world: int, ckpt: str) -> dict:
+    """A rank-dependent draw, a save with the example's RNG extra, more draws, then the
+    example's restore: for this rank, and for a rank beyond the saved world."""
+    train_gpt, cpu = _train_gpt(), torch.device("cpu")
+    params, apply = fs.functional(torch.nn.Linear(2, 2))
+    step = fs.train_step(lambda p, b: apply(p, b).sum(), fs.optim.sgd(lr=0.1))
+    params, state = step.init(params)
+    torch.manual_seed(0)
+    torch.rand(1 + rank)  # a rank-dependent draw: the ranks' states differ
+    saved = torch.get_rng_state()
+    fs.save(ckpt, params, state, at=3, extra={"step": 3, **train_gpt.rng_states(cpu)})
+    torch.rand(5)  # drawn after the save: the resume must not see it
+    own = train_gpt.restore_rng_states(ckpt, rank, cpu, seed=0, step=3)
+    restored = torch.get_rng_state()
+    beyond = train_gpt.restore_rng_states(ckpt, world + rank, cpu, seed=0, step=3)
+    return dict(saved=saved, restored=restored, own=own, beyond=beyond, new=torch.get_rng_state())
+
+
+def test_train_gpt_restores_each_ranks_own_rng_state(tmp_path):
+    """Each of 2 ranks gets back the CPU RNG state it had at the save (they differ);
+    ranks 2 and 3, beyond the saved world, are seeded by fallback_seed(seed, step, rank)."""
+    got = run_world(_rng_saved_and_restored, 2, str(tmp_path / "ckpt"))
+    assert not torch.equal(got[0]["saved"], got[1]["saved"])
+    for rank, r in enumerate(got):
+        assert r["own"], rank
+        assert torch.equal(r["restored"], r["saved"]), f"rank {rank} lost its RNG state"
+    train_gpt = _train_gpt()
+    for rank, r in zip((2, 3), got, strict=True):
+        assert r["beyond"] is False
+        seeded = torch.Generator().manual_seed(train_gpt.fallback_seed(0, 3, rank))
+        assert torch.equal(r["new"], seeded.get_state())
+    assert not torch.equal(got[0]["new"], got[1]["new"])
 
 
 def _logged(png: Path) -> tuple[dict, list[dict]]:

@@ -270,11 +270,35 @@ def _write_latest(root: str, name: str) -> None:
     _fsync_dir(root)
 
 
-def _rotate(root: str, keep: int) -> None:
+def _rotate(root: str, keep: int, written: str) -> None:
+    """Remove the run's checkpoints beyond ``keep``: ``written`` (the one just saved,
+    which ``latest`` names) stays, with the newest ``keep - 1`` others by step.
+
+    By step alone, a run resumed from an older checkpoint would delete the one it just
+    wrote (its step is below the abandoned ones'). A checkpoint that ``latest`` names
+    when it is about to go (another saver of the run moved the pointer) stays too.
+    """
+    others = [name for name in _step_dirs(root) if name != written]
+    for name in others[: max(len(others) - (keep - 1), 0)]:
+        # Read the pointer again before each removal: a concurrent save may move it.
+        if name != _pointed(root):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _step_dirs(root: str) -> list[str]:
+    """The run's ``step-<n>`` directories, oldest step first."""
     steps = sorted(
         (int(m.group(1)), name)
         for name in os.listdir(root)
         if (m := _STEP_DIR.match(name)) and os.path.isdir(os.path.join(root, name))
     )
-    for _, name in steps[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return [name for _, name in steps]
+
+
+def _pointed(root: str) -> str | None:
+    """The name ``latest`` holds now, or None without a readable pointer."""
+    try:
+        with open(os.path.join(root, _LATEST)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
