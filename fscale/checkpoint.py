@@ -82,8 +82,11 @@ step, and so does whatever ``latest`` names when a removal comes. A kill at any
 moment leaves the run loadable: ``latest`` names the old checkpoint or the new one,
 whole, plus at most a ``.tmp-`` directory that ``load`` never reads (tested by a
 crash injected at every file operation of a save). Saving again over an
-existing ``path`` renames the old one aside first: a kill between the two renames
-leaves it as ``<path>.old-<id>``, not under ``path``.
+existing ``path`` swaps the two directories in one ``renameat2(RENAME_EXCHANGE)``
+([Note: replacing a checkpoint in one step] in ``_checkpoint/files.py``); where the
+file system refuses it the old one is renamed aside first, and a kill between the two
+renames leaves it as ``<path>.old-<id>``, which ``load`` names. A save removes the
+temp directories killed saves left (of its checkpoint; in a run directory, of any step).
 
 ``extra`` is kept per rank (``extra/<rank>``) and read back with ``fs.load_extra``
 (not collective); it is not an argument of ``load``, which returns only
@@ -132,6 +135,7 @@ from fscale._checkpoint.files import (
     _unreadable,
     _write_latest,
     latest,
+    remove_stale_temps,
     write_checksums,
 )
 from fscale._checkpoint.reader import ParallelReader
@@ -232,6 +236,7 @@ def save(
     tmp = f"{final}.tmp-{_shared_id()}"
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+        remove_stale_temps(final, run_dir=at is not None)  # what killed saves left
     _barrier()
     if not async_save:
         return _write(state_dict, tmp, final, root, at, keep, None, _Writing(threads, io, 0))

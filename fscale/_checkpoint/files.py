@@ -3,6 +3,7 @@ atomically, rotating ([Note: atomic save] in ``fscale/checkpoint.py``)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -174,11 +175,26 @@ def _complete(where: str) -> bool:
     return os.path.isfile(os.path.join(where, ".metadata"))
 
 
+def _siblings(root: str) -> list[str]:
+    """Names beside ``root`` that start with its name and a dot."""
+    parent = os.path.dirname(os.path.abspath(root))
+    base = os.path.basename(os.path.abspath(root)) + "."
+    return [n for n in os.listdir(parent) if n.startswith(base)] if os.path.isdir(parent) else []
+
+
 def _resolve(path) -> str:
     root = os.fspath(path)
     if not os.path.isdir(root):
+        aside = sorted(n for n in _siblings(root) if ".old-" in n)
+        hint = (
+            f" A save over it was killed between its renames: the previous checkpoint is "
+            f"{aside[-1]!r} beside it; rename it to {os.path.basename(root)!r} to load it."
+            if aside
+            else ""
+        )
         raise FileNotFoundError(
-            f"no checkpoint at {root!r} (no such directory); pass the directory fs.save wrote."
+            f"no checkpoint at {root!r} (no such directory); pass the directory fs.save "
+            f"wrote.{hint}"
         )
     where = latest(root)
     if where is None:
@@ -247,17 +263,79 @@ def _fsync_dir(path: str) -> None:
 
 
 def _publish(tmp: str, final: str) -> None:
-    """Rename the finished temp directory to ``final`` (replacing an old one)."""
+    """Rename the finished temp directory to ``final`` (replacing an old one).
+
+    [Note: replacing a checkpoint in one step]
+    Over an existing ``final`` the two directories are swapped by one
+    ``renameat2(RENAME_EXCHANGE)`` (Linux 3.15+, ext4, xfs, btrfs, tmpfs): a kill at any
+    moment leaves a whole checkpoint under ``final``, the old one or the new one, and the
+    old one is then removed from ``tmp``. Where the exchange is refused, the old one is
+    renamed aside first (``<final>.old-<id>``: a kill between the two renames leaves
+    ``final`` missing, and ``load`` names the aside copy).
+    """
     _fsync_dir(tmp)
     parent = os.path.dirname(os.path.abspath(final))
     old = None
     if os.path.exists(final):
+        if _exchange(tmp, final):
+            _fsync_dir(parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint, swapped out
+            return
         old = f"{final}.old-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc 2.28+ / not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically; False where the system or the file system
+    refuses ([Note: replacing a checkpoint in one step])."""
+    if _RENAMEAT2 is None:
+        return False
+    return _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+_RUN_TEMP = re.compile(r"^(step-\d+\.tmp-|\.latest\.tmp-)[0-9a-f]+$")
+
+
+def remove_stale_temps(final: str, run_dir: bool) -> list[str]:
+    """Remove what killed saves left beside ``final``: ``<final>.tmp-<id>`` (in a run
+    directory every ``step-<n>.tmp-<id>`` and ``.latest.tmp-<id>``), and
+    ``<final>.old-<id>`` once ``final`` is whole. A save that dies leaves its temp
+    directory; repeated kills would fill the disk. Called by rank 0 when a save starts,
+    once this process has no save in flight (one writer per checkpoint, as ever);
+    returns the names removed."""
+    parent = os.path.dirname(os.path.abspath(final))
+    base = os.path.basename(os.path.abspath(final))
+    if not os.path.isdir(parent):
+        return []
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        mine = name.startswith(base + ".tmp-") or (run_dir and _RUN_TEMP.match(name))
+        if mine or (name.startswith(base + ".old-") and _complete(final)):
+            path = os.path.join(parent, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            removed.append(name)
+    return removed
 
 
 def _write_latest(root: str, name: str) -> None:
