@@ -222,9 +222,7 @@ def main(argv=None) -> None:
     p.add_argument("--old-io", action="store_true", help="DCP's writer loop, pageable staging")
     p.add_argument("--background-nice", type=int, default=None)
     p.add_argument("--background-threads", type=int, default=None)
-    p.add_argument(
-        "--direct", action="store_true", help="SaveIO(direct=True): O_DIRECT data files"
-    )
+    p.add_argument("--direct", action="store_true", help="SaveIO(direct=True): O_DIRECT data files")
     p.add_argument("--no-load", action="store_true")
     p.add_argument("--async-only", action="store_true", help="skip the sync save, dd, load")
     p.add_argument(
