@@ -49,6 +49,7 @@ while holding a lock of its own around every call (``step`` included).
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,6 +73,8 @@ from fscale.serve.scheduler import POLICIES, Scheduler
 from fscale.serve.sequence import Sequence, Status
 from fscale.serve.tokenizer import ByteTokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 
 class Engine:
     """A paged-KV, continuously batched inference engine (see the module doc).
@@ -85,7 +88,9 @@ class Engine:
         linears (not embeddings, norms or the head); their matmuls use its kernels.
       max_tokens_per_step: tokens per forward (the Dynamic SplitFuse budget).
       kv_cache_gib / num_blocks / block_size: the paged cache's size (num_blocks wins).
-      max_model_len: prompt + output limit; default the model's max positions.
+      max_model_len: prompt + output limit; default the model's max positions, lowered
+        (with a logged warning) to the tokens the KV cache holds. A value given here
+        that the cache cannot hold raises ValueError.
       max_num_seqs: running sequences at most; max_waiting: queue length before
         ``add_request`` raises :class:`EngineFull`.
       scheduler: "splitfuse" or "prefill_first".
@@ -169,10 +174,7 @@ class Engine:
         self.model_config = cfg = lm.config
         self.model_name = lm.name if not isinstance(model, (str, Path)) else Path(model).name
         self.tokenizer = load_tokenizer(lm.tokenizer_path) if lm.tokenizer_path else ByteTokenizer()
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        self.eos_token_id = eos if eos is not None else cfg.eos_token_id
-        if isinstance(self.tokenizer, ByteTokenizer):
-            self.eos_token_id = cfg.eos_token_id
+        self.eos_token_ids = _stop_ids(cfg, self.tokenizer)
         self.max_model_len = max_model_len or cfg.max_positions
         if self.max_model_len > cfg.max_positions or self.max_model_len < 1:
             raise ValueError(
@@ -187,6 +189,7 @@ class Engine:
         num_blocks = num_blocks or self._num_blocks(kv_cache_gib, block_size, max_num_seqs)
         # Every rank must manage the same blocks (free memory may differ per GPU).
         num_blocks = agree_min(self.tp, num_blocks, self.device)
+        self._fit_to_cache(max_model_len, num_blocks, block_size)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(
             self.blocks,
@@ -238,6 +241,28 @@ class Engine:
                 gib = min(1.0, want / 2**30)
         return max(2, int(gib * 2**30) // per_block + 1)
 
+    def _fit_to_cache(self, requested: int | None, num_blocks: int, block_size: int) -> None:
+        """Keep ``max_model_len`` within the KV cache's tokens: else every request left
+        without max_tokens (the server gives it the rest of the context) is refused.
+        The model's own context is lowered (as vLLM does); one the caller asked for raises."""
+        capacity = (num_blocks - 1) * block_size  # block 0 is never handed out
+        if self.max_model_len <= capacity:
+            return
+        if requested is not None:
+            raise ValueError(
+                f"max_model_len={requested} does not fit in the KV cache, which holds "
+                f"{capacity} tokens ({num_blocks - 1} blocks x {block_size}); give a larger "
+                "kv_cache_gib (or num_blocks) or a smaller max_model_len."
+            )
+        log.warning(
+            "the model's context of %d tokens does not fit in the KV cache (%d tokens); "
+            "serving with max_model_len=%d. A larger kv_cache_gib allows more.",
+            self.max_model_len,
+            capacity,
+            capacity,
+        )
+        self.max_model_len = capacity
+
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
@@ -286,23 +311,29 @@ class Engine:
             )
 
     def _encode(self, prompt) -> list[int]:
+        """A prompt's token ids (text with the tokenizer's special tokens), checked."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = list(self.tokenizer.encode(prompt))
         elif isinstance(prompt, (list, tuple)) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
             ids = list(prompt)
-            V = self.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < V]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are out of range [0, {V}).")
         else:
             raise ValueError(
                 f"prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}."
             )
         if not ids:
             raise ValueError("the prompt is empty; give at least one token.")
+        self._check_vocab(ids, from_text=isinstance(prompt, str))
         return ids
+
+    def _check_vocab(self, ids: list[int], *, from_text: bool) -> None:
+        """Reject ids the embedding lacks now: in a step they would fail every request."""
+        V = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            hint = " (the tokenizer's vocabulary is larger than the model's)" if from_text else ""
+            raise ValueError(f"prompt token ids {bad[:5]} are out of range [0, {V}){hint}.")
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: its blocks are freed now, its final output comes with the next step."""
@@ -467,15 +498,24 @@ class Engine:
 
     def _check_finished(self, seq: Sequence) -> None:
         p, tok = seq.params, seq.token_ids[-1]
-        if tok in p.stop_token_ids or (tok == self.eos_token_id and not p.ignore_eos):
+        if tok in p.stop_token_ids or (tok in self.eos_token_ids and not p.ignore_eos):
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             seq.finish_reason = "length"
         self._detokenize(seq)
 
     def _detokenize(self, seq: Sequence) -> None:
-        """Extend ``seq.text`` with what the new token completes; stop strings end it."""
-        ids = seq.output_ids
+        """Extend ``seq.text`` with what the new token completes; stop strings end it.
+
+        [Note: detokenizing in context]
+        The new text is ``decode(ids[prefix_offset:])`` minus ``decode(ids[prefix_offset:
+        read_offset])`` over prompt + output ids. The offsets start a few prompt tokens
+        before the output (``DETOKENIZE_CONTEXT``), so a first output token is decoded as
+        a continuation: SentencePiece-style (Metaspace) decoders strip the leading space
+        of a text's first token, which decoding the output alone would lose. The text
+        then equals HF's ``decode(prompt + output)`` after ``decode(prompt)``.
+        """
+        ids = seq.token_ids
         stopped_by_token = seq.finish_reason == "stop"
         if stopped_by_token:
             ids = ids[:-1]  # the stop / eos token is not text
@@ -590,6 +630,16 @@ class _Launched:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _stop_ids(cfg, tokenizer) -> frozenset[int]:
+    """The ids that end a generation: config.json's and generation_config.json's eos
+    ids (``cfg``; a model may list several) and the tokenizer's eos token."""
+    ids = set(cfg.eos_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.add(int(eos))
+    return frozenset(ids)
 
 
 def _default_device() -> torch.device:

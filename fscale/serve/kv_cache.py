@@ -15,6 +15,9 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from array import array
 from collections import OrderedDict
 
 from fscale.serve.sequence import Sequence
@@ -24,9 +27,27 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def block_hash(parent: int | None, tokens: list[int]) -> int:
-    """Key of a full block: its tokens and (through ``parent``) every token before it."""
-    return hash((parent, tuple(tokens)))
+HASH_BYTES = 16
+
+
+def new_hash_key() -> bytes:
+    """A secret key for :func:`block_hash`, fresh for each block manager."""
+    return secrets.token_bytes(32)
+
+
+def block_hash(parent: bytes | None, tokens: list[int], key: bytes) -> bytes:
+    """Key of a full block: its tokens and (through ``parent``) every token before it.
+
+    A keyed BLAKE2b digest, not Python's ``hash``: that one is predictable for ints, so
+    a client could craft a prompt whose block collides with another request's and be
+    served that request's K/V (a cache hit compares keys, not tokens; cf. vLLM's
+    CVE-2025-25183). The encoding is unambiguous: a parent marker, the parent's digest,
+    then fixed-width token ids.
+    """
+    h = hashlib.blake2b(key=key, digest_size=HASH_BYTES)
+    h.update(b"\x00" if parent is None else b"\x01" + parent)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class BlockManager:
@@ -51,9 +72,10 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
+        self.hash_key = new_hash_key()
         self.ref = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
 
     # -- sizes ------------------------------------------------------------------------------
@@ -89,7 +111,7 @@ class BlockManager:
         bs, tokens = self.block_size, seq.token_ids
         parent = None
         for i in range((len(tokens) - 1) // bs):
-            h = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            h = block_hash(parent, tokens[i * bs : (i + 1) * bs], self.hash_key)
             b = self.cached.get(h)
             if b is None:
                 break
@@ -128,7 +150,7 @@ class BlockManager:
         bs = self.block_size
         while seq.num_hashed < seq.num_computed // bs:
             i = seq.num_hashed
-            h = block_hash(seq.last_hash, seq.token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(seq.last_hash, seq.token_ids[i * bs : (i + 1) * bs], self.hash_key)
             b = seq.block_table[i]
             # The same content may already be cached in another block (two prompts
             # computed it in the same step): keep that one, ours stays private.

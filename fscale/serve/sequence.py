@@ -14,6 +14,10 @@ import torch
 
 from fscale.serve.params import SamplingParams
 
+# Prompt tokens decoded ahead of the output: enough for a tokenizer to know that the
+# output does not start the text (SentencePiece drops a leading space there).
+DETOKENIZE_CONTEXT = 5
+
 
 class Status(Enum):
     WAITING = "waiting"
@@ -66,13 +70,15 @@ class Sequence:
         self.num_cached_tokens: int | None = None  # prefix-cache hits at first admission
         # Prefix-cache hash chain over the full blocks registered so far.
         self.num_hashed = 0
-        self.last_hash: int | None = None
+        self.last_hash: bytes | None = None
         # Output bookkeeping (engine.py): tokens/text already reported.
         self.num_reported = 0
         self.text = ""
         self.reported_text = ""
-        self.prefix_offset = 0
-        self.read_offset = 0
+        # Incremental detokenization over token_ids ([Note: detokenizing in context] in
+        # engine.py): the output's text starts after the last prompt tokens' text.
+        self.read_offset = len(self.prompt_ids)
+        self.prefix_offset = max(0, self.read_offset - DETOKENIZE_CONTEXT)
 
     @property
     def num_prompt(self) -> int:

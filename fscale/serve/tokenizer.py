@@ -9,7 +9,7 @@ vocabulary of fscale's GPT.
 Usage::
 
     tok = load_tokenizer(model_dir)       # or ByteTokenizer()
-    ids = tok.encode("hello"); text = tok.decode(ids)
+    ids = tok.encode("hello"); text = tok.decode(ids)   # with the tokenizer's BOS, as HF
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
 """
 
@@ -25,7 +25,8 @@ class ByteTokenizer:
     eos_token_id = None
     vocab_size = 256
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's UTF-8 bytes (there are no special tokens to add)."""
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
@@ -67,10 +68,13 @@ class HFTokenizer:
         self._special = config.get("bos_token"), eos
         self.vocab_size = self._tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; by default with the tokenizer's special tokens (a BOS
+        for Llama-style tokenizers), as HF's ``tokenizer(text)`` and vLLM's completions
+        do. Text already rendered by a chat template carries them: pass False."""
         if self._hf is not None:
-            return list(self._hf.encode(text, add_special_tokens=False))
-        return self._tok.encode(text, add_special_tokens=False).ids
+            return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         if self._hf is not None:
@@ -95,7 +99,7 @@ class HFTokenizer:
             .from_string(self._template)
             .render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
         )
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode(text, add_special_tokens=False)  # the template has the BOS
 
 
 _NO_TEMPLATE = (

@@ -10,6 +10,12 @@ the directory looks like one downloaded from the Hub: ``config.json``,
   rope_theta 10000, untied head), with a chat template.
 - ``tiny_gpt2_dir``: GPT2LMHeadModel (hidden 64, 2 layers, 4 heads, vocab 320, tied head),
   without a chat template (``apply_chat_template`` must raise ``ValueError``).
+- ``bos_llama_dir``: the tiny Llama's weights with a tokenizer whose post-processor
+  prepends ``<s>`` (id 0), as Llama's do, and a chat template that writes ``bos_token``.
+- ``metaspace_llama_dir``: the tiny Llama's weights with a SentencePiece-style tokenizer
+  (WordLevel words ``▁w0`` ... over all 320 ids, Metaspace pre-tokenizer and decoder).
+- ``llama_dir_with(config=..., generation_config=...)``: a copy of the tiny Llama
+  directory with config.json entries replaced and a generation_config.json written.
 
 Usage::
 
@@ -18,6 +24,9 @@ Usage::
 """
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -37,8 +46,8 @@ _CORPUS = [
 ]
 
 
-def _tokenizer(chat_template: str | None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _tokenizer(chat_template: str | None, *, bos: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -51,6 +60,10 @@ def _tokenizer(chat_template: str | None):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if bos:  # what Llama tokenizers do: encode(text) starts with <s>
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
@@ -115,3 +128,59 @@ def tiny_gpt2_dir(tmp_path_factory):
     model.save_pretrained(path, safe_serialization=True)
     _tokenizer(None).save_pretrained(path)
     return path
+
+
+def _copy_llama(src, dst, config: dict | None = None):
+    """``src``'s weights and tokenizer in ``dst``, config.json entries replaced by ``config``."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    if config:
+        data = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**data, **config}))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def bos_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a tokenizer that adds <s> to text, and a template that writes it."""
+    path = _copy_llama(tiny_llama_dir, tmp_path_factory.mktemp("bos-llama"))
+    _tokenizer("{{ bos_token }}" + CHAT_TEMPLATE, bos=True).save_pretrained(path)
+    return path
+
+
+def _metaspace_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<unk>"]
+    words = [f"\u2581w{i}" for i in range(VOCAB - len(specials))]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def metaspace_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a SentencePiece-style tokenizer (every id a word ``▁wN``)."""
+    path = _copy_llama(tiny_llama_dir, tmp_path_factory.mktemp("metaspace-llama"))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / f).unlink(missing_ok=True)
+    _metaspace_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama_dir_with(tiny_llama_dir, tmp_path):
+    """``make(config=None, generation_config=None)``: a tiny Llama directory copy with
+    config.json entries replaced and, if given, that generation_config.json."""
+
+    def make(config: dict | None = None, generation_config: dict | None = None):
+        path = _copy_llama(tiny_llama_dir, tmp_path / "llama", config)
+        if generation_config is not None:
+            (path / "generation_config.json").write_text(json.dumps(generation_config))
+        return path
+
+    return make

@@ -6,6 +6,7 @@ streaming, abort and the errors."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -604,3 +605,150 @@ def test_construction_errors(tmp_path, tiny_llama_dir):
         Engine(tiny_llama_dir, scheduler="fifo")
     with pytest.raises(ValueError, match="max_model_len"):
         Engine(tiny_llama_dir, max_model_len=10_000)
+
+
+# -- prompts, stopping and text (audit fixes) -------------------------------------------------
+
+
+def test_text_prompts_get_the_tokenizers_bos_like_hf(bos_llama_dir):
+    from transformers import AutoTokenizer
+
+    engine = Engine(bos_llama_dir, num_blocks=64)
+    hf_tok = AutoTokenizer.from_pretrained(bos_llama_dir)
+    text = "The quick brown fox"
+    ids = hf_tok(text).input_ids
+    assert ids[0] == 0 and ids[1] != 0  # the post-processor's <s>
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    out = engine.generate(text, params)[0]
+    assert out.prompt_token_ids == ids
+    # HF generate(**tokenizer(text)) sees the same prompt, so gives the same tokens.
+    assert out.token_ids == _hf_generate(_hf(bos_llama_dir), ids, 8)
+    assert next(iter(engine.stream(text, params))).prompt_token_ids == ids
+    # The chat template writes <s> itself: it must not be added a second time.
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat[0] == 0 and chat[1] != 0
+
+
+def test_text_prompt_outside_the_models_vocabulary_is_refused_at_admission():
+    torch.manual_seed(0)
+    # Byte tokenizer (ids up to 255) in front of a model that embeds only 200 ids.
+    engine = Engine(GPT(GPTConfig.tiny(vocab_size=200)).eval(), num_blocks=32)
+    with pytest.raises(ValueError, match=r"out of range \[0, 200\)"):
+        engine.add_request("bad", "\U0001f600", SamplingParams(max_tokens=2))  # 0xF0 = 240
+    assert not engine.has_unfinished()
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request("ids", [1, 2, 230], SamplingParams(max_tokens=2))
+    out = engine.generate("cafe", SamplingParams(max_tokens=2))[0]
+    assert out.finished and len(out.token_ids) == 2
+
+
+def test_bad_text_prompt_fails_alone_in_the_async_engine():
+    import asyncio
+
+    from fscale.serve.async_engine import AsyncEngine
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(vocab_size=200, seq_len=256)).eval()
+    engine = Engine(model, num_blocks=64, max_tokens_per_step=16)
+    good_params = SamplingParams(max_tokens=100, ignore_eos=True, **GREEDY)
+    expected = engine.generate("Hello", good_params)[0].token_ids
+
+    async def go():
+        aeng = AsyncEngine(engine)
+        aeng.start(asyncio.get_running_loop())
+        try:
+            good, bad = await asyncio.gather(
+                aeng.add("good", "Hello", good_params),
+                aeng.add("bad", "\U0001f600", SamplingParams(max_tokens=4)),
+                return_exceptions=True,
+            )
+            outs = [out async for out in good]
+            return bad, outs[-1]
+        finally:
+            aeng.stop()
+
+    bad, final = asyncio.run(go())
+    assert isinstance(bad, ValueError) and "out of range" in str(bad)
+    assert final.finished and final.token_ids == expected
+
+
+def _first_positions(tokens: list[int], n: int, avoid: int) -> list[int]:
+    """``n`` positions of ``tokens`` whose token appears there first, all before ``avoid``."""
+    end = tokens.index(avoid) if avoid in tokens else len(tokens)
+    firsts = [i for i in range(1, end) if tokens[i] not in tokens[:i]]
+    assert len(firsts) >= 2 * n, tokens
+    return firsts[1 : 2 * n : 2]  # spaced out, so each stop is seen after the last one
+
+
+def test_generation_stops_at_every_eos_of_config_and_generation_config(
+    tiny_llama_dir, llama_dir_with
+):
+    prompt = PROMPTS[0]
+    free = SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY)
+    full = Engine(tiny_llama_dir, num_blocks=64).generate(prompt, free)[0].token_ids
+    a, b, c = (full[i] for i in _first_positions(full, 3, avoid=1))
+    path = llama_dir_with(config={"eos_token_id": [a, b]}, generation_config={"eos_token_id": c})
+    engine = Engine(path, num_blocks=64)
+    stopped = SamplingParams(max_tokens=24, **GREEDY)
+    for eos in (a, b, c):
+        # Continue the greedy text up to just before this eos: it must stop right there.
+        start = full.index(eos) - 1
+        out = engine.generate(prompt + full[:start], stopped)[0]
+        assert out.token_ids == full[start : full.index(eos) + 1], eos
+        assert out.finish_reason == "stop"
+    assert engine.eos_token_ids == {a, b, c, 1}  # 1: the tokenizer's </s>
+    # A list in generation_config.json counts too, and ignore_eos still ignores them all.
+    path = llama_dir_with(config={"eos_token_id": a}, generation_config={"eos_token_id": [b, c]})
+    engine = Engine(path, num_blocks=64)
+    assert engine.eos_token_ids == {a, b, c, 1}
+    assert engine.generate(prompt, free)[0].token_ids == full
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_max_model_len_is_lowered_to_what_the_kv_cache_holds(tiny_llama_dir):
+    records = _Records()
+    logger = logging.getLogger("fscale.serve.engine")
+    logger.addHandler(records)
+    try:
+        engine = Engine(tiny_llama_dir, num_blocks=9, block_size=16)  # 8 x 16 = 128 tokens
+    finally:
+        logger.removeHandler(records)
+    assert engine.max_model_len == 128  # the model's context is 256
+    assert any("max_model_len=128" in m for m in records.messages), records.messages
+    # A request may now use the whole context: it fits in the cache.
+    out = engine.generate([5, 6, 7], SamplingParams(max_tokens=125, ignore_eos=True))[0]
+    assert len(out.token_ids) == 125
+    assert Engine(tiny_llama_dir, num_blocks=9, max_model_len=128).max_model_len == 128
+    with pytest.raises(ValueError, match="larger kv_cache_gib .* smaller max_model_len"):
+        Engine(tiny_llama_dir, num_blocks=9, block_size=16, max_model_len=200)
+
+
+def test_first_token_keeps_its_leading_space_with_a_metaspace_tokenizer(metaspace_llama_dir):
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(metaspace_llama_dir)
+    engine = Engine(metaspace_llama_dir, num_blocks=64)
+    prompt = "w1 w2 w3 w4 w5 w6 w7"
+    params = SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY)
+    out = engine.generate(prompt, params)[0]
+    ids = list(out.prompt_token_ids)
+    want = hf_tok.decode(ids + out.token_ids, skip_special_tokens=True)
+    before = hf_tok.decode(ids, skip_special_tokens=True)
+    assert want.startswith(before)
+    assert out.text == want[len(before) :]
+    assert out.text.startswith(" w")  # every word token starts with a space
+    chunks = list(engine.stream(prompt, params))
+    assert chunks[0].delta_text.startswith(" w")
+    assert "".join(c.delta_text for c in chunks) == out.text
+    # Stop strings still cut the text where they start.
+    stop = out.text.split(" ")[3]
+    cut = engine.generate(prompt, SamplingParams(max_tokens=10, stop=[stop], **GREEDY))[0]
+    assert cut.finish_reason == "stop" and cut.text == out.text[: out.text.index(stop)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fscale.serve.kv_cache import BlockManager
+from fscale.serve.kv_cache import HASH_BYTES, BlockManager, block_hash
 from fscale.serve.params import SamplingParams
 from fscale.serve.sequence import Sequence
 
@@ -59,6 +59,25 @@ def test_prefix_sharing_and_last_token_never_shared():
     assert bm.match_prefix(d) == 4
     bm.release(d)
     bm.check([a, b])
+
+
+def test_block_keys_are_keyed_digests_of_parent_and_tokens():
+    bm = BlockManager(16, 4)
+    first = block_hash(None, [1, 2, 3, 4], bm.hash_key)
+    assert isinstance(first, bytes) and len(first) == HASH_BYTES
+    assert first == block_hash(None, [1, 2, 3, 4], bm.hash_key)
+    assert first != block_hash(None, [1, 2, 3, 5], bm.hash_key)  # one token changed
+    second = block_hash(first, [5, 6, 7, 8], bm.hash_key)
+    assert second != block_hash(None, [5, 6, 7, 8], bm.hash_key)  # the parent counts
+    assert second != block_hash(second, [5, 6, 7, 8], bm.hash_key)
+    # Another engine's key gives other digests: nobody can precompute a collision.
+    assert BlockManager(16, 4).hash_key != bm.hash_key
+    assert block_hash(None, [1, 2, 3, 4], BlockManager(16, 4).hash_key) != first
+    # The cache is indexed by these digests.
+    a = _seq([1, 2, 3, 4, 5, 6, 7, 8, 9], 0)
+    _compute(bm, a)
+    assert set(bm.cached) == {first, second}
+    assert a.last_hash == second
 
 
 def test_cached_blocks_survive_release_until_evicted_lru():

@@ -10,6 +10,7 @@ greedy outputs come from a separate reference Engine on the same directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -641,3 +642,71 @@ def test_example_serve_gpt(capsys, tmp_path):
                       "--max-tokens", "4", "--temperature", "0"])  # fmt: skip
     assert len(texts) == len(mod.PROMPTS)
     assert f"loaded {tmp_path / 'run'}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- audit fixes
+
+
+@contextlib.contextmanager
+def _serving(engine, **kw):
+    s = _start(engine, **kw)
+    try:
+        yield s
+    finally:
+        s.client.close()
+        s.srv.stop()
+
+
+def test_completion_prompts_get_bos_and_chat_prompts_get_it_once(bos_llama_dir):
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(bos_llama_dir)
+    messages = [{"role": "user", "content": "Hello"}]
+    chat_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert chat_ids[0] == 0 and chat_ids[1] != 0  # the template's own <s>
+    with _serving(Engine(bos_llama_dir, num_blocks=64)) as s:
+        body = {"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}
+        r = s.client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(hf_tok(PROMPTS[0]).input_ids)
+        body = {"messages": messages, "max_tokens": 3, "temperature": 0}
+        r = s.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(chat_ids)
+
+
+def test_prompt_outside_the_vocabulary_is_400_and_spares_the_others():
+    import torch
+
+    from fscale.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(vocab_size=200, seq_len=256)).eval()  # bytes up to 255 in
+    engine = Engine(model, num_blocks=64, max_tokens_per_step=16)
+    good = {"prompt": "Hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    params = SamplingParams(max_tokens=60, ignore_eos=True, temperature=0.0)
+    want = engine.generate("Hello", params)[0].text
+
+    async def go(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            bad = {"prompt": "\U0001f600", "max_tokens": 4}
+            return await asyncio.gather(
+                c.post("/v1/completions", json=good), c.post("/v1/completions", json=bad)
+            )
+
+    with _serving(engine) as s:
+        ok, bad = asyncio.run(go(s.url))
+    _assert_error(bad, 400, contains="out of range")
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == want
+
+
+def test_chat_without_max_tokens_fits_a_kv_cache_smaller_than_the_context(tiny_llama_dir):
+    engine = Engine(tiny_llama_dir, num_blocks=9, block_size=16)  # 128 tokens; context 256
+    with _serving(engine) as s:
+        body = {"messages": [{"role": "user", "content": "Hello"}], "temperature": 0}
+        r = s.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["total_tokens"] <= 128
+        assert engine.max_model_len == 128
+        r = s.client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": None})
+        assert r.status_code == 200, r.text

@@ -57,7 +57,14 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     mlp: str = "swiglu"  # "swiglu" | "gelu_tanh" | "gelu"
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends a generation
+
+
+def eos_ids(value) -> tuple[int, ...]:
+    """A config's ``eos_token_id`` (absent, an int or a list of ints) as a tuple."""
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fscale.serve.models.decoder import DecoderConfig
+from fscale.serve.models.decoder import DecoderConfig, eos_ids
 
 ARCHITECTURES = ("GPT2LMHeadModel",)
 _ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -46,7 +46,7 @@ def gpt2_config(c: dict) -> DecoderConfig:
         norm_eps=c.get("layer_norm_epsilon", 1e-5),
         positions="learned",
         mlp=_ACTS[act],
-        eos_token_id=c.get("eos_token_id"),
+        eos_token_ids=eos_ids(c.get("eos_token_id")),
     )
 
 

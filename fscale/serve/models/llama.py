@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fscale.serve.models.decoder import DecoderConfig
+from fscale.serve.models.decoder import DecoderConfig, eos_ids
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -29,7 +29,6 @@ def llama_config(c: dict) -> DecoderConfig:
     scaling = c.get("rope_scaling") or (
         rope if rope.get("rope_type", "default") != "default" else None
     )
-    eos = c.get("eos_token_id")
     return DecoderConfig(
         arch="llama",
         vocab_size=c["vocab_size"],
@@ -46,7 +45,8 @@ def llama_config(c: dict) -> DecoderConfig:
         rope_theta=float(theta),
         rope_scaling=scaling,
         mlp="swiglu",
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        # Llama-3-Instruct lists several (<|end_of_text|>, <|eot_id|>): keep them all.
+        eos_token_ids=eos_ids(c.get("eos_token_id")),
     )
 
 

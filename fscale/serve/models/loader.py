@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fscale.serve.models.decoder import DecoderConfig, LoadedModel, map_params
+from fscale.serve.models.decoder import DecoderConfig, LoadedModel, eos_ids, map_params
 from fscale.serve.models.fscale_gpt import fscale_gpt
 from fscale.serve.models.gpt2 import ARCHITECTURES as GPT2_ARCHS
 from fscale.serve.models.gpt2 import gpt2_config, gpt2_params
@@ -97,7 +97,19 @@ def _directory(path: Path) -> tuple[dict, list[Path]]:
             f"model directory {str(path)!r} has no *.safetensors weights; save the model with "
             "save_pretrained(safe_serialization=True)."
         )
-    return json.loads((path / "config.json").read_text()), files
+    return _read_config(path), files
+
+
+def _read_config(path: Path) -> dict:
+    """config.json, its ``eos_token_id`` joined with generation_config.json's: HF
+    ``generate`` stops at the latter's ids (Llama-3-Instruct's <|eot_id|> is only there)."""
+    config = json.loads((path / "config.json").read_text())
+    generation = path / "generation_config.json"
+    if generation.exists():
+        extra = eos_ids(json.loads(generation.read_text()).get("eos_token_id"))
+        ids = eos_ids(config.get("eos_token_id")) + extra
+        config["eos_token_id"] = list(dict.fromkeys(ids))  # union, first seen first
+    return config
 
 
 def model_config(model) -> DecoderConfig:
