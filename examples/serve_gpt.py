@@ -54,10 +54,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def saved_config(run_dir: str) -> GPTConfig | None:
+    """The GPT config a train_gpt.py run saved with its latest checkpoint (its preset,
+    --seq-len, --experts), or None for a checkpoint without one (then --preset)."""
+    where = fs.latest(run_dir) or run_dir
+    saved = fs.load_extra(where, rank=0)
+    config = saved.get("gpt_config") if isinstance(saved, dict) else None
+    return GPTConfig(**config) if config else None
+
+
 def trained_model(args: argparse.Namespace) -> GPT:
     """The GPT with train_gpt's weights: loaded from ``--checkpoint`` or trained here."""
     torch.manual_seed(args.seed)
-    cfg = getattr(GPTConfig, args.preset)()
+    cfg = saved_config(args.checkpoint) if args.checkpoint else None
+    cfg = cfg or getattr(GPTConfig, args.preset)()
+    if cfg.experts:
+        raise SystemExit(
+            f"{args.checkpoint}: a mixture-of-experts GPT ({cfg.experts} experts); fscale.serve "
+            "serves dense GPTs: train one without --experts."
+        )
     model = GPT(cfg)
     params, apply = fs.functional(model)
 

@@ -50,6 +50,7 @@ gets a seed of its own: [Note: RNG states per rank]).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -701,6 +702,7 @@ def main(argv: list[str] | None = None) -> dict:
                 **rng_states(device),  # this rank's own ([Note: RNG states per rank])
                 "history": history,
                 "losses": global_mean(torch.stack(losses)).tolist(),  # a collective
+                "gpt_config": dataclasses.asdict(cfg),  # the model, for serve_gpt.py
             }
             fs.save(args.save_dir, params, state, at=it, keep=3, extra=extra, mesh=step.mesh)
     bar.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -642,6 +643,28 @@ def test_example_serve_gpt(capsys, tmp_path):
                       "--max-tokens", "4", "--temperature", "0"])  # fmt: skip
     assert len(texts) == len(mod.PROMPTS)
     assert f"loaded {tmp_path / 'run'}" in capsys.readouterr().out
+
+    # A run of train_gpt.py itself with another context (--seq-len 32): its checkpoint
+    # holds the GPT config, which serve_gpt.py builds (not --preset's 128 positions).
+    run = tmp_path / "trained"
+    tg.main(["--preset", "tiny", "--steps", "2", "--seq-len", "32", "--save-dir", str(run),
+             "--out", str(tmp_path / "loss.png"), "--device", "cpu"])  # fmt: skip
+    assert fs.load_extra(fs.latest(run), rank=0)["gpt_config"]["seq_len"] == 32
+    texts = mod.main(["--checkpoint", str(run), "--max-tokens", "3", "--temperature", "0"])
+    assert len(texts) == len(mod.PROMPTS)
+    # A mixture-of-experts GPT: refused with a message, here and by the engine.
+    moe = GPTConfig.tiny().replace(experts=4)
+    params, apply = fs.functional(GPT(moe))
+    step = tg.build_step(tg.parse_args(["--preset", "tiny"]), lambda p, b: 0, model=apply, cfg=moe)
+    params, state = step.init(params)
+    extra = {"gpt_config": dataclasses.asdict(moe)}
+    fs.save(tmp_path / "moe", params, state, at=1, extra=extra)
+    with pytest.raises(SystemExit, match="mixture-of-experts GPT"):
+        mod.main(["--checkpoint", str(tmp_path / "moe")])
+    from fscale.serve import Engine
+
+    with pytest.raises(ValueError, match="mixture of experts.*dense"):
+        Engine(GPT(moe), device="cpu")
 
 
 # ---------------------------------------------------------------------------- audit fixes

@@ -15,6 +15,12 @@ from fscale.serve.models.decoder import DecoderConfig, LoadedModel
 
 def fscale_gpt(model) -> LoadedModel:
     c = model.cfg
+    if c.experts:  # the decoder's MLP is one dense FFN per layer
+        raise ValueError(
+            f"fscale.serve: this GPT is a mixture of experts ({c.experts} experts per MoE "
+            "block); the engine serves dense GPTs, Llama and GPT-2 models. Train or export a "
+            "dense model (experts=0)."
+        )
     sd = dict(model.named_parameters(remove_duplicate=False))
     cfg = DecoderConfig(
         arch="fscale_gpt",
