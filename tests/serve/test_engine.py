@@ -100,6 +100,47 @@ def test_warm_up_runs_every_token_bucket_and_changes_no_output(tiny_llama_dir, l
     assert [o.token_ids for o in outs] == [llama_ref[i] for i in range(len(PROMPTS))]
 
 
+def _tiny_family_dir(path, family: str):
+    """A tiny HF Mistral (sliding window 24, shorter than its 256 positions) or Qwen2
+    (q/k/v biases, drawn nonzero) directory."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=24))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1e6))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # biases and norms too: nonzero, exercised
+            p.normal_(0.0, 0.1)
+    model.eval().save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_greedy_equal_hf(tmp_path, family):
+    """Both are Llama to the decoder: Qwen2's q/k/v biases come with the checkpoint, and
+    Mistral's sliding window (24) becomes the served context, where it is exact."""
+    path, model = _tiny_family_dir(tmp_path / family, family)
+    engine = Engine(path, max_tokens_per_step=16, block_size=4, num_blocks=64)
+    if family == "mistral":
+        assert engine.max_model_len == 24
+    prompts = [p[:10] for p in PROMPTS]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
+    for p, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == _hf_generate(model, p, 8)[: len(out.token_ids)]
+        assert len(out.token_ids) == 8 or out.finish_reason == "stop"
+    if family == "qwen2":
+        assert "qkv.bias" in engine.runner.decoder.layers[0]  # the biases are served
+        with pytest.raises(ValueError, match="max_model_len"):  # past the window: refused
+            Engine(_tiny_family_dir(tmp_path / "m", "mistral")[0], max_model_len=32)
+
+
 @pytest.mark.parametrize("scheduler", ["splitfuse", "prefill_first"])
 def test_gpt2_greedy_equals_hf(tiny_gpt2_dir, gpt2_ref, scheduler):
     engine = Engine(

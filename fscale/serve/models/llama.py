@@ -1,4 +1,10 @@
-"""HF Llama-family checkpoints (``LlamaForCausalLM``) -> the decoder's config and params.
+"""HF Llama-family checkpoints -> the decoder's config and params.
+
+``LlamaForCausalLM``, and the two that differ from it only in what the decoder already
+takes: ``MistralForCausalLM`` (a sliding attention window) and ``Qwen2ForCausalLM``
+(q/k/v biases, which the checkpoint carries). A sliding window shorter than the model's
+context becomes the served context: within the window, full attention and sliding-window
+attention see the same keys, so the output is exact; longer sequences are refused.
 
 q/k/v are fused into one ``qkv`` weight and gate/up into ``gate_up`` (fewer, larger
 matmuls); a missing ``lm_head.weight`` (tied embeddings) reuses the embedding.
@@ -15,7 +21,8 @@ import torch
 
 from fscale.serve.models.decoder import DecoderConfig, eos_ids
 
-ARCHITECTURES = ("LlamaForCausalLM",)
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def llama_config(c: dict) -> DecoderConfig:
@@ -38,7 +45,7 @@ def llama_config(c: dict) -> DecoderConfig:
         num_kv_heads=c.get("num_key_value_heads") or heads,
         head_dim=c.get("head_dim") or hidden // heads,
         intermediate=c["intermediate_size"],
-        max_positions=c.get("max_position_embeddings", 2048),
+        max_positions=_context(c),
         norm="rms",
         norm_eps=c.get("rms_norm_eps", 1e-6),
         positions="rope",
@@ -48,6 +55,14 @@ def llama_config(c: dict) -> DecoderConfig:
         # Llama-3-Instruct lists several (<|end_of_text|>, <|eot_id|>): keep them all.
         eos_token_ids=eos_ids(c.get("eos_token_id")),
     )
+
+
+def _context(c: dict) -> int:
+    """Positions served: the model's, or its sliding window where that is shorter (Qwen2
+    slides only with ``use_sliding_window``)."""
+    positions = c.get("max_position_embeddings", 2048)
+    window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
+    return min(positions, window) if window else positions
 
 
 def llama_params(cfg: DecoderConfig, get, *, tie: bool, finish=None) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from fscale.serve.models.fscale_gpt import fscale_gpt
 from fscale.serve.models.gpt2 import ARCHITECTURES as GPT2_ARCHS
 from fscale.serve.models.gpt2 import gpt2_config, gpt2_params
 from fscale.serve.models.llama import ARCHITECTURES as LLAMA_ARCHS
+from fscale.serve.models.llama import MODEL_TYPES as LLAMA_TYPES
 from fscale.serve.models.llama import llama_config, llama_params
 from fscale.serve.parallel import TensorParallel, check_divisible, shard_param
 
@@ -36,7 +37,7 @@ SUPPORTED = (*LLAMA_ARCHS, *GPT2_ARCHS, "fscale.models.GPT")
 def _family(config: dict, name: str) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch in LLAMA_ARCHS or (arch is None and config.get("model_type") == "llama"):
+    if arch in LLAMA_ARCHS or (arch is None and config.get("model_type") in LLAMA_TYPES):
         return "llama"
     if arch in GPT2_ARCHS or (arch is None and config.get("model_type") == "gpt2"):
         return "gpt2"
