@@ -400,6 +400,25 @@ class _Killed(BaseException):
     """Raised at an injected crash point: like SIGKILL, no ``except Exception`` stops it."""
 
 
+def inject_crashes(monkeypatch, targets) -> dict:
+    """Every call of ``targets`` ((module, name) pairs) counts in ``calls["n"]``; the
+    call numbered ``calls["at"]`` raises ``_Killed`` instead. Returns ``calls``."""
+    calls = {"n": 0, "at": None}
+
+    def crashing(fn):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["at"]:
+                raise _Killed(f"crash point {calls['n']}")
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for mod, name in targets:
+        monkeypatch.setattr(mod, name, crashing(getattr(mod, name)))
+    return calls
+
+
 def test_a_crash_at_any_file_operation_of_a_save_leaves_a_loadable_checkpoint(
     tmp_path, monkeypatch
 ):
@@ -412,20 +431,8 @@ def test_a_crash_at_any_file_operation_of_a_save_leaves_a_loadable_checkpoint(
     fs.save(base, params, state, at=1)
     params, state = _train(step, params, state, _batches(0, 1, 1, seed=5))
     new = {k: v.clone() for k, v in params.items()}
-    calls = {"n": 0, "at": None}
-
-    def crashing(fn):
-        def wrapper(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == calls["at"]:
-                raise _Killed(f"crash point {calls['n']}")
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for mod, name in ((os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree")):
-        monkeypatch.setattr(mod, name, crashing(getattr(mod, name)))
-    monkeypatch.setattr(torch, "save", crashing(torch.save))
+    targets = ((os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree"), (torch, "save"))
+    calls = inject_crashes(monkeypatch, targets)
     fs.save(tmp_path / "count", params, state, at=2, keep=1)
     points = calls["n"]
     assert points >= 20, points

@@ -14,13 +14,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import fscale as fs
 from fscale._checkpoint import files
-from tests.test_checkpoint import _batches, _build, _equal, _train, _trained
+from tests.test_checkpoint import (
+    _batches,
+    _build,
+    _equal,
+    _Killed,
+    _train,
+    _trained,
+    inject_crashes,
+)
 
 needs_exchange = pytest.mark.skipif(files._RENAMEAT2 is None, reason="no renameat2 here")
-
-
-class _Killed(BaseException):
-    """An injected crash: like SIGKILL, no ``except Exception`` stops it."""
 
 
 def _two_states():
@@ -37,20 +41,8 @@ def test_a_crash_at_any_point_of_a_save_over_a_path_leaves_a_whole_checkpoint(
     old, params, state = _two_states()
     base = tmp_path / "base"
     fs.save(base, old, state)
-    calls = {"n": 0, "at": None}
-
-    def crashing(fn):
-        def wrapper(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == calls["at"]:
-                raise _Killed(f"crash point {calls['n']}")
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for mod, name in ((os, "fsync"), (os, "rename"), (shutil, "rmtree"), (files, "_exchange")):
-        monkeypatch.setattr(mod, name, crashing(getattr(mod, name)))
-    monkeypatch.setattr(torch, "save", crashing(torch.save))
+    targets = ((os, "fsync"), (os, "rename"), (shutil, "rmtree"), (files, "_exchange"))
+    calls = inject_crashes(monkeypatch, (*targets, (torch, "save")))
     shutil.copytree(base, tmp_path / "count")
     fs.save(tmp_path / "count", params, state)
     points = calls["n"]

@@ -235,7 +235,7 @@ def test_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
     one-kernel split-K sharing the stream's counters): captured with PDL the chain gives
     the bits of the chain launched without it, and of itself run eagerly."""
     from fscale.kernels import fused_decoder as fd
-    from fscale.kernels._triton import pdl
+    from tests.kernels.test_gemv import captured_chain_ignores_pdl
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     ps = [fpx.pack(torch.randn(4096, 4096, generator=gen, device="cuda") * 0.02, "e3m2")]
@@ -250,17 +250,5 @@ def test_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
             x = fpx_gluon.fpx_linear_gluon(h, p, split=4)
         return x
 
-    outs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FSCALE_PDL", flag)
-        assert pdl(x0.device) == (flag == "1")
-        eager = chain()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = chain()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, eager), flag
-        outs[flag] = y.clone()
-    assert torch.equal(outs["0"], outs["1"])
+    captured_chain_ignores_pdl(chain, monkeypatch)
     assert not COUNTERS or all(int(c.abs().sum()) == 0 for c in COUNTERS.values())

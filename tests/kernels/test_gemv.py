@@ -128,6 +128,13 @@ def test_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
             x = gemv.gemv_launch(h, w)
         return x
 
+    captured_chain_ignores_pdl(chain, monkeypatch)
+
+
+def captured_chain_ignores_pdl(chain, monkeypatch) -> None:
+    """``chain()`` captured in a CUDA graph gives the bits it gives eagerly, with PDL
+    off (``FSCALE_PDL=0``) and on, and the same bits both ways."""
+    dev = torch.device("cuda")
     outs = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("FSCALE_PDL", flag)
