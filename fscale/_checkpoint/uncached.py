@@ -43,7 +43,7 @@ import torch
 __all__ = ["ALIGN", "UncachedFile"]
 
 ALIGN = 4096  # bytes: address, offset and length of every O_DIRECT write
-_SMALL = 1 << 16  # writes below this are copied by memoryview (a tensor costs more)
+_SMALL = 1 << 16  # writes below this are copied by memoryview (no ctypes call)
 
 
 class UncachedFile:
@@ -129,9 +129,10 @@ class UncachedFile:
             os.close(self.fd)
             del self._tensor
             try:
+                self._view.release()
                 self._map.close()
-            except BufferError:  # a failed write's traceback still holds a slice
-                pass
+            except BufferError:  # a failed write's traceback still holds a slice: the
+                pass  # mapping goes when that does
 
     # -- internals
 
