@@ -365,7 +365,29 @@ def _dequantized_hf(path, engine):
     return model
 
 
-@pytest.mark.parametrize("fmt", ["int8", "e3m2"])
+def _weight_formats() -> list[str]:
+    """Every weight-only ``fs.quantize`` format (those that quantize activations too
+    have tests of their own)."""
+    from fscale.transforms.quantize import FORMATS
+
+    return [f for f in FORMATS if not f.endswith("-a8") and f not in _ACTIVATION_FORMATS]
+
+
+_ACTIVATION_FORMATS = ("w8a8", "fp8")  # activations quantized per token too
+
+
+@pytest.mark.parametrize("fmt", _ACTIVATION_FORMATS)
+def test_activation_quantized_engine_equals_recompute(tiny_llama_dir, fmt):
+    """``w8a8`` and ``fp8`` quantize each token's activations on their own: the paged
+    engine (chunked prefill, batched decode) equals a full recompute on its weights."""
+    engine = Engine(tiny_llama_dir, quantize=fmt, max_tokens_per_step=16, num_blocks=64)
+    outs = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=10, **GREEDY))
+    dec = engine.decoder
+    for p, out in zip(PROMPTS[:3], outs, strict=True):
+        assert out.token_ids == _recompute(lambda x: dec.forward_dense(x[0])[None], p, 10, 1)
+
+
+@pytest.mark.parametrize("fmt", _weight_formats())
 def test_quantized_engine_equals_dequantized_reference(tiny_llama_dir, fmt):
     engine = Engine(tiny_llama_dir, quantize=fmt, max_tokens_per_step=16, num_blocks=64)
     assert "head.weight" not in {
@@ -377,10 +399,11 @@ def test_quantized_engine_equals_dequantized_reference(tiny_llama_dir, fmt):
         assert out.token_ids == _recompute(lambda x: ref(x).logits, p, 10, eos=1)
 
 
-def test_w6a8_engine_equals_recompute(tiny_llama_dir, monkeypatch):
-    """``e3m2-a8``: with FP8 activations in every product (MIN_TOKENS = 1) each token's
-    rows are quantized on their own, so chunked prefill, batched decode and a plain
-    full recompute on the same weights agree token for token."""
+@pytest.mark.parametrize("fmt", ["e3m2-a8", "e2m2-a8", "e3m1-a8"])
+def test_w6a8_engine_equals_recompute(tiny_llama_dir, monkeypatch, fmt):
+    """``e3m2-a8`` and the fp5 ``-a8`` formats: with FP8 activations in every product
+    (MIN_TOKENS = 1) each token's rows are quantized on their own, so chunked prefill,
+    batched decode and a plain full recompute on the same weights agree token for token."""
     from fscale.hw import dispatch
     from fscale.kernels import fpx_a8
 
@@ -394,7 +417,7 @@ def test_w6a8_engine_equals_recompute(tiny_llama_dir, monkeypatch):
 
     dispatch.register(fpx_a8.OP, spy, device="cpu", priority=1000, name="spy")
     try:
-        engine = Engine(tiny_llama_dir, quantize="e3m2-a8", max_tokens_per_step=16, num_blocks=64)
+        engine = Engine(tiny_llama_dir, quantize=fmt, max_tokens_per_step=16, num_blocks=64)
         outs = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=10, **GREEDY))
         assert min(calls) <= 3 and max(calls) >= 10  # decodes and prefill chunks went W6A8
         dec = engine.decoder
