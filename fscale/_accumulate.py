@@ -50,6 +50,7 @@ def accumulated_loss_and_grad(step: Step, ctx: StepContext, params: Params, batc
                 totals,
                 scale=scale if last and step.accumulate > 1 else None,
                 ctx=ctx if last and final else None,
+                prior_loss=total_loss,
             )
             ctx.grad_sink = sink
         try:
@@ -108,10 +109,13 @@ class _AccumulateInto:
     (or kept, when ``totals`` is None: the first micro-batch), optionally scaled and
     announced."""
 
-    def __init__(self, totals: list | None, *, scale: float | None = None, ctx=None):
+    def __init__(
+        self, totals: list | None, *, scale: float | None = None, ctx=None, prior_loss=None
+    ):
         self.totals = totals
         self.scale = scale
         self.ctx = ctx
+        self.prior_loss = prior_loss  # the earlier micro-batches' summed loss
         self.used = False
         self.wrt: list[torch.Tensor] = []
         self.done: set[int] = set()
@@ -120,6 +124,14 @@ class _AccumulateInto:
         self.wrt = wrt
         if self.totals is None:
             self.totals = [None] * len(wrt)
+
+    def before_backward(self, target: torch.Tensor) -> None:
+        """The loss this backward differentiates, with the earlier micro-batches', to a
+        transform that updates during it ([Note: a loss vote before streamed updates])."""
+        hook = None if self.ctx is None else self.ctx.before_final_backward
+        if hook is not None:
+            loss = target.detach()
+            hook(loss if self.prior_loss is None else loss + self.prior_loss.detach())
 
     def add(self, index: int, grad: torch.Tensor) -> None:
         self.used = True

@@ -104,8 +104,8 @@ def backward_into_sink(sink, target: torch.Tensor, wrt: list[torch.Tensor]) -> l
 
     The leaf's own ``.grad`` is dropped right away, so a sink that reduces and
     frees grads as they arrive (ZeRO-2) never holds the whole model's grads.
-    ``sink.start(wrt)`` (if the sink has it) runs first; ``sink.finish(n)`` returns
-    the n results, aligned with ``wrt``.
+    ``sink.start(wrt)`` then ``sink.before_backward(target)`` (if the sink has them) run
+    first; ``sink.finish(n)`` returns the n results, aligned with ``wrt``.
     """
     handles = []
     for index, leaf in enumerate(wrt):
@@ -117,6 +117,8 @@ def backward_into_sink(sink, target: torch.Tensor, wrt: list[torch.Tensor]) -> l
         handles.append(leaf.register_post_accumulate_grad_hook(hook))
     if hasattr(sink, "start"):
         sink.start(wrt)
+    if hasattr(sink, "before_backward"):
+        sink.before_backward(target)
     try:
         target.backward()
     finally:

@@ -63,7 +63,6 @@ from fscale.placement import MeshLayout, Placement, placement_of, replicated
 from fscale.policies import (
     CAPABILITIES,
     SKIP_SAFE_UPDATE,
-    WANTS_FINAL_GRADS,
     ModelParallelDims,
 )
 from fscale.stages import DEFAULT_STAGES, Stages, clip_, leaf_shards
@@ -196,6 +195,18 @@ class StepContext:
         self.grad_sink = None
         # Called with each final grad in backward ([Note: final grads in backward]).
         self.grad_ready = None
+        # [Note: a loss vote before streamed updates]
+        # A transform that updates from grads during the last backward (offload's
+        # streaming) acts before the step's vote on loss and grads. So the core hands
+        # it the loss (the micro-batches' sum, the last one's included) right before
+        # that backward (``before_final_backward(loss)``, set by the transform); the
+        # transform votes on its finiteness across the mesh and applies no update when
+        # any rank's is not. When the step's vote then skips the step, the core calls
+        # ``streamed_updates()``: it waits for the transform's work and says whether
+        # any update ran. None ran (a NaN batch): the skip changes nothing, as without
+        # streaming. Some ran (a finite loss, an overflow in backward): it raises.
+        self.before_final_backward = None
+        self.streamed_updates = None
         # The non-finite guard ([Note: the non-finite guard] in fscale/_guard.py): a
         # stage that already checked every grad for inf/nan (fp16's unscale) puts its
         # local flag here (a 0-d tensor, > 0 when found) so the grads are not read
@@ -424,15 +435,17 @@ class Step:
             if not skip and "lr" in hparams:
                 ctx.metrics["lr"] = hparams["lr"]
         guard = dict(ctx.state.get("guard") or {"skipped_steps": 0, "consecutive": 0})
-        if skip and self.has(WANTS_FINAL_GRADS) and ctx.grad_ready is not None:
-            # A transform updated from the grads during backward (offload streaming),
-            # before the vote: the step cannot be undone, so it must not pass silently.
+        if skip and ctx.streamed_updates is not None and ctx.streamed_updates():
+            # A transform updated from the grads during backward (offload streaming):
+            # the loss was finite on every rank, a grad was not. The step cannot be
+            # undone, so it must not pass silently ([Note: a loss vote before streamed
+            # updates]; a non-finite loss skips those updates and lands below).
             raise FloatingPointError(
-                "a non-finite loss or grad on some rank, but the optimizer already ran on "
-                "the grads during backward (offload streams them to the host update), so the "
-                "state holds this step's non-finite values. Load the last checkpoint; to make "
-                "such steps skippable, keep the update after backward (train_step(clip_norm="
-                "...) or offload(..., overlap=False))."
+                "a non-finite grad with a finite loss on some rank, but the optimizer already "
+                "ran on the grads during backward (offload streams them to the host update), "
+                "so the state holds this step's non-finite values. Load the last checkpoint; "
+                "to make such steps skippable, keep the update after backward (train_step("
+                "clip_norm=...) or offload(..., overlap=False))."
             )
         if skip:
             # No update ran: params and the optimizer state (its count, its schedule)

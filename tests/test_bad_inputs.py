@@ -93,6 +93,18 @@ def _nan_offload(**kw):
     _run(fs.offload(step, "cpu", **kw), params, [_batch(), _nan_batch()])
 
 
+def _inf_grad_offload():
+    # sqrt at 0: a finite loss whose grad is inf, so the streamed update already ran.
+    model = torch.nn.Linear(4, 1)
+    params, apply = fs.functional(model)
+
+    def loss_fn(p, b):
+        return torch.sqrt((apply(p, b["x"]) * 0.0).square()).sum()
+
+    step = fs.offload(fs.train_step(loss_fn, fs.optim.adamw(1e-3)), "cpu")
+    _run(step, params, [{"x": torch.ones(2, 4)}])
+
+
 def _stale_state():
     step, params, _ = _problem()
     params, state = step.init(params)
@@ -147,7 +159,11 @@ CASES = [
     ("NaN batch offload", lambda: _nan_offload(overlap=False), FloatingPointError,
      r"1 steps in a row"),
     ("NaN batch offload streaming in backward", _nan_offload, FloatingPointError,
-     r"the optimizer already ran on the grads during backward .* Load the last checkpoint"),
+     r"1 steps in a row"),
+    ("inf grad, finite loss, offload streaming in backward", _inf_grad_offload,
+     FloatingPointError,
+     r"a non-finite grad with a finite loss .* already ran on the grads during backward .* "
+     r"Load the last checkpoint"),
     ("stale state", _stale_state, ValueError,
      r"stale state: this state is from step call 0 .* Rebind on every call"),
     ("stale params", _stale_params, ValueError,

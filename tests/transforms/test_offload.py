@@ -342,6 +342,64 @@ def test_grads_streamed_in_backward_give_the_same_update(world):
             assert "loss_and_grad_end" not in after_kinds
 
 
+def _nan_step_world_fn(rank, world):
+    """Per case: the streamed stack over batches 0, NaN (rank 1's part only, or every
+    part in a world of one; the first micro-batch of two), 2, against the same stack
+    that never saw the NaN batch; and what the NaN step changed."""
+    out = {}
+    for stage, precision, accumulate in ((3, None, 1), (3, "bf16", 2)):
+        model = mlp(WIDTHS, seed=3)
+        batches = regression_batches(3, GLOBAL_BATCH, WIDTHS[0], WIDTHS[-1])
+        per = GLOBAL_BATCH // world
+        runs = {}
+        for name, order in (("nan", (0, 1, 2)), ("clean", (0, 2))):
+            params, apply = fs.functional(copy.deepcopy(model))
+            step = fs.train_step(regression_loss(apply), _optimizer("adamw"))
+            step = _streamed(stage, precision, accumulate)(step)
+            params, state = step.init(params)
+            changed = None
+            for i in order:
+                local = {k: v[rank * per : (rank + 1) * per].clone() for k, v in batches[i].items()}
+                if i == 1 and (rank == 1 or world == 1):
+                    local["x"][: max(1, per // accumulate)] = float("nan")
+                if i == 1:
+                    before = {k: v.detach().clone() for k, v in fs.gather_params(params).items()}
+                    masters = state["offload"].buffers[0].clone()
+                params, state, metrics = step(params, state, local)
+                if i == 1:
+                    after = fs.gather_params(params)
+                    changed = {
+                        "params": max(
+                            (after[k].detach() != before[k]).sum().item() for k in before
+                        ),
+                        "masters": (state["offload"].buffers[0] != masters).sum().item(),
+                        "nonfinite": bool(metrics["nonfinite"]),
+                        "skipped": state["guard"]["skipped_steps"],
+                        "streamed": state["offload"].stream is not None,
+                    }
+            runs[name] = ({k: v.detach().clone() for k, v in fs.gather_params(params).items()},
+                          changed)  # fmt: skip
+            state["offload"].close()
+        out[(stage, precision, accumulate)] = runs
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_nan_batch_skips_the_streamed_step_on_every_rank(world):
+    """[Note: a loss vote before streamed updates] (fscale/step.py): with grads streamed
+    into the host update during backward, a NaN batch on one rank (in the first of two
+    micro-batches too) changes no param and no host master on any rank, and the run
+    goes on as if it never came."""
+    results = run_world(_nan_step_world_fn, world) if world > 1 else [_nan_step_world_fn(0, 1)]
+    for rank, cases in enumerate(results):
+        for case, runs in cases.items():
+            (nan, changed), (clean, _) = runs["nan"], runs["clean"]
+            assert changed["streamed"] and changed["nonfinite"], (rank, case)
+            assert changed["skipped"] == 1 and changed["params"] == 0, (rank, case)
+            assert changed["masters"] == 0, (rank, case)
+            assert max_rel_error(nan, clean) == 0.0, (rank, case)
+
+
 class _WithUnused(torch.nn.Module):
     """An MLP plus a layer the forward never calls: its grads are zeros, announced in
     the sink's finish instead of by a backward hook."""

@@ -24,6 +24,13 @@ Same numbers as the update after backward: the same grads reach the same host
 optimizer group by group (tests compare the two bit for bit). One difference: an
 exception in the last micro-batch's backward (a device OOM) leaves the groups that
 were already streamed updated, as an exception inside the update stage would.
+
+A non-finite loss skips the step as it does without streaming: the loss is voted on
+before the last backward ([Note: a loss vote before streamed updates] in
+``fscale/step.py``), and the worker reads that vote before its first update of the
+step; on a non-finite vote it updates no group (the grads are dropped, the staging
+buffers freed), and the step's guard finds nothing changed. A finite loss whose
+grads are not (an overflow inside backward) was already applied: the step raises.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+VOTE_TAG = "offload.loss_vote"  # the collective of [Note: a loss vote before streamed updates]
 
 
 class GradStream:
@@ -57,6 +66,10 @@ class GradStream:
         self.queue: collections.deque = collections.deque()
         self.free = list(range(len(self.handle.staging)))
         self.futures: list[Future] = []
+        self.loss_bad: torch.Tensor | None = None  # ranks with a non-finite loss (0-d)
+        self.loss_voted: Any = None  # a CUDA event after that vote, or None
+        self.poisoned: bool | None = None  # read by the worker before its first update
+        self.applied = False  # a group's update ran this step
 
     def begin(self, ctx) -> None:
         """Called at each micro-batch's loss_and_grad; a new step call starts fresh."""
@@ -65,7 +78,24 @@ class GradStream:
         self.wait()  # a step that raised mid-backward leaves nothing running
         self.reset()
         self.ctx = ctx
+        ctx.before_final_backward = self.vote_loss
+        ctx.streamed_updates = self.settle
         self.handle._reset_events()
+
+    def vote_loss(self, loss: torch.Tensor) -> None:
+        """Before the last backward: whether any rank's loss is non-finite, summed over
+        the step's mesh, queued where the loss is; the worker reads it before its first
+        update ([Note: a loss vote before streamed updates] in fscale/step.py)."""
+        ctx = self.ctx
+        bad = (~torch.isfinite(loss.float())).to(torch.float32).reshape(())
+        mesh = ctx.step.mesh
+        for dim in mesh.dims:
+            if mesh.size(dim) > 1:
+                ctx.comm.all_reduce(VOTE_TAG, bad, op="sum", group=mesh.group(dim))
+        self.loss_bad = bad
+        if bad.is_cuda:
+            self.loss_voted = torch.cuda.Event()
+            self.loss_voted.record(torch.cuda.current_stream(bad.device))
 
     # -- in backward (the main thread) --------------------------------------------------
 
@@ -103,14 +133,31 @@ class GradStream:
         g = handle.groups[k]
         for i in g.leaves:  # on the host now: the device grad can go once the step ends
             self.grads[i] = None
-        handle.update_group(k, handle.buffers[k], handle.staging[slot])
-        master, _ = handle.views(g, handle.buffers[k])
-        handle.to_device(g, master, self.params)
+        if self.poisoned is None:
+            self.poisoned = self._loss_was_bad()
+        if not self.poisoned:
+            handle.update_group(k, handle.buffers[k], handle.staging[slot])
+            master, _ = handle.views(g, handle.buffers[k])
+            handle.to_device(g, master, self.params)
+            self.applied = True
         with self.lock:
             self.free.append(slot)
             self._pump()
 
+    def _loss_was_bad(self) -> bool:
+        if self.loss_bad is None:  # no vote this step (a stage without the sink)
+            return False
+        if self.loss_voted is not None:
+            self.loss_voted.synchronize()
+        return bool(self.loss_bad.item() > 0)
+
     # -- the update stage ---------------------------------------------------------------
+
+    def settle(self) -> bool:
+        """A skipped step: wait for the worker; True when it applied any update (the
+        loss vote was finite, so this step's state is already changed)."""
+        self.wait()
+        return self.applied
 
     @property
     def started(self) -> bool:
@@ -125,6 +172,11 @@ class GradStream:
                 "while others did; streaming needs every grad announced (a bug)."
             )
         self.wait()
+        if self.poisoned:  # the step's own vote would have skipped it: never here
+            raise RuntimeError(
+                "offload: the loss vote before backward was non-finite, yet the step went on "
+                "to its update; its groups were not updated (a bug)."
+            )
         for pos, ptr in self.ptrs.items():
             if grads[pos] is None or grads[pos].data_ptr() != ptr:
                 raise RuntimeError(
