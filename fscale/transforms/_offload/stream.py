@@ -92,10 +92,13 @@ class GradStream:
         for dim in mesh.dims:
             if mesh.size(dim) > 1:
                 ctx.comm.all_reduce(VOTE_TAG, bad, op="sum", group=mesh.group(dim))
-        self.loss_bad = bad
-        if bad.is_cuda:
-            self.loss_voted = torch.cuda.Event()
+        if bad.is_cuda:  # to pinned memory behind the vote: the worker reads the host copy
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(bad, non_blocking=True)  # (a .item() on its stream could wait for
+            self.loss_voted = torch.cuda.Event()  # backward's later kernels)
             self.loss_voted.record(torch.cuda.current_stream(bad.device))
+            bad = host
+        self.loss_bad = bad
 
     # -- in backward (the main thread) --------------------------------------------------
 
