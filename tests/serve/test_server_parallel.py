@@ -86,7 +86,7 @@ def test_torchrun_cli(tiny_llama_dir):
     # Followers of a server that stopped stepping would die after this; it also covers
     # start-up (rank 1 waits in its first broadcast while rank 0 builds the app), so it
     # leaves room for a loaded 2-core box.
-    pg_timeout_s = 10.0
+    pg_timeout_s = 15.0
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
