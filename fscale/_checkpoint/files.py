@@ -148,19 +148,13 @@ def latest(path: str | os.PathLike) -> str | None:
     if _complete(root):
         return root
     pointer = os.path.join(root, _LATEST)
-    named = None
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            named = os.path.join(root, f.read().strip())
-        if _complete(named):
-            return named
-    steps = sorted(
-        (int(m.group(1)), name)
-        for name in (os.listdir(root) if os.path.isdir(root) else [])
-        if (m := _STEP_DIR.match(name)) and _complete(os.path.join(root, name))
-    )
+    name = _pointed(root)
+    named = None if name is None else os.path.join(root, name)
+    if named is not None and _complete(named):
+        return named
+    steps = [n for n in _step_dirs(root) if _complete(os.path.join(root, n))]
     if steps:
-        found = os.path.join(root, steps[-1][1])
+        found = os.path.join(root, steps[-1])
         if named is not None:
             warnings.warn(
                 f"{pointer} names {named}, which is gone or incomplete; using {found}, the "
@@ -367,7 +361,7 @@ def _step_dirs(root: str) -> list[str]:
     """The run's ``step-<n>`` directories, oldest step first."""
     steps = sorted(
         (int(m.group(1)), name)
-        for name in os.listdir(root)
+        for name in (os.listdir(root) if os.path.isdir(root) else [])
         if (m := _STEP_DIR.match(name)) and os.path.isdir(os.path.join(root, name))
     )
     return [name for _, name in steps]
