@@ -36,10 +36,12 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -53,6 +55,7 @@ from fscale.transforms.zero import gather_params
 
 FILE_NAME = "model.safetensors"  # what transformers' from_pretrained looks for in a directory
 INDEX_NAME = "model.safetensors.index.json"  # a checkpoint sharded over several files
+CONFIG_NAME = "config.json"
 
 __all__ = ["export", "load_safetensors", "load_state_dict"]
 
@@ -66,6 +69,7 @@ def export(
     dtype: torch.dtype | None = torch.float32,
     tied: Literal["all", "first"] = "all",
     metadata: Mapping[str, str] | None = None,
+    config: Any = None,
 ) -> pathlib.Path:
     """Write full params as one safetensors file, named as the module names them.
 
@@ -85,6 +89,10 @@ def export(
       tied: ``"all"`` writes a tied weight under every name, ``"first"`` under its
         first name only (``save_pretrained``'s convention, a smaller file).
       metadata: extra string pairs for the file header.
+      config: written as ``config.json`` beside ``model.safetensors`` (``path`` a
+        directory): a ``transformers`` config (``save_pretrained``), a dataclass or a
+        mapping (as JSON). By default the model's ``config`` attribute, where it has one.
+        A directory export with neither warns: ``from_pretrained`` needs a config.
 
     Returns:
       The file written (on every rank).
@@ -98,6 +106,8 @@ def export(
     """
     if tied not in ("all", "first"):
         raise ValueError(f"fs.export: tied must be 'all' or 'first', got {tied!r}.")
+    if config is not None:
+        _config_json(config)  # a config that cannot be written raises before any collective
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"fs.export: dtype must be a floating dtype or None, got {dtype}.")
     target = _file_path(path)
@@ -111,9 +121,8 @@ def export(
             header = {"format": "pt", **dict(metadata or {})}
             target.parent.mkdir(parents=True, exist_ok=True)
             _atomic_save(tensors, target, header)
-            config = getattr(module, "config", None)
-            if target.name == FILE_NAME and hasattr(config, "save_pretrained"):
-                config.save_pretrained(target.parent)  # a Hugging Face model: from_pretrained-able
+            if target.name == FILE_NAME:
+                _write_config(target.parent, config, module)
         except BaseException as e:  # re-raised below, after the other ranks hear of it
             error = e
     _agree_on_success(error, target)
@@ -305,6 +314,48 @@ def _atomic_save(tensors: dict[str, torch.Tensor], target: pathlib.Path, header:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def _write_config(directory: pathlib.Path, config, module) -> None:
+    """``config.json`` beside the weights: ``config``, else the module's own config."""
+    config = getattr(module, "config", None) if config is None else config
+    if config is None:
+        warnings.warn(
+            f"fs.export wrote {directory / FILE_NAME} without a config.json, so "
+            "from_pretrained cannot load the directory: pass model= (a transformers model) "
+            "or config= (its config, a dataclass or a dict).",
+            stacklevel=3,
+        )
+        return
+    if hasattr(config, "save_pretrained"):
+        config.save_pretrained(directory)  # a Hugging Face config: from_pretrained-able
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(_config_json(config), indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / CONFIG_NAME)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _config_json(config) -> dict:
+    if hasattr(config, "save_pretrained") or hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            "fs.export: config must be a transformers config, a dataclass instance or a "
+            f"mapping, got {type(config).__name__}."
+        )
+    try:
+        json.dumps(dict(config))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"fs.export: config is not JSON-serialisable ({e}).") from None
+    return dict(config)
 
 
 def _agree_on_success(error: BaseException | None, target: pathlib.Path) -> None:

@@ -185,6 +185,34 @@ def test_dtype_option_and_no_model(tmp_path):
         fs.export(tmp_path / "x.safetensors", params, dtype=torch.int8)
 
 
+def test_config_json_without_the_model_or_from_a_dataclass(tmp_path):
+    params, state, apply = _train("llama")
+    hf_config = apply.module.config
+
+    # No model: the params' own names (which are the module's here) plus config= make a
+    # directory from_pretrained loads.
+    fs.export(tmp_path / "hf", params, state, config=hf_config)
+    _assert_same_logits(_from_pretrained(tmp_path / "hf"), apply, params)
+
+    # Neither a model with a config nor config=: written, with a warning naming the fix.
+    with pytest.warns(UserWarning, match="without a config.json.*config="):
+        fs.export(tmp_path / "bare", params, state)
+    assert not (tmp_path / "bare" / "config.json").exists()
+
+    # fscale's GPT keeps its GPTConfig (a dataclass) on no attribute: config= writes it.
+    cfg = GPTConfig.tiny()
+    gpt_params, _ = fs.functional(GPT(cfg))
+    fs.export(tmp_path / "gpt", gpt_params, config=cfg)
+    written = json.loads((tmp_path / "gpt" / "config.json").read_text())
+    assert GPTConfig(**written) == cfg
+
+    with pytest.raises(TypeError, match="config must be a transformers config"):
+        fs.export(tmp_path / "bad", params, config=["not", "a", "config"])
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        fs.export(tmp_path / "bad", params, config={"dtype": torch.float32})
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
 # ----------------------------------------------------------------------------- errors
 
 
