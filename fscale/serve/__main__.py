@@ -50,6 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long a request waits for room in a full engine before answering 503",
     )
     p.add_argument(
+        "--max-start-wait-s",
+        type=float,
+        default=300.0,
+        help="how long a request may wait in all for the engine to start it (KV cache or "
+        "seats full) before it is dropped with a 503; a large value (or inf) waits without "
+        "limit",
+    )
+    p.add_argument(
         "--tensor-parallel",
         type=_tp_size,
         default=1,
@@ -62,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_tokens_per_step", "max_num_seqs", "max_waiting"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.max_start_wait_s >= 0:  # NaN too
+        p.error(f"--max-start-wait-s must be >= 0, got {args.max_start_wait_s}")
     if args.kv_cache_gib is not None and args.num_blocks is not None:
         p.error("give --kv-cache-gib or --num-blocks, not both")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             port,
             served_model_name=args.served_model_name,
             max_queue_wait_s=args.max_queue_wait_s,
+            max_start_wait_s=args.max_start_wait_s,
             log_level=args.log_level,
             on_ready=ready,
         )

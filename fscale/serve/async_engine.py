@@ -6,12 +6,18 @@ commands and get outputs back on per-request ``asyncio.Queue``\\s.
 
 Usage::
 
-    aeng = AsyncEngine(engine, max_queue_wait_s=2.0)
+    aeng = AsyncEngine(engine, max_queue_wait_s=2.0, max_start_wait_s=300.0)
     aeng.start(asyncio.get_running_loop())
-    stream = await aeng.add("req-1", token_ids, SamplingParams(max_tokens=8))
+    stream = await aeng.add("req-1", token_ids, SamplingParams(max_tokens=8))  # started
     async for out in stream:          # RequestOutput deltas, the last one finished
         print(out.delta_text, end="")
     aeng.stop()
+
+``add`` returns once the engine has *started* the request (scheduled it for the first
+time), so a full engine is refused before a handler answers anything: QueueTimeout when
+no place in the engine's waiting queue came within ``max_queue_wait_s``, or when the
+request waited ``max_start_wait_s`` in all without being started (the KV cache or the
+seats stayed full); see [Note: two waits before a request starts].
 
 Under tensor parallelism (``engine.tp.size > 1``; this must be the group's rank 0) the
 loop also keeps the other ranks in step ([Note: heartbeat for the followers]) and its
@@ -38,11 +44,25 @@ log = logging.getLogger(__name__)
 # Engine.step() runs a forward pass: tens of ms to seconds. If handlers called the engine
 # under a lock, the event loop would stall behind every step (no new connections, no SSE
 # flushes). Instead handlers append commands to an inbox and return at once; the loop
-# thread applies them between steps. add_request's outcome (admitted, ValueError, or
-# EngineFull after the admission wait) comes back through a concurrent Future, and each
+# thread applies them between steps. A request's outcome (started, ValueError, or a
+# QueueTimeout after one of its waits) comes back through a concurrent Future, and each
 # RequestOutput through loop.call_soon_threadsafe onto the request's asyncio.Queue.
 # A full engine (EngineFull) is not an error at first: the request waits in the server's
 # admission queue, in arrival order, and is retried after every step until its deadline.
+
+# [Note: two waits before a request starts]
+# A request passes two queues before it runs: the server's admission queue (waiting for a
+# place in the engine's waiting queue, bounded by max_queue_wait_s) and the engine's
+# waiting queue (waiting for KV blocks and a seat, which only requests that finish
+# free). Without a bound on the second, a request queued behind long generations could
+# wait there for minutes, its client hanging (a streaming one with its 200 already
+# sent). So ``add`` resolves only once ``engine.started(rid)``, and the loop aborts in
+# the engine a request still unstarted ``max_start_wait_s`` after ``add`` was called
+# (StartTimeout, a QueueTimeout: the server answers 503). Only the first start counts:
+# a preempted request re-queued after it ran belongs to its stream and is never timed
+# out. The check runs after every loop pass; a request in the engine keeps it busy, so
+# the loop steps (and checks) continuously until the request starts or ends. Under
+# tensor parallelism the abort reaches the other ranks through the engine's outbox.
 
 # [Note: heartbeat for the followers]
 # With tensor parallelism the other ranks of the group sit in Engine.follow(), each of
@@ -65,12 +85,16 @@ class QueueTimeout(RuntimeError):
     """The engine stayed full for the whole admission wait."""
 
 
+class StartTimeout(QueueTimeout):
+    """The request waited ``max_start_wait_s`` without the engine starting it (aborted)."""
+
+
 class ShuttingDown(RuntimeError):
     """The server stopped before the request finished."""
 
 
 class Withdrawn(RuntimeError):
-    """The handler gave up on the request before the engine admitted it (nobody waits)."""
+    """The handler gave up on the request before the engine started it (nobody waits)."""
 
 
 class _Fatal(Exception):
@@ -82,8 +106,10 @@ class _Pending:
     request_id: str
     prompt: Any
     params: Any
-    deadline: float
-    admitted: concurrent.futures.Future
+    arrived: float  # monotonic time of the add() call
+    deadline: float  # for a place in the engine's waiting queue
+    start_deadline: float  # for the engine to start it
+    admitted: concurrent.futures.Future  # resolved once started (_check_starts)
     stream: RequestStream
 
 
@@ -140,18 +166,29 @@ class AsyncEngine:
         engine,
         *,
         max_queue_wait_s: float = 2.0,
+        max_start_wait_s: float | None = 300.0,
         heartbeat_s: float = 0.5,
         on_failure=None,
     ):
-        """``heartbeat_s``: under tensor parallelism, the longest the loop stays without a
-        ``step()`` while idle. ``on_failure()``: called from the loop thread when it ends
-        other than by ``stop()`` (a failed step under tensor parallelism, a bug)."""
+        """``max_queue_wait_s``: how long a request waits for a place in the engine's
+        waiting queue. ``max_start_wait_s``: how long it may wait in all, from ``add``,
+        until the engine starts it (None: no limit, as vLLM); see [Note: two waits
+        before a request starts]. ``heartbeat_s``: under tensor parallelism, the longest
+        the loop stays without a ``step()`` while idle. ``on_failure()``: called from the
+        loop thread when it ends other than by ``stop()`` (a failed step under tensor
+        parallelism, a bug)."""
         if max_queue_wait_s < 0:
             raise ValueError(f"max_queue_wait_s must be >= 0, got {max_queue_wait_s}.")
+        if max_start_wait_s is not None and not max_start_wait_s >= 0:  # NaN too
+            raise ValueError(
+                f"max_start_wait_s must be >= 0 seconds or None (no limit), got "
+                f"{max_start_wait_s!r}."
+            )
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}.")
         self.engine = engine
         self.max_queue_wait_s = float(max_queue_wait_s)
+        self.max_start_wait_s = None if max_start_wait_s is None else float(max_start_wait_s)
         self.heartbeat_s = float(heartbeat_s)
         self.on_failure = on_failure
         tp = getattr(engine, "tp", None)
@@ -169,7 +206,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Loop-thread only:
         self._admission: collections.deque[_Pending] = collections.deque()
-        self._active: dict[str, RequestStream] = {}
+        self._starting: dict[str, _Pending] = {}  # in the engine, not started yet
+        self._active: dict[str, RequestStream] = {}  # in the engine (_starting's included)
         self._tok_samples: collections.deque = collections.deque()
         self._last_step = -math.inf  # monotonic time of the last step() call
         self.sample = _Sample()  # replaced whole by the loop thread; read by anyone
@@ -199,22 +237,29 @@ class AsyncEngine:
     # ------------------------------------------------------------------ handler side
 
     async def add(self, request_id: str, prompt, params, *, queue=None) -> RequestStream:
-        """Queue a request; returns its stream once the engine has admitted it.
+        """Queue a request; returns its stream once the engine has started it (or it
+        ended before that: its outputs are in the stream).
 
         ``queue``: an ``asyncio.Queue`` to share between several requests (outputs carry
         their ``request_id``); by default the stream has its own. Raises the engine's
         ValueError for a bad request, QueueTimeout when the engine stayed full for
-        ``max_queue_wait_s``, ShuttingDown after ``stop()``. If the caller is cancelled
-        while waiting, the request is withdrawn.
+        ``max_queue_wait_s`` or did not start the request within ``max_start_wait_s``
+        (StartTimeout), ShuttingDown after ``stop()``, EngineStepError when a failed
+        step dropped it. If the caller is cancelled while waiting, the request is
+        withdrawn (and aborted in the engine).
         """
         if not self.is_alive():
             raise ShuttingDown("the engine loop is not running")
         stream = RequestStream(self, request_id, queue)
+        now = time.monotonic()
+        start_wait = math.inf if self.max_start_wait_s is None else self.max_start_wait_s
         pending = _Pending(
             request_id,
             prompt,
             params,
-            time.monotonic() + self.max_queue_wait_s,
+            now,
+            now + self.max_queue_wait_s,
+            now + start_wait,
             concurrent.futures.Future(),
             stream,
         )
@@ -244,7 +289,7 @@ class AsyncEngine:
                 with self._cond:
                     while not (self._stop or self._inbox or self._busy() or self._beat_due()):
                         self._cond.wait(self._wait_timeout())
-                        if self._admission:
+                        if self._admission or self._starting:
                             break  # a deadline may have passed
                     if self._stop:
                         break
@@ -259,6 +304,7 @@ class AsyncEngine:
                 self._admit()
                 if self._busy() or self._beat_due():
                     failures = self._step(failures)
+                self._check_starts()
                 self._snapshot()
         except _Fatal:
             pass  # logged where it happened
@@ -306,9 +352,13 @@ class AsyncEngine:
         return bool(self._active) or self.engine.has_unfinished()
 
     def _admission_timeout(self) -> float | None:
-        if not self._admission:
+        if not (self._admission or self._starting):
             return None
-        return max(0.0, min(p.deadline for p in self._admission) - time.monotonic())
+        first = min(
+            [min(p.deadline, p.start_deadline) for p in self._admission]
+            + [p.start_deadline for p in self._starting.values()]
+        )
+        return max(0.0, first - time.monotonic())
 
     def _admit(self) -> None:
         now = time.monotonic()
@@ -332,26 +382,62 @@ class AsyncEngine:
                 p.admitted.set_exception(e)
                 continue
             self._active[p.request_id] = p.stream
-            p.admitted.set_result(None)
+            self._starting[p.request_id] = p  # resolved by _check_starts
         self._admission = kept
 
     def _expire_or_keep(self, p: _Pending, now: float, kept) -> None:
-        if now >= p.deadline:
+        if now >= p.start_deadline:
+            p.admitted.set_exception(self._start_timeout(p, now))
+        elif now >= p.deadline:
             p.admitted.set_exception(
                 QueueTimeout(f"the engine stayed full for {self.max_queue_wait_s:g} s")
             )
         else:
             kept.append(p)
 
+    def _start_timeout(self, p: _Pending, now: float) -> StartTimeout:
+        return StartTimeout(
+            f"waited {now - p.arrived:.3g} s for the engine to start it: its KV cache or "
+            "seats stayed full"
+        )
+
+    def _check_starts(self) -> None:
+        """Resolve the ``add`` of each request the engine started (or ended); abort those
+        still waiting past their start deadline ([Note: two waits before a request starts])."""
+        if not self._starting:
+            return
+        now = time.monotonic()
+        for rid, p in list(self._starting.items()):
+            if self.engine.started(rid):
+                del self._starting[rid]
+                p.admitted.set_result(None)
+            elif now >= p.start_deadline:
+                del self._starting[rid]
+                self._active.pop(rid, None)
+                self._engine_abort(rid)
+                p.admitted.set_exception(self._start_timeout(p, now))
+
     def _abort(self, request_id: str) -> None:
         for p in [p for p in self._admission if p.request_id == request_id]:
             self._admission.remove(p)
             p.admitted.set_exception(Withdrawn(p.request_id))
+        p = self._starting.pop(request_id, None)
+        if p is not None:
+            p.admitted.set_exception(Withdrawn(request_id))
         if self._active.pop(request_id, None) is not None:
-            try:
-                self.engine.abort(request_id)
-            except Exception:
-                log.exception("engine.abort(%r) raised", request_id)
+            self._engine_abort(request_id)
+
+    def _engine_abort(self, request_id: str) -> None:
+        try:
+            self.engine.abort(request_id)
+        except Exception:
+            log.exception("engine.abort(%r) raised", request_id)
+
+    def _fail_starts(self, err: BaseException) -> None:
+        """Fail the ``add`` of every request not started yet (they are in ``_active``)."""
+        for p in self._starting.values():
+            p.admitted.set_exception(err)
+        self._starting.clear()
 
     def _step(self, failures: int) -> int:
         self._last_step = time.monotonic()
@@ -362,6 +448,7 @@ class AsyncEngine:
                 self.step_errors += 1
                 log.exception("Engine.step() raised under tensor parallelism; stopping the loop")
                 err = EngineStepError(f"the engine failed while running this request: {e!r}")
+                self._fail_starts(err)
                 for stream in self._active.values():
                     self._post(stream, err)
                 self._active.clear()
@@ -372,6 +459,7 @@ class AsyncEngine:
             log.exception("Engine.step() raised; failing %d in-flight requests", len(self._active))
             self.step_errors += 1
             err = EngineStepError(f"the engine failed while running this request: {e!r}")
+            self._fail_starts(err)  # their handlers answer 500 before any header
             for rid, stream in list(self._active.items()):
                 self._abort(rid)
                 self._post(stream, err)
@@ -397,6 +485,7 @@ class AsyncEngine:
             if not p.admitted.done():
                 p.admitted.set_exception(err)
         self._admission.clear()
+        self._fail_starts(err)
         for rid, stream in list(self._active.items()):
             try:
                 self.engine.abort(rid)

@@ -350,6 +350,14 @@ class Engine:
         seq.finish_reason = "abort"
         self._aborted.append(seq)
 
+    def started(self, request_id: str) -> bool:
+        """Whether the request has left the waiting queue for the first time (it got its
+        KV blocks and its first prompt chunk went into a step), or is finished, aborted
+        or unknown: false only while it waits to start. A preempted request, queued
+        again after it ran, stays started."""
+        seq = self._seqs.get(request_id)
+        return seq is None or seq.started or seq.status is Status.FINISHED
+
     def has_unfinished(self) -> bool:
         return bool(self._seqs) or bool(self._aborted) or self._inflight is not None
 
@@ -399,6 +407,7 @@ class Engine:
                 - max(seq.num_computed, seq.num_cached_tokens or 0),
             )
             seq.num_computed += n
+            seq.started = True
         launched = _Launched(list(batch.seqs), sampled)
         if sampled:
             launched.tokens = sample_tokens(

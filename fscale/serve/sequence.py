@@ -61,6 +61,7 @@ class Sequence:
         self.arrival = arrival
         self.generator = generator
         self.status = Status.WAITING
+        self.started = False  # scheduled at least once; preemption does not reset it
         self.finish_reason: str | None = None
         self.num_computed = 0
         self.num_pending = 0

@@ -3,9 +3,12 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with SSE
 streaming), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Errors
 use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
-parameters, 404 for another model's name, 503 + ``Retry-After`` when the engine stayed
-full for ``max_queue_wait_s``, 500 when the engine failed on the request. A client that
-disconnects has its request aborted in the engine.
+parameters, 404 for another model's name, 503 + ``Retry-After`` (code ``engine_full``)
+when the engine stayed full for ``max_queue_wait_s`` or did not start the request within
+``max_start_wait_s``, 500 when the engine failed on the request. A request is answered
+only once the engine has started it (async_engine.py, [Note: two waits before a request
+starts]), so these 503s come before any header, for streaming requests too. A client
+that disconnects has its request aborted in the engine, queued or running.
 
 Usage::
 
@@ -48,6 +51,7 @@ from fscale.serve.async_engine import (
     QueueTimeout,
     RequestStream,
     ShuttingDown,
+    StartTimeout,
 )
 from fscale.serve.protocol import (
     APIError,
@@ -73,6 +77,9 @@ log = logging.getLogger(__name__)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DISCONNECT_POLL_S = 0.2  # how often a waiting handler checks that its client is still there
 FOLLOWER_GRACE_S = 30.0  # a signalled follower waits this long for rank 0's shutdown
+# Retry-After of a request the engine did not start in time: the seats free as requests
+# finish, which no one can predict; a few seconds, not another max_start_wait_s.
+START_RETRY_AFTER_MAX_S = 5
 
 
 class _ClientGone(Exception):
@@ -84,6 +91,7 @@ def build_app(
     *,
     served_model_name: str | None = None,
     max_queue_wait_s: float = 2.0,
+    max_start_wait_s: float | None = 300.0,
     heartbeat_s: float = 0.5,
 ):
     """A FastAPI app serving ``engine``; its lifespan starts and stops the engine's thread.
@@ -93,11 +101,21 @@ def build_app(
         tensor parallelism, the group's rank 0; the lifespan's end then also calls
         ``engine.shutdown()``, which ends the other ranks' ``follow()``.
       served_model_name: the name clients pass as ``model`` (default ``engine.model_name``).
-      max_queue_wait_s: how long a request waits for room in a full engine before 503.
+      max_queue_wait_s: how long a request waits for room in a full engine's waiting
+        queue before 503.
+      max_start_wait_s: how long a request may wait in all (from its arrival) for the
+        engine to start it, its KV cache or seats full, before it is dropped with a 503;
+        None: no limit (as vLLM). The default, 300 s, is shorter than clients' usual
+        timeouts.
       heartbeat_s: under tensor parallelism, how often an idle server still steps, so
         the other ranks never wait long in the step's broadcast (see async_engine.py).
     """
-    aeng = AsyncEngine(engine, max_queue_wait_s=max_queue_wait_s, heartbeat_s=heartbeat_s)
+    aeng = AsyncEngine(
+        engine,
+        max_queue_wait_s=max_queue_wait_s,
+        max_start_wait_s=max_start_wait_s,
+        heartbeat_s=heartbeat_s,
+    )
     state = _State(aeng, served_model_name or engine.model_name)
 
     @contextlib.asynccontextmanager
@@ -377,7 +395,8 @@ class _Run:
         self.finals: list = [None] * len(ids)
 
     async def admit(self, params: Sequence) -> None:
-        """Add every prompt to the engine; on any failure withdraw them all and raise."""
+        """Add every prompt to the engine, returning once it started them all; on any
+        failure withdraw them all and raise."""
         aeng, m = self.state.aeng, self.state.metrics
         adds = []
         for i, (ids, sp) in enumerate(zip(self.ids, params, strict=True)):
@@ -394,8 +413,13 @@ class _Run:
         except BaseException as e:
             self.abort()
             if isinstance(e, QueueTimeout):
-                m.rejected.labels("queue_full").inc()
-                wait = max(1, math.ceil(aeng.max_queue_wait_s))
+                if isinstance(e, StartTimeout):
+                    m.rejected.labels("start_timeout").inc()
+                    limit = aeng.max_start_wait_s or 0
+                    wait = max(1, math.ceil(min(limit, START_RETRY_AFTER_MAX_S)))
+                else:
+                    m.rejected.labels("queue_full").inc()
+                    wait = max(1, math.ceil(aeng.max_queue_wait_s))
                 raise APIError(
                     503,
                     f"the server is at capacity ({e}); retry after {wait} s",
@@ -405,6 +429,9 @@ class _Run:
                 ) from None
             if isinstance(e, ShuttingDown):
                 raise APIError(503, f"{e}; retry later", type="service_unavailable") from None
+            if isinstance(e, EngineStepError):  # a failed step dropped it before it started
+                m.rejected.labels("error").inc()
+                raise APIError(500, str(e), type="server_error") from None
             if isinstance(e, ValueError):
                 m.rejected.labels("bad_request").inc()
                 raise APIError(400, str(e), param="prompt") from None
@@ -581,6 +608,7 @@ def serve(
     *,
     served_model_name: str | None = None,
     max_queue_wait_s: float = 2.0,
+    max_start_wait_s: float | None = 300.0,
     heartbeat_s: float = 0.5,
     log_level: str = "info",
     on_ready=None,
@@ -592,6 +620,8 @@ def serve(
       engine_or_dir: an ``Engine``, or what ``Engine(...)`` takes (a model directory,
         an ``nn.Module``), built with ``engine_kwargs``.
       on_ready: called with the URL once the server accepts connections.
+      served_model_name, max_queue_wait_s, max_start_wait_s, heartbeat_s: see
+        :func:`build_app`.
 
     Under tensor parallelism every rank of the group calls it: rank 0 serves HTTP
     (stepping at least every ``heartbeat_s``) and, when it stops, ends the others, which
@@ -618,6 +648,7 @@ def serve(
         engine,
         served_model_name=served_model_name,
         max_queue_wait_s=max_queue_wait_s,
+        max_start_wait_s=max_start_wait_s,
         heartbeat_s=heartbeat_s,
     )
 

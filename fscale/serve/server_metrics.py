@@ -103,7 +103,8 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             "fscale_requests_rejected",
-            "Requests refused before running (queue_full: 503, bad_request: 400, error: 500).",
+            "Requests refused before running (queue_full: 503, start_timeout: 503, "
+            "bad_request: 400, error: 500).",
             ["reason"],
             registry=reg,
         )

@@ -456,6 +456,39 @@ def test_full_engine_answers_503_with_retry_after_and_serves_the_rest(small, ref
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
 
 
+def test_request_not_started_in_time_is_503_before_any_header(small, ref_small, monkeypatch):
+    # The one seat is held by a long stream; a second request gets the engine's one
+    # waiting place but is not started within max_start_wait_s: 503, streaming or not.
+    aeng = small.app.state.fscale.aeng
+    monkeypatch.setattr(aeng, "max_start_wait_s", 0.25)
+    before = _metrics(small.client)
+    long = {"prompt": "Hello", "max_tokens": 150, "temperature": 0, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.Client(base_url=small.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=long) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            events = [json.loads(next(x for x in lines if x.startswith("data: "))[6:])]
+            for stream in (False, True):  # >= 1.5 s of steps: the long one still runs
+                late = {"prompt": "Hi", "max_tokens": 3, "stream": stream}
+                resp = small.client.post("/v1/completions", json=late)
+                _assert_error(resp, 503, contains="for the engine to start it", code="engine_full")
+                assert 1 <= int(resp.headers["retry-after"]) <= 5
+                assert not resp.headers["content-type"].startswith("text/event-stream")
+            _wait_for(lambda: _metric(_metrics(small.client), "fscale_queue_depth") == 0)
+            assert _running_and_blocks(small.client)[0] == 1
+            events += [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert text == ref_small("Hello", 150, ignore_eos=True).text
+    m = _metrics(small.client)
+    rejected = "fscale_requests_rejected_total"
+    moved = _metric(m, rejected, reason="start_timeout") - _metric(
+        before, rejected, reason="start_timeout"
+    )
+    assert moved == 2
+    _wait_for(lambda: _running_and_blocks(small.client) == (0, 0), what="freed blocks")
+
+
 # ---------------------------------------------------------------------------- failures
 
 
