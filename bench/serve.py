@@ -748,49 +748,60 @@ def _top_kernels(engine, steps: int, n: int = 15) -> list[dict]:
 
 def profile(lm, args) -> None:
     """Per-step breakdown of decode steps at each batch in ``args.profile_batches``,
-    fused kernels vs the eager decoder, and the top CUDA kernels per step."""
+    fused kernels vs the eager decoder, and the top CUDA kernels per step; for each
+    weight format of ``--profile-formats`` (quantized ones with fused kernels only, at
+    part d's engine size: every graph bucket is an M their kernels tune on)."""
     V = lm.config.vocab_size
-    for fused in (True, False):
-        engine = make_engine(
-            lm, args, max_tokens_per_step=args.budget, fused_kernels=fused, overlap=False
-        )
-        run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up
-        for B in args.profile_batches:
-            params = SamplingParams(
-                max_tokens=args.max_model_len - 129, temperature=0, ignore_eos=True
-            )
-            for i, p in enumerate(prompts(B, 128, V, 3)):
-                engine.add_request(f"p{B}-{i}", p, params)
-            while any(s.num_computed < s.num_prompt for s in engine._seqs.values()):
-                engine.step()  # prefill
-            for _ in range(3):
-                engine.step()
-            acc: dict = {}
-            for _ in range(args.profile_steps):
-                _timed_step(engine, acc)
-            med = {k: sorted(v)[len(v) // 2] for k, v in acc.items()}
-            emit(
-                {
-                    "part": "profile",
-                    "fused_kernels": engine.decoder.fused is not None,
-                    "batch": B,
-                    "median_ms": med,
-                }
-            )
-            top, gpu_us = _top_kernels(engine, args.profile_trace_steps)
-            emit(
-                {
-                    "part": "profile",
-                    "fused_kernels": engine.decoder.fused is not None,
-                    "batch": B,
-                    "gpu_us_per_step": gpu_us,
-                    "top_kernels": top,
-                }
-            )
-            for rid in list(engine._seqs):
-                engine.abort(rid)
+    for fmt in args.profile_formats.split(","):
+        quant = None if fmt == "bf16" else fmt
+        for fused in (True,) if quant else (True, False):
+            kw = dict(max_tokens_per_step=args.budget, fused_kernels=fused, overlap=False)
+            if quant:
+                kw.update(
+                    quantize=quant, max_tokens_per_step=args.d_budget, max_num_seqs=args.d_seqs
+                )
+            _profile_engine(make_engine(lm, args, **kw), args, V, fmt)
+
+
+def _profile_engine(engine, args, V: int, fmt: str) -> None:
+    """Decode steps at each batch of ``args.profile_batches``: timed pieces, top kernels."""
+    run_batch(engine, prompts(2, 16, V, 0), 4)  # warm-up
+    for B in args.profile_batches:
+        params = SamplingParams(max_tokens=args.max_model_len - 129, temperature=0, ignore_eos=True)
+        for i, p in enumerate(prompts(B, 128, V, 3)):
+            engine.add_request(f"p{B}-{i}", p, params)
+        while any(s.num_computed < s.num_prompt for s in engine._seqs.values()):
+            engine.step()  # prefill
+        for _ in range(3):
             engine.step()
-        free(engine)
+        acc: dict = {}
+        for _ in range(args.profile_steps):
+            _timed_step(engine, acc)
+        med = {k: sorted(v)[len(v) // 2] for k, v in acc.items()}
+        emit(
+            {
+                "part": "profile",
+                "weights": fmt,
+                "fused_kernels": engine.decoder.fused is not None,
+                "batch": B,
+                "median_ms": med,
+            }
+        )
+        top, gpu_us = _top_kernels(engine, args.profile_trace_steps, n=30)
+        emit(
+            {
+                "part": "profile",
+                "weights": fmt,
+                "fused_kernels": engine.decoder.fused is not None,
+                "batch": B,
+                "gpu_us_per_step": gpu_us,
+                "top_kernels": top,
+            }
+        )
+        for rid in list(engine._seqs):
+            engine.abort(rid)
+        engine.step()
+    free(engine)
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -869,6 +880,16 @@ def main() -> None:
         help="per-step host/GPU breakdown at B=1 and B=64 (fused and eager) and the top "
         "CUDA kernels; runs instead of the parts",
     )
+    ap.add_argument(
+        "--profile-formats",
+        default="bf16",
+        help="--profile's weights: bf16 and fs.quantize formats, e.g. bf16,e3m2-a8",
+    )
+    ap.add_argument(
+        "--profile-batches",
+        dest="profile_batches_set",
+        help="--profile's decode batches, e.g. 1,64 (the default)",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.tiny:
@@ -900,6 +921,8 @@ def main() -> None:
     args.splitfuse_budgets = (
         [int(b) for b in args.c_budgets.split(",")] if args.c_budgets else [args.splitfuse_budget]
     )
+    if args.profile_batches_set:
+        args.profile_batches = [int(b) for b in args.profile_batches_set.split(",")]
     for name in ("d_seqs", "d_budget", "saturation"):  # part d's engine, from the command line
         if getattr(args, f"set_{name}") is not None:
             setattr(args, name, getattr(args, f"set_{name}"))
