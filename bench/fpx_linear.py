@@ -157,6 +157,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; CPU interpreter ok")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--shapes", help="NxK[,NxK...]: only these weight shapes")
+    parser.add_argument("--ms", help="M[,M...]: only these token counts (checks too)")
+    parser.add_argument("--formats", help="only these of fp6,fp5,fp4,int8,int4")
+    parser.add_argument(
+        "--bf16", action="store_true", help="time with bf16 x (and cuBLAS bf16), as serving runs"
+    )
     parser.add_argument(
         "--append", action="store_true", help="keep the results file's rows of other shapes"
     )
@@ -172,6 +177,15 @@ def main() -> None:
         if args.shapes:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
             check_shapes = shapes
+        if args.ms:
+            ms = check_ms = [int(m) for m in args.ms.split(",")]
+    if args.formats:
+        keep = set(args.formats.split(","))
+        if not keep <= {*FMTS, *INTS}:
+            parser.error(f"--formats: choose from {', '.join([*FMTS, *INTS])}")
+        for table in (FMTS, INTS):
+            for nm in [nm for nm in table if nm not in keep]:
+                del table[nm]
     bench = timer(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     t0 = time.time()
@@ -190,14 +204,16 @@ def main() -> None:
     graph_bench = timer(device, graph=True) if device.type == "cuda" else bench
     gen = torch.Generator(device=device).manual_seed(7)
     names = [*FMTS, *INTS]
+    x_dtype = torch.bfloat16 if args.bf16 else torch.float16
+    extra["x_dtype"] = str(x_dtype)
     for n, k in shapes:
-        w16 = (torch.randn(n, k, device=device, generator=gen) * 0.02).half()
+        w16 = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(x_dtype)
         packs = {nm: fpx.pack(w16.float(), fmt) for nm, fmt in FMTS.items()}
         packs.update(
             {nm: intq.pack_int(w16.float(), bits=b, group_size=128) for nm, b in INTS.items()}
         )
         for m in ms:
-            x = torch.randn(m, k, device=device, generator=gen).half()
+            x = torch.randn(m, k, device=device, generator=gen).to(x_dtype)
             t_cublas = bench(lambda: x @ w16.t())  # noqa: B023
             g_cublas = graph_bench(lambda: x @ w16.t())  # noqa: B023
             row = dict(N=n, K=k, M=m, cublas_ms=t_cublas, cublas_graph_ms=g_cublas)
