@@ -30,6 +30,7 @@ Usage::
     python bench/serve.py --parts a,b --layers 8
     python bench/serve.py --tiny               # CPU smoke test of every code path
     python bench/serve.py --profile            # per-step host/GPU breakdown + top kernels
+    python bench/serve.py --profile --profile-formats bf16,e3m2-a8 --profile-batches 1
 """
 
 from __future__ import annotations
