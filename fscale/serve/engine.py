@@ -58,7 +58,7 @@ import torch
 from fscale.hw import comm
 from fscale.serve.errors import EngineFull
 from fscale.serve.kv_cache import BlockManager
-from fscale.serve.models.decoder import Decoder
+from fscale.serve.models.decoder import Decoder, kv_heads_per_rank
 from fscale.serve.models.loader import load_model, model_config
 from fscale.serve.parallel import (
     TensorParallel,
@@ -229,7 +229,7 @@ class Engine:
 
     def _num_blocks(self, gib: float | None, block_size: int, max_num_seqs: int) -> int:
         cfg = self.model_config
-        kv_heads = cfg.num_kv_heads // self.tp.size  # this rank's
+        kv_heads = kv_heads_per_rank(cfg, self.tp.size)  # this rank's
         per_block = 2 * cfg.num_layers * block_size * kv_heads * cfg.head_dim
         per_block *= torch.empty((), dtype=self.dtype).element_size()
         if gib is None:

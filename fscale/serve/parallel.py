@@ -22,6 +22,15 @@ rows and one all-gather assembles the logits, so every rank samples from the sam
 full row. Norms and position embeddings are replicated, so after each all-reduce
 every rank holds the same residual stream.
 
+[Note: replicated KV heads]
+With fewer KV heads than ranks (Llama-3-70B's 8 at tensor_parallel=16, a 2-KV-head
+model at 4), a KV head cannot be split. Where N is a multiple of the KV heads, each rank
+holds one KV head, the one its query heads read: rank r's query heads are
+[r H/N, (r + 1) H/N), which lie in one GQA group of H/KV heads (H/N <= H/KV and N/KV
+ranks share each group's boundaries), the group of KV head r // (N / KV). So the N / KV
+ranks of a group hold the same k/v rows and write the same values to their caches,
+as vLLM does; attention on each rank is plain GQA over its one KV head.
+
 [Note: one engine loop on every rank]
 Every rank runs the same ``Engine.step()`` SPMD: the scheduler, the block manager and
 the sampler are replicated and deterministic, so given the same requests in the same
@@ -42,7 +51,12 @@ from dataclasses import dataclass
 import torch
 
 from fscale.hw import comm
-from fscale.serve.models.decoder import DecoderConfig, LoadedModel, map_params
+from fscale.serve.models.decoder import (
+    DecoderConfig,
+    LoadedModel,
+    kv_heads_per_rank,
+    map_params,
+)
 
 
 @dataclass(frozen=True)
@@ -86,24 +100,33 @@ class TensorParallel:
 
 
 def check_divisible(cfg: DecoderConfig, size: int) -> None:
-    """Heads, KV heads and MLP hidden units must split evenly over ``size`` ranks."""
+    """Heads and MLP hidden units must split evenly over ``size`` ranks; KV heads too,
+    or ``size`` must be a multiple of them ([Note: replicated KV heads])."""
     if size == 1:
         return
     bad = [
         f"{name}={n}"
-        for name, n in (
-            ("num_heads", cfg.num_heads),
-            ("num_kv_heads", cfg.num_kv_heads),
-            ("intermediate", cfg.intermediate),
-        )
+        for name, n in (("num_heads", cfg.num_heads), ("intermediate", cfg.intermediate))
         if n % size
     ]
+    kv = cfg.num_kv_heads
+    if kv % size and size % kv:
+        bad.append(f"num_kv_heads={kv}")
     if bad:
         raise ValueError(
             f"tensor_parallel={size} does not divide {cfg.arch}'s {', '.join(bad)}: each rank "
-            f"holds 1/{size} of the attention heads, KV heads and MLP units; pick a "
-            "tensor_parallel size that divides all three."
+            f"holds 1/{size} of the attention heads and MLP units, and 1/{size} of the KV "
+            "heads (or one KV head, shared by several ranks, when the size is a multiple of "
+            "them); pick a tensor_parallel size that fits all three."
         )
+
+
+def first_kv_head(cfg: DecoderConfig, tp: TensorParallel) -> int:
+    """The first KV head of rank ``tp.rank`` ([Note: replicated KV heads])."""
+    kv = cfg.num_kv_heads
+    if kv >= tp.size:
+        return tp.rank * (kv // tp.size)
+    return tp.rank // (tp.size // kv)
 
 
 def shard_model(lm: LoadedModel, tp: TensorParallel) -> LoadedModel:
@@ -131,8 +154,9 @@ def shard_param(cfg: DecoderConfig, tp: TensorParallel, name: str, t: torch.Tens
     if not name.startswith("layers."):
         return t
     n, r, D = tp.size, tp.rank, cfg.head_dim
-    hq, hkv, inter = cfg.num_heads // n, cfg.num_kv_heads // n, cfg.intermediate // n
+    hq, hkv, inter = cfg.num_heads // n, kv_heads_per_rank(cfg, n), cfg.intermediate // n
     q_size, kv_size = cfg.num_heads * D, cfg.num_kv_heads * D
+    k0 = first_kv_head(cfg, tp) * D  # this rank's k (and v) rows start here
 
     def rows(spans) -> torch.Tensor:
         return torch.cat([t[a:b] for a, b in spans], dim=0).contiguous()
@@ -142,8 +166,8 @@ def shard_param(cfg: DecoderConfig, tp: TensorParallel, name: str, t: torch.Tens
         return rows(
             [
                 (r * hq * D, (r + 1) * hq * D),
-                (q_size + r * hkv * D, q_size + (r + 1) * hkv * D),
-                (q_size + kv_size + r * hkv * D, q_size + kv_size + (r + 1) * hkv * D),
+                (q_size + k0, q_size + k0 + hkv * D),
+                (q_size + kv_size + k0, q_size + kv_size + k0 + hkv * D),
             ]
         )
     if kind in ("gate_up.weight", "gate_up.bias"):

@@ -6,6 +6,8 @@ across ranks; each rank's KV cache holds half the KV heads; bad sizes raise."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -116,6 +118,53 @@ def test_each_rank_equals_single_rank_engine(paths, world_results, name):
     assert used0 == used1 == 0
 
 
+REPLICATED = dict(max_tokens_per_step=16, block_size=8, num_blocks=64)
+
+
+def _rank_replicated(rank, world, path):
+    """Tiny Llama (4 heads, 2 KV heads) over 4 ranks: one head and one KV head each."""
+    engine = _engine(path, REPLICATED, 0, tensor_parallel="world" if rank else 4)
+    done = {}
+    if engine.is_leader:
+        done = _drive(engine)
+        engine.shutdown()
+    else:
+        engine.follow()
+    k_cache = engine.runner.kv[0][0]  # layer 0's keys, as the run left them
+    return done, tuple(k_cache.shape), k_cache.clone(), engine.blocks.num_used
+
+
+def test_replicated_kv_heads_over_four_ranks(tiny_llama_dir):
+    """[Note: replicated KV heads]: 4 ranks, 2 KV heads: greedy tokens equal the
+    single-rank engine's; ranks 0, 1 cache KV head 0 and ranks 2, 3 head 1, bit for bit."""
+    path = str(tiny_llama_dir)
+    results = run_world(_rank_replicated, 4, path, timeout=120)
+    ref = _drive(_engine(path, REPLICATED, 0))
+    done = results[0][0]
+    greedy = [k for k in ref if k not in ("seeded", "unseeded")]
+    assert {k: done[k] for k in greedy} == {k: ref[k] for k in greedy}
+    assert set(done) == set(ref) and done["p1"][2] > 0  # a prefix-cache hit too
+    assert [r[1] for r in results] == [(64, 8, 1, 16)] * 4
+    k = [r[2] for r in results]
+    assert torch.equal(k[0], k[1]) and torch.equal(k[2], k[3])
+    assert k[0].abs().sum() > 0 and not torch.equal(k[0], k[2])
+    assert all(r[3] == 0 for r in results)
+
+
+def test_replicated_shards_hold_their_groups_kv_rows(tiny_llama_dir):
+    from fscale.serve.models.loader import load_model
+    from fscale.serve.parallel import TensorParallel, shard_model
+
+    lm = load_model(str(tiny_llama_dir))
+    D = lm.config.head_dim
+    q, k, v = lm.params["layers.0.qkv.weight"].split([4 * D, 2 * D, 2 * D])
+    for r in range(4):
+        qr, kr, vr = shard_model(lm, TensorParallel(4, r)).params["layers.0.qkv.weight"].split(D)
+        g = r // 2  # KV head of query head r (2 query heads per KV head)
+        assert torch.equal(qr, q[r * D : (r + 1) * D])
+        assert torch.equal(kr, k[g * D : (g + 1) * D]) and torch.equal(vr, v[g * D : (g + 1) * D])
+
+
 def test_each_rank_caches_half_the_kv_heads(world_results):
     (_, kv0, _), (_, kv1, _) = world_results[0]["llama-splits"], world_results[1]["llama-splits"]
     assert kv0 == kv1 == (96, 4, 1, 16)  # tiny Llama: 2 KV heads of 16 -> 1 per rank
@@ -124,11 +173,19 @@ def test_each_rank_caches_half_the_kv_heads(world_results):
 
 
 def test_bad_sizes_raise(tiny_llama_dir, tiny_gpt2_dir):
+    from fscale.serve.models.loader import model_config
+    from fscale.serve.parallel import check_divisible
+
     with pytest.raises(ValueError, match=r"tensor_parallel=3 does not divide .*num_heads=4"):
         Engine(tiny_llama_dir, device="cpu", tensor_parallel=3)
-    # 4 heads split 4 ways, but 2 KV heads do not.
-    with pytest.raises(ValueError, match=r"num_kv_heads=2"):
-        Engine(tiny_llama_dir, device="cpu", tensor_parallel=4)
+    # 12 heads split 6 ways, but 4 KV heads neither split 6 ways nor divide 6.
+    cfg = dataclasses.replace(
+        model_config(str(tiny_llama_dir)), num_heads=12, num_kv_heads=4, intermediate=120
+    )
+    with pytest.raises(ValueError, match=r"does not divide .*'s num_kv_heads=4: "):
+        check_divisible(cfg, 6)
+    check_divisible(cfg, 12)  # one head per rank; each KV head on 3 ranks
+    check_divisible(cfg, 2)  # two KV heads per rank
     with pytest.raises(ValueError, match="int >= 1"):
         Engine(tiny_gpt2_dir, device="cpu", tensor_parallel=0)
     with pytest.raises(RuntimeError, match="needs a launched world"):

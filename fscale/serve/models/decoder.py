@@ -78,6 +78,12 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
 
 
+def kv_heads_per_rank(cfg: DecoderConfig, size: int) -> int:
+    """KV heads one of ``size`` tensor-parallel ranks holds: 1/``size`` of them, or one
+    when there are fewer than ranks ([Note: replicated KV heads] in serve/parallel.py)."""
+    return max(1, cfg.num_kv_heads // size)
+
+
 def map_params(params: dict, fn) -> dict:
     """``{name: fn(name, t)}``, ``fn`` called once per distinct tensor so that tied
     weights stay one tensor; a head tied to the embedding goes through ``fn`` as
@@ -145,7 +151,7 @@ class Decoder:
         # tp: a fscale.serve.parallel.TensorParallel (params already sharded) or None.
         self.tp = tp if tp is not None and tp.size > 1 else None
         n = self.tp.size if self.tp is not None else 1
-        self.num_heads, self.num_kv_heads = cfg.num_heads // n, cfg.num_kv_heads // n
+        self.num_heads, self.num_kv_heads = cfg.num_heads // n, kv_heads_per_rank(cfg, n)
         self.intermediate = cfg.intermediate // n
         self.params = dict(lm.params)
         self.device = (
