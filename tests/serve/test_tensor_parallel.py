@@ -1,8 +1,10 @@
 """Tensor-parallel serving on a gloo world of 2 CPU ranks: each rank's greedy tokens equal
-the single-rank engine's (tiny Llama with 4 heads / 2 KV heads, tiny GPT-2), across
-prompt-splitting budgets, arrivals mid-generation, an abort, prefix-cache hits, the
-fused (reference) kernels and the emulated CUDA-graph path; sampled tokens agree
-across ranks; each rank's KV cache holds half the KV heads; bad sizes raise."""
+the single-rank engine's (tiny Llama with 4 heads / 2 KV heads, tiny GPT-2, fscale's
+GPT, host-streamed weights), across prompt-splitting budgets, arrivals mid-generation,
+an abort, prefix-cache hits, the fused (reference) kernels and the emulated CUDA-graph
+path; sampled tokens agree across ranks; each rank's KV cache holds half the KV heads;
+quantized shards equal a recompute on their weights; 4 ranks over 2 KV heads replicate
+them; bad sizes raise."""
 
 from __future__ import annotations
 
@@ -30,6 +32,14 @@ CASES = {  # name: (model fixture, engine kwargs, emulated graph buckets or 0)
         4,
     ),
     "gpt2": ("gpt2", dict(max_tokens_per_step=16, block_size=8, num_blocks=64), 0),
+    # fscale's own GPT (an nn.Module, not a directory), built alike on every rank.
+    "fscale-gpt": ("fscale-gpt", dict(max_tokens_per_step=16, block_size=8, num_blocks=64), 0),
+    # ZeRO-Inference under tensor parallelism: each rank streams its shard of the layers.
+    "llama-offload": (
+        "llama",
+        dict(max_tokens_per_step=16, block_size=8, num_blocks=64, offload_weights=True),
+        0,
+    ),
 }
 
 
@@ -65,6 +75,11 @@ def _drive(engine: Engine) -> dict:
 
 
 def _engine(path, kwargs, graphs, **extra) -> Engine:
+    if path == "fscale-gpt":
+        from fscale.models import GPT, GPTConfig
+
+        torch.manual_seed(0)
+        path = GPT(GPTConfig.tiny(n_head=2, seq_len=64)).eval()
     engine = Engine(path, device="cpu", **kwargs, **extra)
     if graphs:
         engine.runner._capture(graphs, emulate=True)
@@ -95,7 +110,7 @@ def _rank(rank, world, cases):
 
 @pytest.fixture(scope="module")
 def paths(tiny_llama_dir, tiny_gpt2_dir):
-    return {"llama": str(tiny_llama_dir), "gpt2": str(tiny_gpt2_dir)}
+    return {"llama": str(tiny_llama_dir), "gpt2": str(tiny_gpt2_dir), "fscale-gpt": "fscale-gpt"}
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +178,69 @@ def test_replicated_shards_hold_their_groups_kv_rows(tiny_llama_dir):
         g = r // 2  # KV head of query head r (2 query heads per KV head)
         assert torch.equal(qr, q[r * D : (r + 1) * D])
         assert torch.equal(kr, k[g * D : (g + 1) * D]) and torch.equal(vr, v[g * D : (g + 1) * D])
+
+
+QUANTIZED = ("e3m2", "int4")  # an FPx (per-channel scales) and a group-wise int format
+
+
+def _rank_quantized(rank, world, path):
+    """Per format: the leader's greedy tokens and every rank's dequantized layer shards."""
+    out = {}
+    for fmt in QUANTIZED:
+        kw = dict(REPLICATED, quantize=fmt)
+        engine = _engine(path, kw, 0, tensor_parallel="world" if rank else 2)
+        tokens = None
+        if engine.is_leader:
+            outs = engine.generate(PROMPTS[:3], GREEDY)
+            tokens = [o.token_ids for o in outs]
+            engine.shutdown()
+        else:
+            engine.follow()
+        shards = {
+            k: v.dequantize() for k, v in engine.decoder.params.items() if hasattr(v, "dequantize")
+        }
+        out[fmt] = (tokens, shards)
+    return out
+
+
+def test_quantized_shards_equal_a_recompute_on_their_weights(tiny_llama_dir):
+    """``quantize=`` under tensor parallelism quantizes each rank's shard (o and down
+    per K slice): the group's greedy tokens equal a plain recompute of HF Llama whose
+    linears are the ranks' dequantized shards put back together."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(tiny_llama_dir)
+    results = run_world(_rank_quantized, 2, path, timeout=120)
+    for fmt in QUANTIZED:
+        tokens, a = results[0][fmt]
+        _, b = results[1][fmt]
+        assert set(a) == set(b) and any(k.endswith("o.weight") for k in a), fmt
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        D = model.config.hidden_size // model.config.num_attention_heads
+        with torch.no_grad():
+            for i, layer in enumerate(model.model.layers):
+                qa, ka, va = a[f"layers.{i}.qkv.weight"].split([2 * D, D, D])
+                qb, kb, vb = b[f"layers.{i}.qkv.weight"].split([2 * D, D, D])
+                attn, mlp = layer.self_attn, layer.mlp
+                attn.q_proj.weight.copy_(torch.cat([qa, qb]))
+                attn.k_proj.weight.copy_(torch.cat([ka, kb]))
+                attn.v_proj.weight.copy_(torch.cat([va, vb]))
+                attn.o_proj.weight.copy_(
+                    torch.cat([a[f"layers.{i}.o.weight"], b[f"layers.{i}.o.weight"]], 1)
+                )
+                ga, ua = a[f"layers.{i}.gate_up.weight"].chunk(2)
+                gb, ub = b[f"layers.{i}.gate_up.weight"].chunk(2)
+                mlp.gate_proj.weight.copy_(torch.cat([ga, gb]))
+                mlp.up_proj.weight.copy_(torch.cat([ua, ub]))
+                mlp.down_proj.weight.copy_(
+                    torch.cat([a[f"layers.{i}.down.weight"], b[f"layers.{i}.down.weight"]], 1)
+                )
+        for prompt, got in zip(PROMPTS[:3], tokens, strict=True):
+            ids = list(prompt)
+            for _ in range(GREEDY.max_tokens):
+                with torch.no_grad():
+                    ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            assert got == ids[len(prompt) :], fmt
 
 
 def test_each_rank_caches_half_the_kv_heads(world_results):
