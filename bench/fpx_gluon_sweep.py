@@ -1,0 +1,81 @@
+"""Sweep the Hopper FPx kernel's launch (split, stages, warps) at small M on chosen
+shapes, each weight in enough copies that the timed chain of products reads them from
+HBM, not L2 (the engine's case: a decode step streams every weight once).
+
+Usage (one H200)::
+
+    python bench/fpx_gluon_sweep.py --shapes 6144x4096,4096x4096 --m 1
+
+Prints the best launches per shape and writes ``$OUT/fpx_gluon_sweep.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fscale.kernels import fpx, fpx_gluon
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
+    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--fmt", default="e3m2")
+    ap.add_argument("--splits", default="2,3,4,6,8,12,16")
+    ap.add_argument("--stages", default="2,3,4,6")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--l2-bytes", type=float, default=200e6, help="bytes of weights per chain")
+    args = ap.parse_args()
+    from triton.testing import do_bench_cudagraph
+
+    rows, t0 = [], time.time()
+    out = Path(os.environ.get("OUT", ".")) / "fpx_gluon_sweep.json"
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, k, device="cuda") * 0.02
+        p = fpx.pack(w, args.fmt)
+        copies = max(1, int(args.l2_bytes // p.nbytes))
+        packs = [p] + [fpx.pack(w, args.fmt) for _ in range(copies - 1)]
+        del w
+        x = torch.randn(args.m, k, device="cuda").bfloat16()
+        ref = fpx.fpx_linear_reference(x, p).float()
+        for warps in (int(v) for v in args.warps.split(",")):
+            for stages in (int(v) for v in args.stages.split(",")):
+                for split in (int(v) for v in args.splits.split(",")):
+                    cfg = dict(split=split, stages=stages, warps=warps)
+                    row = dict(N=n, K=k, M=args.m, **cfg, copies=copies)
+                    try:
+                        y = fpx_gluon.fpx_linear_gluon(x, p, **cfg).float()
+                        row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
+
+                        def chain(cfg=cfg, packs=packs, x=x):
+                            for q in packs:
+                                fpx_gluon.fpx_linear_gluon(x, q, **cfg)
+
+                        ms = do_bench_cudagraph(chain, rep=20, return_mode="median")
+                        row["us"] = ms * 1e3 / copies
+                        row["TBps"] = p.nbytes / (row["us"] * 1e-6) / 1e12
+                    except Exception as e:  # a launch the compiler or the limits refuse
+                        row["error"] = repr(e)[:160]
+                    rows.append(row)
+            out.write_text(json.dumps({"rows": rows, "wall_s": time.time() - t0}, indent=1))
+        good = sorted((r for r in rows if r["N"] == n and r["K"] == k and "us" in r),
+                      key=lambda r: r["us"])  # fmt: skip
+        base = next((r for r in good if (r["split"], r["stages"], r["warps"]) == (4, 4, 4)), None)
+        print(f"{n}x{k} M={args.m} ({copies} copies): split4/st4/w4 "
+              f"{base and round(base['us'], 2)} us", flush=True)  # fmt: skip
+        for r in good[:5]:
+            cfg = f"split {r['split']} stages {r['stages']} warps {r['warps']}"
+            err = f"err {r['rel_err']:.1e}"
+            print(f"   {r['us']:7.2f} us {r['TBps']:.2f} TB/s {cfg} {err}", flush=True)
+        packs = p = None  # free before the next shape's copies
+
+
+if __name__ == "__main__":
+    main()
