@@ -351,12 +351,15 @@ def unpack_codes(p: PackedFPx) -> torch.Tensor:
     return from_image(t, p.fmt).reshape(k, n).t().to(torch.uint8).contiguous()
 
 
-def pack(w: torch.Tensor, fmt: str) -> PackedFPx:
+def pack(w: torch.Tensor, fmt: str, *, absmax: torch.Tensor | None = None) -> PackedFPx:
     """Quantize an [N, K] weight to ``fmt`` with one fp32 scale per output channel (row).
 
     scale = absmax(row) / max_finite(fmt) (1 for an all-zero row); codes =
-    encode(w / scale). Raises ValueError for an unknown format, NaN weights, or a shape
-    the layout cannot take (N odd, K not a multiple of the packing group).
+    encode(w / scale). ``absmax`` ([N], at least each row's own): scale by it instead,
+    e.g. the absmax of whole rows that ``w`` holds a K slice of (tensor parallelism),
+    so the slice packs as that slice of the whole weight. Raises ValueError for an
+    unknown format, NaN weights, a shape the layout cannot take (N odd, K not a multiple
+    of the packing group) or an ``absmax`` below a row's own.
     """
     _bits(fmt)
     check_shape(w.shape, fmt)
@@ -366,7 +369,16 @@ def pack(w: torch.Tensor, fmt: str) -> PackedFPx:
             f"pack({fmt}): the weight {tuple(w.shape)} holds NaN; fix it (torch.nan_to_num, or "
             "the step that diverged) before quantizing."
         )
-    absmax = w.abs().amax(dim=1)
+    own = w.abs().amax(dim=1)
+    if absmax is None:
+        absmax = own
+    else:
+        absmax = absmax.detach().to(own.device, torch.float32).reshape(-1)
+        if absmax.shape != own.shape or bool((absmax < own).any()):
+            raise ValueError(
+                f"pack({fmt}): absmax must hold one value per row ({own.shape[0]}), each at "
+                "least that row's own absmax (codes would overflow)."
+            )
     scales = torch.where(absmax > 0, absmax / max_finite(fmt), torch.ones_like(absmax))
     scales = torch.where(torch.isfinite(scales), scales, torch.ones_like(scales))
     codes = encode(w / scales[:, None], fmt)

@@ -169,7 +169,7 @@ class Engine:
             layers_device="cpu" if offload_weights else None,  # streamed a layer ahead
         )
         if quantize is not None:
-            lm.params = _quantize(lm.params, quantize)
+            lm.params = _quantize(lm.params, quantize, self.tp, self.device)
         self.quantize = quantize
         self.model_config = cfg = lm.config
         self.model_name = lm.name if not isinstance(model, (str, Path)) else Path(model).name
@@ -655,12 +655,23 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _quantize(params: dict, fmt: str) -> dict:
-    """``fs.quantize`` the layer linears; the int group size is the largest dividing every K."""
-    from fscale.transforms.quantize import quantize
+def _quantize(params: dict, fmt: str, tp: TensorParallel, device: torch.device) -> dict:
+    """``fs.quantize`` the layer linears; the int group size is the largest dividing every K.
+    Under tensor parallelism see [Note: quantized shards]."""
+    from fscale.transforms.quantize import codec, quantize
 
     ks = [v.shape[1] for k, v in params.items() if k.startswith("layers.") and v.dim() == 2]
     group = next((g for g in (128, 64, 32) if all(k % g == 0 for k in ks)), 32)
+    row_absmax = None
+    if tp.size > 1 and codec(fmt).row_scaled:
+
+        def row_absmax(name: str, absmax: torch.Tensor) -> torch.Tensor:
+            if not name.endswith(ROW_PARALLEL):
+                return absmax
+            whole = absmax.to(device)
+            comm.all_reduce(whole, op="max", group=tp.group, tag="serve.quant_scales")
+            return whole.to(absmax.device)
+
     # Only layer linears; pad=True lets any shape through (tiny test models have K=64).
     return quantize(
         params,
@@ -668,4 +679,18 @@ def _quantize(params: dict, fmt: str) -> dict:
         select=lambda n, t: n.startswith("layers.") and t.dim() == 2,
         group_size=group,
         pad=True,
+        row_absmax=row_absmax,
     )
+
+
+# [Note: quantized shards]
+# Under tensor parallelism each rank quantizes its own shard. Column-parallel weights
+# (q/k/v, gate/up, fc: whole rows) pack exactly as those rows of the whole weight. The
+# row-parallel ones (o, down: a K slice of every row) would get scales from their
+# slice's absmax; for the FPx formats, whose one scale per row comes from the row's
+# absmax, one all-reduce (max) per weight gives every rank the whole row's, so each
+# shard is the slice of what one rank would pack and the group serves the same
+# quantized model as a single GPU (tested bit for bit). The group-wise int formats
+# match where the group size divides every shard's K (real models: 128); w8a8 and
+# fp8 scale each shard's rows on their own.
+ROW_PARALLEL = (".o.weight", ".down.weight")

@@ -71,7 +71,14 @@ from torch import nn
 from fscale.kernels.lorc import lorc_factors
 
 # _codec_from and _rebuild stay importable here: pickles written before the split name them.
-from fscale.transforms._quantize.codec import FORMATS, Codec, _codec_from, codec  # noqa: F401
+from fscale.transforms._quantize.codec import (  # noqa: F401
+    FORMATS,
+    FP_A8_FORMATS,
+    FP_FORMATS,
+    Codec,
+    _codec_from,
+    codec,
+)
 from fscale.transforms._quantize.report import quantize_report
 from fscale.transforms._quantize.select import _selection
 from fscale.transforms._quantize.weight import QuantizedWeight, _rebuild  # noqa: F401
@@ -97,6 +104,7 @@ def quantize(
     lorc_rank: int = 0,
     module: nn.Module | Any | None = None,
     pad: bool = False,
+    row_absmax: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize the linear weights of a params dict (see the module doc).
 
@@ -115,6 +123,11 @@ def quantize(
         in chunks of 256, int4 g128 needs K % 128 == 0, ...) with zero rows and
         columns, and the activations with zero columns at run time, instead of
         raising. Costs the padding's bytes and a copy of ``x`` per call.
+      row_absmax: FPx formats (one scale per output channel): ``row_absmax(name,
+        absmax)`` gets each selected weight's per-row absmax ([out], fp32) and returns
+        the absmax to scale by, at least as large: e.g. the max over the ranks that
+        each hold a K slice of the rows, so that every slice packs as the whole
+        weight's slice would (tensor-parallel serving).
 
     Returns:
       A new dict with the same keys; selected weights are :class:`QuantizedWeight`.
@@ -131,13 +144,20 @@ def quantize(
         )
     if not isinstance(lorc_rank, int) or lorc_rank < 0:
         raise ValueError(f"quantize: lorc_rank must be an int >= 0, got {lorc_rank!r}.")
+    if row_absmax is not None and not c.row_scaled:
+        raise ValueError(
+            f"quantize({c.fmt!r}): row_absmax applies to formats with one scale per output "
+            f"channel ({', '.join(FP_FORMATS + FP_A8_FORMATS)}); {c.fmt!r} scales otherwise."
+        )
     chosen, conv1d = _selection(params, select, module)
     out: dict[str, torch.Tensor] = {}
     for name, t in params.items():
         if not chosen[name]:
             out[name] = t
             continue
-        out[name] = _quantize_one(name, t, c, lorc_rank, transposed=name in conv1d, pad=pad)
+        out[name] = _quantize_one(
+            name, t, c, lorc_rank, transposed=name in conv1d, pad=pad, row_absmax=row_absmax
+        )
     if not any(chosen.values()):
         warnings.warn(
             f"quantize({c.fmt!r}): no param was selected; pass select= or module=.", stacklevel=2
@@ -147,7 +167,14 @@ def quantize(
 
 @torch.no_grad()
 def _quantize_one(
-    name: str, t: torch.Tensor, c: Codec, lorc_rank: int, *, transposed: bool, pad: bool
+    name: str,
+    t: torch.Tensor,
+    c: Codec,
+    lorc_rank: int,
+    *,
+    transposed: bool,
+    pad: bool,
+    row_absmax: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ):
     where = f"quantize({c.fmt!r}): param {name!r} of shape {tuple(t.shape)}"
     if t.dim() != 2 or not t.is_floating_point():
@@ -163,8 +190,12 @@ def _quantize_one(
     if pad:
         (mn, mk) = c.multiples
         padded = F.pad(w, (0, -K % mk, 0, -N % mn))
+    extra = {}
+    if row_absmax is not None:  # padded rows are zeros: absmax 0
+        absmax = row_absmax(name, w.float().abs().amax(dim=1))
+        extra["absmax"] = F.pad(absmax.float(), (0, padded.shape[0] - N))
     try:
-        packed = c.pack(padded.contiguous())
+        packed = c.pack(padded.contiguous(), **extra)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"{where} cannot be packed ({e}); or pass pad=True.") from e
     lorc = None

@@ -247,3 +247,24 @@ def test_reference_linear_is_dequantized_matmul():
     torch.testing.assert_close(y, x @ fpx.unpack(p).t() + b)
     with pytest.raises(ValueError, match="in_features K=256"):
         fpx.fpx_linear(torch.randn(2, 128), p)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_pack_with_the_whole_rows_absmax_gives_the_slice_of_the_whole(fmt):
+    """``pack(slice, absmax=whole rows')`` dequantizes to exactly that slice of the whole
+    weight's packing (tensor-parallel K slices); a too-small absmax raises."""
+    torch.manual_seed(0)
+    k_chunk = fpx.layout(fmt)["k_chunk"]
+    w = torch.randn(8, 4 * k_chunk)
+    w[3, 3 * k_chunk + 1] = 40.0  # the absmax of row 3 lies in the last slice only
+    whole = fpx.unpack(fpx.pack(w, fmt))
+    absmax = w.abs().amax(dim=1)
+    for lo in range(0, w.shape[1], 2 * k_chunk):
+        part = fpx.unpack(fpx.pack(w[:, lo : lo + 2 * k_chunk], fmt, absmax=absmax))
+        assert torch.equal(part, whole[:, lo : lo + 2 * k_chunk])
+    alone = fpx.unpack(fpx.pack(w[:, : 2 * k_chunk], fmt))  # its own scale: other values
+    assert not torch.equal(alone, whole[:, : 2 * k_chunk])
+    with pytest.raises(ValueError, match="at least that row's own absmax"):
+        fpx.pack(w, fmt, absmax=absmax / 2)
+    with pytest.raises(ValueError, match="one value per row"):
+        fpx.pack(w, fmt, absmax=absmax[:4])

@@ -204,9 +204,10 @@ def _rank_quantized(rank, world, path):
 
 
 def test_quantized_shards_equal_a_recompute_on_their_weights(tiny_llama_dir):
-    """``quantize=`` under tensor parallelism quantizes each rank's shard (o and down
-    per K slice): the group's greedy tokens equal a plain recompute of HF Llama whose
-    linears are the ranks' dequantized shards put back together."""
+    """``quantize=`` under tensor parallelism quantizes each rank's shard: the group's
+    greedy tokens equal a plain recompute of HF Llama whose linears are the ranks'
+    dequantized shards put back together. For FPx ([Note: quantized shards]) those are
+    bit for bit what one rank quantizes, and the tokens equal one rank's."""
     from transformers import AutoModelForCausalLM
 
     path = str(tiny_llama_dir)
@@ -235,6 +236,14 @@ def test_quantized_shards_equal_a_recompute_on_their_weights(tiny_llama_dir):
                 mlp.down_proj.weight.copy_(
                     torch.cat([a[f"layers.{i}.down.weight"], b[f"layers.{i}.down.weight"]], 1)
                 )
+        if fmt == "e3m2":  # o and down scaled by their whole rows' absmax
+            one = Engine(path, device="cpu", quantize=fmt, **REPLICATED)
+            whole = {k: v.dequantize() for k, v in one.decoder.params.items() if k in a}
+            for i in range(len(model.model.layers)):
+                for name in ("o", "down"):
+                    key = f"layers.{i}.{name}.weight"
+                    assert torch.equal(torch.cat([a[key], b[key]], 1), whole[key]), key
+            assert tokens == [o.token_ids for o in one.generate(PROMPTS[:3], GREEDY)]
         for prompt, got in zip(PROMPTS[:3], tokens, strict=True):
             ids = list(prompt)
             for _ in range(GREEDY.max_tokens):

@@ -360,6 +360,23 @@ def test_a8_formats_pad_output_channels_to_the_fp8_gemms_multiple():
 @pytest.mark.skipif(not HAS_FPX, reason="fscale.kernels.fpx not available")
 def test_report_names_both_ops_of_an_a8_format():
     q = quantize({"lin.weight": torch.randn(64, 128)}, "e3m2-a8")
-    assert (
-        "fpx_a8_linear_reference from 256 rows, fpx_linear_reference below" in quantize_report(q)
-    )
+    assert "fpx_a8_linear_reference from 256 rows, fpx_linear_reference below" in quantize_report(q)
+
+
+def test_row_absmax_scales_fpx_rows_and_is_refused_elsewhere():
+    """``row_absmax`` replaces each row's absmax (FPx formats only; see
+    fscale/serve/engine.py, [Note: quantized shards])."""
+    torch.manual_seed(0)
+    params = {"lin.weight": torch.randn(16, 256)}
+    seen = []
+
+    def doubled(name, absmax):
+        seen.append((name, absmax.shape))
+        return absmax * 2
+
+    q = quantize(params, "e3m2", row_absmax=doubled)["lin.weight"]
+    assert seen == [("lin.weight", torch.Size([16]))]
+    plain = quantize(params, "e3m2")["lin.weight"]
+    assert torch.allclose(q.packed.scales, 2 * plain.packed.scales)
+    with pytest.raises(ValueError, match="row_absmax applies to formats with one scale"):
+        quantize(params, "int4", row_absmax=doubled)

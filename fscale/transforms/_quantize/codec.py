@@ -36,6 +36,8 @@ class Codec:
     linear: Callable[..., torch.Tensor]  # (x, packed, bias) -> y
     multiples: tuple[int, int] = (1, 1)  # (N, K) must be multiples of these (pad=True pads)
     options: tuple = ()  # (name, value) pairs given to codec(), to rebuild it (pickling)
+    # One scale per output channel from its absmax: pack(w, absmax=...) takes the rows'.
+    row_scaled: bool = False
 
     def __reduce__(self):
         return (_codec_from, (self.fmt, self.options))
@@ -68,10 +70,11 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
         return Codec(
             fmt,
             getattr(fpx, "OP", "fpx_linear"),
-            lambda w: fpx.pack(w, fmt),
+            lambda w, absmax=None: fpx.pack(w, fmt, absmax=absmax),
             fpx.unpack,
             fpx.fpx_linear,
             (fpx.layout(fmt)["n_multiple"], fpx.layout(fmt)["k_chunk"]),
+            row_scaled=True,
         )
     if fmt in FP_A8_FORMATS:
         fpx = _fpx()
@@ -81,12 +84,13 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
         return Codec(
             fmt,
             fpx_a8.OP,
-            lambda w: fpx.pack(w, weights),
+            lambda w, absmax=None: fpx.pack(w, weights, absmax=absmax),
             fpx.unpack,
             fpx_a8.fpx_a8_linear,
             # N a multiple of 16 too: the FP8 GEMM's, so that pad=True keeps every
             # layer off fpx_a8's slow fp32 fallback.
             (16, fpx.layout(weights)["k_chunk"]),
+            row_scaled=True,
         )
     if fmt in ("int8", "int4"):
         if group_size not in intq.GROUP_SIZES:
