@@ -218,17 +218,33 @@ class PackedW8A8(PackedRowScaled):
     fmt: str = "w8a8"
 
 
-def _rowwise_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_absmax(t: torch.Tensor, absmax: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Each row's absmax, or ``absmax`` (e.g. whole rows' of a K slice) checked against it."""
+    own = t.abs().amax(-1)
+    if absmax is None:
+        return own
+    absmax = absmax.detach().to(own.device, torch.float32)
+    if absmax.shape != own.shape or bool((absmax < own).any()):
+        raise ValueError(
+            f"{what}: absmax must hold one value per row {tuple(own.shape)}, each at least "
+            "that row's own absmax (codes would overflow)."
+        )
+    return absmax
+
+
+def _rowwise_int8(t: torch.Tensor, absmax: torch.Tensor | None = None):
     t = t.float()
-    scale = (t.abs().amax(-1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    amax = _row_absmax(t, absmax, "pack_w8a8")
+    scale = (amax / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
     q = torch.round(t / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
-def pack_w8a8(w: torch.Tensor) -> PackedW8A8:
-    """Symmetric per-output-channel int8 weights for ``w8a8_linear``."""
+def pack_w8a8(w: torch.Tensor, *, absmax: torch.Tensor | None = None) -> PackedW8A8:
+    """Symmetric per-output-channel int8 weights for ``w8a8_linear``; ``absmax`` as in
+    ``fpx.pack`` (scale by whole rows' absmax, at least each row's own)."""
     _check_weight(w, "pack_w8a8")
-    q, scale = _rowwise_int8(w.detach())
+    q, scale = _rowwise_int8(w.detach(), absmax)
     return PackedW8A8(q.contiguous(), scale, tuple(w.shape))
 
 
@@ -301,19 +317,24 @@ class PackedFP8(PackedRowScaled):
     fmt: str = "fp8"
 
 
-def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rowwise_fp8(
+    t: torch.Tensor, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q float8_e4m3fn, scale fp32 [...]): each row of ``t`` scaled so that its absmax
-    maps to 448, rounded to nearest even (``fpx_a8.rows_fp8`` gives the same bits)."""
+    (or ``absmax``) maps to 448, rounded to nearest even (``fpx_a8.rows_fp8`` gives the
+    same bits)."""
     t = t.float()
-    scale = (t.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    amax = _row_absmax(t, absmax, "rowwise_fp8")
+    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     q = (t / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 
-def pack_fp8(w: torch.Tensor) -> PackedFP8:
-    """Per-output-channel scaled e4m3 weights (absmax maps to 448)."""
+def pack_fp8(w: torch.Tensor, *, absmax: torch.Tensor | None = None) -> PackedFP8:
+    """Per-output-channel scaled e4m3 weights (absmax, or ``absmax`` as in
+    ``fpx.pack``, maps to 448)."""
     _check_weight(w, "pack_fp8")
-    q, scale = rowwise_fp8(w.detach())
+    q, scale = rowwise_fp8(w.detach(), absmax)
     return PackedFP8(q.contiguous(), scale, tuple(w.shape))
 
 

@@ -687,10 +687,11 @@ def _quantize(params: dict, fmt: str, tp: TensorParallel, device: torch.device) 
 # Under tensor parallelism each rank quantizes its own shard. Column-parallel weights
 # (q/k/v, gate/up, fc: whole rows) pack exactly as those rows of the whole weight. The
 # row-parallel ones (o, down: a K slice of every row) would get scales from their
-# slice's absmax; for the FPx formats, whose one scale per row comes from the row's
-# absmax, one all-reduce (max) per weight gives every rank the whole row's, so each
-# shard is the slice of what one rank would pack and the group serves the same
+# slice's absmax; for the formats whose one scale per row comes from the row's absmax
+# (FPx, w8a8, fp8), one all-reduce (max) per weight gives every rank the whole row's,
+# so each shard is the slice of what one rank would pack and the group serves the same
 # quantized model as a single GPU (tested bit for bit). The group-wise int formats
-# match where the group size divides every shard's K (real models: 128); w8a8 and
-# fp8 scale each shard's rows on their own.
+# match where the group size divides every shard's K (real models: 128). w8a8 and fp8
+# still quantize each token's activations over the rank's K slice (no collective per
+# product), so their outputs differ slightly from one rank's.
 ROW_PARALLEL = (".o.weight", ".down.weight")

@@ -123,7 +123,7 @@ def quantize(
         in chunks of 256, int4 g128 needs K % 128 == 0, ...) with zero rows and
         columns, and the activations with zero columns at run time, instead of
         raising. Costs the padding's bytes and a copy of ``x`` per call.
-      row_absmax: FPx formats (one scale per output channel): ``row_absmax(name,
+      row_absmax: FPx, w8a8 and fp8 (one scale per output channel): ``row_absmax(name,
         absmax)`` gets each selected weight's per-row absmax ([out], fp32) and returns
         the absmax to scale by, at least as large: e.g. the max over the ranks that
         each hold a K slice of the rows, so that every slice packs as the whole
@@ -147,7 +147,8 @@ def quantize(
     if row_absmax is not None and not c.row_scaled:
         raise ValueError(
             f"quantize({c.fmt!r}): row_absmax applies to formats with one scale per output "
-            f"channel ({', '.join(FP_FORMATS + FP_A8_FORMATS)}); {c.fmt!r} scales otherwise."
+            f"channel ({', '.join((*FP_FORMATS, *FP_A8_FORMATS, 'w8a8', 'fp8'))}); "
+            f"{c.fmt!r} scales groups of K."
         )
     chosen, conv1d = _selection(params, select, module)
     out: dict[str, torch.Tensor] = {}

@@ -119,3 +119,22 @@ def test_errors():
             pack(w)
     with pytest.raises(ValueError, match="2-D"):
         intq.pack_w8a8(torch.zeros(3))
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
+def test_rowwise_pack_with_the_whole_rows_absmax_gives_the_slice_of_the_whole(fmt):
+    """Like ``fpx.pack(absmax=)``: a K slice packed with the whole rows' absmax
+    dequantizes to that slice of the whole weight's packing; a too-small one raises."""
+    pack, unpack = {
+        "w8a8": (intq.pack_w8a8, intq.unpack_w8a8),
+        "fp8": (intq.pack_fp8, intq.unpack_fp8),
+    }[fmt]
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    w[2, 50] = 30.0  # row 2's absmax is in the second half only
+    whole, absmax = unpack(pack(w)), w.abs().amax(dim=1)
+    for lo in (0, 32):
+        assert torch.equal(unpack(pack(w[:, lo : lo + 32], absmax=absmax)), whole[:, lo : lo + 32])
+    assert not torch.equal(unpack(pack(w[:, :32])), whole[:, :32])
+    with pytest.raises(ValueError, match="at least that row's own absmax"):
+        pack(w, absmax=absmax / 2)

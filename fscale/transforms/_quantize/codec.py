@@ -109,8 +109,11 @@ def codec(fmt: str, *, group_size: int = 128, symmetric: bool = True) -> Codec:
             (("group_size", group_size), ("symmetric", symmetric)),
         )
     if fmt == "w8a8":
-        return Codec(fmt, intq.W8A8_OP, intq.pack_w8a8, intq.unpack_w8a8, intq.w8a8_linear)
-    return Codec(fmt, intq.FP8_OP, intq.pack_fp8, intq.unpack_fp8, intq.fp8_linear)
+        return Codec(
+            fmt, intq.W8A8_OP, intq.pack_w8a8, intq.unpack_w8a8, intq.w8a8_linear,
+            row_scaled=True,
+        )  # fmt: skip
+    return Codec(fmt, intq.FP8_OP, intq.pack_fp8, intq.unpack_fp8, intq.fp8_linear, row_scaled=True)
 
 
 def _codec_from(fmt: str, options: tuple) -> Codec:
