@@ -50,12 +50,16 @@ from torch import nn
 
 from fscale.functional import Apply
 from fscale.hw import comm
+from fscale.models.gpt import GPT, GPTConfig
 from fscale.transforms.quantize import dequantize
 from fscale.transforms.zero import gather_params
 
 FILE_NAME = "model.safetensors"  # what transformers' from_pretrained looks for in a directory
 INDEX_NAME = "model.safetensors.index.json"  # a checkpoint sharded over several files
 CONFIG_NAME = "config.json"
+# config.json keys that mark fscale's GPT (its GPTConfig fields beside them), as HF's
+# model_type / architectures mark theirs: fscale.serve's loader builds the GPT from it.
+FSCALE_GPT_TYPE = {"model_type": "fscale_gpt", "architectures": ["fscale.models.GPT"]}
 
 __all__ = ["export", "load_safetensors", "load_state_dict"]
 
@@ -91,7 +95,9 @@ def export(
       metadata: extra string pairs for the file header.
       config: written as ``config.json`` beside ``model.safetensors`` (``path`` a
         directory): a ``transformers`` config (``save_pretrained``), a dataclass or a
-        mapping (as JSON). By default the model's ``config`` attribute, where it has one.
+        mapping (as JSON). By default the model's ``config`` attribute, where it has one,
+        or fscale's GPT's ``GPTConfig`` (marked ``model_type: fscale_gpt``, which
+        ``fscale.serve`` loads).
         A directory export with neither warns: ``from_pretrained`` needs a config.
 
     Returns:
@@ -318,7 +324,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], target: pathlib.Path, header:
 
 def _write_config(directory: pathlib.Path, config, module) -> None:
     """``config.json`` beside the weights: ``config``, else the module's own config."""
-    config = getattr(module, "config", None) if config is None else config
+    if config is None:
+        config = getattr(module, "config", None)
+    if config is None and isinstance(module, GPT):
+        config = module.cfg
     if config is None:
         warnings.warn(
             f"fs.export wrote {directory / FILE_NAME} without a config.json, so "
@@ -344,6 +353,8 @@ def _write_config(directory: pathlib.Path, config, module) -> None:
 def _config_json(config) -> dict:
     if hasattr(config, "save_pretrained") or hasattr(config, "to_dict"):
         return config.to_dict()
+    if isinstance(config, GPTConfig):  # fscale.serve loads such a directory
+        return {**dataclasses.asdict(config), **FSCALE_GPT_TYPE}
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     if not isinstance(config, Mapping):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -199,12 +200,19 @@ def test_config_json_without_the_model_or_from_a_dataclass(tmp_path):
         fs.export(tmp_path / "bare", params, state)
     assert not (tmp_path / "bare" / "config.json").exists()
 
-    # fscale's GPT keeps its GPTConfig (a dataclass) on no attribute: config= writes it.
+    # fscale's GPT: its GPTConfig (a dataclass), marked for fscale.serve, from config=
+    # or from the module itself.
     cfg = GPTConfig.tiny()
-    gpt_params, _ = fs.functional(GPT(cfg))
+    gpt = GPT(cfg)
+    gpt_params, _ = fs.functional(gpt)
     fs.export(tmp_path / "gpt", gpt_params, config=cfg)
     written = json.loads((tmp_path / "gpt" / "config.json").read_text())
-    assert GPTConfig(**written) == cfg
+    assert written["model_type"] == "fscale_gpt"
+    assert GPTConfig(**{k: v for k, v in written.items() if k in cfg.__dataclass_fields__}) == cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the module's own config: no warning
+        fs.export(tmp_path / "gpt-module", gpt_params, model=gpt)
+    assert json.loads((tmp_path / "gpt-module" / "config.json").read_text()) == written
 
     with pytest.raises(TypeError, match="config must be a transformers config"):
         fs.export(tmp_path / "bad", params, config=["not", "a", "config"])

@@ -81,7 +81,9 @@ class Engine:
 
     Args:
       model: a Hugging Face model directory (config.json + *.safetensors), an
-        ``nn.Module`` (fscale's GPT, HF Llama / GPT-2), or a ``LoadedModel``.
+        ``nn.Module`` (fscale's GPT, HF Llama / GPT-2), or a ``LoadedModel``; a
+        directory ``fs.export`` wrote for fscale's GPT (config.json model_type
+        ``fscale_gpt``) too.
       dtype: weights and KV dtype; default bf16 on CUDA, fp32 on CPU.
       device: default ``cuda`` when available, else ``cpu``.
       quantize: an ``fs.quantize`` format ("e3m2", "int8", "int4", ...) for the layer

@@ -816,3 +816,32 @@ def test_first_token_keeps_its_leading_space_with_a_metaspace_tokenizer(metaspac
     stop = out.text.split(" ")[3]
     cut = engine.generate(prompt, SamplingParams(max_tokens=10, stop=[stop], **GREEDY))[0]
     assert cut.finish_reason == "stop" and cut.text == out.text[: out.text.index(stop)]
+
+
+@pytest.mark.parametrize("tied", ["all", "first"])
+def test_an_exported_fscale_gpt_directory_serves_like_the_module(tmp_path, tied):
+    """``fs.export(dir, params, model=gpt)`` writes the GPTConfig as config.json
+    (model_type fscale_gpt): ``Engine(dir)`` then holds the module's weights exactly and
+    generates its tokens; a MoE GPT's directory is refused like the module."""
+    import fscale as fs
+    from fscale.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.tiny(seq_len=64)).eval()
+    params, _ = fs.functional(gpt)
+    fs.export(tmp_path / "gpt", params, model=gpt, tied=tied)
+    from_dir, from_module = Engine(tmp_path / "gpt"), Engine(gpt)
+    assert from_dir.model_name == "gpt"
+    assert from_dir.decoder.params.keys() == from_module.decoder.params.keys()
+    for k, v in from_module.decoder.params.items():
+        assert torch.equal(from_dir.decoder.params[k], v), k
+    sp = SamplingParams(max_tokens=8, temperature=0.8, seed=1)
+    prompts = [[5, 6, 7, 8], list(range(40, 60))]
+    assert [o.token_ids for o in from_dir.generate(prompts, sp)] == [
+        o.token_ids for o in from_module.generate(prompts, sp)
+    ]
+
+    moe = GPT(GPTConfig.moe_tiny())
+    fs.export(tmp_path / "moe", fs.functional(moe)[0], model=moe)
+    with pytest.raises(ValueError, match="mixture of experts"):
+        Engine(tmp_path / "moe")

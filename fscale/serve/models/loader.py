@@ -74,6 +74,35 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
+FSCALE_GPT = "fscale_gpt"  # config.json's model_type of fs.export's fscale GPT directories
+
+
+def _fscale_gpt_module(config: dict, path: Path, *, weights: bool) -> nn.Module:
+    """fscale's GPT from an ``fs.export`` directory (its GPTConfig fields in config.json),
+    with the directory's weights when ``weights`` (else left as initialised: shapes only)."""
+    import dataclasses
+
+    from fscale.export import load_safetensors
+    from fscale.functional import functional
+    from fscale.models import GPT, GPTConfig
+
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    fields = {k: v for k, v in config.items() if k in names}
+    try:
+        cfg = GPTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model {path.name!r}: config.json is not a GPTConfig ({e}).") from None
+    with torch.device("meta") if not weights else contextlib.nullcontext():
+        module = GPT(cfg)
+    if weights:
+        params, apply = functional(module)
+        loaded = load_safetensors(path, params, model=apply)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(loaded[name])
+    return module.eval()
+
+
 def _is_fscale_gpt(model: nn.Module) -> bool:
     return hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "tok_emb")
 
@@ -125,7 +154,10 @@ def model_config(model) -> DecoderConfig:
             return _config(model.config.to_dict(), type(model).__name__)
         raise _not_servable(model)
     path = Path(model)
-    return _config(_directory(path)[0], path.name)
+    config = _directory(path)[0]
+    if config.get("model_type") == FSCALE_GPT:
+        return fscale_gpt(_fscale_gpt_module(config, path, weights=False)).config
+    return _config(config, path.name)
 
 
 def _finisher(dtype: torch.dtype, device, tp: TensorParallel | None, layers_device=None):
@@ -182,6 +214,11 @@ def load_model(
         raise _not_servable(model)
     path = Path(model)
     config, files = _directory(path)
+    if config.get("model_type") == FSCALE_GPT:  # fs.export of fscale's GPT
+        module = _fscale_gpt_module(config, path, weights=True)
+        lm = load_model(module, dtype=dtype, device=device, tp=tp, layers_device=layers_device)
+        lm.name = path.name
+        return lm
     from safetensors import safe_open
 
     # Under tensor parallelism a tensor is sliced on the host, then only the shard
