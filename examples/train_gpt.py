@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save-every", type=int, default=0, help="--save-dir: steps between saves (0: end only)"
     )
     p.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="at the end, the trained fp32 weights as DIR/model.safetensors + config.json "
+        "(fs.export): `python -m fscale.serve --model DIR` serves them",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="--save-dir: continue from its latest good checkpoint (a fresh start if none)",
@@ -707,6 +714,9 @@ def main(argv: list[str] | None = None) -> dict:
             fs.save(args.save_dir, params, state, at=it, keep=3, extra=extra, mesh=step.mesh)
     bar.close()
     logger.close()
+    if args.export:  # a collective: every rank gathers, rank 0 writes
+        full = fs.gather_params(params, state, mesh=step.mesh)
+        fs.export(args.export, full, model=model)
     wall = time.perf_counter() - start
     train_time = wall - eval_time
 

@@ -76,10 +76,11 @@ def _results(png: Path, resumed: bool = False) -> dict:
 @pytest.fixture(scope="module")
 def world_of_one(tmp_path_factory) -> dict:
     png = tmp_path_factory.mktemp("train_gpt_1") / "loss.png"
+    export = png.with_name("export")
     cmd = [sys.executable, str(TRAIN_GPT), *TINY, "--batch-size", "4", "--out", str(png)]
-    proc = _run(cmd, timeout=120)
+    proc = _run([*cmd, "--export", str(export)], timeout=120)
     assert "done in" in proc.stdout
-    return _results(png)
+    return {**_results(png), "export": export}
 
 
 def test_train_gpt_world_of_one(world_of_one):
@@ -95,7 +96,7 @@ def test_train_gpt_under_torchrun_matches_world_of_one(world_of_one, tmp_path, z
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     # Per-rank batch 2 x 2 ranks: the same global batch of 4 as the world of one.
     args = [str(TRAIN_GPT), *TINY, "--batch-size", "2", "--out", str(png), *zero]
-    _run([*cmd, *args], timeout=180)
+    _run([*cmd, *args, "--export", str(tmp_path / "export")], timeout=180)
     metrics = _results(png)
     assert metrics["world"] == 2
     assert metrics["global_batch"] == world_of_one["global_batch"] == 4
@@ -103,6 +104,23 @@ def test_train_gpt_under_torchrun_matches_world_of_one(world_of_one, tmp_path, z
     # up to the summation order of the all-reduce.
     assert metrics["train_loss"] == pytest.approx(world_of_one["train_loss"], rel=1e-4)
     assert metrics["val_loss"] == pytest.approx(world_of_one["val_loss"], rel=1e-4)
+    # --export gathers the (ZeRO-3: sharded) weights: those of the world of one.
+    from safetensors.torch import load_file
+
+    mine = load_file(tmp_path / "export" / "model.safetensors")
+    ref = load_file(world_of_one["export"] / "model.safetensors")
+    assert mine.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(mine[k], ref[k], rtol=1e-3, atol=1e-5)
+
+
+def test_train_gpt_export_is_served(world_of_one):
+    """--export writes a directory fscale.serve loads (the GPTConfig as config.json)."""
+    from fscale.serve import Engine, SamplingParams
+
+    engine = Engine(world_of_one["export"])
+    (out,) = engine.generate(["def "], SamplingParams(max_tokens=6, temperature=0.0))
+    assert len(out.token_ids) == 6 and isinstance(out.text, str)
 
 
 @pytest.mark.parametrize(
