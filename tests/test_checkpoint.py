@@ -419,6 +419,19 @@ def inject_crashes(monkeypatch, targets) -> dict:
     return calls
 
 
+def crash_at_each_point(calls: dict, base, root, save):
+    """For each crash point k counted in ``calls``: a copy of ``base`` at ``root/crash<k>``
+    on which ``save(path)`` was killed at point k (it must raise); yields that path."""
+    for k in range(1, calls["n"] + 1):
+        path = root / f"crash{k}"
+        shutil.copytree(base, path)
+        calls.update(n=0, at=k)
+        with pytest.raises((_Killed, CheckpointException)):  # DCP wraps what its steps raise
+            save(path)
+        calls.update(at=None)
+        yield path
+
+
 def test_a_crash_at_any_file_operation_of_a_save_leaves_a_loadable_checkpoint(
     tmp_path, monkeypatch
 ):
@@ -434,16 +447,10 @@ def test_a_crash_at_any_file_operation_of_a_save_leaves_a_loadable_checkpoint(
     targets = ((os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree"), (torch, "save"))
     calls = inject_crashes(monkeypatch, targets)
     fs.save(tmp_path / "count", params, state, at=2, keep=1)
-    points = calls["n"]
-    assert points >= 20, points
+    assert calls["n"] >= 20, calls["n"]
     seen = set()
-    for k in range(1, points + 1):
-        run = tmp_path / f"run{k}"
-        shutil.copytree(base, run)
-        calls.update(n=0, at=k)
-        with pytest.raises((_Killed, CheckpointException)):  # DCP wraps what its steps raise
-            fs.save(run, params, state, at=2, keep=1)
-        calls.update(at=None)
+    save = lambda run: fs.save(run, params, state, at=2, keep=1)  # noqa: E731
+    for run in crash_at_each_point(calls, base, tmp_path, save):
         fresh, full = _build(())
         loaded, _ = fs.load(run, fresh, full)
         which = "new" if torch.equal(loaded["head.weight"], new["head.weight"]) else "old"

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 import fscale as fs
 from fscale._checkpoint import files
@@ -21,6 +20,7 @@ from tests.test_checkpoint import (
     _Killed,
     _train,
     _trained,
+    crash_at_each_point,
     inject_crashes,
 )
 
@@ -45,21 +45,14 @@ def test_a_crash_at_any_point_of_a_save_over_a_path_leaves_a_whole_checkpoint(
     calls = inject_crashes(monkeypatch, (*targets, (torch, "save")))
     shutil.copytree(base, tmp_path / "count")
     fs.save(tmp_path / "count", params, state)
-    points = calls["n"]
-    assert points >= 10, points
+    assert calls["n"] >= 10, calls["n"]
     seen = set()
-    for k in range(1, points + 1):
-        path = tmp_path / f"ckpt{k}"
-        shutil.copytree(base, path)
-        calls.update(n=0, at=k)
-        with pytest.raises((_Killed, CheckpointException)):
-            fs.save(path, params, state)
-        calls.update(at=None)
+    for path in crash_at_each_point(calls, base, tmp_path, lambda p: fs.save(p, params, state)):
         loaded, _ = fs.load(path, *_build(()))  # never missing, never half
         which = "new" if torch.equal(loaded["head.weight"], params["head.weight"]) else "old"
         _equal(loaded, params if which == "new" else old)
         seen.add(which)
-        assert not [n for n in os.listdir(tmp_path) if n.startswith(f"ckpt{k}.old-")]
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(f"{path.name}.old-")]
     assert seen == {"old", "new"}
 
 
