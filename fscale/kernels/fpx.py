@@ -369,20 +369,27 @@ def pack(w: torch.Tensor, fmt: str, *, absmax: torch.Tensor | None = None) -> Pa
             f"pack({fmt}): the weight {tuple(w.shape)} holds NaN; fix it (torch.nan_to_num, or "
             "the step that diverged) before quantizing."
         )
-    own = w.abs().amax(dim=1)
-    if absmax is None:
-        absmax = own
-    else:
-        absmax = absmax.detach().to(own.device, torch.float32).reshape(-1)
-        if absmax.shape != own.shape or bool((absmax < own).any()):
-            raise ValueError(
-                f"pack({fmt}): absmax must hold one value per row ({own.shape[0]}), each at "
-                "least that row's own absmax (codes would overflow)."
-            )
+    absmax = row_absmax(w, absmax, f"pack({fmt})")
     scales = torch.where(absmax > 0, absmax / max_finite(fmt), torch.ones_like(absmax))
     scales = torch.where(torch.isfinite(scales), scales, torch.ones_like(scales))
     codes = encode(w / scales[:, None], fmt)
     return pack_codes(codes, fmt, scales.contiguous())
+
+
+def row_absmax(t: torch.Tensor, absmax: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Each row's absmax (fp32), or ``absmax`` (e.g. the whole rows' of a K slice)
+    checked to hold one value per row, each at least the row's own. Shared by the
+    per-channel packers (this module's and ``intq``'s)."""
+    own = t.abs().amax(dim=-1).float()
+    if absmax is None:
+        return own
+    absmax = absmax.detach().to(own.device, torch.float32)
+    if absmax.shape != own.shape or bool((absmax < own).any()):
+        raise ValueError(
+            f"{what}: absmax must hold one value per row {tuple(own.shape)}, each at least "
+            "that row's own absmax (codes would overflow)."
+        )
+    return absmax
 
 
 def unpack(p: PackedFPx) -> torch.Tensor:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from fscale.hw import dispatch
 from fscale.hw.device import capability
+from fscale.kernels.fpx import row_absmax
 
 # The Triton lowering of int_linear, importable from here as before the split.
 from fscale.kernels.intq_triton import _TUNE_LOG as _TUNE_LOG  # noqa: F401
@@ -218,23 +219,9 @@ class PackedW8A8(PackedRowScaled):
     fmt: str = "w8a8"
 
 
-def _row_absmax(t: torch.Tensor, absmax: torch.Tensor | None, what: str) -> torch.Tensor:
-    """Each row's absmax, or ``absmax`` (e.g. whole rows' of a K slice) checked against it."""
-    own = t.abs().amax(-1)
-    if absmax is None:
-        return own
-    absmax = absmax.detach().to(own.device, torch.float32)
-    if absmax.shape != own.shape or bool((absmax < own).any()):
-        raise ValueError(
-            f"{what}: absmax must hold one value per row {tuple(own.shape)}, each at least "
-            "that row's own absmax (codes would overflow)."
-        )
-    return absmax
-
-
 def _rowwise_int8(t: torch.Tensor, absmax: torch.Tensor | None = None):
     t = t.float()
-    amax = _row_absmax(t, absmax, "pack_w8a8")
+    amax = row_absmax(t, absmax, "pack_w8a8")
     scale = (amax / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
     q = torch.round(t / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
@@ -324,7 +311,7 @@ def rowwise_fp8(
     (or ``absmax``) maps to 448, rounded to nearest even (``fpx_a8.rows_fp8`` gives the
     same bits)."""
     t = t.float()
-    amax = _row_absmax(t, absmax, "rowwise_fp8")
+    amax = row_absmax(t, absmax, "rowwise_fp8")
     scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     q = (t / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
