@@ -61,6 +61,7 @@ from fscale.serve.kv_cache import BlockManager
 from fscale.serve.models.decoder import Decoder, kv_heads_per_rank
 from fscale.serve.models.loader import load_model, model_config
 from fscale.serve.parallel import (
+    ROW_PARALLEL,
     TensorParallel,
     agree_min,
     broadcast_messages,
@@ -696,4 +697,3 @@ def _quantize(params: dict, fmt: str, tp: TensorParallel, device: torch.device) 
 # match where the group size divides every shard's K (real models: 128). w8a8 and fp8
 # still quantize each token's activations over the rank's K slice (no collective per
 # product), so their outputs differ slightly from one rank's.
-ROW_PARALLEL = (".o.weight", ".down.weight")

@@ -129,6 +129,11 @@ def first_kv_head(cfg: DecoderConfig, tp: TensorParallel) -> int:
     return tp.rank // (tp.size // kv)
 
 
+#: Param names (suffixes) that ``shard_param`` slices along K, their input features:
+#: each rank holds every row, a part of each (the group sums their products).
+ROW_PARALLEL = (".o.weight", ".down.weight")
+
+
 def shard_model(lm: LoadedModel, tp: TensorParallel) -> LoadedModel:
     """This rank's slice of ``lm`` (see [Note: Megatron-style serving]); the config stays
     the whole model's. Plain tensors only: quantize after sharding."""
