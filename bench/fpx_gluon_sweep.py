@@ -12,6 +12,7 @@ Prints the best launches per shape and writes ``$OUT/fpx_gluon_sweep.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 from fscale.kernels import fpx, fpx_gluon
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main() -> None:
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--splits", default="2,3,4,6,8,12,16")
     ap.add_argument("--stages", default="2,3,4,6")
     ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--x-dtypes", default="bf16", help="x dtypes, e.g. bf16,fp16")
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="bytes of weights per chain")
     args = ap.parse_args()
     from triton.testing import do_bench_cudagraph
@@ -43,13 +47,18 @@ def main() -> None:
         copies = max(1, int(args.l2_bytes // p.nbytes))
         packs = [p] + [fpx.pack(w, args.fmt) for _ in range(copies - 1)]
         del w
-        x = torch.randn(args.m, k, device="cuda").bfloat16()
-        ref = fpx.fpx_linear_reference(x, p).float()
-        for warps in (int(v) for v in args.warps.split(",")):
+        xs = {
+            name: torch.randn(args.m, k, device="cuda").to(DTYPES[name])
+            for name in args.x_dtypes.split(",")
+        }
+        for (x_name, x), warps in itertools.product(
+            xs.items(), (int(v) for v in args.warps.split(","))
+        ):
+            ref = fpx.fpx_linear_reference(x, p).float()
             for stages in (int(v) for v in args.stages.split(",")):
                 for split in (int(v) for v in args.splits.split(",")):
                     cfg = dict(split=split, stages=stages, warps=warps)
-                    row = dict(N=n, K=k, M=args.m, **cfg, copies=copies)
+                    row = dict(N=n, K=k, M=args.m, x=x_name, **cfg, copies=copies)
                     try:
                         y = fpx_gluon.fpx_linear_gluon(x, p, **cfg).float()
                         row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
@@ -65,15 +74,19 @@ def main() -> None:
                         row["error"] = repr(e)[:160]
                     rows.append(row)
             out.write_text(json.dumps({"rows": rows, "wall_s": time.time() - t0}, indent=1))
-        good = sorted((r for r in rows if r["N"] == n and r["K"] == k and "us" in r),
-                      key=lambda r: r["us"])  # fmt: skip
-        base = next((r for r in good if (r["split"], r["stages"], r["warps"]) == (4, 4, 4)), None)
-        print(f"{n}x{k} M={args.m} ({copies} copies): split4/st4/w4 "
-              f"{base and round(base['us'], 2)} us", flush=True)  # fmt: skip
-        for r in good[:5]:
-            cfg = f"split {r['split']} stages {r['stages']} warps {r['warps']}"
-            err = f"err {r['rel_err']:.1e}"
-            print(f"   {r['us']:7.2f} us {r['TBps']:.2f} TB/s {cfg} {err}", flush=True)
+        for x_name in xs:
+            good = sorted(
+                (r for r in rows if (r["N"], r["K"], r["x"]) == (n, k, x_name) and "us" in r),
+                key=lambda r: r["us"],
+            )
+            launch = lambda r: (r["split"], r["stages"], r["warps"])  # noqa: E731
+            base = next((r for r in good if launch(r) == (4, 4, 4)), None)
+            print(f"{n}x{k} M={args.m} x {x_name} ({copies} copies): split4/st4/w4 "
+                  f"{base and round(base['us'], 2)} us", flush=True)  # fmt: skip
+            for r in good[:5]:
+                cfg = f"split {r['split']} stages {r['stages']} warps {r['warps']}"
+                err = f"err {r['rel_err']:.1e}"
+                print(f"   {r['us']:7.2f} us {r['TBps']:.2f} TB/s {cfg} {err}", flush=True)
         packs = p = None  # free before the next shape's copies
 
 

@@ -60,6 +60,7 @@ from fscale.kernels import paged_attention as pa  # noqa: E402
 from fscale.kernels._triton import pdl  # noqa: E402
 from fscale.serve import Engine, SamplingParams  # noqa: E402
 from fscale.serve.models.decoder import DecoderConfig, LoadedModel  # noqa: E402
+from fscale.transforms.quantize import QuantizedWeight  # noqa: E402
 
 HBM = 4.3e12  # B/s, measured HBM copy bandwidth on the H200 (DESIGN.md section 7)
 ROWS: list[dict] = []
@@ -609,6 +610,49 @@ def part_e(lm, args) -> None:
     engine.shutdown()
 
 
+def graph_breakdown(engine) -> dict:
+    """The batch-1 decode graph's GPU time (ms, ``decode_graph_ms``) as the engine runs
+    it, with its quantized products left out (an empty output of their shape) and with
+    every product left out: what the products cost where they run, beside the
+    neighbouring kernels, in one graph. The engine's graphs are recaptured as they were
+    last."""
+    if engine.device.type != "cuda":
+        print("  --d-breakdown: decode graphs are CUDA only; skipped", flush=True)
+        return {}
+    keep = engine.decoder.linear
+
+    def skip(quantized_only):
+        def linear(x, w, b=None):
+            if quantized_only and not isinstance(w, QuantizedWeight):
+                return keep(x, w, b)
+            return x.new_empty(*x.shape[:-1], w.shape[0])
+
+        return linear
+
+    no_quantized = decode_graph_ms(engine, skip(True))
+    no_products = decode_graph_ms(engine, skip(False))
+    return {
+        "graph_ms": decode_graph_ms(engine, keep),
+        "graph_ms_without_quantized_products": no_quantized,
+        "graph_ms_without_products": no_products,
+    }
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def d_variant(spec: str) -> tuple[str | None, torch.dtype | None]:
+    """A part-d weights spec -> (fs.quantize format or None, engine dtype or None for the
+    run's): "bf16" plain weights in the run's dtype, "fp16" plain fp16, "e3m2-a8" FP6,
+    "e3m2-a8@fp16" FP6 with fp16 activations (as FP6-LLM and DeepSpeed's wf6af16 run
+    it)."""
+    name, _, dt = spec.partition("@")
+    if dt and dt not in DTYPES:
+        raise SystemExit(f"--d-formats {spec!r}: the dtype after @ must be one of {list(DTYPES)}")
+    dtype = DTYPES[dt] if dt else torch.float16 if name == "fp16" else None
+    return (None if name in DTYPES else name), dtype
+
+
 def part_d(lm, args) -> None:
     """FP6 vs bf16 at a smaller engine (max_num_seqs / budget ``args.d_seqs`` /
     ``args.d_budget``): every graph bucket and prefill size is an M the FPx kernels tune
@@ -621,35 +665,42 @@ def part_d(lm, args) -> None:
         print(f"  part d: {what} (+{time.perf_counter() - t_start:.0f} s)", flush=True)
 
     variants = [
-        (None if f == "bf16" else f, GRAPH_CHOICES[pg])
+        (*d_variant(f), GRAPH_CHOICES[pg])
         for f in args.d_formats.split(",")
         for pg in args.d_prefill_graphs.split(",")
     ]
-    for fmt, graphs in variants:
-        progress(f"{fmt or 'bf16'}: building the engine (tunes FPx launches per M bucket)")
+    for fmt, dtype, graphs in variants:
+        dtype = dtype or args.dtype
+        act = str(dtype).removeprefix("torch.")
+        name = f"{fmt or 'plain'}@{act}"
+        progress(f"{name}: building the engine (tunes FPx launches per M bucket)")
         engine = make_engine(
             lm,
             args,
+            dtype=dtype,
             quantize=fmt,
             max_tokens_per_step=args.d_budget,
             max_num_seqs=args.d_seqs,
             prefill_graphs=graphs,
         )
-        progress(f"{fmt or 'bf16'}: warm-up")
+        progress(f"{name}: warm-up")
         run_batch(engine, prompts(2, 16, V, 0), 4)
-        progress(f"{fmt or 'bf16'}: batch-1 decode")
+        progress(f"{name}: batch-1 decode")
         rate = decode_rate(engine, args, V)
         c = args.saturation
-        progress(f"{fmt or 'bf16'}: {c} requests at saturation, {args.d_repeat} times")
+        progress(f"{name}: {c} requests at saturation, {args.d_repeat} times")
         runs = [
             run_batch(engine, prompts(c, args.prompt, V, c + i), args.output)
             for i in range(args.d_repeat)
         ]
         dt = statistics.median_low(runs)  # the median run (a run is ~2 s: noisy alone)
+        graph = graph_breakdown(engine) if args.d_breakdown else {}
         emit(
             {
                 "part": "d",
-                "weights": fmt or "bf16",
+                **graph,
+                "weights": fmt or act,
+                "activations": act,
                 "prefill_graphs": bool(engine.runner.mixed_sizes),
                 "decode_tok_s": rate,
                 "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
@@ -873,7 +924,13 @@ def main() -> None:
     ap.add_argument(
         "--d-formats",
         default="bf16,e3m2,e3m2-a8",
-        help="part d's weights: bf16 and fs.quantize formats (e3m2-a8: W6A8 prefill)",
+        help="part d's weights: bf16, fp16 and fs.quantize formats (e3m2-a8: W6A8 "
+        "prefill), each with an optional @bf16/@fp16 activation dtype (e3m2-a8@fp16)",
+    )
+    ap.add_argument(
+        "--d-breakdown",
+        action="store_true",
+        help="part d: also time the batch-1 decode graph without its (quantized) products",
     )
     ap.add_argument(
         "--profile",
