@@ -23,6 +23,34 @@ import torch
 from fscale.kernels import fpx, fpx_gluon
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SCALED = {"auto": None, "on": True, "off": False}
+
+
+def launch(row: dict) -> tuple:
+    return row["split"], row["stages"], row["warps"]
+
+
+def time_launch(row: dict, x, packs, cfg) -> dict:
+    """``row`` with the launch's error against the reference and its time per product
+    over a chain of ``packs`` (HBM-resident weights), or the error that refused it."""
+    from triton.testing import do_bench_cudagraph
+
+    p = packs[0]
+    try:
+        ref = fpx.fpx_linear_reference(x, p).float()
+        y = fpx_gluon.fpx_linear_gluon(x, p, **cfg).float()
+        row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
+
+        def chain():
+            for q in packs:
+                fpx_gluon.fpx_linear_gluon(x, q, **cfg)
+
+        ms = do_bench_cudagraph(chain, rep=20, return_mode="median")
+        row["us"] = ms * 1e3 / len(packs)
+        row["TBps"] = p.nbytes / (row["us"] * 1e-6) / 1e12
+    except Exception as e:  # a launch the compiler or the limits refuse
+        row["error"] = repr(e)[:160]
+    return row
 
 
 def main() -> None:
@@ -34,10 +62,13 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3,4,6")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--x-dtypes", default="bf16", help="x dtypes, e.g. bf16,fp16")
+    ap.add_argument(
+        "--x-scaled",
+        default="auto",
+        help="bf16 x: auto (as fpx_linear_gluon picks), on, off, or several: auto,off",
+    )
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="bytes of weights per chain")
     args = ap.parse_args()
-    from triton.testing import do_bench_cudagraph
-
     rows, t0 = [], time.time()
     out = Path(os.environ.get("OUT", ".")) / "fpx_gluon_sweep.json"
     for shape in args.shapes.split(","):
@@ -51,39 +82,26 @@ def main() -> None:
             name: torch.randn(args.m, k, device="cuda").to(DTYPES[name])
             for name in args.x_dtypes.split(",")
         }
-        for (x_name, x), warps in itertools.product(
-            xs.items(), (int(v) for v in args.warps.split(","))
+        for (x_name, x), warps, stages, split in itertools.product(
+            xs.items(),
+            (int(v) for v in args.warps.split(",")),
+            (int(v) for v in args.stages.split(",")),
+            (int(v) for v in args.splits.split(",")),
         ):
-            ref = fpx.fpx_linear_reference(x, p).float()
-            for stages in (int(v) for v in args.stages.split(",")):
-                for split in (int(v) for v in args.splits.split(",")):
-                    cfg = dict(split=split, stages=stages, warps=warps)
-                    row = dict(N=n, K=k, M=args.m, x=x_name, **cfg, copies=copies)
-                    try:
-                        y = fpx_gluon.fpx_linear_gluon(x, p, **cfg).float()
-                        row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
-
-                        def chain(cfg=cfg, packs=packs, x=x):
-                            for q in packs:
-                                fpx_gluon.fpx_linear_gluon(x, q, **cfg)
-
-                        ms = do_bench_cudagraph(chain, rep=20, return_mode="median")
-                        row["us"] = ms * 1e3 / copies
-                        row["TBps"] = p.nbytes / (row["us"] * 1e-6) / 1e12
-                    except Exception as e:  # a launch the compiler or the limits refuse
-                        row["error"] = repr(e)[:160]
-                    rows.append(row)
+            for scaled in args.x_scaled.split(",") if x_name == "bf16" else ["auto"]:
+                cfg = dict(split=split, stages=stages, warps=warps, x_scaled=SCALED[scaled])
+                row = dict(N=n, K=k, M=args.m, x=x_name, **cfg, copies=copies)
+                rows.append(time_launch(row | {"x_scaled": scaled}, x, packs, cfg))
             out.write_text(json.dumps({"rows": rows, "wall_s": time.time() - t0}, indent=1))
-        for x_name in xs:
+        for variant in sorted({(r["x"], r["x_scaled"]) for r in rows}):
             good = sorted(
-                (r for r in rows if (r["N"], r["K"], r["x"]) == (n, k, x_name) and "us" in r),
-                key=lambda r: r["us"],
+                (r for r in rows if (r["N"], r["K"], r["x"], r["x_scaled"]) == (n, k, *variant)),
+                key=lambda r: r.get("us", float("inf")),
             )
-            launch = lambda r: (r["split"], r["stages"], r["warps"])  # noqa: E731
-            base = next((r for r in good if launch(r) == (4, 4, 4)), None)
-            print(f"{n}x{k} M={args.m} x {x_name} ({copies} copies): split4/st4/w4 "
+            base = next((r for r in good if launch(r) == (4, 4, 4) and "us" in r), None)
+            print(f"{n}x{k} M={args.m} x {variant} ({copies} copies): split4/st4/w4 "
                   f"{base and round(base['us'], 2)} us", flush=True)  # fmt: skip
-            for r in good[:5]:
+            for r in (r for r in good[:5] if "us" in r):
                 cfg = f"split {r['split']} stages {r['stages']} warps {r['warps']}"
                 err = f"err {r['rel_err']:.1e}"
                 print(f"   {r['us']:7.2f} us {r['TBps']:.2f} TB/s {cfg} {err}", flush=True)
