@@ -23,7 +23,6 @@ import torch
 from fscale.kernels import fpx, fpx_gluon
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-SCALED = {"auto": None, "on": True, "off": False}
 
 
 def launch(row: dict) -> tuple:
@@ -62,11 +61,6 @@ def main() -> None:
     ap.add_argument("--stages", default="2,3,4,6")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--x-dtypes", default="bf16", help="x dtypes, e.g. bf16,fp16")
-    ap.add_argument(
-        "--x-scaled",
-        default="auto",
-        help="bf16 x: auto (as fpx_linear_gluon picks), on, off, or several: auto,off",
-    )
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="bytes of weights per chain")
     args = ap.parse_args()
     rows, t0 = [], time.time()
@@ -88,18 +82,17 @@ def main() -> None:
             (int(v) for v in args.stages.split(",")),
             (int(v) for v in args.splits.split(",")),
         ):
-            for scaled in args.x_scaled.split(",") if x_name == "bf16" else ["auto"]:
-                cfg = dict(split=split, stages=stages, warps=warps, x_scaled=SCALED[scaled])
-                row = dict(N=n, K=k, M=args.m, x=x_name, **cfg, copies=copies)
-                rows.append(time_launch(row | {"x_scaled": scaled}, x, packs, cfg))
+            cfg = dict(split=split, stages=stages, warps=warps)
+            row = dict(N=n, K=k, M=args.m, x=x_name, **cfg, copies=copies)
+            rows.append(time_launch(row, x, packs, cfg))
             out.write_text(json.dumps({"rows": rows, "wall_s": time.time() - t0}, indent=1))
-        for variant in sorted({(r["x"], r["x_scaled"]) for r in rows}):
+        for x_name in xs:
             good = sorted(
-                (r for r in rows if (r["N"], r["K"], r["x"], r["x_scaled"]) == (n, k, *variant)),
+                (r for r in rows if (r["N"], r["K"], r["x"]) == (n, k, x_name)),
                 key=lambda r: r.get("us", float("inf")),
             )
             base = next((r for r in good if launch(r) == (4, 4, 4) and "us" in r), None)
-            print(f"{n}x{k} M={args.m} x {variant} ({copies} copies): split4/st4/w4 "
+            print(f"{n}x{k} M={args.m} x {x_name} ({copies} copies): split4/st4/w4 "
                   f"{base and round(base['us'], 2)} us", flush=True)  # fmt: skip
             for r in (r for r in good[:5] if "us" in r):
                 cfg = f"split {r['split']} stages {r['stages']} warps {r['warps']}"

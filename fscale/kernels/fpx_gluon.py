@@ -33,27 +33,10 @@ M=128, 5x), which is what bounds M >= 32. Split-K sums partials in one kernel, a
 Triton kernel does ([Note: split-K without extra kernels] in _fpx_triton_kernel.py).
 fp5 (e2m2, e3m1: 1 lo bit, 256-row chunks) runs the same walk over two 128-row halves
 of a chunk, one MMA each.
-
-[Note: bf16 x as scaled fp16]
-The rebuild makes fp16 images (fp16's 5-bit exponent holds every code, subnormals
-included; bf16's would need the codes' exponents moved). With bf16 x the MMA then needs
-bf16 weights: a conversion through fp32, 1.5 instructions per weight, in a loop that is
-ALU-bound at small M. Converting x instead costs per x element, not per weight, but
-fp16 cannot hold bf16's range. So each program stages its whole K range of x in shared
-memory once (``X_TILES`` 128-row tiles, a bf16 copy and an fp16 one) and writes token
-t's x as fp16 times 2^(14 - E_t), 2^E_t <= its absmax over the range < 2^(E_t + 1):
-powers of two, so each scaled value is exact unless it falls 2^24 below the absmax
-(into fp16's subnormals, where its share of the dot product is below fp32's
-rounding), and the products and their fp32 sums are the bf16 path's times 2^(14 - E_t).
-The partial sums take 2^(E_t - 14) back before the split-K sum; E_t is clamped to
-[-100, 127] so both factors are normal fp32 (inf and NaN pass through). Staging costs
-one wait for x, while the first chunks' planes are in flight, and two passes over it.
 Instruction counts, measurements and what is left: README.md here.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -189,38 +172,6 @@ def _fill_x(x_s, x_ptr, b, slot, live, xm, xk, x_ok, m0, stride_xm, HALVES: gl.c
         _async_load(x_s.index(slot * HALVES + hf), xp, mask=x_ok[:, None] & live)
 
 
-def _stage_scaled_x(
-    x_s, x16_s, x_ptr, chunk0, n_tiles, xm, xk, x_ok, m0, stride_xm, x_copy: gl.constexpr,
-    HALVES: gl.constexpr, BNT: gl.constexpr,
-):  # fmt: skip
-    """[Note: bf16 x as scaled fp16]: copy the program's whole K range of bf16 x into
-    ``x_s`` (one cp.async group, waited for here: every earlier group with it), then
-    write each token's x times 2^(14 - E) as fp16 into ``x16_s``, where 2^E <= the
-    token's absmax < 2^(E + 1) over that range. Returns 2^(E - 14) per token (fp32,
-    ``SliceLayout(1, x_copy)``), the factor the program's partial sums take back."""
-    for j in range(n_tiles):
-        xk_j = (chunk0 * HALVES + j) * 128 + xk
-        xp = x_ptr + (m0 + xm)[:, None] * stride_xm + xk_j[None, :]
-        _async_load(x_s.index(j), xp, mask=x_ok[:, None])
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    _barrier()  # every thread's copies have landed
-    amax = gl.zeros([BNT, 128], gl.float32, layout=x_copy)
-    for j in range(n_tiles):
-        amax = gl.maximum(amax, gl.abs(x_s.index(j).load(x_copy).to(gl.float32)))
-    # The biased exponent e = E + 127 of the absmax, kept in [27, 254]: both scales
-    # stay normal fp32; zero rows get a harmless one, inf and NaN stay what they are.
-    e = (gl.max(amax, axis=1).to(gl.int32, bitcast=True) >> 23) & 0xFF
-    e = gl.minimum(gl.maximum(e, 27), 254)
-    up = ((268 - e) << 23).to(gl.float32, bitcast=True)  # 2^(14 - E)
-    for j in range(n_tiles):
-        t = x_s.index(j).load(x_copy).to(gl.float32) * up[:, None]
-        x16_s.index(j).store(t.to(gl.float16))
-    fence_async_shared()  # written by the threads, read by wgmma (the async proxy)
-    _barrier()
-    return ((e - 14) << 23).to(gl.float32, bitcast=True)  # 2^(E - 14)
-
-
 def _wait_for_previous_kernel():
     """``griddepcontrol.wait`` ([Note: programmatic dependent launch] in _triton.py;
     Gluon has no wrapper for it). The memory clobber keeps loads after it."""
@@ -240,7 +191,6 @@ def _let_next_kernel_launch():
 if gluon is not None:
     _fill_planes = gluon.jit(_fill_planes)
     _fill_x = gluon.jit(_fill_x)
-    _stage_scaled_x = gluon.jit(_stage_scaled_x)
     _wait_for_previous_kernel = gluon.jit(_wait_for_previous_kernel)
     _let_next_kernel_launch = gluon.jit(_let_next_kernel_launch)
 
@@ -250,10 +200,8 @@ def _kernel(
     M, N, NW, K, stride_xm, stride_ym, chunks_per_prog, exp_scale,
     BNT: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
     HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr, W: gl.constexpr,
-    LB: gl.constexpr, NQ: gl.constexpr, PDL: gl.constexpr, X_TILES: gl.constexpr = 0,
+    LB: gl.constexpr, NQ: gl.constexpr, PDL: gl.constexpr,
 ):  # fmt: skip
-    # X_TILES > 0 (bf16 x only): x as scaled fp16, staged whole, X_TILES 128-row tiles
-    # ([Note: bf16 x as scaled fp16]); 0: x through the ring in its own dtype.
     CH: gl.constexpr = 16 * W  # channels: 64 per warpgroup, one x tile for all of them
     # A chunk is NQ / 4 halves of 128 rows of K (fp6: 1, fp5: 2), one MMA each.
     HALVES: gl.constexpr = NQ // 4
@@ -274,7 +222,6 @@ def _kernel(
     x_copy: gl.constexpr = _copy_layout(KC, min(8, BNT * KC // (32 * W)), W)
     x_dtype: gl.constexpr = gl.bfloat16 if X_BF16 else gl.float16
     x_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BNT, KC], x_dtype)
-    mma_dtype: gl.constexpr = gl.float16 if X_TILES > 0 else x_dtype  # of x and A
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BNT, 16]
     )
@@ -282,12 +229,7 @@ def _kernel(
 
     hi_s = gl.allocate_shared_memory(gl.int32, [STAGES * HALVES, 32, 8 * W], plane_smem)
     lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, 16, 8 * W], plane_smem)
-    if X_TILES > 0:
-        x_s = gl.allocate_shared_memory(x_dtype, [X_TILES, BNT, KC], x_smem)
-        x16_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BNT, KC], gl.float16)
-        x16_s = gl.allocate_shared_memory(gl.float16, [X_TILES, BNT, KC], x16_smem)
-    else:
-        x_s = gl.allocate_shared_memory(x_dtype, [STAGES * HALVES, BNT, KC], x_smem)
+    x_s = gl.allocate_shared_memory(x_dtype, [STAGES * HALVES, BNT, KC], x_smem)
 
     rows32 = gl.arange(0, 32, layout=gl.SliceLayout(1, copy_layout))
     rows16 = gl.arange(0, 16, layout=gl.SliceLayout(1, copy_layout))
@@ -306,25 +248,15 @@ def _kernel(
             hi_s, lo_s, hi_ptr, lo_ptr, chunk0 + st, st, st < n_chunks, rows32, rows16, cols,
             col_ok, c0, NW, HALVES,
         )  # fmt: skip
-        if X_TILES > 0:
-            async_copy.commit_group()  # a group per chunk, as the loop's wait counts them
     if PDL:
         _wait_for_previous_kernel()
         _let_next_kernel_launch()
-    if X_TILES > 0:
-        # One more group (x), waited for with the planes before it: those were asked
-        # for first (under PDL while the previous kernel ran), so the wait is x's.
-        x_up = _stage_scaled_x(
-            x_s, x16_s, x_ptr, chunk0, n_chunks * HALVES, xm, xk, x_ok, m0, stride_xm, x_copy,
-            HALVES, BNT,
-        )  # fmt: skip
-    else:
-        for st in gl.static_range(STAGES - 1):
-            _fill_x(x_s, x_ptr, chunk0 + st, st, st < n_chunks, xm, xk, x_ok, m0, stride_xm, HALVES)
-            async_copy.commit_group()
+    for st in gl.static_range(STAGES - 1):
+        _fill_x(x_s, x_ptr, chunk0 + st, st, st < n_chunks, xm, xk, x_ok, m0, stride_xm, HALVES)
+        async_copy.commit_group()
 
     acc = gl.zeros([CH, BNT], gl.float32, layout=mma)
-    a_prev = gl.zeros([CH, KC], mma_dtype, layout=a_layout)
+    a_prev = gl.zeros([CH, KC], x_dtype, layout=a_layout)
     for it in range(n_chunks):
         slot = it % STAGES
         async_copy.wait_group(STAGES - 2)
@@ -354,12 +286,9 @@ def _kernel(
             hi16 = (words >> 16).to(gl.uint16).to(gl.float16, bitcast=True)
             a = gl.reshape(gl.join(lo16, hi16), [CH, KC])
             a = gl.convert_layout(a, a_layout, assert_trivial=True)
-            if X_TILES > 0:
-                xt = x16_s.index(it * HALVES + hf).permute((1, 0))
-            else:
-                if X_BF16:
-                    a = a.to(gl.bfloat16)
-                xt = x_s.index(slot * HALVES + hf).permute((1, 0))
+            if X_BF16:
+                a = a.to(gl.bfloat16)
+            xt = x_s.index(slot * HALVES + hf).permute((1, 0))
             acc = warpgroup_mma(a, xt, acc, is_async=True)
             # The previous MMA is done after this: its registers (and, after the last
             # half, the previous chunk's slot) are free.
@@ -371,10 +300,7 @@ def _kernel(
             hi_s, lo_s, hi_ptr, lo_ptr, chunk0 + nxt, nxt % STAGES, live, rows32, rows16, cols,
             col_ok, c0, NW, HALVES,
         )  # fmt: skip
-        if X_TILES == 0:
-            _fill_x(
-                x_s, x_ptr, chunk0 + nxt, nxt % STAGES, live, xm, xk, x_ok, m0, stride_xm, HALVES
-            )
+        _fill_x(x_s, x_ptr, chunk0 + nxt, nxt % STAGES, live, xm, xk, x_ok, m0, stride_xm, HALVES)
         async_copy.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
@@ -386,8 +312,6 @@ def _kernel(
     tok = m0 + gl.arange(0, BNT, layout=gl.SliceLayout(0, mma))
     scale = gl.load(s_ptr + ch, mask=ch_ok, other=0.0) * exp_scale
     out = acc * scale[:, None]
-    if X_TILES > 0:
-        out = out * gl.convert_layout(x_up, gl.SliceLayout(0, mma))[None, :]
     mask = ch_ok[:, None] & (tok < M)[None, :]
     if SPLIT == 2:
         # [Note: split-K without extra kernels] (_fpx_triton_kernel.py): the partial goes to
@@ -420,10 +344,6 @@ def _kernel(
 _kernel = gluon.jit(_kernel) if gluon is not None else None
 
 
-def _x_scaled_by_default() -> bool:
-    return os.environ.get("FSCALE_FPX_X_SCALED", "1") != "0"
-
-
 def available(x: torch.Tensor, fmt: str) -> bool:
     """Whether this kernel can run x @ W^T for a ``fmt`` weight (Hopper, fp16/bf16)."""
     return (
@@ -442,7 +362,7 @@ def tokens_per_program(m: int) -> int:
 
 def fpx_linear_gluon(
     x, p, bias=None, *, split: int = 1, stages: int = 4, bnt: int | None = None,
-    atomic: bool = False, warps: int = 4, x_scaled: bool | None = None,
+    atomic: bool = False, warps: int = 4,
 ):  # fmt: skip
     """y = x @ W^T (+ bias) for a packed ``FORMATS`` weight ``p`` on Hopper.
 
@@ -450,8 +370,6 @@ def fpx_linear_gluon(
     along K sum their partials in one kernel (the last to arrive adds them in order),
     or with ``atomic`` add them into a zeroed fp32 y (then a cast). A program covers
     16 ``warps`` channels (4 or 8 warps: one or two warpgroups sharing one x tile).
-    ``x_scaled`` (bf16 x): multiply in fp16 with x scaled per token ([Note: bf16 x as
-    scaled fp16]); None: wherever the program's x fits in shared memory.
     """
     if warps not in (4, 8):
         raise ValueError(f"fpx_linear_gluon: warps={warps}; use 4 or 8 (whole warpgroups).")
@@ -472,27 +390,12 @@ def fpx_linear_gluon(
     bnt = bnt or tokens_per_program(m)
     lay = _fpx.layout(p.fmt)
     halves = lay["nq"] // 4
+    # Shared memory per stage: per 128 rows of K x's [bnt, 128] tile and 1 KB of hi
+    # plane per warp, and 512 B of lo plane per warp; keep under ~200 KB.
+    stage_bytes = halves * (bnt * 256 + 1024 * warps) + 512 * warps
+    stages = max(2, min(stages, 200 * 1024 // stage_bytes))
     chunks = k // lay["k_chunk"]
     per = -(-chunks // max(1, min(split, chunks)))
-    # Shared memory per stage: per 128 rows of K x's [bnt, 128] tile (unless x is
-    # staged whole: bf16 and fp16 copies of the program's range) and 1 KB of hi plane
-    # per warp, and 512 B of lo plane per warp; keep under ~200 KB.
-    x_tiles = per * halves
-    plane_bytes = halves * 1024 * warps + 512 * warps
-    fits = x_tiles * bnt * 512 + 2 * plane_bytes <= 200 * 1024
-    if x_scaled is None:  # FSCALE_FPX_X_SCALED=0: the plain bf16 path (an A/B switch)
-        x_scaled = x.dtype == torch.bfloat16 and fits and _x_scaled_by_default()
-    elif x_scaled and not (x.dtype == torch.bfloat16 and fits):
-        raise ValueError(
-            f"fpx_linear_gluon: x_scaled=True needs bf16 x whose {x_tiles} tiles of "
-            f"{bnt} tokens fit in shared memory (got {x.dtype}); use a larger split or "
-            "x_scaled=None."
-        )
-    if x_scaled:
-        stages = max(2, min(stages, (200 * 1024 - x_tiles * bnt * 512) // plane_bytes))
-    else:
-        stage_bytes = halves * bnt * 256 + plane_bytes
-        stages = max(2, min(stages, 200 * 1024 // stage_bytes))
     grid = (-(-(n // 2) // (8 * warps)), -(-m // bnt), -(-chunks // per))
     mode = 0 if grid[2] == 1 else 1 if atomic else 2
     if mode == 1:
@@ -509,7 +412,7 @@ def fpx_linear_gluon(
         BNT=bnt, STAGES=stages, SPLIT=mode, HAS_BIAS=bias is not None,
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         X_BF16=x.dtype == torch.bfloat16, W=warps, LB=lay["lo_bits"], NQ=lay["nq"],
-        PDL=on, X_TILES=x_tiles if x_scaled else 0, num_warps=warps, launch_pdl=on,
+        PDL=on, num_warps=warps, launch_pdl=on,
     )  # fmt: skip
     if mode == 1:
         y = y.to(x.dtype)

@@ -27,7 +27,7 @@ def _ptx_for_sm90(rank, world, *args, **kwargs) -> str:
     return _compile_for_sm90(*args, **kwargs).asm["ptx"]
 
 
-def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str, pdl=False, x_tiles=0):
+def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str, pdl=False):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,7 +36,7 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str, pd
     const = dict(
         BNT=bnt, STAGES=4, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
         LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16", W=warps,
-        LB=lay["lo_bits"], NQ=lay["nq"], PDL=pdl, X_TILES=x_tiles,
+        LB=lay["lo_bits"], NQ=lay["nq"], PDL=pdl,
     )  # fmt: skip
     sig = {
         "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
@@ -102,36 +102,6 @@ def test_pdl_requests_the_first_planes_before_waiting_and_x_after(fmt, warps):
     off = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt, pdl=False)[0]
     assert "griddepcontrol" not in off
     assert off.count("cp.async.cg.shared.global") == len(copies)
-
-
-@needs_gluon
-@pytest.mark.parametrize("fmt,warps", [("e3m2", 4), ("e2m2", 8)])
-def test_bf16_x_staged_as_scaled_fp16_converts_no_weight(fmt, warps):
-    """[Note: bf16 x as scaled fp16]: the MMAs take fp16 x and weights, no rebuilt weight
-    is converted to bf16 (the plain bf16 build converts each one); the planes are still
-    requested before ``griddepcontrol.wait`` and every x copy after it."""
-    halves = fpx.layout(fmt)["k_chunk"] // 128
-    ptx = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt, pdl=True, x_tiles=4 * halves)
-    ptx = ptx[0]
-    plain = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt, pdl=True)[0]
-    assert "cvt.rn.bf16.f16" in plain and "cvt.rn.bf16.f16" not in ptx
-    mmas = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
-    assert len(mmas) == 8 * halves and all(".f32.f16.f16 {" in line for line in mmas)
-    lines = ptx.splitlines()
-    (wait,) = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
-    copies = [i for i, line in enumerate(lines) if "cp.async.cg.shared.global" in line]
-    assert sum(c < wait for c in copies) == 3 * (2 * halves + 1)  # 3 chunks of planes
-    assert any(c > wait for c in copies)
-
-
-def test_scaled_x_where_it_cannot_be_is_a_clear_error():
-    p = fpx.pack(torch.randn(64, 256), "e3m2")
-    with pytest.raises(ValueError, match="x_scaled=True needs bf16 x"):
-        fpx_gluon.fpx_linear_gluon(torch.randn(2, 256, dtype=torch.float16), p, x_scaled=True)
-    big = fpx.pack(torch.randn(64, 128 * 512), "e3m2")  # 512 tiles of 256 tokens: too many
-    with pytest.raises(ValueError, match="use a larger split"):
-        x = torch.randn(256, 128 * 512, dtype=torch.bfloat16)
-        fpx_gluon.fpx_linear_gluon(x, big, x_scaled=True)
 
 
 def _rotl(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -252,45 +222,6 @@ def test_cuda_kernel_matches_reference(fmt, n, k, m, dtype, split, warps):
     cfg = {"gluon": True, "split": split, "stages": 6, "warps": warps}
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias, config=cfg), want) <= 1e-2
     assert _rel(fpx_triton.fpx_linear_hopper(x, p, bias), want) <= 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-    reason="needs a Hopper GPU",
-)
-@needs_gluon
-@pytest.mark.parametrize("fmt,split,warps", [("e3m2", 4, 4), ("e3m2", 1, 8), ("e2m2", 2, 4)])
-def test_scaled_x_equals_the_bf16_path_at_every_magnitude(fmt, split, warps):
-    """[Note: bf16 x as scaled fp16]: tokens whose absmax lies far outside fp16's range
-    (1e30, 1e-30), a zero token, tiny entries beside large ones, and inf and NaN give
-    the plain bf16 path's product (equal where both are finite, alike non-finite)."""
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    n, k = 320, 1024
-    p = fpx.pack(torch.randn(n, k, generator=gen, device="cuda"), fmt)
-    x = torch.randn(9, k, generator=gen, device="cuda")
-    x[1] *= 1e30
-    x[2] *= 1e-30
-    x[3] = 0
-    x[4, ::2] *= 1e-6  # half the entries 2^20 below the others
-    x[5, 7] = 1e36  # products near bf16's max
-    x[6, 9] = float("inf")
-    x[7, 11] = float("nan")
-    x[8] *= 7e4  # past fp16's max
-    x = x.bfloat16()
-    want = x.double() @ fpx.unpack(p).double().t()
-    plain = fpx_gluon.fpx_linear_gluon(x, p, split=split, warps=warps, x_scaled=False)
-    got = fpx_gluon.fpx_linear_gluon(x, p, split=split, warps=warps, x_scaled=True)
-    ok = torch.isfinite(want).all(1)
-    assert ok.tolist() == [True] * 5 + [False] * 3 + [True]
-    assert torch.isfinite(got[ok]).all()
-    for row in ok.nonzero().flatten().tolist():
-        if x[row].any():
-            assert _rel(got[row], want[row]) <= 1e-2, row
-    assert not got[3].any()
-    torch.testing.assert_close(got[ok].float(), plain[ok].float(), rtol=1e-6, atol=0)
-    assert torch.equal(torch.isnan(got[~ok]), torch.isnan(plain[~ok]))
-    assert not torch.isfinite(got[~ok]).all(1).any()
 
 
 @pytest.mark.gpu
