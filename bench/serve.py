@@ -641,16 +641,18 @@ def graph_breakdown(engine) -> dict:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def d_variant(spec: str) -> tuple[str | None, torch.dtype | None]:
+def d_variant(spec: str) -> tuple[str | None, torch.dtype | None, bool]:
     """A part-d weights spec -> (fs.quantize format or None, engine dtype or None for the
-    run's): "bf16" plain weights in the run's dtype, "fp16" plain fp16, "e3m2-a8" FP6,
-    "e3m2-a8@fp16" FP6 with fp16 activations (as FP6-LLM and DeepSpeed's wf6af16 run
-    it)."""
+    run's, quantize_head): "bf16" plain weights in the run's dtype, "fp16" plain fp16,
+    "e3m2-a8" FP6, "e3m2-a8@fp16" FP6 with fp16 activations (as FP6-LLM and DeepSpeed's
+    wf6af16 run it), "e3m2-a8+head" with the head in FP6 too."""
     name, _, dt = spec.partition("@")
     if dt and dt not in DTYPES:
         raise SystemExit(f"--d-formats {spec!r}: the dtype after @ must be one of {list(DTYPES)}")
+    head = name.endswith("+head")
+    name = name.removesuffix("+head")
     dtype = DTYPES[dt] if dt else torch.float16 if name == "fp16" else None
-    return (None if name in DTYPES else name), dtype
+    return (None if name in DTYPES else name), dtype, head
 
 
 def part_d(lm, args) -> None:
@@ -669,16 +671,17 @@ def part_d(lm, args) -> None:
         for f in args.d_formats.split(",")
         for pg in args.d_prefill_graphs.split(",")
     ]
-    for fmt, dtype, graphs in variants:
+    for fmt, dtype, head, graphs in variants:
         dtype = dtype or args.dtype
         act = str(dtype).removeprefix("torch.")
-        name = f"{fmt or 'plain'}@{act}"
+        name = f"{fmt or 'plain'}{'+head' if head else ''}@{act}"
         progress(f"{name}: building the engine (tunes FPx launches per M bucket)")
         engine = make_engine(
             lm,
             args,
             dtype=dtype,
             quantize=fmt,
+            quantize_head=head,
             max_tokens_per_step=args.d_budget,
             max_num_seqs=args.d_seqs,
             prefill_graphs=graphs,
@@ -701,6 +704,7 @@ def part_d(lm, args) -> None:
                 **graph,
                 "weights": fmt or act,
                 "activations": act,
+                "quantized_head": head,
                 "prefill_graphs": bool(engine.runner.mixed_sizes),
                 "decode_tok_s": rate,
                 "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
@@ -925,7 +929,8 @@ def main() -> None:
         "--d-formats",
         default="bf16,e3m2,e3m2-a8",
         help="part d's weights: bf16, fp16 and fs.quantize formats (e3m2-a8: W6A8 "
-        "prefill), each with an optional @bf16/@fp16 activation dtype (e3m2-a8@fp16)",
+        "prefill), each with an optional @bf16/@fp16 activation dtype (e3m2-a8@fp16) and "
+        "+head for the head quantized too (e3m2-a8+head@fp16)",
     )
     ap.add_argument(
         "--d-breakdown",

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--quantize", default=None, help="an fs.quantize format, e.g. e3m2, int8")
+    p.add_argument(
+        "--quantize-head", action="store_true", help="quantize the output head too (--quantize)"
+    )
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="SplitFuse token budget")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size in GiB")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (instead of GiB)")
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=dtype,
         device=device,
         quantize=args.quantize,
+        quantize_head=args.quantize_head,
         max_tokens_per_step=args.max_tokens_per_step,
         kv_cache_gib=args.kv_cache_gib,
         num_blocks=args.num_blocks,

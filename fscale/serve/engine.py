@@ -89,6 +89,10 @@ class Engine:
       device: default ``cuda`` when available, else ``cpu``.
       quantize: an ``fs.quantize`` format ("e3m2", "int8", "int4", ...) for the layer
         linears (not embeddings, norms or the head); their matmuls use its kernels.
+      quantize_head: quantize the output head too (as TensorRT-LLM's
+        ``--quantize_lm_head``): at batch 1 the bf16 head of a 128K vocabulary is a
+        sixth of an FP6 8B model's bytes. A head tied to the embedding gets a quantized
+        copy; the embedding stays as it is.
       max_tokens_per_step: tokens per forward (the Dynamic SplitFuse budget).
       kv_cache_gib / num_blocks / block_size: the paged cache's size (num_blocks wins).
       max_model_len: prompt + output limit; default the model's max positions, lowered
@@ -131,6 +135,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         quantize: str | None = None,
+        quantize_head: bool = False,
         max_tokens_per_step: int = 512,
         kv_cache_gib: float | None = None,
         num_blocks: int | None = None,
@@ -154,6 +159,8 @@ class Engine:
             from fscale.transforms.quantize import codec
 
             codec(quantize)  # an unknown format raises here, naming the valid ones
+        elif quantize_head:
+            raise ValueError("quantize_head=True needs a quantize= format for the head.")
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         tp_size = comm.world_size() if tensor_parallel == "world" else tensor_parallel
@@ -172,7 +179,7 @@ class Engine:
             layers_device="cpu" if offload_weights else None,  # streamed a layer ahead
         )
         if quantize is not None:
-            lm.params = _quantize(lm.params, quantize, self.tp, self.device)
+            lm.params = _quantize(lm.params, quantize, self.tp, self.device, quantize_head)
         self.quantize = quantize
         self.model_config = cfg = lm.config
         self.model_name = lm.name if not isinstance(model, (str, Path)) else Path(model).name
@@ -658,9 +665,12 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _quantize(params: dict, fmt: str, tp: TensorParallel, device: torch.device) -> dict:
-    """``fs.quantize`` the layer linears; the int group size is the largest dividing every K.
-    Under tensor parallelism see [Note: quantized shards]."""
+def _quantize(
+    params: dict, fmt: str, tp: TensorParallel, device: torch.device, head: bool = False
+) -> dict:
+    """``fs.quantize`` the layer linears (and with ``head`` the head); the int group size
+    is the largest dividing every K. Under tensor parallelism see [Note: quantized
+    shards] (the head's shards are whole vocabulary rows)."""
     from fscale.transforms.quantize import codec, quantize
 
     ks = [v.shape[1] for k, v in params.items() if k.startswith("layers.") and v.dim() == 2]
@@ -675,11 +685,14 @@ def _quantize(params: dict, fmt: str, tp: TensorParallel, device: torch.device) 
             comm.all_reduce(whole, op="max", group=tp.group, tag="serve.quant_scales")
             return whole.to(absmax.device)
 
-    # Only layer linears; pad=True lets any shape through (tiny test models have K=64).
+    def selected(name: str, t: torch.Tensor) -> bool:
+        return (name.startswith("layers.") and t.dim() == 2) or (head and name == "head.weight")
+
+    # pad=True lets any shape through (tiny test models have K=64).
     return quantize(
         params,
         fmt,
-        select=lambda n, t: n.startswith("layers.") and t.dim() == 2,
+        select=selected,
         group_size=group,
         pad=True,
         row_absmax=row_absmax,

@@ -376,6 +376,28 @@ def _weight_formats() -> list[str]:
 _ACTIVATION_FORMATS = ("w8a8", "fp8")  # activations quantized per token too
 
 
+@pytest.mark.parametrize("fmt", ["e3m2", "int8"])
+def test_quantized_head_equals_dequantized_reference(tiny_llama_dir, fmt):
+    """``quantize_head=True`` packs the head with the layers; the embedding stays plain,
+    and the tokens equal HF Llama with every linear and the head dequantized."""
+    from fscale.transforms.quantize import QuantizedWeight
+
+    engine = Engine(
+        tiny_llama_dir, quantize=fmt, quantize_head=True, max_tokens_per_step=16, num_blocks=64
+    )
+    P = engine.decoder.params
+    assert isinstance(P["head.weight"], QuantizedWeight) and engine.decoder.head is P["head.weight"]
+    assert type(P["embed.weight"]) is torch.Tensor
+    ref = _dequantized_hf(tiny_llama_dir, engine)
+    with torch.no_grad():
+        ref.lm_head.weight.copy_(P["head.weight"].dequantize())
+    outs = engine.generate(PROMPTS[:3], SamplingParams(max_tokens=10, **GREEDY))
+    for p, out in zip(PROMPTS[:3], outs, strict=True):
+        assert out.token_ids == _recompute(lambda x: ref(x).logits, p, 10, eos=1)
+    with pytest.raises(ValueError, match="quantize_head=True needs a quantize= format"):
+        Engine(tiny_llama_dir, quantize_head=True)
+
+
 @pytest.mark.parametrize("fmt", _ACTIVATION_FORMATS)
 def test_activation_quantized_engine_equals_recompute(tiny_llama_dir, fmt):
     """``w8a8`` and ``fp8`` quantize each token's activations on their own: the paged
