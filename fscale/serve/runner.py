@@ -72,6 +72,7 @@ import torch
 from fscale.hw import dispatch
 from fscale.kernels.paged_attention import OP as ATTENTION_OP
 from fscale.serve.models.decoder import AttentionMeta, Decoder
+from fscale.serve.sampling import row_argmax
 from fscale.serve.scheduler import Batch
 
 
@@ -329,7 +330,7 @@ class ModelRunner:
                 )
                 hidden = self.decoder.forward(self._long[0, :b], self._long[1, :b], meta, self.kv)
                 logits = self.decoder.logits(hidden)
-                return logits, logits.argmax(dim=-1)
+                return logits, row_argmax(logits)
 
             g, out, pool = _capture_one(fwd, dev, pool, emulate)
             self.graphs[b] = (g, out)

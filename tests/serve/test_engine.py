@@ -483,6 +483,27 @@ def test_top_k_one_is_greedy(gpt_engine):
     assert topk.token_ids == greedy.token_ids
 
 
+@pytest.mark.parametrize("V", [128256, 50257, 4096, 100])
+def test_row_argmax_is_torch_argmax(V):
+    """The two-pass argmax gives torch's index: the first of equal maxima (ties within
+    a chunk, across chunks, at chunk edges), a NaN where the row has one, -inf rows;
+    for vocabularies with and without a divisor to split by, batches of 1 to 9."""
+    from fscale.serve.sampling import row_argmax
+
+    g = torch.Generator().manual_seed(V)
+    for B in (1, 3, 9):
+        x = torch.randn(B, V, generator=g)
+        x[0, [V // 3, V // 2, V - 1]] = 50.0  # ties across chunks: the first wins
+        if B > 1:
+            x[1] = float("-inf")
+            x[1, [7, 8]] = 1.0  # a tie inside one chunk
+            x[2, V // 4] = float("nan")
+            x[2, V - 2] = float("nan")
+        want = x.argmax(dim=-1)
+        assert want[0] == V // 3
+        assert torch.equal(row_argmax(x), want), (B, V)
+
+
 def test_sampling_follows_the_distribution():
     from fscale.serve.sampling import sample
 
