@@ -483,8 +483,21 @@ def test_top_k_one_is_greedy(gpt_engine):
     assert topk.token_ids == greedy.token_ids
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
 @pytest.mark.parametrize("V", [128256, 50257, 4096, 100])
-def test_row_argmax_is_torch_argmax(V):
+def test_row_argmax_is_torch_argmax(V, device):
     """The two-pass argmax gives torch's index: the first of equal maxima (ties within
     a chunk, across chunks, at chunk edges), a NaN where the row has one, -inf rows;
     for vocabularies with and without a divisor to split by, batches of 1 to 9."""
@@ -499,6 +512,7 @@ def test_row_argmax_is_torch_argmax(V):
             x[1, [7, 8]] = 1.0  # a tie inside one chunk
             x[2, V // 4] = float("nan")
             x[2, V - 2] = float("nan")
+        x = x.to(device)
         want = x.argmax(dim=-1)
         assert want[0] == V // 3
         assert torch.equal(row_argmax(x), want), (B, V)
