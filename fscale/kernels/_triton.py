@@ -115,13 +115,14 @@ def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
-def split_workspace(mode: int, y: torch.Tensor, grid: tuple) -> tuple:
+def split_workspace(mode: int, y: torch.Tensor, grid: tuple, shape: tuple | None = None) -> tuple:
     """(workspace, counters) for a launch of ``grid`` = (tiles..., parts along K) writing
     ``y`` [M, N]: for one-kernel split-K (``split_mode`` 2) an fp32 [parts, M, N]
-    workspace and the stream's arrival counters, otherwise ``y`` twice (not read)."""
+    workspace (``shape`` for [M, N] where the partials outsize y) and the stream's
+    arrival counters, otherwise ``y`` twice (not read)."""
     if mode != 2:
         return y, y
-    ws = torch.empty(grid[2], *y.shape, dtype=torch.float32, device=y.device)
+    ws = torch.empty(grid[2], *(shape or y.shape), dtype=torch.float32, device=y.device)
     return ws, arrival_counters(y.device, grid[0] * grid[1])
 
 

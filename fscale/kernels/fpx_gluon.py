@@ -33,6 +33,16 @@ M=128, 5x), which is what bounds M >= 32. Split-K sums partials in one kernel, a
 Triton kernel does ([Note: split-K without extra kernels] in _fpx_triton_kernel.py).
 fp5 (e2m2, e3m1: 1 lo bit, 256-row chunks) runs the same walk over two 128-row halves
 of a chunk, one MMA each.
+
+[Note: the SwiGLU epilogue]
+For a Llama MLP's stacked [gate; up] weight (2I rows) the product can end in
+silu(gate) * up instead of writing 2I outputs for a separate kernel (at batch 1 that
+kernel's launch is ~2-3 us of a ~80 us layer). The programs are unchanged; their
+split-K arrival counts a gate tile and the up tile of the same channels (program
+pid_n and pid_n + half) as one tile, so the last of those 2 x split programs holds
+every partial of both, sums each in order from the workspace and writes
+silu(g) * u: the same sums as the plain launch, then the SiLU in fp32. I must be a
+multiple of a program's channels so no program straddles gate and up.
 Instruction counts, measurements and what is left: README.md here.
 """
 
@@ -200,7 +210,7 @@ def _kernel(
     M, N, NW, K, stride_xm, stride_ym, chunks_per_prog, exp_scale,
     BNT: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
     HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr, W: gl.constexpr,
-    LB: gl.constexpr, NQ: gl.constexpr, PDL: gl.constexpr,
+    LB: gl.constexpr, NQ: gl.constexpr, PDL: gl.constexpr, SWIGLU: gl.constexpr = False,
 ):  # fmt: skip
     CH: gl.constexpr = 16 * W  # channels: 64 per warpgroup, one x tile for all of them
     # A chunk is NQ / 4 halves of 128 rows of K (fp6: 1, fp5: 2), one MMA each.
@@ -318,9 +328,36 @@ def _kernel(
         # the workspace; the last of the tile's programs to arrive sums them in order.
         gl.store(ws_ptr + (pid_k * M + tok[None, :]) * N + ch[:, None], out, mask=mask)
         _barrier()  # every thread's partial is stored before the release below
-        tile = pid_m * gl.num_programs(0) + pid_n
+        if SWIGLU:
+            # [Note: the SwiGLU epilogue]: a gate tile and the up tile of the same
+            # channels count as one tile; the last of their programs writes silu(g) * u.
+            half = gl.num_programs(0) // 2
+            tile = pid_m * half + pid_n % half
+            parts = 2 * gl.num_programs(2)
+        else:
+            tile = pid_m * gl.num_programs(0) + pid_n
+            parts = gl.num_programs(2)
         arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == gl.num_programs(2) - 1:
+        if SWIGLU and arrived == parts - 1:
+            inter = N // 2
+            chg = ch % inter  # this tile's gate channels (an up tile's, less N / 2)
+            gmask = (chg < inter)[:, None] & (tok < M)[None, :]
+            gate = gl.zeros([CH, BNT], gl.float32, layout=mma)
+            up = gl.zeros([CH, BNT], gl.float32, layout=mma)
+            for part in range(gl.num_programs(2)):
+                ws = ws_ptr + (part * M + tok[None, :]) * N + chg[:, None]
+                gate += gl.load(ws, mask=gmask, other=0.0, cache_modifier=".cg")
+                up += gl.load(ws + inter, mask=gmask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                gate += gl.load(b_ptr + chg, mask=chg < inter, other=0.0).to(gl.float32)[:, None]
+                up += gl.load(b_ptr + inter + chg, mask=chg < inter, other=0.0).to(gl.float32)[
+                    :, None
+                ]
+            act = gate / (1.0 + gl.exp(-gate)) * up
+            ptrs = y_ptr + tok[None, :] * stride_ym + chg[:, None]
+            gl.store(ptrs, act.to(y_ptr.dtype.element_ty), mask=gmask)
+            gl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+        if not SWIGLU and arrived == parts - 1:
             total = gl.zeros([CH, BNT], gl.float32, layout=mma)
             for part in range(gl.num_programs(2)):
                 ws = ws_ptr + (part * M + tok[None, :]) * N + ch[:, None]
@@ -362,7 +399,7 @@ def tokens_per_program(m: int) -> int:
 
 def fpx_linear_gluon(
     x, p, bias=None, *, split: int = 1, stages: int = 4, bnt: int | None = None,
-    atomic: bool = False, warps: int = 4,
+    atomic: bool = False, warps: int = 4, swiglu: bool = False,
 ):  # fmt: skip
     """y = x @ W^T (+ bias) for a packed ``FORMATS`` weight ``p`` on Hopper.
 
@@ -370,6 +407,8 @@ def fpx_linear_gluon(
     along K sum their partials in one kernel (the last to arrive adds them in order),
     or with ``atomic`` add them into a zeroed fp32 y (then a cast). A program covers
     16 ``warps`` channels (4 or 8 warps: one or two warpgroups sharing one x tile).
+    ``swiglu``: ``p`` stacks gate over up ([2I, K]); returns silu(x Wg^T) * (x Wu^T)
+    ``[M, I]`` from the split-K epilogue ([Note: the SwiGLU epilogue]; ``swiglu_fits``).
     """
     if warps not in (4, 8):
         raise ValueError(f"fpx_linear_gluon: warps={warps}; use 4 or 8 (whole warpgroups).")
@@ -385,8 +424,15 @@ def fpx_linear_gluon(
     if bias is not None:
         bias = bias.contiguous()
     m = x2.shape[0]
+    if swiglu and not swiglu_fits(p, warps):
+        raise ValueError(
+            f"fpx_linear_gluon: swiglu needs a [2I, K] weight whose I ({n // 2}) is a "
+            f"multiple of the {16 * warps} channels a program covers (no padding); use "
+            "the product, then silu(gate) * up."
+        )
+    out_n = n // 2 if swiglu else n
     if m == 0:
-        return x.new_empty(*x.shape[:-1], n)
+        return x.new_empty(*x.shape[:-1], out_n)
     bnt = bnt or tokens_per_program(m)
     lay = _fpx.layout(p.fmt)
     halves = lay["nq"] // 4
@@ -397,12 +443,12 @@ def fpx_linear_gluon(
     chunks = k // lay["k_chunk"]
     per = -(-chunks // max(1, min(split, chunks)))
     grid = (-(-(n // 2) // (8 * warps)), -(-m // bnt), -(-chunks // per))
-    mode = 0 if grid[2] == 1 else 1 if atomic else 2
+    mode = 2 if swiglu else 0 if grid[2] == 1 else 1 if atomic else 2
     if mode == 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, counters = split_workspace(mode, y, grid)
+        y = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
+    ws, counters = split_workspace(mode, y, grid, shape=(m, n))
     pl = _fpx.planes(p.fmt)
     on = pdl(x.device)
     _kernel[grid](
@@ -412,8 +458,15 @@ def fpx_linear_gluon(
         BNT=bnt, STAGES=stages, SPLIT=mode, HAS_BIAS=bias is not None,
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         X_BF16=x.dtype == torch.bfloat16, W=warps, LB=lay["lo_bits"], NQ=lay["nq"],
-        PDL=on, num_warps=warps, launch_pdl=on,
+        PDL=on, SWIGLU=swiglu, num_warps=warps, launch_pdl=on,
     )  # fmt: skip
     if mode == 1:
         y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], out_n)
+
+
+def swiglu_fits(p, warps: int = 4) -> bool:
+    """Whether ``fpx_linear_gluon(..., swiglu=True)`` takes ``p``: gate and up tiles never
+    share a program (I a multiple of its channels; ``p`` unpadded: its rows are 2I)."""
+    n = p.shape[0]
+    return n % 2 == 0 and (n // 2) % (16 * warps) == 0

@@ -119,6 +119,33 @@ def fpx_linear_hopper(
     return _linear(x, p, bias, config, gluon=True)
 
 
+def fused_swiglu(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu(x Wg^T) * (x Wu^T) ``[..., I]`` for a packed stacked [gate; up] weight ``p``
+    ``[2I, K]`` in one launch of ``fpx_gluon``'s kernel with its SwiGLU epilogue, when
+    tuning picked that kernel for this M (``fpx_linear_hopper``'s choice, same key) and
+    it takes ``p`` (``fpx_gluon.swiglu_fits``); None otherwise: then run the product and
+    the SiLU as before.
+
+    Usage: ``act = fused_swiglu(h, gate_up) or silu_mul(fpx_linear_hopper(h, gate_up))``.
+    """
+    fmt = getattr(p, "fmt", None)  # any packed weight: only FPx ones qualify
+    if fmt not in fpx_gluon.FORMATS or interpreting() or not fpx_gluon.available(x, fmt):
+        return None
+    check_inputs(x, p)
+    _fpx._check_linear(x, p, bias)
+    n, k = p.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return None
+    cfg = dict(_tune(x2, p, bias, gluon=True))
+    if not cfg.pop("gluon", False) or not fpx_gluon.swiglu_fits(p, cfg.get("warps", 4)):
+        return None
+    y = fpx_gluon.fpx_linear_gluon(x2, p, bias, swiglu=True, **cfg)
+    return y.reshape(*x.shape[:-1], n // 2)
+
+
 def _linear(x, p, bias, config, gluon: bool = False):
     check_inputs(x, p)
     _fpx._check_linear(x, p, bias)

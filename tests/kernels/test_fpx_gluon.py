@@ -27,7 +27,9 @@ def _ptx_for_sm90(rank, world, *args, **kwargs) -> str:
     return _compile_for_sm90(*args, **kwargs).asm["ptx"]
 
 
-def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str, pdl=False):
+def _compile_for_sm90(
+    bnt: int, dtype: str, split: int, warps: int, fmt: str, pdl=False, swiglu=False
+):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,7 +38,7 @@ def _compile_for_sm90(bnt: int, dtype: str, split: int, warps: int, fmt: str, pd
     const = dict(
         BNT=bnt, STAGES=4, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
         LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16", W=warps,
-        LB=lay["lo_bits"], NQ=lay["nq"], PDL=pdl,
+        LB=lay["lo_bits"], NQ=lay["nq"], PDL=pdl, SWIGLU=swiglu,
     )  # fmt: skip
     sig = {
         "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
@@ -102,6 +104,33 @@ def test_pdl_requests_the_first_planes_before_waiting_and_x_after(fmt, warps):
     off = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt, pdl=False)[0]
     assert "griddepcontrol" not in off
     assert off.count("cp.async.cg.shared.global") == len(copies)
+
+
+@needs_gluon
+@pytest.mark.parametrize("fmt,warps", [("e3m2", 4), ("e2m2", 8)])
+def test_swiglu_epilogue_compiles_and_counts_both_tiles(fmt, warps):
+    """[Note: the SwiGLU epilogue]: the loop is the plain split-K kernel's (the same
+    MMAs from registers); the last arrival reads twice the partials (gate and up) and
+    takes one exp per output, which the plain launch never does."""
+    ptx = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt, swiglu=True)[0]
+    plain = run_world(_ptx_for_sm90, 1, 8, "bf16", 2, warps, fmt)[0]
+    mma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    assert len(mma) == len([line for line in plain.splitlines() if "wgmma.mma_async" in line])
+    assert "ex2.approx" in ptx and "ex2.approx" not in plain
+    assert ptx.count("ld.global.cg") == 2 * plain.count("ld.global.cg")
+
+
+def test_swiglu_needs_whole_tiles_of_gate_and_up():
+    """A weight whose I is not a multiple of a program's channels is refused by name;
+    ``swiglu_fits`` says which fit, and ``fused_swiglu`` declines (None) off Hopper."""
+    assert fpx_gluon.swiglu_fits(fpx.pack(torch.randn(2 * 128, 256), "e3m2"))
+    assert not fpx_gluon.swiglu_fits(fpx.pack(torch.randn(2 * 96, 256), "e3m2"))
+    assert not fpx_gluon.swiglu_fits(fpx.pack(torch.randn(2 * 64, 256), "e3m2"), warps=8)
+    p = fpx.pack(torch.randn(2 * 96, 256), "e3m2")
+    with pytest.raises(ValueError, match="swiglu needs a"):
+        fpx_gluon.fpx_linear_gluon(torch.randn(2, 256, dtype=torch.bfloat16), p, swiglu=True)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    assert fpx_triton.fused_swiglu(x, fpx.pack(torch.randn(256, 256), "e3m2")) is None
 
 
 def _rotl(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -222,6 +251,42 @@ def test_cuda_kernel_matches_reference(fmt, n, k, m, dtype, split, warps):
     cfg = {"gluon": True, "split": split, "stages": 6, "warps": warps}
     assert _rel(fpx_triton.fpx_linear_triton(x, p, bias, config=cfg), want) <= 1e-2
     assert _rel(fpx_triton.fpx_linear_hopper(x, p, bias), want) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs a Hopper GPU",
+)
+@needs_gluon
+@pytest.mark.parametrize(
+    "inter,k,m,dtype,split,warps",
+    [(128, 256, 1, torch.bfloat16, 4, 4), (320, 512, 5, torch.float16, 3, 4),
+     (256, 1024, 16, torch.bfloat16, 1, 8), (4096, 4096, 1, torch.bfloat16, 4, 4)],
+)  # fmt: skip
+def test_swiglu_epilogue_equals_silu_of_the_product(inter, k, m, dtype, split, warps):
+    """[Note: the SwiGLU epilogue]: silu(gate) * up of the fp64 product (bias included),
+    the same bits on a second launch, the stream's counters back at 0; also through
+    ``fused_swiglu`` (the tuned launch), which declines only where tuning chose another
+    kernel."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    p = fpx.pack(torch.randn(2 * inter, k, generator=gen, device="cuda") * 0.05, "e3m2")
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(2 * inter, generator=gen, device="cuda").to(dtype)
+    full = x.double() @ fpx.unpack(p).double().t() + bias.double()
+    want = F.silu(full[:, :inter]) * full[:, inter:]
+    got = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps, swiglu=True)
+    assert got.shape == (m, inter) and got.dtype == dtype
+    assert _rel(got, want) <= 1e-2
+    again = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps, swiglu=True)
+    assert torch.equal(got, again)
+    torch.cuda.synchronize()
+    counters = COUNTERS.get((str(x.device), torch.cuda.current_stream().cuda_stream))
+    assert counters is None or not counters.any()
+    tuned = fpx_triton.fused_swiglu(x, p, bias)
+    assert tuned is None or _rel(tuned, want) <= 1e-2
 
 
 @pytest.mark.gpu

@@ -230,3 +230,47 @@ def test_prefill_graphs_on_cuda_equal_eager_steps(tiny_llama_dir, quantize, monk
     engine.runner._replay_mixed = lambda batch: calls.append(batch.total_tokens) or replay(batch)
     assert _run_staggered(engine) == ref
     assert calls and engine.blocks.num_used == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs a Hopper GPU",
+)
+def test_fp6_decode_ends_gate_up_in_silu_times_up(tmp_path, monkeypatch):
+    """[Note: the SwiGLU epilogue] in the engine: FP6 weights of whole tiles (I = 128),
+    decode steps (graphs included) take the fused SiLU * up, and the greedy tokens
+    equal the same engine's with the hook turned off."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fscale.serve.models.decoder import Decoder
+
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.normal_(0.0, 0.1)  # well-separated greedy argmaxes
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    prompts = [[5, 9, 33, 7], [100, 3, 250, 17, 18, 19], [42] * 10]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    kw = dict(quantize="e3m2", max_tokens_per_step=64, block_size=16)
+    fused = []
+    real = Decoder._fpx_swiglu
+
+    def spy(h, w, b):
+        out = real(h, w, b)
+        fused.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Decoder, "_fpx_swiglu", staticmethod(spy))
+    with_epilogue = [o.token_ids for o in Engine(tmp_path, **kw).generate(prompts, params)]
+    assert any(fused)
+    monkeypatch.setattr(Decoder, "_fpx_swiglu", staticmethod(lambda h, w, b: None))
+    without = [o.token_ids for o in Engine(tmp_path, **kw).generate(prompts, params)]
+    assert with_epilogue == without

@@ -78,6 +78,11 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
 
 
+# Rows (tokens) up to which a step's gate_up product may end in SiLU * up itself (the
+# decode batches, where that saves the SiLU kernel's launch; prefill keeps its kernel).
+SWIGLU_MAX_ROWS = 16
+
+
 def kv_heads_per_rank(cfg: DecoderConfig, size: int) -> int:
     """KV heads one of ``size`` tensor-parallel ranks holds: 1/``size`` of them, or one
     when there are fewer than ranks ([Note: replicated KV heads] in serve/parallel.py)."""
@@ -395,8 +400,23 @@ class Decoder:
         f, T = self.fused, o.shape[0]
         a = self._row_linear(o.reshape(T, self.num_heads * self.cfg.head_dim), p, "o")
         res, h = f[ADD_RMS_NORM](res, a, p["norm2.weight"], self.cfg.norm_eps)
-        gu = self.linear(h, p["gate_up.weight"], p.get("gate_up.bias"))
-        return res, self._row_linear(f[SILU_MUL](gu), p, "down")
+        w, b = p["gate_up.weight"], p.get("gate_up.bias")
+        act = self._fpx_swiglu(h, w, b) if T <= SWIGLU_MAX_ROWS else None
+        if act is None:
+            act = f[SILU_MUL](self.linear(h, w, b))
+        return res, self._row_linear(act, p, "down")
+
+    @staticmethod
+    def _fpx_swiglu(h: torch.Tensor, w, b) -> torch.Tensor | None:
+        """SiLU(gate) * up in the FPx product's own launch, where the weight is a plain
+        packed FPx one and the Hopper kernel runs this M ([Note: the SwiGLU epilogue]
+        in fscale/kernels/fpx_gluon.py); None where not."""
+        packed = getattr(w, "exact_packed", None)  # a QuantizedWeight's, when plain
+        if packed is None or h.device.type != "cuda":
+            return None
+        from fscale.kernels import fpx_triton
+
+        return fpx_triton.fused_swiglu(h, packed, b)
 
     def fused_final(self, res, delta) -> torch.Tensor:
         """The last delta added, then the final norm: hidden states ``[T, hidden]``."""

@@ -79,6 +79,14 @@ class QuantizedWeight(torch.Tensor):
         """Bytes it really holds: codes, scales and LoRC factors."""
         return self._packed.nbytes + (0 if self._lorc is None else self._lorc.nbytes)
 
+    @property
+    def exact_packed(self) -> Any:
+        """The packed weight when it alone is this weight (no padding, no LoRC
+        correction, not transposed): kernels that take packed weights directly (the
+        FPx SwiGLU epilogue) may then use it. None otherwise."""
+        plain = self._lorc is None and not self._transposed
+        return self._packed if plain and tuple(self._packed.shape) == self._nk else None
+
     def dequantize(self) -> torch.Tensor:
         """The weight the layer computes with, as a plain tensor of this shape and dtype."""
         N, K = self._nk
