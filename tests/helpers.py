@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# ``@pytest.mark.parametrize("device", CPU_AND_CUDA)``: CPU always, CUDA as a gpu case.
+CPU_AND_CUDA = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
 
 
 class TiedLM(nn.Module):

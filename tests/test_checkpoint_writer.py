@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.filesystem import _split_by_size_and_type
 import fscale as fs
 from fscale._checkpoint import writer
 from fscale._checkpoint.writer import SaveIO, _Writeback, split_items
+from tests.helpers import CPU_AND_CUDA
 from tests.test_checkpoint import _batches, _build, _close, _train
 
 OLD = SaveIO(pinned=0)  # DCP's own writer loop
@@ -242,19 +243,7 @@ def test_async_staging_copies_device_tensors_where_saveio_says():
     assert fs.checkpoint._staging_place({"x": huge}, "auto") == "pinned"
 
 
-_DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
-
-
-@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_parallel_reader_loads_what_dcps_reader_loads(tmp_path, device):
     from fscale._checkpoint.reader import ParallelReader
 

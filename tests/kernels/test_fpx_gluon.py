@@ -17,6 +17,10 @@ from fscale.kernels._triton import COUNTERS
 from tests.dist import run_world
 
 needs_gluon = pytest.mark.skipif(fpx_gluon.gluon is None, reason="triton without Gluon")
+on_hopper = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs a Hopper GPU",
+)
 
 
 def _ptx_for_sm90(rank, world, *args, **kwargs) -> str:
@@ -216,10 +220,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-    reason="needs a Hopper GPU",
-)
+@on_hopper
 @needs_gluon
 @pytest.mark.parametrize(
     "fmt,n,k,m,dtype,split",
@@ -254,10 +255,7 @@ def test_cuda_kernel_matches_reference(fmt, n, k, m, dtype, split, warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-    reason="needs a Hopper GPU",
-)
+@on_hopper
 @needs_gluon
 @pytest.mark.parametrize(
     "inter,k,m,dtype,split,warps",
@@ -290,10 +288,7 @@ def test_swiglu_epilogue_equals_silu_of_the_product(inter, k, m, dtype, split, w
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-    reason="needs a Hopper GPU",
-)
+@on_hopper
 @needs_gluon
 def test_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
     """Each launch reads what the one before wrote (a PDL norm, then fp6 products with

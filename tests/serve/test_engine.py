@@ -14,6 +14,7 @@ import torch
 from fscale.models import GPT, GPTConfig
 from fscale.serve import Engine, EngineFull, RequestOutput, SamplingParams
 from fscale.serve.sequence import Sequence
+from tests.helpers import CPU_AND_CUDA
 
 GREEDY = dict(temperature=0.0)
 PROMPTS = [
@@ -483,19 +484,7 @@ def test_top_k_one_is_greedy(gpt_engine):
     assert topk.token_ids == greedy.token_ids
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("V", [128256, 50257, 4096, 100])
 def test_row_argmax_is_torch_argmax(V, device):
     """The two-pass argmax gives torch's index: the first of equal maxima (ties within
