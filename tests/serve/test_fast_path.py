@@ -268,6 +268,7 @@ def test_fp6_decode_ends_gate_up_in_silu_times_up(tmp_path, monkeypatch):
         fused.append(out is not None)
         return out
 
+    monkeypatch.setenv("FSCALE_FPX_SWIGLU", "1")  # opt-in until validated (decoder.py)
     monkeypatch.setattr(Decoder, "_fpx_swiglu", staticmethod(spy))
     with_epilogue = [o.token_ids for o in Engine(tmp_path, **kw).generate(prompts, params)]
     assert any(fused)

@@ -28,6 +28,7 @@ logits all-gathered.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -80,6 +81,8 @@ class LoadedModel:
 
 # Rows (tokens) up to which a step's gate_up product may end in SiLU * up itself (the
 # decode batches, where that saves the SiLU kernel's launch; prefill keeps its kernel).
+# Opt-in with FSCALE_FPX_SWIGLU=1 until its GPU tests and benchmark have run on a
+# Hopper GPU (written and compiled for sm_90 on CPU, 2026-12-05; no GPU was left).
 SWIGLU_MAX_ROWS = 16
 
 
@@ -413,6 +416,8 @@ class Decoder:
         in fscale/kernels/fpx_gluon.py); None where not."""
         packed = getattr(w, "exact_packed", None)  # a QuantizedWeight's, when plain
         if packed is None or h.device.type != "cuda":
+            return None
+        if os.environ.get("FSCALE_FPX_SWIGLU", "0") != "1":
             return None
         from fscale.kernels import fpx_triton
 
