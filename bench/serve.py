@@ -615,7 +615,8 @@ def graph_breakdown(engine) -> dict:
     it, with its quantized products left out (an empty output of their shape) and with
     every product left out: what the products cost where they run, beside the
     neighbouring kernels, in one graph. The engine's graphs are recaptured as they were
-    last."""
+    last. (Products ending in the SwiGLU epilogue, FSCALE_FPX_SWIGLU=1, do not go
+    through ``decoder.linear`` and stay in.)"""
     if engine.device.type != "cuda":
         print("  --d-breakdown: decode graphs are CUDA only; skipped", flush=True)
         return {}
