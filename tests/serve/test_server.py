@@ -766,3 +766,28 @@ def test_chat_without_max_tokens_fits_a_kv_cache_smaller_than_the_context(tiny_l
         assert engine.max_model_len == 128
         r = s.client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": None})
         assert r.status_code == 200, r.text
+
+
+def test_cli_passes_its_engine_options(monkeypatch):
+    """``python -m fscale.serve``'s engine flags reach ``Engine`` (here ``--quantize`` and
+    ``--quantize-head``), which is built before the server starts."""
+    import fscale.serve.__main__ as cli
+    import fscale.serve.engine as engine_module
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def engine(model, **kw):
+        seen.update(kw, model=model)
+        raise Built
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
+    with pytest.raises(Built):
+        cli.main(["--model", "some/dir", "--quantize", "e3m2", "--quantize-head"])
+    assert seen["model"] == "some/dir"
+    assert seen["quantize"] == "e3m2" and seen["quantize_head"] is True
+    with pytest.raises(Built):
+        cli.main(["--model", "some/dir"])
+    assert seen["quantize"] is None and seen["quantize_head"] is False
