@@ -181,13 +181,16 @@ def test_replicated_shards_hold_their_groups_kv_rows(tiny_llama_dir):
 
 
 QUANTIZED = ("e3m2", "w8a8", "int4")  # per-channel scales (2) and a group-wise format
+HEAD_TOO = "e3m2"  # quantized with quantize_head=True: each rank packs its vocabulary rows
 
 
 def _rank_quantized(rank, world, path):
     """Per format: the leader's greedy tokens and every rank's dequantized layer shards."""
+    from fscale.transforms.quantize import QuantizedWeight
+
     out = {}
     for fmt in QUANTIZED:
-        kw = dict(REPLICATED, quantize=fmt)
+        kw = dict(REPLICATED, quantize=fmt, quantize_head=fmt == HEAD_TOO)
         engine = _engine(path, kw, 0, tensor_parallel="world" if rank else 2)
         tokens = None
         if engine.is_leader:
@@ -197,7 +200,9 @@ def _rank_quantized(rank, world, path):
         else:
             engine.follow()
         shards = {
-            k: v.dequantize() for k, v in engine.decoder.params.items() if hasattr(v, "dequantize")
+            k: v.dequantize()
+            for k, v in engine.decoder.params.items()
+            if isinstance(v, QuantizedWeight)
         }
         out[fmt] = (tokens, shards)
     return out
@@ -207,7 +212,8 @@ def test_quantized_shards_equal_a_recompute_on_their_weights(tiny_llama_dir):
     """``quantize=`` under tensor parallelism quantizes each rank's shard: the group's
     greedy tokens equal a plain recompute of HF Llama whose linears are the ranks'
     dequantized shards put back together. For FPx and w8a8 ([Note: quantized shards])
-    those are bit for bit what one rank quantizes, and FPx tokens equal one rank's."""
+    those are bit for bit what one rank quantizes, and FPx tokens equal one rank's;
+    with ``quantize_head`` (FPx) the head's vocabulary shards too."""
     from transformers import AutoModelForCausalLM
 
     path = str(tiny_llama_dir)
@@ -236,8 +242,12 @@ def test_quantized_shards_equal_a_recompute_on_their_weights(tiny_llama_dir):
                 mlp.down_proj.weight.copy_(
                     torch.cat([a[f"layers.{i}.down.weight"], b[f"layers.{i}.down.weight"]], 1)
                 )
+            assert ("head.weight" in a) == (fmt == HEAD_TOO), fmt
+            if fmt == HEAD_TOO:
+                model.lm_head.weight.copy_(torch.cat([a["head.weight"], b["head.weight"]]))
         if fmt != "int4":  # o and down scaled by their whole rows' absmax
-            one = Engine(path, device="cpu", quantize=fmt, **REPLICATED)
+            head = fmt == HEAD_TOO
+            one = Engine(path, device="cpu", quantize=fmt, quantize_head=head, **REPLICATED)
             whole = {k: v.dequantize() for k, v in one.decoder.params.items() if k in a}
             for i in range(len(model.model.layers)):
                 for name in ("o", "down"):
