@@ -15,7 +15,9 @@ of the same weights. Parts (``--parts a,b,c,d``):
      (highest rate with p99 TTFT <= prompt/512 s and p99 TPOT <= 50 ms), Dynamic
      SplitFuse vs prefill-first, on 512/128 and FastGen's 2600/60 workload;
 - d: FP6 weights (e3m2; e3m2-a8: e4m3 activations in prefill) vs bf16: batch-1
-     decode and throughput at saturation (``--d-formats``);
+     decode and throughput at saturation (``--d-formats``, each spec optionally with
+     ``@fp16`` activations and ``+head`` for an FP6 head; ``--d-breakdown``: the
+     batch-1 decode graph without its quantized products, then without any);
 - e: tensor parallel over a torchrun world (alone): batch-1 decode and part a's
      throughput, ``torchrun --nproc-per-node N bench/serve.py --parts e``.
 
@@ -31,6 +33,7 @@ Usage::
     python bench/serve.py --tiny               # CPU smoke test of every code path
     python bench/serve.py --profile            # per-step host/GPU breakdown + top kernels
     python bench/serve.py --profile --profile-formats bf16,e3m2-a8 --profile-batches 1
+    python bench/serve.py --parts d --d-formats bf16,e3m2-a8+head@fp16 --d-breakdown
 """
 
 from __future__ import annotations
