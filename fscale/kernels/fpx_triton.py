@@ -131,14 +131,10 @@ def fused_swiglu(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.
     fmt = getattr(p, "fmt", None)  # any packed weight: only FPx ones qualify
     if fmt not in fpx_gluon.FORMATS or interpreting() or not fpx_gluon.available(x, fmt):
         return None
-    check_inputs(x, p)
-    _fpx._check_linear(x, p, bias)
-    n, k = p.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x, p, bias)
     if x2.shape[0] == 0:
         return None
+    n = p.shape[0]
     cfg = dict(_tune(x2, p, bias, gluon=True))
     if not cfg.pop("gluon", False) or not fpx_gluon.swiglu_fits(p, cfg.get("warps", 4)):
         return None
@@ -146,14 +142,18 @@ def fused_swiglu(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.
     return y.reshape(*x.shape[:-1], n // 2)
 
 
-def _linear(x, p, bias, config, gluon: bool = False):
+def _rows(x, p, bias) -> torch.Tensor:
+    """``x`` checked against ``p`` and ``bias``, as ``[M, K]`` rows with unit stride."""
     check_inputs(x, p)
     _fpx._check_linear(x, p, bias)
+    x2 = x.reshape(-1, p.shape[1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _linear(x, p, bias, config, gluon: bool = False):
+    x2 = _rows(x, p, bias)
     n, k = p.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
