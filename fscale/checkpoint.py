@@ -243,6 +243,8 @@ def save(
     global _PENDING
     snapshot = LazySnapshot(io.copy_threads, io.background_nice, keep=io.keep_copies)
     staged = _stage(state_dict, io.stage, snapshot)
+    if _keeps_buffers(snapshot, io.snapshot):
+        snapshot.keep_buffers()
     snapshot.device = _snapshot_place(snapshot, io.snapshot)
     group = _async_group()
     writing = _Writing(io.background_threads or threads, io, io.background_nice, io.background_idle)
@@ -368,6 +370,17 @@ def _staging_place(state_dict: dict, where: str) -> str:
     return "device"
 
 
+def _keeps_buffers(snapshot: LazySnapshot, where: str) -> bool:
+    """``SaveIO.snapshot`` resolved for the owners' buffers a snapshot could keep
+    ([Note: keeping the owner's buffers] in _checkpoint/snapshot.py): "auto" keeps them
+    where the host's available memory holds the second buffers still to allocate."""
+    if where in ("host", "device") or not snapshot.keepable():
+        return False
+    return where == "second_buffer" or (
+        _host_available() >= snapshot.second_bytes() + STAGING_MARGIN
+    )
+
+
 def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
     """``SaveIO.snapshot`` resolved to the device a lazy snapshot copies into, or None
     for host memory ([Note: a snapshot in device memory] in _checkpoint/snapshot.py):
@@ -375,7 +388,7 @@ def _snapshot_place(snapshot: LazySnapshot, where: str) -> torch.device | None:
     entries and ``STAGING_MARGIN``, else the current CUDA device where the entries are
     pinned and its free memory (after the staging above, not counting the allocator's
     cache) holds them, else the host."""
-    if where == "host" or not len(snapshot):
+    if where in ("host", "second_buffer") or not snapshot.nbytes():
         return None
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     if where == "device":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -138,17 +139,35 @@ def _walk(path: str, value: Any, out: dict) -> None:
 # the last step's, which the next step repeats; never-written buffers come after, in
 # announce order.
 
-_ANNOUNCED: dict[int, list] = {}  # storage data_ptr -> [(weakref to buffer, order)]
+# [Note: buffers a snapshot keeps]
+# Copying a buffer the next step rewrites whole (offload's sub-groups: every byte of
+# master and moments, every step) costs the copy's memory traffic on top of the
+# update's, in the step after the call. An owner that can write a buffer's new
+# contents elsewhere announces it with ``second``: a function giving the buffer's
+# second buffer (same size, allocated on the first call with ``allocate=True``, then
+# kept by the owner). A snapshot may then keep the announced buffer itself as its
+# copy (``hold``): no byte is copied. While it is held the owner checks ``held``
+# before each write and writes the new contents into ``second_buffer(buffer)``
+# instead, which it uses from then on; the held buffer is the owner's again once the
+# snapshot ``release``s it, as the second buffer of the one now in use (the next
+# save's target). Nothing else may write a held buffer: ``before_write`` on one waits
+# for its release (a load into live state while a save still writes it).
+
+_ANNOUNCED: dict[int, list] = {}  # storage data_ptr -> [(weakref to buffer, order, second)]
 _ORDER = 0  # announce order: the next buffer's
 _SNAPSHOTS: list = []
 _WRITTEN: dict[int, int] = {}  # announced storage data_ptr -> its latest write's number
 _WRITES = itertools.count()
+_HELD: dict[int, list] = {}  # storage data_ptr -> [(lo, hi, holder)]: held buffers
+_RELEASED = threading.Condition()
 
 
-def announce_writes(buffer: torch.Tensor) -> None:
+def announce_writes(buffer: torch.Tensor, *, second=None) -> None:
     """Promise that every in-place write of ``buffer`` (a host tensor) is preceded by
     ``before_write`` on what it writes ([Note: announced writes]). Snapshots copy
     buffers in the order of their latest writes, then unwritten ones in announce order.
+    ``second(allocate: bool) -> Tensor | None``: the owner writes elsewhere while a
+    snapshot holds ``buffer`` ([Note: buffers a snapshot keeps]).
 
     Usage::
 
@@ -157,25 +176,74 @@ def announce_writes(buffer: torch.Tensor) -> None:
     """
     global _ORDER
     key = buffer.untyped_storage().data_ptr()
-    live = [(r, o) for r, o in _ANNOUNCED.get(key, []) if r() is not None]
+    live = [e for e in _ANNOUNCED.get(key, []) if e[0]() is not None]
     if not live:
         _WRITTEN.pop(key, None)  # a freed buffer's address, reused: not its writes
-    _ANNOUNCED[key] = [*live, (weakref.ref(buffer), _ORDER)]
+    _ANNOUNCED[key] = [*live, (weakref.ref(buffer), _ORDER, second)]
     _ORDER += 1
 
 
-def announced(t: torch.Tensor) -> int | None:
-    """The order of the live announced buffer that holds all of ``t``'s bytes, or None."""
+def _announced_buffer(t: torch.Tensor):
+    """(buffer, order, second) of the live announced buffer holding all of ``t``, or None."""
     if t.device.type != "cpu":
         return None
     lo, hi = byte_range(t)
-    for ref, order in _ANNOUNCED.get(t.untyped_storage().data_ptr(), ()):
+    for ref, order, second in _ANNOUNCED.get(t.untyped_storage().data_ptr(), ()):
         b = ref()
         if b is not None:
             b_lo, b_hi = byte_range(b)
             if b_lo <= lo and hi <= b_hi:
-                return order
+                return b, order, second
     return None
+
+
+def keepable(t: torch.Tensor) -> torch.Tensor | None:
+    """The announced buffer holding ``t`` whose owner can write elsewhere, or None."""
+    found = _announced_buffer(t)
+    return found[0] if found is not None and found[2] is not None else None
+
+
+def second_buffer(buffer: torch.Tensor, *, allocate: bool = True) -> torch.Tensor | None:
+    """The owner's second buffer for announced ``buffer`` (None: not allocated yet and
+    ``allocate`` is False)."""
+    found = _announced_buffer(buffer)
+    if found is None or found[2] is None:
+        raise ValueError("second_buffer: the buffer was not announced with second=.")
+    return found[2](allocate)
+
+
+def hold(buffer: torch.Tensor, holder) -> None:
+    """``holder`` (a snapshot) keeps ``buffer``'s bytes until ``release(holder)``."""
+    lo, hi = byte_range(buffer)
+    with _RELEASED:
+        _HELD.setdefault(buffer.untyped_storage().data_ptr(), []).append((lo, hi, holder))
+
+
+def release(holder) -> None:
+    """Every buffer ``holder`` keeps is its owner's again."""
+    with _RELEASED:
+        for key in list(_HELD):
+            left = [e for e in _HELD[key] if e[2] is not holder]
+            if left:
+                _HELD[key] = left
+            else:
+                del _HELD[key]
+        _RELEASED.notify_all()
+
+
+def held(t: torch.Tensor) -> bool:
+    """Whether a snapshot keeps bytes of ``t`` ([Note: buffers a snapshot keeps])."""
+    if not _HELD:
+        return False
+    lo, hi = byte_range(t)
+    with _RELEASED:
+        return any(a < hi and lo < b for a, b, _ in _HELD.get(t.untyped_storage().data_ptr(), ()))
+
+
+def announced(t: torch.Tensor) -> int | None:
+    """The order of the live announced buffer that holds all of ``t``'s bytes, or None."""
+    found = _announced_buffer(t)
+    return None if found is None else found[1]
 
 
 def write_rank(t: torch.Tensor) -> tuple[int, int]:
@@ -187,11 +255,16 @@ def write_rank(t: torch.Tensor) -> tuple[int, int]:
 
 def before_write(*tensors: torch.Tensor) -> None:
     """Called by an announced buffer's owner before writing ``tensors`` in place: every
-    pending snapshot first copies what it still needs of them."""
+    pending snapshot first copies what it still needs of them, and a held one is
+    waited for until released ([Note: buffers a snapshot keeps])."""
     for t in tensors:
         key = t.untyped_storage().data_ptr()
         if key in _ANNOUNCED:
             _WRITTEN[key] = next(_WRITES)  # [Note: copying in write order]
+    if _HELD:
+        with _RELEASED:
+            for t in tensors:
+                _RELEASED.wait_for(lambda t=t: not held(t))
     if not _SNAPSHOTS:
         return
     for snap in list(_SNAPSHOTS):

@@ -293,8 +293,8 @@ def test_reshard_zero3_world_4_to_zero1_world_2_to_plain_world_1_and_hsdp_to_pla
 
 def _equal(got: dict, want: dict) -> None:
     assert set(got) == set(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    for k, w in want.items():
+        assert torch.equal(got[k], w) if isinstance(w, torch.Tensor) else got[k] == w, k
 
 
 def _close_to(got: dict, want: dict) -> None:
@@ -315,13 +315,18 @@ ASYNC_STACKS = {
 }
 
 
-@pytest.mark.parametrize("name", list(ASYNC_STACKS))
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [(name, "auto") for name in ASYNC_STACKS]
+    + [(name, "host") for name in ASYNC_STACKS if "cpu" in name],
+)
 def test_async_save_writes_the_state_of_its_call_while_training_goes_on(
-    tmp_path, name, monkeypatch
+    tmp_path, name, where, monkeypatch
 ):
-    """Offloaded host state is copied lazily ([Note: lazy snapshot]). Here with no copy
-    threads and the writer held until a step has run: that step's updates must copy
-    (``before_write``) what the save still needs."""
+    """Offloaded host state is copied lazily ([Note: lazy snapshot]), or kept whole
+    while the next update writes elsewhere ("auto": [Note: keeping the owner's
+    buffers]). Here with no copy threads and the writer held until a step has run:
+    that step's updates must copy (``before_write``) what the save still needs."""
     from fscale import checkpoint
     from fscale._checkpoint import snapshot
 
@@ -347,11 +352,12 @@ def test_async_save_writes_the_state_of_its_call_while_training_goes_on(
         assert state["offload"].stream is not None
     params, state = _train(step, params, state, _batches(0, 1, N, seed=1))
     want = _snapshot(params, state)
-    first = fs.save(tmp_path / "run", params, state, at=N, async_save=True)
+    io = fs.checkpoint.SaveIO(snapshot=where)
+    first = fs.save(tmp_path / "run", params, state, at=N, async_save=True, io=io)
     params, state = _train(step, params, state, _batches(0, 1, 1, seed=2))
     gate.set()
     # At most one in flight: the next save waits for the first.
-    second = fs.save(tmp_path / "run", params, state, at=N + 1, async_save=True)
+    second = fs.save(tmp_path / "run", params, state, at=N + 1, async_save=True, io=io)
     assert first.done()
     params, state = _train(step, params, state, _batches(0, 1, 1, seed=3))
     assert second.wait() == str(tmp_path / "run" / f"step-{N + 1}")
@@ -366,6 +372,132 @@ def test_async_save_writes_the_state_of_its_call_while_training_goes_on(
     for k in set(want) & set(got):
         w, g = want[k], got[k]
         assert torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g, k
+
+
+KEPT_STACKS = {
+    **{k: ASYNC_STACKS[k] for k in ("offload cpu", "offload cpu delayed", "offload cpu streamed")},
+    "zero2 offload cpu": STACKS["zero2 offload cpu"],
+    # The masters are the params' host shards: announced, copied; the moments kept.
+    "zero3 offload params cpu": ASYNC_STACKS["zero3 offload params cpu"],
+    # Writes of its own (momentum): the step updates a copy in the second buffer.
+    "offload cpu sgd": (("offload", "cpu"),),
+    # The step after the call is skipped (a non-finite loss): nothing is updated.
+    "offload cpu nan": (("offload", "cpu"),),
+}
+
+
+def _poisoned(apply):
+    """``lm_loss`` plus ``0 * batch["poison"]``: a NaN poison makes the loss NaN."""
+    loss = lm_loss(apply)
+    return lambda params, batch: loss(params, batch) + 0.0 * batch["poison"].sum()
+
+
+@pytest.mark.parametrize("name", list(KEPT_STACKS))
+def test_a_save_keeping_offloads_buffers_copies_nothing_and_changes_no_step(
+    tmp_path, name, monkeypatch
+):
+    """[Note: keeping the owner's buffers]: with ``snapshot="second_buffer"`` the save
+    copies no byte of offload's sub-group buffers; the first update of each group after
+    the call writes its second buffer (the writer held until two steps have run), and
+    the run equals one without the save bit for bit; the checkpoint holds the call's
+    state."""
+    from fscale import checkpoint
+    from fscale._checkpoint import snapshot
+
+    gate = threading.Event()
+    write, copy_of = checkpoint._write_closing, snapshot._copy_of
+    copied = []
+
+    def held(*args):
+        assert gate.wait(60)
+        return write(*args)
+
+    def counted(src, buf, **kw):
+        copied.append(src.nbytes)
+        return copy_of(src, buf, **kw)
+
+    monkeypatch.setattr(checkpoint, "_write_closing", held)
+    monkeypatch.setattr(snapshot, "_copy_of", counted)
+    layers = KEPT_STACKS[name]
+    clip = None if name.endswith("streamed") else 1.0
+    opt = fs.optim.sgd(fs.optim.linear_warmup(1e-2, 4), momentum=0.9) if "sgd" in name else None
+    poison = [0.0] * (N + 3)
+    if name.endswith("nan"):
+        poison[N] = float("nan")
+    batches = _batches(0, 1, N + 3, seed=1)
+    batches = [{**b, "poison": torch.full((1,), x)} for b, x in zip(batches, poison, strict=True)]
+
+    def build():
+        step, params = _build(layers, clip_norm=clip, optimizer=opt)
+        if name.endswith("nan"):
+            _, apply = fs.functional(_model())
+            step = fs.offload(
+                fs.train_step(_poisoned(apply), fs.optim.adamw(1e-2), clip_norm=1.0),
+                "cpu", subgroup_mb=2e-3,
+            )  # fmt: skip
+        return step, params
+
+    step, params = build()
+    params, state = step.init(params)
+    params, state = _train(step, params, state, batches[:N])
+    want = _snapshot(params, state)
+    handle = state["offload"]
+    live = list(handle.buffers)
+    io = fs.checkpoint.SaveIO(snapshot="second_buffer")
+    saved = fs.save(tmp_path / "run", params, state, at=N, async_save=True, io=io)
+    params, state = _train(step, params, state, batches[N : N + 2])
+    handle.wait()
+    assert [b.data_ptr() for b in handle.seconds] == [b.data_ptr() for b in live]
+    assert not {b.data_ptr() for b in handle.buffers} & {b.data_ptr() for b in live}
+    gate.set()
+    saved.wait()
+    masters = sum(t.nbytes for t in handle.shared_masters or ()) if "params" in name else 0
+    assert sum(copied) == masters
+    params, state = _train(step, params, state, batches[N + 2 :])
+    got_run = _snapshot(params, state)
+    _close(state)
+
+    step, params = build()
+    params, state = step.init(params)
+    params, state = _train(step, params, state, batches)
+    _equal(got_run, _snapshot(params, state))
+    _close(state)
+    if name.endswith("nan"):
+        assert state["guard"]["skipped_steps"] == 1
+    step, params = build()
+    params, state = fs.load(tmp_path / "run" / f"step-{N}", step, params)
+    got = _snapshot(params, state)
+    _close(state)
+    assert {k for k, v in want.items() if isinstance(v, torch.Tensor)} <= set(got)
+    for k in set(want) & set(got):
+        w, g = want[k], got[k]
+        assert torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g, k
+
+
+def test_auto_keeps_buffers_only_where_the_host_has_room_for_the_second_ones(monkeypatch):
+    """``SaveIO(snapshot="auto")``: the owners' buffers are kept where the host's
+    available memory holds the second buffers still to allocate; else copies."""
+    from fscale import checkpoint
+    from fscale._checkpoint.snapshot import LazySnapshot
+
+    step, params = _build(STACKS["offload cpu"])
+    params, state = step.init(params)
+    try:
+        snap = LazySnapshot()
+        checkpoint._stage(checkpoint._save_state_dict(params, state, None), "auto", snap)
+        need = snap.second_bytes()
+        assert need == sum(b.nbytes for b in state["offload"].buffers) > 0
+        room = need + checkpoint.STAGING_MARGIN
+        monkeypatch.setattr(checkpoint, "_host_available", lambda: room - 1)
+        assert not checkpoint._keeps_buffers(snap, "auto")
+        assert checkpoint._keeps_buffers(snap, "second_buffer")
+        assert not checkpoint._keeps_buffers(snap, "host")
+        monkeypatch.setattr(checkpoint, "_host_available", lambda: room)
+        assert checkpoint._keeps_buffers(snap, "auto")
+        state["offload"].second(0)  # allocated: nothing left to find room for
+        assert snap.second_bytes() == 0
+    finally:
+        _close(state)
 
 
 # ----------------------------------------------------------------------------- files

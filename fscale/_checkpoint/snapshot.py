@@ -58,6 +58,19 @@ first save pays (an offloaded 3.55B on one H200: the first step after the call
 +0.8-1.0 s with kept copies, +3.8-4.4 s with fresh ones). The pool holds exactly
 the last keeping save's buffers: a save with ``keep=False`` frees them, as does one
 whose state changed size.
+
+[Note: keeping the owner's buffers]
+Copying costs the host's memory bandwidth in the very step the host optimizer needs
+it: offload's update of a 3.55B model's 42.7 GB state and the copy of that state
+each read it whole. An owner that can write a buffer's next contents elsewhere
+announces it so ([Note: buffers a snapshot keeps] in ``fscale/state.py``: offload's
+sub-group buffers, whose AdamW writes the step into a second buffer at the cost of
+the in-place update: [Note: AdamW on the host, in place or elsewhere]).
+``keep_buffers`` then makes each such entry its own copy: no byte is copied, the
+writer reads the owner's old buffer, and the owner's first update of it after the
+call writes its second buffer and keeps using that one. The second buffers cost as
+much host memory as kept copies, once; ``SaveIO(snapshot="auto")`` keeps buffers
+where the host has room for the second ones still to allocate.
 """
 
 from __future__ import annotations
@@ -80,7 +93,7 @@ _PENDING, _COPYING, _DONE = 0, 1, 2
 
 
 class _Entry:
-    __slots__ = ("src", "copy", "status", "done", "lo", "hi", "order", "event")
+    __slots__ = ("src", "copy", "status", "done", "lo", "hi", "order", "event", "buffer", "kept")
 
     def __init__(self, src: torch.Tensor, order: int):  # order: its buffer's announce order
         self.src = src
@@ -90,6 +103,10 @@ class _Entry:
         self.done = threading.Event()
         self.lo, self.hi = state_protocol.byte_range(src)
         self.order = order
+        # The announced buffer holding src whose owner can write elsewhere, or None
+        # ([Note: buffers a snapshot keeps] in fscale/state.py).
+        self.buffer = state_protocol.keepable(src)
+        self.kept = False  # its copy is the owner's buffer itself
 
     def finish(self) -> None:
         """Mark done (copied, or failed with the error recorded): waiters go on."""
@@ -156,8 +173,41 @@ class LazySnapshot:
         return len(self._entries)
 
     def nbytes(self) -> int:
-        """Bytes of the deferred entries (what a device snapshot allocates)."""
-        return sum(e.src.nbytes for e in self._entries)
+        """Bytes of the entries to copy (what a device snapshot allocates)."""
+        return sum(e.src.nbytes for e in self._entries if not e.kept)
+
+    def keepable(self) -> list[torch.Tensor]:
+        """The owners' buffers this snapshot could keep instead of copying their
+        entries ([Note: keeping the owner's buffers]), one per buffer."""
+        seen, out = set(), []
+        for e in self._entries:
+            b = e.buffer
+            key = None if b is None else (b.data_ptr(), b.nbytes)
+            if key is not None and key not in seen:
+                seen.add(key)
+                out.append(b)
+        return out
+
+    def second_bytes(self) -> int:
+        """Host bytes the owners must still allocate for ``keep_buffers``."""
+        missing = [
+            b for b in self.keepable() if state_protocol.second_buffer(b, allocate=False) is None
+        ]
+        return sum(b.nbytes for b in missing)
+
+    def keep_buffers(self) -> None:
+        """Keep the owners' buffers as the copies of their entries ([Note: keeping the
+        owner's buffers]): their second buffers are allocated now, in the call, and
+        the entries are done with no byte copied."""
+        buffers = self.keepable()
+        for b in buffers:
+            state_protocol.second_buffer(b, allocate=True)
+        for b in buffers:
+            state_protocol.hold(b, self)
+        for e in self._entries:
+            if e.buffer is not None and e.status == _PENDING:
+                e.copy, e.kept = e.src, True  # the owner writes its next step elsewhere
+                e.finish()
 
     def kept_bytes(self) -> int:
         """Bytes in the pool of kept copies, which a keeping snapshot reuses where
@@ -168,8 +218,8 @@ class LazySnapshot:
             return sum(b.numel() for bs in _POOL.values() for b in bs)
 
     def pinned(self) -> bool:
-        """Whether every deferred entry is in pinned host memory (a DMA source)."""
-        return all(e.src.is_pinned() for e in self._entries)
+        """Whether every entry to copy is in pinned host memory (a DMA source)."""
+        return all(e.src.is_pinned() for e in self._entries if not e.kept)
 
     def defer(self, v: Any, order: int) -> Any:
         """``v`` (a host tensor or ``_Rows`` of one, in the announced buffer of announce
@@ -217,6 +267,7 @@ class LazySnapshot:
         are done with the copies); the pool keeps this save's buffers or none."""
         self._stop = True
         state_protocol.remove_snapshot(self)
+        state_protocol.release(self)  # kept buffers: their owners' second buffers again
         for th in self._threads:
             th.join()
         self._threads.clear()

@@ -54,7 +54,7 @@ __all__ = ["SaveIO", "make_job", "split_items", "write_buckets"]
 
 
 STAGES = ("auto", "device", "pinned", "pageable")
-SNAPSHOTS = ("auto", "device", "host")
+SNAPSHOTS = ("auto", "device", "host", "second_buffer")
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,17 @@ class SaveIO:
         tens of GB of fresh pages (an offloaded 3.55B's stall on one H200: 1.5 s
         against 5.9 s), at the price of that much host memory held between saves (a
         save with ``keep_copies=False`` frees them).
-      snapshot: where an asynchronous save copies offloaded host state: ``"host"``
-        (``copy_threads`` threads), ``"device"`` (device memory, a DMA per entry
-        queued by one thread: [Note: a snapshot in device memory] in
-        fscale/_checkpoint/snapshot.py), or ``"auto"``: the host where its available
-        memory holds the copies, else the device where the state is pinned and the
-        device's free memory holds it.
+      snapshot: how an asynchronous save keeps offloaded host state as it was:
+        ``"second_buffer"`` (no copy: the save writes the owner's buffers, and the
+        first update after the call writes a second set, allocated at the first
+        such save and kept: [Note: keeping the owner's buffers] in
+        fscale/_checkpoint/snapshot.py), copies on the ``"host"`` (``copy_threads``
+        threads), copies on the ``"device"`` (a DMA per entry queued by one thread:
+        [Note: a snapshot in device memory]), or ``"auto"``: second buffers where
+        the owner has them (offload(cpu) with Adam or AdamW keeps its step's cost;
+        other optimizers copy into them) and the host has room for those still to
+        allocate, else host copies where its available memory holds them, else the
+        device where the state is pinned and the device's free memory holds it.
       copy_threads: threads that copy an asynchronous save's announced host tensors
         (offload's state) in the background ([Note: lazy snapshot] in
         fscale/_checkpoint/snapshot.py); the host optimizer copies what they have not

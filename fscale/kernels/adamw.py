@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from fscale.hw import dispatch
+from fscale.kernels._elsewhere import moved
 from fscale.kernels._triton import LazyJit
 
 try:
@@ -52,6 +53,8 @@ def adamw_update_reference_(
     """
     if skip is not None and bool(skip):
         return
+    # [Note: writing the step elsewhere]: redirected tensors are updated in their targets.
+    params, exp_avgs, exp_avg_sqs = moved(params), moved(exp_avgs), moved(exp_avg_sqs)
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
     step_size = lr / bias1

@@ -1,13 +1,18 @@
-"""AdamW on the host for ``offload``: torch's one-pass, multi-threaded CPU kernel.
+"""AdamW on the host for ``offload``: one pass over memory on all intra-op threads.
 
 ``offload`` runs the optimizer on host copies of the state, where the torch
 reference of ``"adamw_update"`` makes ~10 passes over memory on one op at a time.
-``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True)`` calls) reads each of
-p, g, m, v once and writes p, m, v once, vectorised and split over the intra-op
-threads: 28 bytes per parameter, bandwidth-bound like the GPU kernel ([Note: AdamW
-is a pure bandwidth problem] in ``adamw.py``). On this 2-core box, 8M fp32 params:
-reference 27 M params/s, fused 329 M params/s; moments bit-identical, params
-within 1 ulp (the fused kernel rounds the decay and the step in one expression).
+The host lowering reads each of p, g, m, v once and writes p, m, v once (28 bytes
+per parameter, bandwidth-bound like the GPU kernel: [Note: AdamW is a pure
+bandwidth problem] in ``adamw.py``): fp32 through fscale's C loop, which can also
+write the step into a second buffer ([Note: AdamW on the host, in place or
+elsewhere] in ``host_adamw.py``; where it is not built, and for fp64,
+``torch._fused_adamw_``, what ``torch.optim.AdamW(fused=True)`` calls). On this
+2-core box, 8M fp32 params: reference 27 M params/s, torch's fused 329 M params/s;
+moments bit-identical, params within 1 ulp (the fused kernels round the decay and
+the step in one expression). Inside ``writing_into`` ([Note: writing the step
+elsewhere] in ``_elsewhere.py``) it writes redirected tensors' new values into the
+target buffer.
 
 The lowering is registered for ``device="cpu"`` only inside ``host_kernels()``,
 which ``offload`` enters around its host updates: a plain CPU step keeps
@@ -28,6 +33,7 @@ import threading
 import torch
 
 from fscale.hw import dispatch
+from fscale.kernels import _elsewhere, host_adamw
 from fscale.kernels.adamw import OP, adamw_update_reference_
 
 NAME = "adamw_update_cpu_fused"
@@ -39,51 +45,47 @@ _LOCK = threading.Lock()
 def adamw_update_cpu_fused_(
     params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, skip=None
 ) -> None:
-    """``adamw_update`` through ``torch._fused_adamw_``; other dtype mixes use the reference.
+    """``adamw_update`` by the C loop (fp32) or ``torch._fused_adamw_`` (fp64, or no C
+    loop); other dtype mixes use the reference.
 
     ``skip`` (a nonzero 0-d tensor: change nothing) is read on the host: host tensors.
     """
     if skip is not None and bool(skip):
         return
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    c_loop = host_adamw.available()
     fused: dict[torch.dtype, tuple[list, list, list, list]] = {}
     rest: tuple[list, list, list, list] = ([], [], [], [])
-    for quad in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        if c_loop and host_adamw.takes(p, g, m, v) and p.shape == g.shape == m.shape == v.shape:
+            outs = [_elsewhere.target(t) for t in (p, m, v)]
+            host_adamw.adamw_(
+                [p], [g], [m], [v], step=step,
+                out=tuple([t if o is None else o] for t, o in zip((p, m, v), outs, strict=True)),
+                **hyper,
+            )  # fmt: skip
+            for t, o in zip((p, m, v), outs, strict=True):
+                if o is not None:
+                    _elsewhere.mark(t)
+            continue
+        quad = (p, g, m, v)
         dtypes = {t.dtype for t in quad}
         ok = (
             len(dtypes) == 1
-            and quad[0].dtype in _FUSED_DTYPES
+            and p.dtype in _FUSED_DTYPES
             and all(t.device.type == "cpu" and t.is_contiguous() for t in quad)
         )
-        group = fused.setdefault(quad[0].dtype, ([], [], [], [])) if ok else rest
+        group = fused.setdefault(p.dtype, ([], [], [], [])) if ok else rest
         for lst, t in zip(group, quad, strict=True):
             lst.append(t)
     for ps, gs, ms, vs in fused.values():
+        ps, ms, vs = _elsewhere.moved(ps), _elsewhere.moved(ms), _elsewhere.moved(vs)
         steps = [torch.tensor(float(step), dtype=torch.float32)] * len(ps)
         torch._fused_adamw_(
-            ps,
-            gs,
-            ms,
-            vs,
-            [],
-            steps,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            eps=eps,
-            amsgrad=False,
-            maximize=False,
-        )
+            ps, gs, ms, vs, [], steps, amsgrad=False, maximize=False, **hyper
+        )  # fmt: skip
     if rest[0]:
-        adamw_update_reference_(
-            *rest,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            step=step,
-        )
+        adamw_update_reference_(*rest, step=step, **hyper)
 
 
 @contextlib.contextmanager

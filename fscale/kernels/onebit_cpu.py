@@ -7,9 +7,8 @@ local momentum, the quotient into the worker error, the signs, the residual, the
 unpacking, the product by the denominator, the step). Torch runs them one op at a
 time (a pass over memory each); ``torch.compile`` fuses some but costs ~0.1 ms of
 guards and wrappers per call and a compile per shape, so it could only take full
-blocks of a fixed size. These loops are plain C, built once per machine with the
-system compiler (``cc``, which inductor needs as well) into a cache directory and
-called through ``ctypes`` (a few microseconds a call, any length, the GIL released).
+blocks of a fixed size. These loops are plain C ([Note: C loops on the host] in
+``fscale/kernels/_cbuild.py``: built once per machine, called through ``ctypes``).
 
 They compute the same bits as the torch ops they replace, by doing the same IEEE
 single-precision operations on each element in the same order: built with
@@ -32,19 +31,12 @@ Usage::
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 
+from fscale.kernels._cbuild import F32, I32, I64, P, library
+
 _ENV = "FSCALE_ONEBIT_COMPILE"
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
 # Element e of a packed vector (chunk elements a row) is bit e % 8 of byte e / 8: set
 # for +scale, clear for -scale, scale = scales[e / chunk] (fscale/kernels/onebit.py).
@@ -205,77 +197,18 @@ void decode_step(const uint8_t *bits, const float *scales, int64_t chunk, int64_
 }
 """
 
-_LOCK = threading.Lock()
-_LIB: list = []  # [lib or None] once tried
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("FSCALE_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    if not base or os.environ.get("XDG_CACHE_HOME") == base:
-        root = root / "fscale"
-    return root / "onebit_cpu"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC", "cc")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
-    key = hashlib.sha256(
-        "\0".join((_SOURCE, *_FLAGS, version.stdout, _cpu_flags(), sys.platform)).encode()
-    ).hexdigest()[:20]
-    out = _cache_dir() / f"onebit_{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src = Path(tmp) / "onebit.c"
-            src.write_text(_SOURCE)
-            so = Path(tmp) / "onebit.so"
-            subprocess.run(
-                [cc, *_FLAGS, "-o", str(so), str(src), "-lm"],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            os.replace(so, out)  # atomic: concurrent builders leave one whole file
-    lib = ctypes.CDLL(str(out))
-    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    sigs = {
-        "pack_residual": (p, p, p, i64, i64),
-        "unpack": (p, p, p, i64, i64),
-        "server_mean": (p, i64, p, i64, i64, p, p, i64, i64),
-        "lerp_addcdiv": (p, p, p, p, i64, f32),
-        "decode_step": (p, p, i64, i64, i64, p, p, p, f32, f32, i32, p, i64),
-    }
-    for name, args in sigs.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = list(args), None
-    return lib
+_SIGS = {
+    "pack_residual": (P, P, P, I64, I64),
+    "unpack": (P, P, P, I64, I64),
+    "server_mean": (P, I64, P, I64, I64, P, P, I64, I64),
+    "lerp_addcdiv": (P, P, P, P, I64, F32),
+    "decode_step": (P, P, I64, I64, I64, P, P, P, F32, F32, I32, P, I64),
+}
 
 
 def loops() -> ctypes.CDLL | None:
     """The built C loops, or None (``FSCALE_ONEBIT_COMPILE=0``, or the build failed)."""
-    if os.environ.get(_ENV, "1") == "0":
-        return None
-    if not _LIB:
-        with _LOCK:
-            if not _LIB:
-                try:
-                    _LIB.append(_build())
-                except (OSError, subprocess.CalledProcessError) as e:
-                    detail = getattr(e, "stderr", "") or ""
-                    warnings.warn(
-                        f"onebit: could not build the C loops ({e} {detail[-500:]}); using "
-                        "the torch ops.",
-                        stacklevel=2,
-                    )
-                    _LIB.append(None)
-    return _LIB[0]
+    return library("onebit", _SOURCE, _SIGS, env=_ENV)
 
 
 def ok(*ts: torch.Tensor) -> bool:

@@ -1222,3 +1222,81 @@ def test_cuda_param_offload_keeps_no_shard_on_the_device(precision):
     assert host.device.type == "cpu" and host.is_pinned()
     assert metrics["zero3_device_shard_bytes"] == 0
     assert 0 < metrics["zero3_peak_h2d_staging_bytes"]
+
+
+# ----------------------------------------------------------------------------- second buffers
+
+
+class _Holder:
+    """Stands for a snapshot keeping buffers ([Note: buffers a snapshot keeps])."""
+
+
+@pytest.mark.parametrize(("optimizer", "skip"), [("adamw", False), ("adamw", True), ("sgd", False)])
+def test_a_held_group_is_updated_into_its_second_buffer(optimizer, skip):
+    """While a buffer is held, ``update_group`` leaves it as it was and writes what an
+    in-place update gives into the group's second buffer, which it then uses: through
+    the AdamW kernels' redirect, or a copy updated in place (SGD's own writes). A
+    skipped update (the kernel writes nothing) carries every slot over."""
+    from fscale import state as protocol
+    from fscale.optim.base import skipping
+
+    _, _, state = _run(lambda s: fs.offload(s, "cpu", subgroup_mb=SMALL), optimizer=optimizer)
+    handle = state["offload"]
+    try:
+        assert handle.seconds is None  # allocated only once a save keeps a buffer
+        k = len(handle.groups) // 2
+        g = handle.groups[k]
+        buf = handle.buffers[k]
+        held = buf.clone()
+        counts, updates = list(g.state_leaves), g.updates
+        with skipping(torch.tensor(skip)):  # the in-place reference on a copy of the state
+            twin = buf.clone()
+            handle.update_group(k, twin)
+        g.state_leaves[:], g.updates = counts, updates  # the step again, for real
+        holder = _Holder()
+        protocol.hold(buf, holder)
+        assert protocol.held(buf) and protocol.held(buf[:8]) and not protocol.held(twin)
+        with skipping(torch.tensor(skip)):
+            handle.update_group(k, buf)
+        protocol.release(holder)
+        assert torch.equal(buf, held)  # the save's bytes
+        assert handle.seconds[k] is buf and handle.buffers[k] is not buf
+        slots = [*g.master, *(s for s in g.state_leaves if hasattr(s, "view"))]
+        for s in slots:  # (not the padding between slots)
+            assert torch.equal(s.view(handle.buffers[k]), s.view(twin))
+        assert all(torch.equal(s.view(twin), s.view(held)) for s in slots) == skip
+    finally:
+        handle.close()
+
+
+def test_before_write_waits_for_a_held_buffer_until_released():
+    import threading
+
+    from fscale import state as protocol
+
+    buf = torch.zeros(64, dtype=torch.uint8)
+    seconds = []
+
+    def second(allocate):
+        if allocate and not seconds:
+            seconds.append(torch.zeros_like(buf))
+        return seconds[0] if seconds else None
+
+    protocol.announce_writes(buf, second=second)
+    assert protocol.keepable(buf[8:16]) is buf
+    assert protocol.second_buffer(buf, allocate=False) is None
+    assert protocol.second_buffer(buf) is protocol.second_buffer(buf) is seconds[0]
+    holder = _Holder()
+    protocol.hold(buf, holder)
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (protocol.before_write(buf[4:8]), done.set()))
+    writer.start()
+    assert not done.wait(0.3)  # a load into live state waits for the save
+    protocol.release(holder)
+    assert done.wait(10)
+    writer.join()
+    plain = torch.zeros(8)
+    protocol.announce_writes(plain)
+    assert protocol.keepable(plain) is None
+    with pytest.raises(ValueError, match="second="):
+        protocol.second_buffer(plain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -65,8 +66,9 @@ def build_state(
             # Master and state: one buffer per group, carved out of a few pinned
             # allocations. Grads: a small rotating pool ([Note: grad staging] in update.py).
             handle.buffers = swap.alloc_many([g.persisted for g in handle.groups])
-            for buf in handle.buffers:  # written only by update_group, in this order
-                announce_writes(buf)
+            for k, buf in enumerate(handle.buffers):  # written only by update_group
+                # A save may keep a group's buffer: its update then writes the second.
+                announce_writes(buf, second=functools.partial(handle.second, k))
             largest = max((g.grad_bytes for g in handle.groups), default=1)
             handle.staging = swap.alloc_many([largest] * (2 if cfg.overlap else 1))
         for k, g in enumerate(handle.groups):
@@ -85,7 +87,7 @@ def build_state(
                     view.copy_(leaves[i].detach())
             # The real init runs on the host masters; its tensors are copied into the slots.
             state = inner.init(sub(spec, scatter(len(leaves), g.leaves, master), g.leaves))
-            handle._store_state(g, buf, state)
+            handle._store_state(g, buf, buf, state)
             if cfg.tier == "nvme":
                 writes.append(handle.engine.write(g.key, buf, g.persisted))
         for w in writes:

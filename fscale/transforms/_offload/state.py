@@ -8,6 +8,8 @@ its construction in ``init.py``, its checkpoint description in ``describe.py``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 import weakref
@@ -18,15 +20,18 @@ import torch
 
 from fscale import tree
 from fscale.io import swap
-from fscale.kernels import cpu_adam
+from fscale.kernels import _elsewhere, cpu_adam
 from fscale.optim.base import GradientTransformation, apply_gradients
 from fscale.optim.sharded import for_groups_of_leaves, sharded_as
 from fscale.placement import Placement, placement_of
-from fscale.state import before_write
+from fscale.state import announce_writes, before_write, held
 from fscale.transforms._offload import describe
 from fscale.transforms._offload.config import OffloadConfig
 from fscale.transforms._offload.layout import Group, Slot, scatter, sub
 from fscale.transforms._offload.stream import GradStream
+
+#: Inner optimizers that write params and state only through ``"adamw_update"``.
+ADAM_FAMILY = ("adam", "adamw")
 
 
 class OffloadState:
@@ -43,6 +48,7 @@ class OffloadState:
         self.device = device
         self.groups: list[Group] = []
         self.buffers: list[torch.Tensor] = []  # cpu: one per group; nvme: the pool
+        self.seconds: list[torch.Tensor] | None = None  # cpu: second buffers, once a save kept one
         self.staging: list[torch.Tensor] = []  # cpu: [Note: grad staging] (update.py)
         self.engine: swap.SwapEngine | None = None
         self._events: list = []
@@ -276,10 +282,21 @@ class OffloadState:
     @torch.no_grad()
     def update_group(self, k: int, buf: torch.Tensor, grad_region=None) -> None:
         g = self.groups[k]
+        src = out = buf
+        if held(buf):  # [Note: buffers a snapshot keeps] in fscale/state.py
+            out = self.second(k, allocate=True)
         master, state = self.views(g, buf)
         # [Note: announced writes] in fscale/state.py: an asynchronous save may still need
         # these bytes as they are.
-        before_write(buf, *(master if g.shared_master else ()))
+        before_write(out, *(master if g.shared_master else ()))
+        redirect = contextlib.nullcontext(None)
+        if out is not buf:
+            if self._writes_through_kernel():
+                redirect = _elsewhere.writing_into(buf, out)  # [Note: writing the step elsewhere]
+            else:  # an optimizer with writes of its own: update a copy
+                out.copy_(buf)
+                buf = out
+                master, state = self.views(g, buf)
         region = self.grad_region(k) if grad_region is None else grad_region
         grads = [s.view(region) for s in g.grads]
         n = self.spec.num_leaves
@@ -287,17 +304,41 @@ class OffloadState:
         sub_master = sub(self.spec, scatter(n, g.leaves, master), g.leaves)
         self.event("update_start", g.key)
         # The fused multi-threaded AdamW on host tensors; norms as the layout allows.
-        with cpu_adam.host_kernels(), sharded_as(self.leaf_shards):
+        with cpu_adam.host_kernels(), sharded_as(self.leaf_shards), redirect as written:
             new_params, new_state = apply_gradients(self.inner, sub_grads, state, sub_master)
         new_leaves = tree.leaves(new_params)
-        for view, i in zip(master, g.leaves, strict=True):
-            if new_leaves[i].data_ptr() != view.data_ptr():
-                view.copy_(new_leaves[i])
-        self._store_state(g, buf, new_state)
+        masters_out = master if g.shared_master else self.views(g, out)[0]
+        for view, dst, i in zip(master, masters_out, g.leaves, strict=True):
+            _settle(view, dst, new_leaves[i], written)
+        self._store_state(g, buf, out, new_state, written)
+        if out is not src:  # the second buffer is the group's now; the held one its second
+            self.buffers[k], self.seconds[k] = out, src
         g.updates += 1
         self.event("update_end", g.key)
 
-    def _store_state(self, g: Group, buf: torch.Tensor, new_state) -> None:
+    def _writes_through_kernel(self) -> bool:
+        """Whether the inner optimizer writes params and state only through the
+        ``"adamw_update"`` kernel, whose CPU lowerings can write elsewhere."""
+        tx = self.inner
+        return tx.update_params is not None and (tx.hyperparams or {}).get("name") in ADAM_FAMILY
+
+    def second(self, k: int, allocate: bool = True) -> torch.Tensor | None:
+        """Group ``k``'s second host buffer, the one not in use ([Note: buffers a
+        snapshot keeps] in fscale/state.py): all groups' are allocated on the first
+        call with ``allocate`` (as the first ones were), and kept."""
+        if self.seconds is None:
+            if not allocate:
+                return None
+            seconds = swap.alloc_many([g.persisted for g in self.groups])
+            for j, b in enumerate(seconds):
+                announce_writes(b, second=functools.partial(self.second, j))
+            self.seconds = seconds
+        return self.seconds[k]
+
+    def _store_state(self, g: Group, buf: torch.Tensor, out: torch.Tensor, new_state,
+                     written=None) -> None:  # fmt: skip
+        """The new state's tensors into their slots of ``out`` (``buf``: where the
+        state was read; the same buffer unless the step is written elsewhere)."""
         leaves, spec = tree.flatten(new_state)
         if spec != g.state_spec:
             raise RuntimeError(
@@ -313,11 +354,23 @@ class OffloadState:
                         f"to {getattr(new, 'shape', type(new).__name__)}; offload needs a "
                         "fixed state layout."
                     )
-                view = slot.view(buf)
-                if new.data_ptr() != view.data_ptr():
-                    view.copy_(new)
+                _settle(slot.view(buf), slot.view(out), new, written)
             else:
                 g.state_leaves[k] = new  # counts and other Python values
+
+
+def _settle(view: torch.Tensor, dst: torch.Tensor, new: torch.Tensor, written) -> None:
+    """Leave a slot's new value ``new`` in ``dst``: its place in the buffer the step
+    writes. ``view`` is where it was read; ``written`` what the kernels wrote into
+    ``dst`` already ([Note: writing the step elsewhere]), None when ``dst`` is ``view``."""
+    if new.data_ptr() != view.data_ptr():  # a new tensor: the optimizer's result
+        dst.copy_(new)
+    elif (
+        dst.data_ptr() != view.data_ptr()
+        and written is not None
+        and (view.data_ptr(), view.nbytes) not in written
+    ):
+        dst.copy_(view)  # unchanged (or updated in place outside the kernels: never here)
 
 
 class OptimizerSlot:
