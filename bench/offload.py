@@ -6,6 +6,8 @@ One run, three parts (``--parts``), each against its peer on the same machine:
          ``cpu_adam.host_kernels()``) against ``torch.optim.AdamW(fused=True)`` and
          ``(foreach=True)`` on the same fp32 CPU tensors and threads (``--adam-m``
          million params in 4M-element tensors). M params/s and GB/s at 28 bytes/param.
+         Also the C loop writing the step into second tensors (what an async save's
+         kept buffers ask of the step after it) against a copy and torch's kernel.
   swap   the swap engine (``fscale.io.swap.SwapEngine``, the one ``offload(tier="nvme")``
          uses: O_DIRECT when the filesystem takes it, chunk threads, CRC-32 per chunk)
          writing then reading ``--swap-gib`` GiB as 256 MiB files through 3 pinned
@@ -51,7 +53,7 @@ from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
 
 import fscale as fs  # noqa: E402
 from fscale.io import swap  # noqa: E402
-from fscale.kernels import cpu_adam  # noqa: E402
+from fscale.kernels import cpu_adam, host_adamw  # noqa: E402
 from fscale.models.gpt import GPT, GPTConfig  # noqa: E402
 from fscale.optim.base import apply_gradients  # noqa: E402
 from fscale.policies import WANTS_FINAL_GRADS  # noqa: E402
@@ -92,6 +94,27 @@ def bench_adam(m_params: int, repeats: int) -> dict:
             _, state[0] = apply_gradients(opt, tree_g, state[0], tree_p)
 
     runners["fscale"] = fscale_step
+    if host_adamw.available():
+        # The step an async save's kept buffers ask for ([Note: keeping the owner's
+        # buffers]): the C loop writing p, m, v into second tensors, against a copy of
+        # p, m, v and torch's in-place kernel (what it avoids).
+        ps, ms, vs = ([p.clone() for p in params] for _ in range(3))
+        second = [[torch.empty_like(p) for p in params] for _ in range(3)]
+        hyper_c = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=5)
+
+        def elsewhere():
+            host_adamw.adamw_(ps, grads, ms, vs, out=second, **hyper_c)
+
+        def copy_then_fused():
+            for dst, src in zip(second, (ps, ms, vs), strict=True):
+                torch._foreach_copy_(dst, src)
+            torch._fused_adamw_(
+                *second[:1], grads, *second[1:], [], [torch.tensor(5.0)] * len(ps),
+                amsgrad=False, maximize=False, **{k: v for k, v in hyper_c.items() if k != "step"},
+            )  # fmt: skip
+
+        runners["fscale_elsewhere"] = elsewhere
+        runners["copy_then_torch_fused"] = copy_then_fused
     times: dict = {name: [] for name in runners}
     for fn in runners.values():
         fn()  # warm-up
@@ -103,12 +126,17 @@ def bench_adam(m_params: int, repeats: int) -> dict:
     for name, ts in times.items():
         out[f"{name}_s"] = sorted(ts)[len(ts) // 2]
         out[f"{name}_all_s"] = ts
-    for key in ("torch_fused", "torch_foreach", "fscale"):
+    for key in runners:
         s = out[f"{key}_s"]
         out[f"{key}_Mparams_per_s"] = n / s / 1e6
         out[f"{key}_GBps"] = n * ADAM_BYTES_PER_PARAM / s / 1e9
     out["fscale_vs_torch_fused"] = out["torch_fused_s"] / out["fscale_s"]
     out["fscale_vs_torch_foreach"] = out["torch_foreach_s"] / out["fscale_s"]
+    if "fscale_elsewhere" in runners:
+        out["elsewhere_vs_torch_fused"] = out["torch_fused_s"] / out["fscale_elsewhere_s"]
+        out["elsewhere_vs_copy_then_fused"] = (
+            out["copy_then_torch_fused_s"] / out["fscale_elsewhere_s"]
+        )
     return out
 
 

@@ -27,7 +27,8 @@ def plan_offload(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
     plan.notes.append(
         f"offload({tier}): the optimizer runs on the host, in sub-groups of <= "
         f"{cfg.subgroup_bytes:,} master bytes, inside the update stage above; AdamW there "
-        f"resolves to {cpu_adam.NAME} (torch._fused_adamw_, one pass, all host cores)."
+        f"resolves to {cpu_adam.NAME} (one pass, all host cores: fscale's C loop, or "
+        "torch._fused_adamw_ where it is not built)."
     )
     if "params" in cfg.what:
         pcie = grads + plan_params(cfg, n, mp, plan)
