@@ -243,18 +243,20 @@ def save(
     global _PENDING
     snapshot = LazySnapshot(io.copy_threads, io.background_nice, keep=io.keep_copies)
     staged = _stage(state_dict, io.stage, snapshot)
-    if _keeps_buffers(snapshot, io.snapshot):
-        snapshot.keep_buffers()
-    snapshot.device = _snapshot_place(snapshot, io.snapshot)
-    group = _async_group()
-    writing = _Writing(io.background_threads or threads, io, io.background_nice, io.background_idle)
-    snapshot.start()
     try:
+        if _keeps_buffers(snapshot, io.snapshot):
+            snapshot.keep_buffers(required=io.snapshot == "second_buffer")
+        snapshot.device = _snapshot_place(snapshot, io.snapshot)
+        group = _async_group()
+        writing = _Writing(
+            io.background_threads or threads, io, io.background_nice, io.background_idle
+        )
+        snapshot.start()
         future = _executor().submit(
             _write_closing, snapshot, staged, tmp, final, root, at, keep, group, writing
         )
     except BaseException:
-        snapshot.close()  # nothing will write it: stop copying, unregister
+        snapshot.close()  # nothing will write it: stop copying, release, unregister
         raise
     _PENDING = SaveHandle(final, future)
     return _PENDING

@@ -500,6 +500,46 @@ def test_auto_keeps_buffers_only_where_the_host_has_room_for_the_second_ones(mon
         _close(state)
 
 
+def test_second_buffers_that_cannot_be_allocated_mean_copies_or_a_clear_error(
+    tmp_path, monkeypatch
+):
+    """A refused allocation of the second buffers: "auto" warns and copies the state
+    (the save is right, nothing stays held); "second_buffer" raises from the call."""
+    from fscale import state as protocol
+    from fscale.transforms._offload.state import OffloadState
+
+    def refused(self, k, allocate=True):
+        if allocate:
+            raise RuntimeError("cudaHostRegister: out of memory")
+        return None
+
+    monkeypatch.setattr(OffloadState, "second", refused)
+    step, params = _build(STACKS["offload cpu"])
+    params, state = step.init(params)
+    try:
+        params, state = _train(step, params, state, _batches(0, 1, 1, seed=1))
+        want = _snapshot(params, state)
+        with pytest.warns(UserWarning, match="copies their state instead"):
+            handle = fs.save(tmp_path / "auto", params, state, async_save=True)
+        params, state = _train(step, params, state, _batches(0, 1, 1, seed=2))
+        handle.wait()
+        assert not protocol.held(state["offload"].buffers[0])
+        io = fs.checkpoint.SaveIO(snapshot="second_buffer")
+        with pytest.raises(RuntimeError, match="cudaHostRegister"):
+            fs.save(tmp_path / "kept", params, state, async_save=True, io=io)
+        assert not any(protocol.held(b) for b in state["offload"].buffers)
+        params, state = _train(step, params, state, _batches(0, 1, 1, seed=3))
+    finally:
+        _close(state)
+    step, params = _build(STACKS["offload cpu"])
+    params, state = fs.load(tmp_path / "auto", step, params)
+    got = _snapshot(params, state)
+    _close(state)
+    for k in set(want) & set(got):
+        w, g = want[k], got[k]
+        assert torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g, k
+
+
 # ----------------------------------------------------------------------------- files
 
 

@@ -80,6 +80,7 @@ import ctypes
 import itertools
 import sys
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -195,19 +196,32 @@ class LazySnapshot:
         ]
         return sum(b.nbytes for b in missing)
 
-    def keep_buffers(self) -> None:
+    def keep_buffers(self, *, required: bool = False) -> bool:
         """Keep the owners' buffers as the copies of their entries ([Note: keeping the
         owner's buffers]): their second buffers are allocated now, in the call, and
-        the entries are done with no byte copied."""
+        the entries are done with no byte copied. Where an allocation fails (pinned
+        memory refused, say) the entries stay to be copied, with a warning, unless
+        ``required``; returns whether the buffers are kept."""
         buffers = self.keepable()
-        for b in buffers:
-            state_protocol.second_buffer(b, allocate=True)
+        try:
+            for b in buffers:
+                state_protocol.second_buffer(b, allocate=True)
+        except (RuntimeError, MemoryError) as e:
+            if required:
+                raise
+            warnings.warn(
+                f"fs.save: the owners' second buffers could not be allocated ({e}); this "
+                "save copies their state instead (SaveIO(snapshot='host') does so always).",
+                stacklevel=3,
+            )
+            return False
         for b in buffers:
             state_protocol.hold(b, self)
         for e in self._entries:
             if e.buffer is not None and e.status == _PENDING:
                 e.copy, e.kept = e.src, True  # the owner writes its next step elsewhere
                 e.finish()
+        return True
 
     def kept_bytes(self) -> int:
         """Bytes in the pool of kept copies, which a keeping snapshot reuses where

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from fscale.hw import dispatch
 from fscale.kernels import _elsewhere, cpu_adam, host_adamw
 from fscale.kernels.adamw import OP, adamw_update_reference_
+from fscale.state import byte_range
 
 HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
@@ -142,7 +143,9 @@ def test_writing_into_leaves_the_source_and_gives_the_in_place_result(monkeypatc
         fn(*map(list, zip(*quads, strict=True)), step=3, **HYPER)
     assert torch.equal(buf, src)
     assert torch.equal(target, ref_buf)
-    assert written == {(t.data_ptr(), t.nbytes) for q in quads for t in (q[0], q[2], q[3])}
+    assert sorted(written.ranges) == sorted(
+        byte_range(t) for q in quads for t in (q[0], q[2], q[3])
+    )
 
 
 def test_a_skipped_step_writes_nothing_and_records_nothing():
@@ -152,7 +155,7 @@ def test_a_skipped_step_writes_nothing_and_records_nothing():
         cpu_adam.adamw_update_cpu_fused_(
             *map(list, zip(*quads, strict=True)), step=1, skip=torch.tensor(1.0), **HYPER
         )
-    assert written == set() and not target.any()
+    assert written.ranges == [] and not target.any()
 
 
 def test_tensors_outside_the_source_are_updated_in_place():
@@ -166,7 +169,7 @@ def test_tensors_outside_the_source_are_updated_in_place():
         cpu_adam.adamw_update_cpu_fused_(
             [p_out], [quads[0][1]], [quads[0][2]], [quads[0][3]], step=2, **HYPER
         )
-    assert (p_out.data_ptr(), p_out.nbytes) not in written and len(written) == 2
+    assert written.gaps(p_out) == [(0, p_out.nbytes)] and len(written.ranges) == 2
     torch.testing.assert_close(p_out, want, rtol=1e-6, atol=0)
 
 
@@ -184,3 +187,19 @@ def test_writing_into_a_buffer_of_another_size_raises():
     with pytest.raises(ValueError, match="source bytes"):
         with _elsewhere.writing_into(torch.zeros(8, dtype=torch.uint8), torch.zeros(4)):
             pass
+
+
+def test_carry_copies_exactly_the_bytes_no_kernel_wrote():
+    """A kernel given part of a slot wrote that part: only the rest is carried over."""
+    src = torch.arange(64, dtype=torch.float32)
+    dst = torch.full_like(src, -1.0)
+    written = _elsewhere.Written()
+    written.add(src[8:16])
+    written.add(src[12:20])  # overlapping writes
+    written.add(src[40:48])
+    view = src[4:44]
+    assert written.gaps(view) == [(0, 16), (64, 144)]
+    written.carry(view, dst[4:44])
+    want = torch.full_like(src, -1.0)
+    want[4:8], want[20:40] = src[4:8], src[20:40]
+    assert torch.equal(dst, want)

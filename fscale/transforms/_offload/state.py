@@ -285,6 +285,11 @@ class OffloadState:
         src = out = buf
         if held(buf):  # [Note: buffers a snapshot keeps] in fscale/state.py
             out = self.second(k, allocate=True)
+            if held(out):  # one save in flight holds one of the two, never both
+                raise RuntimeError(
+                    f"offload: both host buffers of sub-group {g.key} are held by snapshots "
+                    "(a save that was never closed); this is a bug in fscale.checkpoint."
+                )
         master, state = self.views(g, buf)
         # [Note: announced writes] in fscale/state.py: an asynchronous save may still need
         # these bytes as they are.
@@ -365,12 +370,8 @@ def _settle(view: torch.Tensor, dst: torch.Tensor, new: torch.Tensor, written) -
     ``dst`` already ([Note: writing the step elsewhere]), None when ``dst`` is ``view``."""
     if new.data_ptr() != view.data_ptr():  # a new tensor: the optimizer's result
         dst.copy_(new)
-    elif (
-        dst.data_ptr() != view.data_ptr()
-        and written is not None
-        and (view.data_ptr(), view.nbytes) not in written
-    ):
-        dst.copy_(view)  # unchanged (or updated in place outside the kernels: never here)
+    elif dst.data_ptr() != view.data_ptr() and written is not None:
+        written.carry(view, dst)  # what the kernels left unchanged (a skipped step: all)
 
 
 class OptimizerSlot:
