@@ -362,12 +362,17 @@ def test_async_save_writes_the_state_of_its_call_while_training_goes_on(
     params, state = _train(step, params, state, _batches(0, 1, 1, seed=3))
     assert second.wait() == str(tmp_path / "run" / f"step-{N + 1}")
     _close(state)
+    _loads_as(tmp_path / "run" / f"step-{N}", build, want)
+
+
+def _loads_as(path, build, want: dict) -> None:
+    """The checkpoint at ``path``, loaded into a fresh ``build()``, is ``want``: every
+    tensor; plain metadata a first step records (shard_zero's unit order) may be absent
+    from a step that has not run yet."""
     step, params = build()
-    params, state = fs.load(tmp_path / "run" / f"step-{N}", step, params)
+    params, state = fs.load(path, step, params)
     got = _snapshot(params, state)
     _close(state)
-    # Every tensor; plain metadata a first step records (shard_zero's unit order) may
-    # be absent from a step that has not run yet.
     assert {k for k, v in want.items() if isinstance(v, torch.Tensor)} <= set(got)
     for k in set(want) & set(got):
         w, g = want[k], got[k]
@@ -464,14 +469,7 @@ def test_a_save_keeping_offloads_buffers_copies_nothing_and_changes_no_step(
     _close(state)
     if name.endswith("nan"):
         assert state["guard"]["skipped_steps"] == 1
-    step, params = build()
-    params, state = fs.load(tmp_path / "run" / f"step-{N}", step, params)
-    got = _snapshot(params, state)
-    _close(state)
-    assert {k for k, v in want.items() if isinstance(v, torch.Tensor)} <= set(got)
-    for k in set(want) & set(got):
-        w, g = want[k], got[k]
-        assert torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g, k
+    _loads_as(tmp_path / "run" / f"step-{N}", build, want)
 
 
 def test_auto_keeps_buffers_only_where_the_host_has_room_for_the_second_ones(monkeypatch):
@@ -531,13 +529,7 @@ def test_second_buffers_that_cannot_be_allocated_mean_copies_or_a_clear_error(
         params, state = _train(step, params, state, _batches(0, 1, 1, seed=3))
     finally:
         _close(state)
-    step, params = _build(STACKS["offload cpu"])
-    params, state = fs.load(tmp_path / "auto", step, params)
-    got = _snapshot(params, state)
-    _close(state)
-    for k in set(want) & set(got):
-        w, g = want[k], got[k]
-        assert torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g, k
+    _loads_as(tmp_path / "auto", lambda: _build(STACKS["offload cpu"]), want)
 
 
 # ----------------------------------------------------------------------------- files
