@@ -150,11 +150,47 @@ def _resume_case(rank, world, name, tmp) -> list[str]:
     return failures
 
 
+def _kept_async_case(rank, world, tmp) -> list[str]:
+    """ZeRO-2 + offload(cpu) on every rank: an async save keeping offload's buffers
+    ([Note: keeping the owner's buffers]) while M steps run; the run equals one
+    without the save and the checkpoint holds the call's state, on each rank."""
+    layers = STACKS["zero2 offload cpu"]
+    first, rest = _batches(rank, world, N, seed=1), _batches(rank, world, M, seed=2)
+    ckpt = os.path.join(tmp, f"kept-w{world}")
+    step, params = _build(layers)
+    params, state = step.init(params)
+    params, state = _train(step, params, state, first)
+    at_call = _snapshot(params, state)
+    io = fs.checkpoint.SaveIO(snapshot="second_buffer")
+    handle = fs.save(ckpt, params, state, async_save=True, io=io)
+    params, state = _train(step, params, state, rest)
+    handle.wait()
+    with_save = _snapshot(params, state)
+    kept = state["offload"].seconds is not None
+    _close(state)
+    step, params = _build(layers)
+    params, state = step.init(params)
+    params, state = _train(step, params, state, first + rest)
+    straight = _snapshot(params, state)
+    _close(state)
+    step, params = _build(layers)
+    params, state = fs.load(ckpt, step, params)
+    loaded = _snapshot(params, state)
+    _close(state)
+    failures = [] if kept else ["kept async: offload allocated no second buffers"]
+    for what, got, want in (("run", with_save, straight), ("checkpoint", loaded, at_call)):
+        for k in sorted(set(want) & set(got)):
+            w, g = want[k], got[k]
+            if not (torch.equal(w, g) if isinstance(w, torch.Tensor) else w == g):
+                failures.append(f"kept async: {what} differs at {k}")
+    return failures
+
+
 def _resume_world(rank, world, tmp) -> list[str]:
     failures = []
     for name in STACKS:
         failures += _resume_case(rank, world, name, os.path.join(tmp, f"w{world}"))
-    return failures
+    return failures + _kept_async_case(rank, world, tmp)
 
 
 def test_exact_resume_world_2(tmp_path):
