@@ -101,6 +101,7 @@ def _fpx_kernel(
     DEQUANT: tl.constexpr,
     OUT_BF16: tl.constexpr,
     PDL: tl.constexpr,
+    SWIGLU: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -288,11 +289,38 @@ def _fpx_kernel(
                 else:
                     tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
         if SPLIT == 2:
-            tile = pid_m * tl.num_programs(0) + pid_n
+            if SWIGLU:
+                # [Note: the SwiGLU epilogue] (fpx_gluon.py): a gate tile and the up tile
+                # of the same channels count as one; the last of both writes silu(g) u.
+                half = tl.num_programs(0) // 2
+                tile = pid_m * half + pid_n % half
+                parts = 2 * tl.num_programs(2)
+            else:
+                tile = pid_m * tl.num_programs(0) + pid_n
+                parts = tl.num_programs(2)
             # acq_rel: the stores above are visible before the count rises, and the
             # last program's loads below see every other program's.
             arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            if arrived == tl.num_programs(2) - 1:
+            if SWIGLU and arrived == parts - 1:
+                inter = N // 2
+                for h in tl.static_range(2):
+                    chg = (2 * offs_c + h) % inter  # gate channels (an up tile's, less I)
+                    gate = tl.full((BM, C), 0.0, tl.float32)
+                    up = tl.full((BM, C), 0.0, tl.float32)
+                    for part in tl.range(0, tl.num_programs(2), loop_unroll_factor=4):
+                        ws = ws_ptr + (part * M + offs_m[:, None]) * N + chg[None, :]
+                        gate += tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")
+                        up += tl.load(ws + inter, mask=mask, other=0.0, cache_modifier=".cg")
+                    if HAS_BIAS:
+                        gate += tl.load(b_ptr + chg, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+                        up += tl.load(b_ptr + inter + chg, mask=mask_c, other=0.0).to(tl.float32)[
+                            None, :
+                        ]
+                    act = gate / (1.0 + tl.exp(-gate)) * up
+                    ptrs = y_ptr + offs_m[:, None] * stride_ym + chg[None, :]
+                    tl.store(ptrs, act.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+            if not SWIGLU and arrived == parts - 1:
                 for h in tl.static_range(2):
                     offs_n = 2 * offs_c + h
                     total = tl.full((BM, C), 0.0, tl.float32)
@@ -333,11 +361,13 @@ def check_inputs(x: torch.Tensor, p) -> None:
 
 def launch(
     x2, p, bias, y, *, bm, bn, split, num_warps, num_stages, kdot=16, mode=0, dequant=None,
-    cols=None,
+    cols=None, swiglu=False,
 ):  # fmt: skip
     """One launch (returns Triton's compiled kernel, for inspection); ``mode`` is the
     caller's ``split_mode`` (y is a zeroed fp32 buffer for mode 1); ``dequant`` (a
-    16-bit dtype) writes W^T plane columns ``cols`` into ``y``.
+    16-bit dtype) writes W^T plane columns ``cols`` into ``y``. ``swiglu``: ``p``
+    stacks gate over up ([2I, K], I a multiple of ``bn``), ``y`` is [M, I] and gets
+    silu(gate) * up from the split-K epilogue (mode 2 whatever the split).
 
     [Note: split-K without extra kernels]
     With ``split`` > 1 programs along K, each stores its fp32 partial tile in a workspace
@@ -366,7 +396,14 @@ def launch(
         triton.cdiv(chunks, per),
     )
     x_arg = x2 if x2 is not None else y
-    ws, counters = split_workspace(mode, y, grid)
+    if swiglu:
+        if (n // 2) % bn or mode == 1:
+            raise ValueError(
+                f"fpx_linear_triton: swiglu needs I = {n // 2} to be a multiple of bn = {bn} "
+                "(gate and up tiles never share a program) and split mode 0 or 2."
+            )
+        mode = 2
+    ws, counters = split_workspace(mode, y, grid, shape=(m, n) if swiglu else None)
     dot_fp32 = interpret or (x2 is not None and x2.dtype == torch.float32)
     on = pdl(y.device)  # [Note: programmatic dependent launch] in _triton.py
     kwargs = {} if interpret else {"num_warps": num_warps, "num_stages": num_stages}
@@ -381,6 +418,6 @@ def launch(
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101, BM=bm,
         BN=bn, T=kdot // 16, SPLIT=mode,
         HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, DEQUANT=dequant is not None,
-        OUT_BF16=dequant == torch.bfloat16, PDL=on,
+        OUT_BF16=dequant == torch.bfloat16, PDL=on, SWIGLU=swiglu,
         **kwargs,
     )  # fmt: skip

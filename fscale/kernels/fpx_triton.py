@@ -121,25 +121,54 @@ def fpx_linear_hopper(
 
 def fused_swiglu(x: torch.Tensor, p, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """silu(x Wg^T) * (x Wu^T) ``[..., I]`` for a packed stacked [gate; up] weight ``p``
-    ``[2I, K]`` in one launch of ``fpx_gluon``'s kernel with its SwiGLU epilogue, when
-    tuning picked that kernel for this M (``fpx_linear_hopper``'s choice, same key) and
-    it takes ``p`` (``fpx_gluon.swiglu_fits``); None otherwise: then run the product and
-    the SiLU as before.
+    ``[2I, K]`` in one launch whose split-K epilogue applies the SiLU ([Note: the SwiGLU
+    epilogue] in fpx_gluon.py): the launch ``fpx_linear_triton`` would make for this M
+    (tuned on a GPU, the default under the interpreter), of ``fpx_gluon``'s kernel or
+    the Triton one (its programs narrowed to 1/2 or 1/4 of their channels where I
+    needs it), so that no program holds both gate and up channels; None where it
+    cannot (the dequantize + cuBLAS path of large M, I not a multiple of 32 channels
+    or of the Gluon kernel's): then run the product and the SiLU as before.
 
     Usage: ``act = fused_swiglu(h, gate_up) or silu_mul(fpx_linear_hopper(h, gate_up))``.
     """
-    fmt = getattr(p, "fmt", None)  # any packed weight: only FPx ones qualify
-    if fmt not in fpx_gluon.FORMATS or interpreting() or not fpx_gluon.available(x, fmt):
+    if getattr(p, "fmt", None) not in _fpx.FORMATS:  # any packed weight: FPx ones qualify
+        return None
+    if x.device.type != "cuda" and not interpreting():
         return None
     x2 = _rows(x, p, bias)
-    if x2.shape[0] == 0:
+    m, (n, k) = x2.shape[0], p.shape
+    if m == 0:
         return None
-    n = p.shape[0]
-    cfg = dict(_tune(x2, p, bias, gluon=True))
-    if not cfg.pop("gluon", False) or not fpx_gluon.swiglu_fits(p, cfg.get("warps", 4)):
+    gluon = fpx_gluon.available(x2, p.fmt) and not interpreting()
+    config = _tune(x2, p, bias, gluon) if x.device.type == "cuda" and not interpreting() else None
+    cfg = dict(config) if config is not None else {}
+    if cfg.pop("dequant", config is None and m >= DEQUANT_MIN_M):
         return None
-    y = fpx_gluon.fpx_linear_gluon(x2, p, bias, swiglu=True, **cfg)
+    if cfg.pop("gluon", False):
+        if not fpx_gluon.swiglu_fits(p, cfg.get("warps", 4)):
+            return None
+        y = fpx_gluon.fpx_linear_gluon(x2, p, bias, swiglu=True, **cfg)
+        return y.reshape(*x.shape[:-1], n // 2)
+    cfg = _triton_launch(cfg, m, n, k, p.fmt, x.device)
+    # Programs of bn channels must not straddle gate and up: narrower ones where needed.
+    bn = next((b for b in (cfg["bn"], cfg["bn"] // 2, cfg["bn"] // 4) if (n // 2) % b == 0), 0)
+    if bn < 32:
+        return None
+    cfg["bn"] = bn
+    y = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
+    bias_c = bias.contiguous() if bias is not None else None
+    launch(x2, p, bias_c, y, mode=2, swiglu=True, **cfg)
     return y.reshape(*x.shape[:-1], n // 2)
+
+
+def _triton_launch(cfg: dict, m: int, n: int, k: int, fmt: str, device) -> dict:
+    """``launch``'s parameters: ``cfg`` (tuned or given) over the defaults for this M."""
+    cfg = {**default_config(m, n, k, fmt, device), **cfg}
+    cfg.setdefault("kdot", kdot_for(cfg["bm"]))
+    split = programs_along_k(cfg, m, n, k, fmt, device)
+    cfg = {key: cfg[key] for key in ("bm", "bn", "kdot", "num_warps", "num_stages")}
+    cfg["split"] = split
+    return cfg
 
 
 def _rows(x, p, bias) -> torch.Tensor:
@@ -175,13 +204,9 @@ def _linear(x, p, bias, config, gluon: bool = False):
                 f"{fpx_gluon.FORMATS} weights with fp16/bf16 x on sm_90; drop 'gluon'."
             )
         return fpx_gluon.fpx_linear_gluon(x2, p, bias, **cfg).reshape(*lead, n)
-    cfg = {**default_config(m, n, k, p.fmt, x.device), **(cfg or {})}
-    cfg.setdefault("kdot", kdot_for(cfg["bm"]))
-    split = programs_along_k(cfg, m, n, k, p.fmt, x.device)
-    cfg = {key: cfg[key] for key in ("bm", "bn", "kdot", "num_warps", "num_stages")}
-    cfg["split"] = split
+    cfg = _triton_launch(cfg or {}, m, n, k, p.fmt, x.device)
     bias_c = bias.contiguous() if bias is not None else None
-    mode = split_mode(cfg["bm"], split)  # split is the program count along K
+    mode = split_mode(cfg["bm"], cfg["split"])  # split is the program count along K
     if mode == 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
         launch(x2, p, bias_c, y, mode=mode, **cfg)

@@ -89,6 +89,55 @@ def test_split_k_sums_partials_in_one_kernel_and_leaves_counters_zeroed(interpre
     assert counters.numel() >= 3 and not counters.any()
 
 
+# (fmt, M, I, K, x dtype, bn, split): split 1 still pairs gate and up programs.
+SWIGLU_CASES = [
+    ("e3m2", 1, 64, 256, torch.float32, 64, 1),
+    ("e3m2", 5, 128, 384, torch.float16, 64, 3),
+    ("e2m3", 3, 64, 512, torch.bfloat16, 32, 2),
+    ("e2m1", 16, 96, 384, torch.float32, 32, 4),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt,m,inter,k,dtype,bn,split", SWIGLU_CASES)
+def test_swiglu_epilogue_is_silu_of_gate_times_up(interpret, fmt, m, inter, k, dtype, bn, split):
+    """[Note: the SwiGLU epilogue] in the Triton kernel: a [2I, K] weight's product ends
+    in silu(gate) * up, summed over the split in order (the same sums as the plain
+    launch's), bias included, and the arrival counters end at 0."""
+    gen = torch.Generator().manual_seed(hash((fmt, m, inter, k)) % 2**31)
+    p = fpx.pack(torch.randn(2 * inter, k, generator=gen), fmt)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(2 * inter, generator=gen).to(dtype)
+    cfg = dict(bm=16, bn=bn, split=split, num_warps=4, num_stages=1)
+    y = torch.empty(m, inter, dtype=dtype)
+    _fpx_triton_kernel.launch(x, p, bias, y, mode=2, swiglu=True, **cfg)
+    plain = torch.empty(m, 2 * inter, dtype=torch.float32)
+    _fpx_triton_kernel.launch(x.float(), p, bias.float(), plain, mode=2, **cfg)
+    gate, up = plain.split(inter, dim=1)
+    want = gate / (1.0 + torch.exp(-gate)) * up
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(y, want) <= tol
+    ref = fpx.fpx_linear_reference(x.float(), p, bias.float())
+    assert _rel(y, torch.nn.functional.silu(ref[:, :inter]) * ref[:, inter:]) <= max(tol, 1e-5)
+    assert not arrival_counters(x.device, 1).any()
+    # The entry point: the default launch under the interpreter, leading dims kept.
+    got = fpx_triton.fused_swiglu(x.reshape(1, m, k), p, bias)
+    assert got.shape == (1, m, inter) and _rel(got[0], want) <= tol
+
+
+@needs_triton
+def test_swiglu_declines_what_it_cannot_fuse_and_refuses_split_tiles(interpret):
+    p = fpx.pack(torch.randn(2 * 72, 128), "e3m2")  # I = 72: no bn divides it
+    x = torch.randn(2, 128)
+    assert fpx_triton.fused_swiglu(x, p) is None
+    assert fpx_triton.fused_swiglu(torch.randn(300, 128), p) is None  # dequantize + cuBLAS M
+    y = torch.empty(2, 72)
+    with pytest.raises(ValueError, match="multiple of bn"):
+        _fpx_triton_kernel.launch(x, p, None, y, bm=16, bn=64, split=1, num_warps=4,
+                                  num_stages=1, swiglu=True)  # fmt: skip
+    assert fpx_triton.fused_swiglu(x, torch.randn(144, 128)) is None  # not a packed weight
+
+
 @needs_triton
 @pytest.mark.parametrize("fmt", FMTS)
 def test_triton_dequantize_is_exact(interpret, fmt):
@@ -228,11 +277,14 @@ def _compile_for_sm90(**const):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "fmt,dtype,bm,kdot,split,dequant,pdl",
-    [("e3m2", "fp16", 16, 16, 2, False, True), ("e2m2", "bf16", 64, 16, 1, False, False),
-     ("e3m2", "fp16", 64, 128, 0, False, False), ("e2m1", "fp16", 16, 16, 0, True, True)],
+    "fmt,dtype,bm,kdot,split,dequant,pdl,swiglu",
+    [("e3m2", "fp16", 16, 16, 2, False, True, False),
+     ("e2m2", "bf16", 64, 16, 1, False, False, False),
+     ("e3m2", "fp16", 64, 128, 0, False, False, False),
+     ("e2m1", "fp16", 16, 16, 0, True, True, False),
+     ("e3m2", "bf16", 16, 16, 2, False, True, True)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant, pdl):
+def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant, pdl, swiglu):
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -245,8 +297,9 @@ def test_kernel_compiles_for_sm90(fmt, dtype, bm, kdot, split, dequant, pdl):
         BYTE=pl["byte"], HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         BM=bm, BN=128, T=kdot // 16,
         SPLIT=split, HAS_BIAS=True, DOT_FP32=False, DEQUANT=dequant,
-        OUT_BF16=dtype == "bf16", PDL=pdl,
+        OUT_BF16=dtype == "bf16", PDL=pdl, SWIGLU=swiglu,
     )[0]  # fmt: skip
+    assert ("ex2.approx" in ptx) == swiglu  # the epilogue's SiLU
     # [Note: programmatic dependent launch] (_triton.py): the wait comes before any
     # load but the scales' (weights), and lets the next kernel launch right after.
     if pdl:

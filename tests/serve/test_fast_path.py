@@ -232,15 +232,26 @@ def test_prefill_graphs_on_cuda_equal_eager_steps(tiny_llama_dir, quantize, monk
     assert calls and engine.blocks.num_used == 0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-    reason="needs a Hopper GPU",
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_HOPPER, reason="needs Hopper")],
+        ),
+    ],
 )
-def test_fp6_decode_ends_gate_up_in_silu_times_up(tmp_path, monkeypatch):
+def test_fp6_decode_ends_gate_up_in_silu_times_up(tmp_path, monkeypatch, device):
     """[Note: the SwiGLU epilogue] in the engine: FP6 weights of whole tiles (I = 128),
-    decode steps (graphs included) take the fused SiLU * up, and the greedy tokens
-    equal the same engine's with the hook turned off."""
+    decode steps (graphs included on the GPU) take the fused SiLU * up (the Triton
+    kernel under the interpreter on CPU, the Gluon one on Hopper), and the greedy
+    tokens equal the same engine's with the hook turned off."""
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fscale.serve.models.decoder import Decoder
@@ -259,7 +270,8 @@ def test_fp6_decode_ends_gate_up_in_silu_times_up(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path, safe_serialization=True)
     prompts = [[5, 9, 33, 7], [100, 3, 250, 17, 18, 19], [42] * 10]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    kw = dict(quantize="e3m2", max_tokens_per_step=64, block_size=16)
+    kw = dict(quantize="e3m2", max_tokens_per_step=64, block_size=16, device=device)
+    kw["fused_kernels"] = True  # the fused layer (the default on CUDA) calls the hook
     fused = []
     real = Decoder._fpx_swiglu
 

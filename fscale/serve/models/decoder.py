@@ -82,7 +82,8 @@ class LoadedModel:
 # Rows (tokens) up to which a step's gate_up product may end in SiLU * up itself (the
 # decode batches, where that saves the SiLU kernel's launch; prefill keeps its kernel).
 # Opt-in with FSCALE_FPX_SWIGLU=1 until its GPU tests and benchmark have run on a
-# Hopper GPU (written and compiled for sm_90 on CPU, 2026-12-05; no GPU was left).
+# Hopper GPU (the Gluon and Triton epilogues compile for sm_90 and the Triton one
+# runs under the interpreter on CPU, 2026-12-05; no GPU was lent).
 SWIGLU_MAX_ROWS = 16
 
 
@@ -415,11 +416,9 @@ class Decoder:
         packed FPx one and the Hopper kernel runs this M ([Note: the SwiGLU epilogue]
         in fscale/kernels/fpx_gluon.py); None where not."""
         packed = getattr(w, "exact_packed", None)  # a QuantizedWeight's, when plain
-        if packed is None or h.device.type != "cuda":
+        if packed is None or os.environ.get("FSCALE_FPX_SWIGLU", "0") != "1":
             return None
-        if os.environ.get("FSCALE_FPX_SWIGLU", "0") != "1":
-            return None
-        from fscale.kernels import fpx_triton
+        from fscale.kernels import fpx_triton  # (on CPU it runs under the interpreter only)
 
         return fpx_triton.fused_swiglu(h, packed, b)
 
