@@ -1048,6 +1048,8 @@ def test_explain_shows_bytes_per_tier(tmp_path):
     cpu = fs.plan(fs.offload(step, "cpu"), params)
     assert cpu.memory["optimizer (cpu)"] == 2 * cpu.param_bytes  # Adam's two fp32 moments
     assert "optimizer (cpu)" in fs.explain(fs.offload(step, "cpu"), params)
+    kept = cpu.memory["optimizer (cpu)"] + cpu.memory["master (cpu)"]
+    assert any(f"second set once, {kept:,} bytes" in n for n in cpu.notes), cpu.notes
     # Grads: two rotating staging buffers of the largest sub-group (here one leaf), or
     # the whole model's grads if that is less.
     small = fs.plan(fs.offload(step, "cpu", subgroup_mb=SMALL), params)

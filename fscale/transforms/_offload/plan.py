@@ -41,6 +41,12 @@ def plan_offload(cfg: OffloadConfig, sharded: bool, mp, plan) -> None:
         f"~{pcie / H2D_BYTES_PER_S * 1e3:.2f} ms at {H2D_BYTES_PER_S / 1e9:.0f} GB/s."
     )
     if tier == "cpu":
+        kept = optimizer + plan.memory[f"master ({tier})"]
+        plan.notes.append(
+            f"offload(cpu): an asynchronous fs.save keeps these host buffers as its snapshot "
+            f"and allocates a second set once, {kept:,} bytes, that the next update writes "
+            "([Note: keeping the owner's buffers]); SaveIO(snapshot='host') copies instead."
+        )
         # [Note: grad staging] (update.py): rotating buffers of the largest sub-group's grads (at
         # least one leaf, whose grads are in the param dtype: <= 4 bytes per fp32 byte).
         largest = max(cfg.subgroup_bytes, plan.largest_param_bytes // n)
