@@ -93,8 +93,9 @@ class SaveIO:
         fscale/_checkpoint/snapshot.py), copies on the ``"host"`` (``copy_threads``
         threads), copies on the ``"device"`` (a DMA per entry queued by one thread:
         [Note: a snapshot in device memory]), or ``"auto"``: second buffers where
-        the owner has them (offload(cpu) with Adam or AdamW keeps its step's cost;
-        other optimizers copy into them) and the host has room for those still to
+        the owner offers them (offload(cpu) with Adam or AdamW, whose step costs
+        the same written elsewhere; other optimizers' state is copied) and the host
+        has room for those still to
         allocate, else host copies where its available memory holds them, else the
         device where the state is pinned and the device's free memory holds it.
       copy_threads: threads that copy an asynchronous save's announced host tensors

@@ -66,9 +66,13 @@ def build_state(
             # Master and state: one buffer per group, carved out of a few pinned
             # allocations. Grads: a small rotating pool ([Note: grad staging] in update.py).
             handle.buffers = swap.alloc_many([g.persisted for g in handle.groups])
-            for k, buf in enumerate(handle.buffers):  # written only by update_group
-                # A save may keep a group's buffer: its update then writes the second.
-                announce_writes(buf, second=functools.partial(handle.second, k))
+            # Written only by update_group. With an optimizer whose writes all go through
+            # the AdamW kernel a save may keep a group's buffer, the update then writing
+            # the second at no extra cost; others keep the background copy, which runs
+            # during the forward instead of inside the update.
+            keep = handle.writes_through_kernel()
+            for k, buf in enumerate(handle.buffers):
+                announce_writes(buf, second=functools.partial(handle.second, k) if keep else None)
             largest = max((g.grad_bytes for g in handle.groups), default=1)
             handle.staging = swap.alloc_many([largest] * (2 if cfg.overlap else 1))
         for k, g in enumerate(handle.groups):

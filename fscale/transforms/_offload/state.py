@@ -296,9 +296,9 @@ class OffloadState:
         before_write(out, *(master if g.shared_master else ()))
         redirect = contextlib.nullcontext(None)
         if out is not buf:
-            if self._writes_through_kernel():
+            if self.writes_through_kernel():
                 redirect = _elsewhere.writing_into(buf, out)  # [Note: writing the step elsewhere]
-            else:  # an optimizer with writes of its own: update a copy
+            else:  # writes of its own (never announced keepable: a direct hold): a copy
                 out.copy_(buf)
                 buf = out
                 master, state = self.views(g, buf)
@@ -321,9 +321,10 @@ class OffloadState:
         g.updates += 1
         self.event("update_end", g.key)
 
-    def _writes_through_kernel(self) -> bool:
+    def writes_through_kernel(self) -> bool:
         """Whether the inner optimizer writes params and state only through the
-        ``"adamw_update"`` kernel, whose CPU lowerings can write elsewhere."""
+        ``"adamw_update"`` kernel, whose CPU lowerings can write elsewhere: then the
+        group buffers are announced keepable ([Note: buffers a snapshot keeps])."""
         tx = self.inner
         return tx.update_params is not None and (tx.hyperparams or {}).get("name") in ADAM_FAMILY
 
