@@ -336,8 +336,9 @@ class OffloadState:
             if not allocate:
                 return None
             seconds = swap.alloc_many([g.persisted for g in self.groups])
+            keep = self.writes_through_kernel()  # as init.py announced the first ones
             for j, b in enumerate(seconds):
-                announce_writes(b, second=functools.partial(self.second, j))
+                announce_writes(b, second=functools.partial(self.second, j) if keep else None)
             self.seconds = seconds
         return self.seconds[k]
 
