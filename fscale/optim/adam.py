@@ -162,6 +162,12 @@ def _adam_family(*, owner, lr, b1, b2, eps, weight_decay, mask, decoupled):
             )
         return params, AdamState(count + 1, state.exp_avg, state.exp_avg_sq)
 
+    # It writes params and state only through the kernel, whose CPU lowerings can write
+    # elsewhere ([Note: writing the step elsewhere] in fscale/kernels/_elsewhere.py): the
+    # mark lets offload offer its buffers to a save. A wrapper that replaces this
+    # function (compress_comm's 1-bit rows write moments themselves) has no mark.
+    update_params.writes_only_through = _adamw_kernel.OP
+
     hyperparams = dict(
         name=owner, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask,
         decoupled=decoupled,

@@ -251,3 +251,24 @@ def test_cuda_exchange_with_reference_kernels_trains_as_with_triton(monkeypatch)
     monkeypatch.delenv("FSCALE_KERNELS")
     got, _, _ = _cuda_run("adam", None, False)
     assert phases[-1] == "onebit" and got == pytest.approx(ref, rel=0.02)
+
+
+def test_offload_offers_its_buffers_to_a_save_only_where_adamw_writes_them():
+    """compress_comm's 1-bit rows step writes the moments itself, not through the AdamW
+    kernel's lowerings, so offload does not offer its buffers to a save, which then
+    copies them ([Note: buffers a snapshot keeps]); plain AdamW does."""
+    from fscale import state as protocol
+
+    params, apply = fs.functional(_gpt())
+    for step, keepable in (
+        (_step(apply, "adam", None, True), False),
+        (fs.offload(fs.train_step(gpt_loss(apply), fs.optim.adamw(1e-3)), "cpu"), True),
+        (fs.offload(fs.train_step(gpt_loss(apply), fs.optim.sgd(0.1, momentum=0.9)), "cpu"), False),
+    ):
+        _, state = step.init(params)
+        handle = state["offload"]
+        try:
+            assert handle.writes_through_kernel() == keepable
+            assert all((protocol.keepable(b) is b) == keepable for b in handle.buffers)
+        finally:
+            handle.close()

@@ -30,9 +30,6 @@ from fscale.transforms._offload.config import OffloadConfig
 from fscale.transforms._offload.layout import Group, Slot, scatter, sub
 from fscale.transforms._offload.stream import GradStream
 
-#: Inner optimizers that write params and state only through ``"adamw_update"``.
-ADAM_FAMILY = ("adam", "adamw")
-
 
 class OffloadState:
     """The optimizer state of an offloaded step: host buffers or swap files, per sub-group.
@@ -325,8 +322,8 @@ class OffloadState:
         """Whether the inner optimizer writes params and state only through the
         ``"adamw_update"`` kernel, whose CPU lowerings can write elsewhere: then the
         group buffers are announced keepable ([Note: buffers a snapshot keeps])."""
-        tx = self.inner
-        return tx.update_params is not None and (tx.hyperparams or {}).get("name") in ADAM_FAMILY
+        mark = getattr(self.inner.update_params, "writes_only_through", None)
+        return mark == cpu_adam.OP
 
     def second(self, k: int, allocate: bool = True) -> torch.Tensor | None:
         """Group ``k``'s second host buffer, the one not in use ([Note: buffers a
