@@ -8,6 +8,9 @@
 - Reshard: ZeRO-3 on world 4 -> ZeRO-1 on world 2 -> plain on world 1, and HSDP
   (2, 2) -> plain: the loaded params equal the saved run's gathered params exactly,
   and training on equals the saved run's continued training (to reduction order).
+- Async saves of offloaded state: copied lazily, or with offload's buffers kept while
+  the next update writes second ones; either way the checkpoint holds the call's
+  state and training goes on bit for bit as without the save.
 - Run directories: ``at=``/``keep=`` rotation, the ``latest`` pointer, a killed
   save's temp directory ignored.
 - Bad checkpoints and bad calls raise naming the fix.
