@@ -10,6 +10,11 @@ with a ``describe_state()`` method returning any of the above. Anything else (a
 closure, a thread pool, an open file) raises naming its path: state must hold no
 closures, so that a checkpoint can be written for every stack.
 
+Host buffers an owner rewrites in place (offload's) are announced
+(``announce_writes``): an asynchronous save then copies them lazily ([Note: announced
+writes]) or keeps them while the owner writes elsewhere ([Note: buffers a snapshot
+keeps]).
+
 Usage::
 
     entries = describe(state)
