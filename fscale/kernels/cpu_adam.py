@@ -56,17 +56,15 @@ def adamw_update_cpu_fused_(
     c_loop = host_adamw.available()
     fused: dict[torch.dtype, tuple[list, list, list, list]] = {}
     rest: tuple[list, list, list, list] = ([], [], [], [])
+    looped: tuple[list, ...] = ([], [], [], [], [], [], [])  # p, g, m, v, and where p, m, v go
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         if c_loop and host_adamw.takes(p, g, m, v) and p.shape == g.shape == m.shape == v.shape:
             outs = [_elsewhere.target(t) for t in (p, m, v)]
-            host_adamw.adamw_(
-                [p], [g], [m], [v], step=step,
-                out=tuple([t if o is None else o] for t, o in zip((p, m, v), outs, strict=True)),
-                **hyper,
-            )  # fmt: skip
             for t, o in zip((p, m, v), outs, strict=True):
                 if o is not None:
                     _elsewhere.mark(t)
+            for lst, t in zip(looped, (p, g, m, v, *outs), strict=True):
+                lst.append(t)
             continue
         quad = (p, g, m, v)
         dtypes = {t.dtype for t in quad}
@@ -78,6 +76,13 @@ def adamw_update_cpu_fused_(
         group = fused.setdefault(p.dtype, ([], [], [], [])) if ok else rest
         for lst, t in zip(group, quad, strict=True):
             lst.append(t)
+    if looped[0]:
+        ps, gs, ms, vs, *outs = looped
+        dests = tuple(
+            [t if o is None else o for t, o in zip(ts, os_, strict=True)]
+            for ts, os_ in zip((ps, ms, vs), outs, strict=True)
+        )
+        host_adamw.adamw_(ps, gs, ms, vs, step=step, out=dests, **hyper)
     for ps, gs, ms, vs in fused.values():
         ps, ms, vs = _elsewhere.moved(ps), _elsewhere.moved(ms), _elsewhere.moved(vs)
         steps = [torch.tensor(float(step), dtype=torch.float32)] * len(ps)
