@@ -412,9 +412,10 @@ class Decoder:
 
     @staticmethod
     def _fpx_swiglu(h: torch.Tensor, w, b) -> torch.Tensor | None:
-        """SiLU(gate) * up in the FPx product's own launch, where the weight is a plain
-        packed FPx one and the Hopper kernel runs this M ([Note: the SwiGLU epilogue]
-        in fscale/kernels/fpx_gluon.py); None where not."""
+        """SiLU(gate) * up in the FPx product's own launch (the Gluon or Triton kernel
+        the product would use: ``fpx_triton.fused_swiglu``), where the weight is a plain
+        packed FPx one ([Note: the SwiGLU epilogue] in fscale/kernels/fpx_gluon.py);
+        None where not."""
         packed = getattr(w, "exact_packed", None)  # a QuantizedWeight's, when plain
         if packed is None or os.environ.get("FSCALE_FPX_SWIGLU", "0") != "1":
             return None
