@@ -146,7 +146,7 @@ from fscale._checkpoint.restore import (
     _restore_plain,
     _source_key,
 )
-from fscale._checkpoint.snapshot import LazySnapshot
+from fscale._checkpoint.snapshot import LazySnapshot, pooled_bytes
 from fscale._checkpoint.writer import SaveIO, make_job, split_items, write_buckets
 from fscale.hw import comm
 from fscale.hw import mesh as meshes
@@ -375,11 +375,12 @@ def _staging_place(state_dict: dict, where: str) -> str:
 def _keeps_buffers(snapshot: LazySnapshot, where: str) -> bool:
     """``SaveIO.snapshot`` resolved for the owners' buffers a snapshot could keep
     ([Note: keeping the owner's buffers] in _checkpoint/snapshot.py): "auto" keeps them
-    where the host's available memory holds the second buffers still to allocate."""
+    where the host's available memory, with the pooled copies keeping buffers frees,
+    holds the second buffers still to allocate."""
     if where in ("host", "device") or not snapshot.keepable():
         return False
     return where == "second_buffer" or (
-        _host_available() >= snapshot.second_bytes() + STAGING_MARGIN
+        _host_available() + pooled_bytes() >= snapshot.second_bytes() + STAGING_MARGIN
     )
 
 

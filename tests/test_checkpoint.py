@@ -544,6 +544,45 @@ def test_auto_keeps_buffers_only_where_the_host_has_room_for_the_second_ones(mon
         _close(state)
 
 
+def test_a_save_keeping_buffers_frees_the_pooled_copies_first(tmp_path, monkeypatch):
+    """After a save that copied (its copies pooled: [Note: kept copies]), "auto" counts
+    the pool as room for the second buffers, and the save that keeps buffers frees the
+    pooled copies it will not use before allocating them: the host never holds both."""
+    from fscale import checkpoint
+    from fscale._checkpoint import snapshot
+    from fscale.transforms._offload.state import OffloadState
+
+    pooled_at_allocation, second = [], OffloadState.second
+
+    def seen(self, k, allocate=True):
+        if allocate and self.seconds is None:
+            pooled_at_allocation.append(snapshot.pooled_bytes())
+        return second(self, k, allocate)
+
+    monkeypatch.setattr(OffloadState, "second", seen)
+    step, params = _build(STACKS["offload cpu"])
+    params, state = step.init(params)
+    try:
+        params, state = _train(step, params, state, _batches(0, 1, 1, seed=1))
+        io = fs.checkpoint.SaveIO(snapshot="host")
+        fs.save(tmp_path / "copied", params, state, async_save=True, io=io).wait()
+        need = sum(b.nbytes for b in state["offload"].buffers)
+        pooled = snapshot.pooled_bytes()
+        assert pooled > 0 and need > 0
+        room = max(0, need + checkpoint.STAGING_MARGIN - pooled)
+        monkeypatch.setattr(checkpoint, "_host_available", lambda: room)
+        want = _snapshot(params, state)
+        handle = fs.save(tmp_path / "kept", params, state, async_save=True)  # "auto"
+        params, state = _train(step, params, state, _batches(0, 1, 1, seed=2))
+        handle.wait()
+        assert state["offload"].seconds is not None  # buffers kept: pool counted as room
+        # offload(cpu)'s host state is all in its buffers: no pooled copy is left.
+        assert pooled_at_allocation == [0]
+    finally:
+        _close(state)
+    _loads_as(tmp_path / "kept", lambda: _build(STACKS["offload cpu"]), want)
+
+
 def test_second_buffers_that_cannot_be_allocated_mean_copies_or_a_clear_error(
     tmp_path, monkeypatch
 ):

@@ -203,6 +203,7 @@ class LazySnapshot:
         memory refused, say) the entries stay to be copied, with a warning, unless
         ``required``; returns whether the buffers are kept."""
         buffers = self.keepable()
+        self._prune_pool()
         try:
             for b in buffers:
                 state_protocol.second_buffer(b, allocate=True)
@@ -226,10 +227,22 @@ class LazySnapshot:
     def kept_bytes(self) -> int:
         """Bytes in the pool of kept copies, which a keeping snapshot reuses where
         sizes match ([Note: kept copies]); 0 for one that does not keep."""
-        if not self.keep:
-            return 0
+        return pooled_bytes() if self.keep else 0
+
+    def _prune_pool(self) -> None:
+        """Free the pooled copies this snapshot will not need once the owners' buffers
+        are kept (only entries without a keepable buffer are still copied): a save
+        that keeps buffers after saves that copied must not hold both sets."""
+        need: dict[int, int] = {}
+        if self.keep:
+            for e in self._entries:
+                if e.buffer is None and e.status == _PENDING:
+                    need[e.src.nbytes] = need.get(e.src.nbytes, 0) + 1
         with _POOL_LOCK:
-            return sum(b.numel() for bs in _POOL.values() for b in bs)
+            for nbytes in list(_POOL):
+                del _POOL[nbytes][need.get(nbytes, 0) :]
+                if not _POOL[nbytes]:
+                    del _POOL[nbytes]
 
     def pinned(self) -> bool:
         """Whether every entry to copy is in pinned host memory (a DMA source)."""
@@ -396,6 +409,12 @@ class LazySnapshot:
 
 _POOL: dict[int, list[torch.Tensor]] = {}  # [Note: kept copies]: nbytes -> buffers
 _POOL_LOCK = threading.Lock()
+
+
+def pooled_bytes() -> int:
+    """Host bytes held by the pool of kept copies ([Note: kept copies])."""
+    with _POOL_LOCK:
+        return sum(b.numel() for bs in _POOL.values() for b in bs)
 
 
 #: Bytes of device copies the feeder keeps queued ([Note: a snapshot in device memory]).
