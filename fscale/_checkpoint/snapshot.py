@@ -57,7 +57,8 @@ and the next such save copies into them (same sizes: the same state), so only th
 first save pays (an offloaded 3.55B on one H200: the first step after the call
 +0.8-1.0 s with kept copies, +3.8-4.4 s with fresh ones). The pool holds exactly
 the last keeping save's buffers: a save with ``keep=False`` frees them, as does one
-whose state changed size.
+whose state changed size, and a save that keeps the owners' buffers (below) frees
+those it will not copy into before it allocates the second buffers.
 
 [Note: keeping the owner's buffers]
 Copying costs the host's memory bandwidth in the very step the host optimizer needs
