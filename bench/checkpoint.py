@@ -189,6 +189,19 @@ def _value(text: str):
         return text
 
 
+def _update_span(state) -> float:
+    """Seconds from offload's first sub-group update to its last in the step just run
+    (its host optimizer's share of the step), or nan without offload's log."""
+    handle = state.get("offload") if isinstance(state, dict) else None
+    times = {}
+    for _, t, kind, _ in getattr(handle, "events", ()):
+        if kind in ("update_start", "update_end"):
+            times.setdefault(kind, []).append(t)
+    if not times.get("update_start") or not times.get("update_end"):
+        return float("nan")
+    return max(times["update_end"]) - min(times["update_start"])
+
+
 @contextlib.contextmanager
 def _profiled(on: bool):
     """cProfile the block when ``on``; the top 25 entries by cumulative time print."""
@@ -295,13 +308,17 @@ def main(argv=None) -> None:
     if os.path.exists(target):
         shutil.rmtree(target)  # room for the async save's checkpoint on the same disk
 
+    updates: list[float] = []  # per step: offload's host update, first start to last end
+
     def one_step() -> float:
         nonlocal params, state
         _sync(device)
         t0 = time.perf_counter()
         params, state, _ = step(params, state, batch)
         _sync(device)
-        return time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        updates.append(_update_span(state))
+        return took
 
     def async_run(name: str, save_io) -> dict:
         """One asynchronous save: its call, then steps until it is written (at most
@@ -315,8 +332,10 @@ def main(argv=None) -> None:
             handle = fs.save(where, params, state, async_save=True, io=save_io)
         call = time.perf_counter() - t0
         during = []
+        first_update = len(updates)
         while not handle.done() and len(during) < args.max_async_steps:
             during.append(one_step())
+        during_updates = updates[first_update:]
         counted = handle.done()  # every step that ran while it was written is counted
         handle.wait()
         total = time.perf_counter() - t0
@@ -336,6 +355,7 @@ def main(argv=None) -> None:
             "name": name,
             "io": repr(save_io),
             "step_s_during_async_save": during,
+            "update_s_during_async_save": during_updates,
             "async_call_s": call,
             "async_steps_slowdown_s": slowdown,
             f"async_slowdown_first_{args.steps}_steps_s": first,
@@ -347,6 +367,7 @@ def main(argv=None) -> None:
         }
 
     plain = [one_step() for _ in range(args.steps)]
+    update_plain = updates[-len(plain) :]
     plain_after: list[float] = []
     variants = [] if args.no_default_async else [("default", io)]
     for spec in args.async_io or []:
@@ -413,6 +434,7 @@ def main(argv=None) -> None:
         "load_vs_dd_read": (nbytes / load_s) / (dd_bytes / dd_read_s),
         "loaded_equal": same,
         "step_s_plain": plain,
+        "update_s_plain": update_plain,
         "step_s_plain_after_each_async": plain_after,
         "async_stall_pooled_s": best["async_stall_pooled_s"],
         "async_best": best["name"],
