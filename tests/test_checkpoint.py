@@ -522,8 +522,10 @@ def test_auto_keeps_buffers_only_where_the_host_has_room_for_the_second_ones(mon
     """``SaveIO(snapshot="auto")``: the owners' buffers are kept where the host's
     available memory holds the second buffers still to allocate; else copies."""
     from fscale import checkpoint
+    from fscale._checkpoint import snapshot
     from fscale._checkpoint.snapshot import LazySnapshot
 
+    monkeypatch.setattr(snapshot, "_POOL", {})  # no pooled copies of earlier tests
     step, params = _build(STACKS["offload cpu"])
     params, state = step.init(params)
     try:
@@ -552,6 +554,7 @@ def test_a_save_keeping_buffers_frees_the_pooled_copies_first(tmp_path, monkeypa
     from fscale._checkpoint import snapshot
     from fscale.transforms._offload.state import OffloadState
 
+    monkeypatch.setattr(snapshot, "_POOL", {})  # no pooled copies of earlier tests
     pooled_at_allocation, second = [], OffloadState.second
 
     def seen(self, k, allocate=True):
