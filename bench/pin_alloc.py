@@ -2,12 +2,13 @@
 
 Offload's host buffers (and the second buffers an async save keeps) come from
 ``fscale.io.swap.alloc_many``: 1 GiB arenas of ordinary memory registered with
-``cudaHostRegister``, which faults in (and the kernel zeroes) every page on one
-thread. This times, for ``--gib`` GiB, in one run:
+``cudaHostRegister``. This times, for ``--gib`` GiB, in one run:
 
-- ``register``: ``alloc_many`` as it is;
-- ``prefault``: the arenas' pages first touched by torch's intra-op threads
-  (``zero_``), then registered;
+- ``alloc_many``: as it is (the pages first touched by torch's intra-op threads,
+  [Note: pinned memory of an exact size]);
+- ``register_cold``: the arenas registered untouched, so that the driver faults in
+  (and the kernel zeroes) every page on the calling thread (``alloc_many`` before
+  2026-12-05);
 - ``cuda_host_alloc``: torch's own pinned allocator (``pin_memory=True``), whose
   power-of-two rounding offload avoids, for reference.
 
@@ -36,12 +37,11 @@ def _timed(fn) -> float:
     return took
 
 
-def _prefaulted(sizes: list[int]) -> list[torch.Tensor]:
+def _cold(sizes: list[int]) -> list[torch.Tensor]:
     cudart = torch.cuda.cudart()
     out = []
     for n in sizes:
-        raw = torch.empty(n, dtype=torch.uint8)
-        raw.zero_()  # pages faulted in by every intra-op thread
+        raw = torch.empty(n, dtype=torch.uint8)  # pages untouched: the driver faults them
         assert int(cudart.cudaHostRegister(raw.data_ptr(), n, 0)) == 0
         weakref.finalize(raw, cudart.cudaHostUnregister, raw.data_ptr())
         out.append(raw)
@@ -56,8 +56,8 @@ def main() -> None:
     total = sum(sizes)
     rows = {}
     for name, fn in (
-        ("register", lambda: swap.alloc_many(sizes, pin=True)),
-        ("prefault", lambda: _prefaulted(sizes)),
+        ("alloc_many", lambda: swap.alloc_many(sizes, pin=True)),
+        ("register_cold", lambda: _cold(sizes)),
         (
             "cuda_host_alloc",
             lambda: [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes],
