@@ -288,6 +288,71 @@ def test_swiglu_epilogue_equals_silu_of_the_product(inter, k, m, dtype, split, w
     assert counters is None or not counters.any()
     tuned = fpx_triton.fused_swiglu(x, p, bias)
     assert tuned is None or _rel(tuned, want) <= 1e-2
+    torch.cuda.synchronize()
+    assert counters is None or not counters.any()  # whichever kernel tuning chose
+
+
+def _counters_clear() -> bool:
+    torch.cuda.synchronize()
+    counters = COUNTERS.get((str(torch.device("cuda", torch.cuda.current_device())),
+                             torch.cuda.current_stream().cuda_stream))  # fmt: skip
+    return counters is None or not counters.any()
+
+
+@pytest.mark.gpu
+@on_hopper
+@needs_gluon
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_split_k_over_many_waves_gives_the_same_bits_every_launch(swiglu):
+    """An 8B layer's gate_up weight at batch 1, split 4: 512 programs, more than one
+    per SM, so that a tile's programs run in different waves. Every launch gives the
+    same bits and leaves the stream's counters at 0 (the plain product and the SwiGLU
+    epilogue; the latter differed between two launches on an H100, 2026-12-05)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    inter, k = 4096, 4096
+    p = fpx.pack(torch.randn(2 * inter, k, generator=gen, device="cuda") * 0.05, "e3m2")
+    x = torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16)
+    assert _counters_clear()
+    outs = []
+    for _ in range(6):
+        outs.append(fpx_gluon.fpx_linear_gluon(x, p, split=4, warps=4, swiglu=swiglu))
+        assert _counters_clear()
+    full = x.double() @ fpx.unpack(p).double().t()
+    want = F.silu(full[:, :inter]) * full[:, inter:] if swiglu else full
+    assert _rel(outs[0], want) <= 1e-2
+    differing = [int((o != outs[0]).sum()) for o in outs[1:]]
+    assert differing == [0] * len(differing)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.parametrize("bn,split", [(32, 1), (32, 4), (64, 2), (64, 4)])
+def test_triton_swiglu_epilogue_on_the_gpu(bn, split):
+    """The Triton kernel's SwiGLU epilogue compiled (not interpreted): silu(gate) * up of
+    the fp64 product, the same bits on every launch, the counters at 0 after each."""
+    import torch.nn.functional as F
+
+    from fscale.kernels import _fpx_triton_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    inter, k, m = 1024, 2048, 3
+    p = fpx.pack(torch.randn(2 * inter, k, generator=gen, device="cuda") * 0.05, "e3m2")
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.float16)
+    bias = torch.randn(2 * inter, generator=gen, device="cuda").to(torch.float16)
+    full = x.double() @ fpx.unpack(p).double().t() + bias.double()
+    want = F.silu(full[:, :inter]) * full[:, inter:]
+    cfg = dict(bm=16, bn=bn, split=split, num_warps=4, num_stages=3)
+    assert _counters_clear()
+    outs = []
+    for _ in range(4):
+        y = torch.empty(m, inter, dtype=x.dtype, device="cuda")
+        _fpx_triton_kernel.launch(x, p, bias, y, mode=2, swiglu=True, **cfg)
+        outs.append(y)
+        assert _counters_clear()
+    assert _rel(outs[0], want) <= 1e-2
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.gpu

@@ -81,9 +81,10 @@ class LoadedModel:
 
 # Rows (tokens) up to which a step's gate_up product may end in SiLU * up itself (the
 # decode batches, where that saves the SiLU kernel's launch; prefill keeps its kernel).
-# Opt-in with FSCALE_FPX_SWIGLU=1 until its GPU tests and benchmark have run on a
-# Hopper GPU (the Gluon and Triton epilogues compile for sm_90 and the Triton one
-# runs under the interpreter on CPU, 2026-12-05; no GPU was lent).
+# Opt-in with FSCALE_FPX_SWIGLU=1: on an H100 (2026-12-05) the Gluon epilogue gave
+# different bits on two launches of an 8B gate_up at batch 1 (split 4), and the
+# engine's greedy tokens with it differed from those without
+# (test_split_k_over_many_waves_gives_the_same_bits_every_launch says where next).
 SWIGLU_MAX_ROWS = 16
 
 
