@@ -21,6 +21,11 @@ moments: 12 bytes per param on the device) trains two steps, then:
   runs of the same settings). Every stall is also given against the median of all
   plain steps, which run after each save too.
 
+Every timed step also records offload's host-update span (its first sub-group update
+to its last: ``update_s_*``) and the host's CPU seconds by kind over the step from
+``/proc/stat`` (``cpu_s_*``; ``steal`` is time the hypervisor took this VM's cores,
+for its disk I/O among others), plain and during each async save.
+
 ``--old-io`` saves with DCP's own writer loop and the old async staging
 (``SaveIO(pinned=0, background_nice=0, stage="pageable")``), for A/B runs;
 ``--background-nice`` and ``--background-threads`` set ``SaveIO``'s (async saves);
@@ -189,6 +194,19 @@ def _value(text: str):
         return text
 
 
+def _cpu_seconds() -> dict[str, float]:
+    """The host's CPU time by kind (all cores, seconds) from /proc/stat: ``steal`` is
+    time the hypervisor ran something else on this VM's cores (its disk I/O, say)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:9]
+    except OSError:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return {k: int(v) / tick for k, v in zip(names, fields, strict=False)}
+
+
 def _update_span(state) -> float:
     """Seconds from offload's first sub-group update to its last in the step just run
     (its host optimizer's share of the step), or nan without offload's log."""
@@ -309,15 +327,19 @@ def main(argv=None) -> None:
         shutil.rmtree(target)  # room for the async save's checkpoint on the same disk
 
     updates: list[float] = []  # per step: offload's host update, first start to last end
+    cpu: list[dict] = []  # per step: the host's CPU seconds by kind (steal: the hypervisor's)
 
     def one_step() -> float:
         nonlocal params, state
         _sync(device)
+        before = _cpu_seconds()
         t0 = time.perf_counter()
         params, state, _ = step(params, state, batch)
         _sync(device)
         took = time.perf_counter() - t0
         updates.append(_update_span(state))
+        after = _cpu_seconds()
+        cpu.append({k: round(after[k] - before.get(k, 0.0), 3) for k in after})
         return took
 
     def async_run(name: str, save_io) -> dict:
@@ -335,7 +357,7 @@ def main(argv=None) -> None:
         first_update = len(updates)
         while not handle.done() and len(during) < args.max_async_steps:
             during.append(one_step())
-        during_updates = updates[first_update:]
+        during_updates, during_cpu = updates[first_update:], cpu[first_update:]
         counted = handle.done()  # every step that ran while it was written is counted
         handle.wait()
         total = time.perf_counter() - t0
@@ -356,6 +378,7 @@ def main(argv=None) -> None:
             "io": repr(save_io),
             "step_s_during_async_save": during,
             "update_s_during_async_save": during_updates,
+            "cpu_s_during_async_save": during_cpu,
             "async_call_s": call,
             "async_steps_slowdown_s": slowdown,
             f"async_slowdown_first_{args.steps}_steps_s": first,
@@ -367,7 +390,7 @@ def main(argv=None) -> None:
         }
 
     plain = [one_step() for _ in range(args.steps)]
-    update_plain = updates[-len(plain) :]
+    update_plain, cpu_plain = updates[-len(plain) :], cpu[-len(plain) :]
     plain_after: list[float] = []
     variants = [] if args.no_default_async else [("default", io)]
     for spec in args.async_io or []:
@@ -435,6 +458,7 @@ def main(argv=None) -> None:
         "loaded_equal": same,
         "step_s_plain": plain,
         "update_s_plain": update_plain,
+        "cpu_s_plain": cpu_plain,
         "step_s_plain_after_each_async": plain_after,
         "async_stall_pooled_s": best["async_stall_pooled_s"],
         "async_best": best["name"],
