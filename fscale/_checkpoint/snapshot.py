@@ -233,7 +233,8 @@ class LazySnapshot:
     def _prune_pool(self) -> None:
         """Free the pooled copies this snapshot will not need once the owners' buffers
         are kept (only entries without a keepable buffer are still copied): a save
-        that keeps buffers after saves that copied must not hold both sets."""
+        that keeps buffers after saves that copied must not hold both sets. (Should
+        the second buffers then be refused, the copies go into fresh memory.)"""
         need: dict[int, int] = {}
         if self.keep:
             for e in self._entries:
