@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint.filesystem import _split_by_size_and_type
 
 import fscale as fs
+from fscale import tree
 from fscale._checkpoint import writer
 from fscale._checkpoint.writer import SaveIO, _Writeback, split_items
 from tests.helpers import CPU_AND_CUDA
@@ -78,6 +79,84 @@ def test_files_are_dcps_byte_for_byte(tmp_path, monkeypatch, name, route):
         loaded, _ = fs.load(tmp_path / "new", fresh, full)
         assert all(torch.equal(loaded[k], params[k]) for k in params)
     _close(state)
+
+
+@pytest.mark.parametrize(
+    "t",
+    [torch.arange(10.0), torch.randn(257, 33).to(torch.bfloat16), torch.zeros(0),
+     torch.randint(0, 9, (5, 7), dtype=torch.int64)[1:4]],
+)  # fmt: skip
+def test_a_record_without_torchs_crc_is_what_torch_writes_with_it_off(t):
+    """``SaveIO(torch_crc=False)``'s per-item save: the bytes ``torch.save`` writes under
+    ``set_crc32_options(False)`` (every record's CRC field 0), without touching that
+    option, which other threads' saves read."""
+    import io as io_
+
+    got = io_.BytesIO()
+    writer._save_without_crc(t, got)
+    assert torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        want = io_.BytesIO()
+        torch.save(t, want)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert got.getvalue() == want.getvalue()
+    with_crc = io_.BytesIO()
+    torch.save(t, with_crc)
+    assert got.getvalue() != with_crc.getvalue()
+    got.seek(0)
+    assert torch.equal(torch.load(got), t)
+
+
+@pytest.mark.parametrize("name", ["plain", "bf16 zero1"])
+def test_a_checkpoint_without_torchs_crc_loads_with_its_checksums_checked(tmp_path, name):
+    """``SaveIO(torch_crc=False)``: the files of the default save in size and record,
+    only the CRC fields differ; the checkpoint loads equal with its recorded checksums
+    (zlib-ng's then) checked: a flipped byte is refused."""
+    step, params, state = _state(name, tmp_path)
+    fs.save(tmp_path / "new", params, state, threads=3, io=SaveIO(torch_crc=False))
+    fs.save(tmp_path / "crc", params, state, threads=3, io=SaveIO())
+    new, crc = _files(tmp_path / "new"), _files(tmp_path / "crc")
+    assert {n: len(b) for n, b in new.items()} == {n: len(b) for n, b in crc.items()}
+    assert any(new[n] != crc[n] for n in new)
+    assert _index(tmp_path / "new") == _index(tmp_path / "crc")
+    _close(state)
+    fresh, full = _build({"plain": (), "bf16 zero1": (("mp", "bf16"), ("zero", 1))}[name])
+    loaded, _ = fs.load(tmp_path / "new", fresh, full)
+    pairs = zip(tree.leaves(loaded), tree.leaves(params), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    data = tmp_path / "new" / "__0_0.distcp"
+    with open(data, "r+b") as f:
+        f.seek(data.stat().st_size // 2)
+        f.write(b"\x00\xff" * 4)
+    with pytest.raises(ValueError, match="'__0_0.distcp' does not match its checksum"):
+        fs.load(tmp_path / "new", fresh, full)
+
+
+def test_torch_crc_off_needs_fscales_loop():
+    with pytest.raises(ValueError, match="torch_crc=False, pinned=0.*pinned > 0"):
+        SaveIO(torch_crc=False, pinned=0)
+    with pytest.raises(ValueError, match="torch_crc=1.*a bool"):
+        SaveIO(torch_crc=1)
+
+
+def test_a_view_of_a_larger_storage_is_written_without_a_copy():
+    """``_host``: a contiguous view into a larger buffer (offload's sub-group buffers)
+    goes to ``torch.save`` through a slice of its storage: the same bytes as DCP's clone,
+    no copy; other views are cloned, whole storages passed as they are."""
+    import io as io_
+
+    arena = torch.arange(1000, dtype=torch.float32)
+    for t in (arena[10:310].view(20, 15), arena[1:2], arena.view(10, 100)[:, 3:5], arena):
+        got = writer._host(t)
+        assert torch.equal(got, t) and got.untyped_storage().nbytes() == t.nbytes
+        shared = got.data_ptr() == t.data_ptr()
+        assert shared == (t.is_contiguous()), t.shape
+        a, b = io_.BytesIO(), io_.BytesIO()
+        torch.save(got, a)
+        torch.save(t.clone(), b)
+        assert a.getvalue() == b.getvalue()
 
 
 def test_buckets_are_dcps():

@@ -1,0 +1,110 @@
+"""CPU seconds and wall time of a synchronous ``fs.save`` of offloaded host state.
+
+An offloaded model's masters and moments live in host buffers (views into 1 GiB
+arenas), and an async save's writer threads take their CPU and memory bandwidth from
+the host optimizer beside them. This saves an ``offload(step, "cpu")`` stack of wide
+linears (as ``bench/snapshot_step.py`` builds it) with, in turn:
+
+- ``clone``: each buffer view cloned into fresh memory before ``torch.save`` (what
+  ``_host`` did, as DCP's loop does, before 2026-12-05);
+- ``view``: written through a slice of its storage (``_host`` now), torch's CRC;
+- ``view_zlib``: the same with ``SaveIO(torch_crc=False)``: the record's CRC left
+  to zlib-ng's pass ([Note: the CRC torch already took]).
+
+Rounds alternate the variants; the process's CPU seconds (user + system) and the
+wall time of each save are printed, the medians last.
+
+Usage::
+
+    python3 bench/save_cpu.py --params 1e8 --dir /root/save-cpu --out bench/results/save-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _provenance import provenance  # noqa: E402
+from snapshot_step import build, timed  # noqa: E402
+
+import fscale as fs  # noqa: E402
+from fscale._checkpoint import writer  # noqa: E402
+
+VARIANTS = ("clone", "view", "view_zlib")
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cloning(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", type=float, default=1e8)
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dir", default="/tmp/fscale-save-cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    step, params, state, batch, n = build(args.params, args.width)
+    params, state, _ = timed(step, params, state, batch)
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    viewing = writer._host
+    runs = []
+    for r in range(args.rounds):
+        for variant in VARIANTS:
+            writer._host = _cloning if variant == "clone" else viewing
+            io = fs.checkpoint.SaveIO(torch_crc=variant != "view_zlib")
+            where = root / f"{variant}-{r}"
+            c0, t0 = _cpu_s(), time.perf_counter()
+            fs.save(where, params, state, io=io)
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+            shutil.rmtree(where)
+            runs.append({"round": r, "variant": variant, "wall_s": wall, "cpu_s": cpu})
+            print(f"round {r} {variant:9s} {wall:.2f} s wall, {cpu:.2f} CPU-s", flush=True)
+    writer._host = viewing
+    host_bytes = state["offload"].host_bytes
+    state["offload"].close()
+    summary = {
+        v: {
+            k: statistics.median(x[k] for x in runs if x["variant"] == v)
+            for k in ("wall_s", "cpu_s")
+        }
+        for v in VARIANTS
+    }
+    print(f"\n{host_bytes / 1e9:.2f} GB of host state; medians of {args.rounds} rounds:")
+    for v, s in summary.items():
+        print(f"{v:9s} {s['wall_s']:.2f} s wall, {s['cpu_s']:.2f} CPU-s")
+    result = {
+        "bench": "save_cpu",
+        **provenance(torch.device("cpu")),
+        "threads": torch.get_num_threads(),
+        "params": n,
+        "host_state_bytes": host_bytes,
+        "runs": runs,
+        "summary": summary,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
