@@ -350,8 +350,9 @@ class _NoClose(io.RawIOBase):
 
 def _save_without_crc(data: torch.Tensor, out) -> None:
     """``torch.save(data, out)`` with the record's CRC-32 left at 0 (``SaveIO.torch_crc``):
-    torch's zip writer made with ``compute_crc32=False`` for this call alone, where
-    ``set_crc32_options`` would change every thread's saves."""
+    torch's zip writer made with ``compute_crc32=False`` for this call alone, leaving
+    ``set_crc32_options`` (per thread in torch 2.13; its scope is torch's business)
+    as the caller set it."""
     from torch import serialization
 
     try:
