@@ -65,7 +65,8 @@ def main() -> None:
     ):
         took = _timed(fn)
         torch.cuda.empty_cache()
-        torch._C._host_emptyCache() if hasattr(torch._C, "_host_emptyCache") else None
+        if hasattr(torch._C, "_host_emptyCache"):  # torch's cached pinned blocks back
+            torch._C._host_emptyCache()
         rows[name] = {"s": took, "GBps": total / took / 1e9}
         print(f"{name:16s} {total / 2**30:.0f} GiB in {took:.2f} s ({total / took / 1e9:.1f} GB/s)")
     print(json.dumps({"bench": "pin_alloc", "threads": torch.get_num_threads(), "rows": rows}))
