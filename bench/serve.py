@@ -645,18 +645,24 @@ def graph_breakdown(engine) -> dict:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def d_variant(spec: str) -> tuple[str | None, torch.dtype | None, bool]:
+def d_variant(spec: str) -> tuple[str | None, torch.dtype | None, bool, str | None]:
     """A part-d weights spec -> (fs.quantize format or None, engine dtype or None for the
-    run's, quantize_head): "bf16" plain weights in the run's dtype, "fp16" plain fp16,
-    "e3m2-a8" FP6, "e3m2-a8@fp16" FP6 with fp16 activations (as FP6-LLM and DeepSpeed's
-    wf6af16 run it), "e3m2-a8+head" with the head in FP6 too."""
+    run's, quantize_head, FSCALE_FPX_SWIGLU for its run or None to leave it): "bf16"
+    plain weights in the run's dtype, "fp16" plain fp16, "e3m2-a8" FP6, "e3m2-a8@fp16"
+    FP6 with fp16 activations (as FP6-LLM and DeepSpeed's wf6af16 run it),
+    "e3m2-a8+head" with the head in FP6 too, "+swiglu" / "+noswiglu" with the FPx
+    SwiGLU epilogue on / off (e3m2-a8+head+noswiglu@fp16)."""
     name, _, dt = spec.partition("@")
     if dt and dt not in DTYPES:
         raise SystemExit(f"--d-formats {spec!r}: the dtype after @ must be one of {list(DTYPES)}")
-    head = name.endswith("+head")
-    name = name.removesuffix("+head")
+    name, *flags = name.split("+")
+    unknown = set(flags) - {"head", "swiglu", "noswiglu"}
+    if unknown:
+        raise SystemExit(f"--d-formats {spec!r}: unknown +{sorted(unknown)[0]}; use +head, "
+                         "+swiglu or +noswiglu")  # fmt: skip
+    swiglu = "1" if "swiglu" in flags else "0" if "noswiglu" in flags else None
     dtype = DTYPES[dt] if dt else torch.float16 if name == "fp16" else None
-    return (None if name in DTYPES else name), dtype, head
+    return (None if name in DTYPES else name), dtype, "head" in flags, swiglu
 
 
 def part_d(lm, args) -> None:
@@ -675,10 +681,13 @@ def part_d(lm, args) -> None:
         for f in args.d_formats.split(",")
         for pg in args.d_prefill_graphs.split(",")
     ]
-    for fmt, dtype, head, graphs in variants:
+    for fmt, dtype, head, swiglu, graphs in variants:
+        if swiglu is not None:  # read by the decoder at each forward: set for the whole run
+            os.environ["FSCALE_FPX_SWIGLU"] = swiglu
         dtype = dtype or args.dtype
         act = str(dtype).removeprefix("torch.")
         name = f"{fmt or 'plain'}{'+head' if head else ''}@{act}"
+        name += {"1": " +swiglu", "0": " +noswiglu"}.get(swiglu, "")
         progress(f"{name}: building the engine (tunes FPx launches per M bucket)")
         engine = make_engine(
             lm,
@@ -709,6 +718,7 @@ def part_d(lm, args) -> None:
                 "weights": fmt or act,
                 "activations": act,
                 "quantized_head": head,
+                "fpx_swiglu": os.environ.get("FSCALE_FPX_SWIGLU", "default"),
                 "prefill_graphs": bool(engine.runner.mixed_sizes),
                 "decode_tok_s": rate,
                 "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
