@@ -8,8 +8,11 @@ linears (as ``bench/snapshot_step.py`` builds it) with, in turn:
 - ``clone``: each buffer view cloned into fresh memory before ``torch.save`` (what
   ``_host`` did, as DCP's loop does, before 2026-12-05);
 - ``view``: written through a slice of its storage (``_host`` now), torch's CRC;
-- ``view_zlib``: the same with ``SaveIO(torch_crc=False)``: the record's CRC left
-  to zlib-ng's pass ([Note: the CRC torch already took]).
+- ``view_zlib_after``: the same with ``SaveIO(torch_crc=False)``: the record's CRC
+  left to zlib-ng, summed over the whole record after its write ([Note: the CRC torch
+  already took]; what that setting did before 2026-12-05);
+- ``view_zlib``: ``SaveIO(torch_crc=False)`` now: each MiB summed just before it is
+  written ([Note: summing while the bytes are in cache]).
 
 Rounds alternate the variants; the process's CPU seconds (user + system) and the
 wall time of each save are printed, the medians last.
@@ -39,9 +42,9 @@ from _provenance import provenance  # noqa: E402
 from snapshot_step import build, timed  # noqa: E402
 
 import fscale as fs  # noqa: E402
-from fscale._checkpoint import writer  # noqa: E402
+from fscale._checkpoint import checksummed, writer  # noqa: E402
 
-VARIANTS = ("clone", "view", "view_zlib")
+VARIANTS = ("clone", "view", "view_zlib_after", "view_zlib")
 
 
 def _cpu_s() -> float:
@@ -52,6 +55,15 @@ def _cpu_s() -> float:
 def _cloning(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().cpu()
     return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+
+
+def _summing_after(create_stream):
+    """``create_stream`` with ``inline`` dropped: records summed after their write."""
+
+    def create(self, path, mode, *, direct=False, inline=False):
+        return create_stream(self, path, mode, direct=direct)
+
+    return create
 
 
 def main(argv=None) -> None:
@@ -68,19 +80,23 @@ def main(argv=None) -> None:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     viewing = writer._host
+    fs_class = checksummed.ChecksummingFileSystem
+    inline = fs_class.create_stream
     runs = []
     for r in range(args.rounds):
         for variant in VARIANTS:
             writer._host = _cloning if variant == "clone" else viewing
-            io = fs.checkpoint.SaveIO(torch_crc=variant != "view_zlib")
+            after = variant == "view_zlib_after"
+            fs_class.create_stream = _summing_after(inline) if after else inline
+            io = fs.checkpoint.SaveIO(torch_crc=not variant.startswith("view_zlib"))
             where = root / f"{variant}-{r}"
             c0, t0 = _cpu_s(), time.perf_counter()
             fs.save(where, params, state, io=io)
             wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
             shutil.rmtree(where)
             runs.append({"round": r, "variant": variant, "wall_s": wall, "cpu_s": cpu})
-            print(f"round {r} {variant:9s} {wall:.2f} s wall, {cpu:.2f} CPU-s", flush=True)
-    writer._host = viewing
+            print(f"round {r} {variant:15s} {wall:.2f} s wall, {cpu:.2f} CPU-s", flush=True)
+    writer._host, fs_class.create_stream = viewing, inline
     host_bytes = state["offload"].host_bytes
     state["offload"].close()
     summary = {
@@ -92,7 +108,7 @@ def main(argv=None) -> None:
     }
     print(f"\n{host_bytes / 1e9:.2f} GB of host state; medians of {args.rounds} rounds:")
     for v, s in summary.items():
-        print(f"{v:9s} {s['wall_s']:.2f} s wall, {s['cpu_s']:.2f} CPU-s")
+        print(f"{v:15s} {s['wall_s']:.2f} s wall, {s['cpu_s']:.2f} CPU-s")
     result = {
         "bench": "save_cpu",
         **provenance(torch.device("cpu")),

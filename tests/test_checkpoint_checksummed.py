@@ -201,3 +201,58 @@ def test_data_without_its_descriptor_is_summed(after):
     stream.mark()
     ((o, n, crc),) = stream.pieces
     assert (o, n) == (0, len(sink.data)) and crc == zlib.crc32(sink.data)
+
+
+class _ShortSink(_Sink):
+    """Takes at most 100,000 bytes of a write (as a raw file may)."""
+
+    def write(self, b) -> int:
+        return super().write(memoryview(b)[:100_000])
+
+
+@pytest.mark.parametrize("sink_type", [_Sink, _ShortSink])
+def test_inline_summing_sums_each_piece_just_before_writing_it(monkeypatch, sink_type):
+    """[Note: summing while the bytes are in cache]: with torch's CRCs off, a record's
+    data is summed and written a piece at a time, alternately (each piece is summed
+    while the write of it is still to come); pieces' CRCs are those of the file's bytes,
+    whatever the raw stream takes per write."""
+    from fscale._checkpoint.writer import _save_without_crc
+
+    events = []
+    real = checksummed.crc32
+
+    def spy(view, value=0):
+        events.append(("sum", memoryview(view).nbytes))
+        return real(view, value)
+
+    monkeypatch.setattr(checksummed, "crc32", spy)
+    monkeypatch.setattr(checksummed, "_PIECE", 1 << 18)
+    sink = sink_type()
+    raw_write = sink.write
+
+    def logged(b):
+        n = raw_write(b)
+        events.append(("write", n))
+        return n
+
+    sink.write = logged
+    stream = checksummed._SummingStream(sink, inline=True)
+    tensors = [torch.randn(300_000), torch.randn(7), torch.arange(70_000, dtype=torch.int16)]
+    for t in tensors:
+        stream.mark()
+        _save_without_crc(t, stream)
+        stream.flush()
+    stream.mark()
+    assert sum(n for _, n, _ in stream.pieces) == len(sink.data) == stream.size
+    for o, n, crc in stream.pieces:
+        assert crc == zlib.crc32(sink.data[o : o + n])
+    assert stream._pending is None  # nothing was left to sum after the write
+    big = tensors[0].nbytes  # 1.2 MB: 5 pieces of 256 KiB, each summed then written
+    sums = [i for i, (kind, n) in enumerate(events) if kind == "sum" and n == 1 << 18]
+    assert len(sums) == big // (1 << 18)
+    for i in sums:
+        assert events[i + 1][0] == "write"  # its write comes next, nothing read between
+    assert max(n for kind, n in events if kind == "sum") <= 1 << 18
+    o, n, _ = stream.pieces[0]
+    loaded = torch.load(io.BytesIO(sink.data[o : o + n]))
+    assert torch.equal(loaded, tensors[0])
