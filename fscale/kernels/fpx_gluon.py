@@ -304,6 +304,11 @@ def _kernel(
             # half, the previous chunk's slot) are free.
             acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
             a_prev = a
+        # [Note: refilling a slot the MMA read] A warp's wait retires only its own part
+        # of the warpgroup's MMA of chunk it - 1, whose x slot is refilled below; without
+        # this barrier a warp's copies overwrote it under another warp's MMA (a few
+        # outputs differed between launches on an H100 where programs ran several per SM).
+        _barrier()
         nxt = it + STAGES - 1
         live = nxt < n_chunks
         _fill_planes(

@@ -111,6 +111,23 @@ def test_pdl_requests_the_first_planes_before_waiting_and_x_after(fmt, warps):
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt,warps,split", [("e3m2", 4, 0), ("e3m2", 4, 2), ("e2m2", 8, 1)])
+def test_no_copy_refills_a_slot_before_every_warp_retired_the_mma_reading_it(fmt, warps, split):
+    """[Note: refilling a slot the MMA read]: in the loop, between each warp's wait that
+    retires the previous chunk's MMA (``wgmma.wait_group 1``) and the next copy into
+    the ring, the CTA meets at a barrier (without it, outputs differed between launches
+    on an H100)."""
+    ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt)[0].splitlines()
+    waits = [i for i, line in enumerate(ptx) if "wgmma.wait_group.sync.aligned 1;" in line]
+    copies = [i for i, line in enumerate(ptx) if "cp.async.cg.shared.global" in line]
+    bars = [i for i, line in enumerate(ptx) if "bar.sync" in line or "barrier.sync" in line]
+    refills = [(w, min(c for c in copies if c > w)) for w in waits if any(c > w for c in copies)]
+    assert refills  # the loop refills its ring after the waits
+    for wait, copy in refills:
+        assert any(wait < b < copy for b in bars), (ptx[wait], ptx[copy])
+
+
+@needs_gluon
 @pytest.mark.parametrize("fmt,warps", [("e3m2", 4), ("e2m2", 8)])
 def test_swiglu_epilogue_compiles_and_counts_both_tiles(fmt, warps):
     """[Note: the SwiGLU epilogue]: the loop is the plain split-K kernel's (the same
