@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.filesystem import _split_by_size_and_type
 
 import fscale as fs
 from fscale import tree
-from fscale._checkpoint import writer
+from fscale._checkpoint import checksummed, writer
 from fscale._checkpoint.writer import SaveIO, _Writeback, split_items
 from tests.helpers import CPU_AND_CUDA
 from tests.test_checkpoint import _batches, _build, _close, _train
@@ -109,13 +109,20 @@ def test_a_record_without_torchs_crc_is_what_torch_writes_with_it_off(t):
     assert torch.equal(torch.load(got), t)
 
 
-@pytest.mark.parametrize("name", ["plain", "bf16 zero1"])
-def test_a_checkpoint_without_torchs_crc_loads_with_its_checksums_checked(tmp_path, name):
+@pytest.mark.parametrize("name,direct", [("plain", False), ("bf16 zero1", False), ("plain", True)])
+def test_a_checkpoint_without_torchs_crc_loads_with_its_checksums_checked(
+    tmp_path, monkeypatch, name, direct
+):
     """``SaveIO(torch_crc=False)``: the files of the default save in size and record,
     only the CRC fields differ; the checkpoint loads equal with its recorded checksums
-    (zlib-ng's then) checked: a flipped byte is refused."""
+    (zlib-ng's, taken as the data is written: [Note: summing while the bytes are in
+    cache]; through ``O_DIRECT`` writes too) checked: a flipped byte is refused."""
+    # These records are small: sum all of them inline, in pieces of 4 KiB.
+    monkeypatch.setattr(checksummed, "_DEFER", 64)
+    monkeypatch.setattr(checksummed, "_PIECE", 4096)
     step, params, state = _state(name, tmp_path)
-    fs.save(tmp_path / "new", params, state, threads=3, io=SaveIO(torch_crc=False))
+    io = SaveIO(torch_crc=False, direct=direct)
+    fs.save(tmp_path / "new", params, state, threads=3, io=io)
     fs.save(tmp_path / "crc", params, state, threads=3, io=SaveIO())
     new, crc = _files(tmp_path / "new"), _files(tmp_path / "crc")
     assert {n: len(b) for n, b in new.items()} == {n: len(b) for n, b in crc.items()}
