@@ -6,6 +6,10 @@ Usage (one H200)::
 
     python bench/fpx_gluon_sweep.py --shapes 6144x4096,4096x4096 --m 1
 
+Every launch is also repeated (``--repeats``) and its outputs compared bit for bit
+with its first: ``differing`` is the most outputs any repeat changed (0 for a
+deterministic kernel; [Note: refilling a slot the MMA read] in fpx_gluon.py).
+
 Prints the best launches per shape and writes ``$OUT/fpx_gluon_sweep.json``.
 """
 
@@ -29,9 +33,10 @@ def launch(row: dict) -> tuple:
     return row["split"], row["stages"], row["warps"]
 
 
-def time_launch(row: dict, x, packs, cfg) -> dict:
-    """``row`` with the launch's error against the reference and its time per product
-    over a chain of ``packs`` (HBM-resident weights), or the error that refused it."""
+def time_launch(row: dict, x, packs, cfg, repeats: int = 0) -> dict:
+    """``row`` with the launch's error against the reference, the most outputs any of
+    ``repeats`` more launches changed, and its time per product over a chain of
+    ``packs`` (HBM-resident weights), or the error that refused it."""
     from triton.testing import do_bench_cudagraph
 
     p = packs[0]
@@ -39,6 +44,8 @@ def time_launch(row: dict, x, packs, cfg) -> dict:
         ref = fpx.fpx_linear_reference(x, p).float()
         y = fpx_gluon.fpx_linear_gluon(x, p, **cfg).float()
         row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
+        again = (fpx_gluon.fpx_linear_gluon(x, p, **cfg).float() for _ in range(repeats))
+        row["differing"] = max((int((z != y).sum()) for z in again), default=0)
 
         def chain():
             for q in packs:
@@ -62,6 +69,7 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--x-dtypes", default="bf16", help="x dtypes, e.g. bf16,fp16")
     ap.add_argument("--l2-bytes", type=float, default=200e6, help="bytes of weights per chain")
+    ap.add_argument("--repeats", type=int, default=6, help="launches compared with the first")
     args = ap.parse_args()
     rows, t0 = [], time.time()
     out = Path(os.environ.get("OUT", ".")) / "fpx_gluon_sweep.json"
@@ -84,7 +92,7 @@ def main() -> None:
         ):
             cfg = dict(split=split, stages=stages, warps=warps)
             row = dict(N=n, K=k, M=args.m, x=x_name, **cfg, copies=copies)
-            rows.append(time_launch(row, x, packs, cfg))
+            rows.append(time_launch(row, x, packs, cfg, args.repeats))
             out.write_text(json.dumps({"rows": rows, "wall_s": time.time() - t0}, indent=1))
         for x_name in xs:
             good = sorted(
@@ -96,9 +104,14 @@ def main() -> None:
                   f"{base and round(base['us'], 2)} us", flush=True)  # fmt: skip
             for r in (r for r in good[:5] if "us" in r):
                 cfg = f"split {r['split']} stages {r['stages']} warps {r['warps']}"
-                err = f"err {r['rel_err']:.1e}"
+                err = f"err {r['rel_err']:.1e} differing {r['differing']}"
                 print(f"   {r['us']:7.2f} us {r['TBps']:.2f} TB/s {cfg} {err}", flush=True)
         packs = p = None  # free before the next shape's copies
+    bad = [r for r in rows if r.get("differing")]
+    print(f"{len(bad)} of {len(rows)} launches gave other bits on a repeat", flush=True)
+    for r in bad:
+        print(f"   {r['N']}x{r['K']} split {r['split']} stages {r['stages']} warps "
+              f"{r['warps']}: {r['differing']} outputs", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -320,21 +320,25 @@ def _counters_clear() -> bool:
 @on_hopper
 @needs_gluon
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_split_k_over_many_waves_gives_the_same_bits_every_launch(swiglu):
-    """An 8B layer's gate_up weight at batch 1, split 4: 512 programs, more than one
-    per SM, so that a tile's programs run in different waves. Every launch gives the
-    same bits and leaves the stream's counters at 0 (the plain product and the SwiGLU
-    epilogue; the latter differed between two launches on an H100, 2026-12-05)."""
+@pytest.mark.parametrize("inter,m,split", [(4096, 1, 4), (14336, 1, 1), (4096, 5, 8)])
+def test_split_k_over_many_waves_gives_the_same_bits_every_launch(swiglu, inter, m, split):
+    """8B layers' gate_up weights (Llama-2-7B-like and Llama-3-8B) at small batch, with
+    grids of 448 to 1,024 programs, more than one per SM. Every launch gives the same
+    bits and leaves the stream's counters at 0, the plain product and the SwiGLU
+    epilogue. On an H100 (2026-12-05) all three differed by 8-1,500 outputs between
+    launches at 4 warps, with and without split-K (split 1 too): a warp's copies
+    refilled a ring slot under another warp's MMA ([Note: refilling a slot the MMA
+    read])."""
     import torch.nn.functional as F
 
     gen = torch.Generator(device="cuda").manual_seed(5)
-    inter, k = 4096, 4096
+    k = 4096
     p = fpx.pack(torch.randn(2 * inter, k, generator=gen, device="cuda") * 0.05, "e3m2")
-    x = torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
     assert _counters_clear()
     outs = []
-    for _ in range(6):
-        outs.append(fpx_gluon.fpx_linear_gluon(x, p, split=4, warps=4, swiglu=swiglu))
+    for _ in range(8):
+        outs.append(fpx_gluon.fpx_linear_gluon(x, p, split=split, warps=4, swiglu=swiglu))
         assert _counters_clear()
     full = x.double() @ fpx.unpack(p).double().t()
     want = F.silu(full[:, :inter]) * full[:, inter:] if swiglu else full
