@@ -304,10 +304,10 @@ def _kernel(
             # half, the previous chunk's slot) are free.
             acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
             a_prev = a
-        # [Note: refilling a slot the MMA read] A warp's wait retires only its own part
-        # of the warpgroup's MMA of chunk it - 1, whose x slot is refilled below; without
-        # this barrier a warp's copies overwrote it under another warp's MMA (a few
-        # outputs differed between launches on an H100 where programs ran several per SM).
+        # [Note: refilling a slot the MMA read] The copies below overwrite the slot of
+        # chunk it - 1, which every warp's part of that chunk's MMA reads; a warp's wait
+        # above retires only its own part, so no thread may copy until every warp has
+        # waited (without this barrier, outputs varied between launches on an H100).
         _barrier()
         nxt = it + STAGES - 1
         live = nxt < n_chunks
