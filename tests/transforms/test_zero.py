@@ -472,3 +472,27 @@ def test_bf16_accumulation_in_every_stage_equals_the_same_micro_batch_split():
             assert all(torch.equal(stage1[k], plain[k]) for k in plain), accumulate
         # Summing in bf16 again (the old stage-1 path) is 100x outside that bound.
         assert max_rel_error(by_case["narrow"], expected[16]) > 5e-3 / 10
+
+
+def test_the_tracker_counts_a_buffer_until_its_release_or_its_free_once():
+    """ZeRO-3's memory accounting ([Note: ZeRO-3 lifetime], ``_Tracker``): a buffer counts
+    from ``track`` until the release it returned is called or its storage is freed,
+    whichever comes first, never twice; peaks keep the highest sum."""
+    from fscale.transforms._zero.stage3 import _Tracker
+
+    tracker = _Tracker()
+    gathered = torch.empty(1000, dtype=torch.uint8)  # an all-gather output
+    release = tracker.track(gathered)
+    params = torch.empty(600, dtype=torch.uint8)
+    tracker.track(params, is_params=True)
+    assert tracker.live == {"params": 600, "total": 1600, "staging": 0}
+    release()  # copied out: dropped by fscale, though something still holds it
+    assert tracker.live["total"] == 600
+    del gathered  # its storage is freed later: not released again
+    release()
+    assert tracker.live == {"params": 600, "total": 600, "staging": 0}
+    staged = torch.empty(300, dtype=torch.uint8)
+    tracker.track(staged, staging=True)
+    del params
+    assert tracker.live == {"params": 0, "total": 300, "staging": 300}
+    assert tracker.peak == {"params": 600, "total": 1600, "staging": 300}

@@ -56,13 +56,20 @@ class _Tracker:
     ``params``: materialized full params (the copy-out buffers). ``total`` adds the
     all-gather output buffers, in flight (prefetch) or being copied out, and the
     device copies of host shards (``staging``, params offloaded only).
+
+    A buffer counts until its storage is freed, or until the release ``track``
+    returns is called, whichever comes first: an all-gather output is released once
+    copied out, when fscale drops it. (gloo's worker thread keeps its work, and so the
+    buffer, alive a moment past ``wait()``; counted to its free, a later unit's gather
+    could land inside that moment and the peak depended on thread timing.)
     """
 
     def __init__(self):
         self.live = {"params": 0, "total": 0, "staging": 0}
         self.peak = {"params": 0, "total": 0, "staging": 0}
 
-    def track(self, t: torch.Tensor, *, is_params: bool = False, staging: bool = False) -> None:
+    def track(self, t: torch.Tensor, *, is_params: bool = False, staging: bool = False):
+        """Count ``t``'s storage; returns its release (once, whoever calls it first)."""
         n = t.untyped_storage().nbytes()
         kinds = ("params", "total") if is_params else ("total",)
         if staging:
@@ -70,7 +77,7 @@ class _Tracker:
         for k in kinds:
             self.live[k] += n
             self.peak[k] = max(self.peak[k], self.live[k])
-        weakref.finalize(t.untyped_storage(), self._release, kinds, n)
+        return weakref.finalize(t.untyped_storage(), self._release, kinds, n)
 
     def _release(self, kinds, n: int) -> None:
         for k in kinds:
@@ -103,6 +110,7 @@ class UnitGatherer:
         self.buffers: dict[int, str] = {}  # storage ptr of live full buffers -> unit key
         self.backward_unit: list | None = None  # see _backward_unit
         self.inflight: dict[str, comm.Handle] = {}
+        self.inflight_release: dict = {}  # unit key -> its all-gather output's release
         self.backward_plan: list[str] = []
         self.backward_pos = 0
         self.in_backward = False
@@ -143,7 +151,7 @@ class UnitGatherer:
                     )
         # Count the output buffer from the moment it is allocated, not when waited on.
         if handle.buffer is not None:
-            self.tracker.track(handle.buffer)
+            self.inflight_release[key] = self.tracker.track(handle.buffer)
         self.inflight[key] = handle
 
     def _release_staging(self, key: str, gathered: torch.Tensor | None) -> None:
@@ -175,6 +183,9 @@ class UnitGatherer:
         base = views[0]
         self.tracker.track(base, is_params=True)  # while the all-gather buffer still lives
         del gathered
+        release = self.inflight_release.pop(key, None)
+        if release is not None:
+            release()  # copied out: fscale holds it no more ([_Tracker])
         ptr = base.untyped_storage().data_ptr()
         self.buffers[ptr] = key
         # A freed buffer's address is soon reused by an activation: forget it at free.
