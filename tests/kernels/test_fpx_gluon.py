@@ -322,8 +322,8 @@ def _counters_clear() -> bool:
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("inter,m,split", [(4096, 1, 4), (14336, 1, 1), (4096, 5, 8)])
 def test_split_k_over_many_waves_gives_the_same_bits_every_launch(swiglu, inter, m, split):
-    """8B layers' gate_up weights (Llama-2-7B-like and Llama-3-8B) at small batch, with
-    grids of 448 to 1,024 programs, more than one per SM. Every launch gives the same
+    """gate_up weights of I = 4096 and 14336 (Llama-3-8B's) at small batch, with grids
+    of 448 to 1,024 programs, more than one per SM. Every launch gives the same
     bits and leaves the stream's counters at 0, the plain product and the SwiGLU
     epilogue. On an H100 (2026-12-05) all three differed by 8-1,500 outputs between
     launches at 4 warps, with and without split-K (split 1 too): a warp's copies
