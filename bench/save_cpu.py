@@ -14,8 +14,10 @@ linears (as ``bench/snapshot_step.py`` builds it) with, in turn:
 - ``view_zlib``: ``SaveIO(torch_crc=False)`` now: each MiB summed just before it is
   written ([Note: summing while the bytes are in cache]).
 
-Rounds alternate the variants; the process's CPU seconds (user + system) and the
-wall time of each save are printed, the medians last.
+Rounds alternate the variants; the process's CPU seconds (user + system), the wall
+time of each save and a memory-bound probe's GB/s during it (``uncached_write.Probe``:
+a copy loop on another thread, like the host optimizer an async save runs beside)
+are printed, the medians last.
 
 Usage::
 
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _provenance import provenance  # noqa: E402
 from snapshot_step import build, timed  # noqa: E402
+from uncached_write import Probe  # noqa: E402
 
 import fscale as fs  # noqa: E402
 from fscale._checkpoint import checksummed, writer  # noqa: E402
@@ -73,6 +76,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dir", default="/tmp/fscale-save-cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--probe-mb", type=int, default=0, help="the probe's arrays (0: no probe; "
+                   "with one, CPU-s include its thread's)")  # fmt: skip
     args = p.parse_args(argv)
     torch.manual_seed(0)
     step, params, state, batch, n = build(args.params, args.width)
@@ -82,6 +87,12 @@ def main(argv=None) -> None:
     viewing = writer._host
     fs_class = checksummed.ChecksummingFileSystem
     inline = fs_class.create_stream
+    probe = Probe(args.probe_mb or 1)
+    if args.probe_mb:
+        probe.start()
+        time.sleep(2.0)
+    t = time.perf_counter()
+    alone = probe.rate(t - 2.0, t)
     runs = []
     for r in range(args.rounds):
         for variant in VARIANTS:
@@ -93,28 +104,39 @@ def main(argv=None) -> None:
             c0, t0 = _cpu_s(), time.perf_counter()
             fs.save(where, params, state, io=io)
             wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+            during = probe.rate(t0, t0 + wall)
             shutil.rmtree(where)
-            runs.append({"round": r, "variant": variant, "wall_s": wall, "cpu_s": cpu})
-            print(f"round {r} {variant:15s} {wall:.2f} s wall, {cpu:.2f} CPU-s", flush=True)
+            runs.append({"round": r, "variant": variant, "wall_s": wall, "cpu_s": cpu,
+                         "probe_GBps": during})  # fmt: skip
+            print(f"round {r} {variant:15s} {wall:.2f} s wall, {cpu:.2f} CPU-s, "
+                  f"probe {during:.2f} GB/s", flush=True)  # fmt: skip
+            if args.probe_mb:
+                time.sleep(1.0)  # the probe alone again between saves
+    probe.stop.set()
+    if args.probe_mb:
+        probe.join()
     writer._host, fs_class.create_stream = viewing, inline
     host_bytes = state["offload"].host_bytes
     state["offload"].close()
     summary = {
         v: {
             k: statistics.median(x[k] for x in runs if x["variant"] == v)
-            for k in ("wall_s", "cpu_s")
+            for k in ("wall_s", "cpu_s", "probe_GBps")
         }
         for v in VARIANTS
     }
-    print(f"\n{host_bytes / 1e9:.2f} GB of host state; medians of {args.rounds} rounds:")
+    print(f"\n{host_bytes / 1e9:.2f} GB of host state; medians of {args.rounds} rounds "
+          f"(probe alone {alone:.2f} GB/s):")  # fmt: skip
     for v, s in summary.items():
-        print(f"{v:15s} {s['wall_s']:.2f} s wall, {s['cpu_s']:.2f} CPU-s")
+        print(f"{v:15s} {s['wall_s']:.2f} s wall, {s['cpu_s']:.2f} CPU-s, "
+              f"probe {s['probe_GBps']:.2f} GB/s")  # fmt: skip
     result = {
         "bench": "save_cpu",
         **provenance(torch.device("cpu")),
         "threads": torch.get_num_threads(),
         "params": n,
         "host_state_bytes": host_bytes,
+        "probe_GBps_alone": alone,
         "runs": runs,
         "summary": summary,
     }
