@@ -26,6 +26,20 @@ bit for bit; elsewhere (another build, AVX-512, its scalar tail) it may differ b
 ulp, which the tests allow. They check the in-place and out-of-place results bit
 for bit against each other, across thread counts, odd lengths and alignments.
 
+[Note: blocks handed out as threads come free]
+The loop runs one thread per core, but it rarely has the cores to itself: an
+asynchronous save's writer threads, the kernel's page-cache copies and flusher, the
+CRC and the next group's grad copy all run beside it. With a static split each
+thread owns 1/threads of the blocks and the loop ends with its slowest thread: one
+thread sharing its core with a writer for the whole update slows the update by about
+as much as that thread loses, though the other cores sit idle at the end. Handing
+out the blocks eight at a time (131,072 elements, 3.5 MiB of traffic: an atomic
+increment per few hundred us of work, and each thread still streams long runs;
+fewer where a tensor has under 32 blocks a thread, so each thread gets four turns)
+lets the threads that run take the blocks of the one that does not. Which thread
+updates an element does not change its bits. ``bench/host_adam_contended.py`` times both
+schedules beside a niced buffered writer and a copy loop.
+
 Usage::
 
     if available():
@@ -112,7 +126,11 @@ void adamw(const float *pi, const float *gi, const float *mi, const float *vi, f
     coefs k = {decay, coeff, b2, c2, bc2s, eps, neg_ss};
     int stream = po != pi && n >= STREAM_MIN;
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for schedule(static) num_threads(threads) if(blocks > 1 && threads > 1)
+    /* [Note: blocks handed out as threads come free] */
+    int64_t chunk = blocks / (4 * (int64_t)(threads > 0 ? threads : 1));
+    chunk = chunk < 1 ? 1 : chunk > 8 ? 8 : chunk;
+    #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) \
+        if(blocks > 1 && threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t lo = b * BLOCK, hi = lo + BLOCK < n ? lo + BLOCK : n;
         range(pi, gi, mi, vi, po, mo, vo, lo, hi, &k, small, stream);

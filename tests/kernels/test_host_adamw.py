@@ -62,6 +62,30 @@ def test_in_place_and_elsewhere_give_the_same_bits_at_any_thread_count(
     assert not torch.equal(p, before[0])
 
 
+@pytest.mark.parametrize("threads", [3, 7])
+def test_blocks_handed_out_as_threads_come_free_give_one_threads_bits(threads):
+    """[Note: blocks handed out as threads come free]: a tensor of hundreds of blocks
+    (chunks of eight, an odd tail, an unaligned start) updated by more threads than
+    cores, each taking chunks as it comes free, in place and elsewhere, gives the
+    bits of one thread."""
+    n = 300 * 16384 + 4321
+    one = _quad(n, seed=7, offset=3)
+    many = [t.clone() for t in one]
+    outs = [torch.empty(n + 5)[5:] for _ in range(3)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        host_adamw.adamw_(*([t] for t in one), step=4, **HYPER)
+        torch.set_num_threads(threads)
+        host_adamw.adamw_(*([t] for t in many), step=4, out=tuple([o] for o in outs), **HYPER)
+        host_adamw.adamw_(*([t] for t in many), step=4, **HYPER)
+    finally:
+        torch.set_num_threads(before)
+    for a, b, c in zip(one[:1] + one[2:], outs, many[:1] + many[2:], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(one[0], _quad(n, seed=7, offset=3)[0])
+
+
 @pytest.mark.parametrize("n", [40, 1_000_003])
 @pytest.mark.parametrize("b1", [0.9, 0.3])
 def test_equals_torch_fused_adamw_to_an_ulp(n, b1):
