@@ -270,9 +270,16 @@ def _kernel(
     for it in range(n_chunks):
         slot = it % STAGES
         async_copy.wait_group(STAGES - 2)
+        # [Note: x reaches the MMA through the async proxy] cp.async wrote x through the
+        # generic proxy and wgmma reads it through the async one, each warp's part of
+        # the MMA on its own (its sub-partition's tensor core, its own rows, the shared
+        # x). So every writer fences its own copies *before* the barrier, which then
+        # publishes them to every warp's MMA (a fence after the barrier orders only the
+        # fencing thread's copies: another warp's MMA may read x before they are
+        # visible to the async proxy; launch-dependent outputs on an H100, 2026-12-06).
+        fence_async_shared()
         _barrier()  # every thread's copies of chunk `it` have landed
         lo = lo_s.index(slot).load(lo_regs).to(gl.uint32, bitcast=True)
-        fence_async_shared()  # x arrived through cp.async; wgmma reads it via the async proxy
         for hf in gl.static_range(HALVES):
             hi = hi_s.index(slot * HALVES + hf).load(plane_regs).to(gl.uint32, bitcast=True)
             h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 8 * W]), [1, 2, 0]))
@@ -307,7 +314,8 @@ def _kernel(
         # [Note: refilling a slot the MMA read] The copies below overwrite the slot of
         # chunk it - 1, which every warp's part of that chunk's MMA reads; a warp's wait
         # above retires only its own part, so no thread may copy until every warp has
-        # waited (without this barrier, outputs varied between launches on an H100).
+        # waited (no time measurable at M = 1 on an H100; the outputs that varied
+        # between launches there came from the fence's place, [Note: x reaches ...]).
         _barrier()
         nxt = it + STAGES - 1
         live = nxt < n_chunks

@@ -128,6 +128,25 @@ def test_no_copy_refills_a_slot_before_every_warp_retired_the_mma_reading_it(fmt
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt,warps,split", [("e3m2", 4, 0), ("e3m2", 4, 2), ("e2m2", 8, 1)])
+def test_every_thread_fences_its_copies_before_the_barrier_the_mma_follows(fmt, warps, split):
+    """[Note: x reaches the MMA through the async proxy]: in the loop, between each wait
+    for a chunk's copies (``cp.async.wait_group``) and the chunk's first MMA, the
+    thread's proxy fence is followed by a CTA barrier (the fence after the last
+    barrier left some outputs launch-dependent on an H100)."""
+    ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt)[0].splitlines()
+    mmas = [i for i, line in enumerate(ptx) if "wgmma.mma_async" in line]
+    waits = [i for i, line in enumerate(ptx) if "cp.async.wait_group" in line]
+    fences = [i for i, line in enumerate(ptx) if "fence.proxy.async" in line]
+    bars = [i for i, line in enumerate(ptx) if "bar.sync" in line or "barrier.sync" in line]
+    # each wait the loop's MMAs follow, with the first MMA after it
+    feeding = {max(w for w in waits if w < m): m for m in reversed(mmas) if min(waits) < m}
+    assert feeding
+    for wait, mma in feeding.items():
+        assert any(wait < f < b < mma for f in fences for b in bars), (ptx[wait], ptx[mma])
+
+
+@needs_gluon
 @pytest.mark.parametrize("fmt,warps", [("e3m2", 4), ("e2m2", 8)])
 def test_swiglu_epilogue_compiles_and_counts_both_tiles(fmt, warps):
     """[Note: the SwiGLU epilogue]: the loop is the plain split-K kernel's (the same
