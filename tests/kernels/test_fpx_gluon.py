@@ -115,8 +115,7 @@ def test_pdl_requests_the_first_planes_before_waiting_and_x_after(fmt, warps):
 def test_no_copy_refills_a_slot_before_every_warp_retired_the_mma_reading_it(fmt, warps, split):
     """[Note: refilling a slot the MMA read]: in the loop, between each warp's wait that
     retires the previous chunk's MMA (``wgmma.wait_group 1``) and the next copy into
-    the ring, the CTA meets at a barrier (without it, outputs differed between launches
-    on an H100)."""
+    the ring, the CTA meets at a barrier (a warp's wait retires only its own part)."""
     ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt)[0].splitlines()
     waits = [i for i, line in enumerate(ptx) if "wgmma.wait_group.sync.aligned 1;" in line]
     copies = [i for i, line in enumerate(ptx) if "cp.async.cg.shared.global" in line]

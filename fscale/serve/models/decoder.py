@@ -84,7 +84,7 @@ class LoadedModel:
 # Opt-in with FSCALE_FPX_SWIGLU=1: on an H100 (2026-12-05) the Gluon epilogue gave
 # different bits on two launches of an 8B gate_up at batch 1 (split 4), and the
 # engine's greedy tokens with it differed from those without. The plain Gluon product
-# did too ([Note: refilling a slot the MMA read] in fpx_gluon.py, since fixed): opt-in
+# did too ([Note: x reaches the MMA through the async proxy] in fpx_gluon.py): opt-in
 # until test_split_k_over_many_waves_gives_the_same_bits_every_launch passes on a GPU.
 SWIGLU_MAX_ROWS = 16
 
