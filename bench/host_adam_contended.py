@@ -11,7 +11,8 @@ shares its core with a writer is slow. Competitors:
 - ``copy``: a one-thread memory copy loop (bandwidth, no I/O);
 - ``spin``: a busy loop (CPU only);
 
-each name may end in a count of such processes (``writer4``).
+each name may end in a count of such processes (``writer4``); a name given twice pools
+its rounds (the medians are over all of them).
 
 Every variant runs the same tensors with all intra-op threads, in place (offload's
 step) and into second buffers (the step after an async save); rounds alternate the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -118,9 +120,10 @@ def main() -> None:
         fn()  # built, pages touched
 
     Path(args.dir).mkdir(parents=True, exist_ok=True)
-    rows = {}
+    samples: dict[str, dict[str, list[float]]] = {}  # a competitor named twice pools its times
     for name in args.competitors.split(","):
-        kind, count = name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")) :] or 1)
+        kind, count = re.fullmatch(r"([a-z]+)(\d*)", name).groups()
+        count = int(count or 1)
         procs = [
             subprocess.Popen(
                 [
@@ -135,7 +138,7 @@ def main() -> None:
         ]
         time.sleep(1.0)  # running, their buffers touched
         try:
-            times = {v_: [] for v_ in variants}
+            times = samples.setdefault(name, {v_: [] for v_ in variants})
             for _ in range(args.rounds):
                 for v_, fn in variants.items():
                     t0 = time.perf_counter()
@@ -145,10 +148,13 @@ def main() -> None:
             for proc in procs:
                 proc.kill()
                 proc.wait()
-        rows[name] = {v_: statistics.median(ts) * 1e3 for v_, ts in times.items()}
-        line = "  ".join(f"{v_} {ms:8.1f} ms" for v_, ms in rows[name].items())
+        line = "  ".join(f"{v_} {statistics.median(ts) * 1e3:8.1f} ms" for v_, ts in times.items())
         print(f"{name:8s} {line}", flush=True)
     shutil.rmtree(args.dir, ignore_errors=True)
+    rows = {
+        c: {v_: statistics.median(ts) * 1e3 for v_, ts in by_variant.items()}
+        for c, by_variant in samples.items()
+    }
 
     slowdown = {
         c: {v_: rows[c][v_] / rows["none"][v_] for v_ in variants} for c in rows if "none" in rows
