@@ -11,10 +11,9 @@ rebuild in torch; the Triton kernel serves every other format and GPU.
 [Note: weights as the register operand]
 y^T = W x^T: a program's 64 output channels are the warpgroup MMA's M side, taken from
 registers, and x^T (BNT = 8..256 tokens) its N side, from shared memory. The weights
-never touch shared memory, there is no store/barrier/wait per chunk, and the MMA is
-asynchronous: the wait for chunk i's MMA sits after chunk i+1's is issued, so the
-rebuild of the next chunk overlaps it. A few tokens cost a 64 x 8 MMA, not a 16- or
-64-row tile of padding.
+never touch shared memory, and a few tokens cost a 64 x 8 MMA, not a 16- or 64-row
+tile of padding. Each chunk's MMA is retired before the next chunk is rebuilt ([Note:
+an MMA reads its A registers until it retires]); co-resident programs hide its latency.
 Layout: thread (warp w, lane 4g + t) must hold A[row, k] for rows 16w + g (+8) and k
 pairs (2t, 2t+1), (2t+8, 2t+9) of each 16-row sub-tile. Row 16w + 8h + g is channel
 2(c0 + 8w + g) + h, so the two halves of a plane word (channels 2c, 2c+1) are the
@@ -266,7 +265,6 @@ def _kernel(
         async_copy.commit_group()
 
     acc = gl.zeros([CH, BNT], gl.float32, layout=mma)
-    a_prev = gl.zeros([CH, KC], x_dtype, layout=a_layout)
     for it in range(n_chunks):
         slot = it % STAGES
         async_copy.wait_group(STAGES - 2)
@@ -276,7 +274,7 @@ def _kernel(
         # x). So every writer fences its own copies *before* the barrier, which then
         # publishes them to every warp's MMA (a fence after the barrier orders only the
         # fencing thread's copies: another warp's MMA may read x before they are
-        # visible to the async proxy; launch-dependent outputs on an H100, 2026-12-06).
+        # visible to the async proxy).
         fence_async_shared()
         _barrier()  # every thread's copies of chunk `it` have landed
         lo = lo_s.index(slot).load(lo_regs).to(gl.uint32, bitcast=True)
@@ -307,15 +305,20 @@ def _kernel(
                 a = a.to(gl.bfloat16)
             xt = x_s.index(slot * HALVES + hf).permute((1, 0))
             acc = warpgroup_mma(a, xt, acc, is_async=True)
-            # The previous MMA is done after this: its registers (and, after the last
-            # half, the previous chunk's slot) are free.
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-            a_prev = a
+            # [Note: an MMA reads its A registers until it retires] wgmma reads its
+            # register operand asynchronously, but ptxas treats those registers as free
+            # once the instruction issues, and `deps` keeps alive only the unpacked
+            # values, not the packed words the MMA reads. With the MMA left in flight
+            # across the next chunk's rebuild (a wait for all but one), the rebuild wrote
+            # its registers (SASS: LOP3/LDS into the HGMMA's A registers before the
+            # DEPBAR that retired it): a few programs' outputs were wrong and
+            # launch-dependent on multi-wave grids (H100, 2026-12-06). So the MMA is
+            # retired here, before any instruction can reuse them.
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         # [Note: refilling a slot the MMA read] The copies below overwrite the slot of
-        # chunk it - 1, which every warp's part of that chunk's MMA reads; a warp's wait
+        # chunk it - 1, which every warp's part of that chunk's MMA read; a warp's wait
         # above retires only its own part, so no thread may copy until every warp has
-        # waited (no time measurable at M = 1 on an H100; the outputs that varied
-        # between launches there came from the fence's place, [Note: x reaches ...]).
+        # waited (no time measurable at M = 1 on an H100).
         _barrier()
         nxt = it + STAGES - 1
         live = nxt < n_chunks
@@ -325,7 +328,6 @@ def _kernel(
         )  # fmt: skip
         _fill_x(x_s, x_ptr, chunk0 + nxt, nxt % STAGES, live, xm, xk, x_ok, m0, stride_xm, HALVES)
         async_copy.commit_group()
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
     # Row rho = 16 w + 8 h + g is channel 2 (c0 + 8 w + g) + h (w: warp 0 .. W - 1).

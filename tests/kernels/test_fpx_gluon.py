@@ -9,6 +9,8 @@ and through the tuning of its lowering (``fpx_triton.fpx_linear_hopper``).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -114,16 +116,111 @@ def test_pdl_requests_the_first_planes_before_waiting_and_x_after(fmt, warps):
 @pytest.mark.parametrize("fmt,warps,split", [("e3m2", 4, 0), ("e3m2", 4, 2), ("e2m2", 8, 1)])
 def test_no_copy_refills_a_slot_before_every_warp_retired_the_mma_reading_it(fmt, warps, split):
     """[Note: refilling a slot the MMA read]: in the loop, between each warp's wait that
-    retires the previous chunk's MMA (``wgmma.wait_group 1``) and the next copy into
-    the ring, the CTA meets at a barrier (a warp's wait retires only its own part)."""
+    retires a chunk's MMA (``wgmma.wait_group``) and the next copy into the ring, the
+    CTA meets at a barrier (a warp's wait retires only its own part)."""
     ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt)[0].splitlines()
-    waits = [i for i, line in enumerate(ptx) if "wgmma.wait_group.sync.aligned 1;" in line]
+    waits = [i for i, line in enumerate(ptx) if "wgmma.wait_group.sync.aligned" in line]
     copies = [i for i, line in enumerate(ptx) if "cp.async.cg.shared.global" in line]
     bars = [i for i, line in enumerate(ptx) if "bar.sync" in line or "barrier.sync" in line]
     refills = [(w, min(c for c in copies if c > w)) for w in waits if any(c > w for c in copies)]
     assert refills  # the loop refills its ring after the waits
     for wait, copy in refills:
         assert any(wait < b < copy for b in bars), (ptx[wait], ptx[copy])
+
+
+def _sass_for_sm90(rank, world, *args, **kwargs) -> str:
+    """The kernel's SASS (ptxas and nvdisasm as Triton ships them), in a fresh process
+    as ``_ptx_for_sm90``."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(_compile_for_sm90(*args, **kwargs).asm["cubin"])
+        return subprocess.run(
+            [str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+
+
+_SASS_OP = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+
+
+def _writes_to_unretired_mma_registers(sass: str) -> list[str]:
+    """Instructions that write a register an HGMMA reads as its A operand before the
+    ``WARPGROUP.DEPBAR`` that retires it ([Note: an MMA reads its A registers until it
+    retires] in fpx_gluon.py). Loops are walked twice, so a write in the next
+    iteration counts."""
+    code, labels = [], {}
+    for line in sass.splitlines():
+        if m := re.match(r"\s*\.(L_x_\d+):", line):
+            labels[m.group(1)] = len(code)
+        elif m := _SASS_OP.match(line):
+            code.append((m.group(1), m.group(2)))
+    walk, start = [], 0
+    for i, (op, args) in enumerate(code):
+        target = re.search(r"\(\.(L_x_\d+)\)", args) if op == "BRA" else None
+        if target and labels.get(target.group(1), i + 1) <= i:  # a loop's back edge
+            head = labels[target.group(1)]
+            walk += code[start:head] + 2 * code[head : i + 1]
+            start = i + 1
+    walk += code[start:]
+    retired_after, open_group, bad = [], set(), []
+    for op, args in walk:
+        regs = [a.strip() for a in args.split(",")]
+        if op.startswith("HGMMA"):
+            if re.fullmatch(r"R\d+", regs[1]):
+                open_group |= {int(regs[1][1:]) + j for j in range(4)}
+            if "gsb0" in args:
+                retired_after.append(open_group)
+                open_group = set()
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            keep = int(regs[1], 16)
+            retired_after = retired_after[len(retired_after) - keep :] if keep else []
+        elif regs and re.fullmatch(r"R\d+", regs[0]):
+            width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
+            written = {int(regs[0][1:]) + j for j in range(width)}
+            if written & set().union(open_group, *retired_after):
+                bad.append(f"{op} {args}")
+    return bad
+
+
+def test_the_register_check_sees_a_rebuild_writing_an_unretired_mma():
+    """The check above on a hand-made loop: the MMA left in flight across the back edge
+    (retired by ``DEPBAR.LE gsb0, 0x1`` after the next one issues) and the next
+    iteration's rebuild writing R57 (the order before 2026-12-06) is caught; retired
+    at once (``0x0``), it is not."""
+    loop = """
+.L_x_1:
+        /*0010*/                   LOP3.LUT R57, R10, 0x1e1e1e1e, R13, 0xe2, !PT ;
+        /*0020*/                   WARPGROUP.ARRIVE ;
+        /*0030*/                   HGMMA.64x8x16.F32.BF16 R48, R56, gdesc[UR8], R48, gsb0 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x{keep} ;
+        /*0050*/               @P2 BRA `(.L_x_1) ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+"""
+    assert _writes_to_unretired_mma_registers(loop.format(keep=1)) == [
+        "LOP3.LUT R57, R10, 0x1e1e1e1e, R13, 0xe2, !PT"
+    ]
+    assert _writes_to_unretired_mma_registers(loop.format(keep=0)) == []
+
+
+@needs_gluon
+@pytest.mark.parametrize(
+    "fmt,bnt,warps,split",
+    [("e3m2", 8, 4, 2), ("e3m2", 8, 8, 0), ("e2m2", 8, 4, 2), ("e3m2", 64, 4, 1)],
+)
+def test_no_instruction_writes_the_registers_of_an_unretired_mma(fmt, bnt, warps, split):
+    """[Note: an MMA reads its A registers until it retires]: in the compiled kernel no
+    instruction writes an HGMMA's A registers before the wait that retires it (with the
+    MMA left in flight across the next chunk's rebuild, ptxas reused them: outputs
+    changed between launches on an H100)."""
+    sass = run_world(_sass_for_sm90, 1, bnt, "bf16", split, warps, fmt)[0]
+    assert sass.count("HGMMA") >= 8  # one MMA per 16 rows of a 128-row chunk
+    assert _writes_to_unretired_mma_registers(sass) == []
 
 
 @needs_gluon
