@@ -249,7 +249,11 @@ def test_fp6_decode_ends_gate_up_in_silu_times_up(tmp_path, monkeypatch, device)
     """[Note: the SwiGLU epilogue] in the engine: FP6 weights of whole tiles (I = 128),
     decode steps (graphs included on the GPU) take the fused SiLU * up (the Triton
     kernel under the interpreter on CPU, the Gluon one on Hopper), and the greedy
-    tokens equal the same engine's with the hook turned off."""
+    tokens equal the same engine's with the hook turned off: all of them on CPU (fp32);
+    in fp16 on the GPU the epilogue rounds silu(g) * u once where the hook-off path
+    rounds g and u first, so a near-tie may go the other way and every later token
+    with it (after 10 tokens on an H200): there each token the epilogue chose is the
+    hook-off engine's greedy token from the same prefix."""
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -285,5 +289,13 @@ def test_fp6_decode_ends_gate_up_in_silu_times_up(tmp_path, monkeypatch, device)
     with_epilogue = [o.token_ids for o in Engine(tmp_path, **kw).generate(prompts, params)]
     assert any(fused)
     monkeypatch.setattr(Decoder, "_fpx_swiglu", staticmethod(lambda h, w, b: None))
-    without = [o.token_ids for o in Engine(tmp_path, **kw).generate(prompts, params)]
-    assert with_epilogue == without
+    plain = Engine(tmp_path, **kw)
+    if device == "cpu":
+        assert with_epilogue == [o.token_ids for o in plain.generate(prompts, params)]
+        return
+    prefixes = [
+        p + out[:k] for p, out in zip(prompts, with_epilogue, strict=True) for k in range(len(out))
+    ]
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    chosen = [t for out in with_epilogue for t in out]
+    assert [o.token_ids[0] for o in plain.generate(prefixes, one)] == chosen
