@@ -4,6 +4,7 @@ the CRC torch already took]: a tensor's data is summed once, by torch."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -226,7 +227,7 @@ def test_inline_summing_sums_each_piece_just_before_writing_it(monkeypatch, sink
         return real(view, value)
 
     monkeypatch.setattr(checksummed, "crc32", spy)
-    monkeypatch.setattr(checksummed, "_PIECE", 1 << 18)
+    monkeypatch.setattr(checksummed, "PIECE", 1 << 18)
     sink = sink_type()
     raw_write = sink.write
 
@@ -256,3 +257,88 @@ def test_inline_summing_sums_each_piece_just_before_writing_it(monkeypatch, sink
     o, n, _ = stream.pieces[0]
     loaded = torch.load(io.BytesIO(sink.data[o : o + n]))
     assert torch.equal(loaded, tensors[0])
+
+
+def _crc_loop_built() -> bool:
+    from fscale._checkpoint import crc_write
+
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        return crc_write.crc_write(fd, memoryview(b"x"), 0) is not None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("n", [0, 1, (1 << 20) - 1, 3 * (1 << 20) + 12345])
+def test_the_c_record_loop_writes_every_byte_and_returns_the_running_crc(tmp_path, n):
+    """[Note: one GIL release per record]: ``crc_write`` writes all of a read-only view
+    (pieces and a tail) at the descriptor's position and returns zlib's CRC-32 running
+    on from the one it was given."""
+    from fscale._checkpoint.crc_write import crc_write
+
+    if not _crc_loop_built():
+        pytest.skip("no C compiler, or zlib-ng without zng_crc32")
+    data = os.urandom(n)
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(b"head")
+        f.flush()
+        crc = crc_write(f.fileno(), memoryview(data).toreadonly(), zlib.crc32(b"head"))
+        f.write(b"tail")
+    assert path.read_bytes() == b"head" + data + b"tail"
+    assert crc == zlib.crc32(data, zlib.crc32(b"head"))
+
+
+def test_the_c_record_loop_raises_the_write_error():
+    """A full disk (``/dev/full``: every write is ENOSPC) is an ``OSError`` with its errno
+    from the C loop, never a short file that passes."""
+    from fscale._checkpoint.crc_write import crc_write
+
+    if not _crc_loop_built() or not os.path.exists("/dev/full"):
+        pytest.skip("no C loop, or no /dev/full")
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            crc_write(fd, memoryview(b"x" * 5000), 0)
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_a_file_stream_takes_the_c_loop_and_its_sums_are_the_files(tmp_path, monkeypatch):
+    """Through DCP's file stream (a buffered file) the records of a ``torch_crc=False``
+    save go through the C loop, once per record, and the pieces' CRCs are the file's;
+    with ``FSCALE_CRC_WRITE=0`` the Python loop writes the same bytes."""
+    from fscale._checkpoint import crc_write as cw
+    from fscale._checkpoint.writer import _save_without_crc
+
+    if not _crc_loop_built():
+        pytest.skip("no C compiler, or zlib-ng without zng_crc32")
+    calls = []
+    real = cw.crc_write
+
+    def spy(fd, view, crc):
+        out = real(fd, view, crc)
+        calls.append((view.nbytes, out is not None))
+        return out
+
+    monkeypatch.setattr(checksummed, "crc_write", spy)
+    tensors = [torch.randn(300_000), torch.arange(70_000, dtype=torch.int16)]
+    files = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("FSCALE_CRC_WRITE", env)
+        fs_ = checksummed.ChecksummingFileSystem()
+        with fs_.create_stream(tmp_path / f"f{env}", "wb", inline=True) as stream:
+            for t in tensors:
+                stream.mark()
+                _save_without_crc(t, stream)
+                stream.flush()
+        data = (tmp_path / f"f{env}").read_bytes()
+        pieces, size = fs_.sums[f"f{env}"]
+        assert size == len(data)
+        for o, n, crc in pieces:
+            assert crc == zlib.crc32(data[o : o + n])
+        files[env] = data
+    assert calls[:2] == [(tensors[0].nbytes, True), (tensors[1].nbytes, True)]
+    assert all(not took for _, took in calls[2:])  # FSCALE_CRC_WRITE=0: Python's loop
+    assert files["1"] == files["0"]

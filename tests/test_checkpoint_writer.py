@@ -119,7 +119,7 @@ def test_a_checkpoint_without_torchs_crc_loads_with_its_checksums_checked(
     cache]; through ``O_DIRECT`` writes too) checked: a flipped byte is refused."""
     # These records are small: sum all of them inline, in pieces of 4 KiB.
     monkeypatch.setattr(checksummed, "_DEFER", 64)
-    monkeypatch.setattr(checksummed, "_PIECE", 4096)
+    monkeypatch.setattr(checksummed, "PIECE", 4096)
     step, params, state = _state(name, tmp_path)
     io = SaveIO(torch_crc=False, direct=direct)
     fs.save(tmp_path / "new", params, state, threads=3, io=io)

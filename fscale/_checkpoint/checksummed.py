@@ -48,6 +48,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import struct
 import threading
@@ -56,6 +57,7 @@ from collections.abc import Iterator
 from torch.distributed.checkpoint.filesystem import FileSystem
 from zlib_ng.zlib_ng import crc32, crc32_combine
 
+from fscale._checkpoint.crc_write import PIECE, crc_write
 from fscale._checkpoint.uncached import UncachedFile
 
 __all__ = ["ChecksummingFileSystem", "crc32"]
@@ -63,7 +65,6 @@ __all__ = ["ChecksummingFileSystem", "crc32"]
 _LOCAL_HEADER = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"
 _DEFER = 1 << 16  # data writes at least this large use torch's CRC
-_PIECE = 1 << 20  # bytes summed then written at a time ([Note: summing while ...])
 
 
 class _SummingStream:
@@ -109,10 +110,19 @@ class _SummingStream:
         self._settle(view if view[:4] == _DESCRIPTOR else None)
         if self._at_data and n >= _DEFER and self.inline:
             self._track(view)
-            for at in range(0, n, _PIECE):
-                piece = view[at : at + _PIECE]
-                self.crc = crc32(piece, self.crc)
-                self._write_all(piece)
+            crc = None
+            if isinstance(self.raw, (io.BufferedWriter, io.FileIO)):
+                # [Note: one GIL release per record] (crc_write.py): the raw file's
+                # buffer flushed, its descriptor takes the bytes where it stands.
+                self.raw.flush()
+                crc = crc_write(self.raw.fileno(), view, self.crc)
+            if crc is None:  # no C loop here, or a stream of another kind
+                crc = self.crc
+                for at in range(0, n, PIECE):
+                    piece = view[at : at + PIECE]
+                    crc = crc32(piece, crc)
+                    self._write_all(piece)
+            self.crc = crc
             self.size += n
             return n
         if self._at_data and n >= _DEFER:
