@@ -7,7 +7,8 @@ small torch ops (Python dispatch, GIL held) and a memory-bound op on every threa
 Writer threads run as ``fs.save(..., async_save=True)`` runs them (nice +10 and
 ``SCHED_IDLE``), each saving records through fscale's summing stream
 (``SaveIO(torch_crc=False)``: zlib-ng CRCs a MiB at a time) to ``--dir`` in a loop.
-Rounds alternate: no writers, the C loop, the Python loop (``FSCALE_CRC_WRITE=0``).
+Rounds alternate: no writers, the C loop, the Python loop (``FSCALE_CRC_WRITE=0``), and
+the C loop's writers in another process (no GIL shared: what is left is the machine's).
 Printed per variant: steps done, median and p90 step time, and the writers' GB/s.
 
 Usage::
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -34,6 +36,37 @@ from _provenance import provenance  # noqa: E402
 
 from fscale._checkpoint.checksummed import ChecksummingFileSystem  # noqa: E402
 from fscale._checkpoint.writer import _lower_priority, _save_without_crc  # noqa: E402
+
+
+def write_records(root: Path, i: int, record: torch.Tensor, stop, written: list) -> None:
+    """One writer thread, as an async save runs it: lowered priority, records saved
+    through fscale's summing stream (CRCs taken inline) until ``stop`` is set."""
+    _lower_priority(10, idle=True)
+    fs_ = ChecksummingFileSystem()
+    n = 0
+    while not stop.is_set():
+        with fs_.create_stream(root / f"w{i}", "wb", inline=True) as stream:
+            _save_without_crc(record, stream)
+        n += record.nbytes
+    written.append(n)
+
+
+def writers_elsewhere(root: str, writers: int, record_mib: int, seconds: float, conn) -> None:
+    """The same writer threads in a process of their own (no GIL shared with the step
+    loop): they run ``seconds``, then the bytes they wrote go back through ``conn``."""
+    record = torch.randint(0, 255, (record_mib << 20,), dtype=torch.uint8)
+    stop, written = threading.Event(), []
+    threads = [
+        threading.Thread(target=write_records, args=(Path(root), i, record, stop, written))
+        for i in range(writers)
+    ]
+    for t in threads:
+        t.start()
+    conn.recv()  # the step loop is done
+    stop.set()
+    for t in threads:
+        t.join()
+    conn.send(sum(written))
 
 
 def main() -> None:
@@ -59,28 +92,27 @@ def main() -> None:
     record = torch.randint(0, 255, (args.record_mib << 20,), dtype=torch.uint8)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    fs_ = ChecksummingFileSystem()
 
     def run(variant: str) -> dict:
         if variant == "python_loop":
             os.environ["FSCALE_CRC_WRITE"] = "0"
         stop, written = threading.Event(), []
-
-        def writer(i: int) -> None:
-            _lower_priority(10, idle=True)
-            n = 0
-            while not stop.is_set():
-                with fs_.create_stream(root / f"w{i}", "wb", inline=True) as stream:
-                    _save_without_crc(record, stream)
-                n += record.nbytes
-            written.append(n)
-
+        in_process = variant in ("c_loop", "python_loop")
         threads = [
-            threading.Thread(target=writer, args=(i,))
-            for i in range(args.writers if variant != "alone" else 0)
+            threading.Thread(target=write_records, args=(root, i, record, stop, written))
+            for i in range(args.writers if in_process else 0)
         ]
         for t in threads:
             t.start()
+        child = None
+        if variant == "other_process":
+            here, there = multiprocessing.Pipe()
+            child = multiprocessing.get_context("spawn").Process(
+                target=writers_elsewhere,
+                args=(str(root), args.writers, args.record_mib, args.seconds, there),
+            )
+            child.start()
+            time.sleep(3.0)  # started (spawned, torch imported) and writing
         times, t0 = [], time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
             s = time.perf_counter()
@@ -90,6 +122,10 @@ def main() -> None:
         stop.set()
         for t in threads:
             t.join()
+        if child is not None:
+            here.send(None)
+            written.append(here.recv())
+            child.join()
         os.environ.pop("FSCALE_CRC_WRITE", None)
         times.sort()
         return {
@@ -101,7 +137,7 @@ def main() -> None:
 
     for _ in range(3):
         step()
-    variants = ("alone", "c_loop", "python_loop")
+    variants = ("alone", "c_loop", "python_loop", "other_process")
     samples: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v in variants:
