@@ -81,12 +81,15 @@ def crc_write(fd: int, view: memoryview, crc: int) -> int | None:
     """Write all of ``view`` (bytes) to ``fd`` and return the CRC-32 running from ``crc``
     over it; None where the C loop or zlib-ng's symbol is missing (nothing written)."""
     lib = library(
-        "crc_write", _SOURCE, {"crc_write": (I32, P, I64, I64, P, P)}, env="FSCALE_CRC_WRITE"
+        "crc_write",
+        _SOURCE,
+        {"crc_write": (I32, P, I64, I64, P, P)},
+        env="FSCALE_CRC_WRITE",
+        restypes={"crc_write": I64},
     )
     sum_fn = _zng_crc32()
     if lib is None or sum_fn is None:
         return None
-    lib.crc_write.restype = ctypes.c_int64
     n = view.nbytes
     if n == 0:
         return crc

@@ -50,8 +50,11 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(name: str, source: str, sigs: dict, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile ``source`` (cached) and load it, with ``sigs``: function -> argtypes."""
+def build(
+    name: str, source: str, sigs: dict, flags: tuple[str, ...] = (), restypes: dict | None = None
+) -> ctypes.CDLL:
+    """Compile ``source`` (cached) and load it, with ``sigs``: function -> argtypes, and
+    ``restypes``: function -> return type (others return nothing)."""
     cc = os.environ.get("CC", "cc")
     all_flags = (*FLAGS, *flags)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
@@ -73,12 +76,18 @@ def build(name: str, source: str, sigs: dict, flags: tuple[str, ...] = ()) -> ct
     lib = ctypes.CDLL(str(out))
     for fn_name, args in sigs.items():
         fn = getattr(lib, fn_name)
-        fn.argtypes, fn.restype = list(args), None
+        fn.argtypes, fn.restype = list(args), (restypes or {}).get(fn_name)
     return lib
 
 
 def library(
-    name: str, source: str, sigs: dict, *, env: str, flags: tuple[str, ...] = ()
+    name: str,
+    source: str,
+    sigs: dict,
+    *,
+    env: str,
+    flags: tuple[str, ...] = (),
+    restypes: dict | None = None,
 ) -> ctypes.CDLL | None:
     """The built library ``name``, or None (``env`` set to 0, or its build failed)."""
     if os.environ.get(env, "1") == "0":
@@ -87,7 +96,7 @@ def library(
         with _LOCK:
             if name not in _LIBS:
                 try:
-                    _LIBS[name] = build(name, source, sigs, flags)
+                    _LIBS[name] = build(name, source, sigs, flags, restypes)
                 except (OSError, subprocess.CalledProcessError) as e:
                     detail = getattr(e, "stderr", "") or ""
                     warnings.warn(
