@@ -260,7 +260,8 @@ def main(argv=None) -> None:
         "--async-io",
         action="append",
         help="another async save to time, NAME:field=value,... of SaveIO (repeatable), e.g. "
-        "idle2:background_threads=2,background_idle=true",
+        "idle2:background_threads=2,background_idle=true; env.VAR=value sets an environment "
+        "variable while that save runs (e.g. pyloop:env.FSCALE_CRC_WRITE=0)",
     )
     p.add_argument("--max-async-steps", type=int, default=200)
     p.add_argument(
@@ -342,11 +343,13 @@ def main(argv=None) -> None:
         cpu.append({k: round(after[k] - before.get(k, 0.0), 3) for k in after})
         return took
 
-    def async_run(name: str, save_io) -> dict:
+    def async_run(name: str, save_io, env: dict) -> dict:
         """One asynchronous save: its call, then steps until it is written (at most
         ``--max-async-steps``); the stall is the call plus every such step's excess over
-        the median plain step."""
+        the median plain step. ``env`` is set while it runs."""
         _sync(device)
+        saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         where = os.path.join(args.dir, f"async-{name}")
         available = fs.checkpoint._host_available()  # the spread between machines
         t0 = time.perf_counter()
@@ -361,6 +364,11 @@ def main(argv=None) -> None:
         counted = handle.done()  # every step that ran while it was written is counted
         handle.wait()
         total = time.perf_counter() - t0
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
         shutil.rmtree(where, ignore_errors=True)
         after = [one_step() for _ in range(args.steps)]  # the baseline again, for drift
         plain_after.extend(after)
@@ -376,6 +384,7 @@ def main(argv=None) -> None:
         return {
             "name": name,
             "io": repr(save_io),
+            "env": env,
             "step_s_during_async_save": during,
             "update_s_during_async_save": during_updates,
             "cpu_s_during_async_save": during_cpu,
@@ -392,17 +401,19 @@ def main(argv=None) -> None:
     plain = [one_step() for _ in range(args.steps)]
     update_plain, cpu_plain = updates[-len(plain) :], cpu[-len(plain) :]
     plain_after: list[float] = []
-    variants = [] if args.no_default_async else [("default", io)]
+    variants = [] if args.no_default_async else [("default", io, {})]
     for spec in args.async_io or []:
         name, _, kv = spec.partition(":")
-        fields = {k: _value(v) for k, v in (x.split("=") for x in kv.split(",") if x)}
-        variants.append((name, dataclasses.replace(io, **fields)))
+        pairs = [x.split("=", 1) for x in kv.split(",") if x]
+        env = {k.removeprefix("env."): v for k, v in pairs if k.startswith("env.")}
+        fields = {k: _value(v) for k, v in pairs if not k.startswith("env.")}
+        variants.append((name, dataclasses.replace(io, **fields), env))
     # --repeat: the variants in turn, N rounds (A B A B ...), so that a drift of the
     # machine over the minutes of the run lands on every variant alike.
     runs = []
     for k in range(args.repeat):
-        for name, v in variants:
-            runs.append({**async_run(name, v), "round": k})
+        for name, v, env in variants:
+            runs.append({**async_run(name, v, env), "round": k})
     # Each run's stall again against every plain step of the run (before and after
     # each save): a baseline that drifts over minutes of training moves them all.
     pooled = statistics.median(plain + plain_after)
@@ -414,7 +425,7 @@ def main(argv=None) -> None:
             f"median of all {len(plain) + len(plain_after)} plain steps ({pooled:.3f} s)"
         )
     by_variant = {}
-    for name, _ in variants:
+    for name, _, _ in variants:
         mine = [r for r in runs if r["name"] == name]
         by_variant[name] = {
             "stall_s": [r["async_stall_s"] for r in mine],

@@ -10,6 +10,10 @@ shares its core with a writer is slow. Competitors:
   the writer, write-out by the kernel's flusher), as an async checkpoint's writer;
 - ``copy``: a one-thread memory copy loop (bandwidth, no I/O);
 - ``spin``: a busy loop (CPU only);
+- paced at ``--rate-gbps`` under ``SCHED_IDLE`` (a save keeping up with its disk), one
+  pass each: ``read`` (a 4 GiB source read, as a checksum), ``smallwrite`` (buffered
+  writes of one cached 8 MiB buffer, as ``dd``), ``bigwrite`` (buffered writes of the
+  4 GiB source), ``directwrite`` (``O_DIRECT`` writes of it: no page-cache copy);
 
 each name may end in a count of such processes (``writer4``); a name given twice pools
 its rounds (the medians are over all of them).
@@ -57,6 +61,53 @@ COMPETITORS = {
     ),
     "spin": "import os\nos.nice(10)\nwhile True:\n    pass\n",
 }
+# Paced competitors (--rate-gbps, as a save that keeps up with its disk): which of a
+# save's passes over memory slow the update. Each runs under SCHED_IDLE, as the
+# writer threads do (SaveIO.background_idle). argv: file, file MiB, bytes/s.
+_PACED = (
+    "import mmap, os, sys, time\n"
+    "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+    "path, size, rate = sys.argv[1], int(sys.argv[2]) << 20, float(sys.argv[3])\n"
+    "piece = 8 << 20\n"
+    "src = mmap.mmap(-1, {src_bytes})  # page-aligned, as offload's pinned buffers\n"
+    "for i in range(0, len(src), 4096):\n    src[i] = 1\n"
+    "{setup}"
+    "t0, done, at = time.perf_counter(), 0, 0\n"
+    "while True:\n"
+    "    view = memoryview(src)[done % len(src):][:piece]\n"
+    "{body}"
+    "    done += piece\n"
+    "    lag = done / rate - (time.perf_counter() - t0)\n"
+    "    if lag > 0:\n        time.sleep(lag)\n"
+)
+PACED = {
+    # the source read alone (a checksum's pass, no write)
+    "read": dict(
+        src_bytes="4 << 30",
+        setup="import numpy as np\n",
+        body="    np.frombuffer(view, np.uint64).sum()\n",
+    ),
+    # dd-like: page-cache copies from one cached buffer (no source read from DRAM)
+    "smallwrite": dict(
+        src_bytes="8 << 20",
+        setup="f = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)\n",
+        body="    os.pwrite(f, view, at)\n    at = (at + piece) % size\n",
+    ),
+    # a save's buffered write: the source read from DRAM, a page-cache copy, write-out
+    "bigwrite": dict(
+        src_bytes="4 << 30",
+        setup="f = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)\n",
+        body="    os.pwrite(f, view, at)\n    at = (at + piece) % size\n",
+    ),
+    # O_DIRECT from the aligned source: the device reads it, no page-cache copy
+    "directwrite": dict(
+        src_bytes="4 << 30",
+        setup="f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)\n",
+        body="    os.pwrite(f, view, at)\n    at = (at + piece) % size\n",
+    ),
+}
+for _name, _parts in PACED.items():
+    COMPETITORS[_name] = _PACED.format(**_parts)
 
 
 def static_loop():
@@ -74,6 +125,9 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/adam-contended", help="the writer's file")
     ap.add_argument("--file-mib", type=int, default=512, help="the writer rewinds here")
     ap.add_argument("--competitors", default="none,writer,copy,spin")
+    ap.add_argument(
+        "--rate-gbps", type=float, default=2.4, help="paced competitors' GB/s, all together"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not host_adamw.available():
@@ -131,7 +185,11 @@ def main() -> None:
                     "-c",
                     COMPETITORS[kind],
                     os.path.join(args.dir, f"junk{i}"),
-                    str(max(1, args.file_mib // 8)),
+                    *(
+                        (str(args.file_mib), str(args.rate_gbps * 1e9 / count))
+                        if kind in PACED
+                        else (str(max(1, args.file_mib // 8)),)
+                    ),
                 ]
             )  # fmt: skip
             for i in range(count if kind != "none" else 0)
@@ -168,6 +226,7 @@ def main() -> None:
         "threads": threads,
         "params": n,
         "rounds": args.rounds,
+        "rate_gbps": args.rate_gbps,
         "median_ms": rows,
         "vs_alone": slowdown,
     }
