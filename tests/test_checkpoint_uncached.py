@@ -156,17 +156,19 @@ def test_save_direct_writes_dcps_files_and_loads(tmp_path, monkeypatch, name):
     fs.save(tmp_path / "old", params, state, threads=3, io=OLD)
     opened, real_open = [], UncachedFile.open.__func__
 
-    def spying(cls, path, *a, **k):
-        opened.append(os.path.basename(path))
-        return real_open(cls, path, *a, **k)
+    def spying(cls, path, buffer):
+        opened.append((os.path.basename(path), buffer))
+        return real_open(cls, path, buffer)
 
     monkeypatch.setattr(UncachedFile, "open", classmethod(spying))
     fs.save(tmp_path / "new", params, state, threads=3, io=SaveIO(direct=True))
-    io = SaveIO(direct=True)
+    # a buffer of one block: every write of the record's data drains it
+    io = SaveIO(direct=True, direct_buffer=4096, torch_crc=False)
     handle = fs.save(tmp_path / "async", params, state, threads=3, async_save=True, io=io)
     handle.wait()
     # Only the data files go through it: one per writer thread of each save.
-    assert sorted(opened) == sorted([f"__0_{i}.distcp" for i in range(3)] * 2)
+    names = [f"__0_{i}.distcp" for i in range(3)]
+    assert sorted(opened) == sorted([(n, 8 << 20) for n in names] + [(n, 4096) for n in names])
     old, new = _files(tmp_path / "old"), _files(tmp_path / "new")
     assert sorted(old) == sorted(new) and [n for n in new if n.endswith(".distcp")]
     assert all(old[n] == new[n] for n in old)
@@ -184,3 +186,6 @@ def test_direct_needs_fscales_writer_loop():
         SaveIO(direct=True, pinned=0)
     with pytest.raises(ValueError, match="direct"):
         SaveIO(direct=1)
+    for bad in (0, 1000, True, 4096.0):
+        with pytest.raises(ValueError, match="direct_buffer=.*multiple of 4096"):
+            SaveIO(direct=True, direct_buffer=bad)

@@ -218,17 +218,24 @@ class ChecksummingFileSystem(FileSystem):
 
     @contextlib.contextmanager
     def create_stream(
-        self, path, mode: str, *, direct: bool = False, inline: bool = False
+        self,
+        path,
+        mode: str,
+        *,
+        direct: bool = False,
+        buffer: int = 8 << 20,
+        inline: bool = False,
     ) -> Iterator:
         """DCP's stream of ``path``; for writing, summed, and with ``direct`` written
-        past the page cache ([Note: uncached writes] in ``uncached.py``: then only
-        ``sync()`` makes it durable, not ``fsync`` of its descriptor); ``inline``: for
-        records torch takes no CRC of ([Note: summing while the bytes are in cache])."""
+        past the page cache through a ``buffer``-byte buffer ([Note: uncached writes] in
+        ``uncached.py``: then only ``sync()`` makes it durable, not ``fsync`` of its
+        descriptor); ``inline``: for records torch takes no CRC of ([Note: summing while
+        the bytes are in cache])."""
         if mode != "wb":
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        opened = UncachedFile.open(path) if direct else super().create_stream(path, mode)
+        opened = UncachedFile.open(path, buffer) if direct else super().create_stream(path, mode)
         with opened as raw:
             stream = _SummingStream(raw, inline)
             yield stream

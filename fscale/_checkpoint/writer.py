@@ -112,7 +112,10 @@ class SaveIO:
         save, the first pins them: seconds per 10 GB), ``"pageable"`` (``.to("cpu")``
         per tensor), or ``"auto"``: the device where its free memory holds the copies
         with a margin, else pinned.
-
+      direct: data files written past the page cache (``O_DIRECT``) through one small
+        reused buffer per writer thread ([Note: uncached writes] in ``uncached.py``).
+      direct_buffer: that buffer's bytes (a multiple of 4096): small enough to stay in
+        the writer's caches until the drive reads it, large enough per write.
       torch_crc: whether each item's ``torch.save`` takes the CRC-32 its zip record
         carries (torch's own loop: 3.7 GB/s per core on the CPU VM). With False the
         record says 0, as ``torch.serialization.set_crc32_options(False)`` makes it
@@ -139,6 +142,7 @@ class SaveIO:
     copy_threads: int = 8
     stage: str = "auto"
     direct: bool = False
+    direct_buffer: int = 8 << 20
     torch_crc: bool = True
 
     def __post_init__(self):
@@ -153,6 +157,9 @@ class SaveIO:
         for name in ("background_idle", "keep_copies", "direct", "torch_crc"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SaveIO({name}={getattr(self, name)!r}): a bool.")
+        d = self.direct_buffer
+        if isinstance(d, bool) or not isinstance(d, int) or d <= 0 or d % 4096:
+            raise ValueError(f"SaveIO(direct_buffer={d!r}): a positive multiple of 4096.")
         c = self.copy_threads
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"SaveIO(copy_threads={c!r}): an int >= 1.")
@@ -425,7 +432,8 @@ def _write_file(job: _Job, path, key: str, items: list[WriteItem]) -> list[Write
     results: list[WriteResult] = []
     tensors = [i for i in items if i.type != WriteItemType.BYTE_IO]
     slabs: _Slabs | None = None
-    opts = {"direct": True} if job.io.direct else {}  # [Note: uncached writes]
+    # [Note: uncached writes]
+    opts = {"direct": True, "buffer": job.io.direct_buffer} if job.io.direct else {}
     if not job.io.torch_crc:  # [Note: summing while the bytes are in cache]
         opts["inline"] = True
     with job.create_stream(path, "wb", **opts) as stream:
