@@ -73,6 +73,7 @@ _PACED = (
     "src = mmap.mmap(-1, {src_bytes})  # page-aligned, as offload's pinned buffers\n"
     "for i in range(0, len(src), 4096):\n    src[i] = 1\n"
     "{setup}"
+    "bounce = mmap.mmap(-1, 1 << 20)  # directbounce's aligned buffer\n"
     "t0, done, at = time.perf_counter(), 0, 0\n"
     "while True:\n"
     "    view = memoryview(src)[done % len(src):][:piece]\n"
@@ -81,6 +82,15 @@ _PACED = (
     "    lag = done / rate - (time.perf_counter() - t0)\n"
     "    if lag > 0:\n        time.sleep(lag)\n"
 )
+_WRITE = "    os.pwrite(f, view, at)\n    at = (at + piece) % size\n"
+
+
+def _writer(src_bytes: str, direct: bool = False) -> dict:
+    """A paced competitor writing ``src_bytes`` of source in turn to its file."""
+    flags = "os.O_WRONLY | os.O_CREAT" + (" | os.O_DIRECT" if direct else "")
+    return dict(src_bytes=src_bytes, setup=f"f = os.open(path, {flags}, 0o600)\n", body=_WRITE)
+
+
 PACED = {
     # the source read alone (a checksum's pass, no write)
     "read": dict(
@@ -89,33 +99,19 @@ PACED = {
         body="    np.frombuffer(view, np.uint64).sum()\n",
     ),
     # dd-like: page-cache copies from one cached buffer (no source read from DRAM)
-    "smallwrite": dict(
-        src_bytes="8 << 20",
-        setup="f = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)\n",
-        body="    os.pwrite(f, view, at)\n    at = (at + piece) % size\n",
-    ),
+    "smallwrite": _writer("8 << 20"),
     # a save's buffered write: the source read from DRAM, a page-cache copy, write-out
-    "bigwrite": dict(
-        src_bytes="4 << 30",
-        setup="f = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)\n",
-        body="    os.pwrite(f, view, at)\n    at = (at + piece) % size\n",
-    ),
+    "bigwrite": _writer("4 << 30"),
     # O_DIRECT from the aligned source: the device reads it, no page-cache copy
-    "directwrite": dict(
-        src_bytes="4 << 30",
-        setup="f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)\n",
-        body="    os.pwrite(f, view, at)\n    at = (at + piece) % size\n",
-    ),
+    "directwrite": _writer("4 << 30", direct=True),
     # UncachedFile's way: each MiB copied into one small reused aligned buffer (in the
     # writer's caches, the device reads it there), then written O_DIRECT
-    "directbounce": dict(
-        src_bytes="4 << 30",
-        setup="f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)\n"
-        "bounce = mmap.mmap(-1, 1 << 20)\n",
-        body="    for k in range(0, piece, 1 << 20):\n"
+    "directbounce": {
+        **_writer("4 << 30", direct=True),
+        "body": "    for k in range(0, piece, 1 << 20):\n"
         "        bounce[:] = view[k : k + (1 << 20)]\n"
         "        os.pwrite(f, bounce, at)\n        at = (at + (1 << 20)) % size\n",
-    ),
+    },
 }
 for _name, _parts in PACED.items():
     COMPETITORS[_name] = _PACED.format(**_parts)
