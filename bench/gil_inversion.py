@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance  # noqa: E402
+from host_adam_contended import adam_state  # noqa: E402
 
 from fscale.kernels import host_adamw  # noqa: E402
 
@@ -64,13 +65,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not host_adamw.available():
-        raise SystemExit("host_adamw: the C loop is not built (no C compiler?)")
-
-    n = int(args.m * 1e6)
-    p, g, m = (torch.randn(n) for _ in range(3))
-    v = torch.rand(n)
-    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3)
+    _, (p, g, m, v), hyper = adam_state(args.m)
 
     def step() -> None:
         for _ in range(args.calls):

@@ -117,6 +117,17 @@ for _name, _parts in PACED.items():
     COMPETITORS[_name] = _PACED.format(**_parts)
 
 
+def adam_state(million: float) -> tuple:
+    """``(n, (params, grads, exp_avgs, exp_avg_sqs), hyper)`` for ``million`` * 1e6 host
+    params, after checking that the C loop is built."""
+    if not host_adamw.available():
+        raise SystemExit("host_adamw: the C loop is not built (no C compiler?)")
+    n = int(million * 1e6)
+    p, g, m = (torch.randn(n) for _ in range(3))
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3)
+    return n, (p, g, m, torch.rand(n)), hyper
+
+
 def static_loop():
     """The loop as it was before 2026-12-06: the same source, a static split."""
     source = host_adamw._SOURCE.replace("schedule(dynamic, chunk)", "schedule(static)")
@@ -137,14 +148,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not host_adamw.available():
-        raise SystemExit("host_adamw: the C loop is not built (no C compiler?)")
-
-    n = int(args.m * 1e6)
-    p, g, m = (torch.randn(n) for _ in range(3))
-    v = torch.rand(n)
+    n, (p, g, m, v), hyper = adam_state(args.m)
     second = [torch.empty(n) for _ in range(3)]  # where a step after a save writes
-    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3)
     k, small = host_adamw.coefficients(**hyper)
     threads = torch.get_num_threads()
     old = static_loop()
