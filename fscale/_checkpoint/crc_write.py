@@ -16,7 +16,9 @@ taken it (CPython's forced switch waits for the taker). Here the same pieces are
 C loop that one ``ctypes`` call runs with the GIL released: one handoff per record.
 ``bench/gil_handoffs.py`` measures a Python-bound loop beside such writers: on a
 16-core H200 host it ran at 0.696x its rate alone beside four of them with this loop,
-0.639x with the Python one (the rest of the slowdown is not the GIL's).
+0.639x with the Python one (the rest of the slowdown is not the GIL's). It did not
+shorten an offloaded 3.55B's async-save stall (an H100, 2026-12-06: 2.63 s against
+2.30 / 1.86 s with torch's own CRC), so ``SaveIO(torch_crc=True)`` stays the default.
 """
 
 from __future__ import annotations
