@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
 
-from fscale.kernels import gemv  # noqa: E402
+from fscale.kernels import fpx_triton, gemv  # noqa: E402
 from fscale.kernels import paged_attention as pa  # noqa: E402
 from fscale.kernels._triton import pdl  # noqa: E402
 from fscale.serve import Engine, SamplingParams  # noqa: E402
@@ -647,24 +647,28 @@ def graph_breakdown(engine) -> dict:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def d_variant(spec: str) -> tuple[str | None, torch.dtype | None, bool, str | None]:
+def d_variant(spec: str) -> tuple[str | None, torch.dtype | None, bool, str | None, str | None]:
     """A part-d weights spec -> (fs.quantize format or None, engine dtype or None for the
-    run's, quantize_head, FSCALE_FPX_SWIGLU for its run or None to leave it): "bf16"
-    plain weights in the run's dtype, "fp16" plain fp16, "e3m2-a8" FP6, "e3m2-a8@fp16"
-    FP6 with fp16 activations (as FP6-LLM and DeepSpeed's wf6af16 run it),
-    "e3m2-a8+head" with the head in FP6 too, "+swiglu" / "+noswiglu" with the FPx
-    SwiGLU epilogue on / off (e3m2-a8+head+noswiglu@fp16)."""
+    run's, quantize_head, FSCALE_FPX_SWIGLU for its run or None to leave it,
+    FSCALE_TUNE_STREAMED for its engine or None to leave it): "bf16" plain weights in
+    the run's dtype, "fp16" plain fp16, "e3m2-a8" FP6, "e3m2-a8@fp16" FP6 with fp16
+    activations (as FP6-LLM and DeepSpeed's wf6af16 run it), "e3m2-a8+head" with the
+    head in FP6 too, "+swiglu" / "+noswiglu" with the FPx SwiGLU epilogue on / off
+    (e3m2-a8+head+noswiglu@fp16), "+l2tune" / "+hbmtune" with the FPx launches tuned
+    on one L2-resident weight / on copies streamed from HBM ([Note: tuning on
+    streamed weights]; either one tunes its engine's launches afresh)."""
     name, _, dt = spec.partition("@")
     if dt and dt not in DTYPES:
         raise SystemExit(f"--d-formats {spec!r}: the dtype after @ must be one of {list(DTYPES)}")
     name, *flags = name.split("+")
-    unknown = set(flags) - {"head", "swiglu", "noswiglu"}
+    unknown = set(flags) - {"head", "swiglu", "noswiglu", "l2tune", "hbmtune"}
     if unknown:
         raise SystemExit(f"--d-formats {spec!r}: unknown +{sorted(unknown)[0]}; use +head, "
-                         "+swiglu or +noswiglu")  # fmt: skip
+                         "+swiglu, +noswiglu, +l2tune or +hbmtune")  # fmt: skip
     swiglu = "1" if "swiglu" in flags else "0" if "noswiglu" in flags else None
+    tune = "0" if "l2tune" in flags else "1" if "hbmtune" in flags else None
     dtype = DTYPES[dt] if dt else torch.float16 if name == "fp16" else None
-    return (None if name in DTYPES else name), dtype, "head" in flags, swiglu
+    return (None if name in DTYPES else name), dtype, "head" in flags, swiglu, tune
 
 
 def part_d(lm, args) -> None:
@@ -683,13 +687,17 @@ def part_d(lm, args) -> None:
         for f in args.d_formats.split(",")
         for pg in args.d_prefill_graphs.split(",")
     ]
-    for fmt, dtype, head, swiglu, graphs in variants:
+    for fmt, dtype, head, swiglu, tune, graphs in variants:
         if swiglu is not None:  # read by the decoder at each forward: set for the whole run
             os.environ["FSCALE_FPX_SWIGLU"] = swiglu
+        if tune is not None:  # read when a launch is tuned: tune this engine's afresh
+            os.environ["FSCALE_TUNE_STREAMED"] = tune
+            fpx_triton.clear_tuned()
         dtype = dtype or args.dtype
         act = str(dtype).removeprefix("torch.")
         name = f"{fmt or 'plain'}{'+head' if head else ''}@{act}"
         name += {"1": " +swiglu", "0": " +noswiglu"}.get(swiglu, "")
+        name += {"1": " +hbmtune", "0": " +l2tune"}.get(tune, "")
         progress(f"{name}: building the engine (tunes FPx launches per M bucket)")
         engine = make_engine(
             lm,
@@ -703,8 +711,8 @@ def part_d(lm, args) -> None:
         )
         progress(f"{name}: warm-up")
         run_batch(engine, prompts(2, 16, V, 0), 4)
-        progress(f"{name}: batch-1 decode")
-        rate = decode_rate(engine, args, V)
+        progress(f"{name}: batch-1 decode, {args.d_repeat} times")
+        rates = [decode_rate(engine, args, V) for _ in range(args.d_repeat)]
         c = args.saturation
         progress(f"{name}: {c} requests at saturation, {args.d_repeat} times")
         runs = [
@@ -721,8 +729,10 @@ def part_d(lm, args) -> None:
                 "activations": act,
                 "quantized_head": head,
                 "fpx_swiglu": os.environ.get("FSCALE_FPX_SWIGLU", "default"),
+                "fpx_tune_streamed": os.environ.get("FSCALE_TUNE_STREAMED", "default"),
                 "prefill_graphs": bool(engine.runner.mixed_sizes),
-                "decode_tok_s": rate,
+                "decode_tok_s": statistics.median_low(rates),
+                "decode_runs_tok_s": rates,
                 "weight_bytes": weight_bytes(LoadedModel(lm.config, engine.decoder.params, "")),
                 "saturation_concurrency": c,
                 "saturation_output_tok_s": c * args.output / dt,

@@ -76,7 +76,10 @@ def gluon_configs(m: int) -> list[dict]:
     if m > 256:
         return []
     if m <= 16:
-        rows = [(s, 4, 4) for s in (1, 2, 4, 8)]
+        # Six stages at splits 4 and 8: the 4096-deep layers of an 8B model at M = 1,
+        # whose programs get 4-8 chunks each, with the weights in HBM
+        # (bench/results/fpx_gluon_sweep-8b-decode-m1-nvidia-h200.json).
+        rows = [(s, 4, 4) for s in (1, 2, 4, 8)] + [(4, 6, 4), (8, 6, 4)]
     else:
         rows = [(1, 4, 4), (2, 4, 4), (2, 6, 4), (1, 4, 8), (2, 4, 8)]
     return [dict(gluon=True, split=s, stages=st, warps=w) for s, st, w in rows]

@@ -147,6 +147,48 @@ def kernel_time(fn) -> float:
         return testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
+# [Note: tuning on streamed weights]
+# A serving step reads every weight once from HBM: the model is many times the L2, and
+# the products between two uses of a weight evict it. Timed alone, a launch runs on
+# one weight over and over, and a weight that fits the L2 (an 8B model's 4096 x 4096
+# FP6 planes are 12.6 MB, an H200's L2 50 MB) is then read from the L2 at every repeat
+# after the first: tuning ranks the launches by a bandwidth the step never sees, and
+# picked launches 0.5-0.7 us slower per product than the best with the weights in
+# HBM (bench/results/fpx_gluon_sweep-8b-decode-m1-nvidia-h200.json). So a launch that
+# streams its weight is timed over a chain of copies of it that together read more
+# than twice the L2, as the step would, and its time is the chain's over its length.
+
+#: Bytes a timed chain of weight copies reads, as a multiple of the GPU's L2 size.
+STREAM_L2_MULTIPLE = 2
+
+
+def streamed_copies(w, nbytes: int, clone, device, l2_bytes: int | None = None) -> list:
+    """``[w]`` plus as many ``clone(w)`` as make a chain of products read at least
+    ``STREAM_L2_MULTIPLE`` times the L2 (``l2_bytes``, default that of ``device``, a
+    CUDA device; others have none to stream past) when each is read once: what
+    ``streamed_timer`` times a launch over. ``FSCALE_TUNE_STREAMED=0`` gives ``[w]``
+    alone (tuning on one L2-resident weight, as before; for comparing the two in a
+    benchmark).
+
+    Usage: ``ws = streamed_copies(p, p.nbytes, lambda w: w.clone(), x.device)``.
+    """
+    if os.environ.get("FSCALE_TUNE_STREAMED", "1") == "0":
+        return [w]
+    if l2_bytes is None:
+        if torch.device(device).type != "cuda":
+            return [w]
+        l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    copies = -(-STREAM_L2_MULTIPLE * l2_bytes // max(1, nbytes))
+    return [w] + [clone(w) for _ in range(copies - 1)]
+
+
+def streamed_timer(copies: int, timer=None):
+    """A ``tune`` timer for a ``run(cfg)`` that launches once per weight of a chain of
+    ``copies``: ``timer``'s (default ``kernel_time``) ms over ``copies``, one launch's
+    share, so that the tuning log keeps times per launch."""
+    return lambda fn: (timer or kernel_time)(fn) / copies
+
+
 def eager_time(fn) -> float:
     """Median ms of ``fn`` called eagerly: the host's launch time counts where it exceeds
     the kernels' (what an uncaptured call, such as a serving prefill, costs)."""

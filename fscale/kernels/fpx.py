@@ -275,6 +275,11 @@ class PackedFPx:
         mv = lambda t: None if t is None else t.to(device)
         return PackedFPx(self.fmt, self.shape, mv(self.scales), mv(self.hi), mv(self.lo))
 
+    def clone(self) -> PackedFPx:
+        """A copy with its own planes and scales (``streamed_copies`` times launches on them)."""
+        cp = lambda t: None if t is None else t.clone()
+        return PackedFPx(self.fmt, self.shape, cp(self.scales), cp(self.hi), cp(self.lo))
+
 
 def check_shape(shape, fmt: str) -> None:
     """Raise ValueError unless an [N, K] weight fits the plane layout of ``fmt``."""

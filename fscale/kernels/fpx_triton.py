@@ -39,13 +39,22 @@ from fscale.kernels._fpx_configs import (
 )
 from fscale.kernels._fpx_dequant import dequantize_matmul, dequantize_triton
 from fscale.kernels._fpx_triton_kernel import DTYPES, check_inputs, launch, triton
-from fscale.kernels._triton import bucket, interpreting, split_mode, tune, tuned_launches
+from fscale.kernels._triton import (
+    bucket,
+    interpreting,
+    split_mode,
+    streamed_copies,
+    streamed_timer,
+    tune,
+    tuned_launches,
+)
 
 __all__ = [
     "DEQUANT_MIN_M",
     "DEQUANT_PIECES",
     "DTYPES",
     "candidate_configs",
+    "clear_tuned",
     "default_config",
     "dequantize_matmul",
     "dequantize_triton",
@@ -69,13 +78,21 @@ def tuned() -> dict:
     return dict(_TUNED)
 
 
+def clear_tuned() -> None:
+    """Forget every launch tuned so far: the next call per key tunes again (a benchmark
+    comparing tuning policies in one process)."""
+    _TUNED.clear()
+    _TUNE_LOG.clear()
+
+
 def launches(p) -> dict[int, dict]:
     """{M bucket: launch} tuned so far for packed weight ``p`` (``quantize_report``)."""
     return tuned_launches(_TUNED, (p.fmt, *p.shape))
 
 
 def _tune(x2, p, bias, gluon: bool = False) -> dict:
-    """The fastest of ``candidate_configs`` on these tensors, once per key; ``gluon``
+    """The fastest of ``candidate_configs`` on these tensors (the fused kernels' over
+    copies of ``p`` past the L2, as a decode step reads it), once per key; ``gluon``
     (the Hopper lowering) adds ``fpx_gluon``'s launches where that kernel can run.
 
     Both lowerings keep their choices in one table, so a key is tuned by whichever
@@ -83,11 +100,19 @@ def _tune(x2, p, bias, gluon: bool = False) -> dict:
     """
     n, k = p.shape
     m = x2.shape[0]
+    key = (p.fmt, n, k, bucket(m), str(x2.device))
+    if key in _TUNED:
+        return _TUNED[key]
+    candidates = candidate_configs(m, gluon and fpx_gluon.available(x2, p.fmt))
+    # Launches of the fused kernels stream the weight: timed over copies of it that
+    # the L2 cannot hold ([Note: tuning on streamed weights] in _triton.py).
+    streams = not any(cfg.get("dequant") for cfg in candidates)
+    weights = streamed_copies(p, p.nbytes, lambda w: w.clone(), x2.device) if streams else [p]
     return tune(
-        _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)),
-        lambda: candidate_configs(m, gluon and fpx_gluon.available(x2, p.fmt)),
-        lambda cfg: _linear(x2, p, bias, cfg),
+        _TUNED, _TUNE_LOG, key, lambda: candidates,
+        lambda cfg: [_linear(x2, w, bias, cfg) for w in weights],
         "fpx_linear_triton (fmt, N, K, M bucket, device)",
+        timer=streamed_timer(len(weights)),
     )  # fmt: skip
 
 

@@ -213,6 +213,62 @@ def test_first_gpu_call_tunes_once_and_keeps_the_fastest(interpret, monkeypatch)
     assert [c.get("dequant") for c in fpx_triton.candidate_configs(512)][-1] is True
 
 
+def test_streamed_copies_read_twice_the_l2_or_stay_one(monkeypatch):
+    """[Note: tuning on streamed weights]: enough separate copies that a chain reads
+    at least twice the L2; one weight on CPU, where there is no L2 to stream past, for
+    a weight already that large, and with FSCALE_TUNE_STREAMED=0."""
+    from fscale.kernels._triton import streamed_copies
+
+    p = fpx.pack(torch.randn(64, 256), "e3m2")
+    ws = streamed_copies(p, p.nbytes, lambda w: w.clone(), "cuda", l2_bytes=5 * p.nbytes)
+    assert len(ws) == 10 and ws[0] is p
+    assert len({w.hi.data_ptr() for w in ws}) == 10  # each its own planes
+    for w in ws[1:]:
+        assert torch.equal(w.hi, p.hi) and torch.equal(w.lo, p.lo)
+        assert torch.equal(w.scales, p.scales) and w.shape == p.shape
+    assert len(streamed_copies(p, p.nbytes, torch.clone, "cuda", l2_bytes=p.nbytes // 3)) == 1
+    assert streamed_copies(p, p.nbytes, lambda w: w.clone(), "cpu") == [p]
+    monkeypatch.setenv("FSCALE_TUNE_STREAMED", "0")
+    assert streamed_copies(p, p.nbytes, torch.clone, "cuda", l2_bytes=5 * p.nbytes) == [p]
+
+
+@pytest.mark.parametrize("m, streamed", [(3, True), (512, False)])
+def test_tuning_times_fused_launches_over_copies_of_the_weight(interpret, monkeypatch, m, streamed):
+    """Each candidate of a fused-kernel M is timed as one launch per copy of the weight
+    (the time kept is per launch); an M whose candidates include dequantize + cuBLAS
+    times them on the weight itself."""
+    import triton.testing
+
+    seen: list[list] = []
+
+    def fake_bench(fn, **kwargs):
+        seen.clear()
+        fn()
+        return 6.0
+
+    def fake_linear(x, p, bias, cfg, gluon=False):
+        seen.append(p)
+        return x.new_zeros(x.shape[0], p.shape[0])
+
+    def copies(w, nbytes, clone, device):
+        return [w] + [clone(w) for _ in range(2)]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_bench)
+    monkeypatch.setattr(fpx_triton, "_TUNED", {})
+    monkeypatch.setattr(fpx_triton, "_TUNE_LOG", {})
+    monkeypatch.setattr(fpx_triton, "streamed_copies", copies)
+    monkeypatch.setattr(fpx_triton, "_linear", fake_linear)
+    p = fpx.pack(torch.randn(64, 256), "e3m2")
+    fpx_triton._tune(torch.randn(m, 256), p, None)
+    assert seen[0] is p and len(seen) == (3 if streamed else 1)
+    assert len({id(w) for w in seen}) == len(seen)
+    (times,) = fpx_triton._TUNE_LOG.values()
+    assert {t for t, _ in times} == {2.0 if streamed else 6.0}
+    fpx_triton.clear_tuned()
+    assert fpx_triton.tuned() == {} and fpx_triton._TUNE_LOG == {}
+
+
 @needs_triton
 def test_tuning_during_graph_capture_is_a_clear_error(interpret, monkeypatch):
     """The first call per shape times launches; inside a CUDA graph capture it would
