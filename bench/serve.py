@@ -187,8 +187,10 @@ def make_engine(lm, args, **kw) -> Engine:
     return engine
 
 
-def free(*objs) -> None:
-    del objs
+def free() -> None:
+    """Collect what the caller let go of (``del engine; free()``) and give its GPU memory
+    back: an engine still named by the caller stays alive, and the next one's build
+    would then hold two (an 80 GB card cannot)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -278,7 +280,8 @@ def check_greedy(lm, hf, args) -> None:
             "fraction": same / total,
         }
     )
-    free(engine)
+    del engine
+    free()
 
 
 # -- parts ----------------------------------------------------------------------------------
@@ -367,7 +370,8 @@ def part_a(lm, hf, args) -> None:
                     "preempted": engine.stats()["num_preempted_total"],
                 }
             )
-        free(engine)
+        del engine
+        free()
 
 
 def weight_bytes(lm: LoadedModel) -> int:
@@ -490,7 +494,8 @@ def part_b(lm, args) -> None:
             )
             if args.b_down_sweep and use_pdl:
                 down_sweep(engine)
-        free(engine)
+        del engine
+        free()
     os.environ.pop("FSCALE_PDL")
     if prior is not None:
         os.environ["FSCALE_PDL"] = prior
@@ -585,7 +590,8 @@ def part_c(lm, args) -> None:
                     "best_offered_req_s": best_offered,
                 }
             )
-            free(engine)
+            del engine
+            free()
 
 
 def part_e(lm, args) -> None:
@@ -741,7 +747,8 @@ def part_d(lm, args) -> None:
                 "budget": args.d_budget,
             }
         )
-        free(engine)
+        del engine
+        free()
     progress("done")
 
 
@@ -883,7 +890,8 @@ def _profile_engine(engine, args, V: int, fmt: str) -> None:
         for rid in list(engine._seqs):
             engine.abort(rid)
         engine.step()
-    free(engine)
+    del engine
+    free()
 
 
 # -- output ---------------------------------------------------------------------------------
