@@ -189,6 +189,30 @@ def streamed_timer(copies: int, timer=None):
     return lambda fn: (timer or kernel_time)(fn) / copies
 
 
+def tune_streamed(table: dict, log: dict, key: tuple, candidates: list, run, weight, what: str):
+    """``tune`` for a product with a packed ``weight`` (``nbytes``, ``clone()``):
+    ``run(w, cfg)`` launches one on weight ``w``, timed over ``streamed_copies`` of
+    ``weight`` where every candidate streams it (none is ``{"dequant": True}``, which
+    rebuilds it once and hands it to cuBLAS), else on ``weight`` alone.
+
+    Usage::
+
+        cfg = tune_streamed(_TUNED, _TUNE_LOG, key, candidates(m),
+                            lambda w, cfg: my_linear(x, w, config=cfg), p, "my_linear (...)")
+    """
+    if key in table:
+        return table[key]
+    streams = not any(cfg.get("dequant") for cfg in candidates)
+    device = weight.device
+    ws = (
+        streamed_copies(weight, weight.nbytes, lambda w: w.clone(), device) if streams else [weight]
+    )
+    return tune(
+        table, log, key, lambda: candidates, lambda cfg: [run(w, cfg) for w in ws], what,
+        timer=streamed_timer(len(ws)),
+    )  # fmt: skip
+
+
 def eager_time(fn) -> float:
     """Median ms of ``fn`` called eagerly: the host's launch time counts where it exceeds
     the kernels' (what an uncaptured call, such as a serving prefill, costs)."""

@@ -43,9 +43,7 @@ from fscale.kernels._triton import (
     bucket,
     interpreting,
     split_mode,
-    streamed_copies,
-    streamed_timer,
-    tune,
+    tune_streamed,
     tuned_launches,
 )
 
@@ -101,18 +99,14 @@ def _tune(x2, p, bias, gluon: bool = False) -> dict:
     n, k = p.shape
     m = x2.shape[0]
     key = (p.fmt, n, k, bucket(m), str(x2.device))
-    if key in _TUNED:
+    if key in _TUNED:  # before building the candidates: this sits on every launch's path
         return _TUNED[key]
-    candidates = candidate_configs(m, gluon and fpx_gluon.available(x2, p.fmt))
-    # Launches of the fused kernels stream the weight: timed over copies of it that
-    # the L2 cannot hold ([Note: tuning on streamed weights] in _triton.py).
-    streams = not any(cfg.get("dequant") for cfg in candidates)
-    weights = streamed_copies(p, p.nbytes, lambda w: w.clone(), x2.device) if streams else [p]
-    return tune(
-        _TUNED, _TUNE_LOG, key, lambda: candidates,
-        lambda cfg: [_linear(x2, w, bias, cfg) for w in weights],
+    # The fused kernels' launches are timed on copies of p past the L2, as a decode
+    # step reads it ([Note: tuning on streamed weights] in _triton.py).
+    return tune_streamed(
+        _TUNED, _TUNE_LOG, key, candidate_configs(m, gluon and fpx_gluon.available(x2, p.fmt)),
+        lambda w, cfg: _linear(x2, w, bias, cfg), p,
         "fpx_linear_triton (fmt, N, K, M bucket, device)",
-        timer=streamed_timer(len(weights)),
     )  # fmt: skip
 
 

@@ -118,6 +118,13 @@ class PackedInt:
             self.codes.to(device), self.scale.to(device), lo, self.bits, self.group_size, self.shape
         )
 
+    def clone(self) -> PackedInt:
+        """A copy with its own codes and scales (``streamed_copies`` times launches on them)."""
+        lo = None if self.lo is None else self.lo.clone()
+        return PackedInt(
+            self.codes.clone(), self.scale.clone(), lo, self.bits, self.group_size, self.shape
+        )
+
 
 def pack_int(
     w: torch.Tensor, *, bits: int = 8, group_size: int = 128, symmetric: bool = True

@@ -53,7 +53,7 @@ from fscale.kernels._triton import (
     sm_count,
     split_mode,
     split_workspace,
-    tune,
+    tune_streamed,
     tuned_launches,
 )
 
@@ -278,9 +278,10 @@ def int_linear_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if config is None and split_k is None and x.device.type == "cuda" and fused_max_m is None:
-        config = tune(
-            _TUNED, _TUNE_LOG, (p.fmt, p.group_size, p.symmetric, N, K, bucket(M), str(x.device)),
-            lambda: candidate_configs(M), lambda cfg: int_linear_triton(x2, p, bias, config=cfg),
+        key = (p.fmt, p.group_size, p.symmetric, N, K, bucket(M), str(x.device))
+        config = _TUNED[key] if key in _TUNED else tune_streamed(
+            _TUNED, _TUNE_LOG, key, candidate_configs(M),
+            lambda w, cfg: int_linear_triton(x2, w, bias, config=cfg), p,
             "int_linear_triton (fmt, group, symmetric, N, K, M bucket, device)",
         )  # fmt: skip
     config = dict(config or {})

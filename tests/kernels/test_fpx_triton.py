@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fscale.kernels import _fpx_dequant, _fpx_triton_kernel, fpx, fpx_triton
+from fscale.kernels import _fpx_dequant, _fpx_triton_kernel, _triton, fpx, fpx_triton
 from fscale.kernels._triton import COUNTERS, arrival_counters, split_mode
 from tests.dist import run_world
 
@@ -257,7 +257,7 @@ def test_tuning_times_fused_launches_over_copies_of_the_weight(interpret, monkey
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_bench)
     monkeypatch.setattr(fpx_triton, "_TUNED", {})
     monkeypatch.setattr(fpx_triton, "_TUNE_LOG", {})
-    monkeypatch.setattr(fpx_triton, "streamed_copies", copies)
+    monkeypatch.setattr(_triton, "streamed_copies", copies)
     monkeypatch.setattr(fpx_triton, "_linear", fake_linear)
     p = fpx.pack(torch.randn(64, 256), "e3m2")
     fpx_triton._tune(torch.randn(m, 256), p, None)

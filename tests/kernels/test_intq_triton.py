@@ -80,6 +80,36 @@ def test_every_tuning_candidate_matches_reference(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int_tuning_streams_copies_of_the_weight(monkeypatch, symmetric):
+    """[Note: tuning on streamed weights] for int weights: each small-M candidate runs
+    once per copy (equal codes and scales, its own storage) and is kept at the chain's
+    time over its length; large-M candidates (dequantize + cuBLAS among them) run on the
+    weight itself."""
+    from fscale.kernels import _triton
+
+    real = _triton.streamed_copies
+    monkeypatch.setattr(
+        _triton, "streamed_copies",
+        lambda w, nbytes, clone, device: real(w, nbytes, clone, "cuda", l2_bytes=2 * nbytes),
+    )  # fmt: skip
+    monkeypatch.setattr(_triton, "kernel_time", lambda fn: (fn(), 8.0)[1])
+    p = intq.pack_int(_rand(16, 128, seed=1), bits=4, group_size=32, symmetric=symmetric)
+    for m, copies in ((2, 4), (64, 1)):
+        seen, table, log = [], {}, {}
+        cfg = _triton.tune_streamed(
+            table, log, ("k", m), intq_triton.candidate_configs(m),
+            lambda w, cfg, seen=seen: seen.append(w), p, "test",
+        )  # fmt: skip
+        assert cfg == intq_triton.candidate_configs(m)[0] and seen[0] is p
+        assert len(seen) == copies * len(intq_triton.candidate_configs(m))
+        for w in seen[1:copies]:
+            assert w.codes.data_ptr() != p.codes.data_ptr() and torch.equal(w.codes, p.codes)
+            assert torch.equal(w.scale, p.scale) and (w.lo is None) == symmetric
+            assert symmetric or torch.equal(w.lo, p.lo)
+        assert {t for t, _ in log[("k", m)]} == {8.0 / copies}
+
+
 @needs_triton
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
 def test_dequantize_kernel_is_unpack(monkeypatch, bits, symmetric):
