@@ -168,7 +168,7 @@ def streamed_copies(w, nbytes: int, clone, device, l2_bytes: int | None = None) 
     CUDA device; others have none to stream past) when each is read once: what
     ``streamed_timer`` times a launch over. ``FSCALE_TUNE_STREAMED=0`` gives ``[w]``
     alone (tuning on one L2-resident weight, as before; for comparing the two in a
-    benchmark).
+    benchmark). Where the device has no room for more copies, those that fit.
 
     Usage: ``ws = streamed_copies(p, p.nbytes, lambda w: w.clone(), x.device)``.
     """
@@ -178,8 +178,13 @@ def streamed_copies(w, nbytes: int, clone, device, l2_bytes: int | None = None) 
         if torch.device(device).type != "cuda":
             return [w]
         l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
-    copies = -(-STREAM_L2_MULTIPLE * l2_bytes // max(1, nbytes))
-    return [w] + [clone(w) for _ in range(copies - 1)]
+    copies = [w]
+    for _ in range(-(-STREAM_L2_MULTIPLE * l2_bytes // max(1, nbytes)) - 1):
+        try:
+            copies.append(clone(w))
+        except torch.OutOfMemoryError:  # a full device: time on the copies that fit
+            break
+    return copies
 
 
 def streamed_timer(copies: int, timer=None):

@@ -216,7 +216,8 @@ def test_first_gpu_call_tunes_once_and_keeps_the_fastest(interpret, monkeypatch)
 def test_streamed_copies_read_twice_the_l2_or_stay_one(monkeypatch):
     """[Note: tuning on streamed weights]: enough separate copies that a chain reads
     at least twice the L2; one weight on CPU, where there is no L2 to stream past, for
-    a weight already that large, and with FSCALE_TUNE_STREAMED=0."""
+    a weight already that large, and with FSCALE_TUNE_STREAMED=0; those that fit on a
+    full device."""
     from fscale.kernels._triton import streamed_copies
 
     p = fpx.pack(torch.randn(64, 256), "e3m2")
@@ -228,6 +229,16 @@ def test_streamed_copies_read_twice_the_l2_or_stay_one(monkeypatch):
         assert torch.equal(w.scales, p.scales) and w.shape == p.shape
     assert len(streamed_copies(p, p.nbytes, torch.clone, "cuda", l2_bytes=p.nbytes // 3)) == 1
     assert streamed_copies(p, p.nbytes, lambda w: w.clone(), "cpu") == [p]
+    made = []
+
+    def clone_until_full(w):
+        if len(made) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test's)")
+        made.append(w.clone())
+        return made[-1]
+
+    ws = streamed_copies(p, p.nbytes, clone_until_full, "cuda", l2_bytes=5 * p.nbytes)
+    assert [id(w) for w in ws] == [id(w) for w in (p, *made)]  # the copies that fit
     monkeypatch.setenv("FSCALE_TUNE_STREAMED", "0")
     assert streamed_copies(p, p.nbytes, torch.clone, "cuda", l2_bytes=5 * p.nbytes) == [p]
 
