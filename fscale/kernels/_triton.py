@@ -292,7 +292,6 @@ def describe_launch(cfg: dict) -> str:
     if cfg.get("dequant"):
         return f"dequantize+cuBLAS/{cfg.get('pieces', 1)}"
     if cfg.get("gluon"):
-        pair = " pair" if cfg.get("pair") else ""
-        return f"gluon split{cfg.get('split', 1)} w{cfg.get('warps', 4)}{pair}"
+        return f"gluon split{cfg.get('split', 1)} w{cfg.get('warps', 4)}"
     tile = "x".join(str(cfg[k]) for k in ("bm", "bn") if k in cfg) or "default"
     return f"triton {tile}" + (f" w{cfg['num_warps']}" if "num_warps" in cfg else "")

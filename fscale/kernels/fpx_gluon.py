@@ -163,16 +163,14 @@ if gluon is not None:
 
 def _fill_planes(
     hi_s, lo_s, hi_ptr, lo_ptr, b, slot, live, rows32, rows16, cols, col_ok, c0, NW,
-    HALVES: gl.constexpr, LT: gl.constexpr,
+    HALVES: gl.constexpr,
 ):  # fmt: skip
-    """cp.async chunk b's plane tiles (``LT`` lo tiles of 16 rows) into ring slot
-    ``slot`` (not committed)."""
+    """cp.async chunk b's plane tiles into ring slot ``slot`` (not committed)."""
     for hf in gl.static_range(HALVES):
         hp = hi_ptr + (b * (32 * HALVES) + 32 * hf + rows32)[:, None] * NW + (c0 + cols)[None, :]
         _async_load(hi_s.index(slot * HALVES + hf), hp, mask=col_ok[None, :] & live)
-    for t in gl.static_range(LT):
-        lp = lo_ptr + (b * (16 * LT) + 16 * t + rows16)[:, None] * NW + (c0 + cols)[None, :]
-        _async_load(lo_s.index(slot * LT + t), lp, mask=col_ok[None, :] & live)
+    lp = lo_ptr + (b * 16 + rows16)[:, None] * NW + (c0 + cols)[None, :]
+    _async_load(lo_s.index(slot), lp, mask=col_ok[None, :] & live)
 
 
 def _fill_x(x_s, x_ptr, b, slot, live, xm, xk, x_ok, m0, stride_xm, HALVES: gl.constexpr):
@@ -212,13 +210,10 @@ def _kernel(
     BNT: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
     HI_MASK: gl.constexpr, LO_MASK: gl.constexpr, X_BF16: gl.constexpr, W: gl.constexpr,
     LB: gl.constexpr, NQ: gl.constexpr, PDL: gl.constexpr, SWIGLU: gl.constexpr = False,
-    PAIR: gl.constexpr = False,
 ):  # fmt: skip
     CH: gl.constexpr = 16 * W  # channels: 64 per warpgroup, one x tile for all of them
-    # A chunk is NQ / 4 halves of 128 rows of K (fp6: 1, fp5: 2), one MMA each; with
-    # PAIR ([Note: two packing groups per chunk]) two fp6 groups, each its own lo tile.
-    LT: gl.constexpr = 2 if PAIR else 1  # lo tiles of 16 rows per chunk
-    HALVES: gl.constexpr = NQ // 4 * LT
+    # A chunk is NQ / 4 halves of 128 rows of K (fp6: 1, fp5: 2), one MMA each.
+    HALVES: gl.constexpr = NQ // 4
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -242,7 +237,7 @@ def _kernel(
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
 
     hi_s = gl.allocate_shared_memory(gl.int32, [STAGES * HALVES, 32, 8 * W], plane_smem)
-    lo_s = gl.allocate_shared_memory(gl.int32, [STAGES * LT, 16, 8 * W], plane_smem)
+    lo_s = gl.allocate_shared_memory(gl.int32, [STAGES, 16, 8 * W], plane_smem)
     x_s = gl.allocate_shared_memory(x_dtype, [STAGES * HALVES, BNT, KC], x_smem)
 
     rows32 = gl.arange(0, 32, layout=gl.SliceLayout(1, copy_layout))
@@ -260,7 +255,7 @@ def _kernel(
     for st in gl.static_range(STAGES - 1):
         _fill_planes(
             hi_s, lo_s, hi_ptr, lo_ptr, chunk0 + st, st, st < n_chunks, rows32, rows16, cols,
-            col_ok, c0, NW, HALVES, LT,
+            col_ok, c0, NW, HALVES,
         )  # fmt: skip
     if PDL:
         _wait_for_previous_kernel()
@@ -282,11 +277,8 @@ def _kernel(
         # visible to the async proxy).
         fence_async_shared()
         _barrier()  # every thread's copies of chunk `it` have landed
-        lo = lo_s.index(slot * LT).load(lo_regs).to(gl.uint32, bitcast=True)
+        lo = lo_s.index(slot).load(lo_regs).to(gl.uint32, bitcast=True)
         for hf in gl.static_range(HALVES):
-            if LT > 1:
-                if hf > 0:  # a packing group of its own: its own lo tile
-                    lo = lo_s.index(slot * LT + hf).load(lo_regs).to(gl.uint32, bitcast=True)
             hi = hi_s.index(slot * HALVES + hf).load(plane_regs).to(gl.uint32, bitcast=True)
             h0, h1 = gl.split(gl.permute(gl.reshape(hi, [2, 16, 8 * W]), [1, 2, 0]))
             h0 = gl.convert_layout(h0, lo_regs, assert_trivial=True)
@@ -294,12 +286,12 @@ def _kernel(
             # Sub-tile s = 2q + v (q = 4 hf + 2 qh + ql) stacked along K as
             # [8 p, 8 W c, 2 h, s0 = v, s1 = ql, s2 = qh].
             q01 = gl.join(
-                _quarter(h0, lo, (4 * hf) % NQ, LB, HI_MASK, LO_MASK),
-                _quarter(h0, lo, (4 * hf) % NQ + 1, LB, HI_MASK, LO_MASK),
+                _quarter(h0, lo, 4 * hf, LB, HI_MASK, LO_MASK),
+                _quarter(h0, lo, 4 * hf + 1, LB, HI_MASK, LO_MASK),
             )
             q23 = gl.join(
-                _quarter(h1, lo, (4 * hf) % NQ + 2, LB, HI_MASK, LO_MASK),
-                _quarter(h1, lo, (4 * hf) % NQ + 3, LB, HI_MASK, LO_MASK),
+                _quarter(h1, lo, 4 * hf + 2, LB, HI_MASK, LO_MASK),
+                _quarter(h1, lo, 4 * hf + 3, LB, HI_MASK, LO_MASK),
             )
             words = gl.join(q01, q23)
             words = gl.reshape(words, [8, W, 8, 2, 2, 2, 2])  # p, w, g, h, s0, s1, s2
@@ -332,7 +324,7 @@ def _kernel(
         live = nxt < n_chunks
         _fill_planes(
             hi_s, lo_s, hi_ptr, lo_ptr, chunk0 + nxt, nxt % STAGES, live, rows32, rows16, cols,
-            col_ok, c0, NW, HALVES, LT,
+            col_ok, c0, NW, HALVES,
         )  # fmt: skip
         _fill_x(x_s, x_ptr, chunk0 + nxt, nxt % STAGES, live, xm, xk, x_ok, m0, stride_xm, HALVES)
         async_copy.commit_group()
@@ -422,7 +414,7 @@ def tokens_per_program(m: int) -> int:
 
 def fpx_linear_gluon(
     x, p, bias=None, *, split: int = 1, stages: int = 4, bnt: int | None = None,
-    atomic: bool = False, warps: int = 4, swiglu: bool = False, pair: bool = False,
+    atomic: bool = False, warps: int = 4, swiglu: bool = False,
 ):  # fmt: skip
     """y = x @ W^T (+ bias) for a packed ``FORMATS`` weight ``p`` on Hopper.
 
@@ -432,8 +424,6 @@ def fpx_linear_gluon(
     16 ``warps`` channels (4 or 8 warps: one or two warpgroups sharing one x tile).
     ``swiglu``: ``p`` stacks gate over up ([2I, K]); returns silu(x Wg^T) * (x Wu^T)
     ``[M, I]`` from the split-K epilogue ([Note: the SwiGLU epilogue]; ``swiglu_fits``).
-    ``pair``: fp6 chunks of two packing groups (256 rows of K; [Note: two packing
-    groups per chunk]).
     """
     if warps not in (4, 8):
         raise ValueError(f"fpx_linear_gluon: warps={warps}; use 4 or 8 (whole warpgroups).")
@@ -443,13 +433,6 @@ def fpx_linear_gluon(
             "fpx_linear_triton (it serves every format)."
         )
     n, k = p.shape
-    lay = _fpx.layout(p.fmt)
-    groups = 2 if pair else 1  # packing groups per chunk
-    if pair and (lay["nq"] != 4 or k % (2 * lay["k_chunk"])):
-        raise ValueError(
-            f"fpx_linear_gluon: pair=True takes fp6 (e3m2) weights whose K is a multiple of "
-            f"{2 * lay['k_chunk']}; got {p.fmt} with K={k}: use pair=False."
-        )
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) % 8:  # rows of 16-byte cp.async copies
         x2 = x2.contiguous()
@@ -466,13 +449,13 @@ def fpx_linear_gluon(
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_n)
     bnt = bnt or tokens_per_program(m)
-    halves = lay["nq"] // 4 * groups
+    lay = _fpx.layout(p.fmt)
+    halves = lay["nq"] // 4
     # Shared memory per stage: per 128 rows of K x's [bnt, 128] tile and 1 KB of hi
-    # plane per warp, and 512 B of lo plane per warp and packing group; keep under
-    # ~200 KB.
-    stage_bytes = halves * (bnt * 256 + 1024 * warps) + 512 * warps * groups
+    # plane per warp, and 512 B of lo plane per warp; keep under ~200 KB.
+    stage_bytes = halves * (bnt * 256 + 1024 * warps) + 512 * warps
     stages = max(2, min(stages, 200 * 1024 // stage_bytes))
-    chunks = k // (lay["k_chunk"] * groups)
+    chunks = k // lay["k_chunk"]
     per = -(-chunks // max(1, min(split, chunks)))
     grid = (-(-(n // 2) // (8 * warps)), -(-m // bnt), -(-chunks // per))
     mode = 2 if swiglu else 0 if grid[2] == 1 else 1 if atomic else 2
@@ -490,7 +473,7 @@ def fpx_linear_gluon(
         BNT=bnt, STAGES=stages, SPLIT=mode, HAS_BIAS=bias is not None,
         HI_MASK=pl["hi_mask"] * 0x01010101, LO_MASK=pl["lo_mask"] * 0x01010101,
         X_BF16=x.dtype == torch.bfloat16, W=warps, LB=lay["lo_bits"], NQ=lay["nq"],
-        PDL=on, SWIGLU=swiglu, PAIR=pair, num_warps=warps, launch_pdl=on,
+        PDL=on, SWIGLU=swiglu, num_warps=warps, launch_pdl=on,
     )  # fmt: skip
     if mode == 1:
         y = y.to(x.dtype)

@@ -35,18 +35,17 @@ def _ptx_for_sm90(rank, world, *args, **kwargs) -> str:
 
 
 def _compile_for_sm90(
-    bnt: int, dtype: str, split: int, warps: int, fmt: str, pdl=False, swiglu=False,
-    pair=False, stages=4,
-):  # fmt: skip
+    bnt: int, dtype: str, split: int, warps: int, fmt: str, pdl=False, swiglu=False
+):
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     pl, lay = fpx.planes(fmt), fpx.layout(fmt)
     const = dict(
-        BNT=bnt, STAGES=stages, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
+        BNT=bnt, STAGES=4, SPLIT=split, HAS_BIAS=True, HI_MASK=pl["hi_mask"] * 0x01010101,
         LO_MASK=pl["lo_mask"] * 0x01010101, X_BF16=dtype == "bf16", W=warps,
-        LB=lay["lo_bits"], NQ=lay["nq"], PDL=pdl, SWIGLU=swiglu, PAIR=pair,
+        LB=lay["lo_bits"], NQ=lay["nq"], PDL=pdl, SWIGLU=swiglu,
     )  # fmt: skip
     sig = {
         "x_ptr": f"*{dtype}", "hi_ptr": "*i32", "lo_ptr": "*i32", "s_ptr": "*fp32",
@@ -69,22 +68,17 @@ def _compile_for_sm90(
 
 @needs_gluon
 @pytest.mark.parametrize(
-    "fmt,bnt,dtype,split,warps,pair",
-    [("e3m2", 8, "fp16", 0, 4, False), ("e3m2", 16, "bf16", 1, 4, False),
-     ("e3m2", 128, "fp16", 0, 8, False), ("e3m2", 8, "fp16", 2, 8, False),
-     ("e2m2", 8, "fp16", 2, 4, False), ("e3m1", 32, "bf16", 0, 8, False),
-     ("e3m2", 8, "fp16", 2, 4, True), ("e3m2", 32, "bf16", 0, 8, True)],
+    "fmt,bnt,dtype,split,warps",
+    [("e3m2", 8, "fp16", 0, 4), ("e3m2", 16, "bf16", 1, 4), ("e3m2", 128, "fp16", 0, 8),
+     ("e3m2", 8, "fp16", 2, 8), ("e2m2", 8, "fp16", 2, 4), ("e3m1", 32, "bf16", 0, 8)],
 )  # fmt: skip
-def test_kernel_compiles_for_sm90_with_the_weights_in_registers(
-    fmt, bnt, dtype, split, warps, pair
-):
+def test_kernel_compiles_for_sm90_with_the_weights_in_registers(fmt, bnt, dtype, split, warps):
     """Per 128 rows of K each warpgroup issues 8 MMAs m64 x bnt x 16 whose A operand is 4
     registers, each register one PRMT of two rebuilt byte words; the weights never go
     to shared memory (no st.shared before the split-K epilogue), the planes and x
-    arrive by 16-byte cp.async. A chunk is 128 rows of fp6, 256 of fp5 or of fp6
-    with ``pair`` ([Note: two packing groups per chunk])."""
-    ptx = run_world(_ptx_for_sm90, 1, bnt, dtype, split, warps, fmt, pair=pair)[0]
-    halves = fpx.layout(fmt)["k_chunk"] // 128 * (2 if pair else 1)
+    arrive by 16-byte cp.async."""
+    ptx = run_world(_ptx_for_sm90, 1, bnt, dtype, split, warps, fmt)[0]
+    halves = fpx.layout(fmt)["k_chunk"] // 128
     ab = "bf16.bf16" if dtype == "bf16" else "f16.f16"
     mma = f"wgmma.mma_async.sync.aligned.m64n{bnt}k16.f32.{ab} {{"
     lines = [line for line in ptx.splitlines() if mma in line]
@@ -120,17 +114,12 @@ def test_pdl_requests_the_first_planes_before_waiting_and_x_after(fmt, warps):
 
 
 @needs_gluon
-@pytest.mark.parametrize(
-    "fmt,warps,split,pair",
-    [("e3m2", 4, 0, False), ("e3m2", 4, 2, False), ("e2m2", 8, 1, False), ("e3m2", 4, 2, True)],
-)
-def test_no_copy_refills_a_slot_before_every_warp_retired_the_mma_reading_it(
-    fmt, warps, split, pair
-):
+@pytest.mark.parametrize("fmt,warps,split", [("e3m2", 4, 0), ("e3m2", 4, 2), ("e2m2", 8, 1)])
+def test_no_copy_refills_a_slot_before_every_warp_retired_the_mma_reading_it(fmt, warps, split):
     """[Note: refilling a slot the MMA read]: in the loop, between each warp's wait that
     retires a chunk's MMA (``wgmma.wait_group``) and the next copy into the ring, the
     CTA meets at a barrier (a warp's wait retires only its own part)."""
-    ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt, pair=pair)[0].splitlines()
+    ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt)[0].splitlines()
     waits = [i for i, line in enumerate(ptx) if "wgmma.wait_group.sync.aligned" in line]
     copies = [i for i, line in enumerate(ptx) if "cp.async.cg.shared.global" in line]
     bars = [i for i, line in enumerate(ptx) if "bar.sync" in line or "barrier.sync" in line]
@@ -221,11 +210,10 @@ def test_the_register_check_sees_a_rebuild_writing_an_unretired_mma():
 
 @needs_gluon
 @pytest.mark.parametrize(
-    "fmt,bnt,warps,split,pair",
-    [("e3m2", 8, 4, 2, False), ("e3m2", 8, 8, 0, False), ("e2m2", 8, 4, 2, False),
-     ("e3m2", 64, 4, 1, False), ("e3m2", 8, 4, 2, True), ("e3m2", 16, 8, 0, True)],
-)  # fmt: skip
-def test_no_instruction_writes_the_registers_of_an_unretired_mma(fmt, bnt, warps, split, pair):
+    "fmt,bnt,warps,split",
+    [("e3m2", 8, 4, 2), ("e3m2", 8, 8, 0), ("e2m2", 8, 4, 2), ("e3m2", 64, 4, 1)],
+)
+def test_no_instruction_writes_the_registers_of_an_unretired_mma(fmt, bnt, warps, split):
     """[Note: an MMA reads its A registers until it retires]: in the compiled kernel no
     instruction writes an HGMMA's A registers before the wait that retires it (with the
     MMA left in flight across the next chunk's rebuild, ptxas reused them: outputs
@@ -234,22 +222,19 @@ def test_no_instruction_writes_the_registers_of_an_unretired_mma(fmt, bnt, warps
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
         pytest.skip("this triton ships no nvdisasm")
-    sass = run_world(_sass_for_sm90, 1, bnt, "bf16", split, warps, fmt, pair=pair)[0]
+    sass = run_world(_sass_for_sm90, 1, bnt, "bf16", split, warps, fmt)[0]
     assert sass.count("HGMMA") >= 8  # one MMA per 16 rows of a 128-row chunk
     assert _writes_to_unretired_mma_registers(sass) == []
 
 
 @needs_gluon
-@pytest.mark.parametrize(
-    "fmt,warps,split,pair",
-    [("e3m2", 4, 0, False), ("e3m2", 4, 2, False), ("e2m2", 8, 1, False), ("e3m2", 8, 2, True)],
-)
-def test_every_thread_fences_its_copies_before_the_barrier_the_mma_follows(fmt, warps, split, pair):
+@pytest.mark.parametrize("fmt,warps,split", [("e3m2", 4, 0), ("e3m2", 4, 2), ("e2m2", 8, 1)])
+def test_every_thread_fences_its_copies_before_the_barrier_the_mma_follows(fmt, warps, split):
     """[Note: x reaches the MMA through the async proxy]: in the loop, between each wait
     for a chunk's copies (``cp.async.wait_group``) and the chunk's first MMA, the
     thread's proxy fence is followed by a CTA barrier (the fence after the last
     barrier left some outputs launch-dependent on an H100)."""
-    ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt, pair=pair)[0].splitlines()
+    ptx = run_world(_ptx_for_sm90, 1, 8, "fp16", split, warps, fmt)[0].splitlines()
     mmas = [i for i, line in enumerate(ptx) if "wgmma.mma_async" in line]
     waits = [i for i, line in enumerate(ptx) if "cp.async.wait_group" in line]
     fences = [i for i, line in enumerate(ptx) if "fence.proxy.async" in line]
@@ -356,16 +341,6 @@ def test_not_available_on_cpu_or_other_formats(monkeypatch):
     assert fpx_triton.gluon_configs(512) == []
 
 
-def test_pair_chunks_take_fp6_with_whole_pairs_of_groups():
-    """``pair=True`` needs fp6 and K a multiple of 256: anything else is a clear error,
-    raised before any launch."""
-    x = torch.randn(2, 384, dtype=torch.float16)
-    with pytest.raises(ValueError, match="multiple of 256"):
-        fpx_gluon.fpx_linear_gluon(x, fpx.pack(torch.randn(64, 384), "e3m2"), pair=True)
-    with pytest.raises(ValueError, match="pair=True takes fp6"):
-        fpx_gluon.fpx_linear_gluon(x[:, :256], fpx.pack(torch.randn(64, 256), "e2m2"), pair=True)
-
-
 def test_formats_the_kernel_cannot_take_are_a_clear_error():
     p = fpx.pack(torch.randn(64, 256), "e2m1")
     with pytest.raises(ValueError, match="fpx_linear_triton"):
@@ -459,37 +434,6 @@ def _counters_clear() -> bool:
     counters = COUNTERS.get((str(torch.device("cuda", torch.cuda.current_device())),
                              torch.cuda.current_stream().cuda_stream))  # fmt: skip
     return counters is None or not counters.any()
-
-
-@pytest.mark.gpu
-@on_hopper
-@needs_gluon
-@pytest.mark.parametrize(
-    "n,k,m,dtype,split,warps,stages",
-    [(128, 256, 1, torch.float16, 1, 4, 2), (200, 512, 20, torch.bfloat16, 2, 8, 3),
-     (1000, 1024, 70, torch.float16, 4, 4, 3), (6144, 4096, 1, torch.float16, 4, 4, 3),
-     (4096, 14336, 3, torch.bfloat16, 8, 4, 2), (256, 768, 300, torch.float16, 3, 8, 2)],
-)  # fmt: skip
-def test_pair_chunks_equal_the_product(n, k, m, dtype, split, warps, stages):
-    """[Note: two packing groups per chunk]: fp6 chunks of 256 rows (each 128-row group
-    its own lo tile) give the product, and the same bits on every launch, with
-    split-K, partial tiles, bias, one or two warpgroups; the tuned path takes them."""
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    p = fpx.pack(torch.randn(n, k, generator=gen, device="cuda") * 0.05, "e3m2")
-    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-    bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
-    want = x.double() @ fpx.unpack(p).double().t() + bias.double()
-    cfg = dict(split=split, warps=warps, stages=stages, pair=True)
-    got = fpx_gluon.fpx_linear_gluon(x, p, bias, **cfg)
-    assert got.dtype == dtype and got.shape == (m, n)
-    assert _rel(got, want) <= 1e-2
-    plain = fpx_gluon.fpx_linear_gluon(x, p, bias, split=split, warps=warps)
-    assert _rel(got, plain) <= 1e-3
-    for _ in range(4):
-        assert torch.equal(got, fpx_gluon.fpx_linear_gluon(x, p, bias, **cfg))
-    assert _counters_clear()
-    tuned = fpx_triton.fpx_linear_triton(x, p, bias, config={"gluon": True, **cfg})
-    assert _rel(tuned, want) <= 1e-2
 
 
 @pytest.mark.gpu
