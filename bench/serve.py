@@ -60,7 +60,7 @@ from _provenance import provenance  # noqa: E402  (bench/ is on sys.path)
 
 from fscale.kernels import fpx_triton, gemv  # noqa: E402
 from fscale.kernels import paged_attention as pa  # noqa: E402
-from fscale.kernels._triton import pdl  # noqa: E402
+from fscale.kernels._triton import describe_launch, pdl  # noqa: E402
 from fscale.serve import Engine, SamplingParams  # noqa: E402
 from fscale.serve.models.decoder import DecoderConfig, LoadedModel  # noqa: E402
 from fscale.transforms.quantize import QuantizedWeight  # noqa: E402
@@ -736,6 +736,11 @@ def part_d(lm, args) -> None:
                 "quantized_head": head,
                 "fpx_swiglu": os.environ.get("FSCALE_FPX_SWIGLU", "default"),
                 "fpx_tune_streamed": os.environ.get("FSCALE_TUNE_STREAMED", "default"),
+                "fpx_launches": {
+                    f"{n}x{k} M<={b}": describe_launch(cfg)
+                    for (_, n, k, b, _), cfg in fpx_triton.tuned().items()
+                    if b <= 16
+                },
                 "prefill_graphs": bool(engine.runner.mixed_sizes),
                 "decode_tok_s": statistics.median_low(rates),
                 "decode_runs_tok_s": rates,
