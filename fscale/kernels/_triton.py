@@ -160,6 +160,10 @@ def kernel_time(fn) -> float:
 
 #: Bytes a timed chain of weight copies reads, as a multiple of the GPU's L2 size.
 STREAM_L2_MULTIPLE = 2
+#: The most copies in a chain: a weight under 1/16 of the L2 gets a shorter chain than
+#: twice the L2 (a model of such weights may well live in the L2, and thousands of
+#: captured launches per candidate would make tuning a tiny layer take seconds).
+MAX_STREAM_COPIES = 32
 
 
 def streamed_copies(w, nbytes: int, clone, device, l2_bytes: int | None = None) -> list:
@@ -168,7 +172,8 @@ def streamed_copies(w, nbytes: int, clone, device, l2_bytes: int | None = None) 
     CUDA device; others have none to stream past) when each is read once: what
     ``streamed_timer`` times a launch over. ``FSCALE_TUNE_STREAMED=0`` gives ``[w]``
     alone (tuning on one L2-resident weight, as before; for comparing the two in a
-    benchmark). Where the device has no room for more copies, those that fit.
+    benchmark). At most ``MAX_STREAM_COPIES``; where the device has no room for
+    more, those that fit.
 
     Usage: ``ws = streamed_copies(p, p.nbytes, lambda w: w.clone(), x.device)``.
     """
@@ -179,7 +184,8 @@ def streamed_copies(w, nbytes: int, clone, device, l2_bytes: int | None = None) 
             return [w]
         l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
     copies = [w]
-    for _ in range(-(-STREAM_L2_MULTIPLE * l2_bytes // max(1, nbytes)) - 1):
+    wanted = -(-STREAM_L2_MULTIPLE * l2_bytes // max(1, nbytes))
+    for _ in range(min(wanted, MAX_STREAM_COPIES) - 1):
         try:
             copies.append(clone(w))
         except torch.OutOfMemoryError:  # a full device: time on the copies that fit

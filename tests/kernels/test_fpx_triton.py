@@ -215,9 +215,9 @@ def test_first_gpu_call_tunes_once_and_keeps_the_fastest(interpret, monkeypatch)
 
 def test_streamed_copies_read_twice_the_l2_or_stay_one(monkeypatch):
     """[Note: tuning on streamed weights]: enough separate copies that a chain reads
-    at least twice the L2; one weight on CPU, where there is no L2 to stream past, for
-    a weight already that large, and with FSCALE_TUNE_STREAMED=0; those that fit on a
-    full device."""
+    at least twice the L2, at most MAX_STREAM_COPIES; one weight on CPU, where there is
+    no L2 to stream past, for a weight already that large, and with
+    FSCALE_TUNE_STREAMED=0; those that fit on a full device."""
     from fscale.kernels._triton import streamed_copies
 
     p = fpx.pack(torch.randn(64, 256), "e3m2")
@@ -228,6 +228,8 @@ def test_streamed_copies_read_twice_the_l2_or_stay_one(monkeypatch):
         assert torch.equal(w.hi, p.hi) and torch.equal(w.lo, p.lo)
         assert torch.equal(w.scales, p.scales) and w.shape == p.shape
     assert len(streamed_copies(p, p.nbytes, torch.clone, "cuda", l2_bytes=p.nbytes // 3)) == 1
+    many = streamed_copies(p, p.nbytes, lambda w: w, "cuda", l2_bytes=1000 * p.nbytes)
+    assert len(many) == _triton.MAX_STREAM_COPIES  # a tiny weight: a capped chain
     assert streamed_copies(p, p.nbytes, lambda w: w.clone(), "cpu") == [p]
     made = []
 
