@@ -736,10 +736,10 @@ def part_d(lm, args) -> None:
                 "quantized_head": head,
                 "fpx_swiglu": os.environ.get("FSCALE_FPX_SWIGLU", "default"),
                 "fpx_tune_streamed": os.environ.get("FSCALE_TUNE_STREAMED", "default"),
-                "fpx_launches": {
+                "fpx_launches": {  # this process's decode launches (tuned at first use)
                     f"{n}x{k} M<={b}": describe_launch(cfg)
                     for (_, n, k, b, _), cfg in fpx_triton.tuned().items()
-                    if b <= 16
+                    if b <= 16 and fmt
                 },
                 "prefill_graphs": bool(engine.runner.mixed_sizes),
                 "decode_tok_s": statistics.median_low(rates),
