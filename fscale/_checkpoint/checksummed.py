@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from zlib_ng.zlib_ng import crc32, crc32_combine
 
 from fscale._checkpoint.crc_write import PIECE, crc_write
-from fscale._checkpoint.uncached import UncachedFile
+from fscale._checkpoint.uncached import DEFAULT_BUFFER, UncachedFile
 
 __all__ = ["ChecksummingFileSystem", "crc32"]
 
@@ -223,7 +223,7 @@ class ChecksummingFileSystem(FileSystem):
         mode: str,
         *,
         direct: bool = False,
-        buffer: int = 8 << 20,
+        buffer: int = DEFAULT_BUFFER,
         inline: bool = False,
     ) -> Iterator:
         """DCP's stream of ``path``; for writing, summed, and with ``direct`` written

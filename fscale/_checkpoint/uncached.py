@@ -43,6 +43,8 @@ import torch
 __all__ = ["ALIGN", "UncachedFile"]
 
 ALIGN = 4096  # bytes: address, offset and length of every O_DIRECT write
+#: Bytes of the reused aligned buffer when the caller names none (``SaveIO.direct_buffer``).
+DEFAULT_BUFFER = 8 << 20
 _SMALL = 1 << 16  # writes below this are copied by memoryview (no ctypes call)
 
 
@@ -66,7 +68,7 @@ class UncachedFile:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, path, buffer: int = 8 << 20) -> Iterator[UncachedFile]:
+    def open(cls, path, buffer: int = DEFAULT_BUFFER) -> Iterator[UncachedFile]:
         """Create (or truncate) ``path`` for writing, ``O_DIRECT`` where allowed."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:

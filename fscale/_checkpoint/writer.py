@@ -53,6 +53,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
+from fscale._checkpoint.uncached import DEFAULT_BUFFER
+
 __all__ = ["SaveIO", "make_job", "split_items", "write_buckets"]
 
 
@@ -142,7 +144,7 @@ class SaveIO:
     copy_threads: int = 8
     stage: str = "auto"
     direct: bool = False
-    direct_buffer: int = 8 << 20
+    direct_buffer: int = DEFAULT_BUFFER
     torch_crc: bool = True
 
     def __post_init__(self):
