@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["ALIGN", "UncachedFile"]
+__all__ = ["ALIGN", "DEFAULT_BUFFER", "UncachedFile"]
 
 ALIGN = 4096  # bytes: address, offset and length of every O_DIRECT write
 #: Bytes of the reused aligned buffer when the caller names none (``SaveIO.direct_buffer``).

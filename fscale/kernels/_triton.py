@@ -200,19 +200,21 @@ def streamed_timer(copies: int, timer=None):
     return lambda fn: (timer or kernel_time)(fn) / copies
 
 
-def tune_streamed(table: dict, log: dict, key: tuple, candidates: list, run, weight, what: str):
+def tune_streamed(table: dict, log: dict, key: tuple, candidates, run, weight, what: str):
     """``tune`` for a product with a packed ``weight`` (``nbytes``, ``clone()``):
-    ``run(w, cfg)`` launches one on weight ``w``, timed over ``streamed_copies`` of
-    ``weight`` where every candidate streams it (none is ``{"dequant": True}``, which
-    rebuilds it once and hands it to cuBLAS), else on ``weight`` alone.
+    ``candidates()`` lists the launches, ``run(w, cfg)`` launches one on weight ``w``,
+    timed over ``streamed_copies`` of ``weight`` where every candidate streams it (none
+    is ``{"dequant": True}``, which rebuilds it once and hands it to cuBLAS), else on
+    ``weight`` alone. After the first call per key this is one dict lookup.
 
     Usage::
 
-        cfg = tune_streamed(_TUNED, _TUNE_LOG, key, candidates(m),
+        cfg = tune_streamed(_TUNED, _TUNE_LOG, key, lambda: candidates(m),
                             lambda w, cfg: my_linear(x, w, config=cfg), p, "my_linear (...)")
     """
     if key in table:
         return table[key]
+    candidates = candidates()
     streams = not any(cfg.get("dequant") for cfg in candidates)
     device = weight.device
     ws = (

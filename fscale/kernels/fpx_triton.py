@@ -98,13 +98,11 @@ def _tune(x2, p, bias, gluon: bool = False) -> dict:
     """
     n, k = p.shape
     m = x2.shape[0]
-    key = (p.fmt, n, k, bucket(m), str(x2.device))
-    if key in _TUNED:  # before building the candidates: this sits on every launch's path
-        return _TUNED[key]
     # The fused kernels' launches are timed on copies of p past the L2, as a decode
     # step reads it ([Note: tuning on streamed weights] in _triton.py).
     return tune_streamed(
-        _TUNED, _TUNE_LOG, key, candidate_configs(m, gluon and fpx_gluon.available(x2, p.fmt)),
+        _TUNED, _TUNE_LOG, (p.fmt, n, k, bucket(m), str(x2.device)),
+        lambda: candidate_configs(m, gluon and fpx_gluon.available(x2, p.fmt)),
         lambda w, cfg: _linear(x2, w, bias, cfg), p,
         "fpx_linear_triton (fmt, N, K, M bucket, device)",
     )  # fmt: skip

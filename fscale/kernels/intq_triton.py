@@ -278,9 +278,9 @@ def int_linear_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if config is None and split_k is None and x.device.type == "cuda" and fused_max_m is None:
-        key = (p.fmt, p.group_size, p.symmetric, N, K, bucket(M), str(x.device))
-        config = _TUNED[key] if key in _TUNED else tune_streamed(
-            _TUNED, _TUNE_LOG, key, candidate_configs(M),
+        config = tune_streamed(
+            _TUNED, _TUNE_LOG, (p.fmt, p.group_size, p.symmetric, N, K, bucket(M), str(x.device)),
+            lambda: candidate_configs(M),
             lambda w, cfg: int_linear_triton(x2, w, bias, config=cfg), p,
             "int_linear_triton (fmt, group, symmetric, N, K, M bucket, device)",
         )  # fmt: skip

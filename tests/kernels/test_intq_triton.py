@@ -98,7 +98,7 @@ def test_int_tuning_streams_copies_of_the_weight(monkeypatch, symmetric):
     for m, copies in ((2, 4), (64, 1)):
         seen, table, log = [], {}, {}
         cfg = _triton.tune_streamed(
-            table, log, ("k", m), intq_triton.candidate_configs(m),
+            table, log, ("k", m), lambda m=m: intq_triton.candidate_configs(m),
             lambda w, cfg, seen=seen: seen.append(w), p, "test",
         )  # fmt: skip
         assert cfg == intq_triton.candidate_configs(m)[0] and seen[0] is p
