@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quantize-head", action="store_true", help="quantize the output head too (--quantize)"
     )
-    p.add_argument("--max-tokens-per-step", type=int, default=512, help="SplitFuse token budget")
+    p.add_argument("--max-tokens-per-step", type=int, default=1024, help="SplitFuse token budget")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size in GiB")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (instead of GiB)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (model's)")
