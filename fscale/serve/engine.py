@@ -97,7 +97,7 @@ class Engine:
         bounds each step's time, so it trades TPOT for throughput: 1024 by default,
         which held p99 TPOT <= 50 ms up to the compute ceiling of an 8B model on an
         H100 on both of ``bench/serve.py``'s workloads, where 512 fell behind on
-        512/128 on one machine (its twice as many steps cost host time).
+        512/128 on one machine (twice the weight reads per token served).
       kv_cache_gib / num_blocks / block_size: the paged cache's size (num_blocks wins).
       max_model_len: prompt + output limit; default the model's max positions, lowered
         (with a logged warning) to the tokens the KV cache holds. A value given here
