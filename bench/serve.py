@@ -969,7 +969,7 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=40.0)
     ap.add_argument("--a-repeat", type=int, default=3, help="part a: runs per point (median)")
     ap.add_argument(
-        "--c-budgets", help="part c: SplitFuse token budgets, comma-separated (default 512)"
+        "--c-budgets", help="part c: SplitFuse token budgets, comma-separated (default 1024)"
     )
     ap.add_argument("--c-workloads", help="part c: only these workloads (512/128, fastgen)")
     ap.add_argument(
@@ -1050,7 +1050,7 @@ def main() -> None:
         args.max_model_len = 4096
         args.prompt, args.output = 512, 128
         args.concurrency, args.hf_concurrency = [1, 16, 64, 256], [1, 16, 64]
-        args.budget, args.splitfuse_budget, args.prefill_budget = 2048, 512, 4096
+        args.budget, args.splitfuse_budget, args.prefill_budget = 2048, 1024, 4096
         args.workloads = {
             # Rates fine enough around each scheduler's knee to say which serves more
             # within the SLOs, and past both (2026-12-06, ~20 s of arrivals per rate
